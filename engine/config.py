@@ -1,0 +1,54 @@
+"""Engine arguments, named as vLLM names them so `vllm serve` users find what they know."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    max_model_len: int | None = None  # None: the model's own limit
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # the per-step token budget shared by decodes and prefill chunks
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget (CPU default: 256 MiB)
+    num_gpu_blocks_override: int | None = None  # exact pool size, for tests and benchmarks
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto | cuda | cpu | sim
+    attention_backend: str = "auto"  # auto | torch | flashinfer
+    enforce_eager: bool = False  # no CUDA graphs
+    seed: int = 0
+    generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults; "vllm": ignore it
+    max_waiting_requests: int = 1024  # beyond this the server answers 429
+    scheduling_policy: str = "fcfs"  # fcfs | priority
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_num_seqs": self.max_num_seqs >= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 1,
+            "block_size": self.block_size >= 1,
+            "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
+            "max_model_len": self.max_model_len is None or self.max_model_len >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid engine argument {name}={getattr(self, name)!r}")
+        if self.device not in ("auto", "cuda", "cpu", "sim"):
+            raise ValueError(f"invalid engine argument device={self.device!r}; choose auto, cuda, cpu or sim")
+        if self.attention_backend not in ("auto", "torch", "flashinfer"):
+            raise ValueError(f"invalid engine argument attention_backend={self.attention_backend!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"invalid engine argument scheduling_policy={self.scheduling_policy!r}")
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError(f"invalid engine argument generation_config={self.generation_config!r}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
