@@ -1,0 +1,191 @@
+"""`SamplingParams`: per-request decoding options, named and bounded as vLLM/OpenAI users expect.
+
+Validation happens at construction so a bad request fails alone, before it reaches the scheduler, with an
+error that names the offending field and value.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+# Below this temperature sampling is greedy (vLLM uses the same epsilon): dividing by ~0 would overflow.
+SAMPLING_EPS = 1e-5
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
+
+# generation_config.json keys that supply default sampling values (vLLM reads the same ones).
+_GEN_CFG_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+class SamplingType(enum.IntEnum):
+    GREEDY = 0
+    RANDOM = 1  # drawn from the engine's shared generator
+    RANDOM_SEED = 2  # drawn from the request's own seeded generator
+
+
+def _bad(name: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"invalid sampling parameter {name}={value!r}: {why}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Decoding options of one request; field names and defaults follow vLLM's `SamplingParams`."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off (normalised to 0)
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: until max_model_len
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-k logprobs per generated token; 0: only the sampled token's
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.top_k == -1:
+            self.top_k = 0
+        # Normalise to the list forms the engine and detokenizer consume.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.temperature = float(self.temperature)
+        self.top_p = float(self.top_p)
+        self.min_p = float(self.min_p)
+        self.presence_penalty = float(self.presence_penalty)
+        self.frequency_penalty = float(self.frequency_penalty)
+        self.repetition_penalty = float(self.repetition_penalty)
+        self._check_ranges()
+
+    def _check_types(self) -> None:
+        ints = {"n": self.n, "top_k": self.top_k, "min_tokens": self.min_tokens}
+        for name, value in ints.items():
+            if not _is_int(value):
+                raise _bad(name, value, "must be an integer")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise _bad(name, value, "must be a number")
+        optional_ints = {"seed": self.seed, "max_tokens": self.max_tokens, "logprobs": self.logprobs}
+        for name, value in optional_ints.items():
+            if value is not None and not _is_int(value):
+                raise _bad(name, value, "must be an integer or None")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "must be a boolean")
+        stop = self.stop
+        stop_ok = stop is None or isinstance(stop, str)
+        stop_ok = stop_ok or (isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop))
+        if not stop_ok:
+            raise _bad("stop", stop, "must be a string or a list of strings")
+        ids = self.stop_token_ids
+        if ids is not None and (not isinstance(ids, list | tuple | set) or not all(_is_int(t) for t in ids)):
+            raise _bad("stop_token_ids", ids, "must be a list of integers")
+
+    def _check_ranges(self) -> None:
+        if self.n < 1:
+            raise _bad("n", self.n, "must be at least 1")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise _bad("temperature", self.temperature, "must be non-negative")
+        if not 0.0 < self.top_p <= 1.0:
+            raise _bad("top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k < 0:
+            raise _bad("top_k", self.top_k, "must be -1 or 0 (disabled) or at least 1")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise _bad("min_p", self.min_p, "must be in [0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise _bad("max_tokens", self.max_tokens, "must be at least 1")
+        if self.min_tokens < 0:
+            raise _bad("min_tokens", self.min_tokens, "must be non-negative")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _bad("min_tokens", self.min_tokens, f"must not exceed max_tokens={self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise _bad(name, getattr(self, name), "must be in [-2, 2]")
+        if not self.repetition_penalty > 0.0:
+            raise _bad("repetition_penalty", self.repetition_penalty, "must be greater than 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise _bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+        if any(s == "" for s in self.stop):
+            raise _bad("stop", self.stop, "stop strings must not be empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise _bad("stop_token_ids", self.stop_token_ids, "token ids must be non-negative")
+
+    @classmethod
+    def from_generation_config(cls, gen_cfg: Mapping[str, Any] | None, **overrides: Any) -> SamplingParams:
+        """Defaults from a model's generation_config.json, then the caller's explicit values on top.
+
+        Only the keys vLLM honours are read (temperature, top_p, top_k, min_p, repetition_penalty,
+        max_new_tokens → max_tokens); keys set to None in either place are ignored so a model's
+        config cannot null out a default.
+        """
+        values: dict[str, Any] = {}
+        for key, name in _GEN_CFG_KEYS.items():
+            if gen_cfg is not None and gen_cfg.get(key) is not None:
+                values[name] = gen_cfg[key]
+        known = {f.name for f in fields(cls) if f.init}
+        for name, value in overrides.items():
+            if name not in known:
+                raise ValueError(f"invalid sampling parameter {name}: unknown field")
+            if value is not None:  # None means "not given": the model's default (or ours) applies
+                values[name] = value
+        return cls(**values)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.is_greedy:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM_SEED if self.seed is not None else SamplingType.RANDOM
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def all_stop_token_ids(self, eos_token_ids: Collection[int] = ()) -> set[int]:
+        """Token ids that end this request: its stop_token_ids plus the model's EOS ids unless ignore_eos."""
+        ids = set(self.stop_token_ids or ())
+        if not self.ignore_eos:
+            ids.update(eos_token_ids)
+        return ids
+
+    def is_stop_token(self, token_id: int, num_output_tokens: int, eos_token_ids: Collection[int] = ()) -> bool:
+        """Whether `token_id`, just generated as output token number `num_output_tokens` (1-based), ends the
+        request. Nothing stops before min_tokens outputs exist (the sampler masks these ids until then)."""
+        if num_output_tokens < self.min_tokens:
+            return False
+        if token_id in (self.stop_token_ids or ()):
+            return True
+        return not self.ignore_eos and token_id in eos_token_ids
