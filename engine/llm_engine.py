@@ -1,0 +1,401 @@
+"""`LLMEngine`: the step loop joining scheduler, model runner, sampler and detokenizer.
+
+Single-threaded by design: the server's async loop owns one engine thread that calls add/abort/step.
+A request with n > 1 fans out into n child sequences (sharing their prompt blocks through the prefix
+cache) whose results are gathered back under the parent's id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kubellm.builtin_models import resolve_model
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.detokenizer import IncrementalDetokenizer
+from kubellm.engine.kv_cache_manager import KVCacheManager, KVEvent
+from kubellm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kubellm.engine.request import Request, RequestStatus
+from kubellm.engine.sampler import Sampler, SamplingState
+from kubellm.engine.sampling_params import _GEN_CFG_KEYS as GENERATION_CONFIG_KEYS
+from kubellm.engine.sampling_params import SamplingParams
+from kubellm.engine.scheduler import Scheduler, SchedulerOutput
+from kubellm.prompt import PromptRenderer
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # 0-1
+    blocks_used: int
+    blocks_total: int
+    prefix_queries: int  # cumulative, tokens
+    prefix_hits: int  # cumulative, tokens
+    num_preemptions: int  # cumulative
+    prompt_tokens: int  # cumulative
+    generation_tokens: int  # cumulative
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """Engine-side companions of one scheduled sequence: its detokenizer, logprobs and generator."""
+
+    request: Request
+    parent_id: str
+    index: int
+    detokenizer: IncrementalDetokenizer
+    sampling_state: SamplingState
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+
+
+@dataclass(eq=False)
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    children: list[_Sequence] = field(default_factory=list)
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        start = time.perf_counter()
+        model_path = resolve_model(config.model)
+        if config.device == "sim":
+            from kubellm.engine.sim_runner import SimModelRunner, load_sim_model
+
+            loaded = load_sim_model(model_path)
+            self.runner = SimModelRunner(loaded, config)
+        else:
+            from kubellm.engine.loader import load_model
+            from kubellm.engine.model_runner import ModelRunner
+
+            loaded = load_model(model_path, dtype=config.dtype)
+            self.runner = ModelRunner(loaded, config)
+        self.model_config = loaded.config
+        self.generation_config: dict[str, Any] = dict(loaded.generation_config or {})
+        self.tokenizer_info = loaded.tokenizer_info
+        self.renderer = PromptRenderer(self.tokenizer_info)
+        self.model_name = config.served_model_name or loaded.name
+        model_len = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        self.eos_token_ids = frozenset(self._eos_ids())
+
+        num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self._kv_events: list[KVEvent] = []
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, self._kv_events.append)
+        self.scheduler = Scheduler(
+            self.kv,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            policy=config.scheduling_policy,
+        )
+        self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
+        self._parents: dict[str, _Parent] = {}
+        self._seqs: dict[str, _Sequence] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.startup_seconds = time.perf_counter() - start
+        logger.info(
+            "engine ready: model=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d in %.1fs",
+            self.model_name, config.device, num_blocks, num_blocks * config.block_size, self.max_model_len,
+            self.startup_seconds,
+        )  # fmt: skip
+
+    # ---- set-up helpers ----------------------------------------------------------------------
+    def _eos_ids(self) -> list[int]:
+        ids = list(self.model_config.eos_token_ids or [])
+        gen_eos = self.generation_config.get("eos_token_id")
+        if isinstance(gen_eos, int):
+            ids.append(gen_eos)
+        elif isinstance(gen_eos, list):
+            ids.extend(gen_eos)
+        if self.renderer.eos_token_id is not None:
+            ids.append(self.renderer.eos_token_id)
+        return sorted(set(ids))
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_gpu_blocks_override:
+            return self.config.num_gpu_blocks_override
+        per_block = self.runner.kv_cache_bytes_per_block()
+        budget = self.config.kv_cache_memory_bytes or self.runner.available_kv_cache_bytes()
+        if budget is None:
+            budget = CPU_DEFAULT_KV_BYTES
+        return max(1, budget // per_block)
+
+    def default_sampling_params(self) -> dict[str, Any]:
+        """Defaults from the model's generation_config.json (unless generation_config='vllm')."""
+        if self.config.generation_config == "vllm":
+            return {}
+        return {
+            name: value
+            for key, name in GENERATION_CONFIG_KEYS.items()
+            if (value := self.generation_config.get(key)) is not None
+        }
+
+    def make_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """Explicit values win; fields left as None take the model's defaults."""
+        return SamplingParams.from_generation_config(
+            self.generation_config if self.config.generation_config == "auto" else None, **overrides
+        )
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str = "",
+    ) -> str:
+        """Queue a request; raises ValueError naming the problem (the request is then not queued)."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(
+                f"the prompt is {n_prompt} tokens long, but this model's maximum context length is "
+                f"{self.max_model_len} tokens (prompt plus at least one generated token)"
+            )
+        if self.kv.blocks_needed(n_prompt + 1) > self.kv.num_blocks:
+            raise ValueError(
+                f"the prompt is {n_prompt} tokens long, more than the KV cache pool holds "
+                f"({self.kv.num_blocks * self.kv.block_size} tokens)"
+            )
+        arrival = arrival_time or time.time()
+        room = self.max_model_len - n_prompt
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        parent = _Parent(request_id, prompt, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival))
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = replace(params, seed=params.seed + index)
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            req = Request(
+                request_id=child_id,
+                prompt_token_ids=list(prompt_token_ids),
+                params=child_params,
+                max_tokens=max_tokens,
+                eos_token_ids=self.eos_token_ids,
+                arrival_time=arrival,
+                priority=priority,
+                cache_salt=cache_salt,
+                block_size=self.config.block_size,
+            )
+            seq = _Sequence(
+                request=req,
+                parent_id=request_id,
+                index=index,
+                detokenizer=IncrementalDetokenizer(
+                    self.renderer.tokenizer,
+                    req.prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=list(params.stop or []),
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                ),
+                sampling_state=SamplingState.create(
+                    child_params, req.prompt_token_ids, req.output_token_ids, device=self.runner.device
+                ),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            parent.children.append(seq)
+            self._seqs[child_id] = seq
+        self._parents[request_id] = parent
+        for seq in parent.children:
+            self.scheduler.add_request(seq.request)
+        self.prompt_tokens_total += n_prompt * params.n
+        return request_id
+
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+        """Abort at once, freeing KV blocks; returns the aborted requests' final outputs."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        outs = []
+        for rid in ids:
+            parent = self._parents.get(rid)
+            if parent is None:
+                continue
+            for seq in parent.children:
+                if not seq.request.status.is_finished:
+                    self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+                    seq.request.status = RequestStatus.FINISHED_ABORTED
+            outs.append(self._finish_parent_if_done(parent, force=True))
+        return [o for o in outs if o is not None]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        touched: dict[str, _Parent] = {}
+        for req in sched.failed:
+            seq = self._seqs[req.request_id]
+            parent = self._parents[seq.parent_id]
+            parent.error = req.error
+            touched[parent.request_id] = parent
+        if not sched.is_empty:
+            now = time.time()
+            for req in sched.requests:
+                parent = self._parents[self._seqs[req.request_id].parent_id]
+                if parent.metrics.first_scheduled_time is None:
+                    parent.metrics.first_scheduled_time = now
+            for req, token, lp in self._execute(sched):
+                self._append_token(req, token, lp, touched)
+        outputs = []
+        for parent in touched.values():
+            out = self._finish_parent_if_done(parent) or self._make_output(parent, finished=False)
+            outputs.append(out)
+        return outputs
+
+    def _execute(self, sched: SchedulerOutput):
+        result = self.runner.execute(sched.batch)
+        reqs = self.scheduler.update_after_step(sched)
+        if not reqs:
+            return []
+        if self.runner.produces_token_ids:  # the simulated runner: placeholder tokens, no logits
+            return [(r, t, None) for r, t in zip(reqs, result, strict=True)]
+        out = self.sampler(result, [self._seqs[r.request_id].sampling_state for r in reqs])
+        return list(zip(reqs, out.token_ids, out.logprobs, strict=True))
+
+    def _append_token(self, req: Request, token: int, lp, touched: dict[str, _Parent]) -> None:
+        seq = self._seqs[req.request_id]
+        parent = self._parents[seq.parent_id]
+        touched[parent.request_id] = parent
+        now = time.time()
+        if parent.metrics.first_token_time is None:
+            parent.metrics.first_token_time = now
+        parent.metrics.last_token_time = now
+        req.append_output_token(token)
+        self.generation_tokens_total += 1
+        if seq.logprobs is not None and lp is not None:
+            seq.logprobs.append(self._logprob_entry(lp))
+            seq.cumulative_logprob += lp.logprob
+        params = req.params
+        n_out = len(req.output_token_ids)
+        status: RequestStatus | None = None
+        if not params.ignore_eos and token in req.eos_token_ids and n_out >= params.min_tokens:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token in (params.stop_token_ids or ()) and n_out >= params.min_tokens:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        else:
+            update = seq.detokenizer.add_token(token)
+            if update.stop_string is not None and n_out >= params.min_tokens:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, update.stop_string
+            elif n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish_request(req.request_id, status)
+            req.status = status
+
+    def _logprob_entry(self, lp) -> dict[int, Logprob]:
+        entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self.renderer.decode([lp.token_id], False))}
+        for tid, value in lp.top:
+            if tid not in entry:
+                entry[tid] = Logprob(value, None, self.renderer.decode([tid], False))
+        for rank, (tid, _) in enumerate(lp.top, start=1):
+            entry[tid].rank = rank
+        return entry
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def _make_output(self, parent: _Parent, finished: bool) -> RequestOutput:
+        completions = []
+        for seq in parent.children:
+            req = seq.request
+            status = req.status
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detokenizer.output_text,
+                    token_ids=list(req.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=seq.logprobs,
+                    finish_reason=_finish_reason(status),
+                    stop_reason=req.stop_reason,
+                )
+            )
+        first = parent.children[0].request
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+            error=parent.error,
+            metrics=parent.metrics,
+        )
+
+    def _finish_parent_if_done(self, parent: _Parent, force: bool = False) -> RequestOutput | None:
+        done = force or parent.error is not None or all(s.request.status.is_finished for s in parent.children)
+        if not done:
+            return None
+        if parent.error is not None:
+            for seq in parent.children:
+                if not seq.request.status.is_finished:
+                    self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+                    seq.request.status = RequestStatus.FINISHED_ABORTED
+        for seq in parent.children:
+            seq.detokenizer.finish()
+            self._seqs.pop(seq.request.request_id, None)
+        self._parents.pop(parent.request_id, None)
+        parent.metrics.finished_time = time.time()
+        return self._make_output(parent, finished=True)
+
+    # ---- observability -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.kv.usage,
+            blocks_used=self.kv.num_used_blocks,
+            blocks_total=self.kv.num_blocks,
+            prefix_queries=self.kv.stats.queries,
+            prefix_hits=self.kv.stats.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens_total,
+            generation_tokens=self.generation_tokens_total,
+        )
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.kv.cached_block_hashes()
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        events = list(self._kv_events)
+        self._kv_events.clear()
+        return events
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+
+def _finish_reason(status: RequestStatus) -> str | None:
+    if status == RequestStatus.FINISHED_ERROR:
+        return "abort"
+    return status.value if status.is_finished else None
