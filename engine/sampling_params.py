@@ -15,8 +15,8 @@ from typing import Any
 SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
 
-# generation_config.json keys that supply default sampling values (vLLM reads the same ones).
-_GEN_CFG_KEYS = {
+# generation_config.json keys that supply default sampling values (vLLM reads the same ones), → our field names.
+GENERATION_CONFIG_KEYS: dict[str, str] = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
@@ -24,6 +24,7 @@ _GEN_CFG_KEYS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
+_GEN_CFG_KEYS = GENERATION_CONFIG_KEYS  # the engine's first import used this name
 
 
 class SamplingType(enum.IntEnum):
@@ -149,7 +150,7 @@ class SamplingParams:
         config cannot null out a default.
         """
         values: dict[str, Any] = {}
-        for key, name in _GEN_CFG_KEYS.items():
+        for key, name in GENERATION_CONFIG_KEYS.items():
             if gen_cfg is not None and gen_cfg.get(key) is not None:
                 values[name] = gen_cfg[key]
         known = {f.name for f in fields(cls) if f.init}
