@@ -1,0 +1,140 @@
+"""CPU reference attention over the paged KV cache, in plain torch.
+
+Correctness first: every sequence reads its context back from the paged cache (so a wrong slot or block
+table shows up as wrong logits). Speed second: decodes of one step are attended in one padded batched call
+(grouped-query heads folded into the query axis, so K/V are never repeated); prefill chunks run one
+`scaled_dot_product_attention` per sequence, since padding a long prefill with short decodes wastes work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionBackend, AttentionMetadata
+
+
+@dataclass
+class _DecodePlan:
+    rows: torch.Tensor  # int64 [Bd]: the token row of each decoding sequence
+    block_tables: torch.Tensor  # int64 [Bd, nb]
+    context_len: int  # nb * block_size: padded keys per sequence
+    mask: torch.Tensor | None  # bool [Bd, 1, 1, context_len]; None when no key is padding
+
+
+@dataclass
+class _PrefillPlan:
+    start: int  # first token row
+    end: int
+    cached: int  # tokens already in the cache before this chunk
+    seq_len: int
+    blocks: torch.Tensor  # int64 [ceil(seq_len / block_size)]
+    mask: torch.Tensor | None  # bool [q_len, seq_len] when cached > 0 (chunk attends to cache + itself)
+
+
+class TorchPagedAttention(AttentionBackend):
+    name = "torch"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int):
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size)
+        self.group = num_heads // num_kv_heads
+        self._write_blocks = torch.empty(0, dtype=torch.int64)
+        self._write_offsets = torch.empty(0, dtype=torch.int64)
+        self._decode: _DecodePlan | None = None
+        self._prefills: list[_PrefillPlan] = []
+
+    def begin_step(self, meta: AttentionMetadata) -> None:
+        device = meta.slot_mapping.device
+        bs = meta.block_size
+        self._write_blocks = torch.div(meta.slot_mapping, bs, rounding_mode="floor")
+        self._write_offsets = meta.slot_mapping % bs
+        starts = meta.query_start_loc.tolist() if meta.num_seqs else [0]
+        decode_idx = [i for i, n in enumerate(meta.query_lens_list) if n == 1]
+        self._decode = None
+        if decode_idx:
+            lens = [meta.seq_lens_list[i] for i in decode_idx]
+            nb = -(-max(lens) // bs)
+            tables = [
+                meta.block_tables_list[i][:nb] + [0] * (nb - min(nb, len(meta.block_tables_list[i])))
+                for i in decode_idx
+            ]
+            ctx = nb * bs
+            mask = None
+            if any(n != ctx for n in lens):
+                mask = torch.arange(ctx, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+                mask = mask[:, None, None, :]
+            self._decode = _DecodePlan(
+                rows=torch.tensor([starts[i] for i in decode_idx], dtype=torch.int64, device=device),
+                block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
+                context_len=ctx,
+                mask=mask,
+            )
+        self._prefills = []
+        for i, n in enumerate(meta.query_lens_list):
+            if n == 1:
+                continue
+            seq_len, cached = meta.seq_lens_list[i], meta.context_lens_list[i]
+            nb = -(-seq_len // bs)
+            mask = None
+            if cached:
+                q_pos = torch.arange(cached, seq_len, device=device)[:, None]
+                mask = torch.arange(seq_len, device=device)[None, :] <= q_pos
+            self._prefills.append(
+                _PrefillPlan(
+                    start=starts[i],
+                    end=starts[i] + n,
+                    cached=cached,
+                    seq_len=seq_len,
+                    blocks=torch.tensor(meta.block_tables_list[i][:nb], dtype=torch.int64, device=device),
+                    mask=mask,
+                )
+            )
+
+    def forward(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        kv_cache[self._write_blocks, :, self._write_offsets] = torch.stack((k, v), dim=1)
+        out = torch.empty_like(q)
+        if self._decode is not None:
+            out[self._decode.rows] = self._attend_decodes(q, kv_cache, self._decode)
+        for p in self._prefills:
+            out[p.start : p.end] = self._attend_prefill(
+                q[p.start : p.end], k[p.start : p.end], v[p.start : p.end], kv_cache, p
+            )
+        return out
+
+    def _attend_decodes(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
+        b = plan.rows.numel()
+        hkv, d = self.num_kv_heads, self.head_dim
+        # One query token per sequence: fold the query heads sharing a KV head into the query axis.
+        qd = q[plan.rows].view(b, hkv, self.group, d)
+        ctx = kv_cache[plan.block_tables]  # [B, nb, 2, bs, Hkv, D]
+        keys = ctx[:, :, 0].reshape(b, plan.context_len, hkv, d).transpose(1, 2)
+        values = ctx[:, :, 1].reshape(b, plan.context_len, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=plan.mask, scale=self.scale)
+        return o.reshape(b, self.num_heads, d)
+
+    def _attend_prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan: _PrefillPlan
+    ) -> torch.Tensor:
+        hkv, d = self.num_kv_heads, self.head_dim
+        if plan.cached == 0:
+            # The whole context is this chunk: attend to the new k/v directly (they were just cached too).
+            keys, values, mask, causal = k, v, None, True
+        else:
+            ctx = kv_cache[plan.blocks]  # [nb, 2, bs, Hkv, D]
+            keys = ctx[:, 0].reshape(-1, hkv, d)[: plan.seq_len]
+            values = ctx[:, 1].reshape(-1, hkv, d)[: plan.seq_len]
+            mask, causal = plan.mask, False
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=self.group > 1,
+        )
+        return o.transpose(0, 1)

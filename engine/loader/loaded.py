@@ -1,0 +1,21 @@
+"""`LoadedModel`: everything the engine takes from a model path, whatever the file format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kubellm.engine.model_config import ModelConfig
+from kubellm.prompt import TokenizerInfo
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # Hugging Face names ("model.layers.0.self_attn.q_proj.weight", ...)
+    tokenizer_info: TokenizerInfo
+    generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json; {} when absent
+    name: str = ""  # the model as the user named it (path or builtin short name)
+    path: str = ""  # the resolved file or directory

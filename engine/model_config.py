@@ -1,0 +1,162 @@
+"""`ModelConfig`: the architecture facts the engine needs, read from a HF config.json or from GGUF metadata.
+
+One Llama-family forward serves every supported architecture; what differs between them (qkv bias, q/k norm,
+rope scaling, tied embeddings) is spelled out here as plain fields so the model code never looks at names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The architectures the one Llama-family forward implements, as HF `architectures` names them.
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+# model_type -> architecture, for configs that lack an `architectures` list.
+_MODEL_TYPE_TO_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture (or a feature of it) is not one the engine implements."""
+
+
+def unsupported_architecture(arch: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"unsupported model architecture {arch!r}; kubellm supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # None or {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama with attention_bias)
+    attention_out_bias: bool = False  # o_proj carries a bias (Llama/Qwen3 with attention_bias, not Qwen2)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    sliding_window: int | None = None  # recorded, not applied: contexts beyond it are not windowed
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise unsupported_architecture(self.architecture)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        rope_type = self.rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return str(self.rope_scaling.get("rope_type") or self.rope_scaling.get("type") or "default")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Read a transformers config.json (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters` style)."""
+        arch = _architecture(cfg)
+        if cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"):
+            raise unsupported_architecture(arch + " (mixture of experts)")
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"unsupported activation {act!r} in {arch}; kubellm implements silu")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        rope_theta, rope_scaling = _rope(cfg)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=True if is_qwen2 else attention_bias,
+            attention_out_bias=False if is_qwen2 else attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=token_id_list(cfg.get("eos_token_id")),
+            sliding_window=int(sliding) if sliding else None,
+        )
+
+
+def token_id_list(value: Any) -> list[int]:
+    """HF writes eos_token_id as an int, a list of ints, or null."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
+    if archs:
+        return str(archs[0])
+    model_type = cfg.get("model_type")
+    if model_type in _MODEL_TYPE_TO_ARCH:
+        return _MODEL_TYPE_TO_ARCH[model_type]
+    raise unsupported_architecture(str(model_type or "<config.json names no architecture or model_type>"))
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling or None) from either config style."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(cfg.get("rope_theta", 10000.0))
+        scaling = dict(cfg.get("rope_scaling") or {})
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        return theta, None
+    scaling["rope_type"] = rope_type
+    scaling.pop("type", None)
+    return theta, scaling

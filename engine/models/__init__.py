@@ -1,0 +1,27 @@
+"""Model registry: HF architecture name -> implementation. Every supported architecture is the Llama family."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kubellm.engine.model_config import ModelConfig, unsupported_architecture
+
+from .llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    cls = MODEL_REGISTRY.get(config.architecture)
+    if cls is None:
+        raise unsupported_architecture(config.architecture)
+    return cls(config, dtype=dtype, device=device)
+
+
+__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "build_model"]

@@ -1,0 +1,236 @@
+"""The one Llama-family forward: Llama 2/3 (incl. llama3 rope scaling), Mistral, SmolLM2, Qwen2, Qwen3.
+
+Tokens arrive packed ([T], sequence after sequence), so there is no batch axis and no padding: attention is
+the only op that cares where one sequence ends, and the attention backend owns that. q/k/v and gate/up are
+fused into one matmul each at load time (fewer, larger GEMMs; the layout the GPU path wants too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubellm.engine.attention.base import AttentionBackend
+from kubellm.engine.loader.errors import ModelLoadError
+from kubellm.engine.model_config import ModelConfig
+
+# Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# GGUF files of Llama 3.x carry rope frequency factors as a tensor instead of rope_scaling metadata.
+ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # torch.empty reserves without touching pages; load_weights swaps in the real storage.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((size,), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the model dtype, as the reference implementation does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = _param((out_f, in_f), dtype, device)
+        self.bias = _param((out_f,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse rotary frequencies [head_dim/2] in float32, after the configured rope scaling."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = config.rope_type
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling.get("original_max_position_embeddings", config.max_position_embeddings))
+        wavelen = 2 * math.pi / inv
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv = torch.where(medium, smoothed, scaled)
+    if freq_factors is not None:
+        inv = inv / freq_factors.float().cpu()
+    return inv
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the HF (rotate-half) layout; x [T, H, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_size, self.kv_size = c.q_size, c.kv_size
+        self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, c.attention_bias, dtype, device)
+        self.o_proj = Linear(c.q_size, c.hidden_size, c.attention_out_bias, dtype, device)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
+
+    def forward(
+        self,
+        layer_idx: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        out = attn.forward(layer_idx, q, k, v, kv_cache)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate, config.mlp_bias, dtype, device)
+        self.down_proj = Linear(self.intermediate, config.hidden_size, config.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MLP(config, dtype, device)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        device = torch.device(device)
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = _param((config.vocab_size, config.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            self.embed_tokens
+            if config.tie_word_embeddings
+            else _param((config.vocab_size, config.hidden_size), dtype, device)
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        """input_ids/positions [T] (packed sequences) -> final-normed hidden states [T, H].
+        `attn.begin_step` must already have planned this step."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        h = F.embedding(input_ids, self.embed_tokens)
+        for i, layer in enumerate(self.layers):
+            h = h + layer.self_attn(i, layer.input_layernorm(h), cos, sin, kv_caches[i], attn)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits [N, V]."""
+        return F.linear(hidden, self.lm_head).float()
+
+    # -- weights -------------------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Take HF-named tensors; fuse q/k/v and gate/up; share storage where dtype and device already match."""
+        c = self.config
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ModelLoadError(f"checkpoint lacks weight {name!r} that {c.architecture} needs")
+            used.add(name)
+            return weights[name]
+
+        def put(param: nn.Parameter | None, tensor: torch.Tensor, name: str) -> None:
+            if param is None:
+                raise ModelLoadError(f"checkpoint has weight {name!r} that this {c.architecture} config does not use")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ModelLoadError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
+                )
+            param.data = tensor.to(device=param.device, dtype=param.dtype)
+
+        def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
+            return torch.cat([take(f"{prefix}.{p}.{suffix}") for p in parts], dim=0)
+
+        put(self.embed_tokens, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
+        put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
+        if not c.tie_word_embeddings:
+            put(self.lm_head, take("lm_head.weight"), "lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            attn, mlp = layer.self_attn, layer.mlp
+            put(layer.input_layernorm.weight, take(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm.weight")
+            put(layer.post_attention_layernorm.weight, take(f"{p}.post_attention_layernorm.weight"), p)
+            qkv = ("q_proj", "k_proj", "v_proj")
+            put(attn.qkv_proj.weight, fused(f"{p}.self_attn", qkv, "weight"), f"{p}.self_attn.qkv weight")
+            if c.attention_bias:
+                put(attn.qkv_proj.bias, fused(f"{p}.self_attn", qkv, "bias"), f"{p}.self_attn.qkv bias")
+            put(attn.o_proj.weight, take(f"{p}.self_attn.o_proj.weight"), f"{p}.self_attn.o_proj.weight")
+            if c.attention_out_bias:
+                put(attn.o_proj.bias, take(f"{p}.self_attn.o_proj.bias"), f"{p}.self_attn.o_proj.bias")
+            if attn.q_norm is not None and attn.k_norm is not None:
+                put(attn.q_norm.weight, take(f"{p}.self_attn.q_norm.weight"), f"{p}.self_attn.q_norm.weight")
+                put(attn.k_norm.weight, take(f"{p}.self_attn.k_norm.weight"), f"{p}.self_attn.k_norm.weight")
+            put(mlp.gate_up_proj.weight, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "weight"), f"{p}.mlp.gate_up")
+            put(mlp.down_proj.weight, take(f"{p}.mlp.down_proj.weight"), f"{p}.mlp.down_proj.weight")
+            if c.mlp_bias:
+                put(mlp.gate_up_proj.bias, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "bias"), f"{p}.mlp.gate_up")
+                put(mlp.down_proj.bias, take(f"{p}.mlp.down_proj.bias"), f"{p}.mlp.down_proj.bias")
+        if ROPE_FREQ_FACTORS in weights:
+            used.add(ROPE_FREQ_FACTORS)
+            self.inv_freq = rope_inv_freq(c, weights[ROPE_FREQ_FACTORS]).to(self.inv_freq.device)
+        if c.tie_word_embeddings and "lm_head.weight" in weights:
+            used.add("lm_head.weight")  # some checkpoints save the tied copy too
+        unexpected = sorted(n for n in weights if n not in used and not n.endswith(_IGNORED_SUFFIXES))
+        if unexpected:
+            shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+            raise ModelLoadError(f"checkpoint has {len(unexpected)} weights {c.architecture} does not use: {shown}")
+        if c.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
