@@ -1,0 +1,380 @@
+"""The router's aiohttp application: OpenAI endpoints in, one replica out per attempt.
+
+`Router` wires discovery -> backend registry -> policy (+ prefix index, KV event subscribers, tokenizer)
+-> proxy, and owns the background tasks. `RouterServer` runs it on a port (the CLI and the tests use it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kubellm.kv_events import SnapshotEvent
+from kubellm.prompt import TokenizerInfo
+from kubellm.router.backends import Backend, BackendRegistry, HealthChecker
+from kubellm.router.config import RouterConfig
+from kubellm.router.discovery import make_discovery
+from kubellm.router.errors import RouterError, error_response
+from kubellm.router.kv_events_client import KVEventSubscriber
+from kubellm.router.metrics import RouterMetrics
+from kubellm.router.policies import Candidate, RouteRequest, make_policy
+from kubellm.router.prefix_index import PrefixIndex
+from kubellm.router.proxy import UpstreamFailure, forward
+from kubellm.router.queue import WaitQueue
+from kubellm.router.tokenization import PromptHasher, PromptKey
+from kubellm.routing import RoutingPolicy
+
+log = logging.getLogger("kubellm.router")
+
+_ROUTED_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+
+
+class RoutedBody(BaseModel):
+    """The fields the router reads; everything else passes to the engine untouched (it validates them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    stream: bool | None = False
+    user: str | None = None
+
+
+class Router:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.registry = BackendRegistry(
+            config.models,
+            self.metrics,
+            breaker_threshold=config.breaker_threshold,
+            breaker_cooldown=config.breaker_cooldown,
+            max_inflight=config.max_inflight_per_backend,
+        )
+        self.policy = make_policy(config.policy, config.balance_factor)
+        self.index = PrefixIndex(config.approx_index_size, use_events=config.kv_events)
+        self.hasher = PromptHasher(self._fetch_tokenizer_info)
+        self.queue = WaitQueue(self.registry, self.metrics, config.queue_size, config.queue_timeout)
+        self.session: aiohttp.ClientSession | None = None
+        self.health: HealthChecker | None = None
+        self.subscribers: dict[int, KVEventSubscriber] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._upstream_headers = (
+            {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
+        )
+        self._api_keys = [k.encode() for k in config.api_keys]
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.request_timeout
+        )
+        self.registry.on_added.append(self._backend_added)
+        self.registry.on_removed.append(self._backend_removed)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=60, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+        self.health = HealthChecker(
+            self.registry,
+            self.session,
+            interval=self.config.health_interval,
+            timeout=self.config.health_timeout,
+            unhealthy_threshold=self.config.unhealthy_threshold,
+            headers=self._upstream_headers,
+            on_capacity=lambda b, cap: self.index.replica(b.slot).set_capacity(cap),
+        )
+        discovery = make_discovery(self.config, self.registry, self.session)
+        await discovery.start()
+        for b in list(self.registry.backends.values()):
+            self._backend_added(b)  # static backends arrived before the session existed
+        self._tasks.append(asyncio.create_task(discovery.run(), name="discovery"))
+        self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        for sub in list(self.subscribers.values()):
+            await sub.stop()
+        self.subscribers.clear()
+        if self.session:
+            await self.session.close()
+
+    def _backend_added(self, b: Backend) -> None:
+        if self.session is None:
+            return
+        if self.health:
+            self.health.probe_soon()
+        if self.config.kv_events and b.slot not in self.subscribers:
+            sub = KVEventSubscriber(
+                b.url,
+                self.index.replica(b.slot),
+                self.session,
+                headers=self._upstream_headers,
+                on_snapshot=lambda ev, b=b: self._on_snapshot(b, ev),
+            )
+            self.subscribers[b.slot] = sub
+            sub.start()
+
+    def _backend_removed(self, b: Backend) -> None:
+        sub = self.subscribers.pop(b.slot, None)
+        if sub is not None:
+            asyncio.get_running_loop().create_task(sub.stop())
+        self.index.drop_replica(b.slot)
+
+    def _on_snapshot(self, b: Backend, ev: SnapshotEvent) -> None:
+        for m in b.models() or self.registry.configured_models:
+            self.hasher.block_sizes[m] = ev.block_size
+
+    async def _fetch_tokenizer_info(self, model: str) -> TokenizerInfo | None:
+        assert self.session is not None
+        backends, _ = self.registry.routable(model)
+        for b in backends:
+            try:
+                url, timeout = f"{b.url}/v1/tokenizer_info", aiohttp.ClientTimeout(total=10)
+                async with self.session.get(url, headers=self._upstream_headers, timeout=timeout) as r:
+                    if r.status == 200:
+                        return TokenizerInfo.model_validate_json(await r.read())
+            except (aiohttp.ClientError, TimeoutError, ValidationError) as e:
+                log.debug("tokenizer_info from %s failed: %s", b.url, e)
+        return None
+
+    # --- middleware ------------------------------------------------------------------------------
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._api_keys and request.path.startswith("/v1/"):
+            auth = request.headers.get("Authorization", "")
+            token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+            if not any(hmac.compare_digest(token, k) for k in self._api_keys):
+                return error_response(
+                    401, "invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+                )
+        return await handler(request)
+
+    # --- handlers --------------------------------------------------------------------------------
+    async def handle_health(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        up = sum(1 for b in self.registry.backends.values() if b.takes_requests(now))
+        return web.json_response({"status": "ok", "backends": len(self.registry.backends), "routable": up})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "kubellm"} for m in self.registry.model_ids()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def handle_inference(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        kind = _ROUTED_PATHS[request.path]
+        model = "unknown"
+        try:
+            raw, body = await self._read_body(request)
+            model = body.model
+            if not self.registry.knows_model(model):
+                raise RouterError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            return await self._route(request, kind, raw, body, started)
+        except RouterError as e:
+            self.metrics.requests.labels(model, "", str(e.status)).inc()
+            return e.response()
+
+    async def _read_body(self, request: web.Request) -> tuple[bytes, RoutedBody]:
+        if request.content_length is not None and request.content_length > self.config.max_body_bytes:
+            raise RouterError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as e:
+            raise RouterError(
+                413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large"
+            ) from e
+        if not raw:
+            raise RouterError(400, "request body is empty; send a JSON object", code="invalid_json")
+        try:
+            return raw, RoutedBody.model_validate_json(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            if err["type"].startswith("json") or err["type"] == "model_type":
+                raise RouterError(
+                    400, f"request body is not a valid JSON object: {err['msg']}", code="invalid_json"
+                ) from e
+            param = ".".join(str(p) for p in err["loc"]) or None
+            raise RouterError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from e
+
+    async def _route(
+        self, request: web.Request, kind: str, raw: bytes, body: RoutedBody, started: float
+    ) -> web.StreamResponse:
+        cfg = self.config
+        model = body.model
+        key: PromptKey | None = None
+        if self.policy.name is RoutingPolicy.PREFIX:
+            key = await self.hasher.key(model, kind, body.model_extra or {})
+        session_key = request.headers.get(cfg.session_header) or body.user
+        hashes = key.hashes if key else []
+        route = RouteRequest(model, session_key, len(hashes))
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id, **self._upstream_headers}
+        if "Accept" in request.headers:
+            headers["Accept"] = request.headers["Accept"]
+        tried: list[int] = []
+        last: UpstreamFailure | None = None
+        first_byte = [False]
+
+        def on_first_byte() -> None:
+            first_byte[0] = True
+            self.metrics.ttfb.labels(model).observe(time.perf_counter() - started)
+
+        for attempt in range(cfg.max_retries + 1):
+            if attempt:
+                self.metrics.retries.labels(model).inc()
+                await asyncio.sleep(min(cfg.retry_backoff * 2 ** (attempt - 1), 0.5) * (0.5 + random.random()))
+            backend, reason = await self._pick(route, hashes, tried, allow_wait=not tried)
+            if backend is None:
+                break
+            tried.append(backend.slot)
+            resp_headers = {"X-Request-Id": request_id}
+            if cfg.debug_headers:
+                resp_headers["X-Kubellm-Backend"] = backend.url
+                resp_headers["X-Kubellm-Route"] = reason
+            self.registry.acquire(backend)
+            self.index.on_send(backend.slot, hashes)
+            code = "error"
+            try:
+                resp, outcome = await forward(
+                    self.session,  # type: ignore[arg-type]
+                    backend.url + request.path,
+                    raw,
+                    headers,
+                    request,
+                    self._timeout,
+                    resp_headers,
+                    on_first_byte,
+                )
+                code = str(outcome.status)
+                if outcome.died_mid_stream:
+                    self.registry.record_failure(backend)
+                    if self.health:
+                        self.health.probe_soon()
+                else:
+                    self.registry.record_success(backend)
+                return resp
+            except UpstreamFailure as e:
+                last = e
+                code = str(e.status or 502)
+                if not e.retryable:
+                    break
+                if e.status != 429:
+                    self.registry.record_failure(backend, connect_error=e.connect_error)
+                    if self.health:
+                        self.health.probe_soon()
+                log.info("attempt %d on %s failed: %s", attempt + 1, backend.url, e)
+            except (asyncio.CancelledError, ConnectionResetError):
+                code = "499"  # the client went away; closing the upstream connection aborted the request
+                raise
+            finally:
+                self.registry.release(backend)
+                self.index.on_done(backend.slot, hashes)
+                self.metrics.requests.labels(model, backend.url, code).inc()
+                if first_byte[0] or code != "error":
+                    self.metrics.duration.labels(model).observe(time.perf_counter() - started)
+        if last is not None and last.status is not None:
+            headers_out = {k: v for k, v in last.headers.items() if k in ("Content-Type", "Retry-After")}
+            return web.Response(status=last.status, body=last.body, headers=headers_out)
+        raise RouterError(502, f"no replica of model {model!r} could answer: {last}", code="upstream_unavailable")
+
+    async def _pick(
+        self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool
+    ) -> tuple[Backend | None, str]:
+        """Choose a backend; wait in the bounded queue while none can take the request (first attempt only)."""
+
+        def try_pick() -> tuple[Backend, str] | None:
+            backends, _ = self.registry.routable(route.model, exclude=tried)
+            if not backends:
+                return None
+            by_key = {b.url: b for b in backends}
+            cands = [
+                Candidate(b.url, b.in_flight, b.waiting, self.index.match(b.slot, hashes) if hashes else 0)
+                for b in backends
+            ]
+            decision = self.policy.choose(route, cands)
+            self.metrics.decisions.labels(self.policy.name.value, decision.reason).inc()
+            if hashes:
+                self.metrics.match_ratio.observe(decision.matched_blocks / len(hashes))
+            return by_key[decision.key], decision.reason
+
+        if not allow_wait:
+            picked = try_pick()
+            return picked if picked else (None, "")
+        return await self.queue.wait_for(route.model, try_pick)
+
+    # --- app -------------------------------------------------------------------------------------
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self.auth_middleware], client_max_size=self.config.max_body_bytes)
+        app.router.add_get("/health", self.handle_health)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/v1/models", self.handle_models)
+        for path in _ROUTED_PATHS:
+            app.router.add_post(path, self.handle_inference)
+
+        async def on_startup(_: web.Application) -> None:
+            await self.start()
+
+        async def on_cleanup(_: web.Application) -> None:
+            await self.stop()
+
+        app.on_startup.append(on_startup)
+        app.on_cleanup.append(on_cleanup)
+        return app
+
+
+class RouterServer:
+    """Runs a Router on host:port; `async with RouterServer(cfg) as s: s.url`."""
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.router = Router(config)
+        self.runner: web.AppRunner | None = None
+        self.port: int = config.port
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(
+            self.router.make_app(),
+            handler_cancellation=True,
+            access_log=None,
+            max_field_size=self.config.max_header_bytes,
+            max_line_size=self.config.max_header_bytes,
+        )
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    async def __aenter__(self) -> RouterServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

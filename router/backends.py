@@ -1,0 +1,303 @@
+"""The replicas the router may use: discovery sets them, probes and request outcomes judge them.
+
+A backend takes new requests only while discovery says Ready (not Terminating), its last health probes
+passed, and its circuit breaker is closed (or half-open for one trial request). Requests already running on
+a backend that leaves continue; it simply gets no new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+from kubellm import metric_names as mn
+from kubellm.router.metrics import RouterMetrics
+
+log = logging.getLogger("kubellm.router.backends")
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """What discovery knows of one endpoint."""
+
+    url: str
+    ready: bool = True
+    terminating: bool = False
+    models: frozenset[str] | None = None  # pinned by static MODEL=URL; None = learned from /v1/models
+
+
+@dataclass
+class Backend:
+    url: str
+    slot: int  # never reused, so stale prefix-index entries of a departed replica cannot alias a new one
+    pinned_models: frozenset[str] | None = None
+    served_models: frozenset[str] | None = None
+    ready: bool = True
+    terminating: bool = False
+    healthy: bool = True  # optimistic on arrival; a probe runs at once
+    removed: bool = False
+    in_flight: int = 0
+    waiting: int = 0
+    kv_capacity_blocks: int | None = None
+    probe_failures: int = 0
+    consecutive_failures: int = 0
+    breaker_open_until: float = 0.0
+    half_open_trial: bool = False
+
+    def models(self) -> frozenset[str] | None:
+        return self.pinned_models if self.pinned_models is not None else self.served_models
+
+    def serves(self, model: str, configured: Iterable[str]) -> bool:
+        models = self.models()
+        if models is None:
+            return model in configured or not configured
+        return model in models
+
+    def takes_requests(self, now: float) -> bool:
+        if self.removed or not self.ready or self.terminating or not self.healthy:
+            return False
+        if not self.breaker_open_until:
+            return True
+        return now >= self.breaker_open_until and not self.half_open_trial  # half-open: one trial at a time
+
+
+def _metric_value(text: str, name: str) -> float | None:
+    """Sum of a metric family's samples in Prometheus text (all label sets)."""
+    total, seen = 0.0, False
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+|NaN)$", text, re.MULTILINE):
+        try:
+            total += float(m.group(1))
+            seen = True
+        except ValueError:
+            continue
+    return total if seen else None
+
+
+class BackendRegistry:
+    def __init__(
+        self,
+        configured_models: Iterable[str],
+        metrics: RouterMetrics,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 5.0,
+        max_inflight: int = 0,
+    ):
+        self.configured_models = frozenset(configured_models)
+        self.metrics = metrics
+        self.breaker_threshold = breaker_threshold
+        self.breaker_cooldown = breaker_cooldown
+        self.max_inflight = max_inflight
+        self.backends: dict[str, Backend] = {}
+        self._slots = itertools.count()
+        self._changed = asyncio.Event()
+        self._waiters = 0
+        self.on_added: list[Callable[[Backend], None]] = []
+        self.on_removed: list[Callable[[Backend], None]] = []
+
+    # --- discovery -------------------------------------------------------------------------------
+    def set_endpoints(self, endpoints: Iterable[EndpointInfo]) -> None:
+        """Make the backend set equal to `endpoints` (discovery's whole current view)."""
+        desired = {e.url.rstrip("/"): e for e in endpoints}
+        for url in list(self.backends):
+            if url not in desired:
+                self._remove(url)
+        for url, info in desired.items():
+            b = self.backends.get(url)
+            if b is None:
+                b = Backend(url=url, slot=next(self._slots), pinned_models=info.models)
+                b.ready, b.terminating = info.ready, info.terminating
+                self.backends[url] = b
+                self.metrics.discovery_events.labels("added").inc()
+                for cb in self.on_added:
+                    cb(b)
+            else:
+                if (b.ready, b.terminating) != (info.ready, info.terminating):
+                    kind = "terminating" if info.terminating else "ready" if info.ready else "not_ready"
+                    self.metrics.discovery_events.labels(kind).inc()
+                b.ready, b.terminating, b.pinned_models = info.ready, info.terminating, info.models
+            self._export_health(b)
+        self.notify()
+
+    def _remove(self, url: str) -> None:
+        b = self.backends.pop(url)
+        b.removed = True
+        self.metrics.discovery_events.labels("removed").inc()
+        self.metrics.forget_backend(url)
+        for cb in self.on_removed:
+            cb(b)
+
+    # --- selection -------------------------------------------------------------------------------
+    def knows_model(self, model: str) -> bool:
+        if model in self.configured_models:
+            return True
+        return any(model in (b.models() or ()) for b in self.backends.values() if b.healthy)
+
+    def model_ids(self) -> list[str]:
+        ids = set(self.configured_models)
+        for b in self.backends.values():
+            if b.healthy and b.ready and not b.removed:
+                ids.update(b.models() or ())
+        return sorted(ids)
+
+    def routable(self, model: str, exclude: Iterable[int] = ()) -> tuple[list[Backend], bool]:
+        """(backends that may take this request now, whether any serving replica exists but is saturated)."""
+        now = time.monotonic()
+        skip = set(exclude)
+        out, saturated = [], False
+        for b in self.backends.values():
+            if b.slot in skip or not b.takes_requests(now) or not b.serves(model, self.configured_models):
+                continue
+            if self.max_inflight and b.in_flight >= self.max_inflight:
+                saturated = True
+                continue
+            out.append(b)
+        return out, saturated
+
+    # --- request accounting ----------------------------------------------------------------------
+    def acquire(self, b: Backend) -> None:
+        b.in_flight += 1
+        if b.breaker_open_until and b.breaker_open_until <= time.monotonic():
+            b.half_open_trial = True  # one trial request while half-open
+        self.metrics.in_flight.labels(b.url).set(b.in_flight)
+
+    def release(self, b: Backend) -> None:
+        b.in_flight -= 1
+        if not b.removed:
+            self.metrics.in_flight.labels(b.url).set(b.in_flight)
+        if self._waiters:
+            self.notify()
+
+    def record_success(self, b: Backend) -> None:
+        b.consecutive_failures = 0
+        if b.breaker_open_until:
+            b.breaker_open_until, b.half_open_trial = 0.0, False
+            self.notify()
+
+    def record_failure(self, b: Backend, connect_error: bool = False) -> None:
+        """A failed request: a refused connection ejects at once; repeated failures open the breaker."""
+        b.consecutive_failures += 1
+        if connect_error and b.healthy:
+            b.healthy = False
+            log.warning("backend %s ejected: connection failed", b.url)
+            self._export_health(b)
+        if b.half_open_trial or b.consecutive_failures >= self.breaker_threshold:
+            b.breaker_open_until = time.monotonic() + self.breaker_cooldown
+            b.half_open_trial = False
+            log.warning("backend %s: circuit breaker open for %.1fs", b.url, self.breaker_cooldown)
+
+    # --- health ----------------------------------------------------------------------------------
+    def set_healthy(self, b: Backend, healthy: bool) -> None:
+        if healthy != b.healthy:
+            log.info("backend %s %s", b.url, "re-admitted" if healthy else "ejected")
+            b.healthy = healthy
+            if healthy:
+                b.consecutive_failures = 0
+            self.notify()
+        self._export_health(b)
+
+    def _export_health(self, b: Backend) -> None:
+        if not b.removed:
+            self.metrics.backend_healthy.labels(b.url).set(1 if b.takes_requests(time.monotonic()) else 0)
+
+    # --- change notification (the wait queue sleeps on it) ---------------------------------------
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout: float) -> None:
+        event = self._changed
+        self._waiters += 1
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
+
+
+class HealthChecker:
+    """Active probes: GET /health (ejection after `unhealthy_threshold` failures, re-admission after one
+    success), plus /v1/models (what the replica serves) and /metrics (its waiting queue and KV capacity)."""
+
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        session: aiohttp.ClientSession,
+        interval: float = 2.0,
+        timeout: float = 1.0,
+        unhealthy_threshold: int = 2,
+        headers: dict[str, str] | None = None,
+        on_capacity: Callable[[Backend, int], None] | None = None,
+    ):
+        self.registry = registry
+        self.session = session
+        self.interval = interval
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.unhealthy_threshold = unhealthy_threshold
+        self.headers = headers or {}
+        self.on_capacity = on_capacity
+        self._wake = asyncio.Event()
+
+    def probe_soon(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.probe_all()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    async def probe_all(self) -> None:
+        backends = list(self.registry.backends.values())
+        if backends:
+            await asyncio.gather(*(self.probe(b) for b in backends), return_exceptions=True)
+
+    async def probe(self, b: Backend) -> None:
+        ok, refused = False, False
+        try:
+            async with self.session.get(f"{b.url}/health", timeout=self.timeout, headers=self.headers) as r:
+                ok = r.status == 200
+                await r.read()
+        except aiohttp.ClientConnectorError:
+            refused = True
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        if b.removed:
+            return
+        if ok:
+            b.probe_failures = 0
+            await self._learn(b)
+            self.registry.set_healthy(b, True)
+            return
+        b.probe_failures += 1
+        if refused or b.probe_failures >= self.unhealthy_threshold:
+            self.registry.set_healthy(b, False)
+
+    async def _learn(self, b: Backend) -> None:
+        try:
+            async with self.session.get(f"{b.url}/v1/models", timeout=self.timeout, headers=self.headers) as r:
+                if r.status == 200:
+                    data = await r.json()
+                    b.served_models = frozenset(m["id"] for m in data.get("data", []) if "id" in m)
+            async with self.session.get(f"{b.url}/metrics", timeout=self.timeout) as r:
+                if r.status == 200:
+                    text = await r.text()
+                    waiting = _metric_value(text, mn.NUM_REQUESTS_WAITING)
+                    b.waiting = int(waiting) if waiting is not None else 0
+                    capacity = _metric_value(text, mn.KV_CACHE_BLOCKS_TOTAL)
+                    if capacity and capacity > 0:
+                        b.kv_capacity_blocks = int(capacity)
+                        if self.on_capacity:
+                            self.on_capacity(b, int(capacity))
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+            log.debug("backend %s: could not read models/metrics: %s", b.url, e)

@@ -1,0 +1,66 @@
+"""What every routing policy sees and returns: pure data, no I/O, so policies are unit-testable."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kubellm.routing import RoutingPolicy
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One routable replica as the policy sees it."""
+
+    key: str  # the backend's URL
+    in_flight: int = 0  # requests this router has open on it
+    waiting: int = 0  # the engine's own queue (vllm:num_requests_waiting), from the last probe
+    matched_blocks: int = 0  # leading prompt blocks this replica holds (prefix policy only)
+
+
+@dataclass(slots=True)
+class RouteRequest:
+    model: str
+    session_key: str | None = None
+    num_blocks: int = 0  # full blocks in the prompt (for the match ratio)
+
+
+@dataclass(slots=True)
+class Decision:
+    key: str
+    reason: str  # prefix_hit | load_spill | no_match | session | round_robin | least_load
+    matched_blocks: int = 0
+
+
+def load_cap(candidates: Sequence[Candidate], balance_factor: float) -> int:
+    """Bounded loads: after this request no replica may hold more than ceil(c × mean in-flight)."""
+    total = sum(c.in_flight for c in candidates) + 1
+    return max(1, math.ceil(balance_factor * total / len(candidates)))
+
+
+def within_bound(candidates: Sequence[Candidate], balance_factor: float) -> list[Candidate]:
+    """The replicas that may take one more request; never empty (the least loaded always fits)."""
+    cap = load_cap(candidates, balance_factor)
+    eligible = [c for c in candidates if c.in_flight + 1 <= cap]
+    return eligible or [min(candidates, key=lambda c: c.in_flight)]
+
+
+class Policy(ABC):
+    name: RoutingPolicy
+
+    def __init__(self) -> None:
+        self._turn = 0  # rotates ties so equal replicas share work instead of the first one taking it all
+
+    @abstractmethod
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
+        """Pick one of `candidates` (non-empty)."""
+
+    def _rotated(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        self._turn += 1
+        k = self._turn % len(candidates)
+        return [*candidates[k:], *candidates[:k]]
+
+    def _least_loaded(self, candidates: Sequence[Candidate]) -> Candidate:
+        return min(self._rotated(candidates), key=lambda c: c.in_flight + c.waiting)

@@ -1,0 +1,34 @@
+"""Prefix-cache-aware routing under bounded loads.
+
+Score = matched leading prompt blocks (from the replica's KV events, or the router's own record of what it
+sent where). Among the replicas that stay within ceil(c × mean in-flight) after taking the request, the one
+with the longest match wins; ties go to the least loaded. A hot prefix therefore spills to other replicas
+once its holder is c × the mean, instead of melting it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kubellm.router.policies.base import Candidate, Decision, Policy, RouteRequest, within_bound
+from kubellm.routing import DEFAULT_BALANCE_FACTOR, RoutingPolicy
+
+
+class PrefixPolicy(Policy):
+    name = RoutingPolicy.PREFIX
+
+    def __init__(self, balance_factor: float = DEFAULT_BALANCE_FACTOR) -> None:
+        super().__init__()
+        self.balance_factor = balance_factor
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
+        best_anywhere = max(c.matched_blocks for c in candidates)
+        eligible = within_bound(candidates, self.balance_factor)
+        pick = min(self._rotated(eligible), key=lambda c: (-c.matched_blocks, c.in_flight + c.waiting))
+        if pick.matched_blocks < best_anywhere:
+            reason = "load_spill"
+        elif pick.matched_blocks == 0:
+            reason = "no_match"
+        else:
+            reason = "prefix_hit"
+        return Decision(pick.key, reason, pick.matched_blocks)

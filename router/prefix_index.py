@@ -1,0 +1,171 @@
+"""What the router knows of each replica's prefix cache, always bounded in memory.
+
+Precise: each replica's cached block hashes exactly as its KV event stream reports them, never more than
+that replica's KV capacity in blocks (its real cache cannot hold more; a missed `removed` event cannot grow
+the set past it). Pending: the blocks of requests in flight on a replica, which its cache is about to hold
+although no `stored` event has arrived yet. Approximate: the router's own record of which blocks it sent
+where, one LRU bounded by a configured number of (replica, block) entries, used for replicas without an
+event stream.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from kubellm.block_hash import from_hex
+from kubellm.kv_events import AllBlocksClearedEvent, BlockRemovedEvent, BlockStoredEvent, SnapshotEvent
+
+DEFAULT_PRECISE_CAPACITY = 1 << 20  # blocks, when a replica has not (yet) reported its KV capacity
+DEFAULT_APPROX_SIZE = 200_000  # (replica, block) entries
+
+
+class ApplyResult(Enum):
+    OK = "ok"
+    RESYNC = "resync"  # new epoch or a gap in seq: drop what we knew and resubscribe
+
+
+@dataclass
+class PreciseIndex:
+    """One replica's cached blocks, fed by its KV events (snapshot, then seq-numbered deltas)."""
+
+    capacity: int = DEFAULT_PRECISE_CAPACITY
+    blocks: dict[int, None] = field(default_factory=dict)  # insertion-ordered set: oldest first
+    epoch: str | None = None
+    seq: int | None = None
+    block_size: int | None = None
+    live: bool = False  # a snapshot arrived and no gap has been seen since
+
+    def apply(self, event: SnapshotEvent | BlockStoredEvent | BlockRemovedEvent | AllBlocksClearedEvent) -> ApplyResult:
+        if isinstance(event, SnapshotEvent):
+            self.blocks = {}
+            self._add(event.hashes)
+            self.epoch, self.seq, self.block_size, self.live = event.epoch, event.seq, event.block_size, True
+            return ApplyResult.OK
+        if not self.live or self.seq is None or event.seq != self.seq + 1:
+            self.drop()
+            return ApplyResult.RESYNC
+        self.seq = event.seq
+        if isinstance(event, BlockStoredEvent):
+            self._add(event.hashes)
+        elif isinstance(event, BlockRemovedEvent):
+            for h in event.hashes:
+                self.blocks.pop(from_hex(h), None)
+        else:
+            self.blocks.clear()
+        return ApplyResult.OK
+
+    def _add(self, hashes: Sequence[str]) -> None:
+        blocks = self.blocks
+        for h in hashes:
+            k = from_hex(h)
+            blocks.pop(k, None)
+            blocks[k] = None
+        while len(blocks) > self.capacity:
+            del blocks[next(iter(blocks))]
+
+    def drop(self) -> None:
+        self.blocks = {}
+        self.live = False
+        self.epoch = self.seq = None
+
+    def set_capacity(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        while len(self.blocks) > self.capacity:
+            del self.blocks[next(iter(self.blocks))]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+class ApproxIndex:
+    """The router's own record of (replica, block) sends, LRU-bounded by `max_entries`."""
+
+    def __init__(self, max_entries: int = DEFAULT_APPROX_SIZE):
+        self.max_entries = max(1, max_entries)
+        self._lru: OrderedDict[int, None] = OrderedDict()
+
+    @staticmethod
+    def _key(slot: int, h: int) -> int:
+        return (slot << 128) | h
+
+    def record(self, slot: int, hashes: Sequence[int]) -> None:
+        lru = self._lru
+        for h in hashes:
+            k = (slot << 128) | h
+            if k in lru:
+                lru.move_to_end(k)
+            else:
+                lru[k] = None
+        while len(lru) > self.max_entries:
+            lru.popitem(last=False)
+
+    def match(self, slot: int, hashes: Sequence[int]) -> int:
+        lru = self._lru
+        n = 0
+        for h in hashes:
+            if ((slot << 128) | h) not in lru:
+                break
+            n += 1
+        return n
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+class PrefixIndex:
+    """Per-replica match length: precise (events + pending) where a live stream exists, else approximate."""
+
+    def __init__(self, approx_size: int = DEFAULT_APPROX_SIZE, use_events: bool = True):
+        self.use_events = use_events
+        self.approx = ApproxIndex(approx_size)
+        self.precise: dict[int, PreciseIndex] = {}
+        self.pending: dict[int, Counter[int]] = {}
+
+    def replica(self, slot: int) -> PreciseIndex:
+        idx = self.precise.get(slot)
+        if idx is None:
+            idx = self.precise[slot] = PreciseIndex()
+        return idx
+
+    def is_precise(self, slot: int) -> bool:
+        idx = self.precise.get(slot)
+        return self.use_events and idx is not None and idx.live
+
+    def match(self, slot: int, hashes: Sequence[int]) -> int:
+        if not hashes:
+            return 0
+        if not self.is_precise(slot):
+            return self.approx.match(slot, hashes)
+        blocks = self.precise[slot].blocks
+        pending = self.pending.get(slot) or {}
+        n = 0
+        for h in hashes:
+            if h not in blocks and h not in pending:
+                break
+            n += 1
+        return n
+
+    def on_send(self, slot: int, hashes: Sequence[int]) -> None:
+        if not hashes:
+            return
+        self.approx.record(slot, hashes)
+        self.pending.setdefault(slot, Counter()).update(hashes)
+
+    def on_done(self, slot: int, hashes: Sequence[int]) -> None:
+        pending = self.pending.get(slot)
+        if pending is None or not hashes:
+            return
+        pending.subtract(hashes)
+        for h in hashes:
+            if pending.get(h, 0) <= 0:
+                pending.pop(h, None)
+        if not pending:
+            del self.pending[slot]
+
+    def drop_replica(self, slot: int) -> None:
+        """A replica left: forget its precise state (its approximate entries age out of the LRU)."""
+        self.precise.pop(slot, None)
+        self.pending.pop(slot, None)

@@ -1,0 +1,132 @@
+"""One upstream attempt: send the client's body to a replica and pass the answer back unbuffered.
+
+Everything that fails before the first byte reaches the client raises `UpstreamFailure` (the caller may
+retry on another replica). After that the stream is the client's: if the replica dies mid-stream the client
+gets a final SSE error event (openai's client raises APIError on it) instead of a hang. Cancelling the
+handler (client disconnect) closes the upstream connection, so the engine aborts the request and frees its
+KV blocks at once. aiohttp sets TCP_NODELAY on both legs; chunks are written as they arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from kubellm.router.errors import sse_error_event
+
+log = logging.getLogger("kubellm.router.proxy")
+
+_PASS_RESPONSE_HEADERS = ("Content-Type", "X-Request-Id", "Retry-After", "Content-Encoding")
+
+
+class UpstreamFailure(Exception):
+    """The attempt failed before anything reached the client."""
+
+    def __init__(
+        self,
+        message: str,
+        connect_error: bool = False,
+        status: int | None = None,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.connect_error = connect_error
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+    @property
+    def retryable(self) -> bool:
+        return self.status is None or self.status >= 500 or self.status == 429
+
+
+@dataclass
+class Outcome:
+    status: int
+    died_mid_stream: bool = False
+
+
+def _copy_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> dict[str, str]:
+    h = {k: upstream.headers[k] for k in _PASS_RESPONSE_HEADERS if k in upstream.headers}
+    h.update(extra)
+    return h
+
+
+async def forward(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    request: web.Request,
+    timeout: aiohttp.ClientTimeout,
+    response_headers: dict[str, str],
+    on_first_byte: Callable[[], None],
+) -> tuple[web.StreamResponse, Outcome]:
+    try:
+        upstream = await session.post(url, data=body, headers=headers, timeout=timeout)
+    except aiohttp.ClientConnectorError as e:
+        raise UpstreamFailure(f"connect failed: {e}", connect_error=True) from e
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise UpstreamFailure(f"upstream failed: {e!r}") from e
+    try:
+        if upstream.status >= 500 or upstream.status == 429:
+            data = await upstream.read()
+            raise UpstreamFailure(
+                f"upstream answered {upstream.status}",
+                status=upstream.status,
+                body=data,
+                headers=_copy_headers(upstream, {}),
+            )
+        ctype = upstream.headers.get("Content-Type", "")
+        if not ctype.startswith("text/event-stream"):
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise UpstreamFailure(f"upstream failed while answering: {e!r}") from e
+            on_first_byte()
+            resp = web.Response(status=upstream.status, body=data, headers=_copy_headers(upstream, response_headers))
+            return resp, Outcome(upstream.status)
+        return await _stream(upstream, request, response_headers, on_first_byte)
+    finally:
+        upstream.close()  # a no-op after a full read (the connection went back to the pool); else aborts
+
+
+async def _stream(
+    upstream: aiohttp.ClientResponse,
+    request: web.Request,
+    response_headers: dict[str, str],
+    on_first_byte: Callable[[], None],
+) -> tuple[web.StreamResponse, Outcome]:
+    # Wait for the replica's first chunk before answering, so a replica that dies first is retried.
+    try:
+        first = await upstream.content.readany()
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise UpstreamFailure(f"upstream failed before streaming: {e!r}") from e
+    if not first:
+        raise UpstreamFailure("upstream closed the stream before the first chunk")
+    headers = _copy_headers(upstream, response_headers)
+    headers["Cache-Control"] = "no-cache"
+    resp = web.StreamResponse(status=upstream.status, headers=headers)
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    await resp.write(first)
+    on_first_byte()
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
+            log.warning("replica %s died mid-stream: %r", upstream.url.origin(), e)
+            event = sse_error_event(502, "the model replica failed while streaming; retry the request", "upstream_died")
+            await resp.write(event)  # a client that is gone too raises here: the handler treats it as a disconnect
+            await resp.write_eof()
+            return resp, Outcome(upstream.status, died_mid_stream=True)
+        if not chunk:
+            break
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp, Outcome(upstream.status)

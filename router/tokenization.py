@@ -1,0 +1,116 @@
+"""Prompt -> the engine's block hashes, without model files: the router fetches the engine's tokenizer and
+chat template from GET /v1/tokenizer_info and uses the shared core's renderer and block hash, so its
+hashes equal the ones the engine's prefix cache (and its KV events) carry, bit for bit.
+
+Until a tokenizer is available (or when rendering fails) the router hashes the prompt's text in fixed-size
+character blocks under another domain: good enough for the approximate index's affinity, never confused
+with token-block hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from kubellm.block_hash import DEFAULT_BLOCK_SIZE, hash_blocks
+from kubellm.prompt import PromptRenderer, TokenizerInfo
+
+log = logging.getLogger("kubellm.router.tokenization")
+
+TEXT_BLOCK_CHARS = 64
+_TEXT_DOMAIN = b"kubellm-text/1|"
+_REFETCH_AFTER = 10.0  # seconds between attempts to fetch a tokenizer that was not available
+
+
+@dataclass
+class PromptKey:
+    hashes: list[int]
+    exact: bool  # token-block hashes as the engine computes them (else text-block hashes)
+
+
+def text_block_hashes(text: str, extra: str = "", block_chars: int = TEXT_BLOCK_CHARS) -> list[int]:
+    h = xxhash.xxh3_128_intdigest(_TEXT_DOMAIN + extra.encode())
+    out = []
+    data = text.encode("utf-8", "surrogatepass")
+    for start in range(0, len(data) - block_chars + 1, block_chars):
+        h = xxhash.xxh3_128_intdigest(h.to_bytes(16, "big") + data[start : start + block_chars])
+        out.append(h)
+    return out
+
+
+def prompt_token_ids(renderer: PromptRenderer, kind: str, body: dict[str, Any]) -> list[int] | None:
+    """The token ids the engine will compute for this request, or None when it cannot be known."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        return renderer.chat_token_ids(messages, add_generation_prompt=bool(body.get("add_generation_prompt", True)))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
+    if isinstance(prompt, str):
+        return renderer.encode(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return prompt
+    return None
+
+
+def prompt_text(kind: str, body: dict[str, Any]) -> str:
+    if kind == "chat":
+        return json.dumps(body.get("messages"), ensure_ascii=False, separators=(",", ":"))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
+class PromptHasher:
+    """Per model: a renderer built from a replica's tokenizer info, and the block size its KV events use."""
+
+    def __init__(self, fetch_info: Callable[[str], Awaitable[TokenizerInfo | None]]):
+        self._fetch_info = fetch_info
+        self._renderers: dict[str, PromptRenderer] = {}
+        self._failed_at: dict[str, float] = {}
+        self.block_sizes: dict[str, int] = {}
+
+    async def renderer(self, model: str) -> PromptRenderer | None:
+        r = self._renderers.get(model)
+        if r is not None:
+            return r
+        if time.monotonic() - self._failed_at.get(model, -1e9) < _REFETCH_AFTER:
+            return None
+        info = None
+        try:
+            info = await self._fetch_info(model)
+        except Exception as e:  # any failure leaves us on text hashing, retried later
+            log.warning("tokenizer for %s unavailable: %s", model, e)
+        if info is None:
+            self._failed_at[model] = time.monotonic()
+            return None
+        r = self._renderers[model] = PromptRenderer(info)
+        log.info("tokenizer for model %s loaded from a replica", model)
+        return r
+
+    def set_renderer(self, model: str, renderer: PromptRenderer) -> None:
+        self._renderers[model] = renderer
+
+    async def key(self, model: str, kind: str, body: dict[str, Any]) -> PromptKey:
+        extra = body.get("cache_salt") or ""
+        extra = extra if isinstance(extra, str) else ""
+        renderer = await self.renderer(model)
+        if renderer is not None:
+            try:
+                ids = prompt_token_ids(renderer, kind, body)
+            except Exception as e:  # a template error is the engine's to report; we only lose affinity
+                log.debug("could not render prompt for routing: %s", e)
+                ids = None
+            if ids is not None:
+                bs = self.block_sizes.get(model, DEFAULT_BLOCK_SIZE)
+                return PromptKey(hash_blocks(ids, bs, extra), True)
+        return PromptKey(text_block_hashes(prompt_text(kind, body), extra), False)
