@@ -1,0 +1,416 @@
+"""The async engine loop: one dedicated thread owns the (single-threaded) LLMEngine; the aiohttp event loop
+never blocks on it.
+
+The loop thread talks to the engine thread only through a thread-safe command queue (add, abort, KV
+subscribe); the engine thread applies commands between steps, runs `engine.step()`, and hands everything a
+step produced (request outputs, numbered KV events, a stats snapshot) back to the event loop in one
+`call_soon_threadsafe` batch, so their order is preserved. KV snapshots are taken on the engine thread
+between steps, which makes "snapshot at seq N, then events N+1, N+2, ..." exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubellm.block_hash import to_hex
+from kubellm.kv_events import (
+    AllBlocksClearedEvent,
+    BlockRemovedEvent,
+    BlockStoredEvent,
+    SnapshotEvent,
+    encode_event,
+)
+
+from .errors import APIError
+
+logger = logging.getLogger("kubellm.engine.server")
+
+IDLE_WAIT_S = 0.5
+KV_SUBSCRIBER_MAX_BACKLOG = 10_000  # lines; a consumer that falls further behind is cut off and resyncs
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; the replica must be restarted (its /health reports 503)."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Any
+    prompt: str | None
+    arrival_time: float
+    priority: int
+    stream: RequestStream
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _AbortAll:
+    pass
+
+
+@dataclass
+class _Subscribe:
+    sub: KVSubscription
+
+
+class Aborted:
+    """Final item of a stream whose request was aborted (client gone, or shutdown grace period over)."""
+
+
+_END = object()
+
+
+class RequestStream:
+    """What one request's handler reads: cumulative RequestOutputs, newest first-come, coalesced when the
+    handler is slower than the engine (outputs are cumulative, so skipping intermediate ones loses nothing)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.finished = False
+        self.aborted = False
+
+    async def updates(self) -> AsyncIterator[Any]:
+        """Yields RequestOutputs until the finished one; raises APIError for a request the engine refused;
+        ends early (with `aborted` set) when the request was aborted."""
+        while not self.finished:
+            item = await self.queue.get()
+            while not self.queue.empty() and not _is_terminal(item):
+                item = self.queue.get_nowait()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            if isinstance(item, Aborted):
+                self.finished = self.aborted = True
+                return
+            if item.finished:
+                self.finished = True
+            yield item
+
+
+def _is_terminal(item: Any) -> bool:
+    return isinstance(item, (BaseException, Aborted)) or bool(getattr(item, "finished", False))
+
+
+@dataclass(eq=False)
+class KVSubscription:
+    """One /v1/kv_events consumer: encoded NDJSON lines, the snapshot first."""
+
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    closed: bool = False
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self.queue.get()
+            if item is _END:
+                return
+            yield item
+
+
+def _snapshot_output(out: Any) -> Any:
+    """A copy the event loop can read while the engine thread keeps mutating its own lists."""
+    out = copy.copy(out)
+    outs = []
+    for c in out.outputs:
+        c = copy.copy(c)
+        c.token_ids = list(c.token_ids)
+        if getattr(c, "logprobs", None) is not None:
+            c.logprobs = list(c.logprobs)
+        outs.append(c)
+    out.outputs = outs
+    return out
+
+
+class AsyncEngine:
+    """Runs an LLMEngine on its own thread and exposes it to asyncio code."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Any],
+        *,
+        max_waiting_requests: int | None = None,
+        on_output: Callable[[Any], None] | None = None,
+        on_abort: Callable[[str], None] | None = None,
+    ):
+        self._factory = engine_factory
+        self.max_waiting_requests = max_waiting_requests
+        self._on_output = on_output
+        self._on_abort = on_abort
+        self.engine: Any = None
+        self.epoch = uuid.uuid4().hex[:16]
+        self.stats: Any = None
+        self.dead: BaseException | None = None
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._pending_adds = 0  # loop thread only: adds queued that the last stats snapshot does not count
+        self._active: dict[str, RequestStream] = {}  # loop thread: requests in flight
+        # engine thread only:
+        self._sinks: dict[str, RequestStream] = {}
+        self._subscribers: list[KVSubscription] = []
+        self._seq = 0
+
+    # ---- lifecycle (event loop thread) ----
+
+    async def start(self) -> None:
+        """Builds the engine on its thread (model load takes seconds) and returns once it is ready."""
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="kubellm-engine", daemon=True)
+        self._thread.start()
+        await ready
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.dead is None and not self._stop.is_set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._active)
+
+    def waiting_estimate(self) -> int:
+        waiting = int(getattr(self.stats, "num_waiting", 0) or 0)
+        return waiting + self._pending_adds
+
+    def queue_full(self) -> bool:
+        limit = self.max_waiting_requests
+        return limit is not None and self.waiting_estimate() >= limit
+
+    # ---- requests (event loop thread) ----
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: Any,
+        *,
+        prompt: str | None = None,
+        priority: int = 0,
+    ) -> RequestStream:
+        if self.dead is not None:
+            raise APIError(503, "the engine has failed; this replica is restarting", code="engine_dead")
+        if request_id in self._active:
+            raise APIError(400, f"request id {request_id!r} is already in flight", param="request_id")
+        stream = RequestStream(request_id)
+        self._active[request_id] = stream
+        self._pending_adds += 1
+        self._commands.put(_Add(request_id, prompt_token_ids, params, prompt, time.time(), priority, stream))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Frees the request's KV blocks at once (next engine-thread iteration); idempotent."""
+        stream = self._active.pop(request_id, None)
+        if stream is not None and not stream.finished:
+            self._commands.put(_Abort(request_id))
+
+    def abort_all(self) -> None:
+        self._commands.put(_AbortAll())
+
+    def release(self, request_id: str) -> None:
+        """Called when a handler is done with a stream (finished or not)."""
+        self.abort(request_id)
+
+    async def subscribe_kv_events(self) -> KVSubscription:
+        sub = KVSubscription(queue=asyncio.Queue())
+        self._commands.put(_Subscribe(sub))
+        return sub
+
+    def unsubscribe_kv_events(self, sub: KVSubscription) -> None:
+        sub.closed = True
+
+    # ---- engine thread ----
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            self.engine = self._factory()
+            self.stats = self.engine.stats()
+        except BaseException as e:  # surfaced to start()'s caller
+            logger.exception("engine failed to start")
+            loop.call_soon_threadsafe(_set_exception, ready, e)
+            return
+        loop.call_soon_threadsafe(_set_result, ready)
+        try:
+            while not self._stop.is_set():
+                self._iteration()
+        except BaseException as e:
+            logger.exception("engine loop failed; failing in-flight requests")
+            self.dead = e
+            batch = [
+                (s, APIError(500, f"engine failure: {type(e).__name__}", code="engine_dead"))
+                for s in self._sinks.values()
+            ]
+            self._sinks.clear()
+            ends = [(sub, _END) for sub in self._subscribers]
+            self._post(batch + ends, None, 0)
+
+    def _iteration(self) -> None:
+        engine = self.engine
+        commands: list[Any] = []
+        if not engine.has_unfinished_requests():
+            try:
+                commands.append(self._commands.get(timeout=IDLE_WAIT_S))
+            except queue.Empty:
+                return
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        batch: list[tuple[Any, Any]] = []
+        added = 0
+        for cmd in commands:
+            if isinstance(cmd, _Add):
+                added += 1
+                self._apply_add(cmd, batch)
+            elif isinstance(cmd, _Abort):
+                self._apply_abort(cmd.request_id, batch)
+            elif isinstance(cmd, _AbortAll):
+                for rid in list(self._sinks):
+                    self._apply_abort(rid, batch)
+            elif isinstance(cmd, _Subscribe):
+                self._publish_kv_events(batch)
+                self._apply_subscribe(cmd.sub, batch)
+        if engine.has_unfinished_requests():
+            for out in engine.step():
+                stream = self._sinks.get(out.request_id)
+                if self._on_output is not None:
+                    self._on_output(out)
+                if stream is None:
+                    continue
+                if out.finished:
+                    del self._sinks[out.request_id]
+                if getattr(out, "error", None):
+                    batch.append((stream, APIError(400, str(out.error))))
+                else:
+                    batch.append((stream, _snapshot_output(out)))
+        self._publish_kv_events(batch)
+        self._post(batch, engine.stats(), added)
+
+    def _apply_add(self, cmd: _Add, batch: list[tuple[Any, Any]]) -> None:
+        try:
+            self.engine.add_request(
+                cmd.request_id,
+                cmd.prompt_token_ids,
+                cmd.params,
+                prompt=cmd.prompt,
+                arrival_time=cmd.arrival_time,
+                priority=cmd.priority,
+            )
+        except ValueError as e:
+            batch.append((cmd.stream, APIError(400, str(e))))
+            return
+        self._sinks[cmd.request_id] = cmd.stream
+
+    def _apply_abort(self, request_id: str, batch: list[tuple[Any, Any]]) -> None:
+        stream = self._sinks.pop(request_id, None)
+        if stream is None:
+            return
+        try:
+            finals = self.engine.abort_request(request_id) or []
+        except (KeyError, ValueError):
+            finals = []
+        final = next((o for o in finals if o.request_id == request_id), None)
+        if final is None:
+            if self._on_abort is not None:
+                self._on_abort(request_id)
+            batch.append((stream, Aborted()))
+            return
+        if self._on_output is not None:
+            self._on_output(final)
+        batch.append((stream, _snapshot_output(final)))
+
+    def _apply_subscribe(self, sub: KVSubscription, batch: list[tuple[Any, Any]]) -> None:
+        cfg = self.engine.config
+        snap = SnapshotEvent(
+            epoch=self.epoch,
+            seq=self._seq,
+            block_size=cfg.block_size,
+            hashes=[to_hex(h) for h in self.engine.cached_block_hashes()],
+        )
+        self._subscribers.append(sub)
+        batch.append((sub, encode_event(snap)))
+
+    def _publish_kv_events(self, batch: list[tuple[Any, Any]]) -> None:
+        self._subscribers = [s for s in self._subscribers if not s.closed]
+        for kind, hashes, parent in self.engine.drain_kv_events():
+            self._seq += 1
+            if kind == "stored":
+                ev: Any = BlockStoredEvent(
+                    seq=self._seq,
+                    parent=to_hex(parent) if parent is not None else None,
+                    hashes=[to_hex(h) for h in hashes],
+                )
+            elif kind == "removed":
+                ev = BlockRemovedEvent(seq=self._seq, hashes=[to_hex(h) for h in hashes])
+            else:
+                ev = AllBlocksClearedEvent(seq=self._seq)
+            line = encode_event(ev)
+            batch.extend((sub, line) for sub in self._subscribers)
+
+    def _post(self, batch: list[tuple[Any, Any]], stats: Any, added: int) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed under us during shutdown
+            loop.call_soon_threadsafe(self._deliver, batch, stats, added)
+
+    # ---- back on the event loop ----
+
+    def _deliver(self, batch: list[tuple[Any, Any]], stats: Any, added: int) -> None:
+        if stats is not None:
+            self.stats = stats
+        self._pending_adds = max(0, self._pending_adds - added)
+        for target, item in batch:
+            if isinstance(target, KVSubscription):
+                self._deliver_kv(target, item)
+                continue
+            if _is_terminal(item):
+                self._active.pop(target.request_id, None)
+            target.queue.put_nowait(item)
+
+    @staticmethod
+    def _deliver_kv(sub: KVSubscription, item: Any) -> None:
+        if sub.closed:
+            return
+        if item is not _END and sub.queue.qsize() >= KV_SUBSCRIBER_MAX_BACKLOG:
+            # Too far behind: cut it off; it reconnects and resyncs from a fresh snapshot.
+            sub.closed = True
+            while not sub.queue.empty():
+                sub.queue.get_nowait()
+            item = _END
+        sub.queue.put_nowait(item)
+
+
+def _set_result(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _set_exception(fut: asyncio.Future[None], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

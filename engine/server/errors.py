@@ -1,0 +1,101 @@
+"""Every failure leaves the server as OpenAI's error JSON with the right status; bad input never becomes a 500."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from kubellm.openai_protocol import ErrorResponse
+
+logger = logging.getLogger("kubellm.engine.server")
+
+
+class APIError(Exception):
+    """An error for the client: status, a message that names the problem, and the offending field."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse.make(self.status, self.message, self.param, self.code)
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.param, self.code, self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = ErrorResponse.make(status, message, param, code).model_dump_json()
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        # pydantic puts union member tags ("str", "list[int]", "function-after[...]") into the path: drop them.
+        if isinstance(p, str) and ("[" in p or p in _UNION_TAGS):
+            continue
+        parts.append(str(p))
+    return ".".join(parts)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """The first pydantic error as a 400 naming its field, e.g. `temperature: Input should be ...`."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return bad_request("invalid request")
+    first = errors[0]
+    param = _loc(first.get("loc", ()))
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = f"Unrecognized request argument supplied: {param}"
+        return bad_request(msg, param or None, "unrecognized_argument")
+    if first.get("type") == "missing":
+        return bad_request(f"Missing required parameter: '{param}'", param or None, "missing_required_parameter")
+    return bad_request(f"{param}: {msg}" if param else msg, param or None, "invalid_value")
+
+
+_FIELD_RE = re.compile(r"\b([a-z_]+)\b")
+
+
+def from_value_error(exc: ValueError, known_fields: Iterable[str] = ()) -> APIError:
+    """A ValueError from SamplingParams or the engine; its message names the field, which becomes `param`."""
+    message = str(exc) or "invalid request"
+    known = set(known_fields)
+    param = next((w for w in _FIELD_RE.findall(message) if w in known), None)
+    return bad_request(message, param)
+
+
+def keys_match(given: str, expected: str) -> bool:
+    """Constant-time API key comparison (no timing side channel on how many leading characters match)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))

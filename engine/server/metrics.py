@@ -1,0 +1,137 @@
+"""Prometheus metrics under vLLM's names (kubellm/metric_names.py), so existing dashboards, KEDA rules and
+llm-d-style schedulers scrape a kubellm engine unchanged.
+
+Gauges and cumulative counters are read from the latest `engine.stats()` snapshot at scrape time (the
+engine owns those counts; copying them into prometheus Counters would double-book). Latency histograms are
+fed from request outputs by the engine thread as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kubellm import metric_names as mn
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Buckets in seconds: fine at the low end (a GPU's TTFT is milliseconds), long tails for CPU and queueing.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 600.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+@dataclass
+class _Progress:
+    last_token_time: float | None = None
+    tokens: int = 0
+    saw_first_token: bool = False
+
+
+class _EngineStatsCollector(Collector):
+    """Exports the engine's own counts from its latest stats snapshot."""
+
+    def __init__(self, model_name: str, stats: Callable[[], Any], cache_info: dict[str, str]):
+        self.model_name = model_name
+        self.stats = stats
+        self.cache_info = cache_info
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        labels = ["model_name"]
+        values = [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, value)
+            return c
+
+        def stat(name: str) -> float:
+            return float(getattr(s, name, 0) or 0) if s is not None else 0.0
+
+        yield gauge(mn.NUM_REQUESTS_RUNNING, "Requests in the running batch.", stat("num_running"))
+        yield gauge(mn.NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", stat("num_waiting"))
+        yield gauge(mn.KV_CACHE_USAGE_PERC, "KV cache usage, a 0-1 fraction.", stat("kv_usage"))
+        yield gauge(mn.KV_CACHE_BLOCKS_USED, "KV cache blocks held by requests.", stat("blocks_used"))
+        yield gauge(mn.KV_CACHE_BLOCKS_TOTAL, "KV cache blocks in the pool.", stat("blocks_total"))
+        yield counter(mn.PREFIX_CACHE_QUERIES, "Prefix cache queries, in tokens.", stat("prefix_queries"))
+        yield counter(mn.PREFIX_CACHE_HITS, "Prefix cache hits, in tokens.", stat("prefix_hits"))
+        yield counter(mn.NUM_PREEMPTIONS, "Cumulative preemptions.", stat("num_preemptions"))
+        yield counter(mn.PROMPT_TOKENS, "Prompt tokens processed.", stat("prompt_tokens"))
+        yield counter(mn.GENERATION_TOKENS, "Generation tokens produced.", stat("generation_tokens"))
+        info = GaugeMetricFamily(
+            mn.CACHE_CONFIG_INFO, "KV cache configuration.", labels=["model_name", *self.cache_info]
+        )
+        info.add_metric([self.model_name, *self.cache_info.values()], 1.0)
+        yield info
+
+
+class ServerMetrics:
+    """One registry per server (not the global one), so several servers can live in one test process."""
+
+    def __init__(self, model_name: str, stats: Callable[[], Any], cache_info: dict[str, str] | None = None):
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(model_name, stats, cache_info or {}))
+        lbl = ["model_name"]
+        self.request_success = Counter(
+            mn.REQUEST_SUCCESS, "Finished requests by finish reason.", [*lbl, "finished_reason"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            mn.TIME_TO_FIRST_TOKEN, "Time to first token.", lbl, buckets=TTFT_BUCKETS, registry=self.registry
+        )
+        self.itl = Histogram(
+            mn.INTER_TOKEN_LATENCY, "Time between output tokens.", lbl, buckets=ITL_BUCKETS, registry=self.registry
+        )
+        self.e2e = Histogram(
+            mn.E2E_REQUEST_LATENCY, "Arrival to finish.", lbl, buckets=REQUEST_BUCKETS, registry=self.registry
+        )
+        self.queue = Histogram(
+            mn.REQUEST_QUEUE_TIME, "Arrival to first scheduled.", lbl, buckets=REQUEST_BUCKETS, registry=self.registry
+        )
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(model_name, reason)
+        self._progress: dict[str, _Progress] = {}
+
+    def observe(self, output: Any) -> None:
+        """Feed one RequestOutput (engine thread). Observes TTFT once, ITL per step, the rest at finish."""
+        m = getattr(output, "metrics", None)
+        rid = output.request_id
+        p = self._progress.setdefault(rid, _Progress())
+        tokens = sum(len(c.token_ids) for c in output.outputs)
+        if m is not None:
+            if not p.saw_first_token and m.first_token_time is not None and m.arrival_time is not None:
+                self.ttft.labels(self.model_name).observe(max(0.0, m.first_token_time - m.arrival_time))
+                p.saw_first_token = True
+            elif tokens > p.tokens and m.last_token_time is not None and p.last_token_time is not None:
+                self.itl.labels(self.model_name).observe(max(0.0, m.last_token_time - p.last_token_time))
+            if m.last_token_time is not None:
+                p.last_token_time = m.last_token_time
+        p.tokens = tokens
+        if output.finished:
+            self._progress.pop(rid, None)
+            reason = (output.outputs[0].finish_reason if output.outputs else None) or "abort"
+            self.request_success.labels(self.model_name, reason).inc()
+            if m is not None and m.arrival_time is not None:
+                if m.finished_time is not None:
+                    self.e2e.labels(self.model_name).observe(max(0.0, m.finished_time - m.arrival_time))
+                if m.first_scheduled_time is not None:
+                    self.queue.labels(self.model_name).observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+
+    def on_abort(self, request_id: str) -> None:
+        """An abort the engine reports no output for (client gone, shutdown): counted as finished_reason=abort."""
+        self._progress.pop(request_id, None)
+        self.request_success.labels(self.model_name, "abort").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,593 @@
+"""The OpenAI semantics of completions and chat: request -> token ids + SamplingParams -> engine -> response
+objects or SSE chunks. No HTTP here (api_server.py owns that), so the logic is testable on its own.
+
+Streaming generators yield nothing until the engine's first output arrives, so a request the engine refuses
+still gets a proper HTTP error status instead of a 200 stream carrying an error. Whatever ends a generator
+early (client gone, cancellation) aborts its engine requests in `finally`, which frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubellm.prompt import ChatTemplateError
+
+from .async_engine import AsyncEngine, RequestStream
+from .errors import APIError, bad_request, from_value_error
+from .protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    TopLogprob,
+    UnsupportedField,
+    UsageInfo,
+)
+from .sse import DONE, sse_data, sse_error
+
+# Request fields -> SamplingParams fields; the engine's generation_config defaults fill the None ones.
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+LONG_PROMPT_CHARS = 20_000  # tokenize longer prompts off the event loop
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: str | None
+
+
+@dataclass
+class _ChoiceState:
+    text_len: int = 0
+    tokens: int = 0
+    finished: bool = False
+    started: bool = False
+
+
+@dataclass
+class _Tally:
+    """Usage over all prompts of one HTTP request."""
+
+    prompt_tokens: dict[int, int] = field(default_factory=dict)
+    cached_tokens: dict[int, int] = field(default_factory=dict)
+    completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def usage(self) -> UsageInfo:
+        p = sum(self.prompt_tokens.values())
+        c = sum(self.completion_tokens.values())
+        details = PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values()))
+        return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
+
+    def record(self, i: int, out: Any) -> None:
+        self.prompt_tokens[i] = len(out.prompt_token_ids or ())
+        self.cached_tokens[i] = int(getattr(out, "num_cached_tokens", 0) or 0)
+        for c in out.outputs:
+            self.completion_tokens[(i, c.index)] = len(c.token_ids)
+
+
+class OpenAIServing:
+    def __init__(self, async_engine: AsyncEngine, served_model_names: list[str], max_logprobs: int = 20):
+        self.async_engine = async_engine
+        self.served_model_names = served_model_names
+        self.max_logprobs = max_logprobs
+        self._sampling_params_cls: Any = None
+
+    @property
+    def engine(self) -> Any:
+        return self.async_engine.engine
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    # ---- shared helpers ----
+
+    def check_model(self, name: str | None) -> None:
+        if name is None or name in self.served_model_names or name == self.engine.config.model:
+            return
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def _sampling_params_class(self) -> Any:
+        if self._sampling_params_cls is None:
+            from kubellm.engine.sampling_params import SamplingParams
+
+            self._sampling_params_cls = SamplingParams
+        return self._sampling_params_cls
+
+    def build_params(
+        self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, logprobs: int | None
+    ) -> Any:
+        """SamplingParams from the request, with the model's generation_config defaults for omitted fields."""
+        cls = self._sampling_params_class()
+        defaults = dict(self.engine.default_sampling_params() or {})
+        max_len = self.engine.max_model_len
+        budget = req.token_budget() if isinstance(req, ChatCompletionRequest) else req.max_tokens
+        room = max_len - prompt_len
+        param = "max_tokens" if isinstance(req, CompletionRequest) or req.max_tokens is not None else None
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+            param = "max_completion_tokens"
+        if budget is not None and budget > room:
+            raise bad_request(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_len + budget} tokens ({prompt_len} in the prompt, {budget} for the completion). "
+                "Please reduce the prompt or the completion length.",
+                param,
+                "context_length_exceeded",
+            )
+        if logprobs is not None and logprobs > self.max_logprobs:
+            raise bad_request(f"logprobs: at most {self.max_logprobs} are supported", "logprobs")
+        kw: dict[str, Any] = {
+            "n": req.n or 1,
+            "max_tokens": budget if budget is not None else room,
+            "seed": req.seed,
+            "stop": req.stop_list(),
+            "min_tokens": req.min_tokens,
+            "ignore_eos": req.ignore_eos,
+            "skip_special_tokens": req.skip_special_tokens,
+            "include_stop_str_in_output": req.include_stop_str_in_output,
+        }
+        if req.stop_token_ids:
+            kw["stop_token_ids"] = list(req.stop_token_ids)
+        if logprobs is not None:
+            kw["logprobs"] = logprobs
+        for name in _SAMPLING_FIELDS:
+            value = getattr(req, name)
+            if value is None:
+                value = defaults.get(name)
+            if value is not None:
+                kw[name] = value
+        known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        if known is not None:
+            for name in list(kw):
+                if name in known:
+                    continue
+                if name in req.model_fields_set or name in ("stop_token_ids", "logprobs"):
+                    raise UnsupportedField(name)
+                del kw[name]  # a default we pass only where the engine knows the field
+        try:
+            return cls(**kw)
+        except ValueError as e:
+            raise from_value_error(e, kw.keys()) from e
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        model_config = getattr(self.engine, "model_config", None)
+        vocab = getattr(model_config, "vocab_size", None) or self.engine.renderer.tokenizer.get_vocab_size(True)
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is out of range for this model's vocabulary of {vocab}", param)
+
+    def _check_prompt_len(self, n: int, param: str) -> None:
+        max_len = self.engine.max_model_len
+        if n == 0:
+            raise bad_request("the prompt is empty", param)
+        if n >= max_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_len} tokens. However, your prompt has {n} tokens; "
+                "it must be shorter than that to leave room for the completion.",
+                param,
+                "context_length_exceeded",
+            )
+
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        renderer = self.engine.renderer
+        if len(text) < LONG_PROMPT_CHARS:
+            return renderer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.get_running_loop().run_in_executor(None, renderer.encode, text, add_special_tokens)
+
+    def _unique_id(self, base: str) -> str:
+        return base if base not in self.async_engine._active else f"{base}-{uuid.uuid4().hex[:8]}"
+
+    def _submit(self, base_id: str, prompts: list[_Prompt], params: Any, priority: int) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                rid = self._unique_id(base_id if len(prompts) == 1 else f"{base_id}-{i}")
+                streams.append(
+                    self.async_engine.add_request(rid, p.token_ids, params, prompt=p.text, priority=priority)
+                )
+        except BaseException:
+            self._release(streams)
+            raise
+        return streams
+
+    def _release(self, streams: list[RequestStream]) -> None:
+        for s in streams:
+            if not s.finished or s.aborted:
+                self.async_engine.release(s.request_id)
+
+    def _decoded(self, token_id: int, lp: Any) -> str:
+        tok = getattr(lp, "decoded_token", None)
+        if tok is None:
+            tok = self.engine.renderer.decode([token_id], skip_special_tokens=False)
+        return tok
+
+    # ---- completions ----
+
+    async def prepare_completion(self, req: CompletionRequest) -> list[_Prompt]:
+        req.check_supported()
+        self.check_model(req.model)
+        prompts: list[_Prompt] = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                ids = await self._encode(p, req.add_special_tokens)
+                prompts.append(_Prompt(ids, p))
+            else:
+                self._check_token_ids(p, "prompt")
+                prompts.append(_Prompt(list(p), None))
+            self._check_prompt_len(len(prompts[-1].token_ids), "prompt")
+        return prompts
+
+    def _prompt_text(self, p: _Prompt) -> str:
+        if p.text is None:
+            p.text = self.engine.renderer.decode(p.token_ids, skip_special_tokens=False)
+        return p.text
+
+    def _completion_logprobs(self, c: Any, start: int, offset: int, k: int) -> CompletionLogprobs:
+        lps = CompletionLogprobs()
+        for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+            chosen = entry.get(tid)
+            tok = self._decoded(tid, chosen)
+            lps.tokens.append(tok)
+            lps.token_logprobs.append(chosen.logprob if chosen is not None else None)
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+            lps.top_logprobs.append({self._decoded(t, lp): lp.logprob for t, lp in top[: max(k, 1)]})
+            lps.text_offset.append(offset)
+            offset += len(tok)
+        return lps
+
+    async def completion(self, req: CompletionRequest, request_id: str) -> CompletionResponse:
+        prompts = await self.prepare_completion(req)
+        params = self.build_params(req, max(len(p.token_ids) for p in prompts), req.logprobs)
+        streams = self._submit(request_id, prompts, params, req.priority)
+        tally = _Tally()
+        try:
+            finals = await asyncio.gather(*(_last_output(s) for s in streams))
+        finally:
+            self._release(streams)
+        n = req.n or 1
+        choices: list[CompletionChoice] = []
+        for i, (p, out) in enumerate(zip(prompts, finals, strict=True)):
+            tally.prompt_tokens[i] = len(p.token_ids)
+            if out is not None:
+                tally.record(i, out)
+            echo = self._prompt_text(p) if req.echo else ""
+            for j in range(n):
+                c = _choice(out, j)
+                text = echo + (c.text if c else "")
+                lps = None
+                if req.logprobs is not None and c is not None:
+                    lps = self._completion_logprobs(c, 0, len(echo), req.logprobs)
+                reason = (c.finish_reason if c else None) or "abort"
+                choices.append(
+                    CompletionChoice(
+                        index=i * n + j, text=text, logprobs=lps, finish_reason=reason, stop_reason=_stop_reason(c)
+                    )
+                )
+        return CompletionResponse(
+            id=f"cmpl-{request_id}", model=req.model or self.model_name, choices=choices, usage=tally.usage()
+        )
+
+    async def completion_stream(self, req: CompletionRequest, request_id: str) -> AsyncIterator[bytes]:
+        """Validates and submits first (errors raise before any byte), then returns the chunk generator."""
+        prompts = await self.prepare_completion(req)
+        params = self.build_params(req, max(len(p.token_ids) for p in prompts), req.logprobs)
+        streams = self._submit(request_id, prompts, params, req.priority)
+        return _errors_in_band(self._completion_chunks(req, request_id, prompts, streams))
+
+    async def _completion_chunks(
+        self, req: CompletionRequest, request_id: str, prompts: list[_Prompt], streams: list[RequestStream]
+    ) -> AsyncIterator[bytes]:
+        n = req.n or 1
+        model = req.model or self.model_name
+        rid = f"cmpl-{request_id}"
+        created = int(time.time())
+        states = {(i, j): _ChoiceState() for i in range(len(prompts)) for j in range(n)}
+        tally = _Tally(prompt_tokens={i: len(p.token_ids) for i, p in enumerate(prompts)})
+        try:
+            async for i, out in _merge(streams):
+                choices: list[CompletionChoice] = []
+                if out is not None:
+                    tally.record(i, out)
+                for j in range(n):
+                    st = states[(i, j)]
+                    if st.finished:
+                        continue
+                    c = _choice(out, j)
+                    if c is None and out is not None:
+                        continue
+                    text = c.text[st.text_len :] if c else ""
+                    if req.echo and not st.started:
+                        text = self._prompt_text(prompts[i]) + text
+                    reason = c.finish_reason if c else "abort"
+                    if out is None:  # the stream ended without finishing: aborted
+                        reason = reason or "abort"
+                    if not text and reason is None:
+                        continue
+                    lps = None
+                    if req.logprobs is not None and c is not None:
+                        lps = self._completion_logprobs(c, st.tokens, 0, req.logprobs)
+                    choices.append(
+                        CompletionChoice(
+                            index=i * n + j, text=text, logprobs=lps, finish_reason=reason, stop_reason=_stop_reason(c)
+                        )
+                    )
+                    st.started = True
+                    if c is not None:
+                        st.text_len, st.tokens = len(c.text), len(c.token_ids)
+                    st.finished = reason is not None
+                if choices:
+                    usage = tally.usage() if req.stream_options and req.stream_options.continuous_usage_stats else None
+                    yield sse_data(
+                        CompletionStreamResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+                    )
+            if req.include_usage():
+                yield sse_data(CompletionStreamResponse(id=rid, created=created, model=model, usage=tally.usage()))
+            yield DONE
+        finally:
+            self._release(streams)
+
+    # ---- chat ----
+
+    def _conversation(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
+        msgs: list[dict[str, Any]] = []
+        for m in req.messages:
+            d: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                d["name"] = m.name
+            if m.tool_calls:
+                d["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            msgs.append(d)
+        return msgs
+
+    def render_chat(self, req: ChatCompletionRequest | Any, add_generation_prompt: bool = True) -> str:
+        renderer = self.engine.renderer
+        msgs = self._conversation(req)
+        kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
+        continue_final = bool(getattr(req, "continue_final_message", False))
+        try:
+            text = renderer.render_chat(
+                msgs, add_generation_prompt=add_generation_prompt and not continue_final, **kwargs
+            )
+        except ChatTemplateError as e:
+            raise bad_request(str(e), "messages") from e
+        except TypeError as e:  # chat_template_kwargs colliding with the template's own arguments
+            raise bad_request(f"chat_template_kwargs: {e}", "chat_template_kwargs") from e
+        if continue_final:
+            last = msgs[-1]["content"]
+            cut = text.rfind(last) if last else -1
+            if cut >= 0:
+                text = text[: cut + len(last)]
+        return text
+
+    async def prepare_chat(self, req: ChatCompletionRequest) -> _Prompt:
+        req.check_supported()
+        self.check_model(req.model)
+        text = self.render_chat(req, req.add_generation_prompt)
+        ids = await self._encode(text, False)
+        self._check_prompt_len(len(ids), "messages")
+        return _Prompt(ids, text)
+
+    def _chat_logprobs_k(self, req: ChatCompletionRequest) -> int | None:
+        return (req.top_logprobs or 0) if req.logprobs else None
+
+    def _chat_logprobs(self, c: Any, start: int, k: int) -> ChatChoiceLogprobs:
+        content: list[ChatTokenLogprob] = []
+        for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+            chosen = entry.get(tid)
+            tok = self._decoded(tid, chosen)
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)[:k]
+            content.append(
+                ChatTokenLogprob(
+                    token=tok,
+                    logprob=chosen.logprob if chosen is not None else float("-inf"),
+                    bytes=list(tok.encode("utf-8")),
+                    top_logprobs=[
+                        TopLogprob(token=(s := self._decoded(t, lp)), logprob=lp.logprob, bytes=list(s.encode("utf-8")))
+                        for t, lp in top
+                    ],
+                )
+            )
+        return ChatChoiceLogprobs(content=content)
+
+    def _echo_text(self, req: ChatCompletionRequest) -> str:
+        if req.echo and req.messages and req.messages[-1].role == "assistant":
+            return req.messages[-1].text()
+        return ""
+
+    async def chat(self, req: ChatCompletionRequest, request_id: str) -> ChatCompletionResponse:
+        prompt = await self.prepare_chat(req)
+        k = self._chat_logprobs_k(req)
+        params = self.build_params(req, len(prompt.token_ids), k)
+        streams = self._submit(request_id, [prompt], params, req.priority)
+        try:
+            out = await _last_output(streams[0])
+        finally:
+            self._release(streams)
+        tally = _Tally(prompt_tokens={0: len(prompt.token_ids)})
+        if out is not None:
+            tally.record(0, out)
+        echo = self._echo_text(req)
+        choices = []
+        for j in range(req.n or 1):
+            c = _choice(out, j)
+            choices.append(
+                ChatCompletionChoice(
+                    index=j,
+                    message=ChatResponseMessage(content=echo + (c.text if c else "")),
+                    logprobs=self._chat_logprobs(c, 0, k) if k is not None and c is not None else None,
+                    finish_reason=(c.finish_reason if c else None) or "abort",
+                    stop_reason=_stop_reason(c),
+                )
+            )
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{request_id}", model=req.model or self.model_name, choices=choices, usage=tally.usage()
+        )
+
+    async def chat_stream(self, req: ChatCompletionRequest, request_id: str) -> AsyncIterator[bytes]:
+        prompt = await self.prepare_chat(req)
+        k = self._chat_logprobs_k(req)
+        params = self.build_params(req, len(prompt.token_ids), k)
+        streams = self._submit(request_id, [prompt], params, req.priority)
+        return _errors_in_band(self._chat_chunks(req, request_id, prompt, streams, k))
+
+    async def _chat_chunks(
+        self, req: ChatCompletionRequest, request_id: str, prompt: _Prompt, streams: list[RequestStream], k: int | None
+    ) -> AsyncIterator[bytes]:
+        n = req.n or 1
+        model = req.model or self.model_name
+        rid = f"chatcmpl-{request_id}"
+        created = int(time.time())
+        states = [_ChoiceState() for _ in range(n)]
+        tally = _Tally(prompt_tokens={0: len(prompt.token_ids)})
+        echo = self._echo_text(req)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+        def chunk(choices: list[ChatStreamChoice]) -> bytes:
+            usage = tally.usage() if continuous else None
+            return sse_data(
+                ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
+            )
+
+        try:
+            async for _, out in _merge(streams):
+                if out is not None:
+                    tally.record(0, out)
+                choices: list[ChatStreamChoice] = []
+                for j, st in enumerate(states):
+                    if st.finished:
+                        continue
+                    c = _choice(out, j)
+                    if c is None and out is not None:
+                        continue
+                    if not st.started:  # OpenAI's first chunk per choice: the role, empty content
+                        yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
+                        st.started = True
+                        if echo:
+                            yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(content=echo))])
+                    text = c.text[st.text_len :] if c else ""
+                    reason = c.finish_reason if c else "abort"
+                    if out is None:
+                        reason = reason or "abort"
+                    if not text and reason is None:
+                        continue
+                    lps = self._chat_logprobs(c, st.tokens, k) if k is not None and c is not None else None
+                    delta = DeltaMessage(content=text) if text else DeltaMessage()
+                    choices.append(
+                        ChatStreamChoice(
+                            index=j, delta=delta, logprobs=lps, finish_reason=reason, stop_reason=_stop_reason(c)
+                        )
+                    )
+                    if c is not None:
+                        st.text_len, st.tokens = len(c.text), len(c.token_ids)
+                    st.finished = reason is not None
+                if choices:
+                    yield chunk(choices)
+            if req.include_usage():
+                yield sse_data(ChatCompletionStreamResponse(id=rid, created=created, model=model, usage=tally.usage()))
+            yield DONE
+        finally:
+            self._release(streams)
+
+
+def _choice(out: Any, j: int) -> Any:
+    if out is None:
+        return None
+    for c in out.outputs:
+        if c.index == j:
+            return c
+    return out.outputs[j] if j < len(out.outputs) else None
+
+
+def _stop_reason(c: Any) -> int | str | None:
+    reason = getattr(c, "stop_reason", None) if c is not None else None
+    return reason if isinstance(reason, (int, str)) else None
+
+
+async def _errors_in_band(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """An engine error before the first chunk propagates (the handler answers with an HTTP status); after
+    it, the headers are sent, so the error travels as a final SSE event."""
+    sent = False
+    try:
+        async for chunk in gen:
+            sent = True
+            yield chunk
+    except APIError as e:
+        if not sent:
+            raise
+        yield sse_error(e.status, e.message, e.param, e.code)
+        yield DONE
+    finally:
+        await gen.aclose()  # type: ignore[attr-defined]
+
+
+async def _last_output(stream: RequestStream) -> Any:
+    last = None
+    async for out in stream.updates():
+        last = out
+    return last
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleaves several requests' outputs as (prompt index, output); (i, None) marks a stream that ended
+    without a finished output (aborted). Engine errors propagate as APIError."""
+    if len(streams) == 1:
+        s = streams[0]
+        async for out in s.updates():
+            yield 0, out
+        if s.aborted:
+            yield 0, None
+        return
+    q: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s.updates():
+                q.put_nowait((i, out, None, False))
+        except APIError as e:
+            q.put_nowait((i, None, e, True))
+            return
+        q.put_nowait((i, None, None, True))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, out, err, done = await q.get()
+            if err is not None:
+                raise err
+            if done:
+                remaining -= 1
+                if streams[i].aborted:
+                    yield i, None
+                continue
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
