@@ -1,0 +1,121 @@
+"""Tiny random-weight Llama-family checkpoints saved the way Hugging Face saves them, plus helpers that run
+our ModelRunner on them. Test-only: transformers is the reference here, never a runtime dependency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from kubellm.engine.attention import AttentionMetadata
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+from kubellm.engine.model_runner import ModelRunner
+
+TINY_VOCAB = 320
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,  # larger than the default so logits are far from uniform
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_hf_config(kind: str):
+    """transformers configs covering every feature of the one forward."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if kind == "llama":
+        return LlamaConfig(**_COMMON, rope_theta=10000.0)
+    if kind == "llama3":  # llama3 rope scaling, tied embeddings, biases everywhere, head_dim != hidden/heads
+        return LlamaConfig(
+            **_COMMON,
+            head_dim=32,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            rope_theta=500000.0,
+        )
+    if kind == "qwen2":
+        return Qwen2Config(**_COMMON, rope_theta=1000000.0)
+    if kind == "qwen3":
+        return Qwen3Config(**_COMMON, head_dim=24, attention_bias=True)
+    if kind == "mistral":
+        return MistralConfig(**_COMMON, sliding_window=None)
+    raise ValueError(kind)
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """A word-level tokenizer over a made-up vocabulary with chat special tokens at ids 0-3."""
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    words = [f"w{i}" for i in range(TINY_VOCAB - len(specials) - 4)] + ["user", "assistant", "system", "\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials[1:3])
+    return tok
+
+
+def save_tiny_model(kind: str, path: Path, seed: int = 0, shard_size: str | None = None) -> Path:
+    """Random weights (seeded) saved with save_pretrained as safetensors, with a tokenizer and generation config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(kind), dtype=torch.float32)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 3], temperature=0.7, top_p=0.9, do_sample=True).save_pretrained(
+        path
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer(), bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return path
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    """transformers' teacher-forced logits [T, V] for one sequence."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def make_runner(loaded, num_blocks: int = 64, block_size: int = 16) -> ModelRunner:
+    runner = ModelRunner(loaded, EngineConfig(device="cpu", block_size=block_size))
+    runner.allocate_kv_cache(num_blocks)
+    return runner
+
+
+def full_pass_logits(runner: ModelRunner, ids: list[int], block_ids: list[int] | None = None) -> torch.Tensor:
+    """Logits at every position of one prefill, through the same backend path as execute()."""
+    blocks = block_ids if block_ids is not None else list(range(-(-len(ids) // runner.block_size)))
+    batch = ForwardBatch([ScheduledSeq("full", list(ids), 0, blocks, True)])
+    meta = AttentionMetadata.from_batch(batch, runner.block_size)
+    with torch.inference_mode():
+        runner.attn.begin_step(meta)
+        hidden = runner.model(torch.tensor(ids), meta.positions, runner.kv_caches, runner.attn)
+        return runner.model.compute_logits(hidden)
+
+
+def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
