@@ -71,6 +71,7 @@ SERVING_KEY = web.AppKey("serving", OpenAIServing)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 SETTINGS_KEY = web.AppKey("settings", ServerSettings)
 STATE_KEY = web.AppKey("state", ServerState)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 # ---- middlewares ----
@@ -104,7 +105,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Any]) -
 @web.middleware
 async def _request_id_and_auth(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
-    request["request_id"] = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+    request[REQUEST_ID_KEY] = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
     settings = request.app[SETTINGS_KEY]
     if settings.api_key and request.path not in UNPROTECTED:
         auth = request.headers.get("Authorization", "")
@@ -120,7 +121,7 @@ async def _request_id_and_auth(request: web.Request, handler: Callable[[web.Requ
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: reaches streamed responses too, whose headers leave before a middleware returns."""
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID_KEY)
     if rid:
         response.headers["X-Request-Id"] = rid
 
@@ -232,7 +233,7 @@ async def models(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     serving = _admit(request)
     req = CompletionRequest.model_validate(await read_json(request))
-    rid = request["request_id"]
+    rid = request[REQUEST_ID_KEY]
     if req.stream:
         return await _stream(request, await serving.completion_stream(req, rid), "text/event-stream")
     return _json(await serving.completion(req, rid))
@@ -241,7 +242,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     serving = _admit(request)
     req = ChatCompletionRequest.model_validate(await read_json(request))
-    rid = request["request_id"]
+    rid = request[REQUEST_ID_KEY]
     if req.stream:
         return await _stream(request, await serving.chat_stream(req, rid), "text/event-stream")
     return _json(await serving.chat(req, rid))

@@ -82,7 +82,7 @@ class ServerMetrics:
     def __init__(self, model_name: str, stats: Callable[[], Any], cache_info: dict[str, str] | None = None):
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStatsCollector(model_name, stats, cache_info or {}))
+        self.registry.register(_EngineStatsCollector(model_name, stats, cache_info if cache_info is not None else {}))
         lbl = ["model_name"]
         self.request_success = Counter(
             mn.REQUEST_SUCCESS, "Finished requests by finish reason.", [*lbl, "finished_reason"], registry=self.registry
