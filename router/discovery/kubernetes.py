@@ -225,7 +225,7 @@ class KubernetesDiscovery:
                     need_list = True
                     deadline = time.monotonic() + self.relist_period
                     try:
-                        await asyncio.wait_for(self.watch_until(deadline), self.relist_period + 1)
+                        await asyncio.wait_for(self.watch_until(deadline), self.relist_period)
                     except TimeoutError:
                         pass
                     backoff = 0.5

@@ -1,0 +1,131 @@
+"""Policies are pure functions of (request, candidates): unit tests and bounded-load properties."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kubellm.router.policies import (
+    Candidate,
+    LeastLoadPolicy,
+    PrefixPolicy,
+    RoundRobinPolicy,
+    RouteRequest,
+    SessionPolicy,
+    load_cap,
+    make_policy,
+    within_bound,
+)
+from kubellm.routing import RoutingPolicy
+
+REQ = RouteRequest("m")
+
+
+def cands(*loads: int, matched: tuple[int, ...] = ()) -> list[Candidate]:
+    matched = matched or (0,) * len(loads)
+    return [
+        Candidate(f"r{i}", in_flight=load, matched_blocks=m)
+        for i, (load, m) in enumerate(zip(loads, matched, strict=True))
+    ]
+
+
+def test_enum_names_are_the_cli_and_crd_values():
+    assert [p.value for p in RoutingPolicy] == ["round_robin", "least_load", "session", "prefix"]
+    assert isinstance(make_policy("prefix"), PrefixPolicy)
+    assert isinstance(make_policy(RoutingPolicy.SESSION), SessionPolicy)
+
+
+def test_round_robin_cycles_in_stable_order():
+    p = RoundRobinPolicy()
+    picks = [p.choose(REQ, cands(0, 0, 0)).key for _ in range(6)]
+    assert picks == ["r0", "r1", "r2", "r0", "r1", "r2"]
+
+
+def test_least_load_counts_in_flight_and_engine_waiting():
+    p = LeastLoadPolicy()
+    cs = cands(3, 1, 2)
+    assert p.choose(REQ, cs).key == "r1"
+    cs[1].waiting = 5
+    assert p.choose(REQ, cs).key == "r2"
+
+
+def test_least_load_spreads_ties():
+    p = LeastLoadPolicy()
+    assert len({p.choose(REQ, cands(0, 0, 0)).key for _ in range(6)}) == 3
+
+
+def test_session_affinity_is_stable_and_spills_when_over_bound():
+    p = SessionPolicy(1.25)
+    req = RouteRequest("m", session_key="alice")
+    home = p.choose(req, cands(0, 0, 0, 0)).key
+    assert all(p.choose(req, cands(1, 1, 1, 1)).key == home for _ in range(5))
+    loads = [2, 2, 2, 2]
+    loads[int(home[1])] = 9
+    d = p.choose(req, cands(*loads))
+    assert d.key != home and d.reason == "load_spill"
+    # a departing replica moves only its own sessions (rendezvous hashing)
+    keys = [f"user{i}" for i in range(200)]
+    before = {k: p.choose(RouteRequest("m", session_key=k), cands(0, 0, 0, 0)).key for k in keys}
+    after = {k: p.choose(RouteRequest("m", session_key=k), cands(0, 0, 0)).key for k in keys}
+    assert all(after[k] == before[k] for k in keys if before[k] != "r3")
+
+
+def test_session_without_key_falls_back_to_least_load():
+    d = SessionPolicy().choose(RouteRequest("m"), cands(2, 0, 1))
+    assert d.key == "r1" and d.reason == "no_session"
+
+
+def test_prefix_prefers_longest_match_then_least_loaded():
+    p = PrefixPolicy(1.25)
+    d = p.choose(REQ, cands(1, 1, 1, matched=(2, 7, 3)))
+    assert (d.key, d.reason, d.matched_blocks) == ("r1", "prefix_hit", 7)
+    d = p.choose(REQ, cands(2, 1, 3, matched=(0, 0, 0)))
+    assert (d.key, d.reason) == ("r1", "no_match")
+    d = p.choose(REQ, cands(2, 1, 3, matched=(4, 4, 0)))
+    assert (d.key, d.reason) == ("r1", "prefix_hit")
+
+
+def test_prefix_spills_when_holder_exceeds_bound():
+    p = PrefixPolicy(1.25)
+    # total after = 9 -> cap = ceil(1.25 * 9 / 4) = 3; r0 holds 5 and the prefix
+    d = p.choose(REQ, cands(5, 1, 1, 1, matched=(8, 0, 2, 0)))
+    assert (d.key, d.reason, d.matched_blocks) == ("r2", "load_spill", 2)
+
+
+def test_hot_prefix_spreads_within_c_times_mean():
+    """One hot prefix, requests arriving and never finishing: every load stays within ceil(c × mean)."""
+    for c in (1.0, 1.25, 2.0):
+        p = PrefixPolicy(c)
+        cs = cands(0, 0, 0, 0, matched=(10, 0, 0, 0))
+        for _ in range(200):
+            d = p.choose(REQ, cs)
+            chosen = next(x for x in cs if x.key == d.key)
+            chosen.in_flight += 1
+            chosen.matched_blocks = 10  # it now holds the prefix too
+            total = sum(x.in_flight for x in cs)
+            assert max(x.in_flight for x in cs) <= math.ceil(c * total / len(cs))
+
+
+@given(
+    loads=st.lists(st.integers(0, 50), min_size=1, max_size=8),
+    matched=st.lists(st.integers(0, 20), min_size=8, max_size=8),
+    c=st.floats(1.0, 3.0),
+)
+def test_prefix_choice_always_within_bound(loads, matched, c):
+    cs = cands(*loads, matched=tuple(matched[: len(loads)]))
+    d = PrefixPolicy(c).choose(REQ, cs)
+    chosen = next(x for x in cs if x.key == d.key)
+    cap = load_cap(cs, c)
+    assert chosen.in_flight + 1 <= cap or chosen.in_flight == min(loads)
+    assert chosen in within_bound(cs, c)
+    assert d.matched_blocks == max(x.matched_blocks for x in within_bound(cs, c))
+
+
+@given(n=st.integers(1, 8), requests=st.integers(1, 300))
+def test_round_robin_is_fair(n, requests):
+    p = RoundRobinPolicy()
+    counts = Counter(p.choose(REQ, cands(*([0] * n))).key for _ in range(requests))
+    assert max(counts.values()) - min(counts.get(f"r{i}", 0) for i in range(n)) <= 1

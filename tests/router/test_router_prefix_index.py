@@ -1,0 +1,119 @@
+"""The prefix index: KV-event state machine, precise/pending/approximate matching, and memory bounds."""
+
+from __future__ import annotations
+
+import sys
+
+from kubellm.block_hash import hash_blocks, to_hex
+from kubellm.kv_events import AllBlocksClearedEvent, BlockRemovedEvent, BlockStoredEvent, SnapshotEvent
+from kubellm.router.prefix_index import ApplyResult, ApproxIndex, PreciseIndex, PrefixIndex
+
+
+def hx(hashes):
+    return [to_hex(h) for h in hashes]
+
+
+def prompt(i: int, n_blocks: int = 8, shared: int = 0) -> list[int]:
+    """Block hashes of a prompt: `shared` leading blocks common to all, the rest unique to i."""
+    tokens = [7] * (16 * shared) + [i % 50_000 + 1000 + k for k in range(16 * (n_blocks - shared))]
+    return hash_blocks(tokens)
+
+
+def test_snapshot_then_deltas():
+    idx = PreciseIndex()
+    a, b = prompt(1, 4), prompt(2, 4)
+    assert idx.apply(SnapshotEvent(epoch="e1", seq=10, block_size=16, hashes=hx(a))) is ApplyResult.OK
+    assert idx.live and len(idx) == 4
+    assert idx.apply(BlockStoredEvent(seq=11, parent=None, hashes=hx(b))) is ApplyResult.OK
+    assert len(idx) == 8
+    assert idx.apply(BlockRemovedEvent(seq=12, hashes=hx(a[2:]))) is ApplyResult.OK
+    assert set(idx.blocks) == set(a[:2]) | set(b)
+    assert idx.apply(AllBlocksClearedEvent(seq=13)) is ApplyResult.OK
+    assert len(idx) == 0 and idx.live
+
+
+def test_gap_in_seq_drops_state_and_asks_for_resync():
+    idx = PreciseIndex()
+    idx.apply(SnapshotEvent(epoch="e1", seq=0, block_size=16, hashes=hx(prompt(1, 4))))
+    assert idx.apply(BlockStoredEvent(seq=2, parent=None, hashes=hx(prompt(2, 2)))) is ApplyResult.RESYNC
+    assert not idx.live and len(idx) == 0
+    # events without a snapshot first are not trusted either
+    assert idx.apply(BlockStoredEvent(seq=3, parent=None, hashes=[])) is ApplyResult.RESYNC
+    # a new snapshot (new epoch after a restart) starts over
+    assert idx.apply(SnapshotEvent(epoch="e2", seq=0, block_size=16, hashes=[])) is ApplyResult.OK
+    assert idx.live and idx.epoch == "e2"
+
+
+def test_precise_index_is_bounded_by_replica_capacity_over_100k_prompts():
+    idx = PreciseIndex(capacity=4096)
+    idx.apply(SnapshotEvent(epoch="e", seq=0, block_size=16, hashes=[]))
+    for i in range(100_000):
+        idx.apply(BlockStoredEvent(seq=i + 1, parent=None, hashes=hx(prompt(i, 2)[-1:])))
+        assert len(idx) <= 4096
+    assert len(idx) == 4096
+    idx.set_capacity(100)
+    assert len(idx) == 100
+
+
+SHARED = hash_blocks([7] * 32)
+
+
+def fast_prompt(i: int) -> list[int]:
+    """8 blocks: 2 shared, 6 unique 128-bit values (cheap stand-ins for chained hashes)."""
+    return SHARED + [((i * 8 + k) * 0x9E3779B97F4A7C15F39CC0605CEDC835) % (1 << 128) for k in range(6)]
+
+
+def test_approx_index_stays_within_its_bound_over_100k_unique_prompts():
+    bound = 50_000
+    approx = ApproxIndex(bound)
+    for i in range(100_000):
+        approx.record(i % 4, fast_prompt(i))
+        assert len(approx) <= bound
+    assert len(approx) == bound
+    lru = approx._lru
+    used = sys.getsizeof(lru) + sum(sys.getsizeof(k) for k in lru)
+    assert used < 20 * 1024 * 1024, used  # ~200 bytes per entry, not hundreds of MB
+    assert approx.match(99_999 % 4, fast_prompt(99_999)) == 8
+    assert approx.match(5 % 4, fast_prompt(5)) == 2  # its unique blocks were evicted; the shared ones stay hot
+
+
+def test_approx_lru_keeps_hot_prefix():
+    approx = ApproxIndex(100)
+    hot = prompt(0, 4)
+    for i in range(1, 500):
+        approx.record(1, hot)
+        approx.record(2, prompt(i, 4))
+    assert approx.match(1, hot) == 4
+
+
+def test_prefix_index_precise_pending_and_fallback():
+    idx = PrefixIndex(approx_size=1000, use_events=True)
+    p = prompt(1, 6)
+    # no stream yet: approximate (what the router sent)
+    idx.on_send(0, p[:3])
+    assert idx.match(0, p) == 3
+    idx.on_done(0, p[:3])
+    assert idx.match(0, p) == 3
+    # a live stream makes replica 0 precise: its (empty) cache wins over our record
+    idx.replica(0).apply(SnapshotEvent(epoch="e", seq=0, block_size=16, hashes=[]))
+    assert idx.is_precise(0) and idx.match(0, p) == 0
+    # in-flight requests count as pending until the engine reports the blocks
+    idx.on_send(0, p[:5])
+    assert idx.match(0, p) == 5
+    idx.on_done(0, p[:5])
+    assert idx.match(0, p) == 0 and not idx.pending
+    idx.replica(0).apply(BlockStoredEvent(seq=1, parent=None, hashes=hx(p[:4])))
+    assert idx.match(0, p) == 4
+    idx.replica(0).apply(BlockRemovedEvent(seq=2, parent=None, hashes=hx(p[1:2])))
+    assert idx.match(0, p) == 1  # a hole ends the prefix
+    idx.drop_replica(0)
+    assert not idx.is_precise(0)
+
+
+def test_events_off_uses_approximate_only():
+    idx = PrefixIndex(approx_size=1000, use_events=False)
+    idx.replica(0).apply(SnapshotEvent(epoch="e", seq=0, block_size=16, hashes=[]))
+    p = prompt(3, 4)
+    idx.on_send(0, p)
+    idx.on_done(0, p)
+    assert idx.match(0, p) == 4
