@@ -40,12 +40,17 @@ ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 class SecretKeyRef(_Model):
     name: str = Field(min_length=1)
     key: str = "token"
+
+
+class ApiKeySecretRef(_Model):
+    name: str = Field(min_length=1)
+    key: str = "api-key"
 
 
 class ModelSpec(_Model):
@@ -99,7 +104,7 @@ class AutoscalingSpec(_Model):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
     target_waiting_requests: float = Field(default=4.0, gt=0)
-    target_kv_cache_usage: float = Field(default=0.8, gt=0, le=1)
+    target_kv_cache_usage: float = Field(default=0.8, gt=0, le=1, alias="targetKVCacheUsage")
     scale_up_stabilization_seconds: int = Field(default=30, ge=0)
     scale_down_delay_seconds: int = Field(default=300, ge=0)
 
@@ -107,7 +112,7 @@ class AutoscalingSpec(_Model):
 class RouterSpec(_Model):
     replicas: int = Field(default=1, ge=1)
     policy: Literal["prefix", "least_load", "round_robin", "session"] = "prefix"
-    api_key_secret_ref: SecretKeyRef | None = None
+    api_key_secret_ref: ApiKeySecretRef | None = None
     image: str | None = None
     cpu: str | int | None = None
     memory: str | None = None
