@@ -74,7 +74,9 @@ def from_validation_error(exc: ValidationError) -> APIError:
     errors = exc.errors(include_url=False)
     if not errors:
         return bad_request("invalid request")
-    first = errors[0]
+    # Within a union pydantic reports every branch; the deepest location is the most specific complaint
+    # (e.g. an unsupported content part rather than "content should be a string").
+    first = max(errors, key=lambda e: len(_loc(e.get("loc", ())).split(".")))
     param = _loc(first.get("loc", ()))
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":

@@ -22,7 +22,7 @@ from kubellm.engine.server.api_server import Server, ServerSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from server_fakes import FakeEngine  # noqa: E402
+from server_fakes import FakeEngine
 
 
 class ServerThread:

@@ -1,0 +1,110 @@
+"""`kubellm serve` flags and YAML config: vLLM names, dashes or underscores, clear errors naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubellm.engine.server.cli import ConfigError, parse_args
+
+
+def _cfg(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "serve.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_use_the_embedded_model():
+    args, warnings = parse_args([])
+    assert args.engine.model.endswith(".gguf") and args.served_model_names == ["smollm2-135m-instruct"]
+    assert args.port == 8000 and args.engine.enable_prefix_caching and warnings == []
+
+
+def test_flags_map_to_engine_config():
+    args, _ = parse_args(
+        [
+            "--max-model-len", "2k", "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
+            "--no-enable-prefix-caching", "--device", "sim", "--served-model-name", "a", "b", "--api-key", "k",
+            "--max-waiting-requests", "3", "--attention-backend", "torch", "--enforce-eager", "--dtype", "half",
+            "-tp", "1", "--gpu-memory-utilization", "0.5", "--seed", "7", "--generation-config", "vllm",
+        ]
+    )  # fmt: skip
+    e = args.engine
+    assert (e.max_model_len, e.max_num_seqs, e.max_num_batched_tokens, e.block_size) == (2000, 8, 512, 32)
+    assert not e.enable_prefix_caching and e.device == "sim" and e.dtype == "float16" and e.enforce_eager
+    assert args.served_model_names == ["a", "b"] and e.served_model_name == "a" and args.api_key == "k"
+    assert e.max_waiting_requests == 3 and e.gpu_memory_utilization == 0.5 and e.seed == 7
+
+
+def test_config_file_dashes_and_underscores_and_cli_override(tmp_path):
+    path = _cfg(
+        tmp_path,
+        "served-model-name: my-model\nmax_model_len: 1024\nmax-num-seqs: 4\ntensor_parallel_size: 1\n"
+        "gpu-memory-utilization: 0.8\nenable-prefix-caching: false\nhost: 127.0.0.1\nport: 9001\n"
+        "api-key: abc\nlog_level: debug\n",
+    )
+    args, _ = parse_args(["--config", path, "--max-num-seqs", "9"])
+    assert args.served_model_names == ["my-model"] and args.engine.max_model_len == 1024
+    assert args.engine.max_num_seqs == 9, "the command line wins over the file"
+    assert args.host == "127.0.0.1" and args.port == 9001 and args.api_key == "abc" and args.log_level == "debug"
+    assert not args.engine.enable_prefix_caching and args.engine.gpu_memory_utilization == 0.8
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="'max-num-seq'"):
+        parse_args(["--config", _cfg(tmp_path, "max-num-seq: 4\n")])
+
+
+def test_bad_config_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="enable-prefix-caching"):
+        parse_args(["--config", _cfg(tmp_path, "enable-prefix-caching: maybe\n")])
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        parse_args(["--config", _cfg(tmp_path, "max_num_seqs: lots\n")])
+    with pytest.raises(ConfigError, match="device"):
+        parse_args(["--config", _cfg(tmp_path, "device: tpu\n")])
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_args(["--config", _cfg(tmp_path, "- a\n- b\n")])
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_vllm_options_we_ignore_warn_by_name(tmp_path):
+    path = _cfg(tmp_path, "trust-remote-code: true\ntool_call_parser: hermes\nuvicorn-log-level: info\n")
+    _, warnings = parse_args(["--config", path, "--disable-log-requests"])
+    text = "\n".join(warnings)
+    for name in ("trust-remote-code", "tool-call-parser", "uvicorn-log-level", "disable-log-requests"):
+        assert name in text
+
+
+def test_vllm_options_that_change_results_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="quantization"):
+        parse_args(["--quantization", "awq"])
+    with pytest.raises(ConfigError, match="speculative-config"):
+        parse_args(["--config", _cfg(tmp_path, "speculative_config: {method: ngram}\n")])
+    with pytest.raises(ConfigError, match="enable-lora"):
+        parse_args(["--enable-lora"])
+    # their neutral values are fine
+    parse_args(["--config", _cfg(tmp_path, "quantization: null\nkv-cache-dtype: auto\npipeline-parallel-size: 1\n")])
+
+
+def test_invalid_engine_values_are_clear():
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        parse_args(["--max-num-seqs", "0"])
+    with pytest.raises(ConfigError, match=r"unknown builtin model|not installed"):
+        parse_args(["builtin:nope"])
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kubellm.cli", "serve", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_serve_cli_errors_are_one_line(tmp_path):
+    out = _serve("--config", _cfg(tmp_path, "bogus-key: 1\n"))
+    assert out.returncode == 2 and "bogus-key" in out.stderr and "Traceback" not in out.stderr
+    out = _serve("--help")
+    assert out.returncode == 0 and "--max-waiting-requests" in out.stdout and "--trust-remote-code" not in out.stdout
