@@ -1,0 +1,137 @@
+"""Prefix-aware routing end to end over real HTTP: precise (KV events), bounded load, approximate fallback.
+
+The fake engines tokenize with the tokenizer they serve at /v1/tokenizer_info and hash blocks with the shared
+core, exactly as the engine's prefix cache does, and publish `stored`/`removed` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+
+import aiohttp
+import pytest
+from router_fake_engine import FakeEngine, word_tokenizer_info, words
+
+from kubellm.router.app import RouterServer
+from kubellm.router.config import RouterConfig
+
+TOK = word_tokenizer_info()
+
+
+def cfg(engines, **kw) -> RouterConfig:
+    base = dict(
+        host="127.0.0.1", port=0, backends=[e.url for e in engines], models=["m"], health_interval=0.2,
+        debug_headers=True,
+    )  # fmt: skip
+    base.update(kw)
+    return RouterConfig(**base)
+
+
+async def until(pred, timeout: float = 3.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def chat(system: str, user: str) -> dict:
+    return {"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+
+
+async def route(http, router, body, path="/v1/chat/completions") -> tuple[str, str]:
+    async with http.post(router.url + path, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+        return resp.headers["X-Kubellm-Backend"], resp.headers["X-Kubellm-Route"]
+
+
+@pytest.fixture
+async def pair():
+    es = [await FakeEngine(n, tokenizer=TOK).start() for n in ("a", "b")]
+    yield es
+    for e in es:
+        await e.kill()
+
+
+async def test_precise_mode_follows_the_replicas_cache(pair):
+    a, b = pair
+    system = words(0, 320)  # ~20 blocks of 16 tokens
+    async with RouterServer(cfg(pair)) as r, aiohttp.ClientSession() as http:
+        idx = r.router.index
+        slot = {x.url: x.slot for x in r.router.registry.backends.values()}
+        await until(lambda: idx.is_precise(slot[a.url]) and idx.is_precise(slot[b.url]))
+        # warm the prefix on B directly, not through the router
+        async with http.post(b.url + "/v1/chat/completions", json=chat(system, "w1 w2")) as resp:
+            assert resp.status == 200
+        await until(lambda: len(idx.replica(slot[b.url])) >= 20)
+        for i in range(6):
+            backend, reason = await route(http, r, chat(system, words(1000 + i, 5)))
+            assert (backend, reason) == (b.url, "prefix_hit")
+        # B's cache loses it: the router stops preferring B ...
+        b.clear()
+        await until(lambda: len(idx.replica(slot[b.url])) == 0)
+        # ... and follows it to A once A holds it (warmed directly again)
+        async with http.post(a.url + "/v1/chat/completions", json=chat(system, "w3")) as resp:
+            assert resp.status == 200
+        await until(lambda: len(idx.replica(slot[a.url])) >= 20)
+        for i in range(4):
+            assert await route(http, r, chat(system, words(1100 + i, 5))) == (a.url, "prefix_hit")
+        # completions with a text prompt hash the same way
+        async with http.post(b.url + "/v1/completions", json={"model": "m", "prompt": words(500, 64)}) as resp:
+            assert resp.status == 200
+        await until(lambda: len(idx.replica(slot[b.url])) >= 4)
+        backend, _ = await route(http, r, {"model": "m", "prompt": words(500, 64) + " w9"}, "/v1/completions")
+        assert backend == b.url
+        text = await (await http.get(r.url + "/metrics")).text()
+        assert 'kubellm_router_routing_decisions_total{policy="prefix",reason="prefix_hit"}' in text
+        assert "kubellm_router_prefix_match_ratio_bucket" in text
+
+
+async def test_hot_prefix_spreads_within_bound():
+    engines = [await FakeEngine(f"e{i}", tokenizer=TOK).start() for i in range(4)]
+    for e in engines:
+        e.first_chunk_delay = 0.4
+    c, n = 1.25, 40
+    try:
+        async with RouterServer(cfg(engines, balance_factor=c)) as r, aiohttp.ClientSession() as http:
+            system = words(0, 320)
+            results = await asyncio.gather(*(route(http, r, chat(system, words(i, 3))) for i in range(n)))
+        counts = Counter(backend for backend, _ in results)
+        assert len(counts) == 4
+        assert max(e.max_in_flight for e in engines) <= math.ceil(c * n / 4)
+        assert any(reason == "load_spill" for _, reason in results)
+    finally:
+        for e in engines:
+            await e.kill()
+
+
+async def test_approximate_mode_routes_affinely_without_events():
+    engines = [await FakeEngine(f"e{i}", tokenizer=TOK, kv_events=False).start() for i in range(3)]
+    try:
+        async with RouterServer(cfg(engines, kv_events=False)) as r, aiohttp.ClientSession() as http:
+            homes: dict[int, set[str]] = {}
+            for rnd in range(4):
+                for tenant in range(6):
+                    backend, _ = await route(http, r, chat(words(tenant * 300, 200), words(rnd * 7 + tenant, 4)))
+                    homes.setdefault(tenant, set()).add(backend)
+            assert all(len(h) == 1 for h in homes.values()), homes
+            assert len(set().union(*homes.values())) >= 2  # tenants were spread, not piled on one replica
+            assert not any(r.router.index.is_precise(b.slot) for b in r.router.registry.backends.values())
+    finally:
+        for e in engines:
+            await e.kill()
+
+
+async def test_engine_without_tokenizer_still_routes_affinely_by_text():
+    engines = [await FakeEngine(f"e{i}").start() for i in range(2)]
+    try:
+        async with RouterServer(cfg(engines, kv_events=False)) as r, aiohttp.ClientSession() as http:
+            first, _ = await route(http, r, chat("x" * 2000, "hello"))
+            for i in range(3):
+                assert (await route(http, r, chat("x" * 2000, f"other {i}")))[0] == first
+    finally:
+        for e in engines:
+            await e.kill()
