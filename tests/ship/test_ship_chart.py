@@ -20,7 +20,7 @@ from .tools import CHART, REPO, helm, helm_template
 
 K8S_VERSION = "1.35.0"
 # Kinds whose schema comes from a CRD, not from Kubernetes itself.
-CRD_KINDS = {"LLMDeployment", "ServiceMonitor", "PodMonitor"}
+CRD_KINDS = {"LLMDeployment", "ServiceMonitor", "PodMonitor", "KopfPeering", "ClusterKopfPeering"}
 
 
 def _docs(stream: str) -> list[dict]:
@@ -163,7 +163,7 @@ def test_operator_command_line(rendered_streams: dict[str, str]) -> None:
     assert "--engine-image=ghcr.io/kubellm/kubellm-engine:0.1.0" in default
     ns = args_of("namespaced-values")
     assert "--namespace=team-a" in ns and "--namespace=team-b" in ns and "--all-namespaces" not in ns
-    assert "--standalone" not in ns and "--log-level=debug" in ns
+    assert "--standalone" not in ns and "--peering=kubellm" in ns and "--log-level=debug" in ns
     prod = args_of("production-values")
     assert "--engine-image=registry.example.com/ml/kubellm-engine:0.1.0-rc1-cu129" in prod
     assert "--metrics-port=9090" in prod
@@ -171,14 +171,21 @@ def test_operator_command_line(rendered_streams: dict[str, str]) -> None:
 
 def test_operator_args_parse_with_the_operator_cli(rendered_streams: dict[str, str]) -> None:
     """Every flag the chart passes must be one `kubellm operator` accepts (once operator/cli.py exists)."""
-    cli = pytest.importorskip("kubellm.operator.cli", reason="operator CLI not written yet")
-    parser = cli.build_parser() if hasattr(cli, "build_parser") else None
-    if parser is None:
-        pytest.skip("kubellm.operator.cli has no build_parser()")
+    from kubellm.operator.cli import build_parser, config_from_args
+
     for case, stream in rendered_streams.items():
         (dep,) = [d for d in _docs(stream) if d["kind"] == "Deployment"]
-        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-        parser.parse_args(args[1:]), case
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        parsed = build_parser().parse_args(c["args"][1:])
+        cfg = config_from_args(parsed)
+        if case == "namespaced-values":
+            assert cfg["namespaces"] == ["team-a", "team-b"] and not cfg["clusterwide"]
+            assert not cfg["standalone"] and cfg["peering_name"] == "kubellm"
+        else:
+            assert cfg["clusterwide"] and cfg["standalone"], case
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
+        assert cfg["metrics_port"] == port, case
+        assert c["livenessProbe"]["httpGet"]["port"] == "metrics"
 
 
 def test_values_schema_rejects_bad_values(tmp_path: Path, binaries) -> None:
