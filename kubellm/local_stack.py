@@ -1,0 +1,183 @@
+"""`kubellm up` (what `make up` runs): a local stack with no Kubernetes: N `kubellm serve` replicas on the
+embedded model, plus `kubellm router` in front when the router is installed; prints the OpenAI base URL.
+
+Children run in their own sessions, so Ctrl-C reaches only this process, which then stops them in order
+(router first, so no request is routed to a stopping engine), each with SIGTERM and a grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from kubellm.builtin_models import DEFAULT_MODEL
+
+READY_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 40.0
+
+
+@dataclass
+class Child:
+    name: str
+    url: str
+    proc: subprocess.Popen
+
+
+@dataclass
+class Stack:
+    children: list[Child] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Router first, then engines: SIGTERM, wait, then SIGKILL whatever is left."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"kubellm up: {child.name} did not stop in {STOP_TIMEOUT_S:.0f}s; killing it", file=sys.stderr)
+                child.proc.kill()
+                child.proc.wait()
+
+    def dead(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+
+def router_available() -> bool:
+    try:
+        return importlib.util.find_spec("kubellm.router.cli") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kubellm up",
+        description="Start a local stack (engine replicas + router, no Kubernetes) and print the OpenAI base URL. "
+        "Arguments after `--` go to every `kubellm serve`.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model for the engines (default {DEFAULT_MODEL})")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (more than one needs the router)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "sim"], help="engine device")
+    p.add_argument("--host", default="127.0.0.1", help="bind address of the front server (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port of the OpenAI endpoint; engines use the next ones")
+    p.add_argument("--served-model-name", default=None, help="model name clients use (default: MODEL)")
+    p.add_argument(
+        "--router",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put the router in front (default: if installed)",
+    )
+    p.add_argument("--policy", default=None, help="router policy (prefix, least_load, round_robin, session)")
+    return p
+
+
+def _wait_healthy(stack: Stack, child: Child, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gone = stack.dead()
+        if gone is not None:
+            raise RuntimeError(f"{gone.name} exited with code {gone.proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(child.url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{child.name} was not healthy within {timeout:.0f}s")
+
+
+def _spawn(name: str, url: str, argv: list[str]) -> Child:
+    cmd = [sys.executable, "-m", "kubellm.cli", *argv]
+    proc = subprocess.Popen(cmd, start_new_session=True)  # Ctrl-C reaches only us; we stop children in order
+    return Child(name, url, proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    use_router = router_available() if args.router is None else args.router
+    if args.router and not router_available():
+        print("kubellm up: --router needs the router part (pip install 'kubellm[router]')", file=sys.stderr)
+        return 2
+    if args.replicas < 1:
+        print("kubellm up: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    if args.replicas > 1 and not use_router:
+        print("kubellm up: more than one replica needs the router in front", file=sys.stderr)
+        return 2
+    name = args.served_model_name or args.model
+    front = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    stack = Stack()
+    stop_requested = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        for i in range(args.replicas):
+            port = args.port + 1 + i if use_router else args.port
+            host = "127.0.0.1" if use_router else args.host
+            url = f"http://127.0.0.1:{port}"
+            serve = ["serve", args.model, "--host", host, "--port", str(port), "--device", args.device]
+            serve += ["--served-model-name", name, *extra]
+            stack.children.append(_spawn(f"engine-{i}", url if use_router else front, serve))
+        print(f"kubellm up: starting {args.replicas} engine(s) on {args.model} ({args.device})...", flush=True)
+        for child in stack.children:
+            _wait_healthy(stack, child, READY_TIMEOUT_S)
+        if use_router:
+            router = ["router", "--host", args.host, "--port", str(args.port), "--model", name]
+            for child in stack.children:
+                router += ["--backend", child.url]
+            if args.policy:
+                router += ["--policy", args.policy]
+            stack.children.append(_spawn("router", front, router))
+            _wait_healthy(stack, stack.children[-1], 60.0)
+        print(
+            f"\nkubellm is up. OpenAI base URL: {front}/v1  (model: {name}; "
+            f"{args.replicas} engine(s){', behind the router' if use_router else ''})\n"
+            f"  curl {front}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+            "Press Ctrl-C to stop.",
+            flush=True,
+        )
+        while True:
+            gone = stack.dead()
+            if gone is not None:
+                print(f"kubellm up: {gone.name} exited with code {gone.proc.returncode}; stopping", file=sys.stderr)
+                code = 1
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        code = 0 if stop_requested else 130
+    except RuntimeError as e:
+        print(f"kubellm up: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("kubellm up: stopping...", file=sys.stderr, flush=True)
+        stack.stop()
+        print("kubellm up: stopped", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
