@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
@@ -25,9 +26,9 @@ _TOP_P_CANDIDATES = 256  # top_p heads of real LLM distributions almost always f
 
 @dataclass
 class SamplingState:
-    """What the sampler needs of one request. The engine keeps it for the request's lifetime so the seeded
-    generator's stream continues from step to step (and restarts identically when the request is recomputed
-    only if the engine rebuilds the state)."""
+    """What the sampler needs of one request. The engine keeps one per sequence for its whole life (also
+    across preemption), so a seeded generator's stream continues from step to step; `output_token_ids` may
+    be the request's live list."""
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
@@ -35,10 +36,10 @@ class SamplingState:
     generator: torch.Generator | None = None  # None: the sampler's shared generator
     _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
-    def prompt_tensor(self, device: torch.device) -> torch.Tensor:
-        """The prompt ids as a tensor on `device`, built once: penalties need them every step."""
-        if self._prompt_tensor is None or self._prompt_tensor.device != device:
-            self._prompt_tensor = torch.tensor(list(self.prompt_token_ids), dtype=torch.long, device=device)
+    def prompt_tensor(self) -> torch.Tensor:
+        """The prompt ids as a CPU tensor, built once: the repetition penalty needs them every step."""
+        if self._prompt_tensor is None:
+            self._prompt_tensor = torch.tensor(list(self.prompt_token_ids), dtype=torch.long)
         return self._prompt_tensor
 
     @classmethod
@@ -47,12 +48,17 @@ class SamplingState:
         params: SamplingParams,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int] | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
     ) -> SamplingState:
-        """A state with its own generator seeded from `params.seed` (on `device`), when a seed is given."""
+        """A state with its own generator seeded from `params.seed`, when a seed is given.
+
+        The generator lives on the CPU whatever `device` says (kept for callers that pass it): the sampler
+        draws one number per row, cheaper on the CPU than a kernel launch per row, and a seed then gives the
+        same draws on every device."""
+        del device
         generator = None
         if params.seed is not None and not params.is_greedy:
-            generator = torch.Generator(device=device)
+            generator = torch.Generator()
             generator.manual_seed(params.seed)
         return cls(params, prompt_token_ids, output_token_ids if output_token_ids is not None else [], generator)
 
@@ -147,13 +153,16 @@ class Sampler:
             )
         seeded = [i for i, s in enumerate(states) if s.generator is not None]
         if seeded:
-            own = [torch.rand(1, dtype=torch.float64, device=s.generator.device, generator=s.generator) for s in
-                   (states[i] for i in seeded)]  # fmt: skip
-            u[torch.tensor(seeded, device=device)] = torch.cat([d.to(device) for d in own])
+            own = [_uniform(states[i].generator) for i in seeded]
+            u[torch.tensor(seeded, device=device)] = torch.tensor(own, dtype=torch.float64).to(device)
         cdf = weights.double().cumsum(dim=-1)
         # (1 - u) lies in (0, 1]: the target is never 0, so a zero-weight token (a flat CDF step) is never hit.
         target = ((1.0 - u) * cdf[:, -1]).unsqueeze(1)
         return torch.searchsorted(cdf, target).squeeze(1).clamp_max_(weights.shape[1] - 1)
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand(1, dtype=torch.float64, device=generator.device, generator=generator))
 
 
 def _apply_min_tokens(logits: torch.Tensor, states: Sequence[SamplingState], eos: Collection[int]) -> torch.Tensor:
@@ -183,19 +192,23 @@ def _apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> t
     device, vocab = logits.device, logits.shape[1]
     out = logits.clone()
 
-    def _keys(row_ids: list[int], tokens: list[torch.Tensor]) -> torch.Tensor:
-        """Flat row * vocab + token keys, one per occurrence."""
-        lengths = torch.tensor([len(t) for t in tokens], device=device)
-        r = torch.repeat_interleave(torch.tensor(row_ids, device=device) * vocab, lengths)
-        return r + torch.cat(tokens)
-
-    def _outputs(i: int) -> torch.Tensor:
-        return torch.tensor(list(states[i].output_token_ids), dtype=torch.long, device=device)
+    def _keys(row_ids: list[int], prompts: bool) -> torch.Tensor:
+        """Flat row * vocab + token keys, one per occurrence of an output (and prompt) token. Built on the
+        CPU with one tensor per kind (per-row tensors cost ~10 us each), moved to the device in one copy."""
+        outs = [states[i].output_token_ids for i in row_ids]
+        parts = [torch.tensor(list(chain.from_iterable(outs)), dtype=torch.long)]
+        lengths = [len(o) for o in outs]
+        ids = list(row_ids)
+        if prompts:
+            parts += [states[i].prompt_tensor() for i in row_ids]
+            lengths += [len(states[i].prompt_token_ids) for i in row_ids]
+            ids += row_ids
+        r = torch.repeat_interleave(torch.tensor(ids) * vocab, torch.tensor(lengths))
+        return (r + torch.cat(parts)).to(device)
 
     rep_rows = [i for i in rows if states[i].params.repetition_penalty != 1.0]
     if rep_rows:
-        tokens = [torch.cat([states[i].prompt_tensor(device), _outputs(i)]) for i in rep_rows]
-        keys = torch.unique(_keys(rep_rows, tokens))
+        keys = torch.unique(_keys(rep_rows, prompts=True))
         r, t = keys // vocab, keys % vocab
         penalty = torch.tensor([s.params.repetition_penalty for s in states], dtype=out.dtype, device=device)[r]
         vals = out[r, t]
@@ -203,7 +216,7 @@ def _apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> t
 
     out_rows = [i for i in rows if states[i].params.frequency_penalty or states[i].params.presence_penalty]
     if out_rows:
-        keys = _keys(out_rows, [_outputs(i) for i in out_rows])
+        keys = _keys(out_rows, prompts=False)
         freq = torch.tensor([s.params.frequency_penalty for s in states], dtype=out.dtype, device=device)
         pres = torch.tensor([s.params.presence_penalty for s in states], dtype=out.dtype, device=device)
         r, t = keys // vocab, keys % vocab
