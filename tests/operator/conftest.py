@@ -45,6 +45,11 @@ for key, kind, subresources in [
     ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", set()),
 ]:
     RESOURCES[key] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=_VERBS, subresources=subresources)
+# kopf's backbone waits for these to be discoverable even when it never lists them (clusterwide, no scanning)
+RESOURCES["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=_VERBS)
+RESOURCES["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+    kind="CustomResourceDefinition", namespaced=False, verbs=_VERBS
+)
 SERVICE_MONITORS = "monitoring.coreos.com/v1/servicemonitors"
 
 
@@ -117,7 +122,8 @@ class StampingEmulator(kmock.KubernetesEmulator):
                         new.setdefault("metadata", {})["generation"] = int(old["metadata"].get("generation", 1)) + 1
                     if new != old:
                         new.setdefault("metadata", {})["resourceVersion"] = str(next(self._rv))
-                    request = attrs.evolve(request, data=merge_diff(old, new))
+                    # KMock tracks requests by identity: rewrite this one (frozen attrs) instead of copying it
+                    object.__setattr__(request, "data", merge_diff(old, new))
             return await super()._handle(request)
 
 
@@ -132,7 +138,9 @@ async def kube() -> AsyncIterator[tuple[StampingEmulator, str]]:
 
 def writes(emu: StampingEmulator, since: int = 0) -> list[Any]:
     """Mutating requests the operator (or kopf) sent, from request number `since`."""
-    return [r for r in list(emu.requests)[since:] if str(r.method).upper().endswith(("POST", "PATCH", "PUT", "DELETE"))]
+    return [
+        r for r in list(emu._requests)[since:] if str(r.method).upper().endswith(("POST", "PATCH", "PUT", "DELETE"))
+    ]
 
 
 def child_writes(emu: StampingEmulator, since: int = 0) -> list[Any]:
@@ -192,7 +200,7 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
             value = check()
             if value:
                 return value
-        except (AssertionError, KeyError, ValueError):
+        except (AssertionError, KeyError, ValueError, TypeError):
             if asyncio.get_running_loop().time() > deadline:
                 raise
         if asyncio.get_running_loop().time() > deadline:

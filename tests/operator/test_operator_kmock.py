@@ -1,0 +1,239 @@
+"""The real kopf operator (the same `run()` as `kubellm operator`) against KMock (GUIDE.md §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import child_writes, eventually, writes
+
+CR_RES = "kubellm.io/v1alpha1/llmdeployments"
+DEP_RES = "apps/v1/deployments"
+NS = "ml"
+
+CHILDREN = [
+    ("apps/v1/deployments", "llama-engine"),
+    ("apps/v1/deployments", "llama-router"),
+    ("v1/services", "llama-engine"),
+    ("v1/services", "llama"),
+    ("v1/serviceaccounts", "llama-router"),
+    ("rbac.authorization.k8s.io/v1/roles", "llama-router"),
+    ("rbac.authorization.k8s.io/v1/rolebindings", "llama-router"),
+    ("policy/v1/poddisruptionbudgets", "llama-engine"),
+    ("networking.k8s.io/v1/networkpolicies", "llama-engine"),
+    ("v1/persistentvolumeclaims", "llama-model-cache"),
+]
+
+
+def llmd(name: str = "llama", **spec: Any) -> dict[str, Any]:
+    body = {
+        "model": {"source": "meta-llama/Llama-3.1-8B-Instruct", "tokenSecretRef": {"name": "hf"}},
+        "resources": {"gpusPerReplica": 1},
+        "modelCache": {"size": "40Gi"},
+    }
+    body.update(spec)
+    return {"apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": name, "namespace": NS}, "spec": body}  # fmt: skip
+
+
+def obj(emu, res: str, name: str) -> dict[str, Any] | None:
+    try:
+        found = emu.objects[res, NS, name]
+    except KeyError:
+        return None
+    return None if found.deleted else found.raw
+
+
+async def create(emu, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/apis/kubellm.io/v1alpha1/namespaces/{NS}/llmdeployments",
+                                                    json=body) as r:  # fmt: skip
+        assert r.status < 300, await r.text()
+        return await r.json()
+
+
+async def patch(url: str, name: str, patch_body: dict[str, Any], res: str = "llmdeployments", sub: str = "") -> None:
+    import aiohttp
+
+    group = "apis/kubellm.io/v1alpha1" if res == "llmdeployments" else "apis/apps/v1"
+    path = f"{url}/{group}/namespaces/{NS}/{res}/{name}" + (f"/{sub}" if sub else "")
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with aiohttp.ClientSession() as s, s.patch(path, json=patch_body, headers=headers) as r:
+        assert r.status < 300, await r.text()
+
+
+async def delete(url: str, name: str) -> None:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as s,
+        s.delete(f"{url}/apis/kubellm.io/v1alpha1/namespaces/{NS}/llmdeployments/{name}") as r,
+    ):
+        assert r.status < 300, await r.text()
+
+
+def condition(emu, name: str, type_: str) -> dict[str, Any] | None:
+    cr = obj(emu, CR_RES, name)
+    for c in ((cr or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return None
+
+
+def mark_ready(emu, res: str, name: str, replicas: int) -> None:
+    emu.objects[res, NS, name].patch(
+        {"status": {"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
+                    "availableReplicas": replicas, "observedGeneration": obj(emu, res, name)["metadata"]["generation"]}}
+    )  # fmt: skip
+
+
+async def test_apply_creates_all_children_with_owner_references_and_status(kube, operator_factory):
+    emu, url = kube
+    async with operator_factory():
+        cr = await create(emu, url, llmd())
+        uid = cr["metadata"]["uid"]
+        await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
+        for res, name in CHILDREN:
+            refs = obj(emu, res, name)["metadata"]["ownerReferences"]
+            assert refs[0]["uid"] == uid and refs[0]["kind"] == "LLMDeployment" and refs[0]["controller"] is True
+        await eventually(lambda: (obj(emu, CR_RES, "llama").get("status") or {}).get("phase"))
+        status = obj(emu, CR_RES, "llama")["status"]
+        assert status["endpoint"] == "http://llama.ml.svc.cluster.local/v1"
+        assert status["desiredReplicas"] == 1
+        assert {c["type"] for c in status["conditions"]} == {"Ready", "EnginesAvailable", "RouterAvailable",
+                                                             "Progressing", "Degraded"}  # fmt: skip
+        assert condition(emu, "llama", "Ready")["status"] == "False"
+        assert obj(emu, CR_RES, "llama")["metadata"]["finalizers"] == ["kubellm.io/finalizer"]
+        # the children become ready: the timer notices and status follows
+        mark_ready(emu, DEP_RES, "llama-engine", 1)
+        mark_ready(emu, DEP_RES, "llama-router", 1)
+        await eventually(lambda: condition(emu, "llama", "Ready")["status"] == "True")
+        status = obj(emu, CR_RES, "llama")["status"]
+        assert status["phase"] == "Ready" and status["readyReplicas"] == 1
+        assert condition(emu, "llama", "Progressing")["reason"] == "RolledOut"
+
+
+async def test_reconcile_twice_sends_no_writes(kube, operator_factory):
+    emu, url = kube
+    async with operator_factory(interval=0.2):
+        await create(emu, url, llmd())
+        await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
+        mark_ready(emu, DEP_RES, "llama-engine", 1)
+        mark_ready(emu, DEP_RES, "llama-router", 1)
+        await eventually(lambda: condition(emu, "llama", "Ready")["status"] == "True")
+        import asyncio
+
+        await asyncio.sleep(0.5)
+        since = len(emu._requests)
+        gets_before = sum(1 for r in emu._requests if str(r.method).upper().endswith("GET"))
+        await asyncio.sleep(1.2)  # several timer ticks, each a full reconcile
+        gets_after = sum(1 for r in emu._requests if str(r.method).upper().endswith("GET"))
+        assert gets_after - gets_before >= 2 * len(CHILDREN)  # it did look...
+        assert writes(emu, since) == []  # ...and wrote nothing
+
+
+async def test_changing_model_or_replicas_patches_the_deployment(kube, operator_factory):
+    emu, url = kube
+    async with operator_factory():
+        await create(emu, url, llmd())
+        await eventually(lambda: obj(emu, DEP_RES, "llama-engine"))
+        since = len(emu._requests)
+        await patch(url, "llama", {"spec": {"replicas": 3, "model": {"source": "Qwen/Qwen2.5-7B-Instruct"}}})
+
+        def engine() -> dict[str, Any]:
+            return obj(emu, DEP_RES, "llama-engine")
+
+        await eventually(lambda: engine()["spec"]["replicas"] == 3)
+        args = engine()["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "/models/cache/Qwen--Qwen2.5-7B-Instruct/main" in args
+        assert "Qwen/Qwen2.5-7B-Instruct" in args
+        patches = [r for r in child_writes(emu, since) if "llama-engine" in str(r.url)]
+        assert patches and all(str(r.method).upper().endswith("PATCH") for r in patches)
+        assert not [r for r in child_writes(emu, since) if str(r.method).upper().endswith("POST")]
+
+
+async def test_deleting_clears_the_finalizer(kube, operator_factory):
+    emu, url = kube
+    async with operator_factory():
+        await create(emu, url, llmd())
+        await eventually(lambda: obj(emu, CR_RES, "llama")["metadata"].get("finalizers"))
+        await eventually(lambda: obj(emu, DEP_RES, "llama-engine"))
+        await delete(url, "llama")
+        await eventually(lambda: obj(emu, CR_RES, "llama") is None)
+        # cascade is the API server's garbage collector's job: every child names the owner that went away
+        assert obj(emu, DEP_RES, "llama-engine")["metadata"]["ownerReferences"][0]["name"] == "llama"
+
+
+async def test_restarting_the_operator_creates_no_duplicates(kube, operator_factory):
+    emu, url = kube
+    async with operator_factory():
+        await create(emu, url, llmd())
+        await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
+        await eventually(lambda: (obj(emu, CR_RES, "llama").get("status") or {}).get("phase"))
+    posts_before = [r for r in child_writes(emu) if str(r.method).upper().endswith("POST")]
+    assert len(posts_before) == len(CHILDREN)
+    since = len(emu._requests)
+    async with operator_factory():
+        import asyncio
+
+        await eventually(lambda: len(emu._requests) > since + len(CHILDREN))  # resumed and looked
+        await asyncio.sleep(0.8)
+    assert [r for r in child_writes(emu, since) if str(r.method).upper().endswith("POST")] == []
+    assert [r for r in child_writes(emu, since)] == []
+
+
+async def test_invalid_cr_gets_degraded_condition_event_and_nothing_created(kube, operator_factory):
+    emu, url = kube
+    async with operator_factory():
+        await create(emu, url, llmd(engine={"tensorParallelSize": 4}, resources={"gpusPerReplica": 2}))
+        await eventually(lambda: condition(emu, "llama", "Degraded"))
+        c = condition(emu, "llama", "Degraded")
+        assert c["status"] == "True" and c["reason"] == "InvalidSpec"
+        assert "tensorParallelSize (4) exceeds resources.gpusPerReplica (2)" in c["message"]
+        assert obj(emu, CR_RES, "llama")["status"]["phase"] == "Degraded"
+
+        def events() -> list[dict[str, Any]]:
+            return [o.raw for k, o in emu.objects.items() if k[0] == "v1/events" and not o.deleted]
+
+        await eventually(lambda: [e for e in events() if e.get("reason") == "InvalidSpec"])
+        (ev,) = [e for e in events() if e.get("reason") == "InvalidSpec"]
+        assert ev["type"] == "Warning" and "tensorParallelSize" in ev["message"]
+        assert ev["involvedObject"]["name"] == "llama"
+        assert child_writes(emu) == []  # nothing half-created
+        import asyncio
+
+        await asyncio.sleep(0.7)  # timer ticks do not repeat the Event
+        assert len([e for e in events() if e.get("reason") == "InvalidSpec"]) == 1
+        # fixing the spec brings everything up
+        await patch(url, "llama", {"spec": {"resources": {"gpusPerReplica": 4}}})
+        await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
+        await eventually(lambda: condition(emu, "llama", "Degraded")["status"] == "False")
+
+
+@pytest.mark.parametrize(
+    ("container", "exit_code", "message", "reason"),
+    [
+        ("model-download", 10, "model org/x is gated: accept its license", "ModelGated"),
+        ("engine", 1, "ValueError: unsupported model architecture 'KimiK25ForCausalLM'", "UnsupportedArchitecture"),
+    ],
+)
+async def test_pod_failures_surface_as_degraded(kube, operator_factory, container, exit_code, message, reason):
+    emu, url = kube
+    async with operator_factory():
+        await create(emu, url, llmd())
+        await eventually(lambda: obj(emu, DEP_RES, "llama-engine"))
+        term = {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message}}
+        statuses = [{"name": container, "ready": False, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                     "lastState": term}]  # fmt: skip
+        key = "initContainerStatuses" if container == "model-download" else "containerStatuses"
+        emu.objects["v1/pods", NS, "llama-engine-abc"] = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "llama-engine-abc", "namespace": NS,
+                         "labels": {"kubellm.io/llmdeployment": "llama", "app.kubernetes.io/component": "engine"}},
+            "status": {"phase": "Pending", key: statuses},
+        }  # fmt: skip
+        await eventually(lambda: condition(emu, "llama", "Degraded")["status"] == "True")
+        c = condition(emu, "llama", "Degraded")
+        assert c["reason"] == reason and message in c["message"]
+        assert condition(emu, "llama", "Ready")["status"] == "False"
