@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
+from yarl import URL
 
 from kubellm.kv_events import SnapshotEvent
 from kubellm.prompt import TokenizerInfo
@@ -67,6 +68,7 @@ class Router:
         self.health: HealthChecker | None = None
         self.subscribers: dict[int, KVEventSubscriber] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._urls: dict[tuple[str, str], URL] = {}
         self._upstream_headers = (
             {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
         )
@@ -81,7 +83,10 @@ class Router:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=60, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another's request
         )
         self.health = HealthChecker(
             self.registry,
@@ -254,7 +259,7 @@ class Router:
             try:
                 resp, outcome = await forward(
                     self.session,  # type: ignore[arg-type]
-                    backend.url + request.path,
+                    self._upstream_url(backend.url, request.path),
                     raw,
                     headers,
                     request,
@@ -293,6 +298,15 @@ class Router:
             headers_out = {k: v for k, v in last.headers.items() if k in ("Content-Type", "Retry-After")}
             return web.Response(status=last.status, body=last.body, headers=headers_out)
         raise RouterError(502, f"no replica of model {model!r} could answer: {last}", code="upstream_unavailable")
+
+    def _upstream_url(self, base: str, path: str) -> URL:
+        """Parsed once per (backend, path): URL parsing is a visible share of the per-request cost."""
+        url = self._urls.get((base, path))
+        if url is None:
+            if len(self._urls) > 4096:
+                self._urls.clear()
+            url = self._urls[(base, path)] = URL(base + path)
+        return url
 
     async def _pick(
         self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from kubellm.router.errors import sse_error_event
 
@@ -59,7 +60,7 @@ def _copy_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> di
 
 async def forward(
     session: aiohttp.ClientSession,
-    url: str,
+    url: URL,
     body: bytes,
     headers: dict[str, str],
     request: web.Request,
