@@ -80,9 +80,11 @@ def recommend(policy: Policy, current: int, s: Sample) -> tuple[int, str]:
     # a metric within tolerance votes for the current count; never drop below it on the other's word alone
     if (by_queue is None or by_kv is None) and n < current:
         n = current
-    if n < current:
-        reason = "ScaleDown"
     n = max(n, 1 if s.running > 0 or s.waiting > 0 or s.router_queued > 0 else 0)
+    if n == current:
+        reason = "Steady"
+    elif n < current:
+        reason = "ScaleDown"
     return n, reason
 
 

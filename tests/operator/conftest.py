@@ -150,8 +150,11 @@ def child_writes(emu: StampingEmulator, since: int = 0) -> list[Any]:
 class Operator:
     """A running operator (the same `run()` as `kubellm operator`) on a fresh kopf registry."""
 
-    def __init__(self, url: str, interval: float, options: RenderOptions | None = None) -> None:
+    def __init__(
+        self, url: str, interval: float, options: RenderOptions | None = None, metrics_port: int | None = None
+    ) -> None:
         self.url = url
+        self.metrics_port = metrics_port
         self.config = OperatorConfig(render=options or RenderOptions(), interval=interval)
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -170,6 +173,8 @@ class Operator:
                 stop_flag=self.stop,
                 ready_flag=self.ready,
                 scanning=False,
+                metrics_port=self.metrics_port,
+                metrics_host="127.0.0.1",
             )
         )
         await asyncio.wait_for(self.ready.wait(), 10)
@@ -186,8 +191,8 @@ class Operator:
 def operator_factory(kube) -> Callable[..., Operator]:
     _, url = kube
 
-    def make(interval: float = 0.3, options: RenderOptions | None = None) -> Operator:
-        return Operator(url, interval, options)
+    def make(interval: float = 0.3, options: RenderOptions | None = None, metrics_port: int | None = None) -> Operator:
+        return Operator(url, interval, options, metrics_port)
 
     return make
 

@@ -83,7 +83,7 @@ def engine_container(r: rd.Rendered) -> dict[str, Any]:
 
 
 def test_llama_8b_engine_pod_on_one_gpu():
-    cr, r = rendered(REPO / "examples" / "llama-8b.yaml")
+    _, r = rendered(REPO / "examples" / "llama-8b.yaml")
     dep = by_kind(r, "Deployment", "llama-8b-engine")
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -129,7 +129,8 @@ def test_tensor_parallel_gets_shm_and_gpus():
 @pytest.mark.parametrize(
     ("example", "expect"),
     [
-        ("qwen3-coder-next-tp8.yaml", ["--tensor-parallel-size", "8", "--max-model-len", "200000", "--max-num-seqs", "2"]),
+        ("qwen3-coder-next-tp8.yaml", ["--tensor-parallel-size", "8", "--max-model-len", "200000",
+                                       "--max-num-seqs", "2"]),
         ("kimi-k2.5-tp8.yaml", ["--tensor-parallel-size", "8", "--max-model-len", "50000",
                                 "--gpu-memory-utilization", "0.98", "--trust-remote-code"]),
     ],
@@ -227,7 +228,7 @@ def test_optional_objects_follow_spec_and_cluster():
 
 
 def test_every_kind_the_operator_touches_is_in_its_rbac_rules():
-    for (api_version, kind), k in KINDS.items():
+    for (_, kind), k in KINDS.items():
         verbs = ("get", "list") if kind == "Pod" else ("get", "list", "create", "patch", "delete")
         for v in verbs:
             assert rbac.grants(rbac.OPERATOR_RULES, k.group, k.plural, v), (kind, v)
