@@ -39,6 +39,53 @@ log = logging.getLogger("kubellm.router")
 _ROUTED_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def _op(summary: str, body: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK"}}}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+        op["responses"].update(
+            {code: {"description": d, "content": {"application/json": {"schema": _ERROR_REF}}}
+             for code, d in (("400", "malformed request"), ("401", "missing or wrong API key"),
+                             ("404", "model not served"), ("413", "body too large"),
+                             ("503", "no replica within the queue timeout (Retry-After)"))}
+        )  # fmt: skip
+    return op
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "kubellm router", "version": "1"},
+    "paths": {
+        "/v1/chat/completions": {"post": _op("Chat completion, routed to a replica (SSE when stream=true)", True)},
+        "/v1/completions": {"post": _op("Text completion, routed to a replica (SSE when stream=true)", True)},
+        "/v1/models": {"get": _op("Models served: configured plus those healthy replicas report")},
+        "/health": {"get": _op("The router is up")},
+        "/metrics": {"get": _op("Prometheus metrics")},
+    },
+    "components": {
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "integer", "null"]},
+                        },
+                    }
+                },
+            }
+        }
+    },
+}
+
+
 class RoutedBody(BaseModel):
     """The fields the router reads; everything else passes to the engine untouched (it validates them)."""
 
@@ -181,6 +228,9 @@ class Router:
     async def handle_models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "kubellm"} for m in self.registry.model_ids()]
         return web.json_response({"object": "list", "data": data})
+
+    async def handle_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI)
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -339,6 +389,7 @@ class Router:
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/openapi.json", self.handle_openapi)
         for path in _ROUTED_PATHS:
             app.router.add_post(path, self.handle_inference)
 

@@ -338,3 +338,9 @@ async def test_metrics_names(engines, http):
     assert f'kubellm_router_requests_total{{backend="{engines[0].url}",code="200",model="m"}}' in text or (
         f'kubellm_router_requests_total{{backend="{engines[1].url}",code="200",model="m"}}' in text
     )
+
+
+async def test_openapi_lists_the_routed_endpoints(engines, http):
+    async with RouterServer(cfg(*engines)) as r, http.get(f"{r.url}/openapi.json") as resp:
+        spec = await resp.json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(spec["paths"])
