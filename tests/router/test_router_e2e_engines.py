@@ -1,0 +1,192 @@
+"""End to end: the official openai client → `kubellm router` → real `kubellm serve` replicas.
+
+Two replicas on the embedded model (CPU) check the OpenAI surface and precise prefix routing on real KV
+events; simulated replicas (`--device sim`: the same scheduler, KV cache and server with a timing model)
+check failover under load.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import re
+import time
+
+import openai
+import pytest
+from router_procs import Proc, http_get
+
+from kubellm.builtin_models import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+MODEL = DEFAULT_MODEL
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def router_args(engines: list[Proc], *extra: str) -> list[str]:
+    args = ["router", "--model", MODEL, "--debug-headers", "--health-interval", "0.3", "--log-level", "warning"]
+    for e in engines:
+        args += ["--backend", e.url]
+    return [*args, *extra]
+
+
+@pytest.fixture(scope="module")
+def real_stack():
+    engines = [
+        Proc(
+            f"real{i}",
+            [
+                "serve",
+                "--max-model-len",
+                "1536",
+                "--max-num-seqs",
+                "8",
+                "--num-gpu-blocks-override",
+                "112",
+                "--log-level",
+                "warning",
+            ],
+        )
+        for i in range(2)
+    ]
+    for e in engines:
+        e.start()
+    router = None
+    try:
+        for e in engines:
+            e.wait_ready(300)
+        router = Proc("router", router_args(engines)).start().wait_ready(30)
+        yield engines, router
+    finally:
+        for p in [router, *engines]:
+            if p:
+                p.stop()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_openai_client_through_router_to_real_replicas(real_stack):
+    _, router = real_stack
+    c = client(router.url)
+    assert MODEL in [m.id for m in c.models.list().data]
+    chat = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    streamed = "".join(
+        (ch.choices[0].delta.content or "") if ch.choices else ""
+        for ch in c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True)
+    )
+    assert streamed == chat.choices[0].message.content
+    comp = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    text = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert text == comp.choices[0].text and comp.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=2)
+
+
+def _routes_to(router: Proc, msgs: list[dict], target: Proc) -> None:
+    for q in ("What is 2+2?", "Name a colour.", "Say hi."):
+        raw = client(router.url).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[*msgs, {"role": "user", "content": q}], max_tokens=1
+        )
+        assert raw.headers["x-kubellm-backend"] == target.url
+        assert raw.headers["x-kubellm-route"] == "prefix_hit"
+
+
+def test_precise_prefix_routing_on_real_kv_events(real_stack):
+    (a, b), router = real_stack
+    system = "You are a meticulous assistant. " + " ".join(f"Rule {i}: answer briefly and politely." for i in range(50))
+    msgs = [{"role": "system", "content": system}]
+    # warm the prefix on B directly, not through the router: the router learns it from B's KV events
+    client(b.url).chat.completions.create(
+        model=MODEL, messages=[*msgs, {"role": "user", "content": "Hi"}], max_tokens=1
+    )
+    time.sleep(0.3)
+    _routes_to(router, msgs, b)
+    # B's small KV pool (--num-gpu-blocks-override) evicts the prefix when a long unrelated prompt runs there
+    filler = " ".join(f"Item {i} is a number." for i in range(220))
+    client(b.url).completions.create(model=MODEL, prompt=filler, max_tokens=1)
+    # A now holds it (warmed directly): the router stops preferring B and follows the cache to A
+    client(a.url).chat.completions.create(
+        model=MODEL, messages=[*msgs, {"role": "user", "content": "Yo"}], max_tokens=1
+    )
+    time.sleep(0.3)
+    _routes_to(router, msgs, a)
+
+
+@pytest.fixture
+def sim_stack():
+    engines = [Proc(f"sim{i}", ["serve", "--device", "sim", "--log-level", "warning"]) for i in range(3)]
+    for e in engines:
+        e.start()
+    router = None
+    try:
+        for e in engines:
+            e.wait_ready(120)
+        router = Proc("router-sim", router_args(engines, "--policy", "least_load")).start().wait_ready(30)
+        yield engines, router
+    finally:
+        for p in [router, *engines]:
+            if p:
+                p.stop()
+
+
+def _one_stream(url: str, i: int) -> str:
+    c = client(url)
+    try:
+        n = 0
+        for ch in c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=150,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
+            n += bool(ch.choices and ch.choices[0].delta.content)
+        return "ok"
+    except openai.APIError as e:
+        return "stream_error" if "upstream_died" in json.dumps(getattr(e, "body", None) or {}) else f"error {e!r}"
+
+
+def _healthy(router: Proc, backend: str) -> bool:
+    _, text = http_get(router.url + "/metrics")
+    m = re.search(rf'kubellm_router_backend_healthy\{{backend="{re.escape(backend)}"\}} ([0-9.]+)', text)
+    return bool(m and float(m.group(1)) == 1.0)
+
+
+def test_failover_when_a_replica_dies_mid_load(sim_stack):
+    engines, router = sim_stack
+    victim = engines[0]
+    with cf.ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(_one_stream, router.url, i) for i in range(24)]
+        time.sleep(0.4)
+        victim.kill()
+        futures += [pool.submit(_one_stream, router.url, 100 + i) for i in range(12)]  # arrive after the crash
+        results = [f.result(timeout=60) for f in futures]  # nothing hangs
+    assert all(r in ("ok", "stream_error") for r in results), results
+    assert results[24:] == ["ok"] * 12  # requests not yet streaming went elsewhere and succeeded
+    assert results.count("ok") >= 24
+    deadline = time.monotonic() + 10
+    while _healthy(router, victim.url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _healthy(router, victim.url)
+    # it comes back on the same address and rejoins the rotation
+    victim.start().wait_ready(120)
+    deadline = time.monotonic() + 10
+    while not _healthy(router, victim.url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _healthy(router, victim.url)
+    seen = set()
+    for i in range(9):
+        raw = client(router.url).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"after {i}"}], max_tokens=2
+        )
+        seen.add(raw.headers["x-kubellm-backend"])
+    assert victim.url in seen
