@@ -1,0 +1,100 @@
+"""Write tiny random HF checkpoints as GGUF files the way llama.cpp's converter does (F32 tensors, Q/K rows
+permuted for llama-arch rope, SmolLM2's byte-level BPE vocabulary), so GGUF loading of Llama, Qwen2 and
+Qwen3 can be checked against transformers' own GGUF loader. Test-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_BLOCK_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's HF->GGUF Q/K row permutation (rotate-half pairs -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if hf in top:
+        return top[hf]
+    if hf == "lm_head.weight":
+        return "output.weight"
+    parts = hf.split(".")  # model.layers.{i}.{module...}.{weight|bias}
+    module = ".".join(parts[3:-1])
+    return f"blk.{parts[2]}.{_BLOCK_NAMES[module]}.{parts[-1]}"
+
+
+def shrink_vocab(tokens: list[str], merges: list[str], types: list[int], size: int):
+    """The first `size` tokens of a byte-level BPE vocabulary and the merges that stay inside it: still a valid
+    BPE (every byte symbol sits in the first few hundred ids), and fast to load."""
+    kept = set(tokens[:size])
+    inside = []
+    for m in merges:
+        a, b = m.split(" ", 1)
+        if a in kept and b in kept and a + b in kept:
+            inside.append(m)
+    return tokens[:size], inside, types[:size]
+
+
+def write_tiny_gguf(kind: str, hf_config, state: dict[str, torch.Tensor], vocab_source: Path, out: Path) -> Path:
+    arch = _GGUF_ARCH[kind]
+    src = gguf.GGUFReader(str(vocab_source))
+
+    def meta(key: str):
+        return src.fields[key].contents()
+
+    c = hf_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(arch)
+    tokens, merges, types = shrink_vocab(
+        meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.merges"), meta("tokenizer.ggml.token_type"), c.vocab_size
+    )
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{{ messages[0]['content'] }}")
+    for name, tensor in state.items():
+        arr = tensor.detach().float().numpy().copy()
+        if kind == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads
+            arr = llama_cpp_permute(arr, heads)
+        w.add_tensor(gguf_name(name), arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
