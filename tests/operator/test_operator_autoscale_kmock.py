@@ -8,9 +8,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-
-from conftest import eventually
-from test_operator_kmock import CR_RES, DEP_RES, NS, create, mark_ready, obj
+from kubellm_operator_testkit import CR_RES, DEP_RES, NS, create, eventually, mark_ready, obj
 
 
 def free_port() -> int:

@@ -53,7 +53,7 @@ def test_no_flapping_on_a_spike():
 def test_kv_cache_pressure_scales_up():
     scaler = Autoscaler(POLICY, current=2, started=0)
     samples = series(lambda t: 2, every(5, 0, 60, waiting=0, running=30, kv_usage=0.98))
-    ((t, n, reason),) = run(scaler, samples)[:1]
+    ((_, n, reason),) = run(scaler, samples)[:1]
     assert reason == "ScaleUpKVCache" and n == 3  # ceil(2 * 0.98 / 0.8)
 
 

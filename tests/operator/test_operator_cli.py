@@ -10,11 +10,10 @@ import sys
 
 import aiohttp
 import pytest
+from kubellm_operator_testkit import DEP_RES, create, eventually, llmd, obj
 
-from conftest import eventually
 from kubellm.cli import main as kubellm_main
 from kubellm.operator import cli
-from test_operator_kmock import DEP_RES, create, llmd, obj
 
 
 def test_help_lists_the_options(capsys):

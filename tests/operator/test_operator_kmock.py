@@ -5,87 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import child_writes, eventually, writes
-
-CR_RES = "kubellm.io/v1alpha1/llmdeployments"
-DEP_RES = "apps/v1/deployments"
-NS = "ml"
-
-CHILDREN = [
-    ("apps/v1/deployments", "llama-engine"),
-    ("apps/v1/deployments", "llama-router"),
-    ("v1/services", "llama-engine"),
-    ("v1/services", "llama"),
-    ("v1/serviceaccounts", "llama-router"),
-    ("rbac.authorization.k8s.io/v1/roles", "llama-router"),
-    ("rbac.authorization.k8s.io/v1/rolebindings", "llama-router"),
-    ("policy/v1/poddisruptionbudgets", "llama-engine"),
-    ("networking.k8s.io/v1/networkpolicies", "llama-engine"),
-    ("v1/persistentvolumeclaims", "llama-model-cache"),
-]
-
-
-def llmd(name: str = "llama", **spec: Any) -> dict[str, Any]:
-    body = {
-        "model": {"source": "meta-llama/Llama-3.1-8B-Instruct", "tokenSecretRef": {"name": "hf"}},
-        "resources": {"gpusPerReplica": 1},
-        "modelCache": {"size": "40Gi"},
-    }
-    body.update(spec)
-    return {"apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment",
-            "metadata": {"name": name, "namespace": NS}, "spec": body}  # fmt: skip
-
-
-def obj(emu, res: str, name: str) -> dict[str, Any] | None:
-    try:
-        found = emu.objects[res, NS, name]
-    except KeyError:
-        return None
-    return None if found.deleted else found.raw
-
-
-async def create(emu, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as s, s.post(f"{url}/apis/kubellm.io/v1alpha1/namespaces/{NS}/llmdeployments",
-                                                    json=body) as r:  # fmt: skip
-        assert r.status < 300, await r.text()
-        return await r.json()
-
-
-async def patch(url: str, name: str, patch_body: dict[str, Any], res: str = "llmdeployments", sub: str = "") -> None:
-    import aiohttp
-
-    group = "apis/kubellm.io/v1alpha1" if res == "llmdeployments" else "apis/apps/v1"
-    path = f"{url}/{group}/namespaces/{NS}/{res}/{name}" + (f"/{sub}" if sub else "")
-    headers = {"Content-Type": "application/merge-patch+json"}
-    async with aiohttp.ClientSession() as s, s.patch(path, json=patch_body, headers=headers) as r:
-        assert r.status < 300, await r.text()
-
-
-async def delete(url: str, name: str) -> None:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as s,
-        s.delete(f"{url}/apis/kubellm.io/v1alpha1/namespaces/{NS}/llmdeployments/{name}") as r,
-    ):
-        assert r.status < 300, await r.text()
-
-
-def condition(emu, name: str, type_: str) -> dict[str, Any] | None:
-    cr = obj(emu, CR_RES, name)
-    for c in ((cr or {}).get("status") or {}).get("conditions") or []:
-        if c["type"] == type_:
-            return c
-    return None
-
-
-def mark_ready(emu, res: str, name: str, replicas: int) -> None:
-    emu.objects[res, NS, name].patch(
-        {"status": {"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
-                    "availableReplicas": replicas, "observedGeneration": obj(emu, res, name)["metadata"]["generation"]}}
-    )  # fmt: skip
+from kubellm_operator_testkit import (
+    CHILDREN,
+    CR_RES,
+    DEP_RES,
+    NS,
+    child_writes,
+    condition,
+    create,
+    delete,
+    eventually,
+    llmd,
+    mark_ready,
+    obj,
+    patch,
+    writes,
+)
 
 
 async def test_apply_creates_all_children_with_owner_references_and_status(kube, operator_factory):
@@ -137,7 +72,8 @@ async def test_changing_model_or_replicas_patches_the_deployment(kube, operator_
     emu, url = kube
     async with operator_factory():
         await create(emu, url, llmd())
-        await eventually(lambda: obj(emu, DEP_RES, "llama-engine"))
+        await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
+        await eventually(lambda: (obj(emu, CR_RES, "llama").get("status") or {}).get("phase"))
         since = len(emu._requests)
         await patch(url, "llama", {"spec": {"replicas": 3, "model": {"source": "Qwen/Qwen2.5-7B-Instruct"}}})
 
