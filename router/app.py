@@ -143,11 +143,16 @@ class Router:
             unhealthy_threshold=self.config.unhealthy_threshold,
             headers=self._upstream_headers,
             on_capacity=lambda b, cap: self.index.replica(b.slot).set_capacity(cap),
+            on_healthy=self._backend_healthy,
         )
         discovery = make_discovery(self.config, self.registry, self.session)
         await discovery.start()
         for b in list(self.registry.backends.values()):
             self._backend_added(b)  # static backends arrived before the session existed
+        try:  # know who is up (and what they serve) before the first request; never wait long
+            await asyncio.wait_for(self.health.probe_all(), self.config.health_timeout + 0.5)
+        except TimeoutError:
+            pass
         self._tasks.append(asyncio.create_task(discovery.run(), name="discovery"))
         self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
 
@@ -180,6 +185,11 @@ class Router:
             )
             self.subscribers[b.slot] = sub
             sub.start()
+
+    def _backend_healthy(self, b: Backend) -> None:
+        if self.policy.name is RoutingPolicy.PREFIX:
+            for m in b.models() or self.registry.configured_models:
+                self.hasher.prefetch(m)
 
     def _backend_removed(self, b: Backend) -> None:
         sub = self.subscribers.pop(b.slot, None)

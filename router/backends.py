@@ -235,6 +235,7 @@ class HealthChecker:
         unhealthy_threshold: int = 2,
         headers: dict[str, str] | None = None,
         on_capacity: Callable[[Backend, int], None] | None = None,
+        on_healthy: Callable[[Backend], None] | None = None,
     ):
         self.registry = registry
         self.session = session
@@ -243,6 +244,7 @@ class HealthChecker:
         self.unhealthy_threshold = unhealthy_threshold
         self.headers = headers or {}
         self.on_capacity = on_capacity
+        self.on_healthy = on_healthy
         self._wake = asyncio.Event()
 
     def probe_soon(self) -> None:
@@ -278,6 +280,8 @@ class HealthChecker:
             b.probe_failures = 0
             await self._learn(b)
             self.registry.set_healthy(b, True)
+            if self.on_healthy:
+                self.on_healthy(b)
             return
         b.probe_failures += 1
         if refused or b.probe_failures >= self.unhealthy_threshold:

@@ -9,6 +9,7 @@ with token-block hashes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -76,26 +77,42 @@ class PromptHasher:
     def __init__(self, fetch_info: Callable[[str], Awaitable[TokenizerInfo | None]]):
         self._fetch_info = fetch_info
         self._renderers: dict[str, PromptRenderer] = {}
+        self._loading: dict[str, asyncio.Task[PromptRenderer | None]] = {}
         self._failed_at: dict[str, float] = {}
         self.block_sizes: dict[str, int] = {}
+
+    def prefetch(self, model: str) -> None:
+        """Start loading a model's tokenizer in the background (when a replica serving it turns healthy)."""
+        if model not in self._renderers and model not in self._loading and not self._recently_failed(model):
+            self._loading[model] = asyncio.get_running_loop().create_task(self._load(model))
+
+    def _recently_failed(self, model: str) -> bool:
+        return time.monotonic() - self._failed_at.get(model, -1e9) < _REFETCH_AFTER
 
     async def renderer(self, model: str) -> PromptRenderer | None:
         r = self._renderers.get(model)
         if r is not None:
             return r
-        if time.monotonic() - self._failed_at.get(model, -1e9) < _REFETCH_AFTER:
-            return None
-        info = None
+        self.prefetch(model)
+        task = self._loading.get(model)
+        return await asyncio.shield(task) if task is not None else None
+
+    async def _load(self, model: str) -> PromptRenderer | None:
         try:
             info = await self._fetch_info(model)
+            if info is None:
+                self._failed_at[model] = time.monotonic()
+                return None
+            # building a tokenizer from a multi-MB tokenizer.json takes a while: keep the event loop free
+            r = self._renderers[model] = await asyncio.to_thread(PromptRenderer, info)
+            log.info("tokenizer for model %s loaded from a replica", model)
+            return r
         except Exception as e:  # any failure leaves us on text hashing, retried later
             log.warning("tokenizer for %s unavailable: %s", model, e)
-        if info is None:
             self._failed_at[model] = time.monotonic()
             return None
-        r = self._renderers[model] = PromptRenderer(info)
-        log.info("tokenizer for model %s loaded from a replica", model)
-        return r
+        finally:
+            self._loading.pop(model, None)
 
     def set_renderer(self, model: str, renderer: PromptRenderer) -> None:
         self._renderers[model] = renderer
@@ -105,12 +122,37 @@ class PromptHasher:
         extra = extra if isinstance(extra, str) else ""
         renderer = await self.renderer(model)
         if renderer is not None:
+            bs = self.block_sizes.get(model, DEFAULT_BLOCK_SIZE)
             try:
-                ids = prompt_token_ids(renderer, kind, body)
+                if _size_hint(kind, body) > _THREAD_ABOVE_CHARS:  # a long prompt: tokenize off the event loop
+                    hashes = await asyncio.to_thread(_token_hashes, renderer, kind, body, bs, extra)
+                else:
+                    hashes = _token_hashes(renderer, kind, body, bs, extra)
             except Exception as e:  # a template error is the engine's to report; we only lose affinity
                 log.debug("could not render prompt for routing: %s", e)
-                ids = None
-            if ids is not None:
-                bs = self.block_sizes.get(model, DEFAULT_BLOCK_SIZE)
-                return PromptKey(hash_blocks(ids, bs, extra), True)
+                hashes = None
+            if hashes is not None:
+                return PromptKey(hashes, True)
         return PromptKey(text_block_hashes(prompt_text(kind, body), extra), False)
+
+
+_THREAD_ABOVE_CHARS = 32_000
+
+
+def _size_hint(kind: str, body: dict[str, Any]) -> int:
+    if kind == "chat":
+        msgs = body.get("messages")
+        if isinstance(msgs, list):
+            return sum(
+                len(m.get("content") or "") for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str)
+            )
+        return 0
+    p = body.get("prompt")
+    return len(p) if isinstance(p, str) else 0
+
+
+def _token_hashes(
+    renderer: PromptRenderer, kind: str, body: dict[str, Any], block_size: int, extra: str
+) -> list[int] | None:
+    ids = prompt_token_ids(renderer, kind, body)
+    return None if ids is None else hash_blocks(ids, block_size, extra)
