@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from yarl import URL
 
 from kubellm.kv_events import SnapshotEvent
+from kubellm.openai_protocol import ModelCard, ModelList
 from kubellm.prompt import TokenizerInfo
 from kubellm.router.backends import Backend, BackendRegistry, HealthChecker
 from kubellm.router.config import RouterConfig
@@ -116,6 +117,7 @@ class Router:
         self.subscribers: dict[int, KVEventSubscriber] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._urls: dict[tuple[str, str], URL] = {}
+        self._started = int(time.time())
         self._upstream_headers = (
             {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
         )
@@ -236,8 +238,8 @@ class Router:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "kubellm"} for m in self.registry.model_ids()]
-        return web.json_response({"object": "list", "data": data})
+        models = ModelList(data=[ModelCard(id=m, created=self._started) for m in self.registry.model_ids()])
+        return web.Response(body=models.model_dump_json(exclude_none=True), content_type="application/json")
 
     async def handle_openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)

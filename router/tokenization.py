@@ -49,9 +49,18 @@ def prompt_token_ids(renderer: PromptRenderer, kind: str, body: dict[str, Any]) 
     """The token ids the engine will compute for this request, or None when it cannot be known."""
     if kind == "chat":
         messages = body.get("messages")
-        if not isinstance(messages, list):
+        if not isinstance(messages, list) or not messages:
             return None
-        return renderer.chat_token_ids(messages, add_generation_prompt=bool(body.get("add_generation_prompt", True)))
+        msgs = [_engine_message(m) for m in messages]
+        continue_final = bool(body.get("continue_final_message", False))
+        add_gen = bool(body.get("add_generation_prompt", True)) and not continue_final
+        kwargs = body.get("chat_template_kwargs") if isinstance(body.get("chat_template_kwargs"), dict) else {}
+        text = renderer.render_chat(msgs, add_generation_prompt=add_gen, **kwargs)
+        if continue_final and msgs[-1]["content"]:
+            cut = text.rfind(msgs[-1]["content"])
+            if cut >= 0:
+                text = text[: cut + len(msgs[-1]["content"])]
+        return renderer.encode(text, add_special_tokens=False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt:
         prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
@@ -60,6 +69,20 @@ def prompt_token_ids(renderer: PromptRenderer, kind: str, body: dict[str, Any]) 
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return prompt
     return None
+
+
+def _engine_message(m: Any) -> dict[str, Any]:
+    """A message as the engine hands it to the chat template: content parts joined into one string."""
+    if not isinstance(m, dict):
+        raise ValueError("a message must be an object")
+    content = m.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    d: dict[str, Any] = {"role": m.get("role"), "content": content or ""}
+    for k in ("name", "tool_calls", "tool_call_id"):
+        if m.get(k) is not None:
+            d[k] = m[k]
+    return d
 
 
 def prompt_text(kind: str, body: dict[str, Any]) -> str:

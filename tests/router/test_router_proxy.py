@@ -136,7 +136,7 @@ async def test_api_keys(engines, http):
         url = f"{r.url}/v1/chat/completions"
         async with http.post(url, json=CHAT) as resp:
             assert resp.status == 401
-            assert (await resp.json())["error"]["type"] == "authentication_error"
+            assert (await resp.json())["error"]["code"] == "invalid_api_key"
         async with http.post(url, json=CHAT, headers={"Authorization": "Bearer wrong"}) as resp:
             assert resp.status == 401
         async with http.post(url, json=CHAT, headers={"Authorization": "Bearer k2"}) as resp:
