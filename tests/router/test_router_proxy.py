@@ -344,3 +344,29 @@ async def test_openapi_lists_the_routed_endpoints(engines, http):
     async with RouterServer(cfg(*engines)) as r, http.get(f"{r.url}/openapi.json") as resp:
         spec = await resp.json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(spec["paths"])
+
+
+async def test_session_affinity_by_header_and_user_field(engines, http):
+    async with RouterServer(cfg(*engines, policy=RoutingPolicy.SESSION)) as r:
+        url = f"{r.url}/v1/chat/completions"
+        for key in ("alice", "bob", "carol"):
+            seen = set()
+            for _ in range(3):
+                async with http.post(url, json=CHAT, headers={"X-Session-Id": key}) as resp:
+                    seen.add(resp.headers["X-Kubellm-Backend"])
+                async with http.post(url, json={**CHAT, "user": key}) as resp:
+                    seen.add(resp.headers["X-Kubellm-Backend"])
+            assert len(seen) == 1, key
+
+
+async def test_clients_cannot_choose_the_upstream(engines, http):
+    evil = await FakeEngine("evil").start()
+    try:
+        async with RouterServer(cfg(*engines)) as r:
+            headers = {"Host": evil.url[7:], "X-Kubellm-Backend": evil.url, "X-Forwarded-Host": evil.url[7:]}
+            for _ in range(4):
+                async with http.post(f"{r.url}/v1/chat/completions", json=CHAT, headers=headers) as resp:
+                    assert resp.status == 200
+        assert not evil.received
+    finally:
+        await evil.kill()
