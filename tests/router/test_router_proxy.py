@@ -370,3 +370,18 @@ async def test_clients_cannot_choose_the_upstream(engines, http):
         assert not evil.received
     finally:
         await evil.kill()
+
+
+async def test_a_thousand_concurrent_streams(engines):
+    for e in engines:
+        e.first_chunk_delay, e.n_chunks, e.chunk_interval = 0.5, 4, 0.05
+    async with RouterServer(cfg(*engines)) as r, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def one(i: int) -> bool:
+            body = {"model": "m", "messages": [{"role": "user", "content": f"x{i}"}], "stream": True}
+            async with s.post(f"{r.url}/v1/chat/completions", json=body) as resp:
+                return resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+        results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(1000))), 60)
+    assert all(results)
+    assert [e.max_in_flight for e in engines] == [500, 500]  # all were in flight at once, evenly spread
