@@ -19,19 +19,24 @@ CHATS = [
 ]
 
 
-def greedy_batch(runner, prompts: list[list[int]], max_new: int, first_block: int = 0) -> list[list[int]]:
-    """Prefill every prompt in one step, then decode all of them together; disjoint block tables."""
+def greedy_batch(
+    runner, prompts: list[list[int]], max_new: int, first_block: int = 0
+) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Prefill every prompt in one step, then decode all of them together (disjoint block tables); returns
+    the tokens and the logits each was chosen from."""
     per_seq = -(-(max(map(len, prompts)) + max_new) // BLOCK)
     tables = [list(range(first_block + i * per_seq, first_block + (i + 1) * per_seq)) for i in range(len(prompts))]
     seqs = [ScheduledSeq(f"g{i}", list(p), 0, tables[i], True) for i, p in enumerate(prompts)]
     outs: list[list[int]] = [[] for _ in prompts]
+    logits_seen: list[list[torch.Tensor]] = [[] for _ in prompts]
     for _ in range(max_new):
         logits = runner.execute(ForwardBatch(seqs))
         nxt = logits.argmax(-1).tolist()
         for i, tok in enumerate(nxt):
             outs[i].append(tok)
+            logits_seen[i].append(logits[i])
         seqs = [ScheduledSeq(s.request_id, [nxt[i]], s.end_pos, s.block_ids, True) for i, s in enumerate(seqs)]
-    return outs
+    return outs, logits_seen
 
 
 @pytest.fixture(scope="module")
@@ -52,28 +57,21 @@ def reference_outputs(smollm2_hf_model, greedy_prompts):
 
 
 def test_batched_greedy_matches_transformers(smollm2_runner, greedy_prompts, reference_outputs):
-    ours = greedy_batch(smollm2_runner, greedy_prompts, NEW_TOKENS)
+    """Token for token, and the logits of every generated position close to transformers' too."""
+    ours, our_logits = greedy_batch(smollm2_runner, greedy_prompts, NEW_TOKENS)
     for i, (mine, (ref, ref_logits)) in enumerate(zip(ours, reference_outputs, strict=True)):
         assert_greedy_equal(mine, ref, ref_logits, label=f"prompt {i}")
+        for step, (a, b) in enumerate(zip(our_logits[i], ref_logits, strict=True)):
+            if mine[:step] != ref[:step]:
+                break  # past a (reported) near-tie divergence the contexts differ
+            err = float((a - b).abs().max() / b.abs().max())
+            assert err < 1e-4, f"prompt {i} step {step}: relative error {err:.2e}"
 
 
 def test_chat_answer_alone_says_paris(smollm2_loaded, smollm2_runner, greedy_prompts, reference_outputs):
     i = len(PLAIN_PROMPTS)  # the France chat
-    (ours,) = greedy_batch(smollm2_runner, [greedy_prompts[i]], NEW_TOKENS, first_block=100)
+    (ours,), _ = greedy_batch(smollm2_runner, [greedy_prompts[i]], 10, first_block=100)
     ref, ref_logits = reference_outputs[i]
-    assert_greedy_equal(ours, ref, ref_logits, label="capital of France")
+    assert_greedy_equal(ours, ref[:10], ref_logits[:10], label="capital of France")
     text = PromptRenderer(smollm2_loaded.tokenizer_info).decode(ours)
     assert "Paris" in text, text
-
-
-def test_logits_close_to_reference_along_greedy_path(smollm2_runner, greedy_prompts, reference_outputs):
-    """The logits of every generated position, not only their argmax, match transformers'."""
-    prompt = greedy_prompts[0]
-    ref, ref_logits = reference_outputs[0]
-    seq = ScheduledSeq("l", list(prompt), 0, list(range(130, 135)), True)
-    for step, tok in enumerate(ref):
-        logits = smollm2_runner.execute(ForwardBatch([seq]))[0]
-        err = float((logits - ref_logits[step]).abs().max() / ref_logits[step].abs().max())
-        assert err < 1e-4, f"step {step}: relative error {err:.2e}"
-        seq = ScheduledSeq("l", [tok], seq.end_pos, seq.block_ids, True)
-    assert torch.isfinite(logits).all()
