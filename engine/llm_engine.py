@@ -69,20 +69,21 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, loaded: Any = None):
+        """`loaded` (a LoadedModel) skips loading from disk: several engines can share one set of weights."""
         self.config = config
         start = time.perf_counter()
         model_path = resolve_model(config.model)
         if config.device == "sim":
             from kubellm.engine.sim_runner import SimModelRunner, load_sim_model
 
-            loaded = load_sim_model(model_path)
+            loaded = loaded or load_sim_model(model_path)
             self.runner = SimModelRunner(loaded, config)
         else:
             from kubellm.engine.loader import load_model
             from kubellm.engine.model_runner import ModelRunner
 
-            loaded = load_model(model_path, dtype=config.dtype)
+            loaded = loaded or load_model(model_path, dtype=config.dtype)
             self.runner = ModelRunner(loaded, config)
         self.model_config = loaded.config
         self.generation_config: dict[str, Any] = dict(loaded.generation_config or {})

@@ -63,6 +63,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
+    produces_token_ids = False  # it returns logits; the engine samples
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.config = config
         self.model_config = loaded.config
@@ -86,6 +88,18 @@ class ModelRunner:
         c = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
         return c.num_hidden_layers * 2 * self.block_size * c.num_key_value_heads * c.head_dim * elem
+
+    def available_kv_cache_bytes(self) -> int | None:
+        """Bytes the KV pool may take: on CUDA, what gpu_memory_utilization leaves after weights and a
+        forward at the token budget; None on CPU (the engine then uses an explicit byte budget)."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        budget = int(total * self.config.gpu_memory_utilization) - used_by_others - peak
+        return max(budget, 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One zeroed tensor per layer, [num_blocks, 2, block_size, kv_heads, head_dim]. Zeroed, not empty:

@@ -35,8 +35,11 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = torch.float32) -> LoadedModel:
-    """Weights come back in `dtype` (float32 by default), HF-named, on the CPU; the model runner moves them."""
+def load_model(
+    path: str | Path, dtype: torch.dtype | str | None = torch.float32, load_weights: bool = True
+) -> LoadedModel:
+    """Weights come back in `dtype` (float32 by default), HF-named, on the CPU; the model runner moves them.
+    `load_weights=False` reads only config, tokenizer and chat template (the simulated engine needs no more)."""
     name = str(path)
     try:
         resolved = Path(resolve_model(name))
@@ -45,15 +48,15 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = torch.float32
     torch_dtype = parse_dtype(dtype)
     if resolved.is_dir():
         if (resolved / "config.json").is_file():
-            return load_hf_dir(resolved, torch_dtype, name)
+            return load_hf_dir(resolved, torch_dtype, name, load_weights)
         ggufs = sorted(resolved.glob("*.gguf"))
         if len(ggufs) == 1:
-            return load_gguf(ggufs[0], torch_dtype, name)
+            return load_gguf(ggufs[0], torch_dtype, name, load_weights)
         found = f"{len(ggufs)} .gguf files" if ggufs else "no .gguf file"
         raise ModelLoadError(f"model directory {resolved} has no config.json and {found}; cannot tell what to load")
     if resolved.is_file():
         if is_gguf_file(resolved):
-            return load_gguf(resolved, torch_dtype, name)
+            return load_gguf(resolved, torch_dtype, name, load_weights)
         raise ModelLoadError(
             f"model file {resolved} is not a GGUF file (bad magic); pass a GGUF file or a HF directory"
         )

@@ -194,7 +194,7 @@ def read_tokenizer_info(meta: _Metadata, arch: str, config: ModelConfig) -> Toke
     )
 
 
-def load_gguf(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
+def load_gguf(path: Path, dtype: torch.dtype, name: str, load_weights: bool = True) -> LoadedModel:
     reader = open_reader(path)
     meta = _Metadata(reader, str(path))
     names = {t.name for t in reader.tensors}
@@ -202,5 +202,5 @@ def load_gguf(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
     config = gguf_model_config(meta, names, len(tokens))
     arch = str(meta.require("general.architecture"))
     tokenizer_info = read_tokenizer_info(meta, arch, config)
-    weights = read_weights(reader, arch, config, dtype, str(path))
+    weights = read_weights(reader, arch, config, dtype, str(path)) if load_weights else {}
     return LoadedModel(config, weights, tokenizer_info, generation_config={}, name=name, path=str(path))

@@ -35,7 +35,7 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any]:
     return value
 
 
-def load_hf_dir(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
+def load_hf_dir(path: Path, dtype: torch.dtype, name: str, load_weights: bool = True) -> LoadedModel:
     hf_config = read_json(path / "config.json")
     config = ModelConfig.from_hf_config(hf_config)
     generation_config = read_json(path / "generation_config.json", required=False)
@@ -47,7 +47,7 @@ def load_hf_dir(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
         eos_id = Tokenizer.from_str(tokenizer_info.tokenizer_json).token_to_id(tokenizer_info.eos_token)
         if eos_id is not None:
             config.eos_token_ids.append(eos_id)
-    weights = read_safetensors(path, dtype)
+    weights = read_safetensors(path, dtype) if load_weights else {}
     return LoadedModel(config, weights, tokenizer_info, generation_config, name=name, path=str(path))
 
 
