@@ -52,6 +52,7 @@ class _Add:
     arrival_time: float
     priority: int
     stream: RequestStream
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -209,6 +210,7 @@ class AsyncEngine:
         *,
         prompt: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> RequestStream:
         if self.dead is not None:
             raise APIError(503, "the engine has failed; this replica is restarting", code="engine_dead")
@@ -217,7 +219,8 @@ class AsyncEngine:
         stream = RequestStream(request_id)
         self._active[request_id] = stream
         self._pending_adds += 1
-        self._commands.put(_Add(request_id, prompt_token_ids, params, prompt, time.time(), priority, stream))
+        add = _Add(request_id, prompt_token_ids, params, prompt, time.time(), priority, stream, cache_salt)
+        self._commands.put(add)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -320,6 +323,7 @@ class AsyncEngine:
                 prompt=cmd.prompt,
                 arrival_time=cmd.arrival_time,
                 priority=cmd.priority,
+                **({"cache_salt": cmd.cache_salt} if cmd.cache_salt else {}),
             )
         except ValueError as e:
             batch.append((cmd.stream, APIError(400, str(e))))

@@ -202,13 +202,17 @@ class OpenAIServing:
     def _unique_id(self, base: str) -> str:
         return base if base not in self.async_engine._active else f"{base}-{uuid.uuid4().hex[:8]}"
 
-    def _submit(self, base_id: str, prompts: list[_Prompt], params: Any, priority: int) -> list[RequestStream]:
+    def _submit(
+        self, base_id: str, prompts: list[_Prompt], params: Any, priority: int, cache_salt: str | None = None
+    ) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for i, p in enumerate(prompts):
                 rid = self._unique_id(base_id if len(prompts) == 1 else f"{base_id}-{i}")
                 streams.append(
-                    self.async_engine.add_request(rid, p.token_ids, params, prompt=p.text, priority=priority)
+                    self.async_engine.add_request(
+                        rid, p.token_ids, params, prompt=p.text, priority=priority, cache_salt=cache_salt
+                    )
                 )
         except BaseException:
             self._release(streams)
@@ -263,7 +267,7 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest, request_id: str) -> CompletionResponse:
         prompts = await self.prepare_completion(req)
         params = self.build_params(req, max(len(p.token_ids) for p in prompts), req.logprobs)
-        streams = self._submit(request_id, prompts, params, req.priority)
+        streams = self._submit(request_id, prompts, params, req.priority, req.cache_salt)
         tally = _Tally()
         try:
             finals = await asyncio.gather(*(_last_output(s) for s in streams))
@@ -296,7 +300,7 @@ class OpenAIServing:
         """Validates and submits first (errors raise before any byte), then returns the chunk generator."""
         prompts = await self.prepare_completion(req)
         params = self.build_params(req, max(len(p.token_ids) for p in prompts), req.logprobs)
-        streams = self._submit(request_id, prompts, params, req.priority)
+        streams = self._submit(request_id, prompts, params, req.priority, req.cache_salt)
         return _errors_in_band(self._completion_chunks(req, request_id, prompts, streams))
 
     async def _completion_chunks(
@@ -425,7 +429,7 @@ class OpenAIServing:
         prompt = await self.prepare_chat(req)
         k = self._chat_logprobs_k(req)
         params = self.build_params(req, len(prompt.token_ids), k)
-        streams = self._submit(request_id, [prompt], params, req.priority)
+        streams = self._submit(request_id, [prompt], params, req.priority, req.cache_salt)
         try:
             out = await _last_output(streams[0])
         finally:
@@ -454,7 +458,7 @@ class OpenAIServing:
         prompt = await self.prepare_chat(req)
         k = self._chat_logprobs_k(req)
         params = self.build_params(req, len(prompt.token_ids), k)
-        streams = self._submit(request_id, [prompt], params, req.priority)
+        streams = self._submit(request_id, [prompt], params, req.priority, req.cache_salt)
         return _errors_in_band(self._chat_chunks(req, request_id, prompt, streams, k))
 
     async def _chat_chunks(

@@ -150,3 +150,18 @@ def test_up_with_two_sim_replicas_behind_the_router():
             assert out.choices[0].message.content
     finally:
         assert _stop(proc) == 0
+
+
+def test_cache_salt_separates_prefix_caches(sim_server):
+    client = openai.OpenAI(base_url=sim_server.url + "/v1", api_key="x", max_retries=0)
+    prompt = f"salted prompt {time.time()} " * 8
+
+    def cached(salt: str | None) -> int:
+        extra = {"cache_salt": salt} if salt else {}
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body=extra)
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") > 0
+    assert cached("tenant-b") == 0
+    assert cached(None) == 0
