@@ -37,8 +37,18 @@ class _PrefillPlan:
 class TorchPagedAttention(AttentionBackend):
     name = "torch"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int):
-        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size)
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        block_size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device)
         self.group = num_heads // num_kv_heads
         self._write_blocks = torch.empty(0, dtype=torch.int64)
         self._write_offsets = torch.empty(0, dtype=torch.int64)
@@ -128,13 +138,14 @@ class TorchPagedAttention(AttentionBackend):
             keys = ctx[:, 0].reshape(-1, hkv, d)[: plan.seq_len]
             values = ctx[:, 1].reshape(-1, hkv, d)[: plan.seq_len]
             mask, causal = plan.mask, False
+        # 4-D inputs: torch's CPU flash kernel (tiled, no [H, T, T] score matrix) only takes batched inputs.
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
+            q.transpose(0, 1)[None],
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
             attn_mask=mask,
             is_causal=causal,
             scale=self.scale,
             enable_gqa=self.group > 1,
         )
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
