@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -50,8 +49,11 @@ class Proc:
     name: str
     url: str
     popen: subprocess.Popen
+    children: list[Proc] = field(default_factory=list)
 
     def stop(self) -> None:
+        for c in self.children:
+            c.stop()
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -91,18 +93,69 @@ def our_router(backends: list[str], policy: str, extra: list[str] | None = None,
     return spawn(f"router-{policy}", cmd + (extra or []), f"http://127.0.0.1:{port}")
 
 
-def sglang_router(backends: list[str], policy: str = "cache_aware") -> Proc | None:
-    if shutil.which("python") is None:
-        return None
+def sglang_router(backends: list[str], policy: str = "cache_aware", strip: bool = False) -> Proc | None:
     try:
         import sglang_router  # noqa: F401
     except ImportError:
         return None
+    shims: list[Proc] = []
+    if strip:
+        for i, b in enumerate(backends):
+            sp = free_port()
+            shims.append(spawn(f"shim{i}", [PY, __file__, "_strip", "--port", str(sp), "--upstream", b],
+                               f"http://127.0.0.1:{sp}"))  # fmt: skip
+        backends = [s.url for s in shims]
     port = free_port()
     cmd = [PY, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
            "--worker-urls", *backends, "--log-level", "warn", "--disable-retries",
            "--prometheus-port", str(free_port())]  # fmt: skip
-    return spawn(f"sglang-{policy}", cmd, f"http://127.0.0.1:{port}", health="/health", timeout=60)
+    proc = spawn(f"sglang-{policy}", cmd, f"http://127.0.0.1:{port}", health="/health", timeout=60)
+    proc.children = shims
+    return proc
+
+
+SGLANG_ONLY_FIELDS = ("no_stop_trim", "separate_reasoning", "stream_reasoning", "return_hidden_states",
+                      "skip_special_tokens", "continue_final_message", "logprobs")  # fmt: skip
+
+
+def run_strip_shim(port: int, upstream: str) -> None:
+    """sglang-router re-serializes requests with SGLang-only fields that our engines (OpenAI-strict) reject:
+    this pass-through drops them. It sits only on sglang-router's path and adds ~0.3 ms per request there."""
+    from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        for k in SGLANG_ONLY_FIELDS:
+            body.pop(k, None)
+        session: ClientSession = request.app["session"]
+        async with session.post(upstream + request.path, json=body) as up:
+            resp = web.StreamResponse(status=up.status, headers={"Content-Type": up.headers.get("Content-Type", "")})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def passthrough(request: web.Request) -> web.Response:
+        async with request.app["session"].get(upstream + request.path) as up:
+            return web.Response(status=up.status, body=await up.read(), content_type="application/json")
+
+    async def on_startup(app: web.Application) -> None:
+        app["session"] = ClientSession(connector=TCPConnector(limit=0), timeout=ClientTimeout(total=None))
+
+    app = web.Application()
+    app.on_startup.append(on_startup)
+    app.router.add_post("/v1/chat/completions", forward)
+    app.router.add_post("/v1/completions", forward)
+    for path in ("/health", "/v1/models", "/metrics", "/get_model_info", "/get_server_info"):
+        app.router.add_get(path, passthrough)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 def hardware() -> dict[str, Any]:
@@ -312,7 +365,7 @@ async def stream_chat(s: aiohttp.ClientSession, url: str, model: str, messages: 
 
 async def run_workload(url: str, engines: list[str], model: str, kind: str, rate: float, seed: int,
                        tenants: int, users: int, turns: int, system_words: int, max_tokens: int,
-                       uniform_requests: int, uniform_words: int) -> dict[str, Any]:  # fmt: skip
+                       uniform_requests: int, uniform_words: int, nonce: str = "") -> dict[str, Any]:  # fmt: skip
     rng = random.Random(seed)
     q0, h0 = await engine_counters(engines)
     ttfts: list[float] = []
@@ -340,7 +393,7 @@ async def run_workload(url: str, engines: list[str], model: str, kind: str, rate
                     conv.turns_left -= 1
 
         if kind == "multiturn":
-            systems = [words(random.Random(seed * 1000 + t), system_words) for t in range(tenants)]
+            systems = [f"{nonce} " + words(random.Random(seed * 1000 + t), system_words) for t in range(tenants)]
             convs = [Conversation(systems[t], u, turns) for t in range(tenants) for u in range(users)]
             total = len(convs) * turns
             for _ in range(total):
@@ -359,7 +412,7 @@ async def run_workload(url: str, engines: list[str], model: str, kind: str, rate
             total = uniform_requests
             for _ in range(total):
                 await asyncio.sleep(rng.expovariate(rate))
-                msgs = [{"role": "user", "content": words(rng, uniform_words)}]
+                msgs = [{"role": "user", "content": f"{nonce} " + words(rng, uniform_words)}]
                 tasks.append(asyncio.create_task(send(msgs, None)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t_start
@@ -396,35 +449,50 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
         ("oracle (longest cached prefix)", lambda b: our_router(b, "prefix", ["--balance-factor", "1e9"], args.model)),
     ]
     if not args.no_sglang:
-        contenders.append(("sglang-router cache_aware", lambda b: sglang_router(b)))
+        contenders.append(("sglang-router cache_aware", lambda b: sglang_router(b, strip=True)))
+    for extra in args.router_arg or []:  # extra variants of our prefix policy, e.g. "--load-floor 4"
+        contenders.append(
+            (f"prefix precise {extra}", lambda b, x=extra: our_router(b, "prefix", x.split(), args.model))
+        )
+    if args.only:
+        contenders = [c for c in contenders if any(o in c[0] for o in args.only)]
     out: dict[str, Any] = {}
-    for kind in ("multiturn", "uniform"):
-        desc = (f"{args.tenants} tenants x {args.users} users x {args.turns} turns, {args.system_words}-word system "
-                f"prompts, 30-word user turns, max_tokens {args.max_tokens}, Poisson {args.rate:g} req/s, seed "
-                f"{args.seed}") if kind == "multiturn" else (
-                f"{args.uniform_requests} requests of {args.uniform_words} random words, max_tokens "
-                f"{args.max_tokens}, Poisson {args.rate:g} req/s, seed {args.seed}")  # fmt: skip
-        out[kind] = {"workload": desc, "rows": {}}
-        for name, start in contenders:
-            engines = start_sim_engines(args.replicas, args.engine_arg or [])  # fresh caches for every contender
-            try:
-                router = start([e.url for e in engines])
-                if router is None:
-                    continue
+    # One fleet for every contender; each contender's prompts start with its own nonce word, so no contender
+    # finds blocks cached by an earlier one (their stale blocks are the first the engines' LRU evicts).
+    engines = [] if args.fresh_engines else start_sim_engines(args.replicas, args.engine_arg or [])
+    try:
+        for kind in ("multiturn", "uniform"):
+            desc = (f"{args.tenants} tenants x {args.users} users x {args.turns} turns, {args.system_words}-word "
+                    f"system prompts, 30-word user turns, max_tokens {args.max_tokens}, Poisson {args.rate:g} req/s, "
+                    f"seed {args.seed}, {args.replicas} sim replicas") if kind == "multiturn" else (
+                    f"{args.uniform_requests} requests of {args.uniform_words} random words, max_tokens "
+                    f"{args.max_tokens}, Poisson {args.rate:g} req/s, seed {args.seed}, "
+                    f"{args.replicas} sim replicas")  # fmt: skip
+            out[kind] = {"workload": desc, "rows": {}}
+            for k, (name, start) in enumerate(contenders):
+                fleet = start_sim_engines(args.replicas, args.engine_arg or []) if args.fresh_engines else engines
                 try:
-                    row = asyncio.run(run_workload(
-                        router.url, [e.url for e in engines], args.model, kind, args.rate, args.seed, args.tenants,
-                        args.users, args.turns, args.system_words, args.max_tokens, args.uniform_requests,
-                        args.uniform_words))  # fmt: skip
+                    router = start([e.url for e in fleet])
+                    if router is None:
+                        continue
+                    try:
+                        row = asyncio.run(run_workload(
+                            router.url, [e.url for e in fleet], args.model, kind, args.rate, args.seed, args.tenants,
+                            args.users, args.turns, args.system_words, args.max_tokens, args.uniform_requests,
+                            args.uniform_words, nonce=f"{kind}{k}"))  # fmt: skip
+                    finally:
+                        router.stop()
                 finally:
-                    router.stop()
-            finally:
-                for e in engines:
-                    e.stop()
-            out[kind]["rows"][name] = row
-            print(f"{kind:9s} {name:32s} hit {row['hit_rate']:.3f}  TTFT p50 {row['ttft_p50_ms']:8.1f} ms  "
-                  f"p90 {row['ttft_p90_ms']:8.1f} ms  {row['output_tok_s']:8.0f} tok/s  errors {row['errors']}",
-                  flush=True)  # fmt: skip
+                    if args.fresh_engines:
+                        for e in fleet:
+                            e.stop()
+                out[kind]["rows"][name] = row
+                print(f"{kind:9s} {name:32s} hit {row['hit_rate']:.3f}  TTFT p50 {row['ttft_p50_ms']:8.1f} ms  "
+                      f"p90 {row['ttft_p90_ms']:8.1f} ms  {row['output_tok_s']:8.0f} tok/s  errors {row['errors']}",
+                      flush=True)  # fmt: skip
+    finally:
+        for e in engines:
+            e.stop()
     return out
 
 
@@ -499,7 +567,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["overhead", "routing", "all", "_instant"])
+    p.add_argument("what", choices=["overhead", "routing", "all", "_instant", "_strip"])
+    p.add_argument("--upstream", default="")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--rate", type=float, default=None, help="req/s (overhead: 500; routing: 20)")
     p.add_argument("--duration", type=float, default=10.0)
@@ -514,10 +583,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform-requests", type=int, default=500)
     p.add_argument("--uniform-words", type=int, default=700)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", action="append", help="run only contenders whose name contains this (repeatable)")
+    p.add_argument("--router-arg", action="append", help="extra prefix-precise variant with these router flags")
+    p.add_argument("--fresh-engines", action="store_true", help="restart the replicas for every contender")
     p.add_argument("--engine-arg", action="append", help="extra flag for every `kubellm serve` (repeatable)")
     args = p.parse_args(argv)
     if args.what == "_instant":
         run_instant_backend(args.port)
+        return 0
+    if args.what == "_strip":
+        run_strip_shim(args.port, args.upstream)
         return 0
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(), "hardware": hardware()}
     if args.what in ("overhead", "all"):

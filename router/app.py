@@ -108,7 +108,7 @@ class Router:
             breaker_cooldown=config.breaker_cooldown,
             max_inflight=config.max_inflight_per_backend,
         )
-        self.policy = make_policy(config.policy, config.balance_factor)
+        self.policy = make_policy(config.policy, config.balance_factor, config.load_floor)
         self.index = PrefixIndex(config.approx_index_size, use_events=config.kv_events)
         self.hasher = PromptHasher(self._fetch_tokenizer_info)
         self.queue = WaitQueue(self.registry, self.metrics, config.queue_size, config.queue_timeout)

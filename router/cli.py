@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bounded loads: no replica takes more than ceil(c × mean in-flight)",
     )
     p.add_argument(
+        "--load-floor",
+        type=int,
+        default=4,
+        help="bounded loads bind only once a replica has more than this many requests in flight",
+    )
+    p.add_argument(
         "--api-key",
         action="append",
         default=None,
@@ -146,6 +152,7 @@ def config_from_args(argv: list[str]):  # -> RouterConfig (imported lazily: --he
         endpoint_port_name=a.endpoint_port_name,
         policy=a.policy,
         balance_factor=a.balance_factor,
+        load_floor=a.load_floor,
         api_keys=[k.strip() for k in keys],
         upstream_api_key=a.upstream_api_key,
         relist_period=a.relist_period,

@@ -24,12 +24,14 @@ __all__ = [
 ]
 
 
-def make_policy(policy: RoutingPolicy | str, balance_factor: float = DEFAULT_BALANCE_FACTOR) -> Policy:
+def make_policy(
+    policy: RoutingPolicy | str, balance_factor: float = DEFAULT_BALANCE_FACTOR, load_floor: int = 0
+) -> Policy:
     policy = RoutingPolicy(policy)
     if policy is RoutingPolicy.ROUND_ROBIN:
         return RoundRobinPolicy()
     if policy is RoutingPolicy.LEAST_LOAD:
         return LeastLoadPolicy()
     if policy is RoutingPolicy.SESSION:
-        return SessionPolicy(balance_factor)
-    return PrefixPolicy(balance_factor)
+        return SessionPolicy(balance_factor, load_floor)
+    return PrefixPolicy(balance_factor, load_floor)

@@ -34,15 +34,17 @@ class Decision:
     matched_blocks: int = 0
 
 
-def load_cap(candidates: Sequence[Candidate], balance_factor: float) -> int:
-    """Bounded loads: after this request no replica may hold more than ceil(c × mean in-flight)."""
+def load_cap(candidates: Sequence[Candidate], balance_factor: float, floor: int = 0) -> int:
+    """Bounded loads: after this request no replica may hold more than ceil(c × mean in-flight), or `floor`
+    requests when that is larger (one replica running 3 requests while another runs 1 is no imbalance worth
+    losing a cache hit over: an engine batches hundreds)."""
     total = sum(c.in_flight for c in candidates) + 1
-    return max(1, math.ceil(balance_factor * total / len(candidates)))
+    return max(1, floor, math.ceil(balance_factor * total / len(candidates)))
 
 
-def within_bound(candidates: Sequence[Candidate], balance_factor: float) -> list[Candidate]:
+def within_bound(candidates: Sequence[Candidate], balance_factor: float, floor: int = 0) -> list[Candidate]:
     """The replicas that may take one more request; never empty (the least loaded always fits)."""
-    cap = load_cap(candidates, balance_factor)
+    cap = load_cap(candidates, balance_factor, floor)
     eligible = [c for c in candidates if c.in_flight + 1 <= cap]
     return eligible or [min(candidates, key=lambda c: c.in_flight)]
 

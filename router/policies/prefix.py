@@ -17,13 +17,14 @@ from kubellm.routing import DEFAULT_BALANCE_FACTOR, RoutingPolicy
 class PrefixPolicy(Policy):
     name = RoutingPolicy.PREFIX
 
-    def __init__(self, balance_factor: float = DEFAULT_BALANCE_FACTOR) -> None:
+    def __init__(self, balance_factor: float = DEFAULT_BALANCE_FACTOR, load_floor: int = 0) -> None:
         super().__init__()
         self.balance_factor = balance_factor
+        self.load_floor = load_floor
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
         best_anywhere = max(c.matched_blocks for c in candidates)
-        eligible = within_bound(candidates, self.balance_factor)
+        eligible = within_bound(candidates, self.balance_factor, self.load_floor)
         pick = min(self._rotated(eligible), key=lambda c: (-c.matched_blocks, c.in_flight + c.waiting))
         if pick.matched_blocks < best_anywhere:
             reason = "load_spill"

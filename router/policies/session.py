@@ -21,15 +21,16 @@ def rendezvous_weight(session_key: str, backend_key: str) -> int:
 class SessionPolicy(Policy):
     name = RoutingPolicy.SESSION
 
-    def __init__(self, balance_factor: float = DEFAULT_BALANCE_FACTOR) -> None:
+    def __init__(self, balance_factor: float = DEFAULT_BALANCE_FACTOR, load_floor: int = 0) -> None:
         super().__init__()
         self.balance_factor = balance_factor
+        self.load_floor = load_floor
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
         if not request.session_key:
             return Decision(self._least_loaded(candidates).key, "no_session")
         key = request.session_key
         home = max(candidates, key=lambda c: rendezvous_weight(key, c.key))
-        eligible = within_bound(candidates, self.balance_factor)
+        eligible = within_bound(candidates, self.balance_factor, self.load_floor)
         pick = max(eligible, key=lambda c: rendezvous_weight(key, c.key))
         return Decision(pick.key, "session" if pick.key == home.key else "load_spill")
