@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import kubellm  # noqa: F401  (first: sets process-wide CPU threading defaults before torch loads)
+
 
 def _cuda_available() -> bool:
     try:
