@@ -82,3 +82,24 @@ def test_ci_runs_make_test_and_nothing_else():
     lines = [ln for ln in (REPO / ".ci/run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert any(ln.strip() == "make test" for ln in lines)
     assert all(ln.startswith(("set ", "cd ", "make test")) for ln in lines), lines
+
+
+def test_every_code_folder_is_a_listed_package():
+    """A wheel only carries listed packages: a new sub-folder must be added to pyproject's list."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    roots = {
+        "kubellm": "kubellm",
+        "engine": "kubellm.engine",
+        "router": "kubellm.router",
+        "operator": "kubellm.operator",
+    }
+    found = set()
+    for folder, package in roots.items():
+        for d in [REPO / folder, *(p for p in (REPO / folder).rglob("*") if p.is_dir())]:
+            if "__pycache__" in d.parts or not any(d.glob("*.py")):
+                continue
+            rel = d.relative_to(REPO / folder)
+            found.add(".".join([package, *rel.parts]))
+    assert found == listed
