@@ -87,34 +87,36 @@ async def test_async_chat_stream_equals_non_stream_seeded(aclient):
     assert usage is not None and usage.total_tokens == full.usage.total_tokens
 
 
-def test_seed_n_stop_logprobs(client):
-    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=1.0, seed=7, n=2)
-    a = client.completions.create(**kw)
-    b = client.completions.create(**kw)
-    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 2
-    greedy = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0)
-    text = greedy.choices[0].text
-    stop = text.strip().split()[1] if len(text.split()) > 1 else text[2:4]
-    stopped = client.completions.create(
-        model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stop=[stop]
+async def test_seed_n_stop_logprobs(aclient):
+    """Independent requests run concurrently (batched): CPU time is scarce, and results must not depend on it."""
+    prompt = "Once upon a time"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=1.0, seed=7, n=2)
+    a, b, greedy, lp, chat = await asyncio.gather(
+        aclient.completions.create(**kw),
+        aclient.completions.create(**kw),
+        aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0),
+        aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=3),
+        aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            logprobs=True,
+            top_logprobs=2,
+            temperature=0,
+        ),
     )
-    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
-    assert text.startswith(stopped.choices[0].text)
-    lp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0, logprobs=3)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 2
     lps = lp.choices[0].logprobs
     assert len(lps.tokens) == 4 and all(v <= 0 for v in lps.token_logprobs)
     assert all(len(t) == 3 for t in lps.top_logprobs)
-    chat = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=3,
-        logprobs=True,
-        top_logprobs=2,
-        temperature=0,
-    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and len(content[0].top_logprobs) == 2
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy picks the top token
+    text = greedy.choices[0].text
+    stop = text.strip().split()[1] if len(text.split()) > 1 else text[2:4]
+    stopped = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+    assert text.startswith(stopped.choices[0].text)
 
 
 def test_cached_tokens_on_repeated_prompt(client):
