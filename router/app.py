@@ -250,9 +250,11 @@ class Router:
         model = "unknown"
         try:
             raw, body = await self._read_body(request)
+            if not self.registry.knows_model(body.model):  # (its name never becomes a metric label)
+                raise RouterError(
+                    404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
+                )
             model = body.model
-            if not self.registry.knows_model(model):
-                raise RouterError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
             return await self._route(request, kind, raw, body, started)
         except RouterError as e:
             self.metrics.requests.labels(model, "", str(e.status)).inc()

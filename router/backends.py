@@ -169,6 +169,7 @@ class BackendRegistry:
 
     def release(self, b: Backend) -> None:
         b.in_flight -= 1
+        b.half_open_trial = False  # the trial's outcome (if any) was recorded; a cancelled one allows another
         if not b.removed:
             self.metrics.in_flight.labels(b.url).set(b.in_flight)
         if self._waiters:

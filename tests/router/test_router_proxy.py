@@ -386,3 +386,11 @@ async def test_a_thousand_concurrent_streams(engines):
     assert all(results)
     assert [len(e.received) for e in engines] == [500, 500]
     assert min(e.max_in_flight for e in engines) > 100  # many really were in flight together
+
+
+async def test_unknown_model_names_never_become_metric_labels(engines, http):
+    async with RouterServer(cfg(*engines)) as r:
+        for i in range(3):
+            await post_json(http, f"{r.url}/v1/chat/completions", {**CHAT, "model": f"random-{i}"})
+        text = await (await http.get(f"{r.url}/metrics")).text()
+    assert "random-" not in text

@@ -1,0 +1,95 @@
+"""Backend registry: discovery diffs, circuit breaker states, saturation, change notification."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from kubellm.router.backends import BackendRegistry, EndpointInfo, _metric_value
+from kubellm.router.metrics import RouterMetrics
+
+
+def registry(**kw) -> BackendRegistry:
+    return BackendRegistry(["m"], RouterMetrics(), **kw)
+
+
+def test_set_endpoints_adds_updates_and_removes():
+    reg = registry()
+    added, removed = [], []
+    reg.on_added.append(lambda b: added.append(b.url))
+    reg.on_removed.append(lambda b: removed.append(b.url))
+    reg.set_endpoints([EndpointInfo("http://a:1/"), EndpointInfo("http://b:1")])
+    assert added == ["http://a:1", "http://b:1"]
+    slot_a = reg.backends["http://a:1"].slot
+    reg.set_endpoints([EndpointInfo("http://a:1", ready=False), EndpointInfo("http://c:1")])
+    assert removed == ["http://b:1"] and reg.backends["http://a:1"].slot == slot_a
+    assert [b.url for b in reg.routable("m")[0]] == ["http://c:1"]
+    reg.set_endpoints([EndpointInfo("http://b:1")])
+    assert reg.backends["http://b:1"].slot not in (slot_a, 0, 1)  # slots are never reused
+
+
+def test_models_pinned_or_learned():
+    reg = registry()
+    reg.set_endpoints([EndpointInfo("http://a:1", models=frozenset({"x"})), EndpointInfo("http://b:1")])
+    assert [b.url for b in reg.routable("x")[0]] == ["http://a:1"]
+    assert [b.url for b in reg.routable("m")[0]] == ["http://b:1"]  # unknown models: serves the configured ones
+    reg.backends["http://b:1"].served_models = frozenset({"y"})
+    assert reg.knows_model("y") and not reg.knows_model("z") and reg.model_ids() == ["m", "x", "y"]
+
+
+def test_breaker_opens_half_opens_once_and_closes():
+    reg = registry(breaker_threshold=2, breaker_cooldown=0.05)
+    reg.set_endpoints([EndpointInfo("http://a:1")])
+    b = reg.backends["http://a:1"]
+    for _ in range(2):
+        reg.acquire(b)
+        reg.record_failure(b)
+        reg.release(b)
+    assert not b.takes_requests(time.monotonic())
+    time.sleep(0.06)
+    assert b.takes_requests(time.monotonic())  # half-open
+    reg.acquire(b)  # the trial
+    assert not b.takes_requests(time.monotonic())  # one trial at a time
+    reg.release(b)  # cancelled by its client: no verdict, another trial may go
+    assert b.takes_requests(time.monotonic())
+    reg.acquire(b)
+    reg.record_success(b)
+    reg.release(b)
+    assert b.breaker_open_until == 0 and b.takes_requests(time.monotonic())
+
+
+def test_connect_error_ejects_at_once():
+    reg = registry()
+    reg.set_endpoints([EndpointInfo("http://a:1")])
+    b = reg.backends["http://a:1"]
+    reg.record_failure(b, connect_error=True)
+    assert not b.healthy and reg.routable("m")[0] == []
+    reg.set_healthy(b, True)
+    assert reg.routable("m")[0] == [b]
+
+
+def test_saturation_is_reported():
+    reg = registry(max_inflight=1)
+    reg.set_endpoints([EndpointInfo("http://a:1")])
+    b = reg.backends["http://a:1"]
+    reg.acquire(b)
+    assert reg.routable("m") == ([], True)
+
+
+async def test_release_wakes_waiters():
+    reg = registry()
+    reg.set_endpoints([EndpointInfo("http://a:1")])
+    b = reg.backends["http://a:1"]
+    reg.acquire(b)
+    waiter = asyncio.create_task(reg.wait_changed(5))
+    await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    reg.release(b)
+    await waiter
+    assert time.monotonic() - t0 < 1
+
+
+def test_metric_parsing_sums_label_sets():
+    text = 'vllm:num_requests_waiting{model_name="a"} 2.0\nvllm:num_requests_waiting{model_name="b"} 3\nother 9\n'
+    assert _metric_value(text, "vllm:num_requests_waiting") == 5.0
+    assert _metric_value(text, "missing") is None
