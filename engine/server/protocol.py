@@ -55,6 +55,7 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
+    include_obfuscation: bool | None = None  # OpenAI's side-channel padding; nothing to obfuscate locally
 
 
 class _SamplingFields(_Request):

@@ -119,6 +119,21 @@ async def test_seed_n_stop_logprobs(aclient):
     assert text.startswith(stopped.choices[0].text)
 
 
+def test_sampling_extensions_reach_the_engine(client):
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_completion_tokens=4,
+        temperature=0.9,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        seed=11,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "min_tokens": 4, "ignore_eos": True},
+    )
+    assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
+
+
 def test_cached_tokens_on_repeated_prompt(client):
     prompt = "Kubernetes schedules pods onto nodes; the kubelet runs them and reports status back. " * 3
     first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
@@ -210,7 +225,8 @@ async def test_disconnect_mid_stream_frees_blocks(server):
         await asyncio.sleep(0.05)
     text = _metrics(server)
     assert _metric(text, mn.NUM_REQUESTS_RUNNING) == 0
-    assert 'finished_reason="abort"' in text
+    aborted = [ln for ln in text.splitlines() if ln.startswith(mn.REQUEST_SUCCESS + '_total{finished_reason="abort"')]
+    assert aborted and float(aborted[0].rsplit(" ", 1)[1]) >= 1
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     async with aiohttp.ClientSession() as s, s.post(server.url + "/v1/completions", json=body) as r:
         assert r.status == 200
@@ -277,7 +293,7 @@ def test_sigterm_lets_in_flight_finish_refuses_new_and_exits_zero(server):
         stream = c.completions.create(
             model=MODEL,
             prompt="Count slowly:",
-            max_tokens=40,
+            max_tokens=100,
             temperature=0,
             stream=True,
             extra_body={"ignore_eos": True},
