@@ -287,6 +287,8 @@ async def kv_events(request: web.Request) -> web.StreamResponse:
     _ready_serving(request)
     engine = request.app[ENGINE_KEY]
     state = request.app[STATE_KEY]
+    if state.draining:
+        raise APIError(503, "this replica is shutting down", code="draining")
     sub = await engine.subscribe_kv_events()
     state.kv_subscriptions.add(sub)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})

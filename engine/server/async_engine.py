@@ -301,8 +301,7 @@ class AsyncEngine:
         if engine.has_unfinished_requests():
             for out in engine.step():
                 stream = self._sinks.get(out.request_id)
-                if self._on_output is not None:
-                    self._on_output(out)
+                self._observe(out)
                 if stream is None:
                     continue
                 if out.finished:
@@ -313,6 +312,15 @@ class AsyncEngine:
                     batch.append((stream, _snapshot_output(out)))
         self._publish_kv_events(batch)
         self._post(batch, engine.stats(), added)
+
+    def _observe(self, out: Any) -> None:
+        """Metrics hook; observability must never take the engine down."""
+        if self._on_output is None:
+            return
+        try:
+            self._on_output(out)
+        except Exception:
+            logger.exception("metrics hook failed for request %s", getattr(out, "request_id", "?"))
 
     def _apply_add(self, cmd: _Add, batch: list[tuple[Any, Any]]) -> None:
         try:
@@ -341,11 +349,11 @@ class AsyncEngine:
         final = next((o for o in finals if o.request_id == request_id), None)
         if final is None:
             if self._on_abort is not None:
-                self._on_abort(request_id)
+                with contextlib.suppress(Exception):
+                    self._on_abort(request_id)
             batch.append((stream, Aborted()))
             return
-        if self._on_output is not None:
-            self._on_output(final)
+        self._observe(final)
         batch.append((stream, _snapshot_output(final)))
 
     def _apply_subscribe(self, sub: KVSubscription, batch: list[tuple[Any, Any]]) -> None:
