@@ -108,3 +108,10 @@ def test_serve_cli_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "bogus-key" in out.stderr and "Traceback" not in out.stderr
     out = _serve("--help")
     assert out.returncode == 0 and "--max-waiting-requests" in out.stdout and "--trust-remote-code" not in out.stdout
+
+
+def test_config_file_model_key_and_name_list(tmp_path):
+    path = _cfg(tmp_path, "model: smollm2-135m-instruct\nserved_model_name: [a, b]\nmax-model-len: 4K\n")
+    args, _ = parse_args(["--config", path])
+    assert args.engine.model.endswith(".gguf") and args.served_model_names == ["a", "b"]
+    assert args.engine.max_model_len == 4096
