@@ -6,20 +6,33 @@ gets back float32 logits for the sequences that sample this step, in batch order
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from kubellm.engine.attention import AttentionBackend, AttentionMetadata, kv_cache_shape, select_backend_class
 from kubellm.engine.config import EngineConfig
-from kubellm.engine.forward_batch import ForwardBatch
+from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 from kubellm.engine.loader import LoadedModel, parse_dtype
 from kubellm.engine.models import build_model
 
 logger = logging.getLogger(__name__)
+
+GRAPH_MAX_BATCH = 512  # larger decode batches run eagerly: launch overhead is small next to their work
+
+
+def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to max_num_seqs (capped): a padded batch wastes at most 7 rows."""
+    cap = max(1, min(max_num_seqs, GRAPH_MAX_BATCH))
+    sizes = [b for b in (1, 2, 4, 8) if b <= cap] + list(range(16, cap + 1, 8))
+    if sizes[-1] != cap:
+        sizes.append(cap)
+    return sizes
 
 
 def available_cpus() -> int:
@@ -79,10 +92,28 @@ class ModelRunner:
         c = loaded.config
         backend_cls = select_backend_class(config.attention_backend, self.device)
         self.attn: AttentionBackend = backend_cls(
-            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5, config.block_size
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.head_dim**-0.5,
+            config.block_size,
+            dtype=self.dtype,
+            device=self.device,
         )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        # CUDA graphs for decode: padded rows write into one extra block the scheduler never hands out.
+        self.use_cuda_graphs = (
+            self.device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs
+        )
+        self.dummy_block = -1
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_sizes: list[int] = []
+        self._graph_inputs = torch.empty(0)
+        self.graph_capture_seconds = 0.0
+        self.graph_replays = 0
+        self.memory_profile: dict[str, float] = {}
 
     def kv_cache_bytes_per_block(self) -> int:
         c = self.model_config
@@ -94,12 +125,56 @@ class ModelRunner:
         forward at the token budget; None on CPU (the engine then uses an explicit byte budget)."""
         if self.device.type != "cuda":
             return None
+        weights = torch.cuda.memory_allocated(self.device)
+        self.profile_run()
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, cuBLAS, NCCL...
         peak = torch.cuda.max_memory_allocated(self.device)
         budget = int(total * self.config.gpu_memory_utilization) - used_by_others - peak
+        if self.use_cuda_graphs:
+            budget -= self.kv_cache_bytes_per_block()  # the dummy block
+        gib = 2**30
+        self.memory_profile = {
+            "total_gib": total / gib,
+            "weights_gib": weights / gib,
+            "peak_forward_gib": peak / gib,
+            "non_torch_gib": used_by_others / gib,
+            "kv_budget_gib": max(budget, 0) / gib,
+        }
+        logger.info(
+            "memory profile: %.1f GiB total x %.2f; weights %.2f GiB, peak with a %d-token forward %.2f GiB, "
+            "outside torch %.2f GiB -> KV cache budget %.2f GiB",
+            total / gib, self.config.gpu_memory_utilization, weights / gib, self.config.max_num_batched_tokens,
+            peak / gib, used_by_others / gib, max(budget, 0) / gib,
+        )  # fmt: skip
         return max(budget, 0)
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """One forward at the token budget (split over up to max_num_seqs sequences, each sampling, plus one
+        softmax-sized temporary for the sampler), so the KV pool is sized from the measured activation peak."""
+        c = self.model_config
+        bs = self.block_size
+        tokens = max(1, min(self.config.max_num_batched_tokens, self.max_model_len))
+        n_seqs = max(1, min(self.config.max_num_seqs, tokens))
+        lens = [tokens // n_seqs + (1 if i < tokens % n_seqs else 0) for i in range(n_seqs)]
+        seqs, next_block = [], 0
+        for i, n in enumerate(lens):
+            pages = -(-n // bs)
+            seqs.append(ScheduledSeq(f"profile-{i}", [0] * n, 0, list(range(next_block, next_block + pages)), True))
+            next_block += pages
+        # One small cache shared by every layer: the pool itself is what this run sizes.
+        cache = torch.zeros(
+            kv_cache_shape(next_block, bs, c.num_key_value_heads, c.head_dim), dtype=self.dtype, device=self.device
+        )
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        logits = self._forward(ForwardBatch(seqs), [cache] * c.num_hidden_layers)
+        torch.softmax(logits, dim=-1)
+        torch.cuda.synchronize(self.device)
+        del cache, logits
+        torch.cuda.empty_cache()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One zeroed tensor per layer, [num_blocks, 2, block_size, kv_heads, head_dim]. Zeroed, not empty:
@@ -107,16 +182,85 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         c = self.model_config
-        shape = kv_cache_shape(num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        physical = num_blocks + 1 if self.use_cuda_graphs else num_blocks
+        shape = kv_cache_shape(physical, self.block_size, c.num_key_value_heads, c.head_dim)
+        self._graphs = {}  # graphs captured the old pool's addresses
         self.kv_caches = []  # free the old pool before allocating the new one
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
         self.num_blocks = num_blocks
+        self.dummy_block = num_blocks if self.use_cuda_graphs else -1
         logger.info(
-            "KV cache: %d blocks of %d tokens, %.1f MiB",
+            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB",
             num_blocks,
             self.block_size,
+            num_blocks * self.block_size,
             num_blocks * self.kv_cache_bytes_per_block() / 2**20,
         )
+        if self.use_cuda_graphs:
+            self.capture_cuda_graphs()
+
+    # ---- CUDA graphs for decode ----------------------------------------------------------------
+    def _graph_body(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        self.attn.set_slots(slots)  # type: ignore[attr-defined]
+        return self.model(ids, pos, self.kv_caches, self.attn)
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Capture the decode forward (without the LM head) once per batch size, largest first so every
+        smaller graph reuses the largest one's memory pool. Rows are padded to the captured size."""
+        start = time.perf_counter()
+        sizes = cuda_graph_batch_sizes(self.config.max_num_seqs)
+        max_pages = min(-(-self.max_model_len // self.block_size), self.num_blocks)
+        self.attn.init_cuda_graphs(sizes, max_pages)  # type: ignore[attr-defined]
+        self._graph_inputs = torch.zeros((3, sizes[-1]), dtype=torch.int64, device=self.device)  # ids, pos, slots
+        self._graph_inputs[2].fill_(self.dummy_block * self.block_size)
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(sizes):
+            ids, pos, slots = self._graph_inputs[:, :b]
+            self.attn.begin_graph_step(b, [1] * b, [[self.dummy_block]] * b)  # type: ignore[attr-defined]
+            self._graph_body(ids, pos, slots)  # warm-up outside the capture (lazy inits, autotuning)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self._graph_body(ids, pos, slots)
+            self._graphs[b] = (graph, hidden)
+        torch.cuda.synchronize(self.device)
+        self._graph_sizes = sizes
+        self.graph_capture_seconds = time.perf_counter() - start
+        logger.info(
+            "CUDA graphs: captured decode for %d batch sizes (%d..%d) in %.1fs",
+            len(sizes), sizes[0], sizes[-1], self.graph_capture_seconds,
+        )  # fmt: skip
+
+    def _execute_graph(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """Replay the smallest captured decode graph that holds the batch; None when it does not apply."""
+        seqs = batch.seqs
+        n = len(seqs)
+        if not self._graphs or n > self._graph_sizes[-1] or any(len(s.token_ids) != 1 for s in seqs):
+            return None
+        b = self._graph_sizes[bisect.bisect_left(self._graph_sizes, n)]
+        bs, pad = self.block_size, b - n
+        seq_lens = [s.start_pos + 1 for s in seqs] + [1] * pad
+        if not self.attn.graph_fits(seq_lens):  # type: ignore[attr-defined]
+            return None
+        dummy_slot = self.dummy_block * bs
+        host = torch.tensor(
+            [
+                [s.token_ids[0] for s in seqs] + [0] * pad,
+                [s.start_pos for s in seqs] + [0] * pad,
+                [s.block_ids[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs] + [dummy_slot] * pad,
+            ],
+            dtype=torch.int64,
+        )
+        self._graph_inputs[:, :b].copy_(host, non_blocking=True)
+        tables = [s.block_ids for s in seqs] + [[self.dummy_block]] * pad
+        self.attn.begin_graph_step(b, seq_lens, tables)  # type: ignore[attr-defined]
+        graph, hidden = self._graphs[b]
+        graph.replay()
+        self.graph_replays += 1
+        rows = [i for i, s in enumerate(seqs) if s.needs_logits]
+        if len(rows) == n:
+            return self.model.compute_logits(hidden[:n])
+        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
@@ -127,9 +271,18 @@ class ModelRunner:
         if not self.kv_caches:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
         for seq in batch.seqs:
-            bad = [b for b in seq.block_ids if not 0 <= b < self.num_blocks]
-            if bad:
+            if seq.block_ids and (min(seq.block_ids) < 0 or max(seq.block_ids) >= self.num_blocks):
+                bad = [b for b in seq.block_ids if not 0 <= b < self.num_blocks]
                 raise ValueError(f"request {seq.request_id}: block ids {bad[:4]} outside the pool of {self.num_blocks}")
+        if self._graphs:
+            logits = self._execute_graph(batch)
+            if logits is not None:
+                return logits
+        return self._forward(batch, self.kv_caches)
+
+    def _forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """The eager path: plan attention for this batch, run the model, project the sampling rows."""
+        vocab = self.model_config.vocab_size
         meta = AttentionMetadata.from_batch(batch, self.block_size, self.device)
         input_ids = torch.tensor([t for s in batch.seqs for t in s.token_ids], dtype=torch.int64)
         sample_rows, end = [], 0
@@ -138,7 +291,7 @@ class ModelRunner:
             if seq.needs_logits:
                 sample_rows.append(end - 1)
         self.attn.begin_step(meta)
-        hidden = self.model(input_ids.to(self.device, non_blocking=True), meta.positions, self.kv_caches, self.attn)
+        hidden = self.model(input_ids.to(self.device, non_blocking=True), meta.positions, kv_caches, self.attn)
         if not sample_rows:
             return torch.empty((0, vocab), dtype=torch.float32, device=self.device)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)

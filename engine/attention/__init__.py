@@ -18,12 +18,12 @@ def select_backend_class(name: str, device: torch.device) -> type[AttentionBacke
         raise ValueError(f"unknown attention backend {name!r}; choose auto, torch or flashinfer")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchPagedAttention
+    if device.type != "cuda":  # checked before importing: flashinfer is imported only on CUDA
+        raise ValueError("attention backend 'flashinfer' needs a CUDA device")
     try:
         module = importlib.import_module(f"{__name__}.flashinfer_backend")
     except ImportError as e:
         if name == "auto":
             return TorchPagedAttention
         raise ValueError(f"attention backend 'flashinfer' is not available: {e}") from e
-    if device.type != "cuda":
-        raise ValueError("attention backend 'flashinfer' needs a CUDA device")
     return module.FlashInferAttention

@@ -108,8 +108,20 @@ class AttentionBackend(ABC):
     """Paged attention over the engine's KV cache; one instance serves all layers of one model."""
 
     name: str = "base"
+    supports_cuda_graphs: bool = False  # True: init_cuda_graphs / begin_graph_step / set_slots exist
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        block_size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        """`dtype`/`device`: the model's; a backend that allocates buffers or plans kernels up front needs them."""
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

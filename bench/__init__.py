@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.offline` (engine on a GPU), `python bench/router.py` (router)."""

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one script for a bare GPU machine (no network): install flashinfer and the few missing wheels carried in
+# .gpu/whl, restore prebuilt flashinfer kernels, run the gpu-marked tests and/or the offline benchmark, and pack
+# any kernel built here for the next run. Everything it writes lands in $OUT.
+#
+#   bench/gpu_run.sh test|bench|all [args for python -m bench.offline]
+#
+# Kernels: flashinfer loads a module without building when <pkg>/data/aot/<name>/<name>.so exists, so prebuilt
+# .so files (from .gpu/kcache/*.tgz, or a ~/.cache/flashinfer restored by .gpu/kernel-cache.sh) are copied there.
+# They can be built on a machine without a GPU: docker/warm_flashinfer.py with FLASHINFER_CUDA_ARCH_LIST=9.0a.
+# TIME_LIMIT (s, default 540) bounds the whole script: the benchmark gets what the tests leave.
+set -uo pipefail
+mode=${1:-all}
+shift || true
+OUT=${OUT:-/tmp/kubellm-out}
+TIME_LIMIT=${TIME_LIMIT:-540}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+site=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .gpu/whl/*.whl || exit 1
+export PYTHONPATH="$site:$PWD"
+aot="$site/flashinfer/data/aot"
+mkdir -p "$aot"
+if ls .gpu/kcache/fi-cache.tgz.* >/dev/null 2>&1; then bash .gpu/kernel-cache.sh unpack .gpu/kcache; fi
+for tgz in .gpu/kcache/*.tgz; do [ -f "$tgz" ] && tar -C "$aot" -xzf "$tgz"; done
+for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
+  [ -f "$so" ] || continue
+  name=$(basename "$(dirname "$so")")
+  mkdir -p "$aot/$name" && cp -n "$so" "$aot/$name/"
+done
+echo "prebuilt flashinfer kernels: $(ls "$aot" | wc -l)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+git rev-parse HEAD 2>/dev/null | sed 's/^/git commit /'
+git status --short 2>/dev/null | head -20
+
+rc=0
+if [ "$mode" = test ] || [ "$mode" = all ]; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
+    tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py 2>&1 | tee "$OUT/gpu-tests.log"
+  rc=${PIPESTATUS[0]}
+fi
+if [ "$mode" = bench ] || [ "$mode" = all ]; then
+  left=$((TIME_LIMIT - SECONDS - 30))
+  python3 -m bench.offline --out-dir "$OUT" --deadline-s "$left" "$@" 2>&1 | tee "$OUT/bench.log"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+
+# Kernels built on this machine (JIT) travel back as one small archive of .so files in the AOT layout.
+staging=$(mktemp -d)
+for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
+  [ -f "$so" ] || continue
+  name=$(basename "$(dirname "$so")")
+  mkdir -p "$staging/$name" && cp "$so" "$staging/$name/"
+done
+if [ -n "$(ls "$staging")" ]; then tar -C "$staging" -czf "$OUT/kcache-built-here.tgz" . && ls -la "$OUT"; fi
+exit "$rc"

@@ -1,0 +1,152 @@
+"""CUDA paged attention through flashinfer, over the engine's NHD paged cache [num_blocks, 2, block_size, Hkv, D].
+
+Imported only when a CUDA backend is selected (it imports flashinfer at module level). Per step the backend
+plans one flashinfer wrapper on the host lists of `AttentionMetadata` — decode-only steps take the decode
+wrapper, any step holding a prefill chunk takes the prefill wrapper (which handles query-length-1 rows too,
+so a mixed batch is one call per layer) — and every layer reuses that plan. New K/V are written with one
+`index_copy_` each into a flat view of the cache, from rows derived once per step from the slot mapping.
+
+CUDA graphs: `init_cuda_graphs` makes one decode wrapper per captured batch size, in flashinfer's CUDA-graph
+mode (fixed indptr/indices/last-page-length buffers, shared by all sizes since one graph runs at a time);
+`begin_graph_step` plans the padded batch into those buffers right before the graph is replayed.
+"""
+
+from __future__ import annotations
+
+import flashinfer
+import torch
+
+from .base import AttentionBackend, AttentionMetadata
+
+WORKSPACE_BYTES = 128 * 1024 * 1024  # flashinfer's recommended float workspace (split-k partial results)
+# FA2 prefill kernels, also on Hopper: at the context lengths served here attention is a few percent of a
+# prefill step's FLOPs (the weight GEMMs are the rest), so FA3 would gain little and cost one more kernel
+# family to build per head size (FA3 also needs curand headers at build time).
+PREFILL_BACKEND = "fa2"
+
+
+def paged_kv_layout(
+    seq_lens: list[int], block_tables: list[list[int]], block_size: int
+) -> tuple[list[int], list[int], list[int]]:
+    """flashinfer's page-table triple for sequences of `seq_lens` tokens: (indptr, indices, last_page_len)."""
+    indptr = [0]
+    indices: list[int] = []
+    last: list[int] = []
+    for n, table in zip(seq_lens, block_tables, strict=True):
+        pages = -(-n // block_size)
+        indices.extend(table[:pages])
+        indptr.append(indptr[-1] + pages)
+        last.append(n - (pages - 1) * block_size)
+    return indptr, indices, last
+
+
+def _i32(values: list[int]) -> torch.Tensor:
+    # Host tensors: flashinfer's planners read them on the CPU anyway and copy them to the device once.
+    return torch.tensor(values, dtype=torch.int32)
+
+
+class FlashInferAttention(AttentionBackend):
+    name = "flashinfer"
+    supports_cuda_graphs = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        block_size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        use_tensor_cores: bool | None = None,
+        prefill_backend: str = PREFILL_BACKEND,
+    ):
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device)
+        self.dtype = dtype or torch.bfloat16
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"the flashinfer backend runs in bfloat16 or float16, not {self.dtype}")
+        self.device = torch.device(device or "cuda")
+        # Tensor-core decode (flashinfer's prefill kernel with q_len 1) wins once a KV head serves >= 4 queries.
+        group = num_heads // num_kv_heads
+        self.use_tensor_cores = group >= 4 if use_tensor_cores is None else use_tensor_cores
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores
+        )
+        self._graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self._wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper | flashinfer.BatchPrefillWithPagedKVCacheWrapper
+        self._wrapper = self._decode
+        self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._v_rows = self._k_rows
+
+    # ---- per-step planning -------------------------------------------------------------------
+    def _plan_args(self) -> dict:
+        return {"q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale}
+
+    def begin_step(self, meta: AttentionMetadata) -> None:
+        indptr, indices, last = paged_kv_layout(meta.seq_lens_list, meta.block_tables_list, self.block_size)
+        h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
+        if meta.is_decode_only:
+            self._decode.plan(_i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, **self._plan_args())
+            self._wrapper = self._decode
+        else:
+            qo = [0]
+            for n in meta.query_lens_list:
+                qo.append(qo[-1] + n)
+            self._prefill.plan(
+                _i32(qo), _i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, causal=True, **self._plan_args()
+            )
+            self._wrapper = self._prefill
+        self.set_slots(meta.slot_mapping)
+
+    def set_slots(self, slot_mapping: torch.Tensor) -> None:
+        """Rows of each new token's K and V in the cache viewed as [num_blocks * 2 * block_size, Hkv, D].
+        Plain tensor ops, so a CUDA graph captures them and recomputes them from a static slot buffer."""
+        bs = self.block_size
+        self._k_rows = torch.div(slot_mapping, bs, rounding_mode="floor") * bs + slot_mapping
+        self._v_rows = self._k_rows + bs
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    def init_cuda_graphs(self, batch_sizes: list[int], max_pages_per_seq: int) -> None:
+        """One CUDA-graph-mode decode wrapper per batch size, over shared fixed page-table buffers."""
+        max_bs = max(batch_sizes)
+        indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        indices = torch.zeros(max_bs * max_pages_per_seq, dtype=torch.int32, device=self.device)
+        last = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
+        self._graph_pages = indices.numel()
+        for b in batch_sizes:
+            self._graph_decode[b] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=self.use_tensor_cores,
+                paged_kv_indptr_buffer=indptr[: b + 1],
+                paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last[:b],
+            )
+
+    def graph_fits(self, seq_lens: list[int]) -> bool:
+        """Whether the padded batch's page table fits the fixed buffers (else the step runs eagerly)."""
+        return sum(-(-n // self.block_size) for n in seq_lens) <= self._graph_pages
+
+    def begin_graph_step(self, batch_size: int, seq_lens: list[int], block_tables: list[list[int]]) -> None:
+        """Plan the graph wrapper of `batch_size` (rows already padded by the caller) before capture or replay."""
+        indptr, indices, last = paged_kv_layout(seq_lens, block_tables, self.block_size)
+        wrapper = self._graph_decode[batch_size]
+        h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
+        wrapper.plan(_i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, **self._plan_args())
+        self._wrapper = wrapper
+
+    # ---- per layer ---------------------------------------------------------------------------
+    def forward(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        flat = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat.index_copy_(0, self._k_rows, k)
+        flat.index_copy_(0, self._v_rows, v)
+        return self._wrapper.run(q, kv_cache)
+
+
+__all__ = ["FlashInferAttention", "paged_kv_layout"]
