@@ -18,7 +18,9 @@ import torch
 
 from .base import AttentionBackend, AttentionMetadata
 
-WORKSPACE_BYTES = 128 * 1024 * 1024  # flashinfer's recommended float workspace (split-k partial results)
+# flashinfer's float workspace (split-k partial results): tensor-core decode of a 512-row CUDA graph needs
+# ~170 MB, more than the 128 MB flashinfer suggests.
+WORKSPACE_BYTES = 512 * 1024 * 1024
 # FA2 prefill kernels, also on Hopper: at the context lengths served here attention is a few percent of a
 # prefill step's FLOPs (the weight GEMMs are the rest), so FA3 would gain little and cost one more kernel
 # family to build per head size (FA3 also needs curand headers at build time).

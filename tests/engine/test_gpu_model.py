@@ -27,9 +27,11 @@ def loaded():
     pytest.importorskip("flashinfer")
     from kubellm.engine.random_model import SMOLLM2_135M, RandomWeights, random_loaded_model
 
-    model = random_loaded_model(SMOLLM2_135M, torch.float32, "cpu", seed=0, std=0.04, embed_std=0.2)
-    # Materialise once on the CPU: both paths load the very same numbers.
-    model.weights = dict(RandomWeights(SMOLLM2_135M, torch.float32, "cpu", seed=0, std=0.04, embed_std=0.2).items())
+    model = random_loaded_model(SMOLLM2_135M, torch.float32, "cpu", seed=0, std=0.02, embed_std=0.2)
+    # Materialise once on the CPU, rounded to bf16: both paths load the very same numbers, so what differs is
+    # the GPU path's bf16 arithmetic, not weight rounding.
+    weights = RandomWeights(SMOLLM2_135M, torch.float32, "cpu", seed=0, std=0.02, embed_std=0.2)
+    model.weights = {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
     return model
 
 
@@ -78,10 +80,15 @@ def test_gpu_logits_match_cpu_reference_teacher_forced(loaded):
     cpu_runner = _runner(loaded, "cpu")
     for label, fn in (("prefill, all positions", _all_positions), ("prefill + decode", _teacher_forced)):
         gpu, cpu = fn(gpu_runner, tokens), fn(cpu_runner, tokens)
+        gpu, cpu = gpu.reshape(-1, gpu.shape[-1]), cpu.reshape(-1, cpu.shape[-1])
         rel = ((gpu - cpu).norm(dim=-1) / cpu.norm(dim=-1)).max().item()
-        agree = (gpu.argmax(-1) == cpu.argmax(-1)).float().mean().item()
+        # Argmax only where the reference is decided: random weights give many near-ties.
+        top2 = cpu.topk(2, dim=-1).values
+        decided = (top2[:, 0] - top2[:, 1]) > 0.1
+        agree = (gpu.argmax(-1) == cpu.argmax(-1))[decided].float().mean().item()
         print(
-            f"{label}: {gpu.numel() // gpu.shape[-1]} rows, max relative L2 error {rel:.4f}, argmax agree {agree:.4f}"
+            f"{label}: {gpu.shape[0]} rows, max relative L2 error {rel:.4f}, "
+            f"argmax agreement {agree:.4f} on the {int(decided.sum())} rows with a top-2 gap > 0.1"
         )
         assert rel < 0.05, f"{label}: GPU logits differ from the CPU reference: relative error {rel:.4f}"
         assert agree > 0.95, label
