@@ -461,7 +461,7 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
     # finds blocks cached by an earlier one (their stale blocks are the first the engines' LRU evicts).
     engines = [] if args.fresh_engines else start_sim_engines(args.replicas, args.engine_arg or [])
     try:
-        for kind in ("multiturn", "uniform"):
+        for kind in ("multiturn",) if args.skip_uniform else ("multiturn", "uniform"):
             desc = (f"{args.tenants} tenants x {args.users} users x {args.turns} turns, {args.system_words}-word "
                     f"system prompts, 30-word user turns, max_tokens {args.max_tokens}, Poisson {args.rate:g} req/s, "
                     f"seed {args.seed}, {args.replicas} sim replicas") if kind == "multiturn" else (
@@ -500,7 +500,7 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
 def write_results(results: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = datetime.now(UTC).strftime("%Y-%m-%d")
-    path = RESULTS / f"router-{date}.json"
+    path = RESULTS / f"router-{date}{results.get('suffix', '')}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = [f"# Router benchmark, {date}", "", f"Hardware: {results['hardware']}", ""]
     if "overhead" in results:
@@ -585,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", action="append", help="run only contenders whose name contains this (repeatable)")
     p.add_argument("--router-arg", action="append", help="extra prefix-precise variant with these router flags")
+    p.add_argument("--skip-uniform", action="store_true")
+    p.add_argument("--out-suffix", default="", help="results file suffix, e.g. -kvpressure")
     p.add_argument("--fresh-engines", action="store_true", help="restart the replicas for every contender")
     p.add_argument("--engine-arg", action="append", help="extra flag for every `kubellm serve` (repeatable)")
     args = p.parse_args(argv)
@@ -594,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "_strip":
         run_strip_shim(args.port, args.upstream)
         return 0
-    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(), "hardware": hardware()}
+    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(), "hardware": hardware(), "suffix": args.out_suffix}
+    if args.engine_arg:
+        results["engine_args"] = args.engine_arg
     if args.what in ("overhead", "all"):
         results["overhead"] = bench_overhead(args.rate or 500.0, args.duration, not args.no_sglang)
     if args.what in ("routing", "all"):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +47,60 @@ def text_block_hashes(text: str, extra: str = "", block_chars: int = TEXT_BLOCK_
     return out
 
 
-def prompt_token_ids(renderer: PromptRenderer, kind: str, body: dict[str, Any]) -> list[int] | None:
+class SegmentCache:
+    """Tokenizes text piecewise between special added tokens, caching the pieces.
+
+    A Hugging Face tokenizer splits its input on added tokens first and encodes the pieces between them
+    independently, so encoding piece by piece gives the same ids. Chat templates put special tokens between
+    messages, so the repeated part of a conversation (the system prompt, earlier turns) is a cache hit and only
+    the new turn is tokenized: the router's main per-request cost under the prefix policy. Used only when the
+    tokenizer's added tokens have no strip/single-word rules and a self-check on the live tokenizer agrees.
+    """
+
+    MIN_CACHED_CHARS = 256
+
+    def __init__(self, renderer: PromptRenderer, max_entries: int = 2048):
+        self.renderer = renderer
+        self.max_entries = max_entries
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        tok = renderer.tokenizer
+        added = tok.get_added_tokens_decoder()
+        self.enabled = bool(added) and all(
+            not (a.lstrip or a.rstrip or a.single_word or a.normalized) for a in added.values()
+        )
+        self._ids = {a.content: i for i, a in added.items()}
+        contents = sorted(self._ids, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(c) for c in contents) + ")") if contents else None
+        if self.enabled:
+            sample = "".join(f"{c} hello  world\n\t é {c}x" for c in contents[:8]) + " tail  "
+            self.enabled = self.encode(sample) == tok.encode(sample, add_special_tokens=False).ids
+            self._cache.clear()
+
+    def encode(self, text: str) -> list[int]:
+        if not self.enabled or self._split is None:
+            return self.renderer.encode(text, add_special_tokens=False)
+        out: list[int] = []
+        tok, cache = self.renderer.tokenizer, self._cache
+        for i, piece in enumerate(self._split.split(text)):
+            if i % 2:
+                out.append(self._ids[piece])
+            elif piece:
+                ids = cache.get(piece)
+                if ids is None:
+                    ids = tok.encode(piece, add_special_tokens=False).ids
+                    if len(piece) >= self.MIN_CACHED_CHARS:
+                        cache[piece] = ids
+                        if len(cache) > self.max_entries:
+                            cache.popitem(last=False)
+                else:
+                    cache.move_to_end(piece)
+                out.extend(ids)
+        return out
+
+
+def prompt_token_ids(
+    renderer: PromptRenderer, kind: str, body: dict[str, Any], segments: SegmentCache | None = None
+) -> list[int] | None:
     """The token ids the engine will compute for this request, or None when it cannot be known."""
     if kind == "chat":
         messages = body.get("messages")
@@ -60,7 +115,7 @@ def prompt_token_ids(renderer: PromptRenderer, kind: str, body: dict[str, Any]) 
             cut = text.rfind(msgs[-1]["content"])
             if cut >= 0:
                 text = text[: cut + len(msgs[-1]["content"])]
-        return renderer.encode(text, add_special_tokens=False)
+        return segments.encode(text) if segments is not None else renderer.encode(text, add_special_tokens=False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt:
         prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
@@ -100,6 +155,7 @@ class PromptHasher:
     def __init__(self, fetch_info: Callable[[str], Awaitable[TokenizerInfo | None]]):
         self._fetch_info = fetch_info
         self._renderers: dict[str, PromptRenderer] = {}
+        self._segments: dict[str, SegmentCache] = {}
         self._loading: dict[str, asyncio.Task[PromptRenderer | None]] = {}
         self._failed_at: dict[str, float] = {}
         self.block_sizes: dict[str, int] = {}
@@ -127,7 +183,9 @@ class PromptHasher:
                 self._failed_at[model] = time.monotonic()
                 return None
             # building a tokenizer from a multi-MB tokenizer.json takes a while: keep the event loop free
-            r = self._renderers[model] = await asyncio.to_thread(PromptRenderer, info)
+            r = await asyncio.to_thread(PromptRenderer, info)
+            self._segments[model] = await asyncio.to_thread(SegmentCache, r)
+            self._renderers[model] = r
             log.info("tokenizer for model %s loaded from a replica", model)
             return r
         except Exception as e:  # any failure leaves us on text hashing, retried later
@@ -138,6 +196,7 @@ class PromptHasher:
             self._loading.pop(model, None)
 
     def set_renderer(self, model: str, renderer: PromptRenderer) -> None:
+        self._segments[model] = SegmentCache(renderer)
         self._renderers[model] = renderer
 
     async def key(self, model: str, kind: str, body: dict[str, Any]) -> PromptKey:
@@ -150,7 +209,7 @@ class PromptHasher:
                 if _size_hint(kind, body) > _THREAD_ABOVE_CHARS:  # a long prompt: tokenize off the event loop
                     hashes = await asyncio.to_thread(_token_hashes, renderer, kind, body, bs, extra)
                 else:
-                    hashes = _token_hashes(renderer, kind, body, bs, extra)
+                    hashes = _token_hashes(renderer, kind, body, bs, extra, self._segments.get(model))
             except Exception as e:  # a template error is the engine's to report; we only lose affinity
                 log.debug("could not render prompt for routing: %s", e)
                 hashes = None
@@ -175,7 +234,12 @@ def _size_hint(kind: str, body: dict[str, Any]) -> int:
 
 
 def _token_hashes(
-    renderer: PromptRenderer, kind: str, body: dict[str, Any], block_size: int, extra: str
+    renderer: PromptRenderer,
+    kind: str,
+    body: dict[str, Any],
+    block_size: int,
+    extra: str,
+    segments: SegmentCache | None = None,
 ) -> list[int] | None:
-    ids = prompt_token_ids(renderer, kind, body)
+    ids = prompt_token_ids(renderer, kind, body, segments)
     return None if ids is None else hash_blocks(ids, block_size, extra)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from router_fake_engine import word_tokenizer_info, words
 
 from kubellm.block_hash import hash_blocks
 from kubellm.prompt import PromptRenderer
-from kubellm.router.tokenization import PromptHasher, prompt_token_ids, text_block_hashes
+from kubellm.router.tokenization import PromptHasher, SegmentCache, prompt_token_ids, text_block_hashes
 
 R = PromptRenderer(word_tokenizer_info())
 
@@ -45,3 +47,48 @@ async def test_hasher_uses_salt_block_size_and_falls_back_to_text():
     assert not fallback.exact and fallback.hashes == text_block_hashes(words(0, 64))
     big = {"prompt": words(0, 8000)}  # long prompts are tokenized off the event loop, same result
     assert (await h.key("m", "completion", big)).hashes == hash_blocks(R.encode(words(0, 8000)), 32)
+
+
+def _bpe_with_special_tokens() -> PromptRenderer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from kubellm.prompt import TokenizerInfo
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["You are a helpful assistant. Answer briefly, politely and well.", "hello world  \n\t é ü 123"] * 50
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"]))
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return PromptRenderer(TokenizerInfo(tokenizer_json=tok.to_str(), chat_template=template))
+
+
+SPECIAL = _bpe_with_special_tokens()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="ab \n\té<|>imstartendü.", max_size=40), min_size=1, max_size=6))
+def test_segment_cache_equals_full_encoding(pieces):
+    seg = SegmentCache(SPECIAL)
+    assert seg.enabled
+    text = "".join(p + ("<|im_start|>" if i % 2 else "<|im_end|>") for i, p in enumerate(pieces))
+    for _ in range(2):  # cold and cached
+        assert seg.encode(text) == SPECIAL.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_repeated_system_prompt_is_a_cache_hit():
+    seg = SegmentCache(SPECIAL)
+    system = "You are a helpful assistant. " * 20
+    for i in range(3):
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}]
+        assert prompt_token_ids(SPECIAL, "chat", {"messages": msgs}, seg) == SPECIAL.chat_token_ids(msgs)
+    assert len(seg._cache) == 1  # the system prompt's piece, tokenized once
+
+
+def test_segment_cache_disables_itself_for_word_tokenizers():
+    assert not SegmentCache(R).enabled  # no added tokens: plain encoding
+    msgs = [{"role": "user", "content": words(0, 30)}]
+    assert prompt_token_ids(R, "chat", {"messages": msgs}, SegmentCache(R)) == R.chat_token_ids(msgs)
