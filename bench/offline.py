@@ -104,6 +104,32 @@ def decode_roofline_ms(c: ModelConfig, batch: int, ctx: int, copy_gb_s: float, t
     return {"gemm_ms": gemm_s * 1e3, "attention_ms": attn_s * 1e3, "total_ms": (gemm_s + attn_s) * 1e3}
 
 
+def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str, float]:
+    """One layer's paged decode attention (Llama-3-8B heads, bf16) timed alone: ms and effective TB/s of KV read."""
+    from kubellm.engine.attention.flashinfer_backend import FlashInferAttention
+
+    c, bs = LLAMA_3_1_8B, 16
+    pages = -(-ctx // bs)
+    attn = FlashInferAttention(
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5, bs, use_tensor_cores=tensor_cores
+    )
+    cache = torch.randn(batch * pages, 2, bs, c.num_key_value_heads, c.head_dim, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(batch, c.num_attention_heads, c.head_dim, dtype=torch.bfloat16, device="cuda")
+    tables = [list(range(i * pages, (i + 1) * pages)) for i in range(batch)]
+    from kubellm.engine.attention.flashinfer_backend import _i32, paged_kv_layout
+
+    indptr, indices, last = paged_kv_layout([ctx] * batch, tables, bs)
+    attn._decode.plan(
+        _i32(indptr), _i32(indices), _i32(last), c.num_attention_heads, c.num_key_value_heads, c.head_dim, bs,
+        q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=c.head_dim**-0.5,
+    )  # fmt: skip
+    for _ in range(3):
+        attn._decode.run(q, cache)
+    t = _cuda_time(lambda: attn._decode.run(q, cache), 20)
+    kv_bytes = batch * ctx * 2 * c.kv_size * 2
+    return {"ms": t * 1e3, "kv_tb_s": kv_bytes / t / 1e12}
+
+
 # ---- our engine ------------------------------------------------------------------------------------
 class TimedWeights(RandomWeights):
     """Random weights that add up the time spent making them (synchronised), to subtract from start-up."""
@@ -447,6 +473,21 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
         table(r),
         "",
     ]
+    profile = []
+    if r.get("prefill_probe"):
+        pp = r["prefill_probe"]
+        tflops = 2 * 8.03e9 * pp["tokens"] / (pp["step_ms"] / 1e3) / 1e12
+        profile.append(
+            f"- prefill step of {pp['tokens']} tokens: {pp['step_ms']:.0f} ms = {tflops:.0f} TFLOP/s on the weight "
+            f"GEMMs' FLOPs alone (ceiling {r['ceilings']['matmul_tflop_s']:.0f}); the rest is attention, "
+            "elementwise ops and the step's host work."
+        )
+    for key, x in (r.get("decode_attention_micro") or {}).items():
+        profile.append(
+            f"- decode attention alone, one layer, {key}, ctx 1024: {x['ms']:.3f} ms = {x['kv_tb_s']:.2f} TB/s"
+        )
+    if profile:
+        md += ["Where the time goes:", *profile, ""]
     if r.get("notes"):
         md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
     stem.with_suffix(".md").write_text("\n".join(md))
@@ -458,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every request count")
     p.add_argument("--hf-fraction", type=float, default=0.1, help="share of (a) and (b) run by transformers")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--hf-from", help="take transformers' figures from an earlier results JSON of the same GPU kind")
     p.add_argument("--workloads", default="d,a,b,c", help="comma list of d,a,b,c")
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
@@ -506,6 +548,17 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     r["ceilings"] = measure_ceilings(device)
     log.info("ceilings: %s", r["ceilings"])
+    # Decode attention alone, both flashinfer decode kernels; the engine then uses the faster at batch 256.
+    micro = {}
+    for tc in (False, True):
+        for b in (32, 256):
+            micro[f"{'tensor_core' if tc else 'cuda_core'}_b{b}"] = decode_attention_micro(b, 1024, tc)
+    r["decode_attention_micro"] = micro
+    use_tc = micro["tensor_core_b256"]["ms"] < micro["cuda_core_b256"]["ms"]
+    os.environ["KUBELLM_DECODE_TENSOR_CORES"] = "1" if use_tc else "0"
+    r["engine"]["decode_tensor_cores"] = use_tc
+    log.info("decode attention alone (1 layer, ctx 1024): %s -> tensor cores %s", micro, use_tc)
+    torch.cuda.empty_cache()
 
     t = time.perf_counter()
     engine = build_engine(args)
@@ -580,7 +633,14 @@ def main(argv: list[str] | None = None) -> int:
     del engine, runner
     gc.collect()
     torch.cuda.empty_cache()
-    if not args.skip_hf and (hf_a or hf_b):
+    if args.hf_from:
+        earlier = json.loads(Path(args.hf_from).read_text())
+        r["transformers"] = dict(earlier["transformers"], source=f"{args.hf_from} (commit {earlier.get('commit')})")
+        r["notes"].append(
+            f"transformers figures from an earlier run on the same GPU kind ({args.hf_from}, {earlier.get('date')}): "
+            "its code path is untouched by our commits, and rerunning it costs ~3 minutes of device time"
+        )
+    elif not args.skip_hf and (hf_a or hf_b):
         # transformers runs ~15-30x slower: estimate from its anchors and shrink to what time allows.
         need = sum(len(p) + 128 for p in hf_a) / HF["a_total_tok_s"] + len(hf_b) * 1000 / HF["b_output_tok_s"] + 40
         if need > left():

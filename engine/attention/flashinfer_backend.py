@@ -13,6 +13,8 @@ mode (fixed indptr/indices/last-page-length buffers, shared by all sizes since o
 
 from __future__ import annotations
 
+import os
+
 import flashinfer
 import torch
 
@@ -69,9 +71,13 @@ class FlashInferAttention(AttentionBackend):
         if self.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"the flashinfer backend runs in bfloat16 or float16, not {self.dtype}")
         self.device = torch.device(device or "cuda")
-        # Tensor-core decode (flashinfer's prefill kernel with q_len 1) wins once a KV head serves >= 4 queries.
+        # Tensor-core decode (flashinfer's prefill kernel with q_len 1) tends to win once a KV head serves >= 4
+        # queries; KUBELLM_DECODE_TENSOR_CORES=0/1 overrides (bench/offline.py times both and sets it).
         group = num_heads // num_kv_heads
-        self.use_tensor_cores = group >= 4 if use_tensor_cores is None else use_tensor_cores
+        env = os.environ.get("KUBELLM_DECODE_TENSOR_CORES")
+        if use_tensor_cores is None:
+            use_tensor_cores = env == "1" if env in ("0", "1") else group >= 4
+        self.use_tensor_cores = use_tensor_cores
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(

@@ -18,6 +18,8 @@ from kubellm.engine.attention.base import AttentionBackend
 from kubellm.engine.loader.errors import ModelLoadError
 from kubellm.engine.model_config import ModelConfig
 
+from . import fused
+
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # GGUF files of Llama 3.x carry rope frequency factors as a tensor instead of rope_scaling metadata.
@@ -36,6 +38,10 @@ class RMSNorm(nn.Module):
         self.weight = _param((size,), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(x):  # CUDA: one Triton kernel instead of seven
+            out = fused.rms_norm(x, self.weight, self.eps)
+            if out is not None:
+                return out
         # Normalise in float32 and scale in the model dtype, as the reference implementation does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -110,7 +116,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        roped = fused.rope(q, k, cos, sin) if fused.enabled(q) else None
+        q, k = roped if roped is not None else (rotate(q, cos, sin), rotate(k, cos, sin))
         out = attn.forward(layer_idx, q, k, v, kv_cache)
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -123,8 +130,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.intermediate, config.hidden_size, config.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        act = fused.silu_mul(gate_up) if fused.enabled(gate_up) else None
+        if act is None:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            act = F.silu(gate) * up
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):

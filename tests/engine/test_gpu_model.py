@@ -141,3 +141,40 @@ def test_kv_budget_comes_from_a_profiled_forward(loaded):
     print("memory profile:", {k: round(v, 3) for k, v in prof.items()})
     assert budget and budget > 0
     assert prof["peak_forward_gib"] > prof["weights_gib"] > 0
+
+
+def test_fused_kernels_match_torch_ops():
+    """The Triton RMSNorm / rotary / SiLU-mul kernels against the torch ops they replace, bf16 on CUDA."""
+    import torch.nn.functional as F
+
+    from kubellm.engine.loader import load_model  # noqa: F401 - import order: loader before models
+    from kubellm.engine.models import fused
+    from kubellm.engine.models.llama import rotate
+
+    assert fused.enabled(torch.empty(1, device="cuda")), "Triton kernels unavailable on CUDA"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dt)
+
+    x, w = randn(33, 4096), randn(4096)
+    ref = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
+    assert (fused.rms_norm(x, w, 1e-5).float() - ref.float()).abs().max() <= ref.abs().max() * 2**-7
+    t, hq, hkv, d = 33, 32, 8, 128
+    qkv = randn(t, (hq + 2 * hkv) * d)
+    q, k, _ = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hkv, d)
+    freqs = torch.arange(1000, 1000 + t, device="cuda").float()[:, None] * (
+        500000.0 ** (-torch.arange(0, d, 2, device="cuda") / d)
+    )
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+    qo, ko = fused.rope(q, k, cos, sin)
+    for got, want in ((qo, rotate(q, cos, sin)), (ko, rotate(k, cos, sin))):
+        assert (got.float() - want.float()).abs().max() <= 2 * 2**-7 * want.abs().max()
+    gu = randn(33, 2 * 14336)
+    gate, up = gu.split(14336, dim=-1)
+    want = F.silu(gate) * up
+    assert (fused.silu_mul(gu).float() - want.float()).abs().max() <= 2**-7 * want.abs().max()
+    assert fused._state["ok"]
