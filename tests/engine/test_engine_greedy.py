@@ -8,11 +8,11 @@ import dataclasses
 
 import pytest
 import torch
+from greedy_reference import assert_greedy_equal, reference_greedy
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
 from kubellm.engine.sampling_params import SamplingParams
-from greedy_reference import assert_greedy_equal, reference_greedy
 
 MAX_NEW = 20
 TEXT_PROMPTS = [
