@@ -7,7 +7,11 @@
 #
 # Kernels: flashinfer loads a module without building when <pkg>/data/aot/<name>/<name>.so exists, so prebuilt
 # .so files (from .gpu/kcache/*.tgz, or a ~/.cache/flashinfer restored by .gpu/kernel-cache.sh) are copied there.
-# They can be built on a machine without a GPU: docker/warm_flashinfer.py with FLASHINFER_CUDA_ARCH_LIST=9.0a.
+# They can be built on a machine without a GPU (nvcc 13 only): flashinfer's gen_batch_decode_module and
+# gen_batch_prefill_module("fa2", ...) .build() with FLASHINFER_CUDA_ARCH_LIST=9.0a CUDA_VISIBLE_DEVICES="" and a
+# CUDA_HOME whose lib64/stubs holds a libcuda.so (soname libcuda.so.1) to link against; FA3 also needs curand
+# headers, which is one reason the engine uses FA2 prefill. .gpu/kcache/prebuilt-sm90a-bf16-hd64-hd128.tgz was
+# made that way (2 cores: ~80 s per decode module, ~240-340 s per FA2 prefill module).
 # TIME_LIMIT (s, default 540) bounds the whole script: the benchmark gets what the tests leave.
 set -uo pipefail
 mode=${1:-all}
