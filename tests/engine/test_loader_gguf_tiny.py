@@ -54,8 +54,6 @@ def test_tiny_gguf_tokenizer_matches_transformers(tiny_gguf):
     from transformers import AutoTokenizer
 
     kind, path = tiny_gguf
-    if kind == "qwen3":
-        pytest.skip("same converter as qwen2")
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     ours = Tokenizer.from_str(load_model(path).tokenizer_info.tokenizer_json)
     texts = ["Hello world! 12345", "  spaces\n\n\ttabs  ", "naïve café 你好 🙂👍🏽", "<|im_start|>user\nhi<|im_end|>"]
