@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 from greedy_reference import assert_greedy_equal, reference_greedy
 
 from kubellm.engine.config import EngineConfig
@@ -33,10 +32,8 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def loaded(embedded_model_path):
-    from kubellm.engine.loader import load_model
-
-    return load_model(str(embedded_model_path), dtype="float32")
+def loaded(smollm2_loaded):
+    return smollm2_loaded
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +53,8 @@ def prompts(engine) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def references(embedded_model_path, prompts):
-    from transformers import AutoModelForCausalLM
-
-    path = embedded_model_path
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model.eval()
-    return [reference_greedy(model, p, MAX_NEW) for p in prompts]
+def references(smollm2_hf_model, prompts):
+    return [reference_greedy(smollm2_hf_model, p, MAX_NEW) for p in prompts]
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = MAX_NEW) -> list[list[int]]:
