@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-floor",
         type=int,
-        default=4,
+        default=8,
         help="bounded loads bind only once a replica has more than this many requests in flight",
     )
     p.add_argument(

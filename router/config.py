@@ -23,7 +23,7 @@ class RouterConfig:
     endpoint_port_name: str | None = None  # EndpointSlice port name; the first port when unset
     policy: RoutingPolicy = DEFAULT_ROUTING_POLICY
     balance_factor: float = DEFAULT_BALANCE_FACTOR
-    load_floor: int = 4  # bounded loads bind only above this many in-flight requests on a replica
+    load_floor: int = 8  # bounded loads bind only above this many in-flight requests on a replica
     api_keys: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
     relist_period: float = 30.0
