@@ -13,9 +13,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kubellm.engine.attention import AttentionBackend, AttentionMetadata, kv_cache_shape, select_backend_class
+from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_flat
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 from kubellm.engine.loader import LoadedModel, parse_dtype
@@ -231,29 +233,39 @@ class ModelRunner:
             len(sizes), sizes[0], sizes[-1], self.graph_capture_seconds,
         )  # fmt: skip
 
-    def _execute_graph(self, batch: ForwardBatch) -> torch.Tensor | None:
-        """Replay the smallest captured decode graph that holds the batch; None when it does not apply."""
+    def _execute_graph(self, batch: ForwardBatch, flat: np.ndarray, n_blocks: np.ndarray) -> torch.Tensor | None:
+        """Replay the smallest captured decode graph that holds the batch; None when it does not apply.
+        `flat`/`n_blocks`: the batch's block tables from `flatten_block_tables`. Host work is numpy over
+        those arrays (no Python loop over blocks), one pinned copy of the graph inputs."""
         seqs = batch.seqs
         n = len(seqs)
         if not self._graphs or n > self._graph_sizes[-1] or any(len(s.token_ids) != 1 for s in seqs):
             return None
         b = self._graph_sizes[bisect.bisect_left(self._graph_sizes, n)]
         bs, pad = self.block_size, b - n
-        seq_lens = [s.start_pos + 1 for s in seqs] + [1] * pad
+        start = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=n)
+        seq_lens = np.ones(b, dtype=np.int64)
+        seq_lens[:n] = start + 1
         if not self.attn.graph_fits(seq_lens):  # type: ignore[attr-defined]
             return None
-        dummy_slot = self.dummy_block * bs
-        host = torch.tensor(
-            [
-                [s.token_ids[0] for s in seqs] + [0] * pad,
-                [s.start_pos for s in seqs] + [0] * pad,
-                [s.block_ids[s.start_pos // bs] * bs + s.start_pos % bs for s in seqs] + [dummy_slot] * pad,
-            ],
-            dtype=torch.int64,
-        )
-        self._graph_inputs[:, :b].copy_(host, non_blocking=True)
-        tables = [s.block_ids for s in seqs] + [[self.dummy_block]] * pad
-        self.attn.begin_graph_step(b, seq_lens, tables)  # type: ignore[attr-defined]
+        host = np.empty((3, b), dtype=np.int64)
+        host[0, :n] = np.fromiter((s.token_ids[0] for s in seqs), dtype=np.int64, count=n)
+        host[1, :n] = start
+        first = np.zeros(n, dtype=np.int64)
+        np.cumsum(n_blocks[:-1], out=first[1:])
+        host[2, :n] = flat[first + start // bs].astype(np.int64) * bs + start % bs
+        host[0, n:] = 0
+        host[1, n:] = 0
+        host[2, n:] = self.dummy_block * bs
+        dev = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            dev = dev.pin_memory()
+        self._graph_inputs[:, :b].copy_(dev, non_blocking=True)
+        if pad:
+            flat = np.concatenate([flat, np.full(pad, self.dummy_block, dtype=np.int32)])
+            n_blocks = np.concatenate([n_blocks, np.ones(pad, dtype=np.int64)])
+        layout = paged_kv_layout_flat(seq_lens, flat, n_blocks, bs)
+        self.attn.begin_graph_step_layout(b, *layout)  # type: ignore[attr-defined]
         graph, hidden = self._graphs[b]
         graph.replay()
         self.graph_replays += 1
@@ -270,12 +282,16 @@ class ModelRunner:
             return torch.empty((0, vocab), dtype=torch.float32, device=self.device)
         if not self.kv_caches:
             raise RuntimeError("allocate_kv_cache() must run before execute()")
-        for seq in batch.seqs:
-            if seq.block_ids and (min(seq.block_ids) < 0 or max(seq.block_ids) >= self.num_blocks):
+        flat, n_blocks = flatten_block_tables([s.block_ids for s in batch.seqs])
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self.num_blocks):
+            for seq in batch.seqs:
                 bad = [b for b in seq.block_ids if not 0 <= b < self.num_blocks]
-                raise ValueError(f"request {seq.request_id}: block ids {bad[:4]} outside the pool of {self.num_blocks}")
+                if bad:
+                    raise ValueError(
+                        f"request {seq.request_id}: block ids {bad[:4]} outside the pool of {self.num_blocks}"
+                    )
         if self._graphs:
-            logits = self._execute_graph(batch)
+            logits = self._execute_graph(batch, flat, n_blocks)
             if logits is not None:
                 return logits
         return self._forward(batch, self.kv_caches)

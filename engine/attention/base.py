@@ -8,8 +8,11 @@ The model calls `forward(layer_idx, q, k, v, kv_cache)` per layer and knows noth
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from kubellm.engine.forward_batch import ForwardBatch
@@ -60,48 +63,106 @@ class AttentionMetadata:
 
     @classmethod
     def from_batch(cls, batch: ForwardBatch, block_size: int, device: torch.device | str = "cpu") -> AttentionMetadata:
-        """Build the metadata on the host, then move it to `device` in one go."""
-        query_lens, seq_lens, context_lens, tables = [], [], [], []
-        positions: list[int] = []
-        slots: list[int] = []
-        for seq in batch.seqs:
-            n = len(seq.token_ids)
+        """Build the metadata on the host with numpy (one Python pass over the sequences, none over tokens or
+        blocks), then move it to `device` in two copies (one int32, one int64 buffer; pinned on CUDA)."""
+        seqs = batch.seqs
+        query_lens = [len(s.token_ids) for s in seqs]
+        context_lens = [s.start_pos for s in seqs]
+        tables = [s.block_ids for s in seqs]  # the KV manager's lists, read only (no copy)
+        n_blocks = [len(t) for t in tables]
+        seq_lens = [c + n for c, n in zip(context_lens, query_lens, strict=True)]
+        for seq, n, end, nb in zip(seqs, query_lens, seq_lens, n_blocks, strict=True):
             if n == 0:
                 raise ValueError(f"request {seq.request_id}: a scheduled sequence has no tokens to compute")
-            end = seq.start_pos + n
-            if len(seq.block_ids) * block_size < end:
-                raise ValueError(
-                    f"request {seq.request_id}: {len(seq.block_ids)} blocks of {block_size} cannot hold {end} tokens"
-                )
-            query_lens.append(n)
-            seq_lens.append(end)
-            context_lens.append(seq.start_pos)
-            tables.append(list(seq.block_ids))
-            for pos in range(seq.start_pos, end):
-                positions.append(pos)
-                slots.append(seq.block_ids[pos // block_size] * block_size + pos % block_size)
-        qsl = [0]
-        for n in query_lens:
-            qsl.append(qsl[-1] + n)
-        width = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+            if nb * block_size < end:
+                raise ValueError(f"request {seq.request_id}: {nb} blocks of {block_size} cannot hold {end} tokens")
+        b = len(seqs)
+        width = max(n_blocks, default=0)
+        qlens = np.asarray(query_lens, dtype=np.int64)
+        qsl = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(qlens, out=qsl[1:])
+        # int32 pack: query_start_loc [B+1], seq_lens [B], context_lens [B], block_tables [B * width]
+        i32 = np.zeros(3 * b + 1 + b * width, dtype=np.int32)
+        i32[: b + 1] = qsl
+        i32[b + 1 : 2 * b + 1] = seq_lens
+        i32[2 * b + 1 : 3 * b + 1] = context_lens
+        padded = i32[3 * b + 1 :].reshape(b, width)
+        flat = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=sum(n_blocks))
+        if width and flat.size == b * width:
+            padded[:] = flat.reshape(b, width)
+        elif flat.size:
+            padded[np.arange(width) < np.asarray(n_blocks)[:, None]] = flat  # row-major: each row's blocks in order
+        # int64 pack: positions [T], slot_mapping [T]
+        total = int(qsl[-1])
+        ctx = np.asarray(context_lens, dtype=np.int64)
+        if total == b:  # decode-only: one token per sequence at position start_pos
+            seq_idx = np.arange(b)
+            pos = ctx
+        else:
+            seq_idx = np.repeat(np.arange(b), qlens)
+            pos = np.arange(total, dtype=np.int64) + np.repeat(ctx - qsl[:-1], qlens)
+        i64 = np.empty(2 * total, dtype=np.int64)
+        i64[:total] = pos
+        i64[total:] = padded[seq_idx, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        t32, t64 = _to_device(i32, device), _to_device(i64, device)
         return cls(
             block_size=block_size,
-            query_start_loc=tensor(qsl, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            context_lens=tensor(context_lens, torch.int32),
-            positions=tensor(positions, torch.int64),
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(padded, torch.int32).reshape(len(padded), width),
+            query_start_loc=t32[: b + 1],
+            seq_lens=t32[b + 1 : 2 * b + 1],
+            context_lens=t32[2 * b + 1 : 3 * b + 1],
+            positions=t64[:total],
+            slot_mapping=t64[total:],
+            block_tables=t32[3 * b + 1 :].view(b, width),
             query_lens_list=query_lens,
             seq_lens_list=seq_lens,
             context_lens_list=context_lens,
             block_tables_list=tables,
         )
+
+
+def _to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """One host-to-device copy; from pinned memory on CUDA so it does not block the host."""
+    host = torch.from_numpy(array)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def flatten_block_tables(block_tables: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """All block ids, table after table, as one int32 array (one conversion, no per-block Python work),
+    and each table's length (int64)."""
+    n_blocks = np.fromiter((len(t) for t in block_tables), dtype=np.int64, count=len(block_tables))
+    flat = np.fromiter(chain.from_iterable(block_tables), dtype=np.int32, count=int(n_blocks.sum()))
+    return flat, n_blocks
+
+
+def paged_kv_layout_flat(
+    seq_lens: np.ndarray, flat: np.ndarray, n_blocks: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`paged_kv_layout` from `flatten_block_tables`'s output, in numpy only: each table's first
+    ceil(seq_len / block_size) entries."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    pages = -(-lens // block_size)
+    indptr = np.zeros(len(lens) + 1, dtype=np.int32)
+    np.cumsum(pages, out=indptr[1:])
+    if np.array_equal(pages, n_blocks):
+        indices = flat
+    else:
+        starts = np.zeros(len(lens), dtype=np.int64)
+        np.cumsum(n_blocks[:-1], out=starts[1:])
+        within = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, n_blocks)
+        indices = flat[within < np.repeat(pages, n_blocks)]
+    last = (lens - (pages - 1) * block_size).astype(np.int32)
+    return indptr, indices, last
+
+
+def paged_kv_layout(
+    seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """flashinfer's page-table triple for sequences of `seq_lens` tokens, as int32 numpy arrays:
+    (indptr [B+1], indices [sum of pages], last_page_len [B])."""
+    flat, n_blocks = flatten_block_tables(block_tables)
+    return paged_kv_layout_flat(np.asarray(seq_lens, dtype=np.int64), flat, n_blocks, block_size)
 
 
 class AttentionBackend(ABC):

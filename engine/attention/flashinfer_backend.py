@@ -14,11 +14,13 @@ mode (fixed indptr/indices/last-page-length buffers, shared by all sizes since o
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import flashinfer
+import numpy as np
 import torch
 
-from .base import AttentionBackend, AttentionMetadata
+from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 
 # flashinfer's float workspace (split-k partial results): tensor-core decode of a 512-row CUDA graph needs
 # ~170 MB, more than the 128 MB flashinfer suggests.
@@ -29,23 +31,10 @@ WORKSPACE_BYTES = 512 * 1024 * 1024
 PREFILL_BACKEND = "fa2"
 
 
-def paged_kv_layout(
-    seq_lens: list[int], block_tables: list[list[int]], block_size: int
-) -> tuple[list[int], list[int], list[int]]:
-    """flashinfer's page-table triple for sequences of `seq_lens` tokens: (indptr, indices, last_page_len)."""
-    indptr = [0]
-    indices: list[int] = []
-    last: list[int] = []
-    for n, table in zip(seq_lens, block_tables, strict=True):
-        pages = -(-n // block_size)
-        indices.extend(table[:pages])
-        indptr.append(indptr[-1] + pages)
-        last.append(n - (pages - 1) * block_size)
-    return indptr, indices, last
-
-
-def _i32(values: list[int]) -> torch.Tensor:
+def _i32(values: Sequence[int] | np.ndarray) -> torch.Tensor:
     # Host tensors: flashinfer's planners read them on the CPU anyway and copy them to the device once.
+    if isinstance(values, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
     return torch.tensor(values, dtype=torch.int32)
 
 
@@ -100,9 +89,8 @@ class FlashInferAttention(AttentionBackend):
             self._decode.plan(_i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, **self._plan_args())
             self._wrapper = self._decode
         else:
-            qo = [0]
-            for n in meta.query_lens_list:
-                qo.append(qo[-1] + n)
+            qo = np.zeros(meta.num_seqs + 1, dtype=np.int32)
+            np.cumsum(meta.query_lens_list, out=qo[1:])
             self._prefill.plan(
                 _i32(qo), _i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, causal=True, **self._plan_args()
             )
@@ -135,16 +123,22 @@ class FlashInferAttention(AttentionBackend):
                 paged_kv_last_page_len_buffer=last[:b],
             )
 
-    def graph_fits(self, seq_lens: list[int]) -> bool:
+    def graph_fits(self, seq_lens: Sequence[int]) -> bool:
         """Whether the padded batch's page table fits the fixed buffers (else the step runs eagerly)."""
-        return sum(-(-n // self.block_size) for n in seq_lens) <= self._graph_pages
+        bs = self.block_size
+        return int((-(-np.asarray(seq_lens, dtype=np.int64) // bs)).sum()) <= self._graph_pages
 
-    def begin_graph_step(self, batch_size: int, seq_lens: list[int], block_tables: list[list[int]]) -> None:
+    def begin_graph_step(self, batch_size: int, seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> None:
         """Plan the graph wrapper of `batch_size` (rows already padded by the caller) before capture or replay."""
-        indptr, indices, last = paged_kv_layout(seq_lens, block_tables, self.block_size)
+        self.begin_graph_step_layout(batch_size, *paged_kv_layout(seq_lens, block_tables, self.block_size))
+
+    def begin_graph_step_layout(
+        self, batch_size: int, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray
+    ) -> None:
+        """`begin_graph_step` from a page-table triple the caller already built (see `paged_kv_layout_flat`)."""
         wrapper = self._graph_decode[batch_size]
         h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
-        wrapper.plan(_i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, **self._plan_args())
+        wrapper.plan(_i32(indptr), _i32(indices), _i32(last_page_len), h, hkv, d, bs, **self._plan_args())
         self._wrapper = wrapper
 
     # ---- per layer ---------------------------------------------------------------------------
