@@ -279,3 +279,47 @@ def test_cuda_matches_its_own_seeded_runs_and_greedy():
         return [SamplingState.create(SamplingParams(top_p=0.9, seed=i), [], device=dev) for i in range(32)]
 
     assert Sampler()(logits, seeded()).token_ids == Sampler()(logits, seeded()).token_ids
+
+
+@pytest.fixture
+def race_on_cpu(monkeypatch):
+    """The exponential race (CUDA's path for plain unseeded rows) on the CPU."""
+    import kubellm.engine.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "RACE_DEVICES", {"cpu", "cuda"})
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_race_has_the_exact_distribution(race_on_cpu, temperature):
+    assert_matches(draw(SamplingParams(temperature=temperature)), softmax([x / temperature for x in LOGITS]))
+
+
+def test_race_never_draws_masked_tokens_and_applies_penalties(race_on_cpu):
+    logits = [1.0, 1.0, -math.inf, 0.0, 1.0, 1.0, 1.0, 1.0]
+    freq = draw(SamplingParams(temperature=1.0, min_tokens=2, presence_penalty=1.0), logits, output=[4], eos=[0])
+    assert_matches(freq, softmax([-math.inf, 1.0, -math.inf, 0.0, 0.0, 1.0, 1.0, 1.0]))
+
+
+def test_race_small_probabilities_and_masked_tokens():
+    """A token of probability ~1% next to a dominant one gets its share; zero-weight tokens never win."""
+    import kubellm.engine.sampler as sampler_mod
+
+    n = 200_000
+    logits = torch.tensor([[0.0, -math.log(100.0)] + [-math.inf] * 6]).expand(n, -1).contiguous()
+    out = sampler_mod.Sampler(seed=3)._race(torch.softmax(logits, dim=-1))
+    assert int((out >= 2).sum()) == 0
+    assert abs(float((out == 1).double().mean()) - 1 / 101) < 4.5 * math.sqrt(0.01 / n)
+
+
+def test_race_mixed_batch_keeps_seeded_rows_reproducible(race_on_cpu):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    seeded = SamplingParams(temperature=1.0, seed=7)
+
+    def run(batch_params):
+        states = [SamplingState.create(p, []) for p in batch_params]
+        return Sampler(seed=1)(logits[: len(states)], states).token_ids
+
+    alone = [run([seeded])[0] for _ in range(2)]
+    mixed = run([seeded, SamplingParams(temperature=1.0), SamplingParams(temperature=0.0), SamplingParams(top_p=0.5)])
+    assert alone[0] == alone[1] == mixed[0]
+    assert mixed[2] == int(logits[2].argmax())
