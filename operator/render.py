@@ -140,9 +140,12 @@ def _quantity(value: str | int | float | None) -> str | None:
 
 
 def _restricted_container_security() -> dict[str, Any]:
+    """Every container: non-root, no privilege escalation, no capabilities, read-only root filesystem (the
+    engine and the download write only to volumes: /tmp, /dev/shm and the model cache)."""
     return {
         "allowPrivilegeEscalation": False,
         "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
 
@@ -408,7 +411,7 @@ def router_deployment(spec: LLMDeploymentSpec, owner: Owner, opts: RenderOptions
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": http_get, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"httpGet": http_get, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
-        "securityContext": {**_restricted_container_security(), "readOnlyRootFilesystem": True},
+        "securityContext": _restricted_container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "env": [{"name": "HOME", "value": "/tmp"}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
