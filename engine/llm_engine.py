@@ -79,6 +79,12 @@ class LLMEngine:
 
             loaded = loaded or load_sim_model(model_path)
             self.runner = SimModelRunner(loaded, config)
+        elif config.tensor_parallel_size > 1:
+            from kubellm.engine.loader import load_model
+            from kubellm.engine.tp_worker import TPModelRunner
+
+            loaded = loaded or load_model(model_path, dtype=config.dtype)
+            self.runner = TPModelRunner(loaded, config)
         else:
             from kubellm.engine.loader import load_model
             from kubellm.engine.model_runner import ModelRunner
@@ -94,8 +100,12 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         self.eos_token_ids = frozenset(self._eos_ids())
 
-        num_blocks = self._num_kv_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
+        try:
+            num_blocks = self._num_kv_blocks()
+            self.runner.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.close()  # tensor-parallel workers must not outlive a failed start
+            raise
         self._kv_events: list[KVEvent] = []
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, self._kv_events.append)
         self.scheduler = Scheduler(
@@ -116,6 +126,12 @@ class LLMEngine:
             self.model_name, config.device, num_blocks, num_blocks * config.block_size, self.max_model_len,
             self.startup_seconds,
         )  # fmt: skip
+
+    def close(self) -> None:
+        """Release what outlives the object otherwise: tensor-parallel worker processes (a no-op at TP 1)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # ---- set-up helpers ----------------------------------------------------------------------
     def _eos_ids(self) -> list[int]:

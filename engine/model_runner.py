@@ -80,22 +80,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ModelRunner:
     produces_token_ids = False  # it returns logits; the engine samples
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, tp_rank: int = 0, tp_size: int = 1):
+        """tp_rank/tp_size: this process's share of a tensor-parallel replica (engine/tp_worker.py starts the
+        ranks and the process group); every rank runs the same execute() on the same batch."""
         self.config = config
         self.model_config = loaded.config
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and tp_size > 1:  # one GPU per rank
+            self.device = torch.device("cuda", tp_rank)
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
             configure_cpu_threads()
         self.block_size = config.block_size
-        self.model = build_model(loaded.config, self.dtype, self.device)
+        self.model = build_model(loaded.config, self.dtype, self.device, tp_rank, tp_size)
         self.model.load_weights(loaded.weights)
         self.model.eval()
         c = loaded.config
+        self.num_kv_heads = c.num_key_value_heads // tp_size  # this rank's KV heads (the KV cache is split by head)
         backend_cls = select_backend_class(config.attention_backend, self.device)
         self.attn: AttentionBackend = backend_cls(
-            c.num_attention_heads,
-            c.num_key_value_heads,
+            c.num_attention_heads // tp_size,
+            self.num_kv_heads,
             c.head_dim,
             c.head_dim**-0.5,
             config.block_size,
@@ -106,9 +113,10 @@ class ModelRunner:
         self.num_blocks = 0
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
         # CUDA graphs for decode: padded rows write into one extra block the scheduler never hands out.
+        # Not yet with tensor parallelism (all-reduce inside captured graphs is unvalidated).
         self.use_cuda_graphs = (
             self.device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs
-        )
+        ) and tp_size == 1
         self.dummy_block = -1
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
@@ -120,7 +128,7 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         c = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return c.num_hidden_layers * 2 * self.block_size * c.num_key_value_heads * c.head_dim * elem
+        return c.num_hidden_layers * 2 * self.block_size * self.num_kv_heads * c.head_dim * elem
 
     def available_kv_cache_bytes(self) -> int | None:
         """Bytes the KV pool may take: on CUDA, what gpu_memory_utilization leaves after weights and a
@@ -168,7 +176,7 @@ class ModelRunner:
             next_block += pages
         # One small cache shared by every layer: the pool itself is what this run sizes.
         cache = torch.zeros(
-            kv_cache_shape(next_block, bs, c.num_key_value_heads, c.head_dim), dtype=self.dtype, device=self.device
+            kv_cache_shape(next_block, bs, self.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device
         )
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -185,7 +193,7 @@ class ModelRunner:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         c = self.model_config
         physical = num_blocks + 1 if self.use_cuda_graphs else num_blocks
-        shape = kv_cache_shape(physical, self.block_size, c.num_key_value_heads, c.head_dim)
+        shape = kv_cache_shape(physical, self.block_size, self.num_kv_heads, c.head_dim)
         self._graphs = {}  # graphs captured the old pool's addresses
         self.kv_caches = []  # free the old pool before allocating the new one
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]

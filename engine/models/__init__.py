@@ -17,10 +17,14 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
 }
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def build_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device | str, tp_rank: int = 0, tp_size: int = 1
+) -> nn.Module:
     cls = MODEL_REGISTRY.get(config.architecture)
     if cls is None:
         raise unsupported_architecture(config.architecture)
+    if tp_size > 1:
+        return cls(config, dtype=dtype, device=device, tp_rank=tp_rank, tp_size=tp_size)
     return cls(config, dtype=dtype, device=device)
 
 

@@ -3,6 +3,8 @@
 Tokens arrive packed ([T], sequence after sequence), so there is no batch axis and no padding: attention is
 the only op that cares where one sequence ends, and the attention backend owns that. q/k/v and gate/up are
 fused into one matmul each at load time (fewer, larger GEMMs; the layout the GPU path wants too).
+With tp_size > 1 each rank holds whole heads and a slice of the MLP and vocab (see engine/parallel.py);
+at tp_size 1 the modules are the plain ones and no collective runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubellm.engine import parallel
 from kubellm.engine.attention.base import AttentionBackend
 from kubellm.engine.loader.errors import ModelLoadError
 from kubellm.engine.model_config import ModelConfig
@@ -89,14 +92,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def _out_linear(in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device, tp_size: int) -> nn.Module:
+    """o_proj / down_proj: row-parallel (all-reduced) under tensor parallelism, a plain Linear otherwise."""
+    cls = parallel.RowParallelLinear if tp_size > 1 else Linear
+    return cls(in_f, out_f, bias, dtype, device)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1):
         super().__init__()
         c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_size, self.kv_size = c.q_size, c.kv_size
-        self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, c.attention_bias, dtype, device)
-        self.o_proj = Linear(c.q_size, c.hidden_size, c.attention_out_bias, dtype, device)
+        # this rank's heads: tp_size divides both head counts (parallel.check_tp_size)
+        self.num_heads, self.num_kv_heads = c.num_attention_heads // tp_size, c.num_key_value_heads // tp_size
+        self.head_dim = c.head_dim
+        self.q_size, self.kv_size = c.q_size // tp_size, c.kv_size // tp_size
+        self.qkv_proj = Linear(c.hidden_size, self.q_size + 2 * self.kv_size, c.attention_bias, dtype, device)
+        self.o_proj = _out_linear(self.q_size, c.hidden_size, c.attention_out_bias, dtype, device, tp_size)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
 
@@ -123,11 +134,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1):
         super().__init__()
-        self.intermediate = config.intermediate_size
+        self.intermediate = config.intermediate_size // tp_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate, config.mlp_bias, dtype, device)
-        self.down_proj = Linear(self.intermediate, config.hidden_size, config.mlp_bias, dtype, device)
+        self.down_proj = _out_linear(self.intermediate, config.hidden_size, config.mlp_bias, dtype, device, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -139,27 +150,38 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, dtype, device)
+        self.self_attn = Attention(config, dtype, device, tp_size)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = MLP(config, dtype, device)
+        self.mlp = MLP(config, dtype, device, tp_size)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ):
         super().__init__()
         device = torch.device(device)
+        if tp_size > 1:
+            parallel.check_tp_size(config, tp_size)
         self.config = config
         self.dtype = dtype
-        self.embed_tokens = _param((config.vocab_size, config.hidden_size), dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device) for _ in range(config.num_hidden_layers))
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        vocab = parallel.vocab_shard(config.vocab_size, tp_rank, tp_size)[1] if tp_size > 1 else config.vocab_size
+        self.embed_tokens = _param((vocab, config.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, dtype, device, tp_size) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.lm_head = (
-            self.embed_tokens
-            if config.tie_word_embeddings
-            else _param((config.vocab_size, config.hidden_size), dtype, device)
+            self.embed_tokens if config.tie_word_embeddings else _param((vocab, config.hidden_size), dtype, device)
         )
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
 
@@ -175,21 +197,54 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        h = F.embedding(input_ids, self.embed_tokens)
+        if self.tp_size > 1:
+            h = parallel.vocab_parallel_embedding(input_ids, self.embed_tokens, self.tp_rank)
+        else:
+            h = F.embedding(input_ids, self.embed_tokens)
         for i, layer in enumerate(self.layers):
             h = h + layer.self_attn(i, layer.input_layernorm(h), cos, sin, kv_caches[i], attn)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, V]."""
+        """hidden [N, H] -> float32 logits [N, V] (the full vocab on every rank under tensor parallelism)."""
+        if self.tp_size > 1:
+            return parallel.vocab_parallel_logits(hidden, self.lm_head, self.config.vocab_size)
         return F.linear(hidden, self.lm_head).float()
+
+    def param_counts(self) -> dict[str, int]:
+        """Elements held by this rank: 'sharded' (split across TP ranks) and 'replicated' (norms, row biases)."""
+        replicated = {id(p) for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+        replicated |= {
+            id(m.bias) for m in self.modules() if isinstance(m, parallel.RowParallelLinear) and m.bias is not None
+        }
+        for layer in self.layers:  # at TP 1 the same biases, for comparable counts
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if lin.bias is not None:
+                    replicated.add(id(lin.bias))
+        counts = {"sharded": 0, "replicated": 0}
+        for p in self.parameters():  # tied lm_head is the embedding's Parameter: counted once
+            counts["replicated" if id(p) in replicated else "sharded"] += p.numel()
+        return counts
 
     # -- weights -------------------------------------------------------------------------------------------
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Take HF-named tensors; fuse q/k/v and gate/up; share storage where dtype and device already match."""
+        """Take HF-named tensors; fuse q/k/v and gate/up; share storage where dtype and device already match.
+        Under tensor parallelism keep this rank's shard of each split tensor (the caller's full tensors stay
+        untouched; each rank reads the whole checkpoint for now)."""
         c = self.config
+        rank, size = self.tp_rank, self.tp_size
+
+        def col(t: torch.Tensor) -> torch.Tensor:  # split output rows: heads / intermediate
+            return parallel.shard(t, 0, rank, size)
+
+        def row(t: torch.Tensor) -> torch.Tensor:  # split input columns: the row-parallel layers
+            return parallel.shard(t, 1, rank, size)
+
+        def vocab(t: torch.Tensor) -> torch.Tensor:
+            return parallel.shard_vocab(t, rank, size)
+
         used: set[str] = set()
 
         def take(name: str) -> torch.Tensor:
@@ -208,12 +263,12 @@ class LlamaForCausalLM(nn.Module):
             param.data = tensor.to(device=param.device, dtype=param.dtype)
 
         def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
-            return torch.cat([take(f"{prefix}.{p}.{suffix}") for p in parts], dim=0)
+            return torch.cat([col(take(f"{prefix}.{p}.{suffix}")) for p in parts], dim=0)
 
-        put(self.embed_tokens, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
+        put(self.embed_tokens, vocab(take("model.embed_tokens.weight")), "model.embed_tokens.weight")
         put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
         if not c.tie_word_embeddings:
-            put(self.lm_head, take("lm_head.weight"), "lm_head.weight")
+            put(self.lm_head, vocab(take("lm_head.weight")), "lm_head.weight")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}"
             attn, mlp = layer.self_attn, layer.mlp
@@ -223,14 +278,14 @@ class LlamaForCausalLM(nn.Module):
             put(attn.qkv_proj.weight, fused(f"{p}.self_attn", qkv, "weight"), f"{p}.self_attn.qkv weight")
             if c.attention_bias:
                 put(attn.qkv_proj.bias, fused(f"{p}.self_attn", qkv, "bias"), f"{p}.self_attn.qkv bias")
-            put(attn.o_proj.weight, take(f"{p}.self_attn.o_proj.weight"), f"{p}.self_attn.o_proj.weight")
+            put(attn.o_proj.weight, row(take(f"{p}.self_attn.o_proj.weight")), f"{p}.self_attn.o_proj.weight")
             if c.attention_out_bias:
                 put(attn.o_proj.bias, take(f"{p}.self_attn.o_proj.bias"), f"{p}.self_attn.o_proj.bias")
             if attn.q_norm is not None and attn.k_norm is not None:
                 put(attn.q_norm.weight, take(f"{p}.self_attn.q_norm.weight"), f"{p}.self_attn.q_norm.weight")
                 put(attn.k_norm.weight, take(f"{p}.self_attn.k_norm.weight"), f"{p}.self_attn.k_norm.weight")
             put(mlp.gate_up_proj.weight, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "weight"), f"{p}.mlp.gate_up")
-            put(mlp.down_proj.weight, take(f"{p}.mlp.down_proj.weight"), f"{p}.mlp.down_proj.weight")
+            put(mlp.down_proj.weight, row(take(f"{p}.mlp.down_proj.weight")), f"{p}.mlp.down_proj.weight")
             if c.mlp_bias:
                 put(mlp.gate_up_proj.bias, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "bias"), f"{p}.mlp.gate_up")
                 put(mlp.down_proj.bias, take(f"{p}.mlp.down_proj.bias"), f"{p}.mlp.down_proj.bias")

@@ -270,6 +270,11 @@ class AsyncEngine:
             self._sinks.clear()
             ends = [(sub, _END) for sub in self._subscribers]
             self._post(batch + ends, None, 0)
+        finally:
+            close = getattr(self.engine, "close", None)  # tensor-parallel workers go with the engine thread
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
 
     def _iteration(self) -> None:
         engine = self.engine

@@ -1,0 +1,250 @@
+"""Tensor-parallel replica: rank 0 lives in the engine process, ranks 1..N-1 are worker processes it spawns.
+
+Rank 0 owns the scheduler and KV bookkeeping; per step it broadcasts the ForwardBatch (a pickled Python
+object) and every rank runs the same `ModelRunner.execute`, so the collectives inside the forward line up.
+Rank 0's `TPModelRunner` has the ModelRunner interface, so `LLMEngine` does not know TP is on.
+
+Shutdown: `close()` broadcasts a stop and joins the workers (terminating stragglers). Workers are daemon
+processes and also die with their parent (PR_SET_PDEATHSIG plus a parent-watch thread), so a killed engine
+leaves no process holding a GPU; rank 0 checks the workers are alive before every collective it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import operator
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kubellm.engine import parallel
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.forward_batch import ForwardBatch
+from kubellm.engine.loader import LoadedModel
+from kubellm.engine.model_runner import ModelRunner, available_cpus, resolve_device
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 600.0  # a worker must reach the process group within this (imports, CUDA init)
+_EXECUTE, _CALL, _STOP = "execute", "call", "stop"
+
+
+class TPModelRunner:
+    """ModelRunner facade for rank 0 of a tensor-parallel replica."""
+
+    produces_token_ids = False
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        size = config.tensor_parallel_size
+        parallel.check_tp_size(loaded.config, size)
+        if not loaded.path:
+            raise ValueError("tensor parallelism needs a model on disk (each worker loads it from its path)")
+        device = resolve_device(config.device)
+        if device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs, torch sees {torch.cuda.device_count()}")
+        self.size = size
+        self._closed = False
+        self._group = False
+        self._ready = False  # every rank loaded: the command loop runs and a stop can be broadcast
+        ctx = mp.get_context("spawn")
+        port = parallel.free_port()
+        hello: Any = ctx.Queue()
+        self._procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(rank, size, port, config, loaded.path, os.getpid(), hello),
+                name=f"kubellm-tp{rank}",
+                daemon=True,
+            )
+            for rank in range(1, size)
+        ]
+        try:
+            for p in self._procs:
+                p.start()
+            self._await_hello(hello, size - 1)
+            parallel.init_group(0, size, port, device.type)
+            self._group = True
+            self.inner = ModelRunner(loaded, config, tp_rank=0, tp_size=size)
+            errors = [e for e in self._gather("ok") if e != "ok"]  # every rank reports its load
+            if errors:
+                raise RuntimeError(f"tensor-parallel worker failed to start: {errors[0]}")
+            self._ready = True
+        except BaseException:
+            self.close()
+            raise
+        logger.info("tensor parallel: %d ranks (%s backend)", size, parallel.backend_for(device.type))
+
+    def _await_hello(self, hello: Any, n: int) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        seen = 0
+        while seen < n:
+            self._check_workers()
+            if time.monotonic() > deadline:
+                raise RuntimeError("tensor-parallel workers did not start in time")
+            with contextlib.suppress(queue.Empty):
+                hello.get(timeout=0.5)
+                seen += 1
+
+    def _check_workers(self) -> None:
+        dead = [p.name for p in self._procs if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} exited; the replica cannot continue")
+
+    def _gather(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def _send(self, command: tuple) -> None:
+        self._check_workers()
+        dist.broadcast_object_list([command], src=0)
+
+    # ---- the ModelRunner interface --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def num_blocks(self) -> int:
+        return self.inner.num_blocks
+
+    @property
+    def model_config(self):
+        return self.inner.model_config
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return self.inner.kv_cache_bytes_per_block()  # the same on every rank
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Run `ModelRunner.<method>(*args)` (a dotted path: "model.param_counts") on every rank; results in
+        rank order. Every rank reaches the gather even when one fails, then the first error raises here."""
+        self._send((_CALL, method, args))
+        results = self._gather(_call(self.inner, 0, method, args))
+        for r in results:
+            if isinstance(r, _WorkerError):
+                raise RuntimeError(f"tensor-parallel call {method} failed: {r.message}")
+        return results
+
+    def available_kv_cache_bytes(self) -> int | None:
+        """The smallest rank's budget (None on CPU)."""
+        budgets = self.call("available_kv_cache_bytes")
+        return None if budgets[0] is None else min(budgets)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.call("allocate_kv_cache", num_blocks)
+
+    def param_counts(self) -> list[dict[str, int]]:
+        """Each rank's parameter element counts (sharded / replicated), in rank order."""
+        return self.call("model.param_counts")
+
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        self._send((_EXECUTE, batch))
+        try:
+            return self.inner.execute(batch)
+        except dist.DistError as e:  # a peer vanished mid-step (gloo: connection reset)
+            raise RuntimeError(f"tensor-parallel step failed, a worker is gone or broken: {e}") from e
+
+    def close(self) -> None:
+        """Stop the workers and leave the process group; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._ready:
+            with contextlib.suppress(Exception):
+                if all(p.is_alive() for p in self._procs):
+                    dist.broadcast_object_list([(_STOP,)], src=0)
+        for p in self._procs:
+            if p.pid is not None:
+                p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if self._group:
+            with contextlib.suppress(Exception):
+                parallel.destroy_group()
+            self._group = False
+
+
+class _WorkerError:
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _call(runner: ModelRunner, rank: int, method: str, args: tuple) -> Any:
+    try:
+        return operator.attrgetter(method)(runner)(*args)
+    except Exception as e:
+        return _WorkerError(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when rank 0 goes away: the kernel's parent-death signal, plus a polling thread as a fallback."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kubellm-tp-parent-watch", daemon=True).start()
+
+
+def _worker_main(rank: int, size: int, port: int, config: EngineConfig, path: str, parent_pid: int, hello) -> None:
+    """Ranks 1..N-1: join the group, load and shard the weights, then run whatever rank 0 broadcasts."""
+    _die_with_parent(parent_pid)
+    device = resolve_device(config.device)
+    if device.type == "cpu" and "KUBELLM_NUM_THREADS" not in os.environ:
+        os.environ["KUBELLM_NUM_THREADS"] = str(max(1, available_cpus() // size))  # share the cores
+    hello.put(rank)
+    parallel.init_group(rank, size, port, device.type)
+    runner: ModelRunner | None = None
+    status = "ok"
+    try:
+        from kubellm.engine.loader import load_model
+
+        runner = ModelRunner(load_model(path, dtype=config.dtype), config, tp_rank=rank, tp_size=size)
+    except Exception as e:  # reported to rank 0 through the start-up gather
+        status = f"rank {rank}: {type(e).__name__}: {e}"
+    dist.all_gather_object([None] * size, status)
+    if runner is None:
+        os._exit(1)
+    try:
+        _serve(runner, rank, size)
+    finally:
+        with contextlib.suppress(Exception):
+            parallel.destroy_group()
+
+
+def _serve(runner: ModelRunner, rank: int, size: int) -> None:
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        command = box[0]
+        if command[0] == _STOP:
+            return
+        if command[0] == _EXECUTE:
+            try:
+                runner.execute(command[1])
+            except ValueError:  # input validation before any collective: rank 0 raised the same error
+                logger.debug("rank %d: batch rejected", rank, exc_info=True)
+            continue
+        _, method, args = command
+        dist.all_gather_object([None] * size, _call(runner, rank, method, args))
