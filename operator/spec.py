@@ -95,8 +95,8 @@ class EngineSpec(_Model):
 class ResourcesSpec(_Model):
     gpus_per_replica: int = Field(default=1, ge=0, le=64)
     cpu: str | int | None = None
-    memory: str | None = None
-    shm_size: str | None = None
+    memory: str | int | None = None
+    shm_size: str | int | None = None
 
 
 class AutoscalingSpec(_Model):
@@ -115,12 +115,12 @@ class RouterSpec(_Model):
     api_key_secret_ref: ApiKeySecretRef | None = None
     image: str | None = None
     cpu: str | int | None = None
-    memory: str | None = None
+    memory: str | int | None = None
 
 
 class ModelCacheSpec(_Model):
     claim_name: str | None = None
-    size: str | None = None
+    size: str | int | None = None
     storage_class_name: str | None = None
     access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"] = "ReadWriteMany"
 
@@ -178,7 +178,7 @@ def semantic_errors(name: str, spec: LLMDeploymentSpec) -> list[str]:
         short = spec.model.source.removeprefix(BUILTIN_PREFIX)
         if short not in BUILTIN_MODELS:
             known = ", ".join(BUILTIN_PREFIX + m for m in sorted(BUILTIN_MODELS))
-            errors.append(f"unknown builtin model {spec.model.source!r}; builtin models: {known}")
+            errors.append(f"model.source: unknown builtin model {spec.model.source!r}; builtin models: {known}")
     if spec.model_cache.claim_name and spec.model_cache.size:
         errors.append(
             "modelCache: set either claimName (an existing PVC) or size (a PVC the operator creates), not both"
