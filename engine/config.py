@@ -27,6 +27,7 @@ class EngineConfig:
     generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults; "vllm": ignore it
     max_waiting_requests: int = 1024  # beyond this the server answers 429
     scheduling_policy: str = "fcfs"  # fcfs | priority
+    sim_time_scale: float = 1.0  # --device sim: every simulated step takes this many times its modelled time
 
     def __post_init__(self) -> None:
         checks = {
@@ -36,6 +37,7 @@ class EngineConfig:
             "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
             "max_model_len": self.max_model_len is None or self.max_model_len >= 1,
+            "sim_time_scale": self.sim_time_scale > 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -28,6 +28,7 @@ class SimTiming:
     decode_base_s: float = 0.005
     kv_bytes_per_token: int = 131072  # Llama-3.1-8B in bf16: 32 layers x 8 KV heads x 128 x 2 x 2 bytes
     kv_budget_bytes: int = 16 * 1024**3
+    time_scale: float = 1.0  # >1: a slower simulated device, e.g. so a CPU-bound load generator can load it
 
     def step_seconds(self, batch: ForwardBatch) -> float:
         prefill_tokens = sum(len(s.token_ids) for s in batch.seqs if len(s.token_ids) > 1)
@@ -35,7 +36,7 @@ class SimTiming:
         t = self.step_overhead_s + prefill_tokens * self.prefill_s_per_token
         if decodes:
             t += self.decode_base_s + decodes * self.decode_s_per_seq
-        return t
+        return t * self.time_scale
 
 
 def load_sim_model(path: str):
@@ -51,7 +52,7 @@ class SimModelRunner:
 
     def __init__(self, loaded, config: EngineConfig, timing: SimTiming | None = None):
         self.config = config
-        self.timing = timing or SimTiming()
+        self.timing = timing or SimTiming(time_scale=config.sim_time_scale)
         renderer = PromptRenderer(loaded.tokenizer_info)
         self.placeholder_ids = renderer.encode(PLACEHOLDER_TEXT, add_special_tokens=False) or [0]
         self.num_blocks = 0

@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="auto", choices=["auto", "cuda", "cpu", "sim"], help="device; sim = timing model"
     )
+    p.add_argument(
+        "--sim-time-scale",
+        type=_positive_float,
+        default=1.0,
+        help="--device sim: multiply the timing model's step times (a slower simulated device: fewer requests "
+        "per second load it, so a benchmark's client and router CPU cost stops mattering)",
+    )
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0, help="engine seed")
@@ -338,6 +345,7 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
             generation_config=ns.generation_config,
             max_waiting_requests=ns.max_waiting_requests,
             scheduling_policy=ns.scheduling_policy,
+            sim_time_scale=ns.sim_time_scale,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -39,6 +39,21 @@ def test_flags_map_to_engine_config():
     assert e.max_waiting_requests == 3 and e.gpu_memory_utilization == 0.5 and e.seed == 7
 
 
+def test_sim_time_scale_slows_every_simulated_step():
+    from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+    from kubellm.engine.sim_runner import SimTiming
+
+    args, _ = parse_args(["--device", "sim", "--sim-time-scale", "4"])
+    assert args.engine.sim_time_scale == 4.0
+    prefill = ScheduledSeq("a", list(range(100)), 0, [0] * 7, True)
+    decode = ScheduledSeq("b", [5], 40, [1] * 3, True)
+    batch = ForwardBatch([prefill, decode])
+    base, slow = SimTiming(), SimTiming(time_scale=4.0)
+    assert slow.step_seconds(batch) == pytest.approx(4 * base.step_seconds(batch)) and base.step_seconds(batch) > 0
+    with pytest.raises(ConfigError, match="sim_time_scale"):
+        parse_args(["--sim-time-scale", "0"])
+
+
 def test_config_file_dashes_and_underscores_and_cli_override(tmp_path):
     path = _cfg(
         tmp_path,
