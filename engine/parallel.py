@@ -2,13 +2,24 @@
 
 Megatron-style sharding: q/k/v and gate/up are column-parallel (each rank owns whole heads / a slice of the
 intermediate), o_proj and down_proj row-parallel (partial sums all-reduced), the embedding and LM head
-vocab-parallel (rows split, padded so every rank's slice has one size). Every rank loads the full checkpoint
-and keeps its shard (simple; a per-rank partial load is a later optimisation). Nothing here runs at TP 1.
+vocab-parallel (rows split, padded so every rank's slice has one size). A rank reads only its slices when the
+weights mapping can (`read_slice`: lazy safetensors, random weights); from a plain dict it cuts them out of the
+full tensors. Nothing here runs at TP 1.
+
+Two process groups: the default one (NCCL on CUDA, gloo on CPU) carries the forward's collectives, and on CUDA a
+gloo "control" group carries the pickled per-step commands, so they never touch the GPU stream.
+
+CUDA graphs capture the NCCL all-reduces of the decode forward (PyTorch's ProcessGroupNCCL supports capture and
+waits for its watchdog's pending work before one starts). `warm_up` creates the communicator before any capture,
+and every rank captures the same sizes in the same order because every rank runs allocate_kv_cache from the same
+broadcast command. KUBELLM_TP_CUDA_GRAPHS=0 falls back to eager decode under tensor parallelism.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
@@ -50,20 +61,52 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
+_control: dict[str, dist.ProcessGroup | None] = {"group": None}
+
+
 def init_group(rank: int, size: int, port: int, device_type: str) -> None:
-    """Join the default process group of this TP replica (one per process)."""
+    """Join the default process group of this TP replica (one per process); on CUDA bind rank r to GPU r first
+    (NCCL and the object collectives use the current device) and add the gloo control group."""
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process")
+    device_id = None
+    if device_type == "cuda":
+        device_id = torch.device("cuda", rank)
+        torch.cuda.set_device(device_id)
     dist.init_process_group(
         backend_for(device_type),
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=size,
         timeout=COLLECTIVE_TIMEOUT,
+        device_id=device_id,
     )
+    if device_type == "cuda":
+        _control["group"] = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """The group for pickled commands and results: gloo beside an NCCL default group, else the default (None)."""
+    return _control["group"]
+
+
+def warm_up(device: torch.device) -> None:
+    """One all-reduce on `device`, waited for: the communicator exists before any CUDA graph capture."""
+    probe = torch.ones(1, device=device)
+    dist.all_reduce(probe)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if int(probe.item()) != dist.get_world_size():
+        raise RuntimeError(f"all-reduce warm-up gave {probe.item()}, expected {dist.get_world_size()}")
+
+
+def cuda_graphs_enabled() -> bool:
+    """Decode CUDA graphs under tensor parallelism, unless KUBELLM_TP_CUDA_GRAPHS=0 (the fallback)."""
+    return os.environ.get("KUBELLM_TP_CUDA_GRAPHS", "1") != "0"
 
 
 def destroy_group() -> None:
+    _control["group"] = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -74,25 +117,46 @@ def vocab_shard(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
     return rank * per, per
 
 
-def shard(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    """This rank's contiguous 1/size slice along `dim`, as its own storage (the full tensor can then be freed)."""
+def read_slice(weights: Mapping[str, torch.Tensor], name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows/columns [start, stop) of weight `name` along `dim`, as its own storage. Mappings with a
+    `read_slice(name, dim, start, stop)` method read only that slice; from others it is cut out of the full tensor."""
+    reader = getattr(weights, "read_slice", None)
+    if reader is not None:
+        return reader(name, dim, start, stop)
+    return weights[name].narrow(dim, start, stop - start).clone()
+
+
+def read_shard(weights: Mapping[str, torch.Tensor], name: str, dim: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's contiguous 1/size slice of weight `name` along `dim` (the whole tensor at size 1)."""
     if size == 1:
-        return tensor
-    n = tensor.shape[dim]
+        return weights[name]
+    n = shape_of(weights, name)[dim]
     if n % size:
-        raise ValueError(f"cannot split dimension {dim} of size {n} into {size} equal shards")
-    return tensor.narrow(dim, rank * (n // size), n // size).clone()
+        raise ValueError(f"cannot split dimension {dim} of {name} (size {n}) into {size} equal shards")
+    per = n // size
+    return read_slice(weights, name, dim, rank * per, (rank + 1) * per)
 
 
-def shard_vocab(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """Rows of the vocab slice of [V, H]; rows past V are zero (their logits are sliced off after the gather)."""
+def read_vocab_shard(weights: Mapping[str, torch.Tensor], name: str, rank: int, size: int) -> torch.Tensor:
+    """This rank's rows of a [V, H] vocab tensor; rows past V are zero (their logits are sliced off after the
+    gather)."""
     if size == 1:
-        return tensor
-    start, per = vocab_shard(tensor.shape[0], rank, size)
-    out = torch.zeros((per, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    rows = max(0, min(per, tensor.shape[0] - start))
-    out[:rows] = tensor[start : start + rows]
+        return weights[name]
+    vocab = shape_of(weights, name)[0]
+    start, per = vocab_shard(vocab, rank, size)
+    rows = max(0, min(per, vocab - start))
+    part = read_slice(weights, name, 0, start, start + rows)
+    if rows == per:
+        return part
+    out = torch.zeros((per, *part.shape[1:]), dtype=part.dtype, device=part.device)
+    out[:rows] = part
     return out
+
+
+def shape_of(weights: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """A weight's shape without reading it when the mapping can say (`shape(name)`)."""
+    shape = getattr(weights, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(weights[name].shape)
 
 
 def vocab_parallel_embedding(input_ids: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:

@@ -4,16 +4,23 @@ Weights are generated when the model asks for them (`RandomWeights` is a lazy Ma
 device, so an 8B model never exists twice: not on the host, not as a second copy beside the fused q/k/v and
 gate/up tensors the model builds at load time. A word-level tokenizer over made-up words covers the vocabulary,
 so the engine detokenizes as it would for a real model.
+
+Each 2-D weight is defined as chunks of CHUNK rows (columns for o_proj/down_proj, the dimensions tensor
+parallelism splits), each drawn from its own seed, so a tensor-parallel rank generates only the chunks its slice
+needs (`read_slice`) and still gets exactly the numbers of the full tensor. `RandomRecipe` is what a worker
+process needs to rebuild the same weights on its own device: no file, nothing pickled but a few numbers.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from kubellm.engine.loader import parse_dtype
 from kubellm.engine.loader.loaded import LoadedModel
 from kubellm.engine.model_config import ModelConfig
 from kubellm.prompt import TokenizerInfo
@@ -81,9 +88,13 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+CHUNK = 1024  # rows (or columns) per independently seeded piece of a weight
+_COLUMN_CHUNKED = ("o_proj.weight", "down_proj.weight")  # row-parallel layers: split along the input dimension
+
+
 class RandomWeights(Mapping[str, torch.Tensor]):
     """Seeded normal weights made on access: norms are ones, embeddings N(0, embed_std), the rest N(0, std).
-    The same (seed, name) gives the same tensor on the same device; the CPU and CUDA streams differ."""
+    The same (seed, name) gives the same tensor on the same device type; the CPU and CUDA streams differ."""
 
     def __init__(
         self,
@@ -94,24 +105,82 @@ class RandomWeights(Mapping[str, torch.Tensor]):
         std: float = 0.02,
         embed_std: float = 0.02,
     ):
+        self.config = config
         self.shapes = weight_shapes(config)
         self.dtype, self.device, self.seed = dtype, torch.device(device), seed
         self.std, self.embed_std = std, embed_std
 
     def __getitem__(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]  # KeyError for names the model does not have
-        if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=self.dtype, device=self.device)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        std = self.embed_std if "embed_tokens" in name or name == "lm_head.weight" else self.std
-        return torch.empty(shape, dtype=self.dtype, device=self.device).normal_(0.0, std, generator=gen)
+        dim = chunk_dim(name, shape)
+        return self.read_slice(name, dim, 0, shape[dim])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
     def __len__(self) -> int:
         return len(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """[start, stop) along `dim`: only the chunks it overlaps are drawn when `dim` is the chunked one."""
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=self.dtype, device=self.device).narrow(dim, start, stop - start)
+        along = chunk_dim(name, shape)
+        if dim != along:  # not how tensor parallelism splits this weight: draw it whole, then cut
+            return self.read_slice(name, along, 0, shape[along]).narrow(dim, start, stop - start).clone()
+        out_shape = list(shape)
+        out_shape[dim] = stop - start
+        out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+        for k in range(start // CHUNK, -(-stop // CHUNK)):
+            lo, hi = k * CHUNK, min((k + 1) * CHUNK, shape[dim])
+            chunk = self.chunk(name, k, hi - lo)
+            a, b = max(lo, start), min(hi, stop)
+            out.narrow(dim, a - start, b - a).copy_(chunk.narrow(dim, a - lo, b - a))
+        return out
+
+    def chunk(self, name: str, k: int, length: int) -> torch.Tensor:
+        """Chunk k of weight `name` (`length` rows or columns along its chunk dimension), from its own seed."""
+        shape = list(self.shapes[name])
+        shape[chunk_dim(name, self.shapes[name])] = length
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{name}#{k}".encode()))
+        std = self.embed_std if "embed_tokens" in name or name == "lm_head.weight" else self.std
+        return torch.empty(shape, dtype=self.dtype, device=self.device).normal_(0.0, std, generator=gen)
+
+    def recipe(self, name: str = "random") -> RandomRecipe:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return RandomRecipe(self.config, dtype, self.device.type, self.seed, self.std, self.embed_std, name)
+
+
+def chunk_dim(name: str, shape: tuple[int, ...]) -> int:
+    """The dimension a weight is drawn in chunks along: columns of the row-parallel layers, rows otherwise."""
+    return 1 if len(shape) == 2 and name.endswith(_COLUMN_CHUNKED) else 0
+
+
+@dataclass(frozen=True)
+class RandomRecipe:
+    """How to rebuild a random-weight model in another process (tensor-parallel workers): the same config, dtype,
+    seed and scales give the same numbers on the same kind of device (cpu, or cuda of one GPU model)."""
+
+    config: ModelConfig
+    dtype: str
+    device_type: str  # where the numbers are drawn: "cpu" or "cuda" (each rank draws on its own GPU)
+    seed: int = 0
+    std: float = 0.02
+    embed_std: float = 0.02
+    name: str = "random"
+
+    def load(self, device: torch.device) -> LoadedModel:
+        """The model, its weights drawn lazily on `device` (whose type must be this recipe's)."""
+        if device.type != self.device_type:
+            raise ValueError(f"random weights were drawn on {self.device_type}; drawing them on {device} differs")
+        return random_loaded_model(
+            self.config, parse_dtype(self.dtype), device, self.seed, self.std, self.embed_std, self.name
+        )
 
 
 def synthetic_tokenizer_info(vocab_size: int) -> TokenizerInfo:
@@ -131,12 +200,15 @@ def random_loaded_model(
     embed_std: float = 0.02,
     name: str = "random",
 ) -> LoadedModel:
-    """A LoadedModel whose weights are generated lazily on `device` as the model runner loads them."""
+    """A LoadedModel whose weights are generated lazily on `device` as the model runner loads them; its
+    `recipe` lets tensor-parallel workers draw the same weights themselves."""
+    weights = RandomWeights(config, dtype, device, seed, std, embed_std)
     return LoadedModel(
         config=config,
-        weights=RandomWeights(config, dtype, device, seed, std, embed_std),  # type: ignore[arg-type]
+        weights=weights,  # type: ignore[arg-type]
         tokenizer_info=synthetic_tokenizer_info(config.vocab_size),
         generation_config={},
         name=name,
         path="",
+        recipe=weights.recipe(name),
     )

@@ -4,6 +4,11 @@ Rank 0 owns the scheduler and KV bookkeeping; per step it broadcasts the Forward
 object) and every rank runs the same `ModelRunner.execute`, so the collectives inside the forward line up.
 Rank 0's `TPModelRunner` has the ModelRunner interface, so `LLMEngine` does not know TP is on.
 
+Weights: a worker loads the model from `loaded.path` (HF directories lazily, so it reads only its shards) or, for
+a model made in memory, rebuilds it from `loaded.recipe` (random weights drawn on its own device, only its shards).
+Commands travel over `parallel.control_group()` (gloo beside NCCL on CUDA). Decode CUDA graphs are captured on
+every rank (KUBELLM_TP_CUDA_GRAPHS=0 turns them off under tensor parallelism).
+
 Shutdown: `close()` broadcasts a stop and joins the workers (terminating stragglers). Workers are daemon
 processes and also die with their parent (PR_SET_PDEATHSIG plus a parent-watch thread), so a killed engine
 leaves no process holding a GPU; rank 0 checks the workers are alive before every collective it starts.
@@ -31,6 +36,7 @@ from kubellm.engine import parallel
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch
 from kubellm.engine.loader import LoadedModel
+from kubellm.engine.loader.loaded import ModelRecipe
 from kubellm.engine.model_runner import ModelRunner, available_cpus, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -47,8 +53,9 @@ class TPModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         size = config.tensor_parallel_size
         parallel.check_tp_size(loaded.config, size)
-        if not loaded.path:
-            raise ValueError("tensor parallelism needs a model on disk (each worker loads it from its path)")
+        source: str | ModelRecipe | None = loaded.path or loaded.recipe
+        if not source:
+            raise ValueError("tensor parallelism needs a model on disk or a recipe to rebuild it (random weights)")
         device = resolve_device(config.device)
         if device.type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs, torch sees {torch.cuda.device_count()}")
@@ -62,7 +69,7 @@ class TPModelRunner:
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, size, port, config, loaded.path, os.getpid(), hello),
+                args=(rank, size, port, config, source, os.getpid(), hello),
                 name=f"kubellm-tp{rank}",
                 daemon=True,
             )
@@ -74,7 +81,8 @@ class TPModelRunner:
             self._await_hello(hello, size - 1)
             parallel.init_group(0, size, port, device.type)
             self._group = True
-            self.inner = ModelRunner(loaded, config, tp_rank=0, tp_size=size)
+            parallel.warm_up(_rank_device(device, 0))
+            self.inner = _make_runner(loaded, config, 0, size)
             errors = [e for e in self._gather("ok") if e != "ok"]  # every rank reports its load
             if errors:
                 raise RuntimeError(f"tensor-parallel worker failed to start: {errors[0]}")
@@ -102,12 +110,12 @@ class TPModelRunner:
 
     def _gather(self, value: Any) -> list[Any]:
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, value)
+        dist.all_gather_object(out, value, group=parallel.control_group())
         return out
 
     def _send(self, command: tuple) -> None:
         self._check_workers()
-        dist.broadcast_object_list([command], src=0)
+        dist.broadcast_object_list([command], src=0, group=parallel.control_group())
 
     # ---- the ModelRunner interface --------------------------------------------------------------
     @property
@@ -166,7 +174,7 @@ class TPModelRunner:
         if self._ready:
             with contextlib.suppress(Exception):
                 if all(p.is_alive() for p in self._procs):
-                    dist.broadcast_object_list([(_STOP,)], src=0)
+                    dist.broadcast_object_list([(_STOP,)], src=0, group=parallel.control_group())
         for p in self._procs:
             if p.pid is not None:
                 p.join(timeout=10)
@@ -207,7 +215,28 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="kubellm-tp-parent-watch", daemon=True).start()
 
 
-def _worker_main(rank: int, size: int, port: int, config: EngineConfig, path: str, parent_pid: int, hello) -> None:
+def _rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def _make_runner(loaded: LoadedModel, config: EngineConfig, rank: int, size: int) -> ModelRunner:
+    runner = ModelRunner(loaded, config, tp_rank=rank, tp_size=size)
+    if not parallel.cuda_graphs_enabled():
+        runner.use_cuda_graphs = False  # read when the KV cache is allocated (and graphs captured), later
+    return runner
+
+
+def _load(source: str | ModelRecipe, config: EngineConfig, device: torch.device) -> LoadedModel:
+    if isinstance(source, str):
+        from kubellm.engine.loader import load_model
+
+        return load_model(source, dtype=config.dtype, lazy=True)
+    return source.load(device)
+
+
+def _worker_main(
+    rank: int, size: int, port: int, config: EngineConfig, source: str | ModelRecipe, parent_pid: int, hello
+) -> None:
     """Ranks 1..N-1: join the group, load and shard the weights, then run whatever rank 0 broadcasts."""
     _die_with_parent(parent_pid)
     device = resolve_device(config.device)
@@ -215,15 +244,14 @@ def _worker_main(rank: int, size: int, port: int, config: EngineConfig, path: st
         os.environ["KUBELLM_NUM_THREADS"] = str(max(1, available_cpus() // size))  # share the cores
     hello.put(rank)
     parallel.init_group(rank, size, port, device.type)
+    parallel.warm_up(_rank_device(device, rank))
     runner: ModelRunner | None = None
     status = "ok"
     try:
-        from kubellm.engine.loader import load_model
-
-        runner = ModelRunner(load_model(path, dtype=config.dtype), config, tp_rank=rank, tp_size=size)
+        runner = _make_runner(_load(source, config, _rank_device(device, rank)), config, rank, size)
     except Exception as e:  # reported to rank 0 through the start-up gather
         status = f"rank {rank}: {type(e).__name__}: {e}"
-    dist.all_gather_object([None] * size, status)
+    dist.all_gather_object([None] * size, status, group=parallel.control_group())
     if runner is None:
         os._exit(1)
     try:
@@ -236,7 +264,7 @@ def _worker_main(rank: int, size: int, port: int, config: EngineConfig, path: st
 def _serve(runner: ModelRunner, rank: int, size: int) -> None:
     while True:
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=parallel.control_group())
         command = box[0]
         if command[0] == _STOP:
             return
@@ -247,4 +275,4 @@ def _serve(runner: ModelRunner, rank: int, size: int) -> None:
                 logger.debug("rank %d: batch rejected", rank, exc_info=True)
             continue
         _, method, args = command
-        dist.all_gather_object([None] * size, _call(runner, rank, method, args))
+        dist.all_gather_object([None] * size, _call(runner, rank, method, args), group=parallel.control_group())

@@ -36,10 +36,12 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | str | None = torch.float32, load_weights: bool = True
+    path: str | Path, dtype: torch.dtype | str | None = torch.float32, load_weights: bool = True, lazy: bool = False
 ) -> LoadedModel:
     """Weights come back in `dtype` (float32 by default), HF-named, on the CPU; the model runner moves them.
-    `load_weights=False` reads only config, tokenizer and chat template (the simulated engine needs no more)."""
+    `load_weights=False` reads only config, tokenizer and chat template (the simulated engine needs no more).
+    `lazy=True`: a HF directory's weights are read as the model asks for them, in slices under tensor
+    parallelism (GGUF files are dequantized whole either way)."""
     name = str(path)
     try:
         resolved = Path(resolve_model(name))
@@ -48,7 +50,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     if resolved.is_dir():
         if (resolved / "config.json").is_file():
-            return load_hf_dir(resolved, torch_dtype, name, load_weights)
+            return load_hf_dir(resolved, torch_dtype, name, load_weights, lazy)
         ggufs = sorted(resolved.glob("*.gguf"))
         if len(ggufs) == 1:
             return load_gguf(ggufs[0], torch_dtype, name, load_weights)

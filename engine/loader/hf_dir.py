@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,11 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any]:
     return value
 
 
-def load_hf_dir(path: Path, dtype: torch.dtype, name: str, load_weights: bool = True) -> LoadedModel:
+def load_hf_dir(
+    path: Path, dtype: torch.dtype, name: str, load_weights: bool = True, lazy: bool = False
+) -> LoadedModel:
+    """`lazy`: weights stay in their files until asked for, each read on its own or in slices
+    (`SafetensorsWeights`), so a tensor-parallel rank reads only its shards."""
     hf_config = read_json(path / "config.json")
     config = ModelConfig.from_hf_config(hf_config)
     generation_config = read_json(path / "generation_config.json", required=False)
@@ -47,8 +52,10 @@ def load_hf_dir(path: Path, dtype: torch.dtype, name: str, load_weights: bool = 
         eos_id = Tokenizer.from_str(tokenizer_info.tokenizer_json).token_to_id(tokenizer_info.eos_token)
         if eos_id is not None:
             config.eos_token_ids.append(eos_id)
-    weights = read_safetensors(path, dtype) if load_weights else {}
-    return LoadedModel(config, weights, tokenizer_info, generation_config, name=name, path=str(path))
+    weights: Mapping[str, torch.Tensor] = {}
+    if load_weights:
+        weights = SafetensorsWeights(path, dtype) if lazy else read_safetensors(path, dtype)
+    return LoadedModel(config, weights, tokenizer_info, generation_config, name=name, path=str(path))  # type: ignore[arg-type]
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -80,6 +87,46 @@ def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ModelLoadError(f"corrupt or unreadable weights file {file}: {e}") from e
     return weights
+
+
+class SafetensorsWeights(Mapping[str, torch.Tensor]):
+    """The checkpoint's tensors read on access (in `dtype`), whole or as a slice (`read_slice`), never all at
+    once. The files' headers are read and checked here, so a corrupt file fails at load time as in the eager path."""
+
+    def __init__(self, path: Path, dtype: torch.dtype):
+        self.dtype = dtype
+        self._files: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for file in weight_files(path):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        self._files[key] = str(file)
+                        self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise ModelLoadError(f"corrupt or unreadable weights file {file}: {e}") from e
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], framework="pt") as f:
+            return self._cast(f.get_tensor(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """[start, stop) along `dim`, read from the file alone (the rest of the tensor is never loaded)."""
+        index = tuple([slice(None)] * dim + [slice(start, stop)])
+        with safe_open(self._files[name], framework="pt") as f:
+            return self._cast(f.get_slice(name)[index])
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
 
 def _token_text(value: Any) -> str | None:

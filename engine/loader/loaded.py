@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from kubellm.engine.model_config import ModelConfig
 from kubellm.prompt import TokenizerInfo
+
+
+class ModelRecipe(Protocol):
+    """Rebuilds a model without files in another process (random weights): what a tensor-parallel worker loads
+    when the model has no path. It must be picklable and describe the very weights of the LoadedModel it rides on."""
+
+    def load(self, device: torch.device) -> LoadedModel: ...
 
 
 @dataclass
@@ -19,3 +26,4 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json; {} when absent
     name: str = ""  # the model as the user named it (path or builtin short name)
     path: str = ""  # the resolved file or directory
+    recipe: ModelRecipe | None = None  # for models made in memory: how another process makes the same weights

@@ -231,26 +231,22 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Take HF-named tensors; fuse q/k/v and gate/up; share storage where dtype and device already match.
-        Under tensor parallelism keep this rank's shard of each split tensor (the caller's full tensors stay
-        untouched; each rank reads the whole checkpoint for now)."""
+        Under tensor parallelism keep this rank's shard of each split tensor, reading only that slice when the
+        mapping can (`parallel.read_slice`); the caller's full tensors stay untouched."""
         c = self.config
         rank, size = self.tp_rank, self.tp_size
-
-        def col(t: torch.Tensor) -> torch.Tensor:  # split output rows: heads / intermediate
-            return parallel.shard(t, 0, rank, size)
-
-        def row(t: torch.Tensor) -> torch.Tensor:  # split input columns: the row-parallel layers
-            return parallel.shard(t, 1, rank, size)
-
-        def vocab(t: torch.Tensor) -> torch.Tensor:
-            return parallel.shard_vocab(t, rank, size)
-
         used: set[str] = set()
 
-        def take(name: str) -> torch.Tensor:
+        def take(name: str, split: str = "") -> torch.Tensor:
+            """The weight, or this rank's shard of it: split "col" (output rows: heads / intermediate), "row" (input
+            columns: the row-parallel layers) or "vocab"."""
             if name not in weights:
                 raise ModelLoadError(f"checkpoint lacks weight {name!r} that {c.architecture} needs")
             used.add(name)
+            if split == "vocab":
+                return parallel.read_vocab_shard(weights, name, rank, size)
+            if split:
+                return parallel.read_shard(weights, name, 0 if split == "col" else 1, rank, size)
             return weights[name]
 
         def put(param: nn.Parameter | None, tensor: torch.Tensor, name: str) -> None:
@@ -263,12 +259,12 @@ class LlamaForCausalLM(nn.Module):
             param.data = tensor.to(device=param.device, dtype=param.dtype)
 
         def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
-            return torch.cat([col(take(f"{prefix}.{p}.{suffix}")) for p in parts], dim=0)
+            return torch.cat([take(f"{prefix}.{p}.{suffix}", "col") for p in parts], dim=0)
 
-        put(self.embed_tokens, vocab(take("model.embed_tokens.weight")), "model.embed_tokens.weight")
+        put(self.embed_tokens, take("model.embed_tokens.weight", "vocab"), "model.embed_tokens.weight")
         put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
         if not c.tie_word_embeddings:
-            put(self.lm_head, vocab(take("lm_head.weight")), "lm_head.weight")
+            put(self.lm_head, take("lm_head.weight", "vocab"), "lm_head.weight")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}"
             attn, mlp = layer.self_attn, layer.mlp
@@ -278,14 +274,14 @@ class LlamaForCausalLM(nn.Module):
             put(attn.qkv_proj.weight, fused(f"{p}.self_attn", qkv, "weight"), f"{p}.self_attn.qkv weight")
             if c.attention_bias:
                 put(attn.qkv_proj.bias, fused(f"{p}.self_attn", qkv, "bias"), f"{p}.self_attn.qkv bias")
-            put(attn.o_proj.weight, row(take(f"{p}.self_attn.o_proj.weight")), f"{p}.self_attn.o_proj.weight")
+            put(attn.o_proj.weight, take(f"{p}.self_attn.o_proj.weight", "row"), f"{p}.self_attn.o_proj.weight")
             if c.attention_out_bias:
                 put(attn.o_proj.bias, take(f"{p}.self_attn.o_proj.bias"), f"{p}.self_attn.o_proj.bias")
             if attn.q_norm is not None and attn.k_norm is not None:
                 put(attn.q_norm.weight, take(f"{p}.self_attn.q_norm.weight"), f"{p}.self_attn.q_norm.weight")
                 put(attn.k_norm.weight, take(f"{p}.self_attn.k_norm.weight"), f"{p}.self_attn.k_norm.weight")
             put(mlp.gate_up_proj.weight, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "weight"), f"{p}.mlp.gate_up")
-            put(mlp.down_proj.weight, row(take(f"{p}.mlp.down_proj.weight")), f"{p}.mlp.down_proj.weight")
+            put(mlp.down_proj.weight, take(f"{p}.mlp.down_proj.weight", "row"), f"{p}.mlp.down_proj.weight")
             if c.mlp_bias:
                 put(mlp.gate_up_proj.bias, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "bias"), f"{p}.mlp.gate_up")
                 put(mlp.down_proj.bias, take(f"{p}.mlp.down_proj.bias"), f"{p}.mlp.down_proj.bias")
