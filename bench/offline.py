@@ -2,6 +2,8 @@
 
     python -m bench.offline                 # everything, ~7 minutes on an H200
     python -m bench.offline --scale 0.1     # every request count x0.1 (said so in the results)
+    python -m bench.offline --tensor-parallel-size 1,2,4 --workloads d,a,b --decode-batches 1 --skip-hf
+                                            # the same engine at TP 1, 2 and 4, one after another
 
 Workloads (all requests arrive at once, ignore_eos, temperature 1.0, seed 0; prompts are random token ids):
   (a) 1000 x 1024 in / 128 out       (b) 500 x 200 in / 1000 out
@@ -12,6 +14,12 @@ transformers' continuous batching (`generate_batch`, paged|sdpa) runs a 10% subs
 process after our engine is freed. One table of ratios to the vLLM 0.26.0 anchors and physical bounds (the
 [engine-gpu] issue) is printed; bench/results/engine-gpu-<date>.json and .md are written after every phase,
 so a run stopped by its time limit still leaves what it measured.
+
+Tensor parallelism (`--tensor-parallel-size`, one size or a comma list): every rank draws its own shards of the
+same random weights on its GPU (engine/random_model.py's RandomRecipe); each size writes its own results
+(engine-gpu-<date>-tp<N>.json/.md) and a sweep adds engine-gpu-<date>-tp.json/.md comparing them against TP 1,
+with the [tensor-parallel] issue's target: batch-1 decode ms/token at TP 2 <= 0.65x TP 1. Rooflines at TP N are
+the one-GPU roofline / N (weights and KV split evenly; the all-reduces are not in it).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ VLLM = {
 HF = {"a_total_tok_s": 2128.0, "b_output_tok_s": 585.0}
 BOUND = {"a_total_tok_s": 49000.0, "b_output_tok_s": 30000.0, "batch1_ms": 3.74}
 TARGET = {"ratio": 0.8, "batch1_ms": 5.5, "d256_roofline_ratio": 1.3, "startup_s": 60.0}
+TP_TARGET = {"tp": 2, "batch1_ratio": 0.65}  # [tensor-parallel]: batch-1 ms/token at TP 2 <= 0.65x TP 1
 
 log = logging.getLogger("bench.offline")
 
@@ -132,24 +141,27 @@ def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str
 
 # ---- our engine ------------------------------------------------------------------------------------
 class TimedWeights(RandomWeights):
-    """Random weights that add up the time spent making them (synchronised), to subtract from start-up."""
+    """Random weights that add up the time spent making them (synchronised), to subtract from start-up. Under
+    tensor parallelism this is rank 0's share (the other ranks draw theirs at the same time)."""
 
     seconds = 0.0
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def chunk(self, name: str, k: int, length: int) -> torch.Tensor:
         t = time.perf_counter()
-        out = super().__getitem__(name)
+        out = super().chunk(name, k, length)
         torch.cuda.synchronize()
         TimedWeights.seconds += time.perf_counter() - t
         return out
 
 
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace, tp: int = 1):
     from kubellm.engine.llm_engine import LLMEngine
 
+    # The recipe (seed 0, bf16, drawn on CUDA) is what the other ranks rebuild: the same weights as rank 0's.
     loaded = random_loaded_model(LLAMA_3_1_8B, torch.bfloat16, "cuda", seed=0, name="random-llama-3.1-8b")
     loaded.weights = TimedWeights(LLAMA_3_1_8B, torch.bfloat16, "cuda", seed=0)  # type: ignore[assignment]
     config = EngineConfig(
+        tensor_parallel_size=tp,
         model="random-llama-3.1-8b",
         device="cuda",
         max_model_len=args.max_model_len,
@@ -167,6 +179,11 @@ def build_engine(args: argparse.Namespace):
     return engine
 
 
+def local_runner(engine):
+    """Rank 0's ModelRunner (the engine's runner itself at TP 1): graph counters, memory profile, backend."""
+    return getattr(engine.runner, "inner", engine.runner)
+
+
 def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(n)]
 
@@ -181,7 +198,7 @@ def percentile(values: list[float], q: float) -> float:
 def run_workload(engine, prompts: list[list[int]], max_tokens: int, label: str) -> dict[str, Any]:
     """Submit every prompt at once, step until all finish; throughput per second of wall time."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0)
-    runner = engine.runner
+    runner = local_runner(engine)
     before = engine.stats()
     replays0 = getattr(runner, "graph_replays", 0)
     step_times: list[float] = []
@@ -250,10 +267,10 @@ def decode_step_times(engine, batch: int, ctx: int, steps: int) -> dict[str, flo
     orig = runner.execute
     forward: list[float] = []
 
-    def timed(b):
+    def timed(b, *fill):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        r = orig(b)
+        r = orig(b, *fill)
         torch.cuda.synchronize()
         forward.append(time.perf_counter() - t)
         return r
@@ -455,12 +472,14 @@ def git_commit() -> str:
 
 def write_results(r: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"engine-gpu-{r['date']}"
+    tp = r.get("tensor_parallel_size", 1)
+    stem = out_dir / f"engine-gpu-{r['date']}{r.get('name_suffix', '')}"
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str) + "\n")
     md = [
-        f"# Engine on GPU — {r['date']}",
+        f"# Engine on GPU — {r['date']}" + (f", tensor parallel {tp}" if tp > 1 else ""),
         "",
-        f"{r['gpu']}, torch {r['torch']}, flashinfer {r.get('flashinfer', '-')}, git {r['commit']}.",
+        f"{r['gpu']}{f' x {tp}' if tp > 1 else ''}, torch {r['torch']}, flashinfer {r.get('flashinfer', '-')}, "
+        f"git {r['commit']}.",
         f"Model: Llama-3.1-8B shape, random bf16 weights. Scale: {r['scale']} of the issue's request counts"
         + (" (shrunk to fit the device time: counts below are the ones run)." if r["scale"] != 1 else "."),
         f"Engine: max_num_seqs {r['engine']['max_num_seqs']}, max_num_batched_tokens "
@@ -493,6 +512,161 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(md))
 
 
+def run_engine(
+    args: argparse.Namespace, r: dict[str, Any], tp: int, out_dir: Path, left: Callable[[], float]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Build the engine at tensor parallel `tp`, run the chosen workloads into `r` (written after each phase),
+    close it and free the GPUs. Returns the (a) and (b) prompts transformers would replay."""
+    c = LLAMA_3_1_8B
+    s = args.scale
+    t = time.perf_counter()
+    engine = build_engine(args, tp)
+    runner = local_runner(engine)
+    r["startup"] = {
+        "engine_init_s": engine.startup_seconds,
+        "weights_generation_s": TimedWeights.seconds,
+        "ready_s": engine.startup_seconds - TimedWeights.seconds,
+        "cuda_graph_capture_s": runner.graph_capture_seconds,
+        "cuda_graphs": bool(runner._graphs),
+        "kv_blocks": engine.kv.num_blocks,
+        "kv_tokens": engine.kv.num_blocks * engine.config.block_size,
+        "memory_profile": runner.memory_profile,
+        "attention_backend": runner.attn.name,
+    }
+    log.info("TP %d startup: %s (wall %.1fs)", tp, r["startup"], time.perf_counter() - t)
+    write_results(r, out_dir)
+    rng = random.Random(0)
+    wanted = args.workloads.split(",")
+    hf_a: list[list[int]] = []
+    hf_b: list[list[int]] = []
+    try:
+        if "d" in wanted:
+            for b in [int(x) for x in args.decode_batches.split(",")]:
+                if left() < 60:
+                    r["notes"].append(f"(d) batch {b} skipped: out of time")
+                    continue
+                x = decode_step_times(engine, b, 1024, 16)
+                ceil = r["ceilings"]
+                roof = decode_roofline_ms(c, b, 1024 + 10, ceil["copy_gb_s"], ceil["matmul_tflop_s"])
+                x.update(
+                    roofline_ms=roof["total_ms"] / tp,
+                    roofline_gemm_ms=roof["gemm_ms"] / tp,
+                    roofline_attention_ms=roof["attention_ms"] / tp,
+                )
+                r["decode"][str(b)] = x
+                log.info("TP %d decode batch %d: %s", tp, b, x)
+            if left() > 60:
+                r["prefill_probe"] = {
+                    "tokens": args.max_num_batched_tokens,
+                    "step_ms": prefill_step_ms(engine, args.max_num_batched_tokens, args.max_model_len - 8),
+                }
+                log.info("prefill probe: %s", r["prefill_probe"])
+            write_results(r, out_dir)
+        if "a" in wanted and left() > 90:
+            prompts = random_prompts(rng, max(1, round(1000 * s)), 1024, c.vocab_size)
+            hf_a = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
+            r["workloads"]["a"] = run_workload(engine, prompts, 128, "a")
+            write_results(r, out_dir)
+        if "b" in wanted and left() > 90:
+            prompts = random_prompts(rng, max(1, round(500 * s)), 200, c.vocab_size)
+            hf_b = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
+            r["workloads"]["b"] = run_workload(engine, prompts, 1000, "b")
+            write_results(r, out_dir)
+        if "c" in wanted and left() > 90:
+            n_prefix = max(1, round(100 * s))
+            prefixes = random_prompts(rng, n_prefix, 1500, c.vocab_size)
+            suffixes = random_prompts(rng, n_prefix * 10, 100, c.vocab_size)
+            prompts = [prefixes[i // 10] + suffixes[i] for i in range(n_prefix * 10)]
+            rng.shuffle(prompts)
+            engine.reset_prefix_cache()
+            r["workloads"]["c_on"] = run_workload(engine, prompts, 100, "c_on")
+            write_results(r, out_dir)
+            if left() > 90:
+                engine.kv.enable_prefix_caching = False
+                engine.reset_prefix_cache()
+                r["workloads"]["c_off"] = run_workload(engine, prompts, 100, "c_off")
+                engine.kv.enable_prefix_caching = True
+                write_results(r, out_dir)
+        r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        free, total = torch.cuda.mem_get_info()
+        r["device_used_gib_at_end"] = (total - free) / 2**30
+        write_results(r, out_dir)
+    finally:
+        engine.close()  # tensor-parallel workers exit and free their GPUs
+        del engine, runner
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return hf_a, hf_b
+
+
+def tp_summary(r: dict[str, Any]) -> dict[str, Any]:
+    w, d = r.get("workloads", {}), r.get("decode", {})
+    return {
+        "a_total_tok_s": w.get("a", {}).get("total_tok_s"),
+        "a_tpot_p50_ms": w.get("a", {}).get("tpot_p50_ms"),
+        "b_output_tok_s": w.get("b", {}).get("output_tok_s"),
+        "b_tpot_p50_ms": w.get("b", {}).get("tpot_p50_ms"),
+        "batch1_ms": d.get("1", {}).get("step_ms"),
+        "batch1_forward_ms": d.get("1", {}).get("forward_ms"),
+        "batch1_roofline_ms": d.get("1", {}).get("roofline_ms"),
+        "startup_ready_s": r.get("startup", {}).get("ready_s"),
+        "cuda_graphs": r.get("startup", {}).get("cuda_graphs"),
+        "kv_tokens": r.get("startup", {}).get("kv_tokens"),
+    }
+
+
+def tp_table(r: dict[str, Any]) -> str:
+    """TP N against TP 1: throughputs (higher is better) and batch-1 ms/token as a fraction of TP 1's."""
+    rows = r.get("tp", {})
+    base = rows.get("1", {})
+    lines = [
+        "| TP | (a) total tok/s | vs TP 1 | (b) output tok/s | vs TP 1 | (a)/(b) TPOT p50 ms | batch-1 ms/token "
+        "| / TP 1 | batch-1 GPU forward ms | roofline ms | CUDA graphs | KV tokens |",
+        "|" + "---|" * 12,
+    ]
+    for tp, x in rows.items():
+        a, b, m = x.get("a_total_tok_s"), x.get("b_output_tok_s"), x.get("batch1_ms")
+        frac = f"{m / base['batch1_ms']:.2f}" if m and base.get("batch1_ms") else "-"
+        tpots = f"{_fmt(x.get('a_tpot_p50_ms'))} / {_fmt(x.get('b_tpot_p50_ms'))}"
+        lines.append(
+            f"| {tp} | {_fmt(a)} | {_ratio(a, base.get('a_total_tok_s'))} | {_fmt(b)} | "
+            f"{_ratio(b, base.get('b_output_tok_s'))} | {tpots} | {_fmt(m)} | {frac} | "
+            f"{_fmt(x.get('batch1_forward_ms'))} | {_fmt(x.get('batch1_roofline_ms'))} | {x.get('cuda_graphs')} | "
+            f"{_fmt(x.get('kv_tokens'))} |"
+        )
+    two, one = rows.get(str(TP_TARGET["tp"]), {}).get("batch1_ms"), base.get("batch1_ms")
+    if two and one:
+        ok = two <= TP_TARGET["batch1_ratio"] * one
+        lines += [
+            "",
+            f"Target (batch-1 ms/token at TP 2 <= {TP_TARGET['batch1_ratio']}x TP 1): {two:.2f} / {one:.2f} = "
+            f"{two / one:.2f} -> {'met' if ok else 'NOT met'}.",
+        ]
+    return "\n".join(lines)
+
+
+def write_tp_summary(r: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"engine-gpu-{r['date']}-tp"
+    keep = {k: v for k, v in r.items() if k not in ("workloads", "decode")}
+    stem.with_suffix(".json").write_text(json.dumps(keep, indent=2, default=str) + "\n")
+    sizes = ", ".join(r.get("tp", {}))
+    md = [
+        f"# Engine on GPU — tensor parallel {sizes} — {r['date']}",
+        "",
+        f"{r['gpu']} (one per rank), torch {r['torch']}, flashinfer {r.get('flashinfer', '-')}, git {r['commit']}.",
+        f"Model: Llama-3.1-8B shape, random bf16 weights (each rank draws its shards). Scale {r['scale']}. "
+        f"Per-size details: engine-gpu-{r['date']}-tp<N>.md.",
+        "",
+        tp_table(r),
+        "",
+    ]
+    if r.get("notes"):
+        md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+
+
 # ---- main ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -509,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batches", default="1,32,128,256")
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip phases that would not finish by then")
     p.add_argument("--out-dir", default="bench/results")
+    p.add_argument(
+        "--tensor-parallel-size", default="1", help="GPUs per engine; a comma list (1,2,4) runs each in turn"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
@@ -560,79 +737,39 @@ def main(argv: list[str] | None = None) -> int:
     log.info("decode attention alone (1 layer, ctx 1024): %s -> tensor cores %s", micro, use_tc)
     torch.cuda.empty_cache()
 
-    t = time.perf_counter()
-    engine = build_engine(args)
-    runner = engine.runner
-    r["startup"] = {
-        "engine_init_s": engine.startup_seconds,
-        "weights_generation_s": TimedWeights.seconds,
-        "ready_s": engine.startup_seconds - TimedWeights.seconds,
-        "cuda_graph_capture_s": runner.graph_capture_seconds,
-        "kv_blocks": engine.kv.num_blocks,
-        "kv_tokens": engine.kv.num_blocks * engine.config.block_size,
-        "memory_profile": runner.memory_profile,
-        "attention_backend": runner.attn.name,
-    }
-    log.info("startup: %s (wall %.1fs)", r["startup"], time.perf_counter() - t)
-    write_results(r, out_dir)
+    sizes = [int(x) for x in str(args.tensor_parallel_size).split(",")]
+    sweep = sizes != [1]
+    hf_a: list[list[int]] = []
+    hf_b: list[list[int]] = []
+    tp_results: dict[int, dict[str, Any]] = {}
+    for i, tp in enumerate(sizes):
+        rt = json.loads(json.dumps(r, default=str)) if sweep else r
+        rt["tensor_parallel_size"] = tp
+        rt["name_suffix"] = f"-tp{tp}" if sweep else ""
+        if torch.cuda.device_count() < tp:
+            log.warning("TP %d skipped: torch sees %d GPUs", tp, torch.cuda.device_count())
+            r["notes"].append(f"TP {tp} skipped: {torch.cuda.device_count()} GPUs")
+            continue
+        if left() < 120:
+            r["notes"].append(f"TP {tp} skipped: out of time")
+            continue
+        end = time.perf_counter() + left() / (len(sizes) - i)  # an equal share of what is left for each size
+        left_here = lambda end=end: min(left(), end - time.perf_counter())  # noqa: E731
+        prompts_a, prompts_b = run_engine(args, rt, tp, out_dir, left_here)
+        if tp == 1:
+            hf_a, hf_b = prompts_a, prompts_b
+        tp_results[tp] = rt
+        if sweep:
+            r["tp"] = {str(k): tp_summary(v) for k, v in tp_results.items()}
+            write_tp_summary(r, out_dir)
+    if sweep:
+        r["bench_wall_s"] = time.perf_counter() - t0
+        write_tp_summary(r, out_dir)
+        for rt in tp_results.values():
+            print(table(rt), flush=True)
+        print(tp_table(r), flush=True)
+        return 0
 
-    c = LLAMA_3_1_8B
-    rng = random.Random(0)
-    wanted = args.workloads.split(",")
-    if "d" in wanted:
-        for b in [int(x) for x in args.decode_batches.split(",")]:
-            if left() < 60:
-                r["notes"].append(f"(d) batch {b} skipped: out of time")
-                continue
-            x = decode_step_times(engine, b, 1024, 16)
-            roof = decode_roofline_ms(c, b, 1024 + 10, r["ceilings"]["copy_gb_s"], r["ceilings"]["matmul_tflop_s"])
-            x.update(
-                roofline_ms=roof["total_ms"],
-                roofline_gemm_ms=roof["gemm_ms"],
-                roofline_attention_ms=roof["attention_ms"],
-            )
-            r["decode"][str(b)] = x
-            log.info("decode batch %d: %s", b, x)
-        r["prefill_probe"] = {
-            "tokens": args.max_num_batched_tokens,
-            "step_ms": prefill_step_ms(engine, args.max_num_batched_tokens, args.max_model_len - 8),
-        }
-        log.info("prefill probe: %s", r["prefill_probe"])
-        write_results(r, out_dir)
-
-    hf_a = hf_b = []
-    if "a" in wanted and left() > 90:
-        prompts = random_prompts(rng, max(1, round(1000 * s)), 1024, c.vocab_size)
-        hf_a = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
-        r["workloads"]["a"] = run_workload(engine, prompts, 128, "a")
-        write_results(r, out_dir)
-    if "b" in wanted and left() > 90:
-        prompts = random_prompts(rng, max(1, round(500 * s)), 200, c.vocab_size)
-        hf_b = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
-        r["workloads"]["b"] = run_workload(engine, prompts, 1000, "b")
-        write_results(r, out_dir)
-    if "c" in wanted and left() > 90:
-        n_prefix = max(1, round(100 * s))
-        prefixes = random_prompts(rng, n_prefix, 1500, c.vocab_size)
-        suffixes = random_prompts(rng, n_prefix * 10, 100, c.vocab_size)
-        prompts = [prefixes[i // 10] + suffixes[i] for i in range(n_prefix * 10)]
-        rng.shuffle(prompts)
-        engine.reset_prefix_cache()
-        r["workloads"]["c_on"] = run_workload(engine, prompts, 100, "c_on")
-        write_results(r, out_dir)
-        if left() > 90:
-            engine.kv.enable_prefix_caching = False
-            engine.reset_prefix_cache()
-            r["workloads"]["c_off"] = run_workload(engine, prompts, 100, "c_off")
-            engine.kv.enable_prefix_caching = True
-            write_results(r, out_dir)
-    r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    free, total = torch.cuda.mem_get_info()
-    r["device_used_gib_at_end"] = (total - free) / 2**30
-
-    del engine, runner
-    gc.collect()
-    torch.cuda.empty_cache()
     if args.hf_from:
         earlier = json.loads(Path(args.hf_from).read_text())
         r["transformers"] = dict(earlier["transformers"], source=f"{args.hf_from} (commit {earlier.get('commit')})")
