@@ -4,6 +4,11 @@
 # any kernel built here for the next run. Everything it writes lands in $OUT.
 #
 #   bench/gpu_run.sh test|bench|all [args for python -m bench.offline]
+#   bench/gpu_run.sh tp [args for python -m bench.offline]     (a 2- or 4-GPU machine)
+#
+# tp: the tensor-parallel gpu tests (tests/engine/test_gpu_tensor_parallel.py; TP_TESTS=0 skips them), then the
+# offline benchmark at TP 1,2 (and 4 when there are 4 GPUs): workloads (a), (b) and batch-1 decode, scale
+# TP_SCALE (default 0.5), results engine-gpu-<date>-tp<N>.* and the comparison engine-gpu-<date>-tp.*.
 #
 # Kernels: flashinfer loads a module without building when <pkg>/data/aot/<name>/<name>.so exists, so prebuilt
 # .so files (from .gpu/kcache/*.tgz, or a ~/.cache/flashinfer restored by .gpu/kernel-cache.sh) are copied there.
@@ -44,6 +49,22 @@ if [ "$mode" = test ] || [ "$mode" = all ]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
     tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py 2>&1 | tee "$OUT/gpu-tests.log"
   rc=${PIPESTATUS[0]}
+fi
+if [ "$mode" = tp ]; then
+  gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  sizes=1,2
+  [ "$gpus" -ge 4 ] && sizes=1,2,4
+  echo "GPUs: $gpus -> tensor parallel sizes $sizes"
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}  # the TP control group (gloo) stays on this host
+  if [ "${TP_TESTS:-1}" = 1 ]; then
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rs \
+      tests/engine/test_gpu_tensor_parallel.py 2>&1 | tee "$OUT/gpu-tp-tests.log"
+    rc=${PIPESTATUS[0]}
+  fi
+  left=$((TIME_LIMIT - SECONDS - 30))
+  python3 -m bench.offline --out-dir "$OUT" --deadline-s "$left" --tensor-parallel-size "$sizes" \
+    --workloads d,a,b --decode-batches 1 --skip-hf --scale "${TP_SCALE:-0.5}" "$@" 2>&1 | tee "$OUT/bench-tp.log"
+  rc=$((rc | PIPESTATUS[0]))
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   left=$((TIME_LIMIT - SECONDS - 30))

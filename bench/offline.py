@@ -537,6 +537,7 @@ def run_engine(
     write_results(r, out_dir)
     rng = random.Random(0)
     wanted = args.workloads.split(",")
+    phase_s = 90 * min(1.0, max(s, 0.25))  # time a workload phase needs left to be started (it shrinks with scale)
     hf_a: list[list[int]] = []
     hf_b: list[list[int]] = []
     try:
@@ -562,17 +563,17 @@ def run_engine(
                 }
                 log.info("prefill probe: %s", r["prefill_probe"])
             write_results(r, out_dir)
-        if "a" in wanted and left() > 90:
+        if "a" in wanted and left() > phase_s:
             prompts = random_prompts(rng, max(1, round(1000 * s)), 1024, c.vocab_size)
             hf_a = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
             r["workloads"]["a"] = run_workload(engine, prompts, 128, "a")
             write_results(r, out_dir)
-        if "b" in wanted and left() > 90:
+        if "b" in wanted and left() > phase_s:
             prompts = random_prompts(rng, max(1, round(500 * s)), 200, c.vocab_size)
             hf_b = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
             r["workloads"]["b"] = run_workload(engine, prompts, 1000, "b")
             write_results(r, out_dir)
-        if "c" in wanted and left() > 90:
+        if "c" in wanted and left() > phase_s:
             n_prefix = max(1, round(100 * s))
             prefixes = random_prompts(rng, n_prefix, 1500, c.vocab_size)
             suffixes = random_prompts(rng, n_prefix * 10, 100, c.vocab_size)
@@ -581,7 +582,7 @@ def run_engine(
             engine.reset_prefix_cache()
             r["workloads"]["c_on"] = run_workload(engine, prompts, 100, "c_on")
             write_results(r, out_dir)
-            if left() > 90:
+            if left() > phase_s:
                 engine.kv.enable_prefix_caching = False
                 engine.reset_prefix_cache()
                 r["workloads"]["c_off"] = run_workload(engine, prompts, 100, "c_off")

@@ -186,6 +186,8 @@ class TPModelRunner:
                 p.join()
         if self._group:
             with contextlib.suppress(Exception):
+                if hasattr(self, "inner"):
+                    _drop_graphs(self.inner)
                 parallel.destroy_group()
             self._group = False
 
@@ -226,6 +228,13 @@ def _make_runner(loaded: LoadedModel, config: EngineConfig, rank: int, size: int
     return runner
 
 
+def _drop_graphs(runner: ModelRunner) -> None:
+    """Free the captured decode graphs (they hold NCCL work of the communicator) before the group goes away."""
+    runner._graphs = {}
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+
+
 def _load(source: str | ModelRecipe, config: EngineConfig, device: torch.device) -> LoadedModel:
     if isinstance(source, str):
         from kubellm.engine.loader import load_model
@@ -258,6 +267,7 @@ def _worker_main(
         _serve(runner, rank, size)
     finally:
         with contextlib.suppress(Exception):
+            _drop_graphs(runner)
             parallel.destroy_group()
 
 
