@@ -113,10 +113,11 @@ class ModelRunner:
         self.num_blocks = 0
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
         # CUDA graphs for decode: padded rows write into one extra block the scheduler never hands out.
-        # Not yet with tensor parallelism (all-reduce inside captured graphs is unvalidated).
+        # Under tensor parallelism the graphs hold the NCCL all-reduces (engine/parallel.py; tp_worker.py can turn
+        # them off before the KV cache is allocated).
         self.use_cuda_graphs = (
             self.device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs
-        ) and tp_size == 1
+        )
         self.dummy_block = -1
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
