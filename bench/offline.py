@@ -598,6 +598,9 @@ def run_engine(
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        r["device_used_gib_after_close"] = (total - free) / 2**30  # what the next size's rank 0 cannot have
+        log.info("TP %d closed: %.1f GiB still used on GPU 0", tp, r["device_used_gib_after_close"])
     return hf_a, hf_b
 
 
