@@ -175,6 +175,7 @@ def build_engine(args: argparse.Namespace, tp: int = 1):
     )
     TimedWeights.seconds = 0.0
     engine = LLMEngine(config, loaded=loaded)
+    engine.final_outputs_only = True  # as vLLM's offline LLM: no per-step outputs of unfinished requests
     torch.cuda.synchronize()
     return engine
 
@@ -258,11 +259,11 @@ def decode_step_times(engine, batch: int, ctx: int, steps: int) -> dict[str, flo
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts, strict=True):
         engine.add_request(rid, p, params)
-    started: set[str] = set()
-    while len(started) < batch:  # prefill everything first
-        for out in engine.step():
-            if out.outputs[0].token_ids:
-                started.add(out.request_id)
+    requests = [engine.scheduler.requests[rid] for rid in ids]
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in requests):  # prefill everything first
+        engine.step()
+    for _ in range(2):  # and let async scheduling reach its steady state
+        engine.step()
     runner = engine.runner
     orig = runner.execute
     forward: list[float] = []

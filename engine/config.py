@@ -23,6 +23,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cuda | cpu | sim
     attention_backend: str = "auto"  # auto | torch | flashinfer
     enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool | None = None  # overlap host work with the GPU; None: on for CUDA (see llm_engine.py)
     seed: int = 0
     generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults; "vllm": ignore it
     max_waiting_requests: int = 1024  # beyond this the server answers 429

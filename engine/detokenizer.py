@@ -76,6 +76,15 @@ class IncrementalDetokenizer:
             self._text += self._decode_new(flush=False)
         return self._release(before, final=False)
 
+    def add_tokens(self, token_ids: Sequence[int]) -> DetokenizerUpdate:
+        """Several tokens at once (one decode of the window): for callers that need the text only at the end."""
+        if self.finished or self.stop_string is not None or not token_ids:
+            return DetokenizerUpdate("", self.stop_string)
+        before = len(self._text)
+        self._window.extend(t for t in token_ids if not (self._skip_special and t in self._special_ids))
+        self._text += self._decode_new(flush=False)
+        return self._release(before, final=False)
+
     def finish(self) -> DetokenizerUpdate:
         """The request ended: decode what is pending (an incomplete character becomes U+FFFD, as a full
         decode would show it) and release the text held back for a possible stop string."""

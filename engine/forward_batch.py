@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -29,3 +30,13 @@ class ForwardBatch:
     @property
     def is_decode_only(self) -> bool:
         return all(len(s.token_ids) == 1 and s.needs_logits for s in self.seqs)
+
+
+@dataclass
+class TokenFill:
+    """Async scheduling: sequences of this batch whose last token is a PLACEHOLDER take it from the previous
+    step's sampled ids, still on the device (`source`, a tensor: this module stays free of torch)."""
+
+    source: Any  # int64 tensor [rows sampled by the previous step]
+    seq_indices: list[int]  # batch positions of the sequences ending in a placeholder
+    source_rows: list[int]  # the row of `source` holding each one's token

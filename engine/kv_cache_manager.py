@@ -104,7 +104,15 @@ class KVCacheManager:
         `cached_prefix` (on first scheduling) are blocks found by find_cached_prefix; they are shared,
         not copied. Returns False, changing nothing, when the pool cannot supply the blocks."""
         rid = request.request_id
-        owned = self.req_blocks.get(rid, [])
+        owned = self.req_blocks.get(rid)
+        if owned is not None and not cached_prefix:  # a running request (every step): extend in place
+            more = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(owned)
+            if more > self.num_free_blocks:
+                return False
+            for _ in range(more):
+                owned.append(self._pop_free())
+            return True
+        owned = owned or []
         cached_prefix = cached_prefix or []
         total_needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
         num_new_blocks = max(0, total_needed - len(owned) - len(cached_prefix))
@@ -132,6 +140,10 @@ class KVCacheManager:
         if num_full <= done:
             return
         request.update_block_hashes()
+        # A block whose last token is still in flight (async scheduling) has no hash yet: a later commit enters it.
+        num_full = min(num_full, len(request.block_hashes))
+        if num_full <= done:
+            return
         stored: list[int] = []
         for i in range(done, num_full):
             h = request.block_hashes[i]

@@ -17,6 +17,7 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any):
         config = EngineConfig(**({"model": model} if model else {}), **engine_args)
         self.engine = LLMEngine(config)
+        self.engine.final_outputs_only = True  # generate() and chat() return finished requests only
         self._next_id = 0
 
     @property

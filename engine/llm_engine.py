@@ -3,6 +3,13 @@
 Single-threaded by design: the server's async loop owns one engine thread that calls add/abort/step.
 A request with n > 1 fans out into n child sequences (sharing their prompt blocks through the prefix
 cache) whose results are gathered back under the parent's id.
+
+Async scheduling (on by default on CUDA): a step queues its forward and sampling on the GPU and returns the
+tokens of the *previous* step, so the host's work (reading tokens back, stop checks, detokenizing, outputs,
+scheduling and planning the next batch) overlaps the GPU's. A request's newest token is then a PLACEHOLDER
+the model runner fills on the device from the previous step's sampled ids. The price: a request that stops
+on EOS or a stop string has already been scheduled for one more step, whose token is dropped. Requests with
+penalties need their real token history to sample, so while any is live the engine steps synchronously.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ from typing import Any
 from kubellm.builtin_models import resolve_model
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.detokenizer import IncrementalDetokenizer
+from kubellm.engine.forward_batch import TokenFill
 from kubellm.engine.kv_cache_manager import KVCacheManager, KVEvent
 from kubellm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kubellm.engine.request import Request, RequestStatus
-from kubellm.engine.sampler import Sampler, SamplingState
+from kubellm.engine.request import PLACEHOLDER, Request, RequestStatus
+from kubellm.engine.sampler import PendingSample, Sampler, SamplingState
 from kubellm.engine.sampling_params import _GEN_CFG_KEYS as GENERATION_CONFIG_KEYS
 from kubellm.engine.sampling_params import SamplingParams
 from kubellm.engine.scheduler import Scheduler, SchedulerOutput
@@ -55,6 +63,7 @@ class _Sequence:
     sampling_state: SamplingState
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    untexted: list[int] = field(default_factory=list)  # tokens for the detokenizer, fed at the end (final-only)
 
 
 @dataclass(eq=False)
@@ -66,6 +75,18 @@ class _Parent:
     metrics: RequestMetrics
     children: list[_Sequence] = field(default_factory=list)
     error: str | None = None
+
+
+@dataclass(eq=False)
+class _StepInFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    requests: list[Request]  # the requests that sample this step, in row order
+    sampled: PendingSample | list[int] | None  # a list: the simulated runner's placeholder tokens
+    rows: dict[str, int] = field(default_factory=dict)  # request id -> row of its token
+
+    def token_source(self):
+        return self.sampled.token_ids if isinstance(self.sampled, PendingSample) else None
 
 
 class LLMEngine:
@@ -83,7 +104,7 @@ class LLMEngine:
             from kubellm.engine.loader import load_model
             from kubellm.engine.tp_worker import TPModelRunner
 
-            loaded = loaded or load_model(model_path, dtype=config.dtype)
+            loaded = loaded or load_model(model_path, dtype=config.dtype, lazy=True)  # rank 0 reads its shards only
             self.runner = TPModelRunner(loaded, config)
         else:
             from kubellm.engine.loader import load_model
@@ -116,6 +137,12 @@ class LLMEngine:
             policy=config.scheduling_policy,
         )
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
+        self.async_scheduling = self._resolve_async_scheduling(config)
+        self._in_flight: _StepInFlight | None = None
+        self._num_exact_history = 0  # live sequences whose sampling reads their token values (penalties)
+        # step() returns cumulative outputs of every request that got a token (what streaming needs); offline
+        # callers that only want finished requests set this and skip building the rest (vLLM's FINAL_ONLY).
+        self.final_outputs_only = False
         self._parents: dict[str, _Parent] = {}
         self._seqs: dict[str, _Sequence] = {}
         self.prompt_tokens_total = 0
@@ -144,6 +171,16 @@ class LLMEngine:
         if self.renderer.eos_token_id is not None:
             ids.append(self.renderer.eos_token_id)
         return sorted(set(ids))
+
+    def _resolve_async_scheduling(self, config: EngineConfig) -> bool:
+        """auto: on for a CUDA model runner that can fill placeholder tokens (the GPU then runs while the host
+        works); off on CPU, where nothing runs concurrently, and for the simulated and tensor-parallel runners."""
+        capable = getattr(self.runner, "supports_token_fill", False) and not self.runner.produces_token_ids
+        if config.async_scheduling is None:
+            return capable and self.runner.device.type == "cuda"
+        if config.async_scheduling and not capable:
+            raise ValueError("async scheduling needs the single-process model runner (not sim or tensor parallel)")
+        return config.async_scheduling
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_gpu_blocks_override:
@@ -240,6 +277,8 @@ class LLMEngine:
             )
             parent.children.append(seq)
             self._seqs[child_id] = seq
+            if child_params.has_penalties:
+                self._num_exact_history += 1
         self._parents[request_id] = parent
         for seq in parent.children:
             self.scheduler.add_request(seq.request)
@@ -256,8 +295,7 @@ class LLMEngine:
                 continue
             for seq in parent.children:
                 if not seq.request.status.is_finished:
-                    self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
-                    seq.request.status = RequestStatus.FINISHED_ABORTED
+                    self._finish(seq.request, RequestStatus.FINISHED_ABORTED)
             outs.append(self._finish_parent_if_done(parent, force=True))
         return [o for o in outs if o is not None]
 
@@ -270,36 +308,87 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        """Schedule and launch one batch; return the outputs of the tokens read back this call (this step's
+        when stepping synchronously, the previous step's under async scheduling)."""
         touched: dict[str, _Parent] = {}
+        overlap = self.async_scheduling and self._num_exact_history == 0
+        if not overlap:
+            self._read_back(touched)  # the batch below must see every token's real value
+        sched = self.scheduler.schedule()
         for req in sched.failed:
+            req.drop_pending()
+            if req.params.has_penalties:
+                self._num_exact_history -= 1
             seq = self._seqs[req.request_id]
             parent = self._parents[seq.parent_id]
             parent.error = req.error
             touched[parent.request_id] = parent
+        launched = None
         if not sched.is_empty:
             now = time.time()
             for req in sched.requests:
                 parent = self._parents[self._seqs[req.request_id].parent_id]
                 if parent.metrics.first_scheduled_time is None:
                     parent.metrics.first_scheduled_time = now
-            for req, token, lp in self._execute(sched):
-                self._append_token(req, token, lp, touched)
+            launched = self._launch(sched)
+        self._read_back(touched)  # the previous step's tokens, while the GPU runs the one just launched
+        self._in_flight = launched
+        if not overlap:
+            self._read_back(touched)
         outputs = []
         for parent in touched.values():
-            out = self._finish_parent_if_done(parent) or self._make_output(parent, finished=False)
-            outputs.append(out)
+            out = self._finish_parent_if_done(parent)
+            if out is None and not self.final_outputs_only:
+                out = self._make_output(parent, finished=False)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _execute(self, sched: SchedulerOutput):
-        result = self.runner.execute(sched.batch)
+    def _launch(self, sched: SchedulerOutput) -> _StepInFlight:
+        """Queue the batch's forward and sampling; every sampling request gets a PLACEHOLDER token."""
+        fill = self._token_fill(sched)
+        result = self.runner.execute(sched.batch, fill) if fill is not None else self.runner.execute(sched.batch)
         reqs = self.scheduler.update_after_step(sched)
         if not reqs:
-            return []
+            return _StepInFlight([], None)
         if self.runner.produces_token_ids:  # the simulated runner: placeholder tokens, no logits
-            return [(r, t, None) for r, t in zip(reqs, result, strict=True)]
-        out = self.sampler(result, [self._seqs[r.request_id].sampling_state for r in reqs])
-        return list(zip(reqs, out.token_ids, out.logprobs, strict=True))
+            sampled: PendingSample | list[int] = list(result)
+        else:
+            sampled = self.sampler.sample(result, [self._seqs[r.request_id].sampling_state for r in reqs])
+        for req in reqs:
+            req.append_placeholder()
+            if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                req.awaiting_final = True  # this token ends it: never schedule past it
+        return _StepInFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
+
+    def _token_fill(self, sched: SchedulerOutput) -> TokenFill | None:
+        """Where the batch's PLACEHOLDER tokens come from: the in-flight step's sampled ids on the device."""
+        prev = self._in_flight
+        if prev is None or not prev.rows:
+            return None
+        seq_indices, rows = [], []
+        for i, seq in enumerate(sched.batch.seqs):
+            if seq.token_ids[-1] == PLACEHOLDER:
+                seq_indices.append(i)
+                rows.append(prev.rows[seq.request_id])
+        if not seq_indices:
+            return None
+        return TokenFill(prev.token_source(), seq_indices, rows)
+
+    def _read_back(self, touched: dict[str, _Parent]) -> None:
+        """Wait for the in-flight step's tokens and apply them (stop checks, detokenizer, outputs)."""
+        step, self._in_flight = self._in_flight, None
+        if step is None or not step.requests:
+            return
+        if isinstance(step.sampled, PendingSample):
+            out = step.sampled.result()
+            tokens, logprobs = out.token_ids, out.logprobs
+        else:
+            tokens, logprobs = step.sampled or [], [None] * len(step.requests)
+        for req, token, lp in zip(step.requests, tokens, logprobs, strict=True):
+            if req.status.is_finished:  # aborted, or stopped by the token before this one
+                continue
+            self._append_token(req, token, lp, touched)
 
     def _append_token(self, req: Request, token: int, lp, touched: dict[str, _Parent]) -> None:
         seq = self._seqs[req.request_id]
@@ -309,27 +398,42 @@ class LLMEngine:
         if parent.metrics.first_token_time is None:
             parent.metrics.first_token_time = now
         parent.metrics.last_token_time = now
-        req.append_output_token(token)
+        if req.resolve_placeholder(token) and req.status == RequestStatus.RUNNING:
+            self.kv.commit_computed(req)  # a block whose last token was in flight can enter the prefix cache
         self.generation_tokens_total += 1
         if seq.logprobs is not None and lp is not None:
             seq.logprobs.append(self._logprob_entry(lp))
             seq.cumulative_logprob += lp.logprob
         params = req.params
-        n_out = len(req.output_token_ids)
+        n_out = req.num_resolved_outputs
         status: RequestStatus | None = None
         if not params.ignore_eos and token in req.eos_token_ids and n_out >= params.min_tokens:
             status = RequestStatus.FINISHED_STOPPED
         elif token in (params.stop_token_ids or ()) and n_out >= params.min_tokens:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif self.final_outputs_only and not params.stop:  # nobody reads the text before the end
+            seq.untexted.append(token)
+            if n_out >= req.max_tokens or req.num_resolved_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
         else:
+            if seq.untexted:
+                seq.detokenizer.add_tokens(seq.untexted)
+                seq.untexted.clear()
             update = seq.detokenizer.add_token(token)
             if update.stop_string is not None and n_out >= params.min_tokens:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, update.stop_string
-            elif n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            elif n_out >= req.max_tokens or req.num_resolved_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
         if status is not None:
-            self.scheduler.finish_request(req.request_id, status)
-            req.status = status
+            self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        """Free the request's blocks at once; a token of it still in flight is dropped when it arrives."""
+        self.scheduler.finish_request(req.request_id, status)
+        req.status = status
+        req.drop_pending()
+        if req.params.has_penalties:
+            self._num_exact_history -= 1
 
     def _logprob_entry(self, lp) -> dict[int, Logprob]:
         entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self.renderer.decode([lp.token_id], False))}
@@ -350,7 +454,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=seq.detokenizer.output_text,
-                    token_ids=list(req.output_token_ids),
+                    token_ids=req.output_token_ids[: req.num_resolved_outputs],
                     cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                     logprobs=seq.logprobs,
                     finish_reason=_finish_reason(status),
@@ -376,9 +480,9 @@ class LLMEngine:
         if parent.error is not None:
             for seq in parent.children:
                 if not seq.request.status.is_finished:
-                    self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
-                    seq.request.status = RequestStatus.FINISHED_ABORTED
+                    self._finish(seq.request, RequestStatus.FINISHED_ABORTED)
         for seq in parent.children:
+            seq.detokenizer.add_tokens(seq.untexted)
             seq.detokenizer.finish()
             self._seqs.pop(seq.request.request_id, None)
         self._parents.pop(parent.request_id, None)

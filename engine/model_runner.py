@@ -19,9 +19,10 @@ import torch
 from kubellm.engine.attention import AttentionBackend, AttentionMetadata, kv_cache_shape, select_backend_class
 from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_flat
 from kubellm.engine.config import EngineConfig
-from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
 from kubellm.engine.models import build_model
+from kubellm.engine.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     produces_token_ids = False  # it returns logits; the engine samples
+    supports_token_fill = True  # execute() takes placeholder tokens from the previous step's device tensor
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, tp_rank: int = 0, tp_size: int = 1):
         """tp_rank/tp_size: this process's share of a tensor-parallel replica (engine/tp_worker.py starts the
@@ -242,7 +244,9 @@ class ModelRunner:
             len(sizes), sizes[0], sizes[-1], self.graph_capture_seconds,
         )  # fmt: skip
 
-    def _execute_graph(self, batch: ForwardBatch, flat: np.ndarray, n_blocks: np.ndarray) -> torch.Tensor | None:
+    def _execute_graph(
+        self, batch: ForwardBatch, flat: np.ndarray, n_blocks: np.ndarray, fill: TokenFill | None
+    ) -> torch.Tensor | None:
         """Replay the smallest captured decode graph that holds the batch; None when it does not apply.
         `flat`/`n_blocks`: the batch's block tables from `flatten_block_tables`. Host work is numpy over
         those arrays (no Python loop over blocks), one pinned copy of the graph inputs."""
@@ -259,6 +263,7 @@ class ModelRunner:
             return None
         host = np.empty((3, b), dtype=np.int64)
         host[0, :n] = np.fromiter((s.token_ids[0] for s in seqs), dtype=np.int64, count=n)
+        np.maximum(host[0, :n], 0, out=host[0, :n])  # placeholders (-1) are filled on the device below
         host[1, :n] = start
         first = np.zeros(n, dtype=np.int64)
         np.cumsum(n_blocks[:-1], out=first[1:])
@@ -270,6 +275,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             dev = dev.pin_memory()
         self._graph_inputs[:, :b].copy_(dev, non_blocking=True)
+        if fill is not None:
+            self._fill_tokens(self._graph_inputs[0], fill.seq_indices, fill)
         if pad:
             flat = np.concatenate([flat, np.full(pad, self.dummy_block, dtype=np.int32)])
             n_blocks = np.concatenate([n_blocks, np.ones(pad, dtype=np.int64)])
@@ -281,11 +288,18 @@ class ModelRunner:
         rows = [i for i, s in enumerate(seqs) if s.needs_logits]
         if len(rows) == n:
             return self.model.compute_logits(hidden[:n])
-        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
+        return self.model.compute_logits(hidden[to_device_async(rows, torch.int64, self.device)])
+
+    def _fill_tokens(self, input_ids: torch.Tensor, positions: list[int], fill: TokenFill) -> None:
+        """Write the previous step's sampled ids into `input_ids` at `positions`, in stream order (no host sync)."""
+        dst = to_device_async(positions, torch.int64, self.device)
+        src = to_device_async(fill.source_rows, torch.int64, self.device)
+        input_ids.index_copy_(0, dst, fill.source.index_select(0, src))
 
     @torch.inference_mode()
-    def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits [number of seqs with needs_logits, vocab], in batch order."""
+    def execute(self, batch: ForwardBatch, fill: TokenFill | None = None) -> torch.Tensor:
+        """float32 logits [number of seqs with needs_logits, vocab], in batch order. Nothing here waits for
+        the GPU: the logits are queued work. `fill` supplies the tokens still marked PLACEHOLDER."""
         vocab = self.model_config.vocab_size
         if not batch.seqs:
             return torch.empty((0, vocab), dtype=torch.float32, device=self.device)
@@ -300,24 +314,27 @@ class ModelRunner:
                         f"request {seq.request_id}: block ids {bad[:4]} outside the pool of {self.num_blocks}"
                     )
         if self._graphs:
-            logits = self._execute_graph(batch, flat, n_blocks)
+            logits = self._execute_graph(batch, flat, n_blocks, fill)
             if logits is not None:
                 return logits
-        return self._forward(batch, self.kv_caches)
+        return self._forward(batch, self.kv_caches, fill)
 
-    def _forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(
+        self, batch: ForwardBatch, kv_caches: list[torch.Tensor], fill: TokenFill | None = None
+    ) -> torch.Tensor:
         """The eager path: plan attention for this batch, run the model, project the sampling rows."""
         vocab = self.model_config.vocab_size
         meta = AttentionMetadata.from_batch(batch, self.block_size, self.device)
-        input_ids = torch.tensor([t for s in batch.seqs for t in s.token_ids], dtype=torch.int64)
-        sample_rows, end = [], 0
-        for seq in batch.seqs:
-            end += len(seq.token_ids)
-            if seq.needs_logits:
-                sample_rows.append(end - 1)
+        host_ids = np.fromiter((t for s in batch.seqs for t in s.token_ids), dtype=np.int64, count=batch.num_tokens)
+        np.maximum(host_ids, 0, out=host_ids)  # placeholders (-1) are filled on the device below
+        ends = np.cumsum([len(s.token_ids) for s in batch.seqs])
+        sample_rows = [int(end) - 1 for end, seq in zip(ends, batch.seqs, strict=True) if seq.needs_logits]
+        input_ids = to_device_async(host_ids, torch.int64, self.device)
+        if fill is not None:
+            self._fill_tokens(input_ids, [int(ends[i]) - 1 for i in fill.seq_indices], fill)
         self.attn.begin_step(meta)
-        hidden = self.model(input_ids.to(self.device, non_blocking=True), meta.positions, kv_caches, self.attn)
+        hidden = self.model(input_ids, meta.positions, kv_caches, self.attn)
         if not sample_rows:
             return torch.empty((0, vocab), dtype=torch.float32, device=self.device)
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        rows = to_device_async(sample_rows, torch.int64, self.device)
         return self.model.compute_logits(hidden[rows])

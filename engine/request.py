@@ -12,6 +12,10 @@ from kubellm.block_hash import hash_blocks
 if TYPE_CHECKING:
     from kubellm.engine.sampling_params import SamplingParams
 
+# An output token sampled on the device whose value the host has not read back yet (async scheduling): the
+# model runner fills it from the previous step's sampled tensor. Only ever the request's last token.
+PLACEHOLDER = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -24,7 +28,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset(s for s in RequestStatus if s.name.startswith("FINISHED"))
 
 
 @dataclass(eq=False)
@@ -46,6 +53,17 @@ class Request:
     error: str | None = None
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of all tokens
     num_preemptions: int = 0
+    num_pending: int = 0  # trailing output tokens still PLACEHOLDER (async scheduling: at most 2)
+    awaiting_final: bool = False  # its last token is in flight and reaches max_tokens: schedule no more
+
+    @property
+    def num_resolved_tokens(self) -> int:
+        """Tokens whose values the host knows (the pending ones are still on the device)."""
+        return self.num_tokens - self.num_pending
+
+    @property
+    def num_resolved_outputs(self) -> int:
+        return len(self.output_token_ids) - self.num_pending
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +87,7 @@ class Request:
 
     def update_block_hashes(self) -> None:
         """Extend the chained hashes to cover every full block of the tokens known so far."""
-        num_full = self.num_tokens // self.block_size
+        num_full = self.num_resolved_tokens // self.block_size
         if num_full > len(self.block_hashes):
             start = len(self.block_hashes)
             parent = self.block_hashes[-1] if self.block_hashes else None
@@ -78,5 +96,26 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        if self.num_tokens % self.block_size == 0:
+        if self.num_resolved_tokens % self.block_size == 0:
             self.update_block_hashes()
+
+    def append_placeholder(self) -> None:
+        """A token was sampled on the device this step; its value arrives with `resolve_placeholder`."""
+        self.output_token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+
+    def resolve_placeholder(self, token_id: int) -> bool:
+        """Fill the oldest pending token; True when that completed a block (new block hashes exist)."""
+        index = len(self.output_token_ids) - self.num_pending
+        self.output_token_ids[index] = token_id
+        self.num_pending -= 1
+        if self.num_resolved_tokens % self.block_size == 0:
+            self.update_block_hashes()
+            return True
+        return False
+
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the request finished before they were read back)."""
+        if self.num_pending:
+            del self.output_token_ids[-self.num_pending :]
+            self.num_pending = 0

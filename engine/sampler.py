@@ -22,6 +22,7 @@ from itertools import chain
 import torch
 
 from kubellm.engine.sampling_params import SamplingParams
+from kubellm.engine.transfer import to_device_async, to_host_async
 
 _TOP_P_CANDIDATES = 256  # top_p heads of real LLM distributions almost always fit; others fall back to a sort
 # Devices where unseeded rows without top_k/top_p/min_p sample by exponential race instead of the inverse CDF:
@@ -86,6 +87,32 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # None where the request did not ask for logprobs
 
 
+@dataclass
+class PendingSample:
+    """A step's draws still on the device. `token_ids` feeds the next step's inputs without a host round
+    trip (async scheduling); `result()` waits for the copy to the host and builds the SamplerOutput."""
+
+    token_ids: torch.Tensor  # int64 [B] on the logits' device
+    num_rows: int
+    params: Sequence[SamplingParams]
+    lp_rows: list[int]
+    _host: list[torch.Tensor | None]  # token ids, then the logprob tensors, on the host (maybe still copying)
+    _ready: torch.cuda.Event | None
+
+    def result(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids = self._host[0].tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * self.num_rows
+        if self.lp_rows:
+            chosen, ranks, top_vals, top_ids = (t.tolist() if t is not None else None for t in self._host[1:])
+            for j, row in enumerate(self.lp_rows):
+                k = self.params[row].logprobs or 0
+                top = list(zip(top_ids[j][:k], top_vals[j][:k], strict=True)) if k and top_ids and top_vals else []
+                logprobs[row] = TokenLogprobs(token_ids[row], chosen[j], ranks[j], top)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
 class Sampler:
     """Stateless apart from the shared generator used by requests without a seed."""
 
@@ -113,13 +140,23 @@ class Sampler:
         eos_token_ids: Collection[int] | None = None,
     ) -> SamplerOutput:
         """Sample one token per row of `logits` [B, V] (float32); row i belongs to `states[i]`."""
+        return self.sample(logits, states, eos_token_ids).result()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        states: Sequence[SamplingState],
+        eos_token_ids: Collection[int] | None = None,
+    ) -> PendingSample:
+        """Queue the draws on the logits' device and start copying them back; no host sync on the common
+        paths (greedy, plain temperature, seeded rows, logprobs), so the next step can be scheduled while
+        the GPU still works. Only min_tokens' count of each row's outputs is read, not their values: rows
+        with penalties need their real history, and the engine schedules them synchronously."""
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(states)} sampling states")
         eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         raw = logits.float()
         params = [s.params for s in states]
-
-        logprobs: list[TokenLogprobs | None] = [None] * len(states)
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(raw[lp_rows], dim=-1) if lp_rows else None
 
@@ -127,24 +164,24 @@ class Sampler:
         x = _apply_penalties(x, states)
 
         greedy = [p.is_greedy for p in params]
+        device = x.device
         if all(greedy):
             sampled = x.argmax(dim=-1)
         elif not any(greedy):  # all random: no gather/scatter of [B, V] rows
             sampled = self._sample_random(x, params, states)
         else:
-            sampled = torch.empty(len(states), dtype=torch.long, device=x.device)
-            g_rows = [i for i, g in enumerate(greedy) if g]
+            sampled = torch.empty(len(states), dtype=torch.long, device=device)
+            g_idx = to_device_async([i for i, g in enumerate(greedy) if g], torch.long, device)
             r_rows = [i for i, g in enumerate(greedy) if not g]
-            idx = torch.tensor(g_rows, device=x.device)
-            sampled[idx] = x[idx].argmax(dim=-1)
-            idx = torch.tensor(r_rows, device=x.device)
-            sampled[idx] = self._sample_random(x[idx], [params[i] for i in r_rows], [states[i] for i in r_rows])
+            r_idx = to_device_async(r_rows, torch.long, device)
+            sampled[g_idx] = x[g_idx].argmax(dim=-1)
+            sampled[r_idx] = self._sample_random(x[r_idx], [params[i] for i in r_rows], [states[i] for i in r_rows])
 
-        token_ids = sampled.tolist()
+        lp_tensors: list[torch.Tensor | None] = []
         if raw_logprobs is not None:
-            for row, lp in zip(lp_rows, _gather_logprobs(raw_logprobs, sampled[lp_rows], params, lp_rows), strict=True):
-                logprobs[row] = lp
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+            lp_tensors = _logprob_tensors(raw_logprobs, sampled[lp_rows], params, lp_rows)
+        host, ready = to_host_async([sampled, *lp_tensors])
+        return PendingSample(sampled, len(states), params, lp_rows, host, ready)
 
     def _sample_random(
         self, x: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplingState]
@@ -163,7 +200,7 @@ class Sampler:
         out = torch.empty(len(states), dtype=torch.long, device=x.device)
         for flag in (True, False):
             rows = [i for i, r in enumerate(race) if r == flag]
-            idx = torch.tensor(rows, device=x.device)
+            idx = to_device_async(rows, torch.long, x.device)
             probs = _probs_after_filters(x[idx], [params[i] for i in rows])
             out[idx] = self._race(probs) if flag else self._draw(probs, [states[i] for i in rows])
         return out
@@ -191,13 +228,13 @@ class Sampler:
         shared = [i for i, s in enumerate(states) if s.generator is None]
         if shared:
             gen = self.generator_for(device)
-            u[torch.tensor(shared, device=device)] = torch.rand(
+            u[to_device_async(shared, torch.long, device)] = torch.rand(
                 len(shared), dtype=torch.float64, device=device, generator=gen
             )
         seeded = [i for i, s in enumerate(states) if s.generator is not None]
         if seeded:
             own = [_uniform(states[i].generator) for i in seeded]
-            u[torch.tensor(seeded, device=device)] = torch.tensor(own, dtype=torch.float64).to(device)
+            u[to_device_async(seeded, torch.long, device)] = to_device_async(own, torch.float64, device)
         cdf = weights.double().cumsum(dim=-1)
         # (1 - u) lies in (0, 1]: the target is never 0, so a zero-weight token (a flat CDF step) is never hit.
         target = ((1.0 - u) * cdf[:, -1]).unsqueeze(1)
@@ -221,7 +258,7 @@ def _apply_min_tokens(logits: torch.Tensor, states: Sequence[SamplingState], eos
     if not rows:
         return logits
     out = logits.clone()
-    out[torch.tensor(rows, device=out.device), torch.tensor(cols, device=out.device)] = float("-inf")
+    out[to_device_async(rows, torch.long, out.device), to_device_async(cols, torch.long, out.device)] = float("-inf")
     return out
 
 
@@ -279,11 +316,11 @@ def _probs_after_filters(logits: torch.Tensor, params: Sequence[SamplingParams])
     elif len(temps) == 1:  # one temperature for the batch: a scalar, no host-to-device copy
         x = logits / temps.pop()
     else:
-        x = logits / torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)[:, None]
+        x = logits / to_device_async([p.temperature for p in params], logits.dtype, logits.device)[:, None]
     x = _apply_top_k_top_p(x, params)
     probs = x.softmax(dim=-1)
     if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
+        min_p = to_device_async([p.min_p for p in params], probs.dtype, probs.device)
         threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs  # not renormalised after min_p: the draw scales by each row's total
@@ -299,14 +336,15 @@ def _apply_top_k_top_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     if not rows:
         return x
     device = x.device
-    sub = x[torch.tensor(rows, device=device)]
+    row_idx = to_device_async(rows, torch.long, device)
+    sub = x[row_idx]
     ks = [min(params[i].top_k, vocab) for i in rows]  # 0: no top_k
     ps = [params[i].top_p for i in rows]
-    has_k = torch.tensor([k > 0 for k in ks], device=device)
+    has_k = to_device_async([k > 0 for k in ks], torch.bool, device)
     n_cand = max(ks) if all(ks) else min(vocab, max(_TOP_P_CANDIDATES, *ks))
     vals, idx = sub.topk(n_cand, dim=-1)  # sorted, highest first
     pos = torch.arange(n_cand, device=device)
-    k_t = torch.tensor([k if k > 0 else vocab for k in ks], device=device)
+    k_t = to_device_async([k if k > 0 else vocab for k in ks], torch.long, device)
     vals = vals.masked_fill(pos >= k_t.unsqueeze(1), float("-inf"))
     incomplete: list[int] = []
     if any(p < 1.0 for p in ps):
@@ -317,7 +355,7 @@ def _apply_top_k_top_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         probs = (vals - log_norm.unsqueeze(1)).exp()
         cum = probs.cumsum(dim=-1)
         # top_p = 1 rows get a threshold above any cumulative sum, so rounding never trims their tail.
-        p_t = torch.tensor([p if p < 1.0 else 2.0 for p in ps], dtype=x.dtype, device=device).unsqueeze(1)
+        p_t = to_device_async([p if p < 1.0 else 2.0 for p in ps], x.dtype, device).unsqueeze(1)
         drop = (cum - probs) >= p_t  # the mass before this token already reaches top_p
         drop[:, 0] = False
         vals = vals.masked_fill(drop, float("-inf"))
@@ -328,7 +366,7 @@ def _apply_top_k_top_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         inc = torch.tensor(incomplete, device=device)
         out[inc] = _full_sort_top_p(sub[inc], torch.tensor([ps[j] for j in incomplete], dtype=x.dtype, device=device))
     x = x.clone()
-    x[torch.tensor(rows, device=device)] = out
+    x[row_idx] = out
     return x
 
 
@@ -340,20 +378,15 @@ def _full_sort_top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float("-inf")).scatter_(1, order, sorted_x.masked_fill(drop, float("-inf")))
 
 
-def _gather_logprobs(
+def _logprob_tensors(
     logprobs: torch.Tensor, sampled: torch.Tensor, params: Sequence[SamplingParams], rows: Sequence[int]
-) -> list[TokenLogprobs]:
-    """Sampled token's logprob and rank (1 + number of strictly better tokens), and the top-k pairs."""
-    chosen = logprobs.gather(1, sampled.unsqueeze(1))
-    ranks = (logprobs > chosen).sum(dim=-1) + 1
+) -> list[torch.Tensor | None]:
+    """Sampled token's logprob and rank (1 + number of strictly better tokens), and the top-k values and ids
+    (k = the largest request among `rows`), all still on the device."""
+    chosen = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
     max_k = max(params[r].logprobs or 0 for r in rows)
-    top_vals, top_ids = logprobs.topk(max_k, dim=-1) if max_k > 0 else (None, None)
-    chosen_l, ranks_l, sampled_l = chosen.squeeze(1).tolist(), ranks.tolist(), sampled.tolist()
-    top_vals_l = top_vals.tolist() if top_vals is not None else None
-    top_ids_l = top_ids.tolist() if top_ids is not None else None
-    result = []
-    for j, r in enumerate(rows):
-        k = params[r].logprobs or 0
-        top = list(zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True)) if k and top_ids_l and top_vals_l else []
-        result.append(TokenLogprobs(token_id=sampled_l[j], logprob=chosen_l[j], rank=ranks_l[j], top=top))
-    return result
+    if max_k <= 0:
+        return [chosen, ranks, None, None]
+    top_vals, top_ids = logprobs.topk(max_k, dim=-1)
+    return [chosen, ranks, top_vals, top_ids]

@@ -163,6 +163,8 @@ class Scheduler:
 
     # ---- helpers -----------------------------------------------------------------------------
     def _num_new_tokens(self, req: Request, budget: int) -> int:
+        if req.awaiting_final:
+            return 0
         n = req.num_tokens - req.num_computed_tokens
         if self.long_prefill_token_threshold > 0:
             n = min(n, self.long_prefill_token_threshold)

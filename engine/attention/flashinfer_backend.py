@@ -77,6 +77,17 @@ class FlashInferAttention(AttentionBackend):
         self._wrapper = self._decode
         self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._v_rows = self._k_rows
+        self._plan_copied: torch.cuda.Event | None = None
+
+    def _plan(self, wrapper, *args, **kwargs) -> None:
+        """flashinfer's plan fills a pinned host buffer and queues its copy to the device; with async
+        scheduling the next plan may run before the GPU reached that copy, so wait for it (in steady state
+        it ran long ago: the GPU is a step behind the host at most)."""
+        if self._plan_copied is not None:
+            self._plan_copied.synchronize()
+        wrapper.plan(*args, **kwargs)
+        self._plan_copied = torch.cuda.Event()
+        self._plan_copied.record()
 
     # ---- per-step planning -------------------------------------------------------------------
     def _plan_args(self) -> dict:
@@ -86,14 +97,15 @@ class FlashInferAttention(AttentionBackend):
         indptr, indices, last = paged_kv_layout(meta.seq_lens_list, meta.block_tables_list, self.block_size)
         h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
         if meta.is_decode_only:
-            self._decode.plan(_i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, **self._plan_args())
+            self._plan(self._decode, _i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, **self._plan_args())
             self._wrapper = self._decode
         else:
             qo = np.zeros(meta.num_seqs + 1, dtype=np.int32)
             np.cumsum(meta.query_lens_list, out=qo[1:])
-            self._prefill.plan(
-                _i32(qo), _i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, causal=True, **self._plan_args()
-            )
+            self._plan(
+                self._prefill,
+                _i32(qo), _i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, causal=True, **self._plan_args(),
+            )  # fmt: skip
             self._wrapper = self._prefill
         self.set_slots(meta.slot_mapping)
 
@@ -138,7 +150,7 @@ class FlashInferAttention(AttentionBackend):
         """`begin_graph_step` from a page-table triple the caller already built (see `paged_kv_layout_flat`)."""
         wrapper = self._graph_decode[batch_size]
         h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
-        wrapper.plan(_i32(indptr), _i32(indices), _i32(last_page_len), h, hkv, d, bs, **self._plan_args())
+        self._plan(wrapper, _i32(indptr), _i32(indices), _i32(last_page_len), h, hkv, d, bs, **self._plan_args())
         self._wrapper = wrapper
 
     # ---- per layer ---------------------------------------------------------------------------

@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepare the next step on the host while the GPU runs this one (default: on with CUDA)",
+    )
     p.add_argument("--seed", type=int, default=0, help="engine seed")
     p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"], help="vllm: ignore the model's")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
@@ -341,6 +347,7 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
             device=ns.device,
             attention_backend=ns.attention_backend,
             enforce_eager=ns.enforce_eager,
+            async_scheduling=ns.async_scheduling,
             seed=ns.seed,
             generation_config=ns.generation_config,
             max_waiting_requests=ns.max_waiting_requests,

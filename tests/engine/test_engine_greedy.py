@@ -132,3 +132,23 @@ def test_repeated_long_prompt_hits_the_prefix_cache(engine):
 
 def test_engine_config_round_trip_is_a_dataclass():
     assert dataclasses.is_dataclass(EngineConfig())
+
+
+def test_final_only_outputs_carry_the_same_text_as_streamed_ones(loaded, prompts):
+    """With final_outputs_only the detokenizer runs once at the end instead of per token (no stop strings):
+    the finished outputs are the same, EOS excluded from the text, multi-byte characters intact."""
+    results = []
+    for final_only in (False, True):
+        engine = make_engine(loaded)
+        engine.final_outputs_only = final_only
+        params = SamplingParams(temperature=0.0, max_tokens=24)
+        ids = [engine.add_request(None, p, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                assert out.finished or not final_only
+                if out.finished:
+                    done[out.request_id] = [(c.text, c.token_ids, c.finish_reason) for c in out.outputs]
+        results.append([done[i] for i in ids])
+    assert results[0] == results[1]
+    assert {r[0][2] for r in results[0]} == {"stop", "length"}

@@ -95,7 +95,7 @@ def test_gpu_logits_match_cpu_reference_teacher_forced(loaded):
     assert gpu_runner.graph_replays == POSITIONS - PREFILL, "decode steps did not replay the CUDA graphs"
 
 
-def _greedy(loaded, enforce_eager: bool, prompts: list[list[int]]) -> list[list[int]]:
+def _greedy(loaded, enforce_eager: bool, prompts: list[list[int]], async_scheduling=None, params=None, full=False):
     from kubellm.engine.llm_engine import LLMEngine
     from kubellm.engine.sampling_params import SamplingParams
 
@@ -108,28 +108,59 @@ def _greedy(loaded, enforce_eager: bool, prompts: list[list[int]]) -> list[list[
         num_gpu_blocks_override=128,
         enforce_eager=enforce_eager,
         generation_config="vllm",
+        async_scheduling=async_scheduling,
     )
     engine = LLMEngine(cfg, loaded=loaded)
     assert bool(engine.runner._graphs) is not enforce_eager
-    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    assert engine.async_scheduling is (async_scheduling is not False), "on by default on CUDA"
+    params = params or SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
+                c = out.outputs[0]
+                done[out.request_id] = c.token_ids if not full else (c.token_ids, c.finish_reason, c.logprobs)
     if not enforce_eager:
         assert engine.runner.graph_replays > 0
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 
-def test_cuda_graph_decode_equals_eager_token_for_token(loaded):
+def _prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 33, 64, 1, 90)]
+    return [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 33, 64, 1, 90)]
+
+
+def test_cuda_graph_decode_equals_eager_token_for_token(loaded):
+    prompts = _prompts()
     graph = _greedy(loaded, False, prompts)
     eager = _greedy(loaded, True, prompts)
     assert graph == eager
+
+
+def test_async_scheduling_equals_synchronous_steps_on_the_gpu(loaded):
+    """Placeholder tokens filled on the device from the previous step's draws give the synchronous engine's
+    tokens (greedy, and seeded sampling with logprobs: same batches, so bit-identical); requests stopping
+    early on stop tokens end right at the stop token, their extra in-flight step dropped."""
+    from kubellm.engine.sampling_params import SamplingParams
+
+    prompts = _prompts()
+    assert _greedy(loaded, False, prompts, async_scheduling=True) == _greedy(loaded, False, prompts, False)
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, seed=7, logprobs=2, ignore_eos=True)
+    assert _greedy(loaded, False, prompts, True, sampled, full=True) == _greedy(
+        loaded, False, prompts, False, sampled, full=True
+    )
+    stops = set(range(3, 1000))
+    stopping = SamplingParams(max_tokens=40, temperature=0.8, seed=7, stop_token_ids=sorted(stops))
+    outs = _greedy(loaded, False, prompts, True, stopping, full=True)
+    assert any(reason == "stop" for _, reason, _ in outs), "some request met a stop token"
+    for tokens, reason, _ in outs:
+        assert all(t >= 0 for t in tokens)
+        if reason == "stop":
+            assert tokens[-1] in stops and not stops & set(tokens[:-1])
+        else:
+            assert reason == "length" and len(tokens) == 40 and not stops & set(tokens)
 
 
 def test_kv_budget_comes_from_a_profiled_forward(loaded):
