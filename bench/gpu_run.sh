@@ -47,7 +47,7 @@ git status --short 2>/dev/null | head -20
 rc=0
 if [ "$mode" = test ] || [ "$mode" = all ]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
-    tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py 2>&1 | tee "$OUT/gpu-tests.log"
+    tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py tests/engine/test_sampler.py 2>&1 | tee "$OUT/gpu-tests.log"
   rc=${PIPESTATUS[0]}
 fi
 if [ "$mode" = tp ]; then

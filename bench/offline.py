@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from bench.step_profile import describe as describe_profile
+from bench.step_profile import profile_steps
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.model_config import ModelConfig
 from kubellm.engine.random_model import LLAMA_3_1_8B, RandomWeights, random_loaded_model
@@ -250,11 +252,11 @@ def run_workload(engine, prompts: list[list[int]], max_tokens: int, label: str) 
     return res
 
 
-def decode_step_times(engine, batch: int, ctx: int, steps: int) -> dict[str, float]:
+def decode_step_times(engine, batch: int, ctx: int, steps: int, profile: bool = False) -> dict[str, Any]:
     """Median engine step and GPU forward time of pure decode steps of `batch` sequences at ~ctx tokens."""
     rng = random.Random(batch)
     # Long enough that nobody finishes while measured (the first requests decode while later ones prefill).
-    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=1.0)
+    params = SamplingParams(max_tokens=2 * steps + 64, ignore_eos=True, temperature=1.0)
     prompts = random_prompts(rng, batch, ctx, engine.model_config.vocab_size)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts, strict=True):
@@ -276,20 +278,37 @@ def decode_step_times(engine, batch: int, ctx: int, steps: int) -> dict[str, flo
         forward.append(time.perf_counter() - t)
         return r
 
-    step: list[float] = []
-    for _ in range(steps):
+    def per_step_ms(n: int) -> float:
+        """Wall time of n consecutive steps over n: with async scheduling a step's host work overlaps the
+        GPU's, so only a run of steps (synchronised at its ends) shows the time a step really costs."""
         torch.cuda.synchronize()
         t = time.perf_counter()
-        engine.step()
-        step.append(time.perf_counter() - t)
-    runner.execute = timed  # second pass: the forward alone, synchronised
+        for _ in range(n):
+            engine.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n * 1e3
+
+    step_ms = per_step_ms(steps)
+    profiled = None
+    if profile:
+        try:
+            profiled = profile_steps(engine)
+        except Exception:  # a profiler problem must not cost the run's figures
+            log.exception("decode step profile at batch %d failed", batch)
+    overlap = engine.async_scheduling
+    engine.async_scheduling = False  # the same steps with the host work not overlapped, for comparison
+    sync_step_ms = per_step_ms(max(4, steps // 4))
+    engine.async_scheduling = overlap
+    runner.execute = timed  # last: the forward alone, synchronised
     for _ in range(2):
         engine.step()
     runner.execute = orig
     engine.abort_request(ids)
     return {
-        "step_ms": statistics.median(step) * 1e3,
+        "step_ms": step_ms,
+        "sync_step_ms": sync_step_ms,
         "forward_ms": statistics.median(forward) * 1e3 if forward else float("nan"),
+        **({"profile": profiled} if profiled else {}),
     }
 
 
@@ -449,12 +468,14 @@ def table(r: dict[str, Any]) -> str:
     if d:
         lines.append("")
         lines.append(
-            "| decode batch | engine step ms | GPU forward ms | roofline ms (GEMM + attention) | step/roofline |"
+            "| decode batch | engine step ms | same, synchronous steps | forward alone ms (synchronised) "
+            "| roofline ms (GEMM + attention) | step/roofline |"
         )
-        lines.append("|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|")
         for b, x in d.items():
             lines.append(
-                f"| {b} | {x['step_ms']:.2f} | {x['forward_ms']:.2f} | {x['roofline_ms']:.2f} "
+                f"| {b} | {x['step_ms']:.2f} | {x.get('sync_step_ms', float('nan')):.2f} | {x['forward_ms']:.2f} "
+                f"| {x['roofline_ms']:.2f} "
                 f"({x['roofline_gemm_ms']:.2f} + {x['roofline_attention_ms']:.2f}) | "
                 f"{x['step_ms'] / x['roofline_ms']:.2f} |"
             )
@@ -502,6 +523,9 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
             f"GEMMs' FLOPs alone (ceiling {r['ceilings']['matmul_tflop_s']:.0f}); the rest is attention, "
             "elementwise ops and the step's host work."
         )
+    for b, x in (r.get("decode") or {}).items():
+        if x.get("profile"):
+            profile.append(describe_profile(int(b), x["profile"]))
     for key, x in (r.get("decode_attention_micro") or {}).items():
         profile.append(
             f"- decode attention alone, one layer, {key}, ctx 1024: {x['ms']:.3f} ms = {x['kv_tb_s']:.2f} TB/s"
@@ -547,7 +571,7 @@ def run_engine(
                 if left() < 60:
                     r["notes"].append(f"(d) batch {b} skipped: out of time")
                     continue
-                x = decode_step_times(engine, b, 1024, 16)
+                x = decode_step_times(engine, b, 1024, 32, profile=args.profile and b in (1, 256))
                 ceil = r["ceilings"]
                 roof = decode_roofline_ms(c, b, 1024 + 10, ceil["copy_gb_s"], ceil["matmul_tflop_s"])
                 x.update(
@@ -685,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--profile", action="store_true", help="(d): profile decode steps at batch 1 and 256")
     p.add_argument("--decode-batches", default="1,32,128,256")
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip phases that would not finish by then")
     p.add_argument("--out-dir", default="bench/results")

@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for CUDA tensors (Triton): RMSNorm, rotary embedding of q and k, SiLU-and-mul.
+"""Fused elementwise kernels for CUDA tensors (Triton): RMSNorm (alone and after the residual add), rotary
+embedding of q and k, SiLU-and-mul.
 
 Why: a decode step of a small batch is bound by kernel count, not bytes. In plain torch one layer is ~36
 kernels (RMSNorm alone is 7, rotary 10), each ~2.5 us even inside a CUDA graph: ~3 ms of an 8B model's
@@ -48,6 +49,24 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         var = tl.sum(x * x, axis=0) / n_cols
         y = (x * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_rms_norm_kernel(
+        x_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, stride_x, stride_r, stride_ro, stride_o, n_cols, eps,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(r_out_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
+        tl.store(r_out_ptr + row * stride_ro + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        var = tl.sum(hf * hf, axis=0) / n_cols
+        y = (hf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -109,6 +128,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return out
     except Exception as e:  # any compile or launch failure falls back to torch
         _disable("rms_norm", e)
+        return None
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(residual + x, RMSNorm(residual + x)) in one kernel: the residual add that ends each attention and MLP
+    block and the norm that starts the next one. None when the fused kernel does not apply."""
+    if x.dim() != 2 or x.shape != residual.shape or x.stride(-1) != 1 or residual.stride(-1) != 1 or not len(x):
+        return None
+    try:
+        res_out = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        n = x.shape[1]
+        _add_rms_norm_kernel[(x.shape[0],)](
+            x, residual, weight, res_out, out, x.stride(0), residual.stride(0), res_out.stride(0), out.stride(0),
+            n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8,
+        )  # fmt: skip
+        return res_out, out
+    except Exception as e:
+        _disable("add_rms_norm", e)
         return None
 
 

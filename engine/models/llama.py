@@ -51,6 +51,16 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual + x, and its norm: one fused kernel on CUDA (two ops fewer per block at small batch)."""
+    if fused.enabled(x):
+        out = fused.add_rms_norm(x, residual, norm.weight, norm.eps)
+        if out is not None:
+            return out
+    residual = residual + x
+    return residual, norm(residual)
+
+
 class Linear(nn.Module):
     def __init__(self, in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -201,10 +211,14 @@ class LlamaForCausalLM(nn.Module):
             h = parallel.vocab_parallel_embedding(input_ids, self.embed_tokens, self.tp_rank)
         else:
             h = F.embedding(input_ids, self.embed_tokens)
-        for i, layer in enumerate(self.layers):
-            h = h + layer.self_attn(i, layer.input_layernorm(h), cos, sin, kv_caches[i], attn)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.norm(h)
+        layers = self.layers
+        x = layers[0].input_layernorm(h)
+        for i, layer in enumerate(layers):
+            # h: the residual stream; x: its norm, the next block's input
+            h, x = add_norm(layer.post_attention_layernorm, layer.self_attn(i, x, cos, sin, kv_caches[i], attn), h)
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h, x = add_norm(next_norm, layer.mlp(x), h)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V] (the full vocab on every rank under tensor parallelism)."""

@@ -192,6 +192,12 @@ def test_fused_kernels_match_torch_ops():
     x, w = randn(33, 4096), randn(4096)
     ref = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
     assert (fused.rms_norm(x, w, 1e-5).float() - ref.float()).abs().max() <= ref.abs().max() * 2**-7
+    res = randn(33, 4096)
+    h_ref = res + x
+    normed_ref = w * (h_ref.float() * torch.rsqrt(h_ref.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
+    h, normed = fused.add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(h, h_ref), "the residual stream is rounded exactly as torch's add rounds it"
+    assert (normed.float() - normed_ref.float()).abs().max() <= normed_ref.abs().max() * 2**-7
     t, hq, hkv, d = 33, 32, 8, 128
     qkv = randn(t, (hq + 2 * hkv) * d)
     q, k, _ = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
