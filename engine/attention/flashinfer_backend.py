@@ -20,6 +20,8 @@ import flashinfer
 import numpy as np
 import torch
 
+from kubellm.engine.transfer import to_device_async
+
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 
 # flashinfer's float workspace (split-k partial results): tensor-core decode of a 512-row CUDA graph needs
@@ -32,10 +34,19 @@ PREFILL_BACKEND = "fa2"
 
 
 def _i32(values: Sequence[int] | np.ndarray) -> torch.Tensor:
-    # Host tensors: flashinfer's planners read them on the CPU anyway and copy them to the device once.
+    """A host int32 tensor in pinned memory: flashinfer's planners read indptr/last-page lengths on the CPU
+    and copy them to the device with non_blocking=True, which only stays asynchronous from pinned memory."""
     if isinstance(values, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
-    return torch.tensor(values, dtype=torch.int32)
+        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
+    else:
+        host = torch.tensor(values, dtype=torch.int32)
+    return host.pin_memory()
+
+
+def _i32_on(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Page indices go over on the device already: flashinfer copies host indices into its CUDA-graph buffer
+    with non_blocking=False, a full stream sync that would stall async scheduling for a whole GPU step."""
+    return to_device_async(np.asarray(values, dtype=np.int32), torch.int32, device)
 
 
 class FlashInferAttention(AttentionBackend):
@@ -97,14 +108,16 @@ class FlashInferAttention(AttentionBackend):
         indptr, indices, last = paged_kv_layout(meta.seq_lens_list, meta.block_tables_list, self.block_size)
         h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
         if meta.is_decode_only:
-            self._plan(self._decode, _i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, **self._plan_args())
+            pages = _i32_on(indices, self.device)
+            self._plan(self._decode, _i32(indptr), pages, _i32(last), h, hkv, d, bs, **self._plan_args())
             self._wrapper = self._decode
         else:
             qo = np.zeros(meta.num_seqs + 1, dtype=np.int32)
             np.cumsum(meta.query_lens_list, out=qo[1:])
             self._plan(
                 self._prefill,
-                _i32(qo), _i32(indptr), _i32(indices), _i32(last), h, hkv, d, bs, causal=True, **self._plan_args(),
+                _i32(qo), _i32(indptr), _i32_on(indices, self.device), _i32(last), h, hkv, d, bs, causal=True,
+                **self._plan_args(),
             )  # fmt: skip
             self._wrapper = self._prefill
         self.set_slots(meta.slot_mapping)
@@ -150,7 +163,8 @@ class FlashInferAttention(AttentionBackend):
         """`begin_graph_step` from a page-table triple the caller already built (see `paged_kv_layout_flat`)."""
         wrapper = self._graph_decode[batch_size]
         h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
-        self._plan(wrapper, _i32(indptr), _i32(indices), _i32(last_page_len), h, hkv, d, bs, **self._plan_args())
+        pages = _i32_on(indices, self.device)
+        self._plan(wrapper, _i32(indptr), pages, _i32(last_page_len), h, hkv, d, bs, **self._plan_args())
         self._wrapper = wrapper
 
     # ---- per layer ---------------------------------------------------------------------------
