@@ -270,10 +270,10 @@ def decode_step_times(engine, batch: int, ctx: int, steps: int, profile: bool = 
     orig = runner.execute
     forward: list[float] = []
 
-    def timed(b, *fill):
+    def timed(b, *args, **kwargs):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        r = orig(b, *fill)
+        r = orig(b, *args, **kwargs)
         torch.cuda.synchronize()
         forward.append(time.perf_counter() - t)
         return r

@@ -19,6 +19,7 @@ import torch
 
 # First matching pattern wins; kernel names are lower-cased first.
 KERNEL_KINDS: list[tuple[str, tuple[str, ...]]] = [
+    ("all_reduce", ("nccl", "allreduce", "all_reduce", "allgather")),
     ("attention", ("batchdecode", "batchprefill", "flashinfer", "prefillwithkvcache", "decodewithkvcache")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
     ("kv_write", ("index_copy", "indexcopy")),

@@ -7,7 +7,8 @@ cache) whose results are gathered back under the parent's id.
 Async scheduling (on by default on CUDA): a step queues its forward and sampling on the GPU and returns the
 tokens of the *previous* step, so the host's work (reading tokens back, stop checks, detokenizing, outputs,
 scheduling and planning the next batch) overlaps the GPU's. A request's newest token is then a PLACEHOLDER
-the model runner fills on the device from the previous step's sampled ids. The price: a request that stops
+the model runner fills on the device from the previous step's sampled ids (under tensor parallelism rank 0
+broadcasts them to the workers, stream-ordered). The price: a request that stops
 on EOS or a stop string has already been scheduled for one more step, whose token is dropped. Requests with
 penalties need their real token history to sample, so while any is live the engine steps synchronously.
 """
@@ -174,12 +175,13 @@ class LLMEngine:
 
     def _resolve_async_scheduling(self, config: EngineConfig) -> bool:
         """auto: on for a CUDA model runner that can fill placeholder tokens (the GPU then runs while the host
-        works); off on CPU, where nothing runs concurrently, and for the simulated and tensor-parallel runners."""
+        works; also at tensor parallel, whose workers receive each step's sampled ids); off on CPU, where
+        nothing runs concurrently, and for the simulated runner."""
         capable = getattr(self.runner, "supports_token_fill", False) and not self.runner.produces_token_ids
         if config.async_scheduling is None:
             return capable and self.runner.device.type == "cuda"
         if config.async_scheduling and not capable:
-            raise ValueError("async scheduling needs the single-process model runner (not sim or tensor parallel)")
+            raise ValueError("async scheduling needs a model runner that fills placeholder tokens (not sim)")
         return config.async_scheduling
 
     def _num_kv_blocks(self) -> int:
@@ -347,7 +349,13 @@ class LLMEngine:
     def _launch(self, sched: SchedulerOutput) -> _StepInFlight:
         """Queue the batch's forward and sampling; every sampling request gets a PLACEHOLDER token."""
         fill = self._token_fill(sched)
-        result = self.runner.execute(sched.batch, fill) if fill is not None else self.runner.execute(sched.batch)
+        share = getattr(self.runner, "share_sampled", None)  # tensor parallel: workers need the sampled ids
+        if share is not None:
+            result = self.runner.execute(sched.batch, fill, shares_sampled=True)
+        elif fill is not None:
+            result = self.runner.execute(sched.batch, fill)
+        else:
+            result = self.runner.execute(sched.batch)
         reqs = self.scheduler.update_after_step(sched)
         if not reqs:
             return _StepInFlight([], None)
@@ -355,6 +363,8 @@ class LLMEngine:
             sampled: PendingSample | list[int] = list(result)
         else:
             sampled = self.sampler.sample(result, [self._seqs[r.request_id].sampling_state for r in reqs])
+            if share is not None:
+                share(sampled.token_ids)
         for req in reqs:
             req.append_placeholder()
             if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:

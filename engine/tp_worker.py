@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from kubellm.engine import parallel
 from kubellm.engine.config import EngineConfig
-from kubellm.engine.forward_batch import ForwardBatch
+from kubellm.engine.forward_batch import ForwardBatch, TokenFill
 from kubellm.engine.loader import LoadedModel
 from kubellm.engine.loader.loaded import ModelRecipe
 from kubellm.engine.model_runner import ModelRunner, available_cpus, resolve_device
@@ -49,6 +49,8 @@ class TPModelRunner:
     """ModelRunner facade for rank 0 of a tensor-parallel replica."""
 
     produces_token_ids = False
+    supports_token_fill = True  # async scheduling: workers receive each step's sampled ids (share_sampled)
+    _publish_pending = False
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         size = config.tensor_parallel_size
@@ -159,12 +161,28 @@ class TPModelRunner:
         """Each rank's parameter element counts (sharded / replicated), in rank order."""
         return self.call("model.param_counts")
 
-    def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        self._send((_EXECUTE, batch))
+    def execute(
+        self, batch: ForwardBatch, fill: TokenFill | None = None, *, shares_sampled: bool = False
+    ) -> torch.Tensor:
+        """Every rank runs the batch. `fill`: placeholder tokens from the previous step's sampled ids, which
+        each worker holds from `share_sampled`. `shares_sampled`: the caller samples this step's logits and
+        will hand the ids to `share_sampled` (the workers then wait for them)."""
+        publish = shares_sampled and any(s.needs_logits for s in batch.seqs)
+        spec = (fill.seq_indices, fill.source_rows) if fill is not None else None
+        self._send((_EXECUTE, batch, spec, publish))
+        self._publish_pending = publish
         try:
-            return self.inner.execute(batch)
+            return self.inner.execute(batch, fill)
         except dist.DistError as e:  # a peer vanished mid-step (gloo: connection reset)
             raise RuntimeError(f"tensor-parallel step failed, a worker is gone or broken: {e}") from e
+
+    def share_sampled(self, token_ids: torch.Tensor) -> None:
+        """Broadcast this step's sampled ids (still on the device, stream-ordered: no host sync) so every rank
+        can fill the next step's placeholder tokens itself."""
+        if not self._publish_pending:
+            raise RuntimeError("share_sampled() without a step that announced it")
+        self._publish_pending = False
+        dist.broadcast(token_ids, src=0)
 
     def close(self) -> None:
         """Stop the workers and leave the process group; idempotent."""
@@ -272,6 +290,7 @@ def _worker_main(
 
 
 def _serve(runner: ModelRunner, rank: int, size: int) -> None:
+    sampled: torch.Tensor | None = None  # the last step's sampled ids, as rank 0 broadcast them
     while True:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=parallel.control_group())
@@ -279,10 +298,17 @@ def _serve(runner: ModelRunner, rank: int, size: int) -> None:
         if command[0] == _STOP:
             return
         if command[0] == _EXECUTE:
+            _, batch, spec, publish = command
+            fill = TokenFill(sampled, *spec) if spec is not None else None
             try:
-                runner.execute(command[1])
+                runner.execute(batch, fill)
             except ValueError:  # input validation before any collective: rank 0 raised the same error
                 logger.debug("rank %d: batch rejected", rank, exc_info=True)
+                continue
+            if publish:
+                n = sum(1 for s in batch.seqs if s.needs_logits)
+                sampled = torch.empty(n, dtype=torch.int64, device=runner.device)
+                dist.broadcast(sampled, src=0)
             continue
         _, method, args = command
         dist.all_gather_object([None] * size, _call(runner, rank, method, args), group=parallel.control_group())

@@ -127,3 +127,24 @@ def test_workers_exit_when_rank0_is_killed(tiny_model_dir) -> None:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in pids)
+
+
+def test_tp2_with_async_scheduling_equals_tp1(tiny_model_dir) -> None:
+    """Async scheduling under tensor parallelism: rank 0 broadcasts each step's sampled ids, every worker fills
+    the next step's placeholder tokens from them; greedy outputs (and EOS/length finishes) equal TP 1's."""
+    path = tiny_model_dir("llama3")
+    rng = random.Random(5)
+    prompts = [[rng.randrange(4, 320) for _ in range(n)] for n in (3, 9, 17, 40, 5)]
+    ref = run(make(path, 1, max_num_batched_tokens=24), prompts)
+    tp2 = make(path, 2, max_num_batched_tokens=24, async_scheduling=True)
+    try:
+        assert tp2.async_scheduling
+        ours = run(tp2, prompts)
+        again = run(tp2, prompts[:2])  # the workers' copy of the sampled ids survives an idle engine
+    finally:
+        tp2.close()
+    runner = make(path, 1).runner
+    for i, (p, r, o) in enumerate(zip(prompts, ref, ours, strict=True)):
+        logits = full_pass_logits(runner, p + r)[len(p) - 1 : len(p) - 1 + len(r)]
+        assert_greedy_equal(o, r, list(logits), f"async TP2 vs TP1 prompt {i}")
+    assert again == ours[:2]
