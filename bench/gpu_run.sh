@@ -8,7 +8,7 @@
 #
 # tp: the tensor-parallel gpu tests (tests/engine/test_gpu_tensor_parallel.py; TP_TESTS=0 skips them), then the
 # offline benchmark at TP 1,2 (and 4 when there are 4 GPUs): workloads (a), (b) and batch-1 decode, scale
-# TP_SCALE (default 0.5), results engine-gpu-<date>-tp<N>.* and the comparison engine-gpu-<date>-tp.*.
+# TP_BENCH=0 skips the benchmark; TP_SCALE (default 0.5), results engine-gpu-<date>-tp<N>.* and the comparison engine-gpu-<date>-tp.*.
 #
 # Kernels: flashinfer loads a module without building when <pkg>/data/aot/<name>/<name>.so exists, so prebuilt
 # .so files (from .gpu/kcache/*.tgz, or a ~/.cache/flashinfer restored by .gpu/kernel-cache.sh) are copied there.
@@ -62,7 +62,7 @@ if [ "$mode" = tp ]; then
     rc=${PIPESTATUS[0]}
   fi
   left=$((TIME_LIMIT - SECONDS - 30))
-  python3 -m bench.offline --out-dir "$OUT" --deadline-s "$left" --tensor-parallel-size "$sizes" \
+  [ "${TP_BENCH:-1}" = 1 ] && python3 -m bench.offline --out-dir "$OUT" --deadline-s "$left" --tensor-parallel-size "$sizes" \
     --workloads d,a,b --decode-batches 1 --skip-hf --scale "${TP_SCALE:-0.5}" "$@" 2>&1 | tee "$OUT/bench-tp.log"
   rc=$((rc | PIPESTATUS[0]))
 fi

@@ -24,7 +24,8 @@ PROMPTS, POSITIONS, PREFILL, BLOCK = 8, 64, 16, 16
 TEACHER_BLOCKS = POSITIONS // BLOCK  # per prompt, for the prefill + decode pass
 PREFIX_BLOCKS = sum(-(-n // BLOCK) for n in range(1, POSITIONS + 1))  # 64 prefixes of one prompt
 NUM_BLOCKS = PREFIX_BLOCKS + PROMPTS * TEACHER_BLOCKS
-REL_ERR = 0.05  # bf16: TP changes only the order of the sums (all-reduced partial products), not the precision
+# TP N's error against float32 may exceed TP 1's by this factor plus slack (bf16 partial sums before all-reduce)
+REL_ERR_GROWTH, REL_ERR_SLACK = 1.5, 0.01
 BF16_NEAR_TIE = 0.05  # logit gap under which bf16 rounding may flip a greedy choice
 
 
@@ -103,20 +104,40 @@ def reference():
     del runner
     gc.collect()
     torch.cuda.empty_cache()
-    return tokens, logits
+    # The same weights in float32 through the torch backend: the exact answer both bf16 runs are measured against.
+    cfg = EngineConfig(
+        device="cuda", dtype="float32", attention_backend="torch", enforce_eager=True, max_num_seqs=8,
+        max_num_batched_tokens=4096, max_model_len=256,
+    )  # fmt: skip
+    runner = ModelRunner(_loaded(), cfg)
+    runner.allocate_kv_cache(NUM_BLOCKS)
+    exact = {"every position": _every_position(runner, tokens), "prefill + decode": _teacher_forced(runner, tokens)}
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return tokens, logits, exact
 
 
-def _compare(label: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape, label
-    rel = ((ours - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest relative L2 error of a row of `a` against the same row of `b`."""
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+
+def _compare(label: str, ours: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> None:
+    """bf16 tolerance, measured rather than assumed: TP N must be as close to the float32 answer as TP 1 is
+    (row-parallel layers round partial sums to bf16 before the all-reduce, so a little more noise is allowed),
+    and pick the same greedy token as TP 1 wherever TP 1's choice is clear."""
+    assert ours.shape == ref.shape == exact.shape, label
+    rel, ours_err, ref_err = _rel(ours, ref), _rel(ours, exact), _rel(ref, exact)
     top2 = ref.topk(2, dim=-1).values
     decided = (top2[:, 0] - top2[:, 1]) > 0.1
     agree = (ours.argmax(-1) == ref.argmax(-1))[decided].float().mean().item()
     print(
-        f"{label}: {ours.shape[0]} rows, max relative L2 error {rel:.4f}, argmax agreement {agree:.4f} "
-        f"on the {int(decided.sum())} rows with a top-2 gap > 0.1"
+        f"{label}: {ours.shape[0]} rows, max relative L2 error {rel:.4f} vs TP 1; against float32: TP N "
+        f"{ours_err:.4f}, TP 1 {ref_err:.4f}; argmax agreement {agree:.4f} on the {int(decided.sum())} rows "
+        "with a top-2 gap > 0.1"
     )
-    assert rel < REL_ERR, f"{label}: logits differ from TP 1: relative error {rel:.4f}"
+    assert ours_err <= REL_ERR_GROWTH * ref_err + REL_ERR_SLACK, f"{label}: TP loses precision: {ours_err:.4f}"
     assert agree > 0.95, f"{label}: argmax agreement {agree:.4f}"
 
 
@@ -125,7 +146,7 @@ def test_tp_logits_match_tp1_teacher_forced_and_close_leaves_no_worker(reference
     _need_gpus(tp)
     from kubellm.engine.tp_worker import TPModelRunner
 
-    tokens, ref = reference
+    tokens, ref, exact = reference
     runner = TPModelRunner(_loaded(), _config(tp))
     pids = [p.pid for p in runner._procs]
     try:
@@ -141,7 +162,7 @@ def test_tp_logits_match_tp1_teacher_forced_and_close_leaves_no_worker(reference
         runner.close()
     assert not any(_alive(pid) for pid in pids), "a worker outlived close()"
     for label in ours:
-        _compare(f"TP {tp} vs TP 1, {label}", ours[label], ref[label])
+        _compare(f"TP {tp} vs TP 1, {label}", ours[label], ref[label], exact[label])
     from kubellm.engine.random_model import LLAMA_3_1_8B, weight_shapes
 
     full = sum(torch.Size(s).numel() for n, s in weight_shapes(LLAMA_3_1_8B).items() if not n.endswith("norm.weight"))
