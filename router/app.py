@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from yarl import URL
 
 from kubellm.kv_events import SnapshotEvent
+from kubellm.openai_errors import APIError
 from kubellm.openai_protocol import ModelCard, ModelList
 from kubellm.prompt import TokenizerInfo
 from kubellm.router.backends import Backend, BackendRegistry, HealthChecker
 from kubellm.router.config import RouterConfig
 from kubellm.router.discovery import make_discovery
-from kubellm.router.errors import RouterError, error_response
+from kubellm.router.errors import error_response
 from kubellm.router.kv_events_client import KVEventSubscriber
 from kubellm.router.metrics import RouterMetrics
 from kubellm.router.policies import Candidate, RouteRequest, make_policy
@@ -224,7 +225,9 @@ class Router:
             token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
             if not any(hmac.compare_digest(token, k) for k in self._api_keys):
                 return error_response(
-                    401, "invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+                    APIError(
+                        401, "invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+                    )
                 )
         return await handler(request)
 
@@ -251,36 +254,34 @@ class Router:
         try:
             raw, body = await self._read_body(request)
             if not self.registry.knows_model(body.model):  # (its name never becomes a metric label)
-                raise RouterError(
-                    404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found"
-                )
+                raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
             model = body.model
             return await self._route(request, kind, raw, body, started)
-        except RouterError as e:
+        except APIError as e:
             self.metrics.requests.labels(model, "", str(e.status)).inc()
-            return e.response()
+            return error_response(e)
 
     async def _read_body(self, request: web.Request) -> tuple[bytes, RoutedBody]:
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
-            raise RouterError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large")
+            raise APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large")
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge as e:
-            raise RouterError(
+            raise APIError(
                 413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large"
             ) from e
         if not raw:
-            raise RouterError(400, "request body is empty; send a JSON object", code="invalid_json")
+            raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
         try:
             return raw, RoutedBody.model_validate_json(raw)
         except ValidationError as e:
             err = e.errors()[0]
             if err["type"].startswith("json") or err["type"] == "model_type":
-                raise RouterError(
+                raise APIError(
                     400, f"request body is not a valid JSON object: {err['msg']}", code="invalid_json"
                 ) from e
             param = ".".join(str(p) for p in err["loc"]) or None
-            raise RouterError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from e
+            raise APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from e
 
     async def _route(
         self, request: web.Request, kind: str, raw: bytes, body: RoutedBody, started: float
@@ -361,7 +362,7 @@ class Router:
         if last is not None and last.status is not None:
             headers_out = {k: v for k, v in last.headers.items() if k in ("Content-Type", "Retry-After")}
             return web.Response(status=last.status, body=last.body, headers=headers_out)
-        raise RouterError(502, f"no replica of model {model!r} could answer: {last}", code="upstream_unavailable")
+        raise APIError(502, f"no replica of model {model!r} could answer: {last}", code="upstream_unavailable")
 
     def _upstream_url(self, base: str, path: str) -> URL:
         """Parsed once per (backend, path): URL parsing is a visible share of the per-request cost."""

@@ -10,8 +10,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
+from kubellm.openai_errors import APIError
 from kubellm.router.backends import BackendRegistry
-from kubellm.router.errors import RouterError
 from kubellm.router.metrics import RouterMetrics
 
 T = TypeVar("T")
@@ -37,7 +37,7 @@ class WaitQueue:
         if picked is not None:
             return picked
         if len(self) >= self.max_size or self.timeout <= 0:
-            raise RouterError(
+            raise APIError(
                 503,
                 f"no replica of model {model!r} can take the request now",
                 code="no_replica",
@@ -50,7 +50,7 @@ class WaitQueue:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RouterError(
+                    raise APIError(
                         503,
                         f"no replica of model {model!r} became available within {self.timeout:g}s",
                         code="no_replica",

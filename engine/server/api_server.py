@@ -24,10 +24,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from kubellm import __version__
+from kubellm.openai_errors import APIError
 from kubellm.openai_protocol import ModelCard, ModelList
 
 from .async_engine import _END, AsyncEngine, KVSubscription
-from .errors import APIError, bad_request, error_response, from_validation_error, keys_match, logger
+from .errors import bad_request, error_response, from_validation_error, keys_match, logger
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openapi import build_openapi
 from .protocol import (
@@ -83,23 +84,25 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Any]) -
     try:
         return await handler(request)
     except APIError as e:
-        return e.response()
+        return error_response(e)
     except UnsupportedField as e:
-        return error_response(400, str(e), e.field, "unsupported_parameter")
+        return error_response(APIError(400, str(e), e.field, "unsupported_parameter"))
     except ValidationError as e:
-        return from_validation_error(e).response()
+        return error_response(from_validation_error(e))
     except web.HTTPRequestEntityTooLarge as e:
-        return error_response(413, f"request body too large: {e.text or 'over the limit'}", code="request_too_large")
+        return error_response(
+            APIError(413, f"request body too large: {e.text or 'over the limit'}", code="request_too_large")
+        )
     except web.HTTPException as e:
         if e.status < 400:
             raise
         message = e.reason if e.status != 404 else f"no route for {request.method} {request.path}"
-        return error_response(e.status, message, headers={k: v for k, v in e.headers.items() if k == "Allow"})
+        return error_response(APIError(e.status, message, headers={k: v for k, v in e.headers.items() if k == "Allow"}))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         logger.exception("internal error on %s %s", request.method, request.path)
-        return error_response(500, "internal server error", code="internal_error")
+        return error_response(APIError(500, "internal server error", code="internal_error"))
 
 
 @web.middleware

@@ -30,8 +30,7 @@ from kubellm.kv_events import (
     SnapshotEvent,
     encode_event,
 )
-
-from .errors import APIError
+from kubellm.openai_errors import APIError
 
 logger = logging.getLogger("kubellm.engine.server")
 

@@ -1,4 +1,6 @@
-"""Every failure leaves the server as OpenAI's error JSON with the right status; bad input never becomes a 500."""
+"""Every failure leaves the server as OpenAI's error JSON with the right status; bad input never becomes a 500.
+The exception and its body are the core's (kubellm.openai_errors); this module maps failures onto it and
+answers it over aiohttp."""
 
 from __future__ import annotations
 
@@ -11,49 +13,19 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from kubellm.openai_protocol import ErrorResponse
+from kubellm.openai_errors import APIError
 
 logger = logging.getLogger("kubellm.engine.server")
-
-
-class APIError(Exception):
-    """An error for the client: status, a message that names the problem, and the offending field."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> ErrorResponse:
-        return ErrorResponse.make(self.status, self.message, self.param, self.code)
-
-    def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
 
 
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    body = ErrorResponse.make(status, message, param, code).model_dump_json()
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+def error_response(err: APIError) -> web.Response:
+    return web.Response(
+        status=err.status, body=err.json(), content_type="application/json", charset="utf-8", headers=err.headers
+    )
 
 
 def _loc(loc: Iterable[Any]) -> str:

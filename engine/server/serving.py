@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubellm.openai_errors import APIError
 from kubellm.prompt import ChatTemplateError
 
 from .async_engine import AsyncEngine, RequestStream
-from .errors import APIError, bad_request, from_value_error
+from .errors import bad_request, from_value_error
 from .protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,

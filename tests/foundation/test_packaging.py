@@ -60,12 +60,12 @@ def test_no_top_level_part_module_with_code(name):
         assert out.returncode != 0 or out.stdout.strip() == "None", out.stdout
 
 
-def test_core_imports_no_part_and_no_torch():
+def test_core_imports_no_part_and_no_torch_or_aiohttp():
     code = (
         "import sys, kubellm, kubellm.cli, kubellm.block_hash, kubellm.prompt, kubellm.kv_events, "
-        "kubellm.metric_names, kubellm.builtin_models; "
-        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('kubellm.engine', 'kubellm.router', "
-        "'kubellm.operator'))]; print(bad)"
+        "kubellm.metric_names, kubellm.builtin_models, kubellm.openai_protocol, kubellm.openai_errors; "
+        "bad = [m for m in sys.modules if m in ('torch', 'aiohttp') or m.startswith(('kubellm.engine', "
+        "'kubellm.router', 'kubellm.operator'))]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
