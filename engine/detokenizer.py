@@ -8,7 +8,9 @@ TextStreamer). A trailing U+FFFD means "character not complete yet": it is withh
 Cost per token is two decodes of the small window, never the whole output.
 
 Stop strings: text is released only when it can no longer become part of a stop string, so a streaming
-client never sees text that is later cut.
+client never sees text that is later cut. With `min_tokens` (vLLM's rule) a stop string must end in text that
+a token after the first min_tokens added: one inside that text is kept as ordinary text, one that begins there
+and ends later still stops.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] | None = None,
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
@@ -50,6 +53,8 @@ class IncrementalDetokenizer:
         self._stop = [s for s in (stop or []) if s]
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
+        self._num_tokens = 0  # token ids fed, special ones included (they count toward min_tokens)
 
         context = [t for t in prompt_token_ids if not (skip_special_tokens and t in self._special_ids)]
         self._window: list[int] = context[-_PROMPT_CONTEXT:]  # tokens from the prefix offset on
@@ -68,22 +73,22 @@ class IncrementalDetokenizer:
         return self._text[: self._emitted]
 
     def add_token(self, token_id: int) -> DetokenizerUpdate:
-        if self.finished or self.stop_string is not None:
-            return DetokenizerUpdate("", self.stop_string)
-        before = len(self._text)
-        if not (self._skip_special and token_id in self._special_ids):
-            self._window.append(token_id)
-            self._text += self._decode_new(flush=False)
-        return self._release(before, final=False)
+        return self.add_tokens((token_id,))
 
     def add_tokens(self, token_ids: Sequence[int]) -> DetokenizerUpdate:
         """Several tokens at once (one decode of the window): for callers that need the text only at the end."""
         if self.finished or self.stop_string is not None or not token_ids:
             return DetokenizerUpdate("", self.stop_string)
+        exempt = self._min_tokens - self._num_tokens
+        if 0 < exempt < len(token_ids):  # the batch crosses min_tokens: its head's text must not end a stop
+            head = self.add_tokens(token_ids[:exempt])
+            tail = self.add_tokens(token_ids[exempt:])
+            return DetokenizerUpdate(head.text_delta + tail.text_delta, tail.stop_string)
         before = len(self._text)
+        self._num_tokens += len(token_ids)
         self._window.extend(t for t in token_ids if not (self._skip_special and t in self._special_ids))
         self._text += self._decode_new(flush=False)
-        return self._release(before, final=False)
+        return self._release(self._stop_search_from(before), final=False)
 
     def finish(self) -> DetokenizerUpdate:
         """The request ended: decode what is pending (an incomplete character becomes U+FFFD, as a full
@@ -94,7 +99,11 @@ class IncrementalDetokenizer:
         before = len(self._text)
         self._text += self._decode_new(flush=True)
         self.finished = True
-        return self._release(before, final=True)
+        return self._release(self._stop_search_from(before), final=True)
+
+    def _stop_search_from(self, before: int) -> int:
+        """Where the text a stop string may end in starts: the text of the first min_tokens tokens ends none."""
+        return len(self._text) if self._num_tokens <= self._min_tokens else before
 
     def _decode_new(self, flush: bool) -> str:
         """Text the unread window tokens add, minus a trailing incomplete character (unless flushing)."""
@@ -130,10 +139,11 @@ class IncrementalDetokenizer:
         if self._stop:
             best: tuple[int, str] | None = None
             if end > before:
-                start = max(0, before - self._max_stop_len + 1)
-                # The stop that completes first wins (as if text arrived one char at a time); then the earliest.
+                # Only a stop that ends in the new text counts (text before it may hold one that min_tokens
+                # exempted). The stop that completes first wins (as if text arrived one char at a time); then
+                # the earliest.
                 for s in self._stop:
-                    idx = self._text.find(s, start)
+                    idx = self._text.find(s, max(0, before - len(s) + 1))
                     if idx != -1 and (best is None or (idx + len(s), idx) < (best[0] + len(best[1]), best[0])):
                         best = (idx, s)
             if best is not None:

@@ -271,6 +271,7 @@ class LLMEngine:
                     skip_special_tokens=params.skip_special_tokens,
                     stop=list(params.stop or []),
                     include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_tokens,
                 ),
                 sampling_state=SamplingState.create(
                     child_params, req.prompt_token_ids, req.output_token_ids, device=self.runner.device
@@ -430,7 +431,7 @@ class LLMEngine:
                 seq.detokenizer.add_tokens(seq.untexted)
                 seq.untexted.clear()
             update = seq.detokenizer.add_token(token)
-            if update.stop_string is not None and n_out >= params.min_tokens:
+            if update.stop_string is not None:  # (the detokenizer honours none before min_tokens outputs)
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, update.stop_string
             elif n_out >= req.max_tokens or req.num_resolved_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH

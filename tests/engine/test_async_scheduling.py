@@ -91,7 +91,7 @@ def test_stop_strings_stop_token_ids_and_min_tokens_equal_synchronous(loaded):
         if i % 3 == 0:
             params = SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[p[-1] % 300 + 10, 17, 42])
         elif i % 3 == 1:
-            params = SamplingParams(temperature=0.0, max_tokens=30, stop=["a", "e"])
+            params = SamplingParams(temperature=0.0, max_tokens=30, stop=["a", "e"], min_tokens=i % 5)
         reqs.append((p, params))
     sync, overlapped, _ = both(loaded, reqs)
     assert sync == overlapped

@@ -170,8 +170,8 @@ def test_sentencepiece_spacing_and_byte_fallback(sentencepiece_like):
     assert "".join(stream(IncrementalDetokenizer(tok, []), out)) == tok.decode(out)
 
 
-def _check_stop_stream(tok, ids, stop, include, expected_text, expected_stop):
-    detok = IncrementalDetokenizer(tok, [], stop=stop, include_stop_str_in_output=include)
+def _check_stop_stream(tok, ids, stop, include, expected_text, expected_stop, min_tokens=0):
+    detok = IncrementalDetokenizer(tok, [], stop=stop, include_stop_str_in_output=include, min_tokens=min_tokens)
     seen = ""
     got_stop = None
     for t in ids:
@@ -223,6 +223,51 @@ def test_tokens_after_a_stop_are_ignored(bpe):
     assert detok.output_text == "one" and detok.stop_string == "."
 
 
+# One token per character below: token k adds the text's k-th character.
+@pytest.mark.parametrize(
+    ("min_tokens", "expected"),
+    [
+        (0, "a"),  # no minimum: the first "." stops
+        (1, "a"),  # the "." is token 2, after the minimum
+        (2, "a.b"),  # the "." that is token 2 is ordinary text; the next one (token 4) stops
+        (3, "a.b"),
+        (4, "a.b.c"),
+    ],
+)
+def test_min_tokens_ignores_stop_strings_in_the_first_min_tokens_tokens_and_honours_the_next(bpe, min_tokens, expected):
+    _check_stop_stream(bpe, byte_ids(bpe, "a.b.c.d"), ["."], False, expected, ".", min_tokens=min_tokens)
+    _check_stop_stream(bpe, byte_ids(bpe, "a.b.c.d"), ["."], True, expected + ".", ".", min_tokens=min_tokens)
+
+
+def test_min_tokens_covering_every_stop_keeps_the_whole_text(bpe):
+    _check_stop_stream(bpe, byte_ids(bpe, "a.b.c"), ["."], False, "a.b.c", None, min_tokens=5)
+
+
+def test_stop_string_that_begins_within_min_tokens_and_ends_after_stops(bpe):
+    # vLLM's rule: a stop counts when it ends in text of a token after the minimum, wherever it begins.
+    _check_stop_stream(bpe, byte_ids(bpe, "xaby"), ["ab"], False, "x", "ab", min_tokens=2)
+    # Ending inside the minimum's text it is ordinary text, also beside a longer stop that is still possible.
+    _check_stop_stream(bpe, byte_ids(bpe, "xabyz"), ["ab", "bzzz"], False, "xabyz", None, min_tokens=3)
+
+
+def test_tokens_fed_at_once_cut_as_when_fed_one_by_one(bpe):
+    ids = byte_ids(bpe, "a.b.c.d")
+    for min_tokens in range(6):
+        one_by_one = IncrementalDetokenizer(bpe, [], stop=["."], min_tokens=min_tokens)
+        stream(one_by_one, ids)
+        at_once = IncrementalDetokenizer(bpe, [], stop=["."], min_tokens=min_tokens)
+        update = at_once.add_tokens(ids)
+        at_once.finish()
+        assert (at_once.output_text, at_once.stop_string) == (one_by_one.output_text, one_by_one.stop_string)
+        assert update.stop_string == one_by_one.stop_string
+
+
+def test_special_tokens_count_toward_min_tokens(bpe):
+    eot = bpe.token_to_id("<|endoftext|>")
+    ids = [eot, *byte_ids(bpe, "a.b.")]  # the skipped special token is output token 1, "a" token 2
+    _check_stop_stream(bpe, ids, ["."], False, "a", ".", min_tokens=2)  # so the first "." (token 3) stops
+
+
 @pytest.mark.parametrize("skip", [True, False])
 def test_skip_special_tokens(bpe, skip):
     eot = bpe.token_to_id("<|endoftext|>")
@@ -248,3 +293,20 @@ def test_random_stops_match_a_char_by_char_reference(bpe):
                 expected, expected_stop = text[: idx + len(s)] if include else text[:idx], s
                 break
         _check_stop_stream(bpe, mixed_ids(bpe, text, rng), stops, include, expected, expected_stop)
+
+
+def test_random_stops_with_min_tokens_match_a_char_by_char_reference(bpe):
+    rng = random.Random(2)
+    for _ in range(150):
+        text = "".join(rng.choice("ab .") for _ in range(rng.randint(1, 20)))  # one token per character
+        stops = ["".join(rng.choice("ab .") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 2))]
+        min_tokens = rng.randint(0, len(text))
+        include = rng.random() < 0.5
+        expected, expected_stop = text, None
+        for end in range(min_tokens + 1, len(text) + 1):  # the first stop to end after the minimum's text
+            ending = [(end - len(s), s) for s in stops if end >= len(s) and text[end - len(s) : end] == s]
+            if ending:
+                idx, s = min(ending)
+                expected, expected_stop = text[: idx + len(s)] if include else text[:idx], s
+                break
+        _check_stop_stream(bpe, byte_ids(bpe, text), stops, include, expected, expected_stop, min_tokens)

@@ -76,6 +76,25 @@ def test_stop_token_ids_and_stop_strings(tiny_llm):
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
 
 
+@pytest.mark.parametrize("min_tokens", [0, 1, 5, 14])
+def test_min_tokens_ignores_stop_strings_until_that_many_tokens_exist(tiny_llm, min_tokens):
+    # Every word of the tiny tokenizer begins " w", so the stop string occurs in every generated word.
+    stop = " w"
+
+    def greedy(**kw):
+        params = SamplingParams(**{"temperature": 0, "max_tokens": 16, "ignore_eos": True, **kw})
+        return tiny_llm.generate([PROMPTS[1]], params)[0]
+
+    base = greedy().outputs[0]
+    assert base.text.count(stop) > min_tokens and base.text.startswith(stop), base.text
+    first_n = greedy(max_tokens=min_tokens).outputs[0].text if min_tokens else ""
+    out = greedy(stop=[stop], min_tokens=min_tokens).outputs[0]
+    # The occurrences in the first min_tokens tokens stay in the text; the one in the next token stops.
+    assert out.text == first_n
+    assert out.token_ids == base.token_ids[: min_tokens + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
 def test_logprobs_equal_log_softmax_of_the_reference_logits(tiny_model_dir, tiny_llm):
     from transformers import AutoModelForCausalLM
 
