@@ -16,3 +16,4 @@ class RoutingPolicy(StrEnum):
 
 DEFAULT_ROUTING_POLICY = RoutingPolicy.PREFIX
 DEFAULT_BALANCE_FACTOR = 1.25
+DEFAULT_LOAD_FLOOR = 16  # in-flight requests a replica may hold before bounded loads bind (docs/router.md)

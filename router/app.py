@@ -302,10 +302,6 @@ class Router:
         last: UpstreamFailure | None = None
         first_byte = [False]
 
-        def on_first_byte() -> None:
-            first_byte[0] = True
-            self.metrics.ttfb.labels(model).observe(time.perf_counter() - started)
-
         for attempt in range(cfg.max_retries + 1):
             if attempt:
                 self.metrics.retries.labels(model).inc()
@@ -320,6 +316,12 @@ class Router:
                 resp_headers["X-Kubellm-Route"] = reason
             self.registry.acquire(backend)
             self.index.on_send(backend.slot, hashes)
+
+            def on_first_byte(b: Backend = backend) -> None:
+                first_byte[0] = True
+                self.metrics.ttfb.labels(model).observe(time.perf_counter() - started)
+                self.registry.answered(b)
+
             code = "error"
             try:
                 resp, outcome = await forward(
@@ -354,7 +356,7 @@ class Router:
                 code = "499"  # the client went away; closing the upstream connection aborted the request
                 raise
             finally:
-                self.registry.release(backend)
+                self.registry.release(backend, answered=first_byte[0])
                 self.index.on_done(backend.slot, hashes)
                 self.metrics.requests.labels(model, backend.url, code).inc()
                 if first_byte[0] or code != "error":
@@ -384,7 +386,14 @@ class Router:
                 return None
             by_key = {b.url: b for b in backends}
             cands = [
-                Candidate(b.url, b.in_flight, b.waiting, self.index.match(b.slot, hashes) if hashes else 0)
+                Candidate(
+                    b.url,
+                    in_flight=b.in_flight,
+                    answering=b.answering,
+                    waiting=b.waiting,
+                    matched_blocks=self.index.match(b.slot, hashes) if hashes else 0,
+                    footprint=self.index.footprint(b.slot),
+                )
                 for b in backends
             ]
             decision = self.policy.choose(route, cands)

@@ -44,6 +44,7 @@ class Backend:
     healthy: bool = True  # optimistic on arrival; a probe runs at once
     removed: bool = False
     in_flight: int = 0
+    answering: int = 0  # in-flight requests whose first byte came back
     waiting: int = 0
     kv_capacity_blocks: int | None = None
     probe_failures: int = 0
@@ -167,8 +168,14 @@ class BackendRegistry:
             b.half_open_trial = True  # one trial request while half-open
         self.metrics.in_flight.labels(b.url).set(b.in_flight)
 
-    def release(self, b: Backend) -> None:
+    def answered(self, b: Backend) -> None:
+        """The replica sent a request's first byte: it is past queueing and prefill."""
+        b.answering += 1
+
+    def release(self, b: Backend, answered: bool = False) -> None:
         b.in_flight -= 1
+        if answered:
+            b.answering -= 1
         b.half_open_trial = False  # the trial's outcome (if any) was recorded; a cancelled one allows another
         if not b.removed:
             self.metrics.in_flight.labels(b.url).set(b.in_flight)

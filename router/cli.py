@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from kubellm.routing import DEFAULT_BALANCE_FACTOR, RoutingPolicy
+from kubellm.routing import DEFAULT_BALANCE_FACTOR, DEFAULT_LOAD_FLOOR, RoutingPolicy
 
 
 def _selector(value: str) -> dict[str, str]:
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-floor",
         type=int,
-        default=8,
+        default=DEFAULT_LOAD_FLOOR,
         help="bounded loads bind only once a replica has more than this many requests in flight",
     )
     p.add_argument(

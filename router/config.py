@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kubellm.router.prefix_index import DEFAULT_APPROX_SIZE
-from kubellm.routing import DEFAULT_BALANCE_FACTOR, DEFAULT_ROUTING_POLICY, RoutingPolicy
+from kubellm.routing import DEFAULT_BALANCE_FACTOR, DEFAULT_LOAD_FLOOR, DEFAULT_ROUTING_POLICY, RoutingPolicy
 
 
 @dataclass
@@ -23,7 +23,7 @@ class RouterConfig:
     endpoint_port_name: str | None = None  # EndpointSlice port name; the first port when unset
     policy: RoutingPolicy = DEFAULT_ROUTING_POLICY
     balance_factor: float = DEFAULT_BALANCE_FACTOR
-    load_floor: int = 8  # bounded loads bind only above this many in-flight requests on a replica
+    load_floor: int = DEFAULT_LOAD_FLOOR  # bounded loads bind only above this many in-flight requests
     api_keys: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
     relist_period: float = 30.0

@@ -86,6 +86,7 @@ class ApproxIndex:
     def __init__(self, max_entries: int = DEFAULT_APPROX_SIZE):
         self.max_entries = max(1, max_entries)
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self._per_slot: Counter[int] = Counter()
 
     @staticmethod
     def _key(slot: int, h: int) -> int:
@@ -93,14 +94,23 @@ class ApproxIndex:
 
     def record(self, slot: int, hashes: Sequence[int]) -> None:
         lru = self._lru
+        added = 0
         for h in hashes:
             k = (slot << 128) | h
             if k in lru:
                 lru.move_to_end(k)
             else:
                 lru[k] = None
+                added += 1
+        if added:
+            self._per_slot[slot] += added
         while len(lru) > self.max_entries:
-            lru.popitem(last=False)
+            k, _ = lru.popitem(last=False)
+            self._per_slot[k >> 128] -= 1
+
+    def footprint(self, slot: int) -> int:
+        """Distinct blocks recorded for `slot`: the share of the fleet's working set the router put there."""
+        return self._per_slot.get(slot, 0)
 
     def match(self, slot: int, hashes: Sequence[int]) -> int:
         lru = self._lru
@@ -147,6 +157,10 @@ class PrefixIndex:
                 break
             n += 1
         return n
+
+    def footprint(self, slot: int) -> int:
+        """How much of the fleet's working set the router has placed on `slot` (see ApproxIndex.footprint)."""
+        return self.approx.footprint(slot)
 
     def on_send(self, slot: int, hashes: Sequence[int]) -> None:
         if not hashes:

@@ -16,8 +16,10 @@ class Candidate:
 
     key: str  # the backend's URL
     in_flight: int = 0  # requests this router has open on it
+    answering: int = 0  # of those, the ones whose first byte came back (decoding, not queued or in prefill)
     waiting: int = 0  # the engine's own queue (vllm:num_requests_waiting), from the last probe
     matched_blocks: int = 0  # leading prompt blocks this replica holds (prefix policy only)
+    footprint: int = 0  # distinct blocks the router has placed on it: its share of the working set (prefix only)
 
 
 @dataclass(slots=True)
@@ -43,9 +45,13 @@ def load_cap(candidates: Sequence[Candidate], balance_factor: float, floor: int 
 
 
 def within_bound(candidates: Sequence[Candidate], balance_factor: float, floor: int = 0) -> list[Candidate]:
-    """The replicas that may take one more request; never empty (the least loaded always fits)."""
+    """The replicas that may take one more request; never empty (the least loaded always fits).
+
+    A replica above the cap still qualifies while every request it holds has started answering: it keeps up,
+    and sending its prefix elsewhere would only turn a cache hit into a full prefill there. The bound binds
+    once a request waits on it for its first byte (queued or in prefill)."""
     cap = load_cap(candidates, balance_factor, floor)
-    eligible = [c for c in candidates if c.in_flight + 1 <= cap]
+    eligible = [c for c in candidates if c.in_flight + 1 <= cap or c.answering >= c.in_flight]
     return eligible or [min(candidates, key=lambda c: c.in_flight)]
 
 

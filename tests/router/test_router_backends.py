@@ -76,6 +76,19 @@ def test_saturation_is_reported():
     assert reg.routable("m") == ([], True)
 
 
+def test_requests_count_as_answering_from_their_first_byte_until_release():
+    reg = registry()
+    reg.set_endpoints([EndpointInfo("http://a:1")])
+    b = reg.backends["http://a:1"]
+    reg.acquire(b)
+    reg.acquire(b)
+    reg.answered(b)  # one request streams; the other still waits for its first byte
+    assert (b.in_flight, b.answering) == (2, 1)
+    reg.release(b, answered=False)
+    reg.release(b, answered=True)
+    assert (b.in_flight, b.answering) == (0, 0)
+
+
 async def test_release_wakes_waiters():
     reg = registry()
     reg.set_endpoints([EndpointInfo("http://a:1")])

@@ -88,11 +88,48 @@ def test_prefix_prefers_longest_match_then_least_loaded():
     assert (d.key, d.reason) == ("r1", "prefix_hit")
 
 
+def test_new_working_set_goes_to_the_smallest_footprint():
+    p = PrefixPolicy(1.25, load_floor=8)
+    cs = cands(0, 3, 1, matched=(0, 0, 0))
+    for c, footprint in zip(cs, (900, 100, 400), strict=True):
+        c.footprint = footprint
+    d = p.choose(REQ, cs)
+    assert (d.key, d.reason) == ("r1", "no_match")  # the least cached work beats the least in flight
+    cs[0].matched_blocks = 1
+    assert p.choose(REQ, cs).key == "r0"  # any match still wins over footprint
+    cs[1].in_flight = 9  # r1 over the floor and the bound: the smallest footprint among those within it
+    cs[0].matched_blocks = 0
+    assert p.choose(REQ, cs).key == "r2"
+
+
+def test_new_working_sets_spread_by_size_not_count():
+    """48 tenants' first prompts, every fourth one four times longer, placed as the router records them (nothing
+    in flight, so load cannot tell replicas apart): cached work ends within one prompt of even, where taking
+    turns would stack every long prompt on one replica."""
+    p = PrefixPolicy(1.25, load_floor=8)
+    cs = cands(0, 0, 0, 0)
+    for tenant in range(48):
+        d = p.choose(REQ, cs)
+        next(x for x in cs if x.key == d.key).footprint += 512 if tenant % 4 == 0 else 128
+    footprints = [c.footprint for c in cs]
+    assert max(footprints) - min(footprints) <= 512, footprints
+
+
 def test_prefix_spills_when_holder_exceeds_bound():
     p = PrefixPolicy(1.25)
     # total after = 9 -> cap = ceil(1.25 * 9 / 4) = 3; r0 holds 5 and the prefix
     d = p.choose(REQ, cands(5, 1, 1, 1, matched=(8, 0, 2, 0)))
     assert (d.key, d.reason, d.matched_blocks) == ("r2", "load_spill", 2)
+
+
+def test_bound_binds_only_on_a_replica_with_a_request_waiting_for_its_first_byte():
+    p = PrefixPolicy(1.25, load_floor=8)
+    cs = cands(12, 4, 4, 4, matched=(100, 0, 0, 0))  # cap = max(8, ceil(1.25 * 25 / 4)) = 8; r0 holds 12
+    cs[0].answering = 12  # all of r0's requests are streaming: it keeps up, the cache hit stays
+    assert p.choose(REQ, cs).key == "r0"
+    cs[0].answering = 11  # one waits (queued or in prefill): the bound applies and the prompt spills
+    d = p.choose(REQ, cs)
+    assert d.key != "r0" and d.reason == "load_spill"
 
 
 def test_hot_prefix_spreads_within_c_times_mean():

@@ -77,6 +77,17 @@ def test_approx_index_stays_within_its_bound_over_100k_unique_prompts():
     assert approx.match(5 % 4, fast_prompt(5)) == 2  # its unique blocks were evicted; the shared ones stay hot
 
 
+def test_footprint_counts_distinct_blocks_per_replica_and_shrinks_with_eviction():
+    approx = ApproxIndex(10)
+    approx.record(0, prompt(1, 4))
+    approx.record(0, prompt(1, 4))  # the same blocks again: no growth
+    approx.record(1, prompt(2, 3))
+    assert (approx.footprint(0), approx.footprint(1), approx.footprint(2)) == (4, 3, 0)
+    approx.record(2, prompt(3, 6))  # 13 entries > 10: replica 0's three oldest blocks leave the LRU
+    assert (approx.footprint(0), approx.footprint(1), approx.footprint(2)) == (1, 3, 6)
+    assert sum(approx.footprint(s) for s in range(3)) == len(approx)
+
+
 def test_approx_lru_keeps_hot_prefix():
     approx = ApproxIndex(100)
     hot = prompt(0, 4)

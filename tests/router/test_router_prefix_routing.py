@@ -96,7 +96,7 @@ async def test_hot_prefix_spreads_within_bound():
         e.first_chunk_delay = 0.4
     c, n = 1.25, 40
     try:
-        async with RouterServer(cfg(engines, balance_factor=c)) as r, aiohttp.ClientSession() as http:
+        async with RouterServer(cfg(engines, balance_factor=c, load_floor=0)) as r, aiohttp.ClientSession() as http:
             system = words(0, 320)
             results = await asyncio.gather(*(route(http, r, chat(system, words(i, 3))) for i in range(n)))
         counts = Counter(backend for backend, _ in results)
