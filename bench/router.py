@@ -341,6 +341,17 @@ async def engine_counters(engines: list[str]) -> tuple[float, float]:
     return q, h
 
 
+async def router_decisions(url: str) -> dict[str, float]:
+    """Our router's routing decisions by reason (prefix_hit, load_spill, no_match...); {} for other routers."""
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+            text = await r.text()
+    except aiohttp.ClientError:
+        return {}
+    pattern = r'^kubellm_router_routing_decisions_total\{[^}]*reason="([a-z_]+)"[^}]*\} ([0-9.eE+-]+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.MULTILINE)}
+
+
 async def stream_chat(s: aiohttp.ClientSession, url: str, model: str, messages: list[dict[str, str]],
                       max_tokens: int) -> tuple[float, int, str]:  # fmt: skip
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, "temperature": 0,
@@ -417,7 +428,9 @@ async def run_workload(url: str, engines: list[str], model: str, kind: str, rate
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t_start
     q1, h1 = await engine_counters(engines)
+    decisions = await router_decisions(url)
     return {
+        **({"decisions": decisions} if decisions else {}),
         "requests": total,
         "errors": errors,
         "hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else float("nan"),
@@ -440,6 +453,20 @@ def start_sim_engines(n: int, extra: list[str]) -> list[Proc]:
     return procs
 
 
+def measure_capacity(args: argparse.Namespace, engines: list[Proc]) -> dict[str, Any]:
+    """The multi-turn workload offered far above what the fleet serves, under round_robin: the completed
+    requests per second are the fleet's capacity, the reference for `--load`."""
+    router = our_router([e.url for e in engines], "round_robin", ["--kv-events", "off"], args.model)
+    try:
+        row = asyncio.run(run_workload(
+            router.url, [e.url for e in engines], args.model, "multiturn", args.capacity_rate, args.seed,
+            args.tenants, args.users, args.turns, args.system_words, args.max_tokens, args.uniform_requests,
+            args.uniform_words, nonce="capacity"))  # fmt: skip
+    finally:
+        router.stop()
+    return row
+
+
 def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
     contenders: list[tuple[str, Any]] = [
         ("round_robin", lambda b: our_router(b, "round_robin", ["--kv-events", "off"], args.model)),
@@ -457,10 +484,17 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
     if args.only:
         contenders = [c for c in contenders if any(o in c[0] for o in args.only)]
     out: dict[str, Any] = {}
+    if args.engine_arg:
+        out["engine_args"] = " ".join(args.engine_arg)
     # One fleet for every contender; each contender's prompts start with its own nonce word, so no contender
     # finds blocks cached by an earlier one (their stale blocks are the first the engines' LRU evicts).
     engines = [] if args.fresh_engines else start_sim_engines(args.replicas, args.engine_arg or [])
     try:
+        if args.load:
+            out["capacity"] = measure_capacity(args, engines)
+            args.rate = args.load * out["capacity"]["req_s"]
+            print(f"capacity {out['capacity']['req_s']:.2f} req/s under round_robin; offered {args.rate:.2f} req/s "
+                  f"= {args.load:g} of it", flush=True)  # fmt: skip
         for kind in ("multiturn",) if args.skip_uniform else ("multiturn", "uniform"):
             desc = (f"{args.tenants} tenants x {args.users} users x {args.turns} turns, {args.system_words}-word "
                     f"system prompts, 30-word user turns, max_tokens {args.max_tokens}, Poisson {args.rate:g} req/s, "
@@ -468,6 +502,12 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
                     f"{args.uniform_requests} requests of {args.uniform_words} random words, max_tokens "
                     f"{args.max_tokens}, Poisson {args.rate:g} req/s, seed {args.seed}, "
                     f"{args.replicas} sim replicas")  # fmt: skip
+            if args.load:
+                desc += (f" = {args.load:g} x the fleet's capacity under round_robin ({out['capacity']['req_s']:.2f} "
+                         "req/s, measured first on the same fleet with the same workload offered at "
+                         f"{args.capacity_rate:g} req/s)")  # fmt: skip
+            if args.engine_arg:
+                desc += f"; engines: kubellm serve --device sim {out['engine_args']}"
             out[kind] = {"workload": desc, "rows": {}}
             for k, (name, start) in enumerate(contenders):
                 fleet = start_sim_engines(args.replicas, args.engine_arg or []) if args.fresh_engines else engines
@@ -503,6 +543,8 @@ def write_results(results: dict[str, Any]) -> Path:
     path = RESULTS / f"router-{date}{results.get('suffix', '')}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = [f"# Router benchmark, {date}", "", f"Hardware: {results['hardware']}", ""]
+    if results.get("note"):
+        md += [results["note"], ""]
     if "overhead" in results:
         o = results["overhead"]
         md += [
@@ -526,12 +568,15 @@ def write_results(results: dict[str, Any]) -> Path:
             "",
             w["workload"],
             "",
-            "| policy | KV hit rate | TTFT p50 ms | TTFT p90 ms | output tok/s | errors |",
-            "|---|---|---|---|---|---|",
+            "| policy | KV hit rate | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | req/s | output tok/s | errors | "
+            "load spills |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in w["rows"].items():
+            spills = f"{r['decisions'].get('load_spill', 0):.0f}" if r.get("decisions") else "-"
             md.append(f"| {name} | {r['hit_rate']:.3f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | "
-                      f"{r['output_tok_s']:.0f} | {r['errors']} |")  # fmt: skip
+                      f"{r.get('ttft_p99_ms', float('nan')):.1f} | {r.get('req_s', float('nan')):.2f} | "
+                      f"{r['output_tok_s']:.0f} | {r['errors']} | {spills} |")  # fmt: skip
         md.append("")
     if "ratios" in results:
         md += ["## Ratios", "", *(f"- {k}: {v:.3f}" for k, v in results["ratios"].items()), ""]
@@ -589,6 +634,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-suffix", default="", help="results file suffix, e.g. -kvpressure")
     p.add_argument("--fresh-engines", action="store_true", help="restart the replicas for every contender")
     p.add_argument("--engine-arg", action="append", help="extra flag for every `kubellm serve` (repeatable)")
+    p.add_argument(
+        "--load",
+        type=float,
+        default=None,
+        help="measure the fleet's round_robin capacity first, then offer this fraction of it (e.g. 0.8)",
+    )
+    p.add_argument("--capacity-rate", type=float, default=60.0, help="req/s offered to measure capacity")
+    p.add_argument("--note", default="", help="a paragraph for the results' markdown (how the run was made)")
     args = p.parse_args(argv)
     if args.what == "_instant":
         run_instant_backend(args.port)
@@ -597,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         run_strip_shim(args.port, args.upstream)
         return 0
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(), "hardware": hardware(), "suffix": args.out_suffix}
+    if args.note:
+        results["note"] = args.note
     if args.engine_arg:
         results["engine_args"] = args.engine_arg
     if args.what in ("overhead", "all"):
