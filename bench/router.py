@@ -444,12 +444,17 @@ async def run_workload(url: str, engines: list[str], model: str, kind: str, rate
 
 
 def start_sim_engines(n: int, extra: list[str]) -> list[Proc]:
-    procs = []
-    for i in range(n):
-        port = free_port()
-        cmd = [PY, "-m", "kubellm.cli", "serve", "--device", "sim", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", *extra]  # fmt: skip
-        procs.append(spawn(f"sim{i}", cmd, f"http://127.0.0.1:{port}"))
+    procs: list[Proc] = []
+    try:
+        for i in range(n):
+            port = free_port()
+            cmd = [PY, "-m", "kubellm.cli", "serve", "--device", "sim", "--host", "127.0.0.1", "--port", str(port),
+                   "--log-level", "warning", *extra]  # fmt: skip
+            procs.append(spawn(f"sim{i}", cmd, f"http://127.0.0.1:{port}"))
+    except BaseException:
+        for p in procs:  # one replica failed to start: leave none of the others running
+            p.stop()
+        raise
     return procs
 
 
