@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import random
 import re
 import socket
@@ -42,8 +40,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.errors import OperationNotFound
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+if __package__:
+    from bench.result_files import host_info, record
+else:  # run as `python bench/fuzz.py`: bench/ itself is on sys.path
+    from result_files import host_info, record
+
 MODEL = "fuzz"
 HOST = "127.0.0.1"
 KV_USED_RE = re.compile(r"^kubellm:kv_cache_blocks_used\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
@@ -456,24 +457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = run(args)
-    host = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "schemathesis": schemathesis.__version__ if hasattr(schemathesis, "__version__") else "?",
-        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python bench/fuzz.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": platform.machine(),
-    }
-    summary["host"] = host
-    text = json.dumps(summary, indent=2, default=str)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    if args.write_results:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"fuzz-{datetime.now(UTC).strftime('%Y-%m-%d')}"
-        stem.with_suffix(".json").write_text(text)
-        stem.with_suffix(".md").write_text(to_markdown(summary, host))
-    print(to_markdown(summary, host))
+    now = datetime.now(UTC)
+    host = host_info("bench/fuzz.py", argv, now, schemathesis=getattr(schemathesis, "__version__", "?"))
+    print(record("fuzz", summary, host, to_markdown, args.json_out, args.write_results, now))
     return 0 if summary["passed"] else 1
 
 

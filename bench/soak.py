@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import re
 import signal
@@ -40,8 +38,11 @@ from typing import Any
 import aiohttp
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+if __package__:
+    from bench.result_files import host_info, record
+else:  # run as `python bench/soak.py`: bench/ itself is on sys.path
+    from result_files import host_info, record
+
 MODEL = "soak"
 HOST = "127.0.0.1"
 WORDS = (
@@ -692,23 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = asyncio.run(soak(args))
-    host = {
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    summary["host"] = host
-    text = json.dumps(summary, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    if args.write_results:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"soak-{datetime.now(UTC).strftime('%Y-%m-%d')}"
-        stem.with_suffix(".json").write_text(text)
-        stem.with_suffix(".md").write_text(to_markdown(summary, host))
-    print(to_markdown(summary, host))
+    now = datetime.now(UTC)
+    host = host_info("bench/soak.py", argv, now)
+    print(record("soak", summary, host, to_markdown, args.json_out, args.write_results, now))
     return 0 if summary["passed"] else 1
 
 
