@@ -5,8 +5,9 @@ change the argmax, so greedy rows see them); greedy rows take the argmax; random
 temperature, top_k, top_p, min_p and are drawn by inverse CDF with one uniform number per row. A request with
 a seed draws its number from its own generator, so its tokens depend only on its seed and its own history,
 never on which batch it sits in. On CUDA, unseeded rows without top_k/top_p/min_p (plain temperature
-sampling, the common case) take an exponential race instead, argmax p_i / E_i with float64 noise from the
-shared generator: one memory pass on a GPU instead of a float64 scan. (On CPU that draw needs V random
+sampling, the common case) take an exponential race instead, argmax p_i / E_i with float64-resolution noise:
+on CUDA one fused kernel over the logits (engine/sampling_kernels.py, Philox noise keyed by a seed drawn from
+a host generator), else torch ops with float64 noise from the shared generator. (On CPU that draw needs V random
 numbers per row and costs more than the scan: 87 ms for 64 x 49k logits, against ~25 ms for a float64 cumsum.)
 
 Logprobs are "raw": log_softmax of the model's logits before penalties and temperature — vLLM's default
@@ -21,6 +22,7 @@ from itertools import chain
 
 import torch
 
+from kubellm.engine import sampling_kernels
 from kubellm.engine.sampling_params import SamplingParams
 from kubellm.engine.transfer import to_device_async, to_host_async
 
@@ -120,6 +122,11 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._race_seeds = torch.Generator()  # host-side: the fused race kernel's per-call Philox seeds
+        if seed is None:
+            self._race_seeds.seed()
+        else:
+            self._race_seeds.manual_seed(seed)
 
     def generator_for(self, device: torch.device) -> torch.Generator:
         """The shared generator on `device` (one per device, seeded from the engine seed when given)."""
@@ -196,14 +203,28 @@ class Sampler:
         if x.device.type not in RACE_DEVICES or not any(race):
             return self._draw(_probs_after_filters(x, params), states)
         if all(race):
-            return self._race(_probs_after_filters(x, params))
+            return self._race_logits(x, params)
         out = torch.empty(len(states), dtype=torch.long, device=x.device)
         for flag in (True, False):
             rows = [i for i, r in enumerate(race) if r == flag]
             idx = to_device_async(rows, torch.long, x.device)
-            probs = _probs_after_filters(x[idx], [params[i] for i in rows])
-            out[idx] = self._race(probs) if flag else self._draw(probs, [states[i] for i in rows])
+            sub = [params[i] for i in rows]
+            if flag:
+                out[idx] = self._race_logits(x[idx], sub)
+            else:
+                out[idx] = self._draw(_probs_after_filters(x[idx], sub), [states[i] for i in rows])
         return out
+
+    def _race_logits(self, x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """The race on (penalised) logits: one fused kernel on CUDA (engine/sampling_kernels.py), else the
+        torch ops over the tempered softmax."""
+        if sampling_kernels.enabled(x):
+            temps = to_device_async([p.temperature for p in params], torch.float32, x.device)
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._race_seeds))
+            out = sampling_kernels.race(x.float().contiguous(), temps, seed)
+            if out is not None:
+                return out
+        return self._race(_probs_after_filters(x, params))
 
     def _race(self, weights: torch.Tensor) -> torch.Tensor:
         """Exponential race: argmax of weight / Exponential(1) noise picks token i with probability

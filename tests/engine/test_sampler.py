@@ -323,3 +323,38 @@ def test_race_mixed_batch_keeps_seeded_rows_reproducible(race_on_cpu):
     mixed = run([seeded, SamplingParams(temperature=1.0), SamplingParams(temperature=0.0), SamplingParams(top_p=0.5)])
     assert alone[0] == alone[1] == mixed[0]
     assert mixed[2] == int(logits[2].argmax())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_fused_race_on_cuda_has_the_exact_distribution(temperature):
+    """The one-kernel race (engine/sampling_kernels.py) draws softmax(x / T) and never a masked token, across
+    the kernel's column blocks (the mass sits at both ends of a 128k vocabulary)."""
+    from kubellm.engine import sampling_kernels
+
+    vocab, n = 128_256, N
+    logits = torch.full((vocab,), -math.inf)
+    positions = [3, 1500, 70_000, 128_255, 64_000, 100_001, 7, 99]
+    for pos, x in zip(positions, LOGITS, strict=True):
+        logits[pos] = x
+    batch = logits.to("cuda").expand(n, -1).contiguous()
+    temps = torch.full((n,), temperature, device="cuda")
+    out = sampling_kernels.race(batch, temps, seed=11)
+    assert out is not None, "the fused race kernel did not run"
+    counts = torch.bincount(out.cpu(), minlength=vocab)
+    assert int(counts.sum()) == n and int(counts[positions].sum()) == n, "a masked token was drawn"
+    assert_matches((counts[positions].double() / n).tolist(), softmax([x / temperature for x in LOGITS]))
+
+
+@pytest.mark.gpu
+def test_fused_race_gives_rare_tokens_their_share_and_follows_its_seed():
+    from kubellm.engine import sampling_kernels
+
+    n = 200_000
+    logits = torch.tensor([[0.0, -math.log(1e4)] + [-math.inf] * 6], device="cuda").expand(n, -1).contiguous()
+    ones = torch.ones(n, device="cuda")
+    out = sampling_kernels.race(logits, ones, seed=5)
+    rare = float((out == 1).double().mean())
+    assert abs(rare - 1 / 10001) < 4.5 * math.sqrt(1e-4 / n) and int((out >= 2).sum()) == 0
+    assert torch.equal(out, sampling_kernels.race(logits, ones, seed=5))
+    assert not torch.equal(out, sampling_kernels.race(logits, ones, seed=6))
