@@ -139,6 +139,10 @@ class LLMEngine:
         )
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
         self.async_scheduling = self._resolve_async_scheduling(config)
+        if not self.runner.produces_token_ids:  # compile the CUDA sampling kernel at start-up, not on a request
+            from kubellm.engine import sampling_kernels
+
+            sampling_kernels.warm_up(self.runner.device, self.model_config.vocab_size)
         self._in_flight: _StepInFlight | None = None
         self._num_exact_history = 0  # live sequences whose sampling reads their token values (penalties)
         # step() returns cumulative outputs of every request that got a token (what streaming needs); offline

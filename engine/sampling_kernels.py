@@ -30,6 +30,7 @@ except ImportError:  # CPU installs
 
 _state = {"ok": triton is not None and os.environ.get("KUBELLM_FUSED_SAMPLER", "1") != "0"}
 BLOCK = 1024
+CHUNKS = 16  # column chunks per row (programs per row)
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -38,16 +39,21 @@ def enabled(x: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
-    def _race_kernel(x_ptr, inv_temp_ptr, out_ptr, stride, n_cols, seed, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["seed"])  # a new seed every call must not mean a new compilation
+    def _race_kernel(
+        x_ptr, inv_temp_ptr, best_ptr, best_col_ptr, stride, n_cols, chunk_cols, n_chunks, seed, BLOCK: tl.constexpr
+    ):
+        """Program (row, chunk): the best score and its column within one chunk of the row's columns."""
         row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
         inv_temp = tl.load(inv_temp_ptr + row)
         lanes = tl.arange(0, BLOCK)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         best_col = tl.zeros([BLOCK], tl.int64)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + lanes
-            mask = cols < n_cols
+        first = chunk * chunk_cols
+        for start in range(0, chunk_cols, BLOCK):
+            cols = first + start + lanes
+            mask = (cols < n_cols) & (start + lanes < chunk_cols)
             x = tl.load(x_ptr + row * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
             # int32 offsets: Philox then yields 32-bit words (64-bit offsets would switch it to 64-bit words)
             r0, r1, _, _ = tl.randint4x(seed, (row * n_cols + cols).to(tl.int32))
@@ -55,25 +61,41 @@ if triton is not None:
             lo = (r1 >> 6).to(tl.float64)  # 26 bits
             u = (hi * 67108864.0 + lo + 1.0) * (1.0 / 9007199254740992.0)  # (0, 1] with 53 random bits
             log_e = tl.log(-tl.log(u))  # log of an Exponential(1) draw, float64 near u = 1
-            score = x * inv_temp - log_e.to(tl.float32)
+            score = tl.where(mask, x * inv_temp - log_e.to(tl.float32), float("-inf"))
             better = score > best
             best = tl.where(better, score, best)
             best_col = tl.where(better, cols.to(tl.int64), best_col)
         lane = tl.argmax(best, axis=0)
-        tl.store(out_ptr + row, tl.sum(tl.where(lanes == lane, best_col, 0), axis=0))
+        slot = row * n_chunks + chunk
+        tl.store(best_ptr + slot, tl.max(best, axis=0))
+        tl.store(best_col_ptr + slot, tl.sum(tl.where(lanes == lane, best_col, 0), axis=0))
 
 
 def race(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor | None:
     """Token ids [B] drawn from softmax(logits / temperature) per row (float32 logits [B, V], temperatures [B]
-    on the same device, all > 0); None when the kernel does not apply or failed (the caller falls back)."""
+    on the same device, all > 0); None when the kernel does not apply or failed (the caller falls back).
+    Rows are cut into column chunks so a small batch still fills the GPU; a tiny argmax joins the chunks."""
     if logits.dim() != 2 or logits.stride(-1) != 1 or logits.shape[0] == 0:
         return None
     try:
+        rows, n_cols = logits.shape
+        n_chunks = max(1, min(CHUNKS, triton.cdiv(n_cols, BLOCK)))
+        chunk_cols = triton.cdiv(triton.cdiv(n_cols, n_chunks), BLOCK) * BLOCK
+        n_chunks = triton.cdiv(n_cols, chunk_cols)
         inv_temp = (1.0 / temperatures.to(torch.float32)).contiguous()
-        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-        _race_kernel[(logits.shape[0],)](logits, inv_temp, out, logits.stride(0), logits.shape[1], seed, BLOCK=BLOCK)
-        return out
+        best = torch.empty((rows, n_chunks), dtype=torch.float32, device=logits.device)
+        best_col = torch.empty((rows, n_chunks), dtype=torch.int64, device=logits.device)
+        _race_kernel[(rows, n_chunks)](
+            logits, inv_temp, best, best_col, logits.stride(0), n_cols, chunk_cols, n_chunks, seed, BLOCK=BLOCK
+        )
+        return best_col.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)
     except Exception as e:  # compile or launch failure: torch path from now on
         _state["ok"] = False
         logger.warning("fused race sampler failed (%s: %s); using torch ops from now on", type(e).__name__, e)
         return None
+
+
+def warm_up(device: torch.device, vocab_size: int) -> None:
+    """Compile the kernel now (start-up), not on the first request."""
+    if _state["ok"] and device.type == "cuda":
+        race(torch.zeros((1, vocab_size), device=device), torch.ones(1, device=device), seed=1)
