@@ -57,7 +57,7 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None  # recorded, not applied: contexts beyond it are not windowed
+    sliding_window: int | None = None  # Mistral: each query attends to the last W keys (attention backends)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -102,6 +102,9 @@ class ModelConfig:
         attention_bias = bool(cfg.get("attention_bias", False))
         is_qwen2 = arch == "Qwen2ForCausalLM"
         sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        if sliding and arch != "MistralForCausalLM":
+            # Qwen2/Qwen3 window only some layers (max_window_layers / layer_types): not implemented.
+            raise UnsupportedModelError(f"{arch} with use_sliding_window=true (per-layer windows) is not supported")
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),

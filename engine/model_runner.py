@@ -110,6 +110,7 @@ class ModelRunner:
             config.block_size,
             dtype=self.dtype,
             device=self.device,
+            sliding_window=self._sliding_window(c, config),
         )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -127,6 +128,12 @@ class ModelRunner:
         self.graph_capture_seconds = 0.0
         self.graph_replays = 0
         self.memory_profile: dict[str, float] = {}
+
+    @staticmethod
+    def _sliding_window(c, config: EngineConfig) -> int | None:
+        """The model's attention window, when a context can outgrow it (else windowing changes nothing)."""
+        limit = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        return c.sliding_window if c.sliding_window and c.sliding_window < limit else None
 
     def kv_cache_bytes_per_block(self) -> int:
         c = self.model_config

@@ -181,13 +181,16 @@ class AttentionBackend(ABC):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        sliding_window: int | None = None,
     ):
-        """`dtype`/`device`: the model's; a backend that allocates buffers or plans kernels up front needs them."""
+        """`dtype`/`device`: the model's; a backend that allocates buffers or plans kernels up front needs them.
+        `sliding_window` W (Mistral): a query at position p sees keys p-W+1..p only (transformers' convention)."""
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.block_size = block_size
+        self.sliding_window = sliding_window
 
     @abstractmethod
     def begin_step(self, meta: AttentionMetadata) -> None:

@@ -65,8 +65,12 @@ class FlashInferAttention(AttentionBackend):
         device: torch.device | str | None = None,
         use_tensor_cores: bool | None = None,
         prefill_backend: str = PREFILL_BACKEND,
+        sliding_window: int | None = None,
     ):
-        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device)
+        super().__init__(
+            num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device,
+            sliding_window=sliding_window,
+        )  # fmt: skip
         self.dtype = dtype or torch.bfloat16
         if self.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"the flashinfer backend runs in bfloat16 or float16, not {self.dtype}")
@@ -102,7 +106,10 @@ class FlashInferAttention(AttentionBackend):
 
     # ---- per-step planning -------------------------------------------------------------------
     def _plan_args(self) -> dict:
-        return {"q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale}
+        args = {"q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale}
+        if self.sliding_window is not None:
+            args["window_left"] = self.sliding_window - 1  # flashinfer: keys q-window_left..q (inclusive)
+        return args
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         indptr, indices, last = paged_kv_layout(meta.seq_lens_list, meta.block_tables_list, self.block_size)

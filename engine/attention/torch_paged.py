@@ -47,8 +47,12 @@ class TorchPagedAttention(AttentionBackend):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        sliding_window: int | None = None,
     ):
-        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device)
+        super().__init__(
+            num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device,
+            sliding_window=sliding_window,
+        )  # fmt: skip
         self.group = num_heads // num_kv_heads
         self._write_blocks = torch.empty(0, dtype=torch.int64)
         self._write_offsets = torch.empty(0, dtype=torch.int64)
@@ -72,8 +76,13 @@ class TorchPagedAttention(AttentionBackend):
             ]
             ctx = nb * bs
             mask = None
-            if any(n != ctx for n in lens):
-                mask = torch.arange(ctx, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+            window = self.sliding_window
+            if any(n != ctx for n in lens) or (window is not None and max(lens) > window):
+                keys = torch.arange(ctx, device=device)[None, :]
+                lens_t = torch.tensor(lens, device=device)[:, None]
+                mask = keys < lens_t
+                if window is not None:  # the query sits at position len - 1
+                    mask &= keys > lens_t - 1 - window
                 mask = mask[:, None, None, :]
             self._decode = _DecodePlan(
                 rows=torch.tensor([starts[i] for i in decode_idx], dtype=torch.int64, device=device),
@@ -88,9 +97,13 @@ class TorchPagedAttention(AttentionBackend):
             seq_len, cached = meta.seq_lens_list[i], meta.context_lens_list[i]
             nb = -(-seq_len // bs)
             mask = None
-            if cached:
+            window = self.sliding_window
+            if cached or (window is not None and seq_len > window):
                 q_pos = torch.arange(cached, seq_len, device=device)[:, None]
-                mask = torch.arange(seq_len, device=device)[None, :] <= q_pos
+                k_pos = torch.arange(seq_len, device=device)[None, :]
+                mask = k_pos <= q_pos
+                if window is not None:
+                    mask &= k_pos > q_pos - window
             self._prefills.append(
                 _PrefillPlan(
                     start=starts[i],
@@ -132,7 +145,7 @@ class TorchPagedAttention(AttentionBackend):
         hkv, d = self.num_kv_heads, self.head_dim
         if plan.cached == 0:
             # The whole context is this chunk: attend to the new k/v directly (they were just cached too).
-            keys, values, mask, causal = k, v, None, True
+            keys, values, mask, causal = k, v, plan.mask, plan.mask is None
         else:
             ctx = kv_cache[plan.blocks]  # [nb, 2, bs, Hkv, D]
             keys = ctx[:, 0].reshape(-1, hkv, d)[: plan.seq_len]

@@ -52,12 +52,15 @@ def _case(head_dim: int, cached: list[int], new: list[int], seed: int = 0):
     return batch, cache, q, k, v
 
 
-def _compare(head_dim: int, batch, cache, q, k, v, **fi_kwargs) -> None:
+def _compare(head_dim: int, batch, cache, q, k, v, sliding_window: int | None = None, **fi_kwargs) -> None:
     hq, hkv = SHAPES[head_dim]
     scale = head_dim**-0.5
     meta = AttentionMetadata.from_batch(batch, BLOCK, "cuda")
-    fi = _flashinfer_cls()(hq, hkv, head_dim, scale, BLOCK, dtype=torch.bfloat16, device="cuda", **fi_kwargs)
-    ref = TorchPagedAttention(hq, hkv, head_dim, scale, BLOCK)
+    fi = _flashinfer_cls()(
+        hq, hkv, head_dim, scale, BLOCK, dtype=torch.bfloat16, device="cuda", sliding_window=sliding_window,
+        **fi_kwargs,
+    )  # fmt: skip
+    ref = TorchPagedAttention(hq, hkv, head_dim, scale, BLOCK, sliding_window=sliding_window)
     fi_cache, ref_cache = cache.clone(), cache.float()
     fi.begin_step(meta)
     out = fi.forward(0, q, k, v, fi_cache)
@@ -88,6 +91,15 @@ def test_chunked_prefill_over_cached_prefix_with_decodes(head_dim):
 def test_decode_matches_reference(head_dim, tensor_cores):
     batch, cache, q, k, v = _case(head_dim, cached=[1, 15, 16, 17, 200, 63], new=[1] * 6, seed=2)
     _compare(head_dim, batch, cache, q, k, v, use_tensor_cores=tensor_cores)
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_sliding_window_matches_reference(tensor_cores):
+    """Mistral's window through flashinfer's window_left: prefill, chunks over a cached prefix, and decodes."""
+    batch, cache, q, k, v = _case(128, cached=[0, 40, 0], new=[100, 24, 1], seed=3)
+    _compare(128, batch, cache, q, k, v, sliding_window=32)
+    batch, cache, q, k, v = _case(128, cached=[1, 15, 200, 63], new=[1] * 4, seed=4)
+    _compare(128, batch, cache, q, k, v, sliding_window=32, use_tensor_cores=tensor_cores)
 
 
 def test_selector_takes_flashinfer_on_cuda():

@@ -14,14 +14,15 @@ from kubellm.engine.loader import load_model
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3", "mistral", "mistral-window"])
 def test_tiny_model_logits_match_transformers(tiny_model_dir, kind):
     from transformers import AutoModelForCausalLM
 
     path = tiny_model_dir(kind)
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     runner = make_runner(load_model(path), num_blocks=32, block_size=8)
-    ids = [random.Random(kind).randrange(4, TINY_VOCAB) for _ in range(150)]  # > 32 positions: llama3 scaling bites
+    rng = random.Random(kind)
+    ids = [rng.randrange(4, TINY_VOCAB) for _ in range(150)]  # > 32 positions: llama3 scaling bites
 
     ref = hf_logits(ref_model, ids)
     ours = full_pass_logits(runner, ids)
@@ -63,3 +64,45 @@ def test_smollm2_config_from_gguf(smollm2_loaded):
     assert c.eos_token_ids == [2] and c.bos_token_id == 1
     assert smollm2_loaded.generation_config == {}
     assert smollm2_loaded.weights["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_sliding_window_holds_through_chunked_prefill_and_decode(tiny_model_dir):
+    """Mistral's window (8 tokens here) applies to every way a token reaches the model: prefill chunks that
+    read cached keys and decode steps, compared with transformers' teacher-forced logits."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir("mistral-window")
+    loaded = load_model(path)
+    assert loaded.config.sliding_window == 8
+    ref = hf_logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), ids := _window_ids())
+    runner = make_runner(loaded, num_blocks=32, block_size=4)
+    rows, pos = [], 0
+    while pos < len(ids):  # 5-token prefill chunks up to 30, then one token per step
+        n = 5 if pos < 30 else 1
+        step = ScheduledSeq("r", ids[pos : pos + n], pos, list(range(-(-len(ids) // 4))), needs_logits=True)
+        rows.append(runner.execute(ForwardBatch([step]))[0])
+        pos += n
+    ends = list(range(5, 31, 5)) + list(range(31, len(ids) + 1))
+    assert max_rel_err(torch.stack(rows), ref[[e - 1 for e in ends]]) < TOL
+    unwindowed = hf_logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir("mistral"), dtype=torch.float32), ids)
+    assert max_rel_err(unwindowed, ref) > 1e-3, "the window changes the logits (the test can tell)"
+
+
+def _window_ids() -> list[int]:
+    rng = random.Random("window")
+    return [rng.randrange(4, TINY_VOCAB) for _ in range(48)]
+
+
+def test_per_layer_windows_of_qwen_are_refused(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from kubellm.engine.loader.errors import ModelLoadError
+    from kubellm.engine.model_config import UnsupportedModelError
+
+    shutil.copytree(tiny_model_dir("qwen2"), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=16)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((ModelLoadError, UnsupportedModelError), match="use_sliding_window"):
+        load_model(tmp_path / "m")

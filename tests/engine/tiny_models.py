@@ -60,6 +60,8 @@ def tiny_hf_config(kind: str):
         return Qwen3Config(**_COMMON, head_dim=24, attention_bias=True)
     if kind == "mistral":
         return MistralConfig(**_COMMON, sliding_window=None)
+    if kind == "mistral-window":  # an 8-token attention window, far shorter than the test sequences
+        return MistralConfig(**_COMMON, sliding_window=8)
     raise ValueError(kind)
 
 
