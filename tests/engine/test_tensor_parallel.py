@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from greedy_reference import assert_greedy_equal
+from greedy_reference import assert_greedy_equal, engine_greedy
 from tiny_models import full_pass_logits
 
 from kubellm.engine.config import EngineConfig
@@ -32,15 +32,7 @@ def make(path: Path, tp: int, **overrides) -> LLMEngine:
 
 
 def run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
-    ids = [engine.add_request(None, p, params) for p in prompts]
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                assert out.error is None, out.error
-                done[out.request_id] = list(out.outputs[0].token_ids)
-    return [done[i] for i in ids]
+    return engine_greedy(engine, prompts, MAX_NEW)
 
 
 def alive(pid: int) -> bool:

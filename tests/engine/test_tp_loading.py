@@ -15,7 +15,7 @@ import random
 
 import pytest
 import torch
-from greedy_reference import assert_greedy_equal
+from greedy_reference import assert_greedy_equal, engine_greedy
 from tiny_models import full_pass_logits
 
 from kubellm.engine import parallel, random_model
@@ -25,7 +25,6 @@ from kubellm.engine.loader import load_model
 from kubellm.engine.model_config import ModelConfig
 from kubellm.engine.models.llama import LlamaForCausalLM
 from kubellm.engine.random_model import RandomRecipe, RandomWeights, random_loaded_model
-from kubellm.engine.sampling_params import SamplingParams
 
 # Small, with a vocab that 2 ranks cannot split evenly (the last vocab shard carries a zero row).
 TINY = ModelConfig(
@@ -142,18 +141,6 @@ def test_tp_graph_fallback_flag(monkeypatch):
     assert not parallel.cuda_graphs_enabled()
 
 
-def _greedy(engine: LLMEngine, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
-    ids = [engine.add_request(None, p, params) for p in prompts]
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                assert out.error is None, out.error
-                done[out.request_id] = list(out.outputs[0].token_ids)
-    return [done[i] for i in ids]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_random_recipe_model_at_tp2_decodes_as_at_tp1():
     """No path on disk: the worker process draws its own shards from the recipe."""
@@ -169,10 +156,10 @@ def test_random_recipe_model_at_tp2_decodes_as_at_tp1():
         )  # fmt: skip
 
     tp1 = LLMEngine(config(1), loaded=loaded)
-    ref = _greedy(tp1, prompts, 8)
+    ref = engine_greedy(tp1, prompts, 8)
     tp2 = LLMEngine(config(2), loaded=loaded)
     try:
-        ours = _greedy(tp2, prompts, 8)
+        ours = engine_greedy(tp2, prompts, 8)
         counts = tp2.runner.param_counts()
     finally:
         tp2.close()
