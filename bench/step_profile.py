@@ -24,7 +24,7 @@ KERNEL_KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
     ("kv_write", ("index_copy", "indexcopy")),
     ("fused_elementwise", ("_rms_norm", "_add_rms_norm", "_rope", "_silu_mul")),
-    ("sampling", ("exponential", "argmax", "argmin", "softmax", "distribution", "reduce", "cumsum", "sort", "topk")),
+    ("sampling", ("_race_kernel", "exponential", "argmax", "argmin", "softmax", "distribution", "reduce", "cumsum", "sort", "topk")),
     ("copies", ("memcpy", "memset", "copy")),
 ]
 
