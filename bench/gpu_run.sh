@@ -17,7 +17,7 @@
 # CUDA_HOME whose lib64/stubs holds a libcuda.so (soname libcuda.so.1) to link against; FA3 also needs curand
 # headers, which is one reason the engine uses FA2 prefill. .gpu/kcache/prebuilt-sm90a-bf16-hd64-hd128.tgz was
 # made that way (2 cores: ~80 s per decode module, ~240-340 s per FA2 prefill module).
-# TIME_LIMIT (s, default 540) bounds the whole script: the benchmark gets what the tests leave.
+# EXTRA_TESTS: more test paths for the test/all modes. TIME_LIMIT (s, default 540) bounds the whole script: the benchmark gets what the tests leave.
 set -uo pipefail
 mode=${1:-all}
 shift || true
@@ -47,7 +47,8 @@ git status --short 2>/dev/null | head -20
 rc=0
 if [ "$mode" = test ] || [ "$mode" = all ]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
-    tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py tests/engine/test_sampler.py 2>&1 | tee "$OUT/gpu-tests.log"
+    tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py tests/engine/test_sampler.py \
+    tests/engine/test_gpu_symm_all_reduce.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/gpu-tests.log"
   rc=${PIPESTATUS[0]}
 fi
 if [ "$mode" = tp ]; then
@@ -58,7 +59,7 @@ if [ "$mode" = tp ]; then
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}  # the TP control group (gloo) stays on this host
   if [ "${TP_TESTS:-1}" = 1 ]; then
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rs \
-      tests/engine/test_gpu_tensor_parallel.py 2>&1 | tee "$OUT/gpu-tp-tests.log"
+      tests/engine/test_gpu_symm_all_reduce.py tests/engine/test_gpu_tensor_parallel.py 2>&1 | tee "$OUT/gpu-tp-tests.log"
     rc=${PIPESTATUS[0]}
   fi
   left=$((TIME_LIMIT - SECONDS - 30))

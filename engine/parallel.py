@@ -9,10 +9,11 @@ full tensors. Nothing here runs at TP 1.
 Two process groups: the default one (NCCL on CUDA, gloo on CPU) carries the forward's collectives, and on CUDA a
 gloo "control" group carries the pickled per-step commands, so they never touch the GPU stream.
 
-CUDA graphs capture the NCCL all-reduces of the decode forward (PyTorch's ProcessGroupNCCL supports capture and
-waits for its watchdog's pending work before one starts). `warm_up` creates the communicator before any capture,
-and every rank captures the same sizes in the same order because every rank runs allocate_kv_cache from the same
-broadcast command. KUBELLM_TP_CUDA_GRAPHS=0 falls back to eager decode under tensor parallelism.
+Small all-reduces (decode) go through symmetric memory when the GPUs allow it (engine/symm_all_reduce.py), the
+rest through NCCL. CUDA graphs capture the all-reduces of the decode forward (PyTorch's ProcessGroupNCCL supports
+capture and waits for its watchdog's pending work before one starts). `warm_up` creates the communicator before
+any capture, and every rank captures the same sizes in the same order because every rank runs allocate_kv_cache
+from the same broadcast command. KUBELLM_TP_CUDA_GRAPHS=0 falls back to eager decode under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kubellm.engine import symm_all_reduce
 from kubellm.engine.model_config import ModelConfig
 
 # Idle servers wait in a broadcast between requests: the collective timeout must not end them. Worker death
@@ -105,7 +107,19 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get("KUBELLM_TP_CUDA_GRAPHS", "1") != "0"
 
 
+def abort_group() -> None:
+    """Abort the default group's communicators (NCCL: in-flight collectives end with an error rather than wait
+    for a rank that is gone). Best effort: a torch without the private hook leaves them as they are."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None and dist.is_initialized():
+        try:
+            abort()
+        except Exception:  # the process is failing anyway; the caller raises its own error
+            pass
+
+
 def destroy_group() -> None:
+    symm_all_reduce.teardown()
     _control["group"] = None
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -166,8 +180,7 @@ def vocab_parallel_embedding(input_ids: torch.Tensor, weight: torch.Tensor, rank
     outside = (local < 0) | (local >= per)
     out = F.embedding(local.masked_fill(outside, 0), weight)
     out = out.masked_fill(outside[:, None], 0)
-    dist.all_reduce(out)
-    return out
+    return symm_all_reduce.all_reduce(out)
 
 
 def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -191,6 +204,5 @@ class RowParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
-        dist.all_reduce(out)
+        out = symm_all_reduce.all_reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias

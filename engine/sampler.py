@@ -24,7 +24,7 @@ import torch
 
 from kubellm.engine import sampling_kernels
 from kubellm.engine.sampling_params import SamplingParams
-from kubellm.engine.transfer import to_device_async, to_host_async
+from kubellm.engine.transfer import to_device_async, to_host_async, wait_event
 
 _TOP_P_CANDIDATES = 256  # top_p heads of real LLM distributions almost always fit; others fall back to a sort
 # Devices where unseeded rows without top_k/top_p/min_p sample by exponential race instead of the inverse CDF:
@@ -103,7 +103,7 @@ class PendingSample:
 
     def result(self) -> SamplerOutput:
         if self._ready is not None:
-            self._ready.synchronize()
+            wait_event(self._ready)
         token_ids = self._host[0].tolist()
         logprobs: list[TokenLogprobs | None] = [None] * self.num_rows
         if self.lp_rows:

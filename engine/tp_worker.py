@@ -6,12 +6,17 @@ Rank 0's `TPModelRunner` has the ModelRunner interface, so `LLMEngine` does not 
 
 Weights: a worker loads the model from `loaded.path` (HF directories lazily, so it reads only its shards) or, for
 a model made in memory, rebuilds it from `loaded.recipe` (random weights drawn on its own device, only its shards).
-Commands travel over `parallel.control_group()` (gloo beside NCCL on CUDA). Decode CUDA graphs are captured on
-every rank (KUBELLM_TP_CUDA_GRAPHS=0 turns them off under tensor parallelism).
+Commands travel through a shared-memory ring (engine/tp_channel.py: microseconds, where a pickled gloo broadcast
+cost ~1 ms of GPU idle per step); replies to `call` (start-up, KV sizing) gather over `parallel.control_group()`
+(gloo beside NCCL on CUDA). Decode CUDA graphs are captured on every rank (KUBELLM_TP_CUDA_GRAPHS=0 turns them off
+under tensor parallelism).
 
 Shutdown: `close()` broadcasts a stop and joins the workers (terminating stragglers). Workers are daemon
 processes and also die with their parent (PR_SET_PDEATHSIG plus a parent-watch thread), so a killed engine
-leaves no process holding a GPU; rank 0 checks the workers are alive before every collective it starts.
+leaves no process holding a GPU; rank 0 checks the workers are alive before every command it sends. A worker
+dying mid-step leaves rank 0's queued GPU work waiting forever in a collective: on CUDA rank 0's device waits
+(`transfer.wait_event`) also check the workers, and on a death abort the NCCL communicator and raise, so the
+engine fails its requests (and /health turns 503) instead of hanging; close() then skips device syncs.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kubellm.engine import parallel
+from kubellm.engine import parallel, symm_all_reduce
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, TokenFill
 from kubellm.engine.loader import LoadedModel
 from kubellm.engine.loader.loaded import ModelRecipe
-from kubellm.engine.model_runner import ModelRunner, available_cpus, resolve_device
+from kubellm.engine.model_runner import ModelRunner, available_cpus, resolve_device, resolve_dtype
+from kubellm.engine.tp_channel import ShmBroadcastReader, ShmBroadcastWriter
+from kubellm.engine.transfer import add_wait_check, remove_wait_check
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +69,19 @@ class TPModelRunner:
         if device.type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs, torch sees {torch.cuda.device_count()}")
         self.size = size
+        self._backend = parallel.backend_for(device.type)
         self._closed = False
+        self._failed = False  # a worker died: the communicator is aborted, the device may hold stuck work
         self._group = False
         self._ready = False  # every rank loaded: the command loop runs and a stop can be broadcast
+        self._channel = ShmBroadcastWriter(readers=size - 1)
         ctx = mp.get_context("spawn")
         port = parallel.free_port()
         hello: Any = ctx.Queue()
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, size, port, config, source, os.getpid(), hello),
+                args=(rank, size, port, config, source, os.getpid(), hello, self._channel.spec()),
                 name=f"kubellm-tp{rank}",
                 daemon=True,
             )
@@ -81,14 +91,18 @@ class TPModelRunner:
             for p in self._procs:
                 p.start()
             self._await_hello(hello, size - 1)
+            self._channel.unlink()  # every worker has mapped it: a killed replica leaves no file behind
             parallel.init_group(0, size, port, device.type)
             self._group = True
             parallel.warm_up(_rank_device(device, 0))
+            symm_all_reduce.setup(_rank_device(device, 0), resolve_dtype(config.dtype, device))
             self.inner = _make_runner(loaded, config, 0, size)
             errors = [e for e in self._gather("ok") if e != "ok"]  # every rank reports its load
             if errors:
                 raise RuntimeError(f"tensor-parallel worker failed to start: {errors[0]}")
             self._ready = True
+            if device.type == "cuda":
+                add_wait_check(self._check_workers)
         except BaseException:
             self.close()
             raise
@@ -106,8 +120,12 @@ class TPModelRunner:
                 seen += 1
 
     def _check_workers(self) -> None:
-        dead = [p.name for p in self._procs if not p.is_alive()]
+        dead = [f"{p.name} (exit code {p.exitcode})" for p in self._procs if not p.is_alive()]
         if dead:
+            if self._group and not self._failed and self._backend == "nccl":
+                logger.error("tensor-parallel worker(s) %s exited; aborting the NCCL communicator", ", ".join(dead))
+                parallel.abort_group()  # collectives waiting on the dead rank end instead of hanging
+            self._failed = True
             raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} exited; the replica cannot continue")
 
     def _gather(self, value: Any) -> list[Any]:
@@ -117,7 +135,7 @@ class TPModelRunner:
 
     def _send(self, command: tuple) -> None:
         self._check_workers()
-        dist.broadcast_object_list([command], src=0, group=parallel.control_group())
+        self._channel.send(command, check=self._check_workers)
 
     # ---- the ModelRunner interface --------------------------------------------------------------
     @property
@@ -189,10 +207,11 @@ class TPModelRunner:
         if self._closed:
             return
         self._closed = True
+        remove_wait_check(self._check_workers)
         if self._ready:
             with contextlib.suppress(Exception):
                 if all(p.is_alive() for p in self._procs):
-                    dist.broadcast_object_list([(_STOP,)], src=0, group=parallel.control_group())
+                    self._channel.send((_STOP,), check=self._check_workers)
         for p in self._procs:
             if p.pid is not None:
                 p.join(timeout=10)
@@ -205,9 +224,10 @@ class TPModelRunner:
         if self._group:
             with contextlib.suppress(Exception):
                 if hasattr(self, "inner"):
-                    _drop_graphs(self.inner)
+                    _drop_graphs(self.inner, sync=not self._failed)
                 parallel.destroy_group()
             self._group = False
+        self._channel.close()
 
 
 class _WorkerError:
@@ -246,10 +266,11 @@ def _make_runner(loaded: LoadedModel, config: EngineConfig, rank: int, size: int
     return runner
 
 
-def _drop_graphs(runner: ModelRunner) -> None:
-    """Free the captured decode graphs (they hold NCCL work of the communicator) before the group goes away."""
+def _drop_graphs(runner: ModelRunner, sync: bool = True) -> None:
+    """Free the captured decode graphs (they hold NCCL work of the communicator) before the group goes away.
+    `sync=False` after a worker died: the stream may hold work that never completes."""
     runner._graphs = {}
-    if runner.device.type == "cuda":
+    if sync and runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
 
 
@@ -262,16 +283,26 @@ def _load(source: str | ModelRecipe, config: EngineConfig, device: torch.device)
 
 
 def _worker_main(
-    rank: int, size: int, port: int, config: EngineConfig, source: str | ModelRecipe, parent_pid: int, hello
+    rank: int,
+    size: int,
+    port: int,
+    config: EngineConfig,
+    source: str | ModelRecipe,
+    parent_pid: int,
+    hello,
+    channel: tuple[str, int, int, int],
 ) -> None:
     """Ranks 1..N-1: join the group, load and shard the weights, then run whatever rank 0 broadcasts."""
     _die_with_parent(parent_pid)
     device = resolve_device(config.device)
     if device.type == "cpu" and "KUBELLM_NUM_THREADS" not in os.environ:
         os.environ["KUBELLM_NUM_THREADS"] = str(max(1, available_cpus() // size))  # share the cores
+    # CPU ranks share few cores with rank 0: poll the ring with sleeps rather than spinning
+    commands = ShmBroadcastReader(channel, rank - 1, hot_spin_s=0.0 if device.type == "cpu" else 0.05)
     hello.put(rank)
     parallel.init_group(rank, size, port, device.type)
     parallel.warm_up(_rank_device(device, rank))
+    symm_all_reduce.setup(_rank_device(device, rank), resolve_dtype(config.dtype, device))
     runner: ModelRunner | None = None
     status = "ok"
     try:
@@ -282,19 +313,17 @@ def _worker_main(
     if runner is None:
         os._exit(1)
     try:
-        _serve(runner, rank, size)
+        _serve(runner, commands, rank, size)
     finally:
         with contextlib.suppress(Exception):
             _drop_graphs(runner)
             parallel.destroy_group()
 
 
-def _serve(runner: ModelRunner, rank: int, size: int) -> None:
+def _serve(runner: ModelRunner, commands: ShmBroadcastReader, rank: int, size: int) -> None:
     sampled: torch.Tensor | None = None  # the last step's sampled ids, as rank 0 broadcast them
     while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=parallel.control_group())
-        command = box[0]
+        command = commands.recv()
         if command[0] == _STOP:
             return
         if command[0] == _EXECUTE:

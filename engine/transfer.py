@@ -7,10 +7,14 @@ while step N runs on the GPU, so every small copy on that path goes through pinn
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
+WAIT_CHECK_INTERVAL_S = 0.05
+_wait_checks: list[Callable[[], None]] = []
 
 
 def to_device_async(
@@ -37,3 +41,32 @@ def to_host_async(tensors: Sequence[torch.Tensor | None]) -> tuple[list[torch.Te
     event = torch.cuda.Event()
     event.record()
     return host, event
+
+
+def add_wait_check(check: Callable[[], None]) -> None:
+    """Run `check` every WAIT_CHECK_INTERVAL_S while `wait_event` waits; it raises to abandon the wait. A
+    tensor-parallel rank 0 registers one: if a worker dies, the GPU work waiting on its collectives never ends,
+    and the engine must fail its requests instead of hanging."""
+    _wait_checks.append(check)
+
+
+def remove_wait_check(check: Callable[[], None]) -> None:
+    if check in _wait_checks:
+        _wait_checks.remove(check)
+
+
+def wait_event(event: torch.cuda.Event) -> None:
+    """`event.synchronize()`, interruptible by the registered checks (plain synchronize when there are none)."""
+    if not _wait_checks:
+        event.synchronize()
+        return
+    next_check = time.monotonic() + WAIT_CHECK_INTERVAL_S
+    spins = 0
+    while not event.query():
+        spins += 1
+        now = time.monotonic()
+        if now >= next_check:
+            for check in list(_wait_checks):
+                check()
+            next_check = now + WAIT_CHECK_INTERVAL_S
+        time.sleep(0 if spins < 2000 else 0.0001)  # yield the GIL; after ~ms-long waits stop spinning hot

@@ -20,7 +20,7 @@ import flashinfer
 import numpy as np
 import torch
 
-from kubellm.engine.transfer import to_device_async
+from kubellm.engine.transfer import to_device_async, wait_event
 
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 
@@ -99,7 +99,7 @@ class FlashInferAttention(AttentionBackend):
         scheduling the next plan may run before the GPU reached that copy, so wait for it (in steady state
         it ran long ago: the GPU is a step behind the host at most)."""
         if self._plan_copied is not None:
-            self._plan_copied.synchronize()
+            wait_event(self._plan_copied)
         wrapper.plan(*args, **kwargs)
         self._plan_copied = torch.cuda.Event()
         self._plan_copied.record()
