@@ -7,8 +7,8 @@ import time
 
 import aiohttp
 import pytest
-from conftest import ServerThread, http_get
 from server_fakes import FakeEngine
+from server_harness import ServerThread, http_get
 
 from kubellm.engine.server.api_server import ServerSettings
 

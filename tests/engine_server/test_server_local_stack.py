@@ -10,7 +10,7 @@ import sys
 import time
 
 import openai
-from conftest import free_port
+from server_harness import free_port
 
 
 def _start_up(*args: str) -> tuple[subprocess.Popen, str]:

@@ -12,7 +12,7 @@ import time
 import aiohttp
 import openai
 import pytest
-from conftest import ServeProcess, http_get
+from server_harness import ServeProcess, http_get
 
 from kubellm import metric_names as mn
 from kubellm.block_hash import hash_blocks, to_hex

@@ -10,7 +10,7 @@ import time
 import aiohttp
 import openai
 import pytest
-from conftest import ServerThread
+from server_harness import ServerThread
 from test_server_local_stack import _start_up, _stop
 
 from kubellm import metric_names as mn
