@@ -1,8 +1,8 @@
 """The symmetric-memory one-shot all-reduce of tensor-parallel decode steps (engine/symm_all_reduce.py) gives
 NCCL's sums, eagerly and replayed from a CUDA graph with new inputs, and leaves large messages to NCCL.
 
-On 2+ GPUs the ranks use NCCL beside it, as the engine does. On a single GPU two ranks share the device over a
-gloo group: a smoke test of set-up, the rendezvous and graph capture (sums only; its timing means nothing).
+Needs 2 GPUs (the ranks use NCCL beside it, as the engine does). Two ranks sharing one GPU cannot stand in: on
+1x H200 (2026-11-29) the rendezvous there declined and the graph capture then failed on gloo's all-reduce.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 HIDDEN = 4096
 
 
-def _rank_main(rank: int, size: int, port: int, same_device: bool, results) -> None:
+def _rank_main(rank: int, size: int, port: int, results) -> None:
     import os
 
     import torch.distributed as dist
@@ -24,11 +24,9 @@ def _rank_main(rank: int, size: int, port: int, same_device: bool, results) -> N
     from kubellm.engine import symm_all_reduce
 
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    device = torch.device("cuda", 0 if same_device else rank)
+    device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
-    dist.init_process_group(
-        "gloo" if same_device else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
-    )
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     report: dict = {"rank": rank}
     try:
         report["enabled"] = symm_all_reduce.setup(device, torch.bfloat16)
@@ -64,13 +62,13 @@ def _rank_main(rank: int, size: int, port: int, same_device: bool, results) -> N
         dist.destroy_process_group()
 
 
-def _run(size: int, same_device: bool) -> list[dict]:
+def _run(size: int) -> list[dict]:
     from kubellm.engine.parallel import free_port
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, size, port, same_device, results)) for r in range(size)]
+    procs = [ctx.Process(target=_rank_main, args=(r, size, port, results)) for r in range(size)]
     for p in procs:
         p.start()
     try:
@@ -98,10 +96,4 @@ def _check(reports: list[dict]) -> None:
 def test_two_ranks_on_two_gpus_sum_as_nccl_does() -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs, torch sees {torch.cuda.device_count()}")
-    _check(_run(2, same_device=False))
-
-
-def test_two_ranks_sharing_one_gpu_set_up_and_capture() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    _check(_run(2, same_device=True))
+    _check(_run(2))
