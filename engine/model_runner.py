@@ -21,7 +21,7 @@ from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
-from kubellm.engine.models import build_model
+from kubellm.engine.models import build_model, gemv
 from kubellm.engine.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ class ModelRunner:
         self.model = build_model(loaded.config, self.dtype, self.device, tp_rank, tp_size)
         if tp_size > 1:  # shard-sized weight GEMMs of decode rows: the Triton kernel beats cuBLAS there
             for module in self.model.modules():
-                if hasattr(module, "small_batch_kernel"):
-                    module.small_batch_kernel = True
+                if hasattr(module, "matmul"):
+                    module.matmul = gemv.linear
         self.model.load_weights(loaded.weights)
         self.model.eval()
         c = loaded.config

@@ -30,7 +30,6 @@ from torch import nn
 
 from kubellm.engine import symm_all_reduce
 from kubellm.engine.model_config import ModelConfig
-from kubellm.engine.models import gemv
 
 # Idle servers wait in a broadcast between requests: the collective timeout must not end them. Worker death
 # is detected by other means (rank 0 checks the processes each step; workers watch their parent).
@@ -204,9 +203,8 @@ class RowParallelLinear(nn.Module):
             nn.Parameter(torch.empty((out_f,), dtype=dtype, device=device), requires_grad=False) if bias else None
         )
 
-    small_batch_kernel = False  # see models/llama.Linear
+    matmul = staticmethod(F.linear)  # see models/llama.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight) if not self.small_batch_kernel else gemv.linear(x, self.weight)
-        out = symm_all_reduce.all_reduce(out)
+        out = symm_all_reduce.all_reduce(self.matmul(x, self.weight))
         return out if self.bias is None else out + self.bias

@@ -9,7 +9,7 @@ memory pipeline full even when N is only a few thousand.
 Measured (bench/gemv_micro.py, 1x H200, 8-layer stacks of Llama-3.1-8B shards in CUDA graphs, results in
 bench/results/gemv-micro-2026-11-29.json): at M = 1 Triton/cuBLAS is 1.05x on TP 2 shards (3341 vs 3188 GB/s),
 1.10x on TP 4 shards and 0.995x on full TP 1 matrices, so layers use it only under tensor parallelism
-(`small_batch_kernel`, set by the model builder when tp_size > 1).
+(the model runner sets layers' `matmul` to `linear` when tp_size > 1).
 
 Numerics: float32 accumulation as cuBLAS does, rounded once to the output dtype; the summation order differs,
 so results equal F.linear's to bf16 rounding, not bit for bit. Used only when `enabled()` says so: CUDA, Triton

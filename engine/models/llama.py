@@ -21,7 +21,7 @@ from kubellm.engine.attention.base import AttentionBackend
 from kubellm.engine.loader.errors import ModelLoadError
 from kubellm.engine.model_config import ModelConfig
 
-from . import fused, gemv
+from . import fused
 
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -62,7 +62,8 @@ def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[to
 
 
 class Linear(nn.Module):
-    small_batch_kernel = False  # tensor-parallel shards: decode rows through models/gemv.py (faster there)
+    # The GEMM; the model runner swaps in models/gemv.linear under tensor parallelism (faster on shards).
+    matmul = staticmethod(F.linear)
 
     def __init__(self, in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -70,9 +71,7 @@ class Linear(nn.Module):
         self.bias = _param((out_f,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small_batch_kernel:
-            return gemv.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.weight, self.bias)
 
 
 def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
