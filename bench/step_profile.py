@@ -21,10 +21,11 @@ import torch
 KERNEL_KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("all_reduce", ("nccl", "allreduce", "all_reduce", "allgather")),
     ("attention", ("batchdecode", "batchprefill", "flashinfer", "prefillwithkvcache", "decodewithkvcache")),
-    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("gemm", ("gemm", "_gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
     ("kv_write", ("index_copy", "indexcopy")),
     ("fused_elementwise", ("_rms_norm", "_add_rms_norm", "_rope", "_silu_mul")),
-    ("sampling", ("_race_kernel", "exponential", "argmax", "argmin", "softmax", "distribution", "reduce", "cumsum", "sort", "topk")),
+    ("sampling", ("_race_kernel", "exponential", "argmax", "argmin", "softmax", "distribution", "reduce", "cumsum")),
+    ("sampling", ("sort", "topk")),
     ("copies", ("memcpy", "memset", "copy")),
 ]
 
@@ -131,12 +132,12 @@ def profile_steps(engine: Any, steps: int = 8) -> dict[str, Any]:
     }
 
 
-def describe(batch: int, p: dict[str, Any]) -> str:
-    """One markdown bullet for the results file."""
+def describe(what: str, p: dict[str, Any]) -> str:
+    """One markdown bullet for the results file; `what`: e.g. "decode step at batch 256"."""
     kernels = ", ".join(f"{k} {v:.2f}" for k, v in p["gpu_kernel_ms_per_step"].items())
     hosts = ", ".join(f"{k} {v:.2f}" for k, v in p["host_ms_per_step"].items())
     return (
-        f"- decode step at batch {batch} (profiled, {p['steps']} steps): {p['wall_ms_per_step']:.2f} ms wall, GPU busy "
+        f"- {what} (profiled, {p['steps']} steps): {p['wall_ms_per_step']:.2f} ms wall, GPU busy "
         f"{p['gpu_busy_ms_per_step']:.2f} ms (idle {p['gpu_idle_ms_per_step']:.2f}); kernel ms by kind: {kernels}; "
         f"host ms by phase (overlapping the GPU under async scheduling): {hosts}"
     )
