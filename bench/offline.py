@@ -138,7 +138,18 @@ def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str
         attn._decode.run(q, cache)
     t = _cuda_time(lambda: attn._decode.run(q, cache), 20)
     kv_bytes = batch * ctx * 2 * c.kv_size * 2
-    return {"ms": t * 1e3, "kv_tb_s": kv_bytes / t / 1e12}
+    out = {"ms": t * 1e3, "kv_tb_s": kv_bytes / t / 1e12}
+    try:  # as a decode step runs it: 32 layers' calls replayed from one CUDA graph (no launch overhead)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(32):
+                attn._decode.run(q, cache)
+        graph.replay()
+        out["in_graph_ms"] = _cuda_time(graph.replay, 10) * 1e3 / 32
+    except Exception as e:  # a wrapper that cannot be captured outside its CUDA-graph mode
+        out["in_graph_error"] = f"{type(e).__name__}: {e}"
+    return out
 
 
 # ---- our engine ------------------------------------------------------------------------------------
@@ -772,13 +783,19 @@ def main(argv: list[str] | None = None) -> int:
     log.info("ceilings: %s", r["ceilings"])
     # Decode attention alone, both flashinfer decode kernels; the engine then uses the faster at batch 256.
     micro = {}
+    batches = (1, 8, 32, 256)
     for tc in (False, True):
-        for b in (32, 256):
+        for b in batches:
             micro[f"{'tensor_core' if tc else 'cuda_core'}_b{b}"] = decode_attention_micro(b, 1024, tc)
     r["decode_attention_micro"] = micro
     use_tc = micro["tensor_core_b256"]["ms"] < micro["cuda_core_b256"]["ms"]
     os.environ["KUBELLM_DECODE_TENSOR_CORES"] = "1" if use_tc else "0"
     r["engine"]["decode_tensor_cores"] = use_tc
+    if use_tc:  # small graph batches may do better on CUDA cores: from the first batch where tensor cores win
+        key = "in_graph_ms" if all("in_graph_ms" in m for m in micro.values()) else "ms"
+        wins = [b for b in batches if micro[f"tensor_core_b{b}"][key] <= micro[f"cuda_core_b{b}"][key]]
+        os.environ["KUBELLM_DECODE_TENSOR_CORES_MIN_BATCH"] = str(wins[0] if wins else batches[-1])
+        r["engine"]["decode_tensor_cores_min_batch"] = int(os.environ["KUBELLM_DECODE_TENSOR_CORES_MIN_BATCH"])
     log.info("decode attention alone (1 layer, ctx 1024): %s -> tensor cores %s", micro, use_tc)
     torch.cuda.empty_cache()
 
