@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from kubellm.operator import spec as s
+from kubellm.routing import DEFAULT_PREFIX_MIN_MATCH_RATIO, DEFAULT_PREFIX_MIN_MATCH_TOKENS
 
 Schema = dict[str, Any]
 
@@ -124,6 +125,18 @@ def spec_schema() -> Schema:
         {
             "replicas": _int("router replicas", minimum=1, default=1),
             "policy": _str("routing policy", enum=list(s.ROUTER_POLICIES), default="prefix"),
+            "prefixMinMatchRatio": _num(
+                "prefix policy: a cached prefix pulls a request to its replica only when it covers at least this "
+                "fraction of the prompt; shorter matches are routed as no match (0: any match; unset: the "
+                f"router's default, {DEFAULT_PREFIX_MIN_MATCH_RATIO:g})",
+                minimum=0,
+                maximum=1,
+            ),
+            "prefixMinMatchTokens": _int(
+                "prefix policy: a cached prefix must also be at least this many tokens long to pull a request "
+                f"(0: any length; unset: the router's default, {DEFAULT_PREFIX_MIN_MATCH_TOKENS})",
+                minimum=0,
+            ),
             "apiKeySecretRef": _secret_ref("Secret with the API key clients must send", "api-key"),
             "image": _str("router image (default: the operator's --router-image)"),
             "cpu": _quantity("CPU request per router replica"),

@@ -201,7 +201,12 @@ def router_args(spec: LLMDeploymentSpec, owner: Owner) -> list[str]:
         "namespace": owner.namespace,
         "engine_service": Names.of(owner.name).engine,
     }
-    return [part.format(**values) for part in ROUTER_ARGS_TEMPLATE]
+    args = [part.format(**values) for part in ROUTER_ARGS_TEMPLATE]
+    if spec.router.prefix_min_match_ratio is not None:  # unset: the router's default applies
+        args += ["--prefix-min-match-ratio", repr(float(spec.router.prefix_min_match_ratio))]
+    if spec.router.prefix_min_match_tokens is not None:
+        args += ["--prefix-min-match-tokens", str(spec.router.prefix_min_match_tokens)]
+    return args
 
 
 def _engine_volumes(spec: LLMDeploymentSpec, names: Names) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

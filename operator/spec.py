@@ -112,6 +112,9 @@ class AutoscalingSpec(_Model):
 class RouterSpec(_Model):
     replicas: int = Field(default=1, ge=1)
     policy: Literal["prefix", "least_load", "round_robin", "session"] = "prefix"
+    # unset: the router's own defaults (kubellm.routing), so they stay in one place
+    prefix_min_match_ratio: float | None = Field(default=None, ge=0, le=1)
+    prefix_min_match_tokens: int | None = Field(default=None, ge=0)
     api_key_secret_ref: ApiKeySecretRef | None = None
     image: str | None = None
     cpu: str | int | None = None

@@ -19,6 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 from yarl import URL
 
+from kubellm.block_hash import DEFAULT_BLOCK_SIZE
 from kubellm.kv_events import SnapshotEvent
 from kubellm.openai_errors import APIError
 from kubellm.openai_protocol import ModelCard, ModelList
@@ -109,7 +110,13 @@ class Router:
             breaker_cooldown=config.breaker_cooldown,
             max_inflight=config.max_inflight_per_backend,
         )
-        self.policy = make_policy(config.policy, config.balance_factor, config.load_floor)
+        self.policy = make_policy(
+            config.policy,
+            config.balance_factor,
+            config.load_floor,
+            config.prefix_min_match_ratio,
+            config.prefix_min_match_tokens,
+        )
         self.index = PrefixIndex(config.approx_index_size, use_events=config.kv_events)
         self.hasher = PromptHasher(self._fetch_tokenizer_info)
         self.queue = WaitQueue(self.registry, self.metrics, config.queue_size, config.queue_timeout)
@@ -293,7 +300,7 @@ class Router:
             key = await self.hasher.key(model, kind, body.model_extra or {})
         session_key = request.headers.get(cfg.session_header) or body.user
         hashes = key.hashes if key else []
-        route = RouteRequest(model, session_key, len(hashes))
+        route = RouteRequest(model, session_key, len(hashes), key.block_tokens if key else DEFAULT_BLOCK_SIZE)
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id, **self._upstream_headers}
         if "Accept" in request.headers:

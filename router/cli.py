@@ -9,7 +9,13 @@ import os
 import signal
 import sys
 
-from kubellm.routing import DEFAULT_BALANCE_FACTOR, DEFAULT_LOAD_FLOOR, RoutingPolicy
+from kubellm.routing import (
+    DEFAULT_BALANCE_FACTOR,
+    DEFAULT_LOAD_FLOOR,
+    DEFAULT_PREFIX_MIN_MATCH_RATIO,
+    DEFAULT_PREFIX_MIN_MATCH_TOKENS,
+    RoutingPolicy,
+)
 
 
 def _selector(value: str) -> dict[str, str]:
@@ -22,6 +28,26 @@ def _selector(value: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"selector must be key=value[,key=value]: {value!r}")
         out[k.strip()] = v.strip()
     return out
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {value!r}")
+    return x
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return n
 
 
 def _on_off(value: str) -> bool:
@@ -81,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_LOAD_FLOOR,
         help="bounded loads bind only once a replica has more than this many requests in flight",
+    )
+    p.add_argument(
+        "--prefix-min-match-ratio",
+        type=_fraction,
+        default=DEFAULT_PREFIX_MIN_MATCH_RATIO,
+        help="prefix policy: a cached prefix pulls a request to its replica only when it covers at least this "
+        "fraction of the prompt's blocks; shorter matches are routed as no match (0: any match)",
+    )
+    p.add_argument(
+        "--prefix-min-match-tokens",
+        type=_non_negative_int,
+        default=DEFAULT_PREFIX_MIN_MATCH_TOKENS,
+        help="prefix policy: a cached prefix must also be at least this many tokens long to pull a request "
+        "(longer than the chat-template head every prompt shares; 0: any length)",
     )
     p.add_argument(
         "--api-key",
@@ -153,6 +193,8 @@ def config_from_args(argv: list[str]):  # -> RouterConfig (imported lazily: --he
         policy=a.policy,
         balance_factor=a.balance_factor,
         load_floor=a.load_floor,
+        prefix_min_match_ratio=a.prefix_min_match_ratio,
+        prefix_min_match_tokens=a.prefix_min_match_tokens,
         api_keys=[k.strip() for k in keys],
         upstream_api_key=a.upstream_api_key,
         relist_period=a.relist_period,

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kubellm.router.prefix_index import DEFAULT_APPROX_SIZE
-from kubellm.routing import DEFAULT_BALANCE_FACTOR, DEFAULT_LOAD_FLOOR, DEFAULT_ROUTING_POLICY, RoutingPolicy
+from kubellm.routing import (
+    DEFAULT_BALANCE_FACTOR,
+    DEFAULT_LOAD_FLOOR,
+    DEFAULT_PREFIX_MIN_MATCH_RATIO,
+    DEFAULT_PREFIX_MIN_MATCH_TOKENS,
+    DEFAULT_ROUTING_POLICY,
+    RoutingPolicy,
+)
 
 
 @dataclass
@@ -24,6 +31,9 @@ class RouterConfig:
     policy: RoutingPolicy = DEFAULT_ROUTING_POLICY
     balance_factor: float = DEFAULT_BALANCE_FACTOR
     load_floor: int = DEFAULT_LOAD_FLOOR  # bounded loads bind only above this many in-flight requests
+    # a cached prefix earns affinity only when it covers this fraction of the prompt and this many tokens
+    prefix_min_match_ratio: float = DEFAULT_PREFIX_MIN_MATCH_RATIO
+    prefix_min_match_tokens: int = DEFAULT_PREFIX_MIN_MATCH_TOKENS
     api_keys: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
     relist_period: float = 30.0

@@ -27,6 +27,7 @@ from kubellm.prompt import PromptRenderer, TokenizerInfo
 log = logging.getLogger("kubellm.router.tokenization")
 
 TEXT_BLOCK_CHARS = 64
+TEXT_BLOCK_TOKENS = TEXT_BLOCK_CHARS // 4  # what a text block stands for in tokens (~4 characters a token)
 _TEXT_DOMAIN = b"kubellm-text/1|"
 _REFETCH_AFTER = 10.0  # seconds between attempts to fetch a tokenizer that was not available
 
@@ -35,6 +36,7 @@ _REFETCH_AFTER = 10.0  # seconds between attempts to fetch a tokenizer that was 
 class PromptKey:
     hashes: list[int]
     exact: bool  # token-block hashes as the engine computes them (else text-block hashes)
+    block_tokens: int = DEFAULT_BLOCK_SIZE  # tokens per block (for text blocks, an estimate)
 
 
 def text_block_hashes(text: str, extra: str = "", block_chars: int = TEXT_BLOCK_CHARS) -> list[int]:
@@ -214,8 +216,8 @@ class PromptHasher:
                 log.debug("could not render prompt for routing: %s", e)
                 hashes = None
             if hashes is not None:
-                return PromptKey(hashes, True)
-        return PromptKey(text_block_hashes(prompt_text(kind, body), extra), False)
+                return PromptKey(hashes, True, bs)
+        return PromptKey(text_block_hashes(prompt_text(kind, body), extra), False, TEXT_BLOCK_TOKENS)
 
 
 _THREAD_ABOVE_CHARS = 32_000

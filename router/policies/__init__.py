@@ -7,7 +7,12 @@ from kubellm.router.policies.least_load import LeastLoadPolicy
 from kubellm.router.policies.prefix import PrefixPolicy
 from kubellm.router.policies.round_robin import RoundRobinPolicy
 from kubellm.router.policies.session import SessionPolicy
-from kubellm.routing import DEFAULT_BALANCE_FACTOR, RoutingPolicy
+from kubellm.routing import (
+    DEFAULT_BALANCE_FACTOR,
+    DEFAULT_PREFIX_MIN_MATCH_RATIO,
+    DEFAULT_PREFIX_MIN_MATCH_TOKENS,
+    RoutingPolicy,
+)
 
 __all__ = [
     "Candidate",
@@ -25,7 +30,11 @@ __all__ = [
 
 
 def make_policy(
-    policy: RoutingPolicy | str, balance_factor: float = DEFAULT_BALANCE_FACTOR, load_floor: int = 0
+    policy: RoutingPolicy | str,
+    balance_factor: float = DEFAULT_BALANCE_FACTOR,
+    load_floor: int = 0,
+    prefix_min_match_ratio: float = DEFAULT_PREFIX_MIN_MATCH_RATIO,
+    prefix_min_match_tokens: int = DEFAULT_PREFIX_MIN_MATCH_TOKENS,
 ) -> Policy:
     policy = RoutingPolicy(policy)
     if policy is RoutingPolicy.ROUND_ROBIN:
@@ -34,4 +43,4 @@ def make_policy(
         return LeastLoadPolicy()
     if policy is RoutingPolicy.SESSION:
         return SessionPolicy(balance_factor, load_floor)
-    return PrefixPolicy(balance_factor, load_floor)
+    return PrefixPolicy(balance_factor, load_floor, prefix_min_match_ratio, prefix_min_match_tokens)

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kubellm.block_hash import DEFAULT_BLOCK_SIZE
 from kubellm.routing import RoutingPolicy
 
 
@@ -27,12 +28,13 @@ class RouteRequest:
     model: str
     session_key: str | None = None
     num_blocks: int = 0  # full blocks in the prompt (for the match ratio)
+    block_tokens: int = DEFAULT_BLOCK_SIZE  # tokens per block (for a minimum match given in tokens)
 
 
 @dataclass(slots=True)
 class Decision:
     key: str
-    reason: str  # prefix_hit | load_spill | no_match | session | round_robin | least_load
+    reason: str  # prefix_hit | load_spill | short_match | no_match | session | no_session | round_robin | least_load
     matched_blocks: int = 0
 
 

@@ -5,7 +5,13 @@ sent where). Among the replicas that stay within ceil(c × mean in-flight) after
 with the longest match wins; ties go to the least loaded. A hot prefix therefore spills to other replicas
 once its holder is c × the mean, instead of melting it.
 
-A prompt that no eligible replica holds any of starts a new working set (a new tenant's system prompt, a new
+A match earns affinity only when it is worth more than the imbalance it causes: at least `min_match_ratio` of
+the prompt's full blocks and at least `min_match_tokens` tokens (sglang-router's cache_threshold is the ratio
+alone). A shorter one — typically the chat template's head, the system/role tokens every prompt starts with —
+saves a few milliseconds of prefill on whichever replica holds it, yet would pull every unrelated prompt
+towards that replica; it counts as no match (reason `short_match`).
+
+A prompt that no eligible replica holds enough of starts a new working set (a new tenant's system prompt, a new
 document): it goes to the replica with the smallest footprint, the fewest distinct blocks the router has
 placed there, so working sets spread evenly over the fleet's KV caches and none of them evicts what its
 tenants will ask for again (sglang-router's cache_aware does the same with its smallest tree).
@@ -13,33 +19,61 @@ tenants will ask for again (sglang-router's cache_aware does the same with its s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from kubellm.router.policies.base import Candidate, Decision, Policy, RouteRequest, within_bound
-from kubellm.routing import DEFAULT_BALANCE_FACTOR, RoutingPolicy
+from kubellm.routing import (
+    DEFAULT_BALANCE_FACTOR,
+    DEFAULT_PREFIX_MIN_MATCH_RATIO,
+    DEFAULT_PREFIX_MIN_MATCH_TOKENS,
+    RoutingPolicy,
+)
 
 
 class PrefixPolicy(Policy):
     name = RoutingPolicy.PREFIX
 
-    def __init__(self, balance_factor: float = DEFAULT_BALANCE_FACTOR, load_floor: int = 0) -> None:
+    def __init__(
+        self,
+        balance_factor: float = DEFAULT_BALANCE_FACTOR,
+        load_floor: int = 0,
+        min_match_ratio: float = DEFAULT_PREFIX_MIN_MATCH_RATIO,
+        min_match_tokens: int = DEFAULT_PREFIX_MIN_MATCH_TOKENS,
+    ) -> None:
         super().__init__()
         self.balance_factor = balance_factor
         self.load_floor = load_floor
+        self.min_match_ratio = min_match_ratio
+        self.min_match_tokens = min_match_tokens
+
+    def min_match_blocks(self, request: RouteRequest) -> int:
+        """The fewest leading blocks a replica must hold for this prompt to follow it (never less than one)."""
+        by_tokens = -(-self.min_match_tokens // max(1, request.block_tokens))
+        by_ratio = math.ceil(self.min_match_ratio * request.num_blocks - 1e-9)
+        return max(1, by_tokens, by_ratio)
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
-        best_anywhere = max(c.matched_blocks for c in candidates)
+        need = self.min_match_blocks(request)
+
+        def earned(c: Candidate) -> int:
+            return c.matched_blocks if c.matched_blocks >= need else 0
+
+        best_anywhere = max(earned(c) for c in candidates)
         eligible = within_bound(candidates, self.balance_factor, self.load_floor)
-        pick = min(self._rotated(eligible), key=_preference)
-        if pick.matched_blocks < best_anywhere:
+
+        def preference(c: Candidate) -> tuple[int, int, int]:
+            """Longest earned match first; with none, the smallest footprint; then the least loaded."""
+            m = earned(c)
+            return (-m, 0 if m else c.footprint, c.in_flight + c.waiting)
+
+        pick = min(self._rotated(eligible), key=preference)
+        if earned(pick) < best_anywhere:
             reason = "load_spill"
-        elif pick.matched_blocks == 0:
-            reason = "no_match"
-        else:
+        elif earned(pick):
             reason = "prefix_hit"
+        elif any(c.matched_blocks for c in candidates):
+            reason = "short_match"  # some replica holds the prompt's head, too little of it to be worth following
+        else:
+            reason = "no_match"
         return Decision(pick.key, reason, pick.matched_blocks)
-
-
-def _preference(c: Candidate) -> tuple[int, int, int]:
-    """Longest match first; with nothing matched, the smallest footprint; then the least loaded."""
-    return (-c.matched_blocks, 0 if c.matched_blocks else c.footprint, c.in_flight + c.waiting)

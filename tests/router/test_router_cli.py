@@ -21,7 +21,8 @@ def test_help_lists_the_knobs(capsys):
     for flag in (
         "--host", "--port", "--model", "--backend", "--discovery", "--namespace", "--service", "--selector",
         "--policy", "--balance-factor", "--api-key", "--relist-period", "--health-interval", "--queue-timeout",
-        "--max-body-bytes", "--kv-events", "--approx-index-size",
+        "--max-body-bytes", "--kv-events", "--approx-index-size", "--prefix-min-match-ratio",
+        "--prefix-min-match-tokens",
     ):  # fmt: skip
         assert flag in out, flag
 
@@ -41,9 +42,23 @@ def test_flags_fill_the_config(monkeypatch):
     assert build_parser().parse_args([]).policy is RoutingPolicy.PREFIX
 
 
+def test_prefix_match_threshold_flags():
+    """A cached prefix earns affinity from 30% of the prompt and 64 tokens by default; both are settable."""
+    d = config_from_args([])
+    assert (d.prefix_min_match_ratio, d.prefix_min_match_tokens) == (0.3, 64)
+    c = config_from_args(["--prefix-min-match-ratio", "0.5", "--prefix-min-match-tokens", "128"])
+    assert (c.prefix_min_match_ratio, c.prefix_min_match_tokens) == (0.5, 128)
+    z = config_from_args(["--prefix-min-match-ratio", "0", "--prefix-min-match-tokens", "0"])  # any match counts
+    assert (z.prefix_min_match_ratio, z.prefix_min_match_tokens) == (0.0, 0)
+
+
 def test_bad_flags_fail_cleanly(capsys):
     assert main(["--policy", "random"]) == 2
     assert main(["--kv-events", "maybe"]) == 2
+    for bad in (["--prefix-min-match-ratio", "1.5"], ["--prefix-min-match-ratio", "-0.1"],
+                ["--prefix-min-match-ratio", "nan"], ["--prefix-min-match-tokens", "-1"],
+                ["--prefix-min-match-tokens", "1.5"]):  # fmt: skip
+        assert main(bad) == 2, bad
     assert main([]) == 2  # nothing to route to
     assert "--backend" in capsys.readouterr().err
 

@@ -22,6 +22,7 @@ from kubellm.router.policies import (
 from kubellm.routing import RoutingPolicy
 
 REQ = RouteRequest("m")
+PROMPT = RouteRequest("m", num_blocks=100)  # a 1600-token prompt (16-token blocks)
 
 
 def cands(*loads: int, matched: tuple[int, ...] = ()) -> list[Candidate]:
@@ -80,11 +81,11 @@ def test_session_without_key_falls_back_to_least_load():
 
 def test_prefix_prefers_longest_match_then_least_loaded():
     p = PrefixPolicy(1.25)
-    d = p.choose(REQ, cands(1, 1, 1, matched=(2, 7, 3)))
-    assert (d.key, d.reason, d.matched_blocks) == ("r1", "prefix_hit", 7)
-    d = p.choose(REQ, cands(2, 1, 3, matched=(0, 0, 0)))
+    d = p.choose(PROMPT, cands(1, 1, 1, matched=(40, 90, 60)))
+    assert (d.key, d.reason, d.matched_blocks) == ("r1", "prefix_hit", 90)
+    d = p.choose(PROMPT, cands(2, 1, 3, matched=(0, 0, 0)))
     assert (d.key, d.reason) == ("r1", "no_match")
-    d = p.choose(REQ, cands(2, 1, 3, matched=(4, 4, 0)))
+    d = p.choose(PROMPT, cands(2, 1, 3, matched=(50, 50, 0)))
     assert (d.key, d.reason) == ("r1", "prefix_hit")
 
 
@@ -93,13 +94,13 @@ def test_new_working_set_goes_to_the_smallest_footprint():
     cs = cands(0, 3, 1, matched=(0, 0, 0))
     for c, footprint in zip(cs, (900, 100, 400), strict=True):
         c.footprint = footprint
-    d = p.choose(REQ, cs)
+    d = p.choose(PROMPT, cs)
     assert (d.key, d.reason) == ("r1", "no_match")  # the least cached work beats the least in flight
-    cs[0].matched_blocks = 1
-    assert p.choose(REQ, cs).key == "r0"  # any match still wins over footprint
+    cs[0].matched_blocks = 40
+    assert p.choose(PROMPT, cs).key == "r0"  # a match worth following wins over footprint
     cs[1].in_flight = 9  # r1 over the floor and the bound: the smallest footprint among those within it
     cs[0].matched_blocks = 0
-    assert p.choose(REQ, cs).key == "r2"
+    assert p.choose(PROMPT, cs).key == "r2"
 
 
 def test_new_working_sets_spread_by_size_not_count():
@@ -109,26 +110,94 @@ def test_new_working_sets_spread_by_size_not_count():
     p = PrefixPolicy(1.25, load_floor=8)
     cs = cands(0, 0, 0, 0)
     for tenant in range(48):
-        d = p.choose(REQ, cs)
+        d = p.choose(PROMPT, cs)
         next(x for x in cs if x.key == d.key).footprint += 512 if tenant % 4 == 0 else 128
     footprints = [c.footprint for c in cs]
     assert max(footprints) - min(footprints) <= 512, footprints
 
 
+def test_a_short_shared_template_head_does_not_pull_a_request():
+    """Every chat prompt starts with the template's system/role tokens (one 16-token block here). The replica
+    that holds only that block saves a millisecond of prefill, not worth stacking unrelated prompts on it: the
+    prompt is placed as a new working set (smallest footprint), and the decision says why."""
+    p = PrefixPolicy(1.25, load_floor=16)
+    cs = cands(3, 0, 0, 0, matched=(1, 0, 0, 0))
+    for c, footprint in zip(cs, (56, 56, 0, 56), strict=True):
+        c.footprint = footprint
+    d = p.choose(RouteRequest("m", num_blocks=56), cs)
+    assert (d.key, d.reason, d.matched_blocks) == ("r2", "short_match", 0)
+
+
+def test_uniform_prompts_sharing_only_the_head_spread_like_round_robin():
+    """500 random 56-block prompts that share one head block, placed one after another with nothing in flight:
+    each replica gets a quarter. Counting the head as affinity sent all but the first to one replica."""
+    for policy, even in ((PrefixPolicy(1.25, load_floor=16), True),
+                         (PrefixPolicy(1.25, 16, min_match_ratio=0, min_match_tokens=0), False)):  # fmt: skip
+        cs = cands(0, 0, 0, 0)
+        placed: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        for _ in range(500):
+            d = policy.choose(RouteRequest("m", num_blocks=56), cs)
+            placed[d.key] += 1
+            reasons[d.reason] += 1
+            chosen = next(x for x in cs if x.key == d.key)
+            chosen.footprint += 55 + (chosen.matched_blocks == 0)  # its own 55 blocks, and the head once
+            chosen.matched_blocks = 1  # it now holds the head
+        if even:
+            assert sorted(placed.values()) == [125, 125, 125, 125]
+            assert reasons == {"no_match": 1, "short_match": 499}
+        else:
+            assert sorted(placed.values()) == [500] and reasons == {"no_match": 1, "prefix_hit": 499}
+
+
+def test_a_long_shared_prefix_does_pull_a_request():
+    """A tenant's 1600-token system prompt on r2, with this turn's 400 new tokens behind it: r2 takes the
+    request although it is the busiest and holds the most, as long as it is within the bound."""
+    p = PrefixPolicy(1.25, load_floor=16)
+    cs = cands(1, 0, 6, 2, matched=(1, 1, 100, 1))
+    for c, footprint in zip(cs, (300, 200, 900, 100), strict=True):
+        c.footprint = footprint
+    d = p.choose(RouteRequest("m", num_blocks=125), cs)
+    assert (d.key, d.reason, d.matched_blocks) == ("r2", "prefix_hit", 100)
+
+
+def test_the_threshold_is_a_fraction_of_the_prompt_and_a_number_of_tokens():
+    p = PrefixPolicy(1.25, load_floor=16, min_match_ratio=0.3, min_match_tokens=64)
+    assert p.min_match_blocks(RouteRequest("m", num_blocks=100)) == 30  # 30% of a 100-block prompt
+    assert p.min_match_blocks(RouteRequest("m", num_blocks=5)) == 4  # 64 tokens of 16-token blocks
+    assert p.min_match_blocks(RouteRequest("m", num_blocks=5, block_tokens=32)) == 2
+    assert p.min_match_blocks(RouteRequest("m", num_blocks=10, block_tokens=256)) == 3
+    for matched, reason in ((29, "short_match"), (30, "prefix_hit")):
+        d = p.choose(PROMPT, cands(1, 0, matched=(matched, 0)))
+        assert (d.key, d.reason) == ("r0" if reason == "prefix_hit" else "r1", reason)
+    for matched, reason in ((3, "short_match"), (4, "prefix_hit")):
+        d = p.choose(RouteRequest("m", num_blocks=5), cands(1, 0, matched=(matched, 0)))
+        assert (d.key, d.reason) == ("r0" if reason == "prefix_hit" else "r1", reason)
+    any_match = PrefixPolicy(1.25, min_match_ratio=0, min_match_tokens=0)
+    assert any_match.min_match_blocks(PROMPT) == 1
+    assert any_match.choose(PROMPT, cands(1, 0, matched=(1, 0))).reason == "prefix_hit"
+
+
+def test_a_worthwhile_match_on_a_replica_over_the_bound_is_a_spill_not_a_short_match():
+    p = PrefixPolicy(1.25)
+    d = p.choose(PROMPT, cands(9, 1, 1, 1, matched=(80, 10, 0, 0)))  # cap 4: r0 holds 80 blocks but is full
+    assert d.key != "r0" and d.reason == "load_spill"
+
+
 def test_prefix_spills_when_holder_exceeds_bound():
     p = PrefixPolicy(1.25)
     # total after = 9 -> cap = ceil(1.25 * 9 / 4) = 3; r0 holds 5 and the prefix
-    d = p.choose(REQ, cands(5, 1, 1, 1, matched=(8, 0, 2, 0)))
-    assert (d.key, d.reason, d.matched_blocks) == ("r2", "load_spill", 2)
+    d = p.choose(PROMPT, cands(5, 1, 1, 1, matched=(80, 0, 40, 0)))
+    assert (d.key, d.reason, d.matched_blocks) == ("r2", "load_spill", 40)
 
 
 def test_bound_binds_only_on_a_replica_with_a_request_waiting_for_its_first_byte():
     p = PrefixPolicy(1.25, load_floor=8)
     cs = cands(12, 4, 4, 4, matched=(100, 0, 0, 0))  # cap = max(8, ceil(1.25 * 25 / 4)) = 8; r0 holds 12
     cs[0].answering = 12  # all of r0's requests are streaming: it keeps up, the cache hit stays
-    assert p.choose(REQ, cs).key == "r0"
+    assert p.choose(PROMPT, cs).key == "r0"
     cs[0].answering = 11  # one waits (queued or in prefill): the bound applies and the prompt spills
-    d = p.choose(REQ, cs)
+    d = p.choose(PROMPT, cs)
     assert d.key != "r0" and d.reason == "load_spill"
 
 
@@ -136,29 +205,44 @@ def test_hot_prefix_spreads_within_c_times_mean():
     """One hot prefix, requests arriving and never finishing: every load stays within ceil(c × mean)."""
     for c in (1.0, 1.25, 2.0):
         p = PrefixPolicy(c)
-        cs = cands(0, 0, 0, 0, matched=(10, 0, 0, 0))
+        cs = cands(0, 0, 0, 0, matched=(90, 0, 0, 0))
         for _ in range(200):
-            d = p.choose(REQ, cs)
+            d = p.choose(PROMPT, cs)
             chosen = next(x for x in cs if x.key == d.key)
             chosen.in_flight += 1
-            chosen.matched_blocks = 10  # it now holds the prefix too
+            chosen.matched_blocks = 90  # it now holds the prefix too
             total = sum(x.in_flight for x in cs)
             assert max(x.in_flight for x in cs) <= math.ceil(c * total / len(cs))
 
 
 @given(
     loads=st.lists(st.integers(0, 50), min_size=1, max_size=8),
-    matched=st.lists(st.integers(0, 20), min_size=8, max_size=8),
+    matched=st.lists(st.integers(0, 40), min_size=8, max_size=8),
     c=st.floats(1.0, 3.0),
 )
 def test_prefix_choice_always_within_bound(loads, matched, c):
+    """Whatever the loads and matches of a 40-block prompt: the pick is within the bound; a match below the
+    threshold (12 blocks: 0.3 of the prompt) never decides; at or above it, the longest eligible one wins."""
     cs = cands(*loads, matched=tuple(matched[: len(loads)]))
-    d = PrefixPolicy(c).choose(REQ, cs)
+    p = PrefixPolicy(c)
+    req = RouteRequest("m", num_blocks=40)
+    need = p.min_match_blocks(req)
+    assert need == 12
+    d = p.choose(req, cs)
     chosen = next(x for x in cs if x.key == d.key)
     cap = load_cap(cs, c)
     assert chosen.in_flight + 1 <= cap or chosen.in_flight == min(loads)
-    assert chosen in within_bound(cs, c)
-    assert d.matched_blocks == max(x.matched_blocks for x in within_bound(cs, c))
+    eligible = within_bound(cs, c)
+    assert chosen in eligible
+    worth = [x.matched_blocks for x in eligible if x.matched_blocks >= need]
+    best = max(x.matched_blocks for x in cs)
+    if worth:
+        assert d.matched_blocks == max(worth)
+        assert d.reason == ("prefix_hit" if max(worth) == best else "load_spill")
+    elif best >= need:
+        assert d.reason == "load_spill"  # the only replicas worth following are over the bound
+    else:
+        assert d.reason == ("short_match" if best else "no_match")
 
 
 @given(n=st.integers(1, 8), requests=st.integers(1, 300))

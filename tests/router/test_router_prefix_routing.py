@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections import Counter
 
 import aiohttp
@@ -135,3 +136,64 @@ async def test_engine_without_tokenizer_still_routes_affinely_by_text():
     finally:
         for e in engines:
             await e.kill()
+
+
+def decisions(metrics_text: str) -> dict[str, float]:
+    pattern = r'^kubellm_router_routing_decisions_total\{policy="prefix",reason="([a-z_]+)"\} ([0-9.eE+-]+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, metrics_text, re.MULTILINE)}
+
+
+async def test_short_shared_head_does_not_pull_but_a_long_shared_prefix_does(pair):
+    """B holds one block every prompt starts with (here `<|system|>` + 14 words + `<|user|>`, like a chat
+    template's head) and a tenant's 320-word system prompt. Unrelated 300-word questions behind the head spread
+    over both replicas as `short_match`; questions behind the long prompt follow it to B as `prefix_hit`."""
+    a, b = pair
+    head, tenant = words(0, 14), words(600, 320)
+    async with RouterServer(cfg(pair)) as r, aiohttp.ClientSession() as http:
+        idx = r.router.index
+        slot = {x.url: x.slot for x in r.router.registry.backends.values()}
+        await until(lambda: idx.is_precise(slot[a.url]) and idx.is_precise(slot[b.url]))
+        for system in (head, tenant):  # warm both on B directly, not through the router
+            async with http.post(b.url + "/v1/chat/completions", json=chat(system, words(1900, 300))) as resp:
+                assert resp.status == 200
+        await until(lambda: len(idx.replica(slot[b.url])) >= 19 + 38)
+        unrelated = [await route(http, r, chat(head, words(100 + 37 * i, 300))) for i in range(6)]
+        assert {reason for _, reason in unrelated} == {"short_match"}
+        assert Counter(backend for backend, _ in unrelated) == {a.url: 3, b.url: 3}  # by footprint, in turn
+        for i in range(6):
+            assert await route(http, r, chat(tenant, words(1200 + 5 * i, 4))) == (b.url, "prefix_hit")
+        text = await (await http.get(r.url + "/metrics")).text()
+        assert decisions(text) == {"short_match": 6.0, "prefix_hit": 6.0}
+
+
+async def test_approximate_mode_does_not_pile_unrelated_prompts_on_the_first_replica():
+    """Without KV events the router knows only what it sent: after the first prompt, one replica "holds" the
+    shared head. Counting that as affinity sent every later prompt there until the load bound spilled it."""
+    engines = [await FakeEngine(f"e{i}", tokenizer=TOK, kv_events=False).start() for i in range(3)]
+    try:
+        async with RouterServer(cfg(engines, kv_events=False)) as r, aiohttp.ClientSession() as http:
+            head = words(0, 14)
+            routed = [await route(http, r, chat(head, words(100 + 37 * i, 300))) for i in range(9)]
+            assert Counter(backend for backend, _ in routed) == {e.url: 3 for e in engines}
+            assert Counter(reason for _, reason in routed) == {"no_match": 1, "short_match": 8}
+            text = await (await http.get(r.url + "/metrics")).text()
+            assert decisions(text) == {"no_match": 1.0, "short_match": 8.0}
+    finally:
+        for e in engines:
+            await e.kill()
+
+
+async def test_threshold_zero_restores_any_match_affinity(pair):
+    """--prefix-min-match-ratio 0 --prefix-min-match-tokens 0: one shared block is enough to follow."""
+    a, b = pair
+    head = words(0, 14)
+    config = cfg(pair, prefix_min_match_ratio=0.0, prefix_min_match_tokens=0)
+    async with RouterServer(config) as r, aiohttp.ClientSession() as http:
+        idx = r.router.index
+        slot = {x.url: x.slot for x in r.router.registry.backends.values()}
+        await until(lambda: idx.is_precise(slot[a.url]) and idx.is_precise(slot[b.url]))
+        async with http.post(b.url + "/v1/chat/completions", json=chat(head, words(1900, 300))) as resp:
+            assert resp.status == 200
+        await until(lambda: len(idx.replica(slot[b.url])) >= 19)
+        for i in range(4):
+            assert await route(http, r, chat(head, words(100 + 37 * i, 300))) == (b.url, "prefix_hit")
