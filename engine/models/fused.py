@@ -28,6 +28,11 @@ except ImportError:  # CPU installs: the torch path is used
     tl = None
 
 _state = {"ok": triton is not None and os.environ.get("KUBELLM_FUSED_KERNELS", "1") != "0"}
+# Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
+# (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
+ROPE_HEADS_PER_PROGRAM = 8
+SILU_MUL_CONFIG = (1024, 4)
+RMS_NORM_WARPS = 8
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -72,37 +77,33 @@ if triton is not None:
 
     @triton.jit
     def _rope_kernel(
-        q_ptr,
-        k_ptr,
-        cos_ptr,
-        sin_ptr,
-        q_out_ptr,
-        k_out_ptr,
-        stride_q,
-        stride_k,
-        stride_cs,
-        n_q_heads,
-        n_kv_heads,
-        half,
-        HEAD_DIM: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+        q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, stride_q, stride_k, stride_cs,
+        n_q_heads, n_kv_heads, n_q_blocks, half,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+    ):  # fmt: skip
+        # One program: HEADS heads of one token (q heads in the first n_q_blocks programs of axis 1, then k's).
         t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        i = tl.arange(0, BLOCK)
-        mask = i < half
-        c = tl.load(cos_ptr + t * stride_cs + i, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + t * stride_cs + i, mask=mask, other=0.0).to(tl.float32)
-        if h < n_q_heads:
-            src = q_ptr + t * stride_q + h * HEAD_DIM
-            dst = q_out_ptr + (t * n_q_heads + h) * HEAD_DIM
+        hb = tl.program_id(1)
+        if hb < n_q_blocks:
+            src_base = q_ptr + t * stride_q
+            dst_base = q_out_ptr + t * n_q_heads * HEAD_DIM
+            h0 = hb * HEADS
+            n_heads = n_q_heads
         else:
-            src = k_ptr + t * stride_k + (h - n_q_heads) * HEAD_DIM
-            dst = k_out_ptr + (t * n_kv_heads + (h - n_q_heads)) * HEAD_DIM
-        x1 = tl.load(src + i, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + half + i, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst + i, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + half + i, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+            src_base = k_ptr + t * stride_k
+            dst_base = k_out_ptr + t * n_kv_heads * HEAD_DIM
+            h0 = (hb - n_q_blocks) * HEADS
+            n_heads = n_kv_heads
+        heads = h0 + tl.arange(0, HEADS)
+        i = tl.arange(0, BLOCK)
+        c = tl.load(cos_ptr + t * stride_cs + i, mask=i < half, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * stride_cs + i, mask=i < half, other=0.0).to(tl.float32)[None, :]
+        mask = (heads < n_heads)[:, None] & (i < half)[None, :]
+        offs = heads[:, None] * HEAD_DIM + i[None, :]
+        x1 = tl.load(src_base + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src_base + offs + half, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_base + offs, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst_base + offs + half, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
@@ -123,8 +124,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         n = x.shape[1]
         _rms_norm_kernel[(x.shape[0],)](
-            x, weight, out, x.stride(0), out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8
-        )
+            x, weight, out, x.stride(0), out.stride(0), n, eps,
+            BLOCK=triton.next_power_of_2(n), num_warps=RMS_NORM_WARPS,
+        )  # fmt: skip
         return out
     except Exception as e:  # any compile or launch failure falls back to torch
         _disable("rms_norm", e)
@@ -144,7 +146,7 @@ def add_rms_norm(
         n = x.shape[1]
         _add_rms_norm_kernel[(x.shape[0],)](
             x, residual, weight, res_out, out, x.stride(0), residual.stride(0), res_out.stride(0), out.stride(0),
-            n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8,
+            n, eps, BLOCK=triton.next_power_of_2(n), num_warps=RMS_NORM_WARPS,
         )  # fmt: skip
         return res_out, out
     except Exception as e:
@@ -166,9 +168,11 @@ def rope(
         q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
         k_out = torch.empty((t, hkv, d), dtype=k.dtype, device=k.device)
         half = d // 2
-        _rope_kernel[(t, hq + hkv)](
-            q, k, cos2, sin2, q_out, k_out, q.stride(0), k.stride(0), cos2.stride(0), hq, hkv, half,
-            HEAD_DIM=d, BLOCK=triton.next_power_of_2(half),
+        heads = ROPE_HEADS_PER_PROGRAM
+        n_q_blocks = triton.cdiv(hq, heads)
+        _rope_kernel[(t, n_q_blocks + triton.cdiv(hkv, heads))](
+            q, k, cos2, sin2, q_out, k_out, q.stride(0), k.stride(0), cos2.stride(0), hq, hkv, n_q_blocks, half,
+            HEAD_DIM=d, BLOCK=triton.next_power_of_2(half), HEADS=heads,
         )  # fmt: skip
         return q_out, k_out
     except Exception as e:
@@ -183,8 +187,10 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
     try:
         n = x.shape[1] // 2
         out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-        block = 1024
-        _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+        block, warps = SILU_MUL_CONFIG
+        _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](
+            x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=warps
+        )
         return out
     except Exception as e:
         _disable("silu_mul", e)
