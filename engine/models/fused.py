@@ -30,9 +30,11 @@ except ImportError:  # CPU installs: the torch path is used
 _state = {"ok": triton is not None and os.environ.get("KUBELLM_FUSED_KERNELS", "1") != "0"}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
-ROPE_HEADS_PER_PROGRAM = 8
+# Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
+# bandwidth at 16 heads per program vs 0.20 at one; the rest sit at 0.96-0.98; all ~1.3-1.9 us at 1 token.
+ROPE_HEADS_PER_PROGRAM = 16
 SILU_MUL_CONFIG = (1024, 4)
-RMS_NORM_WARPS = 8
+RMS_NORM_WARPS = 4
 
 
 def enabled(x: torch.Tensor) -> bool:
