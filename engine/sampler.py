@@ -351,7 +351,9 @@ def _apply_top_k_top_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     """Keep the k highest logits (ties broken by position in topk's order), then the smallest head of
     the remaining distribution whose mass reaches top_p. A full sort of the vocabulary is slow (0.3 s for
     64 x 49k on CPU), so candidates come from topk: max(top_k) of them when every row has a top_k, else
-    _TOP_P_CANDIDATES; only rows whose top_p head does not fit among those fall back to a full sort."""
+    _TOP_P_CANDIDATES; only rows whose top_p head does not fit among those fall back to a full sort. On CUDA
+    finding those rows would be a host read (a sync per step), so every top_p row without a top_k is sorted:
+    a GPU sorts a 128k vocabulary in microseconds per row."""
     vocab = x.shape[1]
     rows = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
     if not rows:
@@ -380,15 +382,23 @@ def _apply_top_k_top_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         drop = (cum - probs) >= p_t  # the mass before this token already reaches top_p
         drop[:, 0] = False
         vals = vals.masked_fill(drop, float("-inf"))
-        short = ~has_k & (cum[:, -1:] < p_t).squeeze(1)  # the head runs past the candidates
-        incomplete = short.nonzero().squeeze(1).tolist()
+        if _host_reads_are_cheap(device):
+            short = ~has_k & (cum[:, -1:] < p_t).squeeze(1)  # the head runs past the candidates
+            incomplete = short.nonzero().squeeze(1).tolist()
+        else:  # reading `short` back would stall async scheduling every step: sort every such row instead
+            incomplete = [j for j, (k, p) in enumerate(zip(ks, ps, strict=True)) if k == 0 and p < 1.0]
     out = torch.full_like(sub, float("-inf")).scatter_(1, idx, vals)
     if incomplete:
-        inc = torch.tensor(incomplete, device=device)
-        out[inc] = _full_sort_top_p(sub[inc], torch.tensor([ps[j] for j in incomplete], dtype=x.dtype, device=device))
+        inc = to_device_async(incomplete, torch.long, device)
+        out[inc] = _full_sort_top_p(sub[inc], to_device_async([ps[j] for j in incomplete], x.dtype, device))
     x = x.clone()
     x[row_idx] = out
     return x
+
+
+def _host_reads_are_cheap(device: torch.device) -> bool:
+    """On CPU a tensor read costs nothing extra; on CUDA it waits for every queued kernel."""
+    return device.type != "cuda"
 
 
 def _full_sort_top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,30 @@ def test_top_p(top_p):
     assert_matches(draw(SamplingParams(top_p=top_p)), keep(probs, kept))
 
 
+def nucleus(probs: list[float], top_p: float) -> set[int]:
+    """The smallest head of `probs` whose mass reaches top_p."""
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        kept.add(i)
+        mass += probs[i]
+        if mass >= top_p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9])
+def test_top_p_without_host_reads_sorts_and_gives_the_same_distribution(monkeypatch, top_p):
+    """The CUDA path (no host read to find rows whose head outgrows the candidates), run on CPU: the same
+    distributions, with and without a top_k beside top_p."""
+    from kubellm.engine import sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "_host_reads_are_cheap", lambda device: False)
+    probs = softmax(LOGITS)
+    assert_matches(draw(SamplingParams(top_p=top_p)), keep(probs, nucleus(probs, top_p)))
+    top3 = keep(probs, {0, 1, 2})  # LOGITS are sorted: top_k=3 keeps tokens 0..2
+    assert_matches(draw(SamplingParams(top_p=top_p, top_k=3)), keep(top3, nucleus(top3, top_p)))
+
+
 @pytest.mark.parametrize("min_p", [0.1, 0.3, 0.7])
 def test_min_p(min_p):
     probs = softmax(LOGITS)
