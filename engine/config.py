@@ -28,6 +28,9 @@ class EngineConfig:
     generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults; "vllm": ignore it
     max_waiting_requests: int = 1024  # beyond this the server answers 429
     scheduling_policy: str = "fcfs"  # fcfs | priority
+    # admit new requests only while free KV blocks cover each running request's next this-many tokens (0: admit
+    # while blocks last, as vLLM does); saves the prefills that preemption by recompute throws away
+    kv_growth_reserve_tokens: int = 128
     sim_time_scale: float = 1.0  # --device sim: every simulated step takes this many times its modelled time
 
     def __post_init__(self) -> None:
@@ -39,6 +42,7 @@ class EngineConfig:
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
             "max_model_len": self.max_model_len is None or self.max_model_len >= 1,
             "sim_time_scale": self.sim_time_scale > 0,
+            "kv_growth_reserve_tokens": self.kv_growth_reserve_tokens >= 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -136,6 +136,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             policy=config.scheduling_policy,
+            growth_reserve_tokens=config.kv_growth_reserve_tokens,
         )
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
         self.async_scheduling = self._resolve_async_scheduling(config)

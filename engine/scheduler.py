@@ -38,6 +38,7 @@ class Scheduler:
         max_model_len: int,
         policy: str = "fcfs",
         long_prefill_token_threshold: int = 0,
+        growth_reserve_tokens: int = 0,
     ):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -45,6 +46,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.policy = policy
         self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: a prefill may take the whole budget
+        # New requests are admitted only while the blocks left cover the running ones' next tokens (up to this
+        # many each, never past max_tokens): admitting into the last free blocks only to preempt, and recompute,
+        # a request a few steps later wastes a whole prefill. 0: admit while blocks last.
+        self.growth_reserve_tokens = growth_reserve_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -125,6 +130,7 @@ class Scheduler:
             i += 1
 
         # 2. Admit waiting requests while budget, seats and blocks last (not after preempting this step).
+        reserve = self._growth_reserve_blocks()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
             first_time = req.num_computed_tokens == 0
@@ -136,6 +142,10 @@ class Scheduler:
                 continue
             req.num_computed_tokens = num_cached
             num_new = self._num_new_tokens(req, budget)
+            own_growth = self._growth_blocks(req, num_new) if self.growth_reserve_tokens else 0
+            if reserve and self.running and self.kv.num_free_blocks - own_growth < reserve:
+                req.num_computed_tokens = 0 if first_time else req.num_computed_tokens
+                break
             if num_new <= 0 or not self.kv.allocate(req, num_new, cached):
                 req.num_computed_tokens = 0 if first_time else req.num_computed_tokens
                 break
@@ -147,6 +157,8 @@ class Scheduler:
             self.running.append(req)
             self._add_to_batch(out, req, num_new)
             budget -= num_new
+            if self.growth_reserve_tokens:
+                reserve += self._growth_blocks(req, 0)
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> list[Request]:
@@ -162,6 +174,19 @@ class Scheduler:
         return sampled
 
     # ---- helpers -----------------------------------------------------------------------------
+    def _growth_blocks(self, req: Request, num_new: int) -> int:
+        """Blocks `req` still needs for its scheduled tokens plus its next growth_reserve_tokens outputs."""
+        future = min(self.growth_reserve_tokens, max(0, req.max_tokens - len(req.output_token_ids)))
+        if req.num_computed_tokens + num_new < req.num_tokens:  # a prefill: it needs its whole prompt first
+            future += req.num_tokens - req.num_computed_tokens - num_new
+        have = len(self.kv.block_ids(req.request_id)) if req.request_id in self.kv.req_blocks else 0
+        return max(0, self.kv.blocks_needed(req.num_computed_tokens + num_new + future) - have)
+
+    def _growth_reserve_blocks(self) -> int:
+        if not self.growth_reserve_tokens:
+            return 0
+        return sum(self._growth_blocks(r, 0) for r in self.running)
+
     def _num_new_tokens(self, req: Request, budget: int) -> int:
         if req.awaiting_final:
             return 0

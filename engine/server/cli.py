@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"], help="vllm: ignore the model's")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     p.add_argument(
+        "--kv-growth-reserve-tokens",
+        type=int,
+        default=128,
+        help="admit new requests only while free KV blocks cover every running request's next N tokens, so a "
+        "full cache does not preempt (and recompute) requests it just admitted (0: admit while blocks last)",
+    )
+    p.add_argument(
         "--max-waiting-requests", type=int, default=1024, help="waiting-queue bound; beyond it requests get 429"
     )
     p.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for")
@@ -352,6 +359,7 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
             generation_config=ns.generation_config,
             max_waiting_requests=ns.max_waiting_requests,
             scheduling_policy=ns.scheduling_policy,
+            kv_growth_reserve_tokens=ns.kv_growth_reserve_tokens,
             sim_time_scale=ns.sim_time_scale,
         )
     except ValueError as e:

@@ -118,8 +118,9 @@ def test_penalties_step_synchronously_and_equal_synchronous(loaded):
 
 def test_preemption_under_a_small_pool_equals_synchronous(loaded):
     reqs = [(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)) for p in prompts(12)]
-    sync = make_engine(loaded, False, num_gpu_blocks_override=24)
-    overlapped = make_engine(loaded, True, num_gpu_blocks_override=24)
+    small = {"num_gpu_blocks_override": 24, "kv_growth_reserve_tokens": 0}  # no reserve: preemption is the point
+    sync = make_engine(loaded, False, **small)
+    overlapped = make_engine(loaded, True, **small)
     a, b = run(sync, reqs), run(overlapped, reqs)
     assert summary(a) == summary(b)
     assert overlapped.scheduler.num_preemptions > 0, "the pool is small enough to preempt"

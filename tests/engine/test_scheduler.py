@@ -133,3 +133,50 @@ def test_no_deadlock_under_heavy_contention():
     assert not s.has_unfinished()
     assert all(len(r.output_token_ids) >= 6 for r in reqs)
     assert s.kv.num_used_blocks == 0
+
+
+def run_to_completion(s: Scheduler, max_tokens: int) -> int:
+    """Step until every request has max_tokens outputs; returns the tokens computed (recomputes included)."""
+    computed = 0
+    while s.has_unfinished():
+        out = s.schedule()
+        computed += out.batch.num_tokens
+        for req in s.update_after_step(out):
+            req.append_output_token(7)
+            if len(req.output_token_ids) >= max_tokens:
+                s.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
+    return computed
+
+
+def add_batch(s: Scheduler, n: int, prompt: int, max_tokens: int) -> None:
+    for i in range(n):
+        req = Request(f"r{i}", list(range(i * 1000, i * 1000 + prompt)), SamplingParams(max_tokens=max_tokens),
+                      max_tokens=max_tokens, block_size=s.kv.block_size, arrival_time=float(i))  # fmt: skip
+        s.add_request(req)
+
+
+def test_a_growth_reserve_admits_only_what_can_finish_without_preemption():
+    """10 requests of 16 prompt + 16 output tokens (8 blocks of 4 each) into 40 blocks: admitting while blocks
+    last takes all 10 prompts, then preempts and recomputes; reserving the running requests' next 16 tokens
+    admits 5, which finish, then the rest: no preemption, no token computed twice."""
+    greedy = make_scheduler(num_blocks=40, block_size=4, max_num_seqs=16, budget=1000)
+    add_batch(greedy, 10, 16, 16)
+    greedy_computed = run_to_completion(greedy, 16)
+    assert greedy.num_preemptions > 0 and greedy_computed > 10 * 32 - 10  # something was computed twice
+
+    reserved = make_scheduler(num_blocks=40, block_size=4, max_num_seqs=16, budget=1000)
+    reserved.growth_reserve_tokens = 16
+    add_batch(reserved, 10, 16, 16)
+    first = reserved.schedule()
+    assert len(first.requests) == 5  # 5 x (4 prompt + 4 growth blocks) = the whole pool
+    for req in reserved.update_after_step(first):
+        req.append_output_token(7)
+    assert run_to_completion(reserved, 16) + first.batch.num_tokens == 10 * (16 + 15)  # each token once
+    assert reserved.num_preemptions == 0
+
+
+def test_the_growth_reserve_never_holds_back_a_request_when_nothing_runs():
+    s = make_scheduler(num_blocks=8, block_size=4, budget=1000)
+    s.growth_reserve_tokens = 1000  # more than the pool: still the first request is admitted
+    add_batch(s, 1, 16, 16)
+    assert len(s.schedule().requests) == 1
