@@ -1,7 +1,9 @@
 """`ModelConfig`: the architecture facts the engine needs, read from a HF config.json or from GGUF metadata.
 
-One Llama-family forward serves every supported architecture; what differs between them (qkv bias, q/k norm,
+One Llama-family forward serves the Llama-like architectures; what differs between them (qkv bias, q/k norm,
 rope scaling, tied embeddings) is spelled out here as plain fields so the model code never looks at names.
+Gemma 3 has its own forward (models/gemma3.py); the facts the engine around it needs (attention scale, which
+layers slide, the local rope base) are plain fields too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 # model_type -> architecture, for configs that lack an `architectures` list.
@@ -23,7 +26,9 @@ _MODEL_TYPE_TO_ARCH = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+SLIDING, FULL = "sliding_attention", "full_attention"  # layer_types entries (transformers' names)
 
 
 class UnsupportedModelError(ValueError):
@@ -57,11 +62,25 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None  # Mistral: each query attends to the last W keys (attention backends)
+    sliding_window: int | None = None  # each query attends to the last W keys (on every layer unless layer_types)
+    layer_types: list[str] | None = None  # per layer SLIDING or FULL (Gemma 3); None: every layer alike
+    hidden_act: str = "silu"  # "gelu_pytorch_tanh" (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (Gemma); None: head_dim's
+    rope_local_theta: float | None = None  # rope base of the sliding layers (Gemma 3); rope_theta is the others'
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise unsupported_architecture(self.architecture)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise UnsupportedModelError(
+                    f"layer_types names {len(self.layer_types)} layers, the model has {self.num_hidden_layers}"
+                )
+            unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+            if unknown:
+                raise UnsupportedModelError(
+                    f"unsupported attention layer types {unknown}; supported: {SLIDING}, {FULL}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -80,6 +99,25 @@ class ModelConfig:
         return str(self.rope_scaling.get("rope_type") or self.rope_scaling.get("type") or "default")
 
     @property
+    def attention_scale(self) -> float:
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_is_sliding(self, layer: int) -> bool:
+        if not self.sliding_window:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == SLIDING
+
+    def attention_windows(self, max_len: int) -> int | list[int | None] | None:
+        """What the attention backend takes as `sliding_window`, for contexts of up to `max_len` tokens: None
+        when no window can bind, W when every layer has the same window W, else one entry per layer (None:
+        full attention). A window as long as the context changes nothing, so it is dropped."""
+        window = self.sliding_window if self.sliding_window and self.sliding_window < max_len else None
+        if window is None:
+            return None
+        per_layer = [window if self.layer_is_sliding(i) else None for i in range(self.num_hidden_layers)]
+        return window if all(w == window for w in per_layer) else per_layer
+
+    @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -91,6 +129,8 @@ class ModelConfig:
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Read a transformers config.json (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters` style)."""
         arch = _architecture(cfg)
+        if arch == "Gemma3ForCausalLM":
+            return cls._from_gemma3_config(cfg)
         if cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"):
             raise unsupported_architecture(arch + " (mixture of experts)")
         act = cfg.get("hidden_act", "silu")
@@ -127,6 +167,70 @@ class ModelConfig:
             eos_token_ids=token_id_list(cfg.get("eos_token_id")),
             sliding_window=int(sliding) if sliding else None,
         )
+
+    @classmethod
+    def _from_gemma3_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """transformers' Gemma3TextConfig (config.json of a Gemma3ForCausalLM), v4 or v5 style."""
+        arch = "Gemma3ForCausalLM"
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if cfg.get(key) is not None:
+                raise UnsupportedModelError(f"{arch} with {key}={cfg[key]} is not supported")
+        if cfg.get("use_bidirectional_attention"):
+            raise UnsupportedModelError(f"{arch} with use_bidirectional_attention (an encoder) is not supported")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise UnsupportedModelError(
+                f"unsupported activation {act!r} in {arch}; kubellm implements gelu_pytorch_tanh"
+            )
+        layers = int(cfg.get("num_hidden_layers", 26))
+        layer_types = cfg.get("layer_types")
+        if not layer_types:
+            pattern = int(cfg.get("sliding_window_pattern", 6))
+            layer_types = gemma3_layer_types(layers, pattern)
+        params = cfg.get("rope_parameters")
+        if isinstance(params, dict) and FULL in params:  # v5: one rope dict per layer type
+            full, local = dict(params[FULL] or {}), dict(params.get(SLIDING) or {})
+            rope_theta = float(full.pop("rope_theta", 1_000_000.0))
+            local_theta = float(local.get("rope_theta", 10_000.0))
+            if (local.get("rope_type") or "default") != "default":
+                raise UnsupportedModelError(f"{arch}: rope scaling on the sliding layers is not supported")
+            rope_scaling = full if (full.get("rope_type") or full.get("type") or "default") != "default" else None
+        else:
+            rope_theta, rope_scaling = _rope(cfg | {"rope_theta": cfg.get("rope_theta", 1_000_000.0)})
+            local_theta = float(cfg.get("rope_local_base_freq", 10_000.0))
+        heads = int(cfg.get("num_attention_heads", 8))
+        sliding = cfg.get("sliding_window", 4096)
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg.get("vocab_size", 262_208)),
+            hidden_size=int(cfg.get("hidden_size", 2304)),
+            intermediate_size=int(cfg.get("intermediate_size", 9216)),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or 256),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 131_072)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            attention_out_bias=bool(cfg.get("attention_bias", False)),
+            qk_norm=True,
+            bos_token_id=cfg.get("bos_token_id", 2),
+            eos_token_ids=token_id_list(cfg.get("eos_token_id", 1)),
+            sliding_window=int(sliding) if sliding else None,
+            layer_types=[str(t) for t in layer_types],
+            hidden_act="gelu_pytorch_tanh",
+            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+            rope_local_theta=local_theta,
+        )
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
+    """Gemma 3's interleave: every `pattern`-th layer is global, the others slide (transformers' and llama.cpp's
+    default when a checkpoint does not list them)."""
+    return [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
 
 
 def token_id_list(value: Any) -> list[int]:

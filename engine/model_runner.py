@@ -110,7 +110,7 @@ class ModelRunner:
             c.num_attention_heads // tp_size,
             self.num_kv_heads,
             c.head_dim,
-            c.head_dim**-0.5,
+            c.attention_scale,
             config.block_size,
             dtype=self.dtype,
             device=self.device,
@@ -134,10 +134,11 @@ class ModelRunner:
         self.memory_profile: dict[str, float] = {}
 
     @staticmethod
-    def _sliding_window(c, config: EngineConfig) -> int | None:
-        """The model's attention window, when a context can outgrow it (else windowing changes nothing)."""
+    def _sliding_window(c, config: EngineConfig) -> int | list[int | None] | None:
+        """The model's attention window(s) (one, or one per layer), when a context can outgrow them (else
+        windowing changes nothing)."""
         limit = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-        return c.sliding_window if c.sliding_window and c.sliding_window < limit else None
+        return c.attention_windows(limit)
 
     def kv_cache_bytes_per_block(self) -> int:
         c = self.model_config

@@ -181,16 +181,37 @@ class AttentionBackend(ABC):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        sliding_window: int | None = None,
+        sliding_window: int | Sequence[int | None] | None = None,
     ):
         """`dtype`/`device`: the model's; a backend that allocates buffers or plans kernels up front needs them.
-        `sliding_window` W (Mistral): a query at position p sees keys p-W+1..p only (transformers' convention)."""
+        `sliding_window` W: a query at position p sees keys p-W+1..p only (transformers' convention); one W for
+        every layer (Mistral), or one entry per layer, None for a full-attention layer (Gemma 3)."""
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.block_size = block_size
-        self.sliding_window = sliding_window
+        if sliding_window is None or isinstance(sliding_window, int):
+            self.layer_windows: list[int | None] | None = None
+            self.sliding_window = sliding_window
+        else:
+            self.layer_windows = [None if w is None else int(w) for w in sliding_window]
+            self.sliding_window = None
+        for w in self.windows:
+            if w is not None and w < 1:
+                raise ValueError(f"sliding window must be >= 1 token, got {w}")
+
+    @property
+    def windows(self) -> list[int | None]:
+        """The distinct windows the layers use (None: full attention), in first-use order: one plan each."""
+        if self.layer_windows is None:
+            return [self.sliding_window]
+        return list(dict.fromkeys(self.layer_windows))
+
+    def window_of(self, layer_idx: int) -> int | None:
+        if self.layer_windows is None:
+            return self.sliding_window
+        return self.layer_windows[layer_idx]
 
     @abstractmethod
     def begin_step(self, meta: AttentionMetadata) -> None:

@@ -9,6 +9,10 @@ so a mixed batch is one call per layer) — and every layer reuses that plan. Ne
 CUDA graphs: `init_cuda_graphs` makes one decode wrapper per captured batch size, in flashinfer's CUDA-graph
 mode (fixed indptr/indices/last-page-length buffers, shared by all sizes since one graph runs at a time);
 `begin_graph_step` plans the padded batch into those buffers right before the graph is replayed.
+
+Sliding windows: flashinfer takes the window (`window_left`) at plan time, so each distinct window of the
+layers (Gemma 3: its local window, and None for the global layers) has its own wrappers, all planned every step
+over the same page table; each layer runs the wrapper of its window.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ WORKSPACE_BYTES = 512 * 1024 * 1024
 # prefill step's FLOPs (the weight GEMMs are the rest), so FA3 would gain little and cost one more kernel
 # family to build per head size (FA3 also needs curand headers at build time).
 PREFILL_BACKEND = "fa2"
+
+
+_Wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper | flashinfer.BatchPrefillWithPagedKVCacheWrapper
 
 
 def _i32(values: Sequence[int] | np.ndarray) -> torch.Tensor:
@@ -65,7 +72,7 @@ class FlashInferAttention(AttentionBackend):
         device: torch.device | str | None = None,
         use_tensor_cores: bool | None = None,
         prefill_backend: str = PREFILL_BACKEND,
-        sliding_window: int | None = None,
+        sliding_window: int | Sequence[int | None] | None = None,
     ):
         super().__init__(
             num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device,
@@ -83,50 +90,61 @@ class FlashInferAttention(AttentionBackend):
             use_tensor_cores = env == "1" if env in ("0", "1") else group >= 4
         self.use_tensor_cores = use_tensor_cores
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores
-        )
-        self._graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
-        self._wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper | flashinfer.BatchPrefillWithPagedKVCacheWrapper
-        self._wrapper = self._decode
+        # one prefill and one decode wrapper per distinct window; they share the float workspace (the layers run
+        # one after another on one stream)
+        self._prefill = {
+            w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
+            for w in self.windows
+        }
+        self._decode = {
+            w: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores
+            )
+            for w in self.windows
+        }
+        self._graph_decode: dict[int, dict[int | None, flashinfer.BatchDecodeWithPagedKVCacheWrapper]] = {}
+        self._wrappers: dict[int | None, _Wrapper] = dict(self._decode)  # window -> the wrapper this step runs
         self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._v_rows = self._k_rows
-        self._plan_copied: torch.cuda.Event | None = None
+        self._plan_copied: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> its last plan's host-to-device copy
 
     def _plan(self, wrapper, *args, **kwargs) -> None:
-        """flashinfer's plan fills a pinned host buffer and queues its copy to the device; with async
-        scheduling the next plan may run before the GPU reached that copy, so wait for it (in steady state
-        it ran long ago: the GPU is a step behind the host at most)."""
-        if self._plan_copied is not None:
-            wait_event(self._plan_copied)
+        """flashinfer's plan fills the wrapper's pinned host buffer and queues its copy to the device; with
+        async scheduling the wrapper's next plan may run before the GPU reached that copy, so wait for it (in
+        steady state it ran long ago: the GPU is a step behind the host at most)."""
+        copied = self._plan_copied.get(id(wrapper))
+        if copied is not None:
+            wait_event(copied)
         wrapper.plan(*args, **kwargs)
-        self._plan_copied = torch.cuda.Event()
-        self._plan_copied.record()
+        event = torch.cuda.Event()
+        event.record()
+        self._plan_copied[id(wrapper)] = event
 
     # ---- per-step planning -------------------------------------------------------------------
-    def _plan_args(self) -> dict:
+    def _plan_args(self, window: int | None) -> dict:
         args = {"q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale}
-        if self.sliding_window is not None:
-            args["window_left"] = self.sliding_window - 1  # flashinfer: keys q-window_left..q (inclusive)
+        if window is not None:
+            args["window_left"] = window - 1  # flashinfer: keys q-window_left..q (inclusive)
         return args
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         indptr, indices, last = paged_kv_layout(meta.seq_lens_list, meta.block_tables_list, self.block_size)
         h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
+        pages = _i32_on(indices, self.device)
         if meta.is_decode_only:
-            pages = _i32_on(indices, self.device)
-            self._plan(self._decode, _i32(indptr), pages, _i32(last), h, hkv, d, bs, **self._plan_args())
-            self._wrapper = self._decode
+            kv_indptr, last_len = _i32(indptr), _i32(last)
+            for w, wrapper in self._decode.items():
+                self._plan(wrapper, kv_indptr, pages, last_len, h, hkv, d, bs, **self._plan_args(w))
+            self._wrappers = dict(self._decode)
         else:
             qo = np.zeros(meta.num_seqs + 1, dtype=np.int32)
             np.cumsum(meta.query_lens_list, out=qo[1:])
-            self._plan(
-                self._prefill,
-                _i32(qo), _i32(indptr), _i32_on(indices, self.device), _i32(last), h, hkv, d, bs, causal=True,
-                **self._plan_args(),
-            )  # fmt: skip
-            self._wrapper = self._prefill
+            qo_indptr, kv_indptr, last_len = _i32(qo), _i32(indptr), _i32(last)
+            for w, wrapper in self._prefill.items():
+                self._plan(
+                    wrapper, qo_indptr, kv_indptr, pages, last_len, h, hkv, d, bs, causal=True, **self._plan_args(w)
+                )
+            self._wrappers = dict(self._prefill)
         self.set_slots(meta.slot_mapping)
 
     def set_slots(self, slot_mapping: torch.Tensor) -> None:
@@ -145,15 +163,18 @@ class FlashInferAttention(AttentionBackend):
         last = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
         self._graph_pages = indices.numel()
         for b in batch_sizes:
-            self._graph_decode[b] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace,
-                "NHD",
-                use_cuda_graph=True,
-                use_tensor_cores=self.use_tensor_cores,
-                paged_kv_indptr_buffer=indptr[: b + 1],
-                paged_kv_indices_buffer=indices,
-                paged_kv_last_page_len_buffer=last[:b],
-            )
+            self._graph_decode[b] = {
+                w: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    self.workspace,
+                    "NHD",
+                    use_cuda_graph=True,
+                    use_tensor_cores=self.use_tensor_cores,
+                    paged_kv_indptr_buffer=indptr[: b + 1],
+                    paged_kv_indices_buffer=indices,
+                    paged_kv_last_page_len_buffer=last[:b],
+                )
+                for w in self.windows
+            }
 
     def graph_fits(self, seq_lens: Sequence[int]) -> bool:
         """Whether the padded batch's page table fits the fixed buffers (else the step runs eagerly)."""
@@ -168,11 +189,13 @@ class FlashInferAttention(AttentionBackend):
         self, batch_size: int, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray
     ) -> None:
         """`begin_graph_step` from a page-table triple the caller already built (see `paged_kv_layout_flat`)."""
-        wrapper = self._graph_decode[batch_size]
+        wrappers = self._graph_decode[batch_size]
         h, hkv, d, bs = self.num_heads, self.num_kv_heads, self.head_dim, self.block_size
         pages = _i32_on(indices, self.device)
-        self._plan(wrapper, _i32(indptr), pages, _i32(last_page_len), h, hkv, d, bs, **self._plan_args())
-        self._wrapper = wrapper
+        kv_indptr, last_len = _i32(indptr), _i32(last_page_len)
+        for w, wrapper in wrappers.items():  # every window's wrapper fills the same shared page-table buffers
+            self._plan(wrapper, kv_indptr, pages, last_len, h, hkv, d, bs, **self._plan_args(w))
+        self._wrappers = dict(wrappers)
 
     # ---- per layer ---------------------------------------------------------------------------
     def forward(
@@ -181,7 +204,7 @@ class FlashInferAttention(AttentionBackend):
         flat = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat.index_copy_(0, self._k_rows, k)
         flat.index_copy_(0, self._v_rows, v)
-        return self._wrapper.run(q, kv_cache)
+        return self._wrappers[self.window_of(layer_idx)].run(q, kv_cache)
 
 
 __all__ = ["FlashInferAttention", "paged_kv_layout"]

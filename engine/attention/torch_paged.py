@@ -4,10 +4,12 @@ Correctness first: every sequence reads its context back from the paged cache (s
 table shows up as wrong logits). Speed second: decodes of one step are attended in one padded batched call
 (grouped-query heads folded into the query axis, so K/V are never repeated); prefill chunks run one
 `scaled_dot_product_attention` per sequence, since padding a long prefill with short decodes wastes work.
+Sliding windows are masks; with per-layer windows (Gemma 3) each distinct window gets its own masks per step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +49,7 @@ class TorchPagedAttention(AttentionBackend):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        sliding_window: int | None = None,
+        sliding_window: int | Sequence[int | None] | None = None,
     ):
         super().__init__(
             num_heads, num_kv_heads, head_dim, scale, block_size, dtype=dtype, device=device,
@@ -56,55 +58,61 @@ class TorchPagedAttention(AttentionBackend):
         self.group = num_heads // num_kv_heads
         self._write_blocks = torch.empty(0, dtype=torch.int64)
         self._write_offsets = torch.empty(0, dtype=torch.int64)
-        self._decode: _DecodePlan | None = None
-        self._prefills: list[_PrefillPlan] = []
+        # window -> (the step's decode plan, its prefill plans): one entry per distinct window of the layers
+        self._plans: dict[int | None, tuple[_DecodePlan | None, list[_PrefillPlan]]] = {}
 
     def begin_step(self, meta: AttentionMetadata) -> None:
-        device = meta.slot_mapping.device
         bs = meta.block_size
         self._write_blocks = torch.div(meta.slot_mapping, bs, rounding_mode="floor")
         self._write_offsets = meta.slot_mapping % bs
+        self._plans = {w: (self._plan_decodes(meta, w), self._plan_prefills(meta, w)) for w in self.windows}
+
+    def _plan_decodes(self, meta: AttentionMetadata, window: int | None) -> _DecodePlan | None:
+        device = meta.slot_mapping.device
+        bs = meta.block_size
         starts = meta.query_start_loc.tolist() if meta.num_seqs else [0]
         decode_idx = [i for i, n in enumerate(meta.query_lens_list) if n == 1]
-        self._decode = None
-        if decode_idx:
-            lens = [meta.seq_lens_list[i] for i in decode_idx]
-            nb = -(-max(lens) // bs)
-            tables = [
-                meta.block_tables_list[i][:nb] + [0] * (nb - min(nb, len(meta.block_tables_list[i])))
-                for i in decode_idx
-            ]
-            ctx = nb * bs
-            mask = None
-            window = self.sliding_window
-            if any(n != ctx for n in lens) or (window is not None and max(lens) > window):
-                keys = torch.arange(ctx, device=device)[None, :]
-                lens_t = torch.tensor(lens, device=device)[:, None]
-                mask = keys < lens_t
-                if window is not None:  # the query sits at position len - 1
-                    mask &= keys > lens_t - 1 - window
-                mask = mask[:, None, None, :]
-            self._decode = _DecodePlan(
-                rows=torch.tensor([starts[i] for i in decode_idx], dtype=torch.int64, device=device),
-                block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
-                context_len=ctx,
-                mask=mask,
-            )
-        self._prefills = []
+        if not decode_idx:
+            return None
+        lens = [meta.seq_lens_list[i] for i in decode_idx]
+        nb = -(-max(lens) // bs)
+        tables = [
+            meta.block_tables_list[i][:nb] + [0] * (nb - min(nb, len(meta.block_tables_list[i]))) for i in decode_idx
+        ]
+        ctx = nb * bs
+        mask = None
+        if any(n != ctx for n in lens) or (window is not None and max(lens) > window):
+            keys = torch.arange(ctx, device=device)[None, :]
+            lens_t = torch.tensor(lens, device=device)[:, None]
+            mask = keys < lens_t
+            if window is not None:  # the query sits at position len - 1
+                mask &= keys > lens_t - 1 - window
+            mask = mask[:, None, None, :]
+        return _DecodePlan(
+            rows=torch.tensor([starts[i] for i in decode_idx], dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
+            context_len=ctx,
+            mask=mask,
+        )
+
+    def _plan_prefills(self, meta: AttentionMetadata, window: int | None) -> list[_PrefillPlan]:
+        device = meta.slot_mapping.device
+        bs = meta.block_size
+        starts = meta.query_start_loc.tolist() if meta.num_seqs else [0]
+        plans = []
         for i, n in enumerate(meta.query_lens_list):
             if n == 1:
                 continue
             seq_len, cached = meta.seq_lens_list[i], meta.context_lens_list[i]
             nb = -(-seq_len // bs)
             mask = None
-            window = self.sliding_window
             if cached or (window is not None and seq_len > window):
                 q_pos = torch.arange(cached, seq_len, device=device)[:, None]
                 k_pos = torch.arange(seq_len, device=device)[None, :]
                 mask = k_pos <= q_pos
                 if window is not None:
                     mask &= k_pos > q_pos - window
-            self._prefills.append(
+            plans.append(
                 _PrefillPlan(
                     start=starts[i],
                     end=starts[i] + n,
@@ -114,15 +122,17 @@ class TorchPagedAttention(AttentionBackend):
                     mask=mask,
                 )
             )
+        return plans
 
     def forward(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         kv_cache[self._write_blocks, :, self._write_offsets] = torch.stack((k, v), dim=1)
         out = torch.empty_like(q)
-        if self._decode is not None:
-            out[self._decode.rows] = self._attend_decodes(q, kv_cache, self._decode)
-        for p in self._prefills:
+        decode, prefills = self._plans[self.window_of(layer_idx)]
+        if decode is not None:
+            out[decode.rows] = self._attend_decodes(q, kv_cache, decode)
+        for p in prefills:
             out[p.start : p.end] = self._attend_prefill(
                 q[p.start : p.end], k[p.start : p.end], v[p.start : p.end], kv_cache, p
             )

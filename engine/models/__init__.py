@@ -1,4 +1,4 @@
-"""Model registry: HF architecture name -> implementation. Every supported architecture is the Llama family."""
+"""Model registry: HF architecture name -> implementation (the Llama-family forward, or Gemma 3's)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from torch import nn
 
 from kubellm.engine.model_config import ModelConfig, unsupported_architecture
 
+from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
 
-MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
@@ -28,4 +30,4 @@ def build_model(
     return cls(config, dtype=dtype, device=device)
 
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "build_model"]
+__all__ = ["MODEL_REGISTRY", "Gemma3ForCausalLM", "LlamaForCausalLM", "build_model"]
