@@ -130,13 +130,13 @@ def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str
     from kubellm.engine.attention.flashinfer_backend import _i32, paged_kv_layout
 
     indptr, indices, last = paged_kv_layout([ctx] * batch, tables, bs)
-    attn._decode.plan(
+    attn._decode[None].plan(
         _i32(indptr), _i32(indices), _i32(last), c.num_attention_heads, c.num_key_value_heads, c.head_dim, bs,
         q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=c.head_dim**-0.5,
     )  # fmt: skip
     for _ in range(3):
-        attn._decode.run(q, cache)
-    t = _cuda_time(lambda: attn._decode.run(q, cache), 20)
+        attn._decode[None].run(q, cache)
+    t = _cuda_time(lambda: attn._decode[None].run(q, cache), 20)
     kv_bytes = batch * ctx * 2 * c.kv_size * 2
     out = {"ms": t * 1e3, "kv_tb_s": kv_bytes / t / 1e12}
     try:  # as a decode step runs it: 32 layers' calls replayed from one CUDA graph (no launch overhead)
@@ -144,7 +144,7 @@ def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(32):
-                attn._decode.run(q, cache)
+                attn._decode[None].run(q, cache)
         graph.replay()
         out["in_graph_ms"] = _cuda_time(graph.replay, 10) * 1e3 / 32
     except Exception as e:  # a wrapper that cannot be captured outside its CUDA-graph mode
@@ -791,11 +791,6 @@ def main(argv: list[str] | None = None) -> int:
     use_tc = micro["tensor_core_b256"]["ms"] < micro["cuda_core_b256"]["ms"]
     os.environ["KUBELLM_DECODE_TENSOR_CORES"] = "1" if use_tc else "0"
     r["engine"]["decode_tensor_cores"] = use_tc
-    if use_tc:  # small graph batches may do better on CUDA cores: from the first batch where tensor cores win
-        key = "in_graph_ms" if all("in_graph_ms" in m for m in micro.values()) else "ms"
-        wins = [b for b in batches if micro[f"tensor_core_b{b}"][key] <= micro[f"cuda_core_b{b}"][key]]
-        os.environ["KUBELLM_DECODE_TENSOR_CORES_MIN_BATCH"] = str(wins[0] if wins else batches[-1])
-        r["engine"]["decode_tensor_cores_min_batch"] = int(os.environ["KUBELLM_DECODE_TENSOR_CORES_MIN_BATCH"])
     log.info("decode attention alone (1 layer, ctx 1024): %s -> tensor cores %s", micro, use_tc)
     torch.cuda.empty_cache()
 
