@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubellm.engine import parallel
 from kubellm.engine.attention.base import AttentionBackend
-from kubellm.engine.loader.errors import ModelLoadError
 from kubellm.engine.model_config import FULL, SLIDING, ModelConfig
 
-from .llama import MLP, Attention, _param, rope_inv_freq
+from .causal_lm import CausalLM, CheckpointReader, check_shape, new_param
+from .llama import MLP, Attention, rope_inv_freq
 
 
 class GemmaRMSNorm(nn.Module):
@@ -38,7 +37,7 @@ class GemmaRMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, device: torch.device):
         super().__init__()
         self.eps = eps
-        self.weight = _param((size,), torch.float32, device)
+        self.weight = new_param((size,), torch.float32, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -87,7 +86,9 @@ _LAYER_NORMS = (
 )
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLM):
+    norm_types = (GemmaRMSNorm,)
+
     def __init__(
         self,
         config: ModelConfig,
@@ -96,22 +97,12 @@ class Gemma3ForCausalLM(nn.Module):
         tp_rank: int = 0,
         tp_size: int = 1,
     ):
-        super().__init__()
+        super().__init__(config, dtype, device, tp_rank, tp_size)
         device = torch.device(device)
-        if tp_size > 1:
-            parallel.check_tp_size(config, tp_size)
-        self.config = config
-        self.dtype = dtype
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        vocab = parallel.vocab_shard(config.vocab_size, tp_rank, tp_size)[1] if tp_size > 1 else config.vocab_size
-        self.embed_tokens = _param((vocab, config.hidden_size), dtype, device)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, dtype, device, tp_size) for _ in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, device)
-        self.lm_head = (
-            self.embed_tokens if config.tie_word_embeddings else _param((vocab, config.hidden_size), dtype, device)
-        )
         # sliding layers: the local rope base, no scaling; global layers: rope_theta with the configured scaling
         local = dataclasses.replace(config, rope_theta=config.rope_local_theta or config.rope_theta, rope_scaling=None)
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
@@ -136,11 +127,7 @@ class Gemma3ForCausalLM(nn.Module):
         """input_ids/positions [T] (packed sequences) -> final-normed hidden states [T, H]."""
         rope_global = self._cos_sin(positions, self.inv_freq)
         rope_local = self._cos_sin(positions, self.inv_freq_local)
-        if self.tp_size > 1:
-            h = parallel.vocab_parallel_embedding(input_ids, self.embed_tokens, self.tp_rank)
-        else:
-            h = F.embedding(input_ids, self.embed_tokens)
-        h = h * self.embed_scale
+        h = self.embed(input_ids) * self.embed_scale
         for i, layer in enumerate(self.layers):
             cos, sin = rope_local if self.sliding[i] else rope_global
             x = layer.self_attn(i, layer.input_layernorm(h), cos, sin, kv_caches[i], attn)
@@ -149,88 +136,26 @@ class Gemma3ForCausalLM(nn.Module):
             h = h + layer.post_feedforward_layernorm(x)
         return self.norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, V] (the full vocab on every rank under tensor parallelism)."""
-        if self.tp_size > 1:
-            return parallel.vocab_parallel_logits(hidden, self.lm_head, self.config.vocab_size)
-        return F.linear(hidden, self.lm_head).float()
-
-    def param_counts(self) -> dict[str, int]:
-        """Elements held by this rank: 'sharded' (split across TP ranks) and 'replicated' (norms, row biases)."""
-        replicated = {id(p) for m in self.modules() if isinstance(m, GemmaRMSNorm) for p in m.parameters()}
-        for layer in self.layers:
-            bias = layer.self_attn.o_proj.bias
-            if bias is not None:
-                replicated.add(id(bias))
-        counts = {"sharded": 0, "replicated": 0}
-        for p in self.parameters():
-            counts["replicated" if id(p) in replicated else "sharded"] += p.numel()
-        return counts
-
     # -- weights -------------------------------------------------------------------------------------------
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """HF-named tensors (norm weights in HF's w convention); q/k/v and gate/up fused; this rank's shards
-        under tensor parallelism (see llama.py's load_weights)."""
-        c = self.config
-        rank, size = self.tp_rank, self.tp_size
-        used: set[str] = set()
-
-        def take(name: str, split: str = "") -> torch.Tensor:
-            if name not in weights:
-                raise ModelLoadError(f"checkpoint lacks weight {name!r} that {c.architecture} needs")
-            used.add(name)
-            if split == "vocab":
-                return parallel.read_vocab_shard(weights, name, rank, size)
-            if split:
-                return parallel.read_shard(weights, name, 0 if split == "col" else 1, rank, size)
-            return weights[name]
-
-        def put(param: nn.Parameter | None, tensor: torch.Tensor, name: str) -> None:
-            if param is None:
-                raise ModelLoadError(f"checkpoint has weight {name!r} that this {c.architecture} config does not use")
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ModelLoadError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
-                )
-            param.data = tensor.to(device=param.device, dtype=param.dtype)
+        under tensor parallelism (see causal_lm.CheckpointReader)."""
+        r = CheckpointReader(weights, self.config, self.tp_rank, self.tp_size)
 
         def norm(module: GemmaRMSNorm, name: str) -> None:
-            tensor = take(name)
-            if tuple(tensor.shape) != tuple(module.weight.shape):
-                raise ModelLoadError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(module.weight.shape)}"
-                )
+            tensor = r.take(name)
+            check_shape(tensor, tuple(module.weight.shape), name)
             module.load(tensor)
 
-        def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
-            return torch.cat([take(f"{prefix}.{p}.{suffix}", "col") for p in parts], dim=0)
-
-        put(self.embed_tokens, take("model.embed_tokens.weight", "vocab"), "model.embed_tokens.weight")
+        self.load_embeddings(r)
         norm(self.norm, "model.norm.weight")
-        if not c.tie_word_embeddings:
-            put(self.lm_head, take("lm_head.weight", "vocab"), "lm_head.weight")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}"
-            attn, mlp = layer.self_attn, layer.mlp
             for n in _LAYER_NORMS:
                 norm(getattr(layer, n), f"{p}.{n}.weight")
-            norm(attn.q_norm, f"{p}.self_attn.q_norm.weight")
-            norm(attn.k_norm, f"{p}.self_attn.k_norm.weight")
-            qkv = ("q_proj", "k_proj", "v_proj")
-            put(attn.qkv_proj.weight, fused(f"{p}.self_attn", qkv, "weight"), f"{p}.self_attn.qkv weight")
-            if c.attention_bias:
-                put(attn.qkv_proj.bias, fused(f"{p}.self_attn", qkv, "bias"), f"{p}.self_attn.qkv bias")
-            put(attn.o_proj.weight, take(f"{p}.self_attn.o_proj.weight", "row"), f"{p}.self_attn.o_proj.weight")
-            if c.attention_out_bias:
-                put(attn.o_proj.bias, take(f"{p}.self_attn.o_proj.bias"), f"{p}.self_attn.o_proj.bias")
-            put(mlp.gate_up_proj.weight, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "weight"), f"{p}.mlp.gate_up")
-            put(mlp.down_proj.weight, take(f"{p}.mlp.down_proj.weight", "row"), f"{p}.mlp.down_proj.weight")
-        if c.tie_word_embeddings and "lm_head.weight" in weights:
-            used.add("lm_head.weight")
-        unexpected = sorted(n for n in weights if n not in used)
-        if unexpected:
-            shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-            raise ModelLoadError(f"checkpoint has {len(unexpected)} weights {c.architecture} does not use: {shown}")
-        if c.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
+            norm(layer.self_attn.q_norm, f"{p}.self_attn.q_norm.weight")
+            norm(layer.self_attn.k_norm, f"{p}.self_attn.k_norm.weight")
+            r.load_attention_and_mlp(layer, p)
+        r.finish()
+        self.tie_head()

@@ -18,10 +18,10 @@ from torch import nn
 
 from kubellm.engine import parallel
 from kubellm.engine.attention.base import AttentionBackend
-from kubellm.engine.loader.errors import ModelLoadError
 from kubellm.engine.model_config import ModelConfig
 
 from . import fused
+from .causal_lm import CausalLM, CheckpointReader, new_param
 
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -29,16 +29,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
 
 
-def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    # torch.empty reserves without touching pages; load_weights swaps in the real storage.
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.eps = eps
-        self.weight = _param((size,), dtype, device)
+        self.weight = new_param((size,), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.enabled(x):  # CUDA: one Triton kernel instead of seven
@@ -67,8 +62,8 @@ class Linear(nn.Module):
 
     def __init__(self, in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.weight = _param((out_f, in_f), dtype, device)
-        self.bias = _param((out_f,), dtype, device) if bias else None
+        self.weight = new_param((out_f, in_f), dtype, device)
+        self.bias = new_param((out_f,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.weight, self.bias)
@@ -171,7 +166,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dtype, device, tp_size)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    norm_types = (RMSNorm,)
+
     def __init__(
         self,
         config: ModelConfig,
@@ -180,22 +177,12 @@ class LlamaForCausalLM(nn.Module):
         tp_rank: int = 0,
         tp_size: int = 1,
     ):
-        super().__init__()
+        super().__init__(config, dtype, device, tp_rank, tp_size)
         device = torch.device(device)
-        if tp_size > 1:
-            parallel.check_tp_size(config, tp_size)
-        self.config = config
-        self.dtype = dtype
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        vocab = parallel.vocab_shard(config.vocab_size, tp_rank, tp_size)[1] if tp_size > 1 else config.vocab_size
-        self.embed_tokens = _param((vocab, config.hidden_size), dtype, device)
         self.layers = nn.ModuleList(
             DecoderLayer(config, dtype, device, tp_size) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.lm_head = (
-            self.embed_tokens if config.tie_word_embeddings else _param((vocab, config.hidden_size), dtype, device)
-        )
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
 
     def forward(
@@ -210,10 +197,7 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        if self.tp_size > 1:
-            h = parallel.vocab_parallel_embedding(input_ids, self.embed_tokens, self.tp_rank)
-        else:
-            h = F.embedding(input_ids, self.embed_tokens)
+        h = self.embed(input_ids)
         layers = self.layers
         x = layers[0].input_layernorm(h)
         for i, layer in enumerate(layers):
@@ -223,93 +207,26 @@ class LlamaForCausalLM(nn.Module):
             h, x = add_norm(next_norm, layer.mlp(x), h)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, V] (the full vocab on every rank under tensor parallelism)."""
-        if self.tp_size > 1:
-            return parallel.vocab_parallel_logits(hidden, self.lm_head, self.config.vocab_size)
-        return F.linear(hidden, self.lm_head).float()
-
-    def param_counts(self) -> dict[str, int]:
-        """Elements held by this rank: 'sharded' (split across TP ranks) and 'replicated' (norms, row biases)."""
-        replicated = {id(p) for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
-        replicated |= {
-            id(m.bias) for m in self.modules() if isinstance(m, parallel.RowParallelLinear) and m.bias is not None
-        }
-        for layer in self.layers:  # at TP 1 the same biases, for comparable counts
-            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                if lin.bias is not None:
-                    replicated.add(id(lin.bias))
-        counts = {"sharded": 0, "replicated": 0}
-        for p in self.parameters():  # tied lm_head is the embedding's Parameter: counted once
-            counts["replicated" if id(p) in replicated else "sharded"] += p.numel()
-        return counts
-
     # -- weights -------------------------------------------------------------------------------------------
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Take HF-named tensors; fuse q/k/v and gate/up; share storage where dtype and device already match.
         Under tensor parallelism keep this rank's shard of each split tensor, reading only that slice when the
         mapping can (`parallel.read_slice`); the caller's full tensors stay untouched."""
-        c = self.config
-        rank, size = self.tp_rank, self.tp_size
-        used: set[str] = set()
-
-        def take(name: str, split: str = "") -> torch.Tensor:
-            """The weight, or this rank's shard of it: split "col" (output rows: heads / intermediate), "row" (input
-            columns: the row-parallel layers) or "vocab"."""
-            if name not in weights:
-                raise ModelLoadError(f"checkpoint lacks weight {name!r} that {c.architecture} needs")
-            used.add(name)
-            if split == "vocab":
-                return parallel.read_vocab_shard(weights, name, rank, size)
-            if split:
-                return parallel.read_shard(weights, name, 0 if split == "col" else 1, rank, size)
-            return weights[name]
-
-        def put(param: nn.Parameter | None, tensor: torch.Tensor, name: str) -> None:
-            if param is None:
-                raise ModelLoadError(f"checkpoint has weight {name!r} that this {c.architecture} config does not use")
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ModelLoadError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
-                )
-            param.data = tensor.to(device=param.device, dtype=param.dtype)
-
-        def fused(prefix: str, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
-            return torch.cat([take(f"{prefix}.{p}.{suffix}", "col") for p in parts], dim=0)
-
-        put(self.embed_tokens, take("model.embed_tokens.weight", "vocab"), "model.embed_tokens.weight")
-        put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
-        if not c.tie_word_embeddings:
-            put(self.lm_head, take("lm_head.weight", "vocab"), "lm_head.weight")
+        r = CheckpointReader(weights, self.config, self.tp_rank, self.tp_size)
+        self.load_embeddings(r)
+        r.put(self.norm.weight, r.take("model.norm.weight"), "model.norm.weight")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}"
-            attn, mlp = layer.self_attn, layer.mlp
-            put(layer.input_layernorm.weight, take(f"{p}.input_layernorm.weight"), f"{p}.input_layernorm.weight")
-            put(layer.post_attention_layernorm.weight, take(f"{p}.post_attention_layernorm.weight"), p)
-            qkv = ("q_proj", "k_proj", "v_proj")
-            put(attn.qkv_proj.weight, fused(f"{p}.self_attn", qkv, "weight"), f"{p}.self_attn.qkv weight")
-            if c.attention_bias:
-                put(attn.qkv_proj.bias, fused(f"{p}.self_attn", qkv, "bias"), f"{p}.self_attn.qkv bias")
-            put(attn.o_proj.weight, take(f"{p}.self_attn.o_proj.weight", "row"), f"{p}.self_attn.o_proj.weight")
-            if c.attention_out_bias:
-                put(attn.o_proj.bias, take(f"{p}.self_attn.o_proj.bias"), f"{p}.self_attn.o_proj.bias")
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                r.put(getattr(layer, name).weight, r.take(f"{p}.{name}.weight"), f"{p}.{name}.weight")
+            attn = layer.self_attn
             if attn.q_norm is not None and attn.k_norm is not None:
-                put(attn.q_norm.weight, take(f"{p}.self_attn.q_norm.weight"), f"{p}.self_attn.q_norm.weight")
-                put(attn.k_norm.weight, take(f"{p}.self_attn.k_norm.weight"), f"{p}.self_attn.k_norm.weight")
-            put(mlp.gate_up_proj.weight, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "weight"), f"{p}.mlp.gate_up")
-            put(mlp.down_proj.weight, take(f"{p}.mlp.down_proj.weight", "row"), f"{p}.mlp.down_proj.weight")
-            if c.mlp_bias:
-                put(mlp.gate_up_proj.bias, fused(f"{p}.mlp", ("gate_proj", "up_proj"), "bias"), f"{p}.mlp.gate_up")
-                put(mlp.down_proj.bias, take(f"{p}.mlp.down_proj.bias"), f"{p}.mlp.down_proj.bias")
+                for name in ("q_norm", "k_norm"):
+                    r.put(getattr(attn, name).weight, r.take(f"{p}.self_attn.{name}.weight"), f"{p}.self_attn.{name}")
+            r.load_attention_and_mlp(layer, p)
         if ROPE_FREQ_FACTORS in weights:
-            used.add(ROPE_FREQ_FACTORS)
-            self.inv_freq = rope_inv_freq(c, weights[ROPE_FREQ_FACTORS]).to(self.inv_freq.device)
-        if c.tie_word_embeddings and "lm_head.weight" in weights:
-            used.add("lm_head.weight")  # some checkpoints save the tied copy too
-        unexpected = sorted(n for n in weights if n not in used and not n.endswith(_IGNORED_SUFFIXES))
-        if unexpected:
-            shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-            raise ModelLoadError(f"checkpoint has {len(unexpected)} weights {c.architecture} does not use: {shown}")
-        if c.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
+            r.used.add(ROPE_FREQ_FACTORS)
+            self.inv_freq = rope_inv_freq(self.config, weights[ROPE_FREQ_FACTORS]).to(self.inv_freq.device)
+        r.finish(_IGNORED_SUFFIXES)
+        self.tie_head()

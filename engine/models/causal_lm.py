@@ -1,0 +1,145 @@
+"""What every decoder-only model here shares, whatever its blocks look like: the (vocab-parallel) embedding and
+LM head, tied or not; logits; the parameter accounting the tensor-parallel tests check; and the checkpoint
+reader that takes HF-named tensors (this rank's shards under tensor parallelism), fuses q/k/v and gate/up, and
+refuses missing, misshapen or unused weights by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubellm.engine import parallel
+from kubellm.engine.loader.errors import ModelLoadError
+from kubellm.engine.model_config import ModelConfig
+
+
+def new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # torch.empty reserves without touching pages; load_weights swaps in the real storage.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class CheckpointReader:
+    """One load: `take` a weight (or this rank's shard), `put` it into a parameter; `finish` checks that every
+    checkpoint entry was used."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], config: ModelConfig, rank: int, size: int):
+        self.weights, self.config, self.rank, self.size = weights, config, rank, size
+        self.used: set[str] = set()
+
+    def take(self, name: str, split: str = "") -> torch.Tensor:
+        """The weight, or this rank's shard of it: split "col" (output rows: heads / intermediate), "row" (input
+        columns: the row-parallel layers) or "vocab"."""
+        if name not in self.weights:
+            raise ModelLoadError(f"checkpoint lacks weight {name!r} that {self.config.architecture} needs")
+        self.used.add(name)
+        if split == "vocab":
+            return parallel.read_vocab_shard(self.weights, name, self.rank, self.size)
+        if split:
+            return parallel.read_shard(self.weights, name, 0 if split == "col" else 1, self.rank, self.size)
+        return self.weights[name]
+
+    def put(self, param: nn.Parameter | None, tensor: torch.Tensor, name: str) -> None:
+        if param is None:
+            raise ModelLoadError(
+                f"checkpoint has weight {name!r} that this {self.config.architecture} config does not use"
+            )
+        check_shape(tensor, tuple(param.shape), name)
+        param.data = tensor.to(device=param.device, dtype=param.dtype)
+
+    def fused(self, prefix: str, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
+        """Column shards of several projections stacked into one (q/k/v, gate/up)."""
+        return torch.cat([self.take(f"{prefix}.{p}.{suffix}", "col") for p in parts], dim=0)
+
+    def load_attention_and_mlp(self, layer: nn.Module, prefix: str) -> None:
+        """The fused qkv / o_proj and gate_up / down_proj of a block (llama.py's Attention and MLP), with the
+        biases the config declares."""
+        c, attn, mlp = self.config, layer.self_attn, layer.mlp
+        qkv, gate_up = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+        self.put(attn.qkv_proj.weight, self.fused(f"{prefix}.self_attn", qkv, "weight"), f"{prefix}.self_attn.qkv")
+        if c.attention_bias:
+            self.put(attn.qkv_proj.bias, self.fused(f"{prefix}.self_attn", qkv, "bias"), f"{prefix}.self_attn.qkv")
+        name = f"{prefix}.self_attn.o_proj.weight"
+        self.put(attn.o_proj.weight, self.take(name, "row"), name)
+        if c.attention_out_bias:
+            name = f"{prefix}.self_attn.o_proj.bias"
+            self.put(attn.o_proj.bias, self.take(name), name)
+        self.put(mlp.gate_up_proj.weight, self.fused(f"{prefix}.mlp", gate_up, "weight"), f"{prefix}.mlp.gate_up")
+        name = f"{prefix}.mlp.down_proj.weight"
+        self.put(mlp.down_proj.weight, self.take(name, "row"), name)
+        if c.mlp_bias:
+            self.put(mlp.gate_up_proj.bias, self.fused(f"{prefix}.mlp", gate_up, "bias"), f"{prefix}.mlp.gate_up")
+            name = f"{prefix}.mlp.down_proj.bias"
+            self.put(mlp.down_proj.bias, self.take(name), name)
+
+    def finish(self, ignored_suffixes: tuple[str, ...] = ()) -> None:
+        if self.config.tie_word_embeddings and "lm_head.weight" in self.weights:
+            self.used.add("lm_head.weight")  # some checkpoints save the tied copy too
+        unexpected = sorted(n for n in self.weights if n not in self.used and not n.endswith(ignored_suffixes))
+        if unexpected:
+            shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+            raise ModelLoadError(
+                f"checkpoint has {len(unexpected)} weights {self.config.architecture} does not use: {shown}"
+            )
+
+
+def check_shape(tensor: torch.Tensor, expected: tuple[int, ...], name: str) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {expected}")
+
+
+class CausalLM(nn.Module):
+    """Base of the model classes: embedding and LM head (vocab rows split under tensor parallelism, the head tied
+    to the embedding when the config says so), logits, parameter accounting. Subclasses build `layers` and
+    `norm`, and name their replicated norm types in `norm_types`."""
+
+    norm_types: tuple[type[nn.Module], ...] = ()
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, tp_rank: int, tp_size: int):
+        super().__init__()
+        device = torch.device(device)
+        if tp_size > 1:
+            parallel.check_tp_size(config, tp_size)
+        self.config = config
+        self.dtype = dtype
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        vocab = parallel.vocab_shard(config.vocab_size, tp_rank, tp_size)[1] if tp_size > 1 else config.vocab_size
+        self.embed_tokens = new_param((vocab, config.hidden_size), dtype, device)
+        self.lm_head = (
+            self.embed_tokens if config.tie_word_embeddings else new_param((vocab, config.hidden_size), dtype, device)
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            return parallel.vocab_parallel_embedding(input_ids, self.embed_tokens, self.tp_rank)
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits [N, V] (the full vocab on every rank under tensor parallelism)."""
+        if self.tp_size > 1:
+            return parallel.vocab_parallel_logits(hidden, self.lm_head, self.config.vocab_size)
+        return F.linear(hidden, self.lm_head).float()
+
+    def param_counts(self) -> dict[str, int]:
+        """Elements held by this rank: 'sharded' (split across TP ranks) and 'replicated' (norms, row biases)."""
+        replicated = {id(p) for m in self.modules() if isinstance(m, self.norm_types) for p in m.parameters()}
+        for layer in self.layers:  # row-parallel biases are added once, whole, on every rank (at TP 1 too)
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if lin.bias is not None:
+                    replicated.add(id(lin.bias))
+        counts = {"sharded": 0, "replicated": 0}
+        for p in self.parameters():  # a tied lm_head is the embedding's Parameter: counted once
+            counts["replicated" if id(p) in replicated else "sharded"] += p.numel()
+        return counts
+
+    def load_embeddings(self, reader: CheckpointReader) -> None:
+        reader.put(self.embed_tokens, reader.take("model.embed_tokens.weight", "vocab"), "model.embed_tokens.weight")
+        if not self.config.tie_word_embeddings:
+            reader.put(self.lm_head, reader.take("lm_head.weight", "vocab"), "lm_head.weight")
+
+    def tie_head(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
