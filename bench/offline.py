@@ -152,6 +152,38 @@ def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str
     return out
 
 
+def prefill_attention_micro(backend: str, seqs: int = 16, ctx: int = 1024) -> dict[str, Any]:
+    """One layer's paged causal prefill attention of (a)'s shape (16 prompts x 1024 tokens, Llama-3-8B heads,
+    bf16) on one flashinfer prefill backend: ms and TFLOP/s (causal: half the square's FLOPs)."""
+    from kubellm.engine.attention.flashinfer_backend import FlashInferAttention, _i32, _i32_on, paged_kv_layout
+
+    c, bs = LLAMA_3_1_8B, 16
+    try:
+        attn = FlashInferAttention(
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5, bs, prefill_backend=backend
+        )
+        pages = -(-ctx // bs)
+        shape = (seqs * pages, 2, bs, c.num_key_value_heads, c.head_dim)
+        cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+        q = torch.randn(seqs * ctx, c.num_attention_heads, c.head_dim, dtype=torch.bfloat16, device="cuda")
+        tables = [list(range(i * pages, (i + 1) * pages)) for i in range(seqs)]
+        indptr, indices, last = paged_kv_layout([ctx] * seqs, tables, bs)
+        wrapper = attn._prefill[None]
+        qo = [i * ctx for i in range(seqs + 1)]
+        wrapper.plan(
+            _i32(qo), _i32(indptr), _i32_on(indices, attn.device), _i32(last), c.num_attention_heads,
+            c.num_key_value_heads, c.head_dim, bs, causal=True, q_data_type=torch.bfloat16,
+            kv_data_type=torch.bfloat16, sm_scale=c.head_dim**-0.5,
+        )  # fmt: skip
+        for _ in range(3):
+            wrapper.run(q, cache)
+        t = _cuda_time(lambda: wrapper.run(q, cache), 10)
+    except Exception as e:  # FA3 not buildable here, say
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    flops = 4 * seqs * ctx * ctx / 2 * c.num_attention_heads * c.head_dim
+    return {"ms": t * 1e3, "tflop_s": flops / t / 1e12}
+
+
 # ---- our engine ------------------------------------------------------------------------------------
 class TimedWeights(RandomWeights):
     """Random weights that add up the time spent making them (synchronised), to subtract from start-up. Under
@@ -559,6 +591,14 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
         profile.append(
             f"- decode attention alone, one layer, {key}, ctx 1024: {x['ms']:.3f} ms = {x['kv_tb_s']:.2f} TB/s"
         )
+    for backend, x in (r.get("prefill_attention_micro") or {}).items():
+        if "ms" in x:
+            profile.append(
+                f"- prefill attention alone, one layer, {backend}, 16 x 1024 causal: {x['ms']:.3f} ms = "
+                f"{x['tflop_s']:.0f} TFLOP/s"
+            )
+        else:
+            profile.append(f"- prefill attention alone, {backend}: {x.get('error')}")
     if profile:
         md += ["Where the time goes:", *profile, ""]
     if r.get("notes"):
@@ -736,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--profile", action="store_true", help="(d): profile decode steps at batch 1 and 256")
+    p.add_argument(
+        "--prefill-backends", default="", help="time flashinfer prefill attention on these backends (e.g. fa2,fa3)"
+    )
     p.add_argument("--decode-batches", default="1,32,128,256")
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip phases that would not finish by then")
     p.add_argument("--out-dir", default="bench/results")
@@ -792,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["KUBELLM_DECODE_TENSOR_CORES"] = "1" if use_tc else "0"
     r["engine"]["decode_tensor_cores"] = use_tc
     log.info("decode attention alone (1 layer, ctx 1024): %s -> tensor cores %s", micro, use_tc)
+    if args.prefill_backends:  # measured only: the engine keeps its default (KUBELLM_PREFILL_BACKEND overrides)
+        r["prefill_attention_micro"] = {b: prefill_attention_micro(b) for b in args.prefill_backends.split(",")}
+        log.info("prefill attention alone (1 layer, 16 x 1024 causal): %s", r["prefill_attention_micro"])
     torch.cuda.empty_cache()
 
     sizes = [int(x) for x in str(args.tensor_parallel_size).split(",")]

@@ -33,7 +33,8 @@ from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 WORKSPACE_BYTES = 512 * 1024 * 1024
 # FA2 prefill kernels, also on Hopper: at the context lengths served here attention is a few percent of a
 # prefill step's FLOPs (the weight GEMMs are the rest), so FA3 would gain little and cost one more kernel
-# family to build per head size (FA3 also needs curand headers at build time).
+# family to build per head size (FA3 also needs curand headers at build time). KUBELLM_PREFILL_BACKEND=fa3
+# overrides (bench/offline.py times both on (a)'s shape).
 PREFILL_BACKEND = "fa2"
 
 
@@ -71,7 +72,7 @@ class FlashInferAttention(AttentionBackend):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         use_tensor_cores: bool | None = None,
-        prefill_backend: str = PREFILL_BACKEND,
+        prefill_backend: str | None = None,
         sliding_window: int | Sequence[int | None] | None = None,
     ):
         super().__init__(
@@ -90,10 +91,11 @@ class FlashInferAttention(AttentionBackend):
             use_tensor_cores = env == "1" if env in ("0", "1") else group >= 4
         self.use_tensor_cores = use_tensor_cores
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.prefill_backend = prefill_backend or os.environ.get("KUBELLM_PREFILL_BACKEND", PREFILL_BACKEND)
         # one prefill and one decode wrapper per distinct window; they share the float workspace (the layers run
         # one after another on one stream)
         self._prefill = {
-            w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
+            w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=self.prefill_backend)
             for w in self.windows
         }
         self._decode = {
