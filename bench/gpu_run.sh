@@ -57,6 +57,9 @@ if [ "$mode" = tp ]; then
   [ "$gpus" -ge 4 ] && sizes=1,2,4
   echo "GPUs: $gpus -> tensor parallel sizes $sizes"
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}  # the TP control group (gloo) stays on this host
+  # the symmetric-memory all-reduce is opt-in until measured on 2+ GPUs: measure it (KUBELLM_TP_SYMM_MEM=0: NCCL only)
+  export KUBELLM_TP_SYMM_MEM=${KUBELLM_TP_SYMM_MEM:-1}
+  echo "KUBELLM_TP_SYMM_MEM=$KUBELLM_TP_SYMM_MEM"
   if [ "${TP_TESTS:-1}" = 1 ]; then
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rs \
       tests/engine/test_gpu_symm_all_reduce.py tests/engine/test_gpu_tensor_parallel.py 2>&1 | tee "$OUT/gpu-tp-tests.log"

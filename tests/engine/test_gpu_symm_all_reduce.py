@@ -24,6 +24,7 @@ def _rank_main(rank: int, size: int, port: int, results) -> None:
     from kubellm.engine import symm_all_reduce
 
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ["KUBELLM_TP_SYMM_MEM"] = "1"  # opt-in until measured on 2+ GPUs
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
