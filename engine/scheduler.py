@@ -142,11 +142,12 @@ class Scheduler:
                 continue
             req.num_computed_tokens = num_cached
             num_new = self._num_new_tokens(req, budget)
-            own_growth = self._growth_blocks(req, num_new) if self.growth_reserve_tokens else 0
-            if reserve and self.running and self.kv.num_free_blocks - own_growth < reserve:
-                req.num_computed_tokens = 0 if first_time else req.num_computed_tokens
-                break
-            if num_new <= 0 or not self.kv.allocate(req, num_new, cached):
+            over_reserve = (  # the blocks left after this request would not cover the running ones' growth
+                reserve > 0
+                and bool(self.running)
+                and self.kv.num_free_blocks - self._growth_blocks(req, num_new) < reserve
+            )
+            if over_reserve or num_new <= 0 or not self.kv.allocate(req, num_new, cached):
                 req.num_computed_tokens = 0 if first_time else req.num_computed_tokens
                 break
             self.waiting.popleft()
@@ -179,7 +180,7 @@ class Scheduler:
         future = min(self.growth_reserve_tokens, max(0, req.max_tokens - len(req.output_token_ids)))
         if req.num_computed_tokens + num_new < req.num_tokens:  # a prefill: it needs its whole prompt first
             future += req.num_tokens - req.num_computed_tokens - num_new
-        have = len(self.kv.block_ids(req.request_id)) if req.request_id in self.kv.req_blocks else 0
+        have = len(self.kv.block_ids(req.request_id))
         return max(0, self.kv.blocks_needed(req.num_computed_tokens + num_new + future) - have)
 
     def _growth_reserve_blocks(self) -> int:
