@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.offline import measure_ceilings
 from kubellm.engine.loader import errors as _loader_first  # noqa: F401 (loader before models: import cycle)
 from kubellm.engine.models import gemv
 
@@ -42,16 +42,8 @@ def layer_shapes(tp: int) -> dict[str, tuple[int, int]]:
 
 
 def copy_ceiling_gb_s() -> float:
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (time.perf_counter() - start) / 1e9
+    """The device copy ceiling, measured as bench/offline.py measures it for every results file."""
+    return measure_ceilings(torch.device("cuda"))["copy_gb_s"]
 
 
 def time_graph(fn, reps: int = REPS) -> float:
