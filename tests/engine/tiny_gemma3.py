@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gguf
 import torch
+from tiny_gguf import add_shape, gguf_name
 
 from kubellm.engine.loader.gguf_reader import GGUFFile
 
@@ -84,28 +85,13 @@ def save_tiny_gemma3_dir(model, path: Path) -> Path:
     return path
 
 
-def gguf_name(hf: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if hf in top:
-        return top[hf]
-    parts = hf.split(".")  # model.layers.{i}.{module...}.weight
-    return f"blk.{parts[2]}.{_BLOCK_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-
-
 def write_tiny_gemma3_gguf(model, vocab_source: Path, out: Path) -> Path:
     """`model` (a random Gemma3ForCausalLM) as llama.cpp's converter writes a Gemma 3 GGUF."""
     c = model.config
     src = GGUFFile(vocab_source).fields
     n = c.vocab_size
     w = gguf.GGUFWriter(str(out), "gemma3")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    add_shape(w, c, c.head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
     w.add_sliding_window(c.sliding_window)
@@ -129,9 +115,9 @@ def write_tiny_gemma3_gguf(model, vocab_source: Path, out: Path) -> Path:
             arr = arr + 1.0  # llama.cpp stores Gemma's (1 + w)
         if name == "model.embed_tokens.weight":
             q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gguf_name(name), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gguf_name(name, _BLOCK_NAMES), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
-            w.add_tensor(gguf_name(name), arr)
+            w.add_tensor(gguf_name(name, _BLOCK_NAMES), arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -31,7 +31,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, block_names: dict[str, str] = _BLOCK_NAMES) -> str:
+    """llama.cpp's tensor name for an HF one; `block_names` maps a block's module path (Gemma's has more norms)."""
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if hf in top:
         return top[hf]
@@ -39,7 +40,19 @@ def gguf_name(hf: str) -> str:
         return "output.weight"
     parts = hf.split(".")  # model.layers.{i}.{module...}.{weight|bias}
     module = ".".join(parts[3:-1])
-    return f"blk.{parts[2]}.{_BLOCK_NAMES[module]}.{parts[-1]}"
+    return f"blk.{parts[2]}.{block_names[module]}.{parts[-1]}"
+
+
+def add_shape(w: gguf.GGUFWriter, c, head_dim: int) -> None:
+    """The model-shape metadata every architecture's GGUF carries, from an HF config."""
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
 
 
 def shrink_vocab(tokens: list[str], merges: list[str], types: list[int], size: int):
@@ -64,14 +77,7 @@ def write_tiny_gguf(kind: str, hf_config, state: dict[str, torch.Tensor], vocab_
     c = hf_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w = gguf.GGUFWriter(str(out), arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    add_shape(w, c, head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
