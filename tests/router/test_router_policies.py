@@ -25,11 +25,12 @@ REQ = RouteRequest("m")
 PROMPT = RouteRequest("m", num_blocks=100)  # a 1600-token prompt (16-token blocks)
 
 
-def cands(*loads: int, matched: tuple[int, ...] = ()) -> list[Candidate]:
+def cands(*loads: int, matched: tuple[int, ...] = (), footprints: tuple[int, ...] = ()) -> list[Candidate]:
     matched = matched or (0,) * len(loads)
+    footprints = footprints or (0,) * len(loads)
     return [
-        Candidate(f"r{i}", in_flight=load, matched_blocks=m)
-        for i, (load, m) in enumerate(zip(loads, matched, strict=True))
+        Candidate(f"r{i}", in_flight=load, matched_blocks=m, footprint=f)
+        for i, (load, m, f) in enumerate(zip(loads, matched, footprints, strict=True))
     ]
 
 
@@ -91,9 +92,7 @@ def test_prefix_prefers_longest_match_then_least_loaded():
 
 def test_new_working_set_goes_to_the_smallest_footprint():
     p = PrefixPolicy(1.25, load_floor=8)
-    cs = cands(0, 3, 1, matched=(0, 0, 0))
-    for c, footprint in zip(cs, (900, 100, 400), strict=True):
-        c.footprint = footprint
+    cs = cands(0, 3, 1, footprints=(900, 100, 400))
     d = p.choose(PROMPT, cs)
     assert (d.key, d.reason) == ("r1", "no_match")  # the least cached work beats the least in flight
     cs[0].matched_blocks = 40
@@ -121,9 +120,7 @@ def test_a_short_shared_template_head_does_not_pull_a_request():
     that holds only that block saves a millisecond of prefill, not worth stacking unrelated prompts on it: the
     prompt is placed as a new working set (smallest footprint), and the decision says why."""
     p = PrefixPolicy(1.25, load_floor=16)
-    cs = cands(3, 0, 0, 0, matched=(1, 0, 0, 0))
-    for c, footprint in zip(cs, (56, 56, 0, 56), strict=True):
-        c.footprint = footprint
+    cs = cands(3, 0, 0, 0, matched=(1, 0, 0, 0), footprints=(56, 56, 0, 56))
     d = p.choose(RouteRequest("m", num_blocks=56), cs)
     assert (d.key, d.reason, d.matched_blocks) == ("r2", "short_match", 0)
 
@@ -154,9 +151,7 @@ def test_a_long_shared_prefix_does_pull_a_request():
     """A tenant's 1600-token system prompt on r2, with this turn's 400 new tokens behind it: r2 takes the
     request although it is the busiest and holds the most, as long as it is within the bound."""
     p = PrefixPolicy(1.25, load_floor=16)
-    cs = cands(1, 0, 6, 2, matched=(1, 1, 100, 1))
-    for c, footprint in zip(cs, (300, 200, 900, 100), strict=True):
-        c.footprint = footprint
+    cs = cands(1, 0, 6, 2, matched=(1, 1, 100, 1), footprints=(300, 200, 900, 100))
     d = p.choose(RouteRequest("m", num_blocks=125), cs)
     assert (d.key, d.reason, d.matched_blocks) == ("r2", "prefix_hit", 100)
 
