@@ -18,7 +18,7 @@ over the same page table; each layer runs the wrapper of its window.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flashinfer
 import numpy as np
@@ -105,7 +105,8 @@ class FlashInferAttention(AttentionBackend):
             for w in self.windows
         }
         self._graph_decode: dict[int, dict[int | None, flashinfer.BatchDecodeWithPagedKVCacheWrapper]] = {}
-        self._wrappers: dict[int | None, _Wrapper] = dict(self._decode)  # window -> the wrapper this step runs
+        # window -> the wrapper this step runs (one of the dicts above, never mutated)
+        self._wrappers: Mapping[int | None, _Wrapper] = self._decode
         self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._v_rows = self._k_rows
         self._plan_copied: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> its last plan's host-to-device copy
@@ -137,7 +138,7 @@ class FlashInferAttention(AttentionBackend):
             kv_indptr, last_len = _i32(indptr), _i32(last)
             for w, wrapper in self._decode.items():
                 self._plan(wrapper, kv_indptr, pages, last_len, h, hkv, d, bs, **self._plan_args(w))
-            self._wrappers = dict(self._decode)
+            self._wrappers = self._decode
         else:
             qo = np.zeros(meta.num_seqs + 1, dtype=np.int32)
             np.cumsum(meta.query_lens_list, out=qo[1:])
@@ -146,7 +147,7 @@ class FlashInferAttention(AttentionBackend):
                 self._plan(
                     wrapper, qo_indptr, kv_indptr, pages, last_len, h, hkv, d, bs, causal=True, **self._plan_args(w)
                 )
-            self._wrappers = dict(self._prefill)
+            self._wrappers = self._prefill
         self.set_slots(meta.slot_mapping)
 
     def set_slots(self, slot_mapping: torch.Tensor) -> None:
@@ -197,7 +198,7 @@ class FlashInferAttention(AttentionBackend):
         kv_indptr, last_len = _i32(indptr), _i32(last_page_len)
         for w, wrapper in wrappers.items():  # every window's wrapper fills the same shared page-table buffers
             self._plan(wrapper, kv_indptr, pages, last_len, h, hkv, d, bs, **self._plan_args(w))
-        self._wrappers = dict(wrappers)
+        self._wrappers = wrappers
 
     # ---- per layer ---------------------------------------------------------------------------
     def forward(
