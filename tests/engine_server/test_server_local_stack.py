@@ -10,11 +10,11 @@ import sys
 import time
 
 import openai
-from server_harness import free_port
+from server_harness import free_port_run
 
 
 def _start_up(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    port = free_port_run(4)  # the front port and the engines' next ones (up to --replicas 3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubellm.cli", "up", "--port", str(port), *args],
         stdout=subprocess.PIPE,
