@@ -5,6 +5,19 @@
 #
 #   bench/gpu_run.sh test|bench|all [args for python -m bench.offline]
 #   bench/gpu_run.sh tp [args for python -m bench.offline]     (a 2- or 4-GPU machine)
+#   bench/gpu_run.sh peer [args for python -m bench.peer_vllm] (vLLM, installed in $VSITE by vllm-install.sh)
+#
+# The peer side by side (vLLM 0.26.0 on the same machine; each transfer carries at most 64 MiB, and the machine stays
+# warm for 30 s between calls, so the calls follow each other at once). Here: shared/gpu/wheels.sh .gpu/whl and
+# shared/gpu/vllm-carry.sh .gpu/vllm. Then one device call per piece, each moving what it carried out of the tree:
+#   1-2. carry .gpu/vllm/pieces/vllm-site.tar.gz.part-00 (then -01):  mkdir -p /tmp/pieces; mv .gpu/vllm/pieces/* /tmp/pieces/
+#   3.   carry vllm-site.tar.gz.part-02 and .gpu/whl's cudnn-frontend and tvm-ffi wheels (move the wheels to /tmp/whl)
+#   4.   carry vllm-deps.tar.part-00
+#   5.   carry vllm-deps.tar.part-01, SHA256SUMS, vllm-install.sh and the flashinfer wheel; then
+#        bash /tmp/pieces/vllm-install.sh /tmp/pieces /tmp/whl
+#   6.   WHEELS=/tmp/whl bench/gpu_run.sh peer --shape llama-3.1-8b --scale 0.5 --json-out /tmp/peer.json
+#   7.   WHEELS=/tmp/whl bench/gpu_run.sh bench --shape llama-3.1-8b --scale 0.5 --peer-json /tmp/peer.json
+# (or 6+7 as one: bench --peer vllm ..., when one command's 10 minutes hold both engines' start-up and workloads).
 #
 # tp: the tensor-parallel gpu tests (tests/engine/test_gpu_tensor_parallel.py; TP_TESTS=0 skips them), then the
 # offline benchmark at TP 1,2 (and 4 when there are 4 GPUs): workloads (a), (b) and batch-1 decode, scale
@@ -28,7 +41,16 @@ export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 site=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .gpu/whl/*.whl || exit 1
+WHEELS=${WHEELS:-.gpu/whl}
+VSITE=${VSITE:-/tmp/vsite}
+if [ "$mode" = peer ]; then
+  nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
+  PYTHONPATH="$VSITE:$PWD" VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout "${TIME_LIMIT}" python3 -m bench.peer_vllm "$@" 2>&1 \
+    | tee "$OUT/peer.log"
+  exit "${PIPESTATUS[0]}"
+fi
+[ -d "$site/flashinfer" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+  "$WHEELS"/*.whl || exit 1
 export PYTHONPATH="$site:$PWD"
 aot="$site/flashinfer/data/aot"
 mkdir -p "$aot"

@@ -1,25 +1,28 @@
-"""Offline engine benchmark on one GPU: a Llama-3.1-8B-shaped model with random bf16 weights made on the device.
+"""Offline engine benchmark on one GPU, our engine and the peer (vLLM 0.26.0) side by side on the same machine.
 
-    python -m bench.offline                 # everything, ~7 minutes on an H200
-    python -m bench.offline --scale 0.1     # every request count x0.1 (said so in the results)
-    python -m bench.offline --tensor-parallel-size 1,2,4 --workloads d,a,b --decode-batches 1 --skip-hf
-                                            # the same engine at TP 1, 2 and 4, one after another
+    python -m bench.offline --peer vllm --scale 0.5          # vLLM first (own process), then ours; one table
+    python -m bench.offline --peer-json /tmp/peer.json       # ours, compared with a peer run made earlier on this
+                                                             # machine by bench.peer_vllm (same GPU UUID required)
+    python -m bench.offline --shape qwen3-30b-a3b --workloads 1,a,b --gpu-memory-utilization 0.95
+    python -m bench.offline --tensor-parallel-size 1,2,4 --workloads d,a,b --decode-batches 1
+                                                             # the same engine at TP 1, 2 and 4, one after another
 
-Workloads (all requests arrive at once, ignore_eos, temperature 1.0, seed 0; prompts are random token ids):
+Shapes: bench/shapes.py (HF config.json contents both engines read; random bf16 weights). Workloads, prompts, sampling
+parameters and engine limits: bench/workloads.py, the same for both engines:
   (a) 1000 x 1024 in / 128 out       (b) 500 x 200 in / 1000 out
-  (c) 100 shared 1500-token prefixes x 10 suffixes of 100 tokens, 100 out; prefix caching on, then off
-  (d) decode step time at batch 1/32/128/256 with 1024-token prompts, against a roofline built from the
-      device-copy bandwidth and bf16 matmul rate measured in this same run.
-transformers' continuous batching (`generate_batch`, paged|sdpa) runs a 10% subset of (a) and (b) in the same
-process after our engine is freed. One table of ratios to the vLLM 0.26.0 anchors and physical bounds (the
-[engine-gpu] issue) is printed; bench/results/engine-gpu-<date>.json and .md are written after every phase,
-so a run stopped by its time limit still leaves what it measured.
+  (c) 100 shared 1500-token prefixes x 10 suffixes of 100 tokens, 100 out; prefix caching on (ours also off)
+  (1) batch-1 decode ms/token: one 1024-token prompt timed to 1 and to 257 output tokens, (t257 - t1) / 256
+  (d) ours only: decode step time at batch 1/32/128/256 with 1024-token prompts, against its roofline.
+Bounds (bench/bounds.py) come from the device-copy bandwidth and bf16 matmul rate measured in this run. Ratios are
+printed only against figures measured in this run on this GPU; what was not measured says so.
+Results: bench/results/engine-gpu-<date>-<shape>[-name].json/.md, written after every phase, so a run stopped
+by its time limit still leaves what it measured.
 
 Tensor parallelism (`--tensor-parallel-size`, one size or a comma list): every rank draws its own shards of the
 same random weights on its GPU (engine/random_model.py's RandomRecipe); each size writes its own results
 (engine-gpu-<date>-tp<N>.json/.md) and a sweep adds engine-gpu-<date>-tp.json/.md comparing them against TP 1,
-with the [tensor-parallel] issue's target: batch-1 decode ms/token at TP 2 <= 0.65x TP 1. Rooflines at TP N are
-the one-GPU roofline / N (weights and KV split evenly; the all-reduces are not in it).
+with the [tensor-parallel] issue's target: batch-1 decode ms/token at TP 2 <= 0.65x TP 1. Bounds at TP N are
+the one-GPU bounds scaled for N GPUs (weights and KV split evenly; the all-reduces are not in them).
 """
 
 from __future__ import annotations
@@ -30,35 +33,30 @@ import json
 import logging
 import os
 import platform
-import random
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench import bounds, report
+from bench.gpu_info import gpu_identity
+from bench.peer_vllm import peer_command
+from bench.shapes import shape
 from bench.step_profile import describe as describe_profile
 from bench.step_profile import profile_steps
+from bench.workloads import BATCH1_OUT, BATCH1_PROMPT, WORKLOADS, EngineSettings, Sampling, Workload
 from kubellm.engine.config import EngineConfig
-from kubellm.engine.model_config import ModelConfig
+from kubellm.engine.model_config import ModelConfig, UnsupportedModelError
 from kubellm.engine.random_model import LLAMA_3_1_8B, RandomWeights, random_loaded_model
 from kubellm.engine.sampling_params import SamplingParams
 
-# The [engine-gpu] issue's anchors: vLLM 0.26.0 and transformers 5.17 on the same kind of H200.
-VLLM = {
-    "a_total_tok_s": 34535.0,
-    "b_output_tok_s": 17805.0,
-    "c_output_tok_s": 7162.0,
-    "batch1_ms": 4.9,
-    "startup_s": 154,
-}
-HF = {"a_total_tok_s": 2128.0, "b_output_tok_s": 585.0}
-BOUND = {"a_total_tok_s": 49000.0, "b_output_tok_s": 30000.0, "batch1_ms": 3.74}
-TARGET = {"ratio": 0.8, "batch1_ms": 5.5, "d256_roofline_ratio": 1.3, "startup_s": 60.0}
 TP_TARGET = {"tp": 2, "batch1_ratio": 0.65}  # [tensor-parallel]: batch-1 ms/token at TP 2 <= 0.65x TP 1
 
 log = logging.getLogger("bench.offline")
@@ -91,28 +89,6 @@ def _cuda_time(fn: Callable[[], Any], iters: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / iters
-
-
-def decode_roofline_ms(c: ModelConfig, batch: int, ctx: int, copy_gb_s: float, tflop_s: float) -> dict[str, float]:
-    """Sum over the step's kernels of max(bytes / copy bandwidth, FLOPs / matmul rate), bf16 everywhere."""
-    bw, rate, e = copy_gb_s * 1e9, tflop_s * 1e12, 2
-    gemms = [
-        (c.hidden_size, c.q_size + 2 * c.kv_size),  # qkv
-        (c.q_size, c.hidden_size),  # o
-        (c.hidden_size, 2 * c.intermediate_size),  # gate_up
-        (c.intermediate_size, c.hidden_size),  # down
-    ]
-    gemm_s = 0.0
-    for k, n in gemms:
-        gemm_s += max((k * n + batch * (k + n)) * e / bw, 2 * batch * k * n / rate)
-    gemm_s *= c.num_hidden_layers
-    gemm_s += max(
-        (c.vocab_size * c.hidden_size + batch * c.hidden_size) * e / bw, 2 * batch * c.hidden_size * c.vocab_size / rate
-    )
-    kv_bytes = batch * ctx * 2 * c.kv_size * e  # K and V of every context token, per layer
-    attn_flops = 4 * batch * ctx * c.q_size
-    attn_s = c.num_hidden_layers * max(kv_bytes / bw, attn_flops / rate)
-    return {"gemm_ms": gemm_s * 1e3, "attention_ms": attn_s * 1e3, "total_ms": (gemm_s + attn_s) * 1e3}
 
 
 def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str, float]:
@@ -199,24 +175,25 @@ class TimedWeights(RandomWeights):
         return out
 
 
-def build_engine(args: argparse.Namespace, tp: int = 1):
+def build_engine(model: ModelConfig, name: str, settings: EngineSettings):
     from kubellm.engine.llm_engine import LLMEngine
 
     # The recipe (seed 0, bf16, drawn on CUDA) is what the other ranks rebuild: the same weights as rank 0's.
-    loaded = random_loaded_model(LLAMA_3_1_8B, torch.bfloat16, "cuda", seed=0, name="random-llama-3.1-8b")
-    loaded.weights = TimedWeights(LLAMA_3_1_8B, torch.bfloat16, "cuda", seed=0)  # type: ignore[assignment]
+    loaded = random_loaded_model(model, torch.bfloat16, "cuda", seed=0, name=name)
+    loaded.weights = TimedWeights(model, torch.bfloat16, "cuda", seed=0)  # type: ignore[assignment]
     config = EngineConfig(
-        tensor_parallel_size=tp,
-        model="random-llama-3.1-8b",
+        tensor_parallel_size=settings.tensor_parallel_size,
+        model=name,
         device="cuda",
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=True,
-        enforce_eager=args.enforce_eager,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        block_size=settings.block_size,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        enforce_eager=settings.enforce_eager,
         generation_config="vllm",
-        seed=0,
+        seed=settings.seed,
     )
     TimedWeights.seconds = 0.0
     engine = LLMEngine(config, loaded=loaded)
@@ -230,10 +207,6 @@ def local_runner(engine):
     return getattr(engine.runner, "inner", engine.runner)
 
 
-def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
-    return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(n)]
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -241,39 +214,43 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def run_workload(engine, prompts: list[list[int]], max_tokens: int, label: str) -> dict[str, Any]:
-    """Submit every prompt at once, step until all finish; throughput per second of wall time."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0)
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, **asdict(Sampling()))
+
+
+def generate(engine, prompts: list[list[int]], max_tokens: int, label: str) -> tuple[float, list[Any]]:
+    """Submit every prompt at once and step until all finish, as vLLM's LLM.generate does: wall time, final outputs."""
+    params = _params(max_tokens)
+    torch.cuda.synchronize()
+    start, arrival = time.perf_counter(), time.time()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{label}-{i}", p, params, arrival_time=arrival)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [out for out in engine.step() if out.finished]
+    return time.perf_counter() - start, finished
+
+
+def run_workload(engine, w: Workload) -> dict[str, Any]:
+    """One workload; throughput per second of wall time, tokens counted by the engine's own counters."""
+    prompts = w.prompts(engine.model_config.vocab_size)
     runner = local_runner(engine)
     before = engine.stats()
     replays0 = getattr(runner, "graph_replays", 0)
-    step_times: list[float] = []
-    torch.cuda.synchronize()
-    start_wall, arrival = time.perf_counter(), time.time()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{label}-{i}", p, params, arrival_time=arrival)
-    outs = []
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        for out in engine.step():
-            if out.finished:
-                outs.append(out)
-        step_times.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start_wall
-    n_in = sum(len(p) for p in prompts)
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    wall, outs = generate(engine, prompts, w.max_tokens, w.key)
+    stats = engine.stats()
+    n_in = stats.prompt_tokens - before.prompt_tokens
+    n_out = stats.generation_tokens - before.generation_tokens
     ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs if o.metrics.first_token_time]
     tpot = [
-        (o.metrics.last_token_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+        (o.metrics.last_token_time - o.metrics.first_token_time) / (w.max_tokens - 1)
         for o in outs
-        if o.metrics.first_token_time and o.metrics.last_token_time and len(o.outputs[0].token_ids) > 1
+        if o.metrics.first_token_time and o.metrics.last_token_time and w.max_tokens > 1
     ]
-    errors = [o.error for o in outs if o.error]
-    stats = engine.stats()
     res = {
         "requests": len(prompts),
         "finished": len(outs),
-        "errors": len(errors),
+        "errors": sum(1 for o in outs if o.error),
         "input_tokens": n_in,
         "output_tokens": n_out,
         "wall_s": wall,
@@ -284,23 +261,30 @@ def run_workload(engine, prompts: list[list[int]], max_tokens: int, label: str) 
         "ttft_p99_s": percentile(ttft, 99),
         "tpot_p50_ms": percentile(tpot, 50) * 1e3,
         "tpot_p99_ms": percentile(tpot, 99) * 1e3,
-        "steps": len(step_times),
         "preemptions": stats.num_preemptions - before.num_preemptions,
         "prefix_hit_rate": (stats.prefix_hits - before.prefix_hits)
         / max(1, stats.prefix_queries - before.prefix_queries),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "cuda_graph_replays": getattr(runner, "graph_replays", 0) - replays0,
     }
-    log.info("%s: %s", label, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
+    log.info("%s: %s", w.key, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
     return res
+
+
+def batch1(engine) -> dict[str, Any]:
+    """ms/token of one request, the peer's method (bench/peer_vllm.py): (t(1 + N tokens) - t(1 token)) / N."""
+    prompt = Workload("batch1", 1, BATCH1_PROMPT, 1, seed=4).prompts(engine.model_config.vocab_size)
+    generate(engine, prompt, 1, "b1-warm")  # caches the prompt: every timed run below prefills the same way
+    t1 = min(generate(engine, prompt, 1, f"b1-first-{i}")[0] for i in range(3))
+    tn = min(generate(engine, prompt, 1 + BATCH1_OUT, f"b1-all-{i}")[0] for i in range(2))
+    return {"ms_per_token": (tn - t1) / BATCH1_OUT * 1e3, "t_first_s": t1, "t_all_s": tn}
 
 
 def decode_step_times(engine, batch: int, ctx: int, steps: int, profile: bool = False) -> dict[str, Any]:
     """Median engine step and GPU forward time of pure decode steps of `batch` sequences at ~ctx tokens."""
-    rng = random.Random(batch)
     # Long enough that nobody finishes while measured (the first requests decode while later ones prefill).
-    params = SamplingParams(max_tokens=2 * steps + 64, ignore_eos=True, temperature=1.0)
-    prompts = random_prompts(rng, batch, ctx, engine.model_config.vocab_size)
+    params = _params(2 * steps + 64)
+    prompts = Workload(f"d{batch}", batch, ctx, 1, seed=100 + batch).prompts(engine.model_config.vocab_size)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts, strict=True):
         engine.add_request(rid, p, params)
@@ -362,8 +346,8 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
     vocab = engine.model_config.vocab_size
 
     def add(round_: int) -> None:
-        rng = random.Random(tokens + round_)
-        for i, prompt in enumerate(random_prompts(rng, n, prompt_len, vocab)):
+        probe = Workload("prefill-probe", n, prompt_len, 1, seed=1000 * tokens + round_)
+        for i, prompt in enumerate(probe.prompts(vocab)):
             engine.add_request(f"prefill-probe-{round_}-{i}", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
 
     def drain() -> None:
@@ -387,160 +371,6 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
     return out
 
 
-# ---- transformers' continuous batching -------------------------------------------------------------
-def run_hf(prompts_a: list[list[int]], out_a: int, prompts_b: list[list[int]], out_b: int) -> dict[str, Any]:
-    import transformers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    c = LLAMA_3_1_8B
-    cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=c.max_position_embeddings,
-        rope_theta=c.rope_theta,
-        rope_scaling=dict(c.rope_scaling or {}),
-        tie_word_embeddings=False,
-    )
-    t = time.perf_counter()
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
-    model.eval()
-    init_s = time.perf_counter() - t
-    out: dict[str, Any] = {"version": transformers.__version__, "attn_implementation": "paged|sdpa", "init_s": init_s}
-    for key, prompts, n_out in (("a", prompts_a, out_a), ("b", prompts_b, out_b)):
-        if not prompts:
-            continue
-        gen = GenerationConfig(max_new_tokens=n_out, do_sample=False, eos_token_id=None, pad_token_id=0)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        results = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t
-        n_in = sum(len(p) for p in prompts)
-        n_gen = sum(len(r.generated_tokens) for r in results.values())
-        out[key] = {
-            "requests": len(prompts),
-            "wall_s": wall,
-            "output_tokens": n_gen,
-            "output_tok_s": n_gen / wall,
-            "total_tok_s": (n_in + n_gen) / wall,
-        }
-        log.info("transformers %s: %s", key, out[key])
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return out
-
-
-# ---- report ----------------------------------------------------------------------------------------
-def _ratio(x: float | None, y: float | None) -> str:
-    if x is None or y is None or y == 0 or x != x:
-        return "-"
-    return f"{x / y:.2f}x"
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
-    return str(x)
-
-
-def table(r: dict[str, Any]) -> str:
-    """One table: our figure, vLLM's, ours/vLLM, transformers' (same run), ours/transformers, bound, ours/bound."""
-    w = r.get("workloads", {})
-    hf = r.get("transformers", {})
-    d = r.get("decode", {})
-    rows: list[tuple[str, Any, Any, Any, Any, bool]] = []  # name, ours, vllm, hf, bound, lower_is_better
-
-    def get(key: str, field: str) -> float | None:
-        return w.get(key, {}).get(field)
-
-    rows.append(
-        (
-            "(a) total tok/s",
-            get("a", "total_tok_s"),
-            VLLM["a_total_tok_s"],
-            hf.get("a", {}).get("total_tok_s"),
-            BOUND["a_total_tok_s"],
-            False,
-        )
-    )
-    rows.append(
-        (
-            "(b) output tok/s",
-            get("b", "output_tok_s"),
-            VLLM["b_output_tok_s"],
-            hf.get("b", {}).get("output_tok_s"),
-            BOUND["b_output_tok_s"],
-            False,
-        )
-    )
-    rows.append(
-        ("(c) output tok/s, prefix cache on", get("c_on", "output_tok_s"), VLLM["c_output_tok_s"], None, None, False)
-    )
-    rows.append(("(c) output tok/s, prefix cache off", get("c_off", "output_tok_s"), None, None, None, False))
-    b1 = d.get("1", {})
-    rows.append(("batch-1 decode ms/token", b1.get("step_ms"), VLLM["batch1_ms"], None, b1.get("roofline_ms"), True))
-    for b in ("32", "128", "256"):
-        x = d.get(b, {})
-        rows.append((f"(d) decode step ms, batch {b}", x.get("step_ms"), None, None, x.get("roofline_ms"), True))
-    rows.append(
-        (
-            "start-up s (weights in memory -> ready)",
-            r.get("startup", {}).get("ready_s"),
-            VLLM["startup_s"],
-            None,
-            None,
-            True,
-        )
-    )
-    head = "| figure | ours | vLLM 0.26 | ours/vLLM | transformers | ours/transformers | bound | ours/bound |"
-    lines = [head, "|" + "---|" * 8]
-    for name, ours, vllm, hfv, bound, lower in rows:
-        inv = (lambda a, b: _ratio(b, a)) if lower else _ratio  # lower-is-better rows: ratio = speed ratio
-        lines.append(
-            f"| {name} | {_fmt(ours)} | {_fmt(vllm)} | {inv(ours, vllm)} | {_fmt(hfv)} | {inv(ours, hfv)} | "
-            f"{_fmt(bound)} | {inv(ours, bound)} |"
-        )
-    lines.append("")
-    lines.append("Ratios are speed ratios (>1 = faster than the other), also for the ms and s rows.")
-    lines.append("")
-    lines.append(
-        "| workload | req/s | output tok/s | total tok/s | TTFT p50/p99 s | TPOT p50/p99 ms | peak alloc GiB |"
-    )
-    lines.append("|---|---|---|---|---|---|---|")
-    for key, x in w.items():
-        lines.append(
-            f"| {key} ({x['requests']} req) | {x['requests_per_s']:.2f} | {x['output_tok_s']:,.0f} | "
-            f"{x['total_tok_s']:,.0f} | "
-            f"{x['ttft_p50_s']:.2f} / {x['ttft_p99_s']:.2f} | {x['tpot_p50_ms']:.1f} / {x['tpot_p99_ms']:.1f} | "
-            f"{x['peak_allocated_gib']:.1f} |"
-        )
-    if d:
-        lines.append("")
-        lines.append(
-            "| decode batch | engine step ms | same, synchronous steps | forward alone ms (synchronised) "
-            "| roofline ms (GEMM + attention) | step/roofline |"
-        )
-        lines.append("|---|---|---|---|---|---|")
-        for b, x in d.items():
-            lines.append(
-                f"| {b} | {x['step_ms']:.2f} | {x.get('sync_step_ms', float('nan')):.2f} | {x['forward_ms']:.2f} "
-                f"| {x['roofline_ms']:.2f} "
-                f"({x['roofline_gemm_ms']:.2f} + {x['roofline_attention_ms']:.2f}) | "
-                f"{x['step_ms'] / x['roofline_ms']:.2f} |"
-            )
-    return "\n".join(lines)
-
-
 def git_commit() -> str:
     """The commit measured: KUBELLM_GIT_COMMIT when set (a copied tree without .git), else git's HEAD."""
     if os.environ.get("KUBELLM_GIT_COMMIT"):
@@ -556,30 +386,36 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
     tp = r.get("tensor_parallel_size", 1)
     stem = out_dir / f"engine-gpu-{r['date']}{r.get('name_suffix', '')}"
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    st, peer = r["settings"], r.get("peer") or {}
+    peer_name = f"vLLM {peer['version']}" if peer.get("version") else "the peer"
     md = [
-        f"# Engine on GPU — {r['date']}" + (f", tensor parallel {tp}" if tp > 1 else ""),
+        f"# Engine on GPU, {r['shape']} shape, beside {peer_name} — {r['date']}"
+        + (f", tensor parallel {tp}" if tp > 1 else ""),
         "",
-        f"{r['gpu']}{f' x {tp}' if tp > 1 else ''}, torch {r['torch']}, flashinfer {r.get('flashinfer', '-')}, "
-        f"git {r['commit']}.",
-        f"Model: Llama-3.1-8B shape, random bf16 weights. Scale: {r['scale']} of the issue's request counts"
-        + (" (shrunk to fit the device time: counts below are the ones run)." if r["scale"] != 1 else "."),
-        f"Engine: max_num_seqs {r['engine']['max_num_seqs']}, max_num_batched_tokens "
-        f"{r['engine']['max_num_batched_tokens']}, gpu_memory_utilization {r['engine']['gpu_memory_utilization']}, "
-        f"block 16, CUDA graphs {'off' if r['engine']['enforce_eager'] else 'on'}. "
-        "(c) off = the same engine with prefix caching switched off.",
+        f"{r['gpu']}{f' x {tp}' if tp > 1 else ''} ({', '.join(g['uuid'] for g in r['gpu_identity'].get('gpus', []))}),"
+        f" torch {r['torch']}, flashinfer {r.get('flashinfer', '-')}, git {r['commit']}, {r['started']}.",
+        f"Command: `{r['command']}`.",
+        f"Model: {r['shape']} shape (bench/shapes.py), random bf16 weights. Scale: {r['scale']} of the request counts"
+        + (" (the counts below are the ones run)." if r["scale"] != 1 else "."),
+        f"Both engines: max_num_seqs {st['max_num_seqs']}, max_num_batched_tokens {st['max_num_batched_tokens']}, "
+        f"max_model_len {st['max_model_len']}, gpu_memory_utilization {st['gpu_memory_utilization']}, block "
+        f"{st['block_size']}, prefix caching {'on' if st['enable_prefix_caching'] else 'off'}, CUDA graphs "
+        f"{'off' if st['enforce_eager'] else 'on'}, seed {st['seed']}; every request: {r['sampling']}, all arriving at "
+        "once. (c) off = our engine with prefix caching switched off.",
         f"Ceilings measured in this run: copy {r['ceilings']['copy_gb_s']:.0f} GB/s, bf16 matmul "
-        f"{r['ceilings']['matmul_tflop_s']:.0f} TFLOP/s.",
+        f"{r['ceilings']['matmul_tflop_s']:.0f} TFLOP/s; bounds (bench/bounds.py) are computed from them.",
         "",
-        table(r),
+        report.table(r),
         "",
     ]
     profile = []
     if r.get("prefill_probe"):
         pp = r["prefill_probe"]
-        tflops = 2 * 8.03e9 * pp["tokens"] / (pp["step_ms"] / 1e3) / 1e12
+        flops = bounds.flops_per_token(shape(r["shape"]), pp["prompt_len"] // 2) * pp["tokens"]
+        tflops = flops / (pp["step_ms"] / 1e3) / 1e12
         profile.append(
             f"- prefill step of {pp['tokens']} tokens ({pp.get('prompt_len', '?')}-token prompts, best of 3): "
-            f"{pp['step_ms']:.0f} ms = {tflops:.0f} TFLOP/s on the weight GEMMs' FLOPs alone (ceiling "
+            f"{pp['step_ms']:.0f} ms = {tflops:.0f} TFLOP/s on the step's matmul FLOPs (ceiling "
             f"{r['ceilings']['matmul_tflop_s']:.0f}); the rest is attention, elementwise ops and the step's host work."
         )
         if pp.get("profile"):
@@ -607,14 +443,14 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
 
 
 def run_engine(
-    args: argparse.Namespace, r: dict[str, Any], tp: int, out_dir: Path, left: Callable[[], float]
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Build the engine at tensor parallel `tp`, run the chosen workloads into `r` (written after each phase),
-    close it and free the GPUs. Returns the (a) and (b) prompts transformers would replay."""
-    c = LLAMA_3_1_8B
-    s = args.scale
+    args: argparse.Namespace, r: dict[str, Any], settings: EngineSettings, out_dir: Path, left: Callable[[], float]
+) -> None:
+    """Build the engine, run the chosen workloads into `r` (written after each phase), close it and free the GPUs."""
+    cfg = shape(args.shape)
+    model = ModelConfig.from_hf_config(cfg)
+    tp = settings.tensor_parallel_size
     t = time.perf_counter()
-    engine = build_engine(args, tp)
+    engine = build_engine(model, f"random-{args.shape}", settings)
     runner = local_runner(engine)
     r["startup"] = {
         "engine_init_s": engine.startup_seconds,
@@ -628,57 +464,53 @@ def run_engine(
         "attention_backend": runner.attn.name,
     }
     log.info("TP %d startup: %s (wall %.1fs)", tp, r["startup"], time.perf_counter() - t)
+    set_bounds(r, cfg)
     write_results(r, out_dir)
-    rng = random.Random(0)
     wanted = args.workloads.split(",")
-    phase_s = 90 * min(1.0, max(s, 0.25))  # time a workload phase needs left to be started (it shrinks with scale)
-    hf_a: list[list[int]] = []
-    hf_b: list[list[int]] = []
+    phase_s = 90 * min(1.0, max(args.scale, 0.25))  # time a workload phase needs left to be started
     try:
+        if "1" in wanted and left() > 60:
+            r["batch1"] = batch1(engine)
+            log.info("batch-1 decode: %s", r["batch1"])
+            write_results(r, out_dir)
         if "d" in wanted:
             for b in [int(x) for x in args.decode_batches.split(",")]:
                 if left() < 60:
                     r["notes"].append(f"(d) batch {b} skipped: out of time")
                     continue
                 x = decode_step_times(engine, b, 1024, 32, profile=args.profile and b in (1, 256))
-                ceil = r["ceilings"]
-                roof = decode_roofline_ms(c, b, 1024 + 10, ceil["copy_gb_s"], ceil["matmul_tflop_s"])
+                roof = bounds.decode_step_ms(cfg, b, 1024 + 10, bounds.Ceilings(**r["ceilings"]), tp)
                 x.update(
-                    roofline_ms=roof["total_ms"] / tp,
-                    roofline_gemm_ms=roof["gemm_ms"] / tp,
-                    roofline_attention_ms=roof["attention_ms"] / tp,
+                    roofline_ms=roof["total_ms"],
+                    roofline_gemm_ms=roof["gemm_ms"],
+                    roofline_attention_ms=roof["attention_ms"],
                 )
                 r["decode"][str(b)] = x
                 log.info("TP %d decode batch %d: %s", tp, b, x)
             if left() > 60:
-                r["prefill_probe"] = prefill_step_ms(engine, args.max_num_batched_tokens, 1024, profile=args.profile)
+                r["prefill_probe"] = prefill_step_ms(
+                    engine, settings.max_num_batched_tokens, 1024, profile=args.profile
+                )
                 log.info("prefill probe: %s", r["prefill_probe"])
             write_results(r, out_dir)
-        if "a" in wanted and left() > phase_s:
-            prompts = random_prompts(rng, max(1, round(1000 * s)), 1024, c.vocab_size)
-            hf_a = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
-            r["workloads"]["a"] = run_workload(engine, prompts, 128, "a")
-            write_results(r, out_dir)
-        if "b" in wanted and left() > phase_s:
-            prompts = random_prompts(rng, max(1, round(500 * s)), 200, c.vocab_size)
-            hf_b = prompts[: max(1, round(len(prompts) * args.hf_fraction))]
-            r["workloads"]["b"] = run_workload(engine, prompts, 1000, "b")
-            write_results(r, out_dir)
-        if "c" in wanted and left() > phase_s:
-            n_prefix = max(1, round(100 * s))
-            prefixes = random_prompts(rng, n_prefix, 1500, c.vocab_size)
-            suffixes = random_prompts(rng, n_prefix * 10, 100, c.vocab_size)
-            prompts = [prefixes[i // 10] + suffixes[i] for i in range(n_prefix * 10)]
-            rng.shuffle(prompts)
-            engine.reset_prefix_cache()
-            r["workloads"]["c_on"] = run_workload(engine, prompts, 100, "c_on")
-            write_results(r, out_dir)
-            if left() > phase_s:
-                engine.kv.enable_prefix_caching = False
+        for key in ("a", "b", "c"):
+            if key not in wanted:
+                continue
+            if left() < phase_s:
+                r["notes"].append(f"({key}) skipped: out of time")
+                continue
+            w = WORKLOADS[key].scaled(args.scale)
+            if key != "c":
+                r["workloads"][key] = run_workload(engine, w)
+            else:
                 engine.reset_prefix_cache()
-                r["workloads"]["c_off"] = run_workload(engine, prompts, 100, "c_off")
-                engine.kv.enable_prefix_caching = True
-                write_results(r, out_dir)
+                r["workloads"]["c_on"] = run_workload(engine, replace(w, key="c_on"))
+                if left() > phase_s:
+                    engine.kv.enable_prefix_caching = False
+                    engine.reset_prefix_cache()
+                    r["workloads"]["c_off"] = run_workload(engine, replace(w, key="c_off"))
+                    engine.kv.enable_prefix_caching = True
+            write_results(r, out_dir)
         r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         free, total = torch.cuda.mem_get_info()
         r["device_used_gib_at_end"] = (total - free) / 2**30
@@ -692,7 +524,19 @@ def run_engine(
         free, total = torch.cuda.mem_get_info()
         r["device_used_gib_after_close"] = (total - free) / 2**30  # what the next size's rank 0 cannot have
         log.info("TP %d closed: %.1f GiB still used on GPU 0", tp, r["device_used_gib_after_close"])
-    return hf_a, hf_b
+
+
+def set_bounds(r: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Bounds of (a), (b) and batch-1 from this run's ceilings, scaled for the run's GPUs and our KV pool."""
+    tp = r["settings"]["tensor_parallel_size"]
+    kv = (r.get("startup") or {}).get("kv_tokens")
+    a, b = (WORKLOADS[k].scaled(r["scale"]) for k in ("a", "b"))
+    r["bounds"] = bounds.workload_bounds(cfg, bounds.Ceilings(**r["ceilings"]), a, b, tp, kv)
+    r["bound_notes"] = [
+        f"Bounds: (a) every token's matmul FLOPs at the measured rate; (b) {r['bounds']['b_batch']} requests decoding"
+        " at once at their mean context, each step at its roofline (prefill not counted); batch-1: one decode step's"
+        f" roofline at {BATCH1_PROMPT + BATCH1_OUT // 2} tokens of context" + (f"; {tp} GPUs" if tp > 1 else "") + "."
+    ]
 
 
 def tp_summary(r: dict[str, Any]) -> dict[str, Any]:
@@ -723,12 +567,13 @@ def tp_table(r: dict[str, Any]) -> str:
     for tp, x in rows.items():
         a, b, m = x.get("a_total_tok_s"), x.get("b_output_tok_s"), x.get("batch1_ms")
         frac = f"{m / base['batch1_ms']:.2f}" if m and base.get("batch1_ms") else "-"
-        tpots = f"{_fmt(x.get('a_tpot_p50_ms'))} / {_fmt(x.get('b_tpot_p50_ms'))}"
+        tpots = f"{report.fmt(x.get('a_tpot_p50_ms'))} / {report.fmt(x.get('b_tpot_p50_ms'))}"
+        ra = report.fmt_ratio(report.speed_ratio(a, base.get("a_total_tok_s")))
+        rb = report.fmt_ratio(report.speed_ratio(b, base.get("b_output_tok_s")))
         lines.append(
-            f"| {tp} | {_fmt(a)} | {_ratio(a, base.get('a_total_tok_s'))} | {_fmt(b)} | "
-            f"{_ratio(b, base.get('b_output_tok_s'))} | {tpots} | {_fmt(m)} | {frac} | "
-            f"{_fmt(x.get('batch1_forward_ms'))} | {_fmt(x.get('batch1_roofline_ms'))} | {x.get('cuda_graphs')} | "
-            f"{_fmt(x.get('kv_tokens'))} |"
+            f"| {tp} | {report.fmt(a)} | {ra} | {report.fmt(b)} | {rb} | {tpots} | {report.fmt(m)} | {frac} | "
+            f"{report.fmt(x.get('batch1_forward_ms'))} | {report.fmt(x.get('batch1_roofline_ms'))} | "
+            f"{x.get('cuda_graphs')} | {report.fmt(x.get('kv_tokens'))} |"
         )
     two, one = rows.get(str(TP_TARGET["tp"]), {}).get("batch1_ms"), base.get("batch1_ms")
     if two and one:
@@ -763,17 +608,52 @@ def write_tp_summary(r: dict[str, Any], out_dir: Path) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------------------
+def run_peer(args: argparse.Namespace, settings: EngineSettings, out_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """vLLM in its own process, before this process touches the GPU; its results, or {"error": why}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_out = out_dir / f"peer-vllm-{args.shape}.json"
+    cmd = peer_command(args.peer_python, args.shape, args.scale, settings, args.peer_workloads, json_out)
+    env = dict(os.environ, PYTHONPATH=f"{args.vllm_site}:{Path.cwd()}", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    log.info("peer: %s", " ".join(cmd))
+    try:
+        done = subprocess.run(cmd, env=env, timeout=max(1.0, timeout_s), check=False)
+        why = None if done.returncode == 0 else f"vLLM exited with status {done.returncode}"
+    except subprocess.TimeoutExpired:
+        why = f"vLLM did not finish within {timeout_s:.0f} s"
+    peer = json.loads(json_out.read_text()) if json_out.exists() else {}
+    if why:
+        peer.setdefault("notes", []).append(why)
+        if not peer.get("workloads") and not peer.get("batch1"):
+            peer["error"] = why
+    return peer or {"error": why or "vLLM wrote no results"}
+
+
+def attach_peer(r: dict[str, Any], peer: dict[str, Any]) -> None:
+    """Keep the peer's figures only if they come from this GPU with this run's settings; else say why not."""
+    if peer.get("error"):
+        r["peer"] = peer
+        return
+    problems = list(filter(None, [report.same_machine(r["gpu_identity"], peer.get("gpu_identity", {}))]))
+    problems += report.settings_mismatch(r, peer)
+    r["peer"] = {**peer, "error": "; ".join(problems)} if problems else peer
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-3.1-8b", help="a model shape of bench/shapes.py")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every request count")
-    p.add_argument("--hf-fraction", type=float, default=0.1, help="share of (a) and (b) run by transformers")
-    p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--hf-from", help="take transformers' figures from an earlier results JSON of the same GPU kind")
-    p.add_argument("--workloads", default="d,a,b,c", help="comma list of d,a,b,c")
-    p.add_argument("--max-num-seqs", type=int, default=1024)
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--workloads", default="1,d,a,b,c", help="comma list of 1 (batch-1), d, a, b, c for our engine")
+    p.add_argument("--peer", choices=("none", "vllm"), default="none", help="run vLLM first, in its own process")
+    p.add_argument("--peer-json", help="the peer's results from bench.peer_vllm, run earlier on this same GPU")
+    p.add_argument("--peer-workloads", default="1,a,b,c", help="what the peer runs (comma list of 1, a, b, c)")
+    p.add_argument("--peer-python", default=sys.executable)
+    p.add_argument("--vllm-site", default="/tmp/vsite", help="where shared/gpu/vllm-install.sh put vLLM")
+    p.add_argument("--ours", action=argparse.BooleanOptionalAction, default=True, help="run our engine")
+    p.add_argument("--name", default="", help="extra suffix of the results files")
+    p.add_argument("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineSettings.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=EngineSettings.max_model_len)
+    p.add_argument("--gpu-memory-utilization", type=float, default=EngineSettings.gpu_memory_utilization)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--profile", action="store_true", help="(d): profile decode steps at batch 1 and 256")
     p.add_argument(
@@ -789,6 +669,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
     left = lambda: args.deadline_s - (time.perf_counter() - t0)  # noqa: E731
+    sizes = [int(x) for x in str(args.tensor_parallel_size).split(",")]
+    settings = EngineSettings(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=sizes[0],
+    )
+    out_dir = Path(args.out_dir)
+    peer: dict[str, Any] = {"error": "not run (--peer none)"}
+    if args.peer_json:
+        peer = json.loads(Path(args.peer_json).read_text())
+    elif args.peer == "vllm":  # first: vLLM sizes its KV pool from the free memory, so this process holds none yet
+        peer = run_peer(args, settings, out_dir, left() * (0.5 if args.ours else 1.0))
 
     device = torch.device("cuda")
     try:
@@ -797,58 +692,52 @@ def main(argv: list[str] | None = None) -> int:
         fi_version = flashinfer.__version__
     except ImportError:
         fi_version = None
-    s = args.scale
     r: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m bench.offline " + " ".join(sys.argv[1:] if argv is None else argv),
         "gpu": torch.cuda.get_device_name(device),
+        "gpu_identity": gpu_identity(),
         "torch": torch.__version__,
         "flashinfer": fi_version,
         "python": platform.python_version(),
         "commit": git_commit(),
-        "scale": s,
-        "engine": {
-            k: getattr(args, k)
-            for k in (
-                "max_num_seqs",
-                "max_num_batched_tokens",
-                "max_model_len",
-                "gpu_memory_utilization",
-                "enforce_eager",
-            )
-        },
-        "anchors": {"vllm": VLLM, "transformers": HF, "bounds": BOUND, "targets": TARGET},
+        "shape": args.shape,
+        "scale": args.scale,
+        "settings": settings.as_dict(),
+        "sampling": asdict(Sampling()),
         "workloads": {},
         "decode": {},
         "notes": [],
+        "name_suffix": f"-{args.shape}" + (f"-{args.name}" if args.name else ""),
     }
-    out_dir = Path(args.out_dir)
+    attach_peer(r, peer)
     r["ceilings"] = measure_ceilings(device)
     log.info("ceilings: %s", r["ceilings"])
-    # Decode attention alone, both flashinfer decode kernels; the engine then uses the faster at batch 256.
-    micro = {}
-    batches = (1, 8, 32, 256)
-    for tc in (False, True):
-        for b in batches:
-            micro[f"{'tensor_core' if tc else 'cuda_core'}_b{b}"] = decode_attention_micro(b, 1024, tc)
-    r["decode_attention_micro"] = micro
-    use_tc = micro["tensor_core_b256"]["ms"] < micro["cuda_core_b256"]["ms"]
-    os.environ["KUBELLM_DECODE_TENSOR_CORES"] = "1" if use_tc else "0"
-    r["engine"]["decode_tensor_cores"] = use_tc
-    log.info("decode attention alone (1 layer, ctx 1024): %s -> tensor cores %s", micro, use_tc)
+    set_bounds(r, shape(args.shape))
+    if args.shape == "llama-3.1-8b":  # decode attention alone, both flashinfer decode kernels, on this shape's heads
+        micro = {}
+        for tc in (False, True):
+            for b in (1, 8, 32, 256):
+                micro[f"{'tensor_core' if tc else 'cuda_core'}_b{b}"] = decode_attention_micro(b, 1024, tc)
+        r["decode_attention_micro"] = micro
+        use_tc = micro["tensor_core_b256"]["ms"] < micro["cuda_core_b256"]["ms"]
+        os.environ["KUBELLM_DECODE_TENSOR_CORES"] = "1" if use_tc else "0"
+        r["decode_tensor_cores"] = use_tc
+        log.info("decode attention alone (1 layer, ctx 1024): %s -> tensor cores %s", micro, use_tc)
     if args.prefill_backends:  # measured only: the engine keeps its default (KUBELLM_PREFILL_BACKEND overrides)
         r["prefill_attention_micro"] = {b: prefill_attention_micro(b) for b in args.prefill_backends.split(",")}
         log.info("prefill attention alone (1 layer, 16 x 1024 causal): %s", r["prefill_attention_micro"])
     torch.cuda.empty_cache()
+    write_results(r, out_dir)
 
-    sizes = [int(x) for x in str(args.tensor_parallel_size).split(",")]
     sweep = sizes != [1]
-    hf_a: list[list[int]] = []
-    hf_b: list[list[int]] = []
     tp_results: dict[int, dict[str, Any]] = {}
-    for i, tp in enumerate(sizes):
+    for i, tp in enumerate(sizes if args.ours else []):
         rt = json.loads(json.dumps(r, default=str)) if sweep else r
+        rt["settings"]["tensor_parallel_size"] = tp
         rt["tensor_parallel_size"] = tp
-        rt["name_suffix"] = f"-tp{tp}" if sweep else ""
+        rt["name_suffix"] = r["name_suffix"] + (f"-tp{tp}" if sweep else "")
         if torch.cuda.device_count() < tp:
             log.warning("TP %d skipped: torch sees %d GPUs", tp, torch.cuda.device_count())
             r["notes"].append(f"TP {tp} skipped: {torch.cuda.device_count()} GPUs")
@@ -858,47 +747,28 @@ def main(argv: list[str] | None = None) -> int:
             continue
         end = time.perf_counter() + left() / (len(sizes) - i)  # an equal share of what is left for each size
         left_here = lambda end=end: min(left(), end - time.perf_counter())  # noqa: E731
-        prompts_a, prompts_b = run_engine(args, rt, tp, out_dir, left_here)
-        if tp == 1:
-            hf_a, hf_b = prompts_a, prompts_b
+        try:
+            run_engine(args, rt, replace(settings, tensor_parallel_size=tp), out_dir, left_here)
+        except UnsupportedModelError as e:  # a shape our engine cannot run yet: the peer's figures still stand
+            rt["notes"].append(f"our engine: {NOT_MEASURED_OURS}: {e}")
+            log.warning("our engine refused %s: %s", args.shape, e)
         tp_results[tp] = rt
         if sweep:
             r["tp"] = {str(k): tp_summary(v) for k, v in tp_results.items()}
             write_tp_summary(r, out_dir)
+    r["bench_wall_s"] = time.perf_counter() - t0
     if sweep:
-        r["bench_wall_s"] = time.perf_counter() - t0
         write_tp_summary(r, out_dir)
         for rt in tp_results.values():
-            print(table(rt), flush=True)
+            print(report.table(rt), flush=True)
         print(tp_table(r), flush=True)
         return 0
-
-    if args.hf_from:
-        earlier = json.loads(Path(args.hf_from).read_text())
-        r["transformers"] = dict(earlier["transformers"], source=f"{args.hf_from} (commit {earlier.get('commit')})")
-        r["notes"].append(
-            f"transformers figures from an earlier run on the same GPU kind ({args.hf_from}, {earlier.get('date')}): "
-            "its code path is untouched by our commits, and rerunning it costs ~3 minutes of device time"
-        )
-    elif not args.skip_hf and (hf_a or hf_b):
-        # transformers runs ~15-30x slower: estimate from its anchors and shrink to what time allows.
-        need = sum(len(p) + 128 for p in hf_a) / HF["a_total_tok_s"] + len(hf_b) * 1000 / HF["b_output_tok_s"] + 40
-        if need > left():
-            f = max(0.0, (left() - 40) / need)
-            hf_a, hf_b = hf_a[: int(len(hf_a) * f)], hf_b[: int(len(hf_b) * f)]
-            r["notes"].append(
-                f"transformers subset shrunk to {len(hf_a)} (a) and {len(hf_b)} (b) requests to fit the time"
-            )
-        if hf_a or hf_b:
-            try:
-                r["transformers"] = run_hf(hf_a, 128, hf_b, 1000)
-            except Exception as e:  # the peer failing must not lose our results
-                log.exception("transformers continuous batching failed")
-                r["notes"].append(f"transformers failed: {type(e).__name__}: {e}")
-    r["bench_wall_s"] = time.perf_counter() - t0
     write_results(r, out_dir)
-    print(table(r), flush=True)
+    print(report.table(r), flush=True)
     return 0
+
+
+NOT_MEASURED_OURS = "not measured (the engine refuses this model)"
 
 
 if __name__ == "__main__":

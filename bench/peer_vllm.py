@@ -1,0 +1,162 @@
+"""The peer, measured beside our engine: vLLM 0.26.0 on the same workloads, shape, settings and GPU machine.
+
+Runs in its own process (vLLM's pinned packages differ from ours), with vLLM installed by
+shared/gpu/vllm-install.sh into /tmp/vsite:
+
+    PYTHONPATH=/tmp/vsite:$PWD VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m bench.peer_vllm \
+        --shape llama-3.1-8b --scale 0.5 --json-out /tmp/peer-llama-3.1-8b.json
+
+`python -m bench.offline --peer vllm` starts it itself (before our engine takes the GPU), or reads a file it wrote
+earlier on the same machine with `--peer-json`. vLLM gets a directory holding only the shape's config.json, dummy
+weights and no tokenizer (prompts are token ids), and the workloads, sampling parameters and engine limits of
+bench/workloads.py: nothing here may differ from what our engine runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.gpu_info import gpu_identity
+from bench.shapes import shape, write_config_dir
+from bench.workloads import BATCH1_OUT, BATCH1_PROMPT, WORKLOADS, EngineSettings, Sampling, Workload
+
+
+def _preemptions(llm: Any) -> float | None:
+    try:
+        return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    except Exception:  # metrics off or renamed: reported as not measured, never guessed
+        return None
+
+
+def _params(max_tokens: int, sampling: Sampling) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, detokenize=False, **asdict(sampling))
+
+
+def _generate(llm: Any, prompts: list[list[int]], max_tokens: int, sampling: Sampling) -> tuple[float, int]:
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    t = time.perf_counter()
+    outs = llm.generate(inputs, _params(max_tokens, sampling), use_tqdm=False)
+    wall = time.perf_counter() - t
+    return wall, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def run_workload(llm: Any, w: Workload, vocab: int, sampling: Sampling) -> dict[str, Any]:
+    prompts = w.prompts(vocab)
+    before = _preemptions(llm)
+    wall, n_out = _generate(llm, prompts, w.max_tokens, sampling)
+    after = _preemptions(llm)
+    n_in = sum(len(p) for p in prompts)
+    return {
+        "requests": len(prompts),
+        "input_tokens": n_in,
+        "output_tokens": n_out,
+        "wall_s": wall,
+        "output_tok_s": n_out / wall,
+        "total_tok_s": (n_in + n_out) / wall,
+        "preemptions": None if before is None or after is None else after - before,
+    }
+
+
+def batch1(llm: Any, vocab: int, sampling: Sampling) -> dict[str, Any]:
+    """ms/token of one request: (time to 1 + BATCH1_OUT tokens - time to 1 token) / BATCH1_OUT, best of a few."""
+    prompt = Workload("batch1", 1, BATCH1_PROMPT, 1, seed=4).prompts(vocab)
+    _generate(llm, prompt, 1, sampling)  # caches the prompt: every timed run below prefills the same way
+    t1 = min(_generate(llm, prompt, 1, sampling)[0] for _ in range(3))
+    tn = min(_generate(llm, prompt, 1 + BATCH1_OUT, sampling)[0] for _ in range(2))
+    return {"ms_per_token": (tn - t1) / BATCH1_OUT * 1e3, "t_first_s": t1, "t_all_s": tn}
+
+
+def peer_command(
+    python: str, shape_name: str, scale: float, settings: EngineSettings, workloads: str, json_out: Path
+) -> list[str]:
+    """The command bench.offline starts the peer with: our run's shape, scale and settings, nothing else."""
+    return [
+        python, "-m", "bench.peer_vllm", "--shape", shape_name, "--scale", repr(scale), "--workloads", workloads,
+        "--settings-json", json.dumps(settings.as_dict()), "--json-out", str(json_out),
+    ]  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--workloads", default="1,a,b,c", help="comma list of 1 (batch-1 decode), a, b, c")
+    p.add_argument("--settings-json", help="EngineSettings as JSON (what bench.offline passes); defaults otherwise")
+    p.add_argument("--json-out", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    settings = EngineSettings(**json.loads(args.settings_json)) if args.settings_json else EngineSettings()
+    sampling = Sampling()
+    cfg = shape(args.shape)
+    import vllm
+    from vllm import LLM
+
+    result: dict[str, Any] = {
+        "engine": "vllm",
+        "version": vllm.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu_identity": gpu_identity(),
+        "shape": args.shape,
+        "scale": args.scale,
+        "settings": settings.as_dict(),
+        "sampling": asdict(sampling),
+        "workloads": {},
+        "notes": [],
+    }
+    out = Path(args.json_out)
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    model_dir = write_config_dir(args.shape, Path(tempfile.mkdtemp(prefix="peer-")))
+    t = time.perf_counter()
+    llm = LLM(
+        model=str(model_dir),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        block_size=settings.block_size,
+        enforce_eager=settings.enforce_eager,
+        seed=settings.seed,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        disable_log_stats=False,  # the preemption counter
+    )
+    result["startup_s"] = time.perf_counter() - t
+    blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    result["kv_tokens"] = blocks * settings.block_size if blocks else None
+    save()
+    vocab = cfg["vocab_size"]
+    for key in args.workloads.split(","):
+        if key == "1":
+            result["batch1"] = batch1(llm, vocab, sampling)
+        else:
+            w = WORKLOADS[key].scaled(args.scale)
+            if key == "c":
+                llm.reset_prefix_cache()
+            result["workloads"][key] = run_workload(llm, w, vocab, sampling)
+        print(f"vllm {key}: {result.get('batch1') if key == '1' else result['workloads'][key]}", flush=True)
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
