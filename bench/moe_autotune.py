@@ -1,0 +1,154 @@
+"""Choose the fused MoE tile configs per batch-size bucket on this GPU and write them where the engine reads them.
+
+For each shape (E, top-k, H, I) in priority order and each batch bucket: random routing (top-k of softmax of
+standard-normal logits), then for every tile height BLOCK_M that suits the rows per expert (and, for a few
+tokens, no alignment at all: one pair per tile), the alignment timed once and each GEMM (gate_up, down) timed
+alone over its candidate tilings; the bucket's config is the option whose align + best gate_up + best down is
+fastest. Each timing is the median of ITERS runs, each after a write of 256 MB that
+evicts L2 (so weights come from memory, as in a model whose layers each have their own). Bounded by
+--deadline-s: shapes and buckets not reached keep `default_config`. Writes one JSON per shape:
+<out-dir>/E=..,N=..,H=..,device=..,dtype=bfloat16.json (the name fused_moe.config_file_name gives).
+
+    python -m bench.moe_autotune --out-dir engine/models/moe_configs --deadline-s 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kubellm.engine import loader as _loader_first  # noqa: F401 (loader before models: import cycle)
+from kubellm.engine.models import fused_moe
+from kubellm.engine.models.fused_moe import GemmConfig, MoeConfig
+
+SHAPES = [  # priority order: (name, E, top-k, H, I)
+    ("qwen3-30b-a3b", 128, 8, 2048, 768),
+    ("deepseek-v2-lite", 64, 6, 2048, 1408),
+    ("mixtral", 8, 2, 4096, 14336),
+    ("qwen3-30b-a3b-tp2", 128, 8, 2048, 384),
+    ("qwen3-30b-a3b-tp4", 128, 8, 2048, 192),
+    ("deepseek-v2-lite-tp2", 64, 6, 2048, 704),
+    ("mixtral-tp2", 8, 2, 4096, 7168),
+    ("deepseek-v2-lite-tp4", 64, 6, 2048, 352),
+    ("mixtral-tp4", 8, 2, 4096, 3584),
+]
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+ITERS = 12
+DIRECT_MAX_TOKENS = 8  # batches where skipping the alignment (one pair per tile) is also tried
+
+
+def candidates(block_m: int) -> list[GemmConfig]:
+    """Tilings worth trying at one tile height: narrow N and long K for weight-bound small tiles, wider for big."""
+    if block_m == 16:
+        grid = itertools.product((16, 32, 64), (128, 256), (1,), (4,), (3, 5))
+    elif block_m == 32:
+        grid = itertools.product((64, 128), (64, 128), (8,), (4,), (3, 4))
+    elif block_m == 64:
+        grid = itertools.product((64, 128), (64, 128), (8,), (4, 8), (3,))
+    else:
+        grid = itertools.product((64, 128), (64,), (8,), (8,), (3, 4))
+    return [GemmConfig(*c) for c in grid]
+
+
+def block_ms(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
+    rows = num_tokens * top_k / num_experts
+    return [bm for bm, lo, hi in ((16, 0, 96), (32, 4, 256), (64, 16, 1e9), (128, 64, 1e9)) if lo <= rows <= hi]
+
+
+class Timer:
+    """Median GPU time of a callable, each run after evicting L2."""
+
+    def __init__(self) -> None:
+        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn) -> float:
+        fn()  # compile
+        events = []
+        for _ in range(ITERS):
+            self.flush.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def tune_bucket(timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: torch.Generator, w13, w2) -> dict:
+    """Best (BLOCK_M, gate_up tiling, down tiling) for t tokens, with each GEMM timed alone on a fixed alignment."""
+    x = torch.randn(t, h, generator=gen, device="cuda", dtype=torch.bfloat16)
+    w, ids = torch.topk(torch.softmax(torch.randn(t, e, generator=gen, device="cuda"), -1), k, -1)
+    w, ids = (w / w.sum(-1, keepdim=True)).contiguous(), ids.to(torch.int32)
+    out = torch.empty(t * k, h, device="cuda", dtype=torch.bfloat16)
+    best = None
+    options = [(bm, False) for bm in block_ms(t, k, e)] + ([(16, True)] if t <= DIRECT_MAX_TOKENS else [])
+    for bm, direct in options:
+        al = fused_moe.align_pairs(ids, e, bm, direct)
+        align_ms = 0.0 if direct else timer(lambda bm=bm: fused_moe.align_pairs(ids, e, bm))
+        up_t = {c: timer(lambda c=c, al=al: fused_moe.gate_up(x, w13, al, k, c)) for c in candidates(bm)}
+        up = min(up_t, key=up_t.get)
+        activated = fused_moe.gate_up(x, w13, al, k, up)
+        dn_t = {c: timer(lambda c=c, a=activated, al=al: fused_moe.down(a, w2, al, w, c, out)) for c in candidates(bm)}
+        dn = min(dn_t, key=dn_t.get)
+        total = align_ms + up_t[up] + dn_t[dn]
+        if best is None or total < best[0]:
+            best = (total, MoeConfig(bm, up, dn, direct), align_ms, up_t[up], dn_t[dn])
+    _, cfg, align_ms, up_ms, dn_ms = best
+    return {"config": cfg, "align_ms": align_ms, "gate_up_ms": up_ms, "down_ms": dn_ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out-dir", type=Path, default=fused_moe.CONFIG_DIR)
+    ap.add_argument("--deadline-s", type=float, default=240.0)
+    ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    args = ap.parse_args()
+    deadline = time.monotonic() + args.deadline_s
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    device = fused_moe.current_device_name()
+    timer = Timer()
+    wanted = args.shapes.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    for name, e, k, h, inter in (s for s in SHAPES if s[0] in wanted):
+        if time.monotonic() > deadline:
+            print(f"deadline: {name} not tuned (default_config)", flush=True)
+            continue
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w13 = torch.randn(e, 2 * inter, h, generator=gen, device="cuda", dtype=torch.bfloat16) / h**0.5
+        w2 = torch.randn(e, h, inter, generator=gen, device="cuda", dtype=torch.bfloat16) / inter**0.5
+        path = args.out_dir / fused_moe.config_file_name(e, inter, h, torch.bfloat16, device)
+        configs, timings = {}, {}
+        for t in batches:
+            if time.monotonic() > deadline:
+                print(f"deadline: {name} tuned up to batch {max(configs, default=0)}", flush=True)
+                break
+            r = tune_bucket(timer, e, k, h, inter, t, gen, w13, w2)
+            configs[t] = r["config"].to_json()
+            timings[t] = {key: r[key] for key in ("align_ms", "gate_up_ms", "down_ms")}
+            us = {key: f"{r[key] * 1e3:.1f} us" for key in ("align_ms", "gate_up_ms", "down_ms")}
+            print(f"{name} T={t}: {configs[t]} {us}", flush=True)
+            doc = {"device": device, "E": e, "top_k": k, "N": inter, "H": h, "dtype": "bfloat16",
+                   "tuned": time.strftime("%Y-%m-%d"), "triton": _triton_version(), "configs": configs,
+                   "timings": timings}  # fmt: skip
+            path.write_text(json.dumps(doc, indent=1) + "\n")  # after every bucket: a timeout keeps what was done
+        print(f"wrote {path}", flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""Fused mixture-of-experts on CUDA, in Triton: top-k gating in one kernel, then the experts' SiLU-gated MLPs as
+two grouped GEMMs over token-expert pairs sorted by expert.
+
+Why this shape: a MoE layer at decode reads only the active experts' weights, so it is bound by their bytes, and
+at prefill it is a batch of small GEMMs of uneven sizes. Both want one launch per GEMM over all experts, each
+program owning a BLOCK_M-row tile of pairs that all go to one expert, so every expert's weights stream once per
+tile and no dense E-wide compute happens.
+
+The pipeline of `fused_experts` (five launches, or four when the pairs are few):
+  1. align: count pairs per expert, pad each expert's count to a multiple of BLOCK_M, prefix-sum into each
+     expert's slice of `sorted_pairs`, map every tile to its expert (-1 past the end), fill padding rows with a
+     sentinel; for few pairs it also scatters them (2. otherwise).
+  2. scatter: each pair takes the next slot of its expert's slice (an atomic cursor). The order within an
+     expert is arbitrary, which changes nothing: a row's GEMM result does not depend on the other rows.
+  3. gate_up: tile rows gather x by token, multiply by the expert's gate and up rows (w13 [:I] and [I:]) into
+     two float32 accumulators and store silu(gate) * up in bf16/fp16 at the pair's row of an [T*k, I] buffer.
+  4. down: the same over w2, scaled by the pair's top-k weight, stored at the pair's row of [T*k, H].
+  5. the sum over each token's k rows (a torch sum, float32 accumulation); skipped when k = 1.
+For a few tokens (a config's `direct`) steps 1-2 are skipped: each tile holds one pair, its expert read from
+topk_ids, which costs two launches less than aligning and only re-reads an expert two tokens share.
+`align_pairs`, `gate_up` and `down` are the stages, public so the autotune can time each alone.
+Everything stays on the device and every buffer is sized by the worst case (T*k + E*(BLOCK_M-1) sorted rows),
+from shapes only, so a decode step with this inside is CUDA-graph capturable: no `.item()`, no host sync, no
+data-dependent shape. Programs of tiles past the real end exit at once.
+
+Tile configs (BLOCK_M shared by both GEMMs, BLOCK_N/K, GROUP_M, warps, stages per GEMM) come from
+engine/models/moe_configs/*.json written by bench/moe_autotune.py, keyed by GPU name, E, N (= I of the shard),
+H and dtype, one entry per batch-size bucket; unseen shapes get `default_config`.
+
+Imports on CPU-only installs without Triton; calling a kernel there raises a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs
+    triton = None
+    tl = None
+
+CONFIG_DIR = Path(__file__).parent / "moe_configs"
+DIRECT_MAX_TOKENS = 1  # default configs skip the alignment up to this batch (the autotune decides per shape)
+INLINE_SCATTER_MAX_PAIRS = 1024  # up to this many pairs the align kernel also scatters them (one launch fewer)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters of one grouped GEMM."""
+
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """BLOCK_M (the alignment of each expert's rows, shared by both GEMMs), each GEMM's tiling, and whether
+    to skip the alignment (direct: one pair per 16-row tile)."""
+
+    block_m: int
+    up: GemmConfig
+    down: GemmConfig
+    direct: bool = False
+
+    def to_json(self) -> dict:
+        return {"BLOCK_M": self.block_m, "DIRECT": self.direct, "up": asdict(self.up), "down": asdict(self.down)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> MoeConfig:
+        return cls(d["BLOCK_M"], GemmConfig(**d["up"]), GemmConfig(**d["down"]), d.get("DIRECT", False))
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the fused MoE kernels need Triton (`pip install triton`), which is not installed")
+
+
+def _check_cuda(name: str, t: torch.Tensor) -> None:
+    # Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: how their logic is checked off-GPU
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"fused MoE: {name} must be on a CUDA device, got {t.device}")
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["T"])
+    def _topk_softmax_kernel(
+        logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
+        rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        re_ = tl.arange(0, BLOCK_E)
+        t_ok = rt < T
+        e_ok = re_ < E
+        x = tl.load(
+            logits_ptr + rt[:, None].to(tl.int64) * stride_lt + re_[None, :],
+            mask=t_ok[:, None] & e_ok[None, :],
+            other=float("-inf"),
+        ).to(tl.float32)
+        x = tl.where(t_ok[:, None], x, 0.0)  # rows past T: finite, never stored
+        p = tl.exp(x - tl.max(x, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        p = tl.where(e_ok[None, :], p, -1.0)  # padding experts are never picked
+        rk = tl.arange(0, K_PAD)
+        top_w = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+        top_i = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(p, axis=1)
+            idx = tl.min(tl.where(p == best[:, None], re_[None, :], BLOCK_E), axis=1)  # lowest index on ties
+            top_w = tl.where(rk[None, :] == j, best[:, None], top_w)
+            top_i = tl.where(rk[None, :] == j, idx[:, None], top_i)
+            p = tl.where(re_[None, :] == idx[:, None], -1.0, p)
+        if RENORMALIZE:
+            top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+        out = rt[:, None] * TOP_K + rk[None, :]
+        ok = t_ok[:, None] & (rk[None, :] < TOP_K)
+        tl.store(weights_ptr + out, top_w, mask=ok)
+        tl.store(ids_ptr + out, top_i, mask=ok)
+
+    @triton.jit(do_not_specialize=["num_pairs", "max_len", "max_tiles"])
+    def _align_kernel(
+        ids_ptr, sorted_ptr, tile_expert_ptr, cursor_ptr, num_pairs, E, max_len, max_tiles,
+        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, TILE_CHUNK: tl.constexpr,
+        SCATTER: tl.constexpr,
+    ):  # fmt: skip
+        re_ = tl.arange(0, BLOCK_E)
+        e_ok = re_ < E
+        counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for start in range(0, num_pairs, CHUNK):
+            r = start + tl.arange(0, CHUNK)
+            ids = tl.load(ids_ptr + r, mask=r < num_pairs, other=BLOCK_E - 1)  # bin BLOCK_E-1 >= E: not an expert
+            counts += tl.histogram(ids, BLOCK_E)
+        counts = tl.where(e_ok, counts, 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, axis=0)
+        total = tl.sum(padded, axis=0)
+        tl.store(cursor_ptr + re_, ends - padded, mask=e_ok)
+        for start in range(0, max_len, CHUNK):
+            r = start + tl.arange(0, CHUNK)
+            tl.store(sorted_ptr + r, tl.full((CHUNK,), 0, tl.int32) + num_pairs, mask=r < max_len)
+        for start in range(0, max_tiles, TILE_CHUNK):
+            tiles = start + tl.arange(0, TILE_CHUNK)
+            row = tiles * BLOCK_M
+            # the expert owning `row` is the number of experts whose slice ends at or before it
+            expert = tl.sum(((ends[None, :] <= row[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+            tl.store(tile_expert_ptr + tiles, tl.where(row < total, expert, -1), mask=tiles < max_tiles)
+        if SCATTER:
+            tl.debug_barrier()  # cursor and sentinel stores above are visible to every thread below
+            for start in range(0, num_pairs, CHUNK):
+                r = start + tl.arange(0, CHUNK)
+                ok = r < num_pairs
+                ids = tl.load(ids_ptr + r, mask=ok, other=0)
+                pos = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+                tl.store(sorted_ptr + pos, r, mask=ok)
+
+    @triton.jit(do_not_specialize=["num_pairs"])
+    def _scatter_kernel(ids_ptr, sorted_ptr, cursor_ptr, num_pairs, CHUNK: tl.constexpr):
+        r = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+        ok = r < num_pairs
+        ids = tl.load(ids_ptr + r, mask=ok, other=0)
+        pos = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+        tl.store(sorted_ptr + pos, r, mask=ok)
+
+    @triton.jit
+    def _tile_coords(pid, max_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Program id -> (tile, column block), GROUP_M tiles side by side so neighbours share weight blocks in L2."""
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        rows = tl.minimum(max_tiles - first_m, GROUP_M)
+        return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+    @triton.jit(do_not_specialize=["num_pairs", "max_tiles", "top_k"])
+    def _gate_up_kernel(
+        x_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, num_pairs, N, K, max_tiles,
+        stride_xt, stride_we, stride_wn, stride_ot, top_k,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
+        expert = tl.load(tile_expert_ptr + pid_m)
+        if DIRECT:  # one pair per tile, tile_expert_ptr is topk_ids itself: no alignment pass at all
+            pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+        else:
+            if expert < 0:
+                return
+            pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        m_ok = pair < num_pairs
+        token = (pair // top_k).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + token[:, None] * stride_xt + rk[None, :]
+        g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+        u_ptrs = g_ptrs + N * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = rk < K - k0
+                a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + rn[None, :]
+        tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit(do_not_specialize=["num_pairs", "max_tiles"])
+    def _down_kernel(
+        a_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, weights_ptr, num_pairs, N, K, max_tiles,
+        stride_at, stride_we, stride_wn, stride_ot,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
+        expert = tl.load(tile_expert_ptr + pid_m)
+        if DIRECT:  # one pair per tile, tile_expert_ptr is topk_ids itself: no alignment pass at all
+            pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+        else:
+            if expert < 0:
+                return
+            pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        m_ok = pair < num_pairs
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + pair[:, None].to(tl.int64) * stride_at + rk[None, :]
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = rk < K - k0
+                a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc *= tl.load(weights_ptr + pair, mask=m_ok, other=0.0)[:, None]
+        o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + rn[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts in float32, the top_k largest, optionally renormalised to sum to 1: one kernel.
+
+    Returns (weights [T, k] float32, ids [T, k] int32), largest first (lowest expert index first on ties)."""
+    _require_triton()
+    _check_cuda("router_logits", router_logits)
+    if router_logits.dim() != 2:
+        raise ValueError(f"fused_topk: router_logits must be [tokens, experts], got shape {tuple(router_logits.shape)}")
+    t, e = router_logits.shape
+    if not 1 <= top_k <= e:
+        raise ValueError(f"fused_topk: top_k must be between 1 and the number of experts ({e}), got {top_k}")
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=router_logits.device)
+    if t == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(e)
+    block_t = max(1, min(16, 4096 // block_e))
+    _topk_softmax_kernel[(triton.cdiv(t, block_t),)](
+        router_logits, weights, ids, t, e, router_logits.stride(0),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+        num_warps=4,
+    )  # fmt: skip
+    return weights, ids
+
+
+@dataclass
+class Alignment:
+    """Pairs (token * k + slot) sorted by expert in BLOCK_M tiles: `sorted_pairs[i]` is a pair index or
+    num_pairs (padding); `tile_expert[j]` the expert of tile j or -1 past the last tile. Direct: one pair per
+    tile in pair order, `tile_expert` = the flat topk_ids (no kernel; for a handful of pairs, where an align
+    launch costs more than reading an expert twice when two tokens share it)."""
+
+    sorted_pairs: torch.Tensor
+    tile_expert: torch.Tensor
+    block_m: int
+    num_pairs: int
+    direct: bool = False
+
+
+def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Worst case of padded rows: every expert's count rounded up to BLOCK_M."""
+    return num_pairs + num_experts * (block_m - 1)
+
+
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, direct: bool = False) -> Alignment:
+    """Sort token-expert pairs by expert into BLOCK_M-row tiles, on the device, with shape-only buffer sizes."""
+    _require_triton()
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    num_pairs = ids.numel()
+    if direct:
+        return Alignment(ids, ids, 16, num_pairs, direct=True)
+    max_len = max_sorted_rows(num_pairs, num_experts, block_m)
+    max_tiles = triton.cdiv(max_len, block_m)
+    dev = ids.device
+    sorted_pairs = torch.empty(max_len, dtype=torch.int32, device=dev)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    inline = num_pairs <= INLINE_SCATTER_MAX_PAIRS
+    _align_kernel[(1,)](
+        ids, sorted_pairs, tile_expert, cursor, num_pairs, num_experts, max_len, max_tiles,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), CHUNK=1024, TILE_CHUNK=32,
+        SCATTER=inline, num_warps=8,
+    )  # fmt: skip
+    if not inline:
+        _scatter_kernel[(triton.cdiv(num_pairs, 1024),)](ids, sorted_pairs, cursor, num_pairs, CHUNK=1024, num_warps=4)
+    return Alignment(sorted_pairs, tile_expert, block_m, num_pairs)
+
+
+def _check_experts_args(x, w13, w2, topk_weights, topk_ids) -> None:
+    for name, t in (("x", x), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        _check_cuda(name, t)
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fused_experts: x must be bfloat16 or float16, got {x.dtype}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"fused_experts: weights must have x's dtype {x.dtype}, got w13 {w13.dtype}, w2 {w2.dtype}")
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError("fused_experts: expected x [T, H], w13 [E, 2I, H], w2 [E, H, I]")
+    t, h = x.shape
+    e, two_i, h13 = w13.shape
+    if h13 != h or two_i % 2 or tuple(w2.shape) != (e, h, two_i // 2):
+        raise ValueError(
+            f"fused_experts: shapes do not fit: x {tuple(x.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, {h}]), "
+            f"w2 {tuple(w2.shape)} (want [{e}, {h}, {two_i // 2}])"
+        )
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(
+            f"fused_experts: topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
+            f"must both be [{t}, k]"
+        )
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fused_experts: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not (w13.is_contiguous() and w2.is_contiguous()):
+        raise ValueError("fused_experts: w13 and w2 must be contiguous")
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """sum_k w_k * (silu(x @ gate_e^T) * (x @ up_e^T)) @ w2_e^T, e = topk_ids[:, k]; gate = w13[e, :I], up = w13[e, I:].
+
+    x [T, H] bf16/fp16, w13 [E, 2I, H], w2 [E, H, I] (x's dtype, contiguous), topk_weights [T, k] float32,
+    topk_ids [T, k] int32 (values in [0, E): not checked, that would sync). Returns [T, H] in x's dtype."""
+    _require_triton()
+    _check_experts_args(x, w13, w2, topk_weights, topk_ids)
+    t, h = x.shape
+    e, two_i, _ = w13.shape
+    inter = two_i // 2
+    k = topk_ids.shape[1]
+    out = torch.empty_like(x)
+    if t == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or get_config(e, inter, h, x.dtype, t, k)
+    al = align_pairs(topk_ids, e, cfg.block_m, cfg.direct)
+    activated = gate_up(x, w13, al, k, cfg.up)
+    per_pair = out if k == 1 else torch.empty((al.num_pairs, h), dtype=x.dtype, device=x.device)
+    down(activated, w2, al, topk_weights, cfg.down, per_pair)
+    if k > 1:
+        torch.sum(per_pair.view(t, k, h), dim=1, out=out)
+    return out
+
+
+def gate_up(x: torch.Tensor, w13: torch.Tensor, al: Alignment, top_k: int, cfg: GemmConfig) -> torch.Tensor:
+    """silu(x @ gate_e^T) * (x @ up_e^T) for every pair, as [T*k, I] rows in pair order (one launch)."""
+    h = x.shape[1]
+    inter = w13.shape[1] // 2
+    max_tiles = al.tile_expert.numel()
+    activated = torch.empty((al.num_pairs, inter), dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(max_tiles * triton.cdiv(inter, cfg.BLOCK_N),)](
+        x, w13, activated, al.sorted_pairs, al.tile_expert, al.num_pairs, inter, h, max_tiles,
+        x.stride(0), w13.stride(0), w13.stride(1), activated.stride(0), top_k,
+        BLOCK_M=al.block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        EVEN_K=h % cfg.BLOCK_K == 0, DIRECT=al.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return activated
+
+
+def down(
+    activated: torch.Tensor, w2: torch.Tensor, al: Alignment, topk_weights: torch.Tensor, cfg: GemmConfig,
+    out: torch.Tensor,
+) -> None:  # fmt: skip
+    """out[pair] = w_pair * activated[pair] @ w2_e^T for every pair (one launch); out is [T*k, H]."""
+    inter = activated.shape[1]
+    h = w2.shape[1]
+    max_tiles = al.tile_expert.numel()
+    weights = topk_weights.reshape(-1)
+    if weights.dtype != torch.float32:
+        weights = weights.float()
+    _down_kernel[(max_tiles * triton.cdiv(h, cfg.BLOCK_N),)](
+        activated, w2, out, al.sorted_pairs, al.tile_expert, weights, al.num_pairs, h, inter, max_tiles,
+        activated.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_M=al.block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        EVEN_K=inter % cfg.BLOCK_K == 0, DIRECT=al.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+# ---- tile configs ----
+
+
+def default_config(num_tokens: int, num_experts: int, top_k: int) -> MoeConfig:
+    """For shapes no autotune run has seen: small tiles while experts get a few rows each (weight-bound),
+    larger ones as rows per expert grow (compute-bound)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    if num_tokens <= DIRECT_MAX_TOKENS:
+        return MoeConfig(16, GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4), direct=True)
+    if rows_per_expert <= 16:
+        return MoeConfig(16, GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    if rows_per_expert <= 64:
+        return MoeConfig(32, GemmConfig(64, 64, 8, 4, 4), GemmConfig(64, 64, 8, 4, 4))
+    return MoeConfig(64, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
+
+
+def device_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def config_file_name(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, device_name: str) -> str:
+    return (
+        f"E={num_experts},N={inter},H={hidden},device={device_key(device_name)},dtype={str(dtype).split('.')[-1]}.json"
+    )
+
+
+@functools.cache
+def load_configs(file_name: str) -> dict[int, MoeConfig] | None:
+    """Batch-size bucket -> config from one autotune file, or None when there is none for this shape and GPU."""
+    path = CONFIG_DIR / file_name
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {int(b): MoeConfig.from_json(c) for b, c in data["configs"].items()}
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def current_device_name() -> str:
+    return _device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
+def get_config(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, num_tokens: int, top_k: int) -> MoeConfig:
+    """The tuned config of the nearest batch bucket for this GPU and shape, else `default_config`."""
+    table = load_configs(config_file_name(num_experts, inter, hidden, dtype, current_device_name()))
+    if not table:
+        return default_config(num_tokens, num_experts, top_k)
+    return table[min(table, key=lambda b: (abs(b - num_tokens), b))]
+
+
+def config_source(num_experts: int, inter: int, hidden: int, dtype: torch.dtype) -> str:
+    """For the start-up log: which tile configs this shape will use on this GPU."""
+    file_name = config_file_name(num_experts, inter, hidden, dtype, current_device_name())
+    return f"tuned ({file_name})" if load_configs(file_name) else f"default tiles (no {file_name})"
