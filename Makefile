@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# `make up PORT=9000` serves on another port (engines take the next ones); UP_ARGS passes more `kubellm up` flags.
+PORT ?= 8000
+UP_ARGS ?=
+
 up: install
-	$(BIN)/kubellm up
+	$(BIN)/kubellm up --port $(PORT) $(UP_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -22,13 +22,10 @@ engine fails its requests (and /health turns 503) instead of hanging; close() th
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import operator
 import os
 import queue
-import signal
-import threading
 import time
 import traceback
 from typing import Any
@@ -45,6 +42,7 @@ from kubellm.engine.loader.loaded import ModelRecipe
 from kubellm.engine.model_runner import ModelRunner, available_cpus, resolve_device, resolve_dtype
 from kubellm.engine.tp_channel import ShmBroadcastReader, ShmBroadcastWriter
 from kubellm.engine.transfer import add_wait_check, remove_wait_check
+from kubellm.parent_watch import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -242,19 +240,6 @@ def _call(runner: ModelRunner, rank: int, method: str, args: tuple) -> Any:
         return _WorkerError(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Exit when rank 0 goes away: the kernel's parent-death signal, plus a polling thread as a fallback."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="kubellm-tp-parent-watch", daemon=True).start()
-
-
 def _rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
@@ -293,7 +278,7 @@ def _worker_main(
     channel: tuple[str, int, int, int],
 ) -> None:
     """Ranks 1..N-1: join the group, load and shard the weights, then run whatever rank 0 broadcasts."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)  # SIGKILL: a worker holds nothing worth saving
     device = resolve_device(config.device)
     if device.type == "cpu" and "KUBELLM_NUM_THREADS" not in os.environ:
         os.environ["KUBELLM_NUM_THREADS"] = str(max(1, available_cpus() // size))  # share the cores

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from kubellm import __version__
+from kubellm.parent_watch import arm_from_env
 
 # subcommand -> (module with main(argv) -> int, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kubellm {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
+    arm_from_env()  # a child of `kubellm up` stops when it goes away (closed terminal, kill -9)
     if name not in SUBCOMMANDS:
         print(f"kubellm: unknown subcommand {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2

@@ -2,14 +2,19 @@
 embedded model, plus `kubellm router` in front when the router is installed; prints the OpenAI base URL.
 
 Children run in their own sessions, so Ctrl-C reaches only this process, which then stops them in order
-(router first, so no request is routed to a stopping engine), each with SIGTERM and a grace period.
+(router first, so no request is routed to a stopping engine), each with SIGTERM and a grace period. SIGHUP (the
+terminal closed) stops them the same way, and a child whose parent dies unannounced (kill -9) stops itself
+(kubellm.parent_watch), so no server outlives `kubellm up` holding its ports. Every port is checked free before
+anything starts, so a second `kubellm up` cannot mistake the first one's servers for its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from kubellm.builtin_models import DEFAULT_MODEL
+from kubellm.parent_watch import PARENT_PID_ENV
 
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 40.0
@@ -42,12 +48,40 @@ class Stack:
             try:
                 child.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                print(f"kubellm up: {child.name} did not stop in {STOP_TIMEOUT_S:.0f}s; killing it", file=sys.stderr)
+                say(f"kubellm up: {child.name} did not stop in {STOP_TIMEOUT_S:.0f}s; killing it")
                 child.proc.kill()
                 child.proc.wait()
 
     def dead(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
+
+
+def say(message: str) -> None:
+    """Print to stderr; a closed terminal (SIGHUP) must not stop us from stopping the children."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding host:port fails the way our servers would (they bind with SO_REUSEADDR too)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def planned_ports(front_host: str, front_port: int, replicas: int, use_router: bool) -> list[tuple[str, int, str]]:
+    """(host, port, what listens there) for every server `kubellm up` starts."""
+    if not use_router:
+        return [(front_host, front_port, "the OpenAI endpoint")]
+    engines = [("127.0.0.1", front_port + 1 + i, f"engine-{i}, at --port + {1 + i}") for i in range(replicas)]
+    return [(front_host, front_port, "the router's OpenAI endpoint"), *engines]
 
 
 def router_available() -> bool:
@@ -97,7 +131,8 @@ def _wait_healthy(stack: Stack, child: Child, timeout: float) -> None:
 
 def _spawn(name: str, url: str, argv: list[str]) -> Child:
     cmd = [sys.executable, "-m", "kubellm.cli", *argv]
-    proc = subprocess.Popen(cmd, start_new_session=True)  # Ctrl-C reaches only us; we stop children in order
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}  # the child stops itself if we die unannounced
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)  # Ctrl-C reaches only us; we stop them in order
     return Child(name, url, proc)
 
 
@@ -118,6 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas > 1 and not use_router:
         print("kubellm up: more than one replica needs the router in front", file=sys.stderr)
         return 2
+    if not 1 <= args.port <= 65535 - args.replicas:
+        print(f"kubellm up: --port must be in 1..{65535 - args.replicas}, got {args.port}", file=sys.stderr)
+        return 2
+    for host, port, what in planned_ports(args.host, args.port, args.replicas, use_router):
+        if port_in_use(host, port):
+            print(
+                f"kubellm up: port {port} is in use ({what}); is another `kubellm up` running? "
+                "Choose other ports with --port N (make up PORT=N)",
+                file=sys.stderr,
+            )
+            return 2
     name = args.served_model_name or args.model
     front = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     stack = Stack()
@@ -128,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         stop_requested = True
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     code = 0
     try:
         for i in range(args.replicas):
@@ -161,21 +207,21 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             gone = stack.dead()
             if gone is not None:
-                print(f"kubellm up: {gone.name} exited with code {gone.proc.returncode}; stopping", file=sys.stderr)
+                say(f"kubellm up: {gone.name} exited with code {gone.proc.returncode}; stopping")
                 code = 1
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
         code = 0 if stop_requested else 130
     except RuntimeError as e:
-        print(f"kubellm up: {e}", file=sys.stderr)
+        say(f"kubellm up: {e}")
         code = 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("kubellm up: stopping...", file=sys.stderr, flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        say("kubellm up: stopping...")
         stack.stop()
-        print("kubellm up: stopped", file=sys.stderr, flush=True)
+        say("kubellm up: stopped")
     return code
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import random
 import time
 import uuid
@@ -435,6 +436,10 @@ class Router:
         return app
 
 
+class ListenError(RuntimeError):
+    """The router's port cannot be bound (usually: in use); the message names the address and the flag."""
+
+
 class RouterServer:
     """Runs a Router on host:port; `async with RouterServer(cfg) as s: s.url`."""
 
@@ -459,7 +464,14 @@ class RouterServer:
         )
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self.runner.cleanup()
+            raise ListenError(
+                f"cannot listen on {self.config.host}:{self.config.port} ({os.strerror(e.errno) if e.errno else e}); "
+                "choose another port with --port"
+            ) from e
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         if sockets:
             self.port = sockets[0].getsockname()[1]

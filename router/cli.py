@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print("kubellm router: give --backend URL (static) or --service NAME (kubernetes)", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kubellm.router.app import ListenError
+
     try:
         import uvloop
 
@@ -262,4 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         runner(serve(config))
     except KeyboardInterrupt:
         pass
+    except ListenError as e:  # a port in use is a user's everyday mistake: one line, no traceback
+        print(f"kubellm router: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import time
@@ -428,7 +429,15 @@ async def serve(server: Server) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await server.start_http()
+    try:
+        await server.start_http()
+    except OSError as e:  # a port in use is a user's everyday mistake: one line, no traceback
+        logger.error(
+            "cannot listen on %s:%d (%s); choose another port with --port",
+            server.settings.host, server.settings.port, os.strerror(e.errno) if e.errno else e,
+        )  # fmt: skip
+        await server.stop()
+        return 1
     logger.info("listening on http://%s:%d (loading the model)", server.settings.host, server.port)
     engine_task = asyncio.ensure_future(server.start_engine())
     stop_task = asyncio.ensure_future(stop.wait())
