@@ -124,6 +124,7 @@ class LLMEngine:
 
         try:
             num_blocks = self._num_kv_blocks()
+            self.max_model_len = self._fit_max_model_len(num_blocks * config.block_size)
             self.runner.allocate_kv_cache(num_blocks)
         except BaseException:
             self.close()  # tensor-parallel workers must not outlive a failed start
@@ -189,6 +190,25 @@ class LLMEngine:
             raise ValueError("async scheduling needs a model runner that fills placeholder tokens (not sim)")
         return config.async_scheduling
 
+    def _fit_max_model_len(self, pool_tokens: int) -> int:
+        """One request of max_model_len tokens must fit the KV pool, or it would decode until the pool runs out
+        and then fail, losing its output. As vLLM does: an explicit --max-model-len that cannot fit refuses to
+        start, naming the largest that fits; the model's own length is clamped to the pool, with a log line."""
+        if self.max_model_len <= pool_tokens:
+            return self.max_model_len
+        if self.config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} does not fit the KV cache, which holds {pool_tokens} tokens; "
+                f"the largest max_model_len that fits is {pool_tokens}. Lower --max-model-len, or give the KV "
+                "cache more memory (--gpu-memory-utilization, --kv-cache-memory-bytes)"
+            )
+        logger.warning(
+            "max_model_len lowered from the model's %d to %d: that is what the KV cache holds "
+            "(give it more memory with --gpu-memory-utilization or --kv-cache-memory-bytes)",
+            self.max_model_len, pool_tokens,
+        )  # fmt: skip
+        return pool_tokens
+
     def _num_kv_blocks(self) -> int:
         if self.config.num_gpu_blocks_override:
             return self.config.num_gpu_blocks_override
@@ -240,11 +260,6 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt is {n_prompt} tokens long, but this model's maximum context length is "
                 f"{self.max_model_len} tokens (prompt plus at least one generated token)"
-            )
-        if self.kv.blocks_needed(n_prompt + 1) > self.kv.num_blocks:
-            raise ValueError(
-                f"the prompt is {n_prompt} tokens long, more than the KV cache pool holds "
-                f"({self.kv.num_blocks * self.kv.block_size} tokens)"
             )
         arrival = arrival_time or time.time()
         room = self.max_model_len - n_prompt

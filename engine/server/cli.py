@@ -129,6 +129,11 @@ def _human_int(value: str) -> int:
     return int(s)
 
 
+def _max_model_len(value: str) -> int | None:
+    """A length as _human_int takes it, or `auto` / -1 (vLLM's spellings): the model's own, fitted to the KV pool."""
+    return None if str(value).strip().lower() in ("auto", "-1") else _human_int(value)
+
+
 def _positive_float(value: str) -> float:
     f = float(value)
     if f < 0:
@@ -152,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use; the first labels metrics")
     p.add_argument("--tokenizer", default=None, help="tokenizer path if not the model's own")
-    p.add_argument("--max-model-len", type=_human_int, default=None, help="context length (default: the model's)")
+    p.add_argument(
+        "--max-model-len",
+        type=_max_model_len,
+        default=None,
+        help="context length (default or auto: the model's, lowered to what the KV cache holds)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
     p.add_argument("--max-num-batched-tokens", type=_human_int, default=2048, help="per-step token budget")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")

@@ -23,6 +23,12 @@ def test_defaults_use_the_embedded_model():
     assert args.port == 8000 and args.engine.enable_prefix_caching and warnings == []
 
 
+@pytest.mark.parametrize("spelling", ["auto", "-1"])
+def test_max_model_len_auto_means_the_models_own_fitted_to_the_kv_cache(spelling):
+    args, _ = parse_args(["--max-model-len", spelling])
+    assert args.engine.max_model_len is None
+
+
 def test_flags_map_to_engine_config():
     args, _ = parse_args(
         [
