@@ -1,0 +1,312 @@
+"""The streaming interface every tool-call parser shares, and the pieces they are built from.
+
+A parser is fed text deltas and returns `ParsedDelta`s (content and tool-call deltas); `finish()` flushes it when
+the output ends. The non-streamed result is the same deltas merged (`parse_whole`), so streaming and not
+streaming cannot disagree.
+
+Why whole calls: a call is emitted only once its closing marker has arrived and its body parses. A malformed or
+truncated call is then returned as content instead of a half-sent call, and the merged stream is the same for
+every way the text is split into deltas. Text outside calls streams as soon as it cannot be part of a marker.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class ToolCallDelta:
+    """One OpenAI `delta.tool_calls[]` entry: the first for a call has id, type and name; later ones add arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class ParsedDelta:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+    def extend(self, other: ParsedDelta) -> None:
+        self.content += other.content
+        self.reasoning += other.reasoning
+        self.tool_calls.extend(other.tool_calls)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text of an object
+
+
+@dataclass
+class ParsedMessage:
+    """A whole assistant turn: what the non-streamed response carries."""
+
+    content: str | None
+    reasoning: str | None
+    tool_calls: list[ToolCall]
+
+
+def merge_deltas(deltas: Iterable[ParsedDelta]) -> ParsedMessage:
+    """Rebuild a message from deltas the way OpenAI clients do: calls keyed by index, arguments concatenated."""
+    content, reasoning = [], []
+    calls: dict[int, dict[str, str]] = {}
+    for d in deltas:
+        content.append(d.content)
+        reasoning.append(d.reasoning)
+        for tc in d.tool_calls:
+            call = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = call["id"] or (tc.id or "")
+            call["name"] = call["name"] or (tc.name or "")
+            call["arguments"] += tc.arguments
+    return ParsedMessage(
+        content="".join(content) or None,
+        reasoning="".join(reasoning) or None,
+        tool_calls=[ToolCall(**calls[i]) for i in sorted(calls)],
+    )
+
+
+def random_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def held_suffix_len(buf: str, markers: Iterable[str]) -> int:
+    """Length of the longest end of `buf` that could still grow into one of `markers` (so must not be emitted yet)."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(buf)), best, -1):
+            if buf.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+def find_first(buf: str, markers: Iterable[str]) -> tuple[int, str] | None:
+    """Earliest occurrence of any marker (the longer one on a tie)."""
+    found: tuple[int, str] | None = None
+    for m in markers:
+        i = buf.find(m)
+        if i >= 0 and (found is None or i < found[0] or (i == found[0] and len(m) > len(found[1]))):
+            found = (i, m)
+    return found
+
+
+def json_object(text: str) -> dict[str, Any] | None:
+    """`text` parsed as a JSON object, or None when it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def dump_arguments(args: dict[str, Any]) -> str:
+    return json.dumps(args, ensure_ascii=False)
+
+
+def _schema_types(schema: dict[str, Any] | None) -> set[str]:
+    if not schema:
+        return set()
+    t = schema.get("type")
+    types = set(t) if isinstance(t, list) else {t} if isinstance(t, str) else set()
+    for alt in schema.get("anyOf", []) + schema.get("oneOf", []):
+        types |= _schema_types(alt)
+    return types
+
+
+def convert_parameter(raw: str, schema: dict[str, Any] | None) -> Any:
+    """A parameter value written as plain text (XML-style formats) turned into its JSON value.
+
+    A parameter whose schema allows only strings stays text; anything else is read as JSON when it parses
+    (numbers, booleans, objects), and kept as text otherwise.
+    """
+    types = _schema_types(schema)
+    if types and types <= {"string"}:
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+class ToolParser:
+    """Base of all tool-call parsers: buffering, id assignment and the content/call emitters.
+
+    Subclasses implement `_advance(final)`, consuming `self._buf` as far as it can be decided; `final` is true when
+    no more text will come, so whatever is left must be settled.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None, make_id: Callable[[], str] = random_call_id):
+        self.functions: dict[str, dict[str, Any]] = {}
+        for t in tools or []:
+            fn = t.get("function", t)
+            self.functions[fn["name"]] = fn
+        self._make_id = make_id
+        self._buf = ""
+        self._out = ParsedDelta()
+        self._n_calls = 0
+        self._after_call = False
+
+    def feed(self, text: str) -> ParsedDelta:
+        self._buf += text
+        self._advance(final=False)
+        return self._take()
+
+    def finish(self) -> ParsedDelta:
+        self._advance(final=True)
+        if self._buf:  # whatever a subclass could not place is text the model wrote
+            self._emit_content(self._buf)
+            self._buf = ""
+        return self._take()
+
+    @property
+    def calls_emitted(self) -> int:
+        return self._n_calls
+
+    def _take(self) -> ParsedDelta:
+        out, self._out = self._out, ParsedDelta()
+        return out
+
+    def _emit_content(self, text: str) -> None:
+        if self._after_call:  # the whitespace models put between and after calls is not content
+            text = text.lstrip()
+            if not text:
+                return
+            self._after_call = False
+        self._out.content += text
+
+    def _emit_call(self, name: str, arguments: dict[str, Any], call_id: str | None = None) -> None:
+        i = self._n_calls
+        self._n_calls += 1
+        self._out.tool_calls.append(ToolCallDelta(index=i, id=call_id or self._make_id(), name=name))
+        self._out.tool_calls.append(ToolCallDelta(index=i, arguments=dump_arguments(arguments)))
+        self._after_call = True
+
+    def _advance(self, final: bool) -> None:
+        raise NotImplementedError
+
+    def parameter_schema(self, function: str, parameter: str) -> dict[str, Any] | None:
+        props = self.functions.get(function, {}).get("parameters", {}).get("properties", {})
+        return props.get(parameter)
+
+
+ParsedCall = tuple[str, dict[str, Any], str | None]  # name, arguments, id the model wrote (or None)
+
+
+class MarkedCallParser(ToolParser):
+    """Formats whose calls sit between begin/end markers, optionally inside a begin/end section.
+
+    Subclasses set the markers and `parse_call(body)`, which returns the calls in one call body or None when the
+    body is malformed (it is then returned as content, markers included).
+    """
+
+    call_begin: ClassVar[str]
+    call_end: ClassVar[str]
+    section_begin: ClassVar[str | None] = None
+    section_end: ClassVar[str | None] = None
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None, make_id: Callable[[], str] = random_call_id):
+        super().__init__(tools, make_id)
+        self._state = "content"
+
+    def parse_call(self, body: str) -> list[ParsedCall] | None:
+        raise NotImplementedError
+
+    def _outside(self) -> str:
+        return "section" if self.section_begin else "content"
+
+    def _advance(self, final: bool) -> None:
+        while True:
+            if self._state == "content":
+                opener = self.section_begin or self.call_begin
+                i = self._buf.find(opener)
+                if i < 0:
+                    keep = 0 if final else held_suffix_len(self._buf, [opener])
+                    self._emit_content(self._buf[: len(self._buf) - keep])
+                    self._buf = self._buf[len(self._buf) - keep :]
+                    return
+                self._emit_content(self._buf[:i])
+                self._buf = self._buf[i + len(opener) :]
+                self._state = "section" if self.section_begin else "call"
+            elif self._state == "section":
+                assert self.section_end is not None
+                hit = find_first(self._buf, [self.call_begin, self.section_end])
+                if hit is None:
+                    if final:
+                        self._emit_content(self._buf.strip())
+                        self._buf = ""
+                    return
+                i, marker = hit
+                self._emit_content(self._buf[:i].strip())  # only stray text, never the gaps between calls
+                self._buf = self._buf[i + len(marker) :]
+                self._state = "call" if marker == self.call_begin else "content"
+            else:  # inside a call
+                i = self._buf.find(self.call_end)
+                if i < 0:
+                    if final:  # cut off mid-call (max_tokens): the text is all the caller gets
+                        self._emit_content(self.call_begin + self._buf)
+                        self._buf = ""
+                    return
+                body = self._buf[:i]
+                self._buf = self._buf[i + len(self.call_end) :]
+                self._state = self._outside()
+                calls = self.parse_call(body)
+                if calls is None:
+                    self._emit_content(self.call_begin + body + self.call_end)
+                else:
+                    for name, args, call_id in calls:
+                        self._emit_call(name, args, call_id)
+
+
+class JsonExtent:
+    """Finds where a JSON object or array that starts at a buffer's position 0 ends, scanning each char once."""
+
+    def __init__(self) -> None:
+        self._pos = 0
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    @property
+    def started(self) -> bool:
+        return self._pos > 0
+
+    def end(self, buf: str) -> int | None:
+        """Index just past the value's closing bracket, or None while it is still open."""
+        while self._pos < len(buf):
+            c = buf[self._pos]
+            self._pos += 1
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return self._pos
+        return None
+
+
+WHITESPACE = frozenset(string.whitespace)

@@ -1,0 +1,36 @@
+"""`hermes`: Hermes/Qwen2.5/Qwen3 calls, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import MarkedCallParser, ParsedCall, json_object
+
+
+def name_and_arguments(obj: dict[str, Any] | None, args_keys: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
+    """A `{"name": ..., "arguments": {...}}` object's name and arguments, or None when it is not a call.
+
+    Arguments written as a JSON string holding an object are accepted too, as some fine-tunes do.
+    """
+    if obj is None or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args: Any = {}
+    for key in args_keys:
+        if key in obj:
+            args = obj[key]
+            break
+    if isinstance(args, str):
+        args = json_object(args)
+    if not isinstance(args, dict):
+        return None
+    return obj["name"], args
+
+
+class HermesToolParser(MarkedCallParser):
+    name = "hermes"
+    call_begin = "<tool_call>"
+    call_end = "</tool_call>"
+
+    def parse_call(self, body: str) -> list[ParsedCall] | None:
+        call = name_and_arguments(json_object(body), ("arguments", "parameters"))
+        return None if call is None else [(call[0], call[1], None)]

@@ -1,0 +1,502 @@
+"""Tool-call parsers against transcripts in each model's own output format.
+
+Each transcript is what the model writes (per its published chat template); the expected content and calls are
+written out by hand. Every transcript is also streamed in many different cuts, and the rebuilt message must equal
+the whole-text result exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from parser_splits import all_splits
+
+from kubellm.engine.server.chat_output import parse_stream
+from kubellm.engine.server.tool_parsers import TOOL_PARSERS, ToolParser
+
+DS_CALLS_BEGIN = "<\uff5ctool\u2581calls\u2581begin\uff5c>"
+DS_CALLS_END = "<\uff5ctool\u2581calls\u2581end\uff5c>"
+DS_CALL_BEGIN = "<\uff5ctool\u2581call\u2581begin\uff5c>"
+DS_CALL_END = "<\uff5ctool\u2581call\u2581end\uff5c>"
+DS_SEP = "<\uff5ctool\u2581sep\uff5c>"
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}, "filter": {"type": "object"}, "note": {"type": "string"}},
+            },
+        },
+    },
+]
+
+NESTED = {"filter": {"tags": ["a", "b"], "range": {"min": 1, "max": 2.5}, "ok": True, "none": None}}
+TRICKY = 'He said "hi" \\ — 東京 🌧 {not json}'
+
+
+@dataclass
+class Case:
+    parser: str
+    label: str
+    text: str
+    content: str | None
+    calls: list[tuple[str, dict[str, Any]]]
+    ids: list[str] | None = None  # ids the model itself writes (Kimi-K2); otherwise the parser's own
+
+
+def _cases() -> list[Case]:
+    c: list[Case] = []
+    # hermes (Qwen2.5 / Qwen3 template: one JSON object per <tool_call> block)
+    c += [
+        Case(
+            "hermes",
+            "single",
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+            None,
+            [("get_weather", {"city": "Paris"})],
+        ),
+        Case(
+            "hermes",
+            "parallel after text",
+            "Let me check both.\n<tool_call>\n"
+            '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>\n<tool_call>\n'
+            '{"name": "get_weather", "arguments": {"city": "Tokyo"}}\n</tool_call>',
+            "Let me check both.\n",
+            [("get_weather", {"city": "Paris", "days": 3}), ("get_weather", {"city": "Tokyo"})],
+        ),
+        Case(
+            "hermes",
+            "nested json, unicode and escaped quotes",
+            '<tool_call>\n{"name": "search", "arguments": {"filter": {"tags": ["a", "b"], "range": {"min": 1, '
+            '"max": 2.5}, "ok": true, "none": null}, "note": "He said \\"hi\\" \\\\ — 東京 🌧 {not json}"}}'
+            "\n</tool_call>",
+            None,
+            [("search", {**NESTED, "note": TRICKY})],
+        ),
+        Case(
+            "hermes",
+            "cut by max_tokens mid-call",
+            'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"ci',
+            'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"ci',
+            [],
+        ),
+        Case(
+            "hermes",
+            "malformed json is content, the good call after it still parses",
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\nDone.',
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>\nDone.',
+            [("get_weather", {"city": "Rome"})],
+        ),
+        Case("hermes", "plain answer", "The capital of France is Paris.", "The capital of France is Paris.", []),
+        Case(
+            "hermes",
+            "a call without a name is content",
+            '<tool_call>\n{"arguments": {}}\n</tool_call>',
+            '<tool_call>\n{"arguments": {}}\n</tool_call>',
+            [],
+        ),
+    ]
+    # qwen3_coder (Qwen3-Coder template: <function=NAME> with <parameter=KEY> blocks, values as plain text)
+    c += [
+        Case(
+            "qwen3_coder",
+            "single",
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+            "</parameter>\n</function>\n</tool_call>",
+            None,
+            [("get_weather", {"city": "Paris", "days": 3})],
+        ),
+        Case(
+            "qwen3_coder",
+            "parallel after text",
+            "I'll look these up.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+            "</function>\n</tool_call>\n<tool_call>\n<function=search>\n<parameter=query>\nbest café\n</parameter>\n"
+            "</function>\n</tool_call>",
+            "I'll look these up.\n",
+            [("get_weather", {"city": "Paris"}), ("search", {"query": "best café"})],
+        ),
+        Case(
+            "qwen3_coder",
+            "nested json, unicode and quotes (string parameters stay text)",
+            "<tool_call>\n<function=search>\n<parameter=filter>\n"
+            '{"tags": ["a", "b"], "range": {"min": 1, "max": 2.5}, "ok": true, "none": null}\n</parameter>\n'
+            '<parameter=note>\nHe said "hi" \\ — 東京 🌧 {not json}\n</parameter>\n<parameter=query>\n42\n'
+            "</parameter>\n</function>\n</tool_call>",
+            None,
+            [("search", {**NESTED, "note": TRICKY, "query": "42"})],
+        ),
+        Case(
+            "qwen3_coder",
+            "cut by max_tokens mid-call",
+            "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
+            "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
+            [],
+        ),
+        Case(
+            "qwen3_coder",
+            "malformed (parameter never closed)",
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>",
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>",
+            [],
+        ),
+    ]
+    # glm45 (GLM-4.5 template: name, then <arg_key>/<arg_value> pairs)
+    c += [
+        Case(
+            "glm45",
+            "single",
+            "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北京</arg_value>\n"
+            "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>",
+            None,
+            [("get_weather", {"city": "北京", "days": 2})],
+        ),
+        Case(
+            "glm45",
+            "parallel after text",
+            "Checking two cities.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+            "</tool_call>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Tokyo</arg_value>\n</tool_call>",
+            "Checking two cities.\n",
+            [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Tokyo"})],
+        ),
+        Case(
+            "glm45",
+            "nested json, unicode and quotes",
+            "<tool_call>search\n<arg_key>filter</arg_key>\n<arg_value>"
+            '{"tags": ["a", "b"], "range": {"min": 1, "max": 2.5}, "ok": true, "none": null}</arg_value>\n'
+            '<arg_key>note</arg_key>\n<arg_value>He said "hi" \\ — 東京 🌧 {not json}</arg_value>\n</tool_call>',
+            None,
+            [("search", {**NESTED, "note": TRICKY})],
+        ),
+        Case(
+            "glm45",
+            "cut by max_tokens mid-call",
+            "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_val",
+            "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_val",
+            [],
+        ),
+        Case(
+            "glm45",
+            "malformed (key without value)",
+            "<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>",
+            "<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>",
+            [],
+        ),
+    ]
+    # kimi_k2 (section of calls, ids written by the model)
+    kb, ke = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+    cb, ab, ce = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+    c += [
+        Case(
+            "kimi_k2",
+            "single",
+            f'{kb}{cb}functions.get_weather:0{ab}{{"city": "Paris"}}{ce}{ke}',
+            None,
+            [("get_weather", {"city": "Paris"})],
+            ["functions.get_weather:0"],
+        ),
+        Case(
+            "kimi_k2",
+            "parallel after text",
+            f'Let me check.{kb}{cb}functions.get_weather:0{ab}{{"city": "Paris"}}{ce}'
+            f'{cb}functions.search:1{ab}{{"query": "rain"}}{ce}{ke}',
+            "Let me check.",
+            [("get_weather", {"city": "Paris"}), ("search", {"query": "rain"})],
+            ["functions.get_weather:0", "functions.search:1"],
+        ),
+        Case(
+            "kimi_k2",
+            "nested json, unicode and escaped quotes",
+            f"{kb}{cb}functions.search:0{ab}"
+            + json.dumps({**NESTED, "note": TRICKY}, ensure_ascii=False)
+            + f"{ce}{ke}",
+            None,
+            [("search", {**NESTED, "note": TRICKY})],
+            ["functions.search:0"],
+        ),
+        Case(
+            "kimi_k2",
+            "cut by max_tokens mid-call",
+            f'Hmm.{kb}{cb}functions.get_weather:0{ab}{{"city": "Pa',
+            f'Hmm.{cb}functions.get_weather:0{ab}{{"city": "Pa',
+            [],
+        ),
+        Case(
+            "kimi_k2",
+            "malformed arguments",
+            f'{kb}{cb}functions.get_weather:0{ab}{{"city": Paris}}{ce}{ke}',
+            f'{cb}functions.get_weather:0{ab}{{"city": Paris}}{ce}',
+            [],
+        ),
+    ]
+    # deepseek_v3 (function<sep>NAME then a fenced json block)
+    c += [
+        Case(
+            "deepseek_v3",
+            "single",
+            f'{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{"city": "Paris"}}\n```'
+            f"{DS_CALL_END}{DS_CALLS_END}",
+            None,
+            [("get_weather", {"city": "Paris"})],
+        ),
+        Case(
+            "deepseek_v3",
+            "parallel after text",
+            f'I will check.\n\n{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{"city": "Paris"}}'
+            f'\n```{DS_CALL_END}\n{DS_CALL_BEGIN}function{DS_SEP}search\n```json\n{{"query": "rain"}}\n```'
+            f"{DS_CALL_END}{DS_CALLS_END}",
+            "I will check.\n\n",
+            [("get_weather", {"city": "Paris"}), ("search", {"query": "rain"})],
+        ),
+        Case(
+            "deepseek_v3",
+            "nested json, unicode and escaped quotes",
+            f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}search\n```json\n"
+            + json.dumps({**NESTED, "note": TRICKY}, ensure_ascii=False, indent=2)
+            + f"\n```{DS_CALL_END}{DS_CALLS_END}",
+            None,
+            [("search", {**NESTED, "note": TRICKY})],
+        ),
+        Case(
+            "deepseek_v3",
+            "cut by max_tokens mid-call",
+            f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{",
+            f"{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{",
+            [],
+        ),
+        Case(
+            "deepseek_v3",
+            "malformed (no json fence)",
+            f'{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n{{"city": "Paris"}}'
+            f"{DS_CALL_END}{DS_CALLS_END}",
+            f'{DS_CALL_BEGIN}function{DS_SEP}get_weather\n{{"city": "Paris"}}{DS_CALL_END}',
+            [],
+        ),
+    ]
+    # deepseek_v31 (NAME<sep>JSON)
+    c += [
+        Case(
+            "deepseek_v31",
+            "single",
+            f'{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{"city": "Paris"}}{DS_CALL_END}{DS_CALLS_END}',
+            None,
+            [("get_weather", {"city": "Paris"})],
+        ),
+        Case(
+            "deepseek_v31",
+            "parallel after text",
+            f'Checking.{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{"city": "Paris"}}{DS_CALL_END}'
+            f'{DS_CALL_BEGIN}search{DS_SEP}{{"query": "rain"}}{DS_CALL_END}{DS_CALLS_END}',
+            "Checking.",
+            [("get_weather", {"city": "Paris"}), ("search", {"query": "rain"})],
+        ),
+        Case(
+            "deepseek_v31",
+            "nested json, unicode and escaped quotes",
+            f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}search{DS_SEP}"
+            + json.dumps({**NESTED, "note": TRICKY}, ensure_ascii=False)
+            + f"{DS_CALL_END}{DS_CALLS_END}",
+            None,
+            [("search", {**NESTED, "note": TRICKY})],
+        ),
+        Case(
+            "deepseek_v31",
+            "cut by max_tokens mid-call",
+            f'{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{"city": "Pa',
+            f'{DS_CALL_BEGIN}get_weather{DS_SEP}{{"city": "Pa',
+            [],
+        ),
+        Case(
+            "deepseek_v31",
+            "malformed (no separator)",
+            f'{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{{"city": "Paris"}}{DS_CALL_END}{DS_CALLS_END}',
+            f'{DS_CALL_BEGIN}get_weather{{"city": "Paris"}}{DS_CALL_END}',
+            [],
+        ),
+    ]
+    # llama3_json (the whole answer is JSON calls, optionally after <|python_tag|>, separated by ';')
+    c += [
+        Case(
+            "llama3_json",
+            "single",
+            '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+            None,
+            [("get_weather", {"city": "Paris"})],
+        ),
+        Case(
+            "llama3_json",
+            "parallel after the python tag",
+            '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+            '{"name": "search", "parameters": {"query": "rain"}}',
+            None,
+            [("get_weather", {"city": "Paris"}), ("search", {"query": "rain"})],
+        ),
+        Case(
+            "llama3_json",
+            "text first: all content",
+            'Sure! {"name": "get_weather", "parameters": {"city": "Paris"}}',
+            'Sure! {"name": "get_weather", "parameters": {"city": "Paris"}}',
+            [],
+        ),
+        Case(
+            "llama3_json",
+            "nested json, unicode and escaped quotes",
+            json.dumps({"name": "search", "parameters": {**NESTED, "note": TRICKY}}, ensure_ascii=False),
+            None,
+            [("search", {**NESTED, "note": TRICKY})],
+        ),
+        Case(
+            "llama3_json",
+            "cut by max_tokens mid-call",
+            '{"name": "get_weather", "parameters": {"city": "Par',
+            '{"name": "get_weather", "parameters": {"city": "Par',
+            [],
+        ),
+        Case(
+            "llama3_json",
+            "a JSON answer that is not a call is content",
+            '{"answer": 42, "unit": "}"}',
+            '{"answer": 42, "unit": "}"}',
+            [],
+        ),
+    ]
+    # mistral (v11+: [TOOL_CALLS]NAME[ARGS]{...}; v3-v7: [TOOL_CALLS][{...}, ...])
+    c += [
+        Case(
+            "mistral",
+            "single (v11)",
+            '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}',
+            None,
+            [("get_weather", {"city": "Paris"})],
+        ),
+        Case(
+            "mistral",
+            "parallel after text (v11)",
+            'Let me see.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]search[ARGS]{"query": "rain"}',
+            "Let me see.",
+            [("get_weather", {"city": "Paris"}), ("search", {"query": "rain"})],
+        ),
+        Case(
+            "mistral",
+            "parallel (v3 array)",
+            '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+            '{"name": "search", "arguments": {"query": "rain"}}]',
+            None,
+            [("get_weather", {"city": "Paris"}), ("search", {"query": "rain"})],
+        ),
+        Case(
+            "mistral",
+            "nested json, unicode and escaped quotes",
+            "[TOOL_CALLS]search[ARGS]" + json.dumps({**NESTED, "note": TRICKY}, ensure_ascii=False),
+            None,
+            [("search", {**NESTED, "note": TRICKY})],
+        ),
+        Case(
+            "mistral",
+            "cut by max_tokens mid-call",
+            'OK.[TOOL_CALLS]get_weather[ARGS]{"city": "Pa',
+            'OK.[TOOL_CALLS]get_weather[ARGS]{"city": "Pa',
+            [],
+        ),
+        Case(
+            "mistral",
+            "malformed, then a good call",
+            '[TOOL_CALLS]get weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}',
+            '[TOOL_CALLS]get weather[ARGS]{"city": "Paris"}',
+            [("get_weather", {"city": "Rome"})],
+        ),
+    ]
+    return c
+
+
+CASES = _cases()
+
+
+def _parser(name: str) -> ToolParser:
+    counter = itertools.count()
+    return TOOL_PARSERS[name](TOOLS, make_id=lambda: f"call_{next(counter)}")
+
+
+def test_every_vllm_parser_name_is_registered() -> None:
+    assert set(TOOL_PARSERS) == {
+        "hermes",
+        "qwen3_coder",
+        "kimi_k2",
+        "deepseek_v3",
+        "deepseek_v31",
+        "glm45",
+        "llama3_json",
+        "mistral",
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.parser}: {c.label}" for c in CASES])
+def test_whole_output(case: Case) -> None:
+    msg = parse_stream(_parser(case.parser), [case.text])
+    assert msg.content == case.content
+    assert [(t.name, json.loads(t.arguments)) for t in msg.tool_calls] == case.calls
+    if case.ids is not None:
+        assert [t.id for t in msg.tool_calls] == case.ids
+    else:
+        assert len({t.id for t in msg.tool_calls}) == len(msg.tool_calls)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.parser}: {c.label}" for c in CASES])
+def test_streamed_equals_whole_for_every_split(case: Case) -> None:
+    whole = parse_stream(_parser(case.parser), [case.text])
+    n = 0
+    for label, chunks in all_splits(case.text):
+        assert parse_stream(_parser(case.parser), chunks) == whole, label
+        n += 1
+    assert n > 57
+
+
+@pytest.mark.parametrize(
+    ("parser", "text", "marker_start"),
+    [
+        ("hermes", "Let me check <b>bold</b> first.", "<tool_"),
+        ("qwen3_coder", "One moment, <i>please</i>.", "<tool"),
+        ("glm45", "Looking <up>.", "<tool_ca"),
+        ("kimi_k2", "Sure <|thing|>.", "<|tool_calls_sec"),
+        ("deepseek_v3", "Sure <｜other｜>.", "<\uff5ctool\u2581ca"),
+        ("deepseek_v31", "Sure.", "<\uff5c"),
+        ("mistral", "Fine [TOOL] done.", "[TOOL_"),
+    ],
+)
+def test_text_streams_as_soon_as_it_cannot_start_a_marker(parser: str, text: str, marker_start: str) -> None:
+    p = _parser(parser)
+    out = p.feed(text + marker_start)
+    assert out.content == text  # all of the text, none of the marker's beginning
+    assert out.tool_calls == []
+
+
+def test_a_call_streams_as_a_header_then_its_arguments() -> None:
+    p = _parser("hermes")
+    assert p.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n').tool_calls == []
+    first, second = p.feed("</tool_call>").tool_calls
+    assert (first.index, first.id, first.name, first.arguments) == (0, "call_0", "get_weather", "")
+    assert (second.index, second.id, second.name, json.loads(second.arguments)) == (0, None, None, {"city": "Paris"})
+
+
+def test_llama3_json_waits_for_the_first_character_before_deciding() -> None:
+    p = _parser("llama3_json")
+    assert p.feed("  ").content == ""
+    assert p.feed("Hi").content == "  Hi"
