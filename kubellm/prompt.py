@@ -1,12 +1,15 @@
 """Prompt rendering shared by engine and router: chat template + tokenizer -> token ids.
 
-The router has no model files: it fetches `TokenizerInfo` from an engine's /v1/tokenizer_info and builds
-the same `PromptRenderer`, so both derive identical token ids and therefore identical block hashes.
+The one path from a chat request to its prompt token ids: the engine's server, the offline `LLM.chat` and the
+router all call `PromptRenderer.chat_token_ids` (or `render_chat`) with the request's own JSON messages and
+options. The router has no model files: it fetches `TokenizerInfo` from an engine's /v1/tokenizer_info and
+builds the same `PromptRenderer`, so both derive identical token ids and therefore identical block hashes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from functools import cached_property
 from typing import Any
@@ -19,6 +22,45 @@ from tokenizers import Tokenizer
 
 class ChatTemplateError(ValueError):
     """The chat template rejected the conversation (e.g. roles out of order)."""
+
+
+class ChatTemplateKwargsError(ChatTemplateError):
+    """`chat_template_kwargs` names a variable the renderer sets itself."""
+
+
+# Variables the renderer passes to every template; chat_template_kwargs may not override them.
+_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+# Message fields chat templates read (as vLLM hands them over); anything else in a message is not shown to them.
+_MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
+
+
+def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """One OpenAI chat message as chat templates take it (vLLM's conversion): text content parts joined by
+    newlines into one string, a missing content as "", and tool-call arguments (a JSON string on the wire)
+    parsed into the object Hugging Face templates expect to `tojson`."""
+    if not isinstance(message, Mapping):
+        raise ChatTemplateError("a message must be an object")
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "\n".join(p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    out: dict[str, Any] = {"role": message.get("role"), "content": content or ""}
+    for key in _MESSAGE_FIELDS:
+        if message.get(key) is not None:
+            out[key] = message[key]
+    if isinstance(out.get("tool_calls"), list):
+        out["tool_calls"] = [_template_tool_call(c) for c in out["tool_calls"]]
+    return out
+
+
+def _template_tool_call(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call  # not JSON: the template sees the string as sent
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class TokenizerInfo(BaseModel):
@@ -65,13 +107,28 @@ class PromptRenderer:
         env.globals["strftime_now"] = _strftime_now
         return env.from_string(self.info.chat_template)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def render_chat(
+        self,
+        messages: Iterable[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The prompt text of a chat request, from its JSON messages and vLLM's options: with
+        `continue_final_message` the text ends with the last (assistant) message's content, so generation
+        continues it instead of opening a new turn."""
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use the completions API")
+        kwargs = dict(chat_template_kwargs or {})
+        reserved = sorted(_TEMPLATE_VARIABLES & kwargs.keys())
+        if reserved:
+            raise ChatTemplateKwargsError(f"chat_template_kwargs may not set {', '.join(reserved)}")
+        msgs = [template_message(m) for m in messages]
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
+            text = self._template.render(
+                messages=msgs,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
                 bos_token=self.info.bos_token or "",
                 eos_token=self.info.eos_token or "",
                 **kwargs,
@@ -80,6 +137,9 @@ class PromptRenderer:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from e
+        final = msgs[-1]["content"] if continue_final_message and msgs else ""
+        cut = text.rfind(final) if final else -1
+        return text[: cut + len(final)] if cut >= 0 else text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize text; a BOS is added when the model wants one and the text does not start with it."""
@@ -93,9 +153,24 @@ class PromptRenderer:
             ids = [self.bos_token_id, *ids]
         return ids
 
-    def chat_token_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        # The template writes the BOS itself where the model wants one.
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+    def chat_token_ids(
+        self,
+        messages: Iterable[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        encode: Callable[[str], list[int]] | None = None,
+    ) -> list[int]:
+        """A chat request's prompt token ids. `encode` may replace plain encoding with an equal but faster one
+        (the router's segment cache); the template writes the BOS itself where the model wants one."""
+        text = self.render_chat(
+            messages,
+            add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        return encode(text) if encode is not None else self.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -103,43 +103,28 @@ class SegmentCache:
 def prompt_token_ids(
     renderer: PromptRenderer, kind: str, body: dict[str, Any], segments: SegmentCache | None = None
 ) -> list[int] | None:
-    """The token ids the engine will compute for this request, or None when it cannot be known."""
+    """The token ids the engine will compute for this request (the core's one prompt path on the request's own
+    JSON), or None when it cannot be known. Raises what the template raises for a conversation it rejects."""
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return None
-        msgs = [_engine_message(m) for m in messages]
-        continue_final = bool(body.get("continue_final_message", False))
-        add_gen = bool(body.get("add_generation_prompt", True)) and not continue_final
-        kwargs = body.get("chat_template_kwargs") if isinstance(body.get("chat_template_kwargs"), dict) else {}
-        text = renderer.render_chat(msgs, add_generation_prompt=add_gen, **kwargs)
-        if continue_final and msgs[-1]["content"]:
-            cut = text.rfind(msgs[-1]["content"])
-            if cut >= 0:
-                text = text[: cut + len(msgs[-1]["content"])]
-        return segments.encode(text) if segments is not None else renderer.encode(text, add_special_tokens=False)
+        kwargs = body.get("chat_template_kwargs")
+        return renderer.chat_token_ids(
+            messages,
+            bool(body.get("add_generation_prompt", True)),
+            continue_final_message=bool(body.get("continue_final_message", False)),
+            chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
+            encode=segments.encode if segments is not None else None,
+        )
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt:
         prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
     if isinstance(prompt, str):
-        return renderer.encode(prompt)
+        return renderer.encode(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return prompt
     return None
-
-
-def _engine_message(m: Any) -> dict[str, Any]:
-    """A message as the engine hands it to the chat template: content parts joined into one string."""
-    if not isinstance(m, dict):
-        raise ValueError("a message must be an object")
-    content = m.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    d: dict[str, Any] = {"role": m.get("role"), "content": content or ""}
-    for k in ("name", "tool_calls", "tool_call_id"):
-        if m.get(k) is not None:
-            d[k] = m[k]
-    return d
 
 
 def prompt_text(kind: str, body: dict[str, Any]) -> str:
@@ -201,22 +186,28 @@ class PromptHasher:
         self._segments[model] = SegmentCache(renderer)
         self._renderers[model] = renderer
 
+    async def token_ids(self, model: str, kind: str, body: dict[str, Any]) -> list[int] | None:
+        """The prompt token ids the engine will compute for this request: the input of the router's block hashes.
+        None while the model's tokenizer is unknown, or when the template rejects the conversation (that error
+        is the engine's to report; routing only loses affinity)."""
+        renderer = await self.renderer(model)
+        if renderer is None:
+            return None
+        try:
+            if _size_hint(kind, body) > _THREAD_ABOVE_CHARS:  # a long prompt: tokenize off the event loop
+                return await asyncio.to_thread(prompt_token_ids, renderer, kind, body)
+            return prompt_token_ids(renderer, kind, body, self._segments.get(model))
+        except Exception as e:
+            log.debug("could not render prompt for routing: %s", e)
+            return None
+
     async def key(self, model: str, kind: str, body: dict[str, Any]) -> PromptKey:
         extra = body.get("cache_salt") or ""
         extra = extra if isinstance(extra, str) else ""
-        renderer = await self.renderer(model)
-        if renderer is not None:
+        ids = await self.token_ids(model, kind, body)
+        if ids is not None:
             bs = self.block_sizes.get(model, DEFAULT_BLOCK_SIZE)
-            try:
-                if _size_hint(kind, body) > _THREAD_ABOVE_CHARS:  # a long prompt: tokenize off the event loop
-                    hashes = await asyncio.to_thread(_token_hashes, renderer, kind, body, bs, extra)
-                else:
-                    hashes = _token_hashes(renderer, kind, body, bs, extra, self._segments.get(model))
-            except Exception as e:  # a template error is the engine's to report; we only lose affinity
-                log.debug("could not render prompt for routing: %s", e)
-                hashes = None
-            if hashes is not None:
-                return PromptKey(hashes, True, bs)
+            return PromptKey(hash_blocks(ids, bs, extra), True, bs)
         return PromptKey(text_block_hashes(prompt_text(kind, body), extra), False, TEXT_BLOCK_TOKENS)
 
 
@@ -233,15 +224,3 @@ def _size_hint(kind: str, body: dict[str, Any]) -> int:
         return 0
     p = body.get("prompt")
     return len(p) if isinstance(p, str) else 0
-
-
-def _token_hashes(
-    renderer: PromptRenderer,
-    kind: str,
-    body: dict[str, Any],
-    block_size: int,
-    extra: str,
-    segments: SegmentCache | None = None,
-) -> list[int] | None:
-    ids = prompt_token_ids(renderer, kind, body, segments)
-    return None if ids is None else hash_blocks(ids, block_size, extra)

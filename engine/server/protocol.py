@@ -90,6 +90,7 @@ class _SamplingFields(_Request):
     priority: int = 0
     request_id: str | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    return_token_ids: bool = False  # the response carries the prompt's and each choice's token ids
 
     @field_validator("stop")
     @classmethod
@@ -111,6 +112,8 @@ class _SamplingFields(_Request):
             raise UnsupportedField("logit_bias")
         if self.stream_options is not None and not self.stream:
             raise UnsupportedField("stream_options", "is only allowed when stream is true")
+        if self.return_token_ids and self.stream:
+            raise UnsupportedField("return_token_ids", "is supported without streaming only")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -261,6 +264,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
     @model_validator(mode="after")
@@ -303,12 +308,19 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+def _absent_if_none(value: Any) -> bool:
+    return value is None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # with return_token_ids (vLLM's extension) only
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)
+    token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)
 
 
 def _now() -> int:
@@ -322,7 +334,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = Field(None, exclude_if=_absent_if_none)  # OpenAI's schema: a string or absent
 
 
 class CompletionStreamResponse(BaseModel):
@@ -346,6 +358,7 @@ class ChatTokenLogprob(TopLogprob):
 
 class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None  # required (nullable) by OpenAI's schema; kubellm never refuses
 
 
 class ChatResponseMessage(BaseModel):
@@ -361,6 +374,7 @@ class ChatCompletionChoice(BaseModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)  # with return_token_ids only
 
 
 class ChatCompletionResponse(BaseModel):
@@ -370,7 +384,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = Field(None, exclude_if=_absent_if_none)  # OpenAI's schema: a string or absent
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_absent_if_none)  # with return_token_ids only
 
 
 class DeltaMessage(BaseModel):

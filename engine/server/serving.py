@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubellm.openai_errors import APIError
-from kubellm.prompt import ChatTemplateError
+from kubellm.prompt import ChatTemplateError, ChatTemplateKwargsError
 
 from .async_engine import AsyncEngine, RequestStream
 from .errors import bad_request, from_value_error
@@ -37,6 +37,7 @@ from .protocol import (
     CompletionStreamResponse,
     DeltaMessage,
     PromptTokensDetails,
+    TokenizeRequest,
     TopLogprob,
     UnsupportedField,
     UsageInfo,
@@ -290,7 +291,13 @@ class OpenAIServing:
                 reason = (c.finish_reason if c else None) or "abort"
                 choices.append(
                     CompletionChoice(
-                        index=i * n + j, text=text, logprobs=lps, finish_reason=reason, stop_reason=_stop_reason(c)
+                        index=i * n + j,
+                        text=text,
+                        logprobs=lps,
+                        finish_reason=reason,
+                        stop_reason=_stop_reason(c),
+                        prompt_token_ids=p.token_ids if req.return_token_ids else None,
+                        token_ids=_token_ids(c) if req.return_token_ids else None,
                     )
                 )
         return CompletionResponse(
@@ -358,38 +365,20 @@ class OpenAIServing:
 
     # ---- chat ----
 
-    def _conversation(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
-        msgs: list[dict[str, Any]] = []
-        for m in req.messages:
-            d: dict[str, Any] = {"role": m.role, "content": m.text()}
-            if m.name is not None:
-                d["name"] = m.name
-            if m.tool_calls:
-                d["tool_calls"] = m.tool_calls
-            if m.tool_call_id is not None:
-                d["tool_call_id"] = m.tool_call_id
-            msgs.append(d)
-        return msgs
-
-    def render_chat(self, req: ChatCompletionRequest | Any, add_generation_prompt: bool = True) -> str:
-        renderer = self.engine.renderer
-        msgs = self._conversation(req)
-        kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
-        continue_final = bool(getattr(req, "continue_final_message", False))
+    def render_chat(self, req: ChatCompletionRequest | TokenizeRequest, add_generation_prompt: bool = True) -> str:
+        """The prompt text of a chat (or chat tokenize) request: the core's one path, which the router's
+        prefix hashing also takes."""
         try:
-            text = renderer.render_chat(
-                msgs, add_generation_prompt=add_generation_prompt and not continue_final, **kwargs
+            return self.engine.renderer.render_chat(
+                [m.model_dump(exclude_none=True) for m in req.messages or ()],
+                add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template_kwargs=req.chat_template_kwargs,
             )
+        except ChatTemplateKwargsError as e:
+            raise bad_request(str(e), "chat_template_kwargs") from e
         except ChatTemplateError as e:
             raise bad_request(str(e), "messages") from e
-        except TypeError as e:  # chat_template_kwargs colliding with the template's own arguments
-            raise bad_request(f"chat_template_kwargs: {e}", "chat_template_kwargs") from e
-        if continue_final:
-            last = msgs[-1]["content"]
-            cut = text.rfind(last) if last else -1
-            if cut >= 0:
-                text = text[: cut + len(last)]
-        return text
 
     async def prepare_chat(self, req: ChatCompletionRequest) -> _Prompt:
         req.check_supported()
@@ -449,10 +438,15 @@ class OpenAIServing:
                     logprobs=self._chat_logprobs(c, 0, k) if k is not None and c is not None else None,
                     finish_reason=(c.finish_reason if c else None) or "abort",
                     stop_reason=_stop_reason(c),
+                    token_ids=_token_ids(c) if req.return_token_ids else None,
                 )
             )
         return ChatCompletionResponse(
-            id=f"chatcmpl-{request_id}", model=req.model or self.model_name, choices=choices, usage=tally.usage()
+            id=f"chatcmpl-{request_id}",
+            model=req.model or self.model_name,
+            choices=choices,
+            usage=tally.usage(),
+            prompt_token_ids=prompt.token_ids if req.return_token_ids else None,
         )
 
     async def chat_stream(self, req: ChatCompletionRequest, request_id: str) -> AsyncIterator[bytes]:
@@ -528,6 +522,10 @@ def _choice(out: Any, j: int) -> Any:
         if c.index == j:
             return c
     return out.outputs[j] if j < len(out.outputs) else None
+
+
+def _token_ids(c: Any) -> list[int]:
+    return list(c.token_ids) if c is not None else []
 
 
 def _stop_reason(c: Any) -> int | str | None:

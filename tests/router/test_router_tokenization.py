@@ -13,20 +13,17 @@ from kubellm.router.tokenization import PromptHasher, SegmentCache, prompt_token
 R = PromptRenderer(word_tokenizer_info())
 
 
-def test_chat_matches_the_template_and_joins_content_parts():
-    msgs = [{"role": "system", "content": words(0, 40)}, {"role": "user", "content": words(100, 10)}]
-    expected = R.chat_token_ids(msgs)
-    assert prompt_token_ids(R, "chat", {"messages": msgs}) == expected
-    parts = [msgs[0], {"role": "user", "content": [{"type": "text", "text": words(100, 10)}]}]
-    assert prompt_token_ids(R, "chat", {"messages": parts}) == expected
-    no_gen = prompt_token_ids(R, "chat", {"messages": msgs, "add_generation_prompt": False})
-    assert no_gen == R.chat_token_ids(msgs, add_generation_prompt=False)
+def word_ids(start: int, n: int) -> list[int]:
+    """The word tokenizer's ids for words(start, n): w<k> is id k + 4 (after [UNK] and three chat markers)."""
+    return [4 + (start + i) % 2000 for i in range(n)]
 
 
 def test_completion_prompt_forms():
+    """Which prompt of a completion request the router hashes, and how (chat prompts: the cross-boundary test
+    against the real engine, tests/engine_server/test_prompt_boundary.py)."""
     text = words(5, 50)
-    assert prompt_token_ids(R, "completion", {"prompt": text}) == R.encode(text)
-    assert prompt_token_ids(R, "completion", {"prompt": [text, "w1"]}) == R.encode(text)
+    assert prompt_token_ids(R, "completion", {"prompt": text}) == word_ids(5, 50)
+    assert prompt_token_ids(R, "completion", {"prompt": [text, "w1"]}) == word_ids(5, 50)  # the first prompt
     assert prompt_token_ids(R, "completion", {"prompt": [1, 2, 3]}) == [1, 2, 3]
     assert prompt_token_ids(R, "completion", {"prompt": None}) is None
 
@@ -38,15 +35,15 @@ async def test_hasher_uses_salt_block_size_and_falls_back_to_text():
     h = PromptHasher(fetch)
     body = {"prompt": words(0, 64)}
     key = await h.key("m", "completion", body)
-    assert key.exact and key.hashes == hash_blocks(R.encode(words(0, 64)), 16)
+    assert key.exact and key.hashes == hash_blocks(word_ids(0, 64), 16)
     salted = await h.key("m", "completion", {**body, "cache_salt": "tenant-a"})
-    assert salted.hashes == hash_blocks(R.encode(words(0, 64)), 16, "tenant-a") != key.hashes
+    assert salted.hashes == hash_blocks(word_ids(0, 64), 16, "tenant-a") != key.hashes
     h.block_sizes["m"] = 32
     assert len((await h.key("m", "completion", body)).hashes) == 2
     fallback = await h.key("other", "completion", body)
     assert not fallback.exact and fallback.hashes == text_block_hashes(words(0, 64))
     big = {"prompt": words(0, 8000)}  # long prompts are tokenized off the event loop, same result
-    assert (await h.key("m", "completion", big)).hashes == hash_blocks(R.encode(words(0, 8000)), 32)
+    assert (await h.key("m", "completion", big)).hashes == hash_blocks(word_ids(0, 8000), 32)
 
 
 def _bpe_with_special_tokens() -> PromptRenderer:
@@ -84,11 +81,13 @@ def test_repeated_system_prompt_is_a_cache_hit():
     system = "You are a helpful assistant. " * 20
     for i in range(3):
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}]
-        assert prompt_token_ids(SPECIAL, "chat", {"messages": msgs}, seg) == SPECIAL.chat_token_ids(msgs)
+        text = SPECIAL.render_chat(msgs)
+        assert prompt_token_ids(SPECIAL, "chat", {"messages": msgs}, seg) == SPECIAL.tokenizer.encode(text).ids
     assert len(seg._cache) == 1  # the system prompt's piece, tokenized once
 
 
 def test_segment_cache_disables_itself_for_word_tokenizers():
     assert not SegmentCache(R).enabled  # no added tokens: plain encoding
     msgs = [{"role": "user", "content": words(0, 30)}]
-    assert prompt_token_ids(R, "chat", {"messages": msgs}, SegmentCache(R)) == R.chat_token_ids(msgs)
+    user, assistant = 2, 3  # <|user|>, <|assistant|>
+    assert prompt_token_ids(R, "chat", {"messages": msgs}, SegmentCache(R)) == [user, *word_ids(0, 30), assistant]
