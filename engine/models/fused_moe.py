@@ -82,6 +82,11 @@ class MoeConfig:
         return cls(d["BLOCK_M"], GemmConfig(**d["up"]), GemmConfig(**d["down"]), d.get("DIRECT", False))
 
 
+def available() -> bool:
+    """Whether the kernels can run here (Triton importable); callers still need CUDA tensors."""
+    return triton is not None
+
+
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("the fused MoE kernels need Triton (`pip install triton`), which is not installed")
