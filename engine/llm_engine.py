@@ -111,7 +111,9 @@ class LLMEngine:
             from kubellm.engine.loader import load_model
             from kubellm.engine.model_runner import ModelRunner
 
-            loaded = loaded or load_model(model_path, dtype=config.dtype)
+            # lazy: each tensor is read as the model takes it, so stacking MoE experts (or fusing q/k/v) never holds
+            # a second copy of the checkpoint in host memory
+            loaded = loaded or load_model(model_path, dtype=config.dtype, lazy=True)
             self.runner = ModelRunner(loaded, config)
         self.model_config = loaded.config
         self.generation_config: dict[str, Any] = dict(loaded.generation_config or {})

@@ -1,7 +1,8 @@
 """`ModelConfig`: the architecture facts the engine needs, read from a HF config.json or from GGUF metadata.
 
 One Llama-family forward serves the Llama-like architectures; what differs between them (qkv bias, q/k norm,
-rope scaling, tied embeddings) is spelled out here as plain fields so the model code never looks at names.
+rope scaling, tied embeddings, mixture-of-experts feed-forward layers) is spelled out here as plain fields so the
+model code never looks at names.
 Gemma 3 has its own forward (models/gemma3.py); the facts the engine around it needs (attention scale, which
 layers slide, the local rope base) are plain fields too.
 """
@@ -18,7 +19,18 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Gemma3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "MixtralForCausalLM",
 )
+MOE_ARCHITECTURES: tuple[str, ...] = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM")
+# Architectures people ask for that are not implemented yet, and what is missing (named in the refusal).
+MISSING_FEATURES = {
+    "Qwen3NextForCausalLM": "hybrid linear attention (Gated DeltaNet layers between the full-attention ones)",
+    "DeepseekV2ForCausalLM": "multi-head latent attention (MLA)",
+    "DeepseekV3ForCausalLM": "multi-head latent attention (MLA)",
+    "KimiK25ForConditionalGeneration": "multi-head latent attention (MLA) and the vision tower",
+}
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 # model_type -> architecture, for configs that lack an `architectures` list.
 _MODEL_TYPE_TO_ARCH = {
@@ -27,8 +39,15 @@ _MODEL_TYPE_TO_ARCH = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
 }
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer_types entries (transformers' names)
+# GGUF files of Llama 3.x carry rope frequency factors as a tensor instead of rope_scaling metadata; the loader
+# names it so and the model takes it (here, not in models/llama.py, so the loader need not import the models).
+ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
 
 
 class UnsupportedModelError(ValueError):
@@ -36,8 +55,9 @@ class UnsupportedModelError(ValueError):
 
 
 def unsupported_architecture(arch: str) -> UnsupportedModelError:
+    missing = f" (kubellm lacks {MISSING_FEATURES[arch]})" if arch in MISSING_FEATURES else ""
     return UnsupportedModelError(
-        f"unsupported model architecture {arch!r}; kubellm supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        f"unsupported model architecture {arch!r}{missing}; kubellm supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
 
@@ -67,6 +87,16 @@ class ModelConfig:
     hidden_act: str = "silu"  # "gelu_pytorch_tanh" (Gemma 3)
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (Gemma); None: head_dim's
     rope_local_theta: float | None = None  # rope base of the sliding layers (Gemma 3); rope_theta is the others'
+    # Mixture of experts (0 experts: every layer dense). A sparse layer routes each token to `num_experts_per_tok`
+    # of `num_experts` SiLU-gated MLPs of width `moe_intermediate_size`; the dense layers use intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on expert beside the routed ones (0: none)
+    shared_expert_gated: bool = False  # its output scaled by sigmoid(x . w) per token (Qwen2-MoE; DeepSeek: not)
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i is not in mlp_only_layers
+    mlp_only_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -86,6 +116,14 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UnsupportedModelError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts={self.num_experts}"
+            )
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise UnsupportedModelError("a mixture-of-experts config needs moe_intermediate_size > 0")
+        if self.decoder_sparse_step < 1:
+            raise UnsupportedModelError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
@@ -117,6 +155,12 @@ class ModelConfig:
         per_layer = [window if self.layer_is_sliding(i) else None for i in range(self.num_hidden_layers)]
         return window if all(w == window for w in per_layer) else per_layer
 
+    def layer_is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s feed-forward is the mixture of experts (transformers' rule for Qwen2/3-MoE)."""
+        return (
+            self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
     @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
@@ -131,8 +175,12 @@ class ModelConfig:
         arch = _architecture(cfg)
         if arch == "Gemma3ForCausalLM":
             return cls._from_gemma3_config(cfg)
-        if cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"):
-            raise unsupported_architecture(arch + " (mixture of experts)")
+        experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
+        if experts and arch not in MOE_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{arch} with {experts} experts is not supported; kubellm runs mixture of experts for "
+                f"{', '.join(MOE_ARCHITECTURES)}"
+            )
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"unsupported activation {act!r} in {arch}; kubellm implements silu")
@@ -140,9 +188,10 @@ class ModelConfig:
         hidden = int(cfg["hidden_size"])
         rope_theta, rope_scaling = _rope(cfg)
         attention_bias = bool(cfg.get("attention_bias", False))
-        is_qwen2 = arch == "Qwen2ForCausalLM"
-        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
-        if sliding and arch != "MistralForCausalLM":
+        is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+        mistral_like = arch in ("MistralForCausalLM", "MixtralForCausalLM")  # one window on every layer
+        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", mistral_like) else None
+        if sliding and not mistral_like:
             # Qwen2/Qwen3 window only some layers (max_window_layers / layer_types): not implemented.
             raise UnsupportedModelError(f"{arch} with use_sliding_window=true (per-layer windows) is not supported")
         return cls(
@@ -159,13 +208,14 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=True if is_qwen2 else attention_bias,
+            attention_bias=bool(cfg.get("qkv_bias", True)) if is_qwen2 else attention_bias,
             attention_out_bias=False if is_qwen2 else attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=token_id_list(cfg.get("eos_token_id")),
             sliding_window=int(sliding) if sliding else None,
+            **(_moe_fields(cfg, arch, experts) if experts else {}),
         )
 
     @classmethod
@@ -225,6 +275,29 @@ class ModelConfig:
             query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
             rope_local_theta=local_theta,
         )
+
+
+def _moe_fields(cfg: dict[str, Any], arch: str, experts: int) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen2-MoE / Qwen3-MoE / Mixtral config.json. Mixtral's experts are
+    intermediate_size wide, every layer is sparse and the top-k weights are always renormalised."""
+    if arch == "MixtralForCausalLM":
+        return dict(
+            num_experts=experts,
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+            moe_intermediate_size=int(cfg["intermediate_size"]),
+            norm_topk_prob=True,
+        )
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok", 1)),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=shared,
+        shared_expert_gated=shared > 0,  # Qwen2-MoE's shared expert always has its sigmoid gate
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+        mlp_only_layers=[int(i) for i in cfg.get("mlp_only_layers") or []],
+    )
 
 
 def gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:

@@ -21,7 +21,7 @@ from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
-from kubellm.engine.models import build_model, gemv
+from kubellm.engine.models import build_model, gemv, moe
 from kubellm.engine.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,13 @@ class ModelRunner:
                     module.matmul = gemv.linear
         self.model.load_weights(loaded.weights)
         self.model.eval()
+        if loaded.config.num_experts and tp_rank == 0:
+            c = loaded.config
+            logger.info(
+                "MoE: %d experts, %d active per token, expert width %d (of it %d on this rank); MoE kernel: %s",
+                c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.moe_intermediate_size // tp_size,
+                moe.kernel_choice(self.device),
+            )  # fmt: skip
         c = loaded.config
         self.num_kv_heads = c.num_key_value_heads // tp_size  # this rank's KV heads (the KV cache is split by head)
         backend_cls = select_backend_class(config.attention_backend, self.device)

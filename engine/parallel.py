@@ -45,6 +45,10 @@ def check_tp_size(config: ModelConfig, tp_size: int) -> None:
         "num_key_value_heads": config.num_key_value_heads,
         "intermediate_size": config.intermediate_size,
     }
+    if config.num_experts:  # experts (and the shared expert) are split by intermediate dimension, like the MLP
+        sizes["moe_intermediate_size"] = config.moe_intermediate_size
+        if config.shared_expert_intermediate_size:
+            sizes["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
     bad = [f"{name}={value}" for name, value in sizes.items() if value % tp_size]
     if bad:
         raise ValueError(

@@ -48,6 +48,28 @@ LLAMA_3_1_8B = ModelConfig(
     eos_token_ids=[128001, 128008, 128009],
 )
 
+# Qwen3-30B-A3B (and Qwen3-Coder-30B-A3B-Instruct): 48 layers, every one a mixture of 128 experts, 8 active.
+QWEN3_30B_A3B = ModelConfig(
+    architecture="Qwen3MoeForCausalLM",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,  # the dense MLP width (no layer is dense in this model)
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    max_position_embeddings=40960,
+    qk_norm=True,
+    bos_token_id=151643,
+    eos_token_ids=[151645, 151643],
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    norm_topk_prob=True,
+)
+
 SMOLLM2_135M = ModelConfig(
     architecture="LlamaForCausalLM",
     vocab_size=49152,
@@ -67,7 +89,8 @@ SMOLLM2_135M = ModelConfig(
 
 
 def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face names and shapes of a Llama-family checkpoint without biases or q/k norms."""
+    """Hugging Face names and shapes of a Llama-family checkpoint without biases; q/k norms where the config has
+    them; sparse layers' experts in transformers 5's stacked layout (fewer, larger tensors to draw)."""
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
         "model.norm.weight": (c.hidden_size,),
@@ -82,9 +105,32 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.self_attn.k_proj.weight"] = (c.kv_size, c.hidden_size)
         shapes[f"{p}.self_attn.v_proj.weight"] = (c.kv_size, c.hidden_size)
         shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, c.q_size)
+        if c.qk_norm:
+            shapes[f"{p}.self_attn.q_norm.weight"] = (c.head_dim,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (c.head_dim,)
+        if c.layer_is_sparse(i):
+            shapes.update(_moe_shapes(c, f"{p}.mlp"))
+            continue
         shapes[f"{p}.mlp.gate_proj.weight"] = (c.intermediate_size, c.hidden_size)
         shapes[f"{p}.mlp.up_proj.weight"] = (c.intermediate_size, c.hidden_size)
         shapes[f"{p}.mlp.down_proj.weight"] = (c.hidden_size, c.intermediate_size)
+    return shapes
+
+
+def _moe_shapes(c: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+    shapes = {
+        f"{p}.gate.weight": (e, h),
+        f"{p}.experts.gate_up_proj": (e, 2 * i, h),
+        f"{p}.experts.down_proj": (e, h, i),
+    }
+    s = c.shared_expert_intermediate_size
+    if s:
+        shapes[f"{p}.shared_expert.gate_proj.weight"] = (s, h)
+        shapes[f"{p}.shared_expert.up_proj.weight"] = (s, h)
+        shapes[f"{p}.shared_expert.down_proj.weight"] = (h, s)
+    if c.shared_expert_gated:
+        shapes[f"{p}.shared_expert_gate.weight"] = (1, h)
     return shapes
 
 
@@ -114,6 +160,9 @@ class RandomWeights(Mapping[str, torch.Tensor]):
         shape = self.shapes[name]  # KeyError for names the model does not have
         dim = chunk_dim(name, shape)
         return self.read_slice(name, dim, 0, shape[dim])
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would draw the tensor to find out
+        return name in self.shapes
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -157,7 +206,8 @@ class RandomWeights(Mapping[str, torch.Tensor]):
 
 
 def chunk_dim(name: str, shape: tuple[int, ...]) -> int:
-    """The dimension a weight is drawn in chunks along: columns of the row-parallel layers, rows otherwise."""
+    """The dimension a weight is drawn in chunks along: columns of the row-parallel layers, rows otherwise (for
+    stacked experts [E, ...]: the expert axis, so a tensor-parallel slice of them is drawn whole, then cut)."""
     return 1 if len(shape) == 2 and name.endswith(_COLUMN_CHUNKED) else 0
 
 

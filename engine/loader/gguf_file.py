@@ -1,6 +1,9 @@
 """Load a GGUF file: metadata -> ModelConfig, tensors dequantized (gguf package) and renamed to HF names,
 tokenizer and chat template from the metadata. No conversion step for the user, no transformers at run time.
 
+Mixture-of-experts files (qwen3moe, qwen2moe, and Mixtral as llama with experts) hold each layer's experts as
+stacked `ffn_{gate,up,down}_exps` tensors; gate and up are joined into transformers 5's `experts.gate_up_proj`.
+
 llama.cpp's converter permutes the rows of Q and K for llama-arch models (its rope pairs adjacent dims; HF's
 rotates halves); we undo that here so one HF-layout forward serves both formats. For Gemma 3 it stores every
 RMSNorm weight as 1 + w; we hand the model HF's w (as transformers' GGUF loader does).
@@ -21,8 +24,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from kubellm.engine.model_config import ModelConfig, UnsupportedModelError, gemma3_layer_types
-from kubellm.engine.models.llama import ROPE_FREQ_FACTORS
+from kubellm.engine.model_config import ROPE_FREQ_FACTORS, ModelConfig, UnsupportedModelError, gemma3_layer_types
 from kubellm.prompt import TokenizerInfo
 
 from .errors import ModelLoadError
@@ -38,7 +40,13 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
 }
+# llama.cpp writes Mixtral as "llama" with experts; whether top-k weights are renormalised is fixed per arch there
+# (unless the file says, as newer converters do with expert_weights_norm).
+_MOE_ARCHITECTURES = {"llama": "MixtralForCausalLM"}
+_MOE_RENORMALIZE = {"llama": True, "qwen3moe": True, "qwen2moe": False}
 _PERMUTED = {"llama", "mistral"}
 _NORM_PLUS_ONE = {"gemma3"}  # arches whose norm weights llama.cpp stores as 1 + w
 # Gemma 3's chat turns end with <end_of_turn>: an end of generation as in its generation_config.json
@@ -62,7 +70,14 @@ _BLOCK = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# Stacked experts: gate and up ([E, I, H] each) become halves of gate_up_proj [E, 2I, H]; down is down_proj.
+_STACKED_EXPERTS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
 # Gemma 3's sandwich norms: ffn_norm is the pre-feed-forward norm there, not Llama's post-attention norm.
 _GEMMA3_BLOCK = _BLOCK | {
     "ffn_norm": "pre_feedforward_layernorm",
@@ -151,9 +166,12 @@ def gguf_model_config(meta: _Metadata, tensor_names: set[str], vocab_size: int) 
         for text in _EXTRA_EOS[arch]:
             if text in tokens and tokens.index(text) not in eos_ids:
                 eos_ids.append(tokens.index(text))
-    extra = _gemma3_fields(meta, arch, hidden, heads) if arch == "gemma3" else {}
+    extra = _gemma3_fields(meta, arch, hidden, heads) if arch == "gemma3" else _moe_fields(meta, arch, tensor_names)
+    architecture = _ARCHITECTURES[arch]
+    if extra.get("num_experts") and arch in _MOE_ARCHITECTURES:
+        architecture = _MOE_ARCHITECTURES[arch]
     return ModelConfig(
-        architecture=_ARCHITECTURES[arch],
+        architecture=architecture,
         vocab_size=int(meta.get(f"{arch}.vocab_size") or vocab_size),
         hidden_size=hidden,
         intermediate_size=int(meta.require(f"{arch}.feed_forward_length")),
@@ -174,6 +192,29 @@ def gguf_model_config(meta: _Metadata, tensor_names: set[str], vocab_size: int) 
         eos_token_ids=eos_ids,
         **extra,
     )
+
+
+def _moe_fields(meta: _Metadata, arch: str, tensor_names: set[str]) -> dict[str, Any]:
+    """Expert counts and widths from the metadata; which layers are sparse from the tensors (a layer with a router
+    `ffn_gate_inp` is), so dense layers among sparse ones need no key of their own."""
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    if not experts:
+        return {}
+    if arch not in _MOE_RENORMALIZE:
+        raise UnsupportedModelError(f"{meta.source}: GGUF architecture {arch!r} with experts is not supported")
+    layers = int(meta.require(f"{arch}.block_count"))
+    width = meta.get(f"{arch}.expert_feed_forward_length") or meta.require(f"{arch}.feed_forward_length")
+    shared = int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0)
+    norm = meta.get(f"{arch}.expert_weights_norm")
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": int(meta.require(f"{arch}.expert_used_count")),
+        "moe_intermediate_size": int(width),
+        "norm_topk_prob": bool(norm) if norm is not None else _MOE_RENORMALIZE[arch],
+        "shared_expert_intermediate_size": shared,
+        "shared_expert_gated": shared > 0 and any(n.endswith(".ffn_gate_inp_shexp.weight") for n in tensor_names),
+        "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
+    }
 
 
 def _gemma3_fields(meta: _Metadata, arch: str, hidden: int, heads: int) -> dict[str, Any]:
@@ -215,21 +256,45 @@ def dequantize_tensor(t: GGUFTensor) -> torch.Tensor:
 
 def read_weights(reader: GGUFFile, arch: str, config: ModelConfig, dtype: torch.dtype, source: str):
     weights: dict[str, torch.Tensor] = {}
+    halves: dict[tuple[str, str], torch.Tensor] = {}  # (layer, "gate"|"up") of stacked experts awaiting the other
     for t in reader.tensors:
+        m = _BLOCK_RE.match(t.name)
+        if m and m.group(2) in _STACKED_EXPERTS:
+            layer, part = f"model.layers.{m.group(1)}.mlp.experts", _STACKED_EXPERTS[m.group(2)]
+            tensor = _dequantize(t, source).to(dtype)
+            if part == "down":
+                weights[f"{layer}.down_proj"] = tensor.contiguous()
+                continue
+            other = halves.pop((layer, "up" if part == "gate" else "gate"), None)
+            if other is None:
+                halves[(layer, part)] = tensor
+                continue
+            gate, up = (tensor, other) if part == "gate" else (other, tensor)
+            weights[f"{layer}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+            continue
         name = hf_tensor_name(t.name, arch)
         if name is None:
             raise ModelLoadError(f"{source}: GGUF tensor {t.name!r} has no place in a {config.architecture}")
-        try:
-            tensor = dequantize_tensor(t)
-        except Exception as e:
-            raise ModelLoadError(f"{source}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from e
+        tensor = _dequantize(t, source)
+        if name.endswith("shared_expert_gate.weight"):
+            tensor = tensor.reshape(1, -1)  # llama.cpp stores the shared expert's gate as a [H] vector
         if arch in _PERMUTED and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
             tensor = unpermute_rope_rows(tensor, heads)
         if arch in _NORM_PLUS_ONE and t.name.endswith("norm.weight"):
             tensor = tensor - 1.0
         weights[name] = tensor.to(dtype).contiguous()
+    if halves:
+        (layer, part), _ = next(iter(halves.items()))
+        raise ModelLoadError(f"{source}: {layer} has stacked {part} experts but not the matching other half")
     return weights
+
+
+def _dequantize(t: GGUFTensor, source: str) -> torch.Tensor:
+    try:
+        return dequantize_tensor(t)
+    except Exception as e:
+        raise ModelLoadError(f"{source}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from e
 
 
 def read_tokenizer_info(meta: _Metadata, arch: str, config: ModelConfig) -> TokenizerInfo:

@@ -110,6 +110,9 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         with safe_open(self._files[name], framework="pt") as f:
             return self._cast(f.get_tensor(name))
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out
+        return name in self._files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 

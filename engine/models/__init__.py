@@ -1,4 +1,5 @@
-"""Model registry: HF architecture name -> implementation (the Llama-family forward, or Gemma 3's)."""
+"""Model registry: HF architecture name -> implementation (the Llama-family forward, MoE members included, or
+Gemma 3's)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": LlamaForCausalLM,
 }
 
 

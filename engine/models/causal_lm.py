@@ -42,6 +42,13 @@ class CheckpointReader:
             return parallel.read_shard(self.weights, name, 0 if split == "col" else 1, self.rank, self.size)
         return self.weights[name]
 
+    def take_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """[start, stop) of weight `name` along `dim`, read alone where the mapping can."""
+        if name not in self.weights:
+            raise ModelLoadError(f"checkpoint lacks weight {name!r} that {self.config.architecture} needs")
+        self.used.add(name)
+        return parallel.read_slice(self.weights, name, dim, start, stop)
+
     def put(self, param: nn.Parameter | None, tensor: torch.Tensor, name: str) -> None:
         if param is None:
             raise ModelLoadError(
@@ -57,8 +64,11 @@ class CheckpointReader:
     def load_attention_and_mlp(self, layer: nn.Module, prefix: str) -> None:
         """The fused qkv / o_proj and gate_up / down_proj of a block (llama.py's Attention and MLP), with the
         biases the config declares."""
-        c, attn, mlp = self.config, layer.self_attn, layer.mlp
-        qkv, gate_up = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+        self.load_attention(layer.self_attn, prefix)
+        self.load_mlp(layer.mlp, f"{prefix}.mlp")
+
+    def load_attention(self, attn: nn.Module, prefix: str) -> None:
+        c, qkv = self.config, ("q_proj", "k_proj", "v_proj")
         self.put(attn.qkv_proj.weight, self.fused(f"{prefix}.self_attn", qkv, "weight"), f"{prefix}.self_attn.qkv")
         if c.attention_bias:
             self.put(attn.qkv_proj.bias, self.fused(f"{prefix}.self_attn", qkv, "bias"), f"{prefix}.self_attn.qkv")
@@ -67,12 +77,16 @@ class CheckpointReader:
         if c.attention_out_bias:
             name = f"{prefix}.self_attn.o_proj.bias"
             self.put(attn.o_proj.bias, self.take(name), name)
-        self.put(mlp.gate_up_proj.weight, self.fused(f"{prefix}.mlp", gate_up, "weight"), f"{prefix}.mlp.gate_up")
-        name = f"{prefix}.mlp.down_proj.weight"
+
+    def load_mlp(self, mlp: nn.Module, prefix: str) -> None:
+        """gate/up fused into gate_up_proj, and down_proj, of the MLP whose HF name is `prefix`."""
+        gate_up = ("gate_proj", "up_proj")
+        self.put(mlp.gate_up_proj.weight, self.fused(prefix, gate_up, "weight"), f"{prefix}.gate_up")
+        name = f"{prefix}.down_proj.weight"
         self.put(mlp.down_proj.weight, self.take(name, "row"), name)
-        if c.mlp_bias:
-            self.put(mlp.gate_up_proj.bias, self.fused(f"{prefix}.mlp", gate_up, "bias"), f"{prefix}.mlp.gate_up")
-            name = f"{prefix}.mlp.down_proj.bias"
+        if mlp.down_proj.bias is not None:
+            self.put(mlp.gate_up_proj.bias, self.fused(prefix, gate_up, "bias"), f"{prefix}.gate_up")
+            name = f"{prefix}.down_proj.bias"
             self.put(mlp.down_proj.bias, self.take(name), name)
 
     def finish(self, ignored_suffixes: tuple[str, ...] = ()) -> None:
@@ -87,8 +101,12 @@ class CheckpointReader:
 
 
 def check_shape(tensor: torch.Tensor, expected: tuple[int, ...], name: str) -> None:
-    if tuple(tensor.shape) != expected:
-        raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {expected}")
+    expect_shape(tuple(tensor.shape), expected, name)
+
+
+def expect_shape(shape: tuple[int, ...], expected: tuple[int, ...], name: str) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ModelLoadError(f"weight {name!r} has shape {tuple(shape)}, the config implies {tuple(expected)}")
 
 
 class CausalLM(nn.Module):
@@ -124,15 +142,22 @@ class CausalLM(nn.Module):
         return F.linear(hidden, self.lm_head).float()
 
     def param_counts(self) -> dict[str, int]:
-        """Elements held by this rank: 'sharded' (split across TP ranks) and 'replicated' (norms, row biases)."""
+        """Elements held by this rank: 'sharded' (split across TP ranks) and 'replicated' (norms, row biases);
+        'experts' counts the MoE layers' expert weights (routed and shared, part of 'sharded')."""
         replicated = {id(p) for m in self.modules() if isinstance(m, self.norm_types) for p in m.parameters()}
+        for m in self.modules():  # e.g. the MoE router
+            if hasattr(m, "replicated_parameters"):
+                replicated |= {id(p) for p in m.replicated_parameters()}
         for layer in self.layers:  # row-parallel biases are added once, whole, on every rank (at TP 1 too)
-            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                if lin.bias is not None:
+            for lin in (layer.self_attn.o_proj, getattr(layer.mlp, "down_proj", None)):
+                if lin is not None and lin.bias is not None:
                     replicated.add(id(lin.bias))
         counts = {"sharded": 0, "replicated": 0}
         for p in self.parameters():  # a tied lm_head is the embedding's Parameter: counted once
             counts["replicated" if id(p) in replicated else "sharded"] += p.numel()
+        counts["experts"] = sum(
+            p.numel() for m in self.modules() if hasattr(m, "expert_parameters") for p in m.expert_parameters()
+        )
         return counts
 
     def load_embeddings(self, reader: CheckpointReader) -> None:

@@ -1,4 +1,5 @@
-"""The one Llama-family forward: Llama 2/3 (incl. llama3 rope scaling), Mistral, SmolLM2, Qwen2, Qwen3.
+"""The one Llama-family forward: Llama 2/3 (incl. llama3 rope scaling), Mistral, SmolLM2, Qwen2, Qwen3, and the
+mixture-of-experts members Qwen3-MoE, Qwen2-MoE and Mixtral (their sparse layers' feed-forward is models/moe.py).
 
 Tokens arrive packed ([T], sequence after sequence), so there is no batch axis and no padding: attention is
 the only op that cares where one sequence ends, and the attention backend owns that. q/k/v and gate/up are
@@ -18,15 +19,14 @@ from torch import nn
 
 from kubellm.engine import parallel
 from kubellm.engine.attention.base import AttentionBackend
-from kubellm.engine.model_config import ModelConfig
+from kubellm.engine.model_config import ROPE_FREQ_FACTORS, ModelConfig
 
 from . import fused
 from .causal_lm import CausalLM, CheckpointReader, new_param
+from .moe import SparseMoE, load_moe_weights
 
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# GGUF files of Llama 3.x carry rope frequency factors as a tensor instead of rope_scaling metadata.
-ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
 
 
 class RMSNorm(nn.Module):
@@ -142,11 +142,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1):
+    """SiLU-gated MLP. `intermediate_size` overrides the config's (a MoE shared expert); `reduce=False` leaves the
+    down projection's tensor-parallel partial sums for the caller to all-reduce (the MoE block does it once)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_size: int = 1,
+        intermediate_size: int | None = None,
+        reduce: bool = True,
+    ):
         super().__init__()
-        self.intermediate = config.intermediate_size // tp_size
+        self.intermediate = (intermediate_size or config.intermediate_size) // tp_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate, config.mlp_bias, dtype, device)
-        self.down_proj = _out_linear(self.intermediate, config.hidden_size, config.mlp_bias, dtype, device, tp_size)
+        down_tp = tp_size if reduce else 1
+        self.down_proj = _out_linear(self.intermediate, config.hidden_size, config.mlp_bias, dtype, device, down_tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -157,13 +169,23 @@ class MLP(nn.Module):
         return self.down_proj(act)
 
 
+def feed_forward(config: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device, tp_size: int) -> nn.Module:
+    """Layer `layer`'s feed-forward: the dense MLP, or the mixture of experts (with its shared expert, if any)."""
+    if not config.layer_is_sparse(layer):
+        return MLP(config, dtype, device, tp_size)
+    shared = None
+    if config.shared_expert_intermediate_size:
+        shared = MLP(config, dtype, device, tp_size, config.shared_expert_intermediate_size, reduce=False)
+    return SparseMoE(config, dtype, device, tp_size, shared)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.self_attn = Attention(config, dtype, device, tp_size)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = MLP(config, dtype, device, tp_size)
+        self.mlp = feed_forward(config, layer, dtype, device, tp_size)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -180,7 +202,7 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(config, dtype, device, tp_rank, tp_size)
         device = torch.device(device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, dtype, device, tp_size) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, dtype, device, tp_size, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
@@ -224,7 +246,11 @@ class LlamaForCausalLM(CausalLM):
             if attn.q_norm is not None and attn.k_norm is not None:
                 for name in ("q_norm", "k_norm"):
                     r.put(getattr(attn, name).weight, r.take(f"{p}.self_attn.{name}.weight"), f"{p}.self_attn.{name}")
-            r.load_attention_and_mlp(layer, p)
+            r.load_attention(attn, p)
+            if isinstance(layer.mlp, SparseMoE):
+                load_moe_weights(r, layer.mlp, p)
+            else:
+                r.load_mlp(layer.mlp, f"{p}.mlp")
         if ROPE_FREQ_FACTORS in weights:
             r.used.add(ROPE_FREQ_FACTORS)
             self.inv_freq = rope_inv_freq(self.config, weights[ROPE_FREQ_FACTORS]).to(self.inv_freq.device)

@@ -89,7 +89,7 @@ def test_weights_that_do_not_fit_the_config(llama_copy):
 
 
 @pytest.mark.parametrize(
-    "arch", ["Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM", "KimiK2ForCausalLM", "GPT2LMHeadModel"]
+    "arch", ["Qwen3NextForCausalLM", "DeepseekV3ForCausalLM", "KimiK2ForCausalLM", "GPT2LMHeadModel"]
 )
 def test_unsupported_architecture(llama_copy, arch):
     cfg = json.loads((llama_copy / "config.json").read_text())
@@ -132,13 +132,13 @@ def test_truncated_gguf(tmp_path, embedded_model_path, keep_bytes):
 
 def test_unsupported_gguf_architecture(tmp_path):
     path = tmp_path / "moe.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'qwen3moe'") as e:
+    with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'deepseek2'") as e:
         load_model(path)
     assert "llama" in str(e.value)

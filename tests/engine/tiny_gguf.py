@@ -1,6 +1,7 @@
 """Write tiny random HF checkpoints as GGUF files the way llama.cpp's converter does (F32 tensors, Q/K rows
 permuted for llama-arch rope, SmolLM2's byte-level BPE vocabulary), so GGUF loading of Llama, Qwen2 and
-Qwen3 can be checked against transformers' own GGUF loader. Test-only."""
+Qwen3 can be checked against transformers' own GGUF loader, and that of the MoE models (stacked `ffn_*_exps`
+experts) against the same checkpoint's safetensors. Test-only."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import gguf
 import numpy as np
 import torch
 
-_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_GGUF_ARCH = {
+    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3-moe": "qwen3moe", "qwen2-moe": "qwen2moe",
+    "mixtral": "llama",
+}  # fmt: skip
 _BLOCK_NAMES = {
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
@@ -23,6 +27,11 @@ _BLOCK_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
 
 
@@ -67,6 +76,33 @@ def shrink_vocab(tokens: list[str], merges: list[str], types: list[int], size: i
     return tokens[:size], inside, types[:size]
 
 
+def gguf_tensors(name: str, arr: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """llama.cpp's tensor(s) for one HF tensor of a model's state_dict (transformers 5 stacks experts:
+    gate_up_proj [E, 2I, H] becomes ffn_gate_exps and ffn_up_exps [E, I, H]; the shared expert's gate a vector)."""
+    if name.endswith(".experts.gate_up_proj"):
+        blk = f"blk.{name.split('.')[2]}"
+        gate, up = np.split(arr, 2, axis=1)
+        return [(f"{blk}.ffn_gate_exps.weight", gate.copy()), (f"{blk}.ffn_up_exps.weight", up.copy())]
+    if name.endswith(".experts.down_proj"):
+        return [(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", arr)]
+    if name.endswith("shared_expert_gate.weight"):
+        return [(gguf_name(name), arr.reshape(-1))]
+    return [(gguf_name(name), arr)]
+
+
+def add_experts(w: gguf.GGUFWriter, c) -> None:
+    """MoE metadata as llama.cpp's converter writes it."""
+    experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None)
+    if not experts:
+        return
+    w.add_expert_count(experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    if getattr(c, "moe_intermediate_size", None):
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if getattr(c, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+
+
 def write_tiny_gguf(kind: str, hf_config, state: dict[str, torch.Tensor], vocab_source: Path, out: Path) -> Path:
     arch = _GGUF_ARCH[kind]
     src = gguf.GGUFReader(str(vocab_source))
@@ -80,6 +116,7 @@ def write_tiny_gguf(kind: str, hf_config, state: dict[str, torch.Tensor], vocab_
     add_shape(w, c, head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_experts(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(arch)
@@ -95,10 +132,11 @@ def write_tiny_gguf(kind: str, hf_config, state: dict[str, torch.Tensor], vocab_
     w.add_chat_template("{{ messages[0]['content'] }}")
     for name, tensor in state.items():
         arr = tensor.detach().float().numpy().copy()
-        if kind == "llama" and (".q_proj." in name or ".k_proj." in name):
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads
             arr = llama_cpp_permute(arr, heads)
-        w.add_tensor(gguf_name(name), arr)
+        for gguf_tensor, part in gguf_tensors(name, arr):
+            w.add_tensor(gguf_tensor, part)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -32,9 +32,22 @@ _COMMON = dict(
 )
 
 
+# Mixture-of-experts kinds: between them they vary the expert count, top-k, renormalisation, the shared expert
+# and dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step).
+MOE_KINDS = ("qwen3-moe", "qwen2-moe", "mixtral")
+
+
 def tiny_hf_config(kind: str):
     """transformers configs covering every feature of the one forward."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     if kind == "llama":
         return LlamaConfig(**_COMMON, rope_theta=10000.0)
@@ -62,6 +75,19 @@ def tiny_hf_config(kind: str):
         return MistralConfig(**_COMMON, sliding_window=None)
     if kind == "mistral-window":  # an 8-token attention window, far shorter than the test sequences
         return MistralConfig(**_COMMON, sliding_window=8)
+    if kind == "qwen3-moe":  # 8 experts, top-2 renormalised; layer 1 of 3 stays dense (mlp_only_layers)
+        common = _COMMON | dict(num_hidden_layers=3)
+        return Qwen3MoeConfig(
+            **common, head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            norm_topk_prob=True, mlp_only_layers=[1],
+        )  # fmt: skip
+    if kind == "qwen2-moe":  # 6 experts, top-3 not renormalised, gated shared expert; layer 0 dense (sparse step 2)
+        return Qwen2MoeConfig(
+            **_COMMON, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
+            shared_expert_intermediate_size=48, decoder_sparse_step=2,
+        )  # fmt: skip
+    if kind == "mixtral":  # 4 experts of intermediate_size, top-2 (always renormalised)
+        return MixtralConfig(**_COMMON | dict(intermediate_size=48), num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(kind)
 
 

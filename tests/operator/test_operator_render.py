@@ -148,6 +148,18 @@ def test_moe_examples_render_their_vllm_flags(example, expect):
     assert "--trust-remote-code" in args or example.startswith("qwen")
 
 
+def test_single_gpu_moe_example_renders():
+    _, r = rendered(REPO / "examples" / "qwen3-coder-30b-a3b.yaml")
+    c = engine_container(r)
+    args = c["args"]
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.95"
+    assert args[args.index("--max-model-len") + 1] == "65536"
+    assert ("--enable-prefix-caching" in args and "--tensor-parallel-size" not in args[args.index("serve") :]) or (
+        args[args.index("--tensor-parallel-size") + 1] == "1"
+    )
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
 def test_builtin_model_on_cpu_has_no_gpu_no_download():
     _, r = rendered(REPO / "examples" / "smollm2-cpu.yaml")
     dep = by_kind(r, "Deployment", "smollm2-engine")

@@ -1,0 +1,210 @@
+"""The mixture-of-experts feed-forward layer every MoE model here shares (Qwen3-MoE, Qwen2-MoE, Mixtral).
+
+router logits -> softmax (float32) -> top-k, renormalised or not -> each token through its k SiLU-gated expert
+MLPs -> sum weighted by the routing weights; plus an optional always-on shared expert (Qwen2-MoE's is scaled by a
+per-token sigmoid gate; DeepSeek's ungated ones use the same hook with `shared_expert_gated` false).
+
+Expert weights are stacked: `w13 [E, 2I, H]` (rows [:I] the gate projection, [I:] the up projection) and
+`w2 [E, H, I]`, the layout the fused GPU kernels read. Under tensor parallelism each rank holds every expert's
+slice of the intermediate dimension (the split the dense MLP uses), so the rank's output is a partial sum that
+one all-reduce completes.
+
+Two paths compute the same thing: on CUDA the Triton kernels of `fused_moe` (when importable), elsewhere the
+torch reference below, which gathers the tokens routed to each active expert and runs only those (no dense
+E-wide compute). The references are public: the GPU kernel tests compare against them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubellm.engine import parallel, symm_all_reduce
+from kubellm.engine.model_config import ModelConfig
+
+from .causal_lm import CheckpointReader, check_shape, expect_shape, new_param
+
+logger = logging.getLogger(__name__)
+
+# KUBELLM_MOE_KERNEL=torch forces the torch reference on CUDA too (for comparisons); "auto" (default) takes the
+# fused kernels when the tensor is on CUDA and the kernel module imports.
+_KERNEL_ENV = "KUBELLM_MOE_KERNEL"
+_kernels: dict[str, ModuleType | None] = {}
+
+
+def reference_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int32): softmax in float32 over the
+    experts, the k largest, optionally renormalised to sum to 1."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def reference_experts(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """sum_k w_k * (silu(x @ gate_e^T) * (x @ up_e^T)) @ w2_e^T for each token's k experts e, in x's dtype.
+
+    Tokens are grouped by expert (a stable sort of the flattened ids), so each active expert runs two GEMMs over
+    just its tokens; experts nobody chose cost nothing. Products are summed in float32."""
+    t, k = topk_ids.shape
+    inter = w2.shape[2]
+    out = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=x.device)
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    flat_weights = topk_weights.reshape(-1).float()
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = order[start : start + n]  # positions in the [T * k] flattening routed to this expert
+        start += n
+        tokens = slots // k
+        gate_up = F.linear(x[tokens], w13[expert])
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out.index_add_(0, tokens, F.linear(act, w2[expert]).float() * flat_weights[slots, None])
+    return out.to(x.dtype)
+
+
+def _kernel_module() -> ModuleType | None:
+    """models/fused_moe (Triton), or None where it cannot be imported (CPU installs without triton)."""
+    if "module" not in _kernels:
+        try:
+            from kubellm.engine.models import fused_moe  # type: ignore[attr-defined]
+        except ImportError as e:
+            logger.debug("fused MoE kernels unavailable: %s", e)
+            fused_moe = None
+        _kernels["module"] = fused_moe
+    return _kernels["module"]
+
+
+def kernel_choice(device: torch.device) -> str:
+    """Which implementation the MoE layers run on `device`: "fused_moe (triton)" or "torch reference"."""
+    wanted = os.environ.get(_KERNEL_ENV, "auto")
+    if wanted not in ("auto", "torch"):
+        raise ValueError(f"{_KERNEL_ENV} must be 'auto' or 'torch', got {wanted!r}")
+    if device.type == "cuda" and wanted == "auto" and _kernel_module() is not None:
+        return "fused_moe (triton)"
+    return "torch reference"
+
+
+def _impl(x: torch.Tensor) -> tuple[Callable, Callable]:
+    module = _kernel_module() if x.is_cuda and os.environ.get(_KERNEL_ENV, "auto") == "auto" else None
+    if module is None:
+        return reference_topk, reference_experts
+    return module.fused_topk, module.fused_experts
+
+
+class SparseMoE(nn.Module):
+    """One sparse feed-forward block: router, stacked experts (this rank's intermediate slice of each), and the
+    optional shared expert (a dense MLP built by the caller, its down projection NOT all-reduced: the block
+    all-reduces once, routed and shared partial sums together)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_size: int = 1,
+        shared_expert: nn.Module | None = None,
+    ):
+        super().__init__()
+        e, h = config.num_experts, config.hidden_size
+        self.top_k, self.renormalize = config.num_experts_per_tok, config.norm_topk_prob
+        self.intermediate = config.moe_intermediate_size // tp_size
+        self.tp_size = tp_size
+        self.gate = new_param((e, h), dtype, device)  # the router: replicated on every rank
+        self.w13 = new_param((e, 2 * self.intermediate, h), dtype, device)
+        self.w2 = new_param((e, h, self.intermediate), dtype, device)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = new_param((1, h), dtype, device) if config.shared_expert_gated else None
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters every tensor-parallel rank holds whole (for CausalLM.param_counts)."""
+        return [p for p in (self.gate, self.shared_expert_gate) if p is not None]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The routed experts' and the shared expert's weights (this rank's slices of them)."""
+        shared = list(self.shared_expert.parameters()) if self.shared_expert is not None else []
+        return [self.w13, self.w2, *shared]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk, experts = _impl(x)
+        weights, ids = topk(F.linear(x, self.gate), self.top_k, self.renormalize)
+        out = experts(x, self.w13, self.w2, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared
+            out = out + shared
+        # Expert parallelism would go here instead: each rank holding E/ep whole experts, tokens sent to the ranks
+        # of their experts by an all-to-all before `experts` and the results returned by a second one after it.
+        if self.tp_size > 1:
+            out = symm_all_reduce.all_reduce(out)
+        return out
+
+
+# Checkpoint layouts of the routed experts, per module prefix (`{layer}.mlp` or Mixtral's `{layer}.block_sparse_moe`):
+# one tensor per expert, named (gate, up, down) as below, or transformers 5's stacked
+# `experts.gate_up_proj [E, 2I, H]` / `experts.down_proj [E, H, I]`.
+_PER_EXPERT_NAMES = {"mlp": ("gate_proj", "up_proj", "down_proj"), "block_sparse_moe": ("w1", "w3", "w2")}
+
+
+def load_moe_weights(reader: CheckpointReader, moe: SparseMoE, layer_prefix: str) -> None:
+    """Fill `moe` from a checkpoint in either layout, writing each expert (or this rank's slice of it) straight
+    into the stacked parameters: no second copy of the expert weights exists at any time."""
+    weights = reader.weights
+    module = "block_sparse_moe" if f"{layer_prefix}.block_sparse_moe.gate.weight" in weights else "mlp"
+    prefix = f"{layer_prefix}.{module}"
+    name = f"{prefix}.gate.weight"
+    reader.put(moe.gate, reader.take(name), name)
+    if f"{prefix}.experts.gate_up_proj" in weights:
+        _load_stacked(reader, moe, prefix)
+    else:
+        _load_per_expert(reader, moe, prefix, _PER_EXPERT_NAMES[module])
+    if moe.shared_expert is not None:
+        reader.load_mlp(moe.shared_expert, f"{prefix}.shared_expert")
+    if moe.shared_expert_gate is not None:
+        name = f"{prefix}.shared_expert_gate.weight"
+        reader.put(moe.shared_expert_gate, reader.take(name), name)
+
+
+def _load_per_expert(reader: CheckpointReader, moe: SparseMoE, prefix: str, names: tuple[str, str, str]) -> None:
+    inter, (e, _, h) = moe.intermediate, moe.w13.shape
+    w13, w2 = moe.w13.data, moe.w2.data
+    for expert in range(e):
+        base = f"{prefix}.experts.{expert}"
+        gate, up, down = (f"{base}.{n}.weight" for n in names)
+        for rows, name in ((slice(0, inter), gate), (slice(inter, 2 * inter), up)):
+            part = reader.take(name, "col")
+            check_shape(part, (inter, h), name)
+            w13[expert, rows].copy_(part)
+        part = reader.take(down, "row")
+        check_shape(part, (h, inter), down)
+        w2[expert].copy_(part)
+
+
+def _load_stacked(reader: CheckpointReader, moe: SparseMoE, prefix: str) -> None:
+    gate_up, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+    if reader.size == 1:
+        reader.put(moe.w13, reader.take(gate_up), gate_up)
+        reader.put(moe.w2, reader.take(down), down)
+        return
+    e, _, h = moe.w13.shape
+    inter, lo = moe.intermediate, reader.rank * moe.intermediate
+    half = inter * reader.size
+    expect_shape(parallel.shape_of(reader.weights, gate_up), (e, 2 * half, h), gate_up)
+    # this rank's rows of the gate half and of the up half, each read alone
+    w13 = moe.w13.data
+    w13[:, :inter].copy_(reader.take_range(gate_up, 1, lo, lo + inter))
+    w13[:, inter:].copy_(reader.take_range(gate_up, 1, half + lo, half + lo + inter))
+    reader.put(moe.w2, reader.take_range(down, 2, lo, lo + inter), down)
