@@ -76,12 +76,14 @@ def reference_experts(
 
 
 def _kernel_module() -> ModuleType | None:
-    """models/fused_moe (Triton), or None where it cannot be imported (CPU installs without triton)."""
+    """models/fused_moe (Triton), or None where it is absent or cannot run (installs without Triton)."""
     if "module" not in _kernels:
         try:
             from kubellm.engine.models import fused_moe  # type: ignore[attr-defined]
         except ImportError as e:
             logger.debug("fused MoE kernels unavailable: %s", e)
+            fused_moe = None
+        if fused_moe is not None and not getattr(fused_moe, "available", lambda: True)():
             fused_moe = None
         _kernels["module"] = fused_moe
     return _kernels["module"]
