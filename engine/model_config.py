@@ -173,6 +173,8 @@ class ModelConfig:
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Read a transformers config.json (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters` style)."""
         arch = _architecture(cfg)
+        if arch not in SUPPORTED_ARCHITECTURES:  # before any feature check: name what is missing for this one
+            raise unsupported_architecture(arch)
         if arch == "Gemma3ForCausalLM":
             return cls._from_gemma3_config(cfg)
         experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
