@@ -35,3 +35,33 @@ class APIError(Exception):
 
     def json(self) -> bytes:
         return error_json(self.status, self.message, self.param, self.code)
+
+
+def check_json_content_type(header: str | None) -> None:
+    """A body sent as anything but JSON is refused before it is read, as OpenAI does (`curl -d` without
+    `-H 'Content-Type: application/json'` sends a form). No header at all is taken as JSON."""
+    if header is None:
+        return
+    media_type = header.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415,
+            f"Unsupported content type: '{media_type}'. This API accepts only JSON request bodies; "
+            "send the header 'Content-Type: application/json'.",
+            code="unsupported_content_type",
+        )
+
+
+def route_error(status: int, method: str, path: str, allow: str | None = None) -> APIError:
+    """What an unknown route (404) or a wrong method (405, with its Allow header) answers, on every server."""
+    if status == 405:
+        allowed = f"; use {allow}" if allow else ""
+        return APIError(
+            405, f"method {method} is not allowed on {path}{allowed}", code="method_not_allowed",
+            headers={"Allow": allow} if allow else None,
+        )  # fmt: skip
+    return APIError(404, f"no route for {method} {path}", code="not_found")
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")

@@ -22,7 +22,7 @@ from yarl import URL
 
 from kubellm.block_hash import DEFAULT_BLOCK_SIZE
 from kubellm.kv_events import SnapshotEvent
-from kubellm.openai_errors import APIError
+from kubellm.openai_errors import APIError, check_json_content_type, model_not_found, route_error
 from kubellm.openai_protocol import ModelCard, ModelList
 from kubellm.prompt import TokenizerInfo
 from kubellm.router.backends import Backend, BackendRegistry, HealthChecker
@@ -66,6 +66,7 @@ OPENAPI: dict[str, Any] = {
         "/v1/chat/completions": {"post": _op("Chat completion, routed to a replica (SSE when stream=true)", True)},
         "/v1/completions": {"post": _op("Text completion, routed to a replica (SSE when stream=true)", True)},
         "/v1/models": {"get": _op("Models served: configured plus those healthy replicas report")},
+        "/v1/models/{model}": {"get": _op("One model's card (404 in OpenAI's shape if not served)")},
         "/health": {"get": _op("The router is up")},
         "/metrics": {"get": _op("Prometheus metrics")},
     },
@@ -227,6 +228,16 @@ class Router:
 
     # --- middleware ------------------------------------------------------------------------------
     @web.middleware
+    async def route_errors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Unknown routes and wrong methods answer in OpenAI's error shape, as the engine's do."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status not in (404, 405):
+                raise
+            return error_response(route_error(e.status, request.method, request.path, e.headers.get("Allow")))
+
+    @web.middleware
     async def auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self._api_keys and request.path.startswith("/v1/"):
             auth = request.headers.get("Authorization", "")
@@ -248,9 +259,20 @@ class Router:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
+    def _card(self, model: str) -> ModelCard:
+        return ModelCard(id=model, created=self._started, max_model_len=self.registry.max_model_len(model))
+
     async def handle_models(self, request: web.Request) -> web.Response:
-        models = ModelList(data=[ModelCard(id=m, created=self._started) for m in self.registry.model_ids()])
+        models = ModelList(data=[self._card(m) for m in self.registry.model_ids()])
         return web.Response(body=models.model_dump_json(exclude_none=True), content_type="application/json")
+
+    async def handle_model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model}: one card (configured, or served by a live replica), or OpenAI's 404."""
+        name = request.match_info["model"]
+        if name not in self.registry.model_ids():
+            return error_response(model_not_found(name))
+        body = self._card(name).model_dump_json(exclude_none=True)
+        return web.Response(body=body, content_type="application/json")
 
     async def handle_openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
@@ -262,7 +284,7 @@ class Router:
         try:
             raw, body = await self._read_body(request)
             if not self.registry.knows_model(body.model):  # (its name never becomes a metric label)
-                raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+                raise model_not_found(body.model)
             model = body.model
             return await self._route(request, kind, raw, body, started)
         except APIError as e:
@@ -270,6 +292,7 @@ class Router:
             return error_response(e)
 
     async def _read_body(self, request: web.Request) -> tuple[bytes, RoutedBody]:
+        check_json_content_type(request.headers.get("Content-Type"))
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
             raise APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large")
         try:
@@ -417,10 +440,13 @@ class Router:
 
     # --- app -------------------------------------------------------------------------------------
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.auth_middleware], client_max_size=self.config.max_body_bytes)
+        app = web.Application(
+            middlewares=[self.route_errors_middleware, self.auth_middleware], client_max_size=self.config.max_body_bytes
+        )
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/v1/models/{model:.+}", self.handle_model)  # names may hold slashes (org/model)
         app.router.add_get("/openapi.json", self.handle_openapi)
         for path in _ROUTED_PATHS:
             app.router.add_post(path, self.handle_inference)

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -47,6 +47,7 @@ class Backend:
     answering: int = 0  # in-flight requests whose first byte came back
     waiting: int = 0
     kv_capacity_blocks: int | None = None
+    max_model_lens: dict[str, int] = field(default_factory=dict)  # model -> its max_model_len, from /v1/models
     probe_failures: int = 0
     consecutive_failures: int = 0
     breaker_open_until: float = 0.0
@@ -146,6 +147,15 @@ class BackendRegistry:
             if b.healthy and b.ready and not b.removed:
                 ids.update(b.models() or ())
         return sorted(ids)
+
+    def max_model_len(self, model: str) -> int | None:
+        """The shortest context any live replica of `model` reports: a request that fits it fits wherever routed."""
+        lens = [
+            b.max_model_lens[model]
+            for b in self.backends.values()
+            if b.healthy and b.ready and not b.removed and model in b.max_model_lens
+        ]
+        return min(lens) if lens else None
 
     def routable(self, model: str, exclude: Iterable[int] = ()) -> tuple[list[Backend], bool]:
         """(backends that may take this request now, whether any serving replica exists but is saturated)."""
@@ -300,7 +310,9 @@ class HealthChecker:
             async with self.session.get(f"{b.url}/v1/models", timeout=self.timeout, headers=self.headers) as r:
                 if r.status == 200:
                     data = await r.json()
-                    b.served_models = frozenset(m["id"] for m in data.get("data", []) if "id" in m)
+                    cards = [m for m in data.get("data", []) if "id" in m]
+                    b.served_models = frozenset(m["id"] for m in cards)
+                    b.max_model_lens = {m["id"]: m["max_model_len"] for m in cards if m.get("max_model_len")}
             async with self.session.get(f"{b.url}/metrics", timeout=self.timeout) as r:
                 if r.status == 200:
                     text = await r.text()

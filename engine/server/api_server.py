@@ -25,7 +25,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from kubellm import __version__
-from kubellm.openai_errors import APIError
+from kubellm.openai_errors import APIError, check_json_content_type, model_not_found, route_error
 from kubellm.openai_protocol import ModelCard, ModelList
 
 from .async_engine import _END, AsyncEngine, KVSubscription
@@ -97,8 +97,9 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Any]) -
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        message = e.reason if e.status != 404 else f"no route for {request.method} {request.path}"
-        return error_response(APIError(e.status, message, headers={k: v for k, v in e.headers.items() if k == "Allow"}))
+        if e.status in (404, 405):
+            return error_response(route_error(e.status, request.method, request.path, e.headers.get("Allow")))
+        return error_response(APIError(e.status, e.reason))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -138,6 +139,7 @@ def _reject_constant(name: str) -> Any:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    check_json_content_type(request.headers.get("Content-Type"))
     raw = await request.read()
     if not raw:
         raise bad_request("the request body is empty; send a JSON object")
@@ -234,6 +236,16 @@ async def models(request: web.Request) -> web.Response:
     return _json(ModelList(data=cards))
 
 
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: one card, or OpenAI's 404 for a name this replica does not serve."""
+    serving = _ready_serving(request)
+    settings = request.app[SETTINGS_KEY]
+    name = request.match_info["model"]
+    if name not in settings.served_model_names:
+        raise model_not_found(name)
+    return _json(ModelCard(id=name, root=settings.model_path, max_model_len=serving.engine.max_model_len))
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     serving = _admit(request)
     req = CompletionRequest.model_validate(await read_json(request))
@@ -326,6 +338,7 @@ def build_app(async_engine: AsyncEngine, metrics_: ServerMetrics, settings: Serv
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)  # names may hold slashes (org/model)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/tokenize", tokenize)

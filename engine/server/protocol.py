@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kubellm.openai_protocol import ErrorInfo, ErrorResponse, ModelCard, ModelList
 
@@ -183,12 +183,23 @@ class ContentPart(BaseModel):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    # only an assistant turn may omit its content (it may carry tool calls instead), as OpenAI checks
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_given(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if value is None and role is not None and role != "assistant":
+            raise ValueError(
+                f"Invalid value for 'content': expected a string or content parts, got null ({role} message)"
+            )
+        return value
 
     def text(self) -> str:
         if self.content is None:

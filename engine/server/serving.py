@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubellm.openai_errors import APIError
+from kubellm.openai_errors import APIError, model_not_found
 from kubellm.prompt import ChatTemplateError, ChatTemplateKwargsError
 
 from .async_engine import AsyncEngine, RequestStream
@@ -112,7 +112,7 @@ class OpenAIServing:
     def check_model(self, name: str | None) -> None:
         if name is None or name in self.served_model_names or name == self.engine.config.model:
             return
-        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        raise model_not_found(name)
 
     def _sampling_params_class(self) -> Any:
         if self._sampling_params_cls is None:

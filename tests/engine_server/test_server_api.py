@@ -35,6 +35,15 @@ def test_models_health_version(fake_server, client):
         assert "version" in json.loads(r.read())
 
 
+def test_retrieve_one_model(client):
+    """GET /v1/models/{id}, as `client.models.retrieve` asks for it; an unknown id is OpenAI's 404."""
+    card = client.models.retrieve("fake-model")
+    assert card.id == "fake-model" and card.object == "model" and card.model_extra["max_model_len"] == 512
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-9")
+    assert e.value.body["code"] == "model_not_found" and "gpt-9" in e.value.body["message"]
+
+
 def test_completion_stream_equals_non_stream(client):
     kw = dict(model="fake-model", prompt="Hello there", max_tokens=12, temperature=0)
     full = client.completions.create(**kw)

@@ -68,6 +68,16 @@ CASES: list[tuple[str, str, str, object, int, str | None]] = [
     ("empty messages", "POST", CHAT, {"messages": []}, 400, "messages"),
     ("bad role", "POST", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ("content wrong type", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ("user content null", "POST", CHAT, {"messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
+    ("user content missing", "POST", CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    (
+        "system content null",
+        "POST",
+        CHAT,
+        {"messages": [{"role": "system", "content": None}, *MSGS]},
+        400,
+        "messages.0.content",
+    ),
     (
         "image part",
         "POST",
@@ -149,6 +159,26 @@ def test_malformed_request(fake_server, name, method, path, body, status, param)
     if param is not None:
         assert err["param"] == param, err
     assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain; charset=utf-8"])
+def test_a_body_not_sent_as_json_is_refused(fake_server, content_type):
+    """`curl -d` without `-H 'Content-Type: application/json'` sends a form: refused as OpenAI does."""
+    req = urllib.request.Request(
+        fake_server.url + CHAT, data=json.dumps({"messages": MSGS}).encode(), headers={"Content-Type": content_type}
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 415
+    err = json.loads(e.value.read())["error"]
+    assert err["code"] == "unsupported_content_type" and err["type"] == "invalid_request_error"
+    assert content_type.split(";")[0] in err["message"] and "Content-Type: application/json" in err["message"]
+
+
+def test_an_assistant_turn_may_omit_its_content(fake_server):
+    messages = [*MSGS, {"role": "assistant", "content": None}, {"role": "user", "content": "again"}]
+    code, _, raw = _send(fake_server.url, "POST", CHAT, {"messages": messages, "max_tokens": 2})
+    assert code == 200, raw
 
 
 def test_at_least_twenty_cases():

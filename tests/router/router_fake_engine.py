@@ -50,6 +50,7 @@ class FakeEngine:
         kv_events: bool = True,
         block_size: int = 16,
         capacity_blocks: int = 100_000,
+        max_model_len: int = 4096,
     ):
         self.name = name
         self.model = model
@@ -58,6 +59,7 @@ class FakeEngine:
         self.kv_events = kv_events
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
+        self.max_model_len = max_model_len
         self.cached: dict[int, None] = {}
         self.epoch = uuid.uuid4().hex
         self.seq = 0
@@ -165,7 +167,8 @@ class FakeEngine:
         return web.Response(status=self.health_status, text="ok")
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        card = {"id": self.model, "object": "model", "max_model_len": self.max_model_len}
+        return web.json_response({"object": "list", "data": [card]})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         text = (

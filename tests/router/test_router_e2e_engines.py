@@ -89,6 +89,12 @@ def test_openai_client_through_router_to_real_replicas(real_stack):
     assert text == comp.choices[0].text and comp.choices[0].text
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=2)
+    card = c.models.retrieve(MODEL)  # the replicas' context length, as the engines report it
+    assert card.model_extra["max_model_len"] == 1536
+    assert [m.model_extra["max_model_len"] for m in c.models.list().data if m.id == MODEL] == [1536]
+    with pytest.raises(openai.BadRequestError) as e:  # refused as OpenAI does, whoever answers
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=2)
+    assert e.value.body["param"] == "messages.0.content"
 
 
 def _routes_to(router: Proc, msgs: list[dict], target: Proc) -> None:

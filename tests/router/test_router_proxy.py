@@ -8,6 +8,7 @@ import statistics
 import time
 
 import aiohttp
+import openai
 import pytest
 from router_fake_engine import FakeEngine
 
@@ -95,6 +96,52 @@ async def test_unknown_model_is_404_in_openai_shape(engines, http):
         status, _, data = await post_json(http, f"{r.url}/v1/chat/completions", {**CHAT, "model": "nope"})
     assert status == 404
     assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["code"] == "model_not_found"
+
+
+async def test_models_carry_max_model_len_and_one_can_be_retrieved(engines):
+    """The shortest context of the replicas serving a model (a request that fits it fits wherever routed)."""
+    engines[0].max_model_len, engines[1].max_model_len = 4096, 2048
+    async with RouterServer(cfg(*engines)) as r:
+        await r.router.health.probe_all()
+        client = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="none", max_retries=0)
+        assert [(m.id, m.model_extra["max_model_len"]) for m in (await client.models.list()).data] == [("m", 2048)]
+        card = await client.models.retrieve("m")
+        assert card.id == "m" and card.model_extra["max_model_len"] == 2048
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.models.retrieve("gpt-9")
+        assert e.value.body["code"] == "model_not_found" and "gpt-9" in e.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "method, path, status, allow",
+    [
+        ("GET", "/v1/nothing", 404, None),
+        ("GET", "/v1/chat/completions", 405, "POST"),
+        ("DELETE", "/v1/models", 405, "GET"),
+    ],
+)
+async def test_unknown_routes_and_wrong_methods_are_openai_errors(engines, http, method, path, status, allow):
+    async with RouterServer(cfg(*engines)) as r, http.request(method, r.url + path) as resp:
+        assert resp.status == status and resp.content_type == "application/json"
+        err = (await resp.json())["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+        assert method in err["message"] and path in err["message"]
+        if allow:
+            assert allow in resp.headers["Allow"] and allow in err["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+async def test_a_body_not_sent_as_json_is_refused(engines, http, content_type):
+    async with (
+        RouterServer(cfg(*engines)) as r,
+        http.post(
+            f"{r.url}/v1/chat/completions", data=json.dumps(CHAT), headers={"Content-Type": content_type}
+        ) as resp,
+    ):
+        assert resp.status == 415
+        err = (await resp.json())["error"]
+        assert err["code"] == "unsupported_content_type" and content_type in err["message"]
+    assert not engines[0].received and not engines[1].received
 
 
 @pytest.mark.parametrize(
