@@ -156,6 +156,7 @@ class LLMEngine:
         self._seqs: dict[str, _Sequence] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.last_step_tokens = 0
         self.startup_seconds = time.perf_counter() - start
         logger.info(
             "engine ready: model=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d in %.1fs",
@@ -349,6 +350,7 @@ class LLMEngine:
             parent.error = req.error
             touched[parent.request_id] = parent
         launched = None
+        self.last_step_tokens = sched.batch.num_tokens  # what this step computes (the server's metrics read it)
         if not sched.is_empty:
             now = time.time()
             for req in sched.requests:

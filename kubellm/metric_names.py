@@ -19,6 +19,14 @@ INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"  # histogram
 E2E_REQUEST_LATENCY = "vllm:e2e_request_latency_seconds"  # histogram
 REQUEST_QUEUE_TIME = "vllm:request_queue_time_seconds"  # histogram
 CACHE_CONFIG_INFO = "vllm:cache_config_info"  # info gauge
+# per-request and per-step distributions that vLLM's own dashboards plot
+REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"  # histogram, per finished request
+REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"  # histogram, per finished request
+REQUEST_PREFILL_TIME = "vllm:request_prefill_time_seconds"  # histogram: first scheduled -> first token
+REQUEST_DECODE_TIME = "vllm:request_decode_time_seconds"  # histogram: first token -> last token
+REQUEST_INFERENCE_TIME = "vllm:request_inference_time_seconds"  # histogram: first scheduled -> last token
+ITERATION_TOKENS = "vllm:iteration_tokens_total"  # histogram (the _total is part of vLLM's name), per engine step
+REQUEST_PARAMS_N = "vllm:request_params_n"  # histogram of the n sampling parameter
 # kubellm additions beside vLLM's names (block counts let tests and the soak check for leaks exactly)
 KV_CACHE_BLOCKS_USED = "kubellm:kv_cache_blocks_used"
 KV_CACHE_BLOCKS_TOTAL = "kubellm:kv_cache_blocks_total"
@@ -38,6 +46,13 @@ ENGINE_METRICS = [
     E2E_REQUEST_LATENCY,
     REQUEST_QUEUE_TIME,
     CACHE_CONFIG_INFO,
+    REQUEST_PROMPT_TOKENS,
+    REQUEST_GENERATION_TOKENS,
+    REQUEST_PREFILL_TIME,
+    REQUEST_DECODE_TIME,
+    REQUEST_INFERENCE_TIME,
+    ITERATION_TOKENS,
+    REQUEST_PARAMS_N,
     KV_CACHE_BLOCKS_USED,
     KV_CACHE_BLOCKS_TOTAL,
 ]

@@ -381,6 +381,7 @@ class Server:
             max_waiting_requests=self.max_waiting_requests,
             on_output=self.metrics.observe,
             on_abort=self.metrics.on_abort,
+            on_step=self.metrics.observe_step,
         )
         self.app = build_app(self.async_engine, self.metrics, self.settings)
 

@@ -147,11 +147,13 @@ class AsyncEngine:
         max_waiting_requests: int | None = None,
         on_output: Callable[[Any], None] | None = None,
         on_abort: Callable[[str], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ):
         self._factory = engine_factory
         self.max_waiting_requests = max_waiting_requests
         self._on_output = on_output
         self._on_abort = on_abort
+        self._on_step = on_step  # tokens scheduled by each engine step (metrics)
         self.engine: Any = None
         self.epoch = uuid.uuid4().hex[:16]
         self.stats: Any = None
@@ -303,7 +305,9 @@ class AsyncEngine:
                 self._publish_kv_events(batch)
                 self._apply_subscribe(cmd.sub, batch)
         if engine.has_unfinished_requests():
-            for out in engine.step():
+            outputs = engine.step()
+            self._observe_step(getattr(engine, "last_step_tokens", 0))
+            for out in outputs:
                 stream = self._sinks.get(out.request_id)
                 self._observe(out)
                 if stream is None:
@@ -316,6 +320,14 @@ class AsyncEngine:
                     batch.append((stream, _snapshot_output(out)))
         self._publish_kv_events(batch)
         self._post(batch, engine.stats(), added)
+
+    def _observe_step(self, num_tokens: int) -> None:
+        if self._on_step is None:
+            return
+        try:
+            self._on_step(num_tokens)
+        except Exception:
+            logger.exception("metrics hook failed for an engine step")
 
     def _observe(self, out: Any) -> None:
         """Metrics hook; observability must never take the engine down."""

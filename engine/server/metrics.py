@@ -24,6 +24,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 600.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+TOKEN_COUNT_BUCKETS = tuple(float(m * 10**e) for e in range(6) for m in (1, 2, 5)) + (1e6,)  # 1, 2, 5, ... 1M
+STEP_TOKEN_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)
+N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 @dataclass
@@ -99,6 +102,19 @@ class ServerMetrics:
         self.queue = Histogram(
             mn.REQUEST_QUEUE_TIME, "Arrival to first scheduled.", lbl, buckets=REQUEST_BUCKETS, registry=self.registry
         )
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, lbl, buckets=buckets, registry=self.registry)
+
+        self.prompt_tokens = hist(mn.REQUEST_PROMPT_TOKENS, "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS)
+        self.generation_tokens = hist(
+            mn.REQUEST_GENERATION_TOKENS, "Generated tokens per finished request.", TOKEN_COUNT_BUCKETS
+        )
+        self.prefill_time = hist(mn.REQUEST_PREFILL_TIME, "First scheduled to first token.", REQUEST_BUCKETS)
+        self.decode_time = hist(mn.REQUEST_DECODE_TIME, "First token to last token.", REQUEST_BUCKETS)
+        self.inference_time = hist(mn.REQUEST_INFERENCE_TIME, "First scheduled to last token.", REQUEST_BUCKETS)
+        self.iteration_tokens = hist(mn.ITERATION_TOKENS, "Tokens scheduled per engine step.", STEP_TOKEN_BUCKETS)
+        self.params_n = hist(mn.REQUEST_PARAMS_N, "The n sampling parameter per finished request.", N_BUCKETS)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
         self._progress: dict[str, _Progress] = {}
@@ -122,11 +138,30 @@ class ServerMetrics:
             self._progress.pop(rid, None)
             reason = (output.outputs[0].finish_reason if output.outputs else None) or "abort"
             self.request_success.labels(self.model_name, reason).inc()
+            self._observe_finished(output, m)
             if m is not None and m.arrival_time is not None:
                 if m.finished_time is not None:
                     self.e2e.labels(self.model_name).observe(max(0.0, m.finished_time - m.arrival_time))
                 if m.first_scheduled_time is not None:
                     self.queue.labels(self.model_name).observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+
+    def _observe_finished(self, output: Any, m: Any) -> None:
+        """vLLM's per-request distributions: sizes always; phase times where the request reached them."""
+        name = self.model_name
+        self.prompt_tokens.labels(name).observe(len(output.prompt_token_ids or ()))
+        self.generation_tokens.labels(name).observe(sum(len(c.token_ids) for c in output.outputs))
+        self.params_n.labels(name).observe(max(1, len(output.outputs)))
+        if m is None or m.first_scheduled_time is None or m.first_token_time is None:
+            return
+        self.prefill_time.labels(name).observe(max(0.0, m.first_token_time - m.first_scheduled_time))
+        if m.last_token_time is not None:
+            self.decode_time.labels(name).observe(max(0.0, m.last_token_time - m.first_token_time))
+            self.inference_time.labels(name).observe(max(0.0, m.last_token_time - m.first_scheduled_time))
+
+    def observe_step(self, num_tokens: int) -> None:
+        """Tokens the engine scheduled in one step (engine thread)."""
+        if num_tokens:
+            self.iteration_tokens.labels(self.model_name).observe(num_tokens)
 
     def on_abort(self, request_id: str) -> None:
         """An abort the engine reports no output for (client gone, shutdown): counted as finished_reason=abort."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubellm import metric_names as mn
+
 from .test_ship_dashboards import dashboard_metric_names
 from .tools import REPO
 
@@ -49,13 +51,13 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 6
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.skip(f"{url} exited before becoming healthy: {log.read_text()[-600:]}")
+            pytest.fail(f"{url} exited before becoming healthy: {log.read_text()[-600:]}")
         try:
             get(url, timeout=1.0)
             return
         except OSError:
             time.sleep(0.3)
-    pytest.skip(f"{url} not healthy after {timeout}s: {log.read_text()[-600:]}")
+    pytest.fail(f"{url} not healthy after {timeout}s: {log.read_text()[-600:]}")
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -134,3 +136,33 @@ def test_every_dashboard_metric_is_exported(stack: dict[str, str]) -> None:
     wanted = dashboard_metric_names()
     missing = wanted - exported
     assert not missing, f"dashboards chart series no running component exports: {sorted(missing)}"
+
+
+def _sample(text: str, name: str) -> float:
+    """One series' value (the families here carry the one model_name label)."""
+    return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+def test_vllm_dashboard_distributions_on_a_live_engine(stack: dict[str, str]) -> None:
+    """The per-request and per-step histograms vLLM's dashboards plot move with real requests."""
+    import openai
+
+    client = openai.OpenAI(base_url=stack["engine"] + "/v1", api_key="none", max_retries=0)
+    before = get(stack["engine"] + "/metrics")
+    outs = [
+        client.completions.create(model=stack["model"], prompt="Count: one two three", max_tokens=5, n=1),
+        client.completions.create(model=stack["model"], prompt="Name two colours", max_tokens=4, n=2, temperature=1),
+    ]
+    after = get(stack["engine"] + "/metrics")
+
+    def delta(name: str) -> float:
+        return _sample(after, name) - _sample(before, name)
+
+    assert delta(mn.REQUEST_PROMPT_TOKENS + "_count") == 2
+    assert delta(mn.REQUEST_PROMPT_TOKENS + "_sum") == sum(o.usage.prompt_tokens for o in outs)  # n=2: once
+    assert delta(mn.REQUEST_GENERATION_TOKENS + "_sum") == sum(o.usage.completion_tokens for o in outs)
+    assert delta(mn.REQUEST_PARAMS_N + "_sum") == 3
+    for name in (mn.REQUEST_PREFILL_TIME, mn.REQUEST_DECODE_TIME, mn.REQUEST_INFERENCE_TIME):
+        assert delta(name + "_count") == 2, name
+    assert delta(mn.ITERATION_TOKENS + "_count") >= 5  # at least one step per generated token of the longest
+    assert delta(mn.ITERATION_TOKENS + "_sum") >= sum(o.usage.completion_tokens for o in outs)
