@@ -104,7 +104,9 @@ class ServerMetrics:
         )
 
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, lbl, buckets=buckets, registry=self.registry)
+            h = Histogram(name, doc, lbl, buckets=buckets, registry=self.registry)
+            h.labels(model_name)  # exported (at zero) from the start, as vLLM's are
+            return h
 
         self.prompt_tokens = hist(mn.REQUEST_PROMPT_TOKENS, "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS)
         self.generation_tokens = hist(
