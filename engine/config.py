@@ -32,6 +32,7 @@ class EngineConfig:
     # while blocks last, as vLLM does); saves the prefills that preemption by recompute throws away
     kv_growth_reserve_tokens: int = 128
     sim_time_scale: float = 1.0  # --device sim: every simulated step takes this many times its modelled time
+    chat_template: str | None = None  # replaces the model's own (the router fetches it with the tokenizer)
 
     def __post_init__(self) -> None:
         checks = {

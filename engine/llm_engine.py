@@ -118,6 +118,8 @@ class LLMEngine:
         self.model_config = loaded.config
         self.generation_config: dict[str, Any] = dict(loaded.generation_config or {})
         self.tokenizer_info = loaded.tokenizer_info
+        if config.chat_template is not None:
+            self.tokenizer_info = self.tokenizer_info.model_copy(update={"chat_template": config.chat_template})
         self.renderer = PromptRenderer(self.tokenizer_info)
         self.model_name = config.served_model_name or loaded.name
         model_len = self.model_config.max_position_embeddings

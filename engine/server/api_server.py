@@ -29,6 +29,7 @@ from kubellm.openai_errors import APIError, check_json_content_type, model_not_f
 from kubellm.openai_protocol import ModelCard, ModelList
 
 from .async_engine import _END, AsyncEngine, KVSubscription
+from .chat_tools import ChatParsingConfig
 from .errors import bad_request, error_response, from_validation_error, keys_match, logger
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openapi import build_openapi
@@ -60,6 +61,7 @@ class ServerSettings:
     retry_after_s: int = 1
     max_logprobs: int = 20
     access_log: bool = False
+    chat_parsing: ChatParsingConfig = field(default_factory=ChatParsingConfig)
 
 
 @dataclass
@@ -327,7 +329,9 @@ async def openapi(request: web.Request) -> web.Response:
 def build_app(async_engine: AsyncEngine, metrics_: ServerMetrics, settings: ServerSettings) -> web.Application:
     app = web.Application(middlewares=[_errors, _request_id_and_auth], client_max_size=settings.max_request_body_bytes)
     app[ENGINE_KEY] = async_engine
-    app[SERVING_KEY] = OpenAIServing(async_engine, settings.served_model_names, settings.max_logprobs)
+    app[SERVING_KEY] = OpenAIServing(
+        async_engine, settings.served_model_names, settings.max_logprobs, settings.chat_parsing
+    )
     app[METRICS_KEY] = metrics_
     app[SETTINGS_KEY] = settings
     app[STATE_KEY] = ServerState()

@@ -12,9 +12,12 @@ from .tool_parsers import ParsedDelta, ParsedMessage, ToolParser, merge_deltas
 
 
 class ChatOutputParser:
-    def __init__(self, reasoning: ThinkTagParser | None = None, tools: ToolParser | None = None):
+    def __init__(
+        self, reasoning: ThinkTagParser | None = None, tools: ToolParser | None = None, max_calls: int | None = None
+    ):
         self.reasoning = reasoning
         self.tools = tools
+        self.max_calls = max_calls  # parallel_tool_calls false: calls after the first are dropped
 
     def feed(self, text: str) -> ParsedDelta:
         return self._route(self.reasoning.feed(text) if self.reasoning else ParsedDelta(content=text), final=False)
@@ -29,6 +32,8 @@ class ChatOutputParser:
         out.extend(self.tools.feed(split.content) if split.content else ParsedDelta())
         if final:
             out.extend(self.tools.finish())
+        if self.max_calls is not None:
+            out.tool_calls = [d for d in out.tool_calls if d.index < self.max_calls]
         return out
 
     def parse_whole(self, text: str) -> ParsedMessage:

@@ -2,8 +2,8 @@
 
 YAML keys may use dashes or underscores, as users write vLLM configs. Command-line flags override the file.
 Keys nobody knows are an error naming the key. vLLM options kubellm does not implement are accepted with a
-warning naming them when ignoring them cannot change results (logging, tool parsers, docs UI, ...), and
-refused with a clear error when it could (quantization, speculative decoding, LoRA, a custom chat template).
+warning naming them when ignoring them cannot change results (logging, docs UI, ...), and refused with a
+clear error when it could (quantization, speculative decoding, LoRA, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import yaml
 from kubellm.builtin_models import DEFAULT_MODEL, BuiltinModelError, resolve_model
 
 from ..config import EngineConfig
+from .chat_tools import CHAT_TEMPLATE_CONTENT_FORMATS, ChatParsingConfig
+from .reasoning_parsers import REASONING_PARSERS
+from .tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("kubellm.engine.server")
 
@@ -30,7 +33,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # vLLM options whose absence cannot change any output: accepted, with a warning. name -> takes a value
 VLLM_IGNORED: dict[str, bool] = {
     "trust-remote-code": False,
-    "enable-auto-tool-choice": False,
     "disable-log-requests": False,
     "enable-log-requests": False,
     "disable-log-stats": False,
@@ -45,8 +47,6 @@ VLLM_IGNORED: dict[str, bool] = {
     "no-enable-chunked-prefill": False,
     "enable-request-id-headers": False,
     "enable-sleep-mode": False,
-    "tool-call-parser": True,
-    "reasoning-parser": True,
     "uvicorn-log-level": True,
     "download-dir": True,
     "max-log-len": True,
@@ -62,7 +62,6 @@ VLLM_IGNORED: dict[str, bool] = {
     "worker-cls": True,
     "root-path": True,
     "response-role": True,
-    "chat-template-content-format": True,
     "max-parallel-loading-workers": True,
     "otlp-traces-endpoint": True,
     "collect-detailed-traces": True,
@@ -82,7 +81,6 @@ VLLM_REFUSED: dict[str, tuple[bool, tuple[Any, ...], str]] = {
     "speculative-config": (True, (None, "", {}), "speculative decoding is not implemented"),
     "enable-lora": (False, (None, False), "LoRA adapters are not implemented"),
     "lora-modules": (True, (None, "", []), "LoRA adapters are not implemented"),
-    "chat-template": (True, (None, ""), "custom chat templates are not implemented; the model's own is used"),
     "hf-overrides": (True, (None, "", {}), "model config overrides are not implemented"),
     "override-generation-config": (True, (None, "", {}), "generation config overrides are not implemented"),
     "rope-scaling": (True, (None, "", {}), "rope scaling overrides are not implemented"),
@@ -118,6 +116,7 @@ class ServeArgs:
     max_logprobs: int
     shutdown_grace_period: float
     max_request_body_bytes: int
+    chat_parsing: ChatParsingConfig
 
 
 def _human_int(value: str) -> int:
@@ -220,6 +219,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish after SIGTERM (keep below the pod's terminationGracePeriod)",
     )
     p.add_argument("--max-request-body-bytes", type=_human_int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template replacing the model's: a file path, or the Jinja template itself",
+    )
+    p.add_argument(
+        "--chat-template-content-format",
+        default="auto",
+        choices=CHAT_TEMPLATE_CONTENT_FORMATS,
+        help="how message content reaches the template: string (text parts joined) or openai (a list of parts); "
+        "auto: string",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        default=False,
+        help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser",
+    )
+    p.add_argument(
+        "--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS), help="the model's tool-call output format"
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="split the model's reasoning into reasoning_content",
+    )
     for name, takes_value in VLLM_IGNORED.items():
         if takes_value:
             p.add_argument(f"--{name}", dest=_ignored_dest(name), default=None, help=argparse.SUPPRESS)
@@ -329,6 +355,19 @@ def _check_vllm_options(ns: argparse.Namespace) -> list[str]:
     ]
 
 
+def read_chat_template(value: str) -> str:
+    """`--chat-template` as vLLM takes it: a path to a Jinja file, or the template text itself."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat-template: cannot read {value}: {e}") from e
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError(f"--chat-template: {value!r} is neither a readable file nor a Jinja template")
+
+
 def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
     """(arguments, warnings). Raises ConfigError naming the bad key; argparse exits on bad flags."""
     parser = build_parser()
@@ -346,6 +385,9 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
         raise ConfigError(str(e)) from e
     names = ns.served_model_name or [model_arg]
     dtype = {"half": "float16", "float": "float32"}.get(ns.dtype, ns.dtype)
+    if ns.enable_auto_tool_choice and not ns.tool_call_parser:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser to name the model's tool-call format")
+    chat_template = read_chat_template(ns.chat_template) if ns.chat_template else None
     try:
         engine = EngineConfig(
             model=model_path,
@@ -371,6 +413,7 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
             scheduling_policy=ns.scheduling_policy,
             kv_growth_reserve_tokens=ns.kv_growth_reserve_tokens,
             sim_time_scale=ns.sim_time_scale,
+            chat_template=chat_template,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -389,6 +432,12 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
         max_logprobs=ns.max_logprobs,
         shutdown_grace_period=ns.shutdown_grace_period,
         max_request_body_bytes=ns.max_request_body_bytes,
+        chat_parsing=ChatParsingConfig(
+            tool_call_parser=ns.tool_call_parser,
+            reasoning_parser=ns.reasoning_parser,
+            enable_auto_tool_choice=ns.enable_auto_tool_choice,
+            content_format=ns.chat_template_content_format,
+        ),
     )
     return args, warnings
 
@@ -411,6 +460,7 @@ def make_server(args: ServeArgs) -> Any:
         shutdown_grace_period=args.shutdown_grace_period,
         max_logprobs=args.max_logprobs,
         access_log=args.log_level == "debug",
+        chat_parsing=args.chat_parsing,
     )
     return Server(factory, settings, max_waiting_requests=args.engine.max_waiting_requests)
 

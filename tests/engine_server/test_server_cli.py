@@ -93,10 +93,10 @@ def test_bad_config_values_name_the_key(tmp_path):
 
 
 def test_vllm_options_we_ignore_warn_by_name(tmp_path):
-    path = _cfg(tmp_path, "trust-remote-code: true\ntool_call_parser: hermes\nuvicorn-log-level: info\n")
+    path = _cfg(tmp_path, "trust-remote-code: true\ndownload_dir: /tmp\nuvicorn-log-level: info\n")
     _, warnings = parse_args(["--config", path, "--disable-log-requests"])
     text = "\n".join(warnings)
-    for name in ("trust-remote-code", "tool-call-parser", "uvicorn-log-level", "disable-log-requests"):
+    for name in ("trust-remote-code", "download-dir", "uvicorn-log-level", "disable-log-requests"):
         assert name in text
 
 
