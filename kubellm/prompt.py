@@ -29,7 +29,10 @@ class ChatTemplateKwargsError(ChatTemplateError):
 
 
 # Variables the renderer passes to every template; chat_template_kwargs may not override them.
-_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+# A tool's function fields as templates read them, in one order so that engine and router render the same text
+# whatever order a client wrote them in.
+_TOOL_FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
 # Message fields chat templates read (as vLLM hands them over); anything else in a message is not shown to them.
 _MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
 
@@ -61,6 +64,15 @@ def _template_tool_call(call: Any) -> Any:
     except ValueError:
         return call  # not JSON: the template sees the string as sent
     return {**call, "function": {**function, "arguments": arguments}}
+
+
+def template_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """One OpenAI tool (`{"type": "function", "function": {...}}`) as chat templates take it (`tools | tojson`)."""
+    function = tool.get("function") if isinstance(tool, Mapping) else None
+    if not isinstance(function, Mapping):
+        raise ChatTemplateError('a tool must be an object {"type": "function", "function": {...}}')
+    fields = {k: function[k] for k in _TOOL_FUNCTION_FIELDS if function.get(k) is not None}
+    return {"type": tool.get("type") or "function", "function": fields}
 
 
 class TokenizerInfo(BaseModel):
@@ -114,10 +126,12 @@ class PromptRenderer:
         *,
         continue_final_message: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Iterable[Mapping[str, Any]] | None = None,
     ) -> str:
         """The prompt text of a chat request, from its JSON messages and vLLM's options: with
         `continue_final_message` the text ends with the last (assistant) message's content, so generation
-        continues it instead of opening a new turn."""
+        continues it instead of opening a new turn. The request's `tools` (whatever its tool_choice, as vLLM
+        does) reach the template as `tools`, None when it has none."""
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use the completions API")
         kwargs = dict(chat_template_kwargs or {})
@@ -125,9 +139,11 @@ class PromptRenderer:
         if reserved:
             raise ChatTemplateKwargsError(f"chat_template_kwargs may not set {', '.join(reserved)}")
         msgs = [template_message(m) for m in messages]
+        template_tools = [template_tool(t) for t in tools] if tools else None
         try:
             text = self._template.render(
                 messages=msgs,
+                tools=template_tools,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 bos_token=self.info.bos_token or "",
                 eos_token=self.info.eos_token or "",
@@ -160,6 +176,7 @@ class PromptRenderer:
         *,
         continue_final_message: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Iterable[Mapping[str, Any]] | None = None,
         encode: Callable[[str], list[int]] | None = None,
     ) -> list[int]:
         """A chat request's prompt token ids. `encode` may replace plain encoding with an equal but faster one
@@ -169,6 +186,7 @@ class PromptRenderer:
             add_generation_prompt,
             continue_final_message=continue_final_message,
             chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
         )
         return encode(text) if encode is not None else self.encode(text, add_special_tokens=False)
 

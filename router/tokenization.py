@@ -110,11 +110,13 @@ def prompt_token_ids(
         if not isinstance(messages, list) or not messages:
             return None
         kwargs = body.get("chat_template_kwargs")
+        tools = body.get("tools")
         return renderer.chat_token_ids(
             messages,
             bool(body.get("add_generation_prompt", True)),
             continue_final_message=bool(body.get("continue_final_message", False)),
             chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
+            tools=tools if isinstance(tools, list) else None,
             encode=segments.encode if segments is not None else None,
         )
     prompt = body.get("prompt")

@@ -3,7 +3,7 @@
 Requests forbid unknown top-level fields as OpenAI does ("Unrecognized request argument"), and accept
 vLLM's sampling extensions (top_k, min_p, repetition_penalty, ...) that OpenAI clients pass via
 `extra_body`. Fields OpenAI defines that we do not implement are accepted when ignoring them cannot change
-the result (metadata, store, user, ...) and refused otherwise (tools, response_format json, logit_bias).
+the result (metadata, store, user, ...) and refused otherwise (the deprecated functions, logit_bias, ...).
 """
 
 from __future__ import annotations
@@ -214,6 +214,27 @@ class ResponseFormat(_Request):
     json_schema: dict[str, Any] | None = None
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -221,8 +242,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -240,12 +261,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise UnsupportedField("tools", "(tool calling) is not supported by kubellm")
         if self.functions:
             raise UnsupportedField("functions", "(function calling) is not supported by kubellm")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise UnsupportedField("tool_choice", "is not supported by kubellm")
         if self.function_call not in (None, "none", "auto"):
             raise UnsupportedField("function_call", "is not supported by kubellm")
         if self.response_format is not None and self.response_format.type != "text":
@@ -277,6 +294,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
     return_token_strs: bool = False
 
     @model_validator(mode="after")
@@ -377,6 +395,9 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    # with --reasoning-parser: vLLM's field, under its older and its newer name
+    reasoning_content: str | None = Field(None, exclude_if=_absent_if_none)
+    reasoning: str | None = Field(None, exclude_if=_absent_if_none)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -402,6 +423,9 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -20,6 +20,17 @@ from kubellm.openai_errors import APIError, model_not_found
 from kubellm.prompt import ChatTemplateError, ChatTemplateKwargsError
 
 from .async_engine import AsyncEngine, RequestStream
+from .chat_output import ChatOutputParser
+from .chat_tools import (
+    ChatParsingConfig,
+    ToolPlan,
+    delta_tool_calls,
+    finish_reason,
+    forced_calls_schema,
+    message_tool_calls,
+    output_parser,
+    plan_tools,
+)
 from .errors import bad_request, from_value_error
 from .protocol import (
     ChatChoiceLogprobs,
@@ -43,6 +54,7 @@ from .protocol import (
     UsageInfo,
 )
 from .sse import DONE, sse_data, sse_error
+from .tool_parsers import ParsedDelta
 
 # Request fields -> SamplingParams fields; the engine's generation_config defaults fill the None ones.
 _SAMPLING_FIELDS = (
@@ -69,6 +81,7 @@ class _ChoiceState:
     tokens: int = 0
     finished: bool = False
     started: bool = False
+    has_calls: bool = False
 
 
 @dataclass
@@ -93,7 +106,14 @@ class _Tally:
 
 
 class OpenAIServing:
-    def __init__(self, async_engine: AsyncEngine, served_model_names: list[str], max_logprobs: int = 20):
+    def __init__(
+        self,
+        async_engine: AsyncEngine,
+        served_model_names: list[str],
+        max_logprobs: int = 20,
+        chat_parsing: ChatParsingConfig | None = None,
+    ):
+        self.chat_parsing = chat_parsing or ChatParsingConfig()
         self.async_engine = async_engine
         self.served_model_names = served_model_names
         self.max_logprobs = max_logprobs
@@ -122,7 +142,11 @@ class OpenAIServing:
         return self._sampling_params_cls
 
     def build_params(
-        self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, logprobs: int | None
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompt_len: int,
+        logprobs: int | None,
+        plan: ToolPlan | None = None,
     ) -> Any:
         """SamplingParams from the request, with the model's generation_config defaults for omitted fields."""
         cls = self._sampling_params_class()
@@ -155,6 +179,11 @@ class OpenAIServing:
         }
         if req.stop_token_ids:
             kw["stop_token_ids"] = list(req.stop_token_ids)
+        if plan is not None and self._parses_output(plan) and "skip_special_tokens" not in req.model_fields_set:
+            kw["skip_special_tokens"] = False  # tool-call and think markers are special tokens in many vocabularies
+        schema = forced_calls_schema(plan) if plan is not None else None
+        if schema is not None:
+            kw["structured_outputs"] = self._forced_calls_constraint(schema)
         if logprobs is not None:
             kw["logprobs"] = logprobs
         for name in _SAMPLING_FIELDS:
@@ -374,6 +403,7 @@ class OpenAIServing:
                 add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 chat_template_kwargs=req.chat_template_kwargs,
+                tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
             )
         except ChatTemplateKwargsError as e:
             raise bad_request(str(e), "chat_template_kwargs") from e
@@ -387,6 +417,23 @@ class OpenAIServing:
         ids = await self._encode(text, False)
         self._check_prompt_len(len(ids), "messages")
         return _Prompt(ids, text)
+
+    def _parses_output(self, plan: ToolPlan) -> bool:
+        return plan.mode != "none" or self.chat_parsing.reasoning_parser is not None
+
+    def _forced_calls_constraint(self, schema: dict[str, Any]) -> Any:
+        """The structured-outputs constraint that makes a forced tool choice always parse."""
+        try:
+            from kubellm.engine.sampling_params import StructuredOutputsParams
+        except ImportError as e:
+            raise UnsupportedField("tool_choice", "required or a named function needs structured outputs") from e
+        try:
+            return StructuredOutputsParams(json=schema)
+        except ValueError as e:
+            raise bad_request(f"tools: a function's parameters are not a usable JSON schema: {e}", "tools") from e
+
+    def _output_parser(self, req: ChatCompletionRequest, plan: ToolPlan, prompt: _Prompt) -> ChatOutputParser | None:
+        return output_parser(plan, self.chat_parsing, prompt.text or "", req.chat_template_kwargs)
 
     def _chat_logprobs_k(self, req: ChatCompletionRequest) -> int | None:
         return (req.top_logprobs or 0) if req.logprobs else None
@@ -417,8 +464,9 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request_id: str) -> ChatCompletionResponse:
         prompt = await self.prepare_chat(req)
+        plan = plan_tools(req, self.chat_parsing)
         k = self._chat_logprobs_k(req)
-        params = self.build_params(req, len(prompt.token_ids), k)
+        params = self.build_params(req, len(prompt.token_ids), k, plan)
         streams = self._submit(request_id, [prompt], params, req.priority, req.cache_salt)
         try:
             out = await _last_output(streams[0])
@@ -431,12 +479,25 @@ class OpenAIServing:
         choices = []
         for j in range(req.n or 1):
             c = _choice(out, j)
+            message = ChatResponseMessage(content=echo + (c.text if c else ""))
+            reason = (c.finish_reason if c else None) or "abort"
+            parser = self._output_parser(req, plan, prompt)
+            if parser is not None:
+                parsed = parser.parse_whole(c.text if c else "")
+                calls = message_tool_calls(parsed.tool_calls)
+                message = ChatResponseMessage(
+                    content=(echo + (parsed.content or "")) or (None if calls else ""),
+                    tool_calls=calls,
+                    reasoning_content=parsed.reasoning,
+                    reasoning=parsed.reasoning,
+                )
+                reason = finish_reason(reason, bool(calls))
             choices.append(
                 ChatCompletionChoice(
                     index=j,
-                    message=ChatResponseMessage(content=echo + (c.text if c else "")),
+                    message=message,
                     logprobs=self._chat_logprobs(c, 0, k) if k is not None and c is not None else None,
-                    finish_reason=(c.finish_reason if c else None) or "abort",
+                    finish_reason=reason,
                     stop_reason=_stop_reason(c),
                     token_ids=_token_ids(c) if req.return_token_ids else None,
                 )
@@ -451,13 +512,21 @@ class OpenAIServing:
 
     async def chat_stream(self, req: ChatCompletionRequest, request_id: str) -> AsyncIterator[bytes]:
         prompt = await self.prepare_chat(req)
+        plan = plan_tools(req, self.chat_parsing)
         k = self._chat_logprobs_k(req)
-        params = self.build_params(req, len(prompt.token_ids), k)
+        params = self.build_params(req, len(prompt.token_ids), k, plan)
         streams = self._submit(request_id, [prompt], params, req.priority, req.cache_salt)
-        return _errors_in_band(self._chat_chunks(req, request_id, prompt, streams, k))
+        parsers = [self._output_parser(req, plan, prompt) for _ in range(req.n or 1)]
+        return _errors_in_band(self._chat_chunks(req, request_id, prompt, streams, k, parsers))
 
     async def _chat_chunks(
-        self, req: ChatCompletionRequest, request_id: str, prompt: _Prompt, streams: list[RequestStream], k: int | None
+        self,
+        req: ChatCompletionRequest,
+        request_id: str,
+        prompt: _Prompt,
+        streams: list[RequestStream],
+        k: int | None,
+        parsers: list[ChatOutputParser | None],
     ) -> AsyncIterator[bytes]:
         n = req.n or 1
         model = req.model or self.model_name
@@ -496,8 +565,17 @@ class OpenAIServing:
                         reason = reason or "abort"
                     if not text and reason is None:
                         continue
-                    lps = self._chat_logprobs(c, st.tokens, k) if k is not None and c is not None else None
                     delta = DeltaMessage(content=text) if text else DeltaMessage()
+                    parser = parsers[j]
+                    if parser is not None:
+                        delta, has_calls = _parsed_delta(parser, text, reason is not None)
+                        st.has_calls = st.has_calls or has_calls
+                        reason = finish_reason(reason, st.has_calls)
+                        if c is not None:
+                            st.text_len = len(c.text)
+                        if delta == DeltaMessage() and reason is None:
+                            continue  # held back: it may be part of a marker
+                    lps = self._chat_logprobs(c, st.tokens, k) if k is not None and c is not None else None
                     choices.append(
                         ChatStreamChoice(
                             index=j, delta=delta, logprobs=lps, finish_reason=reason, stop_reason=_stop_reason(c)
@@ -513,6 +591,19 @@ class OpenAIServing:
             yield DONE
         finally:
             self._release(streams)
+
+
+def _parsed_delta(parser: ChatOutputParser, text: str, final: bool) -> tuple[DeltaMessage, bool]:
+    """The stream delta of new text once parsed, and whether it carries tool calls."""
+    parsed = parser.feed(text) if text else ParsedDelta()
+    if final:
+        parsed.extend(parser.finish())
+    calls = delta_tool_calls(parsed.tool_calls)
+    reasoning = parsed.reasoning or None
+    delta = DeltaMessage(
+        content=parsed.content or None, reasoning_content=reasoning, reasoning=reasoning, tool_calls=calls or None
+    )
+    return delta, bool(calls)
 
 
 def _choice(out: Any, j: int) -> Any:
