@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kubellm.openai_protocol import ErrorInfo, ErrorResponse, ModelCard, ModelList
 
@@ -258,6 +258,16 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice(cls, v: Any, handler: Any) -> Any:
+        try:
+            return handler(v)
+        except ValidationError:  # one message instead of one per member of the union
+            raise ValueError(
+                'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+            ) from None
 
     def check_supported(self) -> None:
         super().check_supported()

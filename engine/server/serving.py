@@ -555,7 +555,9 @@ class OpenAIServing:
                     if c is None and out is not None:
                         continue
                     if not st.started:  # OpenAI's first chunk per choice: the role, empty content
-                        yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
+                        # (none where the answer may be only tool calls: their message content is null)
+                        first = DeltaMessage(role="assistant", content="" if parsers[j] is None else None)
+                        yield chunk([ChatStreamChoice(index=j, delta=first)])
                         st.started = True
                         if echo:
                             yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(content=echo))])

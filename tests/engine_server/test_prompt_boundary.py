@@ -26,6 +26,7 @@ from server_harness import ServerThread
 from kubellm.block_hash import hash_blocks, to_hex
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.server.api_server import ServerSettings
+from kubellm.engine.server.chat_tools import ChatParsingConfig
 from kubellm.kv_events import BlockRemovedEvent, BlockStoredEvent, SnapshotEvent, decode_event
 from kubellm.router.app import RoutedBody, Router
 from kubellm.router.config import RouterConfig
@@ -33,9 +34,17 @@ from kubellm.routing import RoutingPolicy
 
 MODEL = "boundary-model"
 
-# A Qwen-style template of our own: system/developer first, `name`, assistant reasoning and tool calls (arguments
+# A Qwen-style template of our own: the tools as JSON, system/developer first, `name`, assistant reasoning and tool calls (arguments
 # through `tojson`, so they must reach the template as objects), tool results, and an `enable_thinking` switch.
 QWEN_STYLE_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
 {%- if messages[0].role in ['system', 'developer'] %}<|im_start|>system
 {{ messages[0].content }}<|im_end|>
 {% set rest = messages[1:] %}{% else %}{% set rest = messages %}{% endif %}
@@ -71,6 +80,16 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "
 SYSTEM = "You are a careful assistant for a weather service. Answer briefly and cite the tool you used. " * 3
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 CALL_PARSED = {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 LONG = " ".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(300))
 
 
@@ -119,6 +138,13 @@ def _shapes() -> list[Shape]:
             {"enable_thinking": False},
         ),
         Shape("cache-salt", {"messages": [system, user], "cache_salt": "tenant-a"}, [system, user]),
+        Shape("tools", {"messages": [system, user], "tools": TOOLS}, [system, user], {"tools": TOOLS}),
+        Shape(
+            "tools+tool-results",
+            {"messages": tool_history, "tools": TOOLS, "tool_choice": "none"},
+            tool_history_seen,
+            {"tools": TOOLS},
+        ),
         Shape("long-prompt", {"messages": [system, long]}, [system, long]),
     ]
 
@@ -202,7 +228,8 @@ def boundary_engine(request, tmp_path_factory):
         reference = AutoTokenizer.from_pretrained(path)
     from kubellm.engine.llm_engine import LLMEngine
 
-    settings = ServerSettings(host="127.0.0.1", port=0, served_model_names=[MODEL])
+    parsing = ChatParsingConfig(tool_call_parser="hermes", enable_auto_tool_choice=True)
+    settings = ServerSettings(host="127.0.0.1", port=0, served_model_names=[MODEL], chat_parsing=parsing)
     st = ServerThread(lambda: LLMEngine(config), settings).start()
     yield st, config, reference
     st.stop()

@@ -95,13 +95,14 @@ CASES: list[tuple[str, str, str, object, int, str | None]] = [
         "messages.0.mood",
     ),
     (
-        "tools unsupported",
+        "tools auto without --enable-auto-tool-choice",
         "POST",
         CHAT,
         {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]},
         400,
-        "tools",
+        "tool_choice",
     ),
+    ("tool_choice unknown", "POST", CHAT, {"messages": MSGS, "tool_choice": "sometimes"}, 400, "tool_choice"),
     (
         "json response_format",
         "POST",

@@ -1,0 +1,67 @@
+"""A transcript-replaying test model: the embedded model's tokenizer and chat template with `--device sim`, whose
+runner answers each request with a fixed transcript (chosen by a key word in the prompt), then end-of-turn.
+
+It stands in for a model that writes tool calls in a known format, so the server's parsing is tested end to end
+on exact text. Prefix caching is off so a request's whole prompt passes through the runner in its first step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.forward_batch import ForwardBatch
+
+
+class ReplayRunner:
+    produces_token_ids = True
+    device = "cpu"
+
+    def __init__(self, sim_runner: Any, renderer: Any, transcripts: dict[str, str], end_id: int):
+        self._sim = sim_runner
+        self._renderer = renderer
+        self._transcripts = {key: renderer.encode(text, add_special_tokens=False) for key, text in transcripts.items()}
+        self._end_id = end_id
+        self._replies: dict[str, list[int]] = {}
+        self._prompt_lens: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:  # KV sizing and allocation stay the simulated runner's
+        return getattr(self._sim, name)
+
+    def _reply(self, request_id: str, prompt_ids: list[int]) -> list[int]:
+        if request_id not in self._replies:
+            prompt = self._renderer.decode(prompt_ids, skip_special_tokens=False)
+            keys = [k for k in self._transcripts if k in prompt]
+            assert len(keys) == 1, f"the prompt must name exactly one transcript key, found {keys}"
+            self._replies[request_id] = [*self._transcripts[keys[0]], self._end_id]
+        return self._replies[request_id]
+
+    def execute(self, batch: ForwardBatch) -> list[int]:
+        out = []
+        for s in batch.seqs:
+            reply = self._reply(s.request_id, s.token_ids)
+            if s.needs_logits:
+                generated = s.start_pos + len(s.token_ids) - self._prompt_len(s)
+                out.append(reply[min(generated, len(reply) - 1)])
+        return out
+
+    def _prompt_len(self, s: Any) -> int:
+        # The first step of a request computes its whole prompt (no prefix cache, one chunk): remember its length.
+        return self._prompt_lens.setdefault(s.request_id, s.start_pos + len(s.token_ids))
+
+
+def replay_engine(transcripts: dict[str, str], chat_template: str) -> Any:
+    from kubellm.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(
+        device="sim",
+        enable_prefix_caching=False,
+        max_num_batched_tokens=8192,
+        num_gpu_blocks_override=512,
+        sim_time_scale=0.001,
+        chat_template=chat_template,
+    )
+    engine = LLMEngine(config)
+    runner = ReplayRunner(engine.runner, engine.renderer, transcripts, engine.renderer.eos_token_id)
+    engine.runner = runner
+    return engine

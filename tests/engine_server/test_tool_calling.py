@@ -1,0 +1,217 @@
+"""Tool calling through the server with the official openai client: tools in the chat template, the model's
+output through the parser named by --tool-call-parser (and --reasoning-parser), streamed and not.
+
+`tool_choice: auto` runs against a transcript-replaying model (replay_model.py) so that the exact text the parser
+sees is known; the expected messages are written out here by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+from replay_model import replay_engine
+from server_harness import ServerThread
+
+from kubellm.engine.server.api_server import ServerSettings
+from kubellm.engine.server.chat_tools import ChatParsingConfig
+
+HERMES_TEMPLATE = Path(__file__).parents[2] / "examples" / "tool_chat_template_hermes.jinja"
+MODEL = "replay"
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+        },
+    },
+]
+
+CALL_PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+CALL_TOKYO = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "Asia/Tokyo"}}\n</tool_call>'
+TRANSCRIPTS = {
+    "case-one-call": "Let me check the forecast.\n" + CALL_PARIS,
+    "case-two-calls": CALL_PARIS + "\n" + CALL_TOKYO,
+    "case-malformed": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>',
+    "case-thinking": "<think>\nThe user wants the weather: call get_weather.\n</think>\n\n" + CALL_PARIS,
+    "case-plain": "It is sunny in Paris <b>today</b>.",
+}
+
+
+@pytest.fixture(scope="module")
+def replay_server():
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        served_model_names=[MODEL],
+        chat_parsing=ChatParsingConfig(
+            tool_call_parser="hermes", reasoning_parser="qwen3", enable_auto_tool_choice=True
+        ),
+    )
+    st = ServerThread(lambda: replay_engine(TRANSCRIPTS, HERMES_TEMPLATE.read_text()), settings).start()
+    yield st
+    st.stop()
+
+
+@pytest.fixture(scope="module")
+def client(replay_server):
+    c = openai.OpenAI(base_url=replay_server.url + "/v1", api_key="none", max_retries=0)
+    yield c
+    c.close()
+
+
+def _ask(case: str) -> list[dict]:
+    return [{"role": "user", "content": f"What is the weather in Paris? ({case})"}]
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+def _streamed(client: openai.OpenAI, **kwargs):
+    """The completion the openai client's stream helper rebuilds from the chunks."""
+    with client.chat.completions.stream(model=MODEL, **kwargs) as stream:
+        return stream.get_final_completion()
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "calls", "reasoning", "finish"),
+    [
+        (
+            "case-one-call",
+            "Let me check the forecast.\n",
+            [("get_weather", {"city": "Paris", "days": 2})],
+            None,
+            "tool_calls",
+        ),
+        (
+            "case-two-calls",
+            None,
+            [("get_weather", {"city": "Paris", "days": 2}), ("get_time", {"zone": "Asia/Tokyo"})],
+            None,
+            "tool_calls",
+        ),
+        ("case-malformed", TRANSCRIPTS["case-malformed"], [], None, "stop"),
+        (
+            "case-thinking",
+            None,
+            [("get_weather", {"city": "Paris", "days": 2})],
+            "\nThe user wants the weather: call get_weather.\n",
+            "tool_calls",
+        ),
+        ("case-plain", "It is sunny in Paris <b>today</b>.", [], None, "stop"),
+    ],
+)
+def test_auto_tool_choice_parses_the_model_output_streamed_and_not(client, case, content, calls, reasoning, finish):
+    whole = client.chat.completions.create(model=MODEL, messages=_ask(case), tools=TOOLS)
+    choice = whole.choices[0]
+    assert choice.message.content == content
+    assert _calls(choice.message) == calls
+    assert (choice.message.model_extra or {}).get("reasoning_content") == reasoning
+    assert choice.finish_reason == finish
+    assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls or [])
+
+    streamed = _streamed(client, messages=_ask(case), tools=TOOLS).choices[0]
+    assert streamed.message.content == content
+    assert _calls(streamed.message) == calls
+    assert [c.function.arguments for c in streamed.message.tool_calls or []] == [
+        c.function.arguments for c in choice.message.tool_calls or []
+    ]
+    assert streamed.finish_reason == finish
+
+
+def test_stream_deltas_are_shaped_as_openai_sends_them(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=_ask("case-one-call"), tools=TOOLS, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    text = "".join(d.content or "" for d in deltas)
+    assert text == "Let me check the forecast.\n"
+    call_deltas = [tc for d in deltas for tc in d.tool_calls or []]
+    first, *rest = call_deltas
+    assert (first.index, first.type, first.function.name) == (0, "function", "get_weather")
+    assert first.id and all(tc.id is None and tc.function.name is None for tc in rest)
+    assert json.loads("".join(tc.function.arguments or "" for tc in call_deltas)) == {"city": "Paris", "days": 2}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_reasoning_streams_separately_from_content(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=_ask("case-thinking"), tools=TOOLS, stream=True))
+    deltas = [c.choices[0].delta.model_extra or {} for c in chunks if c.choices]
+    assert (
+        "".join(d.get("reasoning_content") or "" for d in deltas) == "\nThe user wants the weather: call get_weather.\n"
+    )
+    assert "".join(d.get("reasoning") or "" for d in deltas) == "\nThe user wants the weather: call get_weather.\n"
+
+
+def test_tool_choice_none_returns_the_text_unparsed(client):
+    whole = client.chat.completions.create(model=MODEL, messages=_ask("case-one-call"), tools=TOOLS, tool_choice="none")
+    assert whole.choices[0].message.content == TRANSCRIPTS["case-one-call"]
+    assert not whole.choices[0].message.tool_calls
+    assert whole.choices[0].finish_reason == "stop"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(client):
+    kwargs = {"messages": _ask("case-two-calls"), "tools": TOOLS, "parallel_tool_calls": False}
+    whole = client.chat.completions.create(model=MODEL, **kwargs)
+    assert _calls(whole.choices[0].message) == [("get_weather", {"city": "Paris", "days": 2})]
+    assert _calls(_streamed(client, **kwargs).choices[0].message) == [("get_weather", {"city": "Paris", "days": 2})]
+
+
+def test_max_tokens_mid_call_returns_the_text_as_content(client, replay_server):
+    prefix = "Let me check the forecast.\n"
+    renderer = replay_server.engine.renderer
+    budget = len(renderer.encode(prefix + CALL_PARIS, add_special_tokens=False)) - 5
+    whole = client.chat.completions.create(model=MODEL, messages=_ask("case-one-call"), tools=TOOLS, max_tokens=budget)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert choice.message.content.startswith(prefix + '<tool_call>\n{"name": "get_weather"')
+    assert len(choice.message.content) < len(prefix + CALL_PARIS)
+
+
+def test_tool_history_is_rendered_by_the_template(replay_server):
+    import httpx
+
+    call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo? (case-plain)"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_7", "content": '{"temp_c": -3}'},
+    ]
+    ids = httpx.post(replay_server.url + "/tokenize", json={"messages": messages, "tools": TOOLS}).json()["tokens"]
+    text = httpx.post(replay_server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert '{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
+    assert '<tool_response>\n{"temp_c": -3}\n</tool_response>' in text
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope'"),
+        ({"tools": None, "tool_choice": "required"}, "tool_choice", "tool_choice needs tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", "name"),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "more than once: get_weather"),
+    ],
+)
+def test_bad_tool_requests_get_a_400_naming_the_field(client, body, param, message):
+    kwargs = {"tools": TOOLS, **body}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=_ask("case-plain"), **kwargs)
+    assert e.value.body["param"] == param or param in e.value.body["message"]
+    assert message in e.value.body["message"]
