@@ -34,8 +34,9 @@ from kubellm.routing import RoutingPolicy
 
 MODEL = "boundary-model"
 
-# A Qwen-style template of our own: the tools as JSON, system/developer first, `name`, assistant reasoning and tool calls (arguments
-# through `tojson`, so they must reach the template as objects), tool results, and an `enable_thinking` switch.
+# A Qwen-style template of our own: the tools as JSON, system/developer first, `name`, assistant reasoning and tool
+# calls (arguments through `tojson`, so they must reach the template as objects), tool results, and an
+# `enable_thinking` switch.
 QWEN_STYLE_TEMPLATE = """\
 {%- if tools %}<|im_start|>system
 # Tools

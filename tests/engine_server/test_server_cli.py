@@ -136,3 +136,33 @@ def test_config_file_model_key_and_name_list(tmp_path):
     args, _ = parse_args(["--config", path])
     assert args.engine.model.endswith(".gguf") and args.served_model_names == ["a", "b"]
     assert args.engine.max_model_len == 4096
+
+
+def test_chat_template_and_tool_flags(tmp_path):
+    template = tmp_path / "tools.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    args, _ = parse_args(
+        ["--chat-template", str(template), "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder"]
+        + ["--reasoning-parser", "qwen3"]
+    )
+    assert args.engine.chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
+    parsing = args.chat_parsing
+    assert (parsing.tool_call_parser, parsing.reasoning_parser, parsing.enable_auto_tool_choice) == (
+        "qwen3_coder",
+        "qwen3",
+        True,
+    )
+    inline, _ = parse_args(["--chat-template", "{{ messages[0].content }}"])
+    assert inline.engine.chat_template == "{{ messages[0].content }}"
+    from_yaml, _ = parse_args(["--config", _cfg(tmp_path, f"chat_template: {template}\ntool-call-parser: hermes\n")])
+    assert from_yaml.engine.chat_template.startswith("{% for m")
+    assert from_yaml.chat_parsing.tool_call_parser == "hermes"
+
+
+def test_chat_template_and_tool_flag_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"--chat-template: .*neither a readable file nor a Jinja template"):
+        parse_args(["--chat-template", str(tmp_path / "missing.jinja")])
+    with pytest.raises(ConfigError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        parse_args(["--enable-auto-tool-choice"])
+    out = _serve("--tool-call-parser", "nope")
+    assert out.returncode == 2 and "hermes" in out.stderr and "Traceback" not in out.stderr
