@@ -41,6 +41,7 @@ SHAPES = [  # priority order: (name, E, top-k, H, I)
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 ITERS = 12
 DIRECT_MAX_TOKENS = 8  # batches where skipping the alignment (one pair per tile) is also tried
+MAX_UNROLL = 64  # down_sum unrolls top_k * I / BLOCK_K loads: more compiles too slowly to be worth trying
 
 
 def candidates(block_m: int) -> list[GemmConfig]:
@@ -85,12 +86,26 @@ class Timer:
         return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+def down_sum_candidates(inter: int, top_k: int) -> list[GemmConfig]:
+    """Tilings of the token-major down_sum kernel whose unrolled loop stays small (it compiles per I)."""
+    tiles = ((16, 128), (16, 256), (32, 128), (64, 64))
+    return [GemmConfig(bn, bk, 1, 4, 1) for bn, bk in tiles if top_k * -(-inter // bk) <= MAX_UNROLL]
+
+
 def tune_bucket(timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: torch.Generator, w13, w2) -> dict:
-    """Best (BLOCK_M, gate_up tiling, down tiling) for t tokens, with each GEMM timed alone on a fixed alignment."""
+    """Best (alignment, gate_up tiling, down tiling) for t tokens, each stage timed alone on a fixed alignment;
+    the down figure includes the sum over k, which the token-major down_sum makes unnecessary."""
     x = torch.randn(t, h, generator=gen, device="cuda", dtype=torch.bfloat16)
     w, ids = torch.topk(torch.softmax(torch.randn(t, e, generator=gen, device="cuda"), -1), k, -1)
     w, ids = (w / w.sum(-1, keepdim=True)).contiguous(), ids.to(torch.int32)
-    out = torch.empty(t * k, h, device="cuda", dtype=torch.bfloat16)
+    per_pair = torch.empty(t * k, h, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
+
+    def down_and_sum(a, al, c):
+        fused_moe.down(a, w2, al, w, c, per_pair)
+        if k > 1:
+            torch.sum(per_pair.view(t, k, h), dim=1, out=out)
+
     best = None
     options = [(bm, False) for bm in block_ms(t, k, e)] + ([(16, True)] if t <= DIRECT_MAX_TOKENS else [])
     for bm, direct in options:
@@ -99,11 +114,14 @@ def tune_bucket(timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: t
         up_t = {c: timer(lambda c=c, al=al: fused_moe.gate_up(x, w13, al, k, c)) for c in candidates(bm)}
         up = min(up_t, key=up_t.get)
         activated = fused_moe.gate_up(x, w13, al, k, up)
-        dn_t = {c: timer(lambda c=c, a=activated, al=al: fused_moe.down(a, w2, al, w, c, out)) for c in candidates(bm)}
-        dn = min(dn_t, key=dn_t.get)
-        total = align_ms + up_t[up] + dn_t[dn]
+        dn_t = {(c, False): timer(lambda c=c, a=activated, al=al: down_and_sum(a, al, c)) for c in candidates(bm)}
+        if direct:
+            for c in down_sum_candidates(inter, k):
+                dn_t[(c, True)] = timer(lambda c=c, a=activated, al=al: fused_moe.down_sum(a, w2, al, k, w, c, out))
+        (dn, fuse), dn_ms = min(dn_t.items(), key=lambda kv: kv[1])
+        total = align_ms + up_t[up] + dn_ms
         if best is None or total < best[0]:
-            best = (total, MoeConfig(bm, up, dn, direct), align_ms, up_t[up], dn_t[dn])
+            best = (total, MoeConfig(bm, up, dn, direct, fuse), align_ms, up_t[up], dn_ms)
     _, cfg, align_ms, up_ms, dn_ms = best
     return {"config": cfg, "align_ms": align_ms, "gate_up_ms": up_ms, "down_ms": dn_ms}
 

@@ -17,8 +17,9 @@ The pipeline of `fused_experts` (five launches, or four when the pairs are few):
   4. down: the same over w2, scaled by the pair's top-k weight, stored at the pair's row of [T*k, H].
   5. the sum over each token's k rows (a torch sum, float32 accumulation); skipped when k = 1.
 For a few tokens (a config's `direct`) steps 1-2 are skipped: each tile holds one pair, its expert read from
-topk_ids, which costs two launches less than aligning and only re-reads an expert two tokens share.
-`align_pairs`, `gate_up` and `down` are the stages, public so the autotune can time each alone.
+topk_ids, which costs two launches less than aligning and only re-reads an expert two tokens share; with
+`fuse_sum` steps 4-5 become one token-major kernel that sums each token's k down projections in registers.
+`align_pairs`, `gate_up`, `down` and `down_sum` are the stages, public so the autotune can time each alone.
 Everything stays on the device and every buffer is sized by the worst case (T*k + E*(BLOCK_M-1) sorted rows),
 from shapes only, so a decode step with this inside is CUDA-graph capturable: no `.item()`, no host sync, no
 data-dependent shape. Programs of tiles past the real end exit at once.
@@ -73,13 +74,16 @@ class MoeConfig:
     up: GemmConfig
     down: GemmConfig
     direct: bool = False
+    fuse_sum: bool = False  # direct only: `down` tiles the token-major down_sum kernel (no per-pair rows, no sum)
 
     def to_json(self) -> dict:
-        return {"BLOCK_M": self.block_m, "DIRECT": self.direct, "up": asdict(self.up), "down": asdict(self.down)}
+        return {"BLOCK_M": self.block_m, "DIRECT": self.direct, "FUSE_SUM": self.fuse_sum,
+                "up": asdict(self.up), "down": asdict(self.down)}  # fmt: skip
 
     @classmethod
     def from_json(cls, d: dict) -> MoeConfig:
-        return cls(d["BLOCK_M"], GemmConfig(**d["up"]), GemmConfig(**d["down"]), d.get("DIRECT", False))
+        up, down = GemmConfig(**d["up"]), GemmConfig(**d["down"])
+        return cls(d["BLOCK_M"], up, down, d.get("DIRECT", False), d.get("FUSE_SUM", False))
 
 
 def available() -> bool:
@@ -270,6 +274,36 @@ if triton is not None:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _down_sum_kernel(
+        a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, stride_at, stride_we, stride_wn, stride_ot,
+        K: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """Down projection of one token's k pairs summed in registers (direct mode only): no per-pair rows, no
+        separate sum. A weight-streaming GEMV on CUDA cores (one row: tensor-core tiles would be 1/16 used);
+        K is a constexpr so the loops unroll and every load can be in flight at once."""
+        tok = tl.program_id(0)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            pair = tok * TOP_K + j
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+            weight = tl.load(weights_ptr + pair)
+            a_row = a_ptr + pair.to(tl.int64) * stride_at
+            w_base = w_ptr + expert * stride_we + rn[None, :].to(tl.int64) * stride_wn
+            for k0 in tl.static_range(0, K, BLOCK_K):
+                k_ok = rk < K - k0
+                a = tl.load(a_row + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) * weight
+                w = tl.load(w_base + (k0 + rk)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc += w.to(tl.float32) * a[:, None]
+        out = tl.sum(acc, axis=0)
+        tl.store(out_ptr + tok.to(tl.int64) * stride_ot + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts in float32, the top_k largest, optionally renormalised to sum to 1: one kernel.
 
@@ -395,6 +429,9 @@ def fused_experts(
     cfg = config or get_config(e, inter, h, x.dtype, t, k)
     al = align_pairs(topk_ids, e, cfg.block_m, cfg.direct)
     activated = gate_up(x, w13, al, k, cfg.up)
+    if al.direct and cfg.fuse_sum:
+        down_sum(activated, w2, al, k, topk_weights, cfg.down, out)
+        return out
     per_pair = out if k == 1 else torch.empty((al.num_pairs, h), dtype=x.dtype, device=x.device)
     down(activated, w2, al, topk_weights, cfg.down, per_pair)
     if k > 1:
@@ -433,6 +470,24 @@ def down(
         activated.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         BLOCK_M=al.block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         EVEN_K=inter % cfg.BLOCK_K == 0, DIRECT=al.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def down_sum(
+    activated: torch.Tensor, w2: torch.Tensor, al: Alignment, top_k: int, topk_weights: torch.Tensor,
+    cfg: GemmConfig, out: torch.Tensor,
+) -> None:  # fmt: skip
+    """out[t] = sum_k w_k * activated[t*k + j] @ w2_e^T, one launch, for a direct alignment (few tokens)."""
+    if not al.direct:
+        raise ValueError("down_sum needs a direct alignment (one pair per tile, ids in pair order)")
+    h = w2.shape[1]
+    weights = topk_weights.reshape(-1)
+    if weights.dtype != torch.float32:
+        weights = weights.float()
+    _down_sum_kernel[(out.shape[0], triton.cdiv(h, cfg.BLOCK_N))](
+        activated, w2, out, al.tile_expert, weights, h, activated.stride(0), w2.stride(0), w2.stride(1),
+        out.stride(0), K=activated.shape[1], TOP_K=top_k, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

@@ -115,16 +115,26 @@ def test_skewed_routing_leaves_experts_empty_and_fills_several_tiles() -> None:
     assert_close_rows(got, reference_experts(x, w13, w2, w, ids), "two experts of 64")
 
 
-@pytest.mark.parametrize(("block_m", "direct"), [(16, False), (32, False), (64, False), (128, False), (16, True)])
-def test_every_tile_height_gives_the_same_result(block_m: int, direct: bool) -> None:
+@pytest.mark.parametrize(
+    ("block_m", "direct", "fuse_sum"),
+    [
+        (16, False, False),
+        (32, False, False),
+        (64, False, False),
+        (128, False, False),
+        (16, True, False),
+        (16, True, True),
+    ],
+)
+def test_every_tile_height_gives_the_same_result(block_m: int, direct: bool, fuse_sum: bool) -> None:
     fm = fused()
     e, k, hidden, inter = 16, 4, 192, 160  # hidden and inter not multiples of BLOCK_K: masked K loop
     w13, w2 = make_experts(e, hidden, inter)
     for t in (1, 40, 600):  # 600*4 pairs: the separate scatter kernel
         x, w, ids = routed_input(t, e, k, hidden, seed=t)
         gemm = fm.GemmConfig(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=3)
-        got = fm.fused_experts(x, w13, w2, w, ids, config=fm.MoeConfig(block_m, gemm, gemm, direct))
-        assert_close_rows(got, reference_experts(x, w13, w2, w, ids), f"BLOCK_M {block_m} direct {direct} T {t}")
+        got = fm.fused_experts(x, w13, w2, w, ids, config=fm.MoeConfig(block_m, gemm, gemm, direct, fuse_sum))
+        assert_close_rows(got, reference_experts(x, w13, w2, w, ids), f"BLOCK_M {block_m} {direct=} {fuse_sum=} T {t}")
 
 
 def test_alignment_sorts_every_pair_once_into_its_experts_tiles() -> None:
@@ -180,18 +190,20 @@ def test_float16_matches_reference() -> None:
     assert_close_rows(got, reference_experts(x, w13, w2, w, ids), "fp16")
 
 
-@pytest.mark.parametrize("t", [1, 8, 64])
-def test_cuda_graph_replay_on_new_routing_equals_eager(t: int) -> None:
+@pytest.mark.parametrize(("t", "mode"), [(1, "default"), (8, "default"), (64, "default"), (2, "direct+fuse_sum")])
+def test_cuda_graph_replay_on_new_routing_equals_eager(t: int, mode: str) -> None:
     """Gating and experts captured once; replays on fresh inputs (other experts picked) equal eager runs."""
     fm = fused()
     e, k, hidden, inter = 128, 8, 512, 256
+    gemm = fm.GemmConfig(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
+    config = fm.MoeConfig(16, gemm, gemm, direct=True, fuse_sum=True) if mode != "default" else None
     w13, w2 = make_experts(e, hidden, inter)
     x_buf = torch.zeros(t, hidden, device="cuda", dtype=torch.bfloat16)
     logits_buf = torch.zeros(t, e, device="cuda")  # float32: no ties, so the reference picks the same experts
 
     def layer():
         w, ids = fm.fused_topk(logits_buf, k, True)
-        return fm.fused_experts(x_buf, w13, w2, w, ids)
+        return fm.fused_experts(x_buf, w13, w2, w, ids, config)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
