@@ -50,6 +50,8 @@ def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
     for key in _MESSAGE_FIELDS:
         if message.get(key) is not None:
             out[key] = message[key]
+    if "reasoning_content" not in out and message.get("reasoning") is not None:
+        out["reasoning_content"] = message["reasoning"]  # vLLM's newer name for it, as clients send answers back
     if isinstance(out.get("tool_calls"), list):
         out["tool_calls"] = [_template_tool_call(c) for c in out["tool_calls"]]
     return out

@@ -190,6 +190,7 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content
 
     @field_validator("content")
     @classmethod

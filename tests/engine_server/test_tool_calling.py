@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from replay_model import replay_engine
@@ -183,9 +184,12 @@ def test_max_tokens_mid_call_returns_the_text_as_content(client, replay_server):
     assert len(choice.message.content) < len(prefix + CALL_PARIS)
 
 
-def test_tool_history_is_rendered_by_the_template(replay_server):
-    import httpx
+def test_the_served_chat_template_is_the_one_given_so_routers_render_with_it(replay_server):
+    info = httpx.get(replay_server.url + "/v1/tokenizer_info").json()
+    assert info["chat_template"] == HERMES_TEMPLATE.read_text()
 
+
+def test_tool_history_is_rendered_by_the_template(replay_server):
     call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
     messages = [
         {"role": "user", "content": "Weather in Oslo? (case-plain)"},
@@ -215,3 +219,18 @@ def test_bad_tool_requests_get_a_400_naming_the_field(client, body, param, messa
         client.chat.completions.create(model=MODEL, messages=_ask("case-plain"), **kwargs)
     assert e.value.body["param"] == param or param in e.value.body["message"]
     assert message in e.value.body["message"]
+
+
+def test_an_answer_sent_back_in_the_history_is_accepted_and_rendered(client, replay_server):
+    answer = client.chat.completions.create(model=MODEL, messages=_ask("case-thinking"), tools=TOOLS).choices[0]
+    call = answer.message.tool_calls[0]
+    history = [
+        *_ask("case-thinking"),
+        answer.message.model_dump(exclude_none=True),  # as clients append it: reasoning, tool_calls and all
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    r = httpx.post(replay_server.url + "/tokenize", json={"messages": history, "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    text = httpx.post(replay_server.url + "/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text

@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 import pytest
 from parser_splits import all_splits
 
 from kubellm.engine.server.chat_output import parse_stream
+from kubellm.engine.server.chat_tools import ToolPlan, forced_calls_schema
 from kubellm.engine.server.tool_parsers import TOOL_PARSERS, ToolParser
+from kubellm.engine.server.tool_parsers.forced import NamedCallParser, RequiredCallsParser
 
 DS_CALLS_BEGIN = "<\uff5ctool\u2581calls\u2581begin\uff5c>"
 DS_CALLS_END = "<\uff5ctool\u2581calls\u2581end\uff5c>"
@@ -500,3 +503,84 @@ def test_llama3_json_waits_for_the_first_character_before_deciding() -> None:
     p = _parser("llama3_json")
     assert p.feed("  ").content == ""
     assert p.feed("Hi").content == "  Hi"
+
+
+# ---- forced calls (tool_choice required / named): the output is JSON constrained by forced_calls_schema ----
+
+REQUIRED_OUTPUT = (
+    '[{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}, '
+    '{"name": "search", "parameters": {"filter": {"tags": ["a"]}, "note": "He said \\"hi\\" 東京"}}]'
+)
+
+
+def _forced(kind: str) -> ToolParser:
+    counter = itertools.count()
+    make_id = lambda: f"call_{next(counter)}"  # noqa: E731
+    return (
+        NamedCallParser("get_weather", TOOLS, make_id=make_id)
+        if kind == "named"
+        else RequiredCallsParser(TOOLS, make_id=make_id)
+    )
+
+
+def test_named_choice_streams_the_header_first_then_the_arguments_as_written() -> None:
+    p = _forced("named")
+    first = p.feed('{"city": "Pa')
+    assert [(d.index, d.id, d.name, d.arguments) for d in first.tool_calls] == [
+        (0, "call_0", "get_weather", ""),
+        (0, None, None, '{"city": "Pa'),
+    ]
+    assert [(d.id, d.arguments) for d in p.feed('ris"}').tool_calls] == [(None, 'ris"}')]
+    assert p.finish().tool_calls == []
+    whole = parse_stream(_forced("named"), ['{"city": "Paris"}'])
+    assert (whole.content, [(t.name, t.arguments) for t in whole.tool_calls]) == (
+        None,
+        [("get_weather", '{"city": "Paris"}')],
+    )
+    for label, chunks in all_splits('{"city": "Paris", "days": 3}'):
+        assert parse_stream(_forced("named"), chunks) == parse_stream(
+            _forced("named"), ['{"city": "Paris", "days": 3}']
+        ), label
+
+
+def test_required_choice_emits_each_call_when_its_object_closes() -> None:
+    p = _forced("required")
+    first_end = REQUIRED_OUTPUT.index("}}") + 2
+    out = p.feed(REQUIRED_OUTPUT[: first_end - 1])
+    assert out.tool_calls == []
+    out = p.feed(REQUIRED_OUTPUT[first_end - 1 : first_end])
+    assert [(d.name, d.arguments and json.loads(d.arguments)) for d in out.tool_calls] == [
+        ("get_weather", ""),
+        (None, {"city": "Paris", "days": 2}),
+    ]
+    whole = parse_stream(_forced("required"), [REQUIRED_OUTPUT])
+    assert whole.content is None
+    assert [(t.name, json.loads(t.arguments)) for t in whole.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2}),
+        ("search", {"filter": {"tags": ["a"]}, "note": 'He said "hi" 東京'}),
+    ]
+    for label, chunks in all_splits(REQUIRED_OUTPUT):
+        assert parse_stream(_forced("required"), chunks) == whole, label
+    cut = parse_stream(_forced("required"), [REQUIRED_OUTPUT[:-20]])  # max_tokens inside the second call
+    assert [t.name for t in cut.tool_calls] == ["get_weather"]
+    assert cut.content == REQUIRED_OUTPUT[REQUIRED_OUTPUT.index('{"name": "search"') : -20]
+
+
+def test_forced_calls_schema_accepts_exactly_the_calls_the_tools_allow() -> None:
+    plan = ToolPlan("required", TOOLS)
+    schema = forced_calls_schema(plan)
+    jsonschema.validate(json.loads(REQUIRED_OUTPUT), schema)
+    for bad in (
+        [],
+        [{"name": "nope", "parameters": {}}],
+        [{"name": "get_weather", "parameters": {"days": 2}}],  # city is required
+        [{"name": "get_weather", "parameters": {"city": "Paris"}, "extra": 1}],
+        {"name": "get_weather", "parameters": {"city": "Paris"}},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    single = forced_calls_schema(ToolPlan("required", TOOLS, parallel=False))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(REQUIRED_OUTPUT), single)
+    assert forced_calls_schema(ToolPlan("named", TOOLS, function="search")) == TOOLS[1]["function"]["parameters"]
+    assert forced_calls_schema(ToolPlan("auto", TOOLS)) is None
