@@ -1,4 +1,5 @@
-"""The Triton fused MoE (engine/models/fused_moe.py) equals a float32 torch reference within bf16 tolerance:
+"""The Triton fused MoE (engine/models/fused_moe.py) equals the torch reference of models/moe.py, run in float32,
+within bf16 tolerance:
 top-k gating for E in {8, 64, 128} and k in {1, 2, 8}, the experts for 1..4096 tokens (experts that get no
 tokens, experts that get several tiles), every tile height, the shapes of the models that use it, fp16, and
 inside a CUDA graph whose replay on new routing equals eager."""
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = pytest.mark.gpu
 
@@ -24,25 +24,16 @@ def fused():
 
 
 def reference_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    w, ids = torch.topk(probs, k, dim=-1)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
-    return w, ids
+    from kubellm.engine.models.moe import reference_topk as torch_topk
+
+    return torch_topk(logits, k, renormalize)
 
 
 def reference_experts(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """float32 over each token's chosen experts, one expert at a time (only the tokens routed to it)."""
-    inter = w13.shape[1] // 2
-    xf = x.float()
-    out = torch.zeros_like(xf)
-    ids = topk_ids.long()
-    for e in ids.unique().tolist():
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        gate, up = w13[e, :inter].float(), w13[e, inter:].float()
-        h = F.silu(xf[tok] @ gate.T) * (xf[tok] @ up.T)
-        out.index_add_(0, tok, (h @ w2[e].float().T) * topk_weights[tok, slot, None].float())
-    return out
+    """The CPU path's torch reference (models/moe.py), run in float32 on float32 copies of the inputs."""
+    from kubellm.engine.models.moe import reference_experts as torch_experts
+
+    return torch_experts(x.float(), w13.float(), w2.float(), topk_weights, topk_ids)
 
 
 def make_experts(e: int, hidden: int, inter: int, dtype=torch.bfloat16, seed: int = 0):
