@@ -1,6 +1,6 @@
 """The chained prefix block hash that the engine's prefix cache and the router's prefix index share.
 
-Engine and router must agree bit for bit (GUIDE.md §2): only full blocks are hashed;
+Engine and router must agree bit for bit: only full blocks are hashed;
 root = xxh3_128("kubellm/1|" + extra); h_i = xxh3_128(h_{i-1} as 16 big-endian bytes ‖ block i's
 token ids as little-endian uint32). Python's hash() is salted per process, so it is never used here.
 """

@@ -1,4 +1,4 @@
-"""KV events (engine -> router), the wire types of GET /v1/kv_events (GUIDE.md §2).
+"""KV events (engine -> router), the wire types of GET /v1/kv_events.
 
 Newline-delimited JSON: first a snapshot of every cached block, then stored/removed/cleared events with
 `seq` rising by one. A consumer that sees a new `epoch` or a gap in `seq` drops what it knew of that

@@ -301,7 +301,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def kv_events(request: web.Request) -> web.StreamResponse:
-    """NDJSON (GUIDE.md §2): a snapshot of every cached block, then numbered stored/removed/cleared events."""
+    """NDJSON: a snapshot of every cached block, then numbered stored/removed/cleared events."""
     _ready_serving(request)
     engine = request.app[ENGINE_KEY]
     state = request.app[STATE_KEY]

@@ -101,7 +101,9 @@ def build_openapi(version: str) -> dict[str, Any]:
             "/health": {"get": {"summary": "Readiness", "responses": health}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": text}},
             "/v1/tokenizer_info": {"get": {"summary": "Tokenizer and chat template", "responses": text}},
-            "/v1/kv_events": {"get": {"summary": "KV cache events (GUIDE.md §2)", "responses": ndjson}},
+            "/v1/kv_events": {
+                "get": {"summary": "KV cache events (NDJSON: snapshot, then changes)", "responses": ndjson}
+            },
         },
         "components": {
             "schemas": _schemas(),

@@ -214,7 +214,9 @@ def test_openapi_describes_endpoints(fake_server):
     import urllib.request
 
     with urllib.request.urlopen(fake_server.url + "/openapi.json") as r:
-        spec = json.loads(r.read())
+        raw = r.read()
+    spec = json.loads(raw)
+    assert b"GUIDE.md" not in raw  # users have no such file: the description stands alone
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize"):
         assert path in spec["paths"]
     assert "ChatCompletionRequest" in spec["components"]["schemas"]
