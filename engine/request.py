@@ -94,11 +94,6 @@ class Request:
             tokens = self.token_slice(start * self.block_size, num_full * self.block_size)
             self.block_hashes.extend(hash_blocks(tokens, self.block_size, self.cache_salt, parent=parent))
 
-    def append_output_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        if self.num_resolved_tokens % self.block_size == 0:
-            self.update_block_hashes()
-
     def append_placeholder(self) -> None:
         """A token was sampled on the device this step; its value arrives with `resolve_placeholder`."""
         self.output_token_ids.append(PLACEHOLDER)

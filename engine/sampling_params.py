@@ -6,7 +6,6 @@ error that names the offending field and value.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -25,12 +24,6 @@ GENERATION_CONFIG_KEYS: dict[str, str] = {
     "max_new_tokens": "max_tokens",
 }
 _GEN_CFG_KEYS = GENERATION_CONFIG_KEYS  # the engine's first import used this name
-
-
-class SamplingType(enum.IntEnum):
-    GREEDY = 0
-    RANDOM = 1  # drawn from the engine's shared generator
-    RANDOM_SEED = 2  # drawn from the request's own seeded generator
 
 
 def _bad(name: str, value: Any, why: str) -> ValueError:
@@ -164,12 +157,6 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
-
-    @property
-    def sampling_type(self) -> SamplingType:
-        if self.is_greedy:
-            return SamplingType.GREEDY
-        return SamplingType.RANDOM_SEED if self.seed is not None else SamplingType.RANDOM
 
     @property
     def has_penalties(self) -> bool:

@@ -8,6 +8,12 @@ from kubellm.engine.request import Request
 from kubellm.engine.sampling_params import SamplingParams
 
 
+def sample(req: Request, token_id: int) -> None:
+    """A sampled token reaches the request as in the engine: a placeholder at launch, its value at read-back."""
+    req.append_placeholder()
+    req.resolve_placeholder(token_id)
+
+
 def make_request(rid: str, tokens: list[int], block_size: int = 4) -> Request:
     return Request(rid, list(tokens), SamplingParams(max_tokens=8), max_tokens=8, block_size=block_size)
 
@@ -82,7 +88,7 @@ def test_stored_event_carries_the_parent_of_a_continuation():
     req = make_request("a", list(range(6)))
     run_prefill(kv, req)  # one full block
     for t in (6, 7):
-        req.append_output_token(t)
+        sample(req, t)
     assert kv.allocate(req, 1)
     req.num_computed_tokens = 8
     kv.commit_computed(req)

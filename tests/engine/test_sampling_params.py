@@ -1,11 +1,11 @@
 """SamplingParams: defaults, normalisation, validation errors that name the field, generation_config defaults,
-and the stop-token helpers the engine uses."""
+and the stop-token set the sampler uses."""
 
 from __future__ import annotations
 
 import pytest
 
-from kubellm.engine.sampling_params import SamplingParams, SamplingType
+from kubellm.engine.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm():
@@ -21,7 +21,7 @@ def test_defaults_match_vllm():
     )
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
     assert p.skip_special_tokens and not p.include_stop_str_in_output
-    assert not p.has_penalties and p.sampling_type is SamplingType.RANDOM
+    assert not p.has_penalties and not p.is_greedy
 
 
 def test_normalisation():
@@ -31,12 +31,11 @@ def test_normalisation():
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
-def test_sampling_type():
-    assert SamplingParams(temperature=0).sampling_type is SamplingType.GREEDY
+def test_greedy_below_vllms_epsilon():
+    assert SamplingParams(temperature=0).is_greedy
     assert SamplingParams(temperature=0, seed=3).is_greedy  # a seed does not make greedy random
     assert SamplingParams(temperature=1e-6).is_greedy  # below vLLM's epsilon
-    assert SamplingParams(temperature=0.7, seed=3).sampling_type is SamplingType.RANDOM_SEED
-    assert SamplingParams(temperature=0.7).sampling_type is SamplingType.RANDOM
+    assert not SamplingParams(temperature=0.7, seed=3).is_greedy
 
 
 @pytest.mark.parametrize(
@@ -141,17 +140,11 @@ def test_from_generation_config_validates():
         SamplingParams.from_generation_config({}, bogus=1)
 
 
-def test_stop_token_helpers():
+def test_stop_token_set():
+    """The ids the sampler masks until min_tokens: stop_token_ids plus EOS unless ignore_eos."""
     eos = {2}
-    p = SamplingParams(stop_token_ids=[7])
-    assert p.all_stop_token_ids(eos) == {2, 7}
-    assert p.is_stop_token(2, 1, eos) and p.is_stop_token(7, 1, eos) and not p.is_stop_token(3, 1, eos)
-    q = SamplingParams(stop_token_ids=[7], ignore_eos=True)
-    assert q.all_stop_token_ids(eos) == {7}
-    assert not q.is_stop_token(2, 5, eos) and q.is_stop_token(7, 5, eos)
-    r = SamplingParams(min_tokens=3)
-    assert not r.is_stop_token(2, 2, eos)  # fewer than min_tokens outputs: nothing stops
-    assert r.is_stop_token(2, 3, eos)
+    assert SamplingParams(stop_token_ids=[7]).all_stop_token_ids(eos) == {2, 7}
+    assert SamplingParams(stop_token_ids=[7], ignore_eos=True).all_stop_token_ids(eos) == {7}
 
 
 def test_n_is_carried():

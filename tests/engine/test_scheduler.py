@@ -9,6 +9,12 @@ from kubellm.engine.sampling_params import SamplingParams
 from kubellm.engine.scheduler import Scheduler
 
 
+def sample(req: Request, token_id: int) -> None:
+    """A sampled token reaches the request as in the engine: a placeholder at launch, its value at read-back."""
+    req.append_placeholder()
+    req.resolve_placeholder(token_id)
+
+
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, policy="fcfs") -> Scheduler:
     kv = KVCacheManager(num_blocks, block_size)
     return Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=1000, policy=policy)
@@ -25,7 +31,7 @@ def step(s: Scheduler, next_token: int = 7):
     """One step: schedule, pretend to compute, append a token to every request that sampled."""
     out = s.schedule()
     for req in s.update_after_step(out):
-        req.append_output_token(next_token)
+        sample(req, next_token)
     return out
 
 
@@ -142,7 +148,7 @@ def run_to_completion(s: Scheduler, max_tokens: int) -> int:
         out = s.schedule()
         computed += out.batch.num_tokens
         for req in s.update_after_step(out):
-            req.append_output_token(7)
+            sample(req, 7)
             if len(req.output_token_ids) >= max_tokens:
                 s.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
     return computed
@@ -170,7 +176,7 @@ def test_a_growth_reserve_admits_only_what_can_finish_without_preemption():
     first = reserved.schedule()
     assert len(first.requests) == 5  # 5 x (4 prompt + 4 growth blocks) = the whole pool
     for req in reserved.update_after_step(first):
-        req.append_output_token(7)
+        sample(req, 7)
     assert run_to_completion(reserved, 16) + first.batch.num_tokens == 10 * (16 + 15)  # each token once
     assert reserved.num_preemptions == 0
 

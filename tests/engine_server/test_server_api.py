@@ -275,8 +275,10 @@ async def test_non_stream_disconnect_aborts(fake_server):
     url = fake_server.url
     async with aiohttp.ClientSession() as s:
         task = asyncio.ensure_future(s.post(url + "/v1/completions", json={"prompt": "slow", "max_tokens": 450}))
-        await asyncio.sleep(0.2)
-        assert fake_server.server.async_engine.num_in_flight == 1
+        deadline = time.monotonic() + 10
+        while fake_server.server.async_engine.num_in_flight != 1:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            await asyncio.sleep(0.01)
         task.cancel()
     deadline = time.monotonic() + 5
     while fake_server.server.async_engine.num_in_flight:

@@ -44,8 +44,10 @@ async def test_drain_finishes_in_flight_and_refuses_new(slow_server):
         assert resp.status == 200
         await resp.content.readline()
         drain = slow_server.submit(slow_server.server.drain())
-        time.sleep(0.05)
-        assert http_get(url + "/health")[0] == 503
+        deadline = time.monotonic() + 10
+        while http_get(url + "/health")[0] != 503:
+            assert time.monotonic() < deadline, "/health did not turn 503 while draining"
+            time.sleep(0.01)
         async with s.post(url + "/v1/completions", json={"prompt": "new", "max_tokens": 1}) as r2:
             assert r2.status == 503 and "Retry-After" in r2.headers
             assert (await r2.json())["error"]["code"] == "draining"

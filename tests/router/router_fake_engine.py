@@ -57,6 +57,7 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.renderer = PromptRenderer(tokenizer) if tokenizer else None
         self.kv_events = kv_events
+        self.kv_event_requests = 0  # GET /v1/kv_events answered, streams and 404s alike
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
         self.max_model_len = max_model_len
@@ -184,6 +185,7 @@ class FakeEngine:
         return web.Response(body=self.tokenizer.model_dump_json(), content_type="application/json")
 
     async def _kv_events(self, request: web.Request) -> web.StreamResponse:
+        self.kv_event_requests += 1
         if not self.kv_events:
             return web.json_response({"error": {"message": "not found"}}, status=404)
         q: asyncio.Queue[bytes | None] = asyncio.Queue()

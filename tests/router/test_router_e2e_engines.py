@@ -171,6 +171,12 @@ def _healthy(router: Proc, backend: str) -> bool:
     return bool(m and float(m.group(1)) == 1.0)
 
 
+def _running(engine: Proc) -> float:
+    _, text = http_get(engine.url + "/metrics")
+    m = re.search(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_failover_when_a_replica_dies_mid_load(sim_pair):
     engines, _ = sim_pair
     router = Proc("router-failover", router_args(engines, "--policy", "least_load")).start().wait_ready(30)
@@ -184,7 +190,10 @@ def _failover(engines: list[Proc], router: Proc) -> None:
     victim = engines[0]
     with cf.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_one_stream, router.url, i) for i in range(16)]
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while _running(victim) < 1:  # the crash must catch requests mid-stream
+            assert time.monotonic() < deadline, "no request reached the victim"
+            time.sleep(0.02)
         victim.kill()
         futures += [pool.submit(_one_stream, router.url, 100 + i) for i in range(12)]  # arrive after the crash
         results = [f.result(timeout=60) for f in futures]  # nothing hangs

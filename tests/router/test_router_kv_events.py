@@ -61,9 +61,9 @@ async def test_engine_without_events_is_not_precise():
     e = await FakeEngine("e", kv_events=False).start()
     idx = PreciseIndex()
     async with aiohttp.ClientSession() as session:
-        sub = KVEventSubscriber(e.url, idx, session, retry_delay=0.05, unsupported_delay=30)
+        sub = KVEventSubscriber(e.url, idx, session, retry_delay=0.05, unsupported_delay=0.05)
         sub.start()
-        await asyncio.sleep(0.2)
+        await until(lambda: e.kv_event_requests >= 2)  # asking again proves it handled the first 404 to the end
         assert not idx.live
         await sub.stop()
     await e.kill()

@@ -17,6 +17,13 @@ from kubellm.router.config import RouterConfig
 from kubellm.routing import RoutingPolicy
 
 
+async def until(pred, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def cfg(*engines: FakeEngine, **kw) -> RouterConfig:
     base = dict(
         host="127.0.0.1",
@@ -253,7 +260,7 @@ async def test_client_disconnect_cancels_upstream(engines, http):
         for e in engines:
             e.first_chunk_delay = 5
         task = asyncio.create_task(http.post(f"{r.url}/v1/chat/completions", json=CHAT))
-        await asyncio.sleep(0.3)
+        await until(lambda: sum(e.in_flight for e in engines) == 1)  # reached an engine, which is still prefilling
         task.cancel()
         for _ in range(100):
             if sum(e.cancelled for e in engines) == 2:
@@ -289,12 +296,11 @@ async def test_dead_replica_leaves_rotation_and_rejoins(engines, http):
 
 async def test_health_probe_failure_ejects_without_traffic(engines, http):
     async with RouterServer(cfg(*engines, health_interval=0.05, unhealthy_threshold=2)) as r:
+        backend = r.router.registry.backends[engines[0].url]
         engines[0].health_status = 503
-        await asyncio.sleep(0.4)
-        assert not r.router.registry.backends[engines[0].url].healthy
+        await until(lambda: not backend.healthy)
         engines[0].health_status = 200
-        await asyncio.sleep(0.3)
-        assert r.router.registry.backends[engines[0].url].healthy
+        await until(lambda: backend.healthy)
         text = await (await http.get(f"{r.url}/metrics")).text()
         assert f'kubellm_router_backend_healthy{{backend="{engines[0].url}"}} 1.0' in text
 
