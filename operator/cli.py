@@ -95,7 +95,7 @@ async def run(
 
     if login is not None:
         runtime_kwargs["login"] = login
-    rt = Runtime(config=config, **runtime_kwargs)
+    rt = Runtime(config=config, peering=not standalone, **runtime_kwargs)
     registry = registry if registry is not None else kopf.OperatorRegistry()
     register(registry, rt)
     await kopf.operator(

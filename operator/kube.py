@@ -210,6 +210,15 @@ class KubeClient:
             "PATCH", kind.path(namespace, name), body=patch, content_type="application/merge-patch+json"
         )
 
+    async def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch the status subresource (where a CRD declares one, the main resource ignores status)."""
+        return await self.request(
+            "PATCH",
+            kind.path(namespace, name) + "/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
     async def delete(self, kind: Kind, namespace: str, name: str) -> None:
         try:
             await self.request("DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"})

@@ -33,7 +33,7 @@ OPERATOR_RULES: tuple[Rule, ...] = (
     # kopf itself
     Rule("kubellm.io", ("llmdeployments",), ("get", "list", "watch", "patch"), "watch CRs, finalizer, progress"),
     Rule("kubellm.io", ("llmdeployments/status",), ("get", "patch"), "status and conditions"),
-    Rule("", ("events",), ("create",), "Events for scaling decisions and invalid specs (kopf posts them)"),
+    Rule("", ("events",), ("create",), "Events for scaling decisions and invalid specs"),
     Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("get", "list", "watch"), "kopf's CRD discovery"),
     Rule("", ("namespaces",), ("get", "list", "watch"), "kopf watches namespaces when given patterns"),
     Rule(

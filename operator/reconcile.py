@@ -96,6 +96,10 @@ class Reconciler:
         self._tracked.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
 
+    def tracked_keys(self) -> set[tuple[str, str]]:
+        """(namespace, name) of every LLMDeployment this reconciler holds state for."""
+        return set(self._tracked)
+
     async def _service_monitor_available(self) -> bool:
         now = self.config.clock()
         if self._sm_checked is None or now - self._sm_checked[0] > self.config.service_monitor_recheck:

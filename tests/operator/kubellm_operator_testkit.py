@@ -24,7 +24,9 @@ import kopf
 from kmock._internal import dicts as kdicts
 from kmock._internal import enums
 
+from kubellm import metric_names as mn
 from kubellm.operator.cli import run
+from kubellm.operator.metrics import OperatorMetrics
 from kubellm.operator.reconcile import OperatorConfig
 from kubellm.operator.render import RenderOptions
 
@@ -146,9 +148,19 @@ class Operator:
         self.url = url
         self.metrics_port = metrics_port
         self.config = OperatorConfig(render=options or RenderOptions(), interval=interval)
+        self.metrics = OperatorMetrics()
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    def reconciles(self) -> float:
+        """How many reconciles (handler or periodic pass) this operator has finished."""
+        return self.metrics.registry.get_sample_value(mn.OPERATOR_RECONCILE_DURATION + "_count") or 0.0
+
+    async def reconciled_again(self, times: int = 2) -> None:
+        """Wait until `times` more reconciles finished: proof the operator had the chance to act (or not)."""
+        target = self.reconciles() + times
+        await eventually(lambda: self.reconciles() >= target)
 
     def login(self, **_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=self.url, insecure=True, default_namespace="default")
@@ -165,6 +177,7 @@ class Operator:
                 scanning=False,
                 metrics_port=self.metrics_port,
                 metrics_host="127.0.0.1",
+                metrics=self.metrics,
             )
         )
         await asyncio.wait_for(self.ready.wait(), 10)

@@ -71,7 +71,7 @@ async def test_scale_to_zero_when_idle_and_back_from_router_queue(kube, operator
     rtr_runner, rtr_port = await serve(fake.router_metrics)
     metrics_port = free_port()
     try:
-        async with operator_factory(interval=0.2, metrics_port=metrics_port):
+        async with operator_factory(interval=0.2, metrics_port=metrics_port) as op:
             cr = {
                 "apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment",
                 "metadata": {"name": "tiny", "namespace": NS},
@@ -88,10 +88,9 @@ async def test_scale_to_zero_when_idle_and_back_from_router_queue(kube, operator
             emu.objects["v1/pods", NS, "tiny-engine-a"] = pod("tiny-engine-a", "engine", eng_port)
             emu.objects["v1/pods", NS, "tiny-router-a"] = pod("tiny-router-a", "router", rtr_port)
 
-            # busy: stays at one replica
-            import asyncio
-
-            await asyncio.sleep(1.5)
+            # busy: stays at one replica over passes spanning more than scaleDownDelaySeconds (each pass
+            # starts 0.2 s after the previous one ended, so 8 of them take over 1.4 s)
+            await op.reconciled_again(8)
             assert obj(emu, DEP_RES, "tiny-engine")["spec"]["replicas"] == 1
 
             # idle for scaleDownDelaySeconds: to zero, with reason in status and an Event

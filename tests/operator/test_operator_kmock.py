@@ -22,6 +22,10 @@ from kubellm_operator_testkit import (
     writes,
 )
 
+from kubellm import metric_names as mn
+
+DESIRED, LLAMA = mn.OPERATOR_DESIRED_REPLICAS, {"namespace": NS, "name": "llama"}
+
 
 async def test_apply_creates_all_children_with_owner_references_and_status(kube, operator_factory):
     emu, url = kube
@@ -39,7 +43,7 @@ async def test_apply_creates_all_children_with_owner_references_and_status(kube,
         assert {c["type"] for c in status["conditions"]} == {"Ready", "EnginesAvailable", "RouterAvailable",
                                                              "Progressing", "Degraded"}  # fmt: skip
         assert condition(emu, "llama", "Ready")["status"] == "False"
-        assert obj(emu, CR_RES, "llama")["metadata"]["finalizers"] == ["kubellm.io/finalizer"]
+        assert not obj(emu, CR_RES, "llama")["metadata"].get("finalizers")  # deletion never waits for us
         # the children become ready: the timer notices and status follows
         mark_ready(emu, DEP_RES, "llama-engine", 1)
         mark_ready(emu, DEP_RES, "llama-router", 1)
@@ -51,18 +55,16 @@ async def test_apply_creates_all_children_with_owner_references_and_status(kube,
 
 async def test_reconcile_twice_sends_no_writes(kube, operator_factory):
     emu, url = kube
-    async with operator_factory(interval=0.2):
+    async with operator_factory(interval=0.2) as op:
         await create(emu, url, llmd())
         await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
         mark_ready(emu, DEP_RES, "llama-engine", 1)
         mark_ready(emu, DEP_RES, "llama-router", 1)
         await eventually(lambda: condition(emu, "llama", "Ready")["status"] == "True")
-        import asyncio
-
-        await asyncio.sleep(0.5)
+        await op.reconciled_again()  # the pass that wrote Ready has finished
         since = len(emu._requests)
         gets_before = sum(1 for r in emu._requests if str(r.method).upper().endswith("GET"))
-        await asyncio.sleep(1.2)  # several timer ticks, each a full reconcile
+        await op.reconciled_again(3)  # periodic passes, each a full reconcile
         gets_after = sum(1 for r in emu._requests if str(r.method).upper().endswith("GET"))
         assert gets_after - gets_before >= 2 * len(CHILDREN)  # it did look...
         assert writes(emu, since) == []  # ...and wrote nothing
@@ -89,16 +91,41 @@ async def test_changing_model_or_replicas_patches_the_deployment(kube, operator_
         assert not [r for r in child_writes(emu, since) if str(r.method).upper().endswith("POST")]
 
 
-async def test_deleting_clears_the_finalizer(kube, operator_factory):
+async def test_deleting_while_running_completes_and_forgets_the_state(kube, operator_factory):
     emu, url = kube
-    async with operator_factory():
+    async with operator_factory() as op:
         await create(emu, url, llmd())
-        await eventually(lambda: obj(emu, CR_RES, "llama")["metadata"].get("finalizers"))
         await eventually(lambda: obj(emu, DEP_RES, "llama-engine"))
+        await eventually(lambda: op.metrics.registry.get_sample_value(DESIRED, LLAMA) == 1)
         await delete(url, "llama")
         await eventually(lambda: obj(emu, CR_RES, "llama") is None)
+        await eventually(lambda: op.metrics.registry.get_sample_value(DESIRED, LLAMA) is None)
         # cascade is the API server's garbage collector's job: every child names the owner that went away
         assert obj(emu, DEP_RES, "llama-engine")["metadata"]["ownerReferences"][0]["name"] == "llama"
+
+
+async def test_deleting_while_the_operator_is_stopped_completes(kube, operator_factory):
+    """`kubectl delete llmd` must not hang on a finalizer that only a running operator removes."""
+    emu, url = kube
+    async with operator_factory() as op:
+        await create(emu, url, llmd())
+        await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
+        await eventually(lambda: (obj(emu, CR_RES, "llama").get("status") or {}).get("phase"))
+        await op.reconciled_again()  # the periodic pass ran over it too
+    await delete(url, "llama")  # the operator is stopped
+    await eventually(lambda: obj(emu, CR_RES, "llama") is None)
+
+
+async def test_a_finalizer_left_by_an_older_operator_is_removed(kube, operator_factory):
+    emu, url = kube
+    old = llmd()
+    old["metadata"]["finalizers"] = ["kubellm.io/finalizer"]
+    await create(emu, url, old)
+    async with operator_factory():
+        await eventually(lambda: obj(emu, DEP_RES, "llama-engine"))
+        await eventually(lambda: not obj(emu, CR_RES, "llama")["metadata"].get("finalizers"))
+    await delete(url, "llama")
+    await eventually(lambda: obj(emu, CR_RES, "llama") is None)
 
 
 async def test_restarting_the_operator_creates_no_duplicates(kube, operator_factory):
@@ -110,18 +137,16 @@ async def test_restarting_the_operator_creates_no_duplicates(kube, operator_fact
     posts_before = [r for r in child_writes(emu) if str(r.method).upper().endswith("POST")]
     assert len(posts_before) == len(CHILDREN)
     since = len(emu._requests)
-    async with operator_factory():
-        import asyncio
-
+    async with operator_factory() as op:
         await eventually(lambda: len(emu._requests) > since + len(CHILDREN))  # resumed and looked
-        await asyncio.sleep(0.8)
+        await op.reconciled_again(3)  # the resume, then periodic passes: each had the chance to write
     assert [r for r in child_writes(emu, since) if str(r.method).upper().endswith("POST")] == []
     assert [r for r in child_writes(emu, since)] == []
 
 
 async def test_invalid_cr_gets_degraded_condition_event_and_nothing_created(kube, operator_factory):
     emu, url = kube
-    async with operator_factory():
+    async with operator_factory() as op:
         await create(emu, url, llmd(engine={"tensorParallelSize": 4}, resources={"gpusPerReplica": 2}))
         await eventually(lambda: condition(emu, "llama", "Degraded"))
         c = condition(emu, "llama", "Degraded")
@@ -137,9 +162,7 @@ async def test_invalid_cr_gets_degraded_condition_event_and_nothing_created(kube
         assert ev["type"] == "Warning" and "tensorParallelSize" in ev["message"]
         assert ev["involvedObject"]["name"] == "llama"
         assert child_writes(emu) == []  # nothing half-created
-        import asyncio
-
-        await asyncio.sleep(0.7)  # timer ticks do not repeat the Event
+        await op.reconciled_again()  # periodic passes over the same invalid spec do not repeat the Event
         assert len([e for e in events() if e.get("reason") == "InvalidSpec"]) == 1
         # fixing the spec brings everything up
         await patch(url, "llama", {"spec": {"resources": {"gpusPerReplica": 4}}})
