@@ -15,7 +15,6 @@ evicts L2 (so weights come from memory, as in a model whose layers each have the
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import time
@@ -44,17 +43,21 @@ DIRECT_MAX_TOKENS = 8  # batches where skipping the alignment (one pair per tile
 MAX_UNROLL = 64  # down_sum unrolls top_k * I / BLOCK_K loads: more compiles too slowly to be worth trying
 
 
+# (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per tile height, hand-picked to keep the compiles (~1-2 s
+# each, most of the autotune's time) few: narrow N and long K for weight-bound small tiles, wider for big ones.
+CANDIDATES = {
+    16: [(16, 256, 1, 4, 4), (16, 128, 1, 4, 5), (32, 128, 1, 4, 4), (32, 256, 1, 4, 3), (64, 128, 1, 4, 4),
+         (64, 256, 1, 4, 3)],
+    32: [(64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (128, 64, 8, 4, 4), (128, 128, 8, 4, 3), (32, 128, 8, 4, 4),
+         (64, 128, 8, 4, 5)],
+    64: [(64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (128, 64, 8, 4, 3), (128, 64, 8, 8, 4), (128, 128, 8, 8, 3),
+         (64, 64, 8, 4, 5)],
+    128: [(128, 64, 8, 8, 3), (128, 64, 8, 8, 4), (64, 64, 8, 4, 4), (128, 128, 8, 8, 3)],
+}  # fmt: skip
+
+
 def candidates(block_m: int) -> list[GemmConfig]:
-    """Tilings worth trying at one tile height: narrow N and long K for weight-bound small tiles, wider for big."""
-    if block_m == 16:
-        grid = itertools.product((16, 32, 64), (128, 256), (1,), (4,), (3, 5))
-    elif block_m == 32:
-        grid = itertools.product((64, 128), (64, 128), (8,), (4,), (3, 4))
-    elif block_m == 64:
-        grid = itertools.product((64, 128), (64, 128), (8,), (4, 8), (3,))
-    else:
-        grid = itertools.product((64, 128), (64,), (8,), (8,), (3, 4))
-    return [GemmConfig(*c) for c in grid]
+    return [GemmConfig(*c) for c in CANDIDATES[block_m]]
 
 
 def block_ms(num_tokens: int, top_k: int, num_experts: int) -> list[int]:

@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/kubellm-out}
 TIME_LIMIT=${TIME_LIMIT:-540}
-TEST_TIMEOUT=${TEST_TIMEOUT:-180}
+TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 MICRO_S=${MICRO_S:-110}
 mkdir -p "$OUT/moe_configs"
 export PYTHONUNBUFFERED=1

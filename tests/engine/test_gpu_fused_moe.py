@@ -60,10 +60,11 @@ def assert_close_rows(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("k", [1, 2, 8])
-@pytest.mark.parametrize("e", [8, 64, 128, 60])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_topk_picks_the_k_largest_softmax_weights(e: int, k: int, renormalize: bool, dtype) -> None:
+@pytest.mark.parametrize(
+    ("e", "k"), [(8, 1), (8, 2), (8, 8), (64, 1), (64, 2), (64, 8), (128, 1), (128, 2), (128, 8), (60, 4)]
+)
+def test_fused_topk_picks_the_k_largest_softmax_weights(e: int, k: int, renormalize: bool) -> None:
+    dtype = torch.bfloat16 if renormalize else torch.float32  # both logit dtypes, half the kernel compiles
     gen = torch.Generator(device="cuda").manual_seed(e * 10 + k)
     for t in (1, 5, 300):
         logits = (torch.randn(t, e, generator=gen, device="cuda") * 3).to(dtype)
