@@ -33,6 +33,7 @@ class EngineConfig:
     kv_growth_reserve_tokens: int = 128
     sim_time_scale: float = 1.0  # --device sim: every simulated step takes this many times its modelled time
     chat_template: str | None = None  # replaces the model's own (the router fetches it with the tokenizer)
+    chat_template_content_format: str = "auto"  # auto | string | openai (vLLM's --chat-template-content-format)
 
     def __post_init__(self) -> None:
         checks = {
@@ -54,6 +55,10 @@ class EngineConfig:
             raise ValueError(f"invalid engine argument attention_backend={self.attention_backend!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"invalid engine argument scheduling_policy={self.scheduling_policy!r}")
+        if self.chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(
+                f"invalid engine argument chat_template_content_format={self.chat_template_content_format!r}"
+            )
         if self.generation_config not in ("auto", "vllm"):
             raise ValueError(f"invalid engine argument generation_config={self.generation_config!r}")
 

@@ -118,8 +118,10 @@ class LLMEngine:
         self.model_config = loaded.config
         self.generation_config: dict[str, Any] = dict(loaded.generation_config or {})
         self.tokenizer_info = loaded.tokenizer_info
-        if config.chat_template is not None:
-            self.tokenizer_info = self.tokenizer_info.model_copy(update={"chat_template": config.chat_template})
+        template = config.chat_template if config.chat_template is not None else self.tokenizer_info.chat_template
+        self.tokenizer_info = self.tokenizer_info.model_copy(
+            update={"chat_template": template, "chat_template_content_format": config.chat_template_content_format}
+        )
         self.renderer = PromptRenderer(self.tokenizer_info)
         self.model_name = config.served_model_name or loaded.name
         model_len = self.model_config.max_position_embeddings

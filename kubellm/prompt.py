@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
 import jinja2.sandbox
@@ -37,15 +37,24 @@ _TOOL_FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
 _MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
 
 
-def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
+ContentFormat = Literal["auto", "string", "openai"]
+
+
+def template_message(message: Mapping[str, Any], content_format: ContentFormat = "string") -> dict[str, Any]:
     """One OpenAI chat message as chat templates take it (vLLM's conversion): text content parts joined by
-    newlines into one string, a missing content as "", and tool-call arguments (a JSON string on the wire)
-    parsed into the object Hugging Face templates expect to `tojson`."""
+    newlines into one string (with content format "openai": a list of text parts, a string becoming one part), a
+    missing content as "", and tool-call arguments (a JSON string on the wire) parsed into the object Hugging Face
+    templates expect to `tojson`."""
     if not isinstance(message, Mapping):
         raise ChatTemplateError("a message must be an object")
     content = message.get("content")
+    texts = [content] if isinstance(content, str) else []
     if isinstance(content, list):
-        content = "\n".join(p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+        texts = [p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+    if content_format == "openai" and content is not None:
+        content = [{"type": "text", "text": t} for t in texts]
+    else:
+        content = "\n".join(texts)
     out: dict[str, Any] = {"role": message.get("role"), "content": content or ""}
     for key in _MESSAGE_FIELDS:
         if message.get(key) is not None:
@@ -77,6 +86,27 @@ def template_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": tool.get("type") or "function", "function": fields}
 
 
+def detect_content_format(template: str) -> ContentFormat:
+    """ "openai" when the template loops over a message's `content` (it expects a list of parts), else "string"."""
+    try:
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError:
+        return "string"
+    for loop in ast.find_all(jinja2.nodes.For):
+        it = loop.iter
+        if isinstance(it, jinja2.nodes.Filter):  # e.g. `message.content | selectattr(...)`
+            it = it.node
+        if isinstance(it, jinja2.nodes.Getattr) and it.attr == "content":
+            return "openai"
+        if (
+            isinstance(it, jinja2.nodes.Getitem)
+            and isinstance(it.arg, jinja2.nodes.Const)
+            and it.arg.value == "content"
+        ):
+            return "openai"
+    return "string"
+
+
 class TokenizerInfo(BaseModel):
     """What a router needs to render and tokenize exactly as the engine does (GET /v1/tokenizer_info)."""
 
@@ -86,6 +116,8 @@ class TokenizerInfo(BaseModel):
     eos_token: str | None = None
     add_bos_token: bool = False
     model_max_length: int | None = None
+    # how message content reaches the template (vLLM's --chat-template-content-format); auto: what it iterates
+    chat_template_content_format: ContentFormat = "auto"
 
 
 def _raise_exception(message: str) -> None:
@@ -121,6 +153,13 @@ class PromptRenderer:
         env.globals["strftime_now"] = _strftime_now
         return env.from_string(self.info.chat_template)
 
+    @cached_property
+    def content_format(self) -> ContentFormat:
+        """ "string" or "openai": the configured format, or for "auto" the one the template reads."""
+        if self.info.chat_template_content_format != "auto" or not self.info.chat_template:
+            return "openai" if self.info.chat_template_content_format == "openai" else "string"
+        return detect_content_format(self.info.chat_template)
+
     def render_chat(
         self,
         messages: Iterable[Mapping[str, Any]],
@@ -140,7 +179,7 @@ class PromptRenderer:
         reserved = sorted(_TEMPLATE_VARIABLES & kwargs.keys())
         if reserved:
             raise ChatTemplateKwargsError(f"chat_template_kwargs may not set {', '.join(reserved)}")
-        msgs = [template_message(m) for m in messages]
+        msgs = [template_message(m, self.content_format) for m in messages]
         template_tools = [template_tool(t) for t in tools] if tools else None
         try:
             text = self._template.render(

@@ -17,18 +17,16 @@ from .reasoning_parsers import make_reasoning_parser
 from .tool_parsers import TOOL_PARSERS, ToolCall, ToolCallDelta, ToolParser
 from .tool_parsers.forced import NamedCallParser, RequiredCallsParser
 
-CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string")
+CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string", "openai")
 
 
 @dataclass(frozen=True)
 class ChatParsingConfig:
-    """The server's `--tool-call-parser`, `--reasoning-parser`, `--enable-auto-tool-choice` and
-    `--chat-template-content-format`."""
+    """The server's `--tool-call-parser`, `--reasoning-parser` and `--enable-auto-tool-choice`."""
 
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     enable_auto_tool_choice: bool = False
-    content_format: str = "auto"
 
 
 @dataclass(frozen=True)

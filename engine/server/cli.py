@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=CHAT_TEMPLATE_CONTENT_FORMATS,
         help="how message content reaches the template: string (text parts joined) or openai (a list of parts); "
-        "auto: string",
+        "auto: openai when the template loops over a message's content",
     )
     p.add_argument(
         "--enable-auto-tool-choice",
@@ -414,6 +414,7 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
             kv_growth_reserve_tokens=ns.kv_growth_reserve_tokens,
             sim_time_scale=ns.sim_time_scale,
             chat_template=chat_template,
+            chat_template_content_format=ns.chat_template_content_format,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -436,7 +437,6 @@ def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
             tool_call_parser=ns.tool_call_parser,
             reasoning_parser=ns.reasoning_parser,
             enable_auto_tool_choice=ns.enable_auto_tool_choice,
-            content_format=ns.chat_template_content_format,
         ),
     )
     return args, warnings

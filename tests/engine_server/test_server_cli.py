@@ -166,3 +166,9 @@ def test_chat_template_and_tool_flag_errors(tmp_path):
         parse_args(["--enable-auto-tool-choice"])
     out = _serve("--tool-call-parser", "nope")
     assert out.returncode == 2 and "hermes" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chat_template_content_format_reaches_the_engine_config():
+    args, _ = parse_args(["--chat-template-content-format", "openai"])
+    assert args.engine.chat_template_content_format == "openai"
+    assert parse_args([])[0].engine.chat_template_content_format == "auto"
