@@ -32,7 +32,8 @@ if [ "$tune_s" -gt 30 ]; then
   timeout "$tune_s" python3 -m bench.moe_autotune --out-dir "$OUT/moe_configs" --deadline-s $((tune_s - 25)) \
     2>&1 | tee "$OUT/moe-autotune.log"
   rc=$((rc | PIPESTATUS[0]))
-  cp "$OUT"/moe_configs/*.json engine/models/moe_configs/ 2>/dev/null  # the micro-benchmark runs with them
+  mkdir -p engine/models/moe_configs  # the micro-benchmark runs with the configs just tuned
+  cp "$OUT"/moe_configs/*.json engine/models/moe_configs/ 2>/dev/null
 fi
 
 left=$((TIME_LIMIT - SECONDS - 10))
