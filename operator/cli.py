@@ -14,6 +14,7 @@ from kubellm.operator.render import RenderOptions
 from kubellm.operator.spec import DEFAULT_ENGINE_IMAGE, DEFAULT_ROUTER_IMAGE
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-image", default=os.environ.get("KUBELLM_ENGINE_IMAGE", DEFAULT_ENGINE_IMAGE))
     p.add_argument("--router-image", default=os.environ.get("KUBELLM_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE))
     p.add_argument(
+        "--image-pull-secret", action="append", default=[], metavar="NAME",
+        help="Secret for pulling engine and router images, for LLMDeployments that name none (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--engine-image-pull-policy", choices=PULL_POLICIES, default=None, help="engine pods' pull policy")
+    p.add_argument("--router-image-pull-policy", choices=PULL_POLICIES, default=None, help="router pods' pull policy")
+    p.add_argument(
         "--operator-namespace", default=os.environ.get("POD_NAMESPACE", "kubellm-system"),
         help="namespace of the operator's pods (admitted to engines' /metrics by their NetworkPolicy)",
     )  # fmt: skip
@@ -62,6 +69,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         operator_namespace=args.operator_namespace,
         monitoring_namespaces=tuple(args.monitoring_namespace or ["monitoring"]),
         cluster_domain=args.cluster_domain,
+        image_pull_secrets=tuple(args.image_pull_secret),
+        engine_image_pull_policy=args.engine_image_pull_policy,
+        router_image_pull_policy=args.router_image_pull_policy,
     )
     return {
         "config": OperatorConfig(render=render, interval=args.interval),

@@ -176,6 +176,12 @@ def spec_schema() -> Schema:
             "modelCache": model_cache,
             "env": {"type": "array", "items": env_var, "description": "core/v1 EnvVars for the engine"},
             "priorityClassName": _str("priority class of the engine pods"),
+            "imagePullSecrets": {
+                "type": "array",
+                "items": _obj({"name": _str("Secret name", minLength=1)}, required=["name"]),
+                "description": "Secrets for pulling the engine and router images; unset: the operator's default "
+                "(the Helm chart's imagePullSecrets), [] for none",
+            },
             "networkPolicy": _obj({"enabled": _bool("only the router may reach the engines' API port", True)}),
             "serviceMonitor": _obj({"enabled": _bool("create a ServiceMonitor when its CRD exists", True)}),
         },

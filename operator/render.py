@@ -61,6 +61,9 @@ class RenderOptions:
     monitoring_namespaces: tuple[str, ...] = ("monitoring",)
     cluster_domain: str = "cluster.local"
     service_monitor_available: bool = False
+    image_pull_secrets: tuple[str, ...] = ()  # for LLMDeployments that name none (spec.imagePullSecrets unset)
+    engine_image_pull_policy: str | None = None  # None: Kubernetes' default for the tag
+    router_image_pull_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,17 @@ def _download_init_container(spec: LLMDeploymentSpec, image: str, mounts: list[d
     }
 
 
+def _image_pull(pod_spec: dict[str, Any], spec: LLMDeploymentSpec, opts: RenderOptions, policy: str | None) -> None:
+    """Pull secrets (the CR's, else the operator's default) on the pod, the pull policy on its containers."""
+    own = spec.image_pull_secrets
+    names = [r.name for r in own] if own is not None else list(opts.image_pull_secrets)
+    if names:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in names]
+    if policy:
+        for c in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
+            c["imagePullPolicy"] = policy
+
+
 def _tolerations(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
     tolerations = [dict(t) for t in spec.tolerations]
     if spec.resources.gpus_per_replica and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
@@ -331,6 +345,7 @@ def engine_deployment(spec: LLMDeploymentSpec, owner: Owner, opts: RenderOptions
     }
     if spec.model.kind == "hf":
         pod_spec["initContainers"] = [_download_init_container(spec, image, mounts)]
+    _image_pull(pod_spec, spec, opts, opts.engine_image_pull_policy)
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     tolerations = _tolerations(spec)
@@ -428,6 +443,14 @@ def router_deployment(spec: LLMDeploymentSpec, owner: Owner, opts: RenderOptions
         )
     requests = {"cpu": _quantity(spec.router.cpu) or "250m", "memory": _quantity(spec.router.memory) or "512Mi"}
     container["resources"] = {"requests": requests, "limits": {"memory": requests["memory"]}}
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": names.router,
+        "securityContext": _pod_security(),
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    _image_pull(pod_spec, spec, opts, opts.router_image_pull_policy)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -437,13 +460,7 @@ def router_deployment(spec: LLMDeploymentSpec, owner: Owner, opts: RenderOptions
             "selector": {"matchLabels": selector_labels(owner, "router")},
             "template": {
                 "metadata": {"labels": common_labels(owner, "router")},
-                "spec": {
-                    "serviceAccountName": names.router,
-                    "securityContext": _pod_security(),
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
-                },
+                "spec": pod_spec,
             },
         },
     }

@@ -80,6 +80,10 @@ class ModelSpec(_Model):
         return self.source
 
 
+class LocalObjectReference(_Model):
+    name: str = Field(min_length=1)
+
+
 class EngineSpec(_Model):
     image: str | None = None
     args: list[str] = Field(default_factory=list)
@@ -149,6 +153,8 @@ class LLMDeploymentSpec(_Model):
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
     env: list[dict[str, Any]] = Field(default_factory=list)
     priority_class_name: str | None = None
+    # None: the operator's default (the chart sets it from its imagePullSecrets); [] pulls with none
+    image_pull_secrets: list[LocalObjectReference] | None = None
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     service_monitor: ServiceMonitorSpec = Field(default_factory=ServiceMonitorSpec)
 
