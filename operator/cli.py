@@ -7,7 +7,8 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kubellm.operator.render import RenderOptions
@@ -119,6 +120,31 @@ async def run(
     )
 
 
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+def missing_cluster_config(env: Mapping[str, str], home: Path, token_file: str = SERVICE_ACCOUNT_TOKEN) -> str | None:
+    """Why no cluster can be reached (one line saying how to point at one), or None when credentials exist:
+    in a pod (service account), through $KUBECONFIG, or ~/.kube/config. Checked before kopf starts, whose
+    own failure is dozens of lines of retries and tracebacks."""
+    if env.get("KUBERNETES_SERVICE_HOST") and Path(token_file).exists():
+        return None
+    listed = [p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if listed:
+        if any(Path(p).expanduser().is_file() for p in listed):
+            return None
+        return (
+            f"KUBECONFIG={env['KUBECONFIG']} names no existing file; point it (or --kubeconfig) at your cluster's "
+            "kubeconfig"
+        )
+    if (home / ".kube" / "config").is_file():
+        return None
+    return (
+        "no Kubernetes cluster configured (no ~/.kube/config, no $KUBECONFIG, not in a pod); point it at one with "
+        "--kubeconfig FILE or KUBECONFIG=FILE (`kind create cluster` writes ~/.kube/config)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
@@ -127,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
+    problem = missing_cluster_config(os.environ, Path.home())
+    if problem:
+        print(f"kubellm operator: {problem}", file=sys.stderr)
+        return 1
     try:
         import kopf  # noqa: F401
     except ImportError:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 import aiohttp
@@ -51,6 +52,44 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _operator_without_cluster(tmp_path, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_") and k != "KUBECONFIG"}
+    env.update(HOME=str(tmp_path), **env_extra)  # a home without ~/.kube/config
+    return subprocess.run(
+        [sys.executable, "-m", "kubellm.cli", "operator", "--metrics-port", "0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_without_a_kubeconfig_it_says_so_in_one_line(tmp_path):
+    out = _operator_without_cluster(tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "kubellm operator: no Kubernetes cluster configured (no ~/.kube/config, no $KUBECONFIG, not in a pod); "
+        "point it at one with --kubeconfig FILE or KUBECONFIG=FILE (`kind create cluster` writes ~/.kube/config)"
+    ]
+    missing = tmp_path / "nope.yaml"
+    out = _operator_without_cluster(tmp_path, KUBECONFIG=str(missing))
+    assert out.returncode == 1 and out.stderr.splitlines() == [
+        f"kubellm operator: KUBECONFIG={missing} names no existing file; point it (or --kubeconfig) at your "
+        "cluster's kubeconfig"
+    ]
+
+
+def test_credentials_are_found_where_kubernetes_clients_look(tmp_path):
+    token = tmp_path / "token"
+    assert cli.missing_cluster_config({}, tmp_path, str(token))
+    token.write_text("t")
+    assert cli.missing_cluster_config({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, tmp_path, str(token)) is None
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "config").write_text("apiVersion: v1\n")
+    assert cli.missing_cluster_config({}, tmp_path, str(tmp_path / "none")) is None
+    other = tmp_path / "other"
+    other.write_text("apiVersion: v1\n")
+    listed = {"KUBECONFIG": f"{tmp_path / 'gone'}{os.pathsep}{other}"}
+    assert cli.missing_cluster_config(listed, tmp_path / "elsewhere", str(tmp_path / "none")) is None
 
 
 async def test_the_kubellm_operator_process_reconciles_against_kmock(kube, tmp_path):
