@@ -16,6 +16,7 @@ from kubellm.prompt import TokenizerInfo
 
 from .errors import ModelLoadError
 from .loaded import LoadedModel
+from .safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -91,24 +92,19 @@ def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
     """The checkpoint's tensors read on access (in `dtype`), whole or as a slice (`read_slice`), never all at
-    once. The files' headers are read and checked here, so a corrupt file fails at load time as in the eager path."""
+    once, each straight into its own tensor (safetensors_file.py: no file mapping stays resident). The files'
+    headers are read and checked here, so a corrupt file fails at load time as in the eager path."""
 
     def __init__(self, path: Path, dtype: torch.dtype):
         self.dtype = dtype
-        self._files: dict[str, str] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         for file in weight_files(path):
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        self._files[key] = str(file)
-                        self._shapes[key] = tuple(f.get_slice(key).get_shape())
-            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-                raise ModelLoadError(f"corrupt or unreadable weights file {file}: {e}") from e
+            opened = SafetensorsFile(file)
+            for key in opened.entries:
+                self._files[key] = opened
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(self._files[name], framework="pt") as f:
-            return self._cast(f.get_tensor(name))
+        return self._cast(self._files[name].read(name))
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out
         return name in self._files
@@ -120,13 +116,11 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         return len(self._files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        return self._files[name].entries[name].shape
 
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """[start, stop) along `dim`, read from the file alone (the rest of the tensor is never loaded)."""
-        index = tuple([slice(None)] * dim + [slice(start, stop)])
-        with safe_open(self._files[name], framework="pt") as f:
-            return self._cast(f.get_slice(name)[index])
+        return self._cast(self._files[name].read(name, dim, start, stop))
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor

@@ -58,13 +58,14 @@ def test_bad_config_json(llama_copy):
         load_model(llama_copy)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_safetensors(llama_copy, damage):
+def test_corrupt_safetensors(llama_copy, damage, lazy):
     file = llama_copy / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes(b"\x07" * 64 if damage == "garbage" else data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="corrupt or unreadable weights file") as e:
-        load_model(llama_copy)
+        load_model(llama_copy, lazy=lazy)
     assert str(file) in str(e.value)
 
 
