@@ -121,8 +121,10 @@ def test_cuda_graph_decode_equals_eager_with_moe(loaded):
 
 
 def test_fused_kernels_equal_the_torch_reference_on_the_real_expert_shape(monkeypatch):
+    from kubellm.engine.models import moe
     from kubellm.engine.random_model import QWEN3_30B_A3B, random_loaded_model
 
+    assert moe.kernel_choice(torch.device("cuda")) == "fused_moe (triton)"
     config = dataclasses.replace(QWEN3_30B_A3B, num_hidden_layers=4)
     loaded = random_loaded_model(config, torch.bfloat16, "cuda", seed=0, std=0.02, embed_std=0.5)
     tokens = torch.randint(3, 151936, (PROMPTS, POSITIONS), generator=torch.Generator().manual_seed(2)).tolist()

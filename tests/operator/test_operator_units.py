@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kubellm.operator import apply as ap
 from kubellm.operator import status as st
 from kubellm.operator.metrics_scrape import parse_engine_metrics, parse_router_queued
@@ -105,6 +107,23 @@ def test_pod_failure_reasons():
         {"name": "engine", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}}  # fmt: skip
     assert st.pod_failure(pull).reason == "ImagePullFailed"
     assert st.pod_failure({"metadata": {"name": "p"}, "status": {"phase": "Running"}}) is None
+
+
+def test_the_engines_refusal_of_qwen3_next_reads_as_unsupported_naming_what_is_missing():
+    """examples/qwen3-coder-next-tp8.yaml: the engine's own message (its config check, no weights needed) is what
+    the pod's termination message carries; the condition's reason and message follow from it."""
+    from kubellm.engine.model_config import ModelConfig, UnsupportedModelError
+
+    config = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "num_experts": 512}
+    with pytest.raises(UnsupportedModelError) as refused:
+        ModelConfig.from_hf_config(config)
+    message = f"UnsupportedModelError: {refused.value}"
+    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [{"name": "engine", "ready": False,
+           "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+           "lastState": {"terminated": {"exitCode": 1, "message": message}}}]}}  # fmt: skip
+    failure = st.pod_failure(pod)
+    assert failure.reason == "UnsupportedArchitecture"
+    assert "hybrid linear attention" in failure.message and "mixture of experts" not in failure.message
 
 
 def test_last_transition_time_moves_only_on_flips():
