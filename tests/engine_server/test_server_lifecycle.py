@@ -82,7 +82,10 @@ async def test_non_stream_aborted_by_grace_period(slow_server):
         import asyncio
 
         task = asyncio.ensure_future(s.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 400}))
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while slow_server.server.async_engine.num_in_flight < 1:  # the request runs before the drain starts
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            await asyncio.sleep(0.01)
         slow_server.submit(slow_server.server.drain(grace_period=0.1))
         resp = await task
         body = await resp.json()

@@ -24,7 +24,12 @@ async def kube() -> AsyncIterator[tuple[StampingEmulator, str]]:
 def operator_factory(kube) -> Callable[..., Operator]:
     _, url = kube
 
-    def make(interval: float = 0.3, options: RenderOptions | None = None, metrics_port: int | None = None) -> Operator:
-        return Operator(url, interval, options, metrics_port)
+    def make(
+        interval: float = 0.3,
+        options: RenderOptions | None = None,
+        metrics_port: int | None = None,
+        peering: str | None = None,
+    ) -> Operator:
+        return Operator(url, interval, options, metrics_port, peering)
 
     return make

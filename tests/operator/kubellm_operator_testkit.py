@@ -51,6 +51,8 @@ RESOURCES["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=Fal
 RESOURCES["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
     kind="CustomResourceDefinition", namespaced=False, verbs=_VERBS
 )
+PEERINGS = "kopf.dev/v1/clusterkopfpeerings"  # kopf's peering objects (clusterwide operators)
+RESOURCES[PEERINGS] = kmock.ResourceInfo(kind="ClusterKopfPeering", namespaced=False, verbs=_VERBS)
 SERVICE_MONITORS = "monitoring.coreos.com/v1/servicemonitors"
 
 
@@ -143,9 +145,15 @@ class Operator:
     """A running operator (the same `run()` as `kubellm operator`) on a fresh kopf registry."""
 
     def __init__(
-        self, url: str, interval: float, options: RenderOptions | None = None, metrics_port: int | None = None
+        self,
+        url: str,
+        interval: float,
+        options: RenderOptions | None = None,
+        metrics_port: int | None = None,
+        peering: str | None = None,
     ) -> None:
         self.url = url
+        self.peering = peering  # a ClusterKopfPeering name: several replicas, kopf's timer for the periodic pass
         self.metrics_port = metrics_port
         self.config = OperatorConfig(render=options or RenderOptions(), interval=interval)
         self.metrics = OperatorMetrics()
@@ -172,6 +180,8 @@ class Operator:
                 registry=kopf.OperatorRegistry(),
                 login=self.login,
                 clusterwide=True,
+                standalone=self.peering is None,
+                peering_name=self.peering,
                 stop_flag=self.stop,
                 ready_flag=self.ready,
                 scanning=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import pytest
 from kubellm_operator_testkit import (
     CHILDREN,
@@ -114,6 +115,27 @@ async def test_deleting_while_the_operator_is_stopped_completes(kube, operator_f
         await op.reconciled_again()  # the periodic pass ran over it too
     await delete(url, "llama")  # the operator is stopped
     await eventually(lambda: obj(emu, CR_RES, "llama") is None)
+
+
+async def test_with_peering_the_periodic_pass_is_a_kopf_timer_holding_the_finalizer(kube, operator_factory):
+    """Several operator replicas: kopf pauses its timers on standby replicas, so the periodic pass is one (and
+    the finalizer it needs is the documented price)."""
+    emu, url = kube
+    async with aiohttp.ClientSession() as s:
+        peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "kubellm"}}
+        async with s.post(f"{url}/apis/kopf.dev/v1/clusterkopfpeerings", json=peering) as r:
+            assert r.status < 300, await r.text()
+    async with operator_factory(interval=0.2, peering="kubellm") as op:
+        await create(emu, url, llmd())
+        await eventually(lambda: obj(emu, CR_RES, "llama")["metadata"].get("finalizers") == ["kubellm.io/finalizer"])
+        await eventually(lambda: all(obj(emu, r, n) for r, n in CHILDREN))
+        mark_ready(emu, DEP_RES, "llama-engine", 1)
+        mark_ready(emu, DEP_RES, "llama-router", 1)
+        await eventually(lambda: condition(emu, "llama", "Ready")["status"] == "True", timeout=30)  # the timer saw it
+        await op.reconciled_again()
+        await delete(url, "llama")
+        # a running replica lets it go (kopf first stops the object's timer)
+        await eventually(lambda: obj(emu, CR_RES, "llama") is None, timeout=30)
 
 
 async def test_a_finalizer_left_by_an_older_operator_is_removed(kube, operator_factory):

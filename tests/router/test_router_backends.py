@@ -97,7 +97,10 @@ async def test_release_wakes_waiters():
     b = reg.backends["http://a:1"]
     reg.acquire(b)
     waiter = asyncio.create_task(reg.wait_changed(5))
-    await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while reg._waiters < 1:  # the waiter is waiting (only then can a release wake it)
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.001)
     t0 = time.monotonic()
     reg.release(b)
     await waiter
