@@ -66,6 +66,13 @@ def template_message(message: Mapping[str, Any], content_format: ContentFormat =
     return out
 
 
+def _last_text(content: str | list[dict[str, Any]]) -> str:
+    """The text a continued final message ends with: its string, or (content format "openai") its last part's."""
+    if isinstance(content, list):
+        return str(content[-1]["text"]) if content else ""
+    return content
+
+
 def _template_tool_call(call: Any) -> Any:
     function = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
@@ -194,7 +201,7 @@ class PromptRenderer:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from e
-        final = msgs[-1]["content"] if continue_final_message and msgs else ""
+        final = _last_text(msgs[-1]["content"]) if continue_final_message and msgs else ""
         cut = text.rfind(final) if final else -1
         return text[: cut + len(final)] if cut >= 0 else text
 

@@ -50,3 +50,11 @@ def test_openai_format_gives_the_template_a_list_of_parts() -> None:
 def test_string_format_joins_the_parts() -> None:
     assert _renderer(STRING_TEMPLATE).render_chat(MESSAGES, False) == "<system>Be brief.<user>Hi\nthere"
     assert _renderer(PARTS_TEMPLATE, "string").content_format == "string"
+
+
+def test_continue_final_message_in_either_format() -> None:
+    """The continued assistant turn ends the text, whether its content reached the template as parts or joined."""
+    msgs = [*MESSAGES, {"role": "assistant", "content": [{"type": "text", "text": "Hello,"}]}]
+    kw = {"continue_final_message": True}
+    assert _renderer(PARTS_TEMPLATE).render_chat(msgs, False, **kw).endswith("<assistant>[text:Hello,")
+    assert _renderer(STRING_TEMPLATE).render_chat(msgs, False, **kw).endswith("<assistant>Hello,")
