@@ -68,6 +68,9 @@ ROUTER_PREFIX_MATCH_RATIO = "kubellm_router_prefix_match_ratio"  # histogram
 ROUTER_RETRIES = "kubellm_router_retries"  # counter {model}
 ROUTER_BACKEND_HEALTHY = "kubellm_router_backend_healthy"  # gauge {backend}
 ROUTER_DISCOVERY_EVENTS = "kubellm_router_discovery_events"  # counter {kind}
+# the seq of the last KV event the router applied per replica (-1: no live stream); an engine's own is the seq of
+# its /v1/kv_events snapshot, so the difference is how far behind the router's view of that cache is
+ROUTER_KV_EVENT_SEQ = "kubellm_router_kv_event_seq"  # gauge {backend}
 
 # Operator (prefix kubellm_operator_)
 OPERATOR_DESIRED_REPLICAS = "kubellm_operator_desired_replicas"  # gauge {namespace, name}

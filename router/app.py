@@ -188,9 +188,13 @@ class Router:
         if self.health:
             self.health.probe_soon()
         if self.config.kv_events and b.slot not in self.subscribers:
+            replica = self.index.replica(b.slot)
+            self.metrics.kv_event_seq.labels(b.url).set_function(
+                lambda r=replica: float(r.seq) if r.live and r.seq is not None else -1.0
+            )
             sub = KVEventSubscriber(
                 b.url,
-                self.index.replica(b.slot),
+                replica,
                 self.session,
                 headers=self._upstream_headers,
                 on_snapshot=lambda ev, b=b: self._on_snapshot(b, ev),

@@ -32,9 +32,12 @@ class RouterMetrics:
             mn.ROUTER_BACKEND_HEALTHY, "1 if the backend takes requests", ["backend"], registry=r
         )
         self.discovery_events = Counter(mn.ROUTER_DISCOVERY_EVENTS, "Discovery events", ["kind"], registry=r)
+        self.kv_event_seq = Gauge(
+            mn.ROUTER_KV_EVENT_SEQ, "Seq of the last KV event applied (-1: no live stream)", ["backend"], registry=r
+        )
 
     def forget_backend(self, backend: str) -> None:
-        for g in (self.in_flight, self.backend_healthy):
+        for g in (self.in_flight, self.backend_healthy, self.kv_event_seq):
             try:
                 g.remove(backend)
             except KeyError:

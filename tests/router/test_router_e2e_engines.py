@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import json
 import re
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -97,6 +98,25 @@ def test_openai_client_through_router_to_real_replicas(real_stack):
     assert e.value.body["param"] == "messages.0.content"
 
 
+def _engine_kv_seq(engine: Proc) -> int:
+    """The seq of the engine's latest KV event: its /v1/kv_events stream opens with a snapshot carrying it."""
+    with urllib.request.urlopen(engine.url + "/v1/kv_events", timeout=5) as r:
+        return int(json.loads(r.readline())["seq"])
+
+
+def _router_caught_up(router: Proc, *engines: Proc) -> None:
+    """Wait until the router has applied every KV event these engines have published so far."""
+    for e in engines:
+        target, deadline = _engine_kv_seq(e), time.monotonic() + 30
+        pattern = rf'kubellm_router_kv_event_seq\{{backend="{re.escape(e.url)}"\}} ([0-9.e+-]+)'
+        while True:
+            m = re.search(pattern, http_get(router.url + "/metrics")[1])
+            if m and float(m.group(1)) >= target:
+                break
+            assert time.monotonic() < deadline, f"the router did not catch up with {e.url}'s KV events"
+            time.sleep(0.02)
+
+
 def _routes_to(router: Proc, msgs: list[dict], target: Proc) -> None:
     for q in ("What is 2+2?", "Name a colour.", "Say hi."):
         raw = client(router.url).chat.completions.with_raw_response.create(
@@ -134,17 +154,16 @@ def test_precise_prefix_routing_on_engine_kv_events(sim_pair):
     client(b.url).chat.completions.create(
         model=MODEL, messages=[*msgs, {"role": "user", "content": "Hi"}], max_tokens=1
     )
-    time.sleep(0.3)
+    _router_caught_up(router, b)
     _routes_to(router, msgs, b)
     # B's small KV pool evicts the prefix when a long unrelated prompt runs there
     filler = " ".join(f"Item {i} is a number." for i in range(212))  # ~1800 tokens of a 2048-token pool
     client(b.url).completions.create(model=MODEL, prompt=filler, max_tokens=1)
-    time.sleep(0.3)
     # A now holds it (warmed directly): the router stops preferring B and follows the cache to A
     client(a.url).chat.completions.create(
         model=MODEL, messages=[*msgs, {"role": "user", "content": "Yo"}], max_tokens=1
     )
-    time.sleep(0.3)
+    _router_caught_up(router, a, b)
     _routes_to(router, msgs, a)
 
 

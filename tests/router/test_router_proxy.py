@@ -386,6 +386,7 @@ async def test_metrics_names(engines, http):
         "kubellm_router_routing_decisions_total",
         "kubellm_router_backend_healthy",
         "kubellm_router_discovery_events_total",
+        "kubellm_router_kv_event_seq",
     ):
         assert name in text, name
     assert f'kubellm_router_requests_total{{backend="{engines[0].url}",code="200",model="m"}}' in text or (
