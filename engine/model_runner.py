@@ -103,14 +103,14 @@ class ModelRunner:
                     module.matmul = gemv.linear
         self.model.load_weights(loaded.weights)
         self.model.eval()
-        if loaded.config.num_experts and tp_rank == 0:
-            c = loaded.config
+        c = loaded.config
+        moe_kernel = moe.kernel_choice(self.device) if c.num_experts else None
+        if moe_kernel and tp_rank == 0:
             logger.info(
                 "MoE: %d experts, %d active per token, expert width %d (of it %d on this rank); MoE kernel: %s",
                 c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.moe_intermediate_size // tp_size,
-                moe.kernel_choice(self.device),
+                moe_kernel,
             )  # fmt: skip
-        c = loaded.config
         self.num_kv_heads = c.num_key_value_heads // tp_size  # this rank's KV heads (the KV cache is split by head)
         backend_cls = select_backend_class(config.attention_backend, self.device)
         self.attn: AttentionBackend = backend_cls(
@@ -132,6 +132,9 @@ class ModelRunner:
         self.use_cuda_graphs = (
             self.device.type == "cuda" and not config.enforce_eager and self.attn.supports_cuda_graphs
         )
+        if self.use_cuda_graphs and moe_kernel == "torch reference":  # it reads expert counts back to the host
+            logger.warning("MoE layers run the torch reference on CUDA: decode runs eagerly, without CUDA graphs")
+            self.use_cuda_graphs = False
         self.dummy_block = -1
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []

@@ -129,6 +129,8 @@ def test_fused_kernels_equal_the_torch_reference_on_the_real_expert_shape(monkey
     loaded = random_loaded_model(config, torch.bfloat16, "cuda", seed=0, std=0.02, embed_std=0.5)
     tokens = torch.randint(3, 151936, (PROMPTS, POSITIONS), generator=torch.Generator().manual_seed(2)).tolist()
     fused = _teacher_forced(_runner(loaded, "cuda"), tokens)
-    monkeypatch.setenv("KUBELLM_MOE_KERNEL", "torch")  # the reference syncs the host: no graphs for it
-    reference = _teacher_forced(_runner(loaded, "cuda", enforce_eager=True), tokens)
+    monkeypatch.setenv("KUBELLM_MOE_KERNEL", "torch")
+    ref_runner = _runner(loaded, "cuda")
+    assert not ref_runner._graphs, "the torch reference reads counts back to the host: it must decode eagerly"
+    reference = _teacher_forced(ref_runner, tokens)
     _compare(fused, reference, "Qwen3-30B-A3B experts, fused vs torch reference (bf16, same GPU)", 0.05)
