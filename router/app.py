@@ -54,6 +54,7 @@ def _op(summary: str, body: bool = False) -> dict[str, Any]:
             {code: {"description": d, "content": {"application/json": {"schema": _ERROR_REF}}}
              for code, d in (("400", "malformed request"), ("401", "missing or wrong API key"),
                              ("404", "model not served"), ("413", "body too large"),
+                             ("415", "body not sent as application/json"),
                              ("503", "no replica within the queue timeout (Retry-After)"))}
         )  # fmt: skip
     return op
@@ -66,7 +67,16 @@ OPENAPI: dict[str, Any] = {
         "/v1/chat/completions": {"post": _op("Chat completion, routed to a replica (SSE when stream=true)", True)},
         "/v1/completions": {"post": _op("Text completion, routed to a replica (SSE when stream=true)", True)},
         "/v1/models": {"get": _op("Models served: configured plus those healthy replicas report")},
-        "/v1/models/{model}": {"get": _op("One model's card (404 in OpenAI's shape if not served)")},
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model's card (404 in OpenAI's shape if not served)",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "OK"},
+                    "404": {"description": "model not served", "content": {"application/json": {"schema": _ERROR_REF}}},
+                },
+            }
+        },
         "/health": {"get": _op("The router is up")},
         "/metrics": {"get": _op("Prometheus metrics")},
     },

@@ -124,8 +124,8 @@ def prompt_token_ids(
         prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
     if isinstance(prompt, str):
         return renderer.encode(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
+        return prompt  # (ids no vocabulary has are the engine's to refuse; they hash as text here)
     return None
 
 
@@ -214,6 +214,7 @@ class PromptHasher:
 
 
 _THREAD_ABOVE_CHARS = 32_000
+_MAX_TOKEN_ID = 2**32 - 1  # block hashes pack ids as uint32
 
 
 def _size_hint(kind: str, body: dict[str, Any]) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from kubellm.openai_protocol import ErrorResponse, ModelList
+from kubellm.openai_protocol import ErrorResponse, ModelCard, ModelList
 
 from .protocol import (
     ChatCompletionRequest,
@@ -31,6 +31,7 @@ _MODELS: list[type[BaseModel]] = [
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
@@ -63,7 +64,7 @@ def _json_op(summary: str, request: type[BaseModel] | None, response: type[BaseM
 
 
 def _generate_op(summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
-    op = _json_op(summary, request, response, 400, 401, 404, 413, 429, 503)
+    op = _json_op(summary, request, response, 400, 401, 404, 413, 415, 429, 503)
     op["responses"]["200"]["content"]["text/event-stream"] = {
         "schema": {"type": "string", "description": "with stream=true: SSE `data: <chunk>` lines, then `data: [DONE]`"}
     }
@@ -93,10 +94,20 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "post": _generate_op("Chat completion (OpenAI)", ChatCompletionRequest, ChatCompletionResponse)
             },
             "/v1/models": {"get": _json_op("Served models", None, ModelList, 401, 503)},
-            "/tokenize": {
-                "post": _json_op("Tokenize a prompt or a conversation", TokenizeRequest, TokenizeResponse, 400, 404)
+            "/v1/models/{model}": {
+                "get": {
+                    **_json_op("One served model's card", None, ModelCard, 401, 404, 503),
+                    "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                }
             },
-            "/detokenize": {"post": _json_op("Token ids to text", DetokenizeRequest, DetokenizeResponse, 400, 404)},
+            "/tokenize": {
+                "post": _json_op(
+                    "Tokenize a prompt or a conversation", TokenizeRequest, TokenizeResponse, 400, 404, 415
+                )
+            },
+            "/detokenize": {
+                "post": _json_op("Token ids to text", DetokenizeRequest, DetokenizeResponse, 400, 404, 415)
+            },
             "/version": {"get": _json_op("Server version", None, VersionResponse)},
             "/health": {"get": {"summary": "Readiness", "responses": health}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": text}},

@@ -26,6 +26,8 @@ def test_completion_prompt_forms():
     assert prompt_token_ids(R, "completion", {"prompt": [text, "w1"]}) == word_ids(5, 50)  # the first prompt
     assert prompt_token_ids(R, "completion", {"prompt": [1, 2, 3]}) == [1, 2, 3]
     assert prompt_token_ids(R, "completion", {"prompt": None}) is None
+    for bad in ([1, -2], [1, 2**32]):  # no uint32: the engine refuses them; routing must not crash on them
+        assert prompt_token_ids(R, "completion", {"prompt": bad}) is None
 
 
 async def test_hasher_uses_salt_block_size_and_falls_back_to_text():
