@@ -32,6 +32,7 @@ from kubellm.engine.sampler import PendingSample, Sampler, SamplingState
 from kubellm.engine.sampling_params import _GEN_CFG_KEYS as GENERATION_CONFIG_KEYS
 from kubellm.engine.sampling_params import SamplingParams
 from kubellm.engine.scheduler import Scheduler, SchedulerOutput
+from kubellm.engine.structured_output import GrammarMatcher, StructuredOutputManager, llguidance_manager
 from kubellm.prompt import PromptRenderer
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class _Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     untexted: list[int] = field(default_factory=list)  # tokens for the detokenizer, fed at the end (final-only)
+    grammar: GrammarMatcher | None = None  # structured outputs: advanced over every token the engine keeps
 
 
 @dataclass(eq=False)
@@ -85,6 +87,8 @@ class _StepInFlight:
     requests: list[Request]  # the requests that sample this step, in row order
     sampled: PendingSample | list[int] | None  # a list: the simulated runner's placeholder tokens
     rows: dict[str, int] = field(default_factory=dict)  # request id -> row of its token
+    logits: Any = None  # logits not yet sampled: rows with a grammar wait for the previous step's tokens
+    seqs: list[_Sequence] = field(default_factory=list)  # the requests' sequences, for sampling `logits`
 
     def token_source(self):
         return self.sampled.token_ids if isinstance(self.sampled, PendingSample) else None
@@ -146,6 +150,9 @@ class LLMEngine:
             growth_reserve_tokens=config.kv_growth_reserve_tokens,
         )
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
+        self.structured_outputs: StructuredOutputManager = llguidance_manager(
+            self.tokenizer_info.tokenizer_json, self.model_config.vocab_size, sorted(self.eos_token_ids)
+        )
         self.async_scheduling = self._resolve_async_scheduling(config)
         if not self.runner.produces_token_ids:  # compile the CUDA sampling kernel at start-up, not on a request
             from kubellm.engine import sampling_kernels
@@ -268,6 +275,8 @@ class LLMEngine:
                 f"the prompt is {n_prompt} tokens long, but this model's maximum context length is "
                 f"{self.max_model_len} tokens (prompt plus at least one generated token)"
             )
+        if params.structured_outputs is not None:
+            self.structured_outputs.compile(params.structured_outputs)  # GrammarError (a ValueError) names the problem
         arrival = arrival_time or time.time()
         room = self.max_model_len - n_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -304,6 +313,11 @@ class LLMEngine:
                     child_params, req.prompt_token_ids, req.output_token_ids, device=self.runner.device
                 ),
                 logprobs=[] if params.logprobs is not None else None,
+                grammar=(
+                    self.structured_outputs.new_matcher(params.structured_outputs)
+                    if params.structured_outputs is not None
+                    else None
+                ),
             )
             parent.children.append(seq)
             self._seqs[child_id] = seq
@@ -362,6 +376,11 @@ class LLMEngine:
                 if parent.metrics.first_scheduled_time is None:
                     parent.metrics.first_scheduled_time = now
             launched = self._launch(sched)
+        if launched is not None and launched.logits is not None:
+            # Rows with a grammar: the bitmask needs the previous step's tokens, read back (and fed to the
+            # grammars) while the GPU runs this step's forward; then the bitmask is built and the rows sampled.
+            self._read_back(touched)
+            self._sample(launched)
         self._read_back(touched)  # the previous step's tokens, while the GPU runs the one just launched
         self._in_flight = launched
         if not overlap:
@@ -376,7 +395,8 @@ class LLMEngine:
         return outputs
 
     def _launch(self, sched: SchedulerOutput) -> _StepInFlight:
-        """Queue the batch's forward and sampling; every sampling request gets a PLACEHOLDER token."""
+        """Queue the batch's forward and sampling; every sampling request gets a PLACEHOLDER token. When a row
+        has a grammar the sampling waits: the step comes back with its `logits` for `_sample`."""
         fill = self._token_fill(sched)
         share = getattr(self.runner, "share_sampled", None)  # tensor parallel: workers need the sampled ids
         if share is not None:
@@ -388,17 +408,30 @@ class LLMEngine:
         reqs = self.scheduler.update_after_step(sched)
         if not reqs:
             return _StepInFlight([], None)
-        if self.runner.produces_token_ids:  # the simulated runner: placeholder tokens, no logits
-            sampled: PendingSample | list[int] = list(result)
-        else:
-            sampled = self.sampler.sample(result, [self._seqs[r.request_id].sampling_state for r in reqs])
-            if share is not None:
-                share(sampled.token_ids)
         for req in reqs:
             req.append_placeholder()
             if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 req.awaiting_final = True  # this token ends it: never schedule past it
-        return _StepInFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
+        step = _StepInFlight(reqs, None, {r.request_id: i for i, r in enumerate(reqs)})
+        if self.runner.produces_token_ids:  # the simulated runner: placeholder tokens, no logits
+            step.sampled = list(result)
+            return step
+        step.logits, step.seqs = result, [self._seqs[r.request_id] for r in reqs]
+        if not any(s.grammar is not None for s in step.seqs):
+            self._sample(step)
+        return step
+
+    def _sample(self, step: _StepInFlight) -> None:
+        """Queue the step's sampling, masking the rows that have a grammar (their grammars have seen every
+        token before this one: under async scheduling the caller read the previous step back first)."""
+        # A request finished meanwhile samples unmasked (its grammar may be complete); its token is dropped.
+        matchers = [s.grammar if not s.request.status.is_finished else None for s in step.seqs]
+        bitmask = self.structured_outputs.bitmask(matchers)
+        step.sampled = self.sampler.sample(step.logits, [s.sampling_state for s in step.seqs], token_bitmask=bitmask)
+        step.logits, step.seqs = None, []
+        share = getattr(self.runner, "share_sampled", None)  # tensor parallel: workers need the sampled ids
+        if share is not None:
+            share(step.sampled.token_ids)
 
     def _token_fill(self, sched: SchedulerOutput) -> TokenFill | None:
         """Where the batch's PLACEHOLDER tokens come from: the in-flight step's sampled ids on the device."""
@@ -440,6 +473,11 @@ class LLMEngine:
         if req.resolve_placeholder(token) and req.status == RequestStatus.RUNNING:
             self.kv.commit_computed(req)  # a block whose last token was in flight can enter the prefix cache
         self.generation_tokens_total += 1
+        grammar_done = False
+        if seq.grammar is not None and token not in req.eos_token_ids:
+            if not seq.grammar.accept_token(token):  # cannot happen while the mask holds; never loop on it
+                logger.error("request %s: token %d rejected by its grammar; finishing it", req.request_id, token)
+            grammar_done = seq.grammar.is_terminated()
         if seq.logprobs is not None and lp is not None:
             seq.logprobs.append(self._logprob_entry(lp))
             seq.cumulative_logprob += lp.logprob
@@ -452,7 +490,9 @@ class LLMEngine:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
         elif self.final_outputs_only and not params.stop:  # nobody reads the text before the end
             seq.untexted.append(token)
-            if n_out >= req.max_tokens or req.num_resolved_tokens >= self.max_model_len:
+            if grammar_done:
+                status = RequestStatus.FINISHED_STOPPED
+            elif n_out >= req.max_tokens or req.num_resolved_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
         else:
             if seq.untexted:
@@ -461,6 +501,8 @@ class LLMEngine:
             update = seq.detokenizer.add_token(token)
             if update.stop_string is not None:  # (the detokenizer honours none before min_tokens outputs)
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, update.stop_string
+            elif grammar_done:  # the constraint is complete: only the end of the sequence could follow
+                status = RequestStatus.FINISHED_STOPPED
             elif n_out >= req.max_tokens or req.num_resolved_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
         if status is not None:

@@ -24,6 +24,7 @@ import torch
 
 from kubellm.engine import sampling_kernels
 from kubellm.engine.sampling_params import SamplingParams
+from kubellm.engine.token_bitmask import TokenBitmask, apply_token_bitmask
 from kubellm.engine.transfer import to_device_async, to_host_async, wait_event
 
 _TOP_P_CANDIDATES = 256  # top_p heads of real LLM distributions almost always fit; others fall back to a sort
@@ -145,24 +146,31 @@ class Sampler:
         logits: torch.Tensor,
         states: Sequence[SamplingState],
         eos_token_ids: Collection[int] | None = None,
+        token_bitmask: TokenBitmask | None = None,
     ) -> SamplerOutput:
         """Sample one token per row of `logits` [B, V] (float32); row i belongs to `states[i]`."""
-        return self.sample(logits, states, eos_token_ids).result()
+        return self.sample(logits, states, eos_token_ids, token_bitmask).result()
 
     def sample(
         self,
         logits: torch.Tensor,
         states: Sequence[SamplingState],
         eos_token_ids: Collection[int] | None = None,
+        token_bitmask: TokenBitmask | None = None,
     ) -> PendingSample:
         """Queue the draws on the logits' device and start copying them back; no host sync on the common
         paths (greedy, plain temperature, seeded rows, logprobs), so the next step can be scheduled while
         the GPU still works. Only min_tokens' count of each row's outputs is read, not their values: rows
-        with penalties need their real history, and the engine schedules them synchronously."""
+        with penalties need their real history, and the engine schedules them synchronously.
+
+        `token_bitmask` (structured outputs) disallows tokens of some rows before anything else, in place on
+        float32 `logits`: as in vLLM, logprobs then describe the constrained distribution."""
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(states)} sampling states")
         eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         raw = logits.float()
+        if token_bitmask is not None:
+            apply_token_bitmask(raw, token_bitmask)
         params = [s.params for s in states]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(raw[lp_rows], dim=-1) if lp_rows else None

@@ -6,6 +6,7 @@ error that names the offending field and value.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -38,6 +39,71 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's `StructuredOutputsParams`): exactly one of a JSON schema, any
+    JSON object, a regular expression, a choice of strings, or a grammar (Lark, or GBNF/EBNF as llama.cpp writes
+    it). JSON comes out without free whitespace unless `whitespace_pattern` says which blanks may appear (a small
+    model may otherwise loop on blanks). `json` accepts a schema as a dict or as JSON text; it is kept as compact
+    JSON text in the caller's key order (properties are generated in that order), which also keys the cache of
+    compiled grammars."""
+
+    json: str | dict[str, Any] | bool | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise _bad("structured_outputs", given, "give exactly one of json, regex, choice, grammar or json_object")
+        if self.json is not None:
+            object.__setattr__(self, "json", _compact_schema(self.json))
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or (name != "whitespace_pattern" and not value)):
+                raise _bad(f"structured_outputs.{name}", value, "must be a non-empty string")
+        if self.choice is not None:
+            ok = isinstance(self.choice, list | tuple) and all(isinstance(c, str) and c for c in self.choice)
+            if not ok or not self.choice:
+                raise _bad("structured_outputs.choice", self.choice, "must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, json_object, regex, choice or grammar."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    @property
+    def source(self) -> str:
+        """The constraint's text (a choice as a JSON list), without the kind."""
+        value = {"json_object": "", "choice": json.dumps(self.choice)}.get(self.kind, getattr(self, self.kind))
+        return value if isinstance(value, str) else json.dumps(value)
+
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        """What identifies the compiled grammar: kind, source and the JSON whitespace rule."""
+        return (self.kind, self.source, self.whitespace_pattern)
+
+
+def _compact_schema(schema: Any) -> str:
+    """A JSON schema (dict, bool, or JSON text) as compact JSON text; a ValueError naming the problem otherwise."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise _bad("structured_outputs.json", schema[:80], f"is not valid JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(schema, dict | bool):
+        raise _bad("structured_outputs.json", schema, "a JSON schema must be an object (or true/false)")
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
 @dataclass
 class SamplingParams:
     """Decoding options of one request; field names and defaults follow vLLM's `SamplingParams`."""
@@ -59,6 +125,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # a JSON schema, regex, choice or grammar
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -101,6 +168,9 @@ class SamplingParams:
         stop_ok = stop_ok or (isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop))
         if not stop_ok:
             raise _bad("stop", stop, "must be a string or a list of strings")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise _bad("structured_outputs", so, "must be a StructuredOutputsParams")
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, list | tuple | set) or not all(_is_int(t) for t in ids)):
             raise _bad("stop_token_ids", ids, "must be a list of integers")

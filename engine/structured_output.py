@@ -1,0 +1,268 @@
+"""Structured outputs: constraints compiled into grammars, one matcher per sequence, and the token bitmask of a step.
+
+The grammar engine sits behind two small protocols (`GrammarBackend` compiles, `GrammarMatcher` follows one
+sequence); `LLGuidanceBackend` implements them with llguidance (JSON Schema, regex, Lark and GBNF grammars).
+`StructuredOutputManager` is what the engine and the server use: it compiles through a cache keyed by the
+constraint's source (so a schema sent on every request compiles once), bounds the source's size, and fills the
+bitmask of a batch's constrained rows on the host, in parallel, while the GPU runs the step's forward.
+
+Bitmask layout (llguidance's and vLLM's): int32 words, bit `t % 32` of word `t // 32` set when token t is
+allowed; a row of all ones (-1) allows everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from kubellm.engine.sampling_params import StructuredOutputsParams
+from kubellm.engine.token_bitmask import TokenBitmask, bitmask_words
+
+logger = logging.getLogger(__name__)
+
+MAX_SOURCE_BYTES = 64 * 1024  # a schema, regex or grammar longer than this is refused (400) before compiling
+COMPILE_TIMEOUT_S = 10.0  # the server answers 400 when compiling takes longer
+CACHE_SIZE = 512  # compiled grammars kept, least recently used dropped first
+MAX_ERROR_CHARS = 600  # llguidance's messages can quote a whole grammar
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be compiled (invalid schema, regex or grammar, or over a size limit)."""
+
+
+class GrammarMatcher(Protocol):
+    """Follows one sequence through its grammar."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance over a kept token; False when the grammar does not allow it (the matcher is then in error)."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """Nothing but the end of the sequence is allowed now."""
+        ...
+
+
+class CompiledGrammar(Protocol):
+    def new_matcher(self) -> GrammarMatcher: ...
+
+
+class GrammarBackend(Protocol):
+    vocab_size: int
+
+    def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
+        """Raises GrammarError naming the problem."""
+        ...
+
+    def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
+        """Write each matcher's allowed tokens into row `index` of `bitmask` (int32 [B, words])."""
+        ...
+
+
+# ---- llguidance ------------------------------------------------------------------------------------------
+
+
+class _LLGuidanceMatcher:
+    def __init__(self, matcher: Any):
+        self.matcher = matcher
+
+    def accept_token(self, token_id: int) -> bool:
+        return bool(self.matcher.consume_token(token_id))
+
+    def is_terminated(self) -> bool:
+        return bool(self.matcher.is_stopped())
+
+
+@dataclass(frozen=True)
+class _LLGuidanceGrammar:
+    """A compiled grammar: a matcher in its start state that every sequence copies."""
+
+    template: Any
+
+    def new_matcher(self) -> _LLGuidanceMatcher:
+        return _LLGuidanceMatcher(self.template.deep_copy())
+
+
+class LLGuidanceBackend:
+    """llguidance over the model's own tokenizer (its tokenizer.json) and vocabulary size (the LM head's rows,
+    which may exceed the tokenizer's: those ids are never allowed)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]):
+        import llguidance
+
+        self._llg = llguidance
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.LLTokenizer(
+            llguidance_tokenizer_json(tokenizer_json), n_vocab=vocab_size, eos_token=list(eos_token_ids)
+        )
+        self._executor = llguidance.LLExecutor()
+        self._limits = llguidance.LLParserLimits(verbose_errors=False)
+
+    def grammar_text(self, spec: StructuredOutputsParams) -> str:
+        """The llguidance grammar for a constraint (cheap: the expensive part is building the matcher)."""
+        llg = self._llg
+        kind = spec.kind
+        if kind in ("json", "json_object"):
+            schema: Any = json.loads(spec.source) if kind == "json" else {"type": "object"}
+            options: dict[str, Any] = {"whitespace_flexible": False}
+            if spec.whitespace_pattern is not None:
+                options = {"whitespace_pattern": spec.whitespace_pattern}
+            try:
+                return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+            except ValueError as e:
+                raise GrammarError(f"invalid JSON schema: {e}") from None
+        if kind == "regex":
+            return llg.LLMatcher.grammar_from_regex(spec.source)
+        if kind == "choice":
+            return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choice or ()))
+        try:
+            return llg.grammar_from("grammar", spec.source)  # Lark, or GBNF converted to Lark
+        except ValueError as e:
+            raise GrammarError(f"invalid grammar: {e}") from None
+
+    def compile(self, spec: StructuredOutputsParams) -> _LLGuidanceGrammar:
+        matcher = self._llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0, limits=self._limits)
+        if matcher.is_error():
+            raise GrammarError(f"invalid {_KIND_NAMES[spec.kind]}: {_short(matcher.get_error())}")
+        return _LLGuidanceGrammar(matcher)
+
+    def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
+        if not matchers:
+            return
+        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"] and bitmask.ndim == 2
+        pairs = [(m.matcher, row) for m, row in matchers]  # type: ignore[attr-defined]
+        self._executor.unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, bitmask.shape[1] * 4, bitmask.shape[0])
+
+
+def llguidance_tokenizer_json(tokenizer_json: str) -> str:
+    """The tokenizer as llguidance must see it to know each token's bytes. llguidance reads a byte-level BPE's
+    tokens through its decoder, and recognises one only by a plain ByteLevel decoder; the GGUF loader writes a
+    decoder sequence that also serves other vocabularies, through which llguidance would take "Ġ" for the
+    bytes of a space. A tokenizer whose pre-tokenizer is byte-level gets the plain decoder; others pass as is."""
+    spec = json.loads(tokenizer_json)
+    if not _has_byte_level(spec.get("pre_tokenizer")) or (spec.get("decoder") or {}).get("type") == "ByteLevel":
+        return tokenizer_json
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return json.dumps(spec)
+
+
+def _has_byte_level(pre_tokenizer: Any) -> bool:
+    if not isinstance(pre_tokenizer, dict):
+        return False
+    if pre_tokenizer.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level(p) for p in pre_tokenizer.get("pretokenizers") or ())
+
+
+_KIND_NAMES = {
+    "json": "JSON schema",
+    "json_object": "JSON object constraint",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
+
+
+def _short(message: str) -> str:
+    message = message.strip()
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
+
+
+# ---- the manager ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompileStats:
+    compiles: int = 0  # cache misses that compiled
+    cache_hits: int = 0
+
+
+class StructuredOutputManager:
+    """Compiles constraints through a cache and builds a step's bitmask. Thread-safe: the server compiles on
+    worker threads (so a slow compile never stalls the engine loop) and the engine thread then finds the
+    grammar cached. The backend is built on first use: an engine that never sees a constraint never imports
+    llguidance or wraps the tokenizer (~0.6 s)."""
+
+    def __init__(
+        self,
+        backend_factory: Callable[[], GrammarBackend],
+        *,
+        max_source_bytes: int = MAX_SOURCE_BYTES,
+        cache_size: int = CACHE_SIZE,
+        on_compile: Callable[[float], None] | None = None,
+    ):
+        self._factory = backend_factory
+        self._backend: GrammarBackend | None = None
+        self.max_source_bytes = max_source_bytes
+        self.cache_size = cache_size
+        self.on_compile = on_compile  # seconds of each compile (a metrics histogram observes it)
+        self.stats = CompileStats()
+        self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self._backend_lock = threading.Lock()
+
+    @property
+    def backend(self) -> GrammarBackend:
+        if self._backend is None:
+            with self._backend_lock:
+                if self._backend is None:
+                    self._backend = self._factory()
+        return self._backend
+
+    def check_size(self, spec: StructuredOutputsParams) -> None:
+        size = len(spec.source.encode()) + len((spec.whitespace_pattern or "").encode())
+        if size > self.max_source_bytes:
+            raise GrammarError(
+                f"the {_KIND_NAMES[spec.kind]} is {size} bytes long; at most {self.max_source_bytes} are accepted"
+            )
+
+    def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
+        """The compiled grammar of `spec`, from the cache when it was compiled before; GrammarError otherwise."""
+        key = spec.key
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.stats.cache_hits += 1
+                return hit
+        self.check_size(spec)
+        start = time.perf_counter()
+        compiled = self.backend.compile(spec)  # concurrent compiles of one key may race: both results are equal
+        seconds = time.perf_counter() - start
+        if self.on_compile is not None:
+            self.on_compile(seconds)
+        with self._lock:
+            self.stats.compiles += 1
+            self._cache[key] = compiled
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def new_matcher(self, spec: StructuredOutputsParams) -> GrammarMatcher:
+        return self.compile(spec).new_matcher()
+
+    def bitmask(self, matchers: Sequence[GrammarMatcher | None]) -> TokenBitmask | None:
+        """The bitmask of one step's constrained rows (None when no row has a matcher): rows without one are
+        left out and pay nothing. Filled by llguidance's thread pool with the GIL released."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return None
+        backend = self.backend
+        words = np.full((len(rows), bitmask_words(backend.vocab_size)), -1, dtype=np.int32)
+        backend.fill_bitmask([(matchers[r], j) for j, r in enumerate(rows)], words)  # type: ignore[misc]
+        return TokenBitmask(rows, words)
+
+
+def llguidance_manager(
+    tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], **kwargs: Any
+) -> StructuredOutputManager:
+    """The manager an engine uses: llguidance over the model's tokenizer."""
+    return StructuredOutputManager(lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids), **kwargs)

@@ -1,0 +1,83 @@
+"""Applying a step's grammar bitmask to its logits: disallowed tokens get -inf, in place, on the logits' device.
+
+On CUDA one Triton kernel touches only the constrained rows and writes only the disallowed entries (the words
+are copied from pinned memory without waiting for the stream); elsewhere a few torch ops do the same. The
+logits are the LM head's output, outside any CUDA graph, so masking never changes what a graph captured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kubellm.engine.transfer import to_device_async
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs
+    triton = None
+    tl = None
+
+BLOCK = 4096  # vocabulary entries per program
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed tokens of some rows of a batch: `words[j]` (int32, bit t % 32 of word t // 32) is row `rows[j]`'s."""
+
+    rows: list[int]
+    words: np.ndarray  # int32 [len(rows), words]
+
+    def allowed(self, j: int, vocab_size: int) -> np.ndarray:
+        """Row j's allowed token ids (tests and debugging)."""
+        bits = np.unpackbits(self.words[j].view(np.uint8), bitorder="little")[:vocab_size]
+        return np.nonzero(bits)[0]
+
+
+@torch.inference_mode()  # the model runner's logits are inference tensors
+def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
+    """Set logits[rows[j], t] = -inf for every token t that row j's words disallow (in place). Tokens past the
+    words' end are disallowed too (a vocabulary larger than the bitmask's)."""
+    if not mask.rows:
+        return
+    vocab = logits.shape[1]
+    width = mask.words.shape[1]
+    if width * 32 < vocab:
+        raise ValueError(f"a bitmask of {width} words cannot cover a vocabulary of {vocab}")
+    if logits.is_cuda and triton is not None and logits.stride(1) == 1:
+        rows = to_device_async(mask.rows, torch.int64, logits.device)
+        words = to_device_async(mask.words, torch.int32, logits.device)
+        grid = (len(mask.rows), triton.cdiv(vocab, BLOCK))
+        _mask_kernel[grid](logits, logits.stride(0), rows, words, width, vocab, BLOCK=BLOCK)
+        return
+    rows = to_device_async(mask.rows, torch.int64, logits.device)
+    words = to_device_async(mask.words, torch.int32, logits.device)
+    logits[rows] = logits[rows].masked_fill(~unpack_bitmask(words, vocab), float("-inf"))
+
+
+def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bool [rows, vocab_size]: True where allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size].bool()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mask_kernel(logits_ptr, stride, rows_ptr, words_ptr, width, vocab, BLOCK: tl.constexpr):
+        """Program (j, block): vocabulary entries [block * BLOCK, +BLOCK) of row rows[j]."""
+        j = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        row = tl.load(rows_ptr + j)
+        in_vocab = cols < vocab
+        word = tl.load(words_ptr + j * width + cols // 32, mask=in_vocab, other=-1)
+        allowed = ((word >> (cols % 32)) & 1) != 0
+        tl.store(logits_ptr + row * stride + cols, float("-inf"), mask=in_vocab & ~allowed)
