@@ -1,0 +1,138 @@
+"""Structured outputs through the engine on the embedded SmolLM2 (CPU): every answer obeys its constraint with
+n > 1, logprobs and seeds; async scheduling, chunked prefill and preemption give what plain synchronous steps
+give; a constraint that admits the unconstrained greedy answer leaves it unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.llm_engine import LLMEngine
+from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def make_engine(smollm2, **overrides) -> LLMEngine:
+    cfg = EngineConfig(model=smollm2.path, device="cpu", generation_config="vllm", **overrides)
+    return LLMEngine(cfg, loaded=smollm2)
+
+
+def chat_ids(engine: LLMEngine, text: str) -> list[int]:
+    return engine.renderer.chat_token_ids([{"role": "user", "content": text}], True)
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]):
+    ids = [engine.add_request(f"r{i}", p, params) for i, (p, params) in enumerate(requests)]
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert engine.kv.num_used_blocks == 0
+    return [final[i] for i in ids]
+
+
+def summary(outs):
+    return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    return make_engine(smollm2)
+
+
+def test_json_schema_with_n_seed_and_logprobs(engine):
+    spec = StructuredOutputsParams(json=PERSON)
+    prompt = chat_ids(engine, "Describe a person as JSON with a name, an age and tags.")
+    params = SamplingParams(temperature=1.0, seed=7, n=3, logprobs=2, max_tokens=60, structured_outputs=spec)
+    (out,) = run(engine, [(prompt, params)])
+    assert len(out.outputs) == 3
+    for c in out.outputs:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), PERSON)
+        assert len(c.logprobs) == len(c.token_ids)
+        for tid, entry in zip(c.token_ids, c.logprobs, strict=True):
+            assert entry[tid].logprob > -1e9, "the sampled token is one the constraint allows"
+    assert len({c.text for c in out.outputs}) > 1, "n samples differ"
+
+
+def test_regex_choice_and_grammar_on_completions(engine):
+    prompt = engine.renderer.encode("Q: What is the capital of France?\nA:")
+    reqs = [
+        (prompt, SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=StructuredOutputsParams(
+            regex=r" [A-Z][a-z]+\."))),
+        (prompt, SamplingParams(temperature=0.8, seed=1, max_tokens=20, structured_outputs=StructuredOutputsParams(
+            choice=["Paris", "London", "Rome"]))),
+        (prompt, SamplingParams(temperature=0.8, seed=2, max_tokens=20, structured_outputs=StructuredOutputsParams(
+            grammar='start: " " city "!"\ncity: "Paris" | "Lyon"'))),
+    ]  # fmt: skip
+    regex, choice, grammar = (o.outputs[0] for o in run(engine, reqs))
+    assert re.fullmatch(r" [A-Z][a-z]+\.", regex.text) and regex.finish_reason == "stop"
+    assert choice.text in ("Paris", "London", "Rome") and choice.finish_reason == "stop"
+    assert grammar.text in (" Paris!", " Lyon!") and grammar.finish_reason == "stop"
+
+
+def test_cut_by_max_tokens_ends_with_length(engine):
+    spec = StructuredOutputsParams(regex=r"[a-z]{40}")
+    (out,) = run(engine, [(engine.renderer.encode("Letters:"), SamplingParams(temperature=0.0, max_tokens=3,
+                                                                                structured_outputs=spec))])  # fmt: skip
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
+
+
+def test_an_admitting_constraint_leaves_greedy_output_unchanged(engine):
+    prompts = [chat_ids(engine, q) for q in ("What is the capital of France?", "Name three colours.")]
+    free = run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=12)) for p in prompts])
+    anything = StructuredOutputsParams(regex=r"(.|\n)*")
+    constrained = run(
+        engine, [(p, SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=anything)) for p in prompts]
+    )
+    assert summary(constrained) == summary(free)
+    assert "Paris" in free[0].outputs[0].text
+
+
+def test_async_scheduling_chunked_prefill_and_preemption_equal_synchronous(smollm2):
+    spec = StructuredOutputsParams(json=PERSON)
+    base = make_engine(smollm2)
+    reqs = []
+    for i in range(4):
+        prompt = chat_ids(base, f"Person number {i} as JSON, please.")
+        params = SamplingParams(temperature=0.9, seed=i, max_tokens=40, structured_outputs=spec if i % 3 else None)
+        reqs.append((prompt, params))
+    reference = summary(run(base, reqs))
+    stressed = make_engine(
+        smollm2,
+        async_scheduling=True,
+        max_num_batched_tokens=32,  # prompts of ~40 tokens prefill in chunks
+        num_gpu_blocks_override=9,
+        kv_growth_reserve_tokens=0,
+    )
+    assert stressed.async_scheduling
+    assert summary(run(stressed, reqs)) == reference
+    assert stressed.scheduler.num_preemptions > 0, "the pool is small enough to preempt"
+    for (_, params), out in zip(reqs, reference, strict=True):
+        text, reason = out[0][1], out[0][2]
+        if params.structured_outputs is not None and reason == "stop":
+            jsonschema.validate(json.loads(text), PERSON)
+    assert any(
+        p.structured_outputs is not None and o[0][2] == "stop" for (_, p), o in zip(reqs, reference, strict=True)
+    )
+
+
+def test_an_invalid_constraint_is_refused_before_queueing(engine):
+    with pytest.raises(ValueError, match="invalid regex"):
+        engine.add_request("bad", [1, 2, 3], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(")))
+    assert not engine.has_unfinished_requests()

@@ -1,0 +1,160 @@
+"""The pieces of structured outputs on their own: constraint parameters, the grammar manager (llguidance over
+the real SmolLM2 tokenizer), and the bitmask applied to logits and in the sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from kubellm.engine.sampler import Sampler, SamplingState
+from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from kubellm.engine.structured_output import GrammarError, LLGuidanceBackend, llguidance_manager
+from kubellm.engine.token_bitmask import TokenBitmask, apply_token_bitmask
+
+VOCAB = 49152
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def manager(smollm2):
+    return llguidance_manager(smollm2.tokenizer_info.tokenizer_json, smollm2.config.vocab_size, [EOS])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return Tokenizer.from_str(smollm2.tokenizer_info.tokenizer_json)
+
+
+def test_exactly_one_constraint_and_clear_errors():
+    with pytest.raises(ValueError, match="exactly one of json, regex, choice, grammar or json_object"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match=r"structured_outputs\.json.*not valid JSON"):
+        StructuredOutputsParams(json="{not json")
+    with pytest.raises(ValueError, match="must be an object"):
+        StructuredOutputsParams(json=[1, 2])
+    with pytest.raises(ValueError, match=r"choice.*non-empty list"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(ValueError, match=r"choice.*non-empty"):
+        StructuredOutputsParams(choice=["a", ""])
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(structured_outputs={"regex": "a"})  # type: ignore[arg-type]
+
+
+def test_schema_key_keeps_property_order_and_ignores_formatting():
+    a = StructuredOutputsParams(json={"type": "object", "properties": {"b": {}, "a": {}}})
+    b = StructuredOutputsParams(json='{"type": "object",\n "properties": {"b": {}, "a": {}}}')
+    assert a.key == b.key
+    assert a.source.index('"b"') < a.source.index('"a"')
+    assert StructuredOutputsParams(json=a.json, whitespace_pattern=" ?").key != a.key
+
+
+def test_every_token_has_its_true_bytes_for_the_grammar(smollm2, tokenizer):
+    """llguidance must see a space where the tokenizer decodes one (byte-level BPE writes it as 'Ġ')."""
+    backend = LLGuidanceBackend(smollm2.tokenizer_info.tokenizer_json, VOCAB, [EOS])
+    checked = 0
+    for token in range(VOCAB):
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        if "\ufffd" in text:  # a fragment of a multi-byte character
+            continue
+        assert backend.tokenizer.decode_bytes([token]) == text.encode(), token
+        checked += 1
+    assert checked > 40_000
+
+
+def _allowed(manager, matcher) -> set[int]:
+    return set(manager.bitmask([matcher]).allowed(0, VOCAB).tolist())
+
+
+def test_compile_is_cached_by_source_and_errors_name_the_problem(manager):
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"x": {"type": "integer"}}})
+    before = manager.stats.compiles
+    first = manager.compile(spec)
+    assert manager.compile(StructuredOutputsParams(json=json.dumps(json.loads(spec.source)))) is first
+    assert manager.stats.compiles == before + 1
+    with pytest.raises(GrammarError, match=r"invalid JSON schema.*/defs/x"):
+        manager.compile(StructuredOutputsParams(json={"properties": {"a": {"$ref": "#/defs/x"}}}))
+    with pytest.raises(GrammarError, match=r"(?s)invalid regex.*unclosed group"):
+        manager.compile(StructuredOutputsParams(regex="a(b"))
+    with pytest.raises(GrammarError, match="invalid grammar"):
+        manager.compile(StructuredOutputsParams(grammar="start: undefined_rule"))
+    huge = {"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(5000)}}
+    with pytest.raises(GrammarError, match=r"JSON schema is \d+ bytes long; at most 65536"):
+        manager.compile(StructuredOutputsParams(json=huge))
+
+
+def test_matcher_masks_follow_the_grammar(manager, tokenizer):
+    m = manager.new_matcher(StructuredOutputsParams(json={"type": "object"}))
+    first = _allowed(manager, m)
+    assert first and all(tokenizer.decode([t]).startswith("{") for t in first)
+    assert EOS not in first
+    for t in tokenizer.encode('{"a":1}').ids:
+        assert m.accept_token(t)
+    assert m.is_terminated()
+    assert _allowed(manager, m) == {EOS}, "a complete object admits only the end"
+    choice = manager.new_matcher(StructuredOutputsParams(choice=["yes", "no"]))
+    allowed = {tokenizer.decode([t]) for t in _allowed(manager, choice)}
+    assert allowed and allowed <= {"y", "ye", "yes", "n", "no"}
+    # GBNF is accepted as well as Lark
+    gbnf = manager.new_matcher(StructuredOutputsParams(grammar='root ::= "ab" [0-9]'))
+    assert {tokenizer.decode([t]) for t in _allowed(manager, gbnf)} <= {"a", "ab"}
+
+
+def test_json_has_no_free_whitespace_unless_a_pattern_allows_it(manager, tokenizer):
+    space = tokenizer.encode(" ").ids[0]
+    tight = manager.new_matcher(StructuredOutputsParams(json={"type": "object"}))
+    loose = manager.new_matcher(StructuredOutputsParams(json={"type": "object"}, whitespace_pattern=" ?"))
+    for m in (tight, loose):
+        assert m.accept_token(tokenizer.encode("{").ids[0])
+    assert space not in _allowed(manager, tight)
+    assert space in _allowed(manager, loose)
+
+
+def _random_mask(rows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-(2**31), 2**31, size=(rows, VOCAB // 32), dtype=np.int64).astype(np.int32)
+
+
+def test_apply_token_bitmask_matches_a_bit_by_bit_reference():
+    logits = torch.randn(5, VOCAB)
+    words = _random_mask(2, 0)
+    expected = logits.clone()
+    for j, row in enumerate([1, 3]):
+        for t in range(VOCAB):
+            if not (int(words[j, t // 32]) >> (t % 32)) & 1:
+                expected[row, t] = float("-inf")
+    apply_token_bitmask(logits, TokenBitmask([1, 3], words))
+    assert torch.equal(logits, expected)
+
+
+def test_sampler_draws_only_allowed_tokens_and_leaves_other_rows_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(6, VOCAB) * 3
+    allowed = np.zeros((3, VOCAB // 32), dtype=np.int32)
+    picks = [[5, 77, 40000], [1], [123, 124, 125, 126, 30000]]
+    for j, toks in enumerate(picks):
+        for t in toks:
+            allowed[j, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+    params = [
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0, seed=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, top_p=0.5, logprobs=1),
+        SamplingParams(temperature=1.0, top_k=5),
+    ]
+    states = [SamplingState.create(p, [1, 2, 3]) for p in params]
+    unmasked = Sampler(seed=0)(logits.clone(), states)
+    rows = [0, 2, 4]
+    for _ in range(20):
+        out = Sampler(seed=1)(logits.clone(), states, token_bitmask=TokenBitmask(rows, allowed))
+        for j, row in enumerate(rows):
+            assert out.token_ids[row] in picks[j]
+        assert out.token_ids[3] == unmasked.token_ids[3] == int(logits[3].argmax())  # unconstrained: unchanged
+        assert out.logprobs[0].token_id == out.token_ids[0] and out.logprobs[0].logprob > -1e9
+        assert all(t in picks[0] for t, _ in out.logprobs[0].top)
