@@ -517,11 +517,13 @@ class LLMEngine:
             self._num_exact_history -= 1
 
     def _logprob_entry(self, lp) -> dict[int, Logprob]:
+        """The sampled token and the top alternatives; tokens a constraint forbade (logprob -inf) are none."""
         entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self.renderer.decode([lp.token_id], False))}
-        for tid, value in lp.top:
+        top = [(tid, value) for tid, value in lp.top if value != float("-inf")]
+        for tid, value in top:
             if tid not in entry:
                 entry[tid] = Logprob(value, None, self.renderer.decode([tid], False))
-        for rank, (tid, _) in enumerate(lp.top, start=1):
+        for rank, (tid, _) in enumerate(top, start=1):
             entry[tid].rank = rank
         return entry
 

@@ -29,7 +29,6 @@ from kubellm.engine.token_bitmask import TokenBitmask, bitmask_words
 logger = logging.getLogger(__name__)
 
 MAX_SOURCE_BYTES = 64 * 1024  # a schema, regex or grammar longer than this is refused (400) before compiling
-COMPILE_TIMEOUT_S = 10.0  # the server answers 400 when compiling takes longer
 CACHE_SIZE = 512  # compiled grammars kept, least recently used dropped first
 MAX_ERROR_CHARS = 600  # llguidance's messages can quote a whole grammar
 

@@ -30,6 +30,8 @@ REQUEST_PARAMS_N = "vllm:request_params_n"  # histogram of the n sampling parame
 # kubellm additions beside vLLM's names (block counts let tests and the soak check for leaks exactly)
 KV_CACHE_BLOCKS_USED = "kubellm:kv_cache_blocks_used"
 KV_CACHE_BLOCKS_TOTAL = "kubellm:kv_cache_blocks_total"
+STRUCTURED_OUTPUT_COMPILE_TIME = "kubellm:structured_output_compile_seconds"  # histogram: grammar compiles
+STRUCTURED_OUTPUT_REQUESTS = "kubellm:structured_output_requests"  # counter, label kind (json, regex, ...)
 
 ENGINE_METRICS = [
     NUM_REQUESTS_RUNNING,
@@ -55,6 +57,8 @@ ENGINE_METRICS = [
     REQUEST_PARAMS_N,
     KV_CACHE_BLOCKS_USED,
     KV_CACHE_BLOCKS_TOTAL,
+    STRUCTURED_OUTPUT_COMPILE_TIME,
+    STRUCTURED_OUTPUT_REQUESTS,
 ]
 
 # Router (prefix kubellm_router_)

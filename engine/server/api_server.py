@@ -332,6 +332,7 @@ def build_app(async_engine: AsyncEngine, metrics_: ServerMetrics, settings: Serv
     app[SERVING_KEY] = OpenAIServing(
         async_engine, settings.served_model_names, settings.max_logprobs, settings.chat_parsing
     )
+    app[SERVING_KEY].on_constrained_request = metrics_.on_constrained_request
     app[METRICS_KEY] = metrics_
     app[SETTINGS_KEY] = settings
     app[STATE_KEY] = ServerState()
@@ -410,6 +411,9 @@ class Server:
     async def start_engine(self) -> None:
         await self.async_engine.start()
         self._cache_info.update(cache_info(self.async_engine.engine))
+        grammars = getattr(self.async_engine.engine, "structured_outputs", None)
+        if grammars is not None:
+            grammars.on_compile = self.metrics.grammar_compile.observe
 
     async def start(self) -> None:
         await self.start_http()

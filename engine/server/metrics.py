@@ -79,6 +79,10 @@ class _EngineStatsCollector(Collector):
         yield info
 
 
+COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
 class ServerMetrics:
     """One registry per server (not the global one), so several servers can live in one test process."""
 
@@ -117,6 +121,18 @@ class ServerMetrics:
         self.inference_time = hist(mn.REQUEST_INFERENCE_TIME, "First scheduled to last token.", REQUEST_BUCKETS)
         self.iteration_tokens = hist(mn.ITERATION_TOKENS, "Tokens scheduled per engine step.", STEP_TOKEN_BUCKETS)
         self.params_n = hist(mn.REQUEST_PARAMS_N, "The n sampling parameter per finished request.", N_BUCKETS)
+        self.grammar_compile = Histogram(
+            mn.STRUCTURED_OUTPUT_COMPILE_TIME,
+            "Time to compile an output constraint (cache misses only).",
+            lbl,
+            buckets=COMPILE_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.constrained_requests = Counter(
+            mn.STRUCTURED_OUTPUT_REQUESTS, "Requests with an output constraint.", [*lbl, "kind"], registry=self.registry
+        )
+        for kind in STRUCTURED_OUTPUT_KINDS:
+            self.constrained_requests.labels(model_name, kind)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
         self._progress: dict[str, _Progress] = {}
@@ -164,6 +180,9 @@ class ServerMetrics:
         """Tokens the engine scheduled in one step (engine thread)."""
         if num_tokens:
             self.iteration_tokens.labels(self.model_name).observe(num_tokens)
+
+    def on_constrained_request(self, kind: str) -> None:
+        self.constrained_requests.labels(self.model_name, kind).inc()
 
     def on_abort(self, request_id: str) -> None:
         """An abort the engine reports no output for (client gone, shutdown): counted as finished_reason=abort."""

@@ -4,6 +4,10 @@ Requests forbid unknown top-level fields as OpenAI does ("Unrecognized request a
 vLLM's sampling extensions (top_k, min_p, repetition_penalty, ...) that OpenAI clients pass via
 `extra_body`. Fields OpenAI defines that we do not implement are accepted when ignoring them cannot change
 the result (metadata, store, user, ...) and refused otherwise (the deprecated functions, logit_bias, ...).
+
+Constraints on the output come in three spellings, all turned into one `StructuredOutputsParams`: OpenAI's
+`response_format` (json_object, json_schema) on chat, vLLM's `structured_outputs` object, and vLLM's older
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` keys. A request gives at most one constraint.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from kubellm.engine.sampling_params import StructuredOutputsParams
 from kubellm.openai_protocol import ErrorInfo, ErrorResponse, ModelCard, ModelList
 
 __all__ = [
@@ -58,6 +63,27 @@ class StreamOptions(_Request):
     include_obfuscation: bool | None = None  # OpenAI's side-channel padding; nothing to obfuscate locally
 
 
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` request object (the keys kubellm implements)."""
+
+    json_: dict[str, Any] | str | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+
+    def params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(
+            json=self.json_,
+            regex=self.regex,
+            choice=self.choice,
+            grammar=self.grammar,
+            json_object=bool(self.json_object),
+            whitespace_pattern=self.whitespace_pattern,
+        )
+
+
 class _SamplingFields(_Request):
     """Fields shared by completions and chat: OpenAI's, then vLLM's extensions."""
 
@@ -91,6 +117,13 @@ class _SamplingFields(_Request):
     request_id: str | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
     return_token_ids: bool = False  # the response carries the prompt's and each choice's token ids
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: llguidance serves every constraint
 
     @field_validator("stop")
     @classmethod
@@ -114,6 +147,40 @@ class _SamplingFields(_Request):
             raise UnsupportedField("stream_options", "is only allowed when stream is true")
         if self.return_token_ids and self.stream:
             raise UnsupportedField("return_token_ids", "is supported without streaming only")
+
+    def constraint(self) -> tuple[StructuredOutputsParams, str] | None:
+        """The request's output constraint and the field that gave it; ValueError naming the field when it is
+        invalid or when two fields give one."""
+        found: list[tuple[str, Any]] = []
+        if self.structured_outputs is not None:
+            found.append(("structured_outputs", self.structured_outputs.params))
+        guided = {
+            "guided_json": "json",
+            "guided_regex": "regex",
+            "guided_choice": "choice",
+            "guided_grammar": "grammar",
+        }
+        for name, key in guided.items():
+            if getattr(self, name) is not None:
+                value = getattr(self, name)
+                pattern = self.guided_whitespace_pattern
+                found.append(
+                    (name, lambda k=key, v=value, w=pattern: StructuredOutputsParams(**{k: v}, whitespace_pattern=w))
+                )
+        found += self._response_format_constraint()
+        if not found:
+            return None
+        if len(found) > 1:
+            names = ", ".join(name for name, _ in found)
+            raise ValueError(f"{found[1][0]}: give one output constraint per request, not {names}")
+        name, build = found[0]
+        try:
+            return build(), name
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    def _response_format_constraint(self) -> list[tuple[str, Any]]:
+        return []
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -210,9 +277,33 @@ class ChatMessage(_Request):
         return "".join(part.text or "" for part in self.content)
 
 
+class JSONSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`. The schema is enforced whether or not `strict` is set."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema is only allowed with type json_schema, not {self.type!r}")
+        return self
+
+    def params(self) -> StructuredOutputsParams:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        assert self.json_schema is not None
+        schema = self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+        return StructuredOutputsParams(json=schema)
 
 
 class FunctionDefinition(_Request):
@@ -276,8 +367,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise UnsupportedField("functions", "(function calling) is not supported by kubellm")
         if self.function_call not in (None, "none", "auto"):
             raise UnsupportedField("function_call", "is not supported by kubellm")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedField("response_format", f"type {self.response_format.type!r} is not supported")
         if self.modalities and any(m != "text" for m in self.modalities):
             raise UnsupportedField("modalities", "other than text are not supported")
         if self.audio:
@@ -292,6 +381,11 @@ class ChatCompletionRequest(_SamplingFields):
             )
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise UnsupportedField("continue_final_message", "needs the last message to be from the assistant")
+
+    def _response_format_constraint(self) -> list[tuple[str, Any]]:
+        if self.response_format is None or self.response_format.type == "text":
+            return []
+        return [("response_format", self.response_format.params)]
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

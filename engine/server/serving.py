@@ -67,6 +67,7 @@ _SAMPLING_FIELDS = (
     "repetition_penalty",
 )
 LONG_PROMPT_CHARS = 20_000  # tokenize longer prompts off the event loop
+COMPILE_TIMEOUT_S = 10.0  # a constraint compiling longer than this is refused with a 400
 
 
 @dataclass
@@ -118,6 +119,8 @@ class OpenAIServing:
         self.served_model_names = served_model_names
         self.max_logprobs = max_logprobs
         self._sampling_params_cls: Any = None
+        self.compile_timeout_s = COMPILE_TIMEOUT_S
+        self.on_constrained_request: Any = None  # kind -> None (a metrics counter)
 
     @property
     def engine(self) -> Any:
@@ -181,9 +184,21 @@ class OpenAIServing:
             kw["stop_token_ids"] = list(req.stop_token_ids)
         if plan is not None and self._parses_output(plan) and "skip_special_tokens" not in req.model_fields_set:
             kw["skip_special_tokens"] = False  # tool-call and think markers are special tokens in many vocabularies
+        try:
+            constraint = req.constraint()
+        except ValueError as e:
+            raise bad_request(str(e), str(e).split(":", 1)[0], "invalid_value") from e
         schema = forced_calls_schema(plan) if plan is not None else None
+        if schema is not None and constraint is not None:
+            raise bad_request(
+                f"{constraint[1]}: an output constraint cannot be combined with a forced tool_choice",
+                constraint[1],
+                "invalid_value",
+            )
         if schema is not None:
             kw["structured_outputs"] = self._forced_calls_constraint(schema)
+        elif constraint is not None:
+            kw["structured_outputs"] = constraint[0]
         if logprobs is not None:
             kw["logprobs"] = logprobs
         for name in _SAMPLING_FIELDS:
@@ -204,6 +219,35 @@ class OpenAIServing:
             return cls(**kw)
         except ValueError as e:
             raise from_value_error(e, kw.keys()) from e
+
+    async def compile_constraint(self, req: CompletionRequest | ChatCompletionRequest, params: Any) -> None:
+        """Compile the request's output constraint on a worker thread (the engine thread then finds it in the
+        cache), bounded in time: an invalid or too costly constraint is a 400 naming its field."""
+        spec = getattr(params, "structured_outputs", None)
+        if spec is None:
+            return
+        given = req.constraint()
+        field = given[1] if given is not None else "tools"  # else: a forced tool_choice's arguments schema
+        manager = getattr(self.engine, "structured_outputs", None)
+        if manager is None:
+            raise UnsupportedField(field, "(structured outputs) is not supported by this engine")
+        from kubellm.engine.structured_output import GrammarError
+
+        loop = asyncio.get_running_loop()
+        try:
+            manager.check_size(spec)
+            await loop.run_in_executor(None, lambda: manager.backend)  # first use wraps the tokenizer, untimed
+            await asyncio.wait_for(loop.run_in_executor(None, manager.compile, spec), self.compile_timeout_s)
+        except GrammarError as e:
+            raise bad_request(f"{field}: {e}", field, "invalid_value") from e
+        except TimeoutError as e:
+            raise bad_request(
+                f"{field}: compiling the constraint took longer than {self.compile_timeout_s:g} s; simplify it",
+                field,
+                "invalid_value",
+            ) from e
+        if self.on_constrained_request is not None:
+            self.on_constrained_request(spec.kind)
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         model_config = getattr(self.engine, "model_config", None)
@@ -298,6 +342,7 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest, request_id: str) -> CompletionResponse:
         prompts = await self.prepare_completion(req)
         params = self.build_params(req, max(len(p.token_ids) for p in prompts), req.logprobs)
+        await self.compile_constraint(req, params)
         streams = self._submit(request_id, prompts, params, req.priority, req.cache_salt)
         tally = _Tally()
         try:
@@ -337,6 +382,7 @@ class OpenAIServing:
         """Validates and submits first (errors raise before any byte), then returns the chunk generator."""
         prompts = await self.prepare_completion(req)
         params = self.build_params(req, max(len(p.token_ids) for p in prompts), req.logprobs)
+        await self.compile_constraint(req, params)
         streams = self._submit(request_id, prompts, params, req.priority, req.cache_salt)
         return _errors_in_band(self._completion_chunks(req, request_id, prompts, streams))
 
@@ -467,6 +513,7 @@ class OpenAIServing:
         plan = plan_tools(req, self.chat_parsing)
         k = self._chat_logprobs_k(req)
         params = self.build_params(req, len(prompt.token_ids), k, plan)
+        await self.compile_constraint(req, params)
         streams = self._submit(request_id, [prompt], params, req.priority, req.cache_salt)
         try:
             out = await _last_output(streams[0])
@@ -515,6 +562,7 @@ class OpenAIServing:
         plan = plan_tools(req, self.chat_parsing)
         k = self._chat_logprobs_k(req)
         params = self.build_params(req, len(prompt.token_ids), k, plan)
+        await self.compile_constraint(req, params)
         streams = self._submit(request_id, [prompt], params, req.priority, req.cache_salt)
         parsers = [self._output_parser(req, plan, prompt) for _ in range(req.n or 1)]
         return _errors_in_band(self._chat_chunks(req, request_id, prompt, streams, k, parsers))
