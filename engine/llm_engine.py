@@ -475,9 +475,11 @@ class LLMEngine:
         self.generation_tokens_total += 1
         grammar_done = False
         if seq.grammar is not None and token not in req.eos_token_ids:
-            if not seq.grammar.accept_token(token):  # cannot happen while the mask holds; never loop on it
-                logger.error("request %s: token %d rejected by its grammar; finishing it", req.request_id, token)
-            grammar_done = seq.grammar.is_terminated()
+            if seq.grammar.accept_token(token):
+                grammar_done = seq.grammar.is_terminated()
+            else:  # cannot happen while the mask holds; a matcher in error would mask every token, so stop here
+                logger.error("request %s: token %d rejected by its grammar; stopping it", req.request_id, token)
+                grammar_done = True
         if seq.logprobs is not None and lp is not None:
             seq.logprobs.append(self._logprob_entry(lp))
             seq.cumulative_logprob += lp.logprob
