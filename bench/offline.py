@@ -657,6 +657,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--profile", action="store_true", help="(d): profile decode steps at batch 1 and 256")
     p.add_argument(
+        "--decode-micro",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time both flashinfer decode kernels alone first (Llama shape) and let the engine use the faster",
+    )
+    p.add_argument(
         "--prefill-backends", default="", help="time flashinfer prefill attention on these backends (e.g. fa2,fa3)"
     )
     p.add_argument("--decode-batches", default="1,32,128,256")
@@ -715,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     r["ceilings"] = measure_ceilings(device)
     log.info("ceilings: %s", r["ceilings"])
     set_bounds(r, shape(args.shape))
-    if args.shape == "llama-3.1-8b":  # decode attention alone, both flashinfer decode kernels, on this shape's heads
+    if args.decode_micro and args.shape == "llama-3.1-8b":  # both flashinfer decode kernels alone, on these heads
         micro = {}
         for tc in (False, True):
             for b in (1, 8, 32, 256):
