@@ -89,18 +89,21 @@ def _kernel_module() -> ModuleType | None:
     return _kernels["module"]
 
 
-def kernel_choice(device: torch.device) -> str:
-    """Which implementation the MoE layers run on `device`: "fused_moe (triton)" or "torch reference"."""
+def _kernels_for(device: torch.device) -> ModuleType | None:
+    """The fused kernel module when the layer should use it on `device`, else None (the torch reference)."""
     wanted = os.environ.get(_KERNEL_ENV, "auto")
     if wanted not in ("auto", "torch"):
         raise ValueError(f"{_KERNEL_ENV} must be 'auto' or 'torch', got {wanted!r}")
-    if device.type == "cuda" and wanted == "auto" and _kernel_module() is not None:
-        return "fused_moe (triton)"
-    return "torch reference"
+    return _kernel_module() if device.type == "cuda" and wanted == "auto" else None
+
+
+def kernel_choice(device: torch.device) -> str:
+    """Which implementation the MoE layers run on `device`: "fused_moe (triton)" or "torch reference"."""
+    return "fused_moe (triton)" if _kernels_for(device) is not None else "torch reference"
 
 
 def _impl(x: torch.Tensor) -> tuple[Callable, Callable]:
-    module = _kernel_module() if x.is_cuda and os.environ.get(_KERNEL_ENV, "auto") == "auto" else None
+    module = _kernels_for(x.device)
     if module is None:
         return reference_topk, reference_experts
     return module.fused_topk, module.fused_experts
