@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -307,6 +306,3 @@ class JsonExtent:
                 if self._depth == 0:
                     return self._pos
         return None
-
-
-WHITESPACE = frozenset(string.whitespace)
