@@ -561,6 +561,8 @@ def test_required_choice_emits_each_call_when_its_object_closes() -> None:
     ]
     for label, chunks in all_splits(REQUIRED_OUTPUT):
         assert parse_stream(_forced("required"), chunks) == whole, label
+    first_cut = REQUIRED_OUTPUT[:30]  # max_tokens inside the first call: the text as written
+    assert parse_stream(_forced("required"), [first_cut]).content == first_cut
     cut = parse_stream(_forced("required"), [REQUIRED_OUTPUT[:-20]])  # max_tokens inside the second call
     assert [t.name for t in cut.tool_calls] == ["get_weather"]
     assert cut.content == REQUIRED_OUTPUT[REQUIRED_OUTPUT.index('{"name": "search"') : -20]

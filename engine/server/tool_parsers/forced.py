@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import JsonExtent, ToolCallDelta, ToolParser, json_object
+from .base import JsonExtent, ParsedDelta, ToolCallDelta, ToolParser, json_object
 from .hermes import name_and_arguments
 
 
@@ -42,6 +42,11 @@ class RequiredCallsParser(ToolParser):
         super().__init__(tools, **kwargs)
         self._state = "open"
         self._extent = JsonExtent()
+
+    def finish(self) -> ParsedDelta:
+        if self._state == "item" and self._buf and not self._n_calls:
+            self._buf = "[" + self._buf  # cut off before its first call: the text as the model wrote it
+        return super().finish()
 
     def _advance(self, final: bool) -> None:
         while True:
