@@ -234,3 +234,15 @@ def test_an_answer_sent_back_in_the_history_is_accepted_and_rendered(client, rep
     text = httpx.post(replay_server.url + "/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>' in text
     assert "<tool_response>\nsunny\n</tool_response>" in text
+
+
+def test_each_of_n_choices_is_parsed_on_its_own(client):
+    kwargs = {"messages": _ask("case-one-call"), "tools": TOOLS, "n": 2}
+    whole = client.chat.completions.create(model=MODEL, **kwargs)
+    streamed = _streamed(client, **kwargs)
+    for choices in (whole.choices, streamed.choices):
+        assert [c.index for c in choices] == [0, 1]
+        for c in choices:
+            assert c.message.content == "Let me check the forecast.\n"
+            assert _calls(c.message) == [("get_weather", {"city": "Paris", "days": 2})]
+            assert c.finish_reason == "tool_calls"
