@@ -116,6 +116,8 @@ def tune_bucket(timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: t
         align_ms = 0.0 if direct else timer(lambda bm=bm: fused_moe.align_pairs(ids, e, bm))
         up_t = {c: timer(lambda c=c, al=al: fused_moe.gate_up(x, w13, al, k, c)) for c in candidates(bm)}
         up = min(up_t, key=up_t.get)
+        if up_t[up] == float("inf"):
+            continue  # no tiling of this height ran
         activated = fused_moe.gate_up(x, w13, al, k, up)
         dn_t = {(c, False): timer(lambda c=c, a=activated, al=al: down_and_sum(a, al, c)) for c in candidates(bm)}
         if direct:
@@ -125,6 +127,8 @@ def tune_bucket(timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: t
         total = align_ms + up_t[up] + dn_ms
         if best is None or total < best[0]:
             best = (total, MoeConfig(bm, up, dn, direct, fuse), align_ms, up_t[up], dn_ms)
+    if best is None:
+        raise RuntimeError(f"no fused MoE tiling ran for {t} tokens")
     _, cfg, align_ms, up_ms, dn_ms = best
     return {"config": cfg, "align_ms": align_ms, "gate_up_ms": up_ms, "down_ms": dn_ms}
 
