@@ -124,6 +124,8 @@ def tune_bucket(timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: t
             for c in down_sum_candidates(inter, k):
                 dn_t[(c, True)] = timer(lambda c=c, a=activated, al=al: fused_moe.down_sum(a, w2, al, k, w, c, out))
         (dn, fuse), dn_ms = min(dn_t.items(), key=lambda kv: kv[1])
+        if dn_ms == float("inf"):
+            continue
         total = align_ms + up_t[up] + dn_ms
         if best is None or total < best[0]:
             best = (total, MoeConfig(bm, up, dn, direct, fuse), align_ms, up_t[up], dn_ms)
