@@ -87,6 +87,7 @@ class Reconciler:
         self._tracked: dict[tuple[str, str], _Tracked] = {}
         self._sm_checked: tuple[float, bool] | None = None
         self._http: aiohttp.ClientSession | None = None
+        self._warned_unreachable = False
 
     async def close(self) -> None:
         if self._http is not None:
@@ -287,12 +288,11 @@ class Reconciler:
                 if st.pod_ready(p) and (p.get("status") or {}).get("podIP")
             ]
 
-        engine_texts = await fetch_all(
-            self._http, urls(engine_pods, "engine", rd.ENGINE_PORT), self.config.scrape_timeout
-        )
-        router_texts = await fetch_all(
-            self._http, urls(router_pods, "router", rd.ROUTER_PORT), self.config.scrape_timeout
-        )
+        engine_urls = urls(engine_pods, "engine", rd.ENGINE_PORT)
+        router_urls = urls(router_pods, "router", rd.ROUTER_PORT)
+        engine_texts = await fetch_all(self._http, engine_urls, self.config.scrape_timeout)
+        router_texts = await fetch_all(self._http, router_urls, self.config.scrape_timeout)
+        self._warn_if_unreachable([*engine_urls, *router_urls], [*engine_texts, *router_texts])
         loads = [parse_engine_metrics(t, model) for t in engine_texts if t is not None]
         queued = sum(parse_router_queued(t, model) for t in router_texts if t is not None)
         return Sample(
@@ -302,6 +302,18 @@ class Reconciler:
             running=sum(x.running for x in loads),
             kv_usage=(sum(x.kv_usage for x in loads) / len(loads)) if loads else 0.0,
             router_queued=queued,
+        )
+
+    def _warn_if_unreachable(self, urls: list[str], texts: list[str | None]) -> None:
+        """Once per process: every ready pod's /metrics went unanswered -- what an operator outside the cluster
+        sees, as pod IPs are not routable from there. Autoscaling then holds replicas where they are."""
+        if self._warned_unreachable or not urls or any(t is not None for t in texts):
+            return
+        self._warned_unreachable = True
+        log.warning(
+            "no ready pod answered its /metrics (e.g. %s): autoscaling has no load signal and holds replicas. "
+            "An operator running outside the cluster cannot reach pod IPs; run it in the cluster (the Helm chart)",
+            urls[0],
         )
 
     def _status_delta(

@@ -125,3 +125,28 @@ async def test_scale_to_zero_when_idle_and_back_from_router_queue(kube, operator
     finally:
         await eng_runner.cleanup()
         await rtr_runner.cleanup()
+
+
+async def test_unreachable_pod_metrics_hold_replicas_and_say_why_once(kube, operator_factory, caplog):
+    """What an operator outside the cluster sees: pod IPs answer nothing. No load is invented from that (replicas
+    stay), and one warning says autoscaling needs the operator in the cluster."""
+    emu, url = kube
+    closed = free_port()  # nothing listens there
+    caplog.set_level("WARNING", logger="kubellm.operator")
+    async with operator_factory(interval=0.2) as op:
+        cr = {
+            "apiVersion": "kubellm.io/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": "tiny", "namespace": NS},
+            "spec": {"model": {"source": "builtin:smollm2-135m-instruct", "servedModelName": "tiny"},
+                     "resources": {"gpusPerReplica": 0},
+                     "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 3,
+                                     "scaleUpStabilizationSeconds": 0, "scaleDownDelaySeconds": 0}},
+        }  # fmt: skip
+        await create(emu, url, cr)
+        await eventually(lambda: obj(emu, DEP_RES, "tiny-engine"))
+        emu.objects["v1/pods", NS, "tiny-engine-a"] = pod("tiny-engine-a", "engine", closed)
+        await op.reconciled_again(6)
+        assert obj(emu, DEP_RES, "tiny-engine")["spec"]["replicas"] == 1
+    warnings = [r.getMessage() for r in caplog.records if "no ready pod answered its /metrics" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"127.0.0.1:{closed}/metrics" in warnings[0] and "run it in the cluster (the Helm chart)" in warnings[0]
