@@ -210,16 +210,18 @@ class LLMEngine:
         start, naming the largest that fits; the model's own length is clamped to the pool, with a log line."""
         if self.max_model_len <= pool_tokens:
             return self.max_model_len
+        on_gpu = getattr(getattr(self.runner, "device", None), "type", None) == "cuda"
+        more = "--gpu-memory-utilization or --kv-cache-memory-bytes" if on_gpu else "--kv-cache-memory-bytes"
         if self.config.max_model_len is not None:
             raise ValueError(
                 f"max_model_len {self.max_model_len} does not fit the KV cache, which holds {pool_tokens} tokens; "
                 f"the largest max_model_len that fits is {pool_tokens}. Lower --max-model-len, or give the KV "
-                "cache more memory (--gpu-memory-utilization, --kv-cache-memory-bytes)"
+                f"cache more memory ({more})"
             )
         logger.warning(
-            "max_model_len lowered from the model's %d to %d: that is what the KV cache holds "
-            "(give it more memory with --gpu-memory-utilization or --kv-cache-memory-bytes)",
-            self.max_model_len, pool_tokens,
+            "max_model_len lowered from the model's %d to %d: that is what the KV cache holds (give it more "
+            "memory with %s)",
+            self.max_model_len, pool_tokens, more,
         )  # fmt: skip
         return pool_tokens
 
