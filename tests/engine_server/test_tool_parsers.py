@@ -586,3 +586,26 @@ def test_forced_calls_schema_accepts_exactly_the_calls_the_tools_allow() -> None
         jsonschema.validate(json.loads(REQUIRED_OUTPUT), single)
     assert forced_calls_schema(ToolPlan("named", TOOLS, function="search")) == TOOLS[1]["function"]["parameters"]
     assert forced_calls_schema(ToolPlan("auto", TOOLS)) is None
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser goes (it raises RecursionError)
+
+
+@pytest.mark.parametrize(
+    ("parser", "opening", "closing"),
+    [
+        ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a": ', "}}\n</tool_call>"),
+        ("mistral", "[TOOL_CALLS][", "]"),
+        ("llama3_json", '{"name": "f", "parameters": {"a": ', "}}"),
+    ],
+)
+def test_nesting_too_deep_to_parse_is_content_not_an_error(parser: str, opening: str, closing: str) -> None:
+    text = opening + DEEP + closing
+    msg = parse_stream(_parser(parser), [text])
+    assert (msg.content, msg.tool_calls) == (text, [])
+
+
+def test_a_parameter_value_too_deep_to_parse_stays_text() -> None:
+    text = f"<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>{DEEP}</arg_value>\n</tool_call>"
+    msg = parse_stream(_parser("glm45"), [text])
+    assert [(t.name, json.loads(t.arguments)) for t in msg.tool_calls] == [("f", {"a": DEEP})]

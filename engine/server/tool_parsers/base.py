@@ -107,7 +107,7 @@ def json_object(text: str) -> dict[str, Any] | None:
     """`text` parsed as a JSON object, or None when it is not one."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes is no call either
         return None
     return value if isinstance(value, dict) else None
 
@@ -137,7 +137,7 @@ def convert_parameter(raw: str, schema: dict[str, Any] | None) -> Any:
         return raw
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw
 
 

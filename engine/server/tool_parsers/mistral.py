@@ -123,7 +123,7 @@ class MistralToolParser(ToolParser):
     def _array_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
         try:
             items = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(items, list) or not items:
             return None
