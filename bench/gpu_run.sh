@@ -6,6 +6,7 @@
 #   bench/gpu_run.sh test|bench|all [args for python -m bench.offline]
 #   bench/gpu_run.sh tp [args for python -m bench.offline]     (a 2- or 4-GPU machine)
 #   bench/gpu_run.sh peer [args for python -m bench.peer_vllm] (vLLM, installed in $VSITE by vllm-install.sh)
+#   bench/gpu_run.sh structured --tokenizer-json bench/smollm2-tokenizer.json  (bench/structured.py)
 #
 # The peer side by side (vLLM 0.26.0 on the same machine; each transfer carries at most 64 MiB, and the machine stays
 # warm for 30 s between calls, so the calls follow each other at once). Here: shared/gpu/wheels.sh .gpu/whl and
@@ -90,6 +91,11 @@ if [ "$mode" = tp ]; then
   left=$((TIME_LIMIT - SECONDS - 30))
   [ "${TP_BENCH:-1}" = 1 ] && python3 -m bench.offline --out-dir "$OUT" --deadline-s "$left" --tensor-parallel-size "$sizes" \
     --workloads d,a,b --decode-batches 1 --skip-hf --scale "${TP_SCALE:-0.5}" "$@" 2>&1 | tee "$OUT/bench-tp.log"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+if [ "$mode" = structured ]; then  # bench/structured.py: JSON schema vs unconstrained (needs llguidance in $WHEELS)
+  timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.structured --out-dir "$OUT" "$@" 2>&1 \
+    | tee "$OUT/structured.log"
   rc=$((rc | PIPESTATUS[0]))
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then

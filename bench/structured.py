@@ -41,22 +41,29 @@ def dump_tokenizer(path: Path) -> None:
     path.write_text(info.tokenizer_json)
 
 
-def build_engine(tokenizer_json: str, max_num_seqs: int):
+def build_engine(tokenizer_json: str, max_num_seqs: int, smoke: bool = False):
+    """The Llama-3.1-8B shape (SmolLM2's vocabulary) in bf16 on CUDA; `smoke`: SmolLM2's own shape on the CPU,
+    to check this script end to end without a GPU."""
     import torch
 
     from bench.shapes import shape as model_shape
     from kubellm.engine.config import EngineConfig
     from kubellm.engine.llm_engine import LLMEngine
     from kubellm.engine.model_config import ModelConfig
-    from kubellm.engine.random_model import random_loaded_model
+    from kubellm.engine.random_model import SMOLLM2_135M, random_loaded_model
+    from kubellm.prompt import TokenizerInfo
 
     hf = {**model_shape("llama-3.1-8b"), "vocab_size": SMOLLM2_VOCAB, "bos_token_id": 1, "eos_token_id": 2}
-    shape = ModelConfig.from_hf_config(hf)
-    loaded = random_loaded_model(shape, torch.bfloat16, "cuda", seed=0, name="llama-3.1-8b-smollm2-vocab")
-    loaded.tokenizer_info = loaded.tokenizer_info.model_copy(update={"tokenizer_json": tokenizer_json})
+    shape = SMOLLM2_135M if smoke else ModelConfig.from_hf_config(hf)
+    device = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    loaded = random_loaded_model(shape, dtype, device, seed=0, name="llama-3.1-8b-smollm2-vocab")
+    loaded.tokenizer_info = TokenizerInfo(
+        tokenizer_json=tokenizer_json, bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )  # SmolLM2's ids 1 and 2
     config = EngineConfig(
         model="llama-3.1-8b-smollm2-vocab",
-        device="cuda",
+        device=device,
         max_model_len=2048,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=16384,
@@ -68,7 +75,7 @@ def build_engine(tokenizer_json: str, max_num_seqs: int):
     return engine
 
 
-def run_batch(engine, batch: int, constrained: bool) -> dict[str, float]:
+def run_batch(engine, batch: int, constrained: bool, output_len: int = OUTPUT_LEN) -> dict[str, float]:
     import torch
 
     from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
@@ -76,10 +83,11 @@ def run_batch(engine, batch: int, constrained: bool) -> dict[str, float]:
     rng = random.Random(0)
     spec = StructuredOutputsParams(json=SCHEMA) if constrained else None
     params = SamplingParams(
-        temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True, min_tokens=0, structured_outputs=spec
+        temperature=0.0, max_tokens=output_len, ignore_eos=True, min_tokens=0, structured_outputs=spec
     )
     prompts = [[rng.randrange(100, SMOLLM2_VOCAB) for _ in range(PROMPT_LEN)] for _ in range(batch)]
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"{'c' if constrained else 'u'}{batch}-{i}", p, params)
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump-tokenizer", type=Path, help="write SmolLM2's tokenizer.json here and exit")
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    p.add_argument("--smoke", action="store_true", help="SmolLM2's shape on the CPU, batches 1,4, 16 tokens")
     args = p.parse_args(argv)
     if args.dump_tokenizer:
         dump_tokenizer(args.dump_tokenizer)
@@ -129,14 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tokenizer-json is required")
     import torch
 
-    batches = [int(b) for b in args.batches.split(",")]
-    engine = build_engine(args.tokenizer_json.read_text(), max(batches))
-    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "workload": __doc__.split("\n\n")[1], "rows": []}
-    result["compile"] = compile_times(engine)
-    run_batch(engine, min(8, max(batches)), True)  # warm-up: graphs, the first mask, allocator
+    batches = [1, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
+    out_len = 16 if args.smoke else OUTPUT_LEN
+    engine = build_engine(args.tokenizer_json.read_text(), max(batches), args.smoke)
+    gpu = "CPU (smoke run)" if args.smoke else torch.cuda.get_device_name()
+    result: dict[str, Any] = {"gpu": gpu, "workload": __doc__.split("\n\n")[1], "rows": []}
+    result["compile"] = compile_times(engine, 10 if args.smoke else 100)
+    run_batch(engine, min(8, max(batches)), True, out_len)  # warm-up: graphs, the first mask, allocator
     for b in batches:
-        free = run_batch(engine, b, False)
-        constrained = run_batch(engine, b, True)
+        free = run_batch(engine, b, False, out_len)
+        constrained = run_batch(engine, b, True, out_len)
         ratio = constrained["output_tok_s"] / free["output_tok_s"]
         result["rows"].append({"batch": b, "unconstrained": free, "constrained": constrained, "ratio": ratio})
     lines = ["| batch | unconstrained tok/s | JSON schema tok/s | ratio |", "|---|---|---|---|"]

@@ -1,7 +1,8 @@
 """Applying a step's grammar bitmask to its logits: disallowed tokens get -inf, in place, on the logits' device.
 
 On CUDA one Triton kernel touches only the constrained rows and writes only the disallowed entries (the words
-are copied from pinned memory without waiting for the stream); elsewhere a few torch ops do the same. The
+are copied from pinned memory without waiting for the stream); without Triton a few torch ops do the same; on a
+CPU numpy unpacks the bits and one masked fill applies them. The
 logits are the LM head's output, outside any CUDA graph, so masking never changes what a graph captured.
 """
 
@@ -56,6 +57,15 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
         words = to_device_async(mask.words, torch.int32, logits.device)
         grid = (len(mask.rows), triton.cdiv(vocab, BLOCK))
         _mask_kernel[grid](logits, logits.stride(0), rows, words, width, vocab, BLOCK=BLOCK)
+        return
+    if not logits.is_cuda:  # numpy unpacks bits ~50x faster than torch's shift-and-mask on a CPU
+        bits = np.unpackbits(np.ascontiguousarray(mask.words).view(np.uint8), axis=1, count=vocab, bitorder="little")
+        forbidden = torch.from_numpy(bits.view(np.bool_)).logical_not_()
+        if mask.rows == list(range(logits.shape[0])):
+            logits.masked_fill_(forbidden, float("-inf"))
+        else:
+            rows = torch.tensor(mask.rows, dtype=torch.int64)
+            logits[rows] = logits[rows].masked_fill_(forbidden, float("-inf"))
         return
     rows = to_device_async(mask.rows, torch.int64, logits.device)
     words = to_device_async(mask.words, torch.int32, logits.device)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -86,7 +85,10 @@ def test_engine_on_cuda_keeps_answers_valid_with_async_scheduling_and_graphs():
         c = outs[f"r{i}"].outputs[0]
         if i % 2:
             assert c.finish_reason == "stop", c.text  # the schema bounds every answer well under 64 bytes
-            jsonschema.validate(json.loads(c.text), schema)
+            answer = json.loads(c.text)  # checked by hand: the GPU machine has no jsonschema
+            assert list(answer) == ["name", "n"], answer
+            assert isinstance(answer["name"], str) and len(answer["name"]) <= 12, answer
+            assert isinstance(answer["n"], int) and answer["n"] <= 99, answer
         else:
             assert len(c.token_ids) == 64
             free_tokens += c.token_ids
