@@ -110,7 +110,7 @@ def test_async_scheduling_chunked_prefill_and_preemption_equal_synchronous(smoll
     reqs = []
     for i in range(4):
         prompt = chat_ids(base, f"Person number {i} as JSON, please.")
-        params = SamplingParams(temperature=0.9, seed=i, max_tokens=40, structured_outputs=spec if i % 3 else None)
+        params = SamplingParams(temperature=0.9, seed=i, max_tokens=32, structured_outputs=spec if i % 3 else None)
         reqs.append((prompt, params))
     reference = summary(run(base, reqs))
     stressed = make_engine(
