@@ -448,3 +448,23 @@ async def test_unknown_model_names_never_become_metric_labels(engines, http):
             await post_json(http, f"{r.url}/v1/chat/completions", {**CHAT, "model": f"random-{i}"})
         text = await (await http.get(f"{r.url}/metrics")).text()
     assert "random-" not in text
+
+
+async def test_output_constraints_reach_the_engine_unchanged(engines, http):
+    """[structured-outputs]: the prompt is unaffected, so the router forwards every constraint spelling as sent."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    bodies = [
+        {
+            **CHAT,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}},
+        },
+        {**CHAT, "structured_outputs": {"regex": "[a-z]+", "whitespace_pattern": " ?"}},
+        {"model": "m", "prompt": "x", "guided_choice": ["yes", "no"], "guided_decoding_backend": "guidance"},
+    ]
+    async with RouterServer(cfg(*engines)) as r:
+        for body in bodies:
+            path = "completions" if "prompt" in body else "chat/completions"
+            status, _, _ = await post_json(http, f"{r.url}/v1/{path}", body)
+            assert status == 200
+    received = [b for e in engines for b in e.received]
+    assert sorted(received, key=json.dumps) == sorted(bodies, key=json.dumps)
