@@ -79,8 +79,8 @@ def _template_tool_call(call: Any) -> Any:
         return call
     try:
         arguments = json.loads(function["arguments"])
-    except ValueError:
-        return call  # not JSON: the template sees the string as sent
+    except (ValueError, RecursionError):
+        return call  # not JSON (or nested beyond the parser): the template sees the string as sent
     return {**call, "function": {**function, "arguments": arguments}}
 
 

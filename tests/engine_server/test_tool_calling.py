@@ -246,3 +246,14 @@ def test_each_of_n_choices_is_parsed_on_its_own(client):
             assert c.message.content == "Let me check the forecast.\n"
             assert _calls(c.message) == [("get_weather", {"city": "Paris", "days": 2})]
             assert c.finish_reason == "tool_calls"
+
+
+def test_history_arguments_nested_too_deep_to_parse_are_rendered_as_sent(replay_server):
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": deep}}
+    messages = [
+        {"role": "user", "content": "Weather? (case-plain)"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    r = httpx.post(replay_server.url + "/tokenize", json={"messages": messages, "tools": TOOLS}, timeout=60)
+    assert r.status_code == 200, r.text[:300]
