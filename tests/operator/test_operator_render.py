@@ -132,7 +132,9 @@ def test_tensor_parallel_gets_shm_and_gpus():
         ("qwen3-coder-next-tp8.yaml", ["--tensor-parallel-size", "8", "--max-model-len", "200000",
                                        "--max-num-seqs", "2"]),
         ("kimi-k2.5-tp8.yaml", ["--tensor-parallel-size", "8", "--max-model-len", "50000",
-                                "--gpu-memory-utilization", "0.98", "--trust-remote-code"]),
+                                "--gpu-memory-utilization", "0.98", "--trust-remote-code",
+                                "--enable-auto-tool-choice", "--tool-call-parser", "kimi_k2",
+                                "--reasoning-parser", "kimi_k2"]),
     ],
 )  # fmt: skip
 def test_moe_examples_render_their_vllm_flags(example, expect):
@@ -158,6 +160,7 @@ def test_single_gpu_moe_example_renders():
         args[args.index("--tensor-parallel-size") + 1] == "1"
     )
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "--enable-auto-tool-choice" in args and args[args.index("--tool-call-parser") + 1] == "qwen3_coder"
 
 
 def test_builtin_model_on_cpu_has_no_gpu_no_download():
