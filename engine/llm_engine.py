@@ -315,9 +315,9 @@ class LLMEngine:
                     child_params, req.prompt_token_ids, req.output_token_ids, device=self.runner.device
                 ),
                 logprobs=[] if params.logprobs is not None else None,
-                grammar=(
+                grammar=(  # the simulated runner's made-up tokens follow no grammar: validated, not enforced
                     self.structured_outputs.new_matcher(params.structured_outputs)
-                    if params.structured_outputs is not None
+                    if params.structured_outputs is not None and not self.runner.produces_token_ids
                     else None
                 ),
             )

@@ -199,6 +199,7 @@ class StructuredOutputManager:
     ):
         self._factory = backend_factory
         self._backend: GrammarBackend | None = None
+        self._backend_error: str | None = None
         self.max_source_bytes = max_source_bytes
         self.cache_size = cache_size
         self.on_compile = on_compile  # seconds of each compile (a metrics histogram observes it)
@@ -209,10 +210,17 @@ class StructuredOutputManager:
 
     @property
     def backend(self) -> GrammarBackend:
+        """The grammar engine, built on first use; GrammarError (every time) when it cannot serve this model,
+        e.g. a tokenizer whose tokens' bytes llguidance cannot tell."""
         if self._backend is None:
             with self._backend_lock:
+                if self._backend is None and self._backend_error is None:
+                    try:
+                        self._backend = self._factory()
+                    except (ValueError, RuntimeError) as e:
+                        self._backend_error = f"structured outputs are not available for this model's tokenizer: {e}"
                 if self._backend is None:
-                    self._backend = self._factory()
+                    raise GrammarError(self._backend_error)
         return self._backend
 
     def check_size(self, spec: StructuredOutputsParams) -> None:

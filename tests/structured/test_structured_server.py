@@ -1,7 +1,8 @@
 """Acceptance of [structured-outputs]: the official `openai` client against a real `kubellm serve` on the embedded
 SmolLM2 (CPU). Every strict json_schema answer that stops validates against its schema, streaming and not; json_object
 answers parse; regex and choice hold on completions; a schema admitting the unconstrained greedy answer leaves it
-unchanged; bad constraints are 400s naming their field; the compile-time histogram and request counter count."""
+unchanged; bad constraints are 400s naming their field; the compile-time histogram and request counter count.
+Forced tool calls on the same machinery: tests/engine_server/test_tool_calling_forced.py."""
 
 from __future__ import annotations
 
@@ -231,31 +232,3 @@ def test_metrics_count_compiles_and_constrained_requests(server, client):
     requests = f'{mn.STRUCTURED_OUTPUT_REQUESTS}_total{{kind="json",model_name="{MODEL}"}}'
     assert value(after, compiles) == value(before, compiles) + 1
     assert value(after, requests) == value(before, requests) + 2
-
-
-def test_forced_tool_calls_follow_the_functions_schema(client):
-    """tool_choice named or required constrains the output to the tools' parameter schemas ([tool-calls] rests on
-    this): the calls always parse and their arguments validate."""
-    params = obj({"city": NAME, "unit": {"enum": ["celsius", "fahrenheit"]}})
-    tools = [
-        {"type": "function", "function": {"name": "get_weather", "parameters": params}},
-        {"type": "function", "function": {"name": "get_time", "parameters": obj({"zone": NAME})}},
-    ]
-    kwargs = dict(
-        model=MODEL,
-        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=tools,
-        max_tokens=96,
-        temperature=0,
-    )
-    named = client.chat.completions.create(
-        **kwargs, tool_choice={"type": "function", "function": {"name": "get_weather"}}
-    ).choices[0]
-    (call,) = named.message.tool_calls
-    assert call.function.name == "get_weather"
-    jsonschema.validate(json.loads(call.function.arguments), params)
-    required = client.chat.completions.create(**kwargs, tool_choice="required").choices[0]
-    assert required.message.tool_calls
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
-    for call in required.message.tool_calls:
-        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])

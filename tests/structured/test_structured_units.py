@@ -88,6 +88,16 @@ def test_compile_is_cached_by_source_and_errors_name_the_problem(manager):
         manager.compile(StructuredOutputsParams(json=huge))
 
 
+def test_a_tokenizer_llguidance_cannot_read_is_a_clear_error_every_time():
+    from kubellm.engine.random_model import synthetic_tokenizer_info
+
+    info = synthetic_tokenizer_info(64)  # word-level, no decoder: the tokens' bytes are unknown
+    manager = llguidance_manager(info.tokenizer_json, 64, [2])
+    for _ in range(2):
+        with pytest.raises(GrammarError, match="not available for this model's tokenizer"):
+            manager.compile(StructuredOutputsParams(regex="a"))
+
+
 def test_matcher_masks_follow_the_grammar(manager, tokenizer):
     m = manager.new_matcher(StructuredOutputsParams(json={"type": "object"}))
     first = _allowed(manager, m)
