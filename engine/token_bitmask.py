@@ -89,5 +89,6 @@ if triton is not None:
         row = tl.load(rows_ptr + j)
         in_vocab = cols < vocab
         word = tl.load(words_ptr + j * width + cols // 32, mask=in_vocab, other=-1)
-        allowed = ((word >> (cols % 32)) & 1) != 0
-        tl.store(logits_ptr + row * stride + cols, float("-inf"), mask=in_vocab & ~allowed)
+        forbidden = ((word >> (cols % 32)) & 1) == 0
+        minus_inf = tl.full([BLOCK], float("-inf"), tl.float32)
+        tl.store(logits_ptr + row * stride + cols, minus_inf, mask=in_vocab & forbidden)
