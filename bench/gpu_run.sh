@@ -53,6 +53,10 @@ fi
 [ -d "$site/flashinfer" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
   "$WHEELS"/*.whl || exit 1
 export PYTHONPATH="$site:$PWD"
+# llguidance (structured outputs) may arrive after flashinfer was installed on a warm machine: install it on its own.
+if ! python3 -c "import llguidance" 2>/dev/null && ls "$WHEELS"/llguidance-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/llguidance-*.whl
+fi
 aot="$site/flashinfer/data/aot"
 mkdir -p "$aot"
 if ls .gpu/kcache/fi-cache.tgz.* >/dev/null 2>&1; then bash .gpu/kernel-cache.sh unpack .gpu/kcache; fi

