@@ -533,7 +533,7 @@ class OpenAIServing:
                 parsed = parser.parse_whole(c.text if c else "")
                 calls = message_tool_calls(parsed.tool_calls)
                 message = ChatResponseMessage(
-                    content=(echo + (parsed.content or "")) or (None if calls else ""),
+                    content=(echo + (parsed.content or "")) or None,  # as a stream rebuilds it: none sent
                     tool_calls=calls,
                     reasoning_content=parsed.reasoning,
                     reasoning=parsed.reasoning,

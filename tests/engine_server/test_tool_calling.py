@@ -257,3 +257,17 @@ def test_history_arguments_nested_too_deep_to_parse_are_rendered_as_sent(replay_
     ]
     r = httpx.post(replay_server.url + "/tokenize", json={"messages": messages, "tools": TOOLS}, timeout=60)
     assert r.status_code == 200, r.text[:300]
+
+
+def test_an_answer_cut_while_reasoning_has_reasoning_and_no_content(client):
+    kwargs = {"messages": _ask("case-thinking"), "tools": TOOLS, "max_tokens": 4}
+    whole = client.chat.completions.create(model=MODEL, **kwargs).choices[0]
+    assert whole.finish_reason == "length" and whole.message.content is None
+    reasoning = whole.message.model_extra["reasoning"]
+    assert reasoning and "\nThe user wants the weather: call get_weather.\n".startswith(reasoning)
+    # the stream helper refuses length-cut answers, so the chunks are read as they come
+    chunks = [c for c in client.chat.completions.create(model=MODEL, stream=True, **kwargs) if c.choices]
+    deltas = [c.choices[0].delta for c in chunks]
+    assert all(d.content is None for d in deltas)
+    assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == reasoning
+    assert chunks[-1].choices[0].finish_reason == "length"
