@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kubellm.builtin_models import DEFAULT_MODEL
 from kubellm.parent_watch import PARENT_PID_ENV
@@ -76,6 +77,33 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds a listening TCP socket on `port`, read from Linux's /proc (its socket inodes
+    against the kernel's TCP tables); None where /proc cannot tell (another OS)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    inodes = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()  # sl local_address rem_address st ... inode
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port and cols[9] in inodes:  # 0A: LISTEN
+                return True
+    return False
+
+
 def planned_ports(front_host: str, front_port: int, replicas: int, use_router: bool) -> list[tuple[str, int, str]]:
     """(host, port, what listens there) for every server `kubellm up` starts."""
     if not use_router:
@@ -122,11 +150,23 @@ def _wait_healthy(stack: Stack, child: Child, timeout: float) -> None:
         try:
             with urllib.request.urlopen(child.url + "/health", timeout=2) as r:
                 if r.status == 200:
+                    _check_own_listener(child)
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.25)
     raise RuntimeError(f"{child.name} was not healthy within {timeout:.0f}s")
+
+
+def _check_own_listener(child: Child) -> None:
+    """A healthy answer counts only from our own child: a server that took the port after the free-port check
+    (another `kubellm up` started at the same moment) must not pass for it."""
+    port = int(child.url.rsplit(":", 1)[1])
+    if listens_on(child.proc.pid, port) is False:
+        raise RuntimeError(
+            f"port {port} answers, but not from our {child.name}: another server took it; "
+            "choose other ports with --port N (make up PORT=N)"
+        )
 
 
 def _spawn(name: str, url: str, argv: list[str]) -> Child:

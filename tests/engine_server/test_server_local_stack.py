@@ -15,7 +15,8 @@ import openai
 import pytest
 from server_harness import free_port_run
 
-from kubellm.local_stack import port_in_use
+from kubellm import local_stack
+from kubellm.local_stack import listens_on, port_in_use
 
 
 def _start_up(*args: str) -> tuple[subprocess.Popen, str]:
@@ -168,3 +169,47 @@ def test_server_on_a_port_in_use_says_so_in_one_line(part):
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use); choose another port with --port" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_listens_on_tells_our_listener_from_anothers():
+    with socket.socket() as mine:
+        mine.bind(("127.0.0.1", 0))
+        mine.listen()
+        port = mine.getsockname()[1]
+        assert listens_on(os.getpid(), port) is True
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert listens_on(other.pid, port) is False
+        finally:
+            other.kill()
+            other.wait()
+
+
+def test_a_server_that_took_the_port_after_the_check_never_passes_for_ours(monkeypatch, capsys):
+    """Two `kubellm up` started at the same moment both find the port free; the one whose engine lost the
+    race must not report 'up' on the other's healthy answer."""
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    monkeypatch.setattr(local_stack, "port_in_use", lambda host, p: False)  # the race: both checks passed
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = local_stack.main(["--device", "sim", "--no-router", "--port", str(port)])
+    finally:
+        other.shutdown()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    err = capsys.readouterr()
+    assert code == 1 and "is up" not in err.out
+    assert f"port {port} answers, but not from our engine-0: another server took it" in err.err
