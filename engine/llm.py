@@ -59,17 +59,26 @@ class LLM:
         messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the chat template to one conversation or a list of them, then generate. `tools` (OpenAI's tool
+        objects) and `chat_template_kwargs` reach the template as the server passes them; as in vLLM, the text
+        that comes back is not parsed for tool calls."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         renderer = self.engine.renderer
-        prompts = [
-            {
-                "prompt": renderer.render_chat(conv, add_generation_prompt),  # type: ignore[arg-type]
-                "prompt_token_ids": renderer.chat_token_ids(conv, add_generation_prompt),  # type: ignore[arg-type]
-            }
-            for conv in conversations
-        ]
+        prompts = []
+        for conv in conversations:
+            text = renderer.render_chat(
+                conv,  # type: ignore[arg-type]
+                add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs,
+                tools=tools,
+            )
+            prompts.append({"prompt": text, "prompt_token_ids": renderer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params)
 
     def _params_for(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:

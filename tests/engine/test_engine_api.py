@@ -163,3 +163,19 @@ def test_chat_applies_the_template():
                    SamplingParams(temperature=0, max_tokens=12))[0]  # fmt: skip
     assert "Paris" in out.outputs[0].text
     assert out.prompt is not None and "<|im_start|>user" in out.prompt
+
+
+def test_chat_passes_tools_and_template_kwargs_to_the_template():
+    """LLM.chat hands `tools` and `chat_template_kwargs` to the template (here the shipped Hermes-style one)."""
+    from pathlib import Path
+
+    template = (Path(__file__).parents[2] / "examples" / "tool_chat_template_hermes.jinja").read_text()
+    llm = LLM(device="sim", num_gpu_blocks_override=64, chat_template=template)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    out = llm.chat([{"role": "user", "content": "Weather?"}], SamplingParams(max_tokens=1), tools=[tool])[0]
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n' in (
+        out.prompt
+    )
+    assert out.prompt_token_ids == llm.engine.renderer.encode(out.prompt, add_special_tokens=False)
+    with pytest.raises(ValueError, match="chat_template_kwargs may not set tools"):
+        llm.chat([{"role": "user", "content": "Weather?"}], chat_template_kwargs={"tools": []})
