@@ -6,8 +6,9 @@ vLLM's sampling extensions (top_k, min_p, repetition_penalty, ...) that OpenAI c
 the result (metadata, store, user, ...) and refused otherwise (the deprecated functions, logit_bias, ...).
 
 Constraints on the output come in three spellings, all turned into one `StructuredOutputsParams`: OpenAI's
-`response_format` (json_object, json_schema) on chat, vLLM's `structured_outputs` object, and vLLM's older
-`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` keys. A request gives at most one constraint.
+`response_format` (json_object, json_schema; vLLM takes it on completions too), vLLM's `structured_outputs` object,
+and vLLM's older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` keys. A request gives at most
+one constraint.
 """
 
 from __future__ import annotations
@@ -84,6 +85,35 @@ class StructuredOutputsField(_Request):
         )
 
 
+class JSONSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`. The schema is enforced whether or not `strict` is set."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema is only allowed with type json_schema, not {self.type!r}")
+        return self
+
+    def params(self) -> StructuredOutputsParams:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        assert self.json_schema is not None
+        schema = self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+        return StructuredOutputsParams(json=schema)
+
+
 class _SamplingFields(_Request):
     """Fields shared by completions and chat: OpenAI's, then vLLM's extensions."""
 
@@ -117,6 +147,7 @@ class _SamplingFields(_Request):
     request_id: str | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
     return_token_ids: bool = False  # the response carries the prompt's and each choice's token ids
+    response_format: ResponseFormat | None = None  # json_object / json_schema (vLLM takes it on completions too)
     structured_outputs: StructuredOutputsField | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -180,7 +211,9 @@ class _SamplingFields(_Request):
             raise ValueError(f"{name}: {e}") from None
 
     def _response_format_constraint(self) -> list[tuple[str, Any]]:
-        return []
+        if self.response_format is None or self.response_format.type == "text":
+            return []
+        return [("response_format", self.response_format.params)]
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -277,35 +310,6 @@ class ChatMessage(_Request):
         return "".join(part.text or "" for part in self.content)
 
 
-class JSONSchemaFormat(_Request):
-    """OpenAI's `response_format.json_schema`. The schema is enforced whether or not `strict` is set."""
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type json_schema needs a json_schema object")
-        if self.type != "json_schema" and self.json_schema is not None:
-            raise ValueError(f"json_schema is only allowed with type json_schema, not {self.type!r}")
-        return self
-
-    def params(self) -> StructuredOutputsParams:
-        if self.type == "json_object":
-            return StructuredOutputsParams(json_object=True)
-        assert self.json_schema is not None
-        schema = self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
-        return StructuredOutputsParams(json=schema)
-
-
 class FunctionDefinition(_Request):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     description: str | None = None
@@ -333,7 +337,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -381,11 +384,6 @@ class ChatCompletionRequest(_SamplingFields):
             )
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise UnsupportedField("continue_final_message", "needs the last message to be from the assistant")
-
-    def _response_format_constraint(self) -> list[tuple[str, Any]]:
-        if self.response_format is None or self.response_format.type == "text":
-            return []
-        return [("response_format", self.response_format.params)]
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

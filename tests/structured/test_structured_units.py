@@ -46,6 +46,40 @@ def test_exactly_one_constraint_and_clear_errors():
         SamplingParams(structured_outputs={"regex": "a"})  # type: ignore[arg-type]
 
 
+def test_every_request_spelling_becomes_one_constraint():
+    from kubellm.engine.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+    def completion(**extra):
+        return CompletionRequest.model_validate_json(json.dumps({"prompt": "x", **extra})).constraint()
+
+    def chat(**extra):
+        body = {"messages": [{"role": "user", "content": "x"}], **extra}
+        return ChatCompletionRequest.model_validate_json(json.dumps(body)).constraint()
+
+    json_schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    assert chat(response_format=json_schema) == (StructuredOutputsParams(json=schema), "response_format")
+    assert completion(response_format={"type": "json_object"}) == (
+        StructuredOutputsParams(json_object=True),
+        "response_format",
+    )
+    assert chat(response_format={"type": "text"}) is None
+    assert completion(structured_outputs={"json": schema}) == (
+        StructuredOutputsParams(json=schema),
+        "structured_outputs",
+    )
+    assert completion(guided_json=json.dumps(schema), guided_whitespace_pattern=" ") == (
+        StructuredOutputsParams(json=schema, whitespace_pattern=" "),
+        "guided_json",
+    )
+    assert chat(guided_regex="a+") == (StructuredOutputsParams(regex="a+"), "guided_regex")
+    assert completion(guided_choice=["a", "b"])[0].choice == ("a", "b")
+    assert chat(guided_grammar='root ::= "a"')[0].kind == "grammar"
+    with pytest.raises(ValueError, match="give one output constraint per request"):
+        completion(guided_regex="a", structured_outputs={"regex": "b"})
+
+
 def test_schema_key_keeps_property_order_and_ignores_formatting():
     a = StructuredOutputsParams(json={"type": "object", "properties": {"b": {}, "a": {}}})
     b = StructuredOutputsParams(json='{"type": "object",\n "properties": {"b": {}, "a": {}}}')
