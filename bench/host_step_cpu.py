@@ -1,0 +1,199 @@
+"""Host time per engine step on the CPU, decode-heavy: what the engine does around the model each step.
+
+Workload ((b)-style, decode-heavy): the embedded SmolLM2-135M (GGUF, dequantized to float32) on the CPU,
+32 requests submitted at once, 200-token prompts (word list, seed 0), greedy, ignore_eos, 400 output tokens
+each (the GPU (b) run has 1000; 400 keeps a CPU run near 15 minutes), streamed: every step returns the outputs of every request that got a token, and each output goes
+through what the server's engine thread does with it (`_snapshot_output` where the server still has one).
+
+Per decode step (all 32 requests decoding, none prefilling) it measures the step's wall time and the time in
+the model runner's `execute` and the sampler (launch and read-back); host time = wall - those, i.e. the
+scheduler, stop checks, detokenizing and building outputs. Reported as mean and p50 over all decode steps
+and over the last tenth of them (where cumulative outputs are longest).
+
+    python -m bench.host_step_cpu --label before|after [--output-tokens 400]
+
+Writes bench/results/host-step-cpu-<date>-<label>.json; once both labels exist for the date, also
+bench/results/host-step-cpu-<date>.md comparing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.llm_engine import LLMEngine
+from kubellm.engine.sampling_params import SamplingParams
+
+WORDS = ["river", "stone", "light", "quiet", "market", "engine", "garden", "history", "number", "silver", "paper"]
+RESULTS = Path(__file__).parent / "results"
+
+
+class _DeviceTimer:
+    """Sums the wall time spent inside wrapped callables (the model's forward and the sampler)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, obj: Any, attr: str) -> None:
+        orig = getattr(obj, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t
+
+        setattr(obj, attr, timed)
+
+
+def _server_copy() -> Callable[[Any], Any] | None:
+    """The per-output copy the server's engine thread makes, where the code still has one."""
+    from kubellm.engine.server import async_engine
+
+    return getattr(async_engine, "_snapshot_output", None)
+
+
+def run(requests: int, prompt_tokens: int, output_tokens: int, seed: int) -> dict[str, Any]:
+    from kubellm.engine import sampler as sampler_mod
+
+    blocks = requests * (-(-(prompt_tokens + output_tokens) // 16) + 1)  # every request fits: no preemption
+    engine = LLMEngine(EngineConfig(device="cpu", max_num_seqs=requests, num_gpu_blocks_override=blocks))
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(requests):
+        ids = engine.renderer.encode(" ".join(rng.choice(WORDS) for _ in range(prompt_tokens)))
+        prompts.append(ids[:prompt_tokens])
+    timer = _DeviceTimer()
+    timer.wrap(engine.runner, "execute")
+    timer.wrap(engine.sampler, "sample")
+    orig_result = sampler_mod.PendingSample.result
+
+    def timed_result(self: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig_result(self)
+        finally:
+            timer.seconds += time.perf_counter() - t
+
+    sampler_mod.PendingSample.result = timed_result  # type: ignore[method-assign]
+    server_copy = _server_copy()
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(None, p, params)
+    host_ms: list[float] = []
+    device_ms: list[float] = []
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        decoding = engine.scheduler.num_running == requests and all(
+            r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running
+        )
+        timer.seconds = 0.0
+        t = time.perf_counter()
+        outs = engine.step()
+        if server_copy is not None:
+            outs = [server_copy(o) for o in outs]
+        wall = time.perf_counter() - t
+        if decoding and len(outs) == requests:
+            host_ms.append((wall - timer.seconds) * 1e3)
+            device_ms.append(timer.seconds * 1e3)
+    total = time.perf_counter() - start
+    sampler_mod.PendingSample.result = orig_result  # type: ignore[method-assign]
+    tail = host_ms[-max(1, len(host_ms) // 10) :]
+    return {
+        "decode_steps": len(host_ms),
+        "host_ms_mean": statistics.fmean(host_ms),
+        "host_ms_p50": statistics.median(host_ms),
+        "host_ms_last_tenth_mean": statistics.fmean(tail),
+        "device_ms_mean": statistics.fmean(device_ms),
+        "wall_s": total,
+        "server_copy": server_copy is not None,
+    }
+
+
+def _markdown(date: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    rows = [
+        ("host ms/step, mean", "host_ms_mean"),
+        ("host ms/step, p50", "host_ms_p50"),
+        ("host ms/step, last tenth of the run", "host_ms_last_tenth_mean"),
+        ("model + sampler ms/step, mean", "device_ms_mean"),
+    ]
+    lines = [
+        f"# Host time per decode step on the CPU, before/after delta outputs ({date})",
+        "",
+        f"Hardware: {after['hardware']}. Workload: {after['workload']}.",
+        f"Commands: before (commit {before['commit']}): `{before['command']}`; "
+        f"after (commit {after['commit']}): `{after['command']}`.",
+        "",
+        "| per decode step | before (cumulative outputs) | after (delta outputs) | after / before |",
+        "|---|---|---|---|",
+    ]
+    for label, key in rows:
+        b, a = before["result"][key], after["result"][key]
+        lines.append(f"| {label} | {b:.2f} | {a:.2f} | {a / b:.2f}x |")
+    lines.append(
+        f"| decode steps measured | {before['result']['decode_steps']} | {after['result']['decode_steps']} | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--label", required=True, choices=["before", "after"])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--output-tokens", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    import torch  # after kubellm: its import sets CPU threading defaults torch must see
+
+    result = run(args.requests, args.prompt_tokens, args.output_tokens, args.seed)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    date = datetime.date.today().isoformat()
+    record = {
+        "benchmark": "host_step_cpu",
+        "label": args.label,
+        "date": date,
+        "commit": commit,
+        "command": "python -m bench.host_step_cpu " + " ".join(sys.argv[1:]),
+        "hardware": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "note": "2-core machine shared with other jobs: wall figures are noisy, compare within one file pair",
+        },
+        "workload": {
+            "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32",
+            "requests": args.requests,
+            "prompt_tokens": args.prompt_tokens,
+            "output_tokens": args.output_tokens,
+            "sampling": "greedy, ignore_eos, streamed (outputs every step)",
+            "seed": args.seed,
+        },
+        "result": result,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"host-step-cpu-{date}-{args.label}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    other = RESULTS / f"host-step-cpu-{date}-{'after' if args.label == 'before' else 'before'}.json"
+    if other.exists():
+        pair = {args.label: record, ("after" if args.label == "before" else "before"): json.loads(other.read_text())}
+        md = _markdown(date, pair["before"], pair["after"])
+        (RESULTS / f"host-step-cpu-{date}.md").write_text(md)
+        print(md)
+
+
+if __name__ == "__main__":
+    main()
