@@ -34,6 +34,7 @@ tools: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/typecheck.py
 
 unit: install
 	$(BIN)/pytest -q

@@ -2,8 +2,9 @@
 
 Workload ((b)-style, decode-heavy): the embedded SmolLM2-135M (GGUF, dequantized to float32) on the CPU,
 32 requests submitted at once, 200-token prompts (word list, seed 0), greedy, ignore_eos, 400 output tokens
-each (the GPU (b) run has 1000; 400 keeps a CPU run near 15 minutes), streamed: every step returns the outputs of every request that got a token, and each output goes
-through what the server's engine thread does with it (`_snapshot_output` where the server still has one).
+each (the GPU (b) run has 1000; 400 keeps a CPU run near 15 minutes), streamed: every step returns the
+outputs of every request that got a token, and each output goes through what the server's engine thread does
+with it (the copy `_snapshot_output` made while outputs were cumulative; nothing once they are deltas).
 
 Per decode step (all 32 requests decoding, none prefilling) it measures the step's wall time and the time in
 the model runner's `execute` and the sampler (launch and read-back); host time = wall - those, i.e. the
@@ -159,8 +160,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch  # after kubellm: its import sets CPU threading defaults torch must see
 
-    result = run(args.requests, args.prompt_tokens, args.output_tokens, args.seed)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = run(args.requests, args.prompt_tokens, args.output_tokens, args.seed)
     date = datetime.date.today().isoformat()
     record = {
         "benchmark": "host_step_cpu",

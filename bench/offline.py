@@ -54,6 +54,7 @@ from bench.step_profile import profile_steps
 from bench.workloads import BATCH1_OUT, BATCH1_PROMPT, WORKLOADS, EngineSettings, Sampling, Workload
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.model_config import ModelConfig, UnsupportedModelError
+from kubellm.engine.outputs import OutputKind
 from kubellm.engine.random_model import LLAMA_3_1_8B, RandomWeights, random_loaded_model
 from kubellm.engine.sampling_params import SamplingParams
 
@@ -197,7 +198,7 @@ def build_engine(model: ModelConfig, name: str, settings: EngineSettings):
     )
     TimedWeights.seconds = 0.0
     engine = LLMEngine(config, loaded=loaded)
-    engine.final_outputs_only = True  # as vLLM's offline LLM: no per-step outputs of unfinished requests
+    engine.output_kind = OutputKind.FINAL_ONLY  # as vLLM's offline LLM: no per-step outputs of unfinished requests
     torch.cuda.synchronize()
     return engine
 

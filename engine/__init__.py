@@ -3,10 +3,10 @@
 if __name__ != "kubellm.engine":
     raise ImportError("engine/ is the package kubellm.engine; import it by that name")
 
-from kubellm.engine.outputs import CompletionOutput, RequestOutput
+from kubellm.engine.outputs import CompletionOutput, OutputKind, RequestOutput
 from kubellm.engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "LLMEngine", "OutputKind", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ from typing import Any
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
-from kubellm.engine.outputs import RequestOutput
+from kubellm.engine.outputs import OutputKind, RequestOutput
 from kubellm.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
@@ -17,7 +17,7 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any):
         config = EngineConfig(**({"model": model} if model else {}), **engine_args)
         self.engine = LLMEngine(config)
-        self.engine.final_outputs_only = True  # generate() and chat() return finished requests only
+        self.engine.output_kind = OutputKind.FINAL_ONLY  # generate() and chat() return whole, finished requests
         self._next_id = 0
 
     @property

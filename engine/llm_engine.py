@@ -26,32 +26,26 @@ from kubellm.engine.config import EngineConfig
 from kubellm.engine.detokenizer import IncrementalDetokenizer
 from kubellm.engine.forward_batch import TokenFill
 from kubellm.engine.kv_cache_manager import KVCacheManager, KVEvent
-from kubellm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kubellm.engine.outputs import (
+    CompletionOutput,
+    EngineStats,
+    Logprob,
+    OutputKind,
+    RequestMetrics,
+    RequestOutput,
+)
 from kubellm.engine.request import PLACEHOLDER, Request, RequestStatus
-from kubellm.engine.sampler import PendingSample, Sampler, SamplingState
+from kubellm.engine.sampler import Sampler, SamplingState
 from kubellm.engine.sampling_params import _GEN_CFG_KEYS as GENERATION_CONFIG_KEYS
 from kubellm.engine.sampling_params import SamplingParams
 from kubellm.engine.scheduler import Scheduler, SchedulerOutput
+from kubellm.engine.step_runner import ReadyTokens, StepResult, StepRunner
 from kubellm.engine.structured_output import GrammarMatcher, StructuredOutputManager, llguidance_manager
 from kubellm.prompt import PromptRenderer
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # 0-1
-    blocks_used: int
-    blocks_total: int
-    prefix_queries: int  # cumulative, tokens
-    prefix_hits: int  # cumulative, tokens
-    num_preemptions: int  # cumulative
-    prompt_tokens: int  # cumulative
-    generation_tokens: int  # cumulative
 
 
 @dataclass(eq=False)
@@ -67,6 +61,10 @@ class _Sequence:
     cumulative_logprob: float = 0.0
     untexted: list[int] = field(default_factory=list)  # tokens for the detokenizer, fed at the end (final-only)
     grammar: GrammarMatcher | None = None  # structured outputs: advanced over every token the engine keeps
+    # delta outputs: how much of the request's tokens and logprobs earlier outputs carried, and the text since
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+    new_text: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -85,13 +83,8 @@ class _StepInFlight:
     """A launched step whose sampled tokens the host has not read yet."""
 
     requests: list[Request]  # the requests that sample this step, in row order
-    sampled: PendingSample | list[int] | None  # a list: the simulated runner's placeholder tokens
+    sampled: StepResult
     rows: dict[str, int] = field(default_factory=dict)  # request id -> row of its token
-    logits: Any = None  # logits not yet sampled: rows with a grammar wait for the previous step's tokens
-    seqs: list[_Sequence] = field(default_factory=list)  # the requests' sequences, for sampling `logits`
-
-    def token_source(self):
-        return self.sampled.token_ids if isinstance(self.sampled, PendingSample) else None
 
 
 class LLMEngine:
@@ -100,6 +93,7 @@ class LLMEngine:
         self.config = config
         start = time.perf_counter()
         model_path = resolve_model(config.model)
+        self.runner: StepRunner
         if config.device == "sim":
             from kubellm.engine.sim_runner import SimModelRunner, load_sim_model
 
@@ -154,15 +148,14 @@ class LLMEngine:
             self.tokenizer_info.tokenizer_json, self.model_config.vocab_size, sorted(self.eos_token_ids)
         )
         self.async_scheduling = self._resolve_async_scheduling(config)
-        if not self.runner.produces_token_ids:  # compile the CUDA sampling kernel at start-up, not on a request
-            from kubellm.engine import sampling_kernels
+        from kubellm.engine import sampling_kernels  # compile the CUDA sampling kernel now, not on a request
 
-            sampling_kernels.warm_up(self.runner.device, self.model_config.vocab_size)
+        sampling_kernels.warm_up(self.runner.device, self.model_config.vocab_size)
         self._in_flight: _StepInFlight | None = None
         self._num_exact_history = 0  # live sequences whose sampling reads their token values (penalties)
-        # step() returns cumulative outputs of every request that got a token (what streaming needs); offline
-        # callers that only want finished requests set this and skip building the rest (vLLM's FINAL_ONLY).
-        self.final_outputs_only = False
+        # DELTA: step() returns, for every request that got a token, what is new (what streaming needs);
+        # FINAL_ONLY: offline callers get each request once, whole, when it finishes, and skip the rest.
+        self.output_kind = OutputKind.DELTA
         self._parents: dict[str, _Parent] = {}
         self._seqs: dict[str, _Sequence] = {}
         self.prompt_tokens_total = 0
@@ -177,9 +170,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release what outlives the object otherwise: tensor-parallel worker processes (a no-op at TP 1)."""
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        self.runner.close()
 
     # ---- set-up helpers ----------------------------------------------------------------------
     def _eos_ids(self) -> list[int]:
@@ -197,7 +188,7 @@ class LLMEngine:
         """auto: on for a CUDA model runner that can fill placeholder tokens (the GPU then runs while the host
         works; also at tensor parallel, whose workers receive each step's sampled ids); off on CPU, where
         nothing runs concurrently, and for the simulated runner."""
-        capable = getattr(self.runner, "supports_token_fill", False) and not self.runner.produces_token_ids
+        capable = self.runner.supports_token_fill
         if config.async_scheduling is None:
             return capable and self.runner.device.type == "cuda"
         if config.async_scheduling and not capable:
@@ -349,6 +340,10 @@ class LLMEngine:
         return bool(self._parents)
 
     @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
     def num_unfinished_requests(self) -> int:
         return len(self._parents)
 
@@ -377,12 +372,7 @@ class LLMEngine:
                 parent = self._parents[self._seqs[req.request_id].parent_id]
                 if parent.metrics.first_scheduled_time is None:
                     parent.metrics.first_scheduled_time = now
-            launched = self._launch(sched)
-        if launched is not None and launched.logits is not None:
-            # Rows with a grammar: the bitmask needs the previous step's tokens, read back (and fed to the
-            # grammars) while the GPU runs this step's forward; then the bitmask is built and the rows sampled.
-            self._read_back(touched)
-            self._sample(launched)
+            launched = self._launch(sched, touched)
         self._read_back(touched)  # the previous step's tokens, while the GPU runs the one just launched
         self._in_flight = launched
         if not overlap:
@@ -390,50 +380,40 @@ class LLMEngine:
         outputs = []
         for parent in touched.values():
             out = self._finish_parent_if_done(parent)
-            if out is None and not self.final_outputs_only:
+            if out is None and self.output_kind is OutputKind.DELTA:
                 out = self._make_output(parent, finished=False)
             if out is not None:
                 outputs.append(out)
         return outputs
 
-    def _launch(self, sched: SchedulerOutput) -> _StepInFlight:
-        """Queue the batch's forward and sampling; every sampling request gets a PLACEHOLDER token. When a row
-        has a grammar the sampling waits: the step comes back with its `logits` for `_sample`."""
+    def _launch(self, sched: SchedulerOutput, touched: dict[str, _Parent]) -> _StepInFlight:
+        """Queue the batch's forward and its sampling; every sampling request gets a PLACEHOLDER token. Rows with
+        a grammar sample once the previous step's tokens are read back and fed to the grammars (`touched`
+        collects their outputs): the runner calls `sample` after queueing the forward, so that read-back
+        overlaps the GPU's forward."""
         fill = self._token_fill(sched)
-        share = getattr(self.runner, "share_sampled", None)  # tensor parallel: workers need the sampled ids
-        if share is not None:
-            result = self.runner.execute(sched.batch, fill, shares_sampled=True)
-        elif fill is not None:
-            result = self.runner.execute(sched.batch, fill)
-        else:
-            result = self.runner.execute(sched.batch)
-        reqs = self.scheduler.update_after_step(sched)
+        seqs = [self._seqs[s.request_id] for s in sched.batch.seqs if s.needs_logits]  # the logits' rows
+        reqs = self.scheduler.update_after_step(sched)  # bookkeeping only: the batch is already built
+
+        def sample(logits) -> StepResult:
+            if not seqs:
+                return ReadyTokens([])
+            bitmask = None
+            if any(s.grammar is not None for s in seqs):
+                self._read_back(touched)  # the grammars must have seen every token before this one
+                # A request finished meanwhile samples unmasked (its grammar may be complete); its token is dropped.
+                matchers = [s.grammar if not s.request.status.is_finished else None for s in seqs]
+                bitmask = self.structured_outputs.bitmask(matchers)
+            return self.sampler.sample(logits, [s.sampling_state for s in seqs], token_bitmask=bitmask)
+
+        sampled = self.runner.execute(sched.batch, fill, sample)
         if not reqs:
-            return _StepInFlight([], None)
+            return _StepInFlight([], sampled)
         for req in reqs:
             req.append_placeholder()
             if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 req.awaiting_final = True  # this token ends it: never schedule past it
-        step = _StepInFlight(reqs, None, {r.request_id: i for i, r in enumerate(reqs)})
-        if self.runner.produces_token_ids:  # the simulated runner: placeholder tokens, no logits
-            step.sampled = list(result)
-            return step
-        step.logits, step.seqs = result, [self._seqs[r.request_id] for r in reqs]
-        if not any(s.grammar is not None for s in step.seqs):
-            self._sample(step)
-        return step
-
-    def _sample(self, step: _StepInFlight) -> None:
-        """Queue the step's sampling, masking the rows that have a grammar (their grammars have seen every
-        token before this one: under async scheduling the caller read the previous step back first)."""
-        # A request finished meanwhile samples unmasked (its grammar may be complete); its token is dropped.
-        matchers = [s.grammar if not s.request.status.is_finished else None for s in step.seqs]
-        bitmask = self.structured_outputs.bitmask(matchers)
-        step.sampled = self.sampler.sample(step.logits, [s.sampling_state for s in step.seqs], token_bitmask=bitmask)
-        step.logits, step.seqs = None, []
-        share = getattr(self.runner, "share_sampled", None)  # tensor parallel: workers need the sampled ids
-        if share is not None:
-            share(step.sampled.token_ids)
+        return _StepInFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
 
     def _token_fill(self, sched: SchedulerOutput) -> TokenFill | None:
         """Where the batch's PLACEHOLDER tokens come from: the in-flight step's sampled ids on the device."""
@@ -447,19 +427,15 @@ class LLMEngine:
                 rows.append(prev.rows[seq.request_id])
         if not seq_indices:
             return None
-        return TokenFill(prev.token_source(), seq_indices, rows)
+        return TokenFill(prev.sampled.token_ids, seq_indices, rows)
 
     def _read_back(self, touched: dict[str, _Parent]) -> None:
         """Wait for the in-flight step's tokens and apply them (stop checks, detokenizer, outputs)."""
         step, self._in_flight = self._in_flight, None
         if step is None or not step.requests:
             return
-        if isinstance(step.sampled, PendingSample):
-            out = step.sampled.result()
-            tokens, logprobs = out.token_ids, out.logprobs
-        else:
-            tokens, logprobs = step.sampled or [], [None] * len(step.requests)
-        for req, token, lp in zip(step.requests, tokens, logprobs, strict=True):
+        out = step.sampled.result()
+        for req, token, lp in zip(step.requests, out.token_ids, out.logprobs, strict=True):
             if req.status.is_finished:  # aborted, or stopped by the token before this one
                 continue
             self._append_token(req, token, lp, touched)
@@ -492,7 +468,7 @@ class LLMEngine:
             status = RequestStatus.FINISHED_STOPPED
         elif token in (params.stop_token_ids or ()) and n_out >= params.min_tokens:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
-        elif self.final_outputs_only and not params.stop:  # nobody reads the text before the end
+        elif self.output_kind is OutputKind.FINAL_ONLY and not params.stop:  # nobody reads the text before the end
             seq.untexted.append(token)
             if grammar_done:
                 status = RequestStatus.FINISHED_STOPPED
@@ -500,9 +476,10 @@ class LLMEngine:
                 status = RequestStatus.FINISHED_LENGTH
         else:
             if seq.untexted:
-                seq.detokenizer.add_tokens(seq.untexted)
+                seq.new_text.append(seq.detokenizer.add_tokens(seq.untexted).text_delta)
                 seq.untexted.clear()
             update = seq.detokenizer.add_token(token)
+            seq.new_text.append(update.text_delta)
             if update.stop_string is not None:  # (the detokenizer honours none before min_tokens outputs)
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, update.stop_string
             elif grammar_done:  # the constraint is complete: only the end of the sequence could follow
@@ -533,18 +510,30 @@ class LLMEngine:
 
     # ---- outputs -----------------------------------------------------------------------------
     def _make_output(self, parent: _Parent, finished: bool) -> RequestOutput:
+        """DELTA: each completion carries what is new since the last output; FINAL_ONLY: all of it."""
+        delta = self.output_kind is OutputKind.DELTA
         completions = []
         for seq in parent.children:
             req = seq.request
-            status = req.status
+            resolved = req.num_resolved_outputs
+            if delta:
+                text = "".join(seq.new_text)
+                seq.new_text.clear()
+                token_ids = req.output_token_ids[seq.sent_tokens : resolved]
+                logprobs = seq.logprobs[seq.sent_logprobs :] if seq.logprobs is not None else None
+                seq.sent_tokens = resolved
+                seq.sent_logprobs = len(seq.logprobs) if seq.logprobs is not None else 0
+            else:
+                seq.new_text.clear()
+                text, token_ids, logprobs = seq.detokenizer.output_text, req.output_token_ids[:resolved], seq.logprobs
             completions.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.detokenizer.output_text,
-                    token_ids=req.output_token_ids[: req.num_resolved_outputs],
+                    text=text,
+                    token_ids=token_ids,
                     cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                    logprobs=seq.logprobs,
-                    finish_reason=_finish_reason(status),
+                    logprobs=logprobs,
+                    finish_reason=_finish_reason(req.status),
                     stop_reason=req.stop_reason,
                 )
             )
@@ -569,8 +558,8 @@ class LLMEngine:
                 if not seq.request.status.is_finished:
                     self._finish(seq.request, RequestStatus.FINISHED_ABORTED)
         for seq in parent.children:
-            seq.detokenizer.add_tokens(seq.untexted)
-            seq.detokenizer.finish()
+            seq.new_text.append(seq.detokenizer.add_tokens(seq.untexted).text_delta)
+            seq.new_text.append(seq.detokenizer.finish().text_delta)
             self._seqs.pop(seq.request.request_id, None)
         self._parents.pop(parent.request_id, None)
         parent.metrics.finished_time = time.time()

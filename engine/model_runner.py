@@ -1,7 +1,8 @@
 """`ModelRunner`: owns the weights and the paged KV cache on the device; turns a ForwardBatch into logits.
 
-The scheduler never sees a tensor: it hands over token ids, positions and block tables (ForwardBatch), and
-gets back float32 logits for the sequences that sample this step, in batch order.
+The scheduler never sees a tensor: it hands over token ids, positions and block tables (ForwardBatch); the
+runner computes float32 logits for the sequences that sample this step, in batch order, and (as a StepRunner,
+engine/step_runner.py) hands them to the engine's sampler.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
 from kubellm.engine.models import build_model, gemv, moe
+from kubellm.engine.step_runner import Sample, StepResult
 from kubellm.engine.transfer import to_device_async
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    produces_token_ids = False  # it returns logits; the engine samples
     supports_token_fill = True  # execute() takes placeholder tokens from the previous step's device tensor
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, tp_rank: int = 0, tp_size: int = 1):
@@ -236,7 +237,7 @@ class ModelRunner:
 
     # ---- CUDA graphs for decode ----------------------------------------------------------------
     def _graph_body(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        self.attn.set_slots(slots)  # type: ignore[attr-defined]
+        self.attn.set_slots(slots)
         return self.model(ids, pos, self.kv_caches, self.attn)
 
     @torch.inference_mode()
@@ -246,13 +247,13 @@ class ModelRunner:
         start = time.perf_counter()
         sizes = cuda_graph_batch_sizes(self.config.max_num_seqs)
         max_pages = min(-(-self.max_model_len // self.block_size), self.num_blocks)
-        self.attn.init_cuda_graphs(sizes, max_pages)  # type: ignore[attr-defined]
+        self.attn.init_cuda_graphs(sizes, max_pages)
         self._graph_inputs = torch.zeros((3, sizes[-1]), dtype=torch.int64, device=self.device)  # ids, pos, slots
         self._graph_inputs[2].fill_(self.dummy_block * self.block_size)
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(sizes):
             ids, pos, slots = self._graph_inputs[:, :b]
-            self.attn.begin_graph_step(b, [1] * b, [[self.dummy_block]] * b)  # type: ignore[attr-defined]
+            self.attn.begin_graph_step(b, [1] * b, [[self.dummy_block]] * b)
             self._graph_body(ids, pos, slots)  # warm-up outside the capture (lazy inits, autotuning)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -281,7 +282,7 @@ class ModelRunner:
         start = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=n)
         seq_lens = np.ones(b, dtype=np.int64)
         seq_lens[:n] = start + 1
-        if not self.attn.graph_fits(seq_lens):  # type: ignore[attr-defined]
+        if not self.attn.graph_fits(seq_lens):
             return None
         host = np.empty((3, b), dtype=np.int64)
         host[0, :n] = np.fromiter((s.token_ids[0] for s in seqs), dtype=np.int64, count=n)
@@ -303,7 +304,7 @@ class ModelRunner:
             flat = np.concatenate([flat, np.full(pad, self.dummy_block, dtype=np.int32)])
             n_blocks = np.concatenate([n_blocks, np.ones(pad, dtype=np.int64)])
         layout = paged_kv_layout_flat(seq_lens, flat, n_blocks, bs)
-        self.attn.begin_graph_step_layout(b, *layout)  # type: ignore[attr-defined]
+        self.attn.begin_graph_step_layout(b, *layout)
         graph, hidden = self._graphs[b]
         graph.replay()
         self.graph_replays += 1
@@ -318,8 +319,15 @@ class ModelRunner:
         src = to_device_async(fill.source_rows, torch.int64, self.device)
         input_ids.index_copy_(0, dst, fill.source.index_select(0, src))
 
+    def close(self) -> None:
+        """Nothing outlives this runner but its tensors (the StepRunner interface)."""
+
+    def execute(self, batch: ForwardBatch, fill: TokenFill | None, sample: Sample) -> StepResult:
+        """Queue the forward and the sampling of its logits (StepRunner)."""
+        return sample(self.logits(batch, fill))
+
     @torch.inference_mode()
-    def execute(self, batch: ForwardBatch, fill: TokenFill | None = None) -> torch.Tensor:
+    def logits(self, batch: ForwardBatch, fill: TokenFill | None = None) -> torch.Tensor:
         """float32 logits [number of seqs with needs_logits, vocab], in batch order. Nothing here waits for
         the GPU: the logits are queued work. `fill` supplies the tokens still marked PLACEHOLDER."""
         vocab = self.model_config.vocab_size

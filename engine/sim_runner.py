@@ -10,8 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from kubellm.engine.config import EngineConfig
-from kubellm.engine.forward_batch import ForwardBatch
+from kubellm.engine.forward_batch import ForwardBatch, TokenFill
+from kubellm.engine.step_runner import ReadyTokens, Sample
 from kubellm.prompt import PromptRenderer
 
 PLACEHOLDER_TEXT = " lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor"
@@ -47,8 +50,10 @@ def load_sim_model(path: str):
 
 
 class SimModelRunner:
-    produces_token_ids = True
-    device = "cpu"
+    """A StepRunner whose steps sleep for their modelled time and produce placeholder tokens (no logits)."""
+
+    supports_token_fill = False  # its tokens are known at once: the engine steps synchronously
+    device = torch.device("cpu")
 
     def __init__(self, loaded, config: EngineConfig, timing: SimTiming | None = None):
         self.config = config
@@ -66,7 +71,13 @@ class SimModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
 
-    def execute(self, batch: ForwardBatch) -> list[int]:
+    def execute(self, batch: ForwardBatch, fill: TokenFill | None, sample: Sample) -> ReadyTokens:
+        """Sleep for the step's modelled time; the sampling rows get placeholder text's tokens (`sample`,
+        the engine's sampler, has no logits to work on here)."""
+        del fill, sample
         time.sleep(self.timing.step_seconds(batch))
         ids = self.placeholder_ids
-        return [ids[s.end_pos % len(ids)] for s in batch.seqs if s.needs_logits]
+        return ReadyTokens([ids[s.end_pos % len(ids)] for s in batch.seqs if s.needs_logits])
+
+    def close(self) -> None:
+        """Nothing to release."""

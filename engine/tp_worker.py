@@ -1,8 +1,8 @@
 """Tensor-parallel replica: rank 0 lives in the engine process, ranks 1..N-1 are worker processes it spawns.
 
 Rank 0 owns the scheduler and KV bookkeeping; per step it broadcasts the ForwardBatch (a pickled Python
-object) and every rank runs the same `ModelRunner.execute`, so the collectives inside the forward line up.
-Rank 0's `TPModelRunner` has the ModelRunner interface, so `LLMEngine` does not know TP is on.
+object) and every rank runs the same `ModelRunner.logits`, so the collectives inside the forward line up.
+Rank 0's `TPModelRunner` is a StepRunner like the ModelRunner, so `LLMEngine` does not know TP is on.
 
 Weights: a worker loads the model from `loaded.path` (HF directories lazily, so it reads only its shards) or, for
 a model made in memory, rebuilds it from `loaded.recipe` (random weights drawn on its own device, only its shards).
@@ -40,6 +40,7 @@ from kubellm.engine.forward_batch import ForwardBatch, TokenFill
 from kubellm.engine.loader import LoadedModel
 from kubellm.engine.loader.loaded import ModelRecipe
 from kubellm.engine.model_runner import ModelRunner, available_cpus, resolve_device, resolve_dtype
+from kubellm.engine.step_runner import Sample, StepResult
 from kubellm.engine.tp_channel import ShmBroadcastReader, ShmBroadcastWriter
 from kubellm.engine.transfer import add_wait_check, remove_wait_check
 from kubellm.parent_watch import die_with_parent
@@ -51,11 +52,9 @@ _EXECUTE, _CALL, _STOP = "execute", "call", "stop"
 
 
 class TPModelRunner:
-    """ModelRunner facade for rank 0 of a tensor-parallel replica."""
+    """The StepRunner of rank 0 of a tensor-parallel replica."""
 
-    produces_token_ids = False
-    supports_token_fill = True  # async scheduling: workers receive each step's sampled ids (share_sampled)
-    _publish_pending = False
+    supports_token_fill = True  # async scheduling: workers receive each step's sampled ids from rank 0
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         size = config.tensor_parallel_size
@@ -177,28 +176,31 @@ class TPModelRunner:
         """Each rank's parameter element counts (sharded / replicated), in rank order."""
         return self.call("model.param_counts")
 
-    def execute(
-        self, batch: ForwardBatch, fill: TokenFill | None = None, *, shares_sampled: bool = False
-    ) -> torch.Tensor:
-        """Every rank runs the batch. `fill`: placeholder tokens from the previous step's sampled ids, which
-        each worker holds from `share_sampled`. `shares_sampled`: the caller samples this step's logits and
-        will hand the ids to `share_sampled` (the workers then wait for them)."""
-        publish = shares_sampled and any(s.needs_logits for s in batch.seqs)
+    def execute(self, batch: ForwardBatch, fill: TokenFill | None, sample: Sample) -> StepResult:
+        """Every rank runs the batch; rank 0 samples and broadcasts the sampled ids (still on the device,
+        stream-ordered: no host sync) so every rank can fill the next step's placeholder tokens itself.
+        `fill`: those placeholders, from the previous step's ids, which each worker holds."""
+        publish = any(s.needs_logits for s in batch.seqs)
+        logits = self._run(batch, fill, publish)
+        result = sample(logits)
+        if publish:
+            if result.token_ids is None:
+                raise RuntimeError("tensor parallel needs the sampled ids on the device to share them")
+            dist.broadcast(result.token_ids, src=0)
+        return result
+
+    def logits(self, batch: ForwardBatch, fill: TokenFill | None = None) -> torch.Tensor:
+        """Every rank runs the batch; rank 0's logits (what `ModelRunner.logits` returns), nothing sampled."""
+        return self._run(batch, fill, publish=False)
+
+    def _run(self, batch: ForwardBatch, fill: TokenFill | None, publish: bool) -> torch.Tensor:
+        """`publish`: the workers then wait for this step's sampled ids from rank 0."""
         spec = (fill.seq_indices, fill.source_rows) if fill is not None else None
         self._send((_EXECUTE, batch, spec, publish))
-        self._publish_pending = publish
         try:
-            return self.inner.execute(batch, fill)
+            return self.inner.logits(batch, fill)
         except dist.DistError as e:  # a peer vanished mid-step (gloo: connection reset)
             raise RuntimeError(f"tensor-parallel step failed, a worker is gone or broken: {e}") from e
-
-    def share_sampled(self, token_ids: torch.Tensor) -> None:
-        """Broadcast this step's sampled ids (still on the device, stream-ordered: no host sync) so every rank
-        can fill the next step's placeholder tokens itself."""
-        if not self._publish_pending:
-            raise RuntimeError("share_sampled() without a step that announced it")
-        self._publish_pending = False
-        dist.broadcast(token_ids, src=0)
 
     def close(self) -> None:
         """Stop the workers and leave the process group; idempotent."""
@@ -315,7 +317,7 @@ def _serve(runner: ModelRunner, commands: ShmBroadcastReader, rank: int, size: i
             _, batch, spec, publish = command
             fill = TokenFill(sampled, *spec) if spec is not None else None
             try:
-                runner.execute(batch, fill)
+                runner.logits(batch, fill)
             except ValueError:  # input validation before any collective: rank 0 raised the same error
                 logger.debug("rank %d: batch rejected", rank, exc_info=True)
                 continue

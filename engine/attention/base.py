@@ -169,7 +169,7 @@ class AttentionBackend(ABC):
     """Paged attention over the engine's KV cache; one instance serves all layers of one model."""
 
     name: str = "base"
-    supports_cuda_graphs: bool = False  # True: init_cuda_graphs / begin_graph_step / set_slots exist
+    supports_cuda_graphs: bool = False  # True: the graph-capture methods below are implemented
 
     def __init__(
         self,
@@ -223,3 +223,26 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D]: store k/v at the step's slots, then attend causally over each
         sequence's cached context plus its new tokens; returns [T, Hq, D]."""
+
+    # ---- CUDA graphs for decode (the model runner calls these only when supports_cuda_graphs) ------------
+    def set_slots(self, slot_mapping: torch.Tensor) -> None:
+        """Point the KV writes at `slot_mapping` with tensor ops a CUDA graph can capture."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+    def init_cuda_graphs(self, batch_sizes: list[int], max_pages_per_seq: int) -> None:
+        """Allocate the fixed buffers graphs of these batch sizes read their page tables from."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+    def graph_fits(self, seq_lens: Sequence[int] | np.ndarray) -> bool:
+        """Whether a padded decode batch of these lengths fits the fixed buffers (else it runs eagerly)."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+    def begin_graph_step(self, batch_size: int, seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> None:
+        """Plan the graph of `batch_size` (rows padded by the caller) before capture or replay."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+    def begin_graph_step_layout(
+        self, batch_size: int, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray
+    ) -> None:
+        """`begin_graph_step` from a page-table triple the caller already built (see `paged_kv_layout_flat`)."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")

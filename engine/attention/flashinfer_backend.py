@@ -179,7 +179,7 @@ class FlashInferAttention(AttentionBackend):
                 for w in self.windows
             }
 
-    def graph_fits(self, seq_lens: Sequence[int]) -> bool:
+    def graph_fits(self, seq_lens: Sequence[int] | np.ndarray) -> bool:
         """Whether the padded batch's page table fits the fixed buffers (else the step runs eagerly)."""
         bs = self.block_size
         return int((-(-np.asarray(seq_lens, dtype=np.int64) // bs)).sum()) <= self._graph_pages

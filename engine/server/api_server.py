@@ -475,7 +475,7 @@ async def serve(server: Server) -> int:
         logger.info(
             "ready: model %s (max_model_len %s) at http://%s:%d/v1",
             server.settings.served_model_names[0],
-            getattr(eng, "max_model_len", "?"),
+            eng.max_model_len,
             server.settings.host,
             server.port,
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import queue
 import threading
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubellm.block_hash import to_hex
+from kubellm.engine.outputs import EngineStats, RequestOutput
+from kubellm.engine.sampling_params import SamplingParams
 from kubellm.kv_events import (
     AllBlocksClearedEvent,
     BlockRemovedEvent,
@@ -31,6 +32,8 @@ from kubellm.kv_events import (
     encode_event,
 )
 from kubellm.openai_errors import APIError
+
+from .served_engine import ServedEngine
 
 logger = logging.getLogger("kubellm.engine.server")
 
@@ -46,7 +49,7 @@ class EngineDeadError(RuntimeError):
 class _Add:
     request_id: str
     prompt_token_ids: list[int]
-    params: Any
+    params: SamplingParams
     prompt: str | None
     arrival_time: float
     priority: int
@@ -77,8 +80,8 @@ _END = object()
 
 
 class RequestStream:
-    """What one request's handler reads: cumulative RequestOutputs, newest first-come, coalesced when the
-    handler is slower than the engine (outputs are cumulative, so skipping intermediate ones loses nothing)."""
+    """What one request's handler reads: delta RequestOutputs (each carries what is new), in order; deltas
+    that queued up while the handler was slower than the engine are merged into one."""
 
     def __init__(self, request_id: str):
         self.request_id = request_id
@@ -92,7 +95,11 @@ class RequestStream:
         while not self.finished:
             item = await self.queue.get()
             while not self.queue.empty() and not _is_terminal(item):
-                item = self.queue.get_nowait()
+                newer = self.queue.get_nowait()
+                if isinstance(newer, (BaseException, Aborted)):
+                    item = newer
+                else:
+                    item.add(newer)
             if isinstance(item, BaseException):
                 self.finished = True
                 raise item
@@ -123,29 +130,15 @@ class KVSubscription:
             yield item
 
 
-def _snapshot_output(out: Any) -> Any:
-    """A copy the event loop can read while the engine thread keeps mutating its own lists."""
-    out = copy.copy(out)
-    outs = []
-    for c in out.outputs:
-        c = copy.copy(c)
-        c.token_ids = list(c.token_ids)
-        if getattr(c, "logprobs", None) is not None:
-            c.logprobs = list(c.logprobs)
-        outs.append(c)
-    out.outputs = outs
-    return out
-
-
 class AsyncEngine:
     """Runs an LLMEngine on its own thread and exposes it to asyncio code."""
 
     def __init__(
         self,
-        engine_factory: Callable[[], Any],
+        engine_factory: Callable[[], ServedEngine],
         *,
         max_waiting_requests: int | None = None,
-        on_output: Callable[[Any], None] | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
         on_abort: Callable[[str], None] | None = None,
         on_step: Callable[[int], None] | None = None,
     ):
@@ -154,9 +147,9 @@ class AsyncEngine:
         self._on_output = on_output
         self._on_abort = on_abort
         self._on_step = on_step  # tokens scheduled by each engine step (metrics)
-        self.engine: Any = None
+        self._engine: ServedEngine | None = None
         self.epoch = uuid.uuid4().hex[:16]
-        self.stats: Any = None
+        self.stats: EngineStats | None = None
         self.dead: BaseException | None = None
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,15 +179,22 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
 
     @property
+    def engine(self) -> ServedEngine:
+        """The engine (once `start()` has returned)."""
+        if self._engine is None:
+            raise RuntimeError("the engine has not started")
+        return self._engine
+
+    @property
     def ready(self) -> bool:
-        return self.engine is not None and self.dead is None and not self._stop.is_set()
+        return self._engine is not None and self.dead is None and not self._stop.is_set()
 
     @property
     def num_in_flight(self) -> int:
         return len(self._active)
 
     def waiting_estimate(self) -> int:
-        waiting = int(getattr(self.stats, "num_waiting", 0) or 0)
+        waiting = self.stats.num_waiting if self.stats is not None else 0
         return waiting + self._pending_adds
 
     def queue_full(self) -> bool:
@@ -207,7 +207,7 @@ class AsyncEngine:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        params: Any,
+        params: SamplingParams,
         *,
         prompt: str | None = None,
         priority: int = 0,
@@ -251,8 +251,8 @@ class AsyncEngine:
         loop = self._loop
         assert loop is not None
         try:
-            self.engine = self._factory()
-            self.stats = self.engine.stats()
+            self._engine = self._factory()
+            self.stats = self._engine.stats()
         except BaseException as e:  # surfaced to start()'s caller
             logger.exception("engine failed to start")
             loop.call_soon_threadsafe(_set_exception, ready, e)
@@ -272,10 +272,8 @@ class AsyncEngine:
             ends = [(sub, _END) for sub in self._subscribers]
             self._post(batch + ends, None, 0)
         finally:
-            close = getattr(self.engine, "close", None)  # tensor-parallel workers go with the engine thread
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+            with contextlib.suppress(Exception):  # tensor-parallel workers go with the engine thread
+                self.engine.close()
 
     def _iteration(self) -> None:
         engine = self.engine
@@ -306,7 +304,7 @@ class AsyncEngine:
                 self._apply_subscribe(cmd.sub, batch)
         if engine.has_unfinished_requests():
             outputs = engine.step()
-            self._observe_step(getattr(engine, "last_step_tokens", 0))
+            self._observe_step(engine.last_step_tokens)
             for out in outputs:
                 stream = self._sinks.get(out.request_id)
                 self._observe(out)
@@ -314,10 +312,10 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._sinks[out.request_id]
-                if getattr(out, "error", None):
+                if out.error:
                     batch.append((stream, APIError(400, str(out.error))))
                 else:
-                    batch.append((stream, _snapshot_output(out)))
+                    batch.append((stream, out))  # a delta: fresh lists the engine thread never touches again
         self._publish_kv_events(batch)
         self._post(batch, engine.stats(), added)
 
@@ -329,14 +327,14 @@ class AsyncEngine:
         except Exception:
             logger.exception("metrics hook failed for an engine step")
 
-    def _observe(self, out: Any) -> None:
+    def _observe(self, out: RequestOutput) -> None:
         """Metrics hook; observability must never take the engine down."""
         if self._on_output is None:
             return
         try:
             self._on_output(out)
         except Exception:
-            logger.exception("metrics hook failed for request %s", getattr(out, "request_id", "?"))
+            logger.exception("metrics hook failed for request %s", out.request_id)
 
     def _apply_add(self, cmd: _Add, batch: list[tuple[Any, Any]]) -> None:
         try:
@@ -347,7 +345,7 @@ class AsyncEngine:
                 prompt=cmd.prompt,
                 arrival_time=cmd.arrival_time,
                 priority=cmd.priority,
-                **({"cache_salt": cmd.cache_salt} if cmd.cache_salt else {}),
+                cache_salt=cmd.cache_salt or "",
             )
         except ValueError as e:
             batch.append((cmd.stream, APIError(400, str(e))))
@@ -370,7 +368,7 @@ class AsyncEngine:
             batch.append((stream, Aborted()))
             return
         self._observe(final)
-        batch.append((stream, _snapshot_output(final)))
+        batch.append((stream, final))
 
     def _apply_subscribe(self, sub: KVSubscription, batch: list[tuple[Any, Any]]) -> None:
         cfg = self.engine.config

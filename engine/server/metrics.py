@@ -32,7 +32,6 @@ N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
 @dataclass
 class _Progress:
     last_token_time: float | None = None
-    tokens: int = 0
     saw_first_token: bool = False
 
 
@@ -142,16 +141,15 @@ class ServerMetrics:
         m = getattr(output, "metrics", None)
         rid = output.request_id
         p = self._progress.setdefault(rid, _Progress())
-        tokens = sum(len(c.token_ids) for c in output.outputs)
+        new_tokens = sum(len(c.token_ids) for c in output.outputs)  # outputs are deltas
         if m is not None:
             if not p.saw_first_token and m.first_token_time is not None and m.arrival_time is not None:
                 self.ttft.labels(self.model_name).observe(max(0.0, m.first_token_time - m.arrival_time))
                 p.saw_first_token = True
-            elif tokens > p.tokens and m.last_token_time is not None and p.last_token_time is not None:
+            elif new_tokens and m.last_token_time is not None and p.last_token_time is not None:
                 self.itl.labels(self.model_name).observe(max(0.0, m.last_token_time - p.last_token_time))
             if m.last_token_time is not None:
                 p.last_token_time = m.last_token_time
-        p.tokens = tokens
         if output.finished:
             self._progress.pop(rid, None)
             reason = (output.outputs[0].finish_reason if output.outputs else None) or "abort"

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubellm.engine.outputs import CompletionOutput
 from kubellm.openai_errors import APIError, model_not_found
 from kubellm.prompt import ChatTemplateError, ChatTemplateKwargsError
 
@@ -53,6 +54,7 @@ from .protocol import (
     UnsupportedField,
     UsageInfo,
 )
+from .served_engine import ServedEngine
 from .sse import DONE, sse_data, sse_error
 from .tool_parsers import ParsedDelta
 
@@ -78,11 +80,27 @@ class _Prompt:
 
 @dataclass
 class _ChoiceState:
-    text_len: int = 0
-    tokens: int = 0
     finished: bool = False
     started: bool = False
     has_calls: bool = False
+    held: CompletionOutput | None = None  # tokens and logprobs of deltas whose text a tool parser held back
+
+    def hold(self, c: CompletionOutput | None) -> None:
+        if c is None:
+            return
+        if self.held is None:
+            self.held = CompletionOutput(c.index, logprobs=[] if c.logprobs is not None else None)
+        self.held.token_ids.extend(c.token_ids)
+        if self.held.logprobs is not None and c.logprobs is not None:
+            self.held.logprobs.extend(c.logprobs)
+
+    def release(self, c: CompletionOutput | None) -> CompletionOutput | None:
+        """`c` with the held-back deltas' tokens and logprobs in front (they are sent with its chunk)."""
+        held, self.held = self.held, None
+        if held is None or c is None:
+            return c
+        logprobs = held.logprobs + c.logprobs if held.logprobs is not None and c.logprobs is not None else c.logprobs
+        return dataclasses.replace(c, token_ids=held.token_ids + list(c.token_ids), logprobs=logprobs)
 
 
 @dataclass
@@ -100,10 +118,12 @@ class _Tally:
         return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
 
     def record(self, i: int, out: Any) -> None:
+        """Count one delta output of prompt i."""
         self.prompt_tokens[i] = len(out.prompt_token_ids or ())
         self.cached_tokens[i] = int(getattr(out, "num_cached_tokens", 0) or 0)
         for c in out.outputs:
-            self.completion_tokens[(i, c.index)] = len(c.token_ids)
+            key = (i, c.index)
+            self.completion_tokens[key] = self.completion_tokens.get(key, 0) + len(c.token_ids)
 
 
 class OpenAIServing:
@@ -123,7 +143,7 @@ class OpenAIServing:
         self.on_constrained_request: Any = None  # kind -> None (a metrics counter)
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> ServedEngine:
         return self.async_engine.engine
 
     @property
@@ -250,8 +270,7 @@ class OpenAIServing:
             self.on_constrained_request(spec.kind)
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
-        model_config = getattr(self.engine, "model_config", None)
-        vocab = getattr(model_config, "vocab_size", None) or self.engine.renderer.tokenizer.get_vocab_size(True)
+        vocab = self.engine.vocab_size
         bad = next((t for t in ids if t >= vocab), None)
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range for this model's vocabulary of {vocab}", param)
@@ -326,9 +345,9 @@ class OpenAIServing:
             p.text = self.engine.renderer.decode(p.token_ids, skip_special_tokens=False)
         return p.text
 
-    def _completion_logprobs(self, c: Any, start: int, offset: int, k: int) -> CompletionLogprobs:
+    def _completion_logprobs(self, c: Any, offset: int, k: int) -> CompletionLogprobs:
         lps = CompletionLogprobs()
-        for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+        for tid, entry in zip(c.token_ids, c.logprobs or [], strict=False):
             chosen = entry.get(tid)
             tok = self._decoded(tid, chosen)
             lps.tokens.append(tok)
@@ -346,7 +365,7 @@ class OpenAIServing:
         streams = self._submit(request_id, prompts, params, req.priority, req.cache_salt)
         tally = _Tally()
         try:
-            finals = await asyncio.gather(*(_last_output(s) for s in streams))
+            finals = await asyncio.gather(*(_whole_output(s) for s in streams))
         finally:
             self._release(streams)
         n = req.n or 1
@@ -361,7 +380,7 @@ class OpenAIServing:
                 text = echo + (c.text if c else "")
                 lps = None
                 if req.logprobs is not None and c is not None:
-                    lps = self._completion_logprobs(c, 0, len(echo), req.logprobs)
+                    lps = self._completion_logprobs(c, len(echo), req.logprobs)
                 reason = (c.finish_reason if c else None) or "abort"
                 choices.append(
                     CompletionChoice(
@@ -407,7 +426,7 @@ class OpenAIServing:
                     c = _choice(out, j)
                     if c is None and out is not None:
                         continue
-                    text = c.text[st.text_len :] if c else ""
+                    text = c.text if c else ""
                     if req.echo and not st.started:
                         text = self._prompt_text(prompts[i]) + text
                     reason = c.finish_reason if c else "abort"
@@ -417,15 +436,13 @@ class OpenAIServing:
                         continue
                     lps = None
                     if req.logprobs is not None and c is not None:
-                        lps = self._completion_logprobs(c, st.tokens, 0, req.logprobs)
+                        lps = self._completion_logprobs(c, 0, req.logprobs)
                     choices.append(
                         CompletionChoice(
                             index=i * n + j, text=text, logprobs=lps, finish_reason=reason, stop_reason=_stop_reason(c)
                         )
                     )
                     st.started = True
-                    if c is not None:
-                        st.text_len, st.tokens = len(c.text), len(c.token_ids)
                     st.finished = reason is not None
                 if choices:
                     usage = tally.usage() if req.stream_options and req.stream_options.continuous_usage_stats else None
@@ -470,7 +487,7 @@ class OpenAIServing:
     def _forced_calls_constraint(self, schema: dict[str, Any]) -> Any:
         """The structured-outputs constraint that makes a forced tool choice always parse."""
         try:
-            from kubellm.engine.sampling_params import StructuredOutputsParams
+            from kubellm.engine.sampling_params import StructuredOutputsParams  # type: ignore[attr-defined,unused-ignore]
         except ImportError as e:
             raise UnsupportedField("tool_choice", "required or a named function needs structured outputs") from e
         try:
@@ -484,9 +501,9 @@ class OpenAIServing:
     def _chat_logprobs_k(self, req: ChatCompletionRequest) -> int | None:
         return (req.top_logprobs or 0) if req.logprobs else None
 
-    def _chat_logprobs(self, c: Any, start: int, k: int) -> ChatChoiceLogprobs:
+    def _chat_logprobs(self, c: Any, k: int) -> ChatChoiceLogprobs:
         content: list[ChatTokenLogprob] = []
-        for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+        for tid, entry in zip(c.token_ids, c.logprobs or [], strict=False):
             chosen = entry.get(tid)
             tok = self._decoded(tid, chosen)
             top = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)[:k]
@@ -516,7 +533,7 @@ class OpenAIServing:
         await self.compile_constraint(req, params)
         streams = self._submit(request_id, [prompt], params, req.priority, req.cache_salt)
         try:
-            out = await _last_output(streams[0])
+            out = await _whole_output(streams[0])
         finally:
             self._release(streams)
         tally = _Tally(prompt_tokens={0: len(prompt.token_ids)})
@@ -543,7 +560,7 @@ class OpenAIServing:
                 ChatCompletionChoice(
                     index=j,
                     message=message,
-                    logprobs=self._chat_logprobs(c, 0, k) if k is not None and c is not None else None,
+                    logprobs=self._chat_logprobs(c, k) if k is not None and c is not None else None,
                     finish_reason=reason,
                     stop_reason=_stop_reason(c),
                     token_ids=_token_ids(c) if req.return_token_ids else None,
@@ -609,7 +626,7 @@ class OpenAIServing:
                         st.started = True
                         if echo:
                             yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(content=echo))])
-                    text = c.text[st.text_len :] if c else ""
+                    text = c.text if c else ""
                     reason = c.finish_reason if c else "abort"
                     if out is None:
                         reason = reason or "abort"
@@ -621,18 +638,16 @@ class OpenAIServing:
                         delta, has_calls = _parsed_delta(parser, text, reason is not None)
                         st.has_calls = st.has_calls or has_calls
                         reason = finish_reason(reason, st.has_calls)
-                        if c is not None:
-                            st.text_len = len(c.text)
                         if delta == DeltaMessage() and reason is None:
-                            continue  # held back: it may be part of a marker
-                    lps = self._chat_logprobs(c, st.tokens, k) if k is not None and c is not None else None
+                            st.hold(c)  # held back: it may be part of a marker; its logprobs go with the next chunk
+                            continue
+                    c = st.release(c)
+                    lps = self._chat_logprobs(c, k) if k is not None and c is not None else None
                     choices.append(
                         ChatStreamChoice(
                             index=j, delta=delta, logprobs=lps, finish_reason=reason, stop_reason=_stop_reason(c)
                         )
                     )
-                    if c is not None:
-                        st.text_len, st.tokens = len(c.text), len(c.token_ids)
                     st.finished = reason is not None
                 if choices:
                     yield chunk(choices)
@@ -691,11 +706,15 @@ async def _errors_in_band(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         await gen.aclose()  # type: ignore[attr-defined]
 
 
-async def _last_output(stream: RequestStream) -> Any:
-    last = None
+async def _whole_output(stream: RequestStream) -> Any:
+    """The request's deltas assembled into its whole output (None if it was aborted before any)."""
+    whole = None
     async for out in stream.updates():
-        last = out
-    return last
+        if whole is None:
+            whole = out
+        else:
+            whole.add(out)
+    return whole
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:

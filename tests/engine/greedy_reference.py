@@ -47,13 +47,15 @@ def assert_greedy_equal(ours: list[int], ref: list[int], ref_logits: list[torch.
 
 def engine_greedy(engine, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """Our engine's greedy tokens for each prompt (all submitted at once, ignore_eos), asserting no errors."""
+    from kubellm.engine.outputs import OutputAssembler
     from kubellm.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
     ids = [engine.add_request(None, p, params) for p in prompts]
     done: dict[str, list[int]] = {}
+    whole = OutputAssembler()
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in map(whole.add, engine.step()):
             if out.finished:
                 assert out.error is None, out.error
                 done[out.request_id] = list(out.outputs[0].token_ids)

@@ -11,6 +11,7 @@ import pytest
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
 from kubellm.engine.loader import load_model
+from kubellm.engine.outputs import OutputAssembler
 from kubellm.engine.request import PLACEHOLDER
 from kubellm.engine.sampling_params import SamplingParams
 
@@ -37,15 +38,16 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], abo
     ids = [engine.add_request(f"r{i}", p, params) for i, (p, params) in enumerate(requests)]
     final = {}
     steps = 0
+    whole = OutputAssembler()
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in map(whole.add, engine.step()):
             assert all(t != PLACEHOLDER for c in out.outputs for t in c.token_ids)
             if out.finished:
                 final[out.request_id] = out
         steps += 1
         for rid, at in abort_after.items():
             if at == steps:
-                for out in engine.abort_request(rid):
+                for out in map(whole.add, engine.abort_request(rid)):
                     final[out.request_id] = out
     assert engine.kv.num_used_blocks == 0, "every block is back in the free queue"
     return [final[i] for i in ids]

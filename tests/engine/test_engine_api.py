@@ -12,6 +12,7 @@ from greedy_reference import assert_greedy_equal, reference_greedy
 
 from kubellm.engine import LLM, SamplingParams
 from kubellm.engine.loader import ModelLoadError
+from kubellm.engine.outputs import OutputAssembler
 
 PROMPTS = [[5, 17, 23, 99, 4, 8], list(range(40, 75)), [200, 201, 202, 7, 7, 7, 7, 9, 300, 301, 302, 11]]
 
@@ -134,8 +135,9 @@ def test_bad_input_fails_alone_while_other_requests_keep_running(tiny_llm, make,
         prompt, params = make()
         engine.add_request(None, prompt, params)
     finished = None
+    whole = OutputAssembler()
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in map(whole.add, engine.step()):
             if out.finished and out.request_id == good:
                 finished = out
     assert finished is not None and len(finished.outputs[0].token_ids) == 8

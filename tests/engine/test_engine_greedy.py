@@ -11,6 +11,7 @@ from greedy_reference import assert_greedy_equal, reference_greedy
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
+from kubellm.engine.outputs import OutputAssembler, OutputKind
 from kubellm.engine.sampling_params import SamplingParams
 
 MAX_NEW = 20
@@ -61,8 +62,9 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = MAX_NEW) 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     ids = [engine.add_request(None, p, params) for p in prompts]
     done = {}
+    whole = OutputAssembler()
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in map(whole.add, engine.step()):
             if out.finished:
                 assert out.error is None, out.error
                 done[out.request_id] = out.outputs[0].token_ids
@@ -120,10 +122,11 @@ def test_repeated_long_prompt_hits_the_prefix_cache(engine):
     prompt = engine.renderer.encode("The history of the Roman Empire spans many centuries. " * 12)
     params = SamplingParams(temperature=0.0, max_tokens=2)
     first = second = None
+    whole = OutputAssembler()
     for attempt in range(2):
         rid = engine.add_request(None, prompt, params)
         while engine.has_unfinished_requests():
-            for out in engine.step():
+            for out in map(whole.add, engine.step()):
                 if out.finished and out.request_id == rid:
                     first, second = (out, second) if attempt == 0 else (first, out)
     full_block_tokens = len(prompt) // 16 * 16
@@ -136,20 +139,47 @@ def test_engine_config_round_trip_is_a_dataclass():
 
 
 def test_final_only_outputs_carry_the_same_text_as_streamed_ones(loaded, prompts):
-    """With final_outputs_only the detokenizer runs once at the end instead of per token (no stop strings):
-    the finished outputs are the same, EOS excluded from the text, multi-byte characters intact."""
+    """With FINAL_ONLY outputs the detokenizer runs once at the end instead of per token (no stop strings):
+    the finished outputs equal the assembled deltas, EOS excluded from the text, multi-byte characters intact."""
     results = []
-    for final_only in (False, True):
+    for kind in (OutputKind.DELTA, OutputKind.FINAL_ONLY):
         engine = make_engine(loaded)
-        engine.final_outputs_only = final_only
+        engine.output_kind = kind
         params = SamplingParams(temperature=0.0, max_tokens=24)
         ids = [engine.add_request(None, p, params) for p in prompts]
         done = {}
+        whole = OutputAssembler()
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                assert out.finished or not final_only
+            for out in map(whole.add, engine.step()):
+                assert out.finished or kind is OutputKind.DELTA
                 if out.finished:
                     done[out.request_id] = [(c.text, c.token_ids, c.finish_reason) for c in out.outputs]
         results.append([done[i] for i in ids])
     assert results[0] == results[1]
     assert {r[0][2] for r in results[0]} == {"stop", "length"}
+
+
+def test_streamed_outputs_are_deltas_that_add_up_to_the_final_output(loaded, prompts):
+    """Each streamed output carries only what is new since the request's previous one (vLLM's DELTA mode):
+    stepping synchronously that is at most one token, with its logprob; the deltas concatenated equal the
+    FINAL_ONLY output of the same requests, stop strings and logprobs included."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1, stop=[" the"])
+    whole: dict[str, list] = {}
+    for kind in (OutputKind.FINAL_ONLY, OutputKind.DELTA):
+        engine = make_engine(loaded)
+        engine.output_kind = kind
+        ids = [engine.add_request(f"{kind.value}-{i}", p, params) for i, p in enumerate(prompts)]
+        got = {rid: [[], "", [], None] for rid in ids}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                (c,) = out.outputs
+                if kind is OutputKind.DELTA:
+                    assert len(c.token_ids) <= 1 and len(c.logprobs) == len(c.token_ids)
+                acc = got[out.request_id]
+                acc[0] += c.token_ids
+                acc[1] += c.text
+                acc[2] += [sorted(lp) for lp in c.logprobs]
+                acc[3] = c.finish_reason
+        whole[kind.value] = [got[rid] for rid in ids]
+    assert whole["delta"] == whole["final_only"]
+    assert {w[3] for w in whole["delta"]} >= {"stop"}, "a stop string ended at least one request"

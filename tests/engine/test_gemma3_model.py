@@ -105,7 +105,7 @@ def test_windows_hold_through_chunked_prefill_and_decode(tiny_gguf):
     rows, ends, pos = [], [], 0
     while pos < len(ids):  # 5-token prefill chunks up to 30, then one token per step
         n = 5 if pos < 30 else 1
-        rows.append(runner.execute(ForwardBatch([ScheduledSeq("r", ids[pos : pos + n], pos, blocks, True)]))[0])
+        rows.append(runner.logits(ForwardBatch([ScheduledSeq("r", ids[pos : pos + n], pos, blocks, True)]))[0])
         pos += n
         ends.append(pos)
     assert max_rel_err(torch.stack(rows), expected[[e - 1 for e in ends]]) < TOL

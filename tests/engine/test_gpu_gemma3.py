@@ -152,7 +152,7 @@ def _teacher_forced(runner, ids: list[int]) -> torch.Tensor:
     while pos < len(ids):
         n = min(PREFILL_CHUNK, PROMPT - pos) if pos < PROMPT else 1
         batch = ForwardBatch([ScheduledSeq("r", ids[pos : pos + n], pos, blocks, True)])
-        rows.append(runner.execute(batch)[0].float().cpu())
+        rows.append(runner.logits(batch)[0].float().cpu())
         pos += n
     return torch.stack(rows)
 

@@ -16,6 +16,7 @@ import torch
 from kubellm.engine.attention import AttentionMetadata
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+from kubellm.engine.outputs import OutputAssembler
 
 pytestmark = pytest.mark.gpu
 
@@ -65,10 +66,10 @@ def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
     """Logits [steps, prompts, vocab] (float32, CPU): one prefill of PREFILL tokens, then one decode per step."""
     tables = _tables(len(tokens))
     batch = ForwardBatch([ScheduledSeq(f"p{i}", t[:PREFILL], 0, tables[i], True) for i, t in enumerate(tokens)])
-    out = [runner.execute(batch).float().cpu()]
+    out = [runner.logits(batch).float().cpu()]
     for pos in range(PREFILL, POSITIONS):
         batch = ForwardBatch([ScheduledSeq(f"p{i}", [t[pos]], pos, tables[i], True) for i, t in enumerate(tokens)])
-        out.append(runner.execute(batch).float().cpu())
+        out.append(runner.logits(batch).float().cpu())
     return torch.stack(out)
 
 
@@ -118,8 +119,9 @@ def _greedy(loaded, enforce_eager: bool, prompts: list[list[int]], async_schedul
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     done = {}
+    whole = OutputAssembler()
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in map(whole.add, engine.step()):
             if out.finished:
                 c = out.outputs[0]
                 done[out.request_id] = c.token_ids if not full else (c.token_ids, c.finish_reason, c.logprobs)

@@ -17,6 +17,7 @@ import torch
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+from kubellm.engine.outputs import OutputAssembler
 
 pytestmark = pytest.mark.gpu
 
@@ -63,7 +64,7 @@ def _every_position(runner, tokens: list[list[int]]) -> torch.Tensor:
             pages = -(-n // BLOCK)
             seqs.append(ScheduledSeq(f"prefix-{n}", t[:n], 0, list(range(block, block + pages)), True))
             block += pages
-        out.append(runner.execute(ForwardBatch(seqs)).float().cpu())
+        out.append(runner.logits(ForwardBatch(seqs)).float().cpu())
     return torch.cat(out)
 
 
@@ -76,10 +77,10 @@ def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
         for i in range(len(tokens))
     ]
     batch = ForwardBatch([ScheduledSeq(f"p{i}", t[:PREFILL], 0, tables[i], True) for i, t in enumerate(tokens)])
-    out = [runner.execute(batch).float().cpu()]
+    out = [runner.logits(batch).float().cpu()]
     for pos in range(PREFILL, POSITIONS):
         batch = ForwardBatch([ScheduledSeq(f"p{i}", [t[pos]], pos, tables[i], True) for i, t in enumerate(tokens)])
-        out.append(runner.execute(batch).float().cpu())
+        out.append(runner.logits(batch).float().cpu())
     return torch.cat(out)
 
 
@@ -187,8 +188,9 @@ def _greedy_tp2(enforce_eager: bool, prompts: list[list[int]]) -> tuple[list[lis
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", p, params)
         done = {}
+        whole = OutputAssembler()
         while engine.has_unfinished_requests():
-            for out in engine.step():
+            for out in map(whole.add, engine.step()):
                 if out.finished:
                     assert out.error is None, out.error
                     done[out.request_id] = out.outputs[0]

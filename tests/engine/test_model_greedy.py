@@ -30,7 +30,7 @@ def greedy_batch(
     outs: list[list[int]] = [[] for _ in prompts]
     logits_seen: list[list[torch.Tensor]] = [[] for _ in prompts]
     for _ in range(max_new):
-        logits = runner.execute(ForwardBatch(seqs))
+        logits = runner.logits(ForwardBatch(seqs))
         nxt = logits.argmax(-1).tolist()
         for i, tok in enumerate(nxt):
             outs[i].append(tok)

@@ -40,7 +40,7 @@ def _chunked_then_decode(runner, ids: list[int], prompt_len: int, chunk: int, bl
     while pos < len(ids):
         n = min(chunk, prompt_len - pos) if pos < prompt_len else 1
         step = ScheduledSeq("r", ids[pos : pos + n], pos, blocks, needs_logits=True)
-        rows.append(runner.execute(ForwardBatch([step]))[0])
+        rows.append(runner.logits(ForwardBatch([step]))[0])
         pos += n
     return torch.stack(rows)
 
@@ -78,11 +78,11 @@ def test_batch_of_mixed_sequences_equals_each_alone(qwen3_runner):
         ids = _ids(seed, cached + new)
         blocks = pool[i * 16 : (i + 1) * 16]
         if cached:  # put the context in the cache first, in one prefill
-            runner.execute(ForwardBatch([ScheduledSeq(f"s{i}", ids[:cached], 0, blocks, True)]))
+            runner.logits(ForwardBatch([ScheduledSeq(f"s{i}", ids[:cached], 0, blocks, True)]))
         seqs.append(ScheduledSeq(f"s{i}", ids[cached:], cached, blocks, needs))
         if needs:
             alone.append(full_pass_logits(runner, ids, pool[150:166])[-1])
-    batched = runner.execute(ForwardBatch(seqs))
+    batched = runner.logits(ForwardBatch(seqs))
     assert batched.shape == (len(alone), TINY_VOCAB)
     assert max_rel_err(batched, torch.stack(alone)) < TOL
 
@@ -95,12 +95,12 @@ def test_decode_only_batch_of_different_lengths(qwen3_runner):
     for i, n in enumerate(lens):
         ids = _ids(100 + i, n + 1)
         blocks = pool[i * 10 : (i + 1) * 10]
-        runner.execute(ForwardBatch([ScheduledSeq(f"d{i}", ids[:n], 0, blocks, False)]))
+        runner.logits(ForwardBatch([ScheduledSeq(f"d{i}", ids[:n], 0, blocks, False)]))
         steps.append(ScheduledSeq(f"d{i}", ids[n:], n, blocks, True))
         alone.append(full_pass_logits(runner, ids, pool[180:190])[-1])
     batch = ForwardBatch(steps)
     assert batch.is_decode_only
-    assert max_rel_err(runner.execute(batch), torch.stack(alone)) < TOL
+    assert max_rel_err(runner.logits(batch), torch.stack(alone)) < TOL
 
 
 def test_smollm2_chunked_prefill_and_decode(smollm2_runner, smollm2_hf_tokenizer):
@@ -116,8 +116,8 @@ def test_smollm2_chunked_prefill_and_decode(smollm2_runner, smollm2_hf_tokenizer
 
 
 def test_empty_batch_and_no_logits(qwen3_runner):
-    assert qwen3_runner.execute(ForwardBatch([])).shape == (0, TINY_VOCAB)
-    out = qwen3_runner.execute(ForwardBatch([ScheduledSeq("x", [5, 6, 7], 0, [0], False)]))
+    assert qwen3_runner.logits(ForwardBatch([])).shape == (0, TINY_VOCAB)
+    out = qwen3_runner.logits(ForwardBatch([ScheduledSeq("x", [5, 6, 7], 0, [0], False)]))
     assert out.shape == (0, TINY_VOCAB)
 
 
@@ -132,6 +132,6 @@ def test_kv_cache_layout_and_size(qwen3_runner):
 
 def test_bad_block_tables_raise(qwen3_runner):
     with pytest.raises(ValueError, match="outside the pool"):
-        qwen3_runner.execute(ForwardBatch([ScheduledSeq("x", [5, 6], 0, [200], True)]))
+        qwen3_runner.logits(ForwardBatch([ScheduledSeq("x", [5, 6], 0, [200], True)]))
     with pytest.raises(ValueError, match="cannot hold"):
-        qwen3_runner.execute(ForwardBatch([ScheduledSeq("x", [5] * 9, 0, [1, 2], True)]))
+        qwen3_runner.logits(ForwardBatch([ScheduledSeq("x", [5] * 9, 0, [1, 2], True)]))

@@ -29,7 +29,7 @@ def test_tiny_model_logits_match_transformers(tiny_model_dir, kind):
     assert ours.shape == ref.shape == (len(ids), TINY_VOCAB)
     assert max_rel_err(ours, ref) < TOL, f"{kind}: relative error {max_rel_err(ours, ref):.2e}"
     # execute() returns exactly the last position's logits, float32
-    last = runner.execute(ForwardBatch([ScheduledSeq("r", ids, 0, list(range(19)), True)]))
+    last = runner.logits(ForwardBatch([ScheduledSeq("r", ids, 0, list(range(19)), True)]))
     assert last.dtype == torch.float32 and last.shape == (1, TINY_VOCAB)
     assert max_rel_err(last[0], ref[-1]) < TOL
 
@@ -80,7 +80,7 @@ def test_sliding_window_holds_through_chunked_prefill_and_decode(tiny_model_dir)
     while pos < len(ids):  # 5-token prefill chunks up to 30, then one token per step
         n = 5 if pos < 30 else 1
         step = ScheduledSeq("r", ids[pos : pos + n], pos, list(range(-(-len(ids) // 4))), needs_logits=True)
-        rows.append(runner.execute(ForwardBatch([step]))[0])
+        rows.append(runner.logits(ForwardBatch([step]))[0])
         pos += n
     ends = list(range(5, 31, 5)) + list(range(31, len(ids) + 1))
     assert max_rel_err(torch.stack(rows), ref[[e - 1 for e in ends]]) < TOL

@@ -18,7 +18,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from kubellm.block_hash import hash_blocks
 from kubellm.engine.config import EngineConfig
-from kubellm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kubellm.engine.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
+from kubellm.engine.sampling_params import SamplingParams
+from kubellm.engine.server.served_engine import ServedEngine
 from kubellm.prompt import PromptRenderer, TokenizerInfo
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
@@ -40,20 +42,6 @@ def _byte_tokenizer() -> Tokenizer:
 
 
 @dataclass
-class FakeStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    blocks_used: int = 0
-    blocks_total: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-
-
-@dataclass
 class _Req:
     rid: str
     prompt: str | None
@@ -68,6 +56,7 @@ class _Req:
     logprobs: list[list[dict[int, Logprob]] | None] = field(default_factory=list)
     rngs: list[random.Random] = field(default_factory=list)
     cached: int = 0
+    sent: list[tuple[int, int]] = field(default_factory=list)  # per completion: tokens and text chars already output
 
 
 class FakeEngine:
@@ -87,20 +76,36 @@ class FakeEngine:
         self._waiting: list[_Req] = []
         self._cached: set[int] = set()
         self._events: list[tuple[str, list[int], int | None]] = []
-        self.s = FakeStats(blocks_total=self.blocks_total)
+        self.s = EngineStats(0, 0, 0.0, 0, self.blocks_total, 0, 0, 0, 0, 0)
         self.thread_ids: set[int] = set()
         self.fail_next_step = False
+        self.last_step_tokens = 0
 
     def _touch(self) -> None:
         import threading
 
         self.thread_ids.add(threading.get_ident())
 
+    @property
+    def vocab_size(self) -> int:
+        return self.renderer.tokenizer.get_vocab_size(True)
+
     def default_sampling_params(self) -> dict[str, Any]:
         return {"temperature": 0.0}
 
-    def add_request(self, request_id, prompt_token_ids, params, *, prompt=None, arrival_time=None, priority=0):
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str = "",
+    ) -> str:
         self._touch()
+        request_id = request_id or f"fake-{time.monotonic_ns()}"
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -116,13 +121,17 @@ class FakeEngine:
             r.reasons.append(None)
             r.stop_reasons.append(None)
             r.logprobs.append([] if params.logprobs is not None else None)
+            r.sent.append((0, 0))
             seed = None if params.seed is None else params.seed + i
             r.rngs.append(random.Random(seed) if seed is not None else random.Random())
         self._waiting.append(r)
         self.s.prompt_tokens += len(prompt_token_ids) * params.n
+        return request_id
 
-    def abort_request(self, request_id):
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
         self._touch()
+        if isinstance(request_id, list):
+            return [out for rid in request_id for out in self.abort_request(rid)]
         r = self._running.pop(request_id, None)
         if r is None:
             r = next((w for w in self._waiting if w.rid == request_id), None)
@@ -175,21 +184,24 @@ class FakeEngine:
         time.sleep(self.step_time)
         outs = []
         now = time.time()
+        self.last_step_tokens = 0
         for rid, r in list(self._running.items()):
             for i in range(len(r.outs)):
                 if r.reasons[i] is not None:
                     continue
+                self.last_step_tokens += 1  # one decode token per running completion
                 t = self._next_token(r, i)
                 r.outs[i].append(t)
                 self.s.generation_tokens += 1
                 r.texts[i] = self.renderer.decode(r.outs[i])
-                if r.logprobs[i] is not None:
+                lps = r.logprobs[i]
+                if lps is not None and r.params.logprobs is not None:
                     entry = {t: Logprob(-0.25, 1, self.renderer.decode([t]))}
                     for j, alt in enumerate(x for x in self.letter_ids if x != t):
                         if j >= r.params.logprobs - 1:
                             break
                         entry[alt] = Logprob(-3.0 - j, j + 2, self.renderer.decode([alt]))
-                    r.logprobs[i].append(entry)
+                    lps.append(entry)
                 for s in r.params.stop or []:
                     if s in r.texts[i]:
                         r.texts[i] = r.texts[i][: r.texts[i].index(s)]
@@ -208,31 +220,46 @@ class FakeEngine:
         return outs
 
     def _output(self, r: _Req, finished: bool) -> RequestOutput:
-        comps = [
-            CompletionOutput(
-                index=i,
-                text=r.texts[i],
-                token_ids=r.outs[i],
-                logprobs=r.logprobs[i],
-                finish_reason=r.reasons[i],
-                stop_reason=r.stop_reasons[i],
+        """A delta, as the real engine streams: what each completion got since the previous output. Until it
+        finishes, text that could still begin a stop string is held back, as the real detokenizer does."""
+        comps = []
+        hold = max((len(s) - 1 for s in r.params.stop or []), default=0)
+        for i in range(len(r.outs)):
+            tokens, chars = r.sent[i]
+            lps = r.logprobs[i]
+            end = len(r.texts[i]) if r.reasons[i] is not None else max(chars, len(r.texts[i]) - hold)
+            comps.append(
+                CompletionOutput(
+                    index=i,
+                    text=r.texts[i][chars:end],
+                    token_ids=r.outs[i][tokens:],
+                    logprobs=lps[tokens:] if lps is not None else None,
+                    finish_reason=r.reasons[i],
+                    stop_reason=r.stop_reasons[i],
+                )
             )
-            for i in range(len(r.outs))
-        ]
+            r.sent[i] = (len(r.outs[i]), end)
         return RequestOutput(r.rid, r.prompt, r.prompt_ids, comps, finished, r.cached, None, r.metrics)
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         bs = self.config.block_size
         used = sum(-(-(len(r.prompt_ids) + max(len(o) for o in r.outs)) // bs) for r in self._running.values())
         self.s.blocks_used = used
         self.s.kv_usage = used / self.blocks_total
         self.s.num_running = len(self._running)
         self.s.num_waiting = len(self._waiting)
-        return FakeStats(**vars(self.s))
+        return EngineStats(**vars(self.s))
 
     def cached_block_hashes(self) -> list[int]:
         return sorted(self._cached)
 
-    def drain_kv_events(self):
+    def drain_kv_events(self) -> list[tuple[str, list[int], int | None]]:
         ev, self._events = self._events, []
         return ev
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _conforms(engine: FakeEngine) -> ServedEngine:
+    return engine  # the type checker holds the fake to the server's engine interface
