@@ -78,7 +78,9 @@ def run(requests: int, prompt_tokens: int, output_tokens: int, seed: int) -> dic
         ids = engine.renderer.encode(" ".join(rng.choice(WORDS) for _ in range(prompt_tokens)))
         prompts.append(ids[:prompt_tokens])
     timer = _DeviceTimer()
-    timer.wrap(engine.runner, "execute")
+    # the model's forward: `logits` since the runner became a StepRunner (whose `execute` also samples),
+    # `execute` before
+    timer.wrap(engine.runner, "logits" if hasattr(engine.runner, "logits") else "execute")
     timer.wrap(engine.sampler, "sample")
     orig_result = sampler_mod.PendingSample.result
 
