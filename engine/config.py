@@ -2,38 +2,149 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+
+from kubellm.builtin_models import DEFAULT_MODEL
+from kubellm.config_flags import env_bool, env_default, option
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")
+CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's --chat-template-content-format
+
+
+def _human_int(value: str | int) -> int:
+    """Integers as vLLM takes them: 4096, 4k, 4K (k=1000, K=1024 like vLLM), 1m, 1M, 1g, 1G."""
+    s = str(value).strip()
+    mult = {"k": 1000, "K": 1024, "m": 1000**2, "M": 1024**2, "g": 1000**3, "G": 1024**3}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def _max_model_len(value: str | int) -> int | None:
+    """A length as _human_int takes it, or `auto` / -1 (vLLM's spellings): the model's own, fitted to the KV pool."""
+    return None if str(value).strip().lower() in ("auto", "-1") else _human_int(value)
+
+
+def _non_negative_float(value: str | float) -> float:
+    f = float(value)
+    if not f >= 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
+    return f
+
+
+def _optional_bool(value: str) -> bool | None:
+    """auto (None), or 0/1 as the KUBELLM_* switches take them."""
+    return None if str(value).strip().lower() == "auto" else env_bool(value)
 
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m-instruct"
-    served_model_name: str | None = None
-    tokenizer: str | None = None
-    max_model_len: int | None = None  # None: the model's own limit
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048  # the per-step token budget shared by decodes and prefill chunks
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None  # explicit KV budget (CPU default: 256 MiB)
-    num_gpu_blocks_override: int | None = None  # exact pool size, for tests and benchmarks
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto | cuda | cpu | sim
-    attention_backend: str = "auto"  # auto | torch | flashinfer
-    enforce_eager: bool = False  # no CUDA graphs
-    async_scheduling: bool | None = None  # overlap host work with the GPU; None: on for CUDA (see llm_engine.py)
-    seed: int = 0
-    generation_config: str = "auto"  # auto: the model's generation_config.json sets defaults; "vllm": ignore it
-    max_waiting_requests: int = 1024  # beyond this the server answers 429
-    scheduling_policy: str = "fcfs"  # fcfs | priority
-    # admit new requests only while free KV blocks cover each running request's next this-many tokens (0: admit
-    # while blocks last, as vLLM does); saves the prefills that preemption by recompute throws away
-    kv_growth_reserve_tokens: int = 128
-    sim_time_scale: float = 1.0  # --device sim: every simulated step takes this many times its modelled time
-    chat_template: str | None = None  # replaces the model's own (the router fetches it with the tokenizer)
-    chat_template_content_format: str = "auto"  # auto | string | openai (vLLM's --chat-template-content-format)
+    """Every engine setting; `kubellm serve` has one flag per field (--field-name), generated from this class."""
+
+    model: str = option(DEFAULT_MODEL, help="a Hugging Face model directory, a .gguf file, or a builtin name")
+    served_model_name: str | None = option(None, help="the name clients use (the first of --served-model-name)")
+    tokenizer: str | None = option(
+        None, help="tokenizer (and chat template) from this HF directory or .gguf file instead of the model's"
+    )
+    max_model_len: int | None = option(
+        None,
+        parse=_max_model_len,
+        help="context length (unset or auto: the model's own, lowered to what the KV cache holds)",
+    )
+    max_num_seqs: int = option(256, help="most requests in one batch")
+    max_num_batched_tokens: int = option(
+        2048, parse=_human_int, help="the per-step token budget shared by decodes and prefill chunks"
+    )
+    long_prefill_token_threshold: int = option(
+        0, parse=_human_int, help="a prompt's prefill takes at most this many tokens a step (0: the whole budget)"
+    )
+    block_size: int = option(16, help="tokens per KV cache block")
+    gpu_memory_utilization: float = option(0.9, help="fraction of GPU memory the engine may use")
+    kv_cache_memory_bytes: int | None = option(
+        None, parse=_human_int, help="explicit KV cache budget in bytes (unset: measured on GPU, 256 MiB on CPU)"
+    )
+    num_gpu_blocks_override: int | None = option(None, help="exact KV pool size in blocks (tests, benchmarks)")
+    enable_prefix_caching: bool = option(True, help="reuse KV blocks of shared prefixes")
+    tensor_parallel_size: int = option(1, names=("-tp",), help="GPUs (ranks) one replica spans")
+    dtype: str = option(
+        "auto", choices=DTYPES, help="weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    device: str = option("auto", choices=("auto", "cuda", "cpu", "sim"), help="device; sim: a timing model")
+    attention_backend: str = option("auto", choices=("auto", "torch", "flashinfer"), help="attention kernels")
+    enforce_eager: bool = option(False, help="no CUDA graphs")
+    async_scheduling: bool | None = option(
+        None, help="prepare the next step on the host while the GPU runs this one (unset: on with CUDA)"
+    )
+    seed: int = option(0, help="engine seed (requests without their own seed draw from it)")
+    generation_config: str = option(
+        "auto", choices=("auto", "vllm"), help="auto: the model's generation_config.json sets sampling defaults"
+    )
+    max_waiting_requests: int = option(1024, help="waiting-queue bound; beyond it requests get 429")
+    scheduling_policy: str = option("fcfs", choices=("fcfs", "priority"), help="order of admission")
+    kv_growth_reserve_tokens: int = option(
+        128,
+        help="admit new requests only while free KV blocks cover every running request's next N tokens, so a "
+        "full cache does not preempt (and recompute) requests it just admitted (0: admit while blocks last)",
+    )
+    sim_time_scale: float = option(
+        1.0,
+        parse=_non_negative_float,
+        help="--device sim: multiply the timing model's step times (a slower simulated device)",
+    )
+    # Tuning switches, each also settable by its KUBELLM_* environment variable (the default when set).
+    num_threads: int = option(
+        default_factory=env_default("KUBELLM_NUM_THREADS", int, 0),
+        env="KUBELLM_NUM_THREADS",
+        help="CPU: torch intra-op threads (0: one per usable CPU, shared among tensor-parallel ranks)",
+    )
+    fused_kernels: bool = option(
+        default_factory=env_default("KUBELLM_FUSED_KERNELS", env_bool, True),
+        env="KUBELLM_FUSED_KERNELS",
+        help="CUDA: Triton kernels for RMSNorm, rotary and SiLU-and-mul (off: torch ops)",
+    )
+    fused_sampler: bool = option(
+        default_factory=env_default("KUBELLM_FUSED_SAMPLER", env_bool, True),
+        env="KUBELLM_FUSED_SAMPLER",
+        help="CUDA: one Triton kernel for plain temperature sampling (off: torch ops)",
+    )
+    gemv_kernel: bool = option(
+        default_factory=env_default("KUBELLM_GEMV", env_bool, True),
+        env="KUBELLM_GEMV",
+        help="CUDA, tensor parallel: a Triton GEMV for few-row weight products (off: cuBLAS)",
+    )
+    tp_cuda_graphs: bool = option(
+        default_factory=env_default("KUBELLM_TP_CUDA_GRAPHS", env_bool, True),
+        env="KUBELLM_TP_CUDA_GRAPHS",
+        help="decode CUDA graphs under tensor parallelism (off: eager, the fallback)",
+    )
+    tp_symm_mem: bool = option(
+        default_factory=env_default("KUBELLM_TP_SYMM_MEM", env_bool, False),
+        env="KUBELLM_TP_SYMM_MEM",
+        help="tensor parallel: all-reduce through symmetric memory for small messages",
+    )
+    decode_tensor_cores: bool | None = option(
+        default_factory=env_default("KUBELLM_DECODE_TENSOR_CORES", _optional_bool, None),
+        parse=_optional_bool,
+        metavar="auto|0|1",
+        env="KUBELLM_DECODE_TENSOR_CORES",
+        help="flashinfer: tensor-core decode kernels (unset: on when a KV head serves 4 or more query heads)",
+    )
+    prefill_backend: str = option(
+        default_factory=env_default("KUBELLM_PREFILL_BACKEND", str, "fa2"),
+        choices=("fa2", "fa3", "auto"),
+        env="KUBELLM_PREFILL_BACKEND",
+        help="flashinfer: paged prefill kernel family",
+    )
+    chat_template: str | None = option(
+        None, help="chat template replacing the model's: a file path, or the Jinja template itself"
+    )
+    chat_template_content_format: str = option(
+        "auto",
+        choices=CHAT_TEMPLATE_CONTENT_FORMATS,
+        help="how message content reaches the template: string (text parts joined) or openai (a list of parts); "
+        "auto: openai when the template loops over a message's content",
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -45,6 +156,8 @@ class EngineConfig:
             "max_model_len": self.max_model_len is None or self.max_model_len >= 1,
             "sim_time_scale": self.sim_time_scale > 0,
             "kv_growth_reserve_tokens": self.kv_growth_reserve_tokens >= 0,
+            "long_prefill_token_threshold": self.long_prefill_token_threshold >= 0,
+            "num_threads": self.num_threads >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -61,6 +174,8 @@ class EngineConfig:
             )
         if self.generation_config not in ("auto", "vllm"):
             raise ValueError(f"invalid engine argument generation_config={self.generation_config!r}")
+        if self.prefill_backend not in ("fa2", "fa3", "auto"):
+            raise ValueError(f"invalid engine argument prefill_backend={self.prefill_backend!r}")
 
     @property
     def model_name(self) -> str:

@@ -26,6 +26,7 @@ from kubellm.engine.config import EngineConfig
 from kubellm.engine.detokenizer import IncrementalDetokenizer
 from kubellm.engine.forward_batch import TokenFill
 from kubellm.engine.kv_cache_manager import KVCacheManager, KVEvent
+from kubellm.engine.loader import load_tokenizer
 from kubellm.engine.outputs import (
     CompletionOutput,
     EngineStats,
@@ -36,8 +37,7 @@ from kubellm.engine.outputs import (
 )
 from kubellm.engine.request import PLACEHOLDER, Request, RequestStatus
 from kubellm.engine.sampler import Sampler, SamplingState
-from kubellm.engine.sampling_params import _GEN_CFG_KEYS as GENERATION_CONFIG_KEYS
-from kubellm.engine.sampling_params import SamplingParams
+from kubellm.engine.sampling_params import SamplingParams, TokenStop, generation_config_defaults
 from kubellm.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.engine.step_runner import ReadyTokens, StepResult, StepRunner
 from kubellm.engine.structured_output import GrammarMatcher, StructuredOutputManager, llguidance_manager
@@ -116,6 +116,8 @@ class LLMEngine:
         self.model_config = loaded.config
         self.generation_config: dict[str, Any] = dict(loaded.generation_config or {})
         self.tokenizer_info = loaded.tokenizer_info
+        if config.tokenizer:
+            self.tokenizer_info = load_tokenizer(config.tokenizer, self.model_config)
         template = config.chat_template if config.chat_template is not None else self.tokenizer_info.chat_template
         self.tokenizer_info = self.tokenizer_info.model_copy(
             update={"chat_template": template, "chat_template_content_format": config.chat_template_content_format}
@@ -142,6 +144,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             policy=config.scheduling_policy,
             growth_reserve_tokens=config.kv_growth_reserve_tokens,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
         )
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
         self.structured_outputs: StructuredOutputManager = llguidance_manager(
@@ -226,20 +229,16 @@ class LLMEngine:
         return max(1, budget // per_block)
 
     def default_sampling_params(self) -> dict[str, Any]:
-        """Defaults from the model's generation_config.json (unless generation_config='vllm')."""
+        """Sampling defaults from the model's generation_config.json (none with generation_config='vllm'):
+        what the server fills a request's omitted fields with, and what offline `make_sampling_params` starts
+        from."""
         if self.config.generation_config == "vllm":
             return {}
-        return {
-            name: value
-            for key, name in GENERATION_CONFIG_KEYS.items()
-            if (value := self.generation_config.get(key)) is not None
-        }
+        return generation_config_defaults(self.generation_config)
 
     def make_sampling_params(self, **overrides: Any) -> SamplingParams:
         """Explicit values win; fields left as None take the model's defaults."""
-        return SamplingParams.from_generation_config(
-            self.generation_config if self.config.generation_config == "auto" else None, **overrides
-        )
+        return SamplingParams.from_defaults(self.default_sampling_params(), **overrides)
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(
@@ -464,9 +463,10 @@ class LLMEngine:
         params = req.params
         n_out = req.num_resolved_outputs
         status: RequestStatus | None = None
-        if not params.ignore_eos and token in req.eos_token_ids and n_out >= params.min_tokens:
+        stop = params.token_stop(token, n_out, req.eos_token_ids)
+        if stop is TokenStop.EOS:
             status = RequestStatus.FINISHED_STOPPED
-        elif token in (params.stop_token_ids or ()) and n_out >= params.min_tokens:
+        elif stop is TokenStop.STOP_TOKEN:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
         elif self.output_kind is OutputKind.FINAL_ONLY and not params.stop:  # nobody reads the text before the end
             seq.untexted.append(token)

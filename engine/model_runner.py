@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kubellm.engine import sampling_kernels
 from kubellm.engine.attention import AttentionBackend, AttentionMetadata, kv_cache_shape, select_backend_class
 from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_flat
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
-from kubellm.engine.models import build_model, gemv, moe
+from kubellm.engine.models import build_model, fused, gemv, moe
 from kubellm.engine.step_runner import Sample, StepResult
 from kubellm.engine.transfer import to_device_async
 
@@ -55,10 +56,10 @@ def available_cpus() -> int:
     return max(1, count)
 
 
-def configure_cpu_threads() -> int:
-    """One intra-op thread per usable CPU (KUBELLM_NUM_THREADS overrides): torch's default counts the host's
-    cores, which oversubscribes a CPU-limited pod and slows every matmul."""
-    wanted = int(os.environ.get("KUBELLM_NUM_THREADS", "0")) or available_cpus()
+def configure_cpu_threads(num_threads: int = 0) -> int:
+    """`num_threads` intra-op threads (0: one per usable CPU): torch's default counts the host's cores, which
+    oversubscribes a CPU-limited pod and slows every matmul."""
+    wanted = num_threads or available_cpus()
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
     return wanted
@@ -95,7 +96,10 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
-            configure_cpu_threads()
+            configure_cpu_threads(config.num_threads)
+        fused.configure(config.fused_kernels)
+        gemv.configure(config.gemv_kernel)
+        sampling_kernels.configure(config.fused_sampler)
         self.block_size = config.block_size
         self.model = build_model(loaded.config, self.dtype, self.device, tp_rank, tp_size)
         if tp_size > 1:  # shard-sized weight GEMMs of decode rows: the Triton kernel beats cuBLAS there
@@ -123,6 +127,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             sliding_window=self._sliding_window(c, config),
+            **backend_cls.options_from(config),
         )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0

@@ -13,12 +13,12 @@ Small all-reduces (decode) go through symmetric memory when the GPUs allow it (e
 rest through NCCL. CUDA graphs capture the all-reduces of the decode forward (PyTorch's ProcessGroupNCCL supports
 capture and waits for its watchdog's pending work before one starts). `warm_up` creates the communicator before
 any capture, and every rank captures the same sizes in the same order because every rank runs allocate_kv_cache
-from the same broadcast command. KUBELLM_TP_CUDA_GRAPHS=0 falls back to eager decode under tensor parallelism.
+from the same broadcast command. --no-tp-cuda-graphs (KUBELLM_TP_CUDA_GRAPHS=0) falls back to eager decode under
+tensor parallelism.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
@@ -104,11 +104,6 @@ def warm_up(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     if int(probe.item()) != dist.get_world_size():
         raise RuntimeError(f"all-reduce warm-up gave {probe.item()}, expected {dist.get_world_size()}")
-
-
-def cuda_graphs_enabled() -> bool:
-    """Decode CUDA graphs under tensor parallelism, unless KUBELLM_TP_CUDA_GRAPHS=0 (the fallback)."""
-    return os.environ.get("KUBELLM_TP_CUDA_GRAPHS", "1") != "0"
 
 
 def abort_group() -> None:

@@ -15,7 +15,6 @@ engine seed reproduces its draws and no host-device sync is needed.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -28,9 +27,14 @@ except ImportError:  # CPU installs
     triton = None
     tl = None
 
-_state = {"ok": triton is not None and os.environ.get("KUBELLM_FUSED_SAMPLER", "1") != "0"}
+_state = {"ok": triton is not None}
 BLOCK = 1024
 CHUNKS = 16  # column chunks per row (programs per row)
+
+
+def configure(on: bool) -> None:
+    """The engine's fused_sampler setting (off: torch ops)."""
+    _state["ok"] = triton is not None and on
 
 
 def enabled(x: torch.Tensor) -> bool:

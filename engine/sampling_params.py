@@ -6,6 +6,7 @@ error that names the offending field and value.
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
@@ -24,7 +25,23 @@ GENERATION_CONFIG_KEYS: dict[str, str] = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
-_GEN_CFG_KEYS = GENERATION_CONFIG_KEYS  # the engine's first import used this name
+
+
+def generation_config_defaults(gen_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """SamplingParams defaults from a model's generation_config.json: only the keys vLLM honours (temperature,
+    top_p, top_k, min_p, repetition_penalty, max_new_tokens -> max_tokens); a key set to None is ignored, so a
+    model's config cannot null out a default. The one source of sampling defaults for server and offline use."""
+    if gen_cfg is None:
+        return {}
+    return {name: gen_cfg[key] for key, name in GENERATION_CONFIG_KEYS.items() if gen_cfg.get(key) is not None}
+
+
+class TokenStop(enum.Enum):
+    """How a generated token ends a request (SamplingParams.token_stop)."""
+
+    NONE = "none"
+    EOS = "eos"  # finish_reason "stop", stop_reason None
+    STOP_TOKEN = "stop_token"  # finish_reason "stop", stop_reason the token id
 
 
 def _bad(name: str, value: Any, why: str) -> ValueError:
@@ -205,22 +222,15 @@ class SamplingParams:
             raise _bad("stop_token_ids", self.stop_token_ids, "token ids must be non-negative")
 
     @classmethod
-    def from_generation_config(cls, gen_cfg: Mapping[str, Any] | None, **overrides: Any) -> SamplingParams:
-        """Defaults from a model's generation_config.json, then the caller's explicit values on top.
-
-        Only the keys vLLM honours are read (temperature, top_p, top_k, min_p, repetition_penalty,
-        max_new_tokens → max_tokens); keys set to None in either place are ignored so a model's
-        config cannot null out a default.
-        """
-        values: dict[str, Any] = {}
-        for key, name in GENERATION_CONFIG_KEYS.items():
-            if gen_cfg is not None and gen_cfg.get(key) is not None:
-                values[name] = gen_cfg[key]
+    def from_defaults(cls, defaults: Mapping[str, Any], **overrides: Any) -> SamplingParams:
+        """`defaults` (a model's, from `generation_config_defaults`), then the caller's explicit values on top;
+        an override of None means "not given" (the default applies)."""
+        values = dict(defaults)
         known = {f.name for f in fields(cls) if f.init}
         for name, value in overrides.items():
             if name not in known:
                 raise ValueError(f"invalid sampling parameter {name}: unknown field")
-            if value is not None:  # None means "not given": the model's default (or ours) applies
+            if value is not None:
                 values[name] = value
         return cls(**values)
 
@@ -239,11 +249,15 @@ class SamplingParams:
             ids.update(eos_token_ids)
         return ids
 
-    def is_stop_token(self, token_id: int, num_output_tokens: int, eos_token_ids: Collection[int] = ()) -> bool:
-        """Whether `token_id`, just generated as output token number `num_output_tokens` (1-based), ends the
-        request. Nothing stops before min_tokens outputs exist (the sampler masks these ids until then)."""
+    def token_stop(self, token_id: int, num_output_tokens: int, eos_token_ids: Collection[int] = ()) -> TokenStop:
+        """The rule the engine ends a request by on a token: whether `token_id`, just generated as output token
+        number `num_output_tokens` (1-based), ends it, and as what. Nothing stops before min_tokens outputs exist
+        (the sampler masks these ids until then); EOS wins over a stop_token_id that is also EOS (vLLM's order:
+        the stop reason is then None)."""
         if num_output_tokens < self.min_tokens:
-            return False
+            return TokenStop.NONE
+        if not self.ignore_eos and token_id in eos_token_ids:
+            return TokenStop.EOS
         if token_id in (self.stop_token_ids or ()):
-            return True
-        return not self.ignore_eos and token_id in eos_token_ids
+            return TokenStop.STOP_TOKEN
+        return TokenStop.NONE

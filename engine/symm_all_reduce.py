@@ -7,16 +7,15 @@ signal-pad barrier: no proxy thread, no protocol handshakes. Large messages (pre
 and tree algorithms move less data per rank.
 
 Only peer-to-peer loads are used: NVLink multicast (NVLS, PyTorch's `multimem_*` ops) stays off
-(TORCH_SYMM_MEM_DISABLE_MULTICAST=1 is respected; see bench/gpu_run.sh). Opt-in for now (KUBELLM_TP_SYMM_MEM=1):
-it has not yet run on 2+ GPUs (none were lent when it was written); bench/gpu_run.sh tp turns it on to measure
-it. Set-up is collective: every rank allocates its buffer and rendezvous, then all ranks agree (an all-reduce of
-their success flags) so no rank takes a path its peers do not.
+(TORCH_SYMM_MEM_DISABLE_MULTICAST=1 is respected; see bench/gpu_run.sh). Opt-in for now (--tp-symm-mem or
+KUBELLM_TP_SYMM_MEM=1): it has not yet run on 2+ GPUs (none were lent when it was written); bench/gpu_run.sh
+tp turns it on to measure it. Set-up is collective: every rank allocates its buffer and rendezvous, then all
+ranks agree (an all-reduce of their success flags) so no rank takes a path its peers do not.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
@@ -34,11 +33,11 @@ def enabled() -> bool:
     return _state["buffer"] is not None
 
 
-def setup(device: torch.device, dtype: torch.dtype) -> bool:
-    """Collective: every rank of the default group calls it after the group exists. True when the symmetric
-    path is in use on every rank."""
+def setup(device: torch.device, dtype: torch.dtype, wanted: bool) -> bool:
+    """Collective: every rank of the default group calls it after the group exists (`wanted`: the engine's
+    tp_symm_mem setting, the same on every rank). True when the symmetric path is in use on every rank."""
     _state["buffer"] = None
-    if device.type != "cuda" or dist.get_world_size() < 2 or os.environ.get("KUBELLM_TP_SYMM_MEM", "0") != "1":
+    if device.type != "cuda" or dist.get_world_size() < 2 or not wanted:
         return False
     max_bytes = MAX_BYTES_BY_WORLD_SIZE.get(dist.get_world_size(), DEFAULT_MAX_BYTES)
     elem = torch.empty((), dtype=dtype).element_size()

@@ -8,8 +8,8 @@ Weights: a worker loads the model from `loaded.path` (HF directories lazily, so 
 a model made in memory, rebuilds it from `loaded.recipe` (random weights drawn on its own device, only its shards).
 Commands travel through a shared-memory ring (engine/tp_channel.py: microseconds, where a pickled gloo broadcast
 cost ~1 ms of GPU idle per step); replies to `call` (start-up, KV sizing) gather over `parallel.control_group()`
-(gloo beside NCCL on CUDA). Decode CUDA graphs are captured on every rank (KUBELLM_TP_CUDA_GRAPHS=0 turns them off
-under tensor parallelism).
+(gloo beside NCCL on CUDA). Decode CUDA graphs are captured on every rank (--no-tp-cuda-graphs, or
+KUBELLM_TP_CUDA_GRAPHS=0, turns them off under tensor parallelism).
 
 Shutdown: `close()` broadcasts a stop and joins the workers (terminating stragglers). Workers are daemon
 processes and also die with their parent (PR_SET_PDEATHSIG plus a parent-watch thread), so a killed engine
@@ -28,6 +28,7 @@ import os
 import queue
 import time
 import traceback
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -92,7 +93,7 @@ class TPModelRunner:
             parallel.init_group(0, size, port, device.type)
             self._group = True
             parallel.warm_up(_rank_device(device, 0))
-            symm_all_reduce.setup(_rank_device(device, 0), resolve_dtype(config.dtype, device))
+            symm_all_reduce.setup(_rank_device(device, 0), resolve_dtype(config.dtype, device), config.tp_symm_mem)
             self.inner = _make_runner(loaded, config, 0, size)
             errors = [e for e in self._gather("ok") if e != "ok"]  # every rank reports its load
             if errors:
@@ -248,7 +249,7 @@ def _rank_device(device: torch.device, rank: int) -> torch.device:
 
 def _make_runner(loaded: LoadedModel, config: EngineConfig, rank: int, size: int) -> ModelRunner:
     runner = ModelRunner(loaded, config, tp_rank=rank, tp_size=size)
-    if not parallel.cuda_graphs_enabled():
+    if not config.tp_cuda_graphs:
         runner.use_cuda_graphs = False  # read when the KV cache is allocated (and graphs captured), later
     return runner
 
@@ -282,14 +283,14 @@ def _worker_main(
     """Ranks 1..N-1: join the group, load and shard the weights, then run whatever rank 0 broadcasts."""
     die_with_parent(parent_pid)  # SIGKILL: a worker holds nothing worth saving
     device = resolve_device(config.device)
-    if device.type == "cpu" and "KUBELLM_NUM_THREADS" not in os.environ:
-        os.environ["KUBELLM_NUM_THREADS"] = str(max(1, available_cpus() // size))  # share the cores
+    if device.type == "cpu" and not config.num_threads:
+        config = replace(config, num_threads=max(1, available_cpus() // size))  # share the cores
     # CPU ranks share few cores with rank 0: poll the ring with sleeps rather than spinning
     commands = ShmBroadcastReader(channel, rank - 1, hot_spin_s=0.0 if device.type == "cpu" else 0.05)
     hello.put(rank)
     parallel.init_group(rank, size, port, device.type)
     parallel.warm_up(_rank_device(device, rank))
-    symm_all_reduce.setup(_rank_device(device, rank), resolve_dtype(config.dtype, device))
+    symm_all_reduce.setup(_rank_device(device, rank), resolve_dtype(config.dtype, device), config.tp_symm_mem)
     runner: ModelRunner | None = None
     status = "ok"
     try:

@@ -39,8 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--interval", type=float, default=15.0, help="seconds between reconcile/autoscale ticks")
-    p.add_argument("--engine-image", default=os.environ.get("KUBELLM_ENGINE_IMAGE", DEFAULT_ENGINE_IMAGE))
-    p.add_argument("--router-image", default=os.environ.get("KUBELLM_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE))
+    p.add_argument(
+        "--engine-image", default=os.environ.get("KUBELLM_ENGINE_IMAGE", DEFAULT_ENGINE_IMAGE),
+        help=f"engine image of LLMDeployments that name none (default: $KUBELLM_ENGINE_IMAGE, "
+        f"else {DEFAULT_ENGINE_IMAGE})",
+    )  # fmt: skip
+    p.add_argument(
+        "--router-image", default=os.environ.get("KUBELLM_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE),
+        help=f"router image of LLMDeployments that name none (default: $KUBELLM_ROUTER_IMAGE, "
+        f"else {DEFAULT_ROUTER_IMAGE})",
+    )  # fmt: skip
     p.add_argument(
         "--image-pull-secret", action="append", default=[], metavar="NAME",
         help="Secret for pulling engine and router images, for LLMDeployments that name none (repeatable)",

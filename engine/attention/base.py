@@ -11,10 +11,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import torch
 
+from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch
 
 
@@ -200,6 +202,11 @@ class AttentionBackend(ABC):
         for w in self.windows:
             if w is not None and w < 1:
                 raise ValueError(f"sliding window must be >= 1 token, got {w}")
+
+    @classmethod
+    def options_from(cls, config: EngineConfig) -> dict[str, Any]:
+        """Keyword arguments of this backend's constructor that come from the engine config (none here)."""
+        return {}
 
     @property
     def windows(self) -> list[int | None]:

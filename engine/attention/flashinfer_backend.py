@@ -17,13 +17,14 @@ over the same page table; each layer runs the wrapper of its window.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flashinfer
 import numpy as np
 import torch
 
+from kubellm.engine.config import EngineConfig
 from kubellm.engine.transfer import to_device_async, wait_event
 
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
@@ -33,8 +34,8 @@ from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 WORKSPACE_BYTES = 512 * 1024 * 1024
 # FA2 prefill kernels, also on Hopper: at the context lengths served here attention is a few percent of a
 # prefill step's FLOPs (the weight GEMMs are the rest), so FA3 would gain little and cost one more kernel
-# family to build per head size (FA3 also needs curand headers at build time). KUBELLM_PREFILL_BACKEND=fa3
-# overrides (bench/offline.py times both on (a)'s shape).
+# family to build per head size (FA3 also needs curand headers at build time). --prefill-backend fa3
+# (KUBELLM_PREFILL_BACKEND=fa3) overrides (bench/offline.py times both on (a)'s shape).
 PREFILL_BACKEND = "fa2"
 
 
@@ -84,14 +85,13 @@ class FlashInferAttention(AttentionBackend):
             raise ValueError(f"the flashinfer backend runs in bfloat16 or float16, not {self.dtype}")
         self.device = torch.device(device or "cuda")
         # Tensor-core decode (flashinfer's prefill kernel with q_len 1) tends to win once a KV head serves >= 4
-        # queries; KUBELLM_DECODE_TENSOR_CORES=0/1 overrides (bench/offline.py times both and sets it).
+        # queries; the engine's decode_tensor_cores overrides (bench/offline.py times both and sets it).
         group = num_heads // num_kv_heads
-        env = os.environ.get("KUBELLM_DECODE_TENSOR_CORES")
         if use_tensor_cores is None:
-            use_tensor_cores = env == "1" if env in ("0", "1") else group >= 4
+            use_tensor_cores = group >= 4
         self.use_tensor_cores = use_tensor_cores
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.prefill_backend = prefill_backend or os.environ.get("KUBELLM_PREFILL_BACKEND", PREFILL_BACKEND)
+        self.prefill_backend = prefill_backend or PREFILL_BACKEND
         # one prefill and one decode wrapper per distinct window; they share the float workspace (the layers run
         # one after another on one stream)
         self._prefill = {
@@ -110,6 +110,10 @@ class FlashInferAttention(AttentionBackend):
         self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._v_rows = self._k_rows
         self._plan_copied: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> its last plan's host-to-device copy
+
+    @classmethod
+    def options_from(cls, config: EngineConfig) -> dict[str, Any]:
+        return {"use_tensor_cores": config.decode_tensor_cores, "prefill_backend": config.prefill_backend}
 
     def _plan(self, wrapper, *args, **kwargs) -> None:
         """flashinfer's plan fills the wrapper's pinned host buffer and queues its copy to the device; with

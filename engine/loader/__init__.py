@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 
 from kubellm.builtin_models import BUILTIN_MODELS, BuiltinModelError, resolve_model
-from kubellm.engine.model_config import UnsupportedModelError
+from kubellm.engine.model_config import ModelConfig, UnsupportedModelError
+from kubellm.prompt import TokenizerInfo
 
 from .errors import ModelLoadError
 from .gguf_file import is_gguf_file, load_gguf
-from .hf_dir import load_hf_dir
+from .hf_dir import load_hf_dir, read_tokenizer_info
 from .loaded import LoadedModel
 
-__all__ = ["LoadedModel", "ModelLoadError", "UnsupportedModelError", "load_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "UnsupportedModelError", "load_model", "load_tokenizer"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -67,3 +68,15 @@ def load_model(
         f"model path {resolved} does not exist: pass a Hugging Face model directory, a .gguf file, "
         f"or a builtin model name ({builtins})"
     )
+
+
+def load_tokenizer(path: str | Path, model_config: ModelConfig) -> TokenizerInfo:
+    """The tokenizer and chat template from a HF tokenizer directory (tokenizer.json, tokenizer_config.json)
+    or a GGUF file, for `--tokenizer` as vLLM takes it; `model_config` (the served model's) names the special
+    tokens a tokenizer_config.json leaves out."""
+    resolved = Path(path)
+    if resolved.is_dir():
+        return read_tokenizer_info(resolved, model_config)
+    if resolved.is_file() and is_gguf_file(resolved):
+        return load_gguf(resolved, torch.float32, str(path), load_weights=False).tokenizer_info
+    raise ModelLoadError(f"tokenizer {path}: not a directory with a tokenizer.json, nor a GGUF file")

@@ -7,8 +7,9 @@ kernels (RMSNorm alone is 7, rotary 10), each ~2.5 us even inside a CUDA graph: 
 the float32 intermediates' memory traffic. Numerics follow the torch path of `llama.py` (normalise in
 float32, round to the model dtype, then scale); the torch ops stay the reference and the CPU path.
 
-`enabled(x)`: CUDA tensor, Triton importable, KUBELLM_FUSED_KERNELS not "0", and no kernel has failed yet
-(a failure logs once and falls back to torch for the rest of the process).
+`enabled(x)`: CUDA tensor, Triton importable, the engine's fused_kernels on (--fused-kernels,
+KUBELLM_FUSED_KERNELS), and no kernel has failed yet (a failure logs once and falls back to torch for the rest of
+the process).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ except ImportError:  # CPU installs: the torch path is used
     triton = None
     tl = None
 
-_state = {"ok": triton is not None and os.environ.get("KUBELLM_FUSED_KERNELS", "1") != "0"}
+_state = {"ok": triton is not None}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
 # Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
@@ -35,6 +36,11 @@ _state = {"ok": triton is not None and os.environ.get("KUBELLM_FUSED_KERNELS", "
 ROPE_HEADS_PER_PROGRAM = 16
 SILU_MUL_CONFIG = (1024, 4)
 RMS_NORM_WARPS = 4
+
+
+def configure(on: bool) -> None:
+    """The engine's fused_kernels setting (off: torch ops)."""
+    _state["ok"] = triton is not None and on
 
 
 def enabled(x: torch.Tensor) -> bool:

@@ -13,12 +13,10 @@ bench/results/gemv-micro-2026-11-29.json): at M = 1 Triton/cuBLAS is 1.05x on TP
 
 Numerics: float32 accumulation as cuBLAS does, rounded once to the output dtype; the summation order differs,
 so results equal F.linear's to bf16 rounding, not bit for bit. Used only when `enabled()` says so: CUDA, Triton
-importable, KUBELLM_GEMV != "0", at most MAX_ROWS rows.
+importable, the engine's gemv_kernel on (--gemv-kernel, KUBELLM_GEMV), at most MAX_ROWS rows.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +63,16 @@ def enabled(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.is_contiguous()
-        and os.environ.get("KUBELLM_GEMV", "1") != "0"
+        and _state["on"]
     )
+
+
+_state = {"on": True}
+
+
+def configure(on: bool) -> None:
+    """The engine's gemv_kernel setting (off: cuBLAS for every product)."""
+    _state["on"] = on
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:

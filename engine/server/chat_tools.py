@@ -11,22 +11,30 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kubellm.config_flags import option
+from kubellm.engine.config import CHAT_TEMPLATE_CONTENT_FORMATS  # noqa: F401  (its home was here)
+
 from .chat_output import ChatOutputParser
 from .errors import bad_request
-from .reasoning_parsers import make_reasoning_parser
+from .reasoning_parsers import REASONING_PARSERS, make_reasoning_parser
 from .tool_parsers import TOOL_PARSERS, ToolCall, ToolCallDelta, ToolParser
 from .tool_parsers.forced import NamedCallParser, RequiredCallsParser
-
-CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string", "openai")
 
 
 @dataclass(frozen=True)
 class ChatParsingConfig:
-    """The server's `--tool-call-parser`, `--reasoning-parser` and `--enable-auto-tool-choice`."""
+    """The server's `--tool-call-parser`, `--reasoning-parser` and `--enable-auto-tool-choice` (flags generated
+    from these fields)."""
 
-    tool_call_parser: str | None = None
-    reasoning_parser: str | None = None
-    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = option(
+        None, choices=sorted(TOOL_PARSERS), help="the model's tool-call output format"
+    )
+    reasoning_parser: str | None = option(
+        None, choices=REASONING_PARSERS, help="split the model's reasoning into reasoning_content"
+    )
+    enable_auto_tool_choice: bool = option(
+        False, help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser"
+    )
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
 class _Progress:
     last_token_time: float | None = None
     saw_first_token: bool = False
+    tokens: int = 0  # generated so far (outputs are deltas)
 
 
 class _EngineStatsCollector(Collector):
@@ -142,6 +143,7 @@ class ServerMetrics:
         rid = output.request_id
         p = self._progress.setdefault(rid, _Progress())
         new_tokens = sum(len(c.token_ids) for c in output.outputs)  # outputs are deltas
+        p.tokens += new_tokens
         if m is not None:
             if not p.saw_first_token and m.first_token_time is not None and m.arrival_time is not None:
                 self.ttft.labels(self.model_name).observe(max(0.0, m.first_token_time - m.arrival_time))
@@ -154,18 +156,18 @@ class ServerMetrics:
             self._progress.pop(rid, None)
             reason = (output.outputs[0].finish_reason if output.outputs else None) or "abort"
             self.request_success.labels(self.model_name, reason).inc()
-            self._observe_finished(output, m)
+            self._observe_finished(output, m, p.tokens)
             if m is not None and m.arrival_time is not None:
                 if m.finished_time is not None:
                     self.e2e.labels(self.model_name).observe(max(0.0, m.finished_time - m.arrival_time))
                 if m.first_scheduled_time is not None:
                     self.queue.labels(self.model_name).observe(max(0.0, m.first_scheduled_time - m.arrival_time))
 
-    def _observe_finished(self, output: Any, m: Any) -> None:
+    def _observe_finished(self, output: Any, m: Any, generated: int) -> None:
         """vLLM's per-request distributions: sizes always; phase times where the request reached them."""
         name = self.model_name
         self.prompt_tokens.labels(name).observe(len(output.prompt_token_ids or ()))
-        self.generation_tokens.labels(name).observe(sum(len(c.token_ids) for c in output.outputs))
+        self.generation_tokens.labels(name).observe(generated)
         self.params_n.labels(name).observe(max(1, len(output.outputs)))
         if m is None or m.first_scheduled_time is None or m.first_token_time is None:
             return

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from kubellm.engine.sampling_params import SamplingParams
+from kubellm.engine.sampling_params import SamplingParams, TokenStop, generation_config_defaults
+
+
+def _from_generation_config(gen_cfg, **overrides):
+    return SamplingParams.from_defaults(generation_config_defaults(gen_cfg), **overrides)
 
 
 def test_defaults_match_vllm():
@@ -118,7 +122,7 @@ def test_from_generation_config_defaults_and_overrides():
         "eos_token_id": [1, 2],
         "bos_token_id": 0,
     }
-    p = SamplingParams.from_generation_config(gen_cfg)
+    p = _from_generation_config(gen_cfg)
     assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.max_tokens) == (
         0.6,
         0.9,
@@ -127,17 +131,17 @@ def test_from_generation_config_defaults_and_overrides():
         1.1,
         256,
     )
-    q = SamplingParams.from_generation_config(gen_cfg, temperature=0.0, max_tokens=8, top_k=None, seed=7)
+    q = _from_generation_config(gen_cfg, temperature=0.0, max_tokens=8, top_k=None, seed=7)
     assert (q.temperature, q.max_tokens, q.top_k, q.seed) == (0.0, 8, 50, 7)  # None = not given
-    assert SamplingParams.from_generation_config(None, n=2) == SamplingParams(n=2)
-    assert SamplingParams.from_generation_config({"temperature": None}).temperature == 1.0
+    assert _from_generation_config(None, n=2) == SamplingParams(n=2)
+    assert _from_generation_config({"temperature": None}).temperature == 1.0
 
 
 def test_from_generation_config_validates():
     with pytest.raises(ValueError, match="top_p"):
-        SamplingParams.from_generation_config({"top_p": 0.0})
+        _from_generation_config({"top_p": 0.0})
     with pytest.raises(ValueError, match="bogus"):
-        SamplingParams.from_generation_config({}, bogus=1)
+        _from_generation_config({}, bogus=1)
 
 
 def test_stop_token_set():
@@ -145,6 +149,19 @@ def test_stop_token_set():
     eos = {2}
     assert SamplingParams(stop_token_ids=[7]).all_stop_token_ids(eos) == {2, 7}
     assert SamplingParams(stop_token_ids=[7], ignore_eos=True).all_stop_token_ids(eos) == {7}
+
+
+def test_token_stop_is_the_engines_stop_rule():
+    """What ends a request on a token (the engine loop calls this): EOS unless ignore_eos, then stop_token_ids,
+    neither before min_tokens outputs; EOS wins where an id is both (its stop reason is then None)."""
+    eos = {2}
+    p = SamplingParams(stop_token_ids=[7, 2])
+    assert [p.token_stop(t, 1, eos) for t in (2, 7, 3)] == [TokenStop.EOS, TokenStop.STOP_TOKEN, TokenStop.NONE]
+    q = SamplingParams(stop_token_ids=[7], ignore_eos=True)
+    assert (q.token_stop(2, 5, eos), q.token_stop(7, 5, eos)) == (TokenStop.NONE, TokenStop.STOP_TOKEN)
+    r = SamplingParams(min_tokens=3, stop_token_ids=[7])
+    assert r.token_stop(2, 2, eos) is TokenStop.NONE and r.token_stop(7, 2, eos) is TokenStop.NONE
+    assert r.token_stop(2, 3, eos) is TokenStop.EOS and r.token_stop(7, 3, eos) is TokenStop.STOP_TOKEN
 
 
 def test_n_is_carried():

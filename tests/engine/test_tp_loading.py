@@ -18,7 +18,7 @@ import torch
 from greedy_reference import assert_greedy_equal, engine_greedy
 from tiny_models import full_pass_logits
 
-from kubellm.engine import parallel, random_model
+from kubellm.engine import random_model
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
 from kubellm.engine.loader import load_model
@@ -134,11 +134,12 @@ def test_a_rank_reads_only_its_slices_of_the_split_weights(rank: int):
         assert torch.equal(model.embed_tokens[-1], torch.zeros(64))
 
 
-def test_tp_graph_fallback_flag(monkeypatch):
+def test_tp_graph_fallback_flag_defaults_from_its_environment_variable(monkeypatch):
     monkeypatch.delenv("KUBELLM_TP_CUDA_GRAPHS", raising=False)
-    assert parallel.cuda_graphs_enabled()
+    assert EngineConfig().tp_cuda_graphs
     monkeypatch.setenv("KUBELLM_TP_CUDA_GRAPHS", "0")
-    assert not parallel.cuda_graphs_enabled()
+    assert not EngineConfig().tp_cuda_graphs
+    assert EngineConfig(tp_cuda_graphs=True).tp_cuda_graphs, "an explicit value wins over the variable"
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")

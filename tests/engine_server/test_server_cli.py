@@ -172,3 +172,50 @@ def test_chat_template_content_format_reaches_the_engine_config():
     args, _ = parse_args(["--chat-template-content-format", "openai"])
     assert args.engine.chat_template_content_format == "openai"
     assert parse_args([])[0].engine.chat_template_content_format == "auto"
+
+
+def test_model_flag_is_accepted_as_vllm_accepts_it():
+    args, _ = parse_args(["--model", "smollm2-135m-instruct"])
+    assert args.engine.model.endswith(".gguf") and args.served_model_names == ["smollm2-135m-instruct"]
+    same, _ = parse_args(["smollm2-135m-instruct", "--model", "smollm2-135m-instruct"])
+    assert same.engine.model == args.engine.model
+    with pytest.raises(ConfigError, match="two models given"):
+        parse_args(["smollm2-135m-instruct", "--model", "/elsewhere"])
+
+
+def test_long_prefill_token_threshold_caps_a_prompts_prefill_chunk(tmp_path):
+    from kubellm.engine.llm_engine import LLMEngine
+    from kubellm.engine.sampling_params import SamplingParams
+
+    args, warnings = parse_args(["--device", "sim", "--long-prefill-token-threshold", "32"])
+    assert args.engine.long_prefill_token_threshold == 32 and warnings == []
+    from_file, _ = parse_args(["--config", _cfg(tmp_path, "long_prefill_token_threshold: 48\n")])
+    assert from_file.engine.long_prefill_token_threshold == 48
+    engine = LLMEngine(args.engine)
+    rid = engine.add_request(None, list(range(10, 110)), SamplingParams(max_tokens=1))
+    engine.step()
+    assert engine.scheduler.requests[rid].num_computed_tokens == 32, "the 100-token prompt's first chunk is capped"
+    engine.step()
+    assert engine.scheduler.requests[rid].num_computed_tokens == 64
+
+
+def test_tokenizer_flag_serves_another_tokenizer_and_chat_template(tmp_path):
+    from server_fakes import TEMPLATE, _byte_tokenizer
+
+    from kubellm.engine.llm_engine import LLMEngine
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    byte_tok = _byte_tokenizer()
+    (tok_dir / "tokenizer.json").write_text(byte_tok.to_str())
+    (tok_dir / "tokenizer_config.json").write_text(
+        '{"chat_template": ' + __import__("json").dumps(TEMPLATE) + ', "eos_token": "<|im_end|>"}'
+    )
+    own = LLMEngine(parse_args(["--device", "sim"])[0].engine)
+    args, _ = parse_args(["--device", "sim", "--tokenizer", str(tok_dir)])
+    engine = LLMEngine(args.engine)
+    assert engine.renderer.encode("hello there", add_special_tokens=False) == byte_tok.encode("hello there").ids
+    assert own.renderer.encode("hello there", add_special_tokens=False) != byte_tok.encode("hello there").ids
+    assert engine.tokenizer_info.chat_template == TEMPLATE
+    with pytest.raises(Exception, match="tokenizer"):
+        LLMEngine(parse_args(["--device", "sim", "--tokenizer", str(tmp_path / "missing")])[0].engine)
