@@ -1,20 +1,23 @@
-"""Host time per engine step on the CPU, decode-heavy: what the engine does around the model each step.
+"""Host time per engine step, decode-heavy: what the engine does around the model each step.
 
-Workload ((b)-style, decode-heavy): the embedded SmolLM2-135M (GGUF, dequantized to float32) on the CPU,
-32 requests submitted at once, 200-token prompts (word list, seed 0), greedy, ignore_eos, 400 output tokens
-each (the GPU (b) run has 1000; 400 keeps a CPU run near 15 minutes), streamed: every step returns the
-outputs of every request that got a token, and each output goes through what the server's engine thread does
-with it (the copy `_snapshot_output` made while outputs were cumulative; nothing once they are deltas).
+Workload ((b)-style, decode-heavy): the embedded SmolLM2-135M's tokenizer and config, 32 requests submitted
+at once, 200-token prompts (word list, seed 0), greedy, ignore_eos, 1000 output tokens each, streamed: every
+step returns the outputs of every request that got a token, and each output goes through what the server's
+engine thread does with it (the copy `_snapshot_output` made while outputs were cumulative; nothing once they
+are deltas).
 
-Per decode step (all 32 requests decoding, none prefilling) it measures the step's wall time and the time in
-the model runner's `execute` and the sampler (launch and read-back); host time = wall - those, i.e. the
-scheduler, stop checks, detokenizing and building outputs. Reported as mean and p50 over all decode steps
-and over the last tenth of them (where cumulative outputs are longest).
+`--device sim` (default): the engine's own scheduler, KV cache manager, detokenizer and output building run
+for real, the model's forward is the simulated runner (a sleep, scaled down by --sim-time-scale, producing
+the tokens of a placeholder text); `--device cpu`: the real model on the CPU (the forward then dominates the
+wall time: on a small shared machine use fewer --output-tokens). Per decode step (all requests decoding,
+none prefilling) it measures the step's wall time and the time in the model's forward and the sampler; host
+time = wall - those. Reported as mean and p50 over all decode steps and over the last tenth of them (where
+cumulative outputs were longest).
 
-    python -m bench.host_step_cpu --label before|after [--output-tokens 400]
+    python -m bench.host_step_cpu --label before|after [--device sim|cpu] [--output-tokens 1000]
 
-Writes bench/results/host-step-cpu-<date>-<label>.json; once both labels exist for the date, also
-bench/results/host-step-cpu-<date>.md comparing them.
+Writes bench/results/host-step-<device>-<date>-<label>.json; once both labels exist for the date, also
+bench/results/host-step-<device>-<date>.md comparing them.
 """
 
 from __future__ import annotations
@@ -67,11 +70,14 @@ def _server_copy() -> Callable[[Any], Any] | None:
     return getattr(async_engine, "_snapshot_output", None)
 
 
-def run(requests: int, prompt_tokens: int, output_tokens: int, seed: int) -> dict[str, Any]:
+def run(requests: int, prompt_tokens: int, output_tokens: int, seed: int, device: str, scale: float) -> dict[str, Any]:
     from kubellm.engine import sampler as sampler_mod
 
     blocks = requests * (-(-(prompt_tokens + output_tokens) // 16) + 1)  # every request fits: no preemption
-    engine = LLMEngine(EngineConfig(device="cpu", max_num_seqs=requests, num_gpu_blocks_override=blocks))
+    config = EngineConfig(
+        device=device, max_num_seqs=requests, num_gpu_blocks_override=blocks, sim_time_scale=scale
+    )  # fmt: skip
+    engine = LLMEngine(config)
     rng = random.Random(seed)
     prompts = []
     for _ in range(requests):
@@ -127,14 +133,15 @@ def run(requests: int, prompt_tokens: int, output_tokens: int, seed: int) -> dic
 
 
 def _markdown(date: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    device = after["workload"]["device"]
     rows = [
         ("host ms/step, mean", "host_ms_mean"),
         ("host ms/step, p50", "host_ms_p50"),
         ("host ms/step, last tenth of the run", "host_ms_last_tenth_mean"),
-        ("model + sampler ms/step, mean", "device_ms_mean"),
+        ("model (+ sampler) ms/step, mean", "device_ms_mean"),
     ]
     lines = [
-        f"# Host time per decode step on the CPU, before/after delta outputs ({date})",
+        f"# Host time per decode step ({device} runner), before/after delta outputs ({date})",
         "",
         f"Hardware: {after['hardware']}. Workload: {after['workload']}.",
         f"Commands: before (commit {before['commit']}): `{before['command']}`; "
@@ -157,13 +164,15 @@ def main() -> None:
     ap.add_argument("--label", required=True, choices=["before", "after"])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=200)
-    ap.add_argument("--output-tokens", type=int, default=400)
+    ap.add_argument("--output-tokens", type=int, default=1000)
+    ap.add_argument("--device", choices=["sim", "cpu"], default="sim")
+    ap.add_argument("--sim-time-scale", type=float, default=0.01, help="sim: scale of the simulated step times")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     import torch  # after kubellm: its import sets CPU threading defaults torch must see
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = run(args.requests, args.prompt_tokens, args.output_tokens, args.seed)
+    result = run(args.requests, args.prompt_tokens, args.output_tokens, args.seed, args.device, args.sim_time_scale)
     date = datetime.date.today().isoformat()
     record = {
         "benchmark": "host_step_cpu",
@@ -178,7 +187,9 @@ def main() -> None:
             "note": "2-core machine shared with other jobs: wall figures are noisy, compare within one file pair",
         },
         "workload": {
-            "model": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32",
+            "model": "SmolLM2-135M-Instruct Q4_1 GGUF (tokenizer and config; weights too with --device cpu)",
+            "device": args.device,
+            "sim_time_scale": args.sim_time_scale if args.device == "sim" else None,
             "requests": args.requests,
             "prompt_tokens": args.prompt_tokens,
             "output_tokens": args.output_tokens,
@@ -188,13 +199,14 @@ def main() -> None:
         "result": result,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"host-step-cpu-{date}-{args.label}.json").write_text(json.dumps(record, indent=2) + "\n")
+    stem = f"host-step-{args.device}-{date}"
+    (RESULTS / f"{stem}-{args.label}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    other = RESULTS / f"host-step-cpu-{date}-{'after' if args.label == 'before' else 'before'}.json"
+    other = RESULTS / f"{stem}-{'after' if args.label == 'before' else 'before'}.json"
     if other.exists():
         pair = {args.label: record, ("after" if args.label == "before" else "before"): json.loads(other.read_text())}
         md = _markdown(date, pair["before"], pair["after"])
-        (RESULTS / f"host-step-cpu-{date}.md").write_text(md)
+        (RESULTS / f"{stem}.md").write_text(md)
         print(md)
 
 
