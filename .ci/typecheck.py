@@ -31,6 +31,7 @@ MODULES = [
     "kubellm.engine.server.async_engine",
     "kubellm.engine.server.serving",
     "server_fakes",  # tests/engine_server: the fake engine the server tests run against
+    "replay_model",  # tests/engine_server: a transcript-replaying model runner
 ]
 
 

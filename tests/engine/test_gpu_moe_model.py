@@ -17,6 +17,7 @@ import torch
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+from kubellm.engine.outputs import OutputAssembler
 
 pytestmark = pytest.mark.gpu
 
@@ -63,10 +64,10 @@ def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
     per = POSITIONS // 16
     tables = [list(range(i * per, (i + 1) * per)) for i in range(len(tokens))]
     batch = ForwardBatch([ScheduledSeq(f"p{i}", t[:PREFILL], 0, tables[i], True) for i, t in enumerate(tokens)])
-    out = [runner.execute(batch).float().cpu()]
+    out = [runner.logits(batch).float().cpu()]
     for pos in range(PREFILL, POSITIONS):
         batch = ForwardBatch([ScheduledSeq(f"p{i}", [t[pos]], pos, tables[i], True) for i, t in enumerate(tokens)])
-        out.append(runner.execute(batch).float().cpu())
+        out.append(runner.logits(batch).float().cpu())
     logits = torch.stack(out)
     return logits.reshape(-1, logits.shape[-1])
 
@@ -117,8 +118,9 @@ def test_cuda_graph_decode_equals_eager_with_moe(loaded):
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", p, params)
         done = {}
+        whole = OutputAssembler()
         while engine.has_unfinished_requests():
-            for out in engine.step():
+            for out in map(whole.add, engine.step()):
                 if out.finished:
                     done[out.request_id] = out.outputs[0].token_ids
         assert (engine.runner.graph_replays > 0) is not enforce_eager

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from kubellm.engine.config import EngineConfig
-from kubellm.engine.forward_batch import ForwardBatch
+from kubellm.engine.forward_batch import ForwardBatch, TokenFill
+from kubellm.engine.step_runner import ReadyTokens, Sample, StepRunner
 
 
 class ReplayRunner:
-    produces_token_ids = True
-    device = "cpu"
+    """A StepRunner (engine/step_runner.py) whose tokens come from transcripts (no logits: `sample` unused)."""
+
+    supports_token_fill = False
+    device = torch.device("cpu")
 
     def __init__(self, sim_runner: Any, renderer: Any, transcripts: dict[str, str], end_id: int):
         self._sim = sim_runner
@@ -25,9 +30,6 @@ class ReplayRunner:
         self._replies: dict[str, list[int]] = {}
         self._prompt_lens: dict[str, int] = {}
 
-    def __getattr__(self, name: str) -> Any:  # KV sizing and allocation stay the simulated runner's
-        return getattr(self._sim, name)
-
     def _reply(self, request_id: str, prompt_ids: list[int]) -> list[int]:
         if request_id not in self._replies:
             prompt = self._renderer.decode(prompt_ids, skip_special_tokens=False)
@@ -36,14 +38,26 @@ class ReplayRunner:
             self._replies[request_id] = [*self._transcripts[keys[0]], self._end_id]
         return self._replies[request_id]
 
-    def execute(self, batch: ForwardBatch) -> list[int]:
+    def kv_cache_bytes_per_block(self) -> int:
+        return self._sim.kv_cache_bytes_per_block()
+
+    def available_kv_cache_bytes(self) -> int | None:
+        return self._sim.available_kv_cache_bytes()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._sim.allocate_kv_cache(num_blocks)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def execute(self, batch: ForwardBatch, fill: TokenFill | None, sample: Sample) -> ReadyTokens:
         out = []
         for s in batch.seqs:
             reply = self._reply(s.request_id, s.token_ids)
             if s.needs_logits:
                 generated = s.start_pos + len(s.token_ids) - self._prompt_len(s)
                 out.append(reply[min(generated, len(reply) - 1)])
-        return out
+        return ReadyTokens(out)
 
     def _prompt_len(self, s: Any) -> int:
         # The first step of a request computes its whole prompt (no prefix cache, one chunk): remember its length.
@@ -62,6 +76,8 @@ def replay_engine(transcripts: dict[str, str], chat_template: str) -> Any:
         chat_template=chat_template,
     )
     engine = LLMEngine(config)
-    runner = ReplayRunner(engine.runner, engine.renderer, transcripts, engine.renderer.eos_token_id)
+    end_id = engine.renderer.eos_token_id
+    assert end_id is not None, "the embedded model's tokenizer names its end-of-turn token"
+    runner: StepRunner = ReplayRunner(engine.runner, engine.renderer, transcripts, end_id)
     engine.runner = runner
     return engine
