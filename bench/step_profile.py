@@ -4,7 +4,7 @@ Used by bench/offline.py for the decode-step profile the [engine-gpu] issue asks
 run a few steps of an engine that is already in steady decode, and report per step
 - GPU: busy time (the union of kernel intervals), idle time, and kernel time by kind (weight GEMMs,
   attention, KV writes, fused elementwise, sampling, copies, other);
-- host: wall time inside the scheduler, the model runner's execute (inputs, plan, launch), the sampler's
+- host: wall time inside the scheduler, the model runner's forward (inputs, plan, launch), the sampler's
   launch, the wait for the previous step's tokens, and the rest of the step (stop checks, outputs).
 """
 
@@ -85,7 +85,9 @@ def profile_steps(engine: Any, steps: int = 8) -> dict[str, Any]:
 
     host = _HostTimer()
     host.wrap(engine.scheduler, "schedule", "schedule")
-    host.wrap(engine.runner, "execute", "runner_execute")
+    # the forward (inputs, plan, launch): ModelRunner.logits, on rank 0's runner under tensor parallelism (the
+    # StepRunner's execute also launches the sampling, timed on its own below)
+    host.wrap(getattr(engine.runner, "inner", engine.runner), "logits", "runner_execute")
     host.wrap(engine.sampler, "sample", "sampler_launch")
     orig_result = sampler_mod.PendingSample.result
 

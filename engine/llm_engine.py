@@ -342,10 +342,6 @@ class LLMEngine:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._parents)
-
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one batch; return the outputs of the tokens read back this call (this step's

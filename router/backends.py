@@ -46,7 +46,6 @@ class Backend:
     in_flight: int = 0
     answering: int = 0  # in-flight requests whose first byte came back
     waiting: int = 0
-    kv_capacity_blocks: int | None = None
     max_model_lens: dict[str, int] = field(default_factory=dict)  # model -> its max_model_len, from /v1/models
     probe_failures: int = 0
     consecutive_failures: int = 0
@@ -319,9 +318,7 @@ class HealthChecker:
                     waiting = _metric_value(text, mn.NUM_REQUESTS_WAITING)
                     b.waiting = int(waiting) if waiting is not None else 0
                     capacity = _metric_value(text, mn.KV_CACHE_BLOCKS_TOTAL)
-                    if capacity and capacity > 0:
-                        b.kv_capacity_blocks = int(capacity)
-                        if self.on_capacity:
-                            self.on_capacity(b, int(capacity))
+                    if capacity and capacity > 0 and self.on_capacity:
+                        self.on_capacity(b, int(capacity))
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
             log.debug("backend %s: could not read models/metrics: %s", b.url, e)

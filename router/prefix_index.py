@@ -88,10 +88,6 @@ class ApproxIndex:
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._per_slot: Counter[int] = Counter()
 
-    @staticmethod
-    def _key(slot: int, h: int) -> int:
-        return (slot << 128) | h
-
     def record(self, slot: int, hashes: Sequence[int]) -> None:
         lru = self._lru
         added = 0

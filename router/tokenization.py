@@ -184,10 +184,6 @@ class PromptHasher:
         finally:
             self._loading.pop(model, None)
 
-    def set_renderer(self, model: str, renderer: PromptRenderer) -> None:
-        self._segments[model] = SegmentCache(renderer)
-        self._renderers[model] = renderer
-
     async def token_ids(self, model: str, kind: str, body: dict[str, Any]) -> list[int] | None:
         """The prompt token ids the engine will compute for this request: the input of the router's block hashes.
         None while the model's tokenizer is unknown, or when the template rejects the conversation (that error

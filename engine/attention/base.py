@@ -52,14 +52,6 @@ class AttentionMetadata:
         return sum(self.query_lens_list)
 
     @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens_list, default=0)
-
-    @property
-    def max_seq_len(self) -> int:
-        return max(self.seq_lens_list, default=0)
-
-    @property
     def is_decode_only(self) -> bool:
         return all(n == 1 for n in self.query_lens_list)
 

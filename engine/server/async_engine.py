@@ -41,10 +41,6 @@ IDLE_WAIT_S = 0.5
 KV_SUBSCRIBER_MAX_BACKLOG = 10_000  # lines; a consumer that falls further behind is cut off and resyncs
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread failed; the replica must be restarted (its /health reports 503)."""
-
-
 @dataclass
 class _Add:
     request_id: str
