@@ -58,6 +58,7 @@ def build_engine(tokenizer_json: str, max_num_seqs: int, smoke: bool = False):
     from kubellm.engine.config import EngineConfig
     from kubellm.engine.llm_engine import LLMEngine
     from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.outputs import OutputKind
     from kubellm.engine.random_model import SMOLLM2_135M, random_loaded_model
     from kubellm.prompt import TokenizerInfo
 
@@ -79,7 +80,7 @@ def build_engine(tokenizer_json: str, max_num_seqs: int, smoke: bool = False):
         seed=0,
     )
     engine = LLMEngine(config, loaded=loaded)
-    engine.final_outputs_only = True
+    engine.output_kind = OutputKind.FINAL_ONLY  # whole outputs of finished requests only
     return engine
 
 

@@ -487,7 +487,7 @@ class OpenAIServing:
     def _forced_calls_constraint(self, schema: dict[str, Any]) -> Any:
         """The structured-outputs constraint that makes a forced tool choice always parse."""
         try:
-            from kubellm.engine.sampling_params import StructuredOutputsParams  # type: ignore[attr-defined,unused-ignore]
+            from kubellm.engine.sampling_params import StructuredOutputsParams
         except ImportError as e:
             raise UnsupportedField("tool_choice", "required or a named function needs structured outputs") from e
         try:

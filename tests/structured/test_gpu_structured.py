@@ -52,6 +52,7 @@ def byte_level_tokenizer_info():
 def test_engine_on_cuda_keeps_answers_valid_with_async_scheduling_and_graphs():
     from kubellm.engine.config import EngineConfig
     from kubellm.engine.llm_engine import LLMEngine
+    from kubellm.engine.outputs import OutputAssembler
     from kubellm.engine.random_model import SMOLLM2_135M, random_loaded_model
     from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -77,8 +78,9 @@ def test_engine_on_cuda_keeps_answers_valid_with_async_scheduling_and_graphs():
         )
         engine.add_request(f"r{i}", [(7 * i + j) % 250 + 3 for j in range(20)], params)
     outs = {}
+    whole = OutputAssembler()
     while engine.has_unfinished_requests():
-        outs.update({o.request_id: o for o in engine.step() if o.finished})
+        outs.update({o.request_id: o for o in map(whole.add, engine.step()) if o.finished})
     assert engine.runner.graph_replays > 0
     free_tokens = []
     for i in range(48):

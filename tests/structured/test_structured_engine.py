@@ -12,6 +12,7 @@ import pytest
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
+from kubellm.engine.outputs import OutputAssembler
 from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 PERSON = {
@@ -38,8 +39,9 @@ def chat_ids(engine: LLMEngine, text: str) -> list[int]:
 def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]):
     ids = [engine.add_request(f"r{i}", p, params) for i, (p, params) in enumerate(requests)]
     final = {}
+    whole = OutputAssembler()
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in map(whole.add, engine.step()):
             if out.finished:
                 final[out.request_id] = out
     assert engine.kv.num_used_blocks == 0
