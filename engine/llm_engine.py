@@ -307,7 +307,7 @@ class LLMEngine:
                 logprobs=[] if params.logprobs is not None else None,
                 grammar=(  # the simulated runner's made-up tokens follow no grammar: validated, not enforced
                     self.structured_outputs.new_matcher(params.structured_outputs)
-                    if params.structured_outputs is not None and not self.runner.produces_token_ids
+                    if params.structured_outputs is not None and self.runner.samples_logits
                     else None
                 ),
             )

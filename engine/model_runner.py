@@ -82,6 +82,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
+    samples_logits = True
     supports_token_fill = True  # execute() takes placeholder tokens from the previous step's device tensor
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, tp_rank: int = 0, tp_size: int = 1):

@@ -52,6 +52,7 @@ def load_sim_model(path: str):
 class SimModelRunner:
     """A StepRunner whose steps sleep for their modelled time and produce placeholder tokens (no logits)."""
 
+    samples_logits = False  # placeholder text's tokens, no logits
     supports_token_fill = False  # its tokens are known at once: the engine steps synchronously
     device = torch.device("cpu")
 

@@ -57,6 +57,12 @@ class StepRunner(Protocol):
     def device(self) -> torch.device: ...
 
     @property
+    def samples_logits(self) -> bool:
+        """Its tokens are drawn by `sample` from the model's logits (False: the runner makes them up, like the
+        simulated one, so no grammar constrains them)."""
+        ...
+
+    @property
     def supports_token_fill(self) -> bool:
         """execute() can take placeholder tokens from the previous step's sampled ids on the device (async
         scheduling needs it)."""

@@ -55,6 +55,7 @@ _EXECUTE, _CALL, _STOP = "execute", "call", "stop"
 class TPModelRunner:
     """The StepRunner of rank 0 of a tensor-parallel replica."""
 
+    samples_logits = True
     supports_token_fill = True  # async scheduling: workers receive each step's sampled ids from rank 0
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig):

@@ -19,6 +19,7 @@ from kubellm.engine.step_runner import ReadyTokens, Sample, StepRunner
 class ReplayRunner:
     """A StepRunner (engine/step_runner.py) whose tokens come from transcripts (no logits: `sample` unused)."""
 
+    samples_logits = False
     supports_token_fill = False
     device = torch.device("cpu")
 
