@@ -130,6 +130,12 @@ class EngineConfig:
         env="KUBELLM_DECODE_TENSOR_CORES",
         help="flashinfer: tensor-core decode kernels (unset: on when a KV head serves 4 or more query heads)",
     )
+    moe_kernel: str = option(
+        default_factory=env_default("KUBELLM_MOE_KERNEL", str, "auto"),
+        choices=("auto", "torch"),
+        env="KUBELLM_MOE_KERNEL",
+        help="mixture-of-experts layers: auto takes the fused Triton kernels on CUDA, torch the reference",
+    )
     prefill_backend: str = option(
         default_factory=env_default("KUBELLM_PREFILL_BACKEND", str, "fa2"),
         choices=("fa2", "fa3", "auto"),
@@ -174,6 +180,10 @@ class EngineConfig:
             )
         if self.generation_config not in ("auto", "vllm"):
             raise ValueError(f"invalid engine argument generation_config={self.generation_config!r}")
+        if self.moe_kernel not in ("auto", "torch"):
+            raise ValueError(
+                f"invalid engine argument moe_kernel={self.moe_kernel!r} (KUBELLM_MOE_KERNEL): choose auto or torch"
+            )
         if self.prefill_backend not in ("fa2", "fa3", "auto"):
             raise ValueError(f"invalid engine argument prefill_backend={self.prefill_backend!r}")
 

@@ -101,6 +101,7 @@ class ModelRunner:
         fused.configure(config.fused_kernels)
         gemv.configure(config.gemv_kernel)
         sampling_kernels.configure(config.fused_sampler)
+        moe.configure(config.moe_kernel)
         self.block_size = config.block_size
         self.model = build_model(loaded.config, self.dtype, self.device, tp_rank, tp_size)
         if tp_size > 1:  # shard-sized weight GEMMs of decode rows: the Triton kernel beats cuBLAS there

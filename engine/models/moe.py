@@ -17,7 +17,6 @@ E-wide compute). The references are public: the GPU kernel tests compare against
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from types import ModuleType
 
@@ -32,10 +31,18 @@ from .causal_lm import CheckpointReader, check_shape, expect_shape, new_param
 
 logger = logging.getLogger(__name__)
 
-# KUBELLM_MOE_KERNEL=torch forces the torch reference on CUDA too (for comparisons); "auto" (default) takes the
-# fused kernels when the tensor is on CUDA and the kernel module imports.
-_KERNEL_ENV = "KUBELLM_MOE_KERNEL"
+# The engine's moe_kernel (--moe-kernel, KUBELLM_MOE_KERNEL): "torch" forces the torch reference on CUDA too (for
+# comparisons); "auto" (default) takes the fused kernels when the tensor is on CUDA and the kernel module imports.
+MOE_KERNELS = ("auto", "torch")
 _kernels: dict[str, ModuleType | None] = {}
+_state = {"kernel": "auto"}
+
+
+def configure(kernel: str) -> None:
+    """Set the MoE implementation choice (the model runner applies the engine's moe_kernel on every rank)."""
+    if kernel not in MOE_KERNELS:
+        raise ValueError(f"moe_kernel (KUBELLM_MOE_KERNEL) must be 'auto' or 'torch', got {kernel!r}")
+    _state["kernel"] = kernel
 
 
 def reference_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +98,7 @@ def _kernel_module() -> ModuleType | None:
 
 def _kernels_for(device: torch.device) -> ModuleType | None:
     """The fused kernel module when the layer should use it on `device`, else None (the torch reference)."""
-    wanted = os.environ.get(_KERNEL_ENV, "auto")
-    if wanted not in ("auto", "torch"):
-        raise ValueError(f"{_KERNEL_ENV} must be 'auto' or 'torch', got {wanted!r}")
-    return _kernel_module() if device.type == "cuda" and wanted == "auto" else None
+    return _kernel_module() if device.type == "cuda" and _state["kernel"] == "auto" else None
 
 
 def kernel_choice(device: torch.device) -> str:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kubellm.engine.config import EngineConfig
 from kubellm.engine.models import moe
 
 
@@ -74,5 +75,7 @@ def test_bf16_inputs_come_back_in_bf16_close_to_float():
 def test_cpu_runs_the_torch_reference(monkeypatch):
     assert moe.kernel_choice(torch.device("cpu")) == "torch reference"
     monkeypatch.setenv("KUBELLM_MOE_KERNEL", "cutlass")
-    with pytest.raises(ValueError, match="KUBELLM_MOE_KERNEL must be 'auto' or 'torch'"):
-        moe.kernel_choice(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"moe_kernel='cutlass' \(KUBELLM_MOE_KERNEL\): choose auto or torch"):
+        EngineConfig()
+    with pytest.raises(ValueError, match="must be 'auto' or 'torch'"):
+        moe.configure("cutlass")
