@@ -32,6 +32,10 @@ class FlagSpec:
     repeat: bool = False  # list fields: the flag may be given several times (else it takes several values)
 
 
+class ConfigFileError(ValueError):
+    """A bad --config file or environment variable; the message names the file and key, or the variable."""
+
+
 def option(
     default: Any = dataclasses.MISSING,
     *,
@@ -58,7 +62,12 @@ def env_default(name: str, parse: Callable[[str], Any], fallback: Any) -> Callab
 
     def factory() -> Any:
         raw = os.environ.get(name)
-        return fallback if raw is None or raw == "" else parse(raw)
+        if raw is None or raw == "":
+            return fallback
+        try:
+            return parse(raw)
+        except ValueError as e:
+            raise ConfigFileError(f"environment variable {name}={raw!r}: {e}") from e
 
     factory.fallback = fallback  # type: ignore[attr-defined]  # what --help shows besides the variable
     return factory
@@ -147,10 +156,6 @@ def values(ns: argparse.Namespace, cls: type, names: Iterable[str]) -> dict[str,
             value = fields[name].default_factory()  # type: ignore[misc]
         out[name] = value
     return out
-
-
-class ConfigFileError(ValueError):
-    """A bad --config file; the message names the file and the key."""
 
 
 def config_defaults(path: str, parser: argparse.ArgumentParser, what: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import fields
 
-from kubellm.config_flags import add_flags, values
+from kubellm.config_flags import ConfigFileError, add_flags, values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    except ConfigFileError as e:  # a KUBELLM_* variable behind a flag's default
+        print(f"kubellm router: error: {e}", file=sys.stderr)
+        return 2
     if config.discovery == "static" and not config.backends and not config.models:
         print("kubellm router: give --backend URL (static) or --service NAME (kubernetes)", file=sys.stderr)
         return 2

@@ -214,7 +214,10 @@ def read_chat_template(value: str) -> str:
 
 def parse_args(argv: list[str]) -> tuple[ServeArgs, list[str]]:
     """(arguments, warnings). Raises ConfigError naming the bad key; argparse exits on bad flags."""
-    parser = build_parser()
+    try:
+        parser = build_parser()  # reads the KUBELLM_* variables behind flag defaults
+    except ConfigFileError as e:
+        raise ConfigError(str(e)) from e
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)

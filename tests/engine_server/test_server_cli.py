@@ -219,3 +219,15 @@ def test_tokenizer_flag_serves_another_tokenizer_and_chat_template(tmp_path):
     assert engine.tokenizer_info.chat_template == TEMPLATE
     with pytest.raises(Exception, match="tokenizer"):
         LLMEngine(parse_args(["--device", "sim", "--tokenizer", str(tmp_path / "missing")])[0].engine)
+
+
+def test_tuning_variables_are_flag_defaults_and_bad_values_are_named(monkeypatch):
+    monkeypatch.setenv("KUBELLM_FUSED_SAMPLER", "0")
+    monkeypatch.setenv("KUBELLM_NUM_THREADS", "3")
+    args, _ = parse_args([])
+    assert not args.engine.fused_sampler and args.engine.num_threads == 3
+    flagged, _ = parse_args(["--fused-sampler", "--num-threads", "1"])
+    assert flagged.engine.fused_sampler and flagged.engine.num_threads == 1, "a flag wins over its variable"
+    monkeypatch.setenv("KUBELLM_GEMV", "maybe")
+    with pytest.raises(ConfigError, match="KUBELLM_GEMV='maybe'"):
+        parse_args([])
