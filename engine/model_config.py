@@ -9,6 +9,7 @@ layers slide, the local rope base) are plain fields too.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,16 +23,21 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3MoeForCausalLM",
     "Qwen2MoeForCausalLM",
     "MixtralForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 MOE_ARCHITECTURES: tuple[str, ...] = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM")
+# Multi-head latent attention and DeepSeek's mixture of experts (models/deepseek.py).
+MLA_ARCHITECTURES: tuple[str, ...] = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 # Architectures people ask for that are not implemented yet, and what is missing (named in the refusal).
 MISSING_FEATURES = {
     "Qwen3NextForCausalLM": "hybrid linear attention (Gated DeltaNet layers between the full-attention ones)",
-    "DeepseekV2ForCausalLM": "multi-head latent attention (MLA)",
-    "DeepseekV3ForCausalLM": "multi-head latent attention (MLA)",
-    "KimiK25ForConditionalGeneration": "multi-head latent attention (MLA) and the vision tower",
+    "KimiK25ForConditionalGeneration": (
+        "Kimi-K2.5's checkpoint layout (the language model inside KimiK25ForConditionalGeneration, beside the "
+        "vision tower) and its INT4 weights; its DeepSeek-V3 language architecture itself runs on CPU"
+    ),
 }
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # yarn: DeepSeek only
 # model_type -> architecture, for configs that lack an `architectures` list.
 _MODEL_TYPE_TO_ARCH = {
     "llama": "LlamaForCausalLM",
@@ -43,6 +49,8 @@ _MODEL_TYPE_TO_ARCH = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_next": "Qwen3NextForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer_types entries (transformers' names)
 # GGUF files of Llama 3.x carry rope frequency factors as a tensor instead of rope_scaling metadata; the loader
@@ -97,6 +105,18 @@ class ModelConfig:
     shared_expert_gated: bool = False  # its output scaled by sigmoid(x . w) per token (Qwen2-MoE; DeepSeek: not)
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i is not in mlp_only_layers
     mlp_only_layers: list[int] = field(default_factory=list)
+    # DeepSeek (MLA_ARCHITECTURES): latent attention widths (q_lora_rank 0: a plain query projection) and routing.
+    # The KV cache holds one head of width head_dim = kv_lora_rank + qk_rope_head_dim (num_key_value_heads 1).
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # rotary dims in interleaved pairs (DeepSeek) rather than rotate-half
+    moe_scoring: str = "softmax"  # "softmax" (V2) or "sigmoid" with e_score_correction_bias (V3)
+    n_group: int = 1  # experts are picked among the topk_group best of n_group groups
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -125,6 +145,10 @@ class ModelConfig:
         if self.decoder_sparse_step < 1:
             raise UnsupportedModelError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         rope_type = self.rope_type
+        if rope_type == "yarn" and self.architecture not in MLA_ARCHITECTURES:
+            raise UnsupportedModelError(f"rope scaling type 'yarn' is implemented for DeepSeek models only, not {self.architecture}")
+        if self.architecture in MLA_ARCHITECTURES and self.num_experts and self.num_experts % self.n_group:
+            raise UnsupportedModelError(f"n_group={self.n_group} does not divide n_routed_experts={self.num_experts}")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -138,6 +162,12 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
+        if self.architecture in MLA_ARCHITECTURES:
+            scale = float(self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+            mscale_all_dim = float((self.rope_scaling or {}).get("mscale_all_dim") or 0)
+            if self.rope_type != "default" and mscale_all_dim:
+                scale *= yarn_mscale(float(self.rope_scaling["factor"]), mscale_all_dim) ** 2  # type: ignore[index]
+            return scale
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def layer_is_sliding(self, layer: int) -> bool:
@@ -177,6 +207,8 @@ class ModelConfig:
             raise unsupported_architecture(arch)
         if arch == "Gemma3ForCausalLM":
             return cls._from_gemma3_config(cfg)
+        if arch in MLA_ARCHITECTURES:
+            return cls._from_deepseek_config(cfg, arch)
         experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
         if experts and arch not in MOE_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -218,6 +250,70 @@ class ModelConfig:
             eos_token_ids=token_id_list(cfg.get("eos_token_id")),
             sliding_window=int(sliding) if sliding else None,
             **(_moe_fields(cfg, arch, experts) if experts else {}),
+        )
+
+    @classmethod
+    def _from_deepseek_config(cls, cfg: dict[str, Any], arch: str) -> ModelConfig:
+        """transformers' DeepseekV2Config / DeepseekV3Config (config.json of the V2, V3, R1, Moonlight families)."""
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"unsupported activation {act!r} in {arch}; kubellm implements silu")
+        v3 = arch == "DeepseekV3ForCausalLM"
+        experts = int(cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+        if not experts:
+            raise UnsupportedModelError(f"{arch} config names no routed experts (n_routed_experts)")
+        freq = int(cfg.get("moe_layer_freq") or 1)
+        if freq != 1:
+            raise UnsupportedModelError(f"{arch} with moe_layer_freq={freq} is not supported (only 1)")
+        scoring = "sigmoid" if v3 else str(cfg.get("scoring_func") or "softmax")
+        topk_method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+        if (v3 and topk_method != "noaux_tc") or (not v3 and topk_method not in ("greedy", "group_limited_greedy")):
+            raise UnsupportedModelError(f"{arch} with topk_method={topk_method!r} is not supported")
+        if scoring not in ("softmax", "sigmoid") or (not v3 and scoring != "softmax"):
+            raise UnsupportedModelError(f"{arch} with scoring_func={scoring!r} is not supported")
+        grouped = v3 or topk_method == "group_limited_greedy"
+        heads = int(cfg["num_attention_heads"])
+        kv_lora, rope_dim = int(cfg.get("kv_lora_rank") or 512), int(cfg.get("qk_rope_head_dim") or 64)
+        rope_theta, rope_scaling = _rope(cfg)
+        layers = int(cfg["num_hidden_layers"])
+        first_dense = int(cfg.get("first_k_dense_replace") or 0)
+        moe_inter = int(cfg.get("moe_intermediate_size") or 1407)
+        shared = int(cfg.get("n_shared_experts") or 0)
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=1,
+            head_dim=kv_lora + rope_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            attention_out_bias=bool(cfg.get("attention_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=token_id_list(cfg.get("eos_token_id")),
+            num_experts=experts,
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 1),
+            moe_intermediate_size=moe_inter,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=moe_inter * shared,
+            shared_expert_gated=False,
+            mlp_only_layers=list(range(first_dense)),
+            q_lora_rank=int(cfg.get("q_lora_rank") or 0),
+            kv_lora_rank=kv_lora,
+            qk_nope_head_dim=int(cfg.get("qk_nope_head_dim") or 128),
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=int(cfg.get("v_head_dim") or 128),
+            rope_interleave=bool(cfg.get("rope_interleave", True)) if v3 else True,
+            moe_scoring=scoring,
+            n_group=int(cfg.get("n_group") or 1) if grouped else 1,
+            topk_group=int(cfg.get("topk_group") or 1) if grouped else 1,
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
         )
 
     @classmethod
@@ -277,6 +373,48 @@ class ModelConfig:
             query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
             rope_local_theta=local_theta,
         )
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq_and_scale(config: ModelConfig, dim: int) -> tuple[Any, float]:
+    """YaRN (or plain) inverse frequencies [dim/2] float32 for a rotary width `dim`, and the factor cos/sin are
+    scaled by (DeepSeek's mscale / mscale_all_dim ratio under YaRN, else 1)."""
+    import torch  # the config module is imported by torch-free code; only the models call this
+
+    base = config.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if config.rope_type == "default":
+        return inv, 1.0
+    if config.rope_type != "yarn":
+        raise UnsupportedModelError(f"{config.architecture}: rope scaling {config.rope_type!r} is not supported")
+    s = config.rope_scaling or {}
+    factor = float(s["factor"])
+    mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+    if s.get("attention_factor") is not None:
+        scale = float(s["attention_factor"])
+    elif mscale and mscale_all:
+        scale = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all))
+    else:
+        scale = yarn_mscale(factor)
+    old_ctx = float(s.get("original_max_position_embeddings") or config.max_position_embeddings)
+    fast, slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp  # high frequencies keep their rotation, low ones are interpolated by `factor`
+    inv = (inv / factor) * (1 - extrapolate) + inv * extrapolate
+    return inv, scale
 
 
 def _moe_fields(cfg: dict[str, Any], arch: str, experts: int) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def test_weights_that_do_not_fit_the_config(llama_copy):
 
 
 @pytest.mark.parametrize(
-    "arch", ["Qwen3NextForCausalLM", "DeepseekV3ForCausalLM", "KimiK2ForCausalLM", "GPT2LMHeadModel"]
+    "arch", ["Qwen3NextForCausalLM", "KimiK25ForConditionalGeneration", "KimiK2ForCausalLM", "GPT2LMHeadModel"]
 )
 def test_unsupported_architecture(llama_copy, arch):
     cfg = json.loads((llama_copy / "config.json").read_text())

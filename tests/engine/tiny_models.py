@@ -35,11 +35,26 @@ _COMMON = dict(
 # Mixture-of-experts kinds: between them they vary the expert count, top-k, renormalisation, the shared expert
 # and dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step).
 MOE_KINDS = ("qwen3-moe", "qwen2-moe", "mixtral")
+# DeepSeek kinds (multi-head latent attention): between them q_lora on/off, softmax and sigmoid gating (with a random
+# e_score_correction_bias), group-limited top-k, shared experts, a dense first layer, YaRN with mscale, both rope
+# layouts. v_head_dim differs from qk_nope_head_dim so a swapped split cannot pass.
+DEEPSEEK_KINDS = ("deepseek-v2", "deepseek-v3")
+_DEEPSEEK = dict(
+    num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+    first_k_dense_replace=1, n_group=4, topk_group=2,
+)  # fmt: skip
+_YARN = dict(
+    rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, mscale=0.707,
+    mscale_all_dim=0.707, beta_fast=32, beta_slow=1,
+)  # fmt: skip
 
 
 def tiny_hf_config(kind: str):
     """transformers configs covering every feature of the one forward."""
     from transformers import (
+        DeepseekV2Config,
+        DeepseekV3Config,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -88,6 +103,16 @@ def tiny_hf_config(kind: str):
         )  # fmt: skip
     if kind == "mixtral":  # 4 experts of intermediate_size, top-2 (always renormalised)
         return MixtralConfig(**_COMMON | dict(intermediate_size=48), num_local_experts=4, num_experts_per_tok=2)
+    if kind == "deepseek-v2":  # plain query projection, softmax + group_limited_greedy, no renormalisation, YaRN
+        return DeepseekV2Config(
+            **_COMMON | _DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+            rope_parameters=dict(_YARN),
+        )  # fmt: skip
+    if kind == "deepseek-v3":  # q_lora, sigmoid + correction bias (noaux_tc), renormalised, rotate-half rope
+        return DeepseekV3Config(
+            **_COMMON | _DEEPSEEK, q_lora_rank=24, routed_scaling_factor=2.5, norm_topk_prob=True,
+            rope_interleave=False, rope_parameters=dict(_YARN),
+        )  # fmt: skip
     raise ValueError(kind)
 
 
@@ -108,6 +133,10 @@ def save_tiny_model(kind: str, path: Path, seed: int = 0, shard_size: str | None
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_hf_config(kind), dtype=torch.float32)
+    for layer in getattr(model.model, "layers", []):  # DeepSeek-V3's routing bias starts at zero: make it matter
+        gate = getattr(layer.mlp, "gate", None)
+        if isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor):
+            gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape) * 0.5)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     GenerationConfig(bos_token_id=1, eos_token_id=[2, 3], temperature=0.7, top_p=0.9, do_sample=True).save_pretrained(

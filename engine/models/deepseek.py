@@ -1,0 +1,221 @@
+"""DeepSeek-V2/V3 (and Moonlight) on the torch reference path: multi-head latent attention (MLA) and DeepSeek's
+mixture of experts.
+
+MLA caches one latent per token per layer: the normed compressed KV (kv_lora_rank) and the shared rotary key
+(qk_rope_head_dim), stored in the paged pool as a single KV "head" of width kv_lora_rank + qk_rope_head_dim, so
+prefix caching and block hashes work unchanged. Attention runs absorbed: W_UK is folded into the query (each head's
+nope query mapped into latent space), the backend attends the heads' [latent query, roped query] against the one
+cached latent head (multi-query attention), and W_UV maps the attended latent back to each head's values. The V
+slot of the pool holds the latent again (the backends' layout stores K and V; a latent-only pool is later work).
+
+The GPU MLA kernels are not built yet: on CUDA this model refuses to load rather than run slowly or wrongly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubellm.engine.attention.base import AttentionBackend
+from kubellm.engine.model_config import ModelConfig, UnsupportedModelError, rope_inv_freq_and_scale
+
+from .causal_lm import CausalLM, CheckpointReader, new_param
+from .llama import MLP, Linear, RMSNorm, add_norm
+from .moe import SparseMoE, load_moe_weights, reference_experts
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def deepseek_topk(router_logits: torch.Tensor, config: ModelConfig, correction_bias: torch.Tensor | None):
+    """DeepSeek routing: softmax (V2) or sigmoid (V3) scores; experts chosen among the `topk_group` best of
+    `n_group` groups (a group scored by its best expert, or with sigmoid by its two best biased scores); the
+    chosen experts' unbiased scores, renormalised when norm_topk_prob (sigmoid only, as transformers does), times
+    routed_scaling_factor. Returns (weights [T, k] float32, ids [T, k] int32)."""
+    c = config
+    logits = router_logits.float()
+    e, k = logits.shape[-1], c.num_experts_per_tok
+    if c.moe_scoring == "sigmoid":
+        scores = logits.sigmoid()
+        choice = scores + correction_bias.float() if correction_bias is not None else scores
+        group_score = choice.view(-1, c.n_group, e // c.n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        fill = float("-inf")
+    else:
+        scores = logits.softmax(dim=-1)
+        choice = scores
+        group_score = choice.view(-1, c.n_group, e // c.n_group).max(dim=-1).values if c.n_group > 1 else None
+        fill = 0.0
+    if group_score is not None and c.n_group > 1:
+        groups = torch.topk(group_score, k=c.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_score).scatter_(1, groups, 1.0).bool()
+        keep = keep.unsqueeze(-1).expand(-1, c.n_group, e // c.n_group).reshape(-1, e)
+        choice = choice.masked_fill(~keep, fill)
+    ids = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if c.moe_scoring == "sigmoid" and c.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * c.routed_scaling_factor, ids.to(torch.int32)
+
+
+class DeepseekMoE(SparseMoE):
+    """The shared [moe] layer (stacked experts, ungated shared experts) with DeepSeek's router."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        shared = MLP(config, dtype, device, 1, config.shared_expert_intermediate_size, reduce=False)
+        super().__init__(config, dtype, device, 1, shared if config.shared_expert_intermediate_size else None)
+        self.config = config
+        self.e_score_correction_bias = (
+            new_param((config.num_experts,), torch.float32, device) if config.moe_scoring == "sigmoid" else None
+        )
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        extra = [self.e_score_correction_bias] if self.e_score_correction_bias is not None else []
+        return [*super().replicated_parameters(), *extra]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = deepseek_topk(F.linear(x.float(), self.gate.float()), self.config, self.e_score_correction_bias)
+        out = reference_experts(x, self.w13, self.w2, weights, ids)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout); cos/sin [T, 1, D/2]."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the rotate-half layout; cos/sin [T, 1, D/2]."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        c = config
+        self.c = c
+        self.num_heads = c.num_attention_heads
+        self.qk_head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank:
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, c.attention_bias, dtype, device)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype, device)
+            self.q_b_proj = Linear(c.q_lora_rank, self.num_heads * self.qk_head_dim, False, dtype, device)
+            self.q_proj = None
+        else:
+            self.q_proj = Linear(c.hidden_size, self.num_heads * self.qk_head_dim, False, dtype, device)
+        self.kv_a_proj_with_mqa = Linear(
+            c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, c.attention_bias, dtype, device
+        )
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype, device)
+        self.kv_b_proj = Linear(c.kv_lora_rank, self.num_heads * (c.qk_nope_head_dim + c.v_head_dim), False, dtype, device)
+        self.o_proj = Linear(self.num_heads * c.v_head_dim, c.hidden_size, c.attention_bias, dtype, device)
+
+    def forward(
+        self, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:  # fmt: skip
+        c, t, h = self.c, x.shape[0], self.num_heads
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(t, h, self.qk_head_dim).split((c.qk_nope_head_dim, c.qk_rope_head_dim), dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split((c.kv_lora_rank, c.qk_rope_head_dim), dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        rot = rotate_pairs if c.rope_interleave else rotate_half
+        q_rope, k_rope = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)
+        w_kv = self.kv_b_proj.weight.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w_kv[:, : c.qk_nope_head_dim], w_kv[:, c.qk_nope_head_dim :]
+        q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # W_UK absorbed into the query
+        query = torch.cat((q_latent, q_rope), dim=-1)
+        key = torch.cat((latent[:, None, :], k_rope), dim=-1)
+        out = attn.forward(layer_idx, query, key, key, kv_cache)[..., : c.kv_lora_rank]
+        values = torch.einsum("thl,hvl->thv", out, w_uv)  # W_UV after attention
+        return self.o_proj(values.reshape(t, h * c.v_head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = MLAttention(config, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp: nn.Module = (
+            DeepseekMoE(config, dtype, device) if config.layer_is_sparse(layer) else MLP(config, dtype, device)
+        )
+
+
+class DeepseekForCausalLM(CausalLM):
+    """DeepseekV2ForCausalLM / DeepseekV3ForCausalLM."""
+
+    norm_types = (RMSNorm,)
+
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        tp_rank: int = 0, tp_size: int = 1,
+    ):  # fmt: skip
+        device = torch.device(device)
+        if device.type == "cuda":
+            raise UnsupportedModelError(
+                f"{config.architecture} runs on the CPU torch reference path only: the GPU multi-head latent "
+                "attention (MLA) kernel path is not built yet"
+            )
+        if tp_size > 1:
+            raise UnsupportedModelError(f"{config.architecture} does not support tensor parallelism yet")
+        super().__init__(config, dtype, device, tp_rank, tp_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        inv_freq, self.rope_scale = rope_inv_freq_and_scale(config, config.qk_rope_head_dim)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], attn: AttentionBackend
+    ) -> torch.Tensor:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        cos = (freqs.cos() * self.rope_scale).to(self.dtype)[:, None, :]
+        sin = (freqs.sin() * self.rope_scale).to(self.dtype)[:, None, :]
+        h = self.embed(input_ids)
+        layers = self.layers
+        x = layers[0].input_layernorm(h)
+        for i, layer in enumerate(layers):
+            h, x = add_norm(layer.post_attention_layernorm, layer.self_attn(i, x, cos, sin, kv_caches[i], attn), h)
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h, x = add_norm(next_norm, layer.mlp(x), h)
+        return x
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """HF-named tensors, per-expert or stacked experts; MTP layers (index >= num_hidden_layers) ignored."""
+        n = self.config.num_hidden_layers
+        mtp = tuple(f"model.layers.{i}." for i in range(n, n + 8))
+        weights = {k: v for k, v in weights.items() if not k.startswith(mtp)}
+        r = CheckpointReader(weights, self.config, 0, 1)
+        self.load_embeddings(r)
+        r.put(self.norm.weight, r.take("model.norm.weight"), "model.norm.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                r.put(getattr(layer, name).weight, r.take(f"{p}.{name}.weight"), f"{p}.{name}.weight")
+            for name, param in layer.self_attn.named_parameters():
+                full = f"{p}.self_attn.{name}"
+                r.put(param, r.take(full), full)
+            if isinstance(layer.mlp, DeepseekMoE):
+                moe = layer.mlp
+                shared, moe.shared_expert = moe.shared_expert, None
+                load_moe_weights(r, moe, p)
+                moe.shared_expert = shared
+                if shared is not None:
+                    r.load_mlp(shared, f"{p}.mlp.shared_experts")
+                if moe.e_score_correction_bias is not None:
+                    name = f"{p}.mlp.gate.e_score_correction_bias"
+                    r.put(moe.e_score_correction_bias, r.take(name), name)
+                    moe.e_score_correction_bias.data = moe.e_score_correction_bias.data.float()
+            else:
+                r.load_mlp(layer.mlp, f"{p}.mlp")
+        r.finish(_IGNORED_SUFFIXES)
+        self.tie_head()

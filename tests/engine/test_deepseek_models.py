@@ -1,0 +1,97 @@
+"""Acceptance of the [mla] issue on CPU: DeepSeek-V2 and DeepSeek-V3 checkpoints as transformers saves them give
+transformers' logits through multi-head latent attention over the paged latent cache (between them: q_lora on and
+off, softmax and sigmoid gating with a correction bias, group-limited top-k, shared experts, a dense first layer,
+YaRN with mscale, both rope layouts); greedy generation through LLM.generate equals transformers' with chunked
+prefill over a cached prefix, prefix caching and a preemption."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from greedy_reference import assert_greedy_equal, reference_greedy
+from tiny_models import DEEPSEEK_KINDS, TINY_VOCAB, full_pass_logits, hf_logits, make_runner
+
+from kubellm.engine import LLM, SamplingParams
+from kubellm.engine.loader import load_model
+from kubellm.engine.model_config import UnsupportedModelError
+from kubellm.engine.models import DeepseekForCausalLM
+from kubellm.engine.models.deepseek import DeepseekMoE
+
+IDS = [random.Random(7).randrange(4, TINY_VOCAB) for _ in range(45)]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind), dtype=torch.float32).eval()
+        return made[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
+def test_teacher_forced_logits_equal_transformers(kind, tiny_model_dir, hf_model):
+    loaded = load_model(tiny_model_dir(kind))
+    c = loaded.config
+    assert (c.num_key_value_heads, c.head_dim) == (1, 32 + 8), "one latent head of kv_lora_rank + qk_rope_head_dim"
+    assert c.rope_type == "yarn" and c.n_group == 4 and c.topk_group == 2
+    runner = make_runner(loaded, num_blocks=8)
+    assert [isinstance(layer.mlp, DeepseekMoE) for layer in runner.model.layers] == [False, True, True]
+    assert runner.kv_caches[0].shape[-2:] == (1, 40)
+    if kind == "deepseek-v3":  # the routing bias the test checkpoint carries is not the zeros it starts from
+        assert c.moe_scoring == "sigmoid" and c.q_lora_rank == 24
+        assert hf_model(kind).model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
+    else:
+        assert c.moe_scoring == "softmax" and c.q_lora_rank == 0
+    ref = hf_logits(hf_model(kind), IDS)
+    ours = full_pass_logits(runner, IDS)
+    err = float((ours - ref).norm() / ref.norm())
+    assert err < 2e-5, f"{kind}: relative L2 error {err:.2e}"
+
+
+def test_greedy_generate_equals_transformers_with_chunks_prefix_cache_and_preemption(tiny_model_dir, hf_model):
+    kind = "deepseek-v3"
+    rng = random.Random(13)
+    shared = [rng.randrange(4, TINY_VOCAB) for _ in range(35)]  # two full blocks and more, shared by 3 prompts
+    prompts = [shared + [rng.randrange(4, TINY_VOCAB) for _ in range(n)] for n in (3, 9, 20)]
+    prompts += [[rng.randrange(4, TINY_VOCAB) for _ in range(n)] for n in (5, 28)]
+    max_new = 12
+    refs = [reference_greedy(hf_model(kind), p, max_new) for p in prompts]
+    longest = max(len(p) for p in prompts) + max_new
+    llm = LLM(
+        model=str(tiny_model_dir(kind)), device="cpu", enable_prefix_caching=True, max_num_batched_tokens=16,
+        num_gpu_blocks_override=-(-longest // 16) + 4, kv_growth_reserve_tokens=0, generation_config="vllm",
+    )  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    first = llm.generate([{"prompt_token_ids": prompts[0]}], params)  # the shared prefix is cached from here on
+    rest = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params)
+    outs = [list(o.outputs[0].token_ids) for o in first + rest]
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0, "the KV pool was meant to be small enough to preempt"
+    assert stats.prefix_hits > 0, "the shared prefix was meant to be served from the cache"
+    for i, (ours, (ref, ref_logits)) in enumerate(zip(outs, refs, strict=True)):
+        assert_greedy_equal(ours, ref, ref_logits, f"{kind} prompt {i}")
+
+
+def test_cuda_and_tensor_parallel_are_refused_by_name(tiny_model_dir):
+    config = load_model(tiny_model_dir("deepseek-v2")).config
+    with pytest.raises(UnsupportedModelError, match="GPU multi-head latent attention .MLA. kernel path is not built"):
+        DeepseekForCausalLM(config, device="cuda")
+    with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
+        DeepseekForCausalLM(config, tp_rank=0, tp_size=2)
+
+
+def test_kimi_k25_refusal_names_what_is_missing():
+    from kubellm.engine.model_config import ModelConfig
+
+    cfg = dict(architectures=["KimiK25ForConditionalGeneration"], vocab_size=10, hidden_size=8)
+    with pytest.raises(UnsupportedModelError, match="INT4") as e:
+        ModelConfig.from_hf_config(cfg)
+    assert "checkpoint layout" in str(e.value) and "mixture of experts" not in str(e.value)
