@@ -146,7 +146,9 @@ class ModelConfig:
             raise UnsupportedModelError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         rope_type = self.rope_type
         if rope_type == "yarn" and self.architecture not in MLA_ARCHITECTURES:
-            raise UnsupportedModelError(f"rope scaling type 'yarn' is implemented for DeepSeek models only, not {self.architecture}")
+            raise UnsupportedModelError(
+                f"rope scaling type 'yarn' is implemented for DeepSeek models only, not {self.architecture}"
+            )
         if self.architecture in MLA_ARCHITECTURES and self.num_experts and self.num_experts % self.n_group:
             raise UnsupportedModelError(f"n_group={self.n_group} does not divide n_routed_experts={self.num_experts}")
         if rope_type not in SUPPORTED_ROPE_TYPES:

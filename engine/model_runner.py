@@ -233,11 +233,12 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.dummy_block = num_blocks if self.use_cuda_graphs else -1
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB",
+            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%d bytes per token)",
             num_blocks,
             self.block_size,
             num_blocks * self.block_size,
             num_blocks * self.kv_cache_bytes_per_block() / 2**20,
+            self.kv_cache_bytes_per_block() // self.block_size,
         )
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()

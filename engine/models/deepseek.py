@@ -113,7 +113,8 @@ class MLAttention(nn.Module):
             c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, c.attention_bias, dtype, device
         )
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype, device)
-        self.kv_b_proj = Linear(c.kv_lora_rank, self.num_heads * (c.qk_nope_head_dim + c.v_head_dim), False, dtype, device)
+        kv_b_rows = self.num_heads * (c.qk_nope_head_dim + c.v_head_dim)
+        self.kv_b_proj = Linear(c.kv_lora_rank, kv_b_rows, False, dtype, device)
         self.o_proj = Linear(self.num_heads * c.v_head_dim, c.hidden_size, c.attention_bias, dtype, device)
 
     def forward(
@@ -121,10 +122,7 @@ class MLAttention(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:  # fmt: skip
         c, t, h = self.c, x.shape[0], self.num_heads
-        if self.q_proj is not None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(t, h, self.qk_head_dim).split((c.qk_nope_head_dim, c.qk_rope_head_dim), dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split((c.kv_lora_rank, c.qk_rope_head_dim), dim=-1)
         latent = self.kv_a_layernorm(latent)

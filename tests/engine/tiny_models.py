@@ -106,7 +106,7 @@ def tiny_hf_config(kind: str):
     if kind == "deepseek-v2":  # plain query projection, softmax + group_limited_greedy, no renormalisation, YaRN
         return DeepseekV2Config(
             **_COMMON | _DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
-            rope_parameters=dict(_YARN),
+            rope_parameters=_YARN | dict(mscale=1.0, mscale_all_dim=0.8),  # cos/sin scaled by mscale's ratio
         )  # fmt: skip
     if kind == "deepseek-v3":  # q_lora, sigmoid + correction bias (noaux_tc), renormalised, rotate-half rope
         return DeepseekV3Config(
