@@ -118,7 +118,8 @@ class ModelRunner:
                 c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.moe_intermediate_size // tp_size,
                 moe_kernel,
             )  # fmt: skip
-        self.num_kv_heads = c.num_key_value_heads // tp_size  # this rank's KV heads (the KV cache is split by head)
+        # this rank's KV heads: the KV cache is split by head, except MLA's one latent head, which every rank holds
+        self.num_kv_heads = c.num_key_value_heads if c.kv_lora_rank else c.num_key_value_heads // tp_size
         backend_cls = select_backend_class(config.attention_backend, self.device)
         self.attn: AttentionBackend = backend_cls(
             c.num_attention_heads // tp_size,

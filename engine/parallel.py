@@ -45,6 +45,8 @@ def check_tp_size(config: ModelConfig, tp_size: int) -> None:
         "num_key_value_heads": config.num_key_value_heads,
         "intermediate_size": config.intermediate_size,
     }
+    if config.kv_lora_rank:  # multi-head latent attention: the one latent KV head is replicated, not split
+        del sizes["num_key_value_heads"]
     if config.num_experts:  # experts (and the shared expert) are split by intermediate dimension, like the MLP
         sizes["moe_intermediate_size"] = config.moe_intermediate_size
         if config.shared_expert_intermediate_size:

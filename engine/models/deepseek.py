@@ -19,14 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubellm.engine import symm_all_reduce
 from kubellm.engine.attention.base import AttentionBackend
 from kubellm.engine.model_config import ModelConfig, UnsupportedModelError, rope_inv_freq_and_scale
 
 from .causal_lm import CausalLM, CheckpointReader, new_param
-from .llama import MLP, Linear, RMSNorm, add_norm
+from .llama import MLP, Linear, RMSNorm, _out_linear, add_norm
 from .moe import SparseMoE, load_moe_weights, reference_experts
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# How tensor parallelism splits the attention weights (rows by head, o_proj's input by head); the rest is replicated.
+_ATTENTION_SPLITS = {
+    "q_proj.weight": "col",
+    "q_b_proj.weight": "col",
+    "kv_b_proj.weight": "col",
+    "o_proj.weight": "row",
+}
 
 
 def deepseek_topk(router_logits: torch.Tensor, config: ModelConfig, correction_bias: torch.Tensor | None):
@@ -62,9 +70,9 @@ def deepseek_topk(router_logits: torch.Tensor, config: ModelConfig, correction_b
 class DeepseekMoE(SparseMoE):
     """The shared [moe] layer (stacked experts, ungated shared experts) with DeepSeek's router."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
-        shared = MLP(config, dtype, device, 1, config.shared_expert_intermediate_size, reduce=False)
-        super().__init__(config, dtype, device, 1, shared if config.shared_expert_intermediate_size else None)
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1):
+        shared = MLP(config, dtype, device, tp_size, config.shared_expert_intermediate_size, reduce=False)
+        super().__init__(config, dtype, device, tp_size, shared if config.shared_expert_intermediate_size else None)
         self.config = config
         self.e_score_correction_bias = (
             new_param((config.num_experts,), torch.float32, device) if config.moe_scoring == "sigmoid" else None
@@ -79,6 +87,8 @@ class DeepseekMoE(SparseMoE):
         out = reference_experts(x, self.w13, self.w2, weights, ids)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
+        if self.tp_size > 1:  # routed and shared partial sums of this rank's intermediate slices, reduced once
+            out = symm_all_reduce.all_reduce(out)
         return out
 
 
@@ -96,11 +106,14 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """Under tensor parallelism each rank holds whole heads (q, kv_b and o_proj split by head); the latent
+    projection and the latent cache are replicated."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1):
         super().__init__()
         c = config
         self.c = c
-        self.num_heads = c.num_attention_heads
+        self.num_heads = c.num_attention_heads // tp_size
         self.qk_head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
         if c.q_lora_rank:
             self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, c.attention_bias, dtype, device)
@@ -115,7 +128,9 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype, device)
         kv_b_rows = self.num_heads * (c.qk_nope_head_dim + c.v_head_dim)
         self.kv_b_proj = Linear(c.kv_lora_rank, kv_b_rows, False, dtype, device)
-        self.o_proj = Linear(self.num_heads * c.v_head_dim, c.hidden_size, c.attention_bias, dtype, device)
+        self.o_proj = _out_linear(
+            self.num_heads * c.v_head_dim, c.hidden_size, c.attention_bias, dtype, device, tp_size
+        )
 
     def forward(
         self, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
@@ -139,13 +154,14 @@ class MLAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, layer: int):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, layer: int, tp_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = MLAttention(config, dtype, device)
+        self.self_attn = MLAttention(config, dtype, device, tp_size)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        sparse = config.layer_is_sparse(layer)
         self.mlp: nn.Module = (
-            DeepseekMoE(config, dtype, device) if config.layer_is_sparse(layer) else MLP(config, dtype, device)
+            DeepseekMoE(config, dtype, device, tp_size) if sparse else MLP(config, dtype, device, tp_size)
         )
 
 
@@ -164,10 +180,10 @@ class DeepseekForCausalLM(CausalLM):
                 f"{config.architecture} runs on the CPU torch reference path only: the GPU multi-head latent "
                 "attention (MLA) kernel path is not built yet"
             )
-        if tp_size > 1:
-            raise UnsupportedModelError(f"{config.architecture} does not support tensor parallelism yet")
         super().__init__(config, dtype, device, tp_rank, tp_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, dtype, device, i, tp_size) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         inv_freq, self.rope_scale = rope_inv_freq_and_scale(config, config.qk_rope_head_dim)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
@@ -192,7 +208,7 @@ class DeepseekForCausalLM(CausalLM):
         n = self.config.num_hidden_layers
         mtp = tuple(f"model.layers.{i}." for i in range(n, n + 8))
         weights = {k: v for k, v in weights.items() if not k.startswith(mtp)}
-        r = CheckpointReader(weights, self.config, 0, 1)
+        r = CheckpointReader(weights, self.config, self.tp_rank, self.tp_size)
         self.load_embeddings(r)
         r.put(self.norm.weight, r.take("model.norm.weight"), "model.norm.weight")
         for i, layer in enumerate(self.layers):
@@ -201,7 +217,7 @@ class DeepseekForCausalLM(CausalLM):
                 r.put(getattr(layer, name).weight, r.take(f"{p}.{name}.weight"), f"{p}.{name}.weight")
             for name, param in layer.self_attn.named_parameters():
                 full = f"{p}.self_attn.{name}"
-                r.put(param, r.take(full), full)
+                r.put(param, r.take(full, _ATTENTION_SPLITS.get(name, "")), full)
             if isinstance(layer.mlp, DeepseekMoE):
                 moe = layer.mlp
                 shared, moe.shared_expert = moe.shared_expert, None

@@ -2,7 +2,7 @@
 transformers' logits through multi-head latent attention over the paged latent cache (between them: q_lora on and
 off, softmax and sigmoid gating with a correction bias, group-limited top-k, shared experts, a dense first layer,
 YaRN with mscale, both rope layouts); greedy generation through LLM.generate equals transformers' with chunked
-prefill over a cached prefix, prefix caching and a preemption."""
+prefill over a cached prefix, prefix caching and a preemption; tensor parallelism at 2 equals 1."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import random
 
 import pytest
 import torch
-from greedy_reference import assert_greedy_equal, reference_greedy
+from greedy_reference import assert_greedy_equal, engine_greedy, reference_greedy
 from tiny_models import DEEPSEEK_KINDS, TINY_VOCAB, full_pass_logits, hf_logits, make_runner
 
 from kubellm.engine import LLM, SamplingParams
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.llm_engine import LLMEngine
 from kubellm.engine.loader import load_model
 from kubellm.engine.model_config import UnsupportedModelError
 from kubellm.engine.models import DeepseekForCausalLM
@@ -81,14 +83,42 @@ def test_greedy_generate_equals_transformers_with_chunks_prefix_cache_and_preemp
         assert_greedy_equal(ours, ref, ref_logits, f"{kind} prompt {i}")
 
 
-def test_cuda_and_tensor_parallel_are_refused_by_name(tiny_model_dir):
+def test_cuda_is_refused_by_name(tiny_model_dir):
     config = load_model(tiny_model_dir("deepseek-v2")).config
     with pytest.raises(
         UnsupportedModelError, match=r"GPU multi-head latent attention \(MLA\) kernel path is not built"
     ):
         DeepseekForCausalLM(config, device="cuda")
-    with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
-        DeepseekForCausalLM(config, tp_rank=0, tp_size=2)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_tp2_equals_tp1_with_heads_and_experts_split_and_the_latent_cache_replicated(tiny_model_dir):
+    path = tiny_model_dir("deepseek-v2")  # plain query projection: q_proj, kv_b_proj and o_proj split by head
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, TINY_VOCAB) for _ in range(n)] for n in (4, 19, 33)]
+
+    def make(tp: int) -> LLMEngine:
+        cfg = EngineConfig(
+            model=str(path), device="cpu", tensor_parallel_size=tp, num_gpu_blocks_override=32,
+            max_num_batched_tokens=16,
+        )  # fmt: skip
+        return LLMEngine(cfg)
+
+    tp1 = make(1)
+    ref = engine_greedy(tp1, prompts, 10)
+    tp2 = make(2)
+    try:
+        ours = engine_greedy(tp2, prompts, 10)
+        counts = tp2.runner.param_counts()
+    finally:
+        tp2.close()
+    for i, (p, r, o) in enumerate(zip(prompts, ref, ours, strict=True)):
+        logits = full_pass_logits(tp1.runner, p + r)[len(p) - 1 : len(p) - 1 + len(r)]
+        assert_greedy_equal(o, r, list(logits), f"deepseek-v2 TP2 vs TP1 prompt {i}")
+    full = tp1.runner.model.param_counts()
+    # two sparse layers of 8 experts x (2 x 16 x 64 + 64 x 16), and the 2 x 16-wide shared experts' 3 x 32 x 64
+    assert full["experts"] == 2 * (8 * (2 * 16 * 64 + 64 * 16) + 3 * 32 * 64)
+    assert [c["experts"] for c in counts] == [full["experts"] // 2] * 2
 
 
 def test_kimi_k25_refusal_names_what_is_missing():
