@@ -10,11 +10,11 @@ import random
 
 import pytest
 import torch
-from greedy_reference import assert_greedy_equal, engine_greedy, reference_greedy
+from greedy_reference import assert_greedy_equal, reference_greedy
 from tiny_models import DEEPSEEK_KINDS, TINY_VOCAB, full_pass_logits, hf_logits, make_runner
+from tp_parity import assert_tp2_decodes_as_tp1, cpu_tp_config
 
 from kubellm.engine import LLM, SamplingParams
-from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
 from kubellm.engine.loader import load_model
 from kubellm.engine.model_config import UnsupportedModelError
@@ -97,25 +97,8 @@ def test_tp2_equals_tp1_with_heads_and_experts_split_and_the_latent_cache_replic
     rng = random.Random(3)
     prompts = [[rng.randrange(4, TINY_VOCAB) for _ in range(n)] for n in (4, 19, 33)]
 
-    def make(tp: int) -> LLMEngine:
-        cfg = EngineConfig(
-            model=str(path), device="cpu", tensor_parallel_size=tp, num_gpu_blocks_override=32,
-            max_num_batched_tokens=16,
-        )  # fmt: skip
-        return LLMEngine(cfg)
-
-    tp1 = make(1)
-    ref = engine_greedy(tp1, prompts, 10)
-    tp2 = make(2)
-    try:
-        ours = engine_greedy(tp2, prompts, 10)
-        counts = tp2.runner.param_counts()
-    finally:
-        tp2.close()
-    for i, (p, r, o) in enumerate(zip(prompts, ref, ours, strict=True)):
-        logits = full_pass_logits(tp1.runner, p + r)[len(p) - 1 : len(p) - 1 + len(r)]
-        assert_greedy_equal(o, r, list(logits), f"deepseek-v2 TP2 vs TP1 prompt {i}")
-    full = tp1.runner.model.param_counts()
+    parity = assert_tp2_decodes_as_tp1(lambda tp: LLMEngine(cpu_tp_config(str(path), tp)), prompts, 10, "deepseek-v2")
+    full, counts = parity.full_counts, parity.rank_counts
     # two sparse layers of 8 experts x (2 x 16 x 64 + 64 x 16), and the 2 x 16-wide shared experts' 3 x 32 x 64
     assert full["experts"] == 2 * (8 * (2 * 16 * 64 + 64 * 16) + 3 * 32 * 64)
     assert [c["experts"] for c in counts] == [full["experts"] // 2] * 2

@@ -15,8 +15,7 @@ import random
 
 import pytest
 import torch
-from greedy_reference import assert_greedy_equal, engine_greedy
-from tiny_models import full_pass_logits
+from tp_parity import assert_tp2_decodes_as_tp1, cpu_tp_config
 
 from kubellm.engine import random_model
 from kubellm.engine.config import EngineConfig
@@ -150,24 +149,11 @@ def test_random_recipe_model_at_tp2_decodes_as_at_tp1():
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 301) for _ in range(n)] for n in (2, 9, 30)]
 
-    def config(tp: int) -> EngineConfig:
-        return EngineConfig(
-            model="random-tiny", device="cpu", tensor_parallel_size=tp, num_gpu_blocks_override=32,
-            max_num_batched_tokens=16, generation_config="vllm",
-        )  # fmt: skip
-
-    tp1 = LLMEngine(config(1), loaded=loaded)
-    ref = engine_greedy(tp1, prompts, 8)
-    tp2 = LLMEngine(config(2), loaded=loaded)
-    try:
-        ours = engine_greedy(tp2, prompts, 8)
-        counts = tp2.runner.param_counts()
-    finally:
-        tp2.close()
-    for i, (p, r, o) in enumerate(zip(prompts, ref, ours, strict=True)):
-        logits = full_pass_logits(tp1.runner, p + r)[len(p) - 1 : len(p) - 1 + len(r)]
-        assert_greedy_equal(o, r, list(logits), f"random recipe TP2 vs TP1 prompt {i}")
-    full = tp1.runner.model.param_counts()
+    parity = assert_tp2_decodes_as_tp1(
+        lambda tp: LLMEngine(cpu_tp_config("random-tiny", tp, generation_config="vllm"), loaded=loaded),
+        prompts, 8, "random recipe",
+    )  # fmt: skip
+    full, counts = parity.full_counts, parity.rank_counts
     padded_vocab_rows = 2 * 151 - 301  # one zero row in the last vocab shard, for the embedding and the LM head
     for rank_counts in counts:
         assert 2 * rank_counts["sharded"] == full["sharded"] + 2 * padded_vocab_rows * 64, (rank_counts, full)
