@@ -1,0 +1,447 @@
+"""FP8 (e4m3) linear layers: y = x @ dequant(W)^T for weights stored as float8_e4m3fn with a per-tensor,
+per-output-channel or (bn x bk)-block scale (w ~= w_fp8 * scale), as FP8 checkpoints ship them.
+
+Why FP8: on Hopper it halves the weight bytes a decode step reads and doubles the tensor-core rate of prefill.
+
+Paths of `fp8_linear` (x [M, K] bf16/fp16):
+  - CPU (or no FP8-capable GPU): `fp8_linear_reference`, the weight dequantized and multiplied in float32.
+  - CUDA, M <= GEMV_MAX_ROWS: `_w8a16_kernel`, a weight-streaming kernel that reads FP8 weights, dequantizes
+    them in registers and multiplies the unquantized bf16 rows: decode is bound by the weight bytes, so skipping
+    the activation quantization saves a launch and keeps bf16 activations.
+  - CUDA, larger M, W8A8: the input is quantized (fp8_quant; how is `act_quant_for`'s single decision), then
+      per-tensor / per-channel weights: torch._scaled_mm (cuBLASLt / CUTLASS, tensor-wise or row-wise scales);
+      block weights: `_w8a8_kernel` of ours (Triton), the 1 x bk activation groups and bn x bk weight blocks
+      applied to each bk-deep partial product in float32 (DeepSeek's recipe), or flashinfer's DeepGEMM-based
+      `fp8_blockscale_gemm_sm90` where bench/fp8_micro.py measured it faster (FLASHINFER_BLOCK_MIN_ROWS).
+Callers that already hold the quantized input (a norm or SiLU-and-mul fused with the quantization, see
+fp8_quant) call `fp8_gemm` directly.
+
+Interface shared with the loader (engine/models, the fp8 checkpoint formats): `fp8_linear(x, weight, weight_scale,
+*, block_size=None, input_scale=None, out_dtype=torch.bfloat16)`, `quantize_weight_fp8(w)` (online
+`--quantization fp8`) and `fp8_linear_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from . import fp8_quant
+from .fp8_quant import FP8_DTYPE, FP8_MAX, ActQuant
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the reference path
+    triton = None
+    tl = None
+
+ScaleKind = Literal["tensor", "channel", "block"]
+
+GEMV_MAX_ROWS = 16  # up to this many rows the W8A16 weight-streaming kernel (bench/fp8_micro.py measures it)
+# Block-scaled GEMMs of at least this many rows go to flashinfer's fp8_blockscale_gemm_sm90 when importable on sm90;
+# None: never (our Triton kernel). Set from bench/fp8_micro.py's measurement on the GPU.
+FLASHINFER_BLOCK_MIN_ROWS: int | None = None
+# Dynamic activation scales for per-tensor weights: per tensor as vLLM's `--quantization fp8` does (two launches,
+# not fusable), or per token (one launch, fusable, row-wise _scaled_mm). bench/fp8_micro.py times both.
+PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT = False
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+def w8a8_config(m: int) -> TileConfig:
+    """Tiles of the Triton W8A8 kernel by batch rows (BLOCK_K is the weight block's bk, 128)."""
+    if m <= 16:
+        return TileConfig(16, 64, 1, 4, 4)
+    if m <= 64:
+        return TileConfig(64, 64, 8, 4, 4)
+    if m <= 256:
+        return TileConfig(64, 128, 8, 4, 3)
+    return TileConfig(128, 128, 8, 8, 3)
+
+
+W8A16_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+
+
+# ---- formats, reference, weight quantization (torch; CPU and GPU) ----
+
+
+def scale_kind(weight: torch.Tensor, weight_scale: torch.Tensor, block_size: tuple[int, int] | None) -> ScaleKind:
+    """Which scale layout `weight_scale` is for `weight` [N, K]; ValueError naming the mismatch otherwise."""
+    if weight.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_linear: weight must be {FP8_DTYPE}, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"fp8_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    shape = tuple(weight_scale.shape)
+    if block_size is not None:
+        bn, bk = block_size
+        want = (-(-n // bn), -(-k // bk))
+        if shape != want:
+            raise ValueError(f"fp8_linear: block scales for weight [{n}, {k}] in {bn}x{bk} blocks must be {want}, "
+                             f"got {shape}")  # fmt: skip
+        return "block"
+    if weight_scale.numel() == 1:
+        return "tensor"
+    if shape in ((n,), (n, 1)):
+        return "channel"
+    raise ValueError(
+        f"fp8_linear: weight_scale of shape {shape} fits neither per-tensor (one number) nor per-channel ([{n}] or "
+        f"[{n}, 1]) scales of weight [{n}, {k}]; block scales need block_size"
+    )
+
+
+def dequantize_weight_fp8(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    block_size: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """w_fp8 * scale in `dtype`, for any of the three scale layouts."""
+    kind = scale_kind(weight, weight_scale, block_size)
+    w = weight.to(torch.float32)
+    s = weight_scale.to(device=w.device, dtype=torch.float32)
+    if kind == "tensor":
+        w = w * s.reshape(())
+    elif kind == "channel":
+        w = w * s.reshape(-1, 1)
+    else:
+        assert block_size is not None
+        bn, bk = block_size
+        n, k = w.shape
+        w = w * s.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+    return w.to(dtype)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    block_size: tuple[int, int] | None = None,
+    input_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The dequantized weight times x in float32, rounded once to out_dtype: the model an FP8 checkpoint stands
+    for. Activations are not quantized (`input_scale` is accepted and unused): that is the GPU kernels'
+    approximation, which the gpu tests bound against this."""
+    del input_scale
+    w = dequantize_weight_fp8(weight, weight_scale, block_size)
+    return (x.to(torch.float32) @ w.to(x.device).t()).to(out_dtype)
+
+
+def quantize_weight_fp8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16/fp16/fp32 weight [N, K] -> (w_fp8, scale) with w ~= w_fp8 * scale; scale float32, 0-d per tensor
+    (vLLM's online `--quantization fp8`) or [N] per output channel. On w's device, CPU or GPU."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight_fp8: weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
+    scale = (amax.to(torch.float32) / FP8_MAX).clamp_min(fp8_quant.MIN_SCALE)
+    s = scale[:, None] if per_channel else scale
+    q = (w.to(torch.float32) / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+# ---- the CUDA path ----
+
+
+def act_quant_for(kind: ScaleKind, block_size: tuple[int, int] | None, input_scale: torch.Tensor | None) -> ActQuant:
+    """How the input of a W8A8 GEMM with these weights is quantized: the one place that decides it."""
+    if input_scale is not None:
+        return ActQuant("tensor", static_scale=input_scale)
+    if kind == "block":
+        assert block_size is not None
+        return ActQuant("group", group=block_size[1])
+    if kind == "channel" or PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT:
+        return ActQuant("token")
+    return ActQuant("tensor")
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and triton is not None)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def supported(device: torch.device) -> bool:
+    """Whether this device has FP8 tensor cores (sm89+: Ada, Hopper, Blackwell) and Triton is importable."""
+    if device.type != "cuda" or triton is None:
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the FP8 GEMM kernels need Triton (`pip install triton`), which is not installed")
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    block_size: tuple[int, int] | None = None,
+    input_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """x [..., K] @ dequant(weight [N, K])^T -> [..., N] in out_dtype. input_scale None: dynamic activation scales
+    (per tensor for per-tensor weights, per token for per-channel, per token and bk-column group for blocks);
+    else a static per-tensor scale. CPU tensors take the float32 reference."""
+    kind = scale_kind(weight, weight_scale, block_size)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fp8_linear: x has {x.shape[-1]} columns, weight [{weight.shape[0]}, {weight.shape[1]}] "
+                         f"wants {weight.shape[1]}")  # fmt: skip
+    if not _on_gpu(x) or (x.is_cuda and not supported(x.device)):  # no FP8 tensor cores: dequantize (slow, exact)
+        return fp8_linear_reference(
+            x, weight, weight_scale, block_size=block_size, input_scale=input_scale, out_dtype=out_dtype
+        )
+    _require_triton()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m <= GEMV_MAX_ROWS:
+        out = w8a16(x2, weight, weight_scale, kind, block_size, out_dtype)
+    elif kind == "block" and _use_flashinfer_block(m, x2, weight, input_scale):
+        out = _flashinfer_block(x2, weight, weight_scale, out_dtype)
+    else:
+        xq, xs = fp8_quant.quantize(x2, act_quant_for(kind, block_size, input_scale))
+        out = fp8_gemm(xq, xs, weight, weight_scale, block_size=block_size, out_dtype=out_dtype)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def fp8_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    block_size: tuple[int, int] | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    use_scaled_mm: bool | None = None,
+) -> torch.Tensor:
+    """W8A8: xq [M, K] float8 with x_scale [1] / [M, 1] / [M, K/bk] (fp8_quant's layouts) times weight [N, K].
+    Per-tensor / per-channel weights go to torch._scaled_mm when its shape rules allow (use_scaled_mm None), else
+    to the Triton kernel (also for blocks)."""
+    kind = scale_kind(weight, weight_scale, block_size)
+    m, k = xq.shape
+    n = weight.shape[0]
+    ws = weight_scale.to(torch.float32)
+    if use_scaled_mm is None:
+        tensorwise = kind == "tensor" and x_scale.numel() == 1
+        use_scaled_mm = (
+            kind != "block" and xq.is_cuda and k % 16 == 0 and n % 16 == 0 and m > 0
+            and (tensorwise or out_dtype == torch.bfloat16)  # row-wise scales: bf16 output only
+        )  # fmt: skip
+    if use_scaled_mm:
+        return _scaled_mm(xq, x_scale, weight, ws, kind, out_dtype)
+    _require_triton()
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return out
+    a_mode = 0 if x_scale.numel() == 1 else (1 if x_scale.shape[1] == 1 else 2)
+    b_mode = {"tensor": 0, "channel": 1, "block": 2}[kind]
+    bn, bk = block_size if block_size is not None else (128, 128)
+    if a_mode == 2 and x_scale.shape != (m, -(-k // bk)):
+        raise ValueError(f"fp8_gemm: group scales of x must be [{m}, {-(-k // bk)}] for bk={bk}, got "
+                         f"{tuple(x_scale.shape)}")  # fmt: skip
+    cfg = w8a8_config(m)
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    _w8a8_kernel[grid](
+        xq, weight, out, x_scale, ws, m, n, k,
+        xq.stride(0), weight.stride(0), out.stride(0),
+        x_scale.stride(0) if a_mode else 0, x_scale.stride(1) if a_mode == 2 else 0,
+        ws.stride(0) if b_mode else 0, ws.stride(1) if b_mode == 2 else 0,
+        A_MODE=a_mode, B_MODE=b_mode, BN=bn, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk,
+        GROUP_M=cfg.GROUP_M, EVEN_K=k % bk == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _scaled_mm(
+    xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor, kind: ScaleKind,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """torch._scaled_mm: tensor-wise when both scales are single numbers, else row-wise ([M, 1] and [1, N])."""
+    m, n = xq.shape[0], weight.shape[0]
+    if x_scale.numel() == 1 and kind == "tensor":
+        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale.reshape(()), scale_b=ws.reshape(()),
+                                out_dtype=out_dtype)  # fmt: skip
+    sa = x_scale.reshape(-1, 1).expand(m, 1).contiguous() if x_scale.numel() == 1 else x_scale.reshape(m, 1)
+    sb = ws.reshape(1, -1).expand(1, n).contiguous() if kind == "tensor" else ws.reshape(1, n)
+    return torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+def w8a16(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, kind: ScaleKind,
+    block_size: tuple[int, int] | None, out_dtype: torch.dtype, config: dict | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Few rows (decode): FP8 weights dequantized in registers times the bf16 rows; no activation quantization."""
+    _require_triton()
+    cfg = dict(config or W8A16_CONFIG)
+    m, k = x.shape
+    n = weight.shape[0]
+    ws = weight_scale.to(torch.float32)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    bn, bk = block_size if block_size is not None else (128, 128)
+    b_mode = {"tensor": 0, "channel": 1, "block": 2}[kind]
+    if b_mode == 2 and bk % cfg["BLOCK_K"] and cfg["BLOCK_K"] % bk:
+        raise ValueError(f"w8a16: BLOCK_K {cfg['BLOCK_K']} and the block's bk {bk} must divide one another")
+    block_n = cfg.pop("BLOCK_N")
+    _w8a16_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, out, ws, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        ws.stride(0) if b_mode else 0, ws.stride(1) if b_mode == 2 else 0,
+        B_MODE=b_mode, BN=bn, BK=bk, BLOCK_M=16, BLOCK_N=block_n, **cfg,
+    )  # fmt: skip
+    return out
+
+
+# ---- flashinfer's block-scaled GEMM (DeepGEMM), where measured faster ----
+
+
+@functools.cache
+def _flashinfer_block_fn():
+    try:
+        from flashinfer.gemm import fp8_blockscale_gemm_sm90
+    except ImportError:
+        return None
+    return fp8_blockscale_gemm_sm90
+
+
+def _use_flashinfer_block(m: int, x: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor | None) -> bool:
+    return (
+        FLASHINFER_BLOCK_MIN_ROWS is not None
+        and m >= FLASHINFER_BLOCK_MIN_ROWS
+        and input_scale is None
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and _capability(x.device.index or 0) == (9, 0)
+        and weight.shape[1] % 128 == 0
+        and weight.shape[0] % 64 == 0
+        and _flashinfer_block_fn() is not None
+    )
+
+
+def _flashinfer_block(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype) -> torch.Tensor:
+    """flashinfer quantizes x per 1x128 group itself and takes 128x128 weight blocks ([N/128, K/128] float32)."""
+    fn = _flashinfer_block_fn()
+    return fn(x, weight, None, weight_scale.to(torch.float32), out_dtype=out_dtype)
+
+
+# ---- Triton kernels ----
+
+if triton is not None:
+
+    @triton.jit
+    def _w8a8_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
+        stride_am, stride_bn, stride_cm, stride_asm, stride_asg, stride_bsn, stride_bsk,
+        A_MODE: tl.constexpr, B_MODE: tl.constexpr, BN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):  # fmt: skip
+        """C = (A * sa) @ (B * sb)^T, A [M, K] and B [N, K] float8, both K-contiguous.
+        A_MODE: 0 one scale, 1 per row [M, 1], 2 per row and BLOCK_K-column group [M, K/BLOCK_K].
+        B_MODE: 0 one scale, 1 per output channel [N], 2 per BN x BLOCK_K block [N/BN, K/BLOCK_K].
+        Group / block scales multiply each BLOCK_K-deep partial product in float32; the others the final sum."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows
+        pid_n = (pid % per_group) // rows
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        rm_safe = tl.where(m_ok, rm, 0).to(tl.int64)  # clamped rows/columns: unmasked loads on the even path
+        rn_safe = tl.where(n_ok, rn, 0).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm_safe[:, None] * stride_am + rk[None, :]
+        b_ptrs = b_ptr + rn_safe[None, :] * stride_bn + rk[:, None]
+        if A_MODE == 2:
+            as_ptrs = as_ptr + rm_safe * stride_asm
+        if B_MODE == 2:
+            bs_ptrs = bs_ptr + (rn_safe // BN) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = rk < K - g * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if A_MODE == 2 or B_MODE == 2:
+                part = tl.dot(a, b)
+                if A_MODE == 2:
+                    part *= tl.load(as_ptrs + g * stride_asg)[:, None]
+                if B_MODE == 2:
+                    part *= tl.load(bs_ptrs + g * stride_bsk)[None, :]
+                acc += part
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if A_MODE == 0:
+            acc *= tl.load(as_ptr)
+        if A_MODE == 1:
+            acc *= tl.load(as_ptr + rm_safe * stride_asm)[:, None]
+        if B_MODE == 0:
+            acc *= tl.load(bs_ptr)
+        if B_MODE == 1:
+            acc *= tl.load(bs_ptr + rn_safe * stride_bsn)[None, :]
+        c_ptrs = c_ptr + rm_safe[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _w8a16_kernel(
+        x_ptr, w_ptr, out_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_sn, stride_sk,
+        B_MODE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """out = x @ (w * s)^T for M <= BLOCK_M rows: each program streams BLOCK_N weight rows once, converts each
+        FP8 tile to x's dtype (block scales applied to the tile, per-tensor / per-channel ones to the sum)."""
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        n_ok = rn < N
+        m_ok = rm < M
+        rn_safe = tl.where(n_ok, rn, 0).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            w = tl.load(w_ptr + rn_safe[None, :] * stride_wn + rk[:, None], mask=k_ok[:, None], other=0.0)
+            w = w.to(tl.float32)  # [BLOCK_K, BLOCK_N], K-contiguous as the weight is stored
+            if B_MODE == 2:
+                s = tl.load(s_ptr + (rk // BK)[:, None] * stride_sk + (rn_safe // BN)[None, :] * stride_sn,
+                            mask=k_ok[:, None], other=0.0)  # fmt: skip
+                w = w * s
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+        if B_MODE == 0:
+            acc *= tl.load(s_ptr)
+        if B_MODE == 1:
+            acc *= tl.load(s_ptr + rn_safe * stride_sn)[None, :]
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
