@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_model_setup import (
+    bf16_rounded_random_model,
+    block_tables,
+    run_to_completion,
+    small_runner,
+    teacher_forced_logits,
+)
 
 from kubellm.engine.attention import AttentionMetadata
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
-from kubellm.engine.outputs import OutputAssembler
 
 pytestmark = pytest.mark.gpu
 
@@ -27,33 +33,19 @@ PROMPTS, POSITIONS, PREFILL = 8, 64, 16
 def loaded():
     import flashinfer  # noqa: F401  (a GPU machine without flashinfer fails here, never skips)
 
-    from kubellm.engine.random_model import SMOLLM2_135M, RandomWeights, random_loaded_model
+    from kubellm.engine.random_model import SMOLLM2_135M
 
-    model = random_loaded_model(SMOLLM2_135M, torch.float32, "cpu", seed=0, std=0.02, embed_std=0.2)
-    # Materialise once on the CPU, rounded to bf16: both paths load the very same numbers, so what differs is
-    # the GPU path's bf16 arithmetic, not weight rounding.
-    weights = RandomWeights(SMOLLM2_135M, torch.float32, "cpu", seed=0, std=0.02, embed_std=0.2)
-    model.weights = {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
-    return model
+    return bf16_rounded_random_model(SMOLLM2_135M, std=0.02, embed_std=0.2)
 
 
-def _runner(loaded, device: str, **kw):
-    from kubellm.engine.model_runner import ModelRunner
-
-    cfg = EngineConfig(device=device, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=256, **kw)
-    runner = ModelRunner(loaded, cfg)
-    runner.allocate_kv_cache(PROMPTS * POSITIONS // 16 + 8)
-    return runner
-
-
-def _tables(n: int) -> list[list[int]]:
-    return [list(range(i * POSITIONS // 16, (i + 1) * POSITIONS // 16)) for i in range(n)]
+def _runner(loaded, device: str):
+    return small_runner(loaded, device, PROMPTS, POSITIONS)
 
 
 @torch.inference_mode()
 def _all_positions(runner, tokens: list[list[int]]) -> torch.Tensor:
     """Logits [prompts * positions, vocab] of one prefill of every prompt, at every position."""
-    tables = _tables(len(tokens))
+    tables = block_tables(len(tokens), POSITIONS)
     batch = ForwardBatch([ScheduledSeq(f"f{i}", t, 0, tables[i], True) for i, t in enumerate(tokens)])
     meta = AttentionMetadata.from_batch(batch, runner.block_size, runner.device)
     ids = torch.tensor([x for t in tokens for x in t], device=runner.device)
@@ -63,14 +55,7 @@ def _all_positions(runner, tokens: list[list[int]]) -> torch.Tensor:
 
 
 def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
-    """Logits [steps, prompts, vocab] (float32, CPU): one prefill of PREFILL tokens, then one decode per step."""
-    tables = _tables(len(tokens))
-    batch = ForwardBatch([ScheduledSeq(f"p{i}", t[:PREFILL], 0, tables[i], True) for i, t in enumerate(tokens)])
-    out = [runner.logits(batch).float().cpu()]
-    for pos in range(PREFILL, POSITIONS):
-        batch = ForwardBatch([ScheduledSeq(f"p{i}", [t[pos]], pos, tables[i], True) for i, t in enumerate(tokens)])
-        out.append(runner.logits(batch).float().cpu())
-    return torch.stack(out)
+    return teacher_forced_logits(runner, tokens, PREFILL)
 
 
 def test_gpu_logits_match_cpu_reference_teacher_forced(loaded):
@@ -116,18 +101,10 @@ def _greedy(loaded, enforce_eager: bool, prompts: list[list[int]], async_schedul
     assert bool(engine.runner._graphs) is not enforce_eager
     assert engine.async_scheduling is (async_scheduling is not False), "on by default on CUDA"
     params = params or SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-    done = {}
-    whole = OutputAssembler()
-    while engine.has_unfinished_requests():
-        for out in map(whole.add, engine.step()):
-            if out.finished:
-                c = out.outputs[0]
-                done[out.request_id] = c.token_ids if not full else (c.token_ids, c.finish_reason, c.logprobs)
+    outs = run_to_completion(engine, prompts, params)
     if not enforce_eager:
         assert engine.runner.graph_replays > 0
-    return [done[f"r{i}"] for i in range(len(prompts))]
+    return [c.token_ids if not full else (c.token_ids, c.finish_reason, c.logprobs) for c in outs]
 
 
 def _prompts() -> list[list[int]]:
