@@ -24,10 +24,10 @@ def bf16_rounded_random_model(config, std: float, embed_std: float, seed: int = 
     return model
 
 
-def block_tables(prompts: int, positions: int) -> list[list[int]]:
-    """Disjoint block tables, one per prompt, each holding `positions` tokens."""
+def block_tables(prompts: int, positions: int, first_block: int = 0) -> list[list[int]]:
+    """Disjoint block tables from `first_block` on, one per prompt, each holding `positions` tokens."""
     per = -(-positions // BLOCK)
-    return [list(range(i * per, (i + 1) * per)) for i in range(prompts)]
+    return [list(range(first_block + i * per, first_block + (i + 1) * per)) for i in range(prompts)]
 
 
 def small_runner(loaded, device: str, prompts: int, positions: int, **kw):
@@ -40,11 +40,11 @@ def small_runner(loaded, device: str, prompts: int, positions: int, **kw):
     return runner
 
 
-def teacher_forced_logits(runner, tokens: list[list[int]], prefill: int) -> torch.Tensor:
+def teacher_forced_logits(runner, tokens: list[list[int]], prefill: int, first_block: int = 0) -> torch.Tensor:
     """Logits [steps, prompts, vocab] (float32, CPU): one prefill of `prefill` tokens per prompt, then one decode
-    step per remaining position, fed the given tokens rather than sampled ones."""
+    step per remaining position, fed the given tokens rather than sampled ones (KV in blocks from `first_block`)."""
     positions = len(tokens[0])
-    tables = block_tables(len(tokens), positions)
+    tables = block_tables(len(tokens), positions, first_block)
     batch = ForwardBatch([ScheduledSeq(f"p{i}", t[:prefill], 0, tables[i], True) for i, t in enumerate(tokens)])
     out = [runner.logits(batch).float().cpu()]
     for pos in range(prefill, positions):
@@ -54,7 +54,8 @@ def teacher_forced_logits(runner, tokens: list[list[int]], prefill: int) -> torc
 
 
 def run_to_completion(engine, prompts: list[list[int]], params) -> list[CompletionOutput]:
-    """Submit every prompt at once (ids r0, r1, ...) and step the engine until all finish; outputs in prompt order."""
+    """Submit every prompt at once (ids r0, r1, ...) and step the engine until all finish, none with an error;
+    outputs in prompt order."""
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     done: dict[str, CompletionOutput] = {}
@@ -62,5 +63,6 @@ def run_to_completion(engine, prompts: list[list[int]], params) -> list[Completi
     while engine.has_unfinished_requests():
         for out in map(whole.add, engine.step()):
             if out.finished:
+                assert out.error is None, out.error
                 done[out.request_id] = out.outputs[0]
     return [done[f"r{i}"] for i in range(len(prompts))]

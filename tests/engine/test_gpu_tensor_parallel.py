@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from gpu_model_setup import run_to_completion, teacher_forced_logits
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
-from kubellm.engine.outputs import OutputAssembler
 
 pytestmark = pytest.mark.gpu
 
@@ -72,16 +72,8 @@ def _every_position(runner, tokens: list[list[int]]) -> torch.Tensor:
 def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
     """Logits [(positions - PREFILL + 1) * prompts, vocab]: one prefill of PREFILL tokens, then one decode step
     (a CUDA graph replay) per position."""
-    tables = [
-        list(range(PREFIX_BLOCKS + i * TEACHER_BLOCKS, PREFIX_BLOCKS + (i + 1) * TEACHER_BLOCKS))
-        for i in range(len(tokens))
-    ]
-    batch = ForwardBatch([ScheduledSeq(f"p{i}", t[:PREFILL], 0, tables[i], True) for i, t in enumerate(tokens)])
-    out = [runner.logits(batch).float().cpu()]
-    for pos in range(PREFILL, POSITIONS):
-        batch = ForwardBatch([ScheduledSeq(f"p{i}", [t[pos]], pos, tables[i], True) for i, t in enumerate(tokens)])
-        out.append(runner.logits(batch).float().cpu())
-    return torch.cat(out)
+    logits = teacher_forced_logits(runner, tokens, PREFILL, first_block=PREFIX_BLOCKS)
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def _graph_replays(runner) -> int:
@@ -185,23 +177,14 @@ def _greedy_tp2(enforce_eager: bool, prompts: list[list[int]]) -> tuple[list[lis
     try:
         assert bool(engine.runner.inner._graphs) is not enforce_eager
         params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=2)
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, params)
-        done = {}
-        whole = OutputAssembler()
-        while engine.has_unfinished_requests():
-            for out in map(whole.add, engine.step()):
-                if out.finished:
-                    assert out.error is None, out.error
-                    done[out.request_id] = out.outputs[0]
+        outs = run_to_completion(engine, prompts, params)
         if not enforce_eager:
             assert engine.runner.inner.graph_replays > 0
     finally:
         engine.close()
     assert not any(_alive(pid) for pid in pids), "a worker outlived close()"
     tokens, gaps = [], []
-    for i in range(len(prompts)):
-        out = done[f"r{i}"]
+    for out in outs:
         tokens.append(list(out.token_ids))
         tops = [sorted((lp.logprob for lp in step.values()), reverse=True) for step in out.logprobs]
         gaps.append([t[0] - t[1] if len(t) > 1 else float("inf") for t in tops])
