@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from kubellm.builtin_models import DEFAULT_MODEL
-from kubellm.config_flags import env_bool, env_default, option
+from kubellm.config_flags import FLAG, FlagSpec, env_bool, env_option, option
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")
 CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's --chat-template-content-format
@@ -93,55 +94,46 @@ class EngineConfig:
         help="--device sim: multiply the timing model's step times (a slower simulated device)",
     )
     # Tuning switches, each also settable by its KUBELLM_* environment variable (the default when set).
-    num_threads: int = option(
-        default_factory=env_default("KUBELLM_NUM_THREADS", int, 0),
-        env="KUBELLM_NUM_THREADS",
+    num_threads: int = env_option(
+        "KUBELLM_NUM_THREADS", int, 0,
         help="CPU: torch intra-op threads (0: one per usable CPU, shared among tensor-parallel ranks)",
-    )
-    fused_kernels: bool = option(
-        default_factory=env_default("KUBELLM_FUSED_KERNELS", env_bool, True),
-        env="KUBELLM_FUSED_KERNELS",
+    )  # fmt: skip
+    fused_kernels: bool = env_option(
+        "KUBELLM_FUSED_KERNELS", env_bool, True,
         help="CUDA: Triton kernels for RMSNorm, rotary and SiLU-and-mul (off: torch ops)",
-    )
-    fused_sampler: bool = option(
-        default_factory=env_default("KUBELLM_FUSED_SAMPLER", env_bool, True),
-        env="KUBELLM_FUSED_SAMPLER",
+    )  # fmt: skip
+    fused_sampler: bool = env_option(
+        "KUBELLM_FUSED_SAMPLER", env_bool, True,
         help="CUDA: one Triton kernel for plain temperature sampling (off: torch ops)",
-    )
-    gemv_kernel: bool = option(
-        default_factory=env_default("KUBELLM_GEMV", env_bool, True),
-        env="KUBELLM_GEMV",
+    )  # fmt: skip
+    gemv_kernel: bool = env_option(
+        "KUBELLM_GEMV", env_bool, True,
         help="CUDA, tensor parallel: a Triton GEMV for few-row weight products (off: cuBLAS)",
-    )
-    tp_cuda_graphs: bool = option(
-        default_factory=env_default("KUBELLM_TP_CUDA_GRAPHS", env_bool, True),
-        env="KUBELLM_TP_CUDA_GRAPHS",
+    )  # fmt: skip
+    tp_cuda_graphs: bool = env_option(
+        "KUBELLM_TP_CUDA_GRAPHS", env_bool, True,
         help="decode CUDA graphs under tensor parallelism (off: eager, the fallback)",
-    )
-    tp_symm_mem: bool = option(
-        default_factory=env_default("KUBELLM_TP_SYMM_MEM", env_bool, False),
-        env="KUBELLM_TP_SYMM_MEM",
+    )  # fmt: skip
+    tp_symm_mem: bool = env_option(
+        "KUBELLM_TP_SYMM_MEM", env_bool, False,
         help="tensor parallel: all-reduce through symmetric memory for small messages",
-    )
-    decode_tensor_cores: bool | None = option(
-        default_factory=env_default("KUBELLM_DECODE_TENSOR_CORES", _optional_bool, None),
+    )  # fmt: skip
+    decode_tensor_cores: bool | None = env_option(
+        "KUBELLM_DECODE_TENSOR_CORES", _optional_bool, None,
         parse=_optional_bool,
         metavar="auto|0|1",
-        env="KUBELLM_DECODE_TENSOR_CORES",
         help="flashinfer: tensor-core decode kernels (unset: on when a KV head serves 4 or more query heads)",
-    )
-    moe_kernel: str = option(
-        default_factory=env_default("KUBELLM_MOE_KERNEL", str, "auto"),
+    )  # fmt: skip
+    moe_kernel: str = env_option(
+        "KUBELLM_MOE_KERNEL", str, "auto",
         choices=("auto", "torch"),
-        env="KUBELLM_MOE_KERNEL",
         help="mixture-of-experts layers: auto takes the fused Triton kernels on CUDA, torch the reference",
-    )
-    prefill_backend: str = option(
-        default_factory=env_default("KUBELLM_PREFILL_BACKEND", str, "fa2"),
+    )  # fmt: skip
+    prefill_backend: str = env_option(
+        "KUBELLM_PREFILL_BACKEND", str, "fa2",
         choices=("fa2", "fa3", "auto"),
-        env="KUBELLM_PREFILL_BACKEND",
         help="flashinfer: paged prefill kernel family",
-    )
+    )  # fmt: skip
     chat_template: str | None = option(
         None, help="chat template replacing the model's: a file path, or the Jinja template itself"
     )
@@ -168,24 +160,14 @@ class EngineConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid engine argument {name}={getattr(self, name)!r}")
-        if self.device not in ("auto", "cuda", "cpu", "sim"):
-            raise ValueError(f"invalid engine argument device={self.device!r}; choose auto, cuda, cpu or sim")
-        if self.attention_backend not in ("auto", "torch", "flashinfer"):
-            raise ValueError(f"invalid engine argument attention_backend={self.attention_backend!r}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"invalid engine argument scheduling_policy={self.scheduling_policy!r}")
-        if self.chat_template_content_format not in ("auto", "string", "openai"):
-            raise ValueError(
-                f"invalid engine argument chat_template_content_format={self.chat_template_content_format!r}"
-            )
-        if self.generation_config not in ("auto", "vllm"):
-            raise ValueError(f"invalid engine argument generation_config={self.generation_config!r}")
-        if self.moe_kernel not in ("auto", "torch"):
-            raise ValueError(
-                f"invalid engine argument moe_kernel={self.moe_kernel!r} (KUBELLM_MOE_KERNEL): choose auto or torch"
-            )
-        if self.prefill_backend not in ("fa2", "fa3", "auto"):
-            raise ValueError(f"invalid engine argument prefill_backend={self.prefill_backend!r}")
+        for f in dataclasses.fields(self):  # one source of truth: the choices each flag declares
+            spec: FlagSpec | None = f.metadata.get(FLAG)
+            value = getattr(self, f.name)
+            if spec is not None and spec.choices is not None and value not in spec.choices:
+                via = f" ({spec.env})" if spec.env else ""
+                raise ValueError(
+                    f"invalid engine argument {f.name}={value!r}{via}; choose from {', '.join(spec.choices)}"
+                )
 
     @property
     def model_name(self) -> str:

@@ -73,6 +73,13 @@ def env_default(name: str, parse: Callable[[str], Any], fallback: Any) -> Callab
     return factory
 
 
+def env_option(env: str, read: Callable[[str], Any], fallback: Any, *, help: str, **flag: Any) -> Any:
+    """An `option` whose default is environment variable `env` (converted by `read`) when set, else `fallback`:
+    the variable is named once, and --help shows it besides the fallback. `flag` goes to `option` (e.g. the
+    flag's own `parse`, which may differ from how the variable is read)."""
+    return option(default_factory=env_default(env, read, fallback), env=env, help=help, **flag)
+
+
 def env_bool(value: str) -> bool:
     """0/1 as the KUBELLM_* switches take them (also true/false, on/off, yes/no)."""
     low = value.strip().lower()

@@ -75,7 +75,7 @@ def test_bf16_inputs_come_back_in_bf16_close_to_float():
 def test_cpu_runs_the_torch_reference(monkeypatch):
     assert moe.kernel_choice(torch.device("cpu")) == "torch reference"
     monkeypatch.setenv("KUBELLM_MOE_KERNEL", "cutlass")
-    with pytest.raises(ValueError, match=r"moe_kernel='cutlass' \(KUBELLM_MOE_KERNEL\): choose auto or torch"):
+    with pytest.raises(ValueError, match=r"moe_kernel='cutlass' \(KUBELLM_MOE_KERNEL\); choose from auto, torch"):
         EngineConfig()
     with pytest.raises(ValueError, match="must be 'auto' or 'torch'"):
         moe.configure("cutlass")
