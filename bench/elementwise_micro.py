@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from bench.gemv_micro import copy_ceiling_gb_s, time_graph
+from bench.cuda_timing import graph_ms
+from bench.gemv_micro import copy_ceiling_gb_s
 from kubellm.engine.loader import errors as _loader_first  # noqa: F401 (loader before models: import cycle)
 from kubellm.engine.models import fused
 
@@ -22,7 +23,7 @@ CALLS = 32
 
 
 def _graph_ms(fn) -> float:
-    return time_graph(lambda: [fn() for _ in range(CALLS)], reps=10) / CALLS
+    return graph_ms(lambda: [fn() for _ in range(CALLS)], reps=10) / CALLS
 
 
 def sweep(tokens: int) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.cuda_timing import graph_ms
 from bench.offline import measure_ceilings
 from kubellm.engine.loader import errors as _loader_first  # noqa: F401 (loader before models: import cycle)
 from kubellm.engine.models import gemv
@@ -44,25 +45,6 @@ def layer_shapes(tp: int) -> dict[str, tuple[int, int]]:
 def copy_ceiling_gb_s() -> float:
     """The device copy ceiling, measured as bench/offline.py measures it for every results file."""
     return measure_ceilings(torch.device("cuda"))["copy_gb_s"]
-
-
-def time_graph(fn, reps: int = REPS) -> float:
-    """ms per call of `fn` captured in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def run_stack(linear, xs: dict, weights: dict, shapes: dict) -> None:
@@ -100,12 +82,12 @@ def main() -> None:
             def stack(linear, xs=xs, weights=weights, shapes=shapes):
                 return lambda: run_stack(linear, xs, weights, shapes)
 
-            cublas_ms = time_graph(stack(F.linear))
+            cublas_ms = graph_ms(stack(F.linear), REPS)
             if best_cfg is None:
                 timings = []
                 for cfg in CONFIGS:
                     try:
-                        ms = time_graph(stack(with_config(cfg)))
+                        ms = graph_ms(stack(with_config(cfg)), REPS)
                     except Exception as e:  # a config that does not fit shared memory
                         print("config", cfg, "failed:", type(e).__name__)
                         continue
@@ -114,7 +96,7 @@ def main() -> None:
                 best_cfg = timings[0][1]
                 results[f"config_sweep_tp{tp}_m{m}"] = [{"ms": t, **c} for t, c in timings]
                 print("best configs:", timings[:5])
-            ours_ms = time_graph(stack(with_config(best_cfg)))
+            ours_ms = graph_ms(stack(with_config(best_cfg)), REPS)
             errs = []
             for name in shapes:
                 ref = F.linear(xs[name], weights[name][0]).float()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cuda_timing import graph_ms
 from bench.offline import measure_ceilings
 from kubellm.engine import loader as _loader_first  # noqa: F401 (loader before models: import cycle)
 from kubellm.engine.models import fused_moe
@@ -49,27 +50,6 @@ def routing(t: int, e: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor,
     logits = torch.randn(t, e, generator=gen, device="cuda")
     w, ids = torch.topk(torch.softmax(logits, -1), k, -1)
     return w / w.sum(-1, keepdim=True), ids.to(torch.int32)
-
-
-def time_graph_ms(fn, reps: int = REPS) -> float:
-    """ms per replay of `fn` captured in a CUDA graph (warmed up and compiled outside the capture)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def roofline_ms(t: int, k: int, h: int, inter: int, active_experts: float, ceilings: dict) -> dict[str, float]:
@@ -109,14 +89,14 @@ def measure_shape(name: str, batches: list[int], ceilings: dict, deadline: float
             for (w13, w2), (w, ids) in zip(layers, routes, strict=True):
                 fused_moe.fused_experts(x, w13, w2, w, ids)
 
-        ms = time_graph_ms(stack) / LAYERS
+        ms = graph_ms(stack, REPS) / LAYERS
         logits = [torch.randn(t, e, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
 
         def gating(logits=logits):
             for lg in logits:
                 fused_moe.fused_topk(lg, k, True)
 
-        topk_ms = time_graph_ms(gating) / LAYERS
+        topk_ms = graph_ms(gating, REPS) / LAYERS
         roof = roofline_ms(t, k, h, inter, active, ceilings)
         row = {
             "shape": name, "E": e, "top_k": k, "H": h, "I": inter, "batch": t, "active_experts": active,

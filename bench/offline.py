@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from bench import bounds, report
+from bench.cuda_timing import event_ms, graph_ms
 from bench.gpu_info import gpu_identity
 from bench.peer_vllm import peer_command
 from bench.shapes import shape
@@ -83,13 +84,8 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
 
 
 def _cuda_time(fn: Callable[[], Any], iters: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+    """Seconds per call (bench.cuda_timing.event_ms)."""
+    return event_ms(fn, iters) / 1e3
 
 
 def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str, float]:
@@ -117,13 +113,7 @@ def decode_attention_micro(batch: int, ctx: int, tensor_cores: bool) -> dict[str
     kv_bytes = batch * ctx * 2 * c.kv_size * 2
     out = {"ms": t * 1e3, "kv_tb_s": kv_bytes / t / 1e12}
     try:  # as a decode step runs it: 32 layers' calls replayed from one CUDA graph (no launch overhead)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(32):
-                attn._decode[None].run(q, cache)
-        graph.replay()
-        out["in_graph_ms"] = _cuda_time(graph.replay, 10) * 1e3 / 32
+        out["in_graph_ms"] = graph_ms(lambda: [attn._decode[None].run(q, cache) for _ in range(32)], 10) / 32
     except Exception as e:  # a wrapper that cannot be captured outside its CUDA-graph mode
         out["in_graph_error"] = f"{type(e).__name__}: {e}"
     return out
