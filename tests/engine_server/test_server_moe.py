@@ -7,9 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import openai
 import pytest
-from server_harness import ServeProcess
 
 # the tiny checkpoint writers live beside the engine tests
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
@@ -28,18 +26,13 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    proc = ServeProcess(str(model_dir), "--device", "cpu", "--served-model-name", MODEL)
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.terminate()
+def serve_args(model_dir):
+    return (str(model_dir), "--device", "cpu", "--served-model-name", MODEL)
 
 
-def test_openai_client_gets_answers_from_a_moe_model(server, model_dir):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    assert [m.id for m in client.models.list().data] == [MODEL]
-    out = client.completions.create(
+def test_openai_client_gets_answers_from_a_moe_model(serve_process, openai_client, model_dir):
+    assert [m.id for m in openai_client.models.list().data] == [MODEL]
+    out = openai_client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
     )
     assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
@@ -47,8 +40,8 @@ def test_openai_client_gets_answers_from_a_moe_model(server, model_dir):
         [PROMPT], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     )
     assert out.choices[0].text == offline[0].outputs[0].text
-    chat = client.chat.completions.create(
+    chat = openai_client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "w7 w8"}], max_tokens=4, temperature=0
     )
     assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens > 2
-    assert "MoE kernel: torch reference" in server.log()
+    assert "MoE kernel: torch reference" in serve_process.log()

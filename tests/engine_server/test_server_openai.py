@@ -12,7 +12,7 @@ import time
 import aiohttp
 import openai
 import pytest
-from server_harness import ServeProcess, http_get
+from server_harness import http_get
 
 from kubellm import metric_names as mn
 from kubellm.block_hash import hash_blocks, to_hex
@@ -23,27 +23,13 @@ NEAR_TIE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def server():
+def serve_args():
     # a grace period far longer than the SIGTERM test's stream takes even on a loaded 2-core CI machine
-    proc = ServeProcess("--device", "cpu", "--shutdown-grace-period", "180", "--max-num-seqs", "128")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.terminate()
+    return ("--device", "cpu", "--shutdown-grace-period", "180", "--max-num-seqs", "128")
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-@pytest.fixture
-def aclient(server):
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def _metrics(server) -> str:
-    return http_get(server.url + "/metrics")[1]
+def _metrics(serve_process) -> str:
+    return http_get(serve_process.url + "/metrics")[1]
 
 
 def _metric(text: str, name: str) -> float:
@@ -53,8 +39,8 @@ def _metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-def test_chat_answers_paris(client):
-    out = client.chat.completions.create(
+def test_chat_answers_paris(openai_client):
+    out = openai_client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=12,
@@ -64,20 +50,22 @@ def test_chat_answers_paris(client):
     assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens > 0
 
 
-def test_completion_stream_equals_non_stream_greedy_and_seeded(client):
+def test_completion_stream_equals_non_stream_greedy_and_seeded(openai_client):
     for extra in ({"temperature": 0}, {"temperature": 0.8, "seed": 42}):
         kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=6, **extra)
-        full = client.completions.create(**kw)
-        streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+        full = openai_client.completions.create(**kw)
+        streamed = "".join(c.choices[0].text for c in openai_client.completions.create(**kw, stream=True) if c.choices)
         assert streamed == full.choices[0].text, extra
 
 
-async def test_async_chat_stream_equals_non_stream_seeded(aclient):
+async def test_async_chat_stream_equals_non_stream_seeded(async_openai_client):
     kw = dict(
         model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=6, temperature=0.7, seed=3
     )
-    full = await aclient.chat.completions.create(**kw)
-    stream = await aclient.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    full = await async_openai_client.chat.completions.create(**kw)
+    stream = await async_openai_client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}
+    )
     text, usage = "", None
     async for chunk in stream:
         if chunk.choices:
@@ -88,16 +76,16 @@ async def test_async_chat_stream_equals_non_stream_seeded(aclient):
     assert usage is not None and usage.total_tokens == full.usage.total_tokens
 
 
-async def test_seed_n_stop_logprobs(aclient):
+async def test_seed_n_stop_logprobs(async_openai_client):
     """Independent requests run concurrently (batched): CPU time is scarce, and results must not depend on it."""
     prompt = "Once upon a time"
     kw = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=1.0, seed=7, n=2)
     a, b, greedy, lp, chat = await asyncio.gather(
-        aclient.completions.create(**kw),
-        aclient.completions.create(**kw),
-        aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0),
-        aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=3),
-        aclient.chat.completions.create(
+        async_openai_client.completions.create(**kw),
+        async_openai_client.completions.create(**kw),
+        async_openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0),
+        async_openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=3),
+        async_openai_client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
             max_tokens=3,
@@ -115,13 +103,15 @@ async def test_seed_n_stop_logprobs(aclient):
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy picks the top token
     text = greedy.choices[0].text
     stop = text.strip().split()[1] if len(text.split()) > 1 else text[2:4]
-    stopped = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stop=[stop])
+    stopped = await async_openai_client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stop=[stop]
+    )
     assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
     assert text.startswith(stopped.choices[0].text)
 
 
-def test_sampling_extensions_reach_the_engine(client):
-    out = client.chat.completions.create(
+def test_sampling_extensions_reach_the_engine(openai_client):
+    out = openai_client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Say hi."}],
         max_completion_tokens=4,
@@ -135,10 +125,10 @@ def test_sampling_extensions_reach_the_engine(client):
     assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
 
 
-def test_cached_tokens_on_repeated_prompt(client):
+def test_cached_tokens_on_repeated_prompt(openai_client):
     prompt = "Kubernetes schedules pods onto nodes; the kubelet runs them and reports status back. " * 3
-    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
-    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    first = openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    again = openai_client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
     n = again.usage.prompt_tokens
     assert first.usage.prompt_tokens == n
     assert again.usage.prompt_tokens_details.cached_tokens >= (n // 16) * 16 - 16
@@ -152,13 +142,13 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 @pytest.mark.slow
-async def test_64_concurrent_streams_are_batched_and_match_greedy_alone(server, aclient):
+async def test_64_concurrent_streams_are_batched_and_match_greedy_alone(serve_process, async_openai_client):
     # 16 distinct prompts, 4 copies each: 64 concurrent streams, and 16 reference runs alone (CPU time is scarce)
     distinct = [f"Write one short sentence about the number {i}." for i in range(16)]
     prompts = [distinct[i % 16] for i in range(64)]
 
     async def run(prompt: str, logprobs: bool) -> tuple[list[str], list]:
-        stream = await aclient.chat.completions.create(
+        stream = await async_openai_client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": prompt}],
             max_tokens=6,
@@ -181,7 +171,7 @@ async def test_64_concurrent_streams_are_batched_and_match_greedy_alone(server, 
         nonlocal peak
         async with aiohttp.ClientSession() as s:
             while not done:
-                async with s.get(server.url + "/metrics") as r:
+                async with s.get(serve_process.url + "/metrics") as r:
                     peak = max(peak, int(_metric(await r.text(), mn.NUM_REQUESTS_RUNNING)))
                 await asyncio.sleep(0.02)
 
@@ -206,7 +196,7 @@ async def test_64_concurrent_streams_are_batched_and_match_greedy_alone(server, 
         print(f"near-ties accepted: {near_ties}")
 
 
-async def test_disconnect_mid_stream_frees_blocks(server):
+async def test_disconnect_mid_stream_frees_blocks(serve_process):
     async with aiohttp.ClientSession() as s:
         body = {
             "model": MODEL,
@@ -215,31 +205,33 @@ async def test_disconnect_mid_stream_frees_blocks(server):
             "stream": True,
             "ignore_eos": True,
         }
-        resp = await s.post(server.url + "/v1/completions", json=body)
+        resp = await s.post(serve_process.url + "/v1/completions", json=body)
         assert resp.status == 200
         await resp.content.readline()
-        assert _metric(_metrics(server), mn.KV_CACHE_BLOCKS_USED) > 0
+        assert _metric(_metrics(serve_process), mn.KV_CACHE_BLOCKS_USED) > 0
         resp.close()
     deadline = time.monotonic() + 10
-    while _metric(_metrics(server), mn.KV_CACHE_BLOCKS_USED) > 0:
+    while _metric(_metrics(serve_process), mn.KV_CACHE_BLOCKS_USED) > 0:
         assert time.monotonic() < deadline, "KV blocks not freed after the client disconnected"
         await asyncio.sleep(0.05)
-    text = _metrics(server)
+    text = _metrics(serve_process)
     assert _metric(text, mn.NUM_REQUESTS_RUNNING) == 0
     aborted = [ln for ln in text.splitlines() if ln.startswith(mn.REQUEST_SUCCESS + '_total{finished_reason="abort"')]
     assert aborted and float(aborted[0].rsplit(" ", 1)[1]) >= 1
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
-    async with aiohttp.ClientSession() as s, s.post(server.url + "/v1/completions", json=body) as r:
+    async with aiohttp.ClientSession() as s, s.post(serve_process.url + "/v1/completions", json=body) as r:
         assert r.status == 200
 
 
-async def test_kv_events_snapshot_then_stored(server):
-    tok = json.loads(await asyncio.to_thread(lambda: _post(server.url + "/tokenize", {"prompt": PROMPT_KV})))["tokens"]
-    async with aiohttp.ClientSession() as s, s.get(server.url + "/v1/kv_events") as r:
+async def test_kv_events_snapshot_then_stored(serve_process):
+    tok = json.loads(await asyncio.to_thread(lambda: _post(serve_process.url + "/tokenize", {"prompt": PROMPT_KV})))[
+        "tokens"
+    ]
+    async with aiohttp.ClientSession() as s, s.get(serve_process.url + "/v1/kv_events") as r:
         snap = decode_event(await r.content.readline())
         assert snap.type == "snapshot" and snap.block_size == 16 and snap.epoch
         async with s.post(
-            server.url + "/v1/completions", json={"model": MODEL, "prompt": PROMPT_KV, "max_tokens": 1}
+            serve_process.url + "/v1/completions", json={"model": MODEL, "prompt": PROMPT_KV, "max_tokens": 1}
         ) as d:
             assert d.status == 200
         expected = [to_hex(h) for h in hash_blocks(tok, 16)]
@@ -265,34 +257,34 @@ def _post(url: str, body: dict) -> str:
         return r.read().decode()
 
 
-def test_metrics_expose_every_engine_name(server):
-    text = _metrics(server)
+def test_metrics_expose_every_engine_name(serve_process):
+    text = _metrics(serve_process)
     for name in mn.ENGINE_METRICS:
         assert name in text, name
     assert f'{mn.PROMPT_TOKENS}_total{{model_name="{MODEL}"}}' in text
     assert _metric(text, mn.GENERATION_TOKENS + "_total") > 0
 
 
-def test_bad_input_on_real_model(client):
+def test_bad_input_on_real_model(openai_client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=1)
+        openai_client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=1)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+        openai_client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-1)
+        openai_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-1)
     assert e.value.body["param"] == "temperature"
-    assert client.completions.create(model=MODEL, prompt="still serving", max_tokens=1).choices
+    assert openai_client.completions.create(model=MODEL, prompt="still serving", max_tokens=1).choices
 
 
-def test_sigterm_lets_in_flight_finish_refuses_new_and_exits_zero(server):
+def test_sigterm_lets_in_flight_finish_refuses_new_and_exits_zero(serve_process):
     """Runs last: it stops the module's server. SIGTERM with a 180 s grace period: health turns 503, a new request
     is refused as draining while the in-flight stream still runs, and that stream finishes its 100 tokens."""
     result: dict = {}
     started, finished = threading.Event(), threading.Event()
 
     def long_request() -> None:
-        c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        c = openai.OpenAI(base_url=serve_process.url + "/v1", api_key="none", max_retries=0, timeout=120)
         stream = c.completions.create(
             model=MODEL,
             prompt="Count slowly:",
@@ -311,17 +303,17 @@ def test_sigterm_lets_in_flight_finish_refuses_new_and_exits_zero(server):
     t = threading.Thread(target=long_request)
     t.start()
     assert started.wait(60), "the stream produced no token"
-    server.proc.send_signal(signal.SIGTERM)
+    serve_process.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while http_get(server.url + "/health")[0] != 503:
+    while http_get(serve_process.url + "/health")[0] != 503:
         assert time.monotonic() < deadline, "/health did not turn 503 after SIGTERM"
         time.sleep(0.02)
-    code, body = _status(server.url + "/v1/completions", {"model": MODEL, "prompt": "new", "max_tokens": 1})
+    code, body = _status(serve_process.url + "/v1/completions", {"model": MODEL, "prompt": "new", "max_tokens": 1})
     assert code == 503 and json.loads(body)["error"]["code"] == "draining"
     assert not finished.is_set(), "the in-flight stream ended before the draining checks ran: lengthen it"
     t.join(180)
     assert result.get("reason") == "length"
-    assert server.proc.wait(60) == 0
+    assert serve_process.proc.wait(60) == 0
 
 
 def _status(url: str, body: dict) -> tuple[int, str]:

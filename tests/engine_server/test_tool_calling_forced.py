@@ -11,7 +11,6 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from server_harness import ServeProcess
 
 HERMES_TEMPLATE = Path(__file__).parents[2] / "examples" / "tool_chat_template_hermes.jinja"
 
@@ -42,22 +41,11 @@ QUESTIONS = ["What's the weather in Paris for the next 3 days?", "What time is i
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc = ServeProcess(
+def serve_args():
+    return (
         "--device", "cpu", "--max-num-seqs", "8", "--served-model-name", "smollm2",
         "--chat-template", str(HERMES_TEMPLATE), "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
     )  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.terminate()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    yield c
-    c.close()
 
 
 def _ask(question: str) -> list[dict]:
@@ -72,31 +60,31 @@ def _valid_calls(choice) -> list[tuple[str, str]]:
     return [(c.function.name, c.function.arguments) for c in calls]
 
 
-def test_required_always_returns_calls_that_validate(client):
+def test_required_always_returns_calls_that_validate(openai_client):
     for seed, question in enumerate(QUESTIONS):  # sampled, so each seed takes its own path through the schema
         kwargs = {"messages": _ask(question), "tools": TOOLS, "tool_choice": "required", "max_tokens": 80}
-        whole = client.chat.completions.create(model="smollm2", temperature=1.0, seed=seed, **kwargs).choices[0]
+        whole = openai_client.chat.completions.create(model="smollm2", temperature=1.0, seed=seed, **kwargs).choices[0]
         calls = _valid_calls(whole)
         assert calls and whole.finish_reason == "tool_calls" and whole.message.content is None
-        with client.chat.completions.stream(model="smollm2", temperature=1.0, seed=seed, **kwargs) as stream:
+        with openai_client.chat.completions.stream(model="smollm2", temperature=1.0, seed=seed, **kwargs) as stream:
             streamed = stream.get_final_completion().choices[0]
         assert _valid_calls(streamed) == calls
         assert streamed.finish_reason == "tool_calls"
 
 
-def test_named_choice_returns_one_call_of_that_function(client):
+def test_named_choice_returns_one_call_of_that_function(openai_client):
     choice = {"type": "function", "function": {"name": "get_time"}}
     for seed, question in enumerate(QUESTIONS[:1]):
         kwargs = {"messages": _ask(question), "tools": TOOLS, "tool_choice": choice, "max_tokens": 80}
-        whole = client.chat.completions.create(model="smollm2", temperature=1.0, seed=seed, **kwargs).choices[0]
+        whole = openai_client.chat.completions.create(model="smollm2", temperature=1.0, seed=seed, **kwargs).choices[0]
         calls = _valid_calls(whole)
         assert [name for name, _ in calls] == ["get_time"]
-        with client.chat.completions.stream(model="smollm2", temperature=1.0, seed=seed, **kwargs) as stream:
+        with openai_client.chat.completions.stream(model="smollm2", temperature=1.0, seed=seed, **kwargs) as stream:
             assert _valid_calls(stream.get_final_completion().choices[0]) == calls
 
 
-def test_required_without_parallel_calls_returns_one(client):
-    whole = client.chat.completions.create(
+def test_required_without_parallel_calls_returns_one(openai_client):
+    whole = openai_client.chat.completions.create(
         model="smollm2",
         messages=_ask("Weather in Oslo and the time in Tokyo?"),
         tools=TOOLS,
@@ -108,9 +96,9 @@ def test_required_without_parallel_calls_returns_one(client):
     assert len(_valid_calls(whole)) == 1
 
 
-def test_auto_parses_real_model_output_constrained_to_a_call(client):
+def test_auto_parses_real_model_output_constrained_to_a_call(openai_client):
     call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>'
-    whole = client.chat.completions.create(
+    whole = openai_client.chat.completions.create(
         model="smollm2",
         messages=_ask("Weather in Oslo?"),
         tools=TOOLS,
@@ -121,9 +109,9 @@ def test_auto_parses_real_model_output_constrained_to_a_call(client):
     assert whole.message.content is None and whole.finish_reason == "tool_calls"
 
 
-def test_forced_choice_with_another_output_constraint_is_a_400(client):
+def test_forced_choice_with_another_output_constraint_is_a_400(openai_client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(
+        openai_client.chat.completions.create(
             model="smollm2",
             messages=_ask("Weather?"),
             tools=TOOLS,

@@ -13,7 +13,7 @@ import re
 import jsonschema
 import openai
 import pytest
-from server_harness import ServeProcess, http_get
+from server_harness import http_get
 
 from kubellm import metric_names as mn
 
@@ -68,17 +68,8 @@ SCHEMAS: list[tuple[str, dict]] = [
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc = ServeProcess("--device", "cpu", "--max-num-seqs", "64")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.terminate()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
+def serve_args():
+    return ("--device", "cpu", "--max-num-seqs", "64")
 
 
 def _messages(what: str, schema: dict) -> list[dict]:
@@ -102,13 +93,9 @@ async def _one(aclient: openai.AsyncOpenAI, i: int, what: str, schema: dict, str
     return text, reason or ""
 
 
-def test_every_strict_schema_answer_validates_streaming_and_not(server):
-    async def main():
-        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
-        jobs = [_one(aclient, i, w, s, stream) for stream in (False, True) for i, (w, s) in enumerate(SCHEMAS)]
-        return await asyncio.gather(*jobs)
-
-    answers = asyncio.run(main())
+async def test_every_strict_schema_answer_validates_streaming_and_not(async_openai_client):
+    jobs = [_one(async_openai_client, i, w, s, stream) for stream in (False, True) for i, (w, s) in enumerate(SCHEMAS)]
+    answers = await asyncio.gather(*jobs)
     n = len(SCHEMAS)
     lengths = 0
     for k, (text, reason) in enumerate(answers):
@@ -122,8 +109,8 @@ def test_every_strict_schema_answer_validates_streaming_and_not(server):
     assert answers[:n] == answers[n:], "greedy answers are the same streamed and not"
 
 
-def test_json_object_answers_parse(client):
-    out = client.chat.completions.create(
+def test_json_object_answers_parse(openai_client):
+    out = openai_client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Give a JSON object with the name and the country of Paris."}],
         response_format={"type": "json_object"},
@@ -138,27 +125,27 @@ def test_json_object_answers_parse(client):
         assert all(lp.logprob > -1e9 for lp in choice.logprobs.content)
 
 
-def test_regex_and_choice_hold_on_completions(client):
+def test_regex_and_choice_hold_on_completions(openai_client):
     prompt = "Q: What is the capital of France?\nA:"
-    regex = client.completions.create(
+    regex = openai_client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=20, temperature=0.8, seed=5, n=3,
         extra_body={"structured_outputs": {"regex": " [A-Z][a-z]{1,12}\\."}},
     )  # fmt: skip
     for c in regex.choices:
         assert re.fullmatch(r" [A-Z][a-z]{1,12}\.", c.text) and c.finish_reason == "stop", c.text
-    older = client.completions.create(
+    older = openai_client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=20, temperature=0, logprobs=1,
         extra_body={"guided_choice": ["Paris", "Lyon", "Marseille"]},
     )  # fmt: skip
     assert older.choices[0].text in ("Paris", "Lyon", "Marseille")
-    grammar = client.completions.create(
+    grammar = openai_client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
         extra_body={"guided_grammar": 'root ::= " " ("yes" | "no")'},
     )  # fmt: skip
     assert grammar.choices[0].text in (" yes", " no")
 
 
-def test_schema_admitting_the_greedy_answer_leaves_it_unchanged(client):
+def test_schema_admitting_the_greedy_answer_leaves_it_unchanged(openai_client):
     cases = [
         (
             'Reply with only this JSON and nothing else: {"city":"Paris","country":"France"}',
@@ -171,15 +158,15 @@ def test_schema_admitting_the_greedy_answer_leaves_it_unchanged(client):
     ]
     for content, constraint in cases:
         kwargs = dict(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=40, temperature=0)
-        free = client.chat.completions.create(**kwargs).choices[0]
+        free = openai_client.chat.completions.create(**kwargs).choices[0]
         assert isinstance(json.loads(free.message.content), dict), "the unconstrained answer is JSON to begin with"
-        constrained = client.chat.completions.create(**kwargs, **constraint).choices[0]
+        constrained = openai_client.chat.completions.create(**kwargs, **constraint).choices[0]
         assert constrained.message.content == free.message.content
         assert constrained.finish_reason == free.finish_reason == "stop"
 
 
-def test_cut_by_max_tokens_is_length(client):
-    out = client.chat.completions.create(
+def test_cut_by_max_tokens_is_length(openai_client):
+    out = openai_client.chat.completions.create(
         model=MODEL,
         messages=_messages(*SCHEMAS[0]),
         response_format=_format(0, SCHEMAS[0][1]),
@@ -206,24 +193,24 @@ def test_cut_by_max_tokens_is_length(client):
         ({"structured_outputs": {"json": {}, "backend": "x"}}, "structured_outputs.backend", "Unrecognized"),
     ],
 )  # fmt: skip
-def test_bad_constraints_are_400_naming_the_field(client, body, param, needle):
+def test_bad_constraints_are_400_naming_the_field(openai_client, body, param, needle):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(
+        openai_client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body=body
         )
     err = e.value.body
     assert err["param"] == param and needle in err["message"], err
 
 
-def test_metrics_count_compiles_and_constrained_requests(server, client):
-    before = http_get(server.url + "/metrics")[1]
+def test_metrics_count_compiles_and_constrained_requests(serve_process, openai_client):
+    before = http_get(serve_process.url + "/metrics")[1]
     schema = obj({"metric_probe": {"type": "boolean"}})
     for _ in range(2):  # the second request finds the grammar in the cache
-        client.chat.completions.create(
+        openai_client.chat.completions.create(
             model=MODEL, messages=_messages("a flag", schema), max_tokens=16, temperature=0,
             response_format=_format(0, schema),
         )  # fmt: skip
-    after = http_get(server.url + "/metrics")[1]
+    after = http_get(serve_process.url + "/metrics")[1]
 
     def value(text: str, line_start: str) -> float:
         return next(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line_start))
