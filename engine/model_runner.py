@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kubellm.engine import sampling_kernels
-from kubellm.engine.attention import AttentionBackend, AttentionMetadata, kv_cache_shape, select_backend_class
+from kubellm.engine.attention import AttentionBackend, AttentionMetadata, select_backend_class
 from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_flat
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
@@ -120,7 +120,8 @@ class ModelRunner:
             )  # fmt: skip
         # this rank's KV heads: the KV cache is split by head, except MLA's one latent head, which every rank holds
         self.num_kv_heads = c.num_key_value_heads if c.kv_lora_rank else c.num_key_value_heads // tp_size
-        backend_cls = select_backend_class(config.attention_backend, self.device)
+        latent = bool(c.kv_lora_rank)  # MLA: a latent-only pool, one row of kv_lora_rank + rope per token
+        backend_cls = select_backend_class(config.attention_backend, self.device, latent=latent)
         self.attn: AttentionBackend = backend_cls(
             c.num_attention_heads // tp_size,
             self.num_kv_heads,
@@ -130,6 +131,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             sliding_window=self._sliding_window(c, config),
+            **({"kv_lora_rank": c.kv_lora_rank} if latent else {}),
             **backend_cls.options_from(config),
         )
         self.kv_caches: list[torch.Tensor] = []
@@ -160,9 +162,9 @@ class ModelRunner:
         return c.attention_windows(limit)
 
     def kv_cache_bytes_per_block(self) -> int:
-        c = self.model_config
+        """All layers' bytes for one block, from the backend's layout (K and V, or MLA's one latent row)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return c.num_hidden_layers * 2 * self.block_size * self.num_kv_heads * c.head_dim * elem
+        return self.model_config.num_hidden_layers * math.prod(self.attn.kv_cache_shape(1)) * elem
 
     def available_kv_cache_bytes(self) -> int | None:
         """Bytes the KV pool may take: on CUDA, what gpu_memory_utilization leaves after weights and a
@@ -209,9 +211,7 @@ class ModelRunner:
             seqs.append(ScheduledSeq(f"profile-{i}", [0] * n, 0, list(range(next_block, next_block + pages)), True))
             next_block += pages
         # One small cache shared by every layer: the pool itself is what this run sizes.
-        cache = torch.zeros(
-            kv_cache_shape(next_block, bs, self.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device
-        )
+        cache = torch.zeros(self.attn.kv_cache_shape(next_block), dtype=self.dtype, device=self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         logits = self._forward(ForwardBatch(seqs), [cache] * c.num_hidden_layers)
@@ -221,25 +221,28 @@ class ModelRunner:
         torch.cuda.empty_cache()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """One zeroed tensor per layer, [num_blocks, 2, block_size, kv_heads, head_dim]. Zeroed, not empty:
+        """One zeroed tensor per layer in the backend's layout ([num_blocks, 2, block_size, kv_heads, head_dim], or
+        MLA's [num_blocks, block_size, latent width]). Zeroed, not empty:
         padded context slots are masked, but NaN garbage in V would still poison a weighted sum."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         c = self.model_config
         physical = num_blocks + 1 if self.use_cuda_graphs else num_blocks
-        shape = kv_cache_shape(physical, self.block_size, self.num_kv_heads, c.head_dim)
+        shape = self.attn.kv_cache_shape(physical)
         self._graphs = {}  # graphs captured the old pool's addresses
         self.kv_caches = []  # free the old pool before allocating the new one
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
         self.num_blocks = num_blocks
         self.dummy_block = num_blocks if self.use_cuda_graphs else -1
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%d bytes per token)",
+            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%d bytes per token; %s layer tensors of %s)",
             num_blocks,
             self.block_size,
             num_blocks * self.block_size,
             num_blocks * self.kv_cache_bytes_per_block() / 2**20,
             self.kv_cache_bytes_per_block() // self.block_size,
+            c.num_hidden_layers,
+            list(shape),
         )
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()

@@ -101,10 +101,13 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = (c.hidden_size,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (c.hidden_size,)
-        shapes[f"{p}.self_attn.q_proj.weight"] = (c.q_size, c.hidden_size)
-        shapes[f"{p}.self_attn.k_proj.weight"] = (c.kv_size, c.hidden_size)
-        shapes[f"{p}.self_attn.v_proj.weight"] = (c.kv_size, c.hidden_size)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, c.q_size)
+        if c.kv_lora_rank:
+            shapes.update(_mla_shapes(c, f"{p}.self_attn"))
+        else:
+            shapes[f"{p}.self_attn.q_proj.weight"] = (c.q_size, c.hidden_size)
+            shapes[f"{p}.self_attn.k_proj.weight"] = (c.kv_size, c.hidden_size)
+            shapes[f"{p}.self_attn.v_proj.weight"] = (c.kv_size, c.hidden_size)
+            shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, c.q_size)
         if c.qk_norm:
             shapes[f"{p}.self_attn.q_norm.weight"] = (c.head_dim,)
             shapes[f"{p}.self_attn.k_norm.weight"] = (c.head_dim,)
@@ -117,6 +120,25 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _mla_shapes(c: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """DeepSeek's multi-head latent attention: query (plain, or through q_lora), latent down-projection with the
+    rope key, its norm, the per-head up-projection kv_b (nope keys and values), o_proj."""
+    h, heads = c.hidden_size, c.num_attention_heads
+    qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    if c.q_lora_rank:
+        shapes[f"{p}.q_a_proj.weight"] = (c.q_lora_rank, h)
+        shapes[f"{p}.q_a_layernorm.weight"] = (c.q_lora_rank,)
+        shapes[f"{p}.q_b_proj.weight"] = (heads * qk, c.q_lora_rank)
+    else:
+        shapes[f"{p}.q_proj.weight"] = (heads * qk, h)
+    shapes[f"{p}.kv_a_proj_with_mqa.weight"] = (c.kv_lora_rank + c.qk_rope_head_dim, h)
+    shapes[f"{p}.kv_a_layernorm.weight"] = (c.kv_lora_rank,)
+    shapes[f"{p}.kv_b_proj.weight"] = (heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+    shapes[f"{p}.o_proj.weight"] = (h, heads * c.v_head_dim)
+    return shapes
+
+
 def _moe_shapes(c: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
     e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
     shapes = {
@@ -125,10 +147,13 @@ def _moe_shapes(c: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
         f"{p}.experts.down_proj": (e, h, i),
     }
     s = c.shared_expert_intermediate_size
+    shared = "shared_experts" if c.kv_lora_rank else "shared_expert"  # DeepSeek's name, Qwen2-MoE's
     if s:
-        shapes[f"{p}.shared_expert.gate_proj.weight"] = (s, h)
-        shapes[f"{p}.shared_expert.up_proj.weight"] = (s, h)
-        shapes[f"{p}.shared_expert.down_proj.weight"] = (h, s)
+        shapes[f"{p}.{shared}.gate_proj.weight"] = (s, h)
+        shapes[f"{p}.{shared}.up_proj.weight"] = (s, h)
+        shapes[f"{p}.{shared}.down_proj.weight"] = (h, s)
+    if c.moe_scoring == "sigmoid":  # DeepSeek-V3's routing bias
+        shapes[f"{p}.gate.e_score_correction_bias"] = (e,)
     if c.shared_expert_gated:
         shapes[f"{p}.shared_expert_gate.weight"] = (1, h)
     return shapes

@@ -200,6 +200,11 @@ class AttentionBackend(ABC):
         """Keyword arguments of this backend's constructor that come from the engine config (none here)."""
         return {}
 
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """One layer's paged cache of `num_blocks` blocks: the pool's layout and its bytes per token come from here
+        (the latent backends of engine/attention/mla.py store one latent row per token instead of K and V)."""
+        return kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
     @property
     def windows(self) -> list[int | None]:
         """The distinct windows the layers use (None: full attention), in first-use order: one plan each."""

@@ -58,6 +58,24 @@ def _i32_on(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.T
     return to_device_async(np.asarray(values, dtype=np.int32), torch.int32, device)
 
 
+class PlanFence:
+    """flashinfer's plan fills a wrapper's pinned host buffer and queues its copy to the device; with async
+    scheduling the wrapper's next plan may run before the GPU reached that copy, so it waits for it first (in
+    steady state it ran long ago: the GPU is a step behind the host at most)."""
+
+    def __init__(self) -> None:
+        self._copied: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> its last plan's host-to-device copy
+
+    def plan(self, wrapper, *args, **kwargs) -> None:
+        copied = self._copied.get(id(wrapper))
+        if copied is not None:
+            wait_event(copied)
+        wrapper.plan(*args, **kwargs)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[id(wrapper)] = event
+
+
 class FlashInferAttention(AttentionBackend):
     name = "flashinfer"
     supports_cuda_graphs = True
@@ -109,23 +127,14 @@ class FlashInferAttention(AttentionBackend):
         self._wrappers: Mapping[int | None, _Wrapper] = self._decode
         self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._v_rows = self._k_rows
-        self._plan_copied: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> its last plan's host-to-device copy
+        self._fence = PlanFence()
 
     @classmethod
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:
         return {"use_tensor_cores": config.decode_tensor_cores, "prefill_backend": config.prefill_backend}
 
     def _plan(self, wrapper, *args, **kwargs) -> None:
-        """flashinfer's plan fills the wrapper's pinned host buffer and queues its copy to the device; with
-        async scheduling the wrapper's next plan may run before the GPU reached that copy, so wait for it (in
-        steady state it ran long ago: the GPU is a step behind the host at most)."""
-        copied = self._plan_copied.get(id(wrapper))
-        if copied is not None:
-            wait_event(copied)
-        wrapper.plan(*args, **kwargs)
-        event = torch.cuda.Event()
-        event.record()
-        self._plan_copied[id(wrapper)] = event
+        self._fence.plan(wrapper, *args, **kwargs)
 
     # ---- per-step planning -------------------------------------------------------------------
     def _plan_args(self, window: int | None) -> dict:
@@ -214,4 +223,4 @@ class FlashInferAttention(AttentionBackend):
         return self._wrappers[self.window_of(layer_idx)].run(q, kv_cache)
 
 
-__all__ = ["FlashInferAttention", "paged_kv_layout"]
+__all__ = ["FlashInferAttention", "PlanFence", "paged_kv_layout"]

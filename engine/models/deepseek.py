@@ -2,13 +2,11 @@
 mixture of experts.
 
 MLA caches one latent per token per layer: the normed compressed KV (kv_lora_rank) and the shared rotary key
-(qk_rope_head_dim), stored in the paged pool as a single KV "head" of width kv_lora_rank + qk_rope_head_dim, so
-prefix caching and block hashes work unchanged. Attention runs absorbed: W_UK is folded into the query (each head's
-nope query mapped into latent space), the backend attends the heads' [latent query, roped query] against the one
-cached latent head (multi-query attention), and W_UV maps the attended latent back to each head's values. The V
-slot of the pool holds the latent again (the backends' layout stores K and V; a latent-only pool is later work).
-
-The GPU MLA kernels are not built yet: on CUDA this model refuses to load rather than run slowly or wrongly.
+(qk_rope_head_dim), one row of kv_lora_rank + qk_rope_head_dim in a latent-only paged pool (engine/attention/mla.py),
+so prefix caching and block hashes work unchanged. Attention runs absorbed, prefill chunks and decodes alike: W_UK is
+folded into the query (each head's nope query mapped into latent space), the backend attends the heads' latent and
+roped queries against the one cached latent row per token (multi-query attention; flashinfer's MLA kernel on CUDA,
+the torch reference elsewhere), and W_UV maps the attended latent back to each head's values.
 """
 
 from __future__ import annotations
@@ -20,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubellm.engine import symm_all_reduce
-from kubellm.engine.attention.base import AttentionBackend
-from kubellm.engine.model_config import ModelConfig, UnsupportedModelError, rope_inv_freq_and_scale
+from kubellm.engine.attention.mla import LatentAttention
+from kubellm.engine.model_config import ModelConfig, rope_inv_freq_and_scale
 
 from .causal_lm import CausalLM, CheckpointReader, new_param
 from .llama import MLP, Linear, RMSNorm, _out_linear, add_norm
-from .moe import SparseMoE, load_moe_weights, reference_experts
+from .moe import SparseMoE, load_moe_weights
+from .moe import experts_impl as moe_experts
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # How tensor parallelism splits the attention weights (rows by head, o_proj's input by head); the rest is replicated.
@@ -83,8 +82,10 @@ class DeepseekMoE(SparseMoE):
         return [*super().replicated_parameters(), *extra]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # DeepSeek's grouped top-k stays in torch on CUDA too (no host syncs, so CUDA graphs capture it); the experts
+        # run on the shared layer's kernels (fused_moe's Triton kernels on CUDA, the torch reference elsewhere).
         weights, ids = deepseek_topk(F.linear(x.float(), self.gate.float()), self.config, self.e_score_correction_bias)
-        out = reference_experts(x, self.w13, self.w2, weights, ids)
+        out = moe_experts(x)(x, self.w13, self.w2, weights, ids)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         if self.tp_size > 1:  # routed and shared partial sums of this rank's intermediate slices, reduced once
@@ -134,7 +135,7 @@ class MLAttention(nn.Module):
 
     def forward(
         self, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-        attn: AttentionBackend,
+        attn: LatentAttention,
     ) -> torch.Tensor:  # fmt: skip
         c, t, h = self.c, x.shape[0], self.num_heads
         q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -146,9 +147,7 @@ class MLAttention(nn.Module):
         w_kv = self.kv_b_proj.weight.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : c.qk_nope_head_dim], w_kv[:, c.qk_nope_head_dim :]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # W_UK absorbed into the query
-        query = torch.cat((q_latent, q_rope), dim=-1)
-        key = torch.cat((latent[:, None, :], k_rope), dim=-1)
-        out = attn.forward(layer_idx, query, key, key, kv_cache)[..., : c.kv_lora_rank]
+        out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope[:, 0], kv_cache)
         values = torch.einsum("thl,hvl->thv", out, w_uv)  # W_UV after attention
         return self.o_proj(values.reshape(t, h * c.v_head_dim))
 
@@ -175,11 +174,6 @@ class DeepseekForCausalLM(CausalLM):
         tp_rank: int = 0, tp_size: int = 1,
     ):  # fmt: skip
         device = torch.device(device)
-        if device.type == "cuda":
-            raise UnsupportedModelError(
-                f"{config.architecture} runs on the CPU torch reference path only: the GPU multi-head latent "
-                "attention (MLA) kernel path is not built yet"
-            )
         super().__init__(config, dtype, device, tp_rank, tp_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, dtype, device, i, tp_size) for i in range(config.num_hidden_layers)
@@ -189,7 +183,7 @@ class DeepseekForCausalLM(CausalLM):
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], attn: AttentionBackend
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], attn: LatentAttention
     ) -> torch.Tensor:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos = (freqs.cos() * self.rope_scale).to(self.dtype)[:, None, :]

@@ -106,6 +106,12 @@ def kernel_choice(device: torch.device) -> str:
     return "fused_moe (triton)" if _kernels_for(device) is not None else "torch reference"
 
 
+def experts_impl(x: torch.Tensor) -> Callable:
+    """The expert computation `(x, w13, w2, weights, ids) -> out` for x's device (for routers of their own, as
+    DeepSeek's)."""
+    return _impl(x)[1]
+
+
 def _impl(x: torch.Tensor) -> tuple[Callable, Callable]:
     module = _kernels_for(x.device)
     if module is None:

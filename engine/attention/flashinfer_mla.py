@@ -1,0 +1,159 @@
+"""CUDA multi-head latent attention through flashinfer's MLA kernel (`BatchMLAPagedAttentionWrapper`), over the
+latent-only pool [num_blocks, block_size, kv_lora_rank + rope] of engine/attention/mla.py.
+
+The kernel takes the compressed-KV and rope parts of the cache as two tensors; both are column views of the one
+pool (it reads them through their page and token strides), so a token's latent is stored once, by one
+`index_copy_` of its row. One wrapper plans every eager step, prefill chunks over a cached prefix and decodes
+mixed (causal, bottom-right aligned: a chunk's queries see the whole cached context and their own past), and every
+layer reuses that plan, as the dense flashinfer backend does.
+
+CUDA graphs: one CUDA-graph-mode wrapper per captured decode batch size over shared fixed page-table buffers;
+`begin_graph_step_layout` plans the padded batch into them right before replay. The plan's launch shape depends
+only on the heads per query row, which decode fixes, so a graph captured once replays any page table that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from flashinfer.mla import BatchMLAPagedAttentionWrapper
+
+from kubellm.engine.config import EngineConfig
+
+from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
+from .flashinfer_backend import PlanFence, _i32, _i32_on
+from .mla import MLAPageTable, decode_page_table, latent_cache_shape, mla_page_table_from_meta
+
+# Split-k partial outputs of the MLA kernel: 2 x SMs x tile rows x kv_lora_rank, a few tens of MB at most.
+WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+class FlashInferMLAAttention(AttentionBackend):
+    name = "flashinfer-mla"
+    supports_cuda_graphs = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        block_size: int,
+        *,
+        kv_lora_rank: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        sliding_window: int | Sequence[int | None] | None = None,
+        mla_backend: str | None = None,
+    ):
+        if num_kv_heads != 1:
+            raise ValueError(f"MLA caches one latent per token (num_kv_heads 1), got {num_kv_heads}")
+        if sliding_window is not None:
+            raise ValueError("MLA attention has no sliding window")
+        if not 0 < kv_lora_rank < head_dim:
+            raise ValueError(f"kv_lora_rank {kv_lora_rank} must be below the latent row width {head_dim}")
+        super().__init__(num_heads, 1, head_dim, scale, block_size, dtype=dtype, device=device)
+        self.dtype = dtype or torch.bfloat16
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"the flashinfer MLA backend runs in bfloat16 or float16, not {self.dtype}")
+        self.device = torch.device(device or "cuda")
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = head_dim - kv_lora_rank
+        self.mla_backend = mla_backend or "fa2"
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._eager = BatchMLAPagedAttentionWrapper(self.workspace, backend=self.mla_backend)
+        self._graph_wrappers: dict[int, BatchMLAPagedAttentionWrapper] = {}
+        self._graph_pages = 0
+        self._wrapper = self._eager  # the wrapper this step runs
+        self._rows = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._fence = PlanFence()
+
+    @classmethod
+    def options_from(cls, config: EngineConfig) -> dict[str, Any]:
+        return {"mla_backend": config.prefill_backend}  # fa2 (default), fa3 or auto: the same families as prefill
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return latent_cache_shape(num_blocks, self.block_size, self.head_dim)
+
+    def _plan(self, wrapper: BatchMLAPagedAttentionWrapper, table: MLAPageTable) -> None:
+        self._fence.plan(
+            wrapper,
+            _i32(table.qo_indptr),
+            _i32(table.kv_indptr),
+            _i32_on(table.kv_indices, self.device),
+            _i32(table.kv_lens),
+            self.num_heads,
+            self.kv_lora_rank,
+            self.rope_dim,
+            self.block_size,
+            True,  # causal, bottom-right aligned; a decode row sees its whole context either way
+            self.scale,
+            self.dtype,
+            self.dtype,
+        )
+        self._wrapper = wrapper
+
+    def begin_step(self, meta: AttentionMetadata) -> None:
+        self._plan(self._eager, mla_page_table_from_meta(meta))
+        self.set_slots(meta.slot_mapping)
+
+    def set_slots(self, slot_mapping: torch.Tensor) -> None:
+        """In the pool viewed as [num_blocks * block_size, width], a token's row is its slot."""
+        self._rows = slot_mapping
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    def init_cuda_graphs(self, batch_sizes: list[int], max_pages_per_seq: int) -> None:
+        max_bs = max(batch_sizes)
+        qo_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        indices = torch.zeros(max_bs * max_pages_per_seq, dtype=torch.int32, device=self.device)
+        kv_lens = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
+        self._graph_pages = indices.numel()
+        for b in batch_sizes:
+            self._graph_wrappers[b] = BatchMLAPagedAttentionWrapper(
+                self.workspace,
+                use_cuda_graph=True,
+                qo_indptr=qo_indptr[: b + 1],
+                kv_indptr=kv_indptr[: b + 1],
+                kv_indices=indices,
+                kv_len_arr=kv_lens[:b],
+                backend=self.mla_backend,
+            )
+
+    def graph_fits(self, seq_lens: Sequence[int] | np.ndarray) -> bool:
+        bs = self.block_size
+        return int((-(-np.asarray(seq_lens, dtype=np.int64) // bs)).sum()) <= self._graph_pages
+
+    def begin_graph_step(self, batch_size: int, seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> None:
+        self.begin_graph_step_layout(batch_size, *paged_kv_layout(seq_lens, block_tables, self.block_size))
+
+    def begin_graph_step_layout(
+        self, batch_size: int, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray
+    ) -> None:
+        table = decode_page_table(indptr, indices, last_page_len, self.block_size)
+        self._plan(self._graph_wrappers[batch_size], table)
+
+    # ---- per layer ---------------------------------------------------------------------------
+    def forward(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        raise TypeError("the MLA backend attends through forward_mla (DeepSeek's attention layer calls it)")
+
+    def forward_mla(
+        self,
+        layer_idx: int,
+        q_latent: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        kv_cache.view(-1, self.head_dim).index_copy_(0, self._rows, torch.cat((latent, k_rope), dim=-1))
+        r = self.kv_lora_rank
+        return self._wrapper.run(q_latent, q_rope, kv_cache[..., :r], kv_cache[..., r:])
+
+
+__all__ = ["FlashInferMLAAttention"]

@@ -1,0 +1,119 @@
+"""Multi-head latent attention over the latent-only paged pool, on CPU: the page-table arrays flashinfer's MLA kernel
+plans from (hand-written expectations), and the torch reference backend against attention computed directly from
+each sequence's unpaged latent rows (so a wrong slot, block or mask shows up), for a fresh prefill, a chunk over a
+cached prefix and decodes in one step. The DeepSeek random-weight model (what bench/offline.py and the GPU tests
+build) runs through the engine's runner on the latent pool."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import DEEPSEEK_KINDS, tiny_hf_config
+
+from kubellm.engine.attention import AttentionMetadata, TorchMLAAttention, select_backend_class
+from kubellm.engine.attention.base import paged_kv_layout_flat
+from kubellm.engine.attention.mla import decode_page_table, mla_page_table
+from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+
+BLOCK = 4
+HEADS, RANK, ROPE = 3, 8, 4
+WIDTH = RANK + ROPE
+
+
+def test_mla_page_table_of_a_mixed_step():
+    # a 5-token chunk over 20 cached tokens, a decode at length 17 (its table holds a third, unused block), and a
+    # fresh 16-token prefill; block size 16
+    t = mla_page_table([5, 1, 16], [25, 17, 16], [[7, 3], [4, 9, 11], [2]], 16)
+    assert t.qo_indptr.tolist() == [0, 5, 6, 22]
+    assert t.kv_indptr.tolist() == [0, 2, 4, 5]
+    assert t.kv_indices.tolist() == [7, 3, 4, 9, 2]
+    assert t.kv_lens.tolist() == [25, 17, 16]
+    assert {a.dtype for a in (t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_lens)} == {np.dtype(np.int32)}
+
+
+def test_decode_page_table_from_the_runners_graph_layout():
+    # the model runner's CUDA-graph path builds (indptr, indices, last page length); MLA needs context lengths
+    lens = np.array([1, 16, 17, 33], dtype=np.int64)
+    flat = np.array([5, 6, 0, 8, 1, 2, 3], dtype=np.int32)
+    n_blocks = np.array([1, 1, 2, 3], dtype=np.int64)
+    t = decode_page_table(*paged_kv_layout_flat(lens, flat, n_blocks, 16), 16)
+    assert t.qo_indptr.tolist() == [0, 1, 2, 3, 4]
+    assert t.kv_indptr.tolist() == [0, 1, 2, 4, 7]
+    assert t.kv_indices.tolist() == [5, 6, 0, 8, 1, 2, 3]
+    assert t.kv_lens.tolist() == [1, 16, 17, 33]
+
+
+def test_latent_backends_are_selected_for_latent_models():
+    assert select_backend_class("auto", torch.device("cpu"), latent=True) is TorchMLAAttention
+    assert select_backend_class("torch", torch.device("cpu"), latent=True) is TorchMLAAttention
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        select_backend_class("flashinfer", torch.device("cpu"), latent=True)
+
+
+def _direct(q_lat, q_rope, rows, first_pos, scale):
+    """Attention of the queries at positions first_pos.. over `rows` [S, WIDTH], straight from the definition."""
+    q = torch.cat((q_lat, q_rope), dim=-1).double()  # [n, H, W]
+    out = torch.empty(q.shape[0], HEADS, RANK, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        keys = rows[: first_pos + i + 1].double()  # causal: this token and everything before it
+        for h in range(HEADS):
+            w = torch.softmax(keys @ q[i, h] * scale, dim=0)
+            out[i, h] = w @ keys[:, :RANK]
+    return out
+
+
+def test_torch_mla_matches_direct_attention_over_shuffled_pages():
+    gen = torch.Generator().manual_seed(0)
+    cached, new = [0, 9, 6, 13], [7, 4, 1, 1]  # fresh prefill, chunk over a cache, two decodes
+    perm = torch.randperm(40, generator=gen).tolist()
+    tables, at = [], 0
+    for c, n in zip(cached, new, strict=True):
+        k = -(-(c + n) // BLOCK)
+        tables.append(perm[at : at + k])
+        at += k
+    rows = [torch.randn(c + n, WIDTH, generator=gen) for c, n in zip(cached, new, strict=True)]
+    pool = torch.zeros(40, BLOCK, WIDTH)
+    for table, r, c in zip(tables, rows, cached, strict=True):
+        for p in range(c):  # the cached prefix is in the pool already
+            pool[table[p // BLOCK], p % BLOCK] = r[p]
+    scale = 0.3
+    attn = TorchMLAAttention(HEADS, 1, WIDTH, scale, BLOCK, kv_lora_rank=RANK)
+    assert attn.kv_cache_shape(40) == (40, BLOCK, WIDTH)
+    batch = ForwardBatch(
+        [ScheduledSeq(f"s{i}", [0] * n, c, tables[i], True) for i, (c, n) in enumerate(zip(cached, new, strict=True))]
+    )
+    t = sum(new)
+    q_lat, q_rope = torch.randn(t, HEADS, RANK, generator=gen), torch.randn(t, HEADS, ROPE, generator=gen)
+    new_rows = torch.cat([r[c:] for r, c in zip(rows, cached, strict=True)])
+    attn.begin_step(AttentionMetadata.from_batch(batch, BLOCK))
+    out = attn.forward_mla(0, q_lat, q_rope, new_rows[:, :RANK], new_rows[:, RANK:], pool)
+    assert out.shape == (t, HEADS, RANK)
+    start = 0
+    for i, (c, n) in enumerate(zip(cached, new, strict=True)):
+        for p in range(c + n):  # the whole context is in the pool now, one row per token
+            assert torch.equal(pool[tables[i][p // BLOCK], p % BLOCK], rows[i][p]), f"seq {i} position {p}"
+        expected = _direct(q_lat[start : start + n], q_rope[start : start + n], rows[i], c, scale)
+        err = (out[start : start + n].double() - expected).abs().max().item()
+        assert err < 1e-5, f"sequence {i} ({c} cached + {n} new): max abs error {err:.2e}"
+        start += n
+
+
+@pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
+def test_random_deepseek_model_runs_on_the_latent_pool(kind):
+    """The random weights bench/offline.py and the GPU tests load have every tensor DeepSeek's loader takes (it
+    refuses missing and unused ones by name), for q_lora on and off and sigmoid routing's bias."""
+    from kubellm.engine.config import EngineConfig
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.model_runner import ModelRunner
+    from kubellm.engine.random_model import random_loaded_model
+
+    config = ModelConfig.from_hf_config(tiny_hf_config(kind).to_dict())
+    runner = ModelRunner(random_loaded_model(config, torch.float32, "cpu"), EngineConfig(device="cpu"))
+    runner.allocate_kv_cache(4)
+    assert isinstance(runner.attn, TorchMLAAttention)
+    assert [tuple(t.shape) for t in runner.kv_caches] == [(4, 16, 40)] * 3
+    assert runner.kv_cache_bytes_per_block() == 3 * 16 * 40 * 4  # one 40-wide float32 row per token and layer
+    ids = list(range(3, 23))
+    logits = runner.logits(ForwardBatch([ScheduledSeq("r", ids, 0, [0, 1], True)]))
+    assert logits.shape == (1, config.vocab_size) and bool(torch.isfinite(logits).all())
