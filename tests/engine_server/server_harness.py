@@ -135,3 +135,57 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._log.close()
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of the first sample of metric `name` (labelled `name{...}`) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+async def wait_until_streams_run_together(
+    url: str, model: str, streams: int, at_least: int, timeout: float = 180.0
+) -> int:
+    """Open `streams` completion streams at once, each far too long to finish while the others arrive, and poll
+    the engine's running gauge (deadline `timeout`) until at least `at_least` run together; then disconnect them
+    all and wait until their KV blocks are freed. Returns the most seen running. Whether the engine batches is
+    thus judged without depending on how fast a loaded machine sends the requests or scrapes the metrics."""
+    import aiohttp
+
+    from kubellm import metric_names as mn
+
+    body = {"model": model, "max_tokens": 2000, "stream": True, "ignore_eos": True}
+
+    async def metrics(s: aiohttp.ClientSession) -> str:
+        async with s.get(url + "/metrics") as r:
+            return await r.text()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def stream(i: int) -> None:
+            async with s.post(url + "/v1/completions", json={**body, "prompt": f"Story {i}: once upon"}) as r:
+                assert r.status == 200, await r.text()
+                async for _ in r.content:
+                    pass
+            raise AssertionError(f"stream {i} ended before {at_least} streams ran together")
+
+        tasks = [asyncio.ensure_future(stream(i)) for i in range(streams)]
+        seen, deadline = 0, time.monotonic() + timeout
+        try:
+            while seen < at_least:
+                for t in tasks:
+                    if t.done():
+                        t.result()  # a refused or finished stream fails here, naming why
+                assert time.monotonic() < deadline, f"at most {seen} of {streams} streams ran together"
+                seen = max(seen, int(metric_value(await metrics(s), mn.NUM_REQUESTS_RUNNING)))
+                await asyncio.sleep(0.05)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        while metric_value(await metrics(s), mn.KV_CACHE_BLOCKS_USED) > 0:
+            assert time.monotonic() < deadline + 60, "KV blocks not freed after the streams disconnected"
+            await asyncio.sleep(0.05)
+    return seen

@@ -10,7 +10,7 @@ import time
 import aiohttp
 import openai
 import pytest
-from server_harness import ServerThread
+from server_harness import ServerThread, wait_until_streams_run_together
 from test_server_local_stack import _start_up, _stop
 
 from kubellm import metric_names as mn
@@ -56,14 +56,7 @@ def _success(text: str, reason: str) -> float:
 async def test_64_streams_batched_on_the_real_scheduler(sim_server):
     client = openai.AsyncOpenAI(base_url=sim_server.url + "/v1", api_key="x", max_retries=0)
     finished_before = _success(await _scrape(sim_server.url), "length")
-    peak = 0
-    done = False
-
-    async def watch() -> None:
-        nonlocal peak
-        while not done:
-            peak = max(peak, int(_metric(await _scrape(sim_server.url), mn.NUM_REQUESTS_RUNNING)))
-            await asyncio.sleep(0.005)
+    await wait_until_streams_run_together(sim_server.url, MODEL, 64, at_least=16)
 
     async def one(i: int) -> int:
         stream = await client.chat.completions.create(
@@ -77,12 +70,8 @@ async def test_64_streams_batched_on_the_real_scheduler(sim_server):
             n += 1
         return n
 
-    watcher = asyncio.ensure_future(watch())
     counts = await asyncio.gather(*(one(i) for i in range(64)))
-    done = True
-    await watcher
     assert all(c > 1 for c in counts)
-    assert peak >= 16, peak
     text = await _scrape(sim_server.url)
     assert _metric(text, mn.KV_CACHE_BLOCKS_USED) == 0
     assert _success(text, "length") - finished_before == 64

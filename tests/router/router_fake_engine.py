@@ -68,6 +68,7 @@ class FakeEngine:
         self.subscriptions = 0
         # behaviour knobs
         self.first_chunk_delay = 0.0
+        self.first_chunk_gate: asyncio.Event | None = None  # when set: streams wait for it before their first chunk
         self.chunk_interval = 0.0
         self.n_chunks = 3
         self.die_after_chunks: int | None = None
@@ -239,6 +240,8 @@ class FakeEngine:
                 )
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Request-Id": rid})
             await resp.prepare(request)
+            if self.first_chunk_gate is not None:
+                await self.first_chunk_gate.wait()
             await asyncio.sleep(self.first_chunk_delay)
             for i in range(self.n_chunks):
                 if self.die_after_chunks is not None and i >= self.die_after_chunks:
