@@ -451,6 +451,8 @@ def run_engine(
         "cuda_graphs": bool(runner._graphs),
         "kv_blocks": engine.kv.num_blocks,
         "kv_tokens": engine.kv.num_blocks * engine.config.block_size,
+        # what one cached token costs on this rank, all layers (MLA: one latent row per layer, no K and V)
+        "kv_bytes_per_token": runner.kv_cache_bytes_per_block() // engine.config.block_size,
         "memory_profile": runner.memory_profile,
         "attention_backend": runner.attn.name,
     }

@@ -96,6 +96,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def kv_bytes_per_token(llm: Any, kv_tokens: int | None) -> float | None:
+    """Bytes of KV cache per token slot, all layers, measured from the cache tensors vLLM bound to its attention
+    layers (the compilation config's static forward context, layer name -> module with `kv_cache`), not from a
+    formula. None where that layout is not found."""
+    import torch
+
+    if not kv_tokens:
+        return None
+    try:
+        context = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    except AttributeError:
+        return None
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for layer in context.values():
+        caches = getattr(layer, "kv_cache", None) or []
+        for t in caches if isinstance(caches, list | tuple) else [caches]:
+            if isinstance(t, torch.Tensor) and t.numel() and (t.data_ptr(), t.numel()) not in seen:
+                seen.add((t.data_ptr(), t.numel()))
+                total += t.numel() * t.element_size()
+    return total / kv_tokens if total else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -141,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         disable_log_stats=False,  # the preemption counter
     )
     result["startup_s"] = time.perf_counter() - t
-    blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
-    result["kv_tokens"] = blocks * settings.block_size if blocks else None
+    cache_config = llm.llm_engine.vllm_config.cache_config
+    blocks = cache_config.num_gpu_blocks
+    # vLLM may change the block size it was given (some MLA backends need 64): count tokens with the one it uses
+    result["kv_tokens"] = blocks * cache_config.block_size if blocks else None
+    result["kv_bytes_per_token"] = kv_bytes_per_token(llm, result["kv_tokens"])
+    if result["kv_bytes_per_token"] is None:
+        result["notes"].append("KV bytes per token: vLLM's per-layer kv_cache tensors were not found")
     save()
     vocab = cfg["vocab_size"]
     for key in args.workloads.split(","):

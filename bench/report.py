@@ -74,6 +74,7 @@ def comparison_rows(r: dict[str, Any]) -> list[Row]:
         ),
         Row("start-up s (constructor to ready)", startup.get("engine_init_s"), peer.get("startup_s"), None, True),
         Row("KV capacity, tokens", startup.get("kv_tokens"), peer.get("kv_tokens"), None),
+        Row("KV bytes per token", startup.get("kv_bytes_per_token"), peer.get("kv_bytes_per_token"), None, True),
         Row("(a) preemptions", w(ours_w, "a", "preemptions"), w(peer_w, "a", "preemptions"), None, True),
         Row("(b) preemptions", w(ours_w, "b", "preemptions"), w(peer_w, "b", "preemptions"), None, True),
     ]
@@ -86,7 +87,7 @@ def comparison_table(r: dict[str, Any]) -> str:
         f"| figure | ours | {peer_name} | ours/peer | bound | ours/bound | peer/bound |",
         "|---|---|---|---|---|---|---|",
     ]
-    counts = {"KV capacity, tokens", "(a) preemptions", "(b) preemptions"}
+    counts = {"KV capacity, tokens", "KV bytes per token", "(a) preemptions", "(b) preemptions"}
     for row in comparison_rows(r):
         if row.name in counts:  # counts, not speeds: no ratios
             lines.append(f"| {row.name} | {fmt(row.ours)} | {fmt(row.peer)} | - | - | - | - |")

@@ -146,10 +146,12 @@ class MLAttention(nn.Module):
         q_rope, k_rope = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)
         w_kv = self.kv_b_proj.weight.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : c.qk_nope_head_dim], w_kv[:, c.qk_nope_head_dim :]
-        q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # W_UK absorbed into the query
+        # Batched over heads on strided views (no copies): W_UK absorbed into the query, [t, h, lora] as a view of
+        # [h, t, lora] (the kernels take the row and head strides); W_UV after attention, on the output's layout.
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
         out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope[:, 0], kv_cache)
-        values = torch.einsum("thl,hvl->thv", out, w_uv)  # W_UV after attention
-        return self.o_proj(values.reshape(t, h * c.v_head_dim))
+        values = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [h, t, v]
+        return self.o_proj(values.transpose(0, 1).reshape(t, h * c.v_head_dim))
 
 
 class DecoderLayer(nn.Module):

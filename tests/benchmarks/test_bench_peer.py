@@ -103,7 +103,7 @@ def _our_run(**over):
         "gpu_identity": {"gpus": [{"uuid": "GPU-aaaa"}]},
         "workloads": {"a": {"total_tok_s": 30000.0, "preemptions": 0}, "b": {"output_tok_s": 14000.0}},
         "batch1": {"ms_per_token": 6.0},
-        "startup": {"engine_init_s": 20.0, "kv_tokens": 400000},
+        "startup": {"engine_init_s": 20.0, "kv_tokens": 400000, "kv_bytes_per_token": 31104},
         "bounds": {"a_total_tok_s": 60000.0, "b_output_tok_s": 28000.0, "batch1_ms": 5.0},
     }
     return {**r, **over}
@@ -118,6 +118,7 @@ def _peer_run(**over):
         batch1={"ms_per_token": 12.0},
         startup_s=150.0,
         kv_tokens=420000,
+        kv_bytes_per_token=62208.0,
     )
     return {**peer, **over}
 
@@ -135,6 +136,7 @@ def test_ratios_are_speed_ratios_against_the_peer_of_this_run():
     assert _row(table, "batch-1 decode ms/token")[1:7] == ["6.00", "12.00", "2.00x", "5.00", "0.83x", "0.42x"]
     assert _row(table, "(a) preemptions")[1:3] == ["0", "3"]
     assert _row(table, "KV capacity, tokens")[1:3] == ["400,000", "420,000"]
+    assert _row(table, "KV bytes per token")[1:4] == ["31,104", "62,208", "-"]  # sizes, not speeds: no ratio
 
 
 def test_a_peer_that_did_not_run_prints_not_measured_and_no_ratio():
