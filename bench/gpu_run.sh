@@ -7,6 +7,7 @@
 #   bench/gpu_run.sh tp [args for python -m bench.offline]     (a 2- or 4-GPU machine)
 #   bench/gpu_run.sh peer [args for python -m bench.peer_vllm] (vLLM, installed in $VSITE by vllm-install.sh)
 #   bench/gpu_run.sh structured --tokenizer-json bench/smollm2-tokenizer.json  (bench/structured.py)
+#   bench/gpu_run.sh mla-micro                 (bench/mla_micro.py: DeepSeek's MLA attention alone, one layer)
 #
 # The peer side by side (vLLM 0.26.0 on the same machine; each transfer carries at most 64 MiB, and the machine stays
 # warm for 30 s between calls, so the calls follow each other at once). Here: shared/gpu/wheels.sh .gpu/whl and
@@ -100,6 +101,11 @@ fi
 if [ "$mode" = structured ]; then  # bench/structured.py: JSON schema vs unconstrained (needs llguidance in $WHEELS)
   timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.structured --out-dir "$OUT" "$@" 2>&1 \
     | tee "$OUT/structured.log"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+if [ "$mode" = mla-micro ]; then  # bench/mla_micro.py: MLA attention alone, decode and absorbed vs up-projected prefill
+  timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.mla_micro --out-dir "$OUT" \
+    --deadline-s "$((TIME_LIMIT - SECONDS - 120))" "$@" 2>&1 | tee "$OUT/mla-micro.log"
   rc=$((rc | PIPESTATUS[0]))
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then

@@ -25,7 +25,7 @@ from kubellm.engine.config import EngineConfig
 
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 from .flashinfer_backend import PlanFence, _i32, _i32_on
-from .mla import MLAPageTable, decode_page_table, latent_cache_shape, mla_page_table_from_meta
+from .mla import MLAPageTable, check_mla_work, decode_page_table, latent_cache_shape, mla_page_table_from_meta
 
 # Split-k partial outputs of the MLA kernel: 2 x SMs x tile rows x kv_lora_rank, a few tens of MB at most.
 WORKSPACE_BYTES = 128 * 1024 * 1024
@@ -97,6 +97,7 @@ class FlashInferMLAAttention(AttentionBackend):
         self._wrapper = wrapper
 
     def begin_step(self, meta: AttentionMetadata) -> None:
+        check_mla_work(meta.query_lens_list, self.num_heads)
         self._plan(self._eager, mla_page_table_from_meta(meta))
         self.set_slots(meta.slot_mapping)
 

@@ -70,6 +70,28 @@ def decode_page_table(
     )
 
 
+# flashinfer's MLA planner splits a step into at most this many work items (tiles of 64 packed query rows x kv
+# chunks) and writes past its buffers, silently, beyond it: a step that could exceed it is refused instead.
+MLA_MAX_WORK_ITEMS = 16384
+_MAX_SMS = 256  # the planner adds at most one kv split per cluster, and there are at most as many clusters as SMs
+
+
+def mla_work_bound(query_lens: Sequence[int] | np.ndarray, num_heads: int) -> int:
+    """An upper bound on the work items flashinfer's MLA plan makes of a step: each sequence's packed query rows
+    (tokens x heads) in tiles of at least 64 rows, plus at most one extra kv split per cluster."""
+    rows = np.asarray(query_lens, dtype=np.int64) * num_heads
+    return int((-(-rows // 64)).sum()) + _MAX_SMS
+
+
+def check_mla_work(query_lens: Sequence[int] | np.ndarray, num_heads: int) -> None:
+    bound = mla_work_bound(query_lens, num_heads)
+    if bound > MLA_MAX_WORK_ITEMS:
+        raise ValueError(
+            f"a step of {int(np.sum(query_lens))} tokens x {num_heads} heads may exceed the {MLA_MAX_WORK_ITEMS} work "
+            f"items flashinfer's MLA kernel plans (bound {bound}): lower --max-num-batched-tokens"
+        )
+
+
 @runtime_checkable
 class LatentAttention(Protocol):
     """What DeepSeek's attention layer calls on its backend (the torch reference and flashinfer's MLA both are)."""

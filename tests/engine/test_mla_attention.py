@@ -13,7 +13,7 @@ from tiny_models import DEEPSEEK_KINDS, tiny_hf_config
 
 from kubellm.engine.attention import AttentionMetadata, TorchMLAAttention, select_backend_class
 from kubellm.engine.attention.base import paged_kv_layout_flat
-from kubellm.engine.attention.mla import decode_page_table, mla_page_table
+from kubellm.engine.attention.mla import check_mla_work, decode_page_table, mla_page_table, mla_work_bound
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 
 BLOCK = 4
@@ -42,6 +42,15 @@ def test_decode_page_table_from_the_runners_graph_layout():
     assert t.kv_indptr.tolist() == [0, 1, 2, 4, 7]
     assert t.kv_indices.tolist() == [5, 6, 0, 8, 1, 2, 3]
     assert t.kv_lens.tolist() == [1, 16, 17, 33]
+
+
+def test_steps_that_could_overflow_flashinfers_mla_plan_are_refused_by_name():
+    # 16 heads: a 16-token chunk is 256 packed query rows = 4 tiles of 64; a decode row is one tile
+    assert mla_work_bound([16, 1, 1], 16) == 4 + 1 + 1 + 256
+    check_mla_work([16384], 16)  # the engine's default token budget at DeepSeek-V2-Lite's 16 heads: 4096 tiles
+    check_mla_work([1] * 1024, 16)  # 1024 decodes
+    with pytest.raises(ValueError, match="lower --max-num-batched-tokens"):
+        check_mla_work([16384], 128)  # DeepSeek-V3's 128 heads on one rank
 
 
 def test_latent_backends_are_selected_for_latent_models():

@@ -1,0 +1,176 @@
+"""Multi-head latent attention alone on one GPU: one layer of DeepSeek-V2-Lite's shape (16 heads, qk_nope 128, rope
+64, v 128, latent 512, page 16), random bf16 tensors (seed 0).
+
+- decode: the engine's flashinfer MLA backend (engine/attention/flashinfer_mla.py: latent write + kernel) at batch
+  1/32/128/256 over 1024-token contexts, in a CUDA graph, against the floor of reading each context's latents once
+  (batch x ctx x 576 x 2 bytes at the copy bandwidth measured in this run);
+- prefill, 16 prompts of L tokens each (L = 256, 1024, 4096), causal, no cached prefix, with each path's projections:
+  absorbed (W_UK on the queries, the MLA kernel over the latent pool, W_UV on its output: what the engine runs) vs
+  up-projected (K_nope and V from the latents through kv_b_proj, then flashinfer's ragged prefill with head_dim_qk
+  192 / head_dim_vo 128). The issue asks which is faster per length: this is the measurement; the engine runs the
+  absorbed path for every length until it says otherwise.
+
+    python -m bench.mla_micro --out-dir DIR      (bench/gpu_run.sh mla-micro)
+
+Results: DIR/mla-micro-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.cuda_timing import event_ms, graph_ms
+from bench.offline import measure_ceilings
+from kubellm.engine.attention import AttentionMetadata
+from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
+
+HEADS, NOPE, ROPE, V, RANK, BLOCK = 16, 128, 64, 128, 512, 16
+WIDTH = RANK + ROPE
+SCALE = (NOPE + ROPE) ** -0.5
+REPS = 20
+
+
+def _batch(lens: list[int], new: int) -> tuple[ForwardBatch, int]:
+    """Sequences of `lens` tokens (the last `new` of each computed this step) on consecutive blocks."""
+    seqs, at = [], 0
+    for i, n in enumerate(lens):
+        pages = -(-n // BLOCK)
+        seqs.append(ScheduledSeq(f"s{i}", [0] * new, n - new, list(range(at, at + pages)), True))
+        at += pages
+    return ForwardBatch(seqs), at
+
+
+def _backend():
+    from kubellm.engine.attention.flashinfer_mla import FlashInferMLAAttention
+
+    return FlashInferMLAAttention(HEADS, 1, WIDTH, SCALE, BLOCK, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda")
+
+
+def decode_row(batch: int, ctx: int, ceilings: dict[str, float], gen: torch.Generator) -> dict[str, Any]:
+    attn = _backend()
+    fb, blocks = _batch([ctx] * batch, 1)
+    pool = torch.randn(blocks, BLOCK, WIDTH, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q_lat = torch.randn(batch, HEADS, RANK, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q_rope = torch.randn(batch, HEADS, ROPE, generator=gen, device="cuda", dtype=torch.bfloat16)
+    latent = torch.randn(batch, RANK, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k_rope = torch.randn(batch, ROPE, generator=gen, device="cuda", dtype=torch.bfloat16)
+    attn.begin_step(AttentionMetadata.from_batch(fb, BLOCK, "cuda"))
+    ms = graph_ms(lambda: attn.forward_mla(0, q_lat, q_rope, latent, k_rope, pool), REPS)
+    floor_ms = batch * ctx * WIDTH * 2 / (ceilings["copy_gb_s"] / 2 * 1e9) * 1e3  # read once (copy = read + write)
+    return {"batch": batch, "ctx": ctx, "ms": ms, "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms}
+
+
+def prefill_row(seqs: int, length: int, gen: torch.Generator) -> dict[str, Any]:
+    import flashinfer
+
+    t = seqs * length
+    x = dict(device="cuda", dtype=torch.bfloat16)
+    w_kv = torch.randn(HEADS * (NOPE + V), RANK, generator=gen, **x) / RANK**0.5  # kv_b_proj
+    w_uk = w_kv.view(HEADS, NOPE + V, RANK)[:, :NOPE]
+    w_uv = w_kv.view(HEADS, NOPE + V, RANK)[:, NOPE:]
+    q = torch.randn(t, HEADS, NOPE + ROPE, generator=gen, **x)
+    q_nope, q_rope = q.split((NOPE, ROPE), dim=-1)
+    latent = torch.randn(t, RANK, generator=gen, **x)
+    k_rope = torch.randn(t, ROPE, generator=gen, **x)
+
+    attn = _backend()
+    fb, blocks = _batch([length] * seqs, length)
+    pool = torch.zeros(blocks, BLOCK, WIDTH, **x)
+    attn.begin_step(AttentionMetadata.from_batch(fb, BLOCK, "cuda"))
+
+    def absorbed() -> torch.Tensor:
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+        out = attn.forward_mla(0, q_lat, q_rope, latent, k_rope, pool)
+        return torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(attn.workspace, "NHD", backend="fa2")
+    indptr = torch.arange(0, t + 1, length, dtype=torch.int32)
+    ragged.plan(
+        indptr, indptr, HEADS, HEADS, NOPE + ROPE, head_dim_vo=V, causal=True, sm_scale=SCALE,
+        q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+    )  # fmt: skip
+
+    def up_projected() -> torch.Tensor:
+        kv = torch.nn.functional.linear(latent, w_kv).view(t, HEADS, NOPE + V)
+        k = torch.cat((kv[..., :NOPE], k_rope[:, None, :].expand(t, HEADS, ROPE)), dim=-1)
+        return ragged.run(q, k, kv[..., NOPE:].contiguous())
+
+    a, u = absorbed(), up_projected()  # same math: a wrong wiring shows here, not as a speed-up
+    rel = ((a.float() - u.float()).norm() / u.float().norm()).item()
+    row = {"seqs": seqs, "len": length, "absorbed_ms": event_ms(absorbed, REPS), "up_ms": event_ms(up_projected, REPS)}
+    row["faster"] = "absorbed" if row["absorbed_ms"] <= row["up_ms"] else "up-projected"
+    row["rel_l2_between_paths"] = rel
+    return row
+
+
+def write_results(out_dir: Path, result: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"mla-micro-{dt.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    c = result["ceilings"]
+    lines = [
+        f"# MLA attention micro-benchmark, {result['device']}",
+        "",
+        f"One layer of DeepSeek-V2-Lite's shape (16 heads, latent 512 + rope 64, page 16), bf16, flashinfer "
+        f"{result['flashinfer']}. Copy bandwidth in this run {c['copy_gb_s']:.0f} GB/s (read + write).",
+        "",
+        "Decode (latent write + MLA kernel, CUDA graph):",
+        "",
+        "| batch | ctx | us | floor us (latents read once) | ratio |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | {r['floor_ms'] * 1e3:.1f} | "
+            f"{r['ratio_to_floor']:.2f} |"
+            for r in result["decode"]
+        ),
+        "",
+        "Prefill, causal, no cached prefix, projections included:",
+        "",
+        "| prompts x len | absorbed ms | up-projected ms | faster | rel. L2 between the paths |",
+        "|---|---:|---:|---|---:|",
+        *(
+            f"| {r['seqs']} x {r['len']} | {r['absorbed_ms']:.3f} | {r['up_ms']:.3f} | {r['faster']} | "
+            f"{r['rel_l2_between_paths']:.1e} |"
+            for r in result["prefill"]
+        ),
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and .md", flush=True)
+
+
+def main() -> None:
+    import flashinfer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    ap.add_argument("--decode-batches", default="1,32,128,256")
+    ap.add_argument("--prefill-lens", default="256,1024,4096")
+    ap.add_argument("--deadline-s", type=float, default=300.0)
+    args = ap.parse_args()
+    deadline = time.monotonic() + args.deadline_s
+    ceilings = measure_ceilings(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
+        "ceilings": ceilings, "decode": [], "prefill": [],
+    }  # fmt: skip
+    for b in map(int, args.decode_batches.split(",")):
+        if time.monotonic() < deadline:
+            result["decode"].append(row := decode_row(b, 1024, ceilings, gen))
+            print(f"decode {row}", flush=True)
+    for n in map(int, args.prefill_lens.split(",")):
+        if time.monotonic() < deadline:
+            result["prefill"].append(row := prefill_row(16, n, gen))
+            print(f"prefill {row}", flush=True)
+    write_results(args.out_dir, result)
+
+
+if __name__ == "__main__":
+    main()
