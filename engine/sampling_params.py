@@ -174,9 +174,9 @@ class SamplingParams:
             if not _is_number(value):
                 raise _bad(name, value, "must be a number")
         optional_ints = {"seed": self.seed, "max_tokens": self.max_tokens, "logprobs": self.logprobs}
-        for name, value in optional_ints.items():
-            if value is not None and not _is_int(value):
-                raise _bad(name, value, "must be an integer or None")
+        for name, optional in optional_ints.items():
+            if optional is not None and not _is_int(optional):
+                raise _bad(name, optional, "must be an integer or None")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "must be a boolean")
@@ -216,9 +216,9 @@ class SamplingParams:
             raise _bad("repetition_penalty", self.repetition_penalty, "must be greater than 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise _bad("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
-        if any(s == "" for s in self.stop):
+        if any(s == "" for s in self.stop or ()):  # normalised to a list by __post_init__
             raise _bad("stop", self.stop, "stop strings must not be empty")
-        if any(t < 0 for t in self.stop_token_ids):
+        if any(t < 0 for t in self.stop_token_ids or ()):
             raise _bad("stop_token_ids", self.stop_token_ids, "token ids must be non-negative")
 
     @classmethod

@@ -110,6 +110,7 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            left_running = False
             while not self.kv.allocate(req, num_new):
                 victim = self._pick_victim()
                 if victim is req or victim is None:
@@ -117,12 +118,12 @@ class Scheduler:
                         self._fail(req, out, "the KV cache pool is too small for this request")
                     else:
                         self._preempt(req, out)
-                    req = None
+                    left_running = True
                     break
                 if self.running.index(victim) < i:
                     i -= 1
                 budget += self._preempt(victim, out)
-            if req is None:
+            if left_running:
                 continue  # req left self.running at index i
             self._add_to_batch(out, req, num_new)
             scheduled.add(req.request_id)

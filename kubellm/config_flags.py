@@ -228,8 +228,9 @@ def _convert(key: str, action: argparse.Action, value: Any) -> Any:
 def _convert_one(key: str, action: argparse.Action, value: Any) -> Any:
     if value is None:
         return None
+    convert = action.type
     try:
-        converted = action.type(value if not isinstance(value, bool) else str(value)) if action.type else value
+        converted = convert(value if not isinstance(value, bool) else str(value)) if callable(convert) else value
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise ConfigFileError(f"config key {key!r}: invalid value {value!r} ({e})") from e
     if action.choices is not None and converted not in action.choices:

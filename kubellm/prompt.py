@@ -100,7 +100,7 @@ def detect_content_format(template: str) -> ContentFormat:
     except jinja2.TemplateSyntaxError:
         return "string"
     for loop in ast.find_all(jinja2.nodes.For):
-        it = loop.iter
+        it: jinja2.nodes.Node | None = loop.iter
         if isinstance(it, jinja2.nodes.Filter):  # e.g. `message.content | selectattr(...)`
             it = it.node
         if isinstance(it, jinja2.nodes.Getattr) and it.attr == "content":

@@ -62,9 +62,10 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
         if term is None or (cs.get("state") or {}).get("terminated", {}).get("exitCode") == 0:
             continue
         code = term.get("exitCode")
-        reason = (
-            DOWNLOAD_REASONS.get(code, "ModelDownloadFailed") if cs.get("name") == "model-download" else "InitFailed"
-        )
+        reason = "InitFailed"
+        if cs.get("name") == "model-download":  # its exit codes name the cause; any other is a plain failure
+            known = DOWNLOAD_REASONS.get(code) if isinstance(code, int) else None
+            reason = known or "ModelDownloadFailed"
         text = term.get("message") or term.get("reason") or f"exit code {code}"
         return Failure(reason, f"pod {name} {cs.get('name')}: {_tail(text)}")
     for cs in status.get("containerStatuses") or []:
@@ -214,9 +215,9 @@ def merge_conditions(
     out = []
     for c in new:
         prev = previous.get(c["type"])
-        changed = prev is None or prev.get("status") != c["status"]
         stamped = dict(c, observedGeneration=generation)
-        stamped["lastTransitionTime"] = now if changed else prev.get("lastTransitionTime", now)
+        unchanged = prev is not None and prev.get("status") == c["status"]
+        stamped["lastTransitionTime"] = prev.get("lastTransitionTime", now) if prev is not None and unchanged else now
         out.append(stamped)
     return out
 

@@ -146,7 +146,7 @@ class PrefixIndex:
         if not self.is_precise(slot):
             return self.approx.match(slot, hashes)
         blocks = self.precise[slot].blocks
-        pending = self.pending.get(slot) or {}
+        pending: Counter[int] = self.pending.get(slot) or Counter()
         n = 0
         for h in hashes:
             if h not in blocks and h not in pending:

@@ -244,9 +244,9 @@ class CompletionRequest(_SamplingFields):
                 raise ValueError("prompt must not be an empty list")
             if isinstance(v[0], list) and any(not p for p in v):
                 raise ValueError("token-id prompts must not be empty")
-            if isinstance(v[0], int) and any(t < 0 for t in v):
+            if any(isinstance(t, int) and t < 0 for t in v):
                 raise ValueError("token ids must be non-negative")
-            if isinstance(v[0], list) and any(t < 0 for p in v for t in p):
+            if any(isinstance(p, list) and any(t < 0 for t in p) for p in v):
                 raise ValueError("token ids must be non-negative")
         return v
 

@@ -112,11 +112,11 @@ class MistralToolParser(ToolParser):
                 text = self._take_json(final)
                 if text is None:
                     return
-                args = json_object(text)
-                if args is None:
+                arguments = json_object(text)
+                if arguments is None:
                     self._malformed()
                     continue
-                self._emit_call(self._name, args)
+                self._emit_call(self._name, arguments)
                 self._state = "content"
 
     @staticmethod
