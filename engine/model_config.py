@@ -106,7 +106,8 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 and i is not in mlp_only_layers
     mlp_only_layers: list[int] = field(default_factory=list)
     # DeepSeek (MLA_ARCHITECTURES): latent attention widths (q_lora_rank 0: a plain query projection) and routing.
-    # The KV cache holds one head of width head_dim = kv_lora_rank + qk_rope_head_dim (num_key_value_heads 1).
+    # The KV cache holds one latent row per token of width head_dim = kv_lora_rank + qk_rope_head_dim
+    # (num_key_value_heads 1; engine/attention/mla.py).
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
