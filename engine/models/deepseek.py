@@ -24,7 +24,7 @@ from kubellm.engine.model_config import ModelConfig, rope_inv_freq_and_scale
 from .causal_lm import CausalLM, CheckpointReader, new_param
 from .llama import MLP, Linear, RMSNorm, _out_linear, add_norm
 from .moe import SparseMoE, load_moe_weights
-from .moe import experts_impl as moe_experts
+from .moe import experts_impl as moe_impl
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # How tensor parallelism splits the attention weights (rows by head, o_proj's input by head); the rest is replicated.
@@ -81,11 +81,26 @@ class DeepseekMoE(SparseMoE):
         extra = [self.e_score_correction_bias] if self.e_score_correction_bias is not None else []
         return [*super().replicated_parameters(), *extra]
 
+    @property
+    def plain_softmax_routing(self) -> bool:
+        """Softmax scores with no group limit in effect (DeepSeek-V2-Lite: one group): DeepSeek's routing is then
+        the plain softmax top-k (never renormalised under softmax), which the shared layer runs as one kernel."""
+        c = self.config
+        return c.moe_scoring == "softmax" and (c.n_group <= 1 or c.topk_group >= c.n_group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # DeepSeek's grouped top-k stays in torch on CUDA too (no host syncs, so CUDA graphs capture it); the experts
-        # run on the shared layer's kernels (fused_moe's Triton kernels on CUDA, the torch reference elsewhere).
-        weights, ids = deepseek_topk(F.linear(x.float(), self.gate.float()), self.config, self.e_score_correction_bias)
-        out = moe_experts(x)(x, self.w13, self.w2, weights, ids)
+        # Router logits in float32. The grouped / sigmoid top-k stays in torch on CUDA too (no host syncs, so CUDA
+        # graphs capture it); the plain softmax top-k and the experts run on the shared layer's kernels (fused_moe's
+        # Triton kernels on CUDA, the torch references elsewhere).
+        topk, experts = moe_impl(x)
+        logits = F.linear(x.float(), self.gate.float())  # the gate is float32 once loaded: no copy
+        if self.plain_softmax_routing:
+            weights, ids = topk(logits, self.config.num_experts_per_tok, False)
+            if self.config.routed_scaling_factor != 1.0:
+                weights = weights * self.config.routed_scaling_factor
+        else:
+            weights, ids = deepseek_topk(logits, self.config, self.e_score_correction_bias)
+        out = experts(x, self.w13, self.w2, weights, ids)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         if self.tp_size > 1:  # routed and shared partial sums of this rank's intermediate slices, reduced once
@@ -218,6 +233,7 @@ class DeepseekForCausalLM(CausalLM):
                 moe = layer.mlp
                 shared, moe.shared_expert = moe.shared_expert, None
                 load_moe_weights(r, moe, p)
+                moe.gate.data = moe.gate.data.float()  # router logits are float32: cast once, not every step
                 moe.shared_expert = shared
                 if shared is not None:
                     r.load_mlp(shared, f"{p}.mlp.shared_experts")

@@ -106,10 +106,11 @@ def kernel_choice(device: torch.device) -> str:
     return "fused_moe (triton)" if _kernels_for(device) is not None else "torch reference"
 
 
-def experts_impl(x: torch.Tensor) -> Callable:
-    """The expert computation `(x, w13, w2, weights, ids) -> out` for x's device (for routers of their own, as
-    DeepSeek's)."""
-    return _impl(x)[1]
+def experts_impl(x: torch.Tensor) -> tuple[Callable, Callable]:
+    """(softmax top-k `(logits, k, renormalize) -> (weights, ids)`, experts `(x, w13, w2, weights, ids) -> out`)
+    for x's device: the fused kernels on CUDA, the torch references elsewhere (for models with a router of their
+    own, as DeepSeek's)."""
+    return _impl(x)
 
 
 def _impl(x: torch.Tensor) -> tuple[Callable, Callable]:

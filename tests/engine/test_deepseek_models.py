@@ -6,6 +6,7 @@ prefill over a cached prefix, prefix caching and a preemption; tensor parallelis
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -82,6 +83,25 @@ def test_greedy_generate_equals_transformers_with_chunks_prefix_cache_and_preemp
     assert stats.prefix_hits > 0, "the shared prefix was meant to be served from the cache"
     for i, (ours, (ref, ref_logits)) in enumerate(zip(outs, refs, strict=True)):
         assert_greedy_equal(ours, ref, ref_logits, f"{kind} prompt {i}")
+
+
+def test_softmax_routing_without_group_limit_runs_as_plain_top_k(tiny_model_dir):
+    """DeepSeek-V2-Lite's routing (softmax, one group) takes the shared layer's softmax top-k (one kernel on CUDA):
+    the layer's output equals the experts routed by DeepSeek's general top-k."""
+    from kubellm.engine.models.deepseek import deepseek_topk
+    from kubellm.engine.models.moe import reference_experts
+
+    base = load_model(tiny_model_dir("deepseek-v2")).config
+    config = dataclasses.replace(base, n_group=1, topk_group=1, routed_scaling_factor=1.5)
+    moe = DeepseekMoE(config, torch.float32, torch.device("cpu"))
+    assert moe.plain_softmax_routing and not DeepseekMoE(base, torch.float32, torch.device("cpu")).plain_softmax_routing
+    gen = torch.Generator().manual_seed(0)
+    for p in moe.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.3
+    x = torch.randn(9, config.hidden_size, generator=gen)
+    weights, ids = deepseek_topk(x @ moe.gate.T, config, None)
+    expected = reference_experts(x, moe.w13, moe.w2, weights, ids) + moe.shared_expert(x)
+    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
