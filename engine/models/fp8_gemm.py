@@ -302,8 +302,10 @@ def w8a16(
         return out
     bn, bk = block_size if block_size is not None else (128, 128)
     b_mode = {"tensor": 0, "channel": 1, "block": 2}[kind]
-    if b_mode == 2 and bk % cfg["BLOCK_K"] and cfg["BLOCK_K"] % bk:
-        raise ValueError(f"w8a16: BLOCK_K {cfg['BLOCK_K']} and the block's bk {bk} must divide one another")
+    if b_mode == 2:  # each K step must stay inside one weight block
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], bk)
+        if bk % cfg["BLOCK_K"]:
+            raise ValueError(f"w8a16: BLOCK_K {cfg['BLOCK_K']} must divide the block's bk {bk}")
     block_n = cfg.pop("BLOCK_N")
     _w8a16_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, ws, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
@@ -420,7 +422,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """out = x @ (w * s)^T for M <= BLOCK_M rows: each program streams BLOCK_N weight rows once, converts each
-        FP8 tile to x's dtype (block scales applied to the tile, per-tensor / per-channel ones to the sum)."""
+        FP8 tile to x's dtype (exact) and multiplies on tensor cores; block scales scale each K step's partial
+        product, per-tensor / per-channel ones the sum."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
@@ -432,13 +435,12 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             w = tl.load(w_ptr + rn_safe[None, :] * stride_wn + rk[:, None], mask=k_ok[:, None], other=0.0)
-            w = w.to(tl.float32)  # [BLOCK_K, BLOCK_N], K-contiguous as the weight is stored
-            if B_MODE == 2:
-                s = tl.load(s_ptr + (rk // BK)[:, None] * stride_sk + (rn_safe // BN)[None, :] * stride_sn,
-                            mask=k_ok[:, None], other=0.0)  # fmt: skip
-                w = w * s
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+            part = tl.dot(x, w.to(x_ptr.dtype.element_ty))  # e4m3 values are exact in bf16 / fp16
+            if B_MODE == 2:  # BLOCK_K divides BK: one block scale per column for this K step
+                acc += part * tl.load(s_ptr + (rn_safe // BN) * stride_sn + (k0 // BK) * stride_sk)[None, :]
+            else:
+                acc += part
         if B_MODE == 0:
             acc *= tl.load(s_ptr)
         if B_MODE == 1:

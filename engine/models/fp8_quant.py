@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from . import fused
+
 try:
     import triton
     import triton.language as tl
@@ -293,7 +295,8 @@ def rms_norm_quant(
             x, r, weight, ro, q, scale, x.stride(0), r.stride(0), ro.stride(0), q.stride(0),
             scale.stride(0) if scale.dim() == 2 else 0, n, eps, MIN_SCALE,
             BLOCK=max(triton.next_power_of_2(n), group, 16), GROUP=group, HAS_RESIDUAL=residual is not None,
-            GIVEN_SCALE=spec.static_scale is not None, QMAX=FP8_MAX, num_warps=4 if n <= 4096 else 8,
+            GIVEN_SCALE=spec.static_scale is not None, QMAX=FP8_MAX,
+            num_warps=fused.RMS_NORM_WARPS,  # fused.rms_norm's reduction order: the same normed values
         )  # fmt: skip
     return res_out, q, scale
 

@@ -1,0 +1,287 @@
+"""The FP8 GEMM and activation-quantization kernels on a GPU (engine/models/fp8_gemm.py, fp8_quant.py).
+
+Two references per product, for Llama-3.1-8B's layer shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672,
+down 14336->4096) and M in {1, 7, 64, 512, 8192}, with per-tensor, per-channel and 128x128-block weights:
+  - the issue's: the dequantized weight rounded to bf16 times x in a bf16 matmul. FP8 activations add ~2-4% relative
+    error (e4m3 keeps 3 mantissa bits), so the bound is FP8_TOL;
+  - the exact one: the same quantization of x done in torch here (IEEE division, round to nearest e4m3), then a
+    float32 product. Only the summation order and the bf16 output rounding differ, so the bound is tight
+    (EXACT_TOL) and a wrong scale index, a lost K tile or a swapped operand shows at once.
+Decode sizes (M <= fp8_gemm.GEMV_MAX_ROWS) do not quantize x (W8A16): their exact reference is x times the
+dequantized weight. Quantization kernels equal the torch quantization bit for bit; the fused norm / SiLU-and-mul
+variants equal quantizing fused.py's unfused outputs bit for bit; CUDA graph replays equal eager runs.
+On a GPU machine a missing Triton fails these tests (the import below), it does not skip them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+FP8_TOL = 0.06  # relative L2 vs the bf16 dequantized matmul (activation quantization: ~2.5-4% on Gaussian inputs)
+EXACT_TOL = 1e-2  # relative L2 vs the float32 product of the same quantized operands (bf16 output rounding)
+ROW_TOL = 2e-2  # worst single row vs the exact reference
+
+LLAMA_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+BATCHES = (1, 7, 64, 512, 8192)
+FORMATS = ("tensor", "channel", "block")
+
+
+def modules():
+    import triton  # noqa: F401  (on a GPU machine a missing Triton is a failure, not a skip)
+
+    from kubellm.engine import loader as _loader_first  # noqa: F401 (loader before models: import cycle)
+    from kubellm.engine.models import fp8_gemm, fp8_quant, fused
+
+    assert fp8_gemm.triton is not None and fp8_quant.triton is not None
+    return fp8_gemm, fp8_quant, fused
+
+
+# ---- torch references written here, independent of the code under test ----
+
+
+def torch_quantize(x: torch.Tensor, mode: str, group: int = 128, static: torch.Tensor | None = None):
+    """(q, scale) as fp8_quant defines them: scale = max(amax / 448, 1 / (448 * 512)), q = rn(clamp(x / scale))."""
+    xf = x.float()
+    floor = 1.0 / (448.0 * 512.0)
+    if static is not None:
+        s = static.float().reshape(1).to(x.device)
+        return (xf / s).clamp(-448, 448).to(FP8), s
+    if mode == "tensor":
+        s = (xf.abs().amax() / 448).clamp_min(floor).reshape(1)
+        return (xf / s).clamp(-448, 448).to(FP8), s
+    if mode == "token":
+        s = (xf.abs().amax(dim=1, keepdim=True) / 448).clamp_min(floor)
+        return (xf / s).clamp(-448, 448).to(FP8), s
+    m, k = xf.shape
+    kp = -(-k // group) * group
+    xg = torch.nn.functional.pad(xf, (0, kp - k)).view(m, kp // group, group)
+    s = (xg.abs().amax(dim=2) / 448).clamp_min(floor)
+    q = (xg / s[:, :, None]).clamp(-448, 448).to(FP8).view(m, kp)[:, :k].contiguous()
+    return q, s
+
+
+def dequant_activations(q: torch.Tensor, s: torch.Tensor, group: int = 128) -> torch.Tensor:
+    if s.dim() == 2 and s.shape[1] > 1:
+        return q.float() * s.repeat_interleave(group, dim=1)[:, : q.shape[1]]
+    return q.float() * s
+
+
+def make_weight(n: int, k: int, fmt: str, seed: int):
+    """(w_fp8, scale, block_size, w_dequantized float32) quantized in torch here; block scales vary ~10x across
+    blocks (rows of the weight scaled unevenly) so a wrong block index cannot hide."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
+    w *= torch.rand(n, 1, generator=gen, device="cuda") * 9 + 1
+    if fmt == "block":
+        nb, kb = -(-n // 128), -(-k // 128)
+        wp = torch.nn.functional.pad(w, (0, kb * 128 - k, 0, nb * 128 - n)).view(nb, 128, kb, 128)
+        s = (wp.abs().amax(dim=(1, 3)) / 448).clamp_min(1e-12)
+        q = (wp / s[:, None, :, None]).clamp(-448, 448).to(FP8).view(nb * 128, kb * 128)[:n, :k].contiguous()
+        deq = q.float() * s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+        return q, s, (128, 128), deq
+    if fmt == "channel":
+        s = w.abs().amax(dim=1) / 448
+        q = (w / s[:, None]).clamp(-448, 448).to(FP8)
+        return q, s, None, q.float() * s[:, None]
+    s = w.abs().amax() / 448
+    q = (w / s).clamp(-448, 448).to(FP8)
+    return q, s, None, q.float() * s
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+def worst_row(got: torch.Tensor, ref: torch.Tensor) -> float:
+    g, r = got.float(), ref.float()
+    return float(((g - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-6)).max())
+
+
+def act_mode(fmt: str) -> str:
+    return {"tensor": "tensor", "channel": "token", "block": "group"}[fmt]
+
+
+# ---- GEMMs ----
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("layer", list(LLAMA_8B))
+def test_fp8_linear_matches_dequantized_matmul_on_llama_8b_shapes(layer: str, fmt: str) -> None:
+    fp8_gemm, _, _ = modules()
+    k, n = LLAMA_8B[layer]
+    q, s, block, deq = make_weight(n, k, fmt, seed=n + k)
+    deq_bf16 = deq.to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for m in BATCHES:
+        x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+        got = fp8_gemm.fp8_linear(x, q, s, block_size=block)
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
+        what = f"{layer} {fmt} M={m}"
+        assert rel(got, x @ deq_bf16.t()) < FP8_TOL, f"{what}: vs bf16 dequantized matmul {rel(got, x @ deq_bf16.t())}"
+        if m <= fp8_gemm.GEMV_MAX_ROWS:
+            exact = x.float() @ deq.t()
+        else:
+            xq, xs = torch_quantize(x, act_mode(fmt))
+            exact = dequant_activations(xq, xs) @ deq.t()
+        assert rel(got, exact) < EXACT_TOL and worst_row(got, exact) < ROW_TOL, (
+            f"{what}: vs exact {rel(got, exact):.2e}, worst row {worst_row(got, exact):.2e}"
+        )
+    del q, deq, deq_bf16
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_static_input_scale_quantizes_x_with_that_scale(fmt: str) -> None:
+    fp8_gemm, _, _ = modules()
+    k, n = 4096, 4096
+    q, s, block, deq = make_weight(n, k, fmt, seed=3)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for m in (64, 512):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+        static = torch.tensor(4.5 / 448)  # clips the ~0.1% of entries beyond 4.5 sigma, as a calibrated scale may
+        got = fp8_gemm.fp8_linear(x, q, s, block_size=block, input_scale=static)
+        xq, xs = torch_quantize(x, "tensor", static=static)
+        exact = dequant_activations(xq, xs) @ deq.t()
+        assert rel(got, exact) < EXACT_TOL, f"{fmt} M={m}: {rel(got, exact):.2e}"
+
+
+@pytest.mark.parametrize("fmt", ("tensor", "channel"))
+def test_the_triton_kernel_equals_scaled_mm_for_per_tensor_and_per_channel_weights(fmt: str) -> None:
+    """The Triton W8A8 kernel also serves shapes _scaled_mm refuses (N or K not multiples of 16)."""
+    fp8_gemm, fp8_quant, _ = modules()
+    for m, k, n in ((64, 4096, 6144), (300, 1000, 1030)):
+        q, s, _, deq = make_weight(n, k, fmt, seed=m)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        xq, xs = fp8_quant.quantize(x, fp8_gemm.act_quant_for(fmt, None, None))
+        triton_out = fp8_gemm.fp8_gemm(xq, xs, q, s, use_scaled_mm=False)
+        exact = dequant_activations(xq, xs) @ deq.t()
+        assert rel(triton_out, exact) < EXACT_TOL, f"triton {fmt} {m}x{k}x{n}: {rel(triton_out, exact):.2e}"
+        if k % 16 == 0 and n % 16 == 0:
+            cublas = fp8_gemm.fp8_gemm(xq, xs, q, s, use_scaled_mm=True)
+            assert rel(cublas, exact) < EXACT_TOL, f"_scaled_mm {fmt}: {rel(cublas, exact):.2e}"
+
+
+def test_ragged_block_shapes_and_fp16_output() -> None:
+    """N and K not multiples of 128: partial weight blocks and a partial activation group."""
+    fp8_gemm, _, _ = modules()
+    k, n = 1000, 1030
+    q, s, block, deq = make_weight(n, k, "block", seed=9)
+    for m in (5, 77):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        got = fp8_gemm.fp8_linear(x, q, s, block_size=block, out_dtype=torch.float16)
+        assert got.dtype == torch.float16
+        exact = (
+            x.float() @ deq.t()
+            if m <= fp8_gemm.GEMV_MAX_ROWS
+            else dequant_activations(*torch_quantize(x, "group")) @ deq.t()
+        )
+        assert rel(got, exact) < EXACT_TOL, f"M={m}: {rel(got, exact):.2e}"
+
+
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_graph_replay_on_new_inputs_equals_eager(fmt: str, m: int) -> None:
+    fp8_gemm, _, _ = modules()
+    k, n = 2048, 3072
+    q, s, block, _ = make_weight(n, k, fmt, seed=11)
+    x_buf = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8_gemm.fp8_linear(x_buf, q, s, block_size=block)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_buf = fp8_gemm.fp8_linear(x_buf, q, s, block_size=block)
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    for step in range(3):
+        x_buf.copy_(torch.randn(m, k, generator=gen, device="cuda") * (step + 1))
+        graph.replay()
+        eager = fp8_gemm.fp8_linear(x_buf, q, s, block_size=block)
+        assert torch.equal(out_buf, eager), f"{fmt} M={m} step {step}: replay differs from eager"
+
+
+# ---- activation quantization ----
+
+
+@pytest.mark.parametrize("mode", ["tensor", "token", "group"])
+def test_quantize_equals_the_torch_quantization_bit_for_bit(mode: str) -> None:
+    _, fp8_quant, _ = modules()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for m, k in ((1, 4096), (7, 14336), (512, 4096), (33, 1000), (8192, 2048)):
+        x = (torch.randn(m, k, generator=gen, device="cuda") * torch.rand(m, 1, generator=gen, device="cuda") * 5).to(
+            torch.bfloat16
+        )
+        x[0, :7] = 0.0
+        if m > 1:
+            x[1] = 0.0  # an all-zero row: the floor scale, zeros out
+        q, s = fp8_quant.quantize(x, fp8_quant.ActQuant(mode))
+        rq, rs = torch_quantize(x, mode)
+        assert q.dtype == FP8 and q.shape == x.shape
+        assert torch.equal(s.reshape(rs.shape), rs), f"{mode} {m}x{k}: scales differ"
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (
+            f"{mode} {m}x{k}: {(q.float() != rq.float()).sum()} values differ"
+        )
+
+
+def test_static_quantization_clamps_to_the_fp8_range() -> None:
+    _, fp8_quant, _ = modules()
+    x = torch.tensor([[0.0, 1.0, -1.0, 1000.0, -1000.0, 0.3]], device="cuda").repeat(3, 32).to(torch.bfloat16)
+    q, s = fp8_quant.quantize(x, fp8_quant.ActQuant("tensor", static_scale=torch.tensor(0.5)))
+    assert float(s) == 0.5
+    assert q.float()[0, :6].tolist() == [0.0, 2.0, -2.0, 448.0, -448.0, 0.625]  # 0.6 rounds to e4m3's 0.625
+
+
+@pytest.mark.parametrize("spec", ["token", "group", "static"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_rms_norm_quant_equals_norm_then_quantize(spec: str, with_residual: bool) -> None:
+    _, fp8_quant, fused = modules()
+    act = (
+        fp8_quant.ActQuant("tensor", static_scale=torch.tensor(0.01)) if spec == "static" else fp8_quant.ActQuant(spec)
+    )
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for m, n in ((1, 4096), (64, 4096), (8192, 2048), (3, 7168)):
+        x = torch.randn(m, n, generator=gen, device="cuda").to(torch.bfloat16)
+        r = torch.randn(m, n, generator=gen, device="cuda").to(torch.bfloat16)
+        w = (torch.rand(n, generator=gen, device="cuda") + 0.5).to(torch.bfloat16)
+        if with_residual:
+            res, normed = fused.add_rms_norm(x, r, w, 1e-5)
+            got_res, q, s = fp8_quant.rms_norm_quant(x, w, 1e-5, act, residual=r)
+            assert torch.equal(got_res, res)
+        else:
+            normed = fused.rms_norm(x, w, 1e-5)
+            got_res, q, s = fp8_quant.rms_norm_quant(x, w, 1e-5, act)
+            assert got_res is None
+        rq, rs = torch_quantize(normed, act.mode, static=act.static_scale)
+        assert torch.equal(s.reshape(rs.shape), rs), f"{spec} {m}x{n}: scales differ"
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), f"{spec} {m}x{n}: values differ"
+
+
+@pytest.mark.parametrize("spec", ["token", "group", "static"])
+def test_fused_silu_mul_quant_equals_silu_mul_then_quantize(spec: str) -> None:
+    _, fp8_quant, fused = modules()
+    act = (
+        fp8_quant.ActQuant("tensor", static_scale=torch.tensor(0.02)) if spec == "static" else fp8_quant.ActQuant(spec)
+    )
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for m, n in ((1, 14336), (64, 14336), (4096, 768), (5, 1000)):
+        x = (torch.randn(m, 2 * n, generator=gen, device="cuda") * 3).to(torch.bfloat16)
+        h = fused.silu_mul(x)
+        q, s = fp8_quant.silu_mul_quant(x, act)
+        rq, rs = torch_quantize(h, act.mode, static=act.static_scale)
+        assert torch.equal(s.reshape(rs.shape), rs), f"{spec} {m}x{n}: scales differ"
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), f"{spec} {m}x{n}: values differ"
+
+
+def test_dynamic_per_tensor_scales_are_refused_by_the_fused_kernels() -> None:
+    _, fp8_quant, _ = modules()
+    x = torch.zeros(2, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dynamic per-tensor scales cannot be fused"):
+        fp8_quant.rms_norm_quant(
+            x, torch.ones(256, device="cuda", dtype=torch.bfloat16), 1e-5, fp8_quant.ActQuant("tensor")
+        )
+    with pytest.raises(ValueError, match="dynamic per-tensor scales cannot be fused"):
+        fp8_quant.silu_mul_quant(x, fp8_quant.ActQuant("tensor"))
