@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from . import fp8_quant
+
 try:
     import triton
     import triton.language as tl
@@ -196,9 +198,14 @@ if triton is not None:
     def _gate_up_kernel(
         x_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, num_pairs, N, K, max_tiles,
         stride_xt, stride_we, stride_wn, stride_ot, top_k,
+        as_ptr, ws_ptr, stride_as, stride_wse, stride_wsn, stride_wsk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
+        QUANT: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     ):  # fmt: skip
+        """QUANT 0: x and w13 in bf16/fp16. FP8 x and w13: 1 per-tensor scales (x's [1], w13's [E]) applied to the
+        sums; 2 block scales (x's per token and BK-column group, w13's per BN x BK block) applied to each
+        BLOCK_K-deep partial product (BLOCK_K divides BK)."""
         pid_m, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
         expert = tl.load(tile_expert_ptr + pid_m)
         if DIRECT:  # one pair per tile, tile_expert_ptr is topk_ids itself: no alignment pass at all
@@ -215,6 +222,10 @@ if triton is not None:
         a_ptrs = x_ptr + token[:, None] * stride_xt + rk[None, :]
         g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
         u_ptrs = g_ptrs + N * stride_wn
+        if QUANT == 2:
+            as_row = as_ptr + token * stride_as
+            gs_row = ws_ptr + expert.to(tl.int64) * stride_wse + (rn // BN) * stride_wsn
+            us_row = ws_ptr + expert.to(tl.int64) * stride_wse + ((N + rn) // BN) * stride_wsn
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -227,11 +238,21 @@ if triton is not None:
                 a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
+            if QUANT == 2:
+                sa = tl.load(as_row + (k0 // BK), mask=m_ok, other=0.0)[:, None]
+                kb = (k0 // BK) * stride_wsk
+                acc_g += tl.dot(a, g) * sa * tl.load(gs_row + kb, mask=n_ok, other=0.0)[None, :]
+                acc_u += tl.dot(a, u) * sa * tl.load(us_row + kb, mask=n_ok, other=0.0)[None, :]
+            else:
+                acc_g = tl.dot(a, g, acc_g)
+                acc_u = tl.dot(a, u, acc_u)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+        if QUANT == 1:
+            s = tl.load(as_ptr) * tl.load(ws_ptr + expert.to(tl.int64) * stride_wse)
+            acc_g *= s
+            acc_u *= s
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + rn[None, :]
         tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -240,9 +261,12 @@ if triton is not None:
     def _down_kernel(
         a_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, weights_ptr, num_pairs, N, K, max_tiles,
         stride_at, stride_we, stride_wn, stride_ot,
+        as_ptr, ws_ptr, stride_as, stride_wse, stride_wsn, stride_wsk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
+        QUANT: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     ):  # fmt: skip
+        """QUANT as in _gate_up_kernel; the input rows are the pairs' activations (scales per pair row)."""
         pid_m, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
         expert = tl.load(tile_expert_ptr + pid_m)
         if DIRECT:  # one pair per tile, tile_expert_ptr is topk_ids itself: no alignment pass at all
@@ -257,6 +281,9 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + pair[:, None].to(tl.int64) * stride_at + rk[None, :]
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+        if QUANT == 2:
+            as_row = as_ptr + pair.to(tl.int64) * stride_as
+            ws_row = ws_ptr + expert.to(tl.int64) * stride_wse + (rn // BN) * stride_wsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
@@ -266,9 +293,15 @@ if triton is not None:
                 k_ok = rk < K - k0
                 a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc)
+            if QUANT == 2:
+                sa = tl.load(as_row + (k0 // BK), mask=m_ok, other=0.0)[:, None]
+                acc += tl.dot(a, w) * sa * tl.load(ws_row + (k0 // BK) * stride_wsk, mask=n_ok, other=0.0)[None, :]
+            else:
+                acc = tl.dot(a, w, acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if QUANT == 1:
+            acc *= tl.load(as_ptr) * tl.load(ws_ptr + expert.to(tl.int64) * stride_wse)
         acc *= tl.load(weights_ptr + pair, mask=m_ok, other=0.0)[:, None]
         o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + rn[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -279,11 +312,14 @@ if triton is not None:
     @triton.jit
     def _down_sum_kernel(
         a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, stride_at, stride_we, stride_wn, stride_ot,
+        ws_ptr, stride_wse, stride_wsn, stride_wsk,
         K: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        QUANT: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     ):  # fmt: skip
         """Down projection of one token's k pairs summed in registers (direct mode only): no per-pair rows, no
         separate sum. A weight-streaming GEMV on CUDA cores (one row: tensor-core tiles would be 1/16 used);
-        K is a constexpr so the loops unroll and every load can be in flight at once."""
+        K is a constexpr so the loops unroll and every load can be in flight at once. FP8 weights (QUANT 1, 2)
+        are dequantized in registers (W8A16: the activations stay bf16); block scales need BLOCK_K | BK."""
         tok = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -293,13 +329,19 @@ if triton is not None:
             pair = tok * TOP_K + j
             expert = tl.load(ids_ptr + pair).to(tl.int64)
             weight = tl.load(weights_ptr + pair)
+            if QUANT == 1:
+                weight *= tl.load(ws_ptr + expert * stride_wse)
             a_row = a_ptr + pair.to(tl.int64) * stride_at
             w_base = w_ptr + expert * stride_we + rn[None, :].to(tl.int64) * stride_wn
             for k0 in tl.static_range(0, K, BLOCK_K):
                 k_ok = rk < K - k0
                 a = tl.load(a_row + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) * weight
                 w = tl.load(w_base + (k0 + rk)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc += w.to(tl.float32) * a[:, None]
+                w = w.to(tl.float32)
+                if QUANT == 2:
+                    ws = ws_ptr + expert * stride_wse + (rn // BN) * stride_wsn + (k0 // BK) * stride_wsk
+                    w *= tl.load(ws, mask=n_ok, other=0.0)[None, :]
+                acc += w * a[:, None]
         out = tl.sum(acc, axis=0)
         tl.store(out_ptr + tok.to(tl.int64) * stride_ot + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -376,13 +418,63 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, direct: 
     return Alignment(sorted_pairs, tile_expert, block_m, num_pairs)
 
 
-def _check_experts_args(x, w13, w2, topk_weights, topk_ids) -> None:
+@dataclass(frozen=True)
+class Fp8Experts:
+    """FP8 (e4m3) expert weights' scales and how activations are quantized for them.
+
+    Per tensor: w13_scale / w2_scale [E] (one scale per expert for its gate and up rows together: a checkpoint's
+    separate gate and up scales are requantized to their max at load, as vLLM does), activations per tensor,
+    dynamic or static (a13_scale / a2_scale, one number each). Block (block_size (bn, bk), DeepSeek's and Qwen3's
+    128x128 format): w13_scale [E, 2I/bn, ceil(H/bk)], w2_scale [E, ceil(H/bn), ceil(I/bk)], I a multiple of bn
+    (gate and up rows never share a block), activations per token and bk-column group, dynamic only."""
+
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    block_size: tuple[int, int] | None = None
+    a13_scale: torch.Tensor | None = None
+    a2_scale: torch.Tensor | None = None
+
+    @property
+    def quant(self) -> int:
+        """The kernels' QUANT: 1 per tensor, 2 block."""
+        return 2 if self.block_size is not None else 1
+
+    def act_quant(self, static: torch.Tensor | None) -> fp8_quant.ActQuant:
+        if self.block_size is not None:
+            return fp8_quant.ActQuant("group", group=self.block_size[1])
+        return fp8_quant.ActQuant("tensor", static_scale=static)
+
+    def check(self, e: int, h: int, inter: int) -> None:
+        if self.block_size is None:
+            for name, t in (("w13_scale", self.w13_scale), ("w2_scale", self.w2_scale)):
+                if t.numel() != e:
+                    raise ValueError(f"fused_experts: per-tensor {name} must hold one scale per expert ({e}), "
+                                     f"got shape {tuple(t.shape)}")  # fmt: skip
+            return
+        bn, bk = self.block_size
+        if self.a13_scale is not None or self.a2_scale is not None:
+            raise ValueError("fused_experts: block-scaled FP8 experts take dynamic activation scales only")
+        if inter % bn:
+            raise ValueError(f"fused_experts: block-scaled experts need I ({inter}) to be a multiple of bn ({bn})")
+        if bk < 32 or bk & (bk - 1):
+            raise ValueError(f"fused_experts: the block's bk must be a power of two >= 32, got {bk}")
+        want13, want2 = (e, 2 * inter // bn, -(-h // bk)), (e, -(-h // bn), -(-inter // bk))
+        if tuple(self.w13_scale.shape) != want13 or tuple(self.w2_scale.shape) != want2:
+            raise ValueError(
+                f"fused_experts: block scales must be w13_scale {want13} and w2_scale {want2} for {bn}x{bk} blocks, "
+                f"got {tuple(self.w13_scale.shape)} and {tuple(self.w2_scale.shape)}"
+            )
+
+
+def _check_experts_args(x, w13, w2, topk_weights, topk_ids, fp8: Fp8Experts | None) -> None:
     for name, t in (("x", x), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         _check_cuda(name, t)
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"fused_experts: x must be bfloat16 or float16, got {x.dtype}")
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise ValueError(f"fused_experts: weights must have x's dtype {x.dtype}, got w13 {w13.dtype}, w2 {w2.dtype}")
+    want = fp8_quant.FP8_DTYPE if fp8 is not None else x.dtype
+    if w13.dtype != want or w2.dtype != want:
+        what = "FP8 experts' weights must be" if fp8 is not None else "weights must have x's dtype"
+        raise ValueError(f"fused_experts: {what} {want}, got w13 {w13.dtype}, w2 {w2.dtype}")
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError("fused_experts: expected x [T, H], w13 [E, 2I, H], w2 [E, H, I]")
     t, h = x.shape
@@ -401,6 +493,8 @@ def _check_experts_args(x, w13, w2, topk_weights, topk_ids) -> None:
         raise ValueError(f"fused_experts: topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if not (w13.is_contiguous() and w2.is_contiguous()):
         raise ValueError("fused_experts: w13 and w2 must be contiguous")
+    if fp8 is not None:
+        fp8.check(e, h, two_i // 2)
 
 
 def fused_experts(
@@ -410,13 +504,27 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     config: MoeConfig | None = None,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """sum_k w_k * (silu(x @ gate_e^T) * (x @ up_e^T)) @ w2_e^T, e = topk_ids[:, k]; gate = w13[e, :I], up = w13[e, I:].
 
     x [T, H] bf16/fp16, w13 [E, 2I, H], w2 [E, H, I] (x's dtype, contiguous), topk_weights [T, k] float32,
-    topk_ids [T, k] int32 (values in [0, E): not checked, that would sync). Returns [T, H] in x's dtype."""
+    topk_ids [T, k] int32 (values in [0, E): not checked, that would sync). Returns [T, H] in x's dtype.
+    FP8 experts: w13 / w2 float8_e4m3fn with w13_scale / w2_scale (and optional static a13_scale / a2_scale, or
+    block_size): see Fp8Experts. Both GEMMs then run W8A8 on tensor cores, except the few-token down_sum, which
+    dequantizes the weights in registers (W8A16)."""
     _require_triton()
-    _check_experts_args(x, w13, w2, topk_weights, topk_ids)
+    fp8 = None
+    if w13_scale is not None or w2_scale is not None:
+        if w13_scale is None or w2_scale is None:
+            raise ValueError("fused_experts: FP8 experts need both w13_scale and w2_scale")
+        fp8 = Fp8Experts(w13_scale.float(), w2_scale.float(), block_size, a13_scale, a2_scale)
+    _check_experts_args(x, w13, w2, topk_weights, topk_ids, fp8)
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
@@ -426,68 +534,131 @@ def fused_experts(
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or get_config(e, inter, h, x.dtype, t, k)
+    cfg = config or get_config(e, inter, h, w13.dtype, t, k)
     al = align_pairs(topk_ids, e, cfg.block_m, cfg.direct)
-    activated = gate_up(x, w13, al, k, cfg.up)
+    if fp8 is None:
+        activated = gate_up(x, w13, al, k, cfg.up)
+    else:
+        xq, xs = fp8_quant.quantize(x, fp8.act_quant(fp8.a13_scale))
+        activated = gate_up(xq, w13, al, k, cfg.up, Fp8Gemm(xs, fp8.w13_scale, fp8.block_size), out_dtype=x.dtype)
     if al.direct and cfg.fuse_sum:
-        down_sum(activated, w2, al, k, topk_weights, cfg.down, out)
+        down_sum(activated, w2, al, k, topk_weights, cfg.down, out, fp8.w2_scale if fp8 else None,
+                 fp8.block_size if fp8 else None)  # fmt: skip
         return out
     per_pair = out if k == 1 else torch.empty((al.num_pairs, h), dtype=x.dtype, device=x.device)
-    down(activated, w2, al, topk_weights, cfg.down, per_pair)
+    if fp8 is None:
+        down(activated, w2, al, topk_weights, cfg.down, per_pair)
+    else:
+        aq, a_s = fp8_quant.quantize(activated, fp8.act_quant(fp8.a2_scale))
+        down(aq, w2, al, topk_weights, cfg.down, per_pair, Fp8Gemm(a_s, fp8.w2_scale, fp8.block_size))
     if k > 1:
         torch.sum(per_pair.view(t, k, h), dim=1, out=out)
     return out
 
 
-def gate_up(x: torch.Tensor, w13: torch.Tensor, al: Alignment, top_k: int, cfg: GemmConfig) -> torch.Tensor:
-    """silu(x @ gate_e^T) * (x @ up_e^T) for every pair, as [T*k, I] rows in pair order (one launch)."""
+@dataclass(frozen=True)
+class Fp8Gemm:
+    """The scales of one FP8 grouped GEMM's operands: the input rows' (a_scale [1], or [rows, K/bk] per row and
+    group) and the experts' weights' (w_scale [E], or [E, N/bn, K/bk] blocks)."""
+
+    a_scale: torch.Tensor
+    w_scale: torch.Tensor
+    block_size: tuple[int, int] | None
+
+    def kernel_args(self) -> tuple[list, dict]:
+        """(the kernels' scale pointer and stride arguments, their QUANT/BN/BK constants)."""
+        a, w = self.a_scale, self.w_scale
+        block = self.block_size is not None
+        args = [a, w, a.stride(0) if block else 0, w.stride(0) if w.dim() else 0]
+        args += [w.stride(1), w.stride(2)] if block else [0, 0]
+        bn, bk = self.block_size or (128, 128)
+        return args, {"QUANT": 2 if block else 1, "BN": bn, "BK": bk}
+
+    def fit(self, cfg: GemmConfig) -> GemmConfig:
+        """Block scales change every BK columns: a K step may not straddle two (BLOCK_K divides BK)."""
+        if self.block_size is None or self.block_size[1] % cfg.BLOCK_K == 0:
+            return cfg
+        return GemmConfig(cfg.BLOCK_N, min(cfg.BLOCK_K, self.block_size[1]), cfg.GROUP_M, cfg.num_warps,
+                          cfg.num_stages)  # fmt: skip
+
+
+def _no_scales(x: torch.Tensor, w: torch.Tensor) -> tuple[list, dict]:
+    return [x, w, 0, 0, 0, 0], {}
+
+
+def gate_up(
+    x: torch.Tensor, w13: torch.Tensor, al: Alignment, top_k: int, cfg: GemmConfig, fp8: Fp8Gemm | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """silu(x @ gate_e^T) * (x @ up_e^T) for every pair, as [T*k, I] rows in pair order (one launch). FP8: x is
+    the quantized input and `fp8` holds the scales; out_dtype (default x's dtype) is then the model's."""
     h = x.shape[1]
     inter = w13.shape[1] // 2
     max_tiles = al.tile_expert.numel()
-    activated = torch.empty((al.num_pairs, inter), dtype=x.dtype, device=x.device)
+    activated = torch.empty((al.num_pairs, inter), dtype=out_dtype or x.dtype, device=x.device)
+    scale_args, consts = fp8.kernel_args() if fp8 is not None else _no_scales(x, w13)
+    cfg = fp8.fit(cfg) if fp8 is not None else cfg
     _gate_up_kernel[(max_tiles * triton.cdiv(inter, cfg.BLOCK_N),)](
         x, w13, activated, al.sorted_pairs, al.tile_expert, al.num_pairs, inter, h, max_tiles,
-        x.stride(0), w13.stride(0), w13.stride(1), activated.stride(0), top_k,
+        x.stride(0), w13.stride(0), w13.stride(1), activated.stride(0), top_k, *scale_args,
         BLOCK_M=al.block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        EVEN_K=h % cfg.BLOCK_K == 0, DIRECT=al.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=h % cfg.BLOCK_K == 0, DIRECT=al.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )  # fmt: skip
     return activated
 
 
 def down(
     activated: torch.Tensor, w2: torch.Tensor, al: Alignment, topk_weights: torch.Tensor, cfg: GemmConfig,
-    out: torch.Tensor,
+    out: torch.Tensor, fp8: Fp8Gemm | None = None,
 ) -> None:  # fmt: skip
-    """out[pair] = w_pair * activated[pair] @ w2_e^T for every pair (one launch); out is [T*k, H]."""
+    """out[pair] = w_pair * activated[pair] @ w2_e^T for every pair (one launch); out is [T*k, H]. FP8: activated
+    is the quantized intermediate and `fp8` holds the scales."""
     inter = activated.shape[1]
     h = w2.shape[1]
     max_tiles = al.tile_expert.numel()
     weights = topk_weights.reshape(-1)
     if weights.dtype != torch.float32:
         weights = weights.float()
+    scale_args, consts = fp8.kernel_args() if fp8 is not None else _no_scales(activated, w2)
+    cfg = fp8.fit(cfg) if fp8 is not None else cfg
     _down_kernel[(max_tiles * triton.cdiv(h, cfg.BLOCK_N),)](
         activated, w2, out, al.sorted_pairs, al.tile_expert, weights, al.num_pairs, h, inter, max_tiles,
-        activated.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        activated.stride(0), w2.stride(0), w2.stride(1), out.stride(0), *scale_args,
         BLOCK_M=al.block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         EVEN_K=inter % cfg.BLOCK_K == 0, DIRECT=al.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **consts,
     )  # fmt: skip
 
 
 def down_sum(
     activated: torch.Tensor, w2: torch.Tensor, al: Alignment, top_k: int, topk_weights: torch.Tensor,
-    cfg: GemmConfig, out: torch.Tensor,
+    cfg: GemmConfig, out: torch.Tensor, w2_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> None:  # fmt: skip
-    """out[t] = sum_k w_k * activated[t*k + j] @ w2_e^T, one launch, for a direct alignment (few tokens)."""
+    """out[t] = sum_k w_k * activated[t*k + j] @ w2_e^T, one launch, for a direct alignment (few tokens).
+    FP8 w2 (w2_scale given): dequantized in registers; activated stays in the model dtype."""
     if not al.direct:
         raise ValueError("down_sum needs a direct alignment (one pair per tile, ids in pair order)")
     h = w2.shape[1]
     weights = topk_weights.reshape(-1)
     if weights.dtype != torch.float32:
         weights = weights.float()
+    consts: dict = {}
+    scale_args = [w2, 0, 0, 0]
+    block_k = cfg.BLOCK_K
+    if w2_scale is not None:
+        ws = w2_scale.float()
+        if block_size is not None:
+            scale_args = [ws, ws.stride(0), ws.stride(1), ws.stride(2)]
+            block_k = min(block_k, block_size[1])
+            consts = {"QUANT": 2, "BN": block_size[0], "BK": block_size[1]}
+        else:
+            scale_args = [ws, ws.stride(0) if ws.dim() else 0, 0, 0]
+            consts = {"QUANT": 1}
     _down_sum_kernel[(out.shape[0], triton.cdiv(h, cfg.BLOCK_N))](
         activated, w2, out, al.tile_expert, weights, h, activated.stride(0), w2.stride(0), w2.stride(1),
-        out.stride(0), K=activated.shape[1], TOP_K=top_k, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        out.stride(0), *scale_args, K=activated.shape[1], TOP_K=top_k, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )  # fmt: skip
 
 
