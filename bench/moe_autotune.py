@@ -8,8 +8,10 @@ fastest. Each timing is the median of ITERS runs, each after a write of 256 MB t
 evicts L2 (so weights come from memory, as in a model whose layers each have their own). Bounded by
 --deadline-s: shapes and buckets not reached keep `default_config`. Writes one JSON per shape:
 <out-dir>/E=..,N=..,H=..,device=..,dtype=bfloat16.json (the name fused_moe.config_file_name gives).
+--dtype fp8 tunes FP8 experts (128x128 block scales, per-token-group activations, as Qwen3-30B-A3B-FP8 ships;
+per-tensor FP8 experts read the same dtype=float8_e4m3fn file): each GEMM is timed on its pre-quantized input.
 
-    python -m bench.moe_autotune --out-dir engine/models/moe_configs --deadline-s 240
+    python -m bench.moe_autotune --out-dir engine/models/moe_configs --deadline-s 240 [--dtype fp8]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from kubellm.engine import loader as _loader_first  # noqa: F401 (loader before models: import cycle)
-from kubellm.engine.models import fused_moe
+from kubellm.engine.models import fp8_quant, fused_moe
 from kubellm.engine.models.fused_moe import GemmConfig, MoeConfig
 
 SHAPES = [  # priority order: (name, E, top-k, H, I)
@@ -95,34 +97,70 @@ def down_sum_candidates(inter: int, top_k: int) -> list[GemmConfig]:
     return [GemmConfig(bn, bk, 1, 4, 1) for bn, bk in tiles if top_k * -(-inter // bk) <= MAX_UNROLL]
 
 
-def tune_bucket(timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: torch.Generator, w13, w2) -> dict:
+FP8_BLOCK = (128, 128)
+
+
+def quantize_experts_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] bf16 -> (float8_e4m3fn, [E, N/128, K/128] block scales)."""
+    e, n, k = w.shape
+    wg = w.float().view(e, n // 128, 128, k // 128, 128)
+    s = (wg.abs().amax(dim=(2, 4)) / 448).clamp_min(1e-12)
+    return (wg / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, n, k), s
+
+
+def tune_bucket(
+    timer: Timer, e: int, k: int, h: int, inter: int, t: int, gen: torch.Generator, w13, w2,
+    fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict:  # fmt: skip
     """Best (alignment, gate_up tiling, down tiling) for t tokens, each stage timed alone on a fixed alignment;
-    the down figure includes the sum over k, which the token-major down_sum makes unnecessary."""
+    the down figure includes the sum over k, which the token-major down_sum makes unnecessary. fp8_scales: w13 and
+    w2 are FP8 with these block scales; the GEMMs' inputs are quantized once, outside the timings."""
     x = torch.randn(t, h, generator=gen, device="cuda", dtype=torch.bfloat16)
     w, ids = torch.topk(torch.softmax(torch.randn(t, e, generator=gen, device="cuda"), -1), k, -1)
     w, ids = (w / w.sum(-1, keepdim=True)).contiguous(), ids.to(torch.int32)
     per_pair = torch.empty(t * k, h, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
 
+    group = fp8_quant.ActQuant("group")
+    xq, up_fp8 = x, None
+    if fp8_scales is not None:
+        xq, xs = fp8_quant.quantize(x, group)
+        up_fp8 = fused_moe.Fp8Gemm(xs, fp8_scales[0], FP8_BLOCK)
+
+    def run_up(al, c):
+        return fused_moe.gate_up(xq, w13, al, k, c, up_fp8, out_dtype=torch.bfloat16)
+
+    def down_input(a):
+        if fp8_scales is None:
+            return a, None
+        aq, a_s = fp8_quant.quantize(a, group)
+        return aq, fused_moe.Fp8Gemm(a_s, fp8_scales[1], FP8_BLOCK)
+
     def down_and_sum(a, al, c):
-        fused_moe.down(a, w2, al, w, c, per_pair)
+        fused_moe.down(a[0], w2, al, w, c, per_pair, a[1])
         if k > 1:
             torch.sum(per_pair.view(t, k, h), dim=1, out=out)
+
+    w2_scale = fp8_scales[1] if fp8_scales is not None else None
+    blk = FP8_BLOCK if fp8_scales is not None else None
 
     best = None
     options = [(bm, False) for bm in block_ms(t, k, e)] + ([(16, True)] if t <= DIRECT_MAX_TOKENS else [])
     for bm, direct in options:
         al = fused_moe.align_pairs(ids, e, bm, direct)
         align_ms = 0.0 if direct else timer(lambda bm=bm: fused_moe.align_pairs(ids, e, bm))
-        up_t = {c: timer(lambda c=c, al=al: fused_moe.gate_up(x, w13, al, k, c)) for c in candidates(bm)}
+        up_t = {c: timer(lambda c=c, al=al: run_up(al, c)) for c in candidates(bm)}
         up = min(up_t, key=up_t.get)
         if up_t[up] == float("inf"):
             continue  # no tiling of this height ran
-        activated = fused_moe.gate_up(x, w13, al, k, up)
-        dn_t = {(c, False): timer(lambda c=c, a=activated, al=al: down_and_sum(a, al, c)) for c in candidates(bm)}
+        activated = run_up(al, up)
+        a_in = down_input(activated)
+        dn_t = {(c, False): timer(lambda c=c, a=a_in, al=al: down_and_sum(a, al, c)) for c in candidates(bm)}
         if direct:
             for c in down_sum_candidates(inter, k):
-                dn_t[(c, True)] = timer(lambda c=c, a=activated, al=al: fused_moe.down_sum(a, w2, al, k, w, c, out))
+                dn_t[(c, True)] = timer(
+                    lambda c=c, a=activated, al=al: fused_moe.down_sum(a, w2, al, k, w, c, out, w2_scale, blk)
+                )
         (dn, fuse), dn_ms = min(dn_t.items(), key=lambda kv: kv[1])
         if dn_ms == float("inf"):
             continue
@@ -141,7 +179,10 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=240.0)
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16")
     args = ap.parse_args()
+    fp8 = args.dtype == "fp8"
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     deadline = time.monotonic() + args.deadline_s
     args.out_dir.mkdir(parents=True, exist_ok=True)
     device = fused_moe.current_device_name()
@@ -155,18 +196,25 @@ def main() -> None:
         gen = torch.Generator(device="cuda").manual_seed(0)
         w13 = torch.randn(e, 2 * inter, h, generator=gen, device="cuda", dtype=torch.bfloat16) / h**0.5
         w2 = torch.randn(e, h, inter, generator=gen, device="cuda", dtype=torch.bfloat16) / inter**0.5
-        path = args.out_dir / fused_moe.config_file_name(e, inter, h, torch.bfloat16, device)
+        scales = None
+        if fp8:
+            if inter % 128 or h % 128:
+                print(f"{name}: FP8 blocks need H and I multiples of 128, skipped", flush=True)
+                continue
+            (w13, s13), (w2, s2) = quantize_experts_fp8(w13), quantize_experts_fp8(w2)
+            scales = (s13, s2)
+        path = args.out_dir / fused_moe.config_file_name(e, inter, h, dtype, device)
         configs, timings = {}, {}
         for t in batches:
             if time.monotonic() > deadline:
                 print(f"deadline: {name} tuned up to batch {max(configs, default=0)}", flush=True)
                 break
-            r = tune_bucket(timer, e, k, h, inter, t, gen, w13, w2)
+            r = tune_bucket(timer, e, k, h, inter, t, gen, w13, w2, scales)
             configs[t] = r["config"].to_json()
             timings[t] = {key: r[key] for key in ("align_ms", "gate_up_ms", "down_ms")}
             us = {key: f"{r[key] * 1e3:.1f} us" for key in ("align_ms", "gate_up_ms", "down_ms")}
             print(f"{name} T={t}: {configs[t]} {us}", flush=True)
-            doc = {"device": device, "E": e, "top_k": k, "N": inter, "H": h, "dtype": "bfloat16",
+            doc = {"device": device, "E": e, "top_k": k, "N": inter, "H": h, "dtype": str(dtype).split(".")[-1],
                    "tuned": time.strftime("%Y-%m-%d"), "triton": _triton_version(), "configs": configs,
                    "timings": timings}  # fmt: skip
             path.write_text(json.dumps(doc, indent=1) + "\n")  # after every bucket: a timeout keeps what was done

@@ -15,7 +15,11 @@ flashinfer's CUTLASS fused MoE (`flashinfer.fused_moe.cutlass_fused_moe`) is mea
 --flashinfer-timeout-s > 0, in a subprocess bounded by that time: its first-use JIT build did not finish within
 9 minutes on 16 cores (GUIDE.md), longer than one GPU command may run, so by default it reads "not measured".
 
-    python -m bench.moe_micro --out-dir DIR [--batches 1,32,256,1024,4096] [--shapes qwen3-30b-a3b,...]
+FP8 experts (--dtype fp8-block: 128x128 block scales as Qwen3-30B-A3B-FP8 ships them; fp8-tensor: one scale per
+expert, dynamic per-tensor activations): the same layers quantized, the roofline with 1-byte weights and the FP8
+_scaled_mm rate measured in this run; results go to moe-micro-<date>-<dtype>.json/.md.
+
+    python -m bench.moe_micro --out-dir DIR [--batches 1,32,256,1024,4096] [--shapes qwen3-30b-a3b,...] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ def routing(t: int, e: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor,
     return w / w.sum(-1, keepdim=True), ids.to(torch.int32)
 
 
-def roofline_ms(t: int, k: int, h: int, inter: int, active_experts: float, ceilings: dict) -> dict[str, float]:
+def roofline_ms(
+    t: int, k: int, h: int, inter: int, active_experts: float, ceilings: dict, e_bytes: int = 2
+) -> dict[str, float]:
     """The physical floor: each active expert's weights read once, x read and the output written once (what
-    an implementation keeps between its GEMMs is its own cost), against the run's copy and matmul ceilings."""
-    e_bytes = 2
+    an implementation keeps between its GEMMs is its own cost), against the run's copy and matmul ceilings
+    (`matmul_tflop_s` is the rate of the weights' dtype: bf16, or FP8 for 1-byte weights)."""
     weight_bytes = active_experts * 3 * inter * h * e_bytes
-    mem_ms = (weight_bytes + 2 * t * h * e_bytes) / (ceilings["copy_gb_s"] * 1e9) * 1e3
+    mem_ms = (weight_bytes + 2 * t * h * 2) / (ceilings["copy_gb_s"] * 1e9) * 1e3
     flop_ms = 2 * t * k * 3 * inter * h / (ceilings["matmul_tflop_s"] * 1e12) * 1e3
     return {
         "weight_mb": weight_bytes / 1e6,
@@ -67,14 +73,31 @@ def roofline_ms(t: int, k: int, h: int, inter: int, active_experts: float, ceili
     }
 
 
-def measure_shape(name: str, batches: list[int], ceilings: dict, deadline: float) -> list[dict]:
+def quantize_experts(w: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] bf16 -> (float8_e4m3fn, scales): [E, N/128, K/128] blocks, or [E] per expert."""
+    e, n, k = w.shape
+    if dtype == "fp8-tensor":
+        s = w.float().abs().amax(dim=(1, 2)) / 448
+        return (w.float() / s[:, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn), s
+    wg = w.float().view(e, n // 128, 128, k // 128, 128)
+    s = (wg.abs().amax(dim=(2, 4)) / 448).clamp_min(1e-12)
+    return (wg / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, n, k), s
+
+
+def measure_shape(name: str, batches: list[int], ceilings: dict, deadline: float, dtype: str = "bf16") -> list[dict]:
     e, k, h, inter = SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
     layers = []
     for _ in range(LAYERS):
         w13 = (torch.randn(e, 2 * inter, h, generator=gen, device="cuda", dtype=torch.bfloat16) / h**0.5).contiguous()
         w2 = (torch.randn(e, h, inter, generator=gen, device="cuda", dtype=torch.bfloat16) / inter**0.5).contiguous()
-        layers.append((w13, w2))
+        if dtype == "bf16":
+            layers.append((w13, w2, {}))
+            continue
+        (q13, s13), (q2, s2) = quantize_experts(w13, dtype), quantize_experts(w2, dtype)
+        kw = {"w13_scale": s13, "w2_scale": s2} | ({"block_size": (128, 128)} if dtype == "fp8-block" else {})
+        layers.append((q13, q2, kw))
+        del w13, w2
     rows = []
     for t in batches:
         if time.monotonic() > deadline:
@@ -83,11 +106,12 @@ def measure_shape(name: str, batches: list[int], ceilings: dict, deadline: float
         x = torch.randn(t, h, generator=gen, device="cuda", dtype=torch.bfloat16)
         routes = [routing(t, e, k, gen) for _ in range(LAYERS)]
         active = sum(int(ids.unique().numel()) for _, ids in routes) / LAYERS
-        cfg = fused_moe.get_config(e, inter, h, x.dtype, t, k)
+        w_dtype = layers[0][0].dtype
+        cfg = fused_moe.get_config(e, inter, h, w_dtype, t, k)
 
         def stack(x=x, routes=routes, layers=layers):
-            for (w13, w2), (w, ids) in zip(layers, routes, strict=True):
-                fused_moe.fused_experts(x, w13, w2, w, ids)
+            for (w13, w2, kw), (w, ids) in zip(layers, routes, strict=True):
+                fused_moe.fused_experts(x, w13, w2, w, ids, **kw)
 
         ms = graph_ms(stack, REPS) / LAYERS
         logits = [torch.randn(t, e, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
@@ -97,11 +121,11 @@ def measure_shape(name: str, batches: list[int], ceilings: dict, deadline: float
                 fused_moe.fused_topk(lg, k, True)
 
         topk_ms = graph_ms(gating, REPS) / LAYERS
-        roof = roofline_ms(t, k, h, inter, active, ceilings)
+        roof = roofline_ms(t, k, h, inter, active, ceilings, 2 if dtype == "bf16" else 1)
         row = {
-            "shape": name, "E": e, "top_k": k, "H": h, "I": inter, "batch": t, "active_experts": active,
+            "shape": name, "dtype": dtype, "E": e, "top_k": k, "H": h, "I": inter, "batch": t, "active_experts": active,
             "fused_experts_ms": ms, "fused_topk_ms": topk_ms, **roof, "ratio_to_roofline": ms / roof["roofline_ms"],
-            "config": cfg.to_json(), "config_source": fused_moe.config_source(e, inter, h, x.dtype),
+            "config": cfg.to_json(), "config_source": fused_moe.config_source(e, inter, h, w_dtype),
         }  # fmt: skip
         rows.append(row)
         print(
@@ -154,13 +178,15 @@ def flashinfer_ms(name: str, t: int, timeout_s: float) -> float | str:
 
 def write_results(out_dir: Path, result: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"moe-micro-{dt.date.today().isoformat()}"
+    suffix = "" if result.get("dtype", "bf16") == "bf16" else f"-{result['dtype']}"
+    stem = out_dir / f"moe-micro-{dt.date.today().isoformat()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Fused MoE micro-benchmark, {result['device']}",
+        f"# Fused MoE micro-benchmark, {result['device']}, {result.get('dtype', 'bf16')} experts",
         "",
         f"Ceilings measured in this run: copy {result['ceilings']['copy_gb_s']:.0f} GB/s, "
-        f"bf16 matmul {result['ceilings']['matmul_tflop_s']:.0f} TFLOP/s. Per layer, CUDA graph of {LAYERS} layers "
+        f"matmul ({result.get('dtype', 'bf16')}) {result['ceilings']['matmul_tflop_s']:.0f} TFLOP/s. "
+        f"Per layer, CUDA graph of {LAYERS} layers "
         f"with distinct weights, {REPS} replays. flashinfer CUTLASS: {result['flashinfer']}.",
         "",
         "| shape | batch | active experts | weights MB | fused_experts us | roofline us | ratio | topk us |",
@@ -183,20 +209,29 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--deadline-s", type=float, default=300.0)
     ap.add_argument("--flashinfer-timeout-s", type=float, default=0.0)
+    ap.add_argument("--dtype", choices=("bf16", "fp8-block", "fp8-tensor"), default="bf16")
     args = ap.parse_args()
     deadline = time.monotonic() + args.deadline_s
     ceilings = measure_ceilings(torch.device("cuda"))
+    if args.dtype != "bf16":  # the roofline's compute side at the FP8 tensor-core rate
+        from bench.fp8_micro import fp8_matmul_tflops
+
+        ceilings = {
+            **ceilings,
+            "bf16_matmul_tflop_s": ceilings["matmul_tflop_s"],
+            "matmul_tflop_s": fp8_matmul_tflops(),
+        }
     print(f"{torch.cuda.get_device_name()}: copy {ceilings['copy_gb_s']:.0f} GB/s, "
           f"matmul {ceilings['matmul_tflop_s']:.0f} TFLOP/s", flush=True)  # fmt: skip
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.shapes.split(","):
-        rows += measure_shape(name, batches, ceilings, deadline)
+        rows += measure_shape(name, batches, ceilings, deadline, args.dtype)
     fi = flashinfer_ms("qwen3-30b-a3b", 256, args.flashinfer_timeout_s)
     fi_text = fi if isinstance(fi, str) else f"qwen3-30b-a3b batch 256: {fi * 1e3:.1f} us"
     print(f"flashinfer CUTLASS fused MoE: {fi_text}", flush=True)
     result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings,
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings, "dtype": args.dtype,
         "layers": LAYERS, "reps": REPS, "rows": rows, "flashinfer": fi_text,
     }  # fmt: skip
     write_results(args.out_dir, result)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The FP8 kernels on one GPU in one command (default budget 540 s): the gpu tests of tests/engine/test_gpu_fp8_gemm.py
+# and test_gpu_fp8_moe.py, then the micro-benchmarks: bench/fp8_micro.py (Llama-3.1-8B GEMMs, bf16 vs our FP8
+# paths vs the roofline, fused quantization, flashinfer's block GEMM in a bounded child) and bench/moe_micro.py on
+# Qwen3-30B-A3B's experts in FP8 blocks and bf16 side by side. Everything it writes lands in $OUT:
+#   fp8-gpu-tests.log, fp8-micro-<date>.json/.md + fp8-micro.log, moe-micro-<date>-fp8-block.json/.md,
+#   moe-micro-<date>.json/.md + moe-micro.log (commit the json/md into bench/results/).
+#
+#   OUT=/some/dir bash bench/fp8_gpu.sh        (TIME_LIMIT, TEST_TIMEOUT, MICRO_S, FLASHINFER_S override the split)
+# Needs torch with CUDA and triton (a missing triton fails the tests); wheels in .gpu/whl are installed if present.
+set -uo pipefail
+OUT=${OUT:-/tmp/kubellm-out}
+TIME_LIMIT=${TIME_LIMIT:-540}
+TEST_TIMEOUT=${TEST_TIMEOUT:-230}
+MICRO_S=${MICRO_S:-170}
+FLASHINFER_S=${FLASHINFER_S:-60}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+site=/tmp/site
+if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .gpu/whl/*.whl || exit 1
+fi
+export PYTHONPATH="$site:$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+git rev-parse HEAD 2>/dev/null | sed 's/^/git commit /'
+
+timeout "$TEST_TIMEOUT" python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=15 \
+  tests/engine/test_gpu_fp8_gemm.py tests/engine/test_gpu_fp8_moe.py 2>&1 | tee "$OUT/fp8-gpu-tests.log"
+rc=${PIPESTATUS[0]}
+
+micro_s=$((TIME_LIMIT - SECONDS - 110 < MICRO_S ? TIME_LIMIT - SECONDS - 110 : MICRO_S))
+if [ "$micro_s" -gt 40 ]; then
+  timeout "$micro_s" python3 -m bench.fp8_micro --out-dir "$OUT" --deadline-s $((micro_s - FLASHINFER_S - 30)) \
+    --flashinfer-timeout-s "$FLASHINFER_S" 2>&1 | tee "$OUT/fp8-micro.log"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+
+for dtype in fp8-block bf16; do  # the same experts, FP8 first (bf16 has been measured before; FP8 never)
+  left=$((TIME_LIMIT - SECONDS - 10))
+  [ "$dtype" = fp8-block ] && left=$((left / 2 + 5))
+  if [ "$left" -gt 30 ]; then
+    timeout "$left" python3 -m bench.moe_micro --out-dir "$OUT" --dtype "$dtype" --shapes qwen3-30b-a3b \
+      --batches 1,32,256,1024,4096 --deadline-s $((left - 25)) 2>&1 | tee -a "$OUT/moe-micro.log"
+    rc=$((rc | PIPESTATUS[0]))
+  fi
+done
+echo "fp8_gpu.sh: exit $rc after ${SECONDS}s"
+exit $rc
