@@ -183,6 +183,7 @@ import torch.nn.functional as F
 from flashinfer.gemm import fp8_blockscale_gemm_sm90
 sys.path.insert(0, ".")
 from bench.fp8_micro import SHAPES, LAYERS, REPS, block_quantize
+from bench.cuda_timing import event_ms, graph_ms
 gen = torch.Generator(device="cuda").manual_seed(0)
 for name, (k, n) in SHAPES.items():
     layers = [block_quantize((torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(torch.bfloat16))
@@ -194,12 +195,8 @@ for name, (k, n) in SHAPES.items():
             ms = graph_ms(fn, REPS) / LAYERS
         except Exception as e:  # not capturable in a graph: timed eagerly (launch overhead included)
             try:
-                fn(); torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(REPS): fn()
-                b.record(); b.synchronize()
-                ms = a.elapsed_time(b) / REPS / LAYERS
+                fn()
+                ms = event_ms(fn, REPS) / LAYERS
             except Exception as e2:
                 ms = f"failed: {type(e2).__name__}: {str(e2)[:160]} (graph: {type(e).__name__})"
         print(json.dumps({"shape": name, "M": m, "ms": ms}), flush=True)
