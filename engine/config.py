@@ -132,7 +132,7 @@ class EngineConfig:
     prefill_backend: str = env_option(
         "KUBELLM_PREFILL_BACKEND", str, "fa2",
         choices=("fa2", "fa3", "auto"),
-        help="flashinfer: paged prefill kernel family",
+        help="flashinfer: paged prefill kernel family (also that of the MLA kernel DeepSeek models attend with)",
     )  # fmt: skip
     chat_template: str | None = option(
         None, help="chat template replacing the model's: a file path, or the Jinja template itself"
