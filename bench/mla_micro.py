@@ -3,7 +3,8 @@
 
 - decode: the engine's flashinfer MLA backend (engine/attention/flashinfer_mla.py: latent write + kernel) at batch
   1/32/128/256 over 1024-token contexts, in a CUDA graph, against the floor of reading each context's latents once
-  (batch x ctx x 576 x 2 bytes at the copy bandwidth measured in this run);
+  (batch x ctx x 576 x 2 bytes at the copy bandwidth measured in this run), for the FA2 kernel family the engine
+  uses by default and FA3 (--prefill-backend fa3 switches the engine to it);
 - prefill, 16 prompts of L tokens each (L = 256, 1024, 4096), causal, no cached prefix, with each path's projections:
   absorbed (W_UK on the queries, the MLA kernel over the latent pool, W_UV on its output: what the engine runs) vs
   up-projected (K_nope and V from the latents through kv_b_proj, then flashinfer's ragged prefill with head_dim_qk
@@ -47,14 +48,16 @@ def _batch(lens: list[int], new: int) -> tuple[ForwardBatch, int]:
     return ForwardBatch(seqs), at
 
 
-def _backend():
+def _backend(kernel: str = "fa2"):
     from kubellm.engine.attention.flashinfer_mla import FlashInferMLAAttention
 
-    return FlashInferMLAAttention(HEADS, 1, WIDTH, SCALE, BLOCK, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda")
+    return FlashInferMLAAttention(
+        HEADS, 1, WIDTH, SCALE, BLOCK, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel
+    )
 
 
-def decode_row(batch: int, ctx: int, ceilings: dict[str, float], gen: torch.Generator) -> dict[str, Any]:
-    attn = _backend()
+def decode_row(batch: int, ctx: int, kernel: str, ceilings: dict[str, float], gen: torch.Generator) -> dict[str, Any]:
+    attn = _backend(kernel)
     fb, blocks = _batch([ctx] * batch, 1)
     pool = torch.randn(blocks, BLOCK, WIDTH, generator=gen, device="cuda", dtype=torch.bfloat16)
     q_lat = torch.randn(batch, HEADS, RANK, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -64,7 +67,14 @@ def decode_row(batch: int, ctx: int, ceilings: dict[str, float], gen: torch.Gene
     attn.begin_step(AttentionMetadata.from_batch(fb, BLOCK, "cuda"))
     ms = graph_ms(lambda: attn.forward_mla(0, q_lat, q_rope, latent, k_rope, pool), REPS)
     floor_ms = batch * ctx * WIDTH * 2 / (ceilings["copy_gb_s"] / 2 * 1e9) * 1e3  # read once (copy = read + write)
-    return {"batch": batch, "ctx": ctx, "ms": ms, "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms}
+    return {
+        "kernel": kernel,
+        "batch": batch,
+        "ctx": ctx,
+        "ms": ms,
+        "floor_ms": floor_ms,
+        "ratio_to_floor": ms / floor_ms,
+    }
 
 
 def prefill_row(seqs: int, length: int, gen: torch.Generator) -> dict[str, Any]:
@@ -123,10 +133,10 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> None:
         "",
         "Decode (latent write + MLA kernel, CUDA graph):",
         "",
-        "| batch | ctx | us | floor us (latents read once) | ratio |",
-        "|---:|---:|---:|---:|---:|",
+        "| kernel | batch | ctx | us | floor us (latents read once) | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
         *(
-            f"| {r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | {r['floor_ms'] * 1e3:.1f} | "
+            f"| {r['kernel']} | {r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | {r['floor_ms'] * 1e3:.1f} | "
             f"{r['ratio_to_floor']:.2f} |"
             for r in result["decode"]
         ),
@@ -151,6 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--decode-batches", default="1,32,128,256")
+    ap.add_argument("--decode-kernels", default="fa2,fa3", help="flashinfer MLA families to time (--prefill-backend)")
     ap.add_argument("--prefill-lens", default="256,1024,4096")
     ap.add_argument("--deadline-s", type=float, default=300.0)
     args = ap.parse_args()
@@ -161,10 +172,11 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
         "ceilings": ceilings, "decode": [], "prefill": [],
     }  # fmt: skip
-    for b in map(int, args.decode_batches.split(",")):
-        if time.monotonic() < deadline:
-            result["decode"].append(row := decode_row(b, 1024, ceilings, gen))
-            print(f"decode {row}", flush=True)
+    for kernel in args.decode_kernels.split(","):
+        for b in map(int, args.decode_batches.split(",")):
+            if time.monotonic() < deadline:
+                result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen))
+                print(f"decode {row}", flush=True)
     for n in map(int, args.prefill_lens.split(",")):
         if time.monotonic() < deadline:
             result["prefill"].append(row := prefill_row(16, n, gen))
