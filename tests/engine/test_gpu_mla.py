@@ -58,10 +58,12 @@ def _case(cached: list[int], new: list[int], block: int, seed: int):
     return batch, pool, [x.to("cuda", torch.bfloat16) for x in tensors]
 
 
-def _compare(cached: list[int], new: list[int], block: int = 16, seed: int = 0) -> None:
+def _compare(cached: list[int], new: list[int], block: int = 16, seed: int = 0, kernel: str = "fa2") -> None:
     batch, pool, (q_lat, q_rope, latent, k_rope) = _case(cached, new, block, seed)
     meta = AttentionMetadata.from_batch(batch, block, "cuda")
-    fi = _flashinfer_mla_cls()(HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda")
+    fi = _flashinfer_mla_cls()(
+        HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel
+    )
     ref = TorchMLAAttention(HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK)
     assert fi.kv_cache_shape(NUM_BLOCKS) == ref.kv_cache_shape(NUM_BLOCKS) == tuple(pool.shape)
     fi_pool, ref_pool = pool.clone(), pool.float()
@@ -74,7 +76,7 @@ def _compare(cached: list[int], new: list[int], block: int = 16, seed: int = 0) 
     assert out.shape == expected.shape == (sum(new), HEADS, RANK)
     err = (out.float() - expected).abs().max().item()
     rel = ((out.float() - expected).norm() / expected.norm()).item()
-    print(f"MLA cached={cached} new={new} page={block}: max abs error {err:.3e}, relative L2 {rel:.2e}")
+    print(f"MLA {kernel} cached={cached} new={new} page={block}: max abs error {err:.3e}, relative L2 {rel:.2e}")
     assert err < 2e-2 and rel < 1e-2, f"max abs error {err:.3e}, relative L2 {rel:.2e} against the float32 reference"
 
 
@@ -82,14 +84,16 @@ def test_prefill_matches_reference():
     _compare(cached=[0, 0, 0], new=[37, 16, 100])
 
 
-def test_chunked_prefill_over_cached_prefix_with_decodes():
+@pytest.mark.parametrize("kernel", ["fa2", "fa3"])  # fa2: the engine's default; fa3 with --prefill-backend fa3
+def test_chunked_prefill_over_cached_prefix_with_decodes(kernel):
     # two chunks continue cached prefixes (one mid-block), two rows decode: one mixed step
-    _compare(cached=[32, 21, 50, 7], new=[24, 40, 1, 1], seed=1)
+    _compare(cached=[32, 21, 50, 7], new=[24, 40, 1, 1], seed=1, kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel", ["fa2", "fa3"])
 @pytest.mark.parametrize("block", [16, 64])
-def test_decode_matches_reference(block):
-    _compare(cached=[1, 15, 16, 17, 200, 63], new=[1] * 6, block=block, seed=2)
+def test_decode_matches_reference(block, kernel):
+    _compare(cached=[1, 15, 16, 17, 200, 63], new=[1] * 6, block=block, seed=2, kernel=kernel)
 
 
 def test_selector_takes_flashinfer_mla_for_latent_models():
