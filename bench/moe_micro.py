@@ -95,7 +95,7 @@ def measure_shape(name: str, batches: list[int], ceilings: dict, deadline: float
             layers.append((w13, w2, {}))
             continue
         (q13, s13), (q2, s2) = quantize_experts(w13, dtype), quantize_experts(w2, dtype)
-        kw = {"w13_scale": s13, "w2_scale": s2} | ({"block_size": (128, 128)} if dtype == "fp8-block" else {})
+        kw = {"w1_scale": s13, "w2_scale": s2} | ({"block_size": (128, 128)} if dtype == "fp8-block" else {})
         layers.append((q13, q2, kw))
         del w13, w2
     rows = []

@@ -203,9 +203,10 @@ if triton is not None:
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
         QUANT: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
     ):  # fmt: skip
-        """QUANT 0: x and w13 in bf16/fp16. FP8 x and w13: 1 per-tensor scales (x's [1], w13's [E]) applied to the
-        sums; 2 block scales (x's per token and BK-column group, w13's per BN x BK block) applied to each
-        BLOCK_K-deep partial product (BLOCK_K divides BK)."""
+        """QUANT 0: x and w13 in bf16/fp16. FP8 x and w13: 1 scales applied to the sums, x's per token row (stride_as
+        0: one for the tensor) and w13's per output row of each expert (stride_wsn 0: one per expert); 2 block
+        scales (x's per token and BK-column group, w13's per BN x BK block) applied to each BLOCK_K-deep partial
+        product (BLOCK_K divides BK)."""
         pid_m, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
         expert = tl.load(tile_expert_ptr + pid_m)
         if DIRECT:  # one pair per tile, tile_expert_ptr is topk_ids itself: no alignment pass at all
@@ -250,9 +251,10 @@ if triton is not None:
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
         if QUANT == 1:
-            s = tl.load(as_ptr) * tl.load(ws_ptr + expert.to(tl.int64) * stride_wse)
-            acc_g *= s
-            acc_u *= s
+            sa = tl.load(as_ptr + token * stride_as, mask=m_ok, other=0.0)[:, None]
+            w_row = ws_ptr + expert.to(tl.int64) * stride_wse
+            acc_g *= sa * tl.load(w_row + rn * stride_wsn, mask=n_ok, other=0.0)[None, :]
+            acc_u *= sa * tl.load(w_row + (N + rn) * stride_wsn, mask=n_ok, other=0.0)[None, :]
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + rn[None, :]
         tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -301,7 +303,10 @@ if triton is not None:
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if QUANT == 1:
-            acc *= tl.load(as_ptr) * tl.load(ws_ptr + expert.to(tl.int64) * stride_wse)
+            sa = tl.load(as_ptr + pair.to(tl.int64) * stride_as, mask=m_ok, other=0.0)[:, None]
+            acc *= (
+                sa * tl.load(ws_ptr + expert.to(tl.int64) * stride_wse + rn * stride_wsn, mask=n_ok, other=0.0)[None, :]
+            )
         acc *= tl.load(weights_ptr + pair, mask=m_ok, other=0.0)[:, None]
         o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + rn[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -329,8 +334,6 @@ if triton is not None:
             pair = tok * TOP_K + j
             expert = tl.load(ids_ptr + pair).to(tl.int64)
             weight = tl.load(weights_ptr + pair)
-            if QUANT == 1:
-                weight *= tl.load(ws_ptr + expert * stride_wse)
             a_row = a_ptr + pair.to(tl.int64) * stride_at
             w_base = w_ptr + expert * stride_we + rn[None, :].to(tl.int64) * stride_wn
             for k0 in tl.static_range(0, K, BLOCK_K):
@@ -338,6 +341,8 @@ if triton is not None:
                 a = tl.load(a_row + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) * weight
                 w = tl.load(w_base + (k0 + rk)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 w = w.to(tl.float32)
+                if QUANT == 1:  # per output row of the expert (stride_wsn 0: one scale per expert)
+                    w *= tl.load(ws_ptr + expert * stride_wse + rn * stride_wsn, mask=n_ok, other=0.0)[None, :]
                 if QUANT == 2:
                     ws = ws_ptr + expert * stride_wse + (rn // BN) * stride_wsn + (k0 // BK) * stride_wsk
                     w *= tl.load(ws, mask=n_ok, other=0.0)[None, :]
@@ -422,11 +427,12 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, direct: 
 class Fp8Experts:
     """FP8 (e4m3) expert weights' scales and how activations are quantized for them.
 
-    Per tensor: w13_scale / w2_scale [E] (one scale per expert for its gate and up rows together: a checkpoint's
-    separate gate and up scales are requantized to their max at load, as vLLM does), activations per tensor,
-    dynamic or static (a13_scale / a2_scale, one number each). Block (block_size (bn, bk), DeepSeek's and Qwen3's
-    128x128 format): w13_scale [E, 2I/bn, ceil(H/bk)], w2_scale [E, ceil(H/bn), ceil(I/bk)], I a multiple of bn
-    (gate and up rows never share a block), activations per token and bk-column group, dynamic only."""
+    Per tensor or per channel: w13_scale [E] or [E, 2I], w2_scale [E] or [E, H] (one scale per expert, or per
+    output row of each expert: a checkpoint's separate gate and up per-tensor scales spread over their rows need
+    no requantization); activations per token (dynamic) or per tensor (static a13_scale / a2_scale, one number
+    each). Block (block_size (bn, bk), DeepSeek's and Qwen3's 128x128 format): w13_scale [E, 2I/bn, ceil(H/bk)],
+    w2_scale [E, ceil(H/bn), ceil(I/bk)], I a multiple of bn (gate and up rows never share a block), activations
+    per token and bk-column group, dynamic only."""
 
     w13_scale: torch.Tensor
     w2_scale: torch.Tensor
@@ -442,14 +448,16 @@ class Fp8Experts:
     def act_quant(self, static: torch.Tensor | None) -> fp8_quant.ActQuant:
         if self.block_size is not None:
             return fp8_quant.ActQuant("group", group=self.block_size[1])
-        return fp8_quant.ActQuant("tensor", static_scale=static)
+        if static is not None:
+            return fp8_quant.ActQuant("tensor", static_scale=static)
+        return fp8_quant.ActQuant("token")  # one launch, row-local, tighter than a per-tensor scale
 
     def check(self, e: int, h: int, inter: int) -> None:
         if self.block_size is None:
-            for name, t in (("w13_scale", self.w13_scale), ("w2_scale", self.w2_scale)):
-                if t.numel() != e:
-                    raise ValueError(f"fused_experts: per-tensor {name} must hold one scale per expert ({e}), "
-                                     f"got shape {tuple(t.shape)}")  # fmt: skip
+            for name, t, rows in (("w1_scale", self.w13_scale, 2 * inter), ("w2_scale", self.w2_scale, h)):
+                if t.numel() not in (e, e * rows):
+                    raise ValueError(f"fused_experts: {name} must hold one scale per expert ([{e}]) or per output row "
+                                     f"([{e}, {rows}]), got shape {tuple(t.shape)}")  # fmt: skip
             return
         bn, bk = self.block_size
         if self.a13_scale is not None or self.a2_scale is not None:
@@ -461,7 +469,7 @@ class Fp8Experts:
         want13, want2 = (e, 2 * inter // bn, -(-h // bk)), (e, -(-h // bn), -(-inter // bk))
         if tuple(self.w13_scale.shape) != want13 or tuple(self.w2_scale.shape) != want2:
             raise ValueError(
-                f"fused_experts: block scales must be w13_scale {want13} and w2_scale {want2} for {bn}x{bk} blocks, "
+                f"fused_experts: block scales must be w1_scale {want13} and w2_scale {want2} for {bn}x{bk} blocks, "
                 f"got {tuple(self.w13_scale.shape)} and {tuple(self.w2_scale.shape)}"
             )
 
@@ -505,9 +513,9 @@ def fused_experts(
     topk_ids: torch.Tensor,
     config: MoeConfig | None = None,
     *,
-    w13_scale: torch.Tensor | None = None,
+    w1_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
-    a13_scale: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
     a2_scale: torch.Tensor | None = None,
     block_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
@@ -515,15 +523,15 @@ def fused_experts(
 
     x [T, H] bf16/fp16, w13 [E, 2I, H], w2 [E, H, I] (x's dtype, contiguous), topk_weights [T, k] float32,
     topk_ids [T, k] int32 (values in [0, E): not checked, that would sync). Returns [T, H] in x's dtype.
-    FP8 experts: w13 / w2 float8_e4m3fn with w13_scale / w2_scale (and optional static a13_scale / a2_scale, or
-    block_size): see Fp8Experts. Both GEMMs then run W8A8 on tensor cores, except the few-token down_sum, which
-    dequantizes the weights in registers (W8A16)."""
+    FP8 experts (vLLM's argument names: w1 is the stacked gate/up w13): w13 / w2 float8_e4m3fn with w1_scale /
+    w2_scale (and optional static a1_scale / a2_scale, or block_size): see Fp8Experts. Both GEMMs then run W8A8
+    on tensor cores, except the few-token down_sum, which dequantizes the weights in registers (W8A16)."""
     _require_triton()
     fp8 = None
-    if w13_scale is not None or w2_scale is not None:
-        if w13_scale is None or w2_scale is None:
-            raise ValueError("fused_experts: FP8 experts need both w13_scale and w2_scale")
-        fp8 = Fp8Experts(w13_scale.float(), w2_scale.float(), block_size, a13_scale, a2_scale)
+    if w1_scale is not None or w2_scale is not None:
+        if w1_scale is None or w2_scale is None:
+            raise ValueError("fused_experts: FP8 experts need both w1_scale and w2_scale")
+        fp8 = Fp8Experts(w1_scale.float(), w2_scale.float(), block_size, a1_scale, a2_scale)
     _check_experts_args(x, w13, w2, topk_weights, topk_ids, fp8)
     t, h = x.shape
     e, two_i, _ = w13.shape
@@ -558,8 +566,9 @@ def fused_experts(
 
 @dataclass(frozen=True)
 class Fp8Gemm:
-    """The scales of one FP8 grouped GEMM's operands: the input rows' (a_scale [1], or [rows, K/bk] per row and
-    group) and the experts' weights' (w_scale [E], or [E, N/bn, K/bk] blocks)."""
+    """The scales of one FP8 grouped GEMM's operands: the input rows' (a_scale [1] per tensor, [rows, 1] per row,
+    or [rows, K/bk] per row and group) and the experts' weights' ([E], [E, N] per output row, or [E, N/bn, K/bk]
+    blocks)."""
 
     a_scale: torch.Tensor
     w_scale: torch.Tensor
@@ -569,8 +578,13 @@ class Fp8Gemm:
         """(the kernels' scale pointer and stride arguments, their QUANT/BN/BK constants)."""
         a, w = self.a_scale, self.w_scale
         block = self.block_size is not None
-        args = [a, w, a.stride(0) if block else 0, w.stride(0) if w.dim() else 0]
-        args += [w.stride(1), w.stride(2)] if block else [0, 0]
+        a_row = a.stride(0) if a.numel() > 1 else 0  # per row (or row and group), or one for the tensor
+        if block:
+            args = [a, w, a_row, w.stride(0), w.stride(1), w.stride(2)]
+        else:
+            e = w.shape[0]
+            w = w.reshape(e, -1)  # [E, 1] (one per expert) or [E, N]
+            args = [a, w, a_row, w.stride(0), 0 if w.shape[1] == 1 else w.stride(1), 0]
         bn, bk = self.block_size or (128, 128)
         return args, {"QUANT": 2 if block else 1, "BN": bn, "BK": bk}
 
@@ -653,7 +667,8 @@ def down_sum(
             block_k = min(block_k, block_size[1])
             consts = {"QUANT": 2, "BN": block_size[0], "BK": block_size[1]}
         else:
-            scale_args = [ws, ws.stride(0) if ws.dim() else 0, 0, 0]
+            ws = ws.reshape(ws.shape[0], -1)  # [E, 1] (one per expert) or [E, H]
+            scale_args = [ws, ws.stride(0), 0 if ws.shape[1] == 1 else ws.stride(1), 0]
             consts = {"QUANT": 1}
     _down_sum_kernel[(out.shape[0], triton.cdiv(h, cfg.BLOCK_N))](
         activated, w2, out, al.tile_expert, weights, h, activated.stride(0), w2.stride(0), w2.stride(1),

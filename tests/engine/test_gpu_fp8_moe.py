@@ -1,6 +1,7 @@
-"""FP8 experts in the fused MoE kernels (engine/models/fused_moe.py with w13_scale/w2_scale) on a GPU, for
+"""FP8 experts in the fused MoE kernels (engine/models/fused_moe.py with w1_scale/w2_scale) on a GPU, for
 Qwen3-30B-A3B's shape (E 128, top-8, H 2048, I 768) and M in {1, 7, 64, 512, 8192} tokens, with 128x128 block
-scales (Qwen3-30B-A3B-FP8's format) and per-tensor scales (dynamic and static activations).
+scales (Qwen3-30B-A3B-FP8's format), one scale per expert and one per expert output row (dynamic per-token and
+static per-tensor activations).
 
 References, as in test_gpu_fp8_gemm.py: the issue's (the dequantized experts in the float32 torch MoE of
 models/moe.py, unquantized activations) at FP8 tolerance, and an exact one written here: the same activation
@@ -33,10 +34,15 @@ def fused():
     return fused_moe
 
 
-def quantize_experts(w: torch.Tensor, block: bool):
-    """[E, N, K] float32 -> (fp8, scales, dequantized float32): 128x128 blocks, or one scale per expert."""
+def quantize_experts(w: torch.Tensor, fmt: str):
+    """[E, N, K] float32 -> (fp8, scales, dequantized float32): 128x128 blocks, one scale per expert ([E]) or one
+    per expert output row ([E, N])."""
     e, n, k = w.shape
-    if block:
+    if fmt == "channel":
+        s = w.abs().amax(dim=2) / 448
+        q = (w / s[:, :, None]).clamp(-448, 448).to(FP8)
+        return q, s, q.float() * s[:, :, None]
+    if fmt == "block":
         wg = w.view(e, n // 128, 128, k // 128, 128)
         s = wg.abs().amax(dim=(2, 4)) / 448
         q = (wg / s[:, :, None, :, None]).clamp(-448, 448).to(FP8)
@@ -47,14 +53,15 @@ def quantize_experts(w: torch.Tensor, block: bool):
 
 
 def torch_quant_dequant(x: torch.Tensor, block: bool, static: torch.Tensor | None = None) -> torch.Tensor:
-    """fp8_quant's numerics in torch: per token and 128-column group (block), or per tensor (dynamic / static)."""
+    """fp8_quant's numerics in torch: per token and 128-column group (block), per token (other dynamic), or per
+    tensor with a static scale."""
     xf = x.float()
     floor = 1.0 / (448.0 * 512.0)
     if static is not None:
         s = static.float().to(x.device)
         return (xf / s).clamp(-448, 448).to(FP8).float() * s
     if not block:
-        s = (xf.abs().amax() / 448).clamp_min(floor)
+        s = (xf.abs().amax(dim=1, keepdim=True) / 448).clamp_min(floor)
         return (xf / s).clamp(-448, 448).to(FP8).float() * s
     m, k = xf.shape
     xg = xf.view(m, k // 128, 128)
@@ -93,14 +100,14 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).norm() / ref.float().norm())
 
 
-def make_case(block: bool, seed: int = 0):
+def make_case(fmt: str, seed: int = 0):
     e, _, h, inter = QWEN3_30B_A3B
     gen = torch.Generator(device="cuda").manual_seed(seed)
     w13 = torch.randn(e, 2 * inter, h, generator=gen, device="cuda") / h**0.5
     w13 *= torch.rand(e, 2 * inter, 1, generator=gen, device="cuda") * 4 + 0.5  # uneven blocks
     w2 = torch.randn(e, h, inter, generator=gen, device="cuda") / inter**0.5
-    q13, s13, d13 = quantize_experts(w13, block)
-    q2, s2, d2 = quantize_experts(w2, block)
+    q13, s13, d13 = quantize_experts(w13, fmt)
+    q2, s2, d2 = quantize_experts(w2, fmt)
     return q13, s13, d13, q2, s2, d2
 
 
@@ -114,16 +121,16 @@ def routed(t: int, seed: int):
     return x, w, ids
 
 
-@pytest.mark.parametrize("fmt", ["block", "tensor"])
+@pytest.mark.parametrize("fmt", ["block", "tensor", "channel"])
 def test_fp8_experts_match_references_on_qwen3_30b_a3b(fmt: str) -> None:
     fm = fused()
     block = fmt == "block"
     e, k, h, inter = QWEN3_30B_A3B
-    q13, s13, d13, q2, s2, d2 = make_case(block)
+    q13, s13, d13, q2, s2, d2 = make_case(fmt)
     kw = {"block_size": (128, 128)} if block else {}
     for t in BATCHES:
         x, w, ids = routed(t, seed=t)
-        got = fm.fused_experts(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, **kw)
+        got = fm.fused_experts(x, q13, q2, w, ids, w1_scale=s13, w2_scale=s2, **kw)
         assert got.shape == x.shape and got.dtype == x.dtype
         cfg = fm.get_config(e, inter, h, q13.dtype, t, k)
         exact = exact_reference(x, d13, d2, w, ids, block, direct_sum=cfg.direct and cfg.fuse_sum)
@@ -136,30 +143,30 @@ def test_fp8_experts_match_references_on_qwen3_30b_a3b(fmt: str) -> None:
 @pytest.mark.parametrize(
     ("block_m", "direct", "fuse_sum"), [(16, False, False), (64, False, False), (16, True, False), (16, True, True)]
 )
-@pytest.mark.parametrize("fmt", ["block", "tensor"])
+@pytest.mark.parametrize("fmt", ["block", "channel"])
 def test_every_tile_mode_gives_the_exact_result(fmt: str, block_m: int, direct: bool, fuse_sum: bool) -> None:
     """Configs with BLOCK_K 256 (wider than a 128 block: the kernels narrow it) and 64 (two steps per block)."""
     fm = fused()
     block = fmt == "block"
-    q13, s13, d13, q2, s2, d2 = make_case(block, seed=1)
+    q13, s13, d13, q2, s2, d2 = make_case(fmt, seed=1)
     up = fm.GemmConfig(BLOCK_N=64, BLOCK_K=256, GROUP_M=4, num_warps=4, num_stages=3)
     dn = fm.GemmConfig(BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=3)
     kw = {"block_size": (128, 128)} if block else {}
     for t in (1, 3, 40):
         x, w, ids = routed(t, seed=100 + t)
         cfg = fm.MoeConfig(block_m, up, dn, direct, fuse_sum)
-        got = fm.fused_experts(x, q13, q2, w, ids, cfg, w13_scale=s13, w2_scale=s2, **kw)
+        got = fm.fused_experts(x, q13, q2, w, ids, cfg, w1_scale=s13, w2_scale=s2, **kw)
         exact = exact_reference(x, d13, d2, w, ids, block, direct_sum=direct and fuse_sum)
         assert rel(got, exact) < EXACT_TOL, f"{fmt} {cfg} T={t}: {rel(got, exact):.2e}"
 
 
 def test_static_activation_scales_for_per_tensor_experts() -> None:
     fm = fused()
-    q13, s13, d13, q2, s2, d2 = make_case(False, seed=2)
+    q13, s13, d13, q2, s2, d2 = make_case("tensor", seed=2)
     a13, a2 = torch.tensor(4.0 / 448), torch.tensor(0.05 / 448)
     for t in (7, 512):
         x, w, ids = routed(t, seed=t)
-        got = fm.fused_experts(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, a13_scale=a13, a2_scale=a2)
+        got = fm.fused_experts(x, q13, q2, w, ids, w1_scale=s13, w2_scale=s2, a1_scale=a13, a2_scale=a2)
         cfg = fm.get_config(128, 768, 2048, q13.dtype, t, 8)
         exact = exact_reference(x, d13, d2, w, ids, False, cfg.direct and cfg.fuse_sum, a13, a2)
         assert rel(got, exact) < EXACT_TOL, f"T={t}: {rel(got, exact):.2e}"
@@ -169,13 +176,13 @@ def test_static_activation_scales_for_per_tensor_experts() -> None:
 def test_cuda_graph_replay_of_fp8_experts_equals_eager(t: int) -> None:
     fm = fused()
     e, k, h, _ = QWEN3_30B_A3B
-    q13, s13, _, q2, s2, _ = make_case(True, seed=3)
+    q13, s13, _, q2, s2, _ = make_case("block", seed=3)
     x_buf = torch.zeros(t, h, device="cuda", dtype=torch.bfloat16)
     logits_buf = torch.zeros(t, e, device="cuda")
 
     def layer():
         w, ids = fm.fused_topk(logits_buf, k, True)
-        return fm.fused_experts(x_buf, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, block_size=(128, 128))
+        return fm.fused_experts(x_buf, q13, q2, w, ids, w1_scale=s13, w2_scale=s2, block_size=(128, 128))
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -195,16 +202,16 @@ def test_cuda_graph_replay_of_fp8_experts_equals_eager(t: int) -> None:
 
 def test_malformed_fp8_expert_scales_are_refused() -> None:
     fm = fused()
-    q13, s13, _, q2, s2, _ = make_case(True, seed=4)
+    q13, s13, _, q2, s2, _ = make_case("block", seed=4)
     x, w, ids = routed(2, seed=0)
     with pytest.raises(ValueError, match="block scales must be"):
-        fm.fused_experts(x, q13, q2, w, ids, w13_scale=s13[:, :3], w2_scale=s2, block_size=(128, 128))
+        fm.fused_experts(x, q13, q2, w, ids, w1_scale=s13[:, :3], w2_scale=s2, block_size=(128, 128))
     with pytest.raises(ValueError, match="one scale per expert"):
-        fm.fused_experts(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2)
-    with pytest.raises(ValueError, match="need both w13_scale and w2_scale"):
-        fm.fused_experts(x, q13, q2, w, ids, w13_scale=s13, block_size=(128, 128))
+        fm.fused_experts(x, q13, q2, w, ids, w1_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="need both w1_scale and w2_scale"):
+        fm.fused_experts(x, q13, q2, w, ids, w1_scale=s13, block_size=(128, 128))
     with pytest.raises(ValueError, match="FP8 experts' weights must be"):
-        fm.fused_experts(x, q13.to(torch.bfloat16), q2, w, ids, w13_scale=s13, w2_scale=s2, block_size=(128, 128))
+        fm.fused_experts(x, q13.to(torch.bfloat16), q2, w, ids, w1_scale=s13, w2_scale=s2, block_size=(128, 128))
     with pytest.raises(ValueError, match="dynamic activation scales only"):
-        fm.fused_experts(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, block_size=(128, 128),
-                         a13_scale=torch.tensor(1.0))  # fmt: skip
+        fm.fused_experts(x, q13, q2, w, ids, w1_scale=s13, w2_scale=s2, block_size=(128, 128),
+                         a1_scale=torch.tensor(1.0))  # fmt: skip
