@@ -225,6 +225,32 @@ def fp8_linear(
     return out.reshape(*lead, weight.shape[0])
 
 
+def fused_input_spec(
+    m: int,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    block_size: tuple[int, int] | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> ActQuant | None:
+    """The quantization fp8_linear would give an M-row input of this layer, when the kernel before the layer may
+    produce it instead (fp8_quant.rms_norm_quant / silu_mul_quant, then `fp8_gemm`: the same bits, one launch and
+    one bf16 round trip fewer). None: call fp8_linear with the bf16 rows (CPU, M <= GEMV_MAX_ROWS where W8A16
+    reads bf16, flashinfer's block GEMM, or dynamic per-tensor scales, which no row-local kernel can make)."""
+    if not weight.is_cuda or not supported(weight.device) or m <= GEMV_MAX_ROWS:
+        return None
+    kind = scale_kind(weight, weight_scale, block_size)
+    if (
+        kind == "block"
+        and input_scale is None
+        and FLASHINFER_BLOCK_MIN_ROWS is not None
+        and m >= FLASHINFER_BLOCK_MIN_ROWS
+    ):
+        return None
+    spec = act_quant_for(kind, block_size, input_scale)
+    return spec if spec.fusable else None
+
+
 def fp8_gemm(
     xq: torch.Tensor,
     x_scale: torch.Tensor,

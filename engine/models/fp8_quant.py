@@ -166,12 +166,14 @@ if triton is not None:
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _silu_mul_tile(x_row, cols, ok, n_cols, OUT_DTYPE: tl.constexpr):
-        """silu(gate) * up for columns `cols` of one row, rounded as fused.silu_mul rounds (silu, then product)."""
-        g = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+    def _silu_mul_tile(x_row, cols, ok, n_cols):
+        """silu(gate) * up for columns `cols` of one row, rounded to x's dtype as fused.silu_mul rounds (silu, then
+        the product)."""
+        g = tl.load(x_row + cols, mask=ok, other=0.0)
         u = tl.load(x_row + n_cols + cols, mask=ok, other=0.0).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(OUT_DTYPE).to(tl.float32)
-        return (act * u).to(OUT_DTYPE).to(tl.float32)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        return (act * u).to(g.dtype).to(tl.float32)
 
     @triton.jit
     def _silu_mul_quant_groups_kernel(
@@ -182,7 +184,7 @@ if triton is not None:
         g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         ok = cols < n_cols
-        h = _silu_mul_tile(x_ptr + row * stride_x, cols, ok, n_cols, x_ptr.dtype.element_ty)
+        h = _silu_mul_tile(x_ptr + row * stride_x, cols, ok, n_cols)
         if GIVEN_SCALE:
             q = _quantize(h, tl.load(s_ptr), QMAX)
         else:
@@ -201,13 +203,13 @@ if triton is not None:
         x_row = x_ptr + row * stride_x
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, n_cols, BLOCK):
-            h = _silu_mul_tile(x_row, k0 + cols, k0 + cols < n_cols, n_cols, x_ptr.dtype.element_ty)
+            h = _silu_mul_tile(x_row, k0 + cols, k0 + cols < n_cols, n_cols)
             amax = tl.maximum(amax, tl.abs(h))
         scale = tl.maximum(tl.max(amax, axis=0) / QMAX, min_scale)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, n_cols, BLOCK):
             ok = k0 + cols < n_cols
-            h = _silu_mul_tile(x_row, k0 + cols, ok, n_cols, x_ptr.dtype.element_ty)
+            h = _silu_mul_tile(x_row, k0 + cols, ok, n_cols)
             tl.store(q_ptr + row * stride_q + k0 + cols, _quantize(h, scale, QMAX).to(q_ptr.dtype.element_ty), mask=ok)
 
 

@@ -285,3 +285,31 @@ def test_dynamic_per_tensor_scales_are_refused_by_the_fused_kernels() -> None:
         )
     with pytest.raises(ValueError, match="dynamic per-tensor scales cannot be fused"):
         fp8_quant.silu_mul_quant(x, fp8_quant.ActQuant("tensor"))
+
+
+@pytest.mark.parametrize("fmt", ["channel", "block"])
+def test_the_fused_input_route_gives_fp8_linears_bits(fmt: str) -> None:
+    """A model that lets the norm or SiLU-and-mul quantize (fused_input_spec, then fp8_gemm) gets exactly what
+    fp8_linear on the bf16 output gives; few rows and dynamic per-tensor scales are told to use fp8_linear."""
+    fp8_gemm, fp8_quant, fused = modules()
+    h, inter = 4096, 14336
+    down_q, down_s, block, _ = make_weight(h, inter, fmt, seed=21)
+    qkv_q, qkv_s, _, _ = make_weight(6144, h, fmt, seed=22)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    norm_w = (torch.rand(h, generator=gen, device="cuda") + 0.5).to(torch.bfloat16)
+    for m in (64, 512):
+        gate_up = torch.randn(m, 2 * inter, generator=gen, device="cuda").to(torch.bfloat16)
+        spec = fp8_gemm.fused_input_spec(m, down_q, down_s, block_size=block)
+        assert spec is not None and spec.mode == ("group" if fmt == "block" else "token")
+        fused_out = fp8_gemm.fp8_gemm(*fp8_quant.silu_mul_quant(gate_up, spec), down_q, down_s, block_size=block)
+        assert torch.equal(fused_out, fp8_gemm.fp8_linear(fused.silu_mul(gate_up), down_q, down_s, block_size=block))
+        x = torch.randn(m, h, generator=gen, device="cuda").to(torch.bfloat16)
+        res = torch.randn(m, h, generator=gen, device="cuda").to(torch.bfloat16)
+        _, q, s = fp8_quant.rms_norm_quant(x, norm_w, 1e-5, spec, residual=res)
+        unfused = fp8_gemm.fp8_linear(fused.add_rms_norm(x, res, norm_w, 1e-5)[1], qkv_q, qkv_s, block_size=block)
+        assert torch.equal(fp8_gemm.fp8_gemm(q, s, qkv_q, qkv_s, block_size=block), unfused)
+    assert fp8_gemm.fused_input_spec(fp8_gemm.GEMV_MAX_ROWS, down_q, down_s, block_size=block) is None
+    tensor_q, tensor_s, _, _ = make_weight(h, inter, "tensor", seed=23)
+    assert fp8_gemm.fused_input_spec(64, tensor_q, tensor_s) is None  # dynamic per-tensor: not row-local
+    static = fp8_gemm.fused_input_spec(64, tensor_q, tensor_s, input_scale=torch.tensor(0.01, device="cuda"))
+    assert static is not None and static.mode == "tensor"
