@@ -139,7 +139,10 @@ def spec_schema() -> Schema:
             ),
             "apiKeySecretRef": _secret_ref("Secret with the API key clients must send", "api-key"),
             "image": _str("router image (default: the operator's --router-image)"),
-            "cpu": _quantity("CPU request per router replica"),
+            "cpu": _quantity(
+                "CPU limit per router replica (request: 250m unless set); the router runs one worker process per "
+                f"CPU of its limit (default {s.DEFAULT_ROUTER_CPU_LIMIT})"
+            ),
             "memory": _quantity("memory request and limit per router replica"),
         }
     )

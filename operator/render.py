@@ -16,7 +16,14 @@ from typing import Any
 
 from kubellm.builtin_models import BUILTIN_PREFIX
 from kubellm.operator.rbac import ROUTER_RULES
-from kubellm.operator.spec import API_VERSION, DEFAULT_ENGINE_IMAGE, DEFAULT_ROUTER_IMAGE, KIND, LLMDeploymentSpec
+from kubellm.operator.spec import (
+    API_VERSION,
+    DEFAULT_ENGINE_IMAGE,
+    DEFAULT_ROUTER_CPU_LIMIT,
+    DEFAULT_ROUTER_IMAGE,
+    KIND,
+    LLMDeploymentSpec,
+)
 
 Manifest = dict[str, Any]
 
@@ -441,8 +448,12 @@ def router_deployment(spec: LLMDeploymentSpec, owner: Owner, opts: RenderOptions
         container["env"].append(
             {"name": ROUTER_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )
-    requests = {"cpu": _quantity(spec.router.cpu) or "250m", "memory": _quantity(spec.router.memory) or "512Mi"}
-    container["resources"] = {"requests": requests, "limits": {"memory": requests["memory"]}}
+    # The router starts one worker per CPU of its cgroup limit (`kubellm router --workers` default), so the
+    # limit sets its parallelism; the request stays small where the CR names no CPU (routers idle mostly).
+    cpu = _quantity(spec.router.cpu)
+    requests = {"cpu": cpu or "250m", "memory": _quantity(spec.router.memory) or "512Mi"}
+    limits = {"cpu": cpu or DEFAULT_ROUTER_CPU_LIMIT, "memory": requests["memory"]}
+    container["resources"] = {"requests": requests, "limits": limits}
     pod_spec: dict[str, Any] = {
         "serviceAccountName": names.router,
         "securityContext": _pod_security(),

@@ -23,6 +23,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_ENGINE_IMAGE = "ghcr.io/kubellm/kubellm-engine:0.1.0"
 DEFAULT_ROUTER_IMAGE = "ghcr.io/kubellm/kubellm-router:0.1.0"
+DEFAULT_ROUTER_CPU_LIMIT = "2"  # CPUs per router pod: its worker processes (kubellm router --workers default)
 
 # Model source forms: a Hugging Face id (org/name), pvc://claim/path, builtin:name.
 HF_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"

@@ -30,12 +30,13 @@ from kubellm.router.config import RouterConfig
 from kubellm.router.discovery import make_discovery
 from kubellm.router.errors import error_response
 from kubellm.router.kv_events_client import KVEventSubscriber
-from kubellm.router.metrics import RouterMetrics
+from kubellm.router.metrics import RouterMetrics, render_merged
 from kubellm.router.policies import Candidate, RouteRequest, make_policy
 from kubellm.router.prefix_index import PrefixIndex
 from kubellm.router.proxy import UpstreamFailure, forward
 from kubellm.router.queue import WaitQueue
 from kubellm.router.tokenization import PromptHasher, PromptKey
+from kubellm.router.workers import WorkerPlacement
 from kubellm.routing import RoutingPolicy
 
 log = logging.getLogger("kubellm.router")
@@ -112,8 +113,9 @@ class RoutedBody(BaseModel):
 
 
 class Router:
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, worker: WorkerPlacement | None = None):
         self.config = config
+        self.worker = worker  # one of `--workers N` processes (None: the only one)
         self.metrics = RouterMetrics()
         self.registry = BackendRegistry(
             config.models,
@@ -271,7 +273,27 @@ class Router:
         return web.json_response({"status": "ok", "backends": len(self.registry.backends), "routable": up})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+        if self.worker is None:
+            body = self.metrics.render()
+        else:  # one view of all workers: theirs merged with ours
+            peers = await asyncio.gather(*(self._peer_snapshot(p) for p in self.worker.peer_socket_paths()))
+            body = render_merged([self.metrics.snapshot(), *(p for p in peers if p is not None)])
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def _peer_snapshot(self, socket_path: str) -> list[dict[str, Any]] | None:
+        """Another worker's metric samples over its unix socket; None if it is not up (restarting)."""
+        try:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path)) as s,
+                s.get("http://worker/metrics/local", timeout=aiohttp.ClientTimeout(total=2)) as r,
+            ):
+                return await r.json() if r.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.debug("metrics of worker at %s unavailable: %s", socket_path, e)
+            return None
+
+    async def handle_local_metrics(self, request: web.Request) -> web.Response:
+        return web.json_response(self.metrics.snapshot())
 
     def _card(self, model: str) -> ModelCard:
         return ModelCard(id=model, created=self._started, max_model_len=self.registry.max_model_len(model))
@@ -481,12 +503,15 @@ class ListenError(RuntimeError):
 
 
 class RouterServer:
-    """Runs a Router on host:port; `async with RouterServer(cfg) as s: s.url`."""
+    """Runs a Router on host:port; `async with RouterServer(cfg) as s: s.url`. As one of `--workers N` it listens
+    with SO_REUSEPORT beside its siblings and answers their metrics requests on a unix socket."""
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, worker: WorkerPlacement | None = None):
         self.config = config
-        self.router = Router(config)
+        self.worker = worker
+        self.router = Router(config, worker)
         self.runner: web.AppRunner | None = None
+        self.local_runner: web.AppRunner | None = None
         self.port: int = config.port
 
     @property
@@ -503,7 +528,14 @@ class RouterServer:
             max_line_size=self.config.max_header_bytes,
         )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            self.runner,
+            self.config.host,
+            self.config.port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=self.worker is not None,
+        )
         try:
             await site.start()
         except OSError as e:
@@ -515,8 +547,19 @@ class RouterServer:
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        if self.worker is not None:
+            local = web.Application()
+            local.router.add_get("/metrics/local", self.router.handle_local_metrics)
+            self.local_runner = web.AppRunner(local, access_log=None)
+            await self.local_runner.setup()
+            path = self.worker.socket_path()
+            if os.path.exists(path):
+                os.unlink(path)  # left by this worker's previous life
+            await web.UnixSite(self.local_runner, path).start()
 
     async def stop(self) -> None:
+        if self.local_runner:
+            await self.local_runner.cleanup()
         if self.runner:
             await self.runner.cleanup()
 

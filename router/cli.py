@@ -31,7 +31,7 @@ def config_from_args(argv: list[str]):  # -> RouterConfig
     return RouterConfig(**values(ns, RouterConfig, [f.name for f in fields(RouterConfig)]))
 
 
-async def serve(config) -> None:
+async def serve(config, worker=None, on_ready=None) -> None:
     from kubellm.router.app import RouterServer
 
     stop = asyncio.Event()
@@ -41,7 +41,11 @@ async def serve(config) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    async with RouterServer(config) as server:
+    async with RouterServer(config, worker) as server:
+        if on_ready is not None:  # a worker: the parent announces the router once all are up
+            on_ready()
+            await stop.wait()
+            return
         logging.getLogger("kubellm.router").info(
             "router on %s: policy=%s discovery=%s backends=%d models=%s",
             server.url,
@@ -69,17 +73,65 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kubellm.router.app import ListenError
 
+    if config.workers > 1:
+        return _run_workers(config)
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(serve(config))
+        _event_loop_runner()(serve(config))
     except KeyboardInterrupt:
         pass
     except ListenError as e:  # a port in use is a user's everyday mistake: one line, no traceback
         print(f"kubellm router: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _event_loop_runner():
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:
+        return asyncio.run
+
+
+def _run_workers(config) -> int:
+    """The parent of `--workers N`: holds the port, starts the workers, restarts any that die."""
+    import os
+
+    import kubellm.router.app  # noqa: F401  (imported once here, so forked workers start at once)
+    from kubellm.router.workers import Supervisor, hold_port, worker_config
+
+    try:
+        holder = hold_port(config.host, config.port)
+    except OSError as e:
+        print(
+            f"kubellm router: cannot listen on {config.host}:{config.port} "
+            f"({os.strerror(e.errno) if e.errno else e}); choose another port with --port",
+            file=sys.stderr,
+        )
+        return 1
+    port = holder.getsockname()[1]
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+    supervisor = Supervisor(worker_config(config, port), config.workers, _worker_main)
+    log = logging.getLogger("kubellm.router")
+
+    def announce() -> None:
+        log.info("router on http://%s:%d: %d workers, policy=%s", host, port, config.workers, config.policy.value)
+        print(f"kubellm router listening on http://{host}:{port} ({config.workers} workers)", flush=True)
+
+    try:
+        return supervisor.run(announce)
+    finally:
+        holder.close()
+
+
+def _worker_main(config, index: int, metrics_dir: str, ready) -> None:
+    """One worker process (forked by the Supervisor)."""
+    from kubellm.router.workers import WorkerPlacement
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)  # serve() installs the loop's own handlers
+    try:
+        _event_loop_runner()(serve(config, WorkerPlacement(index, metrics_dir), ready.set))
+    except KeyboardInterrupt:
+        pass

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from kubellm.config_flags import option
 from kubellm.router.prefix_index import DEFAULT_APPROX_SIZE
+from kubellm.router.workers import default_workers
 from kubellm.routing import (
     DEFAULT_BALANCE_FACTOR,
     DEFAULT_LOAD_FLOOR,
@@ -51,6 +52,16 @@ def _non_negative_int(value: str) -> int:
     return n
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return n
+
+
 def _on_off(value: str) -> bool:
     if value.lower() in ("on", "true", "1", "yes"):
         return True
@@ -66,6 +77,12 @@ def _api_keys_from_env() -> list[str]:
 @dataclass
 class RouterConfig:
     host: str = option("0.0.0.0", help="bind address")
+    workers: int = option(
+        default_factory=default_workers,
+        parse=_positive_int,
+        help="router processes sharing the port (SO_REUSEPORT), each with its own KV-event subscriptions and "
+        "index (default: the CPUs the process may use: its cgroup CPU limit, else its affinity mask)",
+    )
     port: int = option(8080, help="port")
     models: list[str] = option(
         default_factory=list,

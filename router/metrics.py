@@ -1,8 +1,18 @@
-"""The router's Prometheus metrics (names from kubellm.metric_names), one registry per router instance."""
+"""The router's Prometheus metrics (names from kubellm.metric_names), one registry per router instance.
+
+With `--workers N` every worker keeps its own registry; whichever worker answers GET /metrics asks the others
+for their samples (`snapshot`) and serves the merge (`render_merged`): counters and histograms add up, each
+gauge merges by its own rule (in-flight and queued requests add up; a backend is healthy if any worker can use
+it; a KV-event seq shows the least advanced worker, -1 if any has no live stream).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from kubellm import metric_names as mn
 
@@ -45,3 +55,61 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """This registry's families as JSON-able data (what one worker sends another)."""
+        return [
+            {
+                "name": fam.name,
+                "doc": fam.documentation,
+                "type": fam.type,
+                "samples": [[s.name, s.labels, s.value] for s in fam.samples],
+            }
+            for fam in self.registry.collect()
+        ]
+
+
+GAUGE_MERGE: dict[str, Callable[[Iterable[float]], float]] = {
+    mn.ROUTER_IN_FLIGHT: sum,
+    mn.ROUTER_QUEUED: sum,
+    mn.ROUTER_BACKEND_HEALTHY: max,
+    mn.ROUTER_KV_EVENT_SEQ: min,
+}
+
+
+def merge_snapshots(snapshots: Iterable[list[dict[str, Any]]]) -> list[Metric]:
+    """Families of several workers merged into one view (see the module docstring for the rules)."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    for snap in snapshots:
+        for fam in snap:
+            if fam["name"] not in families:
+                families[fam["name"]] = Metric(fam["name"], fam["doc"], fam["type"])
+                values[fam["name"]] = {}
+            per_sample = values[fam["name"]]
+            for name, labels, value in fam["samples"]:
+                per_sample.setdefault((name, tuple(sorted(labels.items()))), []).append(float(value))
+    for fname, fam in families.items():
+        for (name, labels), vals in values[fname].items():
+            if fam.type == "gauge":
+                merged = GAUGE_MERGE.get(fname, sum)(vals)
+            elif name.endswith("_created"):
+                merged = min(vals)
+            else:
+                merged = sum(vals)
+            fam.add_sample(name, dict(labels), merged)
+    return list(families.values())
+
+
+class _Families:
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def render_merged(snapshots: Iterable[list[dict[str, Any]]]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(merge_snapshots(snapshots)))  # type: ignore[arg-type]
+    return generate_latest(registry)

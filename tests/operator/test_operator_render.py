@@ -195,6 +195,20 @@ def test_router_args_follow_the_documented_contract():
     assert headless["spec"]["ports"][0]["name"] == rd.ENGINE_PORT_NAME
 
 
+@pytest.mark.parametrize(("router", "requests", "limits"), [
+    ({}, {"cpu": "250m", "memory": "512Mi"}, {"cpu": "2", "memory": "512Mi"}),
+    ({"cpu": "4", "memory": "1Gi"}, {"cpu": "4", "memory": "1Gi"}, {"cpu": "4", "memory": "1Gi"}),
+])  # fmt: skip
+def test_router_cpu_limit_is_set_and_workers_are_left_to_the_router(router, requests, limits):
+    """The router runs one worker per CPU of its cgroup limit, so the operator sets the limit, never --workers."""
+    spec = parse_spec("x", {"model": {"source": "org/m"}, "router": router})
+    c = by_kind(rd.render(spec, rd.Owner("x", "ns", "u"), OPTS, 1), "Deployment", "x-router")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert c["resources"] == {"requests": requests, "limits": limits}
+    assert "--workers" not in c["args"]
+
+
 def test_router_api_key_comes_from_a_secret_in_the_environment():
     spec = parse_spec("x", {"model": {"source": "org/m"}, "router": {"apiKeySecretRef": {"name": "keys"}}})
     r = rd.render(spec, rd.Owner("x", "ns", "u"), OPTS, 1)
