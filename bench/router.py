@@ -84,16 +84,25 @@ def spawn(name: str, cmd: list[str], url: str, health: str = "/health", timeout:
         time.sleep(0.2)
 
 
-def our_router(backends: list[str], policy: str, extra: list[str] | None = None, model: str = "m") -> Proc:
+def our_router(
+    backends: list[str],
+    policy: str,
+    extra: list[str] | None = None,
+    model: str = "m",
+    core: int | None = None,
+    python: str = PY,
+) -> Proc:
     port = free_port()
-    cmd = [PY, "-m", "kubellm.cli", "router", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+    cmd = [python, "-m", "kubellm.cli", "router", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
            "--model", model, "--log-level", "warning"]  # fmt: skip
     for b in backends:
         cmd += ["--backend", b]
-    return spawn(f"router-{policy}", cmd + (extra or []), f"http://127.0.0.1:{port}")
+    return spawn(f"router-{policy}", pinned(cmd + (extra or []), core), f"http://127.0.0.1:{port}")
 
 
-def sglang_router(backends: list[str], policy: str = "cache_aware", strip: bool = False) -> Proc | None:
+def sglang_router(
+    backends: list[str], policy: str = "cache_aware", strip: bool = False, core: int | None = None
+) -> Proc | None:
     try:
         import sglang_router  # noqa: F401
     except ImportError:
@@ -109,7 +118,7 @@ def sglang_router(backends: list[str], policy: str = "cache_aware", strip: bool 
     cmd = [PY, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
            "--worker-urls", *backends, "--log-level", "warn", "--disable-retries",
            "--prometheus-port", str(free_port())]  # fmt: skip
-    proc = spawn(f"sglang-{policy}", cmd, f"http://127.0.0.1:{port}", health="/health", timeout=60)
+    proc = spawn(f"sglang-{policy}", pinned(cmd, core), f"http://127.0.0.1:{port}", health="/health", timeout=60)
     proc.children = shims
     return proc
 
@@ -170,6 +179,16 @@ def hardware() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except OSError:
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -178,130 +197,158 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# overhead: an instant backend, called directly and through each router
+# overhead: an instant fake engine, called directly and through each router, each router pinned to one core
 # ---------------------------------------------------------------------------------------------------------------
-INSTANT_BODY = json.dumps(
-    {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-).encode()  # fmt: skip
+ROUTER_CORE, HARNESS_CORE = 0, 1  # the router under test on one core; load generator and fake engine on the other
 
 
-def run_instant_backend(port: int) -> None:
-    from aiohttp import web
+def pinned(cmd: list[str], core: int | None) -> list[str]:
+    return ["taskset", "-c", str(core), *cmd] if core is not None else cmd
 
-    async def ok(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=INSTANT_BODY, content_type="application/json")
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+def overhead_bodies(n: int, stream: bool, seed: int = 0) -> list[bytes]:
+    """n chat requests of ~2 kB: a ~1 kB system prompt shared by all, a ~1 kB user turn unique to each."""
+    rng = random.Random(seed)
+    system = words(rng, 170)
+    out = []
+    for _ in range(n):
+        body: dict[str, Any] = {"model": "m", "max_tokens": 16,
+                                "messages": [{"role": "system", "content": system},
+                                             {"role": "user", "content": words(rng, 170)}]}  # fmt: skip
+        if stream:
+            body["stream"] = True
+        out.append(json.dumps(body).encode())
+    return out
 
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", ok)
-    app.router.add_post("/generate", ok)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/health_generate", health)
-    app.router.add_get("/get_server_info", lambda r: web.json_response({}))
-    app.router.add_get("/get_model_info", lambda r: web.json_response({"model_path": "m"}))
+def cpu_seconds(proc: Proc | None) -> float:
+    """User + system CPU seconds of a contender's process tree (workers included)."""
+    import psutil
+
+    if proc is None:
+        return 0.0
+    try:
+        root = psutil.Process(proc.popen.pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            t = p.cpu_times()
+            total += t.user + t.system
+        return total
+    except psutil.Error:
+        return float("nan")
+
+
+def run_load(host: str, port: int, work: Any) -> Any:
+    """Run work(client) on a fresh event loop (uvloop when installed) with a fresh connection pool."""
+    from router_load import LoadClient
+
+    async def go() -> Any:
+        client = LoadClient(host, port)
+        try:
+            return await work(client)
+        finally:
+            client.close()
+
     try:
         import uvloop
 
-        uvloop.install()
+        return uvloop.run(go())
     except ImportError:
-        pass
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+        return asyncio.run(go())
 
 
-CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 50}], "max_tokens": 1}).encode()
+@dataclass
+class Contender:
+    name: str
+    start: Any  # () -> Proc | None; None: call the engine directly
+    latency: bool = True  # measure latency (a pinned, comparable contender) or throughput only
 
 
-async def fixed_rate(url: str, rate: float, duration: float) -> list[float]:
-    """Open loop: one request every 1/rate s over kept-alive connections; returns latencies in seconds."""
-    lat: list[float] = []
-    conn = aiohttp.TCPConnector(limit=256)
-    async with aiohttp.ClientSession(connector=conn) as s:
+def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    from router_load import closed_loop, fixed_rate  # bench/ is on sys.path (run as a script)
 
-        async def one() -> None:
-            t0 = time.perf_counter()
-            async with s.post(url + "/v1/chat/completions", data=CHAT,
-                              headers={"Content-Type": "application/json"}) as r:  # fmt: skip
-                await r.read()
-                if r.status == 200:
-                    lat.append(time.perf_counter() - t0)
-
-        for _ in range(20):  # warm the connection pool
-            await one()
-        lat.clear()
-        tasks = []
-        start = time.perf_counter()
-        n = int(rate * duration)
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return lat
-
-
-async def max_rps(url: str, concurrency: int, duration: float) -> float:
-    done = 0
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn) as s:
-        stop = time.perf_counter() + duration
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                async with s.post(url + "/v1/chat/completions", data=CHAT,
-                                  headers={"Content-Type": "application/json"}) as r:  # fmt: skip
-                    await r.read()
-                    done += r.status == 200
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - t0)
-
-
-def bench_overhead(rate: float, duration: float, with_sglang: bool) -> dict[str, Any]:
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("the overhead benchmark pins the router to one core and the harness to another: needs 2")
+    os.sched_setaffinity(0, {HARNESS_CORE})  # this process is the load generator
     port = free_port()
-    backend = spawn("instant", [PY, __file__, "_instant", "--port", str(port)], f"http://127.0.0.1:{port}")
-    results: dict[str, Any] = {"workload": f"POST /v1/chat/completions (~60 tokens), instant backend; {rate:g} req/s "
-                               f"open loop for {duration:g}s over kept-alive connections; max req/s closed loop "
-                               "with 64 connections for 5s", "rows": {}}  # fmt: skip
-    contenders: list[tuple[str, Any]] = [("direct", None)]
-    contenders += [("kubellm prefix", lambda: our_router([backend.url], "prefix", ["--kv-events", "off"]))]
-    contenders += [("kubellm round_robin", lambda: our_router([backend.url], "round_robin", ["--kv-events", "off"]))]
-    if with_sglang:
-        contenders += [("sglang-router cache_aware", lambda: sglang_router([backend.url]))]
+    engine = spawn("instant", pinned([PY, __file__, "_instant", "--port", str(port)], HARNESS_CORE),
+                   f"http://127.0.0.1:{port}")  # fmt: skip
+    plain, streamed = overhead_bodies(1000, False), overhead_bodies(1000, True, seed=1)
+    rate, srate, duration = args.rate or 500.0, args.stream_rate, args.duration
+    results: dict[str, Any] = {
+        "workload": f"POST /v1/chat/completions, 1000 distinct ~2 kB bodies (shared ~1 kB system prompt + unique "
+        f"~1 kB user turn), instant fake engine (bench/router_load.py); latency: {rate:g} req/s open loop for "
+        f"{duration:g}s over kept-alive connections; streaming: {args.stream_rate:g} req/s for {duration:g}s, "
+        "4 SSE chunks 2 ms apart, time to first chunk; max req/s: closed loop, 64 connections, "
+        f"{args.max_duration:g}s. "
+        f"Router pinned to core {ROUTER_CORE} (taskset), load generator and fake engine on core {HARNESS_CORE}; "
+        "kubellm with --kv-events off (the fake has no event stream), prefix policy, text-block hashing "
+        "(the fake serves no tokenizer)",
+        "rows": {},
+    }
+    b = [engine.url]
+    contenders = [Contender("direct", None)]
+    contenders.append(Contender("kubellm prefix", lambda: our_router(
+        b, "prefix", ["--kv-events", "off", "--workers", "1"], core=ROUTER_CORE)))  # fmt: skip
+    if args.baseline_python:
+        contenders.append(Contender("kubellm prefix (before)", lambda: our_router(
+            b, "prefix", ["--kv-events", "off"], core=ROUTER_CORE, python=args.baseline_python)))  # fmt: skip
+    if not args.no_sglang:
+        contenders.append(Contender("sglang-router cache_aware", lambda: sglang_router(b, core=ROUTER_CORE)))
+    contenders.append(Contender("kubellm prefix --workers 2 (unpinned)", lambda: our_router(
+        b, "prefix", ["--kv-events", "off", "--workers", "2"]), latency=False))  # fmt: skip
+    if args.only:
+        contenders = [c for c in contenders if c.name == "direct" or any(o in c.name for o in args.only)]
     try:
-        for name, start in contenders:
-            proc = start() if start else None
-            if start and proc is None:
+        for c in contenders:
+            proc = c.start() if c.start else None
+            if c.start and proc is None:
                 continue
-            url = proc.url if proc else backend.url
+            url = proc.url if proc else engine.url
+            host, port_s = url.removeprefix("http://").split(":")
+            row: dict[str, Any] = {}
             try:
-                lat = asyncio.run(fixed_rate(url, rate, duration))
-                rps = asyncio.run(max_rps(url, 64, 5.0))
+                for rep in range(args.repeats):
+                    if c.latency:
+                        lat = run_load(host, int(port_s), lambda cl: fixed_rate(cl, plain, rate, duration))
+                        st = run_load(host, int(port_s), lambda cl: fixed_rate(cl, streamed, srate, duration))
+                        row.setdefault("p50_ms", []).append(pct([t.total for t in lat], 50) * 1e3)
+                        row.setdefault("p99_ms", []).append(pct([t.total for t in lat], 99) * 1e3)
+                        row.setdefault("n", []).append(len(lat))
+                        row.setdefault("ttfc_p50_ms", []).append(pct([t.first_byte for t in st], 50) * 1e3)
+                        row.setdefault("ttfc_p99_ms", []).append(pct([t.first_byte for t in st], 99) * 1e3)
+                        row.setdefault("stream_total_p50_ms", []).append(pct([t.total for t in st], 50) * 1e3)
+                    cpu0 = cpu_seconds(proc)
+                    rps = run_load(host, int(port_s), lambda cl: closed_loop(cl, plain, 64, args.max_duration))
+                    row.setdefault("max_rps", []).append(rps)
+                    if proc is not None:  # CPU per request: a figure other users of a shared machine disturb less
+                        cpu_ms = (cpu_seconds(proc) - cpu0) * 1e3 / max(1.0, rps * args.max_duration)
+                        row.setdefault("cpu_ms_per_req", []).append(cpu_ms)
+                    print(f"{c.name:40s} rep {rep}: " + "  ".join(f"{k} {v[-1]:.3f}" for k, v in row.items()),
+                          flush=True)  # fmt: skip
             finally:
                 if proc:
                     proc.stop()
-            results["rows"][name] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "n": len(lat),
-                                     "max_rps": rps}  # fmt: skip
-            print(f"{name:28s} p50 {pct(lat, 50) * 1e3:7.3f} ms  p99 {pct(lat, 99) * 1e3:7.3f} ms  "
-                  f"max {rps:8.0f} req/s", flush=True)  # fmt: skip
+            results["rows"][c.name] = row
     finally:
-        backend.stop()
+        engine.stop()
+    summarize_overhead(results)
+    return results
+
+
+def summarize_overhead(results: dict[str, Any]) -> None:
+    """Per row: the median of the repeats, and their spread (min-max) beside it; added = minus direct's median."""
+    for row in results["rows"].values():
+        for k in list(row):
+            if isinstance(row[k], list):
+                vals = sorted(row[k])
+                row[k + "_runs"] = vals
+                row[k] = vals[len(vals) // 2]
     direct = results["rows"]["direct"]
     for row in results["rows"].values():
-        row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
-        row["added_p99_ms"] = row["p99_ms"] - direct["p99_ms"]
-    return results
+        for k in ("p50_ms", "p99_ms", "ttfc_p50_ms", "ttfc_p99_ms"):
+            if k in row:
+                row["added_" + k] = row[k] - direct[k]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,6 +605,8 @@ def write_results(results: dict[str, Any]) -> Path:
     path = RESULTS / f"router-{date}{results.get('suffix', '')}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = [f"# Router benchmark, {date}", "", f"Hardware: {results['hardware']}", ""]
+    if results.get("command"):
+        md += [f"Command: `{results['command']}` at commit {results.get('commit', '?')}", ""]
     if results.get("note"):
         md += [results["note"], ""]
     if "overhead" in results:
@@ -567,12 +616,24 @@ def write_results(results: dict[str, Any]) -> Path:
             "",
             o["workload"],
             "",
-            "| contender | p50 ms | p99 ms | added p50 ms | added p99 ms | max req/s |",
-            "|---|---|---|---|---|---|",
+            "Each figure is the median of the repeats; [min-max] of the repeats beside it. Added = minus direct's.",
+            "",
+            "| contender | p50 ms | p99 ms | added p50 ms | added p99 ms | stream TTFC p50 ms | added TTFC p50 ms | "
+            "max req/s | router CPU ms/req |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
+
+        def cell(r: dict[str, Any], k: str, fmt: str = ".3f") -> str:
+            if k not in r:
+                return "-"
+            runs = r.get(k + "_runs")
+            spread = f" [{runs[0]:{fmt}}-{runs[-1]:{fmt}}]" if runs and len(runs) > 1 else ""
+            return f"{r[k]:{fmt}}{spread}"
+
         for name, r in o["rows"].items():
-            md.append(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['added_p50_ms']:.3f} | "
-                      f"{r['added_p99_ms']:.3f} | {r['max_rps']:.0f} |")  # fmt: skip
+            md.append(f"| {name} | {cell(r, 'p50_ms')} | {cell(r, 'p99_ms')} | {cell(r, 'added_p50_ms')} | "
+                      f"{cell(r, 'added_p99_ms')} | {cell(r, 'ttfc_p50_ms')} | {cell(r, 'added_ttfc_p50_ms')} | "
+                      f"{cell(r, 'max_rps', '.0f')} | {cell(r, 'cpu_ms_per_req')} |")  # fmt: skip
         md.append("")
     for kind in ("multiturn", "uniform"):
         if kind not in results.get("routing", {}):
@@ -618,12 +679,19 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         r["precise TTFT p90 / sglang cache_aware TTFT p90 (target < 1)"] = (
             mt["prefix precise"]["ttft_p90_ms"] / sg["ttft_p90_ms"])  # fmt: skip
     ov = results.get("overhead", {}).get("rows", {})
-    if "kubellm prefix" in ov:
-        r["added latency p50 ms at fixed rate (target <= 1)"] = ov["kubellm prefix"]["added_p50_ms"]
-    if "kubellm prefix" in ov and "sglang-router cache_aware" in ov:
-        r["max req/s kubellm / sglang-router"] = (
-            ov["kubellm prefix"]["max_rps"] / ov["sglang-router cache_aware"]["max_rps"]
-        )
+    us, sg = ov.get("kubellm prefix"), ov.get("sglang-router cache_aware")
+    if us:
+        r["kubellm added latency p50 ms at 500 req/s (target <= 0.3)"] = us["added_p50_ms"]
+        r["kubellm max req/s on one core (target >= 3000)"] = us["max_rps"]
+        r["kubellm added stream TTFC p50 ms (target <= 1)"] = us["added_ttfc_p50_ms"]
+    if us and sg:
+        r["added p50 kubellm - sglang-router ms (target <= 0)"] = us["added_p50_ms"] - sg["added_p50_ms"]
+        r["max req/s kubellm / sglang-router (target >= 1)"] = us["max_rps"] / sg["max_rps"]
+    if us and "kubellm prefix (before)" in ov:
+        r["max req/s kubellm after / before"] = us["max_rps"] / ov["kubellm prefix (before)"]["max_rps"]
+    w2 = ov.get("kubellm prefix --workers 2 (unpinned)")
+    if us and w2:
+        r["max req/s --workers 2 unpinned / 1 worker pinned"] = w2["max_rps"] / us["max_rps"]
     return r
 
 
@@ -635,6 +703,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=None, help="req/s (overhead: 500; routing: 20)")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--no-sglang", action="store_true")
+    p.add_argument("--stream-rate", type=float, default=100.0, help="overhead: streamed req/s")
+    p.add_argument("--max-duration", type=float, default=5.0, help="overhead: seconds of the closed-loop run")
+    p.add_argument("--repeats", type=int, default=3, help="overhead: runs per contender (median and spread)")
+    p.add_argument(
+        "--baseline-python",
+        default="",
+        help="overhead: also run the router of this interpreter's "
+        "kubellm as 'kubellm prefix (before)' (a venv with an older checkout installed)",
+    )
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tenants", type=int, default=50)
@@ -662,18 +739,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a paragraph for the results' markdown (how the run was made)")
     args = p.parse_args(argv)
     if args.what == "_instant":
-        run_instant_backend(args.port)
+        from router_load import run_instant_engine
+
+        run_instant_engine(args.port)
         return 0
     if args.what == "_strip":
         run_strip_shim(args.port, args.upstream)
         return 0
-    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(), "hardware": hardware(), "suffix": args.out_suffix}
+    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(), "hardware": hardware(), "suffix": args.out_suffix,
+                               "command": " ".join(["python", "bench/router.py", *(argv or sys.argv[1:])]),
+                               "commit": git_commit()}  # fmt: skip
     if args.note:
         results["note"] = args.note
     if args.engine_arg:
         results["engine_args"] = args.engine_arg
     if args.what in ("overhead", "all"):
-        results["overhead"] = bench_overhead(args.rate or 500.0, args.duration, not args.no_sglang)
+        results["overhead"] = bench_overhead(args)
     if args.what in ("routing", "all"):
         if args.rate is None or args.what == "all":
             args.rate = 20.0

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from yarl import URL
 
 from kubellm.block_hash import DEFAULT_BLOCK_SIZE
@@ -35,6 +35,7 @@ from kubellm.router.policies import Candidate, RouteRequest, make_policy
 from kubellm.router.prefix_index import PrefixIndex
 from kubellm.router.proxy import UpstreamFailure, forward
 from kubellm.router.queue import WaitQueue
+from kubellm.router.request_body import RoutedBody, parse_routed_body
 from kubellm.router.tokenization import PromptHasher, PromptKey
 from kubellm.router.workers import WorkerPlacement
 from kubellm.routing import RoutingPolicy
@@ -100,16 +101,6 @@ OPENAPI: dict[str, Any] = {
         }
     },
 }
-
-
-class RoutedBody(BaseModel):
-    """The fields the router reads; everything else passes to the engine untouched (it validates them)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    stream: bool | None = False
-    user: str | None = None
 
 
 class Router:
@@ -324,7 +315,7 @@ class Router:
             model = body.model
             return await self._route(request, kind, raw, body, started)
         except APIError as e:
-            self.metrics.requests.labels(model, "", str(e.status)).inc()
+            self.metrics.child(self.metrics.requests, model, "", str(e.status)).inc()
             return error_response(e)
 
     async def _read_body(self, request: web.Request) -> tuple[bytes, RoutedBody]:
@@ -339,16 +330,7 @@ class Router:
             ) from e
         if not raw:
             raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
-        try:
-            return raw, RoutedBody.model_validate_json(raw)
-        except ValidationError as e:
-            err = e.errors()[0]
-            if err["type"].startswith("json") or err["type"] == "model_type":
-                raise APIError(
-                    400, f"request body is not a valid JSON object: {err['msg']}", code="invalid_json"
-                ) from e
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from e
+        return raw, parse_routed_body(raw)
 
     async def _route(
         self, request: web.Request, kind: str, raw: bytes, body: RoutedBody, started: float
@@ -357,7 +339,7 @@ class Router:
         model = body.model
         key: PromptKey | None = None
         if self.policy.name is RoutingPolicy.PREFIX:
-            key = await self.hasher.key(model, kind, body.model_extra or {})
+            key = await self.hasher.key(model, kind, body.fields)
         session_key = request.headers.get(cfg.session_header) or body.user
         hashes = key.hashes if key else []
         route = RouteRequest(model, session_key, len(hashes), key.block_tokens if key else DEFAULT_BLOCK_SIZE)
@@ -386,7 +368,7 @@ class Router:
 
             def on_first_byte(b: Backend = backend) -> None:
                 first_byte[0] = True
-                self.metrics.ttfb.labels(model).observe(time.perf_counter() - started)
+                self.metrics.child(self.metrics.ttfb, model).observe(time.perf_counter() - started)
                 self.registry.answered(b)
 
             code = "error"
@@ -425,9 +407,9 @@ class Router:
             finally:
                 self.registry.release(backend, answered=first_byte[0])
                 self.index.on_done(backend.slot, hashes)
-                self.metrics.requests.labels(model, backend.url, code).inc()
+                self.metrics.child(self.metrics.requests, model, backend.url, code).inc()
                 if first_byte[0] or code != "error":
-                    self.metrics.duration.labels(model).observe(time.perf_counter() - started)
+                    self.metrics.child(self.metrics.duration, model).observe(time.perf_counter() - started)
         if last is not None and last.status is not None:
             headers_out = {k: v for k, v in last.headers.items() if k in ("Content-Type", "Retry-After")}
             return web.Response(status=last.status, body=last.body, headers=headers_out)
@@ -464,7 +446,7 @@ class Router:
                 for b in backends
             ]
             decision = self.policy.choose(route, cands)
-            self.metrics.decisions.labels(self.policy.name.value, decision.reason).inc()
+            self.metrics.child(self.metrics.decisions, self.policy.name.value, decision.reason).inc()
             if hashes:
                 self.metrics.match_ratio.observe(decision.matched_blocks / len(hashes))
             return by_key[decision.key], decision.reason

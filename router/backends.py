@@ -115,6 +115,7 @@ class BackendRegistry:
                 b = Backend(url=url, slot=next(self._slots), pinned_models=info.models)
                 b.ready, b.terminating = info.ready, info.terminating
                 self.backends[url] = b
+                self.metrics.in_flight.labels(url).set_function(lambda b=b: float(b.in_flight))  # read when scraped
                 self.metrics.discovery_events.labels("added").inc()
                 for cb in self.on_added:
                     cb(b)
@@ -175,7 +176,6 @@ class BackendRegistry:
         b.in_flight += 1
         if b.breaker_open_until and b.breaker_open_until <= time.monotonic():
             b.half_open_trial = True  # one trial request while half-open
-        self.metrics.in_flight.labels(b.url).set(b.in_flight)
 
     def answered(self, b: Backend) -> None:
         """The replica sent a request's first byte: it is past queueing and prefill."""
@@ -186,8 +186,6 @@ class BackendRegistry:
         if answered:
             b.answering -= 1
         b.half_open_trial = False  # the trial's outcome (if any) was recorded; a cancelled one allows another
-        if not b.removed:
-            self.metrics.in_flight.labels(b.url).set(b.in_flight)
         if self._waiters:
             self.notify()
 

@@ -46,6 +46,17 @@ class RouterMetrics:
             mn.ROUTER_KV_EVENT_SEQ, "Seq of the last KV event applied (-1: no live stream)", ["backend"], registry=r
         )
 
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), memoized: prometheus-client's own lookup is a visible share of a request's cost.
+        Only for counters and histograms (their children live as long as the registry)."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
     def forget_backend(self, backend: str) -> None:
         for g in (self.in_flight, self.backend_healthy, self.kv_event_seq):
             try:

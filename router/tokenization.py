@@ -10,7 +10,6 @@ with token-block hashes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -23,6 +22,7 @@ import xxhash
 
 from kubellm.block_hash import DEFAULT_BLOCK_SIZE, hash_blocks
 from kubellm.prompt import PromptRenderer, TokenizerInfo
+from kubellm.router.request_body import dumps
 
 log = logging.getLogger("kubellm.router.tokenization")
 
@@ -131,11 +131,11 @@ def prompt_token_ids(
 
 def prompt_text(kind: str, body: dict[str, Any]) -> str:
     if kind == "chat":
-        return json.dumps(body.get("messages"), ensure_ascii=False, separators=(",", ":"))
+        return dumps(body.get("messages"))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         prompt = prompt[0]
-    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+    return prompt if isinstance(prompt, str) else dumps(prompt)
 
 
 class PromptHasher:
