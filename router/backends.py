@@ -52,6 +52,9 @@ class Backend:
     breaker_open_until: float = 0.0
     half_open_trial: bool = False
 
+    def in_flight_now(self) -> float:
+        return float(self.in_flight)
+
     def models(self) -> frozenset[str] | None:
         return self.pinned_models if self.pinned_models is not None else self.served_models
 
@@ -115,7 +118,7 @@ class BackendRegistry:
                 b = Backend(url=url, slot=next(self._slots), pinned_models=info.models)
                 b.ready, b.terminating = info.ready, info.terminating
                 self.backends[url] = b
-                self.metrics.in_flight.labels(url).set_function(lambda b=b: float(b.in_flight))  # read when scraped
+                self.metrics.in_flight.labels(url).set_function(b.in_flight_now)  # read when scraped
                 self.metrics.discovery_events.labels("added").inc()
                 for cb in self.on_added:
                     cb(b)
