@@ -78,6 +78,11 @@ if triton is not None:
         return tl.minimum(tl.maximum(tl.div_rn(x, tl.zeros_like(x) + scale), -QMAX), QMAX)
 
     @triton.jit
+    def _scale(amax, min_scale, QMAX: tl.constexpr):
+        """max(amax / 448, min_scale) with IEEE division, so scales equal torch's bit for bit."""
+        return tl.maximum(tl.div_rn(amax, tl.zeros_like(amax) + QMAX), min_scale)
+
+    @triton.jit
     def _rows_kernel(
         x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, min_scale,
         BLOCK: tl.constexpr, GIVEN_SCALE: tl.constexpr, QMAX: tl.constexpr,
@@ -94,7 +99,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK):
                 x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.abs(x))
-            scale = tl.maximum(tl.max(amax, axis=0) / QMAX, min_scale)
+            scale = _scale(tl.max(amax, axis=0), min_scale, QMAX)
             tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             ok = k0 + cols < K
@@ -112,7 +117,7 @@ if triton is not None:
         rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = (rm < M)[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=ok, other=0.0)
-        tl.atomic_max(s_ptr, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0) / QMAX)
+        tl.atomic_max(s_ptr, _scale(tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0), 0.0, QMAX))
 
     @triton.jit
     def _groups_kernel(
@@ -124,7 +129,7 @@ if triton is not None:
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         ok = cols < K
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1) / QMAX, min_scale)
+        scale = _scale(tl.max(tl.abs(x), axis=1), min_scale, QMAX)
         tl.store(s_ptr + row * stride_s + g, scale, mask=g < n_groups)
         q = _quantize(x, scale[:, None], QMAX)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
@@ -154,12 +159,12 @@ if triton is not None:
         if GIVEN_SCALE:
             q = _quantize(y, tl.load(s_ptr), QMAX)
         elif GROUP == 0:
-            scale = tl.maximum(tl.max(tl.abs(y), axis=0) / QMAX, min_scale)
+            scale = _scale(tl.max(tl.abs(y), axis=0), min_scale, QMAX)
             tl.store(s_ptr + row, scale)
             q = _quantize(y, scale, QMAX)
         else:
             y2 = tl.reshape(y, (BLOCK // GROUP, GROUP))
-            scale = tl.maximum(tl.max(tl.abs(y2), axis=1) / QMAX, min_scale)
+            scale = _scale(tl.max(tl.abs(y2), axis=1), min_scale, QMAX)
             g = tl.arange(0, BLOCK // GROUP)
             tl.store(s_ptr + row * stride_s + g, scale, mask=g * GROUP < n_cols)
             q = tl.reshape(_quantize(y2, scale[:, None], QMAX), (BLOCK,))
@@ -188,7 +193,7 @@ if triton is not None:
         if GIVEN_SCALE:
             q = _quantize(h, tl.load(s_ptr), QMAX)
         else:
-            scale = tl.maximum(tl.max(tl.abs(h), axis=1) / QMAX, min_scale)
+            scale = _scale(tl.max(tl.abs(h), axis=1), min_scale, QMAX)
             tl.store(s_ptr + row * stride_s + g, scale, mask=g < n_groups)
             q = _quantize(h, scale[:, None], QMAX)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
@@ -205,7 +210,7 @@ if triton is not None:
         for k0 in range(0, n_cols, BLOCK):
             h = _silu_mul_tile(x_row, k0 + cols, k0 + cols < n_cols, n_cols)
             amax = tl.maximum(amax, tl.abs(h))
-        scale = tl.maximum(tl.max(amax, axis=0) / QMAX, min_scale)
+        scale = _scale(tl.max(amax, axis=0), min_scale, QMAX)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, n_cols, BLOCK):
             ok = k0 + cols < n_cols
