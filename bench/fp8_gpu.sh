@@ -7,13 +7,17 @@
 #   moe-micro-<date>.json/.md + moe-micro.log (commit the json/md into bench/results/).
 #
 #   OUT=/some/dir bash bench/fp8_gpu.sh        (TIME_LIMIT, TEST_TIMEOUT, MICRO_S, FLASHINFER_S override the split)
+#   OUT=/some/dir SKIP_TESTS=1 FLASHINFER_S=330 bash bench/fp8_gpu.sh
+#        a second run for flashinfer's sm90 block GEMM (its first-use JIT build time is unknown, so by default it is
+#        not tried); set FLASHINFER_BLOCK_MIN_ROWS in engine/models/fp8_gemm.py from where it beats `block`.
 # Needs torch with CUDA and triton (a missing triton fails the tests); wheels in .gpu/whl are installed if present.
 set -uo pipefail
 OUT=${OUT:-/tmp/kubellm-out}
 TIME_LIMIT=${TIME_LIMIT:-540}
-TEST_TIMEOUT=${TEST_TIMEOUT:-270}
-MICRO_S=${MICRO_S:-150}
-FLASHINFER_S=${FLASHINFER_S:-60}
+TEST_TIMEOUT=${TEST_TIMEOUT:-260}
+MICRO_S=${MICRO_S:-180}
+FLASHINFER_S=${FLASHINFER_S:-0}
+SKIP_TESTS=${SKIP_TESTS:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 site=/tmp/site
@@ -25,13 +29,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 git rev-parse HEAD 2>/dev/null | sed 's/^/git commit /'
 
-timeout "$TEST_TIMEOUT" python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=15 \
-  tests/engine/test_gpu_fp8_gemm.py tests/engine/test_gpu_fp8_moe.py 2>&1 | tee "$OUT/fp8-gpu-tests.log"
-rc=${PIPESTATUS[0]}
+rc=0
+if [ "$SKIP_TESTS" = 0 ]; then
+  timeout "$TEST_TIMEOUT" python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=15 \
+    tests/engine/test_gpu_fp8_gemm.py tests/engine/test_gpu_fp8_moe.py 2>&1 | tee "$OUT/fp8-gpu-tests.log"
+  rc=${PIPESTATUS[0]}
+else
+  MICRO_S=$((MICRO_S + FLASHINFER_S))
+fi
 
-micro_s=$((TIME_LIMIT - SECONDS - 110 < MICRO_S ? TIME_LIMIT - SECONDS - 110 : MICRO_S))
-if [ "$micro_s" -gt 40 ]; then
-  timeout "$micro_s" python3 -m bench.fp8_micro --out-dir "$OUT" --deadline-s $((micro_s - FLASHINFER_S - 30)) \
+micro_s=$((TIME_LIMIT - SECONDS - 90 < MICRO_S ? TIME_LIMIT - SECONDS - 90 : MICRO_S))
+if [ "$micro_s" -gt 60 ]; then
+  timeout "$micro_s" python3 -m bench.fp8_micro --out-dir "$OUT" --deadline-s $((micro_s - FLASHINFER_S - 25)) \
     --flashinfer-timeout-s "$FLASHINFER_S" 2>&1 | tee "$OUT/fp8-micro.log"
   rc=$((rc | PIPESTATUS[0]))
 fi

@@ -115,6 +115,73 @@ def variants(x: torch.Tensor, layers: dict[str, list], m: int) -> dict[str, Call
     return out
 
 
+# Tilings tried per shape (the defaults are fp8_gemm.W8A16_CONFIG and w8a8_config): BLOCK_N, BLOCK_K, warps, stages
+W8A16_SWEEP = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (16, 512, 4, 3)]
+W8A8_SWEEP = [  # BLOCK_M, BLOCK_N, GROUP_M, warps, stages (BLOCK_K = the block's 128)
+    (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (128, 128, 8, 8, 3), (128, 128, 8, 4, 3),
+    (128, 64, 8, 4, 4), (128, 256, 8, 8, 3),
+]  # fmt: skip
+
+
+def measure_sweeps(deadline: float) -> list[dict]:
+    """The W8A16 kernel's tilings at M = 1 and the Triton W8A8 block kernel's at M = 512 and 8192, on the qkv and
+    down shapes, against the defaults: what to set in fp8_gemm after a run."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    rows = []
+    blk = (128, 128)
+    for name in ("qkv", "down"):
+        k, n = SHAPES[name]
+        layers = make_layers(k, n, gen)
+        for fmt in ("tensor", "block"):
+            if time.monotonic() > deadline:
+                return rows
+            x = torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16)
+            bs = blk if fmt == "block" else None
+            times = {}
+            for bn_, bk_, warps, stages in [None, *W8A16_SWEEP]:
+                cfg = (
+                    None if bn_ is None else {"BLOCK_N": bn_, "BLOCK_K": bk_, "num_warps": warps, "num_stages": stages}
+                )
+
+                def run(cfg=cfg, fmt=fmt, bs=bs, x=x, layers=layers):
+                    for q, s in layers[fmt]:
+                        fp8_gemm.w8a16(x, q, s, fmt, bs, torch.bfloat16, config=cfg)
+
+                times["default" if cfg is None else str((bn_, bk_, warps, stages))] = _try_ms(run)
+            rows.append({"kernel": "w8a16", "shape": name, "format": fmt, "M": 1, "ms": times})
+            print(f"sweep w8a16 {name} {fmt} M=1: {_fmt_sweep(times)}", flush=True)
+        for m in (512, 8192):
+            if time.monotonic() > deadline:
+                return rows
+            x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+            xq, xs = fp8_quant.quantize(x, fp8_quant.ActQuant("group"))
+            times = {}
+            for tile in [None, *W8A8_SWEEP]:
+                cfg = None if tile is None else fp8_gemm.TileConfig(*tile)
+
+                def run(cfg=cfg, xq=xq, xs=xs, layers=layers):
+                    for q, s in layers["block"]:
+                        fp8_gemm.fp8_gemm(xq, xs, q, s, block_size=blk, config=cfg)
+
+                times["default" if tile is None else str(tile)] = _try_ms(run)
+            rows.append({"kernel": "w8a8-block", "shape": name, "format": "block", "M": m, "ms": times})
+            print(f"sweep w8a8 block {name} M={m}: {_fmt_sweep(times)}", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _try_ms(run: Callable[[], None]) -> float | str:
+    try:
+        return graph_ms(run, REPS) / LAYERS
+    except Exception as e:  # a tiling this GPU cannot run (shared memory, registers) just loses
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def _fmt_sweep(times: dict) -> str:
+    return "  ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED" for k, v in times.items())
+
+
 def roofline_ms(m: int, k: int, n: int, wbytes: int, ceilings: dict, tflops: float) -> float:
     mem = (n * k * wbytes + 2 * m * k + 2 * m * n) / (ceilings["copy_gb_s"] * 1e9) * 1e3
     return max(mem, 2 * m * n * k / (tflops * 1e12) * 1e3)
@@ -262,6 +329,19 @@ def write_results(out_dir: Path, result: dict) -> None:
     for r in result["fused_quant"]:
         ms = r["ms"]
         lines.append(f"| {r['M']} | {r['mode']} | " + " | ".join(f"{ms[k] * 1e3:.1f}" for k in ms) + " |")
+    lines += ["", "Tile sweeps (us per product; the fastest tiling against the default):", "",
+              "| kernel | shape | format | M | default us | best tiling | best us |",
+              "|---|---|---|---:|---:|---|---:|"]  # fmt: skip
+    for r in result.get("sweeps", []):
+        ok = {k: v for k, v in r["ms"].items() if isinstance(v, float)}
+        if not ok:
+            continue
+        best = min(ok, key=ok.get)
+        default = ok.get("default")
+        lines.append(
+            f"| {r['kernel']} | {r['shape']} | {r['format']} | {r['M']} | "
+            f"{'-' if default is None else f'{default * 1e3:.1f}'} | {best} | {ok[best] * 1e3:.1f} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md", flush=True)
 
@@ -270,8 +350,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--batches", default=BATCHES)
-    ap.add_argument("--deadline-s", type=float, default=240.0)
+    ap.add_argument("--deadline-s", type=float, default=240.0, help="for everything but the flashinfer child")
     ap.add_argument("--flashinfer-timeout-s", type=float, default=0.0)
+    ap.add_argument("--sweep-s", type=float, default=40.0, help="of --deadline-s, kept for the tile sweeps")
     args = ap.parse_args()
     deadline = time.monotonic() + args.deadline_s
     batches = [int(b) for b in args.batches.split(",")]
@@ -285,9 +366,11 @@ def main() -> None:
         "gemv_max_rows": fp8_gemm.GEMV_MAX_ROWS, "rows": [], "fused_quant": [], "flashinfer": "not reached",
     }  # fmt: skip
     result["fused_quant"] = measure_fused_quant()
-    result["rows"] = measure_gemms(batches, ceilings, fp8_tflops, deadline)
+    result["rows"] = measure_gemms(batches, ceilings, fp8_tflops, deadline - args.sweep_s)
+    write_results(args.out_dir, result)
+    result["sweeps"] = measure_sweeps(deadline)
     write_results(args.out_dir, result)  # written before flashinfer, whose child may run out the clock
-    result["flashinfer"] = flashinfer_block(batches, min(args.flashinfer_timeout_s, deadline - time.monotonic()))
+    result["flashinfer"] = flashinfer_block(batches, args.flashinfer_timeout_s)  # its own bound, after the deadline
     print(f"flashinfer block GEMM: {result['flashinfer']}", flush=True)
     write_results(args.out_dir, result)
 

@@ -83,6 +83,8 @@ def scale_kind(weight: torch.Tensor, weight_scale: torch.Tensor, block_size: tup
         raise ValueError(f"fp8_linear: weight must be {FP8_DTYPE}, got {weight.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"fp8_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if weight.stride(1) != 1 and weight.shape[1] > 1:
+        raise ValueError("fp8_linear: weight rows must be contiguous (K the fastest axis, as checkpoints store them)")
     n, k = weight.shape
     shape = tuple(weight_scale.shape)
     if block_size is not None:
@@ -260,10 +262,11 @@ def fp8_gemm(
     block_size: tuple[int, int] | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     use_scaled_mm: bool | None = None,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """W8A8: xq [M, K] float8 with x_scale [1] / [M, 1] / [M, K/bk] (fp8_quant's layouts) times weight [N, K].
     Per-tensor / per-channel weights go to torch._scaled_mm when its shape rules allow (use_scaled_mm None), else
-    to the Triton kernel (also for blocks)."""
+    to the Triton kernel (also for blocks), tiled by `config` (default: w8a8_config(M))."""
     kind = scale_kind(weight, weight_scale, block_size)
     m, k = xq.shape
     n = weight.shape[0]
@@ -286,7 +289,7 @@ def fp8_gemm(
     if a_mode == 2 and x_scale.shape != (m, -(-k // bk)):
         raise ValueError(f"fp8_gemm: group scales of x must be [{m}, {-(-k // bk)}] for bk={bk}, got "
                          f"{tuple(x_scale.shape)}")  # fmt: skip
-    cfg = w8a8_config(m)
+    cfg = config or w8a8_config(m)
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
     _w8a8_kernel[grid](
         xq, weight, out, x_scale, ws, m, n, k,
