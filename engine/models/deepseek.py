@@ -21,6 +21,7 @@ from kubellm.engine import symm_all_reduce
 from kubellm.engine.attention.mla import LatentAttention
 from kubellm.engine.model_config import ModelConfig, rope_inv_freq_and_scale
 
+from . import fused
 from .causal_lm import CausalLM, CheckpointReader, new_param
 from .llama import MLP, Linear, RMSNorm, _out_linear, add_norm
 from .moe import SparseMoE, load_moe_weights
@@ -157,14 +158,17 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.view(t, h, self.qk_head_dim).split((c.qk_nope_head_dim, c.qk_rope_head_dim), dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split((c.kv_lora_rank, c.qk_rope_head_dim), dim=-1)
         latent = self.kv_a_layernorm(latent)
-        rot = rotate_pairs if c.rope_interleave else rotate_half
-        q_rope, k_rope = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)
+        roped = fused.mla_rope(q_rope, k_rope, cos, sin, c.rope_interleave) if fused.enabled(x) else None
+        if roped is None:
+            rot = rotate_pairs if c.rope_interleave else rotate_half
+            roped = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)[:, 0]
+        q_rope, k_rope = roped
         w_kv = self.kv_b_proj.weight.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : c.qk_nope_head_dim], w_kv[:, c.qk_nope_head_dim :]
         # Batched over heads on strided views (no copies): W_UK absorbed into the query, [t, h, lora] as a view of
         # [h, t, lora] (the kernels take the row and head strides); W_UV after attention, on the output's layout.
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
-        out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope[:, 0], kv_cache)
+        out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope, kv_cache)
         values = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [h, t, v]
         return self.o_proj(values.transpose(0, 1).reshape(t, h * c.v_head_dim))
 

@@ -1,5 +1,5 @@
 """Fused elementwise kernels for CUDA tensors (Triton): RMSNorm (alone and after the residual add), rotary
-embedding of q and k, SiLU-and-mul.
+embedding of q and k (and of DeepSeek's rope parts), SiLU-and-mul.
 
 Why: a decode step of a small batch is bound by kernel count, not bytes. In plain torch one layer is ~36
 kernels (RMSNorm alone is 7, rotary 10), each ~2.5 us even inside a CUDA graph: ~3 ms of an 8B model's
@@ -114,6 +114,37 @@ if triton is not None:
         tl.store(dst_base + offs + half, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _mla_rope_kernel(
+        q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, stride_qt, stride_qh, stride_kt, stride_cs,
+        n_heads, n_q_blocks,
+        HALF: tl.constexpr, HEADS: tl.constexpr, INTERLEAVE: tl.constexpr,
+    ):  # fmt: skip
+        # One program: HEADS query heads of one token (axis 1 < n_q_blocks), or that token's one rope key.
+        t = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        i = tl.arange(0, HALF)
+        if INTERLEAVE:  # pairs (x[2j], x[2j+1])
+            lo, hi = 2 * i, 2 * i + 1
+        else:  # halves (x[j], x[j + HALF])
+            lo, hi = i, i + HALF
+        c = tl.load(cos_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        is_q = hb < n_q_blocks
+        heads = tl.where(is_q, hb * HEADS, 0) + tl.arange(0, HEADS)
+        mask = (heads < tl.where(is_q, n_heads, 1))[:, None] & (i < HALF)[None, :]
+        rows = heads[:, None].to(tl.int64)
+        if is_q:
+            src = q_ptr + t * stride_qt + rows * stride_qh
+            dst = q_out_ptr + (t * n_heads + rows) * (2 * HALF)
+        else:
+            src = k_ptr + t * stride_kt + rows * 0
+            dst = k_out_ptr + t * (2 * HALF) + rows * 0
+        x1 = tl.load(src + lo[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst + lo[None, :], (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + hi[None, :], (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -185,6 +216,33 @@ def rope(
         return q_out, k_out
     except Exception as e:
         _disable("rope", e)
+        return None
+
+
+def mla_rope(
+    q_rope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek's rotary embedding of the query heads' rope parts q_rope [T, H, R] (a strided view into the query
+    projection) and the one shared rope key k_rope [T, R], in one launch, into new contiguous tensors; cos/sin
+    [T, 1, R/2] as deepseek.py builds them; `interleave`: pairs (x0, x1), (x2, x3)... (rotate_pairs), else halves
+    (rotate_half). Torch's version is ~14 kernels per layer, a decode step's worth of launch time at batch 1."""
+    t, h, r = q_rope.shape
+    half = r // 2
+    if t == 0 or r % 2 or half & (half - 1) or q_rope.stride(2) != 1 or k_rope.stride(-1) != 1:
+        return None
+    try:
+        cos2, sin2 = cos.reshape(t, half), sin.reshape(t, half)
+        q_out = torch.empty((t, h, r), dtype=q_rope.dtype, device=q_rope.device)
+        k_out = torch.empty((t, r), dtype=k_rope.dtype, device=k_rope.device)
+        heads = ROPE_HEADS_PER_PROGRAM
+        n_q_blocks = triton.cdiv(h, heads)
+        _mla_rope_kernel[(t, n_q_blocks + 1)](
+            q_rope, k_rope, cos2, sin2, q_out, k_out, q_rope.stride(0), q_rope.stride(1), k_rope.stride(0),
+            cos2.stride(0), h, n_q_blocks, HALF=half, HEADS=heads, INTERLEAVE=interleave,
+        )  # fmt: skip
+        return q_out, k_out
+    except Exception as e:
+        _disable("mla_rope", e)
         return None
 
 

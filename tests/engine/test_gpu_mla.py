@@ -96,6 +96,33 @@ def test_decode_matches_reference(block, kernel):
     _compare(cached=[1, 15, 16, 17, 200, 63], new=[1] * 6, block=block, seed=2, kernel=kernel)
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_fused_mla_rope_matches_torch(interleave):
+    """DeepSeek's rope parts roped by one Triton kernel (the query's a strided view into q_proj's output, the key a
+    view into kv_a's) equal the torch functions in float32, to bf16 rounding."""
+    import triton  # noqa: F401  (the fused kernels need it: missing, this fails rather than skips)
+
+    from kubellm.engine.models import fused
+    from kubellm.engine.models.deepseek import rotate_half, rotate_pairs
+
+    gen = torch.Generator().manual_seed(3)
+    t = 37
+    q = torch.randn(t, HEADS, 128 + ROPE, generator=gen).to("cuda", torch.bfloat16)
+    kv = torch.randn(t, RANK + ROPE, generator=gen).to("cuda", torch.bfloat16)
+    cos, sin = (torch.randn(t, 1, ROPE // 2, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    q_rope, k_rope = q[..., 128:], kv[:, RANK:]
+    assert fused.enabled(q)
+    out = fused.mla_rope(q_rope, k_rope, cos, sin, interleave)
+    assert out is not None and fused.enabled(q), "the kernel refused or failed"
+    rot = rotate_pairs if interleave else rotate_half
+    expected_q = rot(q_rope.float(), cos.float(), sin.float())
+    expected_k = rot(k_rope[:, None, :].float(), cos.float(), sin.float())[:, 0]
+    for got, want in ((out[0], expected_q), (out[1], expected_k)):
+        assert got.is_contiguous() and got.shape == want.shape
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-2, f"max error {err:.2e} of the largest magnitude"
+
+
 def test_selector_takes_flashinfer_mla_for_latent_models():
     from kubellm.engine.attention import select_backend_class
 
