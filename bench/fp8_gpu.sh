@@ -10,6 +10,9 @@
 #   OUT=/some/dir SKIP_TESTS=1 FLASHINFER_S=330 bash bench/fp8_gpu.sh
 #        a second run for flashinfer's sm90 block GEMM (its first-use JIT build time is unknown, so by default it is
 #        not tried); set FLASHINFER_BLOCK_MIN_ROWS in engine/models/fp8_gemm.py from where it beats `block`.
+#   OUT=/some/dir SKIP_TESTS=1 TUNE_S=300 bash bench/fp8_gpu.sh
+#        also tunes the FP8 MoE tiles of Qwen3-30B-A3B (bench/moe_autotune.py --dtype fp8) into $OUT/moe_configs/
+#        (commit into engine/models/moe_configs/); the MoE micro-benchmark then runs with them.
 # Needs torch with CUDA and triton (a missing triton fails the tests); wheels in .gpu/whl are installed if present.
 set -uo pipefail
 OUT=${OUT:-/tmp/kubellm-out}
@@ -18,6 +21,7 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-260}
 MICRO_S=${MICRO_S:-180}
 FLASHINFER_S=${FLASHINFER_S:-0}
 SKIP_TESTS=${SKIP_TESTS:-0}
+TUNE_S=${TUNE_S:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 site=/tmp/site
@@ -43,6 +47,14 @@ if [ "$micro_s" -gt 60 ]; then
   timeout "$micro_s" python3 -m bench.fp8_micro --out-dir "$OUT" --deadline-s $((micro_s - FLASHINFER_S - 25)) \
     --flashinfer-timeout-s "$FLASHINFER_S" 2>&1 | tee "$OUT/fp8-micro.log"
   rc=$((rc | PIPESTATUS[0]))
+fi
+
+if [ "$TUNE_S" -gt 0 ]; then
+  mkdir -p "$OUT/moe_configs"
+  timeout "$TUNE_S" python3 -m bench.moe_autotune --dtype fp8 --shapes qwen3-30b-a3b --out-dir "$OUT/moe_configs" \
+    --deadline-s $((TUNE_S - 25)) 2>&1 | tee "$OUT/moe-autotune-fp8.log"
+  rc=$((rc | PIPESTATUS[0]))
+  cp "$OUT"/moe_configs/*.json engine/models/moe_configs/ 2>/dev/null
 fi
 
 for dtype in fp8-block bf16; do  # the same experts, FP8 first (bf16 has been measured before; FP8 never)
