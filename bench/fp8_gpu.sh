@@ -10,7 +10,7 @@
 #   OUT=/some/dir SKIP_TESTS=1 FLASHINFER_S=330 bash bench/fp8_gpu.sh
 #        a second run for flashinfer's sm90 block GEMM (its first-use JIT build time is unknown, so by default it is
 #        not tried); set FLASHINFER_BLOCK_MIN_ROWS in engine/models/fp8_gemm.py from where it beats `block`.
-#   OUT=/some/dir SKIP_TESTS=1 TUNE_S=300 bash bench/fp8_gpu.sh
+#   OUT=/some/dir SKIP_TESTS=1 MICRO_S=0 TUNE_S=400 bash bench/fp8_gpu.sh
 #        also tunes the FP8 MoE tiles of Qwen3-30B-A3B (bench/moe_autotune.py --dtype fp8) into $OUT/moe_configs/
 #        (commit into engine/models/moe_configs/); the MoE micro-benchmark then runs with them.
 # Needs torch with CUDA and triton (a missing triton fails the tests); wheels in .gpu/whl are installed if present.
