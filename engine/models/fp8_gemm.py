@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from . import fp8_quant
+from . import fp8_quant, fused
 from .fp8_quant import FP8_DTYPE, FP8_MAX, ActQuant
 
 try:
@@ -251,6 +251,29 @@ def fused_input_spec(
         return None
     spec = act_quant_for(kind, block_size, input_scale)
     return spec if spec.fusable else None
+
+
+def silu_mul_fp8_linear(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    block_size: tuple[int, int] | None = None,
+    input_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """fp8_linear(silu(gate_up[:, :n]) * gate_up[:, n:], ...): an MLP's down projection on its fused gate_up output.
+    Where `fused_input_spec` allows, SiLU-and-mul writes the FP8 input and its scales directly (silu_mul_quant),
+    else the bf16 activation (fused.silu_mul on CUDA, torch on CPU) goes through fp8_linear: the same result."""
+    m, n = gate_up.shape[0], gate_up.shape[-1] // 2
+    spec = fused_input_spec(m, weight, weight_scale, block_size=block_size, input_scale=input_scale)
+    if spec is not None and gate_up.dim() == 2 and gate_up.stride(-1) == 1:
+        xq, xs = fp8_quant.silu_mul_quant(gate_up, spec)
+        return fp8_gemm(xq, xs, weight, weight_scale, block_size=block_size, out_dtype=out_dtype)
+    act = fused.silu_mul(gate_up) if fused.enabled(gate_up) else None
+    if act is None:
+        act = torch.nn.functional.silu(gate_up[..., :n]) * gate_up[..., n:]
+    return fp8_linear(act, weight, weight_scale, block_size=block_size, input_scale=input_scale, out_dtype=out_dtype)
 
 
 def fp8_gemm(

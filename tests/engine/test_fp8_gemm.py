@@ -132,3 +132,13 @@ def test_activation_quantization_off_gpu_says_what_it_needs(monkeypatch) -> None
         fp8_quant.quantize(x, fp8_quant.ActQuant("token"))
     with pytest.raises(expected[0], match=expected[1]):
         fp8_quant.silu_mul_quant(x, fp8_quant.ActQuant("group"))
+
+
+def test_silu_mul_then_fp8_linear_on_cpu_is_the_down_projection_of_the_activation() -> None:
+    gen = torch.Generator().manual_seed(7)
+    q, scale = fp8_gemm.quantize_weight_fp8(torch.randn(40, 96, generator=gen) * 0.05, per_channel=True)
+    gate_up = torch.randn(5, 192, generator=gen)
+    got = fp8_gemm.silu_mul_fp8_linear(gate_up, q, scale, out_dtype=torch.float32)
+    act = torch.nn.functional.silu(gate_up[:, :96]) * gate_up[:, 96:]
+    expected = act.double() @ (q.double() * scale.double()[:, None]).t()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
