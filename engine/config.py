@@ -34,6 +34,12 @@ def _non_negative_float(value: str | float) -> float:
     return f
 
 
+def _quantization(value: str) -> str | None:
+    """--quantization: fp8, or none (vLLM's spelling of unset)."""
+    low = str(value).strip().lower()
+    return None if low in ("", "none") else low
+
+
 def _optional_bool(value: str) -> bool | None:
     """auto (None), or 0/1 as the KUBELLM_* switches take them."""
     return None if str(value).strip().lower() == "auto" else env_bool(value)
@@ -72,6 +78,26 @@ class EngineConfig:
         "auto", choices=DTYPES, help="weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU"
     )
     device: str = option("auto", choices=("auto", "cuda", "cpu", "sim"), help="device; sim: a timing model")
+    quantization: str | None = option(
+        None,
+        choices=(None, "fp8"),
+        parse=_quantization,
+        names=("-q",),
+        help="fp8: quantize a bf16 checkpoint's linear layers to FP8 at load (per tensor, dynamic activations); "
+        "unset: as the checkpoint's quantization_config says (fp8 and compressed-tensors FP8 load by themselves)",
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        choices=("auto", "fp8", "fp8_e4m3"),
+        help="KV cache storage: auto (the model dtype) or fp8 (e4m3, scaled by the checkpoint's k/v scales or 1.0; "
+        "the pool holds twice the tokens)",
+    )
+    calculate_kv_scales: bool = option(
+        False,
+        help="with --kv-cache-dtype fp8 and no k/v scales in the checkpoint: compute each layer's scales at start "
+        "from one full-precision forward over a fixed English text (amax/200 for K, amax/100 for V, vLLM's "
+        "headroom) instead of 1.0",
+    )
     attention_backend: str = option("auto", choices=("auto", "torch", "flashinfer"), help="attention kernels")
     enforce_eager: bool = option(False, help="no CUDA graphs")
     async_scheduling: bool | None = option(
@@ -166,7 +192,7 @@ class EngineConfig:
             if spec is not None and spec.choices is not None and value not in spec.choices:
                 via = f" ({spec.env})" if spec.env else ""
                 raise ValueError(
-                    f"invalid engine argument {f.name}={value!r}{via}; choose from {', '.join(spec.choices)}"
+                    f"invalid engine argument {f.name}={value!r}{via}; choose from {', '.join(map(str, spec.choices))}"
                 )
 
     @property

@@ -18,11 +18,21 @@ import numpy as np
 import torch
 
 from kubellm.engine import sampling_kernels
-from kubellm.engine.attention import AttentionBackend, AttentionMetadata, select_backend_class
+from kubellm.engine.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention, select_backend_class
 from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_flat
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
+from kubellm.engine.loader.fp8_weights import Fp8Weights
+from kubellm.engine.loader.quantization import (
+    FP8_DTYPE,
+    K_SCALE_DIVISOR,
+    KV_CALIBRATION_TEXT,
+    ONLINE_FP8,
+    V_SCALE_DIVISOR,
+    UnsupportedQuantizationError,
+    resolve_scheme,
+)
 from kubellm.engine.models import build_model, fused, gemv, moe
 from kubellm.engine.step_runner import Sample, StepResult
 from kubellm.engine.transfer import to_device_async
@@ -108,9 +118,22 @@ class ModelRunner:
             for module in self.model.modules():
                 if hasattr(module, "matmul"):
                     module.matmul = gemv.linear
-        self.model.load_weights(loaded.weights)
-        self.model.eval()
         c = loaded.config
+        self.quantization = resolve_scheme(loaded.quantization, config.quantization, loaded.name)
+        weights = loaded.weights
+        if self.quantization is ONLINE_FP8:
+            if c.kv_lora_rank:
+                raise UnsupportedQuantizationError("--quantization fp8 is not supported for MLA (DeepSeek) models yet")
+            weights = Fp8Weights(weights, ONLINE_FP8, self.dtype)
+        self.model.load_weights(weights)
+        self.model.eval()
+        self.weight_bytes = self._weight_bytes()
+        if tp_rank == 0:
+            logger.info(
+                "weights on %s: %s%s", self.device,
+                ", ".join(f"{dtype} {n / 2**30:.2f} GiB" for dtype, n in self.weight_bytes.items()),
+                f" ({self.quantization.describe()})" if self.quantization else "",
+            )  # fmt: skip
         moe_kernel = moe.kernel_choice(self.device) if c.num_experts else None
         if moe_kernel and tp_rank == 0:
             logger.info(
@@ -121,6 +144,9 @@ class ModelRunner:
         # this rank's KV heads: the KV cache is split by head, except MLA's one latent head, which every rank holds
         self.num_kv_heads = c.num_key_value_heads if c.kv_lora_rank else c.num_key_value_heads // tp_size
         latent = bool(c.kv_lora_rank)  # MLA: a latent-only pool, one row of kv_lora_rank + rope per token
+        self.kv_dtype = FP8_DTYPE if config.kv_cache_dtype in ("fp8", "fp8_e4m3") else self.dtype
+        if self.kv_dtype == FP8_DTYPE and latent:
+            raise ValueError("--kv-cache-dtype fp8 is not supported for MLA (DeepSeek) models yet")
         backend_cls = select_backend_class(config.attention_backend, self.device, latent=latent)
         self.attn: AttentionBackend = backend_cls(
             c.num_attention_heads // tp_size,
@@ -137,6 +163,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        if self.kv_dtype == FP8_DTYPE:
+            k_scales, v_scales = self._kv_scales(loaded)
+            self.attn.set_kv_cache_fp8(k_scales, v_scales)
         # CUDA graphs for decode: padded rows write into one extra block the scheduler never hands out.
         # Under tensor parallelism the graphs hold the NCCL all-reduces (engine/parallel.py; tp_worker.py can turn
         # them off before the KV cache is allocated).
@@ -154,6 +183,55 @@ class ModelRunner:
         self.graph_replays = 0
         self.memory_profile: dict[str, float] = {}
 
+    def _weight_bytes(self) -> dict[str, int]:
+        """Bytes of this rank's weights per dtype (FP8 layers next to the rest), counting a tied head once."""
+        out: dict[str, int] = {}
+        for p in self.model.parameters():
+            name = str(p.dtype).removeprefix("torch.")
+            out[name] = out.get(name, 0) + p.numel() * p.element_size()
+        return out
+
+    def _kv_scales(self, loaded: LoadedModel) -> tuple[list[float], list[float]]:
+        """Per-layer FP8 KV scales: the checkpoint's k_scale/v_scale where it has them; else computed at start
+        (--calculate-kv-scales) or 1.0."""
+        n = self.model_config.num_hidden_layers
+        read = getattr(loaded.weights, "kv_scales", None)
+        found = [read(f"model.layers.{i}.self_attn") if read is not None else None for i in range(n)]
+        if all(found):
+            source, k, v = "the checkpoint's k/v scales", [f[0] for f in found], [f[1] for f in found]  # type: ignore[index]
+        elif self.config.calculate_kv_scales:
+            source, (k, v) = "scales computed at start (--calculate-kv-scales)", self._calibrate_kv_scales(loaded)
+        else:
+            source, k, v = "scales 1.0", [1.0] * n, [1.0] * n
+        if self.tp_rank == 0:
+            logger.info("KV cache in fp8 (e4m3): %s", source)
+        return k, v
+
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self, loaded: LoadedModel) -> tuple[list[float], list[float]]:
+        """One forward over KV_CALIBRATION_TEXT into a full-precision scratch cache (the torch attention, on any
+        device: no extra attention kernel to build); each layer's K/V amax over divisors that leave headroom."""
+        from tokenizers import Tokenizer
+
+        c, bs = self.model_config, self.block_size
+        ids = Tokenizer.from_str(loaded.tokenizer_info.tokenizer_json).encode(KV_CALIBRATION_TEXT).ids
+        ids = ids[: self.max_model_len]
+        pages = -(-len(ids) // bs)
+        attn = TorchPagedAttention(
+            self.attn.num_heads, self.num_kv_heads, c.head_dim, self.attn.scale, bs, dtype=self.dtype,
+            device=self.device, sliding_window=self._sliding_window(c, self.config),
+        )  # fmt: skip
+        shape = attn.kv_cache_shape(pages)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        meta = AttentionMetadata.from_batch(
+            ForwardBatch([ScheduledSeq("kv-calibration", ids, 0, list(range(pages)), True)]), bs, self.device
+        )
+        attn.begin_step(meta)
+        self.model(to_device_async(ids, torch.int64, self.device), meta.positions, caches, attn)
+        k = [max(float(cache[:, 0].abs().max()), 1e-6) / K_SCALE_DIVISOR for cache in caches]
+        v = [max(float(cache[:, 1].abs().max()), 1e-6) / V_SCALE_DIVISOR for cache in caches]
+        return k, v
+
     @staticmethod
     def _sliding_window(c, config: EngineConfig) -> int | list[int | None] | None:
         """The model's attention window(s) (one, or one per layer), when a context can outgrow them (else
@@ -163,7 +241,7 @@ class ModelRunner:
 
     def kv_cache_bytes_per_block(self) -> int:
         """All layers' bytes for one block, from the backend's layout (K and V, or MLA's one latent row)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return self.model_config.num_hidden_layers * math.prod(self.attn.kv_cache_shape(1)) * elem
 
     def available_kv_cache_bytes(self) -> int | None:
@@ -184,6 +262,7 @@ class ModelRunner:
         self.memory_profile = {
             "total_gib": total / gib,
             "weights_gib": weights / gib,
+            **{f"weights_{dtype}_gib": n / gib for dtype, n in self.weight_bytes.items()},
             "peak_forward_gib": peak / gib,
             "non_torch_gib": used_by_others / gib,
             "kv_budget_gib": max(budget, 0) / gib,
@@ -211,7 +290,7 @@ class ModelRunner:
             seqs.append(ScheduledSeq(f"profile-{i}", [0] * n, 0, list(range(next_block, next_block + pages)), True))
             next_block += pages
         # One small cache shared by every layer: the pool itself is what this run sizes.
-        cache = torch.zeros(self.attn.kv_cache_shape(next_block), dtype=self.dtype, device=self.device)
+        cache = torch.zeros(self.attn.kv_cache_shape(next_block), dtype=self.kv_dtype, device=self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         logits = self._forward(ForwardBatch(seqs), [cache] * c.num_hidden_layers)
@@ -231,11 +310,13 @@ class ModelRunner:
         shape = self.attn.kv_cache_shape(physical)
         self._graphs = {}  # graphs captured the old pool's addresses
         self.kv_caches = []  # free the old pool before allocating the new one
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(c.num_hidden_layers)
+        ]
         self.num_blocks = num_blocks
         self.dummy_block = num_blocks if self.use_cuda_graphs else -1
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%d bytes per token; %s layer tensors of %s)",
+            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%d bytes per token; %s layer tensors of %s %s)",
             num_blocks,
             self.block_size,
             num_blocks * self.block_size,
@@ -243,6 +324,7 @@ class ModelRunner:
             self.kv_cache_bytes_per_block() // self.block_size,
             c.num_hidden_layers,
             list(shape),
+            str(self.kv_dtype).removeprefix("torch."),
         )
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()

@@ -194,6 +194,14 @@ class AttentionBackend(ABC):
         for w in self.windows:
             if w is not None and w < 1:
                 raise ValueError(f"sliding window must be >= 1 token, got {w}")
+        self.kv_fp8 = False  # set_kv_cache_fp8: the cache holds float8_e4m3fn K/V divided by per-layer scales
+        self.k_scales: list[float] = []
+        self.v_scales: list[float] = []
+
+    def set_kv_cache_fp8(self, k_scales: Sequence[float], v_scales: Sequence[float]) -> None:
+        """Store K/V in FP8 (e4m3): layer i's keys as k / k_scales[i], values as v / v_scales[i]."""
+        self.kv_fp8 = True
+        self.k_scales, self.v_scales = [float(s) for s in k_scales], [float(s) for s in v_scales]
 
     @classmethod
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kubellm.engine.config import EngineConfig
+from kubellm.engine.loader.quantization import FP8_DTYPE, to_fp8
 from kubellm.engine.transfer import to_device_async, wait_event
 
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
@@ -138,7 +139,8 @@ class FlashInferAttention(AttentionBackend):
 
     # ---- per-step planning -------------------------------------------------------------------
     def _plan_args(self, window: int | None) -> dict:
-        args = {"q_data_type": self.dtype, "kv_data_type": self.dtype, "sm_scale": self.scale}
+        kv_dtype = FP8_DTYPE if self.kv_fp8 else self.dtype
+        args = {"q_data_type": self.dtype, "kv_data_type": kv_dtype, "sm_scale": self.scale}
         if window is not None:
             args["window_left"] = window - 1  # flashinfer: keys q-window_left..q (inclusive)
         return args
@@ -218,9 +220,15 @@ class FlashInferAttention(AttentionBackend):
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         flat = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
+        wrapper = self._wrappers[self.window_of(layer_idx)]
+        if self.kv_fp8:  # e4m3 cache: stored as k / k_scale, the kernel multiplies the scales back in
+            k_scale, v_scale = self.k_scales[layer_idx], self.v_scales[layer_idx]
+            flat.index_copy_(0, self._k_rows, to_fp8(k, k_scale))
+            flat.index_copy_(0, self._v_rows, to_fp8(v, v_scale))
+            return wrapper.run(q, kv_cache, k_scale=k_scale, v_scale=v_scale)
         flat.index_copy_(0, self._k_rows, k)
         flat.index_copy_(0, self._v_rows, v)
-        return self._wrappers[self.window_of(layer_idx)].run(q, kv_cache)
+        return wrapper.run(q, kv_cache)
 
 
 __all__ = ["FlashInferAttention", "PlanFence", "paged_kv_layout"]

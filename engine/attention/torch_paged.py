@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kubellm.engine.loader.quantization import to_fp8
+
 from .base import AttentionBackend, AttentionMetadata
 
 
@@ -127,39 +129,64 @@ class TorchPagedAttention(AttentionBackend):
     def forward(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        kv_cache[self._write_blocks, :, self._write_offsets] = torch.stack((k, v), dim=1)
+        scales = None
+        if self.kv_fp8:  # stored as FP8; attention reads the FP8 values back, new tokens' included
+            scales = (self.k_scales[layer_idx], self.v_scales[layer_idx])
+            k8, v8 = to_fp8(k, scales[0]), to_fp8(v, scales[1])
+            kv_cache[self._write_blocks, :, self._write_offsets] = torch.stack((k8, v8), dim=1)
+            k, v = k8.to(q.dtype) * scales[0], v8.to(q.dtype) * scales[1]
+        else:
+            kv_cache[self._write_blocks, :, self._write_offsets] = torch.stack((k, v), dim=1)
         out = torch.empty_like(q)
         decode, prefills = self._plans[self.window_of(layer_idx)]
         if decode is not None:
-            out[decode.rows] = self._attend_decodes(q, kv_cache, decode)
+            out[decode.rows] = self._attend_decodes(q, kv_cache, decode, scales)
         for p in prefills:
             out[p.start : p.end] = self._attend_prefill(
-                q[p.start : p.end], k[p.start : p.end], v[p.start : p.end], kv_cache, p
+                q[p.start : p.end], k[p.start : p.end], v[p.start : p.end], kv_cache, p, scales
             )
         return out
 
-    def _attend_decodes(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
+    @staticmethod
+    def _keys_values(
+        ctx: torch.Tensor, dtype: torch.dtype, scales: tuple[float, float] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of gathered cache blocks (`ctx` [..., 2, bs, Hkv, D]) in the model dtype."""
+        keys, values = ctx.select(-4, 0), ctx.select(-4, 1)
+        if scales is None:
+            return keys, values
+        return keys.to(dtype) * scales[0], values.to(dtype) * scales[1]
+
+    def _attend_decodes(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, scales: tuple[float, float] | None
+    ) -> torch.Tensor:
         b = plan.rows.numel()
         hkv, d = self.num_kv_heads, self.head_dim
         # One query token per sequence: fold the query heads sharing a KV head into the query axis.
         qd = q[plan.rows].view(b, hkv, self.group, d)
-        ctx = kv_cache[plan.block_tables]  # [B, nb, 2, bs, Hkv, D]
-        keys = ctx[:, :, 0].reshape(b, plan.context_len, hkv, d).transpose(1, 2)
-        values = ctx[:, :, 1].reshape(b, plan.context_len, hkv, d).transpose(1, 2)
+        keys, values = self._keys_values(kv_cache[plan.block_tables], q.dtype, scales)  # [B, nb, bs, Hkv, D] each
+        keys = keys.reshape(b, plan.context_len, hkv, d).transpose(1, 2)
+        values = values.reshape(b, plan.context_len, hkv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=plan.mask, scale=self.scale)
         return o.reshape(b, self.num_heads, d)
 
     def _attend_prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan: _PrefillPlan
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        plan: _PrefillPlan,
+        scales: tuple[float, float] | None,
     ) -> torch.Tensor:
         hkv, d = self.num_kv_heads, self.head_dim
         if plan.cached == 0:
             # The whole context is this chunk: attend to the new k/v directly (they were just cached too).
             keys, values, mask, causal = k, v, plan.mask, plan.mask is None
         else:
-            ctx = kv_cache[plan.blocks]  # [nb, 2, bs, Hkv, D]
-            keys = ctx[:, 0].reshape(-1, hkv, d)[: plan.seq_len]
-            values = ctx[:, 1].reshape(-1, hkv, d)[: plan.seq_len]
+            keys, values = self._keys_values(kv_cache[plan.blocks], q.dtype, scales)  # [nb, bs, Hkv, D] each
+            keys = keys.reshape(-1, hkv, d)[: plan.seq_len]
+            values = values.reshape(-1, hkv, d)[: plan.seq_len]
             mask, causal = plan.mask, False
         # 4-D inputs: torch's CPU flash kernel (tiled, no [H, T, T] score matrix) only takes batched inputs.
         o = F.scaled_dot_product_attention(

@@ -15,7 +15,9 @@ from kubellm.engine.model_config import ModelConfig, token_id_list
 from kubellm.prompt import TokenizerInfo
 
 from .errors import ModelLoadError
+from .fp8_weights import Fp8Weights
 from .loaded import LoadedModel
+from .quantization import kv_cache_scheme_is_fp8, parse_quantization_config
 from .safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,10 +55,18 @@ def load_hf_dir(
         eos_id = Tokenizer.from_str(tokenizer_info.tokenizer_json).token_to_id(tokenizer_info.eos_token)
         if eos_id is not None:
             config.eos_token_ids.append(eos_id)
+    quant_config = hf_config.get("quantization_config")
+    scheme = parse_quantization_config(quant_config, f"{path / 'config.json'} quantization_config")
     weights: Mapping[str, torch.Tensor] = {}
     if load_weights:
-        weights = SafetensorsWeights(path, dtype) if lazy else read_safetensors(path, dtype)
-    return LoadedModel(config, weights, tokenizer_info, generation_config, name=name, path=str(path))  # type: ignore[arg-type]
+        read_dtype = None if scheme else dtype  # FP8 weights and their float32 scales stay as stored
+        weights = SafetensorsWeights(path, read_dtype) if lazy else read_safetensors(path, read_dtype)
+        if scheme is not None:
+            weights = Fp8Weights(weights, scheme, dtype)
+    return LoadedModel(
+        config, weights, tokenizer_info, generation_config, name=name, path=str(path),  # type: ignore[arg-type]
+        quantization=scheme, kv_cache_fp8=kv_cache_scheme_is_fp8(quant_config),
+    )  # fmt: skip
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -77,14 +87,15 @@ def weight_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"model directory {path} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor, floating ones cast to `dtype` (None: as stored)."""
     weights: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensor = f.get_tensor(key)
-                    weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    weights[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ModelLoadError(f"corrupt or unreadable weights file {file}: {e}") from e
     return weights
@@ -95,8 +106,8 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
     once, each straight into its own tensor (safetensors_file.py: no file mapping stays resident). The files'
     headers are read and checked here, so a corrupt file fails at load time as in the eager path."""
 
-    def __init__(self, path: Path, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, path: Path, dtype: torch.dtype | None):
+        self.dtype = dtype  # None: tensors as stored
         self._files: dict[str, SafetensorsFile] = {}
         for file in weight_files(path):
             opened = SafetensorsFile(file)
@@ -118,12 +129,16 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._files[name].entries[name].shape
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The stored dtype, read from the header."""
+        return self._files[name].entries[name].dtype
+
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """[start, stop) along `dim`, read from the file alone (the rest of the tensor is never loaded)."""
         return self._cast(self._files[name].read(name, dim, start, stop))
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _token_text(value: Any) -> str | None:

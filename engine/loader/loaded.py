@@ -10,6 +10,8 @@ import torch
 from kubellm.engine.model_config import ModelConfig
 from kubellm.prompt import TokenizerInfo
 
+from .quantization import Fp8Scheme
+
 
 class ModelRecipe(Protocol):
     """Rebuilds a model without files in another process (random weights): what a tensor-parallel worker loads
@@ -27,3 +29,5 @@ class LoadedModel:
     name: str = ""  # the model as the user named it (path or builtin short name)
     path: str = ""  # the resolved file or directory
     recipe: ModelRecipe | None = None  # for models made in memory: how another process makes the same weights
+    quantization: Fp8Scheme | None = None  # the checkpoint's FP8 format (weights are then an Fp8Weights view)
+    kv_cache_fp8: bool = False  # the checkpoint declares an FP8 KV cache (its k_scale/v_scale are then used)

@@ -6,6 +6,7 @@ refuses missing, misshapen or unused weights by name.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -14,7 +15,13 @@ from torch import nn
 
 from kubellm.engine import parallel
 from kubellm.engine.loader.errors import ModelLoadError
+from kubellm.engine.loader.fp8_weights import Fp8Tensor
+from kubellm.engine.loader.quantization import Fp8Scheme, dequantize, quantize_per_tensor
 from kubellm.engine.model_config import ModelConfig
+
+from . import fp8_linear
+
+logger = logging.getLogger(__name__)
 
 
 def new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -29,6 +36,9 @@ class CheckpointReader:
     def __init__(self, weights: Mapping[str, torch.Tensor], config: ModelConfig, rank: int, size: int):
         self.weights, self.config, self.rank, self.size = weights, config, rank, size
         self.used: set[str] = set()
+        # the FP8 scheme when `weights` is an Fp8Weights view (an FP8 checkpoint, or --quantization fp8)
+        self.scheme: Fp8Scheme | None = getattr(weights, "scheme", None)
+        self.fp8_layers = 0  # linear layers (or expert stacks) loaded as FP8 on the device
 
     def take(self, name: str, split: str = "") -> torch.Tensor:
         """The weight, or this rank's shard of it: split "col" (output rows: heads / intermediate), "row" (input
@@ -57,6 +67,52 @@ class CheckpointReader:
         check_shape(tensor, tuple(param.shape), name)
         param.data = tensor.to(device=param.device, dtype=param.dtype)
 
+    def keeps_fp8(self, names: list[str], device: torch.device) -> bool:
+        """Whether these checkpoint weights go to `device` as FP8 (an FP8 checkpoint's FP8 tensors, on CUDA)."""
+        if self.scheme is None or self.scheme.method == "online" or device.type != "cuda":
+            return False
+        if not all(self.weights.is_fp8(n) for n in names):  # type: ignore[attr-defined]
+            return False
+        if self.size > 1:
+            raise ModelLoadError(
+                f"{self.scheme.describe()} weights under tensor parallelism on CUDA are not supported yet; "
+                "serve with --tensor-parallel-size 1"
+            )
+        return True
+
+    def put_linear(self, linear: nn.Module, prefix: str, parts: tuple[str, ...], split: str, label: str) -> None:
+        """`linear.weight` from `prefix.{part}.weight` for each part, stacked (one part: `prefix.weight` when
+        `parts` is empty). FP8 on CUDA where the checkpoint holds FP8 or --quantization fp8 asks; otherwise in the
+        model dtype: FP8 checkpoints dequantized at load, online FP8 rounded through FP8 per tensor so that the CPU
+        computes with the very weights the GPU would hold."""
+        names = [f"{prefix}.{p}.weight" for p in parts] if parts else [f"{prefix}.weight"]
+        device = linear.weight.device
+        if self.keeps_fp8(names, device):
+            fused = fp8_linear.fuse([self.weights.fp8(n) for n in names])  # type: ignore[attr-defined]
+            if fused is not None:
+                self.used.update(names)
+                self._load_fp8(linear, fused, label)
+                return
+            logger.warning("%s: FP8 block scales do not split at the fused projections; dequantized to %s",
+                           label, linear.weight.dtype)  # fmt: skip
+        tensor = torch.cat([self.take(n, split) for n in names], dim=0) if parts else self.take(names[0], split)
+        if self.scheme is not None and self.scheme.method == "online":
+            check_shape(tensor, tuple(linear.weight.shape), label)
+            q, scale = quantize_per_tensor(tensor.to(device))
+            if device.type == "cuda":
+                self._load_fp8(linear, Fp8Tensor(q, scale, None, None), label)
+                return
+            tensor = dequantize(q, scale)
+        self.put(linear.weight, tensor, label)
+
+    def _load_fp8(self, linear: nn.Module, t: Fp8Tensor, label: str) -> None:
+        load = getattr(linear, "load_fp8", None)
+        if load is None:
+            raise ModelLoadError(f"{label}: {type(linear).__name__} layers cannot hold FP8 weights")
+        check_shape(t.weight, tuple(linear.weight.shape), label)
+        load(t)
+        self.fp8_layers += 1
+
     def fused(self, prefix: str, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
         """Column shards of several projections stacked into one (q/k/v, gate/up)."""
         return torch.cat([self.take(f"{prefix}.{p}.{suffix}", "col") for p in parts], dim=0)
@@ -69,11 +125,11 @@ class CheckpointReader:
 
     def load_attention(self, attn: nn.Module, prefix: str) -> None:
         c, qkv = self.config, ("q_proj", "k_proj", "v_proj")
-        self.put(attn.qkv_proj.weight, self.fused(f"{prefix}.self_attn", qkv, "weight"), f"{prefix}.self_attn.qkv")
+        self.put_linear(attn.qkv_proj, f"{prefix}.self_attn", qkv, "col", f"{prefix}.self_attn.qkv")
         if c.attention_bias:
             self.put(attn.qkv_proj.bias, self.fused(f"{prefix}.self_attn", qkv, "bias"), f"{prefix}.self_attn.qkv")
         name = f"{prefix}.self_attn.o_proj.weight"
-        self.put(attn.o_proj.weight, self.take(name, "row"), name)
+        self.put_linear(attn.o_proj, f"{prefix}.self_attn.o_proj", (), "row", name)
         if c.attention_out_bias:
             name = f"{prefix}.self_attn.o_proj.bias"
             self.put(attn.o_proj.bias, self.take(name), name)
@@ -81,9 +137,9 @@ class CheckpointReader:
     def load_mlp(self, mlp: nn.Module, prefix: str) -> None:
         """gate/up fused into gate_up_proj, and down_proj, of the MLP whose HF name is `prefix`."""
         gate_up = ("gate_proj", "up_proj")
-        self.put(mlp.gate_up_proj.weight, self.fused(prefix, gate_up, "weight"), f"{prefix}.gate_up")
+        self.put_linear(mlp.gate_up_proj, prefix, gate_up, "col", f"{prefix}.gate_up")
         name = f"{prefix}.down_proj.weight"
-        self.put(mlp.down_proj.weight, self.take(name, "row"), name)
+        self.put_linear(mlp.down_proj, f"{prefix}.down_proj", (), "row", name)
         if mlp.down_proj.bias is not None:
             self.put(mlp.gate_up_proj.bias, self.fused(prefix, gate_up, "bias"), f"{prefix}.gate_up")
             name = f"{prefix}.down_proj.bias"

@@ -19,10 +19,12 @@ from torch import nn
 
 from kubellm.engine import parallel
 from kubellm.engine.attention.base import AttentionBackend
+from kubellm.engine.loader.fp8_weights import Fp8Tensor
 from kubellm.engine.model_config import ROPE_FREQ_FACTORS, ModelConfig
 
 from . import fused
 from .causal_lm import CausalLM, CheckpointReader, new_param
+from .fp8_linear import Fp8Params, fp8_forward, gemm_module
 from .moe import SparseMoE, load_moe_weights
 
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
@@ -64,9 +66,20 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = new_param((out_f, in_f), dtype, device)
         self.bias = new_param((out_f,), dtype, device) if bias else None
+        self.fp8: Fp8Params | None = None  # set by load_fp8: the weight is float8_e4m3fn, scaled by these
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None:
+            return fp8_forward(x, self.weight, self.fp8, self.bias)
         return self.matmul(x, self.weight, self.bias)
+
+    def load_fp8(self, t: Fp8Tensor) -> None:
+        """Hold an FP8 weight and its scales on this layer's device (CUDA: the FP8 GEMM must be importable)."""
+        gemm_module()
+        device = self.weight.device
+        self.weight = nn.Parameter(t.weight.to(device), requires_grad=False)
+        input_scale = None if t.input_scale is None else t.input_scale.to(device)
+        self.fp8 = Fp8Params(t.scale.to(device), input_scale, t.block_size)
 
 
 def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ E-wide compute). The references are public: the GPU kernel tests compare against
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from types import ModuleType
@@ -25,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubellm.engine import parallel, symm_all_reduce
+from kubellm.engine.loader.fp8_weights import Fp8Tensor
+from kubellm.engine.loader.quantization import dequantize, quantize_per_tensor
 from kubellm.engine.model_config import ModelConfig
 
+from . import fp8_linear
 from .causal_lm import CheckpointReader, check_shape, expect_shape, new_param
 
 logger = logging.getLogger(__name__)
@@ -113,6 +117,14 @@ def experts_impl(x: torch.Tensor) -> tuple[Callable, Callable]:
     return _impl(x)
 
 
+def fp8_experts_supported(device: torch.device) -> bool:
+    """Whether the fused MoE kernel on `device` takes FP8 experts (w1_scale/w2_scale/block_size)."""
+    module = _kernels_for(device)
+    if module is None:
+        return False
+    return "w1_scale" in inspect.signature(module.fused_experts).parameters
+
+
 def _impl(x: torch.Tensor) -> tuple[Callable, Callable]:
     module = _kernels_for(x.device)
     if module is None:
@@ -143,6 +155,10 @@ class SparseMoE(nn.Module):
         self.w2 = new_param((e, h, self.intermediate), dtype, device)
         self.shared_expert = shared_expert
         self.shared_expert_gate = new_param((1, h), dtype, device) if config.shared_expert_gated else None
+        # FP8 experts (CUDA): w13/w2 are float8_e4m3fn, scaled per row [E, N] or per block [E, N/bn, K/bk]
+        self.w13_scale: torch.Tensor | None = None
+        self.w2_scale: torch.Tensor | None = None
+        self.fp8_block_size: tuple[int, int] | None = None
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every tensor-parallel rank holds whole (for CausalLM.param_counts)."""
@@ -156,7 +172,13 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk, experts = _impl(x)
         weights, ids = topk(F.linear(x, self.gate), self.top_k, self.renormalize)
-        out = experts(x, self.w13, self.w2, weights, ids)
+        if self.w13_scale is not None:
+            out = experts(
+                x, self.w13, self.w2, weights, ids, w1_scale=self.w13_scale, w2_scale=self.w2_scale,
+                block_size=self.fp8_block_size,
+            )  # fmt: skip
+        else:
+            out = experts(x, self.w13, self.w2, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -185,8 +207,10 @@ def load_moe_weights(reader: CheckpointReader, moe: SparseMoE, layer_prefix: str
     reader.put(moe.gate, reader.take(name), name)
     if f"{prefix}.experts.gate_up_proj" in weights:
         _load_stacked(reader, moe, prefix)
-    else:
+    elif not _load_fp8_experts(reader, moe, prefix, _PER_EXPERT_NAMES[module]):
         _load_per_expert(reader, moe, prefix, _PER_EXPERT_NAMES[module])
+    if reader.scheme is not None and reader.scheme.method == "online":
+        _quantize_online(reader, moe, prefix)
     if moe.shared_expert is not None:
         reader.load_mlp(moe.shared_expert, f"{prefix}.shared_expert")
     if moe.shared_expert_gate is not None:
@@ -224,3 +248,51 @@ def _load_stacked(reader: CheckpointReader, moe: SparseMoE, prefix: str) -> None
     w13[:, :inter].copy_(reader.take_range(gate_up, 1, lo, lo + inter))
     w13[:, inter:].copy_(reader.take_range(gate_up, 1, half + lo, half + lo + inter))
     reader.put(moe.w2, reader.take_range(down, 2, lo, lo + inter), down)
+
+
+def _load_fp8_experts(reader: CheckpointReader, moe: SparseMoE, prefix: str, names: tuple[str, str, str]) -> bool:
+    """The experts as FP8 on the GPU, when the checkpoint holds them so and the fused kernel takes FP8 (else False:
+    the caller loads them dequantized). Gate and up of each expert are fused as a dense layer's are."""
+    e, device = moe.w13.shape[0], moe.w13.device
+    per_expert = [[f"{prefix}.experts.{i}.{n}.weight" for n in names] for i in range(e)]
+    if not reader.keeps_fp8([n for group in per_expert for n in group], device):
+        return False
+    if not fp8_experts_supported(device):
+        logger.warning("%s: the fused MoE kernel takes no FP8 experts here; experts dequantized to %s",
+                       prefix, moe.w13.dtype)  # fmt: skip
+        return False
+    fp8 = reader.weights.fp8  # type: ignore[attr-defined]
+    w13 = [fp8_linear.fuse([fp8(gate), fp8(up)]) for gate, up, _ in per_expert]
+    if any(t is None for t in w13):
+        logger.warning("%s: FP8 block scales do not split at gate/up; experts dequantized", prefix)
+        return False
+    _hold_fp8_experts(moe, fp8_linear.stack_experts(w13), fp8_linear.stack_experts([fp8(d) for *_, d in per_expert]),
+                      f"{prefix}.experts")  # type: ignore[arg-type]  # fmt: skip
+    reader.used.update(n for group in per_expert for n in group)
+    reader.fp8_layers += 1
+    return True
+
+
+def _hold_fp8_experts(moe: SparseMoE, w13: Fp8Tensor, w2: Fp8Tensor, label: str) -> None:
+    fp8_linear.gemm_module()
+    check_shape(w13.weight, tuple(moe.w13.shape), f"{label} (gate/up)")
+    check_shape(w2.weight, tuple(moe.w2.shape), f"{label} (down)")
+    device = moe.w13.device
+    moe.w13 = nn.Parameter(w13.weight.to(device), requires_grad=False)
+    moe.w2 = nn.Parameter(w2.weight.to(device), requires_grad=False)
+    moe.w13_scale, moe.w2_scale = w13.scale.to(device), w2.scale.to(device)
+    moe.fp8_block_size = w13.block_size
+
+
+def _quantize_online(reader: CheckpointReader, moe: SparseMoE, prefix: str) -> None:
+    """--quantization fp8: each expert's gate/up and down rounded through FP8 per tensor (vLLM's online scheme);
+    held as FP8 where the fused kernel takes it, else computed with the rounded weights."""
+    quantized = [[quantize_per_tensor(w[i]) for i in range(w.shape[0])] for w in (moe.w13.data, moe.w2.data)]
+    if fp8_experts_supported(moe.w13.device):
+        w13, w2 = (fp8_linear.stack_experts([Fp8Tensor(q, s, None, None) for q, s in stack]) for stack in quantized)
+        _hold_fp8_experts(moe, w13, w2, f"{prefix}.experts")
+        reader.fp8_layers += 1
+        return
+    for param, stack in zip((moe.w13.data, moe.w2.data), quantized, strict=True):
+        for i, (q, s) in enumerate(stack):
+            param[i].copy_(dequantize(q, s))

@@ -361,6 +361,7 @@ def cache_info(engine: Any) -> dict[str, str]:
         "num_gpu_blocks": str(getattr(stats, "blocks_total", "")),
         "enable_prefix_caching": str(cfg.enable_prefix_caching),
         "gpu_memory_utilization": str(cfg.gpu_memory_utilization),
+        "cache_dtype": "fp8" if cfg.kv_cache_dtype in ("fp8", "fp8_e4m3") else "auto",
     }
 
 

@@ -73,7 +73,6 @@ VLLM_IGNORED: dict[str, bool] = {
 # vLLM options that would change results if ignored: refused unless set to their neutral value.
 # name -> (takes a value, neutral values, why)
 VLLM_REFUSED: dict[str, tuple[bool, tuple[Any, ...], str]] = {
-    "quantization": (True, (None, "none", "None"), "quantized serving is not implemented"),
     "speculative-config": (True, (None, "", {}), "speculative decoding is not implemented"),
     "enable-lora": (False, (None, False), "LoRA adapters are not implemented"),
     "lora-modules": (True, (None, "", []), "LoRA adapters are not implemented"),
@@ -81,7 +80,6 @@ VLLM_REFUSED: dict[str, tuple[bool, tuple[Any, ...], str]] = {
     "override-generation-config": (True, (None, "", {}), "generation config overrides are not implemented"),
     "rope-scaling": (True, (None, "", {}), "rope scaling overrides are not implemented"),
     "rope-theta": (True, (None,), "rope theta overrides are not implemented"),
-    "kv-cache-dtype": (True, (None, "auto"), "KV cache dtypes other than auto are not implemented"),
     "pipeline-parallel-size": (True, (None, 1, "1"), "pipeline parallelism is not implemented"),
     "data-parallel-size": (True, (None, 1, "1"), "data parallelism inside one server is not implemented; run replicas"),
     "load-format": (True, (None, "auto", "safetensors", "gguf"), "only safetensors and GGUF weights load"),

@@ -101,14 +101,30 @@ def test_vllm_options_we_ignore_warn_by_name(tmp_path):
 
 
 def test_vllm_options_that_change_results_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="quantization"):
-        parse_args(["--quantization", "awq"])
+    with pytest.raises(ConfigError, match="pipeline-parallel-size"):
+        parse_args(["--pipeline-parallel-size", "2"])
     with pytest.raises(ConfigError, match="speculative-config"):
         parse_args(["--config", _cfg(tmp_path, "speculative_config: {method: ngram}\n")])
     with pytest.raises(ConfigError, match="enable-lora"):
         parse_args(["--enable-lora"])
     # their neutral values are fine
     parse_args(["--config", _cfg(tmp_path, "quantization: null\nkv-cache-dtype: auto\npipeline-parallel-size: 1\n")])
+
+
+def test_fp8_quantization_and_kv_cache_dtype_are_engine_flags(tmp_path, capsys):
+    args, _ = parse_args(["--quantization", "fp8", "--kv-cache-dtype", "fp8", "--calculate-kv-scales"])
+    assert (args.engine.quantization, args.engine.kv_cache_dtype, args.engine.calculate_kv_scales) == (
+        "fp8",
+        "fp8",
+        True,
+    )
+    args, _ = parse_args(["--config", _cfg(tmp_path, "quantization: fp8\nkv_cache_dtype: fp8_e4m3\n")])
+    assert (args.engine.quantization, args.engine.kv_cache_dtype) == ("fp8", "fp8_e4m3")
+    args, _ = parse_args(["-q", "none"])
+    assert args.engine.quantization is None
+    with pytest.raises(SystemExit):
+        parse_args(["--quantization", "awq"])
+    assert "--quantization/-q: invalid choice: 'awq'" in capsys.readouterr().err
 
 
 def test_invalid_engine_values_are_clear():

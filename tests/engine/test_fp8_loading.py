@@ -1,0 +1,169 @@
+"""Acceptance of the [quant-fp8] issue's loading part on CPU: tiny random Llama and Qwen3-MoE checkpoints written
+in each FP8 format (fp8 per-tensor / 32x32-block / static activations, compressed-tensors per-tensor / per-channel /
+static) give the teacher-forced logits of transformers holding the dequantized weights; `--quantization fp8` gives
+those of transformers holding weights rounded through FP8 per fused layer; unknown formats are refused naming
+the method or variant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from fp8_checkpoints import FORMATS, online_fp8_reference, write_fp8_checkpoint
+from tiny_models import full_pass_logits, hf_logits, make_runner
+
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.loader import load_model
+from kubellm.engine.loader.quantization import UnsupportedQuantizationError
+from kubellm.engine.model_config import UnsupportedModelError
+from kubellm.engine.model_runner import ModelRunner
+
+KINDS = ("llama", "qwen3-moe")
+IDS = [(7 * i + 11) % 300 + 4 for i in range(40)]  # 40 distinct ids
+
+
+def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def fp8_dirs(tiny_model_dir, tmp_path_factory):
+    """(kind, fmt) -> (FP8 checkpoint dir, dequantized reference dir)."""
+    made = {}
+
+    def get(kind: str, fmt: str):
+        if (kind, fmt) not in made:
+            root = tmp_path_factory.mktemp(f"{kind}-{fmt}")
+            dst, ref = root / "fp8", root / "reference"
+            write_fp8_checkpoint(tiny_model_dir(kind), dst, fmt, ref, kv_scales=fmt == "fp8-tensor")
+            made[kind, fmt] = dst, ref
+        return made[kind, fmt]
+
+    return get
+
+
+def reference_logits(path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return hf_logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), IDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fp8_checkpoint_logits_equal_dequantized_transformers(kind, fmt, fp8_dirs, tiny_model_dir):
+    dst, ref = fp8_dirs(kind, fmt)
+    loaded = load_model(dst)
+    assert loaded.quantization is not None
+    ours = full_pass_logits(make_runner(loaded, num_blocks=8), IDS)
+    expected = reference_logits(ref)
+    assert rel_l2(ours, expected) < 1e-4
+    # the quantization is visible: the unquantized original is far from the reference
+    assert rel_l2(reference_logits(tiny_model_dir(kind)), expected) > 1e-2
+
+
+def test_ignored_layers_stay_unquantized_and_scales_are_not_weights(fp8_dirs):
+    dst, _ = fp8_dirs("llama", "fp8-tensor")
+    loaded = load_model(dst)
+    assert loaded.weights.is_fp8("model.layers.1.mlp.down_proj.weight")
+    assert not loaded.weights.is_fp8("model.layers.0.mlp.down_proj.weight")  # listed in modules_to_not_convert
+    assert "model.layers.1.mlp.down_proj.weight_scale" not in loaded.weights
+    assert all(not name.endswith("_scale") for name in loaded.weights)
+
+
+def test_checkpoint_kv_scales_feed_the_fp8_kv_cache(fp8_dirs):
+    dst, _ = fp8_dirs("llama", "fp8-tensor")  # written with k_scale = v_scale = 0.05 + 0.01 * layer
+    loaded = load_model(dst)
+    assert loaded.kv_cache_fp8
+    runner = ModelRunner(loaded, EngineConfig(device="cpu", kv_cache_dtype="fp8"))
+    assert runner.attn.k_scales == pytest.approx([0.05, 0.06])
+    assert runner.attn.v_scales == pytest.approx([0.05, 0.06])
+    runner.allocate_kv_cache(8)
+    assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
+
+
+def test_lazy_loading_reads_fp8_checkpoints_too(fp8_dirs):
+    dst, ref = fp8_dirs("qwen3-moe", "fp8-block")
+    ours = full_pass_logits(make_runner(load_model(dst, lazy=True), num_blocks=8), IDS)
+    assert rel_l2(ours, reference_logits(ref)) < 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_online_fp8_rounds_each_fused_layer_per_tensor(kind, tiny_model_dir, tmp_path):
+    ref = online_fp8_reference(tiny_model_dir(kind), tmp_path / "reference")
+    runner = ModelRunner(load_model(tiny_model_dir(kind)), EngineConfig(device="cpu", quantization="fp8"))
+    runner.allocate_kv_cache(8)
+    assert runner.quantization is not None and runner.quantization.method == "online"
+    expected = reference_logits(ref)
+    assert rel_l2(full_pass_logits(runner, IDS), expected) < 1e-4
+    assert rel_l2(reference_logits(tiny_model_dir(kind)), expected) > 1e-3
+
+
+def _with_quantization_config(src, dst, config) -> None:
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "config.json").read_text())
+    data["quantization_config"] = config
+    (dst / "config.json").write_text(json.dumps(data))
+
+
+_CT_INT8 = {
+    "quant_method": "compressed-tensors",
+    "format": "int-quantized",
+    "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}
+    },
+}
+_CT_W4A16 = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}},
+}
+_CT_FP8_WEIGHT_ONLY = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+        ({"quant_method": "awq", "bits": 4}, "'awq'"),
+        ({"quant_method": "fp8", "fmt": "e5m2"}, "'e5m2'"),
+        ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size"),
+        (_CT_INT8, "'int-quantized'"),
+        (_CT_W4A16, "'pack-quantized'"),
+        (_CT_FP8_WEIGHT_ONLY, "weight-only FP8"),
+    ],
+)
+def test_unsupported_quantization_is_refused_naming_it(config, named, tiny_model_dir, tmp_path):
+    dst = tmp_path / "model"
+    _with_quantization_config(tiny_model_dir("llama"), dst, config)
+    with pytest.raises(UnsupportedModelError) as err:
+        load_model(dst)
+    assert named in str(err.value)
+    assert "quantization_config" in str(err.value)
+    assert "does not use" not in str(err.value)
+
+
+def test_online_quantization_contradicting_the_checkpoint_is_refused(fp8_dirs):
+    dst, _ = fp8_dirs("llama", "ct-channel")
+    with pytest.raises(UnsupportedQuantizationError, match="contradicts the checkpoint's own compressed-tensors"):
+        ModelRunner(load_model(dst), EngineConfig(device="cpu", quantization="fp8"))
+
+
+def test_missing_scale_is_a_load_error_naming_the_weight(fp8_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kubellm.engine.loader.errors import ModelLoadError
+
+    src, _ = fp8_dirs("llama", "fp8-tensor")
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.o_proj.weight_scale"]
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight.*has no weight_scale"):
+        make_runner(load_model(dst))
