@@ -1,5 +1,6 @@
 """Which FP8 format a checkpoint is in (`quantization_config` of config.json, or `--quantization fp8`), and the
-FP8 arithmetic every path shares: dequantize a weight with its scales, quantize a tensor per-tensor.
+FP8 arithmetic of the checkpoint formats: dequantize a (possibly stacked) weight with its scales, store K/V as FP8.
+Weight quantization (`--quantization fp8`) is models/fp8_gemm.quantize_weight_fp8.
 
 Formats read (tensor names are the HF module's, e.g. `model.layers.0.self_attn.q_proj`):
 - `fp8` (vLLM/HF, DeepSeek-V3, Qwen3-*-FP8): `weight` float8_e4m3fn with a per-tensor `weight_scale`, or with
@@ -206,14 +207,6 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int,
     if s.numel() == w.shape[-2] * math.prod(w.shape[:-2]):  # per output channel (per expert too)
         return w * s.reshape(*w.shape[:-1], 1)
     raise ValueError(f"scale of shape {tuple(s.shape)} fits neither per-tensor nor per-channel of {tuple(w.shape)}")
-
-
-def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`w` -> (FP8 weight, float32 scale) with scale = amax / 448, so that dequantize(q, scale) ~ w."""
-    amax = w.abs().max().float().clamp_min(1e-12)
-    scale = amax / FP8_MAX
-    q = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
 
 
 def to_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:

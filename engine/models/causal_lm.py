@@ -16,10 +16,11 @@ from torch import nn
 from kubellm.engine import parallel
 from kubellm.engine.loader.errors import ModelLoadError
 from kubellm.engine.loader.fp8_weights import Fp8Tensor
-from kubellm.engine.loader.quantization import Fp8Scheme, dequantize, quantize_per_tensor
+from kubellm.engine.loader.quantization import Fp8Scheme
 from kubellm.engine.model_config import ModelConfig
 
 from . import fp8_linear
+from .fp8_gemm import dequantize_weight_fp8, quantize_weight_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +99,11 @@ class CheckpointReader:
         tensor = torch.cat([self.take(n, split) for n in names], dim=0) if parts else self.take(names[0], split)
         if self.scheme is not None and self.scheme.method == "online":
             check_shape(tensor, tuple(linear.weight.shape), label)
-            q, scale = quantize_per_tensor(tensor.to(device))
+            q, scale = quantize_weight_fp8(tensor.to(device))
             if device.type == "cuda":
                 self._load_fp8(linear, Fp8Tensor(q, scale, None, None), label)
                 return
-            tensor = dequantize(q, scale)
+            tensor = dequantize_weight_fp8(q, scale)
         self.put(linear.weight, tensor, label)
 
     def _load_fp8(self, linear: nn.Module, t: Fp8Tensor, label: str) -> None:

@@ -27,11 +27,11 @@ from torch import nn
 
 from kubellm.engine import parallel, symm_all_reduce
 from kubellm.engine.loader.fp8_weights import Fp8Tensor
-from kubellm.engine.loader.quantization import dequantize, quantize_per_tensor
 from kubellm.engine.model_config import ModelConfig
 
 from . import fp8_linear
 from .causal_lm import CheckpointReader, check_shape, expect_shape, new_param
+from .fp8_gemm import dequantize_weight_fp8, quantize_weight_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _hold_fp8_experts(moe: SparseMoE, w13: Fp8Tensor, w2: Fp8Tensor, label: str)
 def _quantize_online(reader: CheckpointReader, moe: SparseMoE, prefix: str) -> None:
     """--quantization fp8: each expert's gate/up and down rounded through FP8 per tensor (vLLM's online scheme);
     held as FP8 where the fused kernel takes it, else computed with the rounded weights."""
-    quantized = [[quantize_per_tensor(w[i]) for i in range(w.shape[0])] for w in (moe.w13.data, moe.w2.data)]
+    quantized = [[quantize_weight_fp8(w[i]) for i in range(w.shape[0])] for w in (moe.w13.data, moe.w2.data)]
     if fp8_experts_supported(moe.w13.device):
         w13, w2 = (fp8_linear.stack_experts([Fp8Tensor(q, s, None, None) for q, s in stack]) for stack in quantized)
         _hold_fp8_experts(moe, w13, w2, f"{prefix}.experts")
@@ -295,4 +295,4 @@ def _quantize_online(reader: CheckpointReader, moe: SparseMoE, prefix: str) -> N
         return
     for param, stack in zip((moe.w13.data, moe.w2.data), quantized, strict=True):
         for i, (q, s) in enumerate(stack):
-            param[i].copy_(dequantize(q, s))
+            param[i].copy_(dequantize_weight_fp8(q, s))
