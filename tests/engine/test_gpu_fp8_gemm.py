@@ -245,15 +245,16 @@ def test_static_quantization_clamps_to_the_fp8_range() -> None:
     assert q.float()[0, :6].tolist() == [0.0, 2.0, -2.0, 448.0, -448.0, 0.625]  # 0.6 rounds to e4m3's 0.625
 
 
-@pytest.mark.parametrize("spec", ["token", "group", "static"])
-@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(
+    ("spec", "with_residual"), [("token", True), ("group", True), ("static", True), ("token", False)]
+)
 def test_fused_rms_norm_quant_equals_norm_then_quantize(spec: str, with_residual: bool) -> None:
     _, fp8_quant, fused = modules()
     act = (
         fp8_quant.ActQuant("tensor", static_scale=torch.tensor(0.01)) if spec == "static" else fp8_quant.ActQuant(spec)
     )
     gen = torch.Generator(device="cuda").manual_seed(2)
-    for m, n in ((1, 4096), (64, 4096), (8192, 2048), (3, 7168)):
+    for m, n in ((1, 4096), (64, 4096), (8192, 4096), (3, 7168)):
         x = torch.randn(m, n, generator=gen, device="cuda").to(torch.bfloat16)
         r = torch.randn(m, n, generator=gen, device="cuda").to(torch.bfloat16)
         w = (torch.rand(n, generator=gen, device="cuda") + 0.5).to(torch.bfloat16)
