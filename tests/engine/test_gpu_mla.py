@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_model_setup import bf16_rounded_random_model, block_tables, run_to_completion, small_runner
 
 from kubellm.engine.attention import AttentionMetadata, TorchMLAAttention
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
-from kubellm.engine.outputs import OutputAssembler
 
 pytestmark = pytest.mark.gpu
 
@@ -153,30 +153,18 @@ def loaded():
     import triton  # noqa: F401
 
     from kubellm.engine.model_config import ModelConfig
-    from kubellm.engine.random_model import RandomWeights, random_loaded_model
 
-    config = ModelConfig.from_hf_config(V2_LITE_3_LAYERS)
-    model = random_loaded_model(config, torch.float32, "cpu", seed=0, std=0.02, embed_std=0.5)
-    # the very same bf16-rounded numbers on both paths: what differs is the GPU path's bf16 arithmetic
-    weights = RandomWeights(config, torch.float32, "cpu", seed=0, std=0.02, embed_std=0.5)
-    model.weights = {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
-    return model
+    return bf16_rounded_random_model(ModelConfig.from_hf_config(V2_LITE_3_LAYERS), std=0.02, embed_std=0.5)
 
 
-def _runner(loaded, device: str, **kw):
-    from kubellm.engine.model_runner import ModelRunner
-
-    cfg = EngineConfig(device=device, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=256, **kw)
-    runner = ModelRunner(loaded, cfg)
-    runner.allocate_kv_cache(PROMPTS * POSITIONS // 16 + 8)
-    return runner
+def _runner(loaded, device: str):
+    return small_runner(loaded, device, PROMPTS, POSITIONS)
 
 
 def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
     """Logits [steps * prompts, vocab] (float32, CPU): a prefill in two chunks (the second over the cached first,
     mid-block), then one decode per step."""
-    per = POSITIONS // 16
-    tables = [list(range(i * per, (i + 1) * per)) for i in range(len(tokens))]
+    tables = block_tables(len(tokens), POSITIONS)
     first = ForwardBatch([ScheduledSeq(f"p{i}", t[:CHUNK], 0, tables[i], False) for i, t in enumerate(tokens)])
     assert runner.logits(first).shape[0] == 0
     batch = ForwardBatch(
@@ -234,16 +222,8 @@ def test_cuda_graph_decode_equals_eager(loaded):
             num_gpu_blocks_override=64, enforce_eager=enforce_eager, generation_config="vllm",
         )  # fmt: skip
         engine = LLMEngine(cfg, loaded=loaded)
-        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, params)
-        done = {}
-        whole = OutputAssembler()
-        while engine.has_unfinished_requests():
-            for out in map(whole.add, engine.step()):
-                if out.finished:
-                    done[out.request_id] = out.outputs[0].token_ids
+        outs = run_to_completion(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
         assert (engine.runner.graph_replays > 0) is not enforce_eager
-        return [done[f"r{i}"] for i in range(len(prompts))]
+        return [c.token_ids for c in outs]
 
     assert greedy(False) == greedy(True)
