@@ -32,7 +32,7 @@
 # CUDA_HOME whose lib64/stubs holds a libcuda.so (soname libcuda.so.1) to link against; FA3 also needs curand
 # headers, which is one reason the engine uses FA2 prefill. .gpu/kcache/prebuilt-sm90a-bf16-hd64-hd128.tgz was
 # made that way (2 cores: ~80 s per decode module, ~240-340 s per FA2 prefill module).
-# EXTRA_TESTS: more test paths for the test/all modes. TIME_LIMIT (s, default 540) bounds the whole script: the benchmark gets what the tests leave.
+# TESTS: the test paths of the test/all modes instead of the default set; EXTRA_TESTS: more test paths beside them. TIME_LIMIT (s, default 540) bounds the whole script: the benchmark gets what the tests leave.
 set -uo pipefail
 mode=${1:-all}
 shift || true
@@ -74,9 +74,11 @@ git status --short 2>/dev/null | head -20
 
 rc=0
 if [ "$mode" = test ] || [ "$mode" = all ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
-    tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py tests/engine/test_sampler.py \
-    tests/engine/test_gpu_symm_all_reduce.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/gpu-tests.log"
+  default_tests="tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py tests/engine/test_sampler.py
+    tests/engine/test_gpu_symm_all_reduce.py"
+  # shellcheck disable=SC2086  # the lists are whitespace-separated paths
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rA \
+    ${TESTS:-$default_tests} ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/gpu-tests.log"
   rc=${PIPESTATUS[0]}
 fi
 if [ "$mode" = tp ]; then
