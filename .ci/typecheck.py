@@ -70,6 +70,7 @@ MODULES = [
     "kubellm.engine.server.chat_output",
     "kubellm.engine.server.tool_parsers",
     "kubellm.engine.server.tool_parsers.base",
+    "kubellm.engine.server.tool_parsers.json_stream",
     "kubellm.engine.server.tool_parsers.hermes",
     "kubellm.engine.server.tool_parsers.forced",
     "kubellm.engine.server.tool_parsers.qwen3_coder",

@@ -37,6 +37,9 @@ class ChatOutputParser:
         return out
 
     def parse_whole(self, text: str) -> ParsedMessage:
+        """The non-streamed message: calls only whole (a malformed or cut-off one is content)."""
+        if self.tools is not None:
+            self.tools.stream_arguments = False
         return parse_stream(self, [text])
 
 

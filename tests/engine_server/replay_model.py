@@ -7,6 +7,7 @@ on exact text. Prefix caching is off so a request's whole prompt passes through 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -30,6 +31,22 @@ class ReplayRunner:
         self._end_id = end_id
         self._replies: dict[str, list[int]] = {}
         self._prompt_lens: dict[str, int] = {}
+        self._holds: dict[str, tuple[int, threading.Event]] = {}  # transcript key -> (token index, release)
+        self._reply_keys: dict[str, str] = {}
+        self._hold_timeout = 60.0
+
+    def hold(self, key: str, upto: str, timeout: float = 60) -> threading.Event:
+        """Make the next reply of transcript `key` stop once it has written `upto` (a prefix of the transcript)
+        until the returned event is set, so a test can see what a client has received mid-generation. The engine
+        thread waits at most `timeout` seconds, so a test that never releases it fails instead of hanging."""
+        tokens = self._transcripts[key]
+        assert self._renderer.decode(tokens, skip_special_tokens=False).startswith(upto)
+        written = (self._renderer.decode(tokens[:i], skip_special_tokens=False) for i in range(1, len(tokens) + 1))
+        n = next(i for i, text in enumerate(written, start=1) if len(text) >= len(upto))
+        release = threading.Event()
+        self._holds[key] = (n, release)
+        self._hold_timeout = timeout
+        return release
 
     def _reply(self, request_id: str, prompt_ids: list[int]) -> list[int]:
         if request_id not in self._replies:
@@ -37,6 +54,7 @@ class ReplayRunner:
             keys = [k for k in self._transcripts if k in prompt]
             assert len(keys) == 1, f"the prompt must name exactly one transcript key, found {keys}"
             self._replies[request_id] = [*self._transcripts[keys[0]], self._end_id]
+            self._reply_keys[request_id] = keys[0]
         return self._replies[request_id]
 
     def kv_cache_bytes_per_block(self) -> int:
@@ -57,6 +75,10 @@ class ReplayRunner:
             reply = self._reply(s.request_id, s.token_ids)
             if s.needs_logits:
                 generated = s.start_pos + len(s.token_ids) - self._prompt_len(s)
+                held = self._holds.get(self._reply_keys[s.request_id])
+                if held is not None and generated == held[0]:
+                    del self._holds[self._reply_keys[s.request_id]]
+                    held[1].wait(self._hold_timeout)
                 out.append(reply[min(generated, len(reply) - 1)])
         return ReadyTokens(out)
 

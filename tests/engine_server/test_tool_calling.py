@@ -108,7 +108,6 @@ def _streamed(client: openai.OpenAI, **kwargs):
             None,
             "tool_calls",
         ),
-        ("case-malformed", TRANSCRIPTS["case-malformed"], [], None, "stop"),
         (
             "case-thinking",
             None,
@@ -138,16 +137,60 @@ def test_auto_tool_choice_parses_the_model_output_streamed_and_not(client, case,
 
 
 def test_stream_deltas_are_shaped_as_openai_sends_them(client):
+    """The call's header first (index, id, type, name, empty arguments), then its arguments in pieces as they are
+    generated, joining into the non-streamed response's arguments exactly."""
     chunks = list(client.chat.completions.create(model=MODEL, messages=_ask("case-one-call"), tools=TOOLS, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     text = "".join(d.content or "" for d in deltas)
     assert text == "Let me check the forecast.\n"
     call_deltas = [tc for d in deltas for tc in d.tool_calls or []]
     first, *rest = call_deltas
-    assert (first.index, first.type, first.function.name) == (0, "function", "get_weather")
-    assert first.id and all(tc.id is None and tc.function.name is None for tc in rest)
-    assert json.loads("".join(tc.function.arguments or "" for tc in call_deltas)) == {"city": "Paris", "days": 2}
+    header = (first.index, first.type, first.function.name, first.function.arguments)
+    assert header == (0, "function", "get_weather", "")
+    assert first.id and all(tc.index == 0 and tc.id is None and tc.function.name is None for tc in rest)
+    pieces = [tc.function.arguments for tc in rest]
+    whole = client.chat.completions.create(model=MODEL, messages=_ask("case-one-call"), tools=TOOLS)
+    assert "".join(pieces) == whole.choices[0].message.tool_calls[0].function.arguments
+    assert json.loads("".join(pieces)) == {"city": "Paris", "days": 2}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_arguments_reach_the_client_while_the_call_is_still_being_generated(client, replay_server):
+    """`tool_choice: auto`, streamed: with the model stopped in the middle of the call's arguments, the client
+    already has the call's header and the arguments written so far; the rest follows once the model goes on."""
+    upto = 'Let me check the forecast.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
+    release = replay_server.engine.runner.hold("case-one-call", upto)
+    try:
+        stream = client.chat.completions.create(model=MODEL, messages=_ask("case-one-call"), tools=TOOLS, stream=True)
+        chunks = iter(stream)
+        names, arguments = [], ""
+        while '"Par' not in arguments:  # a positive event: the client's read times out if it never comes
+            for tc in next(chunks).choices[0].delta.tool_calls or []:
+                names += [tc.function.name] if tc.function.name else []
+                arguments += tc.function.arguments or ""
+        assert names == ["get_weather"] and arguments.startswith('{"city": "Par')
+        assert arguments != '{"city": "Paris", "days": 2}', "sent before the model wrote the rest"
+    finally:
+        release.set()
+    for chunk in chunks:
+        deltas = chunk.choices[0].delta.tool_calls if chunk.choices else None
+        arguments += "".join(tc.function.arguments or "" for tc in deltas or [])
+    assert arguments == '{"city": "Paris", "days": 2}'
+
+
+def test_a_malformed_call_is_content_whole_and_the_call_sent_so_far_streamed(client):
+    """Non-streamed, the call whose object is not closed is returned as the text it is. Streamed, its header and
+    arguments went out before that could be known, so the stream carries the call as far as it was sent."""
+    whole = client.chat.completions.create(model=MODEL, messages=_ask("case-malformed"), tools=TOOLS).choices[0]
+    assert (whole.message.content, _calls(whole.message), whole.finish_reason) == (
+        TRANSCRIPTS["case-malformed"],
+        [],
+        "stop",
+    )
+    streamed = _streamed(client, messages=_ask("case-malformed"), tools=TOOLS).choices[0]
+    assert streamed.message.content is None
+    assert _calls(streamed.message) == [("get_weather", {"city": "Paris"})]
+    assert streamed.finish_reason == "tool_calls"
 
 
 def test_reasoning_streams_separately_from_content(client):

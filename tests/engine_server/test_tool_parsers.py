@@ -1,8 +1,9 @@
 """Tool-call parsers against transcripts in each model's own output format.
 
 Each transcript is what the model writes (per its published chat template); the expected content and calls are
-written out by hand. Every transcript is also streamed in many different cuts, and the rebuilt message must equal
-the whole-text result exactly.
+written out by hand for the non-streamed message. Every transcript is also streamed in many different cuts: the
+rebuilt message is the same for every cut, and equals the non-streamed one wherever the calls are well-formed (a
+streamed call's arguments go out before its end is known, so a broken one cannot be turned back into content).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from parser_splits import all_splits
 
 from kubellm.engine.server.chat_output import parse_stream
 from kubellm.engine.server.chat_tools import ToolPlan, forced_calls_schema
-from kubellm.engine.server.tool_parsers import TOOL_PARSERS, ToolParser
+from kubellm.engine.server.tool_parsers import TOOL_PARSERS, ParsedMessage, ToolParser
 from kubellm.engine.server.tool_parsers.forced import NamedCallParser, RequiredCallsParser
+from kubellm.engine.server.tool_parsers.json_stream import JsonObjectStream
 
 DS_CALLS_BEGIN = "<\uff5ctool\u2581calls\u2581begin\uff5c>"
 DS_CALLS_END = "<\uff5ctool\u2581calls\u2581end\uff5c>"
@@ -63,6 +67,7 @@ class Case:
     content: str | None
     calls: list[tuple[str, dict[str, Any]]]
     ids: list[str] | None = None  # ids the model itself writes (Kimi-K2); otherwise the parser's own
+    streamed_as_whole: bool = True  # False: a broken call streamed as far as it went (test_streamed_broken_calls)
 
 
 def _cases() -> list[Case]:
@@ -100,6 +105,7 @@ def _cases() -> list[Case]:
             'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"ci',
             'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"ci',
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "hermes",
@@ -108,6 +114,7 @@ def _cases() -> list[Case]:
             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\nDone.',
             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>\nDone.',
             [("get_weather", {"city": "Rome"})],
+            streamed_as_whole=False,
         ),
         Case("hermes", "plain answer", "The capital of France is Paris.", "The capital of France is Paris.", []),
         Case(
@@ -241,6 +248,7 @@ def _cases() -> list[Case]:
             f'Hmm.{kb}{cb}functions.get_weather:0{ab}{{"city": "Pa',
             f'Hmm.{cb}functions.get_weather:0{ab}{{"city": "Pa',
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "kimi_k2",
@@ -248,6 +256,7 @@ def _cases() -> list[Case]:
             f'{kb}{cb}functions.get_weather:0{ab}{{"city": Paris}}{ce}{ke}',
             f'{cb}functions.get_weather:0{ab}{{"city": Paris}}{ce}',
             [],
+            streamed_as_whole=False,
         ),
     ]
     # deepseek_v3 (function<sep>NAME then a fenced json block)
@@ -284,6 +293,7 @@ def _cases() -> list[Case]:
             f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{",
             f"{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{",
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "deepseek_v3",
@@ -326,6 +336,7 @@ def _cases() -> list[Case]:
             f'{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{"city": "Pa',
             f'{DS_CALL_BEGIN}get_weather{DS_SEP}{{"city": "Pa',
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "deepseek_v31",
@@ -434,8 +445,16 @@ CASES = _cases()
 
 
 def _parser(name: str) -> ToolParser:
+    """The parser of a stream (arguments streamed where the format allows), with predictable call ids."""
     counter = itertools.count()
     return TOOL_PARSERS[name](TOOLS, make_id=lambda: f"call_{next(counter)}")
+
+
+def _whole(name: str, text: str) -> ParsedMessage:
+    """The non-streamed message: calls only whole."""
+    parser = _parser(name)
+    parser.stream_arguments = False
+    return parse_stream(parser, [text])
 
 
 def test_every_vllm_parser_name_is_registered() -> None:
@@ -453,7 +472,7 @@ def test_every_vllm_parser_name_is_registered() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.parser}: {c.label}" for c in CASES])
 def test_whole_output(case: Case) -> None:
-    msg = parse_stream(_parser(case.parser), [case.text])
+    msg = _whole(case.parser, case.text)
     assert msg.content == case.content
     assert [(t.name, json.loads(t.arguments)) for t in msg.tool_calls] == case.calls
     if case.ids is not None:
@@ -464,12 +483,29 @@ def test_whole_output(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.parser}: {c.label}" for c in CASES])
 def test_streamed_equals_whole_for_every_split(case: Case) -> None:
-    whole = parse_stream(_parser(case.parser), [case.text])
+    streamed = parse_stream(_parser(case.parser), [case.text])
+    assert (streamed == _whole(case.parser, case.text)) is case.streamed_as_whole
     n = 0
     for label, chunks in all_splits(case.text):
-        assert parse_stream(_parser(case.parser), chunks) == whole, label
+        assert parse_stream(_parser(case.parser), chunks) == streamed, label
         n += 1
     assert n > 57
+
+
+def test_streamed_broken_calls_keep_what_was_sent() -> None:
+    """Streamed, a call is out once its name is: cut off, its arguments are what was generated; with the closing
+    brace of its object missing, it is still the call its arguments made; not JSON after all, the rest of its
+    arguments is the model's own text."""
+    cut = parse_stream(_parser("hermes"), ['Checking.<tool_call>\n{"name": "get_weather", "arguments": {"ci'])
+    assert (cut.content, [(t.name, t.arguments) for t in cut.tool_calls]) == ("Checking.", [("get_weather", '{"ci')])
+    unclosed = next(c for c in CASES if c.label.startswith("malformed json is content"))
+    msg = parse_stream(_parser("hermes"), [unclosed.text])
+    assert (msg.content, [(t.name, json.loads(t.arguments)) for t in msg.tool_calls]) == (
+        "Done.",
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})],
+    )
+    quoted = parse_stream(_parser("hermes"), ['<tool_call>\n{"name": "f", "arguments": {\'a\': 1}}\n</tool_call>'])
+    assert (quoted.content, [(t.name, t.arguments) for t in quoted.tool_calls]) == (None, [("f", "{'a': 1}}\n")])
 
 
 @pytest.mark.parametrize(
@@ -491,12 +527,33 @@ def test_text_streams_as_soon_as_it_cannot_start_a_marker(parser: str, text: str
     assert out.tool_calls == []
 
 
-def test_a_call_streams_as_a_header_then_its_arguments() -> None:
+def test_a_call_streams_its_header_once_named_then_its_arguments_as_they_come() -> None:
     p = _parser("hermes")
-    assert p.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n').tool_calls == []
-    first, second = p.feed("</tool_call>").tool_calls
-    assert (first.index, first.id, first.name, first.arguments) == (0, "call_0", "get_weather", "")
-    assert (second.index, second.id, second.name, json.loads(second.arguments)) == (0, None, None, {"city": "Paris"})
+    assert p.feed('<tool_call>\n{"name": "get_wea').tool_calls == []
+    assert p.feed('ther", "arguments": ').tool_calls == [], "the arguments' object has not begun"
+    out = [p.feed(piece).tool_calls for piece in ['{"ci', 'ty":"Par', 'is",', '"days":', "3", "}}\n", "</tool_call>"]]
+    assert [[(d.index, d.id, d.name, d.arguments) for d in ds] for ds in out] == [
+        [(0, "call_0", "get_weather", ""), (0, None, None, '{"ci')],
+        [(0, None, None, 'ty": "Par')],  # re-spelt as the whole call spells it
+        [(0, None, None, 'is", ')],
+        [(0, None, None, '"days": ')],
+        [],  # a number goes out once it has ended
+        [(0, None, None, "3}")],
+        [],
+    ]
+    whole = _whole(
+        "hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris","days":3}}\n</tool_call>'
+    )
+    assert "".join(d.arguments for ds in out for d in ds) == whole.tool_calls[0].arguments
+
+
+def test_a_call_not_shaped_name_then_arguments_object_still_streams_whole() -> None:
+    p = _parser("hermes")
+    assert p.feed('<tool_call>\n{"arguments": {"city": "Paris"}, "name": "get_weather"}\n').tool_calls == []
+    assert [(d.name, d.arguments) for d in p.feed("</tool_call>").tool_calls] == [
+        ("get_weather", ""),
+        (None, '{"city": "Paris"}'),
+    ]
 
 
 def test_llama3_json_waits_for_the_first_character_before_deciding() -> None:
@@ -601,11 +658,63 @@ DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser goes (i
 )
 def test_nesting_too_deep_to_parse_is_content_not_an_error(parser: str, opening: str, closing: str) -> None:
     text = opening + DEEP + closing
-    msg = parse_stream(_parser(parser), [text])
+    msg = _whole(parser, text)
     assert (msg.content, msg.tool_calls) == (text, [])
+    parse_stream(_parser(parser), [text])  # streamed (hermes streams the arguments) it is no error either
 
 
 def test_a_parameter_value_too_deep_to_parse_stays_text() -> None:
     text = f"<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>{DEEP}</arg_value>\n</tool_call>"
     msg = parse_stream(_parser("glm45"), [text])
     assert [(t.name, json.loads(t.arguments)) for t in msg.tool_calls] == [("f", {"a": DEEP})]
+
+
+# ---- the re-spelling of streamed arguments -------------------------------------------------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    obj=st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5),
+    spelling=st.sampled_from([{}, {"indent": 2}, {"separators": (",", ":")}, {"ensure_ascii": False}]),
+    cuts=st.lists(st.integers(min_value=1, max_value=7), max_size=200),
+)
+def test_streamed_arguments_concatenate_to_the_whole_calls_spelling(obj, spelling, cuts) -> None:
+    """However a model spells the arguments object and however the text is cut, the pieces streamed join into
+    exactly the arguments a non-streamed response carries: json.dumps of the parsed object."""
+    text = json.dumps(obj, **spelling) + "}\n</tool_call>"
+    stream, pieces, pos = JsonObjectStream(), [], 0
+    for size in [*cuts, len(text)]:
+        piece, used = stream.feed(text[pos : pos + size])
+        pieces.append(piece)
+        pos += used
+        if stream.done:
+            break
+    assert stream.done and not stream.failed
+    assert text[pos:] == "}\n</tool_call>", "the object ends where its closing brace is"
+    assert "".join(pieces) == json.dumps(obj, ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    ("parser", "opening", "closing"),
+    [
+        ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": ', "}\n</tool_call>"),
+        ("kimi_k2", "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+         "<|tool_call_argument_begin|>", "<|tool_call_end|><|tool_calls_section_end|>"),
+        ("deepseek_v3", f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n",
+         f"\n```{DS_CALL_END}{DS_CALLS_END}"),
+        ("deepseek_v31", f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}", f"{DS_CALL_END}{DS_CALLS_END}"),
+    ],
+)  # fmt: skip
+def test_json_argument_formats_stream_arguments_before_the_call_ends(parser: str, opening: str, closing: str) -> None:
+    p = _parser(parser)
+    first = p.feed(opening + '{"city": "Pa').tool_calls
+    assert [(d.index, d.name, d.arguments) for d in first] == [(0, "get_weather", ""), (0, None, '{"city": "Pa')]
+    rest = p.feed('ris", "days": 2}' + closing).tool_calls + p.finish().tool_calls
+    assert "".join(d.arguments for d in first + rest) == '{"city": "Paris", "days": 2}'
+    assert all(d.id is None and d.name is None for d in rest)

@@ -4,18 +4,26 @@ A parser is fed text deltas and returns `ParsedDelta`s (content and tool-call de
 the output ends. The non-streamed result is the same deltas merged (`parse_whole`), so streaming and not
 streaming cannot disagree.
 
-Why whole calls: a call is emitted only once its closing marker has arrived and its body parses. A malformed or
-truncated call is then returned as content instead of a half-sent call, and the merged stream is the same for
-every way the text is split into deltas. Text outside calls streams as soon as it cannot be part of a marker.
+Whole calls, unless streamed: a call is emitted only once its closing marker has arrived and its body parses, so
+a malformed or truncated call is returned as content instead of a half-sent call. That is what a non-streamed
+response gets (`stream_arguments` off). Streamed (the default), a format that can tell where a call's name ends and
+its JSON arguments begin (`call_header`) sends the call's header as soon as the name is known and then the
+arguments piece by piece as they are generated, as vLLM streams them, re-spelt as the whole call would spell them
+(json_stream.py). A call that then turns out malformed or is cut off cannot be taken back: the stream keeps what
+was sent (the model's own text for the rest of a broken object). Either way the merged stream is the same for every
+way the text is split into deltas. Text outside calls streams as soon as it cannot be part of a marker.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .json_stream import JsonObjectStream
 
 
 @dataclass
@@ -160,6 +168,7 @@ class ToolParser:
         self._out = ParsedDelta()
         self._n_calls = 0
         self._after_call = False
+        self.stream_arguments = True  # off: whole calls only (the non-streamed response)
 
     def feed(self, text: str) -> ParsedDelta:
         self._buf += text
@@ -190,11 +199,24 @@ class ToolParser:
         self._out.content += text
 
     def _emit_call(self, name: str, arguments: dict[str, Any], call_id: str | None = None) -> None:
-        i = self._n_calls
-        self._n_calls += 1
-        self._out.tool_calls.append(ToolCallDelta(index=i, id=call_id or self._make_id(), name=name))
-        self._out.tool_calls.append(ToolCallDelta(index=i, arguments=dump_arguments(arguments)))
+        self._emit_call_header(name, call_id)
+        self._emit_arguments(dump_arguments(arguments))
         self._after_call = True
+
+    def _emit_call_header(self, name: str, call_id: str | None = None) -> None:
+        """A new call's first delta: index, id and name (its arguments follow in `_emit_arguments`)."""
+        self._out.tool_calls.append(ToolCallDelta(index=self._n_calls, id=call_id or self._make_id(), name=name))
+        self._n_calls += 1
+
+    def _emit_arguments(self, text: str) -> None:
+        """More of the current call's arguments, joined to this delta's last piece of them when there is one."""
+        if not text:
+            return
+        last = self._out.tool_calls[-1] if self._out.tool_calls else None
+        if last is not None and last.index == self._n_calls - 1 and last.id is None:
+            last.arguments += text
+        else:
+            self._out.tool_calls.append(ToolCallDelta(index=self._n_calls - 1, arguments=text))
 
     def _advance(self, final: bool) -> None:
         raise NotImplementedError
@@ -205,6 +227,16 @@ class ToolParser:
 
 
 ParsedCall = tuple[str, dict[str, Any], str | None]  # name, arguments, id the model wrote (or None)
+
+
+@dataclass(frozen=True)
+class CallHeader:
+    """What precedes a call's JSON arguments: its name, the id the model wrote (or None), and where in the call's
+    body the arguments object starts."""
+
+    name: str
+    call_id: str | None
+    arguments_at: int
 
 
 class MarkedCallParser(ToolParser):
@@ -222,9 +254,20 @@ class MarkedCallParser(ToolParser):
     def __init__(self, tools: list[dict[str, Any]] | None = None, make_id: Callable[[], str] = random_call_id):
         super().__init__(tools, make_id)
         self._state = "content"
+        self._arguments = JsonObjectStream()  # the streamed call's arguments, once its header has gone out
+
+    # What may stand between a streamed call's arguments and its end marker (e.g. hermes' closing brace); any
+    # other text there is content.
+    arguments_closer: ClassVar[re.Pattern[str]] = re.compile(r"\s*")
 
     def parse_call(self, body: str) -> list[ParsedCall] | None:
         raise NotImplementedError
+
+    def call_header(self, body: str) -> CallHeader | None:
+        """The header of a call whose body begins with `body`, once the body shows it and that a JSON object
+        follows; None while it cannot tell, and for good when the call is not one name and one object (it is then
+        parsed whole at its end marker). Formats that do not stream their arguments keep this default."""
+        return None
 
     def _outside(self) -> str:
         return "section" if self.section_begin else "content"
@@ -254,7 +297,23 @@ class MarkedCallParser(ToolParser):
                 self._emit_content(self._buf[:i].strip())  # only stray text, never the gaps between calls
                 self._buf = self._buf[i + len(marker) :]
                 self._state = "call" if marker == self.call_begin else "content"
+            elif self._state == "arguments":
+                if not self._stream_arguments(final):
+                    return
+            elif self._state == "raw arguments":
+                if not self._stream_raw_arguments(final):
+                    return
+            elif self._state == "after arguments":
+                if not self._close_streamed_call(final):
+                    return
             else:  # inside a call
+                header = self.call_header(self._buf) if self.stream_arguments else None
+                if header is not None:
+                    self._emit_call_header(header.name, header.call_id)
+                    self._buf = self._buf[header.arguments_at :]
+                    self._arguments = JsonObjectStream()
+                    self._state = "arguments"
+                    continue
                 i = self._buf.find(self.call_end)
                 if i < 0:
                     if final:  # cut off mid-call (max_tokens): the text is all the caller gets
@@ -270,6 +329,51 @@ class MarkedCallParser(ToolParser):
                 else:
                     for name, args, call_id in calls:
                         self._emit_call(name, args, call_id)
+
+    def _stream_arguments(self, final: bool) -> bool:
+        """Send what the buffer adds to the current call's arguments; True when the state moved on."""
+        piece, used = self._arguments.feed(self._buf)
+        self._emit_arguments(piece)
+        self._buf = self._buf[used:]
+        if self._arguments.done:
+            self._state = "after arguments"
+            return True
+        if self._arguments.failed:  # not JSON after all: the rest of the call goes out as the model wrote it
+            self._buf = self._arguments.unread + self._buf
+            self._state = "raw arguments"
+            return True
+        if final:  # cut off mid-arguments: what was sent stands
+            self._state = self._outside()
+        return False
+
+    def _stream_raw_arguments(self, final: bool) -> bool:
+        i = self._buf.find(self.call_end)
+        if i < 0:
+            keep = 0 if final else held_suffix_len(self._buf, [self.call_end])
+            self._emit_arguments(self._buf[: len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep :]
+            if final:
+                self._state = self._outside()
+            return False
+        self._emit_arguments(self._buf[:i])
+        self._buf = self._buf[i + len(self.call_end) :]
+        self._after_call = True
+        self._state = self._outside()
+        return True
+
+    def _close_streamed_call(self, final: bool) -> bool:
+        """Between a streamed call's arguments and its end marker: the format's closer is dropped, anything
+        else is content."""
+        i = self._buf.find(self.call_end)
+        if i < 0 and not final:
+            return False
+        between = self._buf if i < 0 else self._buf[:i]
+        self._buf = "" if i < 0 else self._buf[i + len(self.call_end) :]
+        self._after_call = True
+        if not self.arguments_closer.fullmatch(between):
+            self._emit_content(between)
+        self._state = self._outside()
+        return i >= 0
 
 
 class JsonExtent:

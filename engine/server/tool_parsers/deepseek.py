@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 
-from .base import MarkedCallParser, ParsedCall, json_object
+from .base import CallHeader, MarkedCallParser, ParsedCall, json_object
 
 TOOL_SEP = "<\uff5ctool\u2581sep\uff5c>"
 _V3_CALL = re.compile(r"\s*function" + re.escape(TOOL_SEP) + r"([^\n]+)\n```(?:json)?\n(.*)\n```\s*", re.DOTALL)
+_V3_HEADER = re.compile(r"\s*function" + re.escape(TOOL_SEP) + r"([^\n]+)\n```(?:json)?\n\s*(?=\{)")
+_V31_HEADER = re.compile(r"\s*([^\n]+?)\s*" + re.escape(TOOL_SEP) + r"\s*(?=\{)")
 
 
 class _DeepSeekMarkers(MarkedCallParser):
@@ -27,6 +29,11 @@ class _DeepSeekMarkers(MarkedCallParser):
 
 class DeepSeekV3ToolParser(_DeepSeekMarkers):
     name = "deepseek_v3"
+    arguments_closer = re.compile(r"\s*```\s*")
+
+    def call_header(self, body: str) -> CallHeader | None:
+        m = _V3_HEADER.match(body)
+        return None if m is None or not m.group(1).strip() else CallHeader(m.group(1).strip(), None, m.end())
 
     def parse_call(self, body: str) -> list[ParsedCall] | None:
         m = _V3_CALL.fullmatch(body)
@@ -38,6 +45,10 @@ class DeepSeekV3ToolParser(_DeepSeekMarkers):
 
 class DeepSeekV31ToolParser(_DeepSeekMarkers):
     name = "deepseek_v31"
+
+    def call_header(self, body: str) -> CallHeader | None:
+        m = _V31_HEADER.match(body)
+        return None if m is None or not m.group(1).strip() else CallHeader(m.group(1).strip(), None, m.end())
 
     def parse_call(self, body: str) -> list[ParsedCall] | None:
         name, sep, args_text = body.partition(TOOL_SEP)

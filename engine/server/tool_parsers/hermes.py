@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
-from .base import MarkedCallParser, ParsedCall, json_object
+from .base import CallHeader, MarkedCallParser, ParsedCall, json_object
+
+# `{"name": "<name>", "arguments": ` up to the object's opening brace (which must have arrived): the streamable
+# shape. Other key orders, escaped names or arguments written as a string are parsed whole at </tool_call>.
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("[^"\\]+")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def name_and_arguments(obj: dict[str, Any] | None, args_keys: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
@@ -30,6 +36,11 @@ class HermesToolParser(MarkedCallParser):
     name = "hermes"
     call_begin = "<tool_call>"
     call_end = "</tool_call>"
+    arguments_closer = re.compile(r"\s*\}\s*")
+
+    def call_header(self, body: str) -> CallHeader | None:
+        m = _HEADER.match(body)
+        return None if m is None else CallHeader(json.loads(m.group(1)), None, m.end())
 
     def parse_call(self, body: str) -> list[ParsedCall] | None:
         call = name_and_arguments(json_object(body), ("arguments", "parameters"))

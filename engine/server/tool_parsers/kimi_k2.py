@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 
-from .base import MarkedCallParser, ParsedCall, json_object
+from .base import CallHeader, MarkedCallParser, ParsedCall, json_object
 
 ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
 _HEADER = re.compile(r"\s*((?:[\w\-]+\.)?([\w\-.]+?):\d+)\s*")
+_OBJECT_NEXT = re.compile(r"\s*(?=\{)")
 
 
 class KimiK2ToolParser(MarkedCallParser):
@@ -20,6 +21,14 @@ class KimiK2ToolParser(MarkedCallParser):
     section_end = "<|tool_calls_section_end|>"
     call_begin = "<|tool_call_begin|>"
     call_end = "<|tool_call_end|>"
+
+    def call_header(self, body: str) -> CallHeader | None:
+        header, sep, rest = body.partition(ARGUMENT_BEGIN)
+        m = _HEADER.fullmatch(header)
+        gap = _OBJECT_NEXT.match(rest) if sep else None
+        if m is None or gap is None:
+            return None
+        return CallHeader(m.group(2), m.group(1), len(header) + len(sep) + gap.end())
 
     def parse_call(self, body: str) -> list[ParsedCall] | None:
         header, sep, args_text = body.partition(ARGUMENT_BEGIN)
