@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ class ModelRunner:
                     module.matmul = gemv.linear
         c = loaded.config
         self.quantization = resolve_scheme(loaded.quantization, config.quantization, loaded.name)
-        weights = loaded.weights
+        weights: Mapping[str, torch.Tensor] = loaded.weights  # or an FP8 view of them
         if self.quantization is ONLINE_FP8:
             if c.kv_lora_rank:
                 raise UnsupportedQuantizationError("--quantization fp8 is not supported for MLA (DeepSeek) models yet")
