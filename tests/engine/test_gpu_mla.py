@@ -10,7 +10,8 @@ fails, never skips).
 - CUDA-graph decode gives the same greedy tokens as eager decode through the whole engine; the logits test's 6
   prompts run in the captured batch of 8, so its 2 padding rows must not disturb real latents.
 
-Run: EXTRA_TESTS="tests/engine/test_gpu_mla.py" bench/gpu_run.sh test
+Run: bench/mla_gpu.sh (these tests, then bench/mla_micro.py); or TESTS=tests/engine/test_gpu_mla.py bench/gpu_run.sh
+test (these tests alone).
 """
 
 from __future__ import annotations
