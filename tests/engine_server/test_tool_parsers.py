@@ -383,6 +383,7 @@ def _cases() -> list[Case]:
             '{"name": "get_weather", "parameters": {"city": "Par',
             '{"name": "get_weather", "parameters": {"city": "Par',
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "llama3_json",
@@ -429,6 +430,7 @@ def _cases() -> list[Case]:
             'OK.[TOOL_CALLS]get_weather[ARGS]{"city": "Pa',
             'OK.[TOOL_CALLS]get_weather[ARGS]{"city": "Pa',
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "mistral",
@@ -709,6 +711,8 @@ def test_streamed_arguments_concatenate_to_the_whole_calls_spelling(obj, spellin
         ("deepseek_v3", f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n",
          f"\n```{DS_CALL_END}{DS_CALLS_END}"),
         ("deepseek_v31", f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}", f"{DS_CALL_END}{DS_CALLS_END}"),
+        ("llama3_json", '{"name": "get_weather", "parameters": ', "}"),
+        ("mistral", "[TOOL_CALLS]get_weather[ARGS]", ""),
     ],
 )  # fmt: skip
 def test_json_argument_formats_stream_arguments_before_the_call_ends(parser: str, opening: str, closing: str) -> None:

@@ -169,6 +169,7 @@ class ToolParser:
         self._n_calls = 0
         self._after_call = False
         self.stream_arguments = True  # off: whole calls only (the non-streamed response)
+        self._arguments = JsonObjectStream()  # the streamed call's arguments, once its header has gone out
 
     def feed(self, text: str) -> ParsedDelta:
         self._buf += text
@@ -207,6 +208,25 @@ class ToolParser:
         """A new call's first delta: index, id and name (its arguments follow in `_emit_arguments`)."""
         self._out.tool_calls.append(ToolCallDelta(index=self._n_calls, id=call_id or self._make_id(), name=name))
         self._n_calls += 1
+
+    def _open_streamed_call(self, name: str, call_id: str | None = None) -> None:
+        """Send a call's header now; its arguments object follows at the buffer's start (`_feed_arguments`)."""
+        self._emit_call_header(name, call_id)
+        self._arguments = JsonObjectStream()
+
+    def _feed_arguments(self) -> str:
+        """Stream what the buffer adds to the open call's arguments: "done" once the object closed (the buffer
+        then holds what follows it), "failed" when it cannot be JSON (the buffer then starts with the text it
+        could not take), else "open" (the buffer is used up)."""
+        piece, used = self._arguments.feed(self._buf)
+        self._emit_arguments(piece)
+        self._buf = self._buf[used:]
+        if self._arguments.done:
+            return "done"
+        if self._arguments.failed:
+            self._buf = self._arguments.unread + self._buf
+            return "failed"
+        return "open"
 
     def _emit_arguments(self, text: str) -> None:
         """More of the current call's arguments, joined to this delta's last piece of them when there is one."""
@@ -254,7 +274,6 @@ class MarkedCallParser(ToolParser):
     def __init__(self, tools: list[dict[str, Any]] | None = None, make_id: Callable[[], str] = random_call_id):
         super().__init__(tools, make_id)
         self._state = "content"
-        self._arguments = JsonObjectStream()  # the streamed call's arguments, once its header has gone out
 
     # What may stand between a streamed call's arguments and its end marker (e.g. hermes' closing brace); any
     # other text there is content.
@@ -309,9 +328,8 @@ class MarkedCallParser(ToolParser):
             else:  # inside a call
                 header = self.call_header(self._buf) if self.stream_arguments else None
                 if header is not None:
-                    self._emit_call_header(header.name, header.call_id)
+                    self._open_streamed_call(header.name, header.call_id)
                     self._buf = self._buf[header.arguments_at :]
-                    self._arguments = JsonObjectStream()
                     self._state = "arguments"
                     continue
                 i = self._buf.find(self.call_end)
@@ -332,14 +350,11 @@ class MarkedCallParser(ToolParser):
 
     def _stream_arguments(self, final: bool) -> bool:
         """Send what the buffer adds to the current call's arguments; True when the state moved on."""
-        piece, used = self._arguments.feed(self._buf)
-        self._emit_arguments(piece)
-        self._buf = self._buf[used:]
-        if self._arguments.done:
+        status = self._feed_arguments()
+        if status == "done":
             self._state = "after arguments"
             return True
-        if self._arguments.failed:  # not JSON after all: the rest of the call goes out as the model wrote it
-            self._buf = self._arguments.unread + self._buf
+        if status == "failed":  # not JSON after all: the rest of the call goes out as the model wrote it
             self._state = "raw arguments"
             return True
         if final:  # cut off mid-arguments: what was sent stands

@@ -9,8 +9,9 @@ from typing import Any
 from .base import CallHeader, MarkedCallParser, ParsedCall, json_object
 
 # `{"name": "<name>", "arguments": ` up to the object's opening brace (which must have arrived): the streamable
-# shape. Other key orders, escaped names or arguments written as a string are parsed whole at </tool_call>.
-_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("[^"\\]+")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+# shape (also llama3_json's, with "parameters"). Other key orders, escaped names or arguments written as a string
+# are parsed whole once the call's object is.
+NAME_THEN_ARGUMENTS = re.compile(r'\s*\{\s*"name"\s*:\s*("[^"\\]+")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def name_and_arguments(obj: dict[str, Any] | None, args_keys: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
@@ -39,7 +40,7 @@ class HermesToolParser(MarkedCallParser):
     arguments_closer = re.compile(r"\s*\}\s*")
 
     def call_header(self, body: str) -> CallHeader | None:
-        m = _HEADER.match(body)
+        m = NAME_THEN_ARGUMENTS.match(body)
         return None if m is None else CallHeader(json.loads(m.group(1)), None, m.end())
 
     def parse_call(self, body: str) -> list[ParsedCall] | None:

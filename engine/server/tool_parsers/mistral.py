@@ -78,10 +78,29 @@ class MistralToolParser(ToolParser):
                 self._extent = JsonExtent()
                 if self._state == "opened":
                     self._state = "array" if head.startswith("[") else "name"
+                elif head.startswith("{") and self.stream_arguments:  # streamed: the header now, the rest as it comes
+                    self._open_streamed_call(self._name)
+                    self._state = "arguments"
                 elif head.startswith("{"):
                     self._state = "args_json"
                 else:
                     self._malformed()
+            elif self._state == "arguments":
+                status = self._feed_arguments()
+                if status == "open":
+                    return  # cut off mid-arguments (final): what was sent stands
+                self._after_call = status == "done"
+                self._state = "content" if status == "done" else "raw arguments"
+            elif self._state == "raw arguments":  # not JSON after all: the text as written, up to a next call
+                i = self._buf.find(TOOL_CALLS)
+                keep = 0 if final else held_suffix_len(self._buf, [TOOL_CALLS])
+                end = i if i >= 0 else len(self._buf) - keep
+                self._emit_arguments(self._buf[:end])
+                self._buf = self._buf[end:]
+                if i < 0:
+                    return
+                self._after_call = True
+                self._state = "content"
             elif self._state == "array":
                 text = self._take_json(final)
                 if text is None:
