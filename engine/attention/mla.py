@@ -78,9 +78,13 @@ _MAX_SMS = 256  # the planner adds at most one kv split per cluster, and there a
 
 def mla_work_bound(query_lens: Sequence[int] | np.ndarray, num_heads: int) -> int:
     """An upper bound on the work items flashinfer's MLA plan makes of a step: each sequence's packed query rows
-    (tokens x heads) in tiles of at least 64 rows, plus at most one extra kv split per cluster."""
+    (tokens x heads) in tiles of 64 rows, or of 128 when the mean sequence packs more than 64 (the planner then pairs
+    its blocks in clusters of two), plus at most one extra kv split per cluster."""
     rows = np.asarray(query_lens, dtype=np.int64) * num_heads
-    return int((-(-rows // 64)).sum()) + _MAX_SMS
+    if rows.size == 0:
+        return 0
+    tile = 128 if int(rows.sum()) // rows.size > 64 else 64
+    return int((-(-rows // tile)).sum()) + _MAX_SMS
 
 
 def check_mla_work(query_lens: Sequence[int] | np.ndarray, num_heads: int) -> None:

@@ -45,12 +45,15 @@ def test_decode_page_table_from_the_runners_graph_layout():
 
 
 def test_steps_that_could_overflow_flashinfers_mla_plan_are_refused_by_name():
-    # 16 heads: a 16-token chunk is 256 packed query rows = 4 tiles of 64; a decode row is one tile
-    assert mla_work_bound([16, 1, 1], 16) == 4 + 1 + 1 + 256
-    check_mla_work([16384], 16)  # the engine's default token budget at DeepSeek-V2-Lite's 16 heads: 4096 tiles
+    # 16 heads: decodes pack 16 rows each, in tiles of 64 (one each); a step averaging more than 64 rows per
+    # sequence is tiled by 128 (the 16-token chunk's 256 rows: 2 tiles); plus one kv split per cluster at most
+    assert mla_work_bound([1] * 5, 16) == 5 + 256
+    assert mla_work_bound([16, 1, 1], 16) == 2 + 1 + 1 + 256
+    check_mla_work([16384], 16)  # the engine's default token budget at DeepSeek-V2-Lite's 16 heads: 2048 tiles
     check_mla_work([1] * 1024, 16)  # 1024 decodes
+    check_mla_work([4096] * 16, 16)  # bench/mla_micro's longest prefill: 8192 tiles
     with pytest.raises(ValueError, match="lower --max-num-batched-tokens"):
-        check_mla_work([16384], 128)  # DeepSeek-V3's 128 heads on one rank
+        check_mla_work([16384], 128)  # DeepSeek-V3's 128 heads on one rank: 16384 tiles
 
 
 def test_latent_backends_are_selected_for_latent_models():
