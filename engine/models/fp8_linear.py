@@ -54,6 +54,17 @@ def fp8_forward(x: torch.Tensor, weight: torch.Tensor, p: Fp8Params, bias: torch
     return out.reshape(*lead, out.shape[-1])
 
 
+def fp8_silu_mul_forward(
+    gate_up: torch.Tensor, weight: torch.Tensor, p: Fp8Params, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The down projection of silu(gate) * up from the fused gate_up output [T, 2I]: where the layer's activation
+    quantization is row-local, SiLU-and-mul writes the FP8 input itself (fp8_gemm.silu_mul_fp8_linear)."""
+    out = gemm_module().silu_mul_fp8_linear(
+        gate_up, weight, p.scale, block_size=p.block_size, input_scale=p.input_scale, out_dtype=gate_up.dtype
+    )
+    return out if bias is None else out + bias
+
+
 def fuse(parts: list[Fp8Tensor]) -> Fp8Tensor | None:
     """Stack the parts' rows into one FP8 weight with matching scales; None when block scales cannot follow
     (a part whose rows are not whole blocks)."""

@@ -24,7 +24,7 @@ from kubellm.engine.model_config import ROPE_FREQ_FACTORS, ModelConfig
 
 from . import fused
 from .causal_lm import CausalLM, CheckpointReader, new_param
-from .fp8_linear import Fp8Params, fp8_forward, gemm_module
+from .fp8_linear import Fp8Params, fp8_forward, fp8_silu_mul_forward, gemm_module
 from .moe import SparseMoE, load_moe_weights
 
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
@@ -175,6 +175,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        down = self.down_proj
+        if isinstance(down, Linear) and down.fp8 is not None:  # FP8 (CUDA): SiLU-and-mul may quantize for the GEMM
+            return fp8_silu_mul_forward(gate_up, down.weight, down.fp8, down.bias)
         act = fused.silu_mul(gate_up) if fused.enabled(gate_up) else None
         if act is None:
             gate, up = gate_up.split(self.intermediate, dim=-1)

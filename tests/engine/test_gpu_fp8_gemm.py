@@ -342,3 +342,35 @@ def test_silu_mul_fp8_linear_equals_silu_mul_then_fp8_linear(fmt: str) -> None:
         gate_up = torch.randn(m, 2 * inter, generator=gen, device="cuda").to(torch.bfloat16)
         got = fp8_gemm.silu_mul_fp8_linear(gate_up, q, s, block_size=block)
         assert torch.equal(got, fp8_gemm.fp8_linear(fused.silu_mul(gate_up), q, s, block_size=block)), f"{fmt} M={m}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_llama_mlp_with_fp8_weights_runs_the_fused_down_projection(fmt: str) -> None:
+    """models/llama.MLP holding FP8 projections (Linear.load_fp8, as the FP8 loaders fill it) gives what its two
+    FP8 layers give unfused, bit for bit, and the bf16 MLP on the dequantized weights at FP8 tolerance."""
+    fp8_gemm, _, fused = modules()
+    from kubellm.engine.loader.fp8_weights import Fp8Tensor
+    from kubellm.engine.models.llama import MLP
+    from kubellm.engine.random_model import LLAMA_3_1_8B
+
+    h, inter = LLAMA_3_1_8B.hidden_size, LLAMA_3_1_8B.intermediate_size
+    mlp = MLP(LLAMA_3_1_8B, torch.bfloat16, torch.device("cuda"))
+    ref = MLP(LLAMA_3_1_8B, torch.bfloat16, torch.device("cuda"))
+    for i, (name, n, k) in enumerate((("gate_up_proj", 2 * inter, h), ("down_proj", h, inter))):
+        q, s, block, deq = make_weight(n, k, fmt, seed=40 + i)
+        getattr(ref, name).weight.data.copy_(deq.to(torch.bfloat16))
+        getattr(mlp, name).load_fp8(Fp8Tensor(q, s, None, block))
+        del deq
+    assert mlp.down_proj.weight.dtype == FP8 and mlp.gate_up_proj.weight.dtype == FP8
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    for m in (1, 64, 512):
+        x = torch.randn(m, h, generator=gen, device="cuda").to(torch.bfloat16)
+        got = mlp(x)
+        gate_up = mlp.gate_up_proj(x)
+        p = mlp.down_proj.fp8
+        unfused = fp8_gemm.fp8_linear(
+            fused.silu_mul(gate_up), mlp.down_proj.weight, p.scale, block_size=p.block_size, out_dtype=x.dtype
+        )
+        assert torch.equal(got, unfused), f"{fmt} M={m}: the fused down projection differs from the unfused one"
+        expected = ref(x)
+        assert rel(got, expected) < 2 * FP8_TOL, f"{fmt} M={m}: vs the bf16 MLP {rel(got, expected):.3f}"
