@@ -160,6 +160,7 @@ def _cases() -> list[Case]:
             "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
             "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "qwen3_coder",
@@ -167,6 +168,7 @@ def _cases() -> list[Case]:
             "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>",
             "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>",
             [],
+            streamed_as_whole=False,
         ),
     ]
     # glm45 (GLM-4.5 template: name, then <arg_key>/<arg_value> pairs)
@@ -202,6 +204,7 @@ def _cases() -> list[Case]:
             "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_val",
             "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_val",
             [],
+            streamed_as_whole=False,
         ),
         Case(
             "glm45",
@@ -209,6 +212,7 @@ def _cases() -> list[Case]:
             "<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>",
             "<tool_call>get_weather\n<arg_key>city</arg_key>\n</tool_call>",
             [],
+            streamed_as_whole=False,
         ),
     ]
     # kimi_k2 (section of calls, ids written by the model)
@@ -722,3 +726,23 @@ def test_json_argument_formats_stream_arguments_before_the_call_ends(parser: str
     rest = p.feed('ris", "days": 2}' + closing).tool_calls + p.finish().tool_calls
     assert "".join(d.arguments for d in first + rest) == '{"city": "Paris", "days": 2}'
     assert all(d.id is None and d.name is None for d in rest)
+
+
+@pytest.mark.parametrize(
+    ("parser", "opening", "first", "second", "closing"),
+    [
+        ("qwen3_coder", "<tool_call>\n<function=get_weather>\n", "<parameter=city>\nParis\n</parameter>\n",
+         "<parameter=days>\n3\n</parameter>\n", "</function>\n</tool_call>"),
+        ("glm45", "<tool_call>get_weather\n", "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n",
+         "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n", "</tool_call>"),
+    ],
+)  # fmt: skip
+def test_xml_style_formats_stream_each_parameter_once_it_is_whole(parser, opening, first, second, closing) -> None:
+    p = _parser(parser)
+    out = p.feed(opening + first + second[:12]).tool_calls
+    assert [(d.index, d.name, d.arguments) for d in out] == [(0, "get_weather", ""), (0, None, '{"city": "Paris"')]
+    rest = p.feed(second[12:]).tool_calls
+    assert [d.arguments for d in rest] == [', "days": 3'], "typed by the tool's schema: an integer"
+    end = p.feed(closing).tool_calls + p.finish().tool_calls
+    assert [d.arguments for d in end] == ["}"]
+    assert _whole(parser, opening + first + second + closing).tool_calls[0].arguments == '{"city": "Paris", "days": 3}'

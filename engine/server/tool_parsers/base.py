@@ -1,17 +1,17 @@
 """The streaming interface every tool-call parser shares, and the pieces they are built from.
 
 A parser is fed text deltas and returns `ParsedDelta`s (content and tool-call deltas); `finish()` flushes it when
-the output ends. The non-streamed result is the same deltas merged (`parse_whole`), so streaming and not
-streaming cannot disagree.
+the output ends. A message is the deltas merged (`merge_deltas`), and it is the same for every way the text is
+split into deltas. Text outside calls streams as soon as it cannot be part of a marker.
 
-Whole calls, unless streamed: a call is emitted only once its closing marker has arrived and its body parses, so
-a malformed or truncated call is returned as content instead of a half-sent call. That is what a non-streamed
-response gets (`stream_arguments` off). Streamed (the default), a format that can tell where a call's name ends and
-its JSON arguments begin (`call_header`) sends the call's header as soon as the name is known and then the
-arguments piece by piece as they are generated, as vLLM streams them, re-spelt as the whole call would spell them
-(json_stream.py). A call that then turns out malformed or is cut off cannot be taken back: the stream keeps what
-was sent (the model's own text for the rest of a broken object). Either way the merged stream is the same for every
-way the text is split into deltas. Text outside calls streams as soon as it cannot be part of a marker.
+Non-streamed (`stream_arguments` off, `ChatOutputParser.parse_whole`), a call is emitted only once its closing
+marker has arrived and its body parses, so a malformed or truncated call is returned as content. Streamed, as vLLM
+streams calls: a format that can tell where a call's name ends and its JSON arguments begin (`call_header`) sends
+the header as soon as the name is known, then the arguments piece by piece as generated, re-spelt as the whole
+call would spell them (json_stream.py); XML-style formats (`parameters_header`, `parameter_at`) send each parameter
+once whole. So a well-formed call streams into exactly the non-streamed message, but a call that then turns out
+malformed or is cut off cannot be taken back: the stream keeps what was sent (for the rest of a broken object,
+the model's own text).
 """
 
 from __future__ import annotations
@@ -274,6 +274,8 @@ class MarkedCallParser(ToolParser):
     def __init__(self, tools: list[dict[str, Any]] | None = None, make_id: Callable[[], str] = random_call_id):
         super().__init__(tools, make_id)
         self._state = "content"
+        self._call_name = ""  # the call whose parameters stream (XML-style formats)
+        self._parameters_sent = 0
 
     # What may stand between a streamed call's arguments and its end marker (e.g. hermes' closing brace); any
     # other text there is content.
@@ -286,6 +288,19 @@ class MarkedCallParser(ToolParser):
         """The header of a call whose body begins with `body`, once the body shows it and that a JSON object
         follows; None while it cannot tell, and for good when the call is not one name and one object (it is then
         parsed whole at its end marker). Formats that do not stream their arguments keep this default."""
+        return None
+
+    # XML-style formats (parameters as tagged text) stream one whole parameter at a time instead.
+    parameters_closer: ClassVar[re.Pattern[str]] = re.compile(r"\s*")  # between the last parameter and the end
+
+    def parameters_header(self, body: str) -> CallHeader | None:
+        """Like `call_header`, for a call whose parameters follow its name as tagged text (`arguments_at`: where
+        the first parameter begins)."""
+        return None
+
+    def parameter_at(self, function: str, text: str) -> tuple[str, Any, int] | None:
+        """The parameter that `text` begins with (after white space), once its closing tag has arrived: its name,
+        its value typed by the tool's schema, and where it ends; None otherwise."""
         return None
 
     def _outside(self) -> str:
@@ -325,12 +340,22 @@ class MarkedCallParser(ToolParser):
             elif self._state == "after arguments":
                 if not self._close_streamed_call(final):
                     return
+            elif self._state == "parameters":
+                if not self._stream_parameters(final):
+                    return
             else:  # inside a call
                 header = self.call_header(self._buf) if self.stream_arguments else None
                 if header is not None:
                     self._open_streamed_call(header.name, header.call_id)
                     self._buf = self._buf[header.arguments_at :]
                     self._state = "arguments"
+                    continue
+                header = self.parameters_header(self._buf) if self.stream_arguments else None
+                if header is not None:
+                    self._emit_call_header(header.name, header.call_id)
+                    self._buf = self._buf[header.arguments_at :]
+                    self._call_name, self._parameters_sent = header.name, 0
+                    self._state = "parameters"
                     continue
                 i = self._buf.find(self.call_end)
                 if i < 0:
@@ -375,6 +400,32 @@ class MarkedCallParser(ToolParser):
         self._after_call = True
         self._state = self._outside()
         return True
+
+    def _stream_parameters(self, final: bool) -> bool:
+        """Send each parameter once whole, as the next piece of the JSON arguments; at the end marker close the
+        object (text there other than the format's closer is content). True when the state moved on."""
+        end = self._buf.find(self.call_end)
+        param = self.parameter_at(self._call_name, self._buf)
+        if param is not None and (end < 0 or param[2] <= end):
+            key, value, used = param
+            lead = "{" if not self._parameters_sent else ", "
+            self._emit_arguments(
+                f"{lead}{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}"
+            )
+            self._parameters_sent += 1
+            self._buf = self._buf[used:]
+            return True
+        if end < 0 and not final:
+            return False
+        between = self._buf if end < 0 else self._buf[:end]
+        self._buf = "" if end < 0 else self._buf[end + len(self.call_end) :]
+        if end >= 0:  # cut off (final, no end marker): what was sent stands, unclosed
+            self._emit_arguments("}" if self._parameters_sent else "{}")
+        self._after_call = True
+        if not self.parameters_closer.fullmatch(between):
+            self._emit_content(between)
+        self._state = self._outside()
+        return end >= 0
 
     def _close_streamed_call(self, final: bool) -> bool:
         """Between a streamed call's arguments and its end marker: the format's closer is dropped, anything

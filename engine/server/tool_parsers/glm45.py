@@ -11,16 +11,32 @@ Values are plain text, typed by the tool's parameter schema (see `convert_parame
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from .base import MarkedCallParser, ParsedCall, convert_parameter
+from .base import CallHeader, MarkedCallParser, ParsedCall, convert_parameter
 
 _PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+_FIRST_PAIR = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
 
 class Glm45ToolParser(MarkedCallParser):
     name = "glm45"
     call_begin = "<tool_call>"
     call_end = "</tool_call>"
+
+    def parameters_header(self, body: str) -> CallHeader | None:
+        first = body.find("<arg_key>")
+        name = body[:first].strip()
+        if first < 0 or not name or "<" in name or "\n" in name:
+            return None
+        return CallHeader(name, None, first)
+
+    def parameter_at(self, function: str, text: str) -> tuple[str, Any, int] | None:
+        m = _FIRST_PAIR.match(text)
+        if m is None:
+            return None
+        key = m.group(1).strip()
+        return key, convert_parameter(m.group(2), self.parameter_schema(function, key)), m.end()
 
     def parse_call(self, body: str) -> list[ParsedCall] | None:
         first = body.find("<arg_key>")
