@@ -90,6 +90,16 @@ def spec_schema() -> Schema:
             ),
             "enablePrefixCaching": _bool("reuse KV blocks of shared prefixes", True),
             "dtype": _str("weights/activations dtype", enum=list(s.DTYPES), default="auto"),
+            "quantization": _str(
+                "fp8: quantize a bf16 checkpoint's linear layers to FP8 at load (per tensor, dynamic activations); "
+                "unset: as the checkpoint's quantization_config says (FP8 checkpoints need nothing here)",
+                enum=list(s.QUANTIZATIONS),
+            ),
+            "kvCacheDtype": _str(
+                "KV cache storage: auto (the model dtype) or fp8 (e4m3: twice the tokens in the same memory)",
+                enum=list(s.KV_CACHE_DTYPES),
+                default="auto",
+            ),
             "terminationGracePeriodSeconds": _int("time to drain in-flight requests", minimum=0, default=120),
             "startupTimeoutSeconds": _int(
                 "time allowed to load weights before the startup probe fails", minimum=30, default=1800

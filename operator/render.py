@@ -197,6 +197,10 @@ def engine_args(spec: LLMDeploymentSpec) -> list[str]:
         "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching",
         "--dtype", e.dtype,
     ]  # fmt: skip
+    if e.quantization is not None:
+        args += ["--quantization", e.quantization]
+    if e.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", e.kv_cache_dtype]
     if spec.resources.gpus_per_replica == 0:
         args += ["--device", "cpu"]
     args += list(e.args)

@@ -37,6 +37,10 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 ROUTER_POLICIES = ("prefix", "least_load", "round_robin", "session")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+# `kubellm serve --quantization` / `--kv-cache-dtype` values a CR may set (the engine's flags; the operator
+# imports no engine code, a test checks the engine accepts each)
+QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8")
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
 
 
@@ -93,6 +97,8 @@ class EngineSpec(_Model):
     gpu_memory_utilization: float = Field(default=0.9, ge=0.05, le=1)
     enable_prefix_caching: bool = True
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    quantization: Literal["fp8"] | None = None  # unset: the checkpoint's own quantization_config
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     termination_grace_period_seconds: int = Field(default=120, ge=0)
     startup_timeout_seconds: int = Field(default=1800, ge=30)
 

@@ -163,6 +163,29 @@ def test_single_gpu_moe_example_renders():
     assert "--enable-auto-tool-choice" in args and args[args.index("--tool-call-parser") + 1] == "qwen3_coder"
 
 
+def test_fp8_examples_pass_quantization_and_kv_cache_dtype_to_the_engine():
+    args = engine_container(rendered(REPO / "examples" / "llama-8b-fp8.yaml")[1])["args"]
+    assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
+    assert "--quantization" not in args  # the checkpoint's quantization_config says it: no flag
+    args = engine_container(rendered(REPO / "examples" / "qwen3-30b-a3b-fp8.yaml")[1])["args"]
+    assert "--kv-cache-dtype" not in args and "--quantization" not in args  # defaults render no flag
+    cr = yaml.safe_load((REPO / "examples" / "llama-8b.yaml").read_text())
+    cr["spec"]["engine"]["quantization"] = "fp8"
+    spec = parse_spec("online", cr["spec"])
+    args = rd.engine_args(spec)
+    assert args[args.index("--quantization") + 1] == "fp8"
+
+
+def test_spec_fp8_values_are_what_the_engine_flags_take():
+    from kubellm.engine.config import EngineConfig
+    from kubellm.operator import spec
+
+    for value in spec.QUANTIZATIONS:
+        assert EngineConfig(quantization=value).quantization == value
+    for value in spec.KV_CACHE_DTYPES:
+        assert EngineConfig(kv_cache_dtype=value).kv_cache_dtype == value
+
+
 def test_builtin_model_on_cpu_has_no_gpu_no_download():
     _, r = rendered(REPO / "examples" / "smollm2-cpu.yaml")
     dep = by_kind(r, "Deployment", "smollm2-engine")
