@@ -172,6 +172,13 @@ def build_engine(model: ModelConfig, name: str, settings: EngineSettings):
     # The recipe (seed 0, bf16, drawn on CUDA) is what the other ranks rebuild: the same weights as rank 0's.
     loaded = random_loaded_model(model, torch.bfloat16, "cuda", seed=0, name=name)
     loaded.weights = TimedWeights(model, torch.bfloat16, "cuda", seed=0)  # type: ignore[assignment]
+    quantization = settings.quantization
+    if quantization == "fp8-block":  # a block-scaled FP8 checkpoint, quantized from the random weights at load
+        from bench.fp8_checkpoint import BLOCK_SCHEME, BlockFp8Checkpoint
+        from kubellm.engine.loader.fp8_weights import Fp8Weights
+
+        loaded.weights = Fp8Weights(BlockFp8Checkpoint(loaded.weights), BLOCK_SCHEME, torch.bfloat16)  # type: ignore[assignment]
+        loaded.quantization, quantization = BLOCK_SCHEME, None
     config = EngineConfig(
         tensor_parallel_size=settings.tensor_parallel_size,
         model=name,
@@ -183,6 +190,8 @@ def build_engine(model: ModelConfig, name: str, settings: EngineSettings):
         block_size=settings.block_size,
         enable_prefix_caching=settings.enable_prefix_caching,
         enforce_eager=settings.enforce_eager,
+        quantization=quantization,
+        kv_cache_dtype=settings.kv_cache_dtype,
         generation_config="vllm",
         seed=settings.seed,
     )
@@ -648,6 +657,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=EngineSettings.max_model_len)
     p.add_argument("--gpu-memory-utilization", type=float, default=EngineSettings.gpu_memory_utilization)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument(
+        "--quantization",
+        choices=("none", "fp8", "fp8-block"),
+        default="none",
+        help="both engines: fp8 = online per-tensor FP8 (--quantization fp8); fp8-block = an fp8 checkpoint with "
+        "128x128 block scales (quantized from the random weights at load; vLLM reads it from config.json)",
+    )
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="both engines' KV cache dtype")
     p.add_argument("--profile", action="store_true", help="(d): profile decode steps at batch 1 and 256")
     p.add_argument(
         "--decode-micro",
@@ -676,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=sizes[0],
+        quantization=None if args.quantization == "none" else args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     out_dir = Path(args.out_dir)
     peer: dict[str, Any] = {"error": "not run (--peer none)"}
@@ -708,7 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": {},
         "decode": {},
         "notes": [],
-        "name_suffix": f"-{args.shape}" + (f"-{args.name}" if args.name else ""),
+        "name_suffix": f"-{args.shape}"
+        + (f"-{args.quantization}" if args.quantization != "none" else "")
+        + ("-kv-fp8" if args.kv_cache_dtype == "fp8" else "")
+        + (f"-{args.name}" if args.name else ""),
     }
     attach_peer(r, peer)
     r["ceilings"] = measure_ceilings(device)

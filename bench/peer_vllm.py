@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.fp8_checkpoint import BLOCK_QUANTIZATION_CONFIG
 from bench.gpu_info import gpu_identity
 from bench.shapes import shape, write_config_dir
 from bench.workloads import BATCH1_OUT, BATCH1_PROMPT, WORKLOADS, EngineSettings, Sampling, Workload
@@ -146,12 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     model_dir = write_config_dir(args.shape, Path(tempfile.mkdtemp(prefix="peer-")))
+    quantization = settings.quantization
+    if quantization == "fp8-block":  # the checkpoint format, as our engine gets it: vLLM reads it from config.json
+        config = json.loads((model_dir / "config.json").read_text())
+        config["quantization_config"] = BLOCK_QUANTIZATION_CONFIG
+        (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        quantization = None
     t = time.perf_counter()
     llm = LLM(
         model=str(model_dir),
         load_format="dummy",
         skip_tokenizer_init=True,
         dtype="bfloat16",
+        quantization=quantization,
+        kv_cache_dtype=settings.kv_cache_dtype,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,

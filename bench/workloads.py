@@ -85,6 +85,10 @@ class EngineSettings:
     enforce_eager: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1
+    # None: bf16 weights; "fp8": online per-tensor FP8 (both engines' --quantization fp8); "fp8-block": the fp8
+    # checkpoint format with 128x128 block scales (bench/fp8_checkpoint.py)
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # or "fp8" (both engines' --kv-cache-dtype)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -76,7 +76,7 @@ def test_moe_decode_reads_only_the_experts_a_batch_touches():
 
 
 def test_the_peer_is_started_with_our_shape_scale_and_settings(tmp_path):
-    ours = EngineSettings(max_num_seqs=256, gpu_memory_utilization=0.95)
+    ours = EngineSettings(max_num_seqs=256, gpu_memory_utilization=0.95, quantization="fp8", kv_cache_dtype="fp8")
     cmd = peer_command("python3", "qwen3-30b-a3b", 0.5, ours, "1,a,b", tmp_path / "peer.json")
     assert cmd[:3] == ["python3", "-m", "bench.peer_vllm"]
     args = parse_args(cmd[3:])
