@@ -29,7 +29,9 @@ _LINEAR = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_pro
 _IGNORED_PREFIX = "model.layers.0.mlp."
 
 
-def _quantize(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize(
+    w: torch.Tensor, strategy: str, block: tuple[int, int] = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fp8 weight, scale in the layout's shape, dequantized float32 weight)."""
     w = w.float()
     if strategy == "tensor":
@@ -39,7 +41,7 @@ def _quantize(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tenso
         scale = w.abs().amax(dim=1, keepdim=True) / E4M3_MAX  # [N, 1]
         full = scale
     else:
-        bn, bk = BLOCK
+        bn, bk = block
         n, k = w.shape
         rows, cols = -(-n // bn), -(-k // bk)
         scale = torch.empty(rows, cols)
@@ -51,9 +53,12 @@ def _quantize(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tenso
     return q, scale, q.float() * full
 
 
-def write_fp8_checkpoint(src: Path, dst: Path, fmt: str, reference: Path, kv_scales: bool = False) -> None:
+def write_fp8_checkpoint(
+    src: Path, dst: Path, fmt: str, reference: Path, kv_scales: bool = False, block: tuple[int, int] = BLOCK
+) -> None:
     """`src` (a saved tiny model) -> `dst` in `fmt`, and `reference`: `src` with every quantized weight replaced
-    by its dequantized value (float32). `kv_scales`: also write per-layer k_scale/v_scale (fp8 formats)."""
+    by its dequantized value (float32). `kv_scales`: also write per-layer k_scale/v_scale (fp8 formats); `block`:
+    the fp8-block format's (bn, bk)."""
     for out in (dst, reference):
         shutil.copytree(src, out)
     tensors = load_file(str(src / "model.safetensors"))
@@ -65,7 +70,7 @@ def write_fp8_checkpoint(src: Path, dst: Path, fmt: str, reference: Path, kv_sca
         if not _LINEAR.search(name) or name.startswith(_IGNORED_PREFIX):
             quantized[name] = dequantized[name] = tensor
             continue
-        q, scale, deq = _quantize(tensor, strategy)
+        q, scale, deq = _quantize(tensor, strategy, block)
         module = name.removesuffix(".weight")
         quantized[name], dequantized[name] = q, deq
         if fmt.startswith("fp8"):
@@ -86,11 +91,11 @@ def write_fp8_checkpoint(src: Path, dst: Path, fmt: str, reference: Path, kv_sca
                 quantized[f"model.layers.{i}.self_attn.{kv}"] = torch.tensor(0.05 + 0.01 * i)
     save_file(quantized, str(dst / "model.safetensors"), metadata={"format": "pt"})
     save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
-    config["quantization_config"] = _quantization_config(fmt, kv_scales)
+    config["quantization_config"] = _quantization_config(fmt, kv_scales, block)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _quantization_config(fmt: str, kv_scales: bool) -> dict:
+def _quantization_config(fmt: str, kv_scales: bool, block: tuple[int, int]) -> dict:
     ignored = ["lm_head", "model.layers.0.mlp"]
     if fmt.startswith("fp8"):
         config: dict = {
@@ -100,7 +105,7 @@ def _quantization_config(fmt: str, kv_scales: bool) -> dict:
             "modules_to_not_convert": ignored,
         }
         if fmt == "fp8-block":
-            config["weight_block_size"] = list(BLOCK)
+            config["weight_block_size"] = list(block)
         if kv_scales:
             config["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
         return config

@@ -127,12 +127,13 @@ def tiny_tokenizer() -> Tokenizer:
     return tok
 
 
-def save_tiny_model(kind: str, path: Path, seed: int = 0, shard_size: str | None = None) -> Path:
-    """Random weights (seeded) saved with save_pretrained as safetensors, with a tokenizer and generation config."""
+def save_tiny_model(kind: str, path: Path, seed: int = 0, shard_size: str | None = None, config=None) -> Path:
+    """Random weights (seeded) saved with save_pretrained as safetensors, with a tokenizer and generation config.
+    `config`: a transformers config to use instead of `kind`'s (its vocabulary must be TINY_VOCAB)."""
     from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(kind), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config or tiny_hf_config(kind), dtype=torch.float32)
     for layer in getattr(model.model, "layers", []):  # DeepSeek-V3's routing bias starts at zero: make it matter
         gate = getattr(layer.mlp, "gate", None)
         if isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor):

@@ -1,0 +1,147 @@
+"""FP8 checkpoints and the FP8 KV cache on CUDA (GPU only; skipped without CUDA, and a GPU machine without
+flashinfer or Triton fails): a Llama and a Qwen3-MoE of GPU-friendly width (every projection a whole number of
+128-row blocks) written in each FP8 layout load with their linear (and expert) weights staying float8_e4m3fn on
+the GPU, weight bytes reported per dtype, and give the logits of the CPU path holding the dequantized weights at FP8
+tolerance; --quantization fp8 likewise against the CPU path's FP8-rounded weights. FP8 KV through flashinfer
+(prefill chunks and CUDA-graph decode steps) matches the torch backend storing the same e4m3 values, and stays near
+the bf16 cache.
+
+Stated tolerances: FP8 weights with FP8 activations vs the float32 dequantized CPU reference: relative L2 of the
+logits < 0.08 (activation quantization is the GPU path's only approximation besides bf16); FP8 KV flashinfer vs
+torch backend: < 0.03; FP8 KV vs bf16 KV: < 0.1."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from fp8_checkpoints import write_fp8_checkpoint
+from gpu_model_setup import small_runner, teacher_forced_logits
+from tiny_models import TINY_VOCAB, save_tiny_model
+
+from kubellm.engine.loader import load_model
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS, POSITIONS, PREFILL = 4, 48, 16
+FP8 = torch.float8_e4m3fn
+FORMATS = ("fp8-tensor", "fp8-block", "ct-channel", "ct-static")
+
+
+def gpu_sized_config(kind: str):
+    from transformers import LlamaConfig, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=256, initializer_range=0.05, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    if kind == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0)
+    return Qwen3MoeConfig(
+        **common | dict(num_hidden_layers=3), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+        norm_topk_prob=True, mlp_only_layers=[1],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    import flashinfer  # noqa: F401  (a GPU machine without flashinfer fails here, never skips)
+    import triton  # noqa: F401
+
+    made = {}
+
+    def get(kind: str, fmt: str | None = None):
+        if (kind, None) not in made:
+            made[kind, None] = save_tiny_model(kind, tmp_path_factory.mktemp(kind), config=gpu_sized_config(kind))
+        if fmt is not None and (kind, fmt) not in made:
+            root = tmp_path_factory.mktemp(f"{kind}-{fmt}")
+            write_fp8_checkpoint(made[kind, None], root / "fp8", fmt, root / "ref", block=(128, 128))
+            made[kind, fmt] = root / "fp8"
+        return made[kind, fmt]
+
+    return get
+
+
+def _tokens() -> list[list[int]]:
+    rng = random.Random(11)
+    return [[rng.randrange(4, TINY_VOCAB) for _ in range(POSITIONS)] for _ in range(PROMPTS)]
+
+
+def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).norm() / ref.norm())
+
+
+def _fp8_linear_elements(model) -> int:
+    """Elements of the weights the checkpoint holds in FP8: every attention projection and MLP, experts included,
+    except layer 0's MLP (left unquantized by fp8_checkpoints)."""
+    total = 0
+    for i, layer in enumerate(model.layers):
+        total += layer.self_attn.qkv_proj.weight.numel() + layer.self_attn.o_proj.weight.numel()
+        mlp = layer.mlp
+        if i == 0:
+            continue
+        if hasattr(mlp, "w13"):
+            total += mlp.w13.numel() + mlp.w2.numel()
+        else:
+            total += mlp.gate_up_proj.weight.numel() + mlp.down_proj.weight.numel()
+    return total
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3-moe"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fp8_checkpoint_stays_fp8_on_cuda_and_matches_the_dequantized_cpu_path(kind, fmt, checkpoints):
+    path = checkpoints(kind, fmt)
+    loaded = load_model(path, dtype=torch.bfloat16)
+    gpu = small_runner(loaded, "cuda", PROMPTS, POSITIONS, attention_backend="flashinfer")
+    for i, layer in enumerate(gpu.model.layers):
+        assert layer.self_attn.qkv_proj.weight.dtype == FP8 and layer.self_attn.o_proj.weight.dtype == FP8
+        mlp = layer.mlp
+        weights = (mlp.w13, mlp.w2) if hasattr(mlp, "w13") else (mlp.gate_up_proj.weight, mlp.down_proj.weight)
+        assert all(w.dtype == (torch.bfloat16 if i == 0 else FP8) for w in weights), (i, [w.dtype for w in weights])
+    assert gpu.weight_bytes["float8_e4m3fn"] == _fp8_linear_elements(gpu.model)  # one byte each
+    print(f"{kind} {fmt}: weight bytes on the GPU per dtype {gpu.weight_bytes}")
+    cpu = small_runner(load_model(path), "cpu", PROMPTS, POSITIONS)
+    tokens = _tokens()
+    err = rel_l2(teacher_forced_logits(gpu, tokens, PREFILL), teacher_forced_logits(cpu, tokens, PREFILL))
+    print(f"{kind} {fmt}: logits rel L2 vs the CPU dequantized path {err:.4f}")
+    assert err < 0.08
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3-moe"])
+def test_online_fp8_on_cuda_matches_the_cpu_path_rounding_the_same_weights(kind, checkpoints):
+    path = checkpoints(kind)
+    gpu = small_runner(
+        load_model(path, dtype=torch.bfloat16), "cuda", PROMPTS, POSITIONS, quantization="fp8",
+        attention_backend="flashinfer",
+    )  # fmt: skip
+    assert all(layer.self_attn.qkv_proj.weight.dtype == FP8 for layer in gpu.model.layers)
+    bf16 = small_runner(load_model(path, dtype=torch.bfloat16), "cuda", PROMPTS, POSITIONS)
+    fp8_bytes, bf16_bytes = sum(gpu.weight_bytes.values()), sum(bf16.weight_bytes.values())
+    print(f"{kind} online fp8: weight bytes {gpu.weight_bytes} vs bf16 {bf16.weight_bytes}")
+    assert fp8_bytes < 0.75 * bf16_bytes
+    cpu = small_runner(load_model(path), "cpu", PROMPTS, POSITIONS, quantization="fp8")
+    tokens = _tokens()
+    err = rel_l2(teacher_forced_logits(gpu, tokens, PREFILL), teacher_forced_logits(cpu, tokens, PREFILL))
+    print(f"{kind} online fp8: logits rel L2 vs the CPU path {err:.4f}")
+    assert err < 0.08
+
+
+def test_fp8_kv_cache_through_flashinfer(checkpoints):
+    loaded = load_model(checkpoints("llama"), dtype=torch.bfloat16)
+    tokens = _tokens()
+
+    def run(kv: str, backend: str):
+        runner = small_runner(loaded, "cuda", PROMPTS, POSITIONS, kv_cache_dtype=kv, attention_backend=backend)
+        return runner, teacher_forced_logits(runner, tokens, PREFILL)
+
+    fi8, fi8_logits = run("fp8", "flashinfer")
+    assert fi8.kv_caches[0].dtype == FP8 and fi8.use_cuda_graphs and fi8._graphs  # decode steps replay graphs
+    fi16, fi16_logits = run("auto", "flashinfer")
+    assert fi8.kv_cache_bytes_per_block() * 2 == fi16.kv_cache_bytes_per_block()
+    _, torch8_logits = run("fp8", "torch")
+    same_storage, vs_bf16 = rel_l2(fi8_logits, torch8_logits), rel_l2(fi8_logits, fi16_logits)
+    print(f"FP8 KV: flashinfer vs torch backend {same_storage:.4f}, vs bf16 KV {vs_bf16:.4f}")
+    assert same_storage < 0.03
+    assert 0 < vs_bf16 < 0.1
