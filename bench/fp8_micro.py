@@ -116,7 +116,10 @@ def variants(x: torch.Tensor, layers: dict[str, list], m: int) -> dict[str, Call
 
 
 # Tilings tried per shape (the defaults are fp8_gemm.W8A16_CONFIG and w8a8_config): BLOCK_N, BLOCK_K, warps, stages
-W8A16_SWEEP = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (16, 512, 4, 3)]
+W8A16_SWEEP = {
+    "tensor": [(16, 512, 4, 3), (32, 256, 4, 4), (32, 1024, 4, 2), (64, 512, 4, 3), (32, 512, 8, 3), (16, 1024, 4, 3)],
+    "block": [(16, 128, 4, 8), (32, 128, 4, 4), (32, 128, 4, 8), (64, 128, 4, 6), (64, 128, 8, 8), (128, 128, 8, 4)],
+}
 W8A8_SWEEP = [  # BLOCK_M, BLOCK_N, GROUP_M, warps, stages (BLOCK_K = the block's 128)
     (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (128, 128, 8, 8, 3), (128, 128, 8, 4, 3),
     (128, 64, 8, 4, 4), (128, 256, 8, 8, 3),
@@ -138,7 +141,7 @@ def measure_sweeps(deadline: float) -> list[dict]:
             x = torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16)
             bs = blk if fmt == "block" else None
             times = {}
-            for bn_, bk_, warps, stages in [None, *W8A16_SWEEP]:
+            for bn_, bk_, warps, stages in [(None, None, None, None), *W8A16_SWEEP[fmt]]:
                 cfg = (
                     None if bn_ is None else {"BLOCK_N": bn_, "BLOCK_K": bk_, "num_warps": warps, "num_stages": stages}
                 )
@@ -191,6 +194,9 @@ def measure_gemms(batches: list[int], ceilings: dict, fp8_tflops: float, deadlin
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name, (k, n) in SHAPES.items():
+        if time.monotonic() > deadline:
+            print(f"deadline reached before {name}", flush=True)
+            break
         layers = make_layers(k, n, gen)
         for m in batches:
             if time.monotonic() > deadline:

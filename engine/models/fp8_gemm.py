@@ -71,7 +71,14 @@ def w8a8_config(m: int) -> TileConfig:
     return TileConfig(128, 128, 8, 8, 3)
 
 
-W8A16_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+# W8A16 tiles per weight format. gemv.py's bf16 sweep found 32 columns x 512 deep best at M = 1 (~cuBLAS); FP8
+# weights halve a tile's bytes, so per-tensor / per-channel keep that shape. Block scales change every 128 columns
+# of K, so a step is 128 deep and more stages keep as many bytes in flight. bench/fp8_micro.py sweeps both.
+W8A16_CONFIG = {
+    "tensor": {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+    "channel": {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+    "block": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 6},
+}
 
 
 # ---- formats, reference, weight quantization (torch; CPU and GPU) ----
@@ -345,7 +352,7 @@ def w8a16(
 ) -> torch.Tensor:  # fmt: skip
     """Few rows (decode): FP8 weights dequantized in registers times the bf16 rows; no activation quantization."""
     _require_triton()
-    cfg = dict(config or W8A16_CONFIG)
+    cfg = dict(config or W8A16_CONFIG[kind])
     m, k = x.shape
     n = weight.shape[0]
     ws = weight_scale.to(torch.float32)
