@@ -77,21 +77,40 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the parenthesized name
+                out.append(int(entry))
+    return out
+
+
 def listens_on(pid: int, port: int) -> bool | None:
-    """Whether process `pid` holds a listening TCP socket on `port`, read from Linux's /proc (its socket inodes
-    against the kernel's TCP tables); None where /proc cannot tell (another OS)."""
+    """Whether process `pid` (or one of its children: `kubellm router --workers N` listens in its workers) holds a
+    listening TCP socket on `port`, read from Linux's /proc (socket inodes against the kernel's TCP tables); None
+    where /proc cannot tell (another OS)."""
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
+        os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
     inodes = set()
-    for fd in fds:
+    for p in [pid, *_children(pid)]:
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            fds = os.listdir(f"/proc/{p}/fd")
         except OSError:
             continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]

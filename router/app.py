@@ -21,13 +21,14 @@ from pydantic import ValidationError
 from yarl import URL
 
 from kubellm.block_hash import DEFAULT_BLOCK_SIZE
-from kubellm.kv_events import SnapshotEvent
+from kubellm.kv_events import LoadEvent, SnapshotEvent
 from kubellm.openai_errors import APIError, check_json_content_type, model_not_found, route_error
 from kubellm.openai_protocol import ModelCard, ModelList
 from kubellm.prompt import TokenizerInfo
 from kubellm.router.backends import Backend, BackendRegistry, HealthChecker
 from kubellm.router.config import RouterConfig
 from kubellm.router.discovery import make_discovery
+from kubellm.router.engine_load import EngineLoad, combined_load
 from kubellm.router.errors import error_response
 from kubellm.router.kv_events_client import KVEventSubscriber
 from kubellm.router.metrics import RouterMetrics, render_merged
@@ -201,6 +202,7 @@ class Router:
                 self.session,
                 headers=self._upstream_headers,
                 on_snapshot=lambda ev, b=b: self._on_snapshot(b, ev),
+                on_load=lambda ev, b=b: self._on_load(b, ev),
             )
             self.subscribers[b.slot] = sub
             sub.start()
@@ -215,6 +217,9 @@ class Router:
         if sub is not None:
             asyncio.get_running_loop().create_task(sub.stop())
         self.index.drop_replica(b.slot)
+
+    def _on_load(self, b: Backend, ev: LoadEvent | None) -> None:
+        b.engine_load = EngineLoad.of(ev, b.in_flight) if ev is not None else None
 
     def _on_snapshot(self, b: Backend, ev: SnapshotEvent) -> None:
         for m in b.models() or self.registry.configured_models:
@@ -434,17 +439,19 @@ class Router:
             if not backends:
                 return None
             by_key = {b.url: b for b in backends}
-            cands = [
-                Candidate(
-                    b.url,
-                    in_flight=b.in_flight,
-                    answering=b.answering,
-                    waiting=b.waiting,
-                    matched_blocks=self.index.match(b.slot, hashes) if hashes else 0,
-                    footprint=self.index.footprint(b.slot),
+            cands = []
+            for b in backends:
+                load = combined_load(b.in_flight, b.answering, b.waiting, b.engine_load)
+                cands.append(
+                    Candidate(
+                        b.url,
+                        in_flight=load.in_flight,
+                        answering=load.answering,
+                        waiting=load.waiting,
+                        matched_blocks=self.index.match(b.slot, hashes) if hashes else 0,
+                        footprint=self.index.footprint(b.slot),
+                    )
                 )
-                for b in backends
-            ]
             decision = self.policy.choose(route, cands)
             self.metrics.child(self.metrics.decisions, self.policy.name.value, decision.reason).inc()
             if hashes:

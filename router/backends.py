@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from kubellm import metric_names as mn
+from kubellm.router.engine_load import EngineLoad
 from kubellm.router.metrics import RouterMetrics
 
 log = logging.getLogger("kubellm.router.backends")
@@ -46,6 +47,7 @@ class Backend:
     in_flight: int = 0
     answering: int = 0  # in-flight requests whose first byte came back
     waiting: int = 0
+    engine_load: EngineLoad | None = None  # the last `load` line of its KV-event stream (None: no live stream)
     max_model_lens: dict[str, int] = field(default_factory=dict)  # model -> its max_model_len, from /v1/models
     probe_failures: int = 0
     consecutive_failures: int = 0

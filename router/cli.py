@@ -127,10 +127,14 @@ def _run_workers(config) -> int:
 
 def _worker_main(config, index: int, metrics_dir: str, ready) -> None:
     """One worker process (forked by the Supervisor)."""
+    import os
+
+    from kubellm.parent_watch import die_with_parent
     from kubellm.router.workers import WorkerPlacement
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # serve() installs the loop's own handlers
+    die_with_parent(os.getppid(), signal.SIGTERM, exit_after_s=10)  # never outlive the supervisor (it holds the port)
     try:
         _event_loop_runner()(serve(config, WorkerPlacement(index, metrics_dir), ready.set))
     except KeyboardInterrupt:

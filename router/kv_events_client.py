@@ -14,7 +14,7 @@ from collections.abc import Callable
 import aiohttp
 from pydantic import ValidationError
 
-from kubellm.kv_events import SnapshotEvent, decode_event
+from kubellm.kv_events import LoadEvent, SnapshotEvent, decode_event
 from kubellm.router.prefix_index import ApplyResult, PreciseIndex
 
 log = logging.getLogger("kubellm.router.kv_events")
@@ -30,6 +30,7 @@ class KVEventSubscriber:
         session: aiohttp.ClientSession,
         headers: dict[str, str] | None = None,
         on_snapshot: Callable[[SnapshotEvent], None] | None = None,
+        on_load: Callable[[LoadEvent | None], None] | None = None,
         retry_delay: float = 0.5,
         unsupported_delay: float = 30.0,
     ):
@@ -38,6 +39,7 @@ class KVEventSubscriber:
         self.session = session
         self.headers = headers or {}
         self.on_snapshot = on_snapshot
+        self.on_load = on_load  # a load line; None when the stream ends (its load is no longer known)
         self.retry_delay = retry_delay
         self.unsupported_delay = unsupported_delay
         self.resyncs = 0
@@ -67,6 +69,8 @@ class KVEventSubscriber:
                 log.debug("kv events %s: %s", self.url, e)
                 delay = min(delay * 2, 5.0)
             self.index.drop()
+            if self.on_load:
+                self.on_load(None)
             await asyncio.sleep(delay)
 
     async def _consume_once(self) -> int:
@@ -85,6 +89,10 @@ class KVEventSubscriber:
                     if not line.strip():
                         continue
                     event = decode_event(line)
+                    if isinstance(event, LoadEvent):  # outside the seq numbering: never a gap
+                        if self.on_load:
+                            self.on_load(event)
+                        continue
                     if self.index.apply(event) is ApplyResult.RESYNC:
                         self.resyncs += 1
                         log.info("kv events %s: gap or new epoch, resubscribing", self.url)

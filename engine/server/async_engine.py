@@ -25,9 +25,11 @@ from kubellm.block_hash import to_hex
 from kubellm.engine.outputs import EngineStats, RequestOutput
 from kubellm.engine.sampling_params import SamplingParams
 from kubellm.kv_events import (
+    LOAD_MIN_INTERVAL_S,
     AllBlocksClearedEvent,
     BlockRemovedEvent,
     BlockStoredEvent,
+    LoadEvent,
     SnapshotEvent,
     encode_event,
 )
@@ -157,6 +159,8 @@ class AsyncEngine:
         self._sinks: dict[str, RequestStream] = {}
         self._subscribers: list[KVSubscription] = []
         self._seq = 0
+        self._load_sent: tuple[int, int, int] | None = None  # the last load line's (running, waiting, free_blocks)
+        self._load_sent_at = float("-inf")
 
     # ---- lifecycle (event loop thread) ----
 
@@ -276,8 +280,12 @@ class AsyncEngine:
         commands: list[Any] = []
         if not engine.has_unfinished_requests():
             try:
-                commands.append(self._commands.get(timeout=IDLE_WAIT_S))
+                commands.append(self._commands.get(timeout=self._idle_wait()))
             except queue.Empty:
+                idle: list[tuple[Any, Any]] = []
+                self._publish_load(idle)  # a change held back by the rate limit goes out now
+                if idle:
+                    self._post(idle, None, 0)
                 return
         while True:
             try:
@@ -313,6 +321,7 @@ class AsyncEngine:
                 else:
                     batch.append((stream, out))  # a delta: fresh lists the engine thread never touches again
         self._publish_kv_events(batch)
+        self._publish_load(batch)
         self._post(batch, engine.stats(), added)
 
     def _observe_step(self, num_tokens: int) -> None:
@@ -376,6 +385,33 @@ class AsyncEngine:
         )
         self._subscribers.append(sub)
         batch.append((sub, encode_event(snap)))
+        load = self._load()
+        if load == self._load_sent:  # (else a changed load is about to go to every subscriber, this one too)
+            batch.append((sub, encode_event(LoadEvent(running=load[0], waiting=load[1], free_blocks=load[2]))))
+
+    def _load(self) -> tuple[int, int, int]:
+        st = self.engine.stats()
+        return st.num_running, st.num_waiting, st.blocks_total - st.blocks_used
+
+    def _idle_wait(self) -> float:
+        """How long an idle engine thread may block on its queue: less than IDLE_WAIT_S when a load change is
+        waiting for the rate limit, so the router learns the final load (e.g. idle) without a next request."""
+        if not self._subscribers or self._load() == self._load_sent:
+            return IDLE_WAIT_S
+        return min(IDLE_WAIT_S, max(0.0, self._load_sent_at + LOAD_MIN_INTERVAL_S - time.monotonic()))
+
+    def _publish_load(self, batch: list[tuple[Any, Any]]) -> None:
+        """A `load` line to every subscriber when (running, waiting, free_blocks) changed, at most every
+        LOAD_MIN_INTERVAL_S; it carries no seq (GUIDE section 2)."""
+        if not self._subscribers:
+            return
+        load = self._load()
+        now = time.monotonic()
+        if load == self._load_sent or now - self._load_sent_at < LOAD_MIN_INTERVAL_S:
+            return
+        self._load_sent, self._load_sent_at = load, now
+        line = encode_event(LoadEvent(running=load[0], waiting=load[1], free_blocks=load[2]))
+        batch.extend((sub, line) for sub in self._subscribers)
 
     def _publish_kv_events(self, batch: list[tuple[Any, Any]]) -> None:
         self._subscribers = [s for s in self._subscribers if not s.closed]

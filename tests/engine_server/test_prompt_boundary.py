@@ -28,8 +28,9 @@ from kubellm.engine.config import EngineConfig
 from kubellm.engine.server.api_server import ServerSettings
 from kubellm.engine.server.chat_tools import ChatParsingConfig
 from kubellm.kv_events import BlockRemovedEvent, BlockStoredEvent, SnapshotEvent, decode_event
-from kubellm.router.app import RoutedBody, Router
+from kubellm.router.app import Router
 from kubellm.router.config import RouterConfig
+from kubellm.router.request_body import parse_routed_body
 from kubellm.routing import RoutingPolicy
 
 MODEL = "boundary-model"
@@ -263,7 +264,7 @@ async def _check_shape(
     shape: Shape, router: Router, slot: int, client: openai.AsyncOpenAI, events: EngineEvents, bs: int, reference: Any
 ) -> None:
     body = {"model": MODEL, **shape.body}
-    routed = RoutedBody.model_validate(body).model_extra or {}  # what the router hashes, as its handler reads it
+    routed = parse_routed_body(json.dumps(body).encode()).fields  # what the router hashes, as its handler reads it
     key = await router.hasher.key(MODEL, "chat", routed)
     router_ids = await router.hasher.token_ids(MODEL, "chat", routed)
 

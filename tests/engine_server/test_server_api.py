@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -10,9 +11,10 @@ import time
 import aiohttp
 import openai
 import pytest
+from kv_lines import next_seq_event
 
 from kubellm import metric_names as mn
-from kubellm.kv_events import decode_event
+from kubellm.kv_events import LoadEvent, decode_event
 
 
 @pytest.fixture(scope="module")
@@ -302,12 +304,12 @@ async def test_kv_events_snapshot_then_stored(fake_server):
     url = fake_server.url
     async with aiohttp.ClientSession() as s, s.get(url + "/v1/kv_events") as r:
         assert r.headers["Content-Type"].startswith("application/x-ndjson")
-        snap = decode_event(await r.content.readline())
+        snap = await next_seq_event(r.content)
         assert snap.type == "snapshot" and snap.block_size == 4
         prompt = f"kv events {time.time()} unique prompt"
         async with s.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}) as done:
             assert done.status == 200
-        ev = decode_event(await asyncio.wait_for(r.content.readline(), 5))
+        ev = await next_seq_event(r.content, 5)
         assert ev.type == "stored" and ev.seq == snap.seq + 1
         from kubellm.block_hash import hash_blocks, to_hex
 
@@ -315,7 +317,7 @@ async def test_kv_events_snapshot_then_stored(fake_server):
         assert ev.hashes == [to_hex(h) for h in hash_blocks(ids, 4)] and ev.parent is None
     # a fresh subscriber's snapshot includes them, at the latest seq
     async with aiohttp.ClientSession() as s, s.get(url + "/v1/kv_events") as r:
-        snap2 = decode_event(await r.content.readline())
+        snap2 = await next_seq_event(r.content)
         assert snap2.epoch == snap.epoch and snap2.seq >= ev.seq and set(ev.hashes) <= set(snap2.hashes)
 
 
@@ -345,3 +347,48 @@ def test_unknown_model_is_404(client):
 def test_engine_calls_single_thread(fake_server):
     assert len(fake_server.engine.thread_ids) == 1
     assert threading.get_ident() not in fake_server.engine.thread_ids
+
+
+async def test_kv_events_carry_load_lines_without_seq_at_most_every_50ms(fake_server):
+    """GUIDE section 2: `load` lines when (running, waiting, free_blocks) change, rate-limited, outside the seq."""
+    url = fake_server.url
+    loads: list[tuple[float, LoadEvent]] = []
+    seqs: list[int] = []
+
+    async def follow(r: aiohttp.ClientResponse) -> None:
+        while True:
+            ev = decode_event(await r.content.readline())
+            if isinstance(ev, LoadEvent):
+                loads.append((time.monotonic(), ev))
+            else:
+                seqs.append(ev.seq)
+
+    async with aiohttp.ClientSession() as s, s.get(url + "/v1/kv_events") as r:
+        snap = decode_event(await r.content.readline())
+        assert snap.type == "snapshot"
+        first = decode_event(await r.content.readline())  # a new subscriber learns the load at once
+        assert isinstance(first, LoadEvent) and first.running == 0 and first.waiting == 0 and first.free_blocks > 0
+        follower = asyncio.create_task(follow(r))
+        body = {"prompt": f"load lines {time.time()}", "max_tokens": 40, "stream": True}
+        t0 = time.monotonic()
+        streams = [await s.post(url + "/v1/completions", json=body) for _ in range(6)]
+        deadline = time.monotonic() + 5
+        while not any(ev.running >= 1 for _, ev in loads):
+            assert time.monotonic() < deadline, "no load line showed the running requests"
+            await asyncio.sleep(0.01)
+        assert any(ev.free_blocks < first.free_blocks for _, ev in loads)
+        for resp in streams:
+            await resp.read()
+            resp.release()
+        busy = time.monotonic() - t0
+        # once idle, the last change is sent even though no further step happens
+        deadline = time.monotonic() + 2
+        while not (loads and loads[-1][1].running == 0 and loads[-1][1].waiting == 0):
+            assert time.monotonic() < deadline, f"the idle load never arrived: {loads[-3:]}"
+            await asyncio.sleep(0.01)
+        follower.cancel()
+    # the engine's state changed at every step, yet the lines are rate-limited to one per 50 ms (+ the idle one)
+    assert 2 <= len(loads) <= (time.monotonic() - t0) / 0.05 + 2, (len(loads), busy)
+    # no load line consumed a seq number: the stored events follow the snapshot's seq without a gap
+    assert seqs and seqs == list(range(snap.seq + 1, snap.seq + 1 + len(seqs)))
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(loads)), "a load line repeated an unchanged load"

@@ -12,11 +12,11 @@ import time
 import aiohttp
 import openai
 import pytest
+from kv_lines import next_seq_event
 from server_harness import http_get, wait_until_streams_run_together
 
 from kubellm import metric_names as mn
 from kubellm.block_hash import hash_blocks, to_hex
-from kubellm.kv_events import decode_event
 
 MODEL = "smollm2-135m-instruct"
 NEAR_TIE = 1e-3
@@ -215,7 +215,7 @@ async def test_kv_events_snapshot_then_stored(serve_process):
         "tokens"
     ]
     async with aiohttp.ClientSession() as s, s.get(serve_process.url + "/v1/kv_events") as r:
-        snap = decode_event(await r.content.readline())
+        snap = await next_seq_event(r.content)
         assert snap.type == "snapshot" and snap.block_size == 16 and snap.epoch
         async with s.post(
             serve_process.url + "/v1/completions", json={"model": MODEL, "prompt": PROMPT_KV, "max_tokens": 1}
@@ -225,7 +225,7 @@ async def test_kv_events_snapshot_then_stored(serve_process):
         stored: list[str] = []
         seq = snap.seq
         while set(expected) - set(stored):
-            ev = decode_event(await asyncio.wait_for(r.content.readline(), 10))
+            ev = await next_seq_event(r.content, 10)
             assert ev.seq == seq + 1
             seq = ev.seq
             if ev.type == "stored":

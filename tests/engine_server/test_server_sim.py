@@ -10,6 +10,7 @@ import time
 import aiohttp
 import openai
 import pytest
+from kv_lines import next_seq_event
 from server_harness import ServerThread, wait_until_streams_run_together
 from test_server_local_stack import _start_up, _stop
 
@@ -17,7 +18,6 @@ from kubellm import metric_names as mn
 from kubellm.block_hash import hash_blocks, to_hex
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.server.api_server import ServerSettings
-from kubellm.kv_events import decode_event
 
 MODEL = "sim-model"
 
@@ -97,7 +97,7 @@ async def test_kv_events_match_the_shared_block_hash(sim_server):
     prompt = f"a prompt for the sim engine {time.time()} " * 4
     ids = engine.renderer.encode(prompt)
     async with aiohttp.ClientSession() as s, s.get(url + "/v1/kv_events") as r:
-        snap = decode_event(await r.content.readline())
+        snap = await next_seq_event(r.content)
         assert snap.type == "snapshot" and snap.block_size == 16
         async with s.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1}) as d:
             assert d.status == 200
@@ -105,13 +105,13 @@ async def test_kv_events_match_the_shared_block_hash(sim_server):
         stored: list[str] = []
         seq = snap.seq
         while set(expected) - set(stored):
-            ev = decode_event(await asyncio.wait_for(r.content.readline(), 5))
+            ev = await next_seq_event(r.content, 5)
             assert ev.seq == seq + 1
             seq = ev.seq
             if ev.type == "stored":
                 stored += ev.hashes
     async with aiohttp.ClientSession() as s, s.get(url + "/v1/kv_events") as r:
-        snap2 = decode_event(await r.content.readline())
+        snap2 = await next_seq_event(r.content)
         assert snap2.epoch == snap.epoch and set(expected) <= set(snap2.hashes) and snap2.seq >= seq
 
 

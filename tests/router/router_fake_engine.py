@@ -18,7 +18,14 @@ from aiohttp import web
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from kubellm.block_hash import hash_blocks, to_hex
-from kubellm.kv_events import AllBlocksClearedEvent, BlockRemovedEvent, BlockStoredEvent, SnapshotEvent, encode_event
+from kubellm.kv_events import (
+    AllBlocksClearedEvent,
+    BlockRemovedEvent,
+    BlockStoredEvent,
+    LoadEvent,
+    SnapshotEvent,
+    encode_event,
+)
 from kubellm.prompt import PromptRenderer, TokenizerInfo
 
 CHAT_TEMPLATE = (
@@ -74,6 +81,8 @@ class FakeEngine:
         self.die_after_chunks: int | None = None
         self.fail_status: int | None = None
         self.health_status = 200
+        self.max_running = 1_000_000  # requests beyond this count as waiting (queued) in load lines
+        self.load_lines = True  # emit `load` lines on the KV-event stream when in_flight changes
         # observations
         self.received: list[dict[str, Any]] = []
         self.in_flight = 0
@@ -126,6 +135,14 @@ class FakeEngine:
         line = encode_event(event)
         for q in self.subscribers:
             q.put_nowait(line)
+
+    def load(self) -> LoadEvent:
+        running = min(self.in_flight, self.max_running)
+        return LoadEvent(running=running, waiting=self.in_flight - running, free_blocks=self.capacity_blocks)
+
+    def _load_changed(self) -> None:
+        if self.load_lines:
+            self._emit(self.load())
 
     def store(self, hashes: list[int]) -> None:
         new = [h for h in hashes if h not in self.cached]
@@ -200,6 +217,8 @@ class FakeEngine:
         )
         try:
             await resp.write(encode_event(snap))
+            if self.load_lines:
+                await resp.write(encode_event(self.load()))
             while (line := await q.get()) is not None:
                 await resp.write(line)
         finally:
@@ -218,6 +237,7 @@ class FakeEngine:
         chat = request.path.endswith("chat/completions")
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._load_changed()
         try:
             self.store(self.prompt_hashes(request.path, body))
             rid = request.headers.get("X-Request-Id", uuid.uuid4().hex)
@@ -263,3 +283,4 @@ class FakeEngine:
             raise
         finally:
             self.in_flight -= 1
+            self._load_changed()

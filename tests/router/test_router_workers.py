@@ -174,3 +174,22 @@ def test_workers_flag_refuses_non_positive_counts(bad):
     from kubellm.router.cli import main
 
     assert main(["--model", "m", "--workers", bad]) == 2
+
+
+async def test_workers_stop_when_their_supervisor_is_killed():
+    """The supervisor holds the port: workers must not outlive it (they would keep serving on a port nobody owns)."""
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubellm.cli", "router", "--host", "127.0.0.1", "--port", str(port), "--model", "m",
+        "--workers", "2", "--log-level", "warning", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+    assert b"listening on" in line, line
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    proc.kill()
+    await proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived their supervisor: {[p.pid for p in alive]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free again
