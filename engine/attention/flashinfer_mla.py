@@ -25,7 +25,14 @@ from kubellm.engine.config import EngineConfig
 
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 from .flashinfer_backend import PlanFence, _i32, _i32_on
-from .mla import MLAPageTable, check_mla_work, decode_page_table, latent_cache_shape, mla_page_table_from_meta
+from .mla import (
+    MLAPageTable,
+    check_mla_budget,
+    check_mla_work,
+    decode_page_table,
+    latent_cache_shape,
+    mla_page_table_from_meta,
+)
 
 # Split-k partial outputs of the MLA kernel: 2 x SMs x tile rows x kv_lora_rank, a few tens of MB at most.
 WORKSPACE_BYTES = 128 * 1024 * 1024
@@ -48,6 +55,8 @@ class FlashInferMLAAttention(AttentionBackend):
         device: torch.device | str | None = None,
         sliding_window: int | Sequence[int | None] | None = None,
         mla_backend: str | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_num_seqs: int | None = None,
     ):
         if num_kv_heads != 1:
             raise ValueError(f"MLA caches one latent per token (num_kv_heads 1), got {num_kv_heads}")
@@ -55,6 +64,8 @@ class FlashInferMLAAttention(AttentionBackend):
             raise ValueError("MLA attention has no sliding window")
         if not 0 < kv_lora_rank < head_dim:
             raise ValueError(f"kv_lora_rank {kv_lora_rank} must be below the latent row width {head_dim}")
+        if max_num_batched_tokens is not None:  # the engine's limits: refuse at start what a step could not plan
+            check_mla_budget(max_num_batched_tokens, max_num_seqs or max_num_batched_tokens, num_heads)
         super().__init__(num_heads, 1, head_dim, scale, block_size, dtype=dtype, device=device)
         self.dtype = dtype or torch.bfloat16
         if self.dtype not in (torch.bfloat16, torch.float16):
@@ -73,7 +84,11 @@ class FlashInferMLAAttention(AttentionBackend):
 
     @classmethod
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:
-        return {"mla_backend": config.prefill_backend}  # fa2 (default), fa3 or auto: the same families as prefill
+        return {
+            "mla_backend": config.prefill_backend,  # fa2 (default), fa3 or auto: the same families as prefill
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "max_num_seqs": config.max_num_seqs,
+        }
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return latent_cache_shape(num_blocks, self.block_size, self.head_dim)

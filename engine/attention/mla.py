@@ -87,6 +87,20 @@ def mla_work_bound(query_lens: Sequence[int] | np.ndarray, num_heads: int) -> in
     return int((-(-rows // tile)).sum()) + _MAX_SMS
 
 
+def check_mla_budget(max_num_batched_tokens: int, max_num_seqs: int, num_heads: int) -> None:
+    """At start-up: no step the engine may schedule can exceed the planner's work items (else a step would fail
+    mid-run). The worst step bounded loosely: every token's rows in 64-row tiles, a part tile per sequence."""
+    seqs = min(max_num_seqs, max_num_batched_tokens)
+    bound = -(-max_num_batched_tokens * num_heads // 64) + seqs + _MAX_SMS
+    if bound > MLA_MAX_WORK_ITEMS:
+        most = (MLA_MAX_WORK_ITEMS - seqs - _MAX_SMS) * 64 // num_heads
+        raise ValueError(
+            f"max_num_batched_tokens {max_num_batched_tokens} x {num_heads} attention heads may exceed the "
+            f"{MLA_MAX_WORK_ITEMS} work items flashinfer's MLA kernel plans per step: lower --max-num-batched-tokens "
+            f"(at most {most} with max_num_seqs {max_num_seqs})"
+        )
+
+
 def check_mla_work(query_lens: Sequence[int] | np.ndarray, num_heads: int) -> None:
     bound = mla_work_bound(query_lens, num_heads)
     if bound > MLA_MAX_WORK_ITEMS:

@@ -13,7 +13,13 @@ from tiny_models import DEEPSEEK_KINDS, tiny_hf_config
 
 from kubellm.engine.attention import AttentionMetadata, TorchMLAAttention, select_backend_class
 from kubellm.engine.attention.base import paged_kv_layout_flat
-from kubellm.engine.attention.mla import check_mla_work, decode_page_table, mla_page_table, mla_work_bound
+from kubellm.engine.attention.mla import (
+    check_mla_budget,
+    check_mla_work,
+    decode_page_table,
+    mla_page_table,
+    mla_work_bound,
+)
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 
 BLOCK = 4
@@ -54,6 +60,14 @@ def test_steps_that_could_overflow_flashinfers_mla_plan_are_refused_by_name():
     check_mla_work([4096] * 16, 16)  # bench/mla_micro's longest prefill: 8192 tiles
     with pytest.raises(ValueError, match="lower --max-num-batched-tokens"):
         check_mla_work([16384], 128)  # DeepSeek-V3's 128 heads on one rank: 16384 tiles
+
+
+def test_engine_limits_that_could_overflow_the_plan_are_refused_at_start():
+    check_mla_budget(16384, 1024, 16)  # bench/offline.py's limits at DeepSeek-V2-Lite's 16 heads
+    check_mla_budget(2048, 256, 128)  # DeepSeek-V3's 128 heads on one rank at the engine's default limits
+    with pytest.raises(ValueError, match=r"lower --max-num-batched-tokens \(at most 7936 with max_num_seqs 256\)"):
+        check_mla_budget(16384, 256, 128)
+    check_mla_budget(7936, 256, 128)  # what the message names fits
 
 
 def test_latent_backends_are_selected_for_latent_models():
