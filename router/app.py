@@ -171,6 +171,22 @@ class Router:
             pass
         self._tasks.append(asyncio.create_task(discovery.run(), name="discovery"))
         self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
+        await self._warm_up(self.config.warmup_timeout)
+
+    async def _warm_up(self, timeout: float) -> None:
+        """Before listening, wait (bounded) for the replicas' KV snapshots and the tokenizer: a restarted router
+        then routes its first request on a warm index, as its predecessor would have."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            up = [b for b in self.registry.backends.values() if b.takes_requests(now)]
+            subs_ready = all(s.settled() for b in up if (s := self.subscribers.get(b.slot)) is not None)
+            models = {m for b in up for m in (b.models() or self.registry.configured_models)}
+            prefix = self.policy.name is RoutingPolicy.PREFIX
+            if subs_ready and (not prefix or all(self.hasher.settled(m) for m in models)):
+                return
+            await asyncio.sleep(0.01)
+        log.info("start-up: KV snapshots or the tokenizer not all in after %.1fs; serving anyway", timeout)
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -159,6 +159,11 @@ class RouterConfig:
     kv_events: bool = option(
         True, parse=_on_off, metavar="on|off", help="subscribe to replicas' KV events (precise prefix index)"
     )
+    warmup_timeout: float = option(
+        2.0,
+        help="seconds start-up may wait for the replicas' KV-event snapshots and the tokenizer before listening "
+        "(a restarted router then routes on a warm index)",
+    )
     approx_index_size: int = option(
         DEFAULT_APPROX_SIZE, help="bound of the approximate prefix index in (replica, block) entries"
     )

@@ -43,7 +43,12 @@ class KVEventSubscriber:
         self.retry_delay = retry_delay
         self.unsupported_delay = unsupported_delay
         self.resyncs = 0
+        self.attempts = 0  # subscriptions that ended (or failed): start-up stops waiting for a snapshot after one
         self._task: asyncio.Task[None] | None = None
+
+    def settled(self) -> bool:
+        """A snapshot arrived, or the first subscription ended without one (unsupported, unreachable)."""
+        return self.index.live or self.attempts > 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name=f"kv-events {self.url}")
@@ -68,6 +73,7 @@ class KVEventSubscriber:
             except (aiohttp.ClientError, TimeoutError, ValueError, ValidationError) as e:
                 log.debug("kv events %s: %s", self.url, e)
                 delay = min(delay * 2, 5.0)
+            self.attempts += 1
             self.index.drop()
             if self.on_load:
                 self.on_load(None)

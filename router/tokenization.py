@@ -154,6 +154,10 @@ class PromptHasher:
         if model not in self._renderers and model not in self._loading and not self._recently_failed(model):
             self._loading[model] = asyncio.get_running_loop().create_task(self._load(model))
 
+    def settled(self, model: str) -> bool:
+        """The model's tokenizer is loaded, or its loading ended without one (none is in progress)."""
+        return model in self._renderers or model not in self._loading
+
     def _recently_failed(self, model: str) -> bool:
         return time.monotonic() - self._failed_at.get(model, -1e9) < _REFETCH_AFTER
 

@@ -82,6 +82,7 @@ class FakeEngine:
         self.fail_status: int | None = None
         self.health_status = 200
         self.max_running = 1_000_000  # requests beyond this count as waiting (queued) in load lines
+        self.snapshot_delay = 0.0  # seconds before a new subscriber gets its snapshot (a large cache)
         self.load_lines = True  # emit `load` lines on the KV-event stream when in_flight changes
         # observations
         self.received: list[dict[str, Any]] = []
@@ -212,6 +213,7 @@ class FakeEngine:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         self._transports.add(request.transport)
+        await asyncio.sleep(self.snapshot_delay)
         snap = SnapshotEvent(
             epoch=self.epoch, seq=self.seq, block_size=self.block_size, hashes=[to_hex(h) for h in self.cached]
         )
