@@ -90,17 +90,24 @@ class DeepseekMoE(SparseMoE):
         return c.moe_scoring == "softmax" and (c.n_group <= 1 or c.topk_group >= c.n_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Router logits in float32. The grouped / sigmoid top-k stays in torch on CUDA too (no host syncs, so CUDA
-        # graphs capture it); the plain softmax top-k and the experts run on the shared layer's kernels (fused_moe's
-        # Triton kernels on CUDA, the torch references elsewhere).
+        # Router logits in float32. The plain softmax top-k and the experts run on the shared layer's kernels
+        # (fused_moe's Triton kernels on CUDA, the torch references elsewhere).
         topk, experts = moe_impl(x)
         logits = F.linear(x.float(), self.gate.float())  # the gate is float32 once loaded: no copy
         if self.plain_softmax_routing:
             weights, ids = topk(logits, self.config.num_experts_per_tok, False)
             if self.config.routed_scaling_factor != 1.0:
                 weights = weights * self.config.routed_scaling_factor
-        else:
-            weights, ids = deepseek_topk(logits, self.config, self.e_score_correction_bias)
+        else:  # grouped and/or sigmoid routing: one Triton kernel on CUDA, deepseek_topk (its reference) elsewhere
+            c = self.config
+            sigmoid = c.moe_scoring == "sigmoid"
+            gated = None
+            if fused.enabled(x):
+                gated = fused.grouped_topk(
+                    logits, c.num_experts_per_tok, c.n_group, c.topk_group, sigmoid, self.e_score_correction_bias,
+                    sigmoid and c.norm_topk_prob, c.routed_scaling_factor,
+                )  # fmt: skip
+            weights, ids = gated if gated is not None else deepseek_topk(logits, c, self.e_score_correction_bias)
         out = experts(x, self.w13, self.w2, weights, ids)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)

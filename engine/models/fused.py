@@ -1,5 +1,5 @@
 """Fused elementwise kernels for CUDA tensors (Triton): RMSNorm (alone and after the residual add), rotary
-embedding of q and k (and of DeepSeek's rope parts), SiLU-and-mul.
+embedding of q and k (and of DeepSeek's rope parts), SiLU-and-mul; and DeepSeek's routing (grouped top-k).
 
 Why: a decode step of a small batch is bound by kernel count, not bytes. In plain torch one layer is ~36
 kernels (RMSNorm alone is 7, rotary 10), each ~2.5 us even inside a CUDA graph: ~3 ms of an 8B model's
@@ -153,6 +153,93 @@ if triton is not None:
         u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)  # silu rounds, as torch does
         tl.store(out_ptr + row * stride_o + cols, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_topk_kernel(
+        logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, scale,
+        N_GROUP: tl.constexpr, GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+        SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    ):  # fmt: skip
+        # One program per token: scores, group limit, then K rounds of argmax over the experts still in play.
+        row = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, N_GROUP * GROUP)
+        x = tl.load(logits_ptr + row * stride_l + e).to(tl.float32)
+        if SIGMOID:
+            s = 1.0 / (1.0 + tl.exp(-x))
+        else:
+            p = tl.exp(x - tl.max(x, axis=0))
+            s = p / tl.sum(p, axis=0)
+        choice = s
+        if HAS_BIAS:
+            choice = s + tl.load(bias_ptr + e).to(tl.float32)
+        if TOPK_GROUP < N_GROUP:
+            g = tl.reshape(choice, (N_GROUP, GROUP))
+            col = tl.arange(0, GROUP)[None, :]
+            best = tl.max(g, axis=1)
+            if SIGMOID:  # a group scores its two best (biased) experts
+                first = tl.argmax(g, axis=1)
+                second = tl.max(tl.where(col == first[:, None], float("-inf"), g), axis=1)
+                score = best + second
+            else:  # its best expert
+                score = best
+            gid = tl.arange(0, N_GROUP)
+            keep = gid < 0
+            for _ in tl.static_range(TOPK_GROUP):
+                j = tl.argmax(score, axis=0)
+                keep = keep | (gid == j)
+                score = tl.where(gid == j, float("-inf"), score)
+            g = tl.where(keep[:, None], g, float("-inf"))
+            choice = tl.reshape(g, (N_GROUP * GROUP,))
+        slot = tl.arange(0, K_PAD)
+        ids = tl.zeros((K_PAD,), dtype=tl.int32)
+        weights = tl.zeros((K_PAD,), dtype=tl.float32)
+        for i in tl.static_range(K):
+            j = tl.argmax(choice, axis=0)
+            ids = tl.where(slot == i, j, ids)
+            weights = tl.where(slot == i, tl.sum(tl.where(e == j, s, 0.0), axis=0), weights)
+            choice = tl.where(e == j, float("-inf"), choice)
+        if RENORMALIZE:
+            weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+        tl.store(w_ptr + row * K + slot, weights * scale, mask=slot < K)
+        tl.store(ids_ptr + row * K + slot, ids, mask=slot < K)
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    sigmoid: bool,
+    correction_bias: torch.Tensor | None,
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek's routing in one launch (models/deepseek.py's deepseek_topk is the reference): softmax or sigmoid
+    scores, the experts of the `topk_group` best of `n_group` groups (a group scored by its best expert, or with
+    sigmoid by its two best biased scores), the top_k by (biased) score, their unbiased scores optionally
+    renormalised, times `scale`. Returns (weights [T, k] float32, ids [T, k] int32), or None where it does not
+    apply (expert and group counts must be powers of two)."""
+    t, n_experts = router_logits.shape
+    group = n_experts // max(n_group, 1)
+    if t == 0 or n_experts & (n_experts - 1) or group & (group - 1) or router_logits.stride(1) != 1:
+        return None
+    try:
+        weights = torch.empty((t, top_k), dtype=torch.float32, device=router_logits.device)
+        ids = torch.empty((t, top_k), dtype=torch.int32, device=router_logits.device)
+        bias = correction_bias if correction_bias is not None else weights  # never read without HAS_BIAS
+        _grouped_topk_kernel[(t,)](
+            router_logits, bias, weights, ids, router_logits.stride(0), scale,
+            N_GROUP=max(n_group, 1), GROUP=group, TOPK_GROUP=min(max(topk_group, 1), max(n_group, 1)), K=top_k,
+            K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None,
+            RENORMALIZE=renormalize, num_warps=4,
+        )  # fmt: skip
+        return weights, ids
+    except Exception as e:
+        _disable("grouped_topk", e)
+        return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """Multi-head latent attention on the GPU (GPU only; skipped without CUDA; a GPU machine without flashinfer or Triton
 fails, never skips).
 
+- the fused DeepSeek kernels (rope of the rope parts, grouped top-k routing) against their torch references;
 - flashinfer's MLA kernel against the torch reference on the same paged latent pool (DeepSeek-V2-Lite's 16 heads,
   latent 512 + rope 64), for prefill, chunked prefill over a cached prefix mixed with decodes, and decode at page
   sizes 16 and 64; the reference runs in float32 over a float32 copy of the bf16 pool;
@@ -122,6 +123,40 @@ def test_fused_mla_rope_matches_torch(interleave):
         assert got.is_contiguous() and got.shape == want.shape
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         assert err < 1e-2, f"max error {err:.2e} of the largest magnitude"
+
+
+@pytest.mark.parametrize(
+    ("experts", "k", "n_group", "topk_group", "scoring"),
+    [(256, 8, 8, 4, "sigmoid"), (64, 6, 1, 1, "sigmoid"), (64, 6, 8, 3, "softmax")],
+    ids=["deepseek-v3", "moonlight", "softmax-grouped"],
+)  # fmt: skip
+def test_fused_grouped_topk_matches_deepseek_topk(experts, k, n_group, topk_group, scoring):
+    """DeepSeek's routing in one Triton kernel chooses deepseek_topk's experts with its weights (routing bias,
+    group limit, renormalisation and scaling included)."""
+    import dataclasses
+
+    import triton  # noqa: F401  (the fused kernels need it: missing, this fails rather than skips)
+
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.models import fused
+    from kubellm.engine.models.deepseek import deepseek_topk
+
+    c = dataclasses.replace(
+        ModelConfig.from_hf_config(V2_LITE_3_LAYERS), num_experts=experts, num_experts_per_tok=k, n_group=n_group,
+        topk_group=topk_group, moe_scoring=scoring, norm_topk_prob=True, routed_scaling_factor=2.5,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(300, experts, generator=gen).cuda()
+    bias = (torch.randn(experts, generator=gen) * 0.1).cuda() if scoring == "sigmoid" else None
+    ref_w, ref_ids = deepseek_topk(logits, c, bias)
+    out = fused.grouped_topk(
+        logits, k, n_group, topk_group, scoring == "sigmoid", bias, scoring == "sigmoid", c.routed_scaling_factor
+    )
+    assert out is not None and fused.enabled(logits), "the kernel refused or failed"
+    w, ids = out
+    ref_order, order = ref_ids.long().sort(dim=-1), ids.long().sort(dim=-1)
+    assert torch.equal(ref_order.values, order.values), "different experts chosen"
+    torch.testing.assert_close(w.gather(1, order.indices), ref_w.gather(1, ref_order.indices), rtol=1e-5, atol=1e-6)
 
 
 def test_selector_takes_flashinfer_mla_for_latent_models():
