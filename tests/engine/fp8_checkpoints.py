@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 FORMATS = ("fp8-tensor", "fp8-block", "fp8-static", "ct-tensor", "ct-channel", "ct-static")
 E4M3_MAX = 448.0
 BLOCK = (32, 32)  # small blocks so the tiny models' weights span several, the last ones partial
-_LINEAR = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+# every projection, DeepSeek's MLA ones (q_a_proj, kv_a_proj_with_mqa, kv_b_proj, ...) included; not the router
+_LINEAR = re.compile(r"\.(\w+_proj(?:_with_mqa)?)\.weight$")
 _IGNORED_PREFIX = "model.layers.0.mlp."
 
 

@@ -63,6 +63,14 @@ def test_fp8_checkpoint_logits_equal_dequantized_transformers(kind, fmt, fp8_dir
     assert rel_l2(reference_logits(tiny_model_dir(kind)), expected) > 1e-2
 
 
+def test_deepseek_v3_in_its_own_fp8_block_format_on_cpu(fp8_dirs):
+    """DeepSeek-V3 ships as fp8 with block weight_scale_inv on every projection, MLA's and the experts'."""
+    dst, ref = fp8_dirs("deepseek-v3", "fp8-block")
+    assert load_model(dst).weights.is_fp8("model.layers.1.self_attn.kv_a_proj_with_mqa.weight")
+    ours = full_pass_logits(make_runner(load_model(dst), num_blocks=8), IDS)
+    assert rel_l2(ours, reference_logits(ref)) < 1e-4
+
+
 def test_ignored_layers_stay_unquantized_and_scales_are_not_weights(fp8_dirs):
     dst, _ = fp8_dirs("llama", "fp8-tensor")
     loaded = load_model(dst)
@@ -167,3 +175,8 @@ def test_missing_scale_is_a_load_error_naming_the_weight(fp8_dirs, tmp_path):
     save_file(tensors, str(dst / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight.*has no weight_scale"):
         make_runner(load_model(dst))
+
+
+def test_online_fp8_is_refused_for_mla_models_naming_them(tiny_model_dir):
+    with pytest.raises(UnsupportedQuantizationError, match="not supported for MLA"):
+        ModelRunner(load_model(tiny_model_dir("deepseek-v3")), EngineConfig(device="cpu", quantization="fp8"))
