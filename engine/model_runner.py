@@ -167,6 +167,8 @@ class ModelRunner:
         if self.kv_dtype == FP8_DTYPE:
             k_scales, v_scales = self._kv_scales(loaded)
             self.attn.set_kv_cache_fp8(k_scales, v_scales)
+        elif loaded.kv_cache_fp8 and tp_rank == 0:
+            logger.info("the checkpoint carries FP8 KV-cache scales: --kv-cache-dtype fp8 would use them")
         # CUDA graphs for decode: padded rows write into one extra block the scheduler never hands out.
         # Under tensor parallelism the graphs hold the NCCL all-reduces (engine/parallel.py; tp_worker.py can turn
         # them off before the KV cache is allocated).

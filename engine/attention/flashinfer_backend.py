@@ -17,6 +17,7 @@ over the same page table; each layer runs the wrapper of its window.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from kubellm.engine.loader.quantization import FP8_DTYPE, to_fp8
 from kubellm.engine.transfer import to_device_async, wait_event
 
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
+
+logger = logging.getLogger(__name__)
 
 # flashinfer's float workspace (split-k partial results): tensor-core decode of a 512-row CUDA graph needs
 # ~170 MB, more than the 128 MB flashinfer suggests.
@@ -129,6 +132,18 @@ class FlashInferAttention(AttentionBackend):
         self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._v_rows = self._k_rows
         self._fence = PlanFence()
+
+    def set_kv_cache_fp8(self, k_scales: Sequence[float], v_scales: Sequence[float]) -> None:
+        """FP8 pages are read with bf16 queries, which flashinfer's FA2 prefill kernels take; the FA3 family is
+        left for bf16 caches (its mixed-dtype support is not what this engine was tested with)."""
+        super().set_kv_cache_fp8(k_scales, v_scales)
+        if self.prefill_backend != "fa2":
+            logger.info("fp8 KV cache: prefill attention on flashinfer's fa2 kernels (not %s)", self.prefill_backend)
+            self.prefill_backend = "fa2"
+            self._prefill = {
+                w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+                for w in self.windows
+            }
 
     @classmethod
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:

@@ -159,6 +159,8 @@ class SparseMoE(nn.Module):
         self.w13_scale: torch.Tensor | None = None
         self.w2_scale: torch.Tensor | None = None
         self.fp8_block_size: tuple[int, int] | None = None
+        self.a13_scale: torch.Tensor | None = None  # static activation scales (None: dynamic, per token)
+        self.a2_scale: torch.Tensor | None = None
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every tensor-parallel rank holds whole (for CausalLM.param_counts)."""
@@ -175,7 +177,7 @@ class SparseMoE(nn.Module):
         if self.w13_scale is not None:
             out = experts(
                 x, self.w13, self.w2, weights, ids, w1_scale=self.w13_scale, w2_scale=self.w2_scale,
-                block_size=self.fp8_block_size,
+                a1_scale=self.a13_scale, a2_scale=self.a2_scale, block_size=self.fp8_block_size,
             )  # fmt: skip
         else:
             out = experts(x, self.w13, self.w2, weights, ids)
@@ -282,6 +284,8 @@ def _hold_fp8_experts(moe: SparseMoE, w13: Fp8Tensor, w2: Fp8Tensor, label: str)
     moe.w2 = nn.Parameter(w2.weight.to(device), requires_grad=False)
     moe.w13_scale, moe.w2_scale = w13.scale.to(device), w2.scale.to(device)
     moe.fp8_block_size = w13.block_size
+    moe.a13_scale = None if w13.input_scale is None else w13.input_scale.to(device)
+    moe.a2_scale = None if w2.input_scale is None else w2.input_scale.to(device)
 
 
 def _quantize_online(reader: CheckpointReader, moe: SparseMoE, prefix: str) -> None:
