@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from kubellm.engine.loader.quantization import (
     resolve_scheme,
 )
 from kubellm.engine.models import build_model, fused, gemv, moe
+from kubellm.engine.models.causal_lm import deferred_weights, is_deferred
 from kubellm.engine.step_runner import Sample, StepResult
 from kubellm.engine.transfer import to_device_async
 
@@ -114,13 +116,15 @@ class ModelRunner:
         sampling_kernels.configure(config.fused_sampler)
         moe.configure(config.moe_kernel)
         self.block_size = config.block_size
-        self.model = build_model(loaded.config, self.dtype, self.device, tp_rank, tp_size)
+        c = loaded.config
+        self.quantization = resolve_scheme(loaded.quantization, config.quantization, loaded.name)
+        # FP8 on CUDA: linear and expert weights get GPU memory only as they load, in the dtype they load in
+        with deferred_weights() if self.quantization is not None and self.device.type == "cuda" else nullcontext():
+            self.model = build_model(loaded.config, self.dtype, self.device, tp_rank, tp_size)
         if tp_size > 1:  # shard-sized weight GEMMs of decode rows: the Triton kernel beats cuBLAS there
             for module in self.model.modules():
                 if hasattr(module, "matmul"):
                     module.matmul = gemv.linear
-        c = loaded.config
-        self.quantization = resolve_scheme(loaded.quantization, config.quantization, loaded.name)
         weights: Mapping[str, torch.Tensor] = loaded.weights  # or an FP8 view of them
         if self.quantization is ONLINE_FP8:
             if c.kv_lora_rank:
@@ -128,6 +132,9 @@ class ModelRunner:
             weights = Fp8Weights(weights, ONLINE_FP8, self.dtype)
         self.model.load_weights(weights)
         self.model.eval()
+        unloaded = [name for name, p in self.model.named_parameters() if is_deferred(p)]
+        if unloaded:
+            raise RuntimeError(f"weights left without storage after loading: {', '.join(unloaded[:4])}")
         self.weight_bytes = self._weight_bytes()
         if tp_rank == 0:
             logger.info(

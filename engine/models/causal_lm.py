@@ -7,7 +7,8 @@ refuses missing, misshapen or unused weights by name.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,41 @@ logger = logging.getLogger(__name__)
 def new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     # torch.empty reserves without touching pages; load_weights swaps in the real storage.
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+_deferred = {"on": False}
+
+
+@contextmanager
+def deferred_weights() -> Iterator[None]:
+    """Models built inside give their big weights (linear layers, experts: `new_weight`) no storage until they are
+    loaded. On CUDA torch.empty does take device memory, so an FP8 checkpoint would otherwise need its bf16 size
+    free at start, only for the FP8 weights to replace it."""
+    _deferred["on"] = True
+    try:
+        yield
+    finally:
+        _deferred["on"] = False
+
+
+def new_weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """`new_param`, or inside `deferred_weights` one element broadcast to `shape` (its right shape, dtype and device;
+    loading replaces it, and in-place fills call `materialize` first)."""
+    if not _deferred["on"]:
+        return new_param(shape, dtype, device)
+    return nn.Parameter(torch.empty(1, dtype=dtype, device=device).expand(shape), requires_grad=False)
+
+
+def is_deferred(t: torch.Tensor) -> bool:
+    """A `new_weight` placeholder not loaded yet."""
+    return t.numel() > 1 and all(stride == 0 for stride in t.stride())
+
+
+def materialize(param: nn.Parameter) -> torch.Tensor:
+    """The parameter's storage, allocated now if it was deferred (for loaders that fill it in place)."""
+    if is_deferred(param):
+        param.data = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+    return param.data
 
 
 class CheckpointReader:

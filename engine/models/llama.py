@@ -23,7 +23,7 @@ from kubellm.engine.loader.fp8_weights import Fp8Tensor
 from kubellm.engine.model_config import ROPE_FREQ_FACTORS, ModelConfig
 
 from . import fused
-from .causal_lm import CausalLM, CheckpointReader, new_param
+from .causal_lm import CausalLM, CheckpointReader, new_param, new_weight
 from .fp8_linear import Fp8Params, fp8_forward, fp8_silu_mul_forward, gemm_module
 from .moe import SparseMoE, load_moe_weights
 
@@ -64,7 +64,7 @@ class Linear(nn.Module):
 
     def __init__(self, in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.weight = new_param((out_f, in_f), dtype, device)
+        self.weight = new_weight((out_f, in_f), dtype, device)
         self.bias = new_param((out_f,), dtype, device) if bias else None
         self.fp8: Fp8Params | None = None  # set by load_fp8: the weight is float8_e4m3fn, scaled by these
 

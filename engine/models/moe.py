@@ -30,7 +30,7 @@ from kubellm.engine.loader.fp8_weights import Fp8Tensor
 from kubellm.engine.model_config import ModelConfig
 
 from . import fp8_linear
-from .causal_lm import CheckpointReader, check_shape, expect_shape, new_param
+from .causal_lm import CheckpointReader, check_shape, expect_shape, materialize, new_param, new_weight
 from .fp8_gemm import dequantize_weight_fp8, quantize_weight_fp8
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ class SparseMoE(nn.Module):
         self.intermediate = config.moe_intermediate_size // tp_size
         self.tp_size = tp_size
         self.gate = new_param((e, h), dtype, device)  # the router: replicated on every rank
-        self.w13 = new_param((e, 2 * self.intermediate, h), dtype, device)
-        self.w2 = new_param((e, h, self.intermediate), dtype, device)
+        self.w13 = new_weight((e, 2 * self.intermediate, h), dtype, device)
+        self.w2 = new_weight((e, h, self.intermediate), dtype, device)
         self.shared_expert = shared_expert
         self.shared_expert_gate = new_param((1, h), dtype, device) if config.shared_expert_gated else None
         # FP8 experts (CUDA): w13/w2 are float8_e4m3fn, scaled per row [E, N] or per block [E, N/bn, K/bk]
@@ -222,7 +222,7 @@ def load_moe_weights(reader: CheckpointReader, moe: SparseMoE, layer_prefix: str
 
 def _load_per_expert(reader: CheckpointReader, moe: SparseMoE, prefix: str, names: tuple[str, str, str]) -> None:
     inter, (e, _, h) = moe.intermediate, moe.w13.shape
-    w13, w2 = moe.w13.data, moe.w2.data
+    w13, w2 = materialize(moe.w13), materialize(moe.w2)
     for expert in range(e):
         base = f"{prefix}.experts.{expert}"
         gate, up, down = (f"{base}.{n}.weight" for n in names)
@@ -246,7 +246,7 @@ def _load_stacked(reader: CheckpointReader, moe: SparseMoE, prefix: str) -> None
     half = inter * reader.size
     expect_shape(parallel.shape_of(reader.weights, gate_up), (e, 2 * half, h), gate_up)
     # this rank's rows of the gate half and of the up half, each read alone
-    w13 = moe.w13.data
+    w13 = materialize(moe.w13)
     w13[:, :inter].copy_(reader.take_range(gate_up, 1, lo, lo + inter))
     w13[:, inter:].copy_(reader.take_range(gate_up, 1, half + lo, half + lo + inter))
     reader.put(moe.w2, reader.take_range(down, 2, lo, lo + inter), down)

@@ -180,3 +180,25 @@ def test_missing_scale_is_a_load_error_naming_the_weight(fp8_dirs, tmp_path):
 def test_online_fp8_is_refused_for_mla_models_naming_them(tiny_model_dir):
     with pytest.raises(UnsupportedQuantizationError, match="not supported for MLA"):
         ModelRunner(load_model(tiny_model_dir("deepseek-v3")), EngineConfig(device="cpu", quantization="fp8"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deferred_weights_take_storage_only_when_loaded(kind, fp8_dirs):
+    """What the runner does on CUDA for FP8 models (so no bf16 copy of the weights is ever allocated there), run
+    here on CPU: linear and expert weights are one-element placeholders until loading gives them storage, in place
+    (experts) or replaced; the loaded model computes what an ordinary one does."""
+    from kubellm.engine.models import build_model
+    from kubellm.engine.models.causal_lm import deferred_weights, is_deferred
+
+    loaded = load_model(fp8_dirs(kind, "ct-channel")[0])
+    with deferred_weights():
+        model = build_model(loaded.config, torch.float32, "cpu")
+    placeholders = [p for p in model.parameters() if is_deferred(p)]
+    assert len(placeholders) >= 2 * loaded.config.num_hidden_layers
+    assert all(p.untyped_storage().nbytes() == 4 for p in placeholders)
+    model.load_weights(loaded.weights)
+    assert not any(is_deferred(p) for p in model.parameters())
+    runner = make_runner(loaded, num_blocks=8)
+    expected = full_pass_logits(runner, IDS)
+    runner.model = model.eval()
+    assert torch.equal(full_pass_logits(runner, IDS), expected)
