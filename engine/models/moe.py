@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubellm.engine import parallel, symm_all_reduce
-from kubellm.engine.loader.fp8_weights import Fp8Tensor
+from kubellm.engine.loader.fp8_weights import Fp8Tensor, Fp8Weights
 from kubellm.engine.model_config import ModelConfig
 
 from . import fp8_linear
@@ -263,16 +263,24 @@ def _load_fp8_experts(reader: CheckpointReader, moe: SparseMoE, prefix: str, nam
         logger.warning("%s: the fused MoE kernel takes no FP8 experts here; experts dequantized to %s",
                        prefix, moe.w13.dtype)  # fmt: skip
         return False
-    fp8 = reader.weights.fp8  # type: ignore[attr-defined]
-    w13 = [fp8_linear.fuse([fp8(gate), fp8(up)]) for gate, up, _ in per_expert]
-    if any(t is None for t in w13):
+    stacks = fp8_expert_stacks(reader.weights, per_expert)  # type: ignore[arg-type]
+    if stacks is None:
         logger.warning("%s: FP8 block scales do not split at gate/up; experts dequantized", prefix)
         return False
-    _hold_fp8_experts(moe, fp8_linear.stack_experts(w13), fp8_linear.stack_experts([fp8(d) for *_, d in per_expert]),
-                      f"{prefix}.experts")  # type: ignore[arg-type]  # fmt: skip
+    _hold_fp8_experts(moe, *stacks, f"{prefix}.experts")
     reader.used.update(n for group in per_expert for n in group)
     reader.fp8_layers += 1
     return True
+
+
+def fp8_expert_stacks(weights: Fp8Weights, per_expert: list[list[str]]) -> tuple[Fp8Tensor, Fp8Tensor] | None:
+    """Every expert's (gate, up, down) FP8 weights as fused_moe takes them: w13 [E, 2I, H] (gate rows, then up)
+    and w2 [E, H, I], their scales per row ([E, 2I], [E, H]: per-tensor scales spread over their rows) or per
+    block ([E, 2I/bn, H/bk], [E, H/bn, I/bk]); None when gate's rows are not whole blocks."""
+    w13 = [fp8_linear.fuse([weights.fp8(gate), weights.fp8(up)]) for gate, up, _ in per_expert]
+    if any(t is None for t in w13):
+        return None
+    return fp8_linear.stack_experts(w13), fp8_linear.stack_experts([weights.fp8(down) for *_, down in per_expert])  # type: ignore[arg-type]
 
 
 def _hold_fp8_experts(moe: SparseMoE, w13: Fp8Tensor, w2: Fp8Tensor, label: str) -> None:

@@ -21,6 +21,7 @@ from kubellm.engine.model_config import UnsupportedModelError
 from kubellm.engine.model_runner import ModelRunner
 
 KINDS = ("llama", "qwen3-moe")
+FP8 = torch.float8_e4m3fn
 IDS = [(7 * i + 11) % 300 + 4 for i in range(40)]  # 40 distinct ids
 
 
@@ -202,3 +203,29 @@ def test_deferred_weights_take_storage_only_when_loaded(kind, fp8_dirs):
     expected = full_pass_logits(runner, IDS)
     runner.model = model.eval()
     assert torch.equal(full_pass_logits(runner, IDS), expected)
+
+
+@pytest.mark.parametrize("fmt", ["fp8-tensor", "fp8-block", "ct-channel", "ct-static"])
+def test_fp8_expert_stacks_hold_the_checkpoint_numbers_in_fused_moe_layout(fmt, fp8_dirs):
+    """What the CUDA path hands the fused MoE kernel: stacked FP8 experts whose scales pass its Fp8Experts check
+    and dequantize, row by row, to the checkpoint's dequantized experts."""
+    from kubellm.engine.loader.quantization import dequantize
+    from kubellm.engine.models.fused_moe import Fp8Experts
+    from kubellm.engine.models.moe import fp8_expert_stacks
+
+    loaded = load_model(fp8_dirs("qwen3-moe", fmt)[0])
+    c, prefix = loaded.config, "model.layers.2.mlp.experts"  # layer 2: sparse and quantized
+    names = [[f"{prefix}.{i}.{p}_proj.weight" for p in ("gate", "up", "down")] for i in range(c.num_experts)]
+    stacks = fp8_expert_stacks(loaded.weights, names)
+    assert stacks is not None
+    w13, w2 = stacks
+    e, inter, h = c.num_experts, c.moe_intermediate_size, c.hidden_size
+    assert w13.weight.shape == (e, 2 * inter, h) and w2.weight.shape == (e, h, inter) and w13.weight.dtype == FP8
+    Fp8Experts(w13.scale, w2.scale, w13.block_size, w13.input_scale, w2.input_scale).check(e, h, inter)
+    assert (w13.input_scale is not None) == (fmt == "ct-static")
+    for i in (0, e - 1):
+        gate, up, down = (loaded.weights[n] for n in names[i])
+        scale13 = w13.scale[i] if w13.block_size else w13.scale[i].reshape(-1, 1)
+        assert torch.equal(dequantize(w13.weight[i], scale13, w13.block_size), torch.cat([gate, up]))
+        scale2 = w2.scale[i] if w2.block_size else w2.scale[i].reshape(-1, 1)
+        assert torch.equal(dequantize(w2.weight[i], scale2, w2.block_size), down)
