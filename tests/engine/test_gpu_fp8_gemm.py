@@ -332,7 +332,11 @@ def test_the_fused_input_route_gives_fp8_linears_result(fmt: str) -> None:
         assert rel(fused_route, unfused) < 1e-3, f"{fmt} M={m}: norm route {rel(fused_route, unfused):.1e}"
     assert fp8_gemm.fused_input_spec(fp8_gemm.GEMV_MAX_ROWS, down_q, down_s, block_size=block) is None
     tensor_q, tensor_s, _, _ = make_weight(h, inter, "tensor", seed=23)
-    assert fp8_gemm.fused_input_spec(64, tensor_q, tensor_s) is None  # dynamic per-tensor: not row-local
+    dynamic = fp8_gemm.fused_input_spec(64, tensor_q, tensor_s)
+    if fp8_gemm.act_quant_for("tensor", None, None).mode == "tensor":
+        assert dynamic is None  # dynamic per-tensor scales: not row-local
+    else:
+        assert dynamic is not None and dynamic.mode == "token"  # PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT
     static = fp8_gemm.fused_input_spec(64, tensor_q, tensor_s, input_scale=torch.tensor(0.01, device="cuda"))
     assert static is not None and static.mode == "tensor"
 
