@@ -96,11 +96,13 @@ def gemm_variants():
         yield fp8_gemm._w8a8_kernel, ptrs, consts, cfg.num_warps, cfg.num_stages, f"A{a_mode} B{b_mode} {cfg} {even=}"
     for kind, b_mode in (("tensor", 0), ("channel", 1), ("block", 2)):
         c = fp8_gemm.W8A16_CONFIG[kind]
-        for x in ("*bf16", "*fp16"):
+        for x, block_m in (("*bf16", 16), ("*fp16", 16), ("*bf16", 32), ("*bf16", 64)):
             ptrs = {"x_ptr": x, "w_ptr": "*fp8e4nv", "out_ptr": x, "s_ptr": "*fp32"}
-            consts = {"B_MODE": b_mode, "BN": 128, "BK": 128, "BLOCK_M": 16, "BLOCK_N": c["BLOCK_N"],
-                      "BLOCK_K": c["BLOCK_K"]}  # fmt: skip
-            yield fp8_gemm._w8a16_kernel, ptrs, consts, c["num_warps"], c["num_stages"], f"{kind} x={x}"
+            block_k = min(c["BLOCK_K"], 8192 // block_m, 128 if b_mode == 2 else 1 << 20)  # as w8a16 narrows it
+            consts = {"B_MODE": b_mode, "BN": 128, "BK": 128, "BLOCK_M": block_m, "BLOCK_N": c["BLOCK_N"],
+                      "BLOCK_K": block_k}  # fmt: skip
+            label = f"{kind} x={x} rows<={block_m}"
+            yield fp8_gemm._w8a16_kernel, ptrs, consts, c["num_warps"], c["num_stages"], label
 
 
 def moe_variants():

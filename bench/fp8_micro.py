@@ -11,7 +11,7 @@ the figure is per product. Variants (all through the public functions the model 
   block           fp8_linear, 128x128 blocks, per-token-group input (Triton W8A8, or W8A16 at M <= GEMV_MAX_ROWS)
   block-gemm      the block GEMM alone on a pre-quantized input (what a fused norm/activation+quant leaves)
   block-w8a8      the Triton W8A8 block path at every M (to place GEMV_MAX_ROWS)
-  block-w8a16     the W8A16 kernel at M <= 64 (likewise)
+  block-w8a16     the W8A16 kernel at M <= 64 (likewise), tensor-w8a16 the same for per-tensor weights
   tensor-triton   our Triton W8A8 kernel with per-tensor scales instead of _scaled_mm (M > 16)
   flashinfer      flashinfer.gemm.fp8_blockscale_gemm_sm90 (DeepGEMM, bf16 input quantized inside), only with
                   --flashinfer-timeout-s > 0, in a child process bounded by that time (its JIT build time is unknown)
@@ -104,9 +104,12 @@ def variants(x: torch.Tensor, layers: dict[str, list], m: int) -> dict[str, Call
             for q, s in layers["block"]
         ],
     }
-    if m <= 64:
+    if m <= fp8_gemm.W8A16_MAX_ROWS:  # where W8A16 could also serve (fp8_linear uses it up to GEMV_MAX_ROWS)
         out["block-w8a16"] = lambda: [
             fp8_gemm.w8a16(x, q, s, "block", blk, torch.bfloat16) for q, s in layers["block"]
+        ]  # fmt: skip
+        out["tensor-w8a16"] = lambda: [
+            fp8_gemm.w8a16(x, q, s, "tensor", None, torch.bfloat16) for q, s in layers["tensor"]
         ]  # fmt: skip
     if m > fp8_gemm.GEMV_MAX_ROWS:
         out["tensor-triton"] = lambda: [
@@ -299,8 +302,8 @@ def write_results(out_dir: Path, result: dict) -> None:
     stem = out_dir / f"fp8-micro-{dt.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     c = result["ceilings"]
-    names = ["bf16", "tensor", "tensor-token", "channel", "block", "block-gemm", "block-w8a8", "block-w8a16",
-             "tensor-triton", "flashinfer"]  # fmt: skip
+    names = ["bf16", "tensor", "tensor-token", "tensor-w8a16", "channel", "block", "block-gemm", "block-w8a8",
+             "block-w8a16", "tensor-triton", "flashinfer"]  # fmt: skip
     fi = {(r["shape"], r["M"]): r["ms"] for r in result["flashinfer"]} if isinstance(result["flashinfer"], list) else {}
     lines = [
         f"# FP8 GEMM micro-benchmark, {result['device']}",

@@ -42,7 +42,8 @@ except ImportError:  # CPU installs: the reference path
 
 ScaleKind = Literal["tensor", "channel", "block"]
 
-GEMV_MAX_ROWS = 16  # up to this many rows the W8A16 weight-streaming kernel (bench/fp8_micro.py measures it)
+GEMV_MAX_ROWS = 16  # up to this many rows fp8_linear takes the W8A16 kernel (bench/fp8_micro.py measures it)
+W8A16_MAX_ROWS = 64  # the most rows one W8A16 program holds (the x tile: rows x BLOCK_K in shared memory)
 # Block-scaled GEMMs of at least this many rows go to flashinfer's fp8_blockscale_gemm_sm90 when importable on sm90;
 # None: never (our Triton kernel). Set from bench/fp8_micro.py's measurement on the GPU.
 FLASHINFER_BLOCK_MIN_ROWS: int | None = None
@@ -350,10 +351,15 @@ def w8a16(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, kind: ScaleKind,
     block_size: tuple[int, int] | None, out_dtype: torch.dtype, config: dict | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Few rows (decode): FP8 weights dequantized in registers times the bf16 rows; no activation quantization."""
+    """Few rows (decode, at most W8A16_MAX_ROWS): FP8 weights dequantized in registers times the bf16 rows; no
+    activation quantization. Every program holds all rows, so the weights stream once."""
     _require_triton()
     cfg = dict(config or W8A16_CONFIG[kind])
     m, k = x.shape
+    if m > W8A16_MAX_ROWS:
+        raise ValueError(f"w8a16: at most {W8A16_MAX_ROWS} rows, got {m} (more rows take the W8A8 path)")
+    block_m = max(16, triton.next_power_of_2(m))
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 8192 // block_m)  # the x tile stays <= 16 KB a stage
     n = weight.shape[0]
     ws = weight_scale.to(torch.float32)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -369,7 +375,7 @@ def w8a16(
     _w8a16_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, ws, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         ws.stride(0) if b_mode else 0, ws.stride(1) if b_mode == 2 else 0,
-        B_MODE=b_mode, BN=bn, BK=bk, BLOCK_M=16, BLOCK_N=block_n, **cfg,
+        B_MODE=b_mode, BN=bn, BK=bk, BLOCK_M=block_m, BLOCK_N=block_n, **cfg,
     )  # fmt: skip
     return out
 

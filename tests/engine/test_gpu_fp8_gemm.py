@@ -385,3 +385,20 @@ def test_llama_mlp_with_fp8_weights_runs_the_fused_down_projection(fmt: str) -> 
         assert torch.equal(got, unfused), f"{fmt} M={m}: the fused down projection differs from the unfused one"
         expected = ref(x)
         assert rel(got, expected) < 2 * FP8_TOL, f"{fmt} M={m}: vs the bf16 MLP {rel(got, expected):.3f}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_w8a16_holds_up_to_64_rows_and_refuses_more(fmt: str) -> None:
+    """The weight-streaming kernel at every row count one program can hold (fp8_linear uses it up to
+    GEMV_MAX_ROWS; the micro-benchmark times it beyond, to place that threshold)."""
+    fp8_gemm, _, _ = modules()
+    k, n = 4096, 6144
+    q, s, block, deq = make_weight(n, k, fmt, seed=51)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    for m in (16, 17, 40, fp8_gemm.W8A16_MAX_ROWS):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+        got = fp8_gemm.w8a16(x, q, s, fmt, block, torch.bfloat16)
+        exact = x.float() @ deq.t()
+        assert rel(got, exact) < EXACT_TOL and worst_row(got, exact) < ROW_TOL, f"{fmt} M={m}: {rel(got, exact):.2e}"
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        fp8_gemm.w8a16(torch.zeros(65, k, device="cuda", dtype=torch.bfloat16), q, s, fmt, block, torch.bfloat16)
