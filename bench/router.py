@@ -50,9 +50,14 @@ class Proc:
     url: str
     popen: subprocess.Popen
     children: list[Proc] = field(default_factory=list)
+    peers: list[Proc] = field(default_factory=list)  # more replicas of the same router (active-active)
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url, *(p.url for p in self.peers)]
 
     def stop(self) -> None:
-        for c in self.children:
+        for c in [*self.children, *self.peers]:
             c.stop()
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -97,7 +102,17 @@ def our_router(
            "--model", model, "--log-level", "warning"]  # fmt: skip
     for b in backends:
         cmd += ["--backend", b]
-    return spawn(f"router-{policy}", pinned(cmd + (extra or []), core), f"http://127.0.0.1:{port}")
+    extra = list(extra or [])
+    if python == PY and "--workers" not in extra:
+        extra += ["--workers", "1"]  # one process per router unless a contender says otherwise (comparable rows)
+    return spawn(f"router-{policy}", pinned(cmd + extra, core), f"http://127.0.0.1:{port}")
+
+
+def router_pair(backends: list[str], model: str) -> Proc:
+    """Two replicas of our router (one worker each) in front of the same engines, as two pods behind a Service."""
+    first = our_router(backends, "prefix", ["--workers", "1", "--debug-headers"], model)
+    first.peers.append(our_router(backends, "prefix", ["--workers", "1", "--debug-headers"], model))
+    return first
 
 
 def sglang_router(
@@ -425,9 +440,22 @@ async def stream_chat(s: aiohttp.ClientSession, url: str, model: str, messages: 
     return ttft, n, "".join(text)
 
 
-async def run_workload(url: str, engines: list[str], model: str, kind: str, rate: float, seed: int,
+async def route_only(s: aiohttp.ClientSession, url: str, model: str, messages: list[dict[str, str]]) -> str:
+    """The replica a router (with --debug-headers) would pick for this request now, without sending it."""
+    body = {"model": model, "messages": messages, "max_tokens": 1, "stream": True}
+    async with s.post(url + "/v1/chat/completions", json=body, headers={"X-Kubellm-Route-Only": "1"}) as r:
+        await r.read()
+        return r.headers.get("X-Kubellm-Backend", "")
+
+
+async def run_workload(urls: str | list[str], engines: list[str], model: str, kind: str, rate: float, seed: int,
                        tenants: int, users: int, turns: int, system_words: int, max_tokens: int,
                        uniform_requests: int, uniform_words: int, nonce: str = "") -> dict[str, Any]:  # fmt: skip
+    """Several router URLs: requests go to them in turn (round robin, as a Service spreads connections), and
+    before each one both routers are asked where they would send it (their agreement)."""
+    urls = [urls] if isinstance(urls, str) else urls
+    agree = [0, 0]
+    sent = [0]
     rng = random.Random(seed)
     q0, h0, ts0, tn0 = await engine_counters(engines)
     ttfts: list[float] = []
@@ -441,7 +469,13 @@ async def run_workload(url: str, engines: list[str], model: str, kind: str, rate
 
         async def send(messages: list[dict[str, str]], conv: Conversation | None) -> None:
             nonlocal tokens, errors
+            url = urls[sent[0] % len(urls)]
+            sent[0] += 1
             try:
+                if len(urls) > 1:
+                    picks = await asyncio.gather(*(route_only(s, u, model, messages) for u in urls))
+                    agree[0] += len(set(picks)) == 1
+                    agree[1] += 1
                 ttft, n, text = await stream_chat(s, url, model, messages, max_tokens)
                 ttfts.append(ttft)
                 tokens += n
@@ -479,9 +513,13 @@ async def run_workload(url: str, engines: list[str], model: str, kind: str, rate
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t_start
     q1, h1, ts1, tn1 = await engine_counters(engines)
-    decisions = await router_decisions(url)
+    decisions: dict[str, float] = {}
+    for u in urls:
+        for k, v in (await router_decisions(u)).items():
+            decisions[k] = decisions.get(k, 0.0) + v
     return {
         **({"decisions": decisions} if decisions else {}),
+        **({"agreement": agree[0] / agree[1], "agreement_n": agree[1]} if agree[1] else {}),
         "requests": total,
         "errors": errors,
         "hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else float("nan"),
@@ -538,6 +576,8 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if not args.no_sglang:
         contenders.append(("sglang-router cache_aware", lambda b: sglang_router(b, strip=True)))
+    if args.active_active:
+        contenders.append(("prefix precise, 2 router replicas (round robin)", lambda b: router_pair(b, args.model)))
     for extra in args.router_arg or []:  # extra variants of our prefix policy, e.g. "--load-floor 4"
         contenders.append(
             (f"prefix precise {extra}", lambda b, x=extra: our_router(b, "prefix", x.split(), args.model))
@@ -579,7 +619,7 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     try:
                         row = asyncio.run(run_workload(
-                            router.url, [e.url for e in fleet], args.model, kind, args.rate, args.seed, args.tenants,
+                            router.urls, [e.url for e in fleet], args.model, kind, args.rate, args.seed, args.tenants,
                             args.users, args.turns, args.system_words, args.max_tokens, args.uniform_requests,
                             args.uniform_words, nonce=f"{kind}{k}"))  # fmt: skip
                     finally:
@@ -596,6 +636,86 @@ def bench_routing(args: argparse.Namespace) -> dict[str, Any]:
         for e in engines:
             e.stop()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# restart: kill the router under load, start it again, time its first routed request and check its index is warm
+# ---------------------------------------------------------------------------------------------------------------
+def bench_restart(args: argparse.Namespace) -> dict[str, Any]:
+    engines = start_sim_engines(2, args.engine_arg or [])
+    urls = [e.url for e in engines]
+    system = words(random.Random(7), 600)  # ~800 tokens: 50 blocks
+    msgs = [{"role": "system", "content": system}]
+    port = free_port()
+    backends = [x for u in urls for x in ("--backend", u)]
+    cmd = [PY, "-m", "kubellm.cli", "router", "--host", "127.0.0.1", "--port", str(port), "--model", args.model,
+           "--workers", "1", "--debug-headers", "--log-level", "warning", *backends]  # fmt: skip
+
+    async def post(s: aiohttp.ClientSession, base: str, user: str) -> tuple[int, str, str]:
+        body = {"model": args.model, "messages": [*msgs, {"role": "user", "content": user}], "max_tokens": 1}
+        async with s.post(base + "/v1/chat/completions", json=body) as r:
+            await r.read()
+            return r.status, r.headers.get("X-Kubellm-Backend", ""), r.headers.get("X-Kubellm-Route", "")
+
+    async def load(stop: asyncio.Event, out: list[tuple[float, Any]]) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            i = 0
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    out.append((t, (await post(s, f"http://127.0.0.1:{port}", f"load {i}"))[0]))
+                except aiohttp.ClientError as e:
+                    out.append((t, type(e).__name__))
+                i += 1
+                await asyncio.sleep(0.01)
+
+    async def cycle(old: Proc) -> tuple[Proc, dict[str, Any]]:
+        stop, outcomes = asyncio.Event(), []
+        loaders = [asyncio.create_task(load(stop, outcomes)) for _ in range(4)]
+        await asyncio.sleep(1.0)
+        old.popen.kill()  # SIGKILL under load
+        old.popen.wait()
+        t0 = time.perf_counter()
+        new = await asyncio.to_thread(spawn, "router-restart", cmd, f"http://127.0.0.1:{port}", "/health", 60.0)
+        ready = time.perf_counter()
+        async with aiohttp.ClientSession() as s:
+            status, backend, reason = await post(s, new.url, "first after restart")
+        first = time.perf_counter()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*loaders)
+        after = [o for t, o in outcomes if t >= ready]
+        return new, {
+            "ready_s": ready - t0, "first_routed_s": first - t0, "first_status": status, "first_route": reason,
+            "first_to_cache_holder": backend == urls[1], "sent_after_ready": len(after),
+            "failed_after_ready": sum(1 for o in after if o != 200),
+        }  # fmt: skip
+
+    runs: list[dict[str, Any]] = []
+    router: Proc | None = None
+    try:
+
+        async def warm() -> None:  # the prompt's prefix lands on engine 1, sent there directly
+            async with aiohttp.ClientSession() as s:
+                assert (await post(s, urls[1], "hi"))[0] == 200
+
+        asyncio.run(warm())
+        router = spawn("router-restart", cmd, f"http://127.0.0.1:{port}", timeout=60)
+        for _ in range(args.repeats):
+            router, run = asyncio.run(cycle(router))
+            runs.append(run)
+            print(f"restart: ready {run['ready_s']:.2f}s, first routed {run['first_routed_s']:.2f}s "
+                  f"({run['first_route']}), {run['failed_after_ready']}/{run['sent_after_ready']} failed after ready",
+                  flush=True)  # fmt: skip
+    finally:
+        if router is not None:
+            router.stop()
+        for e in engines:
+            e.stop()
+    return {"workload": "2 `kubellm serve --device sim` engines, one holding a ~800-token system prompt (sent to it "
+            "directly); the router (--workers 1) SIGKILLed under 4 closed-loop clients and started again on the "
+            "same port; seconds from spawning the new process (Python start-up included) to /health answering and "
+            "to its first routed request with that prompt returning", "runs": runs}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -656,6 +776,17 @@ def write_results(results: dict[str, Any]) -> Path:
                       f"{r.get('req_s', float('nan')):.2f} | {r['output_tok_s']:.0f} | {r['errors']} | {spills} | "
                       f"{why} |")  # fmt: skip
         md.append("")
+    if "restart" in results:
+        r = results["restart"]
+        md += ["## Restart", "", r["workload"], "",
+               "| run | /health answers, s | first routed request, s | its route | to the cache holder | "
+               "failed after ready |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for i, x in enumerate(r["runs"]):
+            md.append(
+                f"| {i} | {x['ready_s']:.2f} | {x['first_routed_s']:.2f} | {x['first_route']} | "
+                f"{x['first_to_cache_holder']} | {x['failed_after_ready']} of {x['sent_after_ready']} |"
+            )
+        md.append("")
     if "ratios" in results:
         md += ["## Ratios", "", *(f"- {k}: {v:.3f}" for k, v in results["ratios"].items()), ""]
     path.with_suffix(".md").write_text("\n".join(md))
@@ -697,12 +828,13 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["overhead", "routing", "all", "_instant", "_strip"])
+    p.add_argument("what", choices=["overhead", "routing", "restart", "all", "_instant", "_strip"])
     p.add_argument("--upstream", default="")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--rate", type=float, default=None, help="req/s (overhead: 500; routing: 20)")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--no-sglang", action="store_true")
+    p.add_argument("--active-active", action="store_true", help="routing: add 2 router replicas taking turns")
     p.add_argument("--stream-rate", type=float, default=100.0, help="overhead: streamed req/s")
     p.add_argument("--max-duration", type=float, default=5.0, help="overhead: seconds of the closed-loop run")
     p.add_argument("--repeats", type=int, default=3, help="overhead: runs per contender (median and spread)")
@@ -759,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rate is None or args.what == "all":
             args.rate = 20.0
         results["routing"] = bench_routing(args)
+    if args.what == "restart":
+        results["restart"] = bench_restart(args)
     results["ratios"] = ratios(results)
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.3f}")

@@ -371,6 +371,12 @@ class Router:
         tried: list[int] = []
         last: UpstreamFailure | None = None
         first_byte = [False]
+        if cfg.debug_headers and request.headers.get("X-Kubellm-Route-Only") == "1":
+            # which replica this router would pick now, without sending (bench/router.py measures how often two
+            # router replicas agree); counted in no metric, changing nothing but the policy's tie rotation
+            backend, reason = await self._pick(route, hashes, tried, allow_wait=False, observe=False)
+            found = {"X-Kubellm-Backend": backend.url, "X-Kubellm-Route": reason} if backend else {}
+            return web.Response(status=204, headers={"X-Request-Id": request_id, **found})
 
         for attempt in range(cfg.max_retries + 1):
             if attempt:
@@ -446,7 +452,7 @@ class Router:
         return url
 
     async def _pick(
-        self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool
+        self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool, observe: bool = True
     ) -> tuple[Backend | None, str]:
         """Choose a backend; wait in the bounded queue while none can take the request (first attempt only)."""
 
@@ -469,8 +475,9 @@ class Router:
                     )
                 )
             decision = self.policy.choose(route, cands)
-            self.metrics.child(self.metrics.decisions, self.policy.name.value, decision.reason).inc()
-            if hashes:
+            if observe:
+                self.metrics.child(self.metrics.decisions, self.policy.name.value, decision.reason).inc()
+            if hashes and observe:
                 self.metrics.match_ratio.observe(decision.matched_blocks / len(hashes))
             return by_key[decision.key], decision.reason
 

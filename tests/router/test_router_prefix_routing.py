@@ -197,3 +197,29 @@ async def test_threshold_zero_restores_any_match_affinity(pair):
         await until(lambda: len(idx.replica(slot[b.url])) >= 19)
         for i in range(4):
             assert await route(http, r, chat(head, words(100 + 37 * i, 300))) == (b.url, "prefix_hit")
+
+
+async def test_route_only_names_the_pick_without_sending(pair):
+    """With --debug-headers, X-Kubellm-Route-Only: 1 answers 204 with the replica the router would pick (what
+    bench/router.py compares between router replicas); nothing reaches a replica. Without debug headers it is an
+    ordinary request."""
+    a, b = pair
+    system = words(0, 320)
+    async with RouterServer(cfg(pair)) as r, aiohttp.ClientSession() as http:
+        idx = r.router.index
+        slot = {x.url: x.slot for x in r.router.registry.backends.values()}
+        await until(lambda: idx.is_precise(slot[a.url]) and idx.is_precise(slot[b.url]))
+        async with http.post(b.url + "/v1/chat/completions", json=chat(system, "w1")) as resp:
+            assert resp.status == 200
+        await until(lambda: len(idx.replica(slot[b.url])) >= 20)
+        received = len(a.received) + len(b.received)
+        only = {"X-Kubellm-Route-Only": "1"}
+        async with http.post(r.url + "/v1/chat/completions", json=chat(system, "w2"), headers=only) as resp:
+            assert resp.status == 204
+            assert (resp.headers["X-Kubellm-Backend"], resp.headers["X-Kubellm-Route"]) == (b.url, "prefix_hit")
+        assert len(a.received) + len(b.received) == received
+        assert r.router.registry.backends[b.url].in_flight == 0
+    async with RouterServer(cfg(pair, debug_headers=False)) as r, aiohttp.ClientSession() as http:
+        async with http.post(r.url + "/v1/chat/completions", json=chat(system, "w3"), headers=only) as resp:
+            assert resp.status == 200 and "X-Kubellm-Backend" not in resp.headers
+        assert len(a.received) + len(b.received) == received + 1
