@@ -108,7 +108,7 @@ class DeepseekMoE(SparseMoE):
                     sigmoid and c.norm_topk_prob, c.routed_scaling_factor,
                 )  # fmt: skip
             weights, ids = gated if gated is not None else deepseek_topk(logits, c, self.e_score_correction_bias)
-        out = experts(x, self.w13, self.w2, weights, ids)
+        out = self.routed_experts(experts, x, weights, ids)  # FP8 experts (an FP8 checkpoint on CUDA) with scales
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         if self.tp_size > 1:  # routed and shared partial sums of this rank's intermediate slices, reduced once

@@ -171,16 +171,22 @@ class SparseMoE(nn.Module):
         shared = list(self.shared_expert.parameters()) if self.shared_expert is not None else []
         return [self.w13, self.w2, *shared]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk, experts = _impl(x)
-        weights, ids = topk(F.linear(x, self.gate), self.top_k, self.renormalize)
+    def routed_experts(
+        self, experts: Callable, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum for `x` through `experts` (the fused kernel or the reference), FP8
+        experts with their scales. Models with a router of their own (DeepSeek) call it too."""
         if self.w13_scale is not None:
-            out = experts(
+            return experts(
                 x, self.w13, self.w2, weights, ids, w1_scale=self.w13_scale, w2_scale=self.w2_scale,
                 a1_scale=self.a13_scale, a2_scale=self.a2_scale, block_size=self.fp8_block_size,
             )  # fmt: skip
-        else:
-            out = experts(x, self.w13, self.w2, weights, ids)
+        return experts(x, self.w13, self.w2, weights, ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk, experts = _impl(x)
+        weights, ids = topk(F.linear(x, self.gate), self.top_k, self.renormalize)
+        out = self.routed_experts(experts, x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
