@@ -50,7 +50,7 @@ class Fp8Weights(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self:
             raise KeyError(name)
-        if not self.is_fp8(name):
+        if self.scheme.method == "online" or not self.is_fp8(name):  # online: the checkpoint holds no FP8
             tensor = self.raw[name]
             return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         t = self.fp8(name)
@@ -102,4 +102,13 @@ class Fp8Weights(Mapping[str, torch.Tensor]):
         return tuple(shape(name)) if callable(shape) else tuple(self.raw[name].shape)
 
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Unquantized tensors sliced by the underlying mapping where it can (reading only the slice); FP8 ones
+        dequantized whole, then cut (their scales do not split along every dimension)."""
+        if self.scheme.method == "online" or not self.is_fp8(name):
+            read = getattr(self.raw, "read_slice", None)
+            if read is not None:
+                tensor = read(name, dim, start, stop)
+            else:  # its own storage, not a view keeping the whole tensor alive
+                tensor = self.raw[name].narrow(dim, start, stop - start).clone()
+            return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         return self[name].narrow(dim, start, stop - start).clone()

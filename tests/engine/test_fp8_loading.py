@@ -229,3 +229,17 @@ def test_fp8_expert_stacks_hold_the_checkpoint_numbers_in_fused_moe_layout(fmt, 
         assert torch.equal(dequantize(w13.weight[i], scale13, w13.block_size), torch.cat([gate, up]))
         scale2 = w2.scale[i] if w2.block_size else w2.scale[i].reshape(-1, 1)
         assert torch.equal(dequantize(w2.weight[i], scale2, w2.block_size), down)
+
+
+def test_fp8_checkpoint_at_tp2_decodes_as_at_tp1_on_cpu(fp8_dirs):
+    """Each rank reads its shard of the dequantized weights (block scales do not split at every shard edge, so
+    FP8 tensors are dequantized whole, then cut); greedy decoding equals TP 1's."""
+    from tp_parity import assert_tp2_decodes_as_tp1, cpu_tp_config
+
+    from kubellm.engine.llm_engine import LLMEngine
+
+    dst, _ = fp8_dirs("qwen3-moe", "fp8-block")
+    prompts = [[(5 * i + 7 * n) % 300 + 4 for i in range(n)] for n in (5, 19)]
+    parity = assert_tp2_decodes_as_tp1(lambda tp: LLMEngine(cpu_tp_config(str(dst), tp)), prompts, 6, "fp8-block")
+    for counts in parity.rank_counts:
+        assert counts["sharded"] * 2 == parity.full_counts["sharded"]
