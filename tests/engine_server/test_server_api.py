@@ -238,6 +238,7 @@ def test_metrics_names(fake_server, client):
         assert 'model_name="fake-model"' in text
     assert f'{mn.REQUEST_SUCCESS}_total{{finished_reason="length",model_name="fake-model"}}' in text
     assert f"{mn.TIME_TO_FIRST_TOKEN}_count" in text and 'block_size="4"' in text
+    assert 'cache_dtype="auto"' in text  # vLLM's label: fp8 under --kv-cache-dtype fp8
 
 
 def _metric(text: str, name: str) -> float:
