@@ -16,6 +16,7 @@ import itertools
 import sys
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -28,7 +29,10 @@ DIVISIBLE = {"K", "N", "n_cols"}  # int arguments that are multiples of 16 in ev
 
 
 def compile_variant(fn, pointers: dict[str, str], consts: dict, warps: int, stages: int, label: str) -> bool:
-    """Build one variant; ints default to i32, `floats` of the kernels' scalars to fp32."""
+    """Build one variant; ints default to i32, the kernels' float scalars to fp32, and constexpr parameters not
+    given take their defaults (as a launch does)."""
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    consts = defaults | consts
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -109,7 +113,7 @@ def moe_variants():
     for quant in (0, 1, 2):
         x = "*bf16" if quant == 0 else "*fp8e4nv"
         scales = {"as_ptr": "*fp32", "ws_ptr": "*fp32", "sorted_ptr": "*i32", "tile_expert_ptr": "*i32"}
-        up = {"x_ptr": x, "w_ptr": x, "out_ptr": "*bf16"} | scales
+        up = {"x_ptr": x, "w_ptr": x, "out_ptr": "*bf16", "qs_ptr": "*fp32"} | scales
         down = {"a_ptr": x, "w_ptr": x, "out_ptr": "*bf16", "weights_ptr": "*fp32"} | scales
         for bm, bn, bk, direct, even in ((16, 32, 128, True, True), (64, 128, 64, False, True),
                                          (32, 64, 256, False, False)):  # fmt: skip
@@ -118,6 +122,11 @@ def moe_variants():
             label = f"quant={quant} {bm}x{bn}x{consts['BLOCK_K']} {direct=} {even=}"
             yield fused_moe._gate_up_kernel, up, consts, 4, 3, label
             yield fused_moe._down_kernel, down, consts, 4, 3, label
+        if quant == 2:  # gate_up writing the FP8 activation and its group scales itself (gate_up_quantized)
+            consts = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "EVEN_K": True, "DIRECT": False,
+                      "QUANT": 2, "BN": 128, "BK": 128, "QUANT_OUT": True, "ROUND_TO": tl.bfloat16,
+                      "QMAX": QMAX}  # fmt: skip
+            yield fused_moe._gate_up_kernel, up | {"out_ptr": "*fp8e4nv"}, consts, 4, 3, "quant=2 64x128x128 quant_out"
         down_sum = {"a_ptr": "*bf16", "w_ptr": x, "out_ptr": "*bf16", "ids_ptr": "*i32", "weights_ptr": "*fp32",
                     "ws_ptr": "*fp32"}  # fmt: skip
         consts = {"K": 768, "TOP_K": 8, "BLOCK_N": 32, "BLOCK_K": 128, "QUANT": quant, "BN": 128, "BK": 128}

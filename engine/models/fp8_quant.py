@@ -73,12 +73,12 @@ def _check_input(name: str, x: torch.Tensor) -> None:
 if triton is not None:
 
     @triton.jit
-    def _quantize(x, scale, QMAX: tl.constexpr):
+    def quantize_values(x, scale, QMAX: tl.constexpr):
         # IEEE-rounded division, as torch divides (div_rn does not broadcast: the scale is spread to x's shape)
         return tl.minimum(tl.maximum(tl.div_rn(x, tl.zeros_like(x) + scale), -QMAX), QMAX)
 
     @triton.jit
-    def _scale(amax, min_scale, QMAX: tl.constexpr):
+    def dynamic_scale(amax, min_scale, QMAX: tl.constexpr):
         """max(amax / 448, min_scale) with IEEE division, so scales equal torch's bit for bit."""
         return tl.maximum(tl.div_rn(amax, tl.zeros_like(amax) + QMAX), min_scale)
 
@@ -99,12 +99,12 @@ if triton is not None:
             for k0 in range(0, K, BLOCK):
                 x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.abs(x))
-            scale = _scale(tl.max(amax, axis=0), min_scale, QMAX)
+            scale = dynamic_scale(tl.max(amax, axis=0), min_scale, QMAX)
             tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             ok = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=ok, other=0.0).to(tl.float32)
-            q = _quantize(x, scale, QMAX)
+            q = quantize_values(x, scale, QMAX)
             tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -117,7 +117,7 @@ if triton is not None:
         rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = (rm < M)[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=ok, other=0.0)
-        tl.atomic_max(s_ptr, _scale(tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0), 0.0, QMAX))
+        tl.atomic_max(s_ptr, dynamic_scale(tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0), 0.0, QMAX))
 
     @triton.jit
     def _groups_kernel(
@@ -129,9 +129,9 @@ if triton is not None:
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         ok = cols < K
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        scale = _scale(tl.max(tl.abs(x), axis=1), min_scale, QMAX)
+        scale = dynamic_scale(tl.max(tl.abs(x), axis=1), min_scale, QMAX)
         tl.store(s_ptr + row * stride_s + g, scale, mask=g < n_groups)
-        q = _quantize(x, scale[:, None], QMAX)
+        q = quantize_values(x, scale[:, None], QMAX)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -157,17 +157,17 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         y = (w * y).to(x_ptr.dtype.element_ty).to(tl.float32)  # the bf16 value the unfused norm outputs
         if GIVEN_SCALE:
-            q = _quantize(y, tl.load(s_ptr), QMAX)
+            q = quantize_values(y, tl.load(s_ptr), QMAX)
         elif GROUP == 0:
-            scale = _scale(tl.max(tl.abs(y), axis=0), min_scale, QMAX)
+            scale = dynamic_scale(tl.max(tl.abs(y), axis=0), min_scale, QMAX)
             tl.store(s_ptr + row, scale)
-            q = _quantize(y, scale, QMAX)
+            q = quantize_values(y, scale, QMAX)
         else:
             y2 = tl.reshape(y, (BLOCK // GROUP, GROUP))
-            scale = _scale(tl.max(tl.abs(y2), axis=1), min_scale, QMAX)
+            scale = dynamic_scale(tl.max(tl.abs(y2), axis=1), min_scale, QMAX)
             g = tl.arange(0, BLOCK // GROUP)
             tl.store(s_ptr + row * stride_s + g, scale, mask=g * GROUP < n_cols)
-            q = tl.reshape(_quantize(y2, scale[:, None], QMAX), (BLOCK,))
+            q = tl.reshape(quantize_values(y2, scale[:, None], QMAX), (BLOCK,))
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -191,11 +191,11 @@ if triton is not None:
         ok = cols < n_cols
         h = _silu_mul_tile(x_ptr + row * stride_x, cols, ok, n_cols)
         if GIVEN_SCALE:
-            q = _quantize(h, tl.load(s_ptr), QMAX)
+            q = quantize_values(h, tl.load(s_ptr), QMAX)
         else:
-            scale = _scale(tl.max(tl.abs(h), axis=1), min_scale, QMAX)
+            scale = dynamic_scale(tl.max(tl.abs(h), axis=1), min_scale, QMAX)
             tl.store(s_ptr + row * stride_s + g, scale, mask=g < n_groups)
-            q = _quantize(h, scale[:, None], QMAX)
+            q = quantize_values(h, scale[:, None], QMAX)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -210,12 +210,14 @@ if triton is not None:
         for k0 in range(0, n_cols, BLOCK):
             h = _silu_mul_tile(x_row, k0 + cols, k0 + cols < n_cols, n_cols)
             amax = tl.maximum(amax, tl.abs(h))
-        scale = _scale(tl.max(amax, axis=0), min_scale, QMAX)
+        scale = dynamic_scale(tl.max(amax, axis=0), min_scale, QMAX)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, n_cols, BLOCK):
             ok = k0 + cols < n_cols
             h = _silu_mul_tile(x_row, k0 + cols, ok, n_cols)
-            tl.store(q_ptr + row * stride_q + k0 + cols, _quantize(h, scale, QMAX).to(q_ptr.dtype.element_ty), mask=ok)
+            tl.store(
+                q_ptr + row * stride_q + k0 + cols, quantize_values(h, scale, QMAX).to(q_ptr.dtype.element_ty), mask=ok
+            )
 
 
 def _static(scale: torch.Tensor, device: torch.device) -> torch.Tensor:

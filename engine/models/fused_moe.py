@@ -105,6 +105,7 @@ def _check_cuda(name: str, t: torch.Tensor) -> None:
 
 
 if triton is not None:
+    from .fp8_quant import dynamic_scale, quantize_values
 
     @triton.jit(do_not_specialize=["T"])
     def _topk_softmax_kernel(
@@ -198,15 +199,18 @@ if triton is not None:
     def _gate_up_kernel(
         x_ptr, w_ptr, out_ptr, sorted_ptr, tile_expert_ptr, num_pairs, N, K, max_tiles,
         stride_xt, stride_we, stride_wn, stride_ot, top_k,
-        as_ptr, ws_ptr, stride_as, stride_wse, stride_wsn, stride_wsk,
+        as_ptr, ws_ptr, stride_as, stride_wse, stride_wsn, stride_wsk, qs_ptr, stride_qs, min_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
         QUANT: tl.constexpr = 0, BN: tl.constexpr = 128, BK: tl.constexpr = 128,
+        QUANT_OUT: tl.constexpr = False, ROUND_TO: tl.constexpr = tl.bfloat16, QMAX: tl.constexpr = 448.0,
     ):  # fmt: skip
         """QUANT 0: x and w13 in bf16/fp16. FP8 x and w13: 1 scales applied to the sums, x's per token row (stride_as
         0: one for the tensor) and w13's per output row of each expert (stride_wsn 0: one per expert); 2 block
         scales (x's per token and BK-column group, w13's per BN x BK block) applied to each BLOCK_K-deep partial
-        product (BLOCK_K divides BK)."""
+        product (BLOCK_K divides BK). QUANT_OUT: the activation leaves as FP8 with one scale per row of the tile
+        (BLOCK_N columns are one group of the down GEMM's input) at qs_ptr [pairs, N / BLOCK_N], quantized from
+        its ROUND_TO rounding exactly as fp8_quant.quantize would quantize the stored activation."""
         pid_m, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
         expert = tl.load(tile_expert_ptr + pid_m)
         if DIRECT:  # one pair per tile, tile_expert_ptr is topk_ids itself: no alignment pass at all
@@ -257,6 +261,11 @@ if triton is not None:
             acc_u *= sa * tl.load(w_row + (N + rn) * stride_wsn, mask=n_ok, other=0.0)[None, :]
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + rn[None, :]
+        if QUANT_OUT:
+            h = h.to(ROUND_TO).to(tl.float32)
+            scale = dynamic_scale(tl.max(tl.abs(h), axis=1), min_scale, QMAX)
+            h = quantize_values(h, scale[:, None], QMAX)
+            tl.store(qs_ptr + pair.to(tl.int64) * stride_qs + pid_n, scale, mask=m_ok)
         tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit(do_not_specialize=["num_pairs", "max_tiles"])
@@ -544,12 +553,22 @@ def fused_experts(
         x = x.contiguous()
     cfg = config or get_config(e, inter, h, w13.dtype, t, k)
     al = align_pairs(topk_ids, e, cfg.block_m, cfg.direct)
+    down_sum_path = al.direct and cfg.fuse_sum
     if fp8 is None:
         activated = gate_up(x, w13, al, k, cfg.up)
     else:
         xq, xs = fp8_quant.quantize(x, fp8.act_quant(fp8.a13_scale))
-        activated = gate_up(xq, w13, al, k, cfg.up, Fp8Gemm(xs, fp8.w13_scale, fp8.block_size), out_dtype=x.dtype)
-    if al.direct and cfg.fuse_sum:
+        up_scales = Fp8Gemm(xs, fp8.w13_scale, fp8.block_size)
+        if fp8.block_size is not None and fp8.block_size[1] == cfg.up.BLOCK_N and not down_sum_path:
+            # the gate_up tile is one quantization group of the down GEMM's input: it writes FP8 itself
+            aq, a_s = gate_up_quantized(xq, w13, al, k, cfg.up, up_scales, x.dtype)
+            per_pair = out if k == 1 else torch.empty((al.num_pairs, h), dtype=x.dtype, device=x.device)
+            down(aq, w2, al, topk_weights, cfg.down, per_pair, Fp8Gemm(a_s, fp8.w2_scale, fp8.block_size))
+            if k > 1:
+                torch.sum(per_pair.view(t, k, h), dim=1, out=out)
+            return out
+        activated = gate_up(xq, w13, al, k, cfg.up, up_scales, out_dtype=x.dtype)
+    if down_sum_path:
         down_sum(activated, w2, al, k, topk_weights, cfg.down, out, fp8.w2_scale if fp8 else None,
                  fp8.block_size if fp8 else None)  # fmt: skip
         return out
@@ -606,19 +625,44 @@ def gate_up(
 ) -> torch.Tensor:  # fmt: skip
     """silu(x @ gate_e^T) * (x @ up_e^T) for every pair, as [T*k, I] rows in pair order (one launch). FP8: x is
     the quantized input and `fp8` holds the scales; out_dtype (default x's dtype) is then the model's."""
+    activated = torch.empty((al.num_pairs, w13.shape[1] // 2), dtype=out_dtype or x.dtype, device=x.device)
+    _launch_gate_up(x, w13, al, top_k, cfg, fp8, activated, None)
+    return activated
+
+
+def gate_up_quantized(
+    xq: torch.Tensor, w13: torch.Tensor, al: Alignment, top_k: int, cfg: GemmConfig, fp8: Fp8Gemm,
+    model_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """gate_up for block-scaled FP8 experts whose tile is one group of the down GEMM's input (cfg.BLOCK_N == bk):
+    the activation leaves as FP8 [T*k, I] with per-row-and-group scales [T*k, I/bk], the same values and scales as
+    gate_up then fp8_quant.quantize(group bk); one pass over the activation and one launch fewer."""
+    inter = w13.shape[1] // 2
+    q = torch.empty((al.num_pairs, inter), dtype=fp8_quant.FP8_DTYPE, device=xq.device)
+    scales = torch.empty((al.num_pairs, triton.cdiv(inter, cfg.BLOCK_N)), dtype=torch.float32, device=xq.device)
+    _launch_gate_up(xq, w13, al, top_k, cfg, fp8, q, (scales, model_dtype))
+    return q, scales
+
+
+def _launch_gate_up(x, w13, al: Alignment, top_k: int, cfg: GemmConfig, fp8: Fp8Gemm | None, out, quant_out) -> None:
     h = x.shape[1]
     inter = w13.shape[1] // 2
     max_tiles = al.tile_expert.numel()
-    activated = torch.empty((al.num_pairs, inter), dtype=out_dtype or x.dtype, device=x.device)
     scale_args, consts = fp8.kernel_args() if fp8 is not None else _no_scales(x, w13)
     cfg = fp8.fit(cfg) if fp8 is not None else cfg
+    if quant_out is not None:
+        scales, model_dtype = quant_out
+        round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[model_dtype]
+        out_args = [scales, scales.stride(0), fp8_quant.MIN_SCALE]
+        consts = consts | {"QUANT_OUT": True, "ROUND_TO": round_to, "QMAX": fp8_quant.FP8_MAX}
+    else:
+        out_args = [out, 0, 0.0]
     _gate_up_kernel[(max_tiles * triton.cdiv(inter, cfg.BLOCK_N),)](
-        x, w13, activated, al.sorted_pairs, al.tile_expert, al.num_pairs, inter, h, max_tiles,
-        x.stride(0), w13.stride(0), w13.stride(1), activated.stride(0), top_k, *scale_args,
+        x, w13, out, al.sorted_pairs, al.tile_expert, al.num_pairs, inter, h, max_tiles,
+        x.stride(0), w13.stride(0), w13.stride(1), out.stride(0), top_k, *scale_args, *out_args,
         BLOCK_M=al.block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         EVEN_K=h % cfg.BLOCK_K == 0, DIRECT=al.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )  # fmt: skip
-    return activated
 
 
 def down(

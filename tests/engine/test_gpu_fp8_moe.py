@@ -215,3 +215,30 @@ def test_malformed_fp8_expert_scales_are_refused() -> None:
     with pytest.raises(ValueError, match="dynamic activation scales only"):
         fm.fused_experts(x, q13, q2, w, ids, w1_scale=s13, w2_scale=s2, block_size=(128, 128),
                          a1_scale=torch.tensor(1.0))  # fmt: skip
+
+
+def test_gate_up_writing_fp8_equals_gate_up_then_quantize() -> None:
+    """With 128-column gate_up tiles on 128x128 blocks the kernel quantizes its own output (gate_up_quantized): the
+    same FP8 values and scales as storing the bf16 activation and quantizing it, and fused_experts on that route
+    matches the exact reference."""
+    fm = fused()
+    from kubellm.engine.models import fp8_quant
+
+    e, k, _, _ = QWEN3_30B_A3B
+    q13, s13, d13, q2, s2, d2 = make_case("block", seed=5)
+    up = fm.GemmConfig(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    dn = fm.GemmConfig(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    for t, block_m in ((5, 16), (600, 64)):
+        x, w, ids = routed(t, seed=200 + t)
+        xq, xs = fp8_quant.quantize(x, fp8_quant.ActQuant("group"))
+        al = fm.align_pairs(ids, e, block_m)
+        scales = fm.Fp8Gemm(xs, s13, (128, 128))
+        activated = fm.gate_up(xq, q13, al, k, up, scales, out_dtype=torch.bfloat16)
+        ref_q, ref_s = fp8_quant.quantize(activated, fp8_quant.ActQuant("group"))
+        q, s = fm.gate_up_quantized(xq, q13, al, k, up, scales, torch.bfloat16)
+        assert torch.equal(s, ref_s), f"T={t}: scales differ"
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), f"T={t}: values differ"
+        got = fm.fused_experts(x, q13, q2, w, ids, fm.MoeConfig(block_m, up, dn), w1_scale=s13, w2_scale=s2,
+                               block_size=(128, 128))  # fmt: skip
+        exact = exact_reference(x, d13, d2, w, ids, True, direct_sum=False)
+        assert rel(got, exact) < EXACT_TOL, f"T={t}: {rel(got, exact):.2e}"
