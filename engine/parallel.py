@@ -22,6 +22,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -204,8 +205,22 @@ class RowParallelLinear(nn.Module):
             nn.Parameter(torch.empty((out_f,), dtype=dtype, device=device), requires_grad=False) if bias else None
         )
 
+        self.fp8: Any = None  # models/fp8_linear.Fp8Params once load_fp8 made the weight FP8 (CUDA)
+
     matmul = staticmethod(F.linear)  # see models/llama.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = symm_all_reduce.all_reduce(self.matmul(x, self.weight))
+        if self.fp8 is not None:
+            from kubellm.engine.models.fp8_linear import fp8_forward
+
+            partial = fp8_forward(x, self.weight, self.fp8, None)
+        else:
+            partial = self.matmul(x, self.weight)
+        out = symm_all_reduce.all_reduce(partial)
         return out if self.bias is None else out + self.bias
+
+    def load_fp8(self, t: Any) -> None:
+        """Hold this rank's columns of an FP8 weight (models/fp8_linear.Fp8Tensor) with its scales."""
+        from kubellm.engine.models.fp8_linear import hold
+
+        hold(self, t)

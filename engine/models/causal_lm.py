@@ -108,14 +108,12 @@ class CheckpointReader:
         """Whether these checkpoint weights go to `device` as FP8 (an FP8 checkpoint's FP8 tensors, on CUDA)."""
         if self.scheme is None or self.scheme.method == "online" or device.type != "cuda":
             return False
-        if not all(self.weights.is_fp8(n) for n in names):  # type: ignore[attr-defined]
-            return False
-        if self.size > 1:
-            raise ModelLoadError(
-                f"{self.scheme.describe()} weights under tensor parallelism on CUDA are not supported yet; "
-                "serve with --tensor-parallel-size 1"
-            )
-        return True
+        return all(self.weights.is_fp8(n) for n in names)  # type: ignore[attr-defined]
+
+    def fp8_shard(self, name: str, split: str) -> Fp8Tensor | None:
+        """This rank's part of FP8 weight `name` (split "col": output rows, "row": input columns) with its scales;
+        None when block scales do not split at the shard's edges."""
+        return fp8_linear.shard(self.weights.fp8(name), 1 if split == "row" else 0, self.rank, self.size)  # type: ignore[attr-defined]
 
     def put_linear(self, linear: nn.Module, prefix: str, parts: tuple[str, ...], split: str, label: str) -> None:
         """`linear.weight` from `prefix.{part}.weight` for each part, stacked (one part: `prefix.weight` when
@@ -125,13 +123,14 @@ class CheckpointReader:
         names = [f"{prefix}.{p}.weight" for p in parts] if parts else [f"{prefix}.weight"]
         device = linear.weight.device
         if self.keeps_fp8(names, device):
-            fused = fp8_linear.fuse([self.weights.fp8(n) for n in names])  # type: ignore[attr-defined]
+            shards = [self.fp8_shard(n, split) for n in names]
+            fused = None if any(t is None for t in shards) else fp8_linear.fuse(shards)  # type: ignore[arg-type]
             if fused is not None:
                 self.used.update(names)
                 self._load_fp8(linear, fused, label)
                 return
-            logger.warning("%s: FP8 block scales do not split at the fused projections; dequantized to %s",
-                           label, linear.weight.dtype)  # fmt: skip
+            logger.warning("%s: FP8 block scales do not split at the fused projections or shard edges; "
+                           "dequantized to %s", label, linear.weight.dtype)  # fmt: skip
         tensor = torch.cat([self.take(n, split) for n in names], dim=0) if parts else self.take(names[0], split)
         if self.scheme is not None and self.scheme.method == "online":
             check_shape(tensor, tuple(linear.weight.shape), label)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+from torch import nn
 
 from kubellm.engine.loader.errors import ModelLoadError
 from kubellm.engine.loader.fp8_weights import Fp8Tensor
@@ -63,6 +64,37 @@ def fp8_silu_mul_forward(
         gate_up, weight, p.scale, block_size=p.block_size, input_scale=p.input_scale, out_dtype=gate_up.dtype
     )
     return out if bias is None else out + bias
+
+
+def hold(module: nn.Module, t: Fp8Tensor) -> None:
+    """Make `module` (a Linear or RowParallelLinear) hold FP8 weight `t` and its scales on its weight's device; its
+    forward then runs the FP8 GEMM (CUDA: the FP8 GEMM must be importable)."""
+    gemm_module()
+    device = module.weight.device
+    module.weight = nn.Parameter(t.weight.to(device), requires_grad=False)
+    input_scale = None if t.input_scale is None else t.input_scale.to(device)
+    module.fp8 = Fp8Params(t.scale.to(device), input_scale, t.block_size)
+
+
+def shard(t: Fp8Tensor, dim: int, rank: int, size: int) -> Fp8Tensor | None:
+    """This rank's 1/size of an FP8 weight [N, K] along `dim` (0: output rows, column-parallel; 1: input columns,
+    row-parallel) with the scales that go with it; None when block scales do not split at the shard's edges."""
+    if size == 1:
+        return t
+    n = t.weight.shape[dim]
+    if n % size:
+        raise ModelLoadError(f"cannot split dimension {dim} (size {n}) of an FP8 weight into {size} equal shards")
+    per = n // size
+    weight = t.weight.narrow(dim, rank * per, per).contiguous()
+    scale = t.scale
+    if t.block_size is not None:
+        b = t.block_size[dim]
+        if per % b:
+            return None
+        scale = t.scale.narrow(dim, rank * per // b, per // b).contiguous()
+    elif dim == 0 and t.scale.numel() > 1:  # per-row scales follow their rows; a column split keeps them all
+        scale = t.scale.narrow(0, rank * per, per).contiguous()
+    return Fp8Tensor(weight, scale, t.input_scale, t.block_size)
 
 
 def fuse(parts: list[Fp8Tensor]) -> Fp8Tensor | None:

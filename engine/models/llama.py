@@ -22,9 +22,9 @@ from kubellm.engine.attention.base import AttentionBackend
 from kubellm.engine.loader.fp8_weights import Fp8Tensor
 from kubellm.engine.model_config import ROPE_FREQ_FACTORS, ModelConfig
 
-from . import fused
+from . import fp8_linear, fused
 from .causal_lm import CausalLM, CheckpointReader, new_param, new_weight
-from .fp8_linear import Fp8Params, fp8_forward, fp8_silu_mul_forward, gemm_module
+from .fp8_linear import Fp8Params, fp8_forward, fp8_silu_mul_forward
 from .moe import SparseMoE, load_moe_weights
 
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
@@ -74,12 +74,7 @@ class Linear(nn.Module):
         return self.matmul(x, self.weight, self.bias)
 
     def load_fp8(self, t: Fp8Tensor) -> None:
-        """Hold an FP8 weight and its scales on this layer's device (CUDA: the FP8 GEMM must be importable)."""
-        gemm_module()
-        device = self.weight.device
-        self.weight = nn.Parameter(t.weight.to(device), requires_grad=False)
-        input_scale = None if t.input_scale is None else t.input_scale.to(device)
-        self.fp8 = Fp8Params(t.scale.to(device), input_scale, t.block_size)
+        fp8_linear.hold(self, t)
 
 
 def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:

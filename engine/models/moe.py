@@ -269,9 +269,9 @@ def _load_fp8_experts(reader: CheckpointReader, moe: SparseMoE, prefix: str, nam
         logger.warning("%s: the fused MoE kernel takes no FP8 experts here; experts dequantized to %s",
                        prefix, moe.w13.dtype)  # fmt: skip
         return False
-    stacks = fp8_expert_stacks(reader.weights, per_expert)  # type: ignore[arg-type]
+    stacks = fp8_expert_stacks(reader.weights, per_expert, reader.rank, reader.size)  # type: ignore[arg-type]
     if stacks is None:
-        logger.warning("%s: FP8 block scales do not split at gate/up; experts dequantized", prefix)
+        logger.warning("%s: FP8 block scales do not split at gate/up or shard edges; experts dequantized", prefix)
         return False
     _hold_fp8_experts(moe, *stacks, f"{prefix}.experts")
     reader.used.update(n for group in per_expert for n in group)
@@ -279,14 +279,23 @@ def _load_fp8_experts(reader: CheckpointReader, moe: SparseMoE, prefix: str, nam
     return True
 
 
-def fp8_expert_stacks(weights: Fp8Weights, per_expert: list[list[str]]) -> tuple[Fp8Tensor, Fp8Tensor] | None:
+def fp8_expert_stacks(
+    weights: Fp8Weights, per_expert: list[list[str]], rank: int = 0, size: int = 1
+) -> tuple[Fp8Tensor, Fp8Tensor] | None:
     """Every expert's (gate, up, down) FP8 weights as fused_moe takes them: w13 [E, 2I, H] (gate rows, then up)
     and w2 [E, H, I], their scales per row ([E, 2I], [E, H]: per-tensor scales spread over their rows) or per
-    block ([E, 2I/bn, H/bk], [E, H/bn, I/bk]); None when gate's rows are not whole blocks."""
-    w13 = [fp8_linear.fuse([weights.fp8(gate), weights.fp8(up)]) for gate, up, _ in per_expert]
-    if any(t is None for t in w13):
-        return None
-    return fp8_linear.stack_experts(w13), fp8_linear.stack_experts([weights.fp8(down) for *_, down in per_expert])  # type: ignore[arg-type]
+    block ([E, 2I/bn, H/bk], [E, H/bn, I/bk]); under tensor parallelism this rank's slice of I in each. None when
+    block scales do not split at gate/up or at the shard's edges."""
+    w13, w2 = [], []
+    for gate, up, down in per_expert:
+        parts = [fp8_linear.shard(weights.fp8(n), 0, rank, size) for n in (gate, up)]
+        down_part = fp8_linear.shard(weights.fp8(down), 1, rank, size)
+        fused = None if any(p is None for p in parts) else fp8_linear.fuse(parts)  # type: ignore[arg-type]
+        if fused is None or down_part is None:
+            return None
+        w13.append(fused)
+        w2.append(down_part)
+    return fp8_linear.stack_experts(w13), fp8_linear.stack_experts(w2)
 
 
 def _hold_fp8_experts(moe: SparseMoE, w13: Fp8Tensor, w2: Fp8Tensor, label: str) -> None:

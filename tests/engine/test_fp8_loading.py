@@ -243,3 +243,48 @@ def test_fp8_checkpoint_at_tp2_decodes_as_at_tp1_on_cpu(fp8_dirs):
     parity = assert_tp2_decodes_as_tp1(lambda tp: LLMEngine(cpu_tp_config(str(dst), tp)), prompts, 6, "fp8-block")
     for counts in parity.rank_counts:
         assert counts["sharded"] * 2 == parity.full_counts["sharded"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt"), [("llama", "ct-channel"), ("llama", "fp8-tensor"), ("qwen3-moe", "fp8-block")]
+)
+def test_tensor_parallel_ranks_hold_fp8_shards_that_dequantize_to_their_slices(kind, fmt, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):  # fmt: skip
+    """The CUDA branch of loading (FP8 kept, sharded per rank) run on CPU by letting the reader keep FP8 here: each
+    rank's FP8 layers and experts, dequantized, equal that rank's slice of the dequantized checkpoint. 16x16
+    blocks, so most shard edges fall on block edges; Qwen3-MoE's k/v shards (24 rows) do not, and load
+    dequantized."""
+    from kubellm.engine.loader.quantization import dequantize
+    from kubellm.engine.models import build_model
+    from kubellm.engine.models.causal_lm import CheckpointReader
+    from kubellm.engine.models.moe import fp8_expert_stacks
+
+    write_fp8_checkpoint(tiny_model_dir(kind), tmp_path / "fp8", fmt, tmp_path / "ref", block=(16, 16))
+    loaded = load_model(tmp_path / "fp8")
+    keeps = CheckpointReader.keeps_fp8
+    held = 0
+    for rank in (0, 1):
+        ref = build_model(loaded.config, torch.float32, "cpu", rank, 2)
+        ref.load_weights(loaded.weights)
+        monkeypatch.setattr(CheckpointReader, "keeps_fp8", lambda self, n, d: keeps(self, n, torch.device("cuda")))
+        ours = build_model(loaded.config, torch.float32, "cpu", rank, 2)
+        ours.load_weights(loaded.weights)
+        monkeypatch.setattr(CheckpointReader, "keeps_fp8", keeps)
+        expected = dict(ref.named_modules())
+        for name, module in ours.named_modules():
+            p = getattr(module, "fp8", None)
+            if p is None:
+                continue
+            held += 1
+            scale = p.scale if p.block_size or p.scale.numel() == 1 else p.scale.reshape(-1, 1)
+            assert torch.equal(dequantize(module.weight, scale, p.block_size), expected[name].weight), name
+        c = loaded.config
+        names = [[f"model.layers.2.mlp.experts.{i}.{p}_proj.weight" for p in ("gate", "up", "down")]
+                 for i in range(c.num_experts)] if c.num_experts else []  # fmt: skip
+        if names:
+            w13, w2 = fp8_expert_stacks(loaded.weights, names, rank, 2)
+            moe = ref.layers[2].mlp
+            for i in range(c.num_experts):
+                assert torch.equal(dequantize(w13.weight[i], w13.scale[i], w13.block_size), moe.w13[i])
+                assert torch.equal(dequantize(w2.weight[i], w2.scale[i], w2.block_size), moe.w2[i])
+    assert held >= 2 * loaded.config.num_hidden_layers
