@@ -554,30 +554,27 @@ def fused_experts(
     cfg = config or get_config(e, inter, h, w13.dtype, t, k)
     al = align_pairs(topk_ids, e, cfg.block_m, cfg.direct)
     down_sum_path = al.direct and cfg.fuse_sum
+    down_fp8 = None  # the down GEMM's FP8 input scales, when its input is quantized
     if fp8 is None:
-        activated = gate_up(x, w13, al, k, cfg.up)
+        down_in = gate_up(x, w13, al, k, cfg.up)
     else:
         xq, xs = fp8_quant.quantize(x, fp8.act_quant(fp8.a13_scale))
         up_scales = Fp8Gemm(xs, fp8.w13_scale, fp8.block_size)
         if fp8.block_size is not None and fp8.block_size[1] == cfg.up.BLOCK_N and not down_sum_path:
             # the gate_up tile is one quantization group of the down GEMM's input: it writes FP8 itself
-            aq, a_s = gate_up_quantized(xq, w13, al, k, cfg.up, up_scales, x.dtype)
-            per_pair = out if k == 1 else torch.empty((al.num_pairs, h), dtype=x.dtype, device=x.device)
-            down(aq, w2, al, topk_weights, cfg.down, per_pair, Fp8Gemm(a_s, fp8.w2_scale, fp8.block_size))
-            if k > 1:
-                torch.sum(per_pair.view(t, k, h), dim=1, out=out)
-            return out
-        activated = gate_up(xq, w13, al, k, cfg.up, up_scales, out_dtype=x.dtype)
+            down_in, a_s = gate_up_quantized(xq, w13, al, k, cfg.up, up_scales, x.dtype)
+            down_fp8 = Fp8Gemm(a_s, fp8.w2_scale, fp8.block_size)
+        else:
+            down_in = gate_up(xq, w13, al, k, cfg.up, up_scales, out_dtype=x.dtype)
+            if not down_sum_path:  # down_sum reads the bf16 activation (W8A16)
+                down_in, a_s = fp8_quant.quantize(down_in, fp8.act_quant(fp8.a2_scale))
+                down_fp8 = Fp8Gemm(a_s, fp8.w2_scale, fp8.block_size)
     if down_sum_path:
-        down_sum(activated, w2, al, k, topk_weights, cfg.down, out, fp8.w2_scale if fp8 else None,
+        down_sum(down_in, w2, al, k, topk_weights, cfg.down, out, fp8.w2_scale if fp8 else None,
                  fp8.block_size if fp8 else None)  # fmt: skip
         return out
     per_pair = out if k == 1 else torch.empty((al.num_pairs, h), dtype=x.dtype, device=x.device)
-    if fp8 is None:
-        down(activated, w2, al, topk_weights, cfg.down, per_pair)
-    else:
-        aq, a_s = fp8_quant.quantize(activated, fp8.act_quant(fp8.a2_scale))
-        down(aq, w2, al, topk_weights, cfg.down, per_pair, Fp8Gemm(a_s, fp8.w2_scale, fp8.block_size))
+    down(down_in, w2, al, topk_weights, cfg.down, per_pair, down_fp8)
     if k > 1:
         torch.sum(per_pair.view(t, k, h), dim=1, out=out)
     return out
