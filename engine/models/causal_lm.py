@@ -111,9 +111,10 @@ class CheckpointReader:
         return all(self.weights.is_fp8(n) for n in names)  # type: ignore[attr-defined]
 
     def fp8_shard(self, name: str, split: str) -> Fp8Tensor | None:
-        """This rank's part of FP8 weight `name` (split "col": output rows, "row": input columns) with its scales;
-        None when block scales do not split at the shard's edges."""
-        return fp8_linear.shard(self.weights.fp8(name), 1 if split == "row" else 0, self.rank, self.size)  # type: ignore[attr-defined]
+        """This rank's part of FP8 weight `name` (split "col": output rows, "row": input columns, "": all of it,
+        a replicated layer) with its scales; None when block scales do not split at the shard's edges."""
+        whole = self.weights.fp8(name)  # type: ignore[attr-defined]
+        return whole if not split else fp8_linear.shard(whole, 1 if split == "row" else 0, self.rank, self.size)
 
     def put_linear(self, linear: nn.Module, prefix: str, parts: tuple[str, ...], split: str, label: str) -> None:
         """`linear.weight` from `prefix.{part}.weight` for each part, stacked (one part: `prefix.weight` when
@@ -181,10 +182,14 @@ class CheckpointReader:
             name = f"{prefix}.down_proj.bias"
             self.put(mlp.down_proj.bias, self.take(name), name)
 
-    def finish(self, ignored_suffixes: tuple[str, ...] = ()) -> None:
+    def finish(self, ignored_suffixes: tuple[str, ...] = (), ignored_prefixes: tuple[str, ...] = ()) -> None:
+        """Refuse checkpoint entries nothing took, except those named by the ignored suffixes or prefixes."""
         if self.config.tie_word_embeddings and "lm_head.weight" in self.weights:
             self.used.add("lm_head.weight")  # some checkpoints save the tied copy too
-        unexpected = sorted(n for n in self.weights if n not in self.used and not n.endswith(ignored_suffixes))
+        unexpected = sorted(
+            n for n in self.weights
+            if n not in self.used and not n.endswith(ignored_suffixes) and not n.startswith(ignored_prefixes)
+        )  # fmt: skip
         if unexpected:
             shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
             raise ModelLoadError(

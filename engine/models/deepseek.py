@@ -28,6 +28,9 @@ from .moe import SparseMoE, load_moe_weights
 from .moe import experts_impl as moe_impl
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# MLA projections that may hold FP8 weights; kv_b_proj is absorbed into the attention (its weight is read as
+# W_UK / W_UV views), so it loads in the model dtype
+_FP8_CAPABLE = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")
 # How tensor parallelism splits the attention weights (rows by head, o_proj's input by head); the rest is replicated.
 _ATTENTION_SPLITS = {
     "q_proj.weight": "col",
@@ -229,7 +232,7 @@ class DeepseekForCausalLM(CausalLM):
         """HF-named tensors, per-expert or stacked experts; MTP layers (index >= num_hidden_layers) ignored."""
         n = self.config.num_hidden_layers
         mtp = tuple(f"model.layers.{i}." for i in range(n, n + 8))
-        weights = {k: v for k, v in weights.items() if not k.startswith(mtp)}
+        # the mapping itself, not a filtered copy: lazy reads stay lazy and an FP8 view stays one
         r = CheckpointReader(weights, self.config, self.tp_rank, self.tp_size)
         self.load_embeddings(r)
         r.put(self.norm.weight, r.take("model.norm.weight"), "model.norm.weight")
@@ -237,9 +240,16 @@ class DeepseekForCausalLM(CausalLM):
             p = f"model.layers.{i}"
             for name in ("input_layernorm", "post_attention_layernorm"):
                 r.put(getattr(layer, name).weight, r.take(f"{p}.{name}.weight"), f"{p}.{name}.weight")
-            for name, param in layer.self_attn.named_parameters():
+            attn = layer.self_attn
+            for name, param in list(attn.named_parameters()):
                 full = f"{p}.self_attn.{name}"
-                r.put(param, r.take(full, _ATTENTION_SPLITS.get(name, "")), full)
+                module = name.removesuffix(".weight")
+                if module in _FP8_CAPABLE:  # FP8 on CUDA when the checkpoint holds it so
+                    r.put_linear(
+                        getattr(attn, module), f"{p}.self_attn.{module}", (), _ATTENTION_SPLITS.get(name, ""), full
+                    )
+                else:
+                    r.put(param, r.take(full, _ATTENTION_SPLITS.get(name, "")), full)
             if isinstance(layer.mlp, DeepseekMoE):
                 moe = layer.mlp
                 shared, moe.shared_expert = moe.shared_expert, None
@@ -254,5 +264,5 @@ class DeepseekForCausalLM(CausalLM):
                     moe.e_score_correction_bias.data = moe.e_score_correction_bias.data.float()
             else:
                 r.load_mlp(layer.mlp, f"{p}.mlp")
-        r.finish(_IGNORED_SUFFIXES)
+        r.finish(_IGNORED_SUFFIXES, ignored_prefixes=mtp)
         self.tie_head()

@@ -288,3 +288,23 @@ def test_tensor_parallel_ranks_hold_fp8_shards_that_dequantize_to_their_slices(k
                 assert torch.equal(dequantize(w13.weight[i], w13.scale[i], w13.block_size), moe.w13[i])
                 assert torch.equal(dequantize(w2.weight[i], w2.scale[i], w2.block_size), moe.w2[i])
     assert held >= 2 * loaded.config.num_hidden_layers
+
+
+def test_deepseek_keeps_its_mla_projections_fp8_where_the_gpu_path_would(fp8_dirs, monkeypatch):
+    """The CUDA branch of DeepSeek's loading run on CPU (the reader allowed to keep FP8 here; fp8_linear computes
+    with the dequantized weight on CPU): q/kv_a/o projections hold FP8, kv_b_proj (absorbed into the attention)
+    loads dequantized, and the logits equal the ordinary CPU load's."""
+    from kubellm.engine.models.causal_lm import CheckpointReader
+
+    dst, _ = fp8_dirs("deepseek-v3", "fp8-block")
+    loaded = load_model(dst)
+    runner = make_runner(loaded, num_blocks=8)
+    expected = full_pass_logits(runner, IDS)
+    keeps = CheckpointReader.keeps_fp8
+    monkeypatch.setattr(CheckpointReader, "keeps_fp8", lambda self, n, d: keeps(self, n, torch.device("cuda")))
+    fp8_runner = make_runner(load_model(dst), num_blocks=8)
+    attn = fp8_runner.model.layers[1].self_attn
+    for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
+        assert getattr(attn, name).weight.dtype == FP8, name
+    assert attn.kv_b_proj.weight.dtype == torch.float32
+    assert rel_l2(full_pass_logits(fp8_runner, IDS), expected) < 1e-5
