@@ -385,7 +385,7 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tp = r.get("tensor_parallel_size", 1)
     stem = out_dir / f"engine-gpu-{r['date']}{r.get('name_suffix', '')}"
-    stem.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(r, indent=2, default=str) + "\n")
     st, peer = r["settings"], r.get("peer") or {}
     peer_name = f"vLLM {peer['version']}" if peer.get("version") else "the peer"
     md = [
@@ -439,7 +439,7 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
         md += ["Where the time goes:", *profile, ""]
     if r.get("notes"):
         md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    stem.parent.joinpath(stem.name + ".md").write_text("\n".join(md))
 
 
 def run_engine(
@@ -592,7 +592,7 @@ def write_tp_summary(r: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"engine-gpu-{r['date']}-tp"
     keep = {k: v for k, v in r.items() if k not in ("workloads", "decode")}
-    stem.with_suffix(".json").write_text(json.dumps(keep, indent=2, default=str) + "\n")
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(keep, indent=2, default=str) + "\n")
     sizes = ", ".join(r.get("tp", {}))
     md = [
         f"# Engine on GPU — tensor parallel {sizes} — {r['date']}",
@@ -606,7 +606,7 @@ def write_tp_summary(r: dict[str, Any], out_dir: Path) -> None:
     ]
     if r.get("notes"):
         md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    stem.parent.joinpath(stem.name + ".md").write_text("\n".join(md))
 
 
 # ---- main ------------------------------------------------------------------------------------------
