@@ -32,7 +32,6 @@ from kubellm.engine.loader.quantization import (
     KV_CALIBRATION_TEXT,
     ONLINE_FP8,
     V_SCALE_DIVISOR,
-    UnsupportedQuantizationError,
     resolve_scheme,
 )
 from kubellm.engine.models import build_model, fused, gemv, moe
@@ -127,8 +126,6 @@ class ModelRunner:
                     module.matmul = gemv.linear
         weights: Mapping[str, torch.Tensor] = loaded.weights  # or an FP8 view of them
         if self.quantization is ONLINE_FP8:
-            if c.kv_lora_rank:
-                raise UnsupportedQuantizationError("--quantization fp8 is not supported for MLA (DeepSeek) models yet")
             weights = Fp8Weights(weights, ONLINE_FP8, self.dtype)
         self.model.load_weights(weights)
         self.model.eval()

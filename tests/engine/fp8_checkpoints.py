@@ -141,13 +141,13 @@ def _quantization_config(fmt: str, kv_scales: bool, block: tuple[int, int]) -> d
 
 def online_fp8_reference(src: Path, reference: Path) -> Path:
     """`src` with the weights `--quantization fp8` computes with, by vLLM's online scheme: each fused GEMM (q/k/v,
-    gate/up, an expert's gate/up) and each o/down projection rounded through FP8 with one scale (amax / 448)."""
+    gate/up, an expert's gate/up) and each other projection rounded through FP8 with one scale (amax / 448)."""
     shutil.copytree(src, reference)
     tensors = load_file(str(src / "model.safetensors"))
     groups: dict[str, list[str]] = {}
     for name in tensors:
         m = _LINEAR.search(name)
-        if not m:
+        if not m or m.group(1) == "kv_b_proj":  # DeepSeek's kv_b_proj is absorbed into attention: not quantized
             continue
         module = name[: m.start()]
         fused = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}

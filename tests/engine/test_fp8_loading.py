@@ -98,7 +98,7 @@ def test_lazy_loading_reads_fp8_checkpoints_too(fp8_dirs):
     assert rel_l2(ours, reference_logits(ref)) < 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "deepseek-v3"])
 def test_online_fp8_rounds_each_fused_layer_per_tensor(kind, tiny_model_dir, tmp_path):
     ref = online_fp8_reference(tiny_model_dir(kind), tmp_path / "reference")
     runner = ModelRunner(load_model(tiny_model_dir(kind)), EngineConfig(device="cpu", quantization="fp8"))
@@ -176,11 +176,6 @@ def test_missing_scale_is_a_load_error_naming_the_weight(fp8_dirs, tmp_path):
     save_file(tensors, str(dst / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight.*has no weight_scale"):
         make_runner(load_model(dst))
-
-
-def test_online_fp8_is_refused_for_mla_models_naming_them(tiny_model_dir):
-    with pytest.raises(UnsupportedQuantizationError, match="not supported for MLA"):
-        ModelRunner(load_model(tiny_model_dir("deepseek-v3")), EngineConfig(device="cpu", quantization="fp8"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
