@@ -10,7 +10,8 @@
 #   bench/gpu_run.sh mla-micro                 (bench/mla_micro.py: DeepSeek's MLA attention alone, one layer)
 #
 # The peer side by side (vLLM 0.26.0 on the same machine; each transfer carries at most 64 MiB, and the machine stays
-# warm for 30 s between calls, so the calls follow each other at once). Here: shared/gpu/wheels.sh .gpu/whl and
+# warm for 30 s between calls, so the calls follow each other at once). Here: shared/gpu/wheels.sh .gpu/whl,
+# bench/gpu_wheels.sh .gpu/whl (our own dependencies the GPU image lacks: pydantic, gguf, orjson, llguidance) and
 # shared/gpu/vllm-carry.sh .gpu/vllm. Then one device call per piece, each moving what it carried out of the tree:
 #   1-2. carry .gpu/vllm/pieces/vllm-site.tar.gz.part-00 (then -01):  mkdir -p /tmp/pieces; mv .gpu/vllm/pieces/* /tmp/pieces/
 #   3.   carry vllm-site.tar.gz.part-02 and .gpu/whl's cudnn-frontend and tvm-ffi wheels (move the wheels to /tmp/whl)
@@ -51,13 +52,17 @@ if [ "$mode" = peer ]; then
     | tee "$OUT/peer.log"
   exit "${PIPESTATUS[0]}"
 fi
-[ -d "$site/flashinfer" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
-  "$WHEELS"/*.whl || exit 1
+# Every carried wheel not yet in $site (a warm machine keeps $site; wheels may arrive in later calls). Our own
+# dependencies the GPU image lacks come from bench/gpu_wheels.sh, flashinfer's from shared/gpu/wheels.sh.
+for whl in "$WHEELS"/*.whl; do
+  [ -f "$whl" ] || continue
+  dist=$(basename "$whl" | cut -d- -f1)
+  ls -d "$site/$dist"-*.dist-info >/dev/null 2>&1 && continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$whl" || exit 1
+done
 export PYTHONPATH="$site:$PWD"
-# llguidance (structured outputs) may arrive after flashinfer was installed on a warm machine: install it on its own.
-if ! python3 -c "import llguidance" 2>/dev/null && ls "$WHEELS"/llguidance-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/llguidance-*.whl
-fi
+missing=$(python3 -c "import importlib.util as u; print(' '.join(m for m in 'pydantic gguf orjson llguidance flashinfer'.split() if u.find_spec(m) is None))")
+[ -z "$missing" ] || echo "gpu_run.sh: missing on this machine: $missing (bash bench/gpu_wheels.sh .gpu/whl here, then carry .gpu/whl)"
 aot="$site/flashinfer/data/aot"
 mkdir -p "$aot"
 if ls .gpu/kcache/fi-cache.tgz.* >/dev/null 2>&1; then bash .gpu/kernel-cache.sh unpack .gpu/kcache; fi
@@ -69,7 +74,7 @@ for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
 done
 echo "prebuilt flashinfer kernels: $(ls "$aot" | wc -l)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-git rev-parse HEAD 2>/dev/null | sed 's/^/git commit /'
+echo "git commit ${KUBELLM_GIT_COMMIT:-unknown: set KUBELLM_GIT_COMMIT=\$(git rev-parse HEAD) in the command, the copied .git is stale}"
 git status --short 2>/dev/null | head -20
 
 rc=0
