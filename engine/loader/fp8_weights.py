@@ -52,6 +52,8 @@ class Fp8Weights(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         if self.scheme.method == "online" or not self.is_fp8(name):  # online: the checkpoint holds no FP8
             tensor = self.raw[name]
+            if tensor.dtype == torch.float8_e5m2:
+                raise ModelLoadError(f"weight {name!r} is float8_e5m2; FP8 checkpoints are read in e4m3 only")
             return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         t = self.fp8(name)
         return dequantize(t.weight, t.scale, t.block_size).to(self.dtype)

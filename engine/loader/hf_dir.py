@@ -95,10 +95,23 @@ def read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.T
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensor = f.get_tensor(key)
+                    if dtype is not None:
+                        refuse_unscaled_fp8(key, tensor.dtype, path)
                     weights[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        except ModelLoadError:
+            raise
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ModelLoadError(f"corrupt or unreadable weights file {file}: {e}") from e
     return weights
+
+
+def refuse_unscaled_fp8(name: str, dtype: torch.dtype, path: Path) -> None:
+    """An FP8 tensor read without a quantization_config would be cast without its scale: wrong numbers, silently."""
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ModelLoadError(
+            f"{path}: tensor {name!r} is {str(dtype).removeprefix('torch.')} but config.json has no "
+            "quantization_config saying how it is scaled"
+        )
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
@@ -111,7 +124,9 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         self._files: dict[str, SafetensorsFile] = {}
         for file in weight_files(path):
             opened = SafetensorsFile(file)
-            for key in opened.entries:
+            for key, entry in opened.entries.items():
+                if dtype is not None:
+                    refuse_unscaled_fp8(key, entry.dtype, path)
                 self._files[key] = opened
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -303,3 +303,18 @@ def test_deepseek_keeps_its_mla_projections_fp8_where_the_gpu_path_would(fp8_dir
         assert getattr(attn, name).weight.dtype == FP8, name
     assert attn.kv_b_proj.weight.dtype == torch.float32
     assert rel_l2(full_pass_logits(fp8_runner, IDS), expected) < 1e-5
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_fp8_tensors_without_a_quantization_config_are_refused(fp8_dirs, tmp_path, lazy):
+    from kubellm.engine.loader.errors import ModelLoadError
+
+    src, _ = fp8_dirs("llama", "fp8-tensor")
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"is float8_e4m3fn but config.json has no quantization_config") as err:
+        load_model(dst, lazy=lazy)
+    assert "corrupt" not in str(err.value)
