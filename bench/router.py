@@ -809,6 +809,12 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         )
         r["precise TTFT p90 / sglang cache_aware TTFT p90 (target < 1)"] = (
             mt["prefix precise"]["ttft_p90_ms"] / sg["ttft_p90_ms"])  # fmt: skip
+    aa = mt.get("prefix precise, 2 router replicas (round robin)")
+    if aa and "prefix precise" in mt:
+        one = mt["prefix precise"]
+        r["2 router replicas hit rate / one router's (target within 0.99-1.01)"] = aa["hit_rate"] / one["hit_rate"]
+        r["2 router replicas TTFT p90 / one router's (target <= 1.1)"] = aa["ttft_p90_ms"] / one["ttft_p90_ms"]
+        r["share of requests both replicas route to the same engine"] = aa["agreement"]
     ov = results.get("overhead", {}).get("rows", {})
     us, sg = ov.get("kubellm prefix"), ov.get("sglang-router cache_aware")
     if us:
