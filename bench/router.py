@@ -719,6 +719,61 @@ def bench_restart(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# memory: RSS of the router under a stream of unique ~2 kB prompts
+# ---------------------------------------------------------------------------------------------------------------
+def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+
+    n, samples = args.prompts, 20
+    port = free_port()
+    engine = spawn("instant", [PY, __file__, "_instant", "--port", str(port)], f"http://127.0.0.1:{port}")
+    router = our_router([engine.url], "prefix", ["--kv-events", "off", "--workers", "1"])
+    rss: list[tuple[int, int]] = []
+    host, rport = router.url.removeprefix("http://").split(":")
+    rng = random.Random(0)
+    try:
+        proc = psutil.Process(router.popen.pid)
+        rss.append((0, proc.memory_info().rss))
+        for k in range(samples):
+            bodies = [json.dumps({"model": "m", "max_tokens": 1, "messages": [
+                {"role": "user", "content": " ".join(f"{rng.random():.12f}" for _ in range(140))}]}).encode()
+                for _ in range(n // samples)]  # fmt: skip
+            run_load(host, int(rport), lambda cl, b=bodies: closed_loop_count(cl, b, 32))
+            rss.append(((k + 1) * (n // samples), proc.memory_info().rss))
+            print(f"memory: {rss[-1][0]:7d} prompts  RSS {rss[-1][1] / 2**20:7.1f} MiB", flush=True)
+    finally:
+        router.stop()
+        engine.stop()
+    last = [r for c, r in rss if c >= 0.8 * n]
+    mean = sum(last) / len(last)
+    return {
+        "workload": f"{n} unique ~2 kB chat prompts (140 random decimals each) through one router process "
+        "(--workers 1, prefix policy, --kv-events off: the approximate index, default bound 200000 entries, "
+        "text-block hashing) to an instant fake engine, 32 connections; RSS sampled every "
+        f"{n // samples} prompts",
+        "rss_mib": [[c, r / 2**20] for c, r in rss],
+        "last_20pct_spread": (max(last) - min(last)) / mean,
+        "start_mib": rss[0][1] / 2**20,
+        "end_mib": rss[-1][1] / 2**20,
+    }
+
+
+async def closed_loop_count(client: Any, bodies: list[bytes], concurrency: int) -> int:
+    """Send every body once over `concurrency` kept-alive connections; returns how many got 200."""
+    ok = 0
+    it = iter(bodies)
+
+    async def worker() -> None:
+        nonlocal ok
+        for body in it:
+            t = await client.request(body)
+            ok += t is not None and t.status == 200
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def write_results(results: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = datetime.now(UTC).strftime("%Y-%m-%d")
@@ -776,6 +831,12 @@ def write_results(results: dict[str, Any]) -> Path:
                       f"{r.get('req_s', float('nan')):.2f} | {r['output_tok_s']:.0f} | {r['errors']} | {spills} | "
                       f"{why} |")  # fmt: skip
         md.append("")
+    if "memory" in results:
+        m = results["memory"]
+        md += ["## Memory", "", m["workload"], "", "| prompts | RSS MiB |", "|---|---|",
+               *(f"| {c} | {r:.1f} |" for c, r in m["rss_mib"]), "",
+               f"Spread of RSS over the last 20% of the stream: {100 * m['last_20pct_spread']:.1f}% of its mean.",
+               ""]  # fmt: skip
     if "restart" in results:
         r = results["restart"]
         md += ["## Restart", "", r["workload"], "",
@@ -834,7 +895,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["overhead", "routing", "restart", "all", "_instant", "_strip"])
+    p.add_argument("what", choices=["overhead", "routing", "restart", "memory", "all", "_instant", "_strip"])
+    p.add_argument("--prompts", type=int, default=500_000, help="memory: unique prompts to send")
     p.add_argument("--upstream", default="")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--rate", type=float, default=None, help="req/s (overhead: 500; routing: 20)")
@@ -899,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         results["routing"] = bench_routing(args)
     if args.what == "restart":
         results["restart"] = bench_restart(args)
+    if args.what == "memory":
+        results["memory"] = bench_memory(args)
     results["ratios"] = ratios(results)
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.3f}")

@@ -168,9 +168,11 @@ class PrefixIndex:
         pending = self.pending.get(slot)
         if pending is None or not hashes:
             return
-        pending.subtract(hashes)
-        for h in hashes:
-            if pending.get(h, 0) <= 0:
+        for h in hashes:  # one pass (Counter.subtract, then a pass dropping zeros, cost ~2x on the hot path)
+            n = pending.get(h, 0) - 1
+            if n > 0:
+                pending[h] = n
+            else:
                 pending.pop(h, None)
         if not pending:
             del self.pending[slot]

@@ -128,3 +128,15 @@ def test_events_off_uses_approximate_only():
     idx.on_send(0, p)
     idx.on_done(0, p)
     assert idx.match(0, p) == 4
+
+
+def test_pending_blocks_stay_while_any_request_holding_them_runs():
+    idx = PrefixIndex(approx_size=1000, use_events=True)
+    idx.replica(0).apply(SnapshotEvent(epoch="e", seq=0, block_size=16, hashes=[]))
+    p, q = prompt(5, 6), prompt(5, 3)  # q is p's first three blocks
+    idx.on_send(0, p)
+    idx.on_send(0, q)
+    idx.on_done(0, p)
+    assert idx.match(0, p) == 3  # q still runs: its blocks are still on their way into the cache
+    idx.on_done(0, q)
+    assert idx.match(0, p) == 0 and not idx.pending
