@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         for child in stack.children:
             _wait_healthy(stack, child, READY_TIMEOUT_S)
         if use_router:
-            router = ["router", "--host", args.host, "--port", str(args.port), "--model", name]
+            # one router process: a local stack's load needs no more, and N workers of ~60 MB each would not be free
+            router = ["router", "--host", args.host, "--port", str(args.port), "--model", name, "--workers", "1"]
             for child in stack.children:
                 router += ["--backend", child.url]
             if args.policy:
