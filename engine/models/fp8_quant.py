@@ -79,7 +79,8 @@ if triton is not None:
 
     @triton.jit
     def dynamic_scale(amax, min_scale, QMAX: tl.constexpr):
-        """max(amax / 448, min_scale) with IEEE division, so scales equal torch's bit for bit."""
+        """max(amax / 448, min_scale) with IEEE division (div.rn), so scales equal torch's amax / tensor bit for bit
+        (not torch's amax / 448 on CUDA, which multiplies by a rounded reciprocal: one ulp off for ~half of amax)."""
         return tl.maximum(tl.div_rn(amax, tl.zeros_like(amax) + QMAX), min_scale)
 
     @triton.jit

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fp8_reference import fp8_scale
 
 pytestmark = pytest.mark.gpu
 
@@ -45,22 +46,22 @@ def modules():
 
 
 def torch_quantize(x: torch.Tensor, mode: str, group: int = 128, static: torch.Tensor | None = None):
-    """(q, scale) as fp8_quant defines them: scale = max(amax / 448, 1 / (448 * 512)), q = rn(clamp(x / scale))."""
+    """(q, scale) as fp8_quant defines them: scale = max(amax / 448, 1 / (448 * 512)) (IEEE division: fp8_scale),
+    q = rn(clamp(x / scale))."""
     xf = x.float()
-    floor = 1.0 / (448.0 * 512.0)
     if static is not None:
         s = static.float().reshape(1).to(x.device)
         return (xf / s).clamp(-448, 448).to(FP8), s
     if mode == "tensor":
-        s = (xf.abs().amax() / 448).clamp_min(floor).reshape(1)
+        s = fp8_scale(xf.abs().amax()).reshape(1)
         return (xf / s).clamp(-448, 448).to(FP8), s
     if mode == "token":
-        s = (xf.abs().amax(dim=1, keepdim=True) / 448).clamp_min(floor)
+        s = fp8_scale(xf.abs().amax(dim=1, keepdim=True))
         return (xf / s).clamp(-448, 448).to(FP8), s
     m, k = xf.shape
     kp = -(-k // group) * group
     xg = torch.nn.functional.pad(xf, (0, kp - k)).view(m, kp // group, group)
-    s = (xg.abs().amax(dim=2) / 448).clamp_min(floor)
+    s = fp8_scale(xg.abs().amax(dim=2))
     q = (xg / s[:, :, None]).clamp(-448, 448).to(FP8).view(m, kp)[:, :k].contiguous()
     return q, s
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fp8_reference import fp8_scale
 
 pytestmark = pytest.mark.gpu
 
@@ -56,16 +57,15 @@ def torch_quant_dequant(x: torch.Tensor, block: bool, static: torch.Tensor | Non
     """fp8_quant's numerics in torch: per token and 128-column group (block), per token (other dynamic), or per
     tensor with a static scale."""
     xf = x.float()
-    floor = 1.0 / (448.0 * 512.0)
     if static is not None:
         s = static.float().to(x.device)
         return (xf / s).clamp(-448, 448).to(FP8).float() * s
     if not block:
-        s = (xf.abs().amax(dim=1, keepdim=True) / 448).clamp_min(floor)
+        s = fp8_scale(xf.abs().amax(dim=1, keepdim=True))
         return (xf / s).clamp(-448, 448).to(FP8).float() * s
     m, k = xf.shape
     xg = xf.view(m, k // 128, 128)
-    s = (xg.abs().amax(dim=2, keepdim=True) / 448).clamp_min(floor)
+    s = fp8_scale(xg.abs().amax(dim=2, keepdim=True))
     return ((xg / s).clamp(-448, 448).to(FP8).float() * s).view(m, k)
 
 
