@@ -49,7 +49,7 @@ def record(
         Path(json_out).write_text(text)
     if write_results:
         results_dir.mkdir(parents=True, exist_ok=True)
-        stem = results_dir / f"{name}-{now.strftime('%Y-%m-%d')}"
-        stem.with_suffix(".json").write_text(text)
-        stem.with_suffix(".md").write_text(markdown)
+        stem = f"{name}-{now.strftime('%Y-%m-%d')}"  # not Path.with_suffix: it would eat '.1-8b' of a name
+        (results_dir / f"{stem}.json").write_text(text)
+        (results_dir / f"{stem}.md").write_text(markdown)
     return markdown

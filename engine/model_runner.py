@@ -127,7 +127,11 @@ class ModelRunner:
         weights: Mapping[str, torch.Tensor] = loaded.weights  # or an FP8 view of them
         if self.quantization is ONLINE_FP8:
             weights = Fp8Weights(weights, ONLINE_FP8, self.dtype)
+        started = time.perf_counter()
         self.model.load_weights(weights)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.weights_load_seconds = time.perf_counter() - started  # reading and moving the weights (bench/startup.py)
         self.model.eval()
         unloaded = [name for name, p in self.model.named_parameters() if is_deferred(p)]
         if unloaded:

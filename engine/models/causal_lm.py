@@ -132,7 +132,10 @@ class CheckpointReader:
                 return
             logger.warning("%s: FP8 block scales do not split at the fused projections or shard edges; "
                            "dequantized to %s", label, linear.weight.dtype)  # fmt: skip
-        tensor = torch.cat([self.take(n, split) for n in names], dim=0) if parts else self.take(names[0], split)
+        if parts:  # the parts meet on the device: concatenating on the host would be a second host copy of them
+            tensor = torch.cat([self.take(n, split).to(device) for n in names], dim=0)
+        else:
+            tensor = self.take(names[0], split)
         if self.scheme is not None and self.scheme.method == "online":
             check_shape(tensor, tuple(linear.weight.shape), label)
             q, scale = quantize_weight_fp8(tensor.to(device))
