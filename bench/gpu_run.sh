@@ -8,6 +8,8 @@
 #   bench/gpu_run.sh peer [args for python -m bench.peer_vllm] (vLLM, installed in $VSITE by vllm-install.sh)
 #   bench/gpu_run.sh structured --tokenizer-json bench/smollm2-tokenizer.json  (bench/structured.py)
 #   bench/gpu_run.sh mla-micro                 (bench/mla_micro.py: DeepSeek's MLA attention alone, one layer)
+#   bench/gpu_run.sh startup [args for python -m bench.startup]  (start-up from a local safetensors directory,
+#                    written once to --dir, default /tmp/llama8b; add --peer vllm once vLLM is in $VSITE)
 #
 # The peer side by side (vLLM 0.26.0 on the same machine; each transfer carries at most 64 MiB, and the machine stays
 # warm for 30 s between calls, so the calls follow each other at once). Here: shared/gpu/wheels.sh .gpu/whl,
@@ -113,6 +115,12 @@ fi
 if [ "$mode" = mla-micro ]; then  # bench/mla_micro.py: MLA attention alone, decode and absorbed vs up-projected prefill
   timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.mla_micro --out-dir "$OUT" \
     --deadline-s "$((TIME_LIMIT - SECONDS - 120))" "$@" 2>&1 | tee "$OUT/mla-micro.log"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+if [ "$mode" = startup ]; then  # bench/startup.py: both engines loading the same safetensors directory from disk
+  df -h /tmp | tail -1
+  VSITE="$VSITE" timeout "$((TIME_LIMIT - SECONDS - 10))" python3 -m bench.startup --dir /tmp/llama8b --out-dir "$OUT" \
+    --deadline-s "$((TIME_LIMIT - SECONDS - 40))" "$@" 2>&1 | tee "$OUT/startup.log"
   rc=$((rc | PIPESTATUS[0]))
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then

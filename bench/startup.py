@@ -196,9 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dir", required=True, help="where the checkpoint is written (reused when already there)")
     p.add_argument("--device", default="cuda", help="where the weights are drawn and both engines load them")
     p.add_argument("--shard-gb", type=float, default=5.0, help="shard size, as Hugging Face writes 8B models")
-    p.add_argument("--runs", default="cold,warm", help="our engine's runs, in order")
-    p.add_argument("--peer", choices=("vllm",), help="measure vLLM too (its own process)")
-    p.add_argument("--peer-runs", default="cold,warm")
+    p.add_argument("--runs", default="cold,warm", help="the runs of each engine, in order")
+    p.add_argument("--peer", choices=("vllm",), help="measure vLLM too (its own process, after ours, each kind)")
     p.add_argument("--vllm-site", default=os.environ.get("VSITE", "/tmp/vsite"))
     p.add_argument("--deadline-s", type=float, default=540.0, help="no run is started past this many seconds")
     p.add_argument("--out-dir", help="results directory (default bench/results)")
@@ -220,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     path = os.environ.get("PYTHONPATH", "")
     ours_env = dict(os.environ, PYTHONPATH=f"{path}:{here}" if path else here)
     peer_env = dict(os.environ, PYTHONPATH=f"{args.vllm_site}:{here}", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    plan = [("ours", k, ours_env) for k in args.runs.split(",") if k]
-    if args.peer:
-        plan += [("vllm", k, peer_env) for k in args.peer_runs.split(",") if k]
+    # kind by kind, ours then vLLM: when the deadline cuts the run short, the runs done still pair up
+    engines = [("ours", ours_env)] + ([("vllm", peer_env)] if args.peer else [])
+    plan = [(engine, kind, env) for kind in args.runs.split(",") if kind for engine, env in engines]
     runs: list[dict[str, Any]] = []
     for engine, kind, env in plan:
         if kind not in RUN_KINDS:

@@ -2,11 +2,11 @@
 
 Prints one JSON line: seconds to import the engine (apart), seconds from its constructor to ready, the seconds
 the engine itself reports for its weights, peak host memory (VmHWM, and the resident set sampled every few ms in
-a thread) above what the process held before the constructor, and the bytes the process read (psutil:
+a thread) above what the process held before the constructor, and the bytes the process read (/proc/self/io:
 `read_bytes` from storage, zero when the page cache held the files; `read_chars` through read syscalls, which an
 mmap'ed load does not count).
 
-Stdlib and psutil only at import: the vLLM side runs with vLLM's own packages (PYTHONPATH=/tmp/vsite).
+Stdlib only at import: the vLLM side runs with vLLM's own packages (PYTHONPATH=/tmp/vsite).
 
     python -m bench.startup_probe --engine ours|vllm --dir DIR [--device cuda] [--dtype bfloat16]
 """
@@ -22,8 +22,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from bench.workloads import EngineSettings
 
@@ -45,11 +43,10 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval, self.peak = interval, 0
         self._stop_event = threading.Event()
-        self._proc = psutil.Process()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self.peak = max(self.peak, vm_status("VmRSS"))
             self._stop_event.wait(self.interval)
 
     def stop(self) -> int:
@@ -59,11 +56,13 @@ class RssSampler(threading.Thread):
 
 
 def io_counters() -> dict[str, int] | None:
+    """/proc/self/io's read_bytes (fetched from storage) and rchar (through read syscalls); None if unreadable."""
     try:
-        c = psutil.Process().io_counters()
-    except (psutil.Error, AttributeError, NotImplementedError):  # /proc/self/io unreadable here
+        with open("/proc/self/io") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return {"read_bytes": int(fields["read_bytes"]), "read_chars": int(fields["rchar"])}
+    except (OSError, KeyError, ValueError):
         return None
-    return {"read_bytes": c.read_bytes, "read_chars": getattr(c, "read_chars", 0)}
 
 
 def start_ours(model_dir: str, device: str, dtype: str, settings: EngineSettings) -> tuple[Any, float | None]:
@@ -98,20 +97,28 @@ def start_vllm(model_dir: str, device: str, dtype: str, settings: EngineSettings
         gpu_memory_utilization=settings.gpu_memory_utilization, block_size=settings.block_size,
         enable_prefix_caching=settings.enable_prefix_caching, seed=settings.seed,
     )  # fmt: skip
-    found = [m for m in (_VLLM_LOAD_LINE.search(line) for line in lines) if m]
+    return llm, vllm_weights_seconds(lines)
+
+
+def vllm_weights_seconds(log_lines: list[str]) -> float | None:
+    """The seconds vLLM's loader gives for its weights ("Loading weights took"), else its model runner's
+    ("Model loading took ... and N seconds", which adds building the model); None when it logged neither."""
+    found = [m for m in (_VLLM_LOAD_LINE.search(line) for line in log_lines) if m]
     weights = next((float(m.group(2)) for m in found if m.group(1) == "Loading weights"), None)
-    if weights is None and found:
-        weights = float(found[0].group(2))
-    return llm, weights
+    return float(found[0].group(2)) if weights is None and found else weights
 
 
 def first_token(engine_name: str, llm: Any) -> list[int]:
     """One greedy token from a 3-token prompt: the engine serves, not only constructs."""
     if engine_name == "vllm":
         from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)  # no tokenizer was loaded
     else:
         from kubellm.engine import SamplingParams
-    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1, temperature=0.0))
+
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)
     return list(out[0].outputs[0].token_ids)
 
 

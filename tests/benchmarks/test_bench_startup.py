@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from bench import startup
 from bench.shapes import shape
+from bench.startup_probe import vllm_weights_seconds
 
 SMALL_LLAMA = {
     **shape("llama-3.1-8b"),
@@ -103,3 +104,10 @@ def test_ratios_pair_runs_of_the_same_kind_only():
 def test_shards_stay_under_their_size_unless_one_tensor_is_larger():
     shapes = {"a": (10,), "b": (20,), "c": (100,), "d": (5,), "e": (5,)}
     assert startup.plan_shards(shapes, 2, 64) == [["a", "b"], ["c"], ["d", "e"]]
+
+
+def test_vllm_weights_seconds_come_from_its_loader_log_line():
+    runner = "Model loading took 14.2488 GiB and 5.173644 seconds"
+    assert vllm_weights_seconds([runner, "Loading weights took 3.22 seconds"]) == 3.22
+    assert vllm_weights_seconds(["Starting to load model", runner]) == 5.173644
+    assert vllm_weights_seconds(["Starting to load model"]) is None
