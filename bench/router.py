@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,9 +69,11 @@ class Proc:
                 self.popen.wait()
 
 
-def spawn(name: str, cmd: list[str], url: str, health: str = "/health", timeout: float = 300.0) -> Proc:
+def spawn(
+    name: str, cmd: list[str], url: str, health: str = "/health", timeout: float = 300.0, cwd: Path = REPO
+) -> Proc:
     log = open(f"/tmp/bench-router-{name}.log", "w")  # noqa: SIM115 (lives as long as the process)
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
     deadline = time.monotonic() + timeout
     import urllib.request
 
@@ -105,7 +108,10 @@ def our_router(
     extra = list(extra or [])
     if python == PY and "--workers" not in extra:
         extra += ["--workers", "1"]  # one process per router unless a contender says otherwise (comparable rows)
-    return spawn(f"router-{policy}", pinned(cmd + extra, core), f"http://127.0.0.1:{port}")
+    # Another interpreter's router must not start in this checkout: `python -m` puts the working directory first
+    # on sys.path, and this checkout's kubellm/ would shadow the one that interpreter has installed.
+    cwd = REPO if python == PY else Path(tempfile.gettempdir())
+    return spawn(f"router-{policy}", pinned(cmd + extra, core), f"http://127.0.0.1:{port}", cwd=cwd)
 
 
 def router_pair(backends: list[str], model: str) -> Proc:
@@ -305,9 +311,11 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     contenders = [Contender("direct", None)]
     contenders.append(Contender("kubellm prefix", lambda: our_router(
         b, "prefix", ["--kv-events", "off", "--workers", "1"], core=ROUTER_CORE)))  # fmt: skip
-    if args.baseline_python:
-        contenders.append(Contender("kubellm prefix (before)", lambda: our_router(
-            b, "prefix", ["--kv-events", "off"], core=ROUTER_CORE, python=args.baseline_python)))  # fmt: skip
+    for spec in args.baseline_python or []:
+        label, _, python = spec.rpartition("=")
+        name = f"kubellm prefix (before{': ' + label if label else ''})"
+        contenders.append(Contender(name, lambda py=python: our_router(
+            b, "prefix", ["--kv-events", "off"], core=ROUTER_CORE, python=py)))  # fmt: skip
     if not args.no_sglang:
         contenders.append(Contender("sglang-router cache_aware", lambda: sglang_router(b, core=ROUTER_CORE)))
     contenders.append(Contender("kubellm prefix --workers 2 (unpinned)", lambda: our_router(
@@ -885,8 +893,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     if us and sg:
         r["added p50 kubellm - sglang-router ms (target <= 0)"] = us["added_p50_ms"] - sg["added_p50_ms"]
         r["max req/s kubellm / sglang-router (target >= 1)"] = us["max_rps"] / sg["max_rps"]
-    if us and "kubellm prefix (before)" in ov:
-        r["max req/s kubellm after / before"] = us["max_rps"] / ov["kubellm prefix (before)"]["max_rps"]
+    for name, row in ov.items():
+        if us and name.startswith("kubellm prefix (before"):
+            r[f"router CPU per request, after / {name[15:-1]}"] = us["cpu_ms_per_req"] / row["cpu_ms_per_req"]
+            r[f"max req/s, after / {name[15:-1]}"] = us["max_rps"] / row["max_rps"]
     w2 = ov.get("kubellm prefix --workers 2 (unpinned)")
     if us and w2:
         r["max req/s --workers 2 unpinned / 1 worker pinned"] = w2["max_rps"] / us["max_rps"]
@@ -908,9 +918,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="overhead: runs per contender (median and spread)")
     p.add_argument(
         "--baseline-python",
-        default="",
-        help="overhead: also run the router of this interpreter's "
-        "kubellm as 'kubellm prefix (before)' (a venv with an older checkout installed)",
+        action="append",
+        metavar="[LABEL=]PYTHON",
+        help="overhead: also run the router of this interpreter's kubellm as 'kubellm prefix (before: LABEL)' "
+        "(a venv with an older checkout installed; repeatable)",
     )
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m-instruct")

@@ -38,6 +38,7 @@ from kubellm.router.proxy import UpstreamFailure, forward
 from kubellm.router.queue import WaitQueue
 from kubellm.router.request_body import RoutedBody, parse_routed_body
 from kubellm.router.tokenization import PromptHasher, PromptKey
+from kubellm.router.upstream import UpstreamPool
 from kubellm.router.workers import WorkerPlacement
 from kubellm.routing import RoutingPolicy
 
@@ -126,7 +127,8 @@ class Router:
         self.index = PrefixIndex(config.approx_index_size, use_events=config.kv_events)
         self.hasher = PromptHasher(self._fetch_tokenizer_info)
         self.queue = WaitQueue(self.registry, self.metrics, config.queue_size, config.queue_timeout)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # probes, KV events, tokenizer info
+        self.pool: UpstreamPool | None = None  # the routed requests themselves
         self.health: HealthChecker | None = None
         self.subscribers: dict[int, KVEventSubscriber] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -136,9 +138,6 @@ class Router:
             {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
         )
         self._api_keys = [k.encode() for k in config.api_keys]
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.request_timeout
-        )
         self.registry.on_added.append(self._backend_added)
         self.registry.on_removed.append(self._backend_removed)
 
@@ -151,6 +150,7 @@ class Router:
             skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another's request
         )
+        self.pool = UpstreamPool(self.config.connect_timeout, self.config.request_timeout)
         self.health = HealthChecker(
             self.registry,
             self.session,
@@ -199,6 +199,8 @@ class Router:
         for sub in list(self.subscribers.values()):
             await sub.stop()
         self.subscribers.clear()
+        if self.pool:
+            self.pool.close()
         if self.session:
             await self.session.close()
 
@@ -401,12 +403,11 @@ class Router:
             code = "error"
             try:
                 resp, outcome = await forward(
-                    self.session,  # type: ignore[arg-type]
+                    self.pool,  # type: ignore[arg-type]
                     self._upstream_url(backend.url, request.path),
                     raw,
                     headers,
                     request,
-                    self._timeout,
                     resp_headers,
                     on_first_byte,
                 )

@@ -13,11 +13,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from kubellm.router.errors import sse_error_event
+from kubellm.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("kubellm.router.proxy")
 
@@ -52,61 +52,64 @@ class Outcome:
     died_mid_stream: bool = False
 
 
-def _copy_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> dict[str, str]:
-    h = {k: upstream.headers[k] for k in _PASS_RESPONSE_HEADERS if k in upstream.headers}
+def _copy_headers(upstream: UpstreamResponse, extra: dict[str, str]) -> dict[str, str]:
+    h = {k: upstream.headers[k.lower()] for k in _PASS_RESPONSE_HEADERS if k.lower() in upstream.headers}
     h.update(extra)
     return h
 
 
 async def forward(
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     url: URL,
     body: bytes,
     headers: dict[str, str],
     request: web.Request,
-    timeout: aiohttp.ClientTimeout,
     response_headers: dict[str, str],
     on_first_byte: Callable[[], None],
 ) -> tuple[web.StreamResponse, Outcome]:
     try:
-        upstream = await session.post(url, data=body, headers=headers, timeout=timeout)
-    except aiohttp.ClientConnectorError as e:
-        raise UpstreamFailure(f"connect failed: {e}", connect_error=True) from e
-    except (aiohttp.ClientError, TimeoutError) as e:
+        upstream = await pool.post(url.host or "", url.port or 80, url.raw_path_qs, headers, body)
+    except UpstreamError as e:
+        raise UpstreamFailure(str(e), connect_error=e.connect) from e
+    except TimeoutError as e:
         raise UpstreamFailure(f"upstream failed: {e!r}") from e
     try:
         if upstream.status >= 500 or upstream.status == 429:
-            data = await upstream.read()
+            try:
+                data = await upstream.read()
+            except (UpstreamError, TimeoutError):
+                data = b""
             raise UpstreamFailure(
                 f"upstream answered {upstream.status}",
                 status=upstream.status,
                 body=data,
                 headers=_copy_headers(upstream, {}),
             )
-        ctype = upstream.headers.get("Content-Type", "")
+        ctype = upstream.headers.get("content-type", "")
         if not ctype.startswith("text/event-stream"):
             try:
                 data = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except (UpstreamError, TimeoutError) as e:
                 raise UpstreamFailure(f"upstream failed while answering: {e!r}") from e
             on_first_byte()
             resp = web.Response(status=upstream.status, body=data, headers=_copy_headers(upstream, response_headers))
             return resp, Outcome(upstream.status)
-        return await _stream(upstream, request, response_headers, on_first_byte)
+        return await _stream(upstream, url, request, response_headers, on_first_byte)
     finally:
-        upstream.close()  # a no-op after a full read (the connection went back to the pool); else aborts
+        upstream.close()  # back to the pool after a full read; else aborted (the replica aborts the request)
 
 
 async def _stream(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
+    url: URL,
     request: web.Request,
     response_headers: dict[str, str],
     on_first_byte: Callable[[], None],
 ) -> tuple[web.StreamResponse, Outcome]:
     # Wait for the replica's first chunk before answering, so a replica that dies first is retried.
     try:
-        first = await upstream.content.readany()
-    except (aiohttp.ClientError, TimeoutError) as e:
+        first = await upstream.readany()
+    except (UpstreamError, TimeoutError) as e:
         raise UpstreamFailure(f"upstream failed before streaming: {e!r}") from e
     if not first:
         raise UpstreamFailure("upstream closed the stream before the first chunk")
@@ -119,9 +122,9 @@ async def _stream(
     on_first_byte()
     while True:
         try:
-            chunk = await upstream.content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
-            log.warning("replica %s died mid-stream: %r", upstream.url.origin(), e)
+            chunk = await upstream.readany()
+        except (UpstreamError, TimeoutError) as e:
+            log.warning("replica %s died mid-stream: %r", url.origin(), e)
             event = sse_error_event(502, "the model replica failed while streaming; retry the request", "upstream_died")
             await resp.write(event)  # a client that is gone too raises here: the handler treats it as a disconnect
             await resp.write_eof()

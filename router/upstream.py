@@ -1,0 +1,293 @@
+"""A lean HTTP/1.1 client for the router's one hot upstream call: POST a body to a replica, read the answer back.
+
+aiohttp's client costs a quarter of a routed request's CPU (request objects, header multidicts, payload wrappers,
+stream readers); the router needs little of it: one method, bodies it already holds as bytes, kept-alive
+connections per replica, Content-Length or chunked answers read as they arrive, TCP_NODELAY. Health probes, KV
+events and tokenizer fetches keep using aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import Any
+
+
+class UpstreamError(Exception):
+    """The replica could not be reached (connect=True) or the exchange broke."""
+
+    def __init__(self, message: str, connect: bool = False):
+        super().__init__(message)
+        self.connect = connect
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]):
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.response: UpstreamResponse | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is not None:
+            self.response._feed(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.response is not None:
+            self.response._lost(exc)
+
+
+class UpstreamResponse:
+    """One response: `status` and `headers` (lower-case names) once `start` returns, then the body."""
+
+    def __init__(self, conn: _Connection, read_timeout: float):
+        self._conn = conn
+        self._read_timeout = read_timeout
+        self._buf = bytearray()
+        self._chunks: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._head_done = False
+        self._length: int | None = None  # bytes of body left (Content-Length framing)
+        self._chunked = False
+        self._chunk_left = 0  # bytes left in the current chunk (+2 for its CRLF once started)
+        self._until_close = False
+        self.done = False  # the whole body arrived
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._keep_alive = True
+
+    # --- fed by the protocol -----------------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self._until_close and self._head_done:
+            if self._buf:
+                self._chunks.append(bytes(self._buf))
+                self._buf.clear()
+            self.done = True
+        elif not self.done:
+            self._error = UpstreamError(f"replica closed the connection{': ' + str(exc) if exc else ''}")
+        self._wake()
+
+    def _feed(self, data: bytes) -> None:
+        self._buf += data
+        try:
+            if not self._head_done and not self._parse_head():
+                return
+            self._parse_body()
+        except (ValueError, IndexError) as e:
+            self._error = UpstreamError(f"malformed response from replica: {e}")
+            self._conn.closed = True
+            if self._conn.transport is not None:
+                self._conn.transport.abort()
+        self._wake()
+
+    def _parse_head(self) -> bool:
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > 65536:
+                raise ValueError("response headers too long")
+            return False
+        lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        del self._buf[: end + 4]
+        version, status = lines[0].split(" ", 2)[:2]
+        self.status = int(status)
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        conn = self.headers.get("connection", "").lower()
+        self._keep_alive = "close" not in conn and (version != "HTTP/1.0" or "keep-alive" in conn)
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._chunked = True
+        elif "content-length" in self.headers:
+            self._length = int(self.headers["content-length"])
+        elif self.status in (204, 304) or 100 <= self.status < 200:
+            self._length = 0
+        else:
+            self._until_close, self._keep_alive = True, False
+        self._head_done = True
+        return True
+
+    def _parse_body(self) -> None:
+        buf = self._buf
+        if self._length is not None:
+            take = min(self._length, len(buf))
+            if take:
+                self._chunks.append(bytes(buf[:take]))
+                del buf[:take]
+                self._length -= take
+            if self._length == 0:
+                self.done = True
+            return
+        if self._until_close:
+            if buf:
+                self._chunks.append(bytes(buf))
+                buf.clear()
+            return
+        while buf:  # chunked
+            if self._chunk_left == 0:
+                nl = buf.find(b"\r\n")
+                if nl < 0:
+                    return
+                size = int(bytes(buf[:nl]).split(b";", 1)[0].strip(), 16)
+                del buf[: nl + 2]
+                if size == 0:  # last chunk; trailers (none expected) end with an empty line
+                    end = buf.find(b"\r\n")
+                    if end < 0:
+                        self._chunk_left = -1  # wait for the final CRLF
+                        return
+                    del buf[: end + 2]
+                    self.done = True
+                    return
+                self._chunk_left = size + 2
+            elif self._chunk_left == -1:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return
+                del buf[: end + 2]
+                self.done = True
+                return
+            data_left = self._chunk_left - 2
+            if data_left > 0:
+                take = min(data_left, len(buf))
+                self._chunks.append(bytes(buf[:take]))
+                del buf[:take]
+                self._chunk_left -= take
+            if self._chunk_left <= 2:
+                if len(buf) < self._chunk_left:
+                    return
+                del buf[: self._chunk_left]  # the chunk's CRLF
+                self._chunk_left = 0
+
+    # --- read by the proxy --------------------------------------------------------------------------
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(self._read_timeout, self._timeout, self._waiter)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
+
+    def _timeout(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError(f"no data from the replica for {self._read_timeout:g}s"))
+
+    async def start(self) -> None:
+        while not self._head_done:
+            await self._wait()
+
+    async def readany(self) -> bytes:
+        """The next piece of the body as it arrived (chunk framing removed); b"" at its end."""
+        while not self._chunks:
+            if self.done:
+                self._finish()
+                return b""
+            await self._wait()
+        return self._chunks.popleft()
+
+    async def read(self) -> bytes:
+        out = bytearray()
+        while piece := await self.readany():
+            out += piece
+        return bytes(out)
+
+    def _finish(self) -> None:
+        conn = self._conn
+        conn.response = None
+        if self._keep_alive and not conn.closed and not self._buf:
+            conn.pool._release(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
+    def close(self) -> None:
+        """After the body was read: the connection goes back to the pool; before: it is aborted (the replica sees
+        the disconnect and aborts the request)."""
+        if self.done and not self._chunks:
+            if self._conn.response is self:
+                self._finish()
+            return
+        self._conn.response = None
+        self._conn.closed = True
+        if self._conn.transport is not None:
+            self._conn.transport.abort()
+
+
+class UpstreamPool:
+    """Kept-alive connections per (host, port)."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float, max_idle_per_replica: int = 256):
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle_per_replica
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    def _release(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) < self.max_idle:
+            idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self, key), key[0], key[1]), self.connect_timeout
+            )
+        except (OSError, TimeoutError) as e:
+            raise UpstreamError(f"connect to {key[0]}:{key[1]} failed: {e!r}", connect=True) from e
+        return conn
+
+    async def post(self, host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
+        conn = await self._connect((host, port))
+        resp = UpstreamResponse(conn, self.read_timeout)
+        conn.response = resp
+        head = [f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"]
+        head += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        head.append("\r\n")
+        assert conn.transport is not None
+        conn.transport.write("".join(head).encode("latin-1") + body)
+        try:
+            await resp.start()
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for c in conns:
+                if c.transport is not None:
+                    c.transport.close()
+        self._idle.clear()
+
+
+def origin(url: Any) -> tuple[str, int]:
+    """(host, port) of a yarl URL."""
+    return url.host, url.port

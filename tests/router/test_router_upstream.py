@@ -1,0 +1,140 @@
+"""The router's lean upstream client against a raw TCP server that writes scripted bytes in arbitrary pieces:
+framing (Content-Length, chunked, until close), keep-alive reuse, a replica that dies or goes silent."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from kubellm.router.upstream import UpstreamError, UpstreamPool
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces) + b"0\r\n\r\n"
+
+
+class ScriptedServer:
+    """Answers each request on a connection with the next scripted response, written in random small pieces."""
+
+    def __init__(self, responses: list[bytes], close_after: bool = False, seed: int = 0):
+        self.responses = responses
+        self.close_after = close_after
+        self.rng = random.Random(seed)
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.responses:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(
+                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+                )
+                self.requests.append(head + await reader.readexactly(length))
+                data = self.responses.pop(0)
+                i = 0
+                while i < len(data):
+                    n = self.rng.randint(1, 7)
+                    writer.write(data[i : i + n])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+                    i += n
+                if self.close_after:
+                    break
+            if not self.close_after:
+                await reader.read()  # hold the connection (silent) until the client closes it
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_chunked_and_content_length_bodies_in_any_pieces_over_one_kept_alive_connection():
+    sse = [b"data: one\n\n", b"data: two\n\n", b"x" * 300, b"data: [DONE]\n\n"]
+    responses = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(sse),
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"ok": true}',
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 4\r\n\r\nbusy",
+    ]
+    server = ScriptedServer(responses)
+    port = await server.start()
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5)
+    try:
+        r = await pool.post("127.0.0.1", port, "/v1/chat/completions", {"X-Request-Id": "a"}, b'{"stream": true}')
+        assert r.status == 200 and r.headers["content-type"] == "text/event-stream"
+        assert await r.read() == b"".join(sse)
+        r.close()
+        r = await pool.post("127.0.0.1", port, "/v1/completions", {}, b"{}")
+        assert (r.status, await r.read()) == (200, b'{"ok": true}')
+        r.close()
+        r = await pool.post("127.0.0.1", port, "/v1/completions", {}, b"{}")
+        assert (r.status, r.headers["retry-after"], await r.read()) == (503, "2", b"busy")
+        r.close()
+        assert server.connections == 1  # one connection, reused for all three
+        assert server.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert b"X-Request-Id: a\r\n" in server.requests[0] and server.requests[0].endswith(b'{"stream": true}')
+    finally:
+        pool.close()
+        await server.stop()
+
+
+async def test_a_body_delimited_by_close_and_a_connection_not_reused_after_it():
+    server = ScriptedServer([b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"], close_after=True)
+    port = await server.start()
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5)
+    try:
+        r = await pool.post("127.0.0.1", port, "/x", {}, b"")
+        assert await r.read() == b"until the end"
+        r.close()
+        server.responses.append(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        r = await pool.post("127.0.0.1", port, "/x", {}, b"")
+        assert await r.read() == b"ok"
+        assert server.connections == 2
+    finally:
+        pool.close()
+        await server.stop()
+
+
+async def test_a_replica_dying_mid_body_or_going_silent_is_an_error_not_a_hang():
+    cut = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    server = ScriptedServer([cut], close_after=True)
+    port = await server.start()
+    pool = UpstreamPool(connect_timeout=2, read_timeout=0.3)
+    try:
+        r = await pool.post("127.0.0.1", port, "/x", {}, b"")
+        assert await r.readany() == b"hello"
+        with pytest.raises(UpstreamError):
+            await r.readany()
+        r.close()
+        silent = ScriptedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
+        silent_port = await silent.start()
+        r = await pool.post("127.0.0.1", silent_port, "/x", {}, b"")
+        with pytest.raises(TimeoutError):
+            await r.read()
+        r.close()
+        await silent.stop()
+    finally:
+        pool.close()
+        await server.stop()
+
+
+async def test_a_refused_connection_is_a_connect_error():
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5)
+    server = ScriptedServer([])
+    port = await server.start()
+    await server.stop()
+    await asyncio.sleep(0.05)
+    with pytest.raises(UpstreamError) as e:
+        await pool.post("127.0.0.1", port, "/x", {}, b"")
+    assert e.value.connect
