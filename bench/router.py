@@ -895,8 +895,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         r["max req/s kubellm / sglang-router (target >= 1)"] = us["max_rps"] / sg["max_rps"]
     for name, row in ov.items():
         if us and name.startswith("kubellm prefix (before"):
-            r[f"router CPU per request, after / {name[15:-1]}"] = us["cpu_ms_per_req"] / row["cpu_ms_per_req"]
-            r[f"max req/s, after / {name[15:-1]}"] = us["max_rps"] / row["max_rps"]
+            r[f"router CPU per request, after / {name[16:-1]}"] = us["cpu_ms_per_req"] / row["cpu_ms_per_req"]
+            r[f"max req/s, after / {name[16:-1]}"] = us["max_rps"] / row["max_rps"]
     w2 = ov.get("kubellm prefix --workers 2 (unpinned)")
     if us and w2:
         r["max req/s --workers 2 unpinned / 1 worker pinned"] = w2["max_rps"] / us["max_rps"]

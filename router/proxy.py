@@ -4,7 +4,7 @@ Everything that fails before the first byte reaches the client raises `UpstreamF
 retry on another replica). After that the stream is the client's: if the replica dies mid-stream the client
 gets a final SSE error event (openai's client raises APIError on it) instead of a hang. Cancelling the
 handler (client disconnect) closes the upstream connection, so the engine aborts the request and frees its
-KV blocks at once. aiohttp sets TCP_NODELAY on both legs; chunks are written as they arrive.
+KV blocks at once. TCP_NODELAY on both legs (aiohttp's server; router/upstream.py); chunks are written as they arrive.
 """
 
 from __future__ import annotations
