@@ -26,6 +26,7 @@ from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
 from kubellm.engine.loader.fp8_weights import Fp8Weights
+from kubellm.engine.loader.hf_dir import SafetensorsWeights
 from kubellm.engine.loader.quantization import (
     FP8_DTYPE,
     K_SCALE_DIVISOR,
@@ -127,6 +128,8 @@ class ModelRunner:
         weights: Mapping[str, torch.Tensor] = loaded.weights  # or an FP8 view of them
         if self.quantization is ONLINE_FP8:
             weights = Fp8Weights(weights, ONLINE_FP8, self.dtype)
+        if self.device.type == "cuda" and self.quantization is None and isinstance(weights, SafetensorsWeights):
+            weights = weights.streaming_to(self.device)  # files straight to the GPU through pinned buffers
         started = time.perf_counter()
         self.model.load_weights(weights)
         if self.device.type == "cuda":

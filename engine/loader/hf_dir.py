@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from .errors import ModelLoadError
 from .fp8_weights import Fp8Weights
 from .loaded import LoadedModel
 from .quantization import kv_cache_scheme_is_fp8, parse_quantization_config
-from .safetensors_file import SafetensorsFile
+from .safetensors_file import SafetensorsFile, Staging
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -121,6 +122,7 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: Path, dtype: torch.dtype | None):
         self.dtype = dtype  # None: tensors as stored
+        self._staging: Staging | None = None
         self._files: dict[str, SafetensorsFile] = {}
         for file in weight_files(path):
             opened = SafetensorsFile(file)
@@ -129,7 +131,16 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
                     refuse_unscaled_fp8(key, entry.dtype, path)
                 self._files[key] = opened
 
+    def streaming_to(self, device: torch.device) -> SafetensorsWeights:
+        """These weights, whole tensors made on `device` and streamed there through two staging buffers (pinned on
+        a GPU) instead of read whole into host memory first; slices (tensor-parallel shards) are read as before."""
+        view = copy.copy(self)
+        view._staging = Staging(device)
+        return view
+
     def __getitem__(self, name: str) -> torch.Tensor:
+        if self._staging is not None:
+            return self._cast(self._files[name].read_to(name, self._staging))
         return self._cast(self._files[name].read(name))
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor to find out

@@ -30,6 +30,7 @@ _DTYPES = {
 # A slice along an inner dimension is read as one positioned read per outer index while there are at most this
 # many of them; beyond, the whole tensor is read and the slice cut out of it (one tensor's worth of transient).
 MAX_STRIDED_READS = 1024
+STAGING_BYTES = 64 << 20  # each of the two host buffers a tensor streams to the GPU through
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ class SafetensorsFile:
             self._read_into(out[i], e.offset + i * block + start * inner)
         return out.view(e.dtype).reshape(shape)
 
+    def read_to(self, name: str, staging: Staging) -> torch.Tensor:
+        """Tensor `name` whole, made on `staging.device` and filled chunk by chunk through its host buffers: the
+        tensor is never whole in host memory."""
+        e = self.entries[name]
+        out = torch.empty(e.shape, dtype=e.dtype, device=staging.device)
+        if out.numel():
+            staging.copy(self, e.offset, out.reshape(-1).view(torch.uint8))
+        return out
+
     def _read_bytes(self, offset: int, n: int) -> torch.Tensor:
         buf = torch.empty(n, dtype=torch.uint8)
         self._read_into(buf, offset)
@@ -87,6 +97,36 @@ class SafetensorsFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+class Staging:
+    """Two host buffers (pinned for a GPU) that file bytes pass through on their way to `device`: the disk fills one
+    while the other is copied out, each copy a DMA from pinned memory, not a blocking copy of a pageable tensor
+    through the driver's own bounce buffer, and host memory stays at two buffers whatever the tensor's size."""
+
+    def __init__(self, device: torch.device, nbytes: int | None = None):
+        self.device = device
+        cuda = device.type == "cuda"
+        size = nbytes or STAGING_BYTES
+        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        self.done: list[torch.cuda.Event | None] = [None, None]  # when each buffer's last copy out finished
+        self.cuda = cuda
+
+    def copy(self, file: SafetensorsFile, offset: int, dest: torch.Tensor) -> None:
+        """`dest.numel()` bytes of `file` from `offset` into the uint8 tensor `dest`, asynchronously on a GPU
+        (later work on the current stream is ordered after it)."""
+        pos, turn, size = 0, 0, self.buffers[0].numel()
+        while pos < dest.numel():
+            n = min(size, dest.numel() - pos)
+            buf, event = self.buffers[turn], self.done[turn]
+            if event is not None:
+                event.synchronize()  # its previous chunk has left for the device: safe to overwrite
+            file._read_into(buf[:n], offset + pos)
+            dest[pos : pos + n].copy_(buf[:n], non_blocking=self.cuda)
+            if self.cuda:
+                self.done[turn] = torch.cuda.Event()
+                self.done[turn].record()  # type: ignore[union-attr]
+            pos, turn = pos + n, 1 - turn
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:

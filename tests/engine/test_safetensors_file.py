@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from kubellm.engine.loader import ModelLoadError
 from kubellm.engine.loader import safetensors_file as sf
+from kubellm.engine.loader.hf_dir import SafetensorsWeights
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +53,23 @@ def test_a_data_offset_past_the_end_is_a_clear_error(saved, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-40])
     with pytest.raises(ModelLoadError, match=r"corrupt or unreadable weights file .*lies outside the file's data"):
         sf.SafetensorsFile(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("staging_bytes", [7, 64, 1 << 20])  # chunks cutting elements, rows, or one chunk whole
+def test_streamed_reads_equal_the_library_whatever_the_chunk_size(saved, staging_bytes):
+    path, ref = saved
+    f, staging = sf.SafetensorsFile(path), sf.Staging(torch.device("cpu"), staging_bytes)
+    for name, want in ref.items():
+        got = f.read_to(name, staging)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
+
+
+def test_weights_streaming_to_a_device_read_whole_tensors_through_staging(saved, monkeypatch):
+    path, ref = saved
+    (path.parent / "model.safetensors").symlink_to(path)
+    weights = SafetensorsWeights(path.parent, None).streaming_to(torch.device("cpu"))
+    reads = []
+    monkeypatch.setattr(sf.SafetensorsFile, "read", lambda *a, **k: reads.append(a) or None)  # not the host read
+    for name, want in ref.items():
+        assert torch.equal(weights[name], want), name
+    assert reads == []
