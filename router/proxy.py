@@ -68,7 +68,10 @@ async def forward(
     on_first_byte: Callable[[], None],
 ) -> tuple[web.StreamResponse, Outcome]:
     try:
-        upstream = await pool.post(url.host or "", url.port or 80, url.raw_path_qs, headers, body)
+        tls = url.scheme == "https"
+        upstream = await pool.post(
+            url.host or "", url.port or (443 if tls else 80), url.raw_path_qs, headers, body, tls
+        )
     except UpstreamError as e:
         raise UpstreamFailure(str(e), connect_error=e.connect) from e
     except TimeoutError as e:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections import deque
-from typing import Any
 
 
 class UpstreamError(Exception):
@@ -23,7 +23,7 @@ class UpstreamError(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]):
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool]):
         self.pool, self.key = pool, key
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -236,11 +236,18 @@ class UpstreamResponse:
 class UpstreamPool:
     """Kept-alive connections per (host, port)."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float, max_idle_per_replica: int = 256):
+    def __init__(
+        self,
+        connect_timeout: float,
+        read_timeout: float,
+        max_idle_per_replica: int = 256,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle_per_replica
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._ssl_context = ssl_context  # for https:// replicas (default: the system's trust store, verified)
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
 
     def _release(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, [])
@@ -249,23 +256,31 @@ class UpstreamPool:
         elif conn.transport is not None:
             conn.transport.close()
 
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
+    async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         loop = asyncio.get_running_loop()
+        tls: ssl.SSLContext | None = None
+        if key[2]:
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            tls = self._ssl_context
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, key), key[0], key[1]), self.connect_timeout
+                loop.create_connection(lambda: _Connection(self, key), key[0], key[1], ssl=tls),
+                self.connect_timeout,
             )
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError) as e:  # (ssl.SSLError is an OSError: a certificate refused)
             raise UpstreamError(f"connect to {key[0]}:{key[1]} failed: {e!r}", connect=True) from e
         return conn
 
-    async def post(self, host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
-        conn = await self._connect((host, port))
+    async def post(
+        self, host: str, port: int, path: str, headers: dict[str, str], body: bytes, tls: bool = False
+    ) -> UpstreamResponse:
+        conn = await self._connect((host, port, tls))
         resp = UpstreamResponse(conn, self.read_timeout)
         conn.response = resp
         head = [f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"]
@@ -286,8 +301,3 @@ class UpstreamPool:
                 if c.transport is not None:
                     c.transport.close()
         self._idle.clear()
-
-
-def origin(url: Any) -> tuple[str, int]:
-    """(host, port) of a yarl URL."""
-    return url.host, url.port

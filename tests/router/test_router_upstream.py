@@ -138,3 +138,36 @@ async def test_a_refused_connection_is_a_connect_error():
     with pytest.raises(UpstreamError) as e:
         await pool.post("127.0.0.1", port, "/x", {}, b"")
     assert e.value.connect
+
+
+async def test_https_replicas_are_reached_over_verified_tls(tmp_path):
+    """https:// backends worked through aiohttp's client; the lean client speaks TLS to them too, verifying the
+    certificate against the configured trust (here: a throwaway CA that signed the replica's certificate)."""
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    scripted = ScriptedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure"])
+    server = await asyncio.start_server(scripted._handle, "localhost", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(cert))
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5, ssl_context=trusting)
+    untrusting = UpstreamPool(connect_timeout=2, read_timeout=5)  # the system's trust store: not our throwaway CA
+    try:
+        r = await pool.post("localhost", port, "/x", {}, b"", tls=True)
+        assert (r.status, await r.read()) == (200, b"secure")
+        r.close()
+        with pytest.raises(UpstreamError) as e:
+            await untrusting.post("localhost", port, "/x", {}, b"", tls=True)
+        assert e.value.connect
+    finally:
+        pool.close()
+        untrusting.close()
+        server.close()
