@@ -56,7 +56,9 @@ def test_a_data_offset_past_the_end_is_a_clear_error(saved, tmp_path):
 
 
 @pytest.mark.parametrize("staging_bytes", [7, 64, 1 << 20])  # chunks cutting elements, rows, or one chunk whole
-def test_streamed_reads_equal_the_library_whatever_the_chunk_size(saved, staging_bytes):
+@pytest.mark.parametrize("min_split", [1 << 30, 5])  # one reader per chunk; each chunk split among the readers
+def test_streamed_reads_equal_the_library_whatever_the_chunk_size(saved, monkeypatch, staging_bytes, min_split):
+    monkeypatch.setattr(sf, "MIN_SPLIT_READ", min_split)
     path, ref = saved
     f, staging = sf.SafetensorsFile(path), sf.Staging(torch.device("cpu"), staging_bytes)
     for name, want in ref.items():
