@@ -93,16 +93,23 @@ def write_checkpoint(cfg: dict[str, Any], root: Path, device: str, shard_bytes: 
         tensors = {}
         for name in names:
             t = torch.empty(shapes[name], dtype=dtype, device=device)
-            t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, 0.02, generator=gen)
+            if name.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
             tensors[name] = t.cpu()
             weight_map[name] = file
             total += t.numel() * t.element_size()
         save_file(tensors, str(root / file), metadata={"format": "pt"})
         del tensors
+        fd = os.open(root / file, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on storage before the clock stops, and clean: a cold run's cache drop can then take it
+        finally:
+            os.close(fd)
     (root / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (root / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (root / "tokenizer.json").write_text(synthetic_tokenizer_info(model.vocab_size).tokenizer_json)
-    os.sync()  # dirty pages written out: a cold run then reads from storage, not from write-back memory
     write_s = time.perf_counter() - started
     marker.write_text(json.dumps(cfg))
     return {"reused": False, "write_s": write_s, "bytes": checkpoint_bytes(root), "shards": len(shards)}
