@@ -132,6 +132,7 @@ class Router:
         self.health: HealthChecker | None = None
         self.subscribers: dict[int, KVEventSubscriber] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._warming: asyncio.Task[None] | None = None
         self._urls: dict[tuple[str, str], URL] = {}
         self._started = int(time.time())
         self._upstream_headers = (
@@ -171,11 +172,14 @@ class Router:
             pass
         self._tasks.append(asyncio.create_task(discovery.run(), name="discovery"))
         self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
-        await self._warm_up(self.config.warmup_timeout)
+        # Listen at once and hold requests until warm: a restarted router refusing connections while it warms up
+        # would fail clients' retries (seen in the soak test), where a short wait costs them nothing.
+        self._warming = asyncio.create_task(self._warm_up(self.config.warmup_timeout), name="warm-up")
+        self._tasks.append(self._warming)
 
     async def _warm_up(self, timeout: float) -> None:
-        """Before listening, wait (bounded) for the replicas' KV snapshots and the tokenizer: a restarted router
-        then routes its first request on a warm index, as its predecessor would have."""
+        """Wait (bounded) for the replicas' KV snapshots and the tokenizer; requests arriving meanwhile wait for it, so
+        a restarted router routes its first request on a warm index, as its predecessor would have."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -282,6 +286,8 @@ class Router:
 
     # --- handlers --------------------------------------------------------------------------------
     async def handle_health(self, request: web.Request) -> web.Response:
+        if self._warming is not None and not self._warming.done():  # not ready yet: a Service sends elsewhere
+            return web.json_response({"status": "warming up"}, status=503)
         now = time.monotonic()
         up = sum(1 for b in self.registry.backends.values() if b.takes_requests(now))
         return web.json_response({"status": "ok", "backends": len(self.registry.backends), "routable": up})
@@ -336,6 +342,8 @@ class Router:
             if not self.registry.knows_model(body.model):  # (its name never becomes a metric label)
                 raise model_not_found(body.model)
             model = body.model
+            if self._warming is not None and not self._warming.done():
+                await asyncio.shield(self._warming)
             return await self._route(request, kind, raw, body, started)
         except APIError as e:
             self.metrics.child(self.metrics.requests, model, "", str(e.status)).inc()

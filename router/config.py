@@ -161,8 +161,8 @@ class RouterConfig:
     )
     warmup_timeout: float = option(
         2.0,
-        help="seconds start-up may wait for the replicas' KV-event snapshots and the tokenizer before listening "
-        "(a restarted router then routes on a warm index)",
+        help="seconds a starting router may hold requests (and answer 503 on /health) while the replicas' KV-event "
+        "snapshots and the tokenizer arrive (a restarted router then routes on a warm index)",
     )
     approx_index_size: int = option(
         DEFAULT_APPROX_SIZE, help="bound of the approximate prefix index in (replica, block) entries"
