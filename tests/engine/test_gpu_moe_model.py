@@ -14,7 +14,13 @@ import dataclasses
 
 import pytest
 import torch
-from gpu_model_setup import bf16_rounded_random_model, run_to_completion, small_runner, teacher_forced_logits
+from gpu_model_setup import (
+    bf16_rounded_random_model,
+    compare_routed_logits,
+    run_to_completion,
+    small_runner,
+    teacher_forced_logits,
+)
 
 from kubellm.engine.config import EngineConfig
 
@@ -52,21 +58,6 @@ def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _compare(gpu: torch.Tensor, ref: torch.Tensor, label: str) -> None:
-    """Row-wise relative L2 error and argmax agreement, judged robustly: bf16 rounding flips the routing of a
-    token whose k-th and (k+1)-th experts nearly tie (a few percent of token-layers), which moves that row's
-    logits by much more than rounding does. A wrong kernel (wrong expert, weight or reduction) moves every row."""
-    rel = (gpu - ref).norm(dim=-1) / ref.norm(dim=-1)
-    top2 = ref.topk(2, dim=-1).values
-    decided = (top2[:, 0] - top2[:, 1]) > 0.1  # argmax only where the reference is decided
-    agree = (gpu.argmax(-1) == ref.argmax(-1))[decided].float().mean().item()
-    median, mean, worst = rel.median().item(), rel.mean().item(), rel.max().item()
-    print(f"{label}: {gpu.shape[0]} rows, relative L2 median {median:.4f} mean {mean:.4f} max {worst:.4f}, "
-          f"argmax agreement {agree:.4f} on {int(decided.sum())} decided rows")  # fmt: skip
-    assert median < 0.03 and mean < 0.06, f"{label}: relative error median {median:.4f}, mean {mean:.4f}"
-    assert agree > 0.9, f"{label}: argmax agreement {agree:.4f}"
-
-
 def test_gpu_moe_logits_match_the_cpu_reference(loaded):
     from kubellm.engine.models import moe
 
@@ -76,7 +67,7 @@ def test_gpu_moe_logits_match_the_cpu_reference(loaded):
     assert gpu_runner._graphs, "CUDA graphs were not captured"
     gpu = _teacher_forced(gpu_runner, tokens)
     assert gpu_runner.graph_replays == POSITIONS - PREFILL, "decode steps did not replay the CUDA graphs"
-    _compare(gpu, _teacher_forced(_runner(loaded, "cpu"), tokens), "small MoE, GPU vs CPU")
+    compare_routed_logits(gpu, _teacher_forced(_runner(loaded, "cpu"), tokens), "small MoE, GPU vs CPU")
 
 
 def test_cuda_graph_decode_equals_eager_with_moe(loaded):
@@ -114,4 +105,4 @@ def test_fused_kernels_equal_the_torch_reference_on_the_real_expert_shape(monkey
     ref_runner = _runner(loaded, "cuda")
     assert not ref_runner._graphs, "the torch reference reads counts back to the host: it must decode eagerly"
     reference = _teacher_forced(ref_runner, tokens)
-    _compare(fused, reference, "Qwen3-30B-A3B experts, fused vs torch reference (bf16, same GPU)")
+    compare_routed_logits(fused, reference, "Qwen3-30B-A3B experts, fused vs torch reference (bf16, same GPU)")
