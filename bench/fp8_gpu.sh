@@ -24,14 +24,9 @@ SKIP_TESTS=${SKIP_TESTS:-0}
 TUNE_S=${TUNE_S:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-site=/tmp/site
-if ls .gpu/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .gpu/whl/*.whl || exit 1
-fi
-export PYTHONPATH="$site:$PWD"
+source bench/gpu_site.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-git rev-parse HEAD 2>/dev/null | sed 's/^/git commit /'
 
 rc=0
 if [ "$SKIP_TESTS" = 0 ]; then

@@ -54,17 +54,7 @@ if [ "$mode" = peer ]; then
     | tee "$OUT/peer.log"
   exit "${PIPESTATUS[0]}"
 fi
-# Every carried wheel not yet in $site (a warm machine keeps $site; wheels may arrive in later calls). Our own
-# dependencies the GPU image lacks come from bench/gpu_wheels.sh, flashinfer's from shared/gpu/wheels.sh.
-for whl in "$WHEELS"/*.whl; do
-  [ -f "$whl" ] || continue
-  dist=$(basename "$whl" | cut -d- -f1)
-  ls -d "$site/$dist"-*.dist-info >/dev/null 2>&1 && continue
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$whl" || exit 1
-done
-export PYTHONPATH="$site:$PWD"
-missing=$(python3 -c "import importlib.util as u; print(' '.join(m for m in 'pydantic gguf orjson llguidance flashinfer'.split() if u.find_spec(m) is None))")
-[ -z "$missing" ] || echo "gpu_run.sh: missing on this machine: $missing (bash bench/gpu_wheels.sh .gpu/whl here, then carry .gpu/whl)"
+source bench/gpu_site.sh
 aot="$site/flashinfer/data/aot"
 mkdir -p "$aot"
 if ls .gpu/kcache/fi-cache.tgz.* >/dev/null 2>&1; then bash .gpu/kernel-cache.sh unpack .gpu/kcache; fi
@@ -76,7 +66,6 @@ for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
 done
 echo "prebuilt flashinfer kernels: $(ls "$aot" | wc -l)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "git commit ${KUBELLM_GIT_COMMIT:-unknown: set KUBELLM_GIT_COMMIT=\$(git rev-parse HEAD) in the command, the copied .git is stale}"
 git status --short 2>/dev/null | head -20
 
 rc=0

@@ -14,14 +14,9 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 MICRO_S=${MICRO_S:-110}
 mkdir -p "$OUT/moe_configs"
 export PYTHONUNBUFFERED=1
-site=/tmp/site
-if ls .gpu/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .gpu/whl/*.whl || exit 1
-fi
-export PYTHONPATH="$site:$PWD"
+source bench/gpu_site.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-git rev-parse HEAD 2>/dev/null | sed 's/^/git commit /'
 
 timeout "$TEST_TIMEOUT" python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/engine/test_gpu_fused_moe.py \
   2>&1 | tee "$OUT/moe-gpu-tests.log"
