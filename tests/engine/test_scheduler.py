@@ -186,3 +186,23 @@ def test_the_growth_reserve_never_holds_back_a_request_when_nothing_runs():
     s.growth_reserve_tokens = 1000  # more than the pool: still the first request is admitted
     add_batch(s, 1, 16, 16)
     assert len(s.schedule().requests) == 1
+
+
+def test_a_preempted_request_waits_ahead_of_those_never_admitted():
+    """vLLM's order too: the victim (the newest running request) goes back to the front of the waiting queue,
+    so it resumes before requests that arrived after it."""
+    s = make_scheduler(num_blocks=6, block_size=4, budget=100)
+    a = add(s, "a", 8)
+    b = add(s, "b", 8, start=50)
+    step(s)
+    c = add(s, "c", 8, start=100)  # arrives while a and b run; the pool (6 blocks) has no room for it
+    for _ in range(20):
+        out = step(s)
+        if out.preempted:
+            break
+    assert out.preempted == [b] and a.num_preemptions == 0
+    assert [r.request_id for r in out.requests] == ["a"]
+    assert list(s.waiting) == [b, c]
+    s.finish_request("a", RequestStatus.FINISHED_LENGTH)
+    out = step(s)
+    assert out.requests[0] is b
