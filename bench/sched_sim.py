@@ -6,16 +6,16 @@
 Each step is faked: every scheduled sequence computes its tokens, and one that reaches the end of its known tokens
 samples one (a fixed id). It counts what a policy costs when the pool is tight: preemptions, steps, the mean running
 batch, and tokens recomputed (positions computed again after a preemption, not found in the prefix cache). A
-roofline estimate of GPU time per step (Llama-3.1-8B on an H100, from bench/bounds-style constants) weighs steps
+roofline estimate of GPU time per step (Llama-3.1-8B on an H100, the constants below) weighs steps
 against recompute; it is an estimate for comparing policies, not a measurement.
 
 Policies compared, on the same pool, limits and prompts (bench/workloads.py):
 - ours: kubellm.engine.scheduler.Scheduler as the engine builds it (growth reserve from EngineConfig's default);
 - vllm-v1-model: a MODEL of vLLM v1's fcfs policy written from reading vllm/v1/core/sched/scheduler.py and
   kv_cache_manager.py (not vLLM itself): running requests first; a waiting request is admitted while the free
-  blocks cover its new tokens plus a watermark of 1% of the pool (vLLM main; vllm-v1-model-nowm: the same without it —
-  not checked which of the two 0.26.0 has), with no reserve for the running requests' growth; the victim is the last request in
-  the running list; it goes back to the front of the waiting queue; a step that preempted admits nobody.
+  blocks cover its new tokens plus a watermark of 1% of the pool (vLLM main; vllm-v1-model-nowm: the same without
+  it; not checked which of the two 0.26.0 has), with no reserve for the running requests' growth; the victim is the
+  last request in the running list; it goes back to the front of the waiting queue; a step that preempted admits nobody.
 The roofline estimate ignores the async engine's placeholders and the host: it compares policies only.
 """
 
@@ -178,7 +178,8 @@ def markdown(results: list[SimResult], command: str, commit: str, settings: Engi
     ]
     for r in results:
         lines.append(
-            f"| {r.pool_blocks} | {r.workload} | {r.policy} | {r.preemptions} | {r.requests_preempted} | {r.steps} | {r.mean_running} | "
+            f"| {r.pool_blocks} | {r.workload} | {r.policy} | {r.preemptions} | {r.requests_preempted} | {r.steps} | "
+            f"{r.mean_running} | "
             f"{r.mean_decodes} | {r.tokens_recomputed} | {r.est_gpu_s} | {r.est_output_tok_s} |"
         )
     return "\n".join(lines) + "\n"
