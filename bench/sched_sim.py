@@ -11,6 +11,7 @@ against recompute; it is an estimate for comparing policies, not a measurement.
 
 Policies compared, on the same pool, limits and prompts (bench/workloads.py):
 - ours: kubellm.engine.scheduler.Scheduler as the engine builds it (growth reserve from EngineConfig's default);
+  ours:N the same with a growth reserve of N tokens;
 - vllm-v1-model: a MODEL of vLLM v1's fcfs policy written from reading vllm/v1/core/sched/scheduler.py and
   kv_cache_manager.py (not vLLM itself): running requests first; a waiting request is admitted while the free
   blocks cover its new tokens plus a watermark of 1% of the pool (vLLM main; vllm-v1-model-nowm: the same without
@@ -106,9 +107,10 @@ def step_seconds(seqs: list[tuple[int, int]]) -> float:
 def make_scheduler(policy: str, pool_blocks: int, settings: EngineSettings) -> Scheduler:
     kv = KVCacheManager(pool_blocks, settings.block_size, settings.enable_prefix_caching)
     limits = (settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_model_len)
-    if policy == "ours":
-        reserve = EngineConfig().kv_growth_reserve_tokens
-        return Scheduler(kv, *limits, policy="fcfs", growth_reserve_tokens=reserve)
+    if policy == "ours" or policy.startswith("ours:"):  # ours:N: with a growth reserve of N tokens instead
+        reserve = policy.partition(":")[2]
+        tokens = int(reserve) if reserve else EngineConfig().kv_growth_reserve_tokens
+        return Scheduler(kv, *limits, policy="fcfs", growth_reserve_tokens=tokens)
     if policy == "vllm-v1-model":
         return VllmV1PolicyModel(kv, *limits, watermark=0.01)
     if policy == "vllm-v1-model-nowm":
