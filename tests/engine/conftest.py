@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +52,21 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
     def get(kind: str) -> Path:
         if kind not in made:
             made[kind] = save_tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir) -> Callable[[str], Any]:
+    """transformers' float32 model of a tiny checkpoint kind, loaded once per test module."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Any] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind), dtype=torch.float32).eval()
         return made[kind]
 
     return get

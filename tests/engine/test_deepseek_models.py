@@ -25,20 +25,6 @@ _rng = random.Random(7)
 IDS = [_rng.randrange(4, TINY_VOCAB) for _ in range(45)]  # one generator: distinct tokens, so attention matters
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    made = {}
-
-    def get(kind: str):
-        if kind not in made:
-            made[kind] = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind), dtype=torch.float32).eval()
-        return made[kind]
-
-    return get
-
-
 @pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
 def test_teacher_forced_logits_equal_transformers(kind, tiny_model_dir, hf_model):
     loaded = load_model(tiny_model_dir(kind))

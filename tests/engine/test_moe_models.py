@@ -43,20 +43,6 @@ def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    made = {}
-
-    def get(kind: str):
-        if kind not in made:
-            made[kind] = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind), dtype=torch.float32).eval()
-        return made[kind]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def our_logits(tiny_model_dir):
     """kind -> our teacher-forced logits of IDS from the checkpoint transformers saved (one tensor per expert)."""
     made = {}
