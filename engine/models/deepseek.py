@@ -23,7 +23,7 @@ from kubellm.engine.model_config import ModelConfig, rope_inv_freq_and_scale
 
 from . import fused
 from .causal_lm import CausalLM, CheckpointReader, new_param
-from .llama import MLP, Linear, RMSNorm, _out_linear, add_norm
+from .llama import MLP, Linear, RMSNorm, _out_linear, decoder_stack
 from .moe import SparseMoE, load_moe_weights
 from .moe import experts_impl as moe_impl
 
@@ -219,14 +219,7 @@ class DeepseekForCausalLM(CausalLM):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos = (freqs.cos() * self.rope_scale).to(self.dtype)[:, None, :]
         sin = (freqs.sin() * self.rope_scale).to(self.dtype)[:, None, :]
-        h = self.embed(input_ids)
-        layers = self.layers
-        x = layers[0].input_layernorm(h)
-        for i, layer in enumerate(layers):
-            h, x = add_norm(layer.post_attention_layernorm, layer.self_attn(i, x, cos, sin, kv_caches[i], attn), h)
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            h, x = add_norm(next_norm, layer.mlp(x), h)
-        return x
+        return decoder_stack(self.layers, self.norm, self.embed(input_ids), cos, sin, kv_caches, attn)
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """HF-named tensors, per-expert or stacked experts; MTP layers (index >= num_hidden_layers) ignored."""

@@ -58,6 +58,27 @@ def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[to
     return residual, norm(residual)
 
 
+def decoder_stack(
+    layers: nn.ModuleList,
+    final_norm: RMSNorm,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_caches: list[torch.Tensor],
+    attn: object,
+) -> torch.Tensor:
+    """The pre-norm residual stack of attention and MLP blocks over embeddings `h`, each residual add fused with the
+    next block's norm; returns the final-normed hidden states. Shared by the model families whose layers have
+    `input_layernorm`, `self_attn(i, x, cos, sin, kv_cache, attn)`, `post_attention_layernorm` and `mlp`."""
+    x = layers[0].input_layernorm(h)
+    for i, layer in enumerate(layers):
+        # h: the residual stream; x: its norm, the next block's input
+        h, x = add_norm(layer.post_attention_layernorm, layer.self_attn(i, x, cos, sin, kv_caches[i], attn), h)
+        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm
+        h, x = add_norm(next_norm, layer.mlp(x), h)
+    return x
+
+
 class Linear(nn.Module):
     # The GEMM; the model runner swaps in models/gemv.linear under tensor parallelism (faster on shards).
     matmul = staticmethod(F.linear)
@@ -230,15 +251,7 @@ class LlamaForCausalLM(CausalLM):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        h = self.embed(input_ids)
-        layers = self.layers
-        x = layers[0].input_layernorm(h)
-        for i, layer in enumerate(layers):
-            # h: the residual stream; x: its norm, the next block's input
-            h, x = add_norm(layer.post_attention_layernorm, layer.self_attn(i, x, cos, sin, kv_caches[i], attn), h)
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            h, x = add_norm(next_norm, layer.mlp(x), h)
-        return x
+        return decoder_stack(self.layers, self.norm, self.embed(input_ids), cos, sin, kv_caches, attn)
 
     # -- weights -------------------------------------------------------------------------------------------
 
