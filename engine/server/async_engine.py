@@ -283,7 +283,7 @@ class AsyncEngine:
                 commands.append(self._commands.get(timeout=self._idle_wait()))
             except queue.Empty:
                 idle: list[tuple[Any, Any]] = []
-                self._publish_load(idle)  # a change held back by the rate limit goes out now
+                self._publish_load(idle, engine.stats())  # a change held back by the rate limit goes out now
                 if idle:
                     self._post(idle, None, 0)
                 return
@@ -321,8 +321,9 @@ class AsyncEngine:
                 else:
                     batch.append((stream, out))  # a delta: fresh lists the engine thread never touches again
         self._publish_kv_events(batch)
-        self._publish_load(batch)
-        self._post(batch, engine.stats(), added)
+        stats = engine.stats()
+        self._publish_load(batch, stats)
+        self._post(batch, stats, added)
 
     def _observe_step(self, num_tokens: int) -> None:
         if self._on_step is None:
@@ -385,27 +386,23 @@ class AsyncEngine:
         )
         self._subscribers.append(sub)
         batch.append((sub, encode_event(snap)))
-        load = self._load()
+        load = _load(self.engine.stats())
         if load == self._load_sent:  # (else a changed load is about to go to every subscriber, this one too)
             batch.append((sub, encode_event(LoadEvent(running=load[0], waiting=load[1], free_blocks=load[2]))))
-
-    def _load(self) -> tuple[int, int, int]:
-        st = self.engine.stats()
-        return st.num_running, st.num_waiting, st.blocks_total - st.blocks_used
 
     def _idle_wait(self) -> float:
         """How long an idle engine thread may block on its queue: less than IDLE_WAIT_S when a load change is
         waiting for the rate limit, so the router learns the final load (e.g. idle) without a next request."""
-        if not self._subscribers or self._load() == self._load_sent:
+        if not self._subscribers or _load(self.engine.stats()) == self._load_sent:
             return IDLE_WAIT_S
         return min(IDLE_WAIT_S, max(0.0, self._load_sent_at + LOAD_MIN_INTERVAL_S - time.monotonic()))
 
-    def _publish_load(self, batch: list[tuple[Any, Any]]) -> None:
+    def _publish_load(self, batch: list[tuple[Any, Any]], stats: EngineStats) -> None:
         """A `load` line to every subscriber when (running, waiting, free_blocks) changed, at most every
         LOAD_MIN_INTERVAL_S; it carries no seq (GUIDE section 2)."""
         if not self._subscribers:
             return
-        load = self._load()
+        load = _load(stats)
         now = time.monotonic()
         if load == self._load_sent or now - self._load_sent_at < LOAD_MIN_INTERVAL_S:
             return
@@ -472,3 +469,8 @@ def _set_result(fut: asyncio.Future[None]) -> None:
 def _set_exception(fut: asyncio.Future[None], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+def _load(st: EngineStats) -> tuple[int, int, int]:
+    """What a `load` line reports: (running, waiting, free_blocks)."""
+    return st.num_running, st.num_waiting, st.blocks_total - st.blocks_used
