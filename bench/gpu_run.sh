@@ -23,6 +23,10 @@
 #   6.   WHEELS=/tmp/whl bench/gpu_run.sh peer --shape llama-3.1-8b --scale 0.5 --json-out /tmp/peer.json
 #   7.   WHEELS=/tmp/whl bench/gpu_run.sh bench --shape llama-3.1-8b --scale 0.5 --peer-json /tmp/peer.json
 # (or 6+7 as one: bench --peer vllm ..., when one command's 10 minutes hold both engines' start-up and workloads).
+# --profile (bench mode) profiles one prefill step and decode steps at batch 1 and 256 of ours, and with --peer vllm
+# passes itself on to bench.peer_vllm, which profiles vLLM's the same way: the report prints them side by side
+# (e.g. bench --peer vllm --profile --workloads 1,d --peer-workloads 1 --decode-batches 1,256 --scale 0.5).
+# `peer --profile` alone writes the peer's profiles into its JSON for a later --peer-json run.
 #
 # tp: the tensor-parallel gpu tests (tests/engine/test_gpu_tensor_parallel.py; TP_TESTS=0 skips them), then the
 # offline benchmark at TP 1,2 (and 4 when there are 4 GPUs): workloads (a), (b) and batch-1 decode, scale

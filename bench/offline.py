@@ -45,14 +45,25 @@ from typing import Any
 
 import torch
 
-from bench import bounds, report
+from bench import bounds, kernel_kinds, report
 from bench.cuda_timing import event_ms, graph_ms
 from bench.gpu_info import gpu_identity
 from bench.peer_vllm import peer_command
 from bench.shapes import shape
 from bench.step_profile import describe as describe_profile
 from bench.step_profile import profile_steps
-from bench.workloads import BATCH1_OUT, BATCH1_PROMPT, WORKLOADS, EngineSettings, Sampling, Workload
+from bench.workloads import (
+    BATCH1_OUT,
+    BATCH1_PROMPT,
+    PROBE_CTX,
+    PROFILE_BATCHES,
+    WORKLOADS,
+    EngineSettings,
+    Sampling,
+    Workload,
+    decode_probe,
+    prefill_probe,
+)
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.model_config import ModelConfig, UnsupportedModelError
 from kubellm.engine.outputs import OutputKind
@@ -284,7 +295,7 @@ def decode_step_times(engine, batch: int, ctx: int, steps: int, profile: bool = 
     """Median engine step and GPU forward time of pure decode steps of `batch` sequences at ~ctx tokens."""
     # Long enough that nobody finishes while measured (the first requests decode while later ones prefill).
     params = _params(2 * steps + 64)
-    prompts = Workload(f"d{batch}", batch, ctx, 1, seed=100 + batch).prompts(engine.model_config.vocab_size)
+    prompts = decode_probe(batch, ctx).prompts(engine.model_config.vocab_size)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts, strict=True):
         engine.add_request(rid, p, params)
@@ -342,12 +353,10 @@ def decode_step_times(engine, batch: int, ctx: int, steps: int, profile: bool = 
 def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False) -> dict[str, Any]:
     """Steps prefilling `tokens` tokens of `prompt_len`-token prompts (workload (a)'s shape), synchronised: the
     best of 3 (the first also pays lazy initialisation), and with `profile` the kernel time of one more by kind."""
-    n = -(-tokens // prompt_len)
     vocab = engine.model_config.vocab_size
 
     def add(round_: int) -> None:
-        probe = Workload("prefill-probe", n, prompt_len, 1, seed=1000 * tokens + round_)
-        for i, prompt in enumerate(probe.prompts(vocab)):
+        for i, prompt in enumerate(prefill_probe(tokens, prompt_len, round_).prompts(vocab)):
             engine.add_request(f"prefill-probe-{round_}-{i}", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
 
     def drain() -> None:
@@ -437,6 +446,15 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
             profile.append(f"- prefill attention alone, {backend}: {x.get('error')}")
     if profile:
         md += ["Where the time goes:", *profile, ""]
+    side = profiles_side_by_side(r)
+    if side:
+        md += [
+            "Step profiles side by side (per step; kernel ms by kind with the kernel count in brackets, "
+            "bench/kernel_kinds.py; host phases overlap the GPU under async scheduling; profiled steps run a little "
+            "slower than unprofiled ones):",
+            "",
+            *side,
+        ]
     if r.get("notes"):
         md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
     stem.parent.joinpath(stem.name + ".md").write_text("\n".join(md))
@@ -480,8 +498,8 @@ def run_engine(
                 if left() < 60:
                     r["notes"].append(f"(d) batch {b} skipped: out of time")
                     continue
-                x = decode_step_times(engine, b, 1024, 32, profile=args.profile and b in (1, 256))
-                roof = bounds.decode_step_ms(cfg, b, 1024 + 10, bounds.Ceilings(**r["ceilings"]), tp)
+                x = decode_step_times(engine, b, PROBE_CTX, 32, profile=args.profile and b in PROFILE_BATCHES)
+                roof = bounds.decode_step_ms(cfg, b, PROBE_CTX + 10, bounds.Ceilings(**r["ceilings"]), tp)
                 x.update(
                     roofline_ms=roof["total_ms"],
                     roofline_gemm_ms=roof["gemm_ms"],
@@ -491,7 +509,7 @@ def run_engine(
                 log.info("TP %d decode batch %d: %s", tp, b, x)
             if left() > 60:
                 r["prefill_probe"] = prefill_step_ms(
-                    engine, settings.max_num_batched_tokens, 1024, profile=args.profile
+                    engine, settings.max_num_batched_tokens, PROBE_CTX, profile=args.profile
                 )
                 log.info("prefill probe: %s", r["prefill_probe"])
             write_results(r, out_dir)
@@ -610,11 +628,49 @@ def write_tp_summary(r: dict[str, Any], out_dir: Path) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------------------
+def peer_profile_batches(args: argparse.Namespace) -> list[int] | None:
+    """With --profile, the decode batches the peer profiles: those ours profiles ((d)'s batches among
+    PROFILE_BATCHES); None without --profile."""
+    if not args.profile:
+        return None
+    return [b for b in (int(x) for x in args.decode_batches.split(",")) if b in PROFILE_BATCHES]
+
+
+def profiles_side_by_side(r: dict[str, Any]) -> list[str]:
+    """Markdown tables of our step profiles beside the peer's (bench/peer_vllm.py --profile), one per probe either
+    engine profiled; the peer's only when its figures are this run's (same GPU and settings)."""
+    peer = r.get("peer") or {}
+    peer_profile = {} if peer.get("error") else (peer.get("profile") or {})
+    name = f"vLLM {peer['version']}" if peer.get("version") else "the peer"
+    probes: list[tuple[str, Any, Any]] = []
+    pp = r.get("prefill_probe") or {}
+    peer_prefill = peer_profile.get("prefill") or {}
+    if pp.get("profile") or peer_prefill:
+        tokens = pp.get("tokens") or peer_prefill.get("tokens")
+        probes.append((f"prefill step, {tokens} tokens", pp.get("profile"), peer_prefill))
+    batches = dict.fromkeys([*(r.get("decode") or {}), *(peer_profile.get("decode") or {})])
+    for b in batches:
+        ours = ((r.get("decode") or {}).get(b) or {}).get("profile")
+        theirs = (peer_profile.get("decode") or {}).get(b)
+        if ours or theirs:
+            probes.append((f"decode step, batch {b}", ours, theirs))
+    out = []
+    for title, ours, theirs in probes:
+        errors = [f"{who}: {p['error']}" for who, p in (("ours", ours), (name, theirs)) if p and p.get("error")]
+        ours = None if not ours or ours.get("error") else ours
+        theirs = None if not theirs or theirs.get("error") else theirs
+        out += [kernel_kinds.side_by_side(title, ours, theirs, name), ""]
+        out += [f"({'; '.join(errors)})", ""] if errors else []
+    return out
+
+
 def run_peer(args: argparse.Namespace, settings: EngineSettings, out_dir: Path, timeout_s: float) -> dict[str, Any]:
     """vLLM in its own process, before this process touches the GPU; its results, or {"error": why}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_out = out_dir / f"peer-vllm-{args.shape}.json"
-    cmd = peer_command(args.peer_python, args.shape, args.scale, settings, args.peer_workloads, json_out)
+    cmd = peer_command(
+        args.peer_python, args.shape, args.scale, settings, args.peer_workloads, json_out, peer_profile_batches(args)
+    )
     env = dict(os.environ, PYTHONPATH=f"{args.vllm_site}:{Path.cwd()}", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     log.info("peer: %s", " ".join(cmd))
     try:
@@ -665,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
         "128x128 block scales (quantized from the random weights at load; vLLM reads it from config.json)",
     )
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="both engines' KV cache dtype")
-    p.add_argument("--profile", action="store_true", help="(d): profile decode steps at batch 1 and 256")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="(d): profile decode steps at batch 1 and 256 and one prefill step; with --peer vllm the peer's too",
+    )
     p.add_argument(
         "--decode-micro",
         action=argparse.BooleanOptionalAction,

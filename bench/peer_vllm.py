@@ -6,6 +6,12 @@ shared/gpu/vllm-install.sh into /tmp/vsite:
     PYTHONPATH=/tmp/vsite:$PWD VLLM_ENABLE_V1_MULTIPROCESSING=0 python3 -m bench.peer_vllm \
         --shape llama-3.1-8b --scale 0.5 --json-out /tmp/peer-llama-3.1-8b.json
 
+`--profile` adds, after the workloads, the step profiles bench/offline.py --profile takes of ours (the same probes,
+bench/workloads.py): one prefill step of max_num_batched_tokens tokens and decode steps at the given batches, each
+as GPU kernel time by kind (bench/kernel_kinds.py, the one classifier of both), GPU idle and host time per step.
+torch.profiler runs around vLLM's in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0), stepped directly
+through `llm.llm_engine`; a profile that fails is noted and never costs the workloads' figures.
+
 `python -m bench.offline --peer vllm` starts it itself (before our engine takes the GPU), or reads a file it wrote
 earlier on the same machine with `--peer-json`. vLLM gets a directory holding only the shape's config.json, dummy
 weights and no tokenizer (prompts are token ids), and the workloads, sampling parameters and engine limits of
@@ -19,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,8 +33,19 @@ from typing import Any
 
 from bench.fp8_checkpoint import BLOCK_QUANTIZATION_CONFIG
 from bench.gpu_info import gpu_identity
+from bench.kernel_kinds import HostTimer, summarize
 from bench.shapes import shape, write_config_dir
-from bench.workloads import BATCH1_OUT, BATCH1_PROMPT, WORKLOADS, EngineSettings, Sampling, Workload
+from bench.workloads import (
+    BATCH1_OUT,
+    BATCH1_PROMPT,
+    PROBE_CTX,
+    WORKLOADS,
+    EngineSettings,
+    Sampling,
+    Workload,
+    decode_probe,
+    prefill_probe,
+)
 
 
 def _preemptions(llm: Any) -> float | None:
@@ -77,14 +95,152 @@ def batch1(llm: Any, vocab: int, sampling: Sampling) -> dict[str, Any]:
     return {"ms_per_token": (tn - t1) / BATCH1_OUT * 1e3, "t_first_s": t1, "t_all_s": tn}
 
 
+# ---- step profiles (--profile) ---------------------------------------------------------------------
+# Host phases of vLLM's engine core step (v1/engine/core.py: step / step_with_batch_queue), timed where they exist.
+HOST_PHASES = (
+    ("scheduler", "schedule", "schedule"),
+    ("model_executor", "execute_model", "execute_model"),
+    ("model_executor", "sample_tokens", "sample_tokens"),
+    ("scheduler", "update_from_output", "update_from_output"),
+)
+MAX_DRAIN_STEPS = 10_000
+
+
+def _engine_core(llm: Any) -> Any:
+    """vLLM's in-process EngineCore (LLMEngine.engine_core is an InprocClient holding it), or None."""
+    return getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+
+
+def profiled(llm: Any, run: Callable[[HostTimer], int]) -> dict[str, Any]:
+    """`run(host)` steps the engine and returns how many steps it profiled; it runs under torch.profiler (CUDA
+    kernels and copies) with vLLM's host phases timed, synchronised at both ends."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    host = HostTimer()
+    core = _engine_core(llm)
+    for owner, attr, label in HOST_PHASES if core is not None else ():
+        obj = getattr(core, owner, None)
+        if obj is not None and callable(getattr(obj, attr, None)):
+            host.wrap(obj, attr, label)
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            steps = run(host)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+    finally:
+        host.restore()
+    kernels = [
+        (ev.name, ev.time_range.start, ev.time_range.end)
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    out = summarize(kernels, steps, wall, host.seconds)
+    out["forwards"] = host.calls.get("execute_model")  # model executions launched while profiled
+    return out
+
+
+def _add(llm: Any, ids: list[str], prompts: list[list[int]], max_tokens: int, sampling: Sampling) -> None:
+    params = _params(max_tokens, sampling)
+    try:  # as LLM.generate and our engine's offline runs: no outputs of unfinished requests built every step
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+    except (ImportError, AttributeError):
+        pass
+    for rid, prompt in zip(ids, prompts, strict=True):
+        llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+
+
+def _finish(llm: Any, ids: list[str]) -> None:
+    """Abort the probe's requests and step until vLLM holds none (the next probe starts from an idle engine)."""
+    llm.llm_engine.abort_request(ids)
+    for _ in range(MAX_DRAIN_STEPS):
+        if not llm.llm_engine.has_unfinished_requests():
+            return
+        llm.llm_engine.step()
+
+
+def profile_prefill(llm: Any, tokens: int, prompt_len: int, vocab: int, sampling: Sampling) -> dict[str, Any]:
+    """One step prefilling `tokens` tokens of fresh `prompt_len`-token prompts (ours: offline.prefill_step_ms's
+    profiled round 3): stepped until that forward is launched, then synchronised."""
+    prompts = prefill_probe(tokens, prompt_len, 3).prompts(vocab)
+    ids = [f"profile-prefill-{i}" for i in range(len(prompts))]
+    _add(llm, ids, prompts, 1, sampling)
+
+    def run(host: HostTimer) -> int:
+        for _ in range(8):  # the first step launches it; a few more only if vLLM scheduled nothing at first
+            llm.llm_engine.step()
+            if host.calls.get("execute_model", 1):
+                break
+        return 1
+
+    try:
+        return {"tokens": tokens, "prompt_len": prompt_len, **profiled(llm, run)}
+    finally:
+        _finish(llm, ids)
+
+
+def profile_decode(
+    llm: Any, batch: int, vocab: int, sampling: Sampling, settings: EngineSettings, steps: int = 8
+) -> dict[str, Any]:
+    """`steps` decode steps of `batch` sequences at ~PROBE_CTX tokens (ours: offline.decode_step_times' profile):
+    the prompts prefilled first, a few steps more to reach steady state, then profiled."""
+    prompts = decode_probe(batch).prompts(vocab)
+    ids = [f"profile-d{batch}-{i}" for i in range(batch)]
+    _add(llm, ids, prompts, 2 * 32 + 64, sampling)  # never finishing while measured, as ours
+    try:
+        prefill_steps = -(-batch * PROBE_CTX // settings.max_num_batched_tokens)
+        for _ in range(prefill_steps + 4):
+            llm.llm_engine.step()
+
+        def run(host: HostTimer) -> int:
+            for _ in range(steps):
+                llm.llm_engine.step()
+            return steps
+
+        return {"batch": batch, **profiled(llm, run)}
+    finally:
+        _finish(llm, ids)
+
+
+def profile_all(
+    llm: Any, batches: list[int], vocab: int, sampling: Sampling, settings: EngineSettings
+) -> dict[str, Any]:
+    """Each probe on its own: one that fails says why in place of its figures."""
+    out: dict[str, Any] = {"decode": {}}
+    try:
+        out["prefill"] = profile_prefill(llm, settings.max_num_batched_tokens, PROBE_CTX, vocab, sampling)
+    except Exception as e:  # a profiler or vLLM-internals problem costs this probe only
+        out["prefill"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    for b in batches:
+        try:
+            out["decode"][str(b)] = profile_decode(llm, b, vocab, sampling, settings)
+        except Exception as e:
+            out["decode"][str(b)] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
 def peer_command(
-    python: str, shape_name: str, scale: float, settings: EngineSettings, workloads: str, json_out: Path
+    python: str,
+    shape_name: str,
+    scale: float,
+    settings: EngineSettings,
+    workloads: str,
+    json_out: Path,
+    profile_batches: list[int] | None = None,
 ) -> list[str]:
-    """The command bench.offline starts the peer with: our run's shape, scale and settings, nothing else."""
-    return [
+    """The command bench.offline starts the peer with: our run's shape, scale and settings, nothing else;
+    `profile_batches` (our --profile): the decode batches to profile, besides one prefill step."""
+    cmd = [
         python, "-m", "bench.peer_vllm", "--shape", shape_name, "--scale", repr(scale), "--workloads", workloads,
         "--settings-json", json.dumps(settings.as_dict()), "--json-out", str(json_out),
     ]  # fmt: skip
+    if profile_batches is not None:
+        cmd += ["--profile", "--profile-batches", ",".join(map(str, profile_batches))]
+    return cmd
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +250,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default="1,a,b,c", help="comma list of 1 (batch-1 decode), a, b, c")
     p.add_argument("--settings-json", help="EngineSettings as JSON (what bench.offline passes); defaults otherwise")
     p.add_argument("--json-out", required=True)
-    return p.parse_args(argv)
+    p.add_argument("--profile", action="store_true", help="after the workloads: prefill and decode step profiles")
+    p.add_argument("--profile-batches", default="1,256", help="the decode batches --profile profiles")
+    args = p.parse_args(argv)
+    try:
+        args.profile_batches = [int(b) for b in args.profile_batches.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--profile-batches: a comma list of batch sizes, not {args.profile_batches!r}")
+    if any(b < 1 for b in args.profile_batches):
+        p.error(f"--profile-batches: batch sizes are >= 1, not {args.profile_batches}")
+    return args
 
 
 def kv_bytes_per_token(llm: Any, kv_tokens: int | None) -> float | None:
@@ -191,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                 llm.reset_prefix_cache()
             result["workloads"][key] = run_workload(llm, w, vocab, sampling)
         print(f"vllm {key}: {result.get('batch1') if key == '1' else result['workloads'][key]}", flush=True)
+        save()
+    if args.profile:
+        result["profile"] = profile_all(llm, args.profile_batches, vocab, sampling, settings)
+        print(f"vllm profile: {json.dumps(result['profile'])}", flush=True)
         save()
     return 0
 

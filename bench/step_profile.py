@@ -11,70 +11,11 @@ run a few steps of an engine that is already in steady decode, and report per st
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-# First matching pattern wins; kernel names are lower-cased first.
-KERNEL_KINDS: list[tuple[str, tuple[str, ...]]] = [
-    ("all_reduce", ("nccl", "allreduce", "all_reduce", "allgather")),
-    ("attention", ("batchdecode", "batchprefill", "flashinfer", "prefillwithkvcache", "decodewithkvcache")),
-    ("gemm", ("gemm", "_gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
-    ("kv_write", ("index_copy", "indexcopy")),
-    ("fused_elementwise", ("_rms_norm", "_add_rms_norm", "_rope", "_silu_mul")),
-    ("sampling", ("_race_kernel", "exponential", "argmax", "argmin", "softmax", "distribution", "reduce", "cumsum")),
-    ("sampling", ("sort", "topk")),
-    ("copies", ("memcpy", "memset", "copy")),
-]
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    for kind, patterns in KERNEL_KINDS:
-        if any(p in low for p in patterns):
-            return kind
-    return "other"
-
-
-def _busy_ms(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals (us in, ms out)."""
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if s > end:
-            total += e - s
-            end = e
-        elif e > end:
-            total += e - end
-            end = e
-    return total / 1e3
-
-
-class _HostTimer:
-    """Wraps named callables of live objects, summing their wall time; `restore()` undoes it."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._undo: list[Callable[[], None]] = []
-
-    def wrap(self, obj: Any, attr: str, label: str) -> None:
-        orig = getattr(obj, attr)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                self.seconds[label] += time.perf_counter() - t
-
-        had_own = attr in vars(obj)
-        setattr(obj, attr, timed)
-        self._undo.append(lambda: setattr(obj, attr, orig) if had_own else delattr(obj, attr))
-
-    def restore(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
+from bench.kernel_kinds import HostTimer, summarize
 
 
 def profile_steps(engine: Any, steps: int = 8) -> dict[str, Any]:
@@ -83,7 +24,7 @@ def profile_steps(engine: Any, steps: int = 8) -> dict[str, Any]:
 
     from kubellm.engine import sampler as sampler_mod
 
-    host = _HostTimer()
+    host = HostTimer()
     host.wrap(engine.scheduler, "schedule", "schedule")
     # the forward (inputs, plan, launch): ModelRunner.logits, on rank 0's runner under tensor parallelism (the
     # StepRunner's execute also launches the sampling, timed on its own below)
@@ -111,27 +52,12 @@ def profile_steps(engine: Any, steps: int = 8) -> dict[str, Any]:
     finally:
         sampler_mod.PendingSample.result = orig_result  # type: ignore[method-assign]
         host.restore()
-    kinds: dict[str, float] = defaultdict(float)
-    intervals: list[tuple[float, float]] = []
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        start, end = ev.time_range.start, ev.time_range.end
-        intervals.append((start, end))
-        kinds[kernel_kind(ev.name)] += (end - start) / 1e3
-    wall_ms = wall / steps * 1e3
-    busy = _busy_ms(intervals) / steps
-    host_ms = {k: v / steps * 1e3 for k, v in host.seconds.items()}
-    accounted = sum(v for k, v in host_ms.items())
-    host_ms["rest_of_step"] = max(0.0, wall_ms - accounted)
-    return {
-        "steps": steps,
-        "wall_ms_per_step": wall_ms,
-        "gpu_busy_ms_per_step": busy,
-        "gpu_idle_ms_per_step": max(0.0, wall_ms - busy),
-        "gpu_kernel_ms_per_step": {k: v / steps for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-        "host_ms_per_step": host_ms,
-    }
+    kernels = [
+        (ev.name, ev.time_range.start, ev.time_range.end)
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    return summarize(kernels, steps, wall, host.seconds)
 
 
 def describe(what: str, p: dict[str, Any]) -> str:

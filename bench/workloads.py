@@ -63,6 +63,23 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
+# --profile: the decode batches profiled (of those bench/offline.py's (d) runs) at PROBE_CTX-token prompts, and one
+# prefill step of max_num_batched_tokens tokens of PROBE_CTX-token prompts; the same probes for both engines.
+PROFILE_BATCHES = (1, 256)
+PROBE_CTX = 1024
+
+
+def decode_probe(batch: int, ctx: int = PROBE_CTX) -> Workload:
+    """The prompts of a decode-step probe of `batch` sequences (bench/offline.py's (d), and --profile's)."""
+    return Workload(f"d{batch}", batch, ctx, 1, seed=100 + batch)
+
+
+def prefill_probe(tokens: int, prompt_len: int, round_: int) -> Workload:
+    """The prompts of a prefill-step probe of `tokens` tokens (whole `prompt_len`-token prompts); each round its own,
+    so none hits the prefix cache."""
+    return Workload("prefill-probe", -(-tokens // prompt_len), prompt_len, 1, seed=1000 * tokens + round_)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling parameters of every benchmark request (the engine-wide seed is in EngineSettings)."""

@@ -1,0 +1,214 @@
+"""The step profiles side by side, on a CPU machine without vLLM: one kernel classifier for both engines (kernel names
+as torch.profiler reports them, written down from our kernels and vLLM 0.26's source), the per-step summary of
+recorded kernel intervals, the peer's --profile flags, and the report's "ours | vLLM" tables."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench import kernel_kinds
+from bench.kernel_kinds import HostTimer, busy_ms, kernel_kind, side_by_side, summarize
+from bench.offline import peer_profile_batches, profiles_side_by_side
+from bench.peer_vllm import parse_args, peer_command
+from bench.workloads import EngineSettings
+
+OURS = {
+    "nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT": "gemm",
+    "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, false, true, false>": "gemm",
+    "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, float, 128, 16, 4, 4, false>": "gemm",
+    "_gemv_kernel": "gemm",
+    "void flashinfer::BatchPrefillWithPagedKVCacheKernel<flashinfer::KernelTraits<...>>": "attention",
+    "void flashinfer::BatchDecodeWithPagedKVCacheKernel<(flashinfer::PosEncodingMode)0, 2u, 4u>": "attention",
+    "void at::native::elementwise_kernel<128, 4, at::native::index_copy_kernel_impl<c10::BFloat16>>": "kv_write",
+    "_add_rms_norm_kernel": "fused_elementwise",
+    "_rms_norm_kernel": "fused_elementwise",
+    "_rope_kernel": "fused_elementwise",
+    "_rope_cache_kernel": "fused_elementwise",
+    "_silu_mul_kernel": "fused_elementwise",
+    "_race_kernel": "sampling",
+    "Memcpy HtoD (Pinned -> Device)": "copies",
+}
+VLLM = {
+    "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "fused_elementwise",
+    "triton_poi_fused_mul_silu_slice_1": "fused_elementwise",
+    "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_2": "fused_elementwise",
+    "void vllm::fused_add_rms_norm_kernel<c10::BFloat16, 8>": "fused_elementwise",
+    "void vllm::rotary_embedding_kernel<c10::BFloat16, true>": "fused_elementwise",
+    "void vllm::act_and_mul_kernel<c10::BFloat16, &vllm::silu_kernel<c10::BFloat16>, true>": "fused_elementwise",
+    "void flashinfer::BatchQKApplyRotaryPosIdsCosSinCacheKernel<true, 128u, 8u, 16u, __nv_bfloat16, long>": (
+        "fused_elementwise"
+    ),
+    "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>": "fused_elementwise",
+    "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16, __nv_bfloat16, (vllm::Fp8KVCacheDataType)0>": (
+        "kv_write"
+    ),
+    "void vllm::concat_and_cache_mla_kernel<__nv_bfloat16, __nv_bfloat16, (vllm::Fp8KVCacheDataType)0>": "kv_write",
+    "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90"
+    "<2, cute::tuple<...>>>>>": "attention",
+    "void flash::FlashAttnFwdCombine<cute::tuple<cute::C<8>, cute::C<128>>, 7, 256, 1, false, true, float>": (
+        "attention"
+    ),
+    "void flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4, false, false, cutlass::bfloat16_t>>": (
+        "attention"
+    ),
+    "kernel_unified_attention_2d": "attention",
+    "reduce_segments": "attention",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
+    "__5x_cublas": "gemm",
+    "triton_tem_fused_mm_3": "gemm",
+    "void flashinfer::sampling::TopKTopPSamplingFromProbKernel<1024u, (cub::BlockScanAlgorithm)2, 4u>": "sampling",
+    "void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<float, 4, "
+    "exponential_kernel<...>>": "sampling",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>, "
+    "unsigned int, long, 4>>": "sampling",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, Epilogue>": "sampling",
+    "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "all_reduce",
+    "void vllm::cross_device_reduce_1stage<__nv_bfloat16, 2>": "all_reduce",
+    "Memset (Device)": "copies",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float, "
+    "at::native::binary_internal::DivFunctor<float>>>": "other",
+}
+
+
+@pytest.mark.parametrize(("name", "kind"), sorted({**OURS, **VLLM}.items()))
+def test_both_engines_kernels_fall_into_the_same_kinds(name, kind):
+    assert kernel_kind(name) == kind
+
+
+def test_every_kind_of_the_classifier_is_a_row_of_the_report():
+    assert set(kernel_kinds.KINDS) == {kind for kind, _ in kernel_kinds.KERNEL_KINDS} | {"other"}
+
+
+def test_busy_time_is_the_union_of_overlapping_intervals():
+    # [0, 10) and [5, 20) overlap into 20 us; [30, 35) adds 5; [31, 33) lies inside it
+    assert busy_ms([(30, 35), (0, 10), (5, 20), (31, 33)]) == pytest.approx(0.025)
+    assert busy_ms([]) == 0.0
+
+
+def test_summary_of_two_recorded_steps():
+    # Two steps of 1 ms wall each: per step a 600 us GEMM, a 100 us attention kernel overlapping it by 50 us, and a
+    # 50 us norm; 2 ms of wall, 1.4 ms busy (2 x (600 + 50 + 50)), so 0.3 ms idle per step.
+    kernels = []
+    for t0 in (0.0, 1000.0):
+        kernels += [
+            ("nvjet_tst_128x8", t0, t0 + 600),
+            ("void flashinfer::BatchDecodeWithPagedKVCacheKernel<>", t0 + 550, t0 + 650),
+            ("_add_rms_norm_kernel", t0 + 700, t0 + 750),
+        ]
+    p = summarize(kernels, steps=2, wall_s=2e-3, host_s={"schedule": 0.2e-3, "execute_model": 0.6e-3})
+    assert p["steps"] == 2
+    assert p["wall_ms_per_step"] == pytest.approx(1.0)
+    assert p["gpu_busy_ms_per_step"] == pytest.approx(0.7)
+    assert p["gpu_idle_ms_per_step"] == pytest.approx(0.3)
+    assert p["gpu_kernel_ms_per_step"] == pytest.approx({"gemm": 0.6, "attention": 0.1, "fused_elementwise": 0.05})
+    assert list(p["gpu_kernel_ms_per_step"]) == ["gemm", "attention", "fused_elementwise"]  # largest first
+    assert p["gpu_kernels_per_step"] == {"gemm": 1, "attention": 1, "fused_elementwise": 1}
+    assert p["host_ms_per_step"] == pytest.approx({"schedule": 0.1, "execute_model": 0.3, "rest_of_step": 0.6})
+
+
+def test_a_profile_of_no_step_is_refused():
+    with pytest.raises(ValueError, match="at least one step"):
+        summarize([], steps=0, wall_s=1.0)
+
+
+def test_host_timer_sums_and_counts_calls_and_restores_the_object():
+    class Core:
+        def schedule(self, n: int) -> int:
+            return n + 1
+
+    core = Core()
+    host = HostTimer()
+    host.wrap(core, "schedule", "schedule")
+    assert core.schedule(1) == 2 and core.schedule(2) == 3
+    assert host.calls["schedule"] == 2 and host.seconds["schedule"] >= 0.0
+    host.restore()
+    assert "schedule" not in vars(core)  # the class's method again, nothing left on the instance
+    assert core.schedule(5) == 6 and host.calls["schedule"] == 2
+
+
+def _profile(gemm: float, attention: float, host: dict[str, float]) -> dict:
+    kernels = [("nvjet_tst", 0.0, gemm * 1e3), ("flash::FlashAttnFwdSm90", gemm * 1e3, (gemm + attention) * 1e3)]
+    return summarize(
+        kernels, steps=1, wall_s=(gemm + attention + 0.5) / 1e3, host_s={k: v / 1e3 for k, v in host.items()}
+    )
+
+
+def test_the_side_by_side_table_has_one_row_per_figure_kind_and_phase():
+    ours = _profile(5.0, 0.4, {"schedule": 0.05, "runner_execute": 2.0})
+    peer = _profile(5.2, 0.3, {"schedule": 0.1, "execute_model": 1.5})
+    table = side_by_side("decode step, batch 1", ours, peer, "vLLM 0.26.0").splitlines()
+    assert table[0] == "| decode step, batch 1 | ours | vLLM 0.26.0 |"
+    rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in table[2:]}
+    assert rows["wall ms"] == ["5.90", "6.00 |"]
+    assert rows["GPU idle ms"] == ["0.50", "0.50 |"]
+    assert rows["kernel ms (kernels): gemm"] == ["5.00 (1)", "5.20 (1) |"]
+    assert rows["kernel ms (kernels): attention"] == ["0.40 (1)", "0.30 (1) |"]
+    assert rows["host ms: runner_execute"] == ["2.00", "- |"]  # a phase only one engine has
+    assert rows["host ms: execute_model"] == ["-", "1.50 |"]
+    assert "kernel ms (kernels): sampling" not in rows  # kinds neither engine ran are left out
+    assert side_by_side("x", ours, None, "vLLM").splitlines()[2] == "| wall ms | 5.90 | - |"
+
+
+def _args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"profile": True, "decode_batches": "1,32,128,256", **kw})
+
+
+def test_the_peer_profiles_the_decode_batches_ours_profiles():
+    assert peer_profile_batches(_args()) == [1, 256]
+    assert peer_profile_batches(_args(decode_batches="32,256")) == [256]
+    assert peer_profile_batches(_args(profile=False)) is None
+
+
+def test_the_profile_flag_reaches_the_peer_command(tmp_path):
+    cmd = peer_command("python3", "llama-3.1-8b", 0.5, EngineSettings(), "1,a", tmp_path / "p.json", [1, 256])
+    args = parse_args(cmd[3:])
+    assert args.profile and args.profile_batches == [1, 256]
+    plain = parse_args(peer_command("python3", "llama-3.1-8b", 0.5, EngineSettings(), "1,a", tmp_path / "p.json")[3:])
+    assert not plain.profile
+
+
+@pytest.mark.parametrize("bad", ["1,x", "0,256"])
+def test_bad_profile_batches_are_a_clear_error(bad, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--json-out", "x.json", "--profile", "--profile-batches", bad])
+    assert "--profile-batches" in capsys.readouterr().err
+
+
+def _run(peer: dict) -> dict:
+    ours_decode = _profile(5.0, 0.4, {"runner_execute": 2.0})
+    return {
+        "decode": {"1": {"step_ms": 5.4, "profile": ours_decode}, "32": {"step_ms": 6.0}},
+        "prefill_probe": {"tokens": 16384, "prompt_len": 1024, "profile": _profile(330.0, 20.0, {})},
+        "peer": peer,
+    }
+
+
+def test_the_report_prints_ours_beside_the_peers_profile_per_probe():
+    peer = {
+        "version": "0.26.0",
+        "profile": {
+            "prefill": {"tokens": 16384, "prompt_len": 1024, **_profile(320.0, 25.0, {"execute_model": 30.0})},
+            "decode": {"1": _profile(5.2, 0.3, {"execute_model": 1.5}), "256": {"error": "RuntimeError: boom"}},
+        },
+    }
+    md = "\n".join(profiles_side_by_side(_run(peer)))
+    assert "| prefill step, 16384 tokens | ours | vLLM 0.26.0 |" in md
+    assert "| decode step, batch 1 | ours | vLLM 0.26.0 |" in md
+    assert "| kernel ms (kernels): gemm | 5.00 (1) | 5.20 (1) |" in md
+    assert "| kernel ms (kernels): gemm | 330.00 (1) | 320.00 (1) |" in md
+    assert "| decode step, batch 256 | ours | vLLM 0.26.0 |" in md  # the peer's failed probe says why
+    assert "vLLM 0.26.0: RuntimeError: boom" in md
+    assert "batch 32" not in md  # profiled by neither engine
+
+
+def test_a_peer_from_another_run_shows_no_figures_beside_ours():
+    peer = {
+        "version": "0.26.0",
+        "error": "the peer ran on other GPUs",
+        "profile": {"decode": {"1": _profile(1, 1, {})}},
+    }
+    md = "\n".join(profiles_side_by_side(_run(peer)))
+    assert "| wall ms | 5.90 | - |" in md
+    assert "1.00 (1)" not in md
