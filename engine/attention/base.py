@@ -236,6 +236,17 @@ class AttentionBackend(ABC):
         """q [T, Hq, D], k/v [T, Hkv, D]: store k/v at the step's slots, then attend causally over each
         sequence's cached context plus its new tokens; returns [T, Hq, D]."""
 
+    def paged_slots(self, layer_idx: int) -> torch.Tensor | None:
+        """This step's slot of each new token (block * block_size + offset, int64 [T]) when the caller may write
+        layer `layer_idx`'s new K and V into its cache itself, in kv_cache_shape's layout and the cache's dtype,
+        and then call `forward_written` (the fused rotary + KV write of models/fused.py); None: `forward` writes
+        them (this backend's default)."""
+        return None
+
+    def forward_written(self, layer_idx: int, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """`forward` for a layer whose new K/V the caller already wrote at `paged_slots`: attention only."""
+        raise NotImplementedError(f"the {self.name} attention backend writes K and V itself (paged_slots is None)")
+
     # ---- CUDA graphs for decode (the model runner calls these only when supports_cuda_graphs) ------------
     def set_slots(self, slot_mapping: torch.Tensor) -> None:
         """Point the KV writes at `slot_mapping` with tensor ops a CUDA graph can capture."""

@@ -3,8 +3,10 @@
 Imported only when a CUDA backend is selected (it imports flashinfer at module level). Per step the backend
 plans one flashinfer wrapper on the host lists of `AttentionMetadata` — decode-only steps take the decode
 wrapper, any step holding a prefill chunk takes the prefill wrapper (which handles query-length-1 rows too,
-so a mixed batch is one call per layer) — and every layer reuses that plan. New K/V are written with one
-`index_copy_` each into a flat view of the cache, from rows derived once per step from the slot mapping.
+so a mixed batch is one call per layer) — and every layer reuses that plan. New K/V are written by the model's
+fused rotary kernel straight into the cache (`paged_slots` / `forward_written`, models/fused.py's rope_cache), or
+else with one `index_copy_` each into a flat view of the cache, from rows derived once per step from the slot
+mapping.
 
 CUDA graphs: `init_cuda_graphs` makes one decode wrapper per captured batch size, in flashinfer's CUDA-graph
 mode (fixed indptr/indices/last-page-length buffers, shared by all sizes since one graph runs at a time);
@@ -129,8 +131,8 @@ class FlashInferAttention(AttentionBackend):
         self._graph_decode: dict[int, dict[int | None, flashinfer.BatchDecodeWithPagedKVCacheWrapper]] = {}
         # window -> the wrapper this step runs (one of the dicts above, never mutated)
         self._wrappers: Mapping[int | None, _Wrapper] = self._decode
-        self._k_rows = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._v_rows = self._k_rows
+        self._slots: torch.Tensor | None = None  # this step's slot mapping (set_slots)
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # its K and V rows, made when first needed
         self._fence = PlanFence()
 
     def set_kv_cache_fp8(self, k_scales: Sequence[float], v_scales: Sequence[float]) -> None:
@@ -181,11 +183,29 @@ class FlashInferAttention(AttentionBackend):
         self.set_slots(meta.slot_mapping)
 
     def set_slots(self, slot_mapping: torch.Tensor) -> None:
-        """Rows of each new token's K and V in the cache viewed as [num_blocks * 2 * block_size, Hkv, D].
-        Plain tensor ops, so a CUDA graph captures them and recomputes them from a static slot buffer."""
-        bs = self.block_size
-        self._k_rows = torch.div(slot_mapping, bs, rounding_mode="floor") * bs + slot_mapping
-        self._v_rows = self._k_rows + bs
+        """Where this step's new K and V go. Their rows in the cache viewed as [num_blocks * 2 * block_size, Hkv,
+        D] are made by the first layer that writes through `forward` (plain tensor ops, so a CUDA graph captures them
+        and recomputes them from a static slot buffer); a step whose layers all write through the fused rotary
+        kernel (`paged_slots`) never makes them."""
+        self._slots = slot_mapping
+        self._rows = None
+
+    def _kv_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            if self._slots is None:
+                raise RuntimeError("begin_step (or set_slots) must run before the layers")
+            bs = self.block_size
+            k_rows = torch.div(self._slots, bs, rounding_mode="floor") * bs + self._slots
+            self._rows = (k_rows, k_rows + bs)
+        return self._rows
+
+    def paged_slots(self, layer_idx: int) -> torch.Tensor | None:
+        """The slot mapping, for the fused rotary + KV write: bf16/fp16 caches only (an FP8 cache stores scaled
+        values, written by `forward`)."""
+        return None if self.kv_fp8 else self._slots
+
+    def forward_written(self, layer_idx: int, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        return self._wrappers[self.window_of(layer_idx)].run(q, kv_cache)
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def init_cuda_graphs(self, batch_sizes: list[int], max_pages_per_seq: int) -> None:
@@ -236,13 +256,14 @@ class FlashInferAttention(AttentionBackend):
     ) -> torch.Tensor:
         flat = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
         wrapper = self._wrappers[self.window_of(layer_idx)]
+        k_rows, v_rows = self._kv_rows()
         if self.kv_fp8:  # e4m3 cache: stored as k / k_scale, the kernel multiplies the scales back in
             k_scale, v_scale = self.k_scales[layer_idx], self.v_scales[layer_idx]
-            flat.index_copy_(0, self._k_rows, to_fp8(k, k_scale))
-            flat.index_copy_(0, self._v_rows, to_fp8(v, v_scale))
+            flat.index_copy_(0, k_rows, to_fp8(k, k_scale))
+            flat.index_copy_(0, v_rows, to_fp8(v, v_scale))
             return wrapper.run(q, kv_cache, k_scale=k_scale, v_scale=v_scale)
-        flat.index_copy_(0, self._k_rows, k)
-        flat.index_copy_(0, self._v_rows, v)
+        flat.index_copy_(0, k_rows, k)
+        flat.index_copy_(0, v_rows, v)
         return wrapper.run(q, kv_cache)
 
 

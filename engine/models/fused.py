@@ -1,5 +1,6 @@
 """Fused elementwise kernels for CUDA tensors (Triton): RMSNorm (alone and after the residual add), rotary
-embedding of q and k (and of DeepSeek's rope parts), SiLU-and-mul; and DeepSeek's routing (grouped top-k).
+embedding of q and k (alone, or writing k and v into the paged KV cache too; and DeepSeek's rope parts),
+SiLU-and-mul; and DeepSeek's routing (grouped top-k).
 
 Why: a decode step of a small batch is bound by kernel count, not bytes. In plain torch one layer is ~36
 kernels (RMSNorm alone is 7, rotary 10), each ~2.5 us even inside a CUDA graph: ~3 ms of an 8B model's
@@ -28,7 +29,9 @@ except ImportError:  # CPU installs: the torch path is used
     triton = None
     tl = None
 
-_state = {"ok": triton is not None}
+# "rope_cache": rotary embedding and the KV write in one kernel (rope_cache); off, they run as rope + index_copy_
+# (the gpu tests compare the two paths)
+_state = {"ok": triton is not None, "rope_cache": True}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
 # Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
@@ -112,6 +115,47 @@ if triton is not None:
         x2 = tl.load(src_base + offs + half, mask=mask, other=0.0).to(tl.float32)
         tl.store(dst_base + offs, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
         tl.store(dst_base + offs + half, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_cache_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
+        stride_q, stride_k, stride_v, stride_cs, stride_row, n_q_heads, n_kv_heads, n_q_blocks, half, block_size,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+    ):  # fmt: skip
+        # One program: HEADS heads of one token. The first n_q_blocks programs of axis 1 rotate q heads into q_out
+        # (as _rope_kernel); the rest rotate k heads and copy the same v heads straight into the token's K and V
+        # rows of the paged cache viewed as [num_blocks * 2 * block_size, Hkv, D] (stride_row apart).
+        t = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        c = tl.load(cos_ptr + t * stride_cs + i, mask=i < half, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * stride_cs + i, mask=i < half, other=0.0).to(tl.float32)[None, :]
+        if hb < n_q_blocks:
+            heads = hb * HEADS + tl.arange(0, HEADS)
+            mask = (heads < n_q_heads)[:, None] & (i < half)[None, :]
+            offs = heads[:, None] * HEAD_DIM + i[None, :]
+            src = q_ptr + t * stride_q
+            dst = q_out_ptr + t * n_q_heads * HEAD_DIM
+            x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + offs + half, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst + offs, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + offs + half, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+        else:
+            heads = (hb - n_q_blocks) * HEADS + tl.arange(0, HEADS)
+            mask = (heads < n_kv_heads)[:, None] & (i < half)[None, :]
+            offs = heads[:, None] * HEAD_DIM + i[None, :]
+            slot = tl.load(slot_ptr + t)
+            k_row = (slot // block_size) * (2 * block_size) + slot % block_size  # V's row is block_size further
+            k_dst = cache_ptr + k_row * stride_row
+            v_dst = k_dst + block_size * stride_row
+            src = k_ptr + t * stride_k
+            x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + offs + half, mask=mask, other=0.0).to(tl.float32)
+            tl.store(k_dst + offs, (x1 * c - x2 * s).to(cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_dst + offs + half, (x2 * c + x1 * s).to(cache_ptr.dtype.element_ty), mask=mask)
+            v_src = v_ptr + t * stride_v
+            tl.store(v_dst + offs, tl.load(v_src + offs, mask=mask), mask=mask)
+            tl.store(v_dst + offs + half, tl.load(v_src + offs + half, mask=mask), mask=mask)
 
     @triton.jit
     def _mla_rope_kernel(
@@ -303,6 +347,54 @@ def rope(
         return q_out, k_out
     except Exception as e:
         _disable("rope", e)
+        return None
+
+
+def rope_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor | None:
+    """`rope` with the KV write folded in: q [T, Hq, D] rotated into a new contiguous tensor (returned), k [T, Hkv,
+    D] rotated and v [T, Hkv, D] copied straight into their rows of the paged cache kv_cache [num_blocks, 2,
+    block_size, Hkv, D] (flashinfer's NHD layout, the model dtype) at `slots` [T] (block * block_size + offset,
+    int64), in one launch: the rotated k never goes to memory on its own and the two index_copy_ kernels per layer
+    are gone. q and the cache's K rows equal `rope`'s q and k bit for bit (the same float32 arithmetic), V rows v.
+    None where it does not apply (the caller rotates and lets the attention backend write) or when switched off."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    if (
+        not _state["rope_cache"]
+        or t == 0
+        or d % 2
+        or v.shape != k.shape
+        or kv_cache.dim() != 5
+        or tuple(kv_cache.shape[1:]) != (2, kv_cache.shape[2], hkv, d)
+        or not kv_cache.is_contiguous()
+        or not q.dtype == k.dtype == v.dtype == kv_cache.dtype
+        or any(x.stride(2) != 1 or x.stride(1) != d for x in (q, k, v))
+        or tuple(slots.shape) != (t,)
+        or slots.dtype != torch.int64
+        or tuple(cos.shape) != (t, 1, d)
+    ):
+        return None
+    try:
+        cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)
+        q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+        heads = ROPE_HEADS_PER_PROGRAM
+        n_q_blocks = triton.cdiv(hq, heads)
+        _rope_cache_kernel[(t, n_q_blocks + triton.cdiv(hkv, heads))](
+            q, k, v, cos2, sin2, slots, q_out, kv_cache, q.stride(0), k.stride(0), v.stride(0), cos2.stride(0),
+            hkv * d, hq, hkv, n_q_blocks, d // 2, kv_cache.shape[2],
+            HEAD_DIM=d, BLOCK=triton.next_power_of_2(d // 2), HEADS=heads,
+        )  # fmt: skip
+        return q_out
+    except Exception as e:
+        _disable("rope_cache", e)
         return None
 
 

@@ -164,6 +164,11 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if fused.enabled(q):  # CUDA: rotary and the KV write in one kernel, where the backend lets the model write
+            slots = attn.paged_slots(layer_idx)
+            q_roped = fused.rope_cache(q, k, v, cos, sin, kv_cache, slots) if slots is not None else None
+            if q_roped is not None:
+                return self.o_proj(attn.forward_written(layer_idx, q_roped, kv_cache).reshape(t, self.q_size))
         roped = fused.rope(q, k, cos, sin) if fused.enabled(q) else None
         q, k = roped if roped is not None else (rotate(q, cos, sin), rotate(k, cos, sin))
         out = attn.forward(layer_idx, q, k, v, kv_cache)

@@ -1,0 +1,102 @@
+"""The rotary embedding with the KV write folded in (models/fused.py's rope_cache) against the two steps it replaces:
+the rotary kernel, then the flashinfer backend's index_copy_ of k and v into the paged cache (GPU only; skipped
+without CUDA).
+
+- the kernel: q and the whole cache bit-equal to rope + index_copy_, for Llama-3-8B's heads (32 q / 8 kv x 128) and
+  SmolLM2's (9 / 3 x 64), q/k/v as the strided views of one qkv projection, prefill-sized and decode-sized batches;
+- the model: a runner with the fusion and one without give bit-equal logits teacher-forced through one prefill and
+  48 CUDA-graph decode steps, and bit-equal KV caches; with the fusion no layer wrote through index_copy_.
+(The CUDA-graph-vs-eager, async and CPU-parity tests of test_gpu_model.py run with the fusion, the default.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gpu_model_setup import BLOCK, bf16_rounded_random_model, small_runner, teacher_forced_logits
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS, POSITIONS, PREFILL = 8, 64, 16
+
+
+def _fused():
+    from kubellm.engine.loader import load_model  # noqa: F401 - import order: loader before models
+    from kubellm.engine.models import fused
+
+    assert fused.enabled(torch.empty(1, device="cuda")), "Triton kernels unavailable on CUDA"
+    return fused
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("t", [1, 7, 33, 300])
+def test_rope_cache_equals_rope_then_index_copy(hq, hkv, d, t):
+    fused = _fused()
+    gen = torch.Generator(device="cuda").manual_seed(t + d)
+    dt, blocks = torch.bfloat16, 40
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen, device="cuda").to(dt)
+    q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+    q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+    pos = torch.randint(0, 8000, (t,), generator=gen, device="cuda")
+    freqs = pos.float()[:, None] * (500000.0 ** (-torch.arange(0, d, 2, device="cuda") / d))
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+    slots = torch.randperm(blocks * BLOCK, generator=gen, device="cuda")[:t]  # distinct, scattered over blocks
+    cache = torch.randn(blocks, 2, BLOCK, hkv, d, generator=gen, device="cuda").to(dt)
+    want_cache = cache.clone()
+    want_q, want_k = fused.rope(q, k, cos, sin)
+    rows = torch.div(slots, BLOCK, rounding_mode="floor") * BLOCK + slots  # the backend's K rows; V: + BLOCK
+    flat = want_cache.view(-1, hkv, d)
+    flat.index_copy_(0, rows, want_k)
+    flat.index_copy_(0, rows + BLOCK, v)
+
+    got_q = fused.rope_cache(q, k, v, cos, sin, cache, slots)
+    assert got_q is not None, "the fused kernel did not apply"
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(cache, want_cache), "K/V rows (and every other row) as rope + index_copy_ leave them"
+    assert fused._state["ok"]
+
+
+def test_rope_cache_declines_what_it_cannot_write():
+    fused = _fused()
+    t, hq, hkv, d = 4, 8, 2, 64
+    q, k, v = (torch.zeros(t, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    cos = sin = torch.zeros(t, 1, d, device="cuda", dtype=torch.bfloat16)
+    slots = torch.arange(t, device="cuda")
+    fp8_cache = torch.zeros(2, 2, BLOCK, hkv, d, device="cuda").to(torch.float8_e4m3fn)
+    assert fused.rope_cache(q, k, v, cos, sin, fp8_cache, slots) is None  # scaled FP8 writes stay the backend's
+    cache = torch.zeros(2, 2, BLOCK, hkv, d, device="cuda", dtype=torch.bfloat16)
+    assert fused.rope_cache(q, k, v, cos, sin, cache, slots.int()) is None
+    assert fused.rope_cache(q, k, v, cos, sin, cache, slots) is not None
+    assert fused._state["ok"], "declining is not a failure"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    import flashinfer  # noqa: F401  (a GPU machine without flashinfer fails here, never skips)
+
+    from kubellm.engine.random_model import SMOLLM2_135M
+
+    return bf16_rounded_random_model(SMOLLM2_135M, std=0.02, embed_std=0.2)
+
+
+def test_fused_kv_write_gives_the_unfused_models_logits_and_cache(loaded, monkeypatch):
+    fused = _fused()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, loaded.config.vocab_size, (PROMPTS, POSITIONS), generator=gen).tolist()
+
+    def run():  # the fusion is chosen as graphs are captured: each runner is built under its setting
+        runner = small_runner(loaded, "cuda", PROMPTS, POSITIONS)
+        assert runner._graphs, "CUDA graphs were not captured"
+        logits = teacher_forced_logits(runner, tokens, PREFILL)
+        assert runner.graph_replays == POSITIONS - PREFILL
+        caches = torch.stack([c[: runner.num_blocks] for c in runner.kv_caches])  # the dummy block left out
+        return logits, caches, runner.attn._rows is None
+
+    fused_logits, fused_cache, no_rows = run()
+    assert no_rows, "with the fusion no layer wrote K/V through index_copy_"
+    monkeypatch.setitem(fused._state, "rope_cache", False)
+    plain_logits, plain_cache, no_rows = run()
+    assert not no_rows, "without it the backend wrote them"
+    assert torch.equal(fused_cache, plain_cache)
+    assert torch.equal(fused_logits, plain_logits)
