@@ -25,7 +25,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,27 +112,47 @@ def _engine_core(llm: Any) -> Any:
     return getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
 
 
+@contextmanager
+def timed_core(core: Any) -> Iterator[tuple[HostTimer, list[int | None]]]:
+    """While inside: the host phases of vLLM's engine core `core` (HOST_PHASES, those it has) timed and counted,
+    and the tokens of each step its scheduler schedules recorded; afterwards the core is as it was."""
+    host = HostTimer()
+    for owner, attr, label in HOST_PHASES if core is not None else ():
+        obj = getattr(core, owner, None)
+        if obj is not None and callable(getattr(obj, attr, None)):
+            host.wrap(obj, attr, label)
+    scheduled: list[int | None] = []
+    scheduler = getattr(core, "scheduler", None)
+    timed_schedule = getattr(scheduler, "schedule", None)
+    if callable(timed_schedule):
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            out = timed_schedule(*args, **kwargs)
+            scheduled.append(getattr(out, "total_num_scheduled_tokens", None))
+            return out
+
+        scheduler.schedule = recorded
+    try:
+        yield host, scheduled
+    finally:
+        if callable(timed_schedule):
+            scheduler.schedule = timed_schedule  # the host timer's wrapper again, which restore() removes
+        host.restore()
+
+
 def profiled(llm: Any, run: Callable[[HostTimer], int]) -> dict[str, Any]:
     """`run(host)` steps the engine and returns how many steps it profiled; it runs under torch.profiler (CUDA
     kernels and copies) with vLLM's host phases timed, synchronised at both ends."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    host = HostTimer()
-    core = _engine_core(llm)
-    for owner, attr, label in HOST_PHASES if core is not None else ():
-        obj = getattr(core, owner, None)
-        if obj is not None and callable(getattr(obj, attr, None)):
-            host.wrap(obj, attr, label)
-    try:
+    with timed_core(_engine_core(llm)) as (host, scheduled):
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
             steps = run(host)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t
-    finally:
-        host.restore()
     kernels = [
         (ev.name, ev.time_range.start, ev.time_range.end)
         for ev in prof.events()
@@ -139,6 +160,7 @@ def profiled(llm: Any, run: Callable[[HostTimer], int]) -> dict[str, Any]:
     ]
     out = summarize(kernels, steps, wall, host.seconds)
     out["forwards"] = host.calls.get("execute_model")  # model executions launched while profiled
+    out["scheduled_tokens"] = scheduled  # per scheduled step: what the profiled forwards computed
     return out
 
 
@@ -155,8 +177,12 @@ def _add(llm: Any, ids: list[str], prompts: list[list[int]], max_tokens: int, sa
 
 
 def _finish(llm: Any, ids: list[str]) -> None:
-    """Abort the probe's requests and step until vLLM holds none (the next probe starts from an idle engine)."""
-    llm.llm_engine.abort_request(ids)
+    """Abort the probe's requests and step until vLLM holds none (the next probe starts from an idle engine); an
+    abort that fails only means running them to their end."""
+    try:
+        llm.llm_engine.abort_request(ids)
+    except Exception as e:
+        print(f"vllm profile: aborting the probe's requests failed ({type(e).__name__}: {e}); running them out")
     for _ in range(MAX_DRAIN_STEPS):
         if not llm.llm_engine.has_unfinished_requests():
             return

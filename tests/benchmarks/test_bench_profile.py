@@ -11,7 +11,7 @@ import pytest
 from bench import kernel_kinds
 from bench.kernel_kinds import HostTimer, busy_ms, kernel_kind, side_by_side, summarize
 from bench.offline import peer_profile_batches, profiles_side_by_side
-from bench.peer_vllm import parse_args, peer_command
+from bench.peer_vllm import HOST_PHASES, parse_args, peer_command, timed_core
 from bench.workloads import EngineSettings
 
 OURS = {
@@ -126,6 +126,55 @@ def test_host_timer_sums_and_counts_calls_and_restores_the_object():
     host.restore()
     assert "schedule" not in vars(core)  # the class's method again, nothing left on the instance
     assert core.schedule(5) == 6 and host.calls["schedule"] == 2
+
+
+class _Scheduled:
+    def __init__(self, tokens: int) -> None:
+        self.total_num_scheduled_tokens = tokens
+
+
+class _Scheduler:
+    """The two methods of vLLM's v1 Scheduler that the profile times (v1/core/sched/scheduler.py)."""
+
+    def __init__(self) -> None:
+        self.waiting = [16384, 1]
+
+    def schedule(self) -> _Scheduled:
+        return _Scheduled(self.waiting.pop(0))
+
+    def update_from_output(self, scheduler_output: _Scheduled, model_output: object) -> dict:
+        return {}
+
+
+class _Executor:
+    def execute_model(self, scheduler_output: _Scheduled, non_block: bool = False) -> None:
+        return None
+
+
+class _Core:
+    """vLLM's EngineCore's step, reduced to the calls HOST_PHASES names (sample_tokens absent: older versions)."""
+
+    def __init__(self) -> None:
+        self.scheduler, self.model_executor = _Scheduler(), _Executor()
+
+    def step(self) -> None:
+        out = self.scheduler.schedule()
+        self.scheduler.update_from_output(out, self.model_executor.execute_model(out, non_block=True))
+
+
+def test_the_peer_core_is_timed_while_profiled_and_left_as_it_was():
+    core = _Core()
+    with timed_core(core) as (host, scheduled):
+        core.step()
+        core.step()
+    assert scheduled == [16384, 1]
+    assert host.calls == {"schedule": 2, "execute_model": 2, "update_from_output": 2}
+    assert set(host.seconds) == {"schedule", "execute_model", "update_from_output"}
+    assert {label for _, _, label in HOST_PHASES} >= set(host.seconds)
+    assert vars(core.scheduler) == {"waiting": []} and vars(core.model_executor) == {}  # no wrapper left behind
+    with timed_core(None) as (host, scheduled):  # no in-process core found: nothing timed, nothing fails
+        pass
+    assert not host.calls and scheduled == []
 
 
 def _profile(gemm: float, attention: float, host: dict[str, float]) -> dict:
