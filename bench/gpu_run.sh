@@ -75,7 +75,7 @@ git status --short 2>/dev/null | head -20
 rc=0
 if [ "$mode" = test ] || [ "$mode" = all ]; then
   default_tests="tests/engine/test_gpu_attention.py tests/engine/test_gpu_model.py tests/engine/test_sampler.py
-    tests/engine/test_gpu_symm_all_reduce.py"
+    tests/engine/test_gpu_rope_cache.py tests/engine/test_gpu_symm_all_reduce.py"
   # shellcheck disable=SC2086  # the lists are whitespace-separated paths
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s -p no:cacheprovider -rA \
     ${TESTS:-$default_tests} ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/gpu-tests.log"
