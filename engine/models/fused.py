@@ -30,8 +30,8 @@ except ImportError:  # CPU installs: the torch path is used
     tl = None
 
 # "rope_cache": rotary embedding and the KV write in one kernel (rope_cache); off, they run as rope + index_copy_
-# (the gpu tests compare the two paths)
-_state = {"ok": triton is not None, "rope_cache": True}
+# (the gpu tests compare the two paths; KUBELLM_ROPE_CACHE=0 switches the fusion off for a run)
+_state = {"ok": triton is not None, "rope_cache": os.environ.get("KUBELLM_ROPE_CACHE", "1") != "0"}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
 # Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
