@@ -85,6 +85,8 @@ def test_fused_kv_write_gives_the_unfused_models_logits_and_cache(loaded, monkey
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, loaded.config.vocab_size, (PROMPTS, POSITIONS), generator=gen).tolist()
 
+    monkeypatch.setitem(fused._state, "rope_cache", True)  # whatever KUBELLM_ROPE_CACHE said
+
     def run():  # the fusion is chosen as graphs are captured: each runner is built under its setting
         runner = small_runner(loaded, "cuda", PROMPTS, POSITIONS)
         assert runner._graphs, "CUDA graphs were not captured"
