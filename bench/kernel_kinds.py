@@ -111,6 +111,7 @@ class HostTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.wrapped: set[str] = set()  # the labels being timed
         self._undo: list[Callable[[], None]] = []
 
     def wrap(self, obj: Any, attr: str, label: str) -> None:
@@ -124,6 +125,7 @@ class HostTimer:
                 self.seconds[label] += time.perf_counter() - t
                 self.calls[label] += 1
 
+        self.wrapped.add(label)
         had_own = attr in vars(obj)
         setattr(obj, attr, timed)
         self._undo.append(lambda: setattr(obj, attr, orig) if had_own else delattr(obj, attr))

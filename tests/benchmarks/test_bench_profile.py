@@ -169,6 +169,7 @@ def test_the_peer_core_is_timed_while_profiled_and_left_as_it_was():
         core.step()
     assert scheduled == [16384, 1]
     assert host.calls == {"schedule": 2, "execute_model": 2, "update_from_output": 2}
+    assert host.wrapped == {"schedule", "execute_model", "update_from_output"}  # sample_tokens: not in this core
     assert set(host.seconds) == {"schedule", "execute_model", "update_from_output"}
     assert {label for _, _, label in HOST_PHASES} >= set(host.seconds)
     assert vars(core.scheduler) == {"waiting": []} and vars(core.model_executor) == {}  # no wrapper left behind
