@@ -6,7 +6,8 @@
 #   bench/gpu_run.sh test|bench|all [args for python -m bench.offline]
 #   bench/gpu_run.sh tp [args for python -m bench.offline]     (a 2- or 4-GPU machine)
 #   bench/gpu_run.sh peer [args for python -m bench.peer_vllm] (vLLM, installed in $VSITE by vllm-install.sh)
-#   bench/gpu_run.sh structured --tokenizer-json bench/smollm2-tokenizer.json  (bench/structured.py)
+#   bench/gpu_run.sh structured --tokenizer-json bench/smollm2-tokenizer.json [--peer vllm]  (bench/structured.py:
+#                    JSON schema vs unconstrained; --peer vllm runs vLLM from $VSITE first, ~200 s of the 540)
 #   bench/gpu_run.sh mla-micro                 (bench/mla_micro.py: DeepSeek's MLA attention alone, one layer)
 #   bench/gpu_run.sh startup [args for python -m bench.startup]  (start-up from a local safetensors directory,
 #                    written once to --dir, default /tmp/llama8b; add --peer vllm once vLLM is in $VSITE)
@@ -101,8 +102,8 @@ if [ "$mode" = tp ]; then
   rc=$((rc | PIPESTATUS[0]))
 fi
 if [ "$mode" = structured ]; then  # bench/structured.py: JSON schema vs unconstrained (needs llguidance in $WHEELS)
-  timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.structured --out-dir "$OUT" "$@" 2>&1 \
-    | tee "$OUT/structured.log"
+  timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.structured --out-dir "$OUT" --vllm-site "$VSITE" \
+    --peer-timeout-s "$(((TIME_LIMIT - SECONDS) * 6 / 10))" "$@" 2>&1 | tee "$OUT/structured.log"
   rc=$((rc | PIPESTATUS[0]))
 fi
 if [ "$mode" = mla-micro ]; then  # bench/mla_micro.py: MLA attention alone, decode and absorbed vs up-projected prefill
