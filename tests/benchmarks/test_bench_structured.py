@@ -102,6 +102,13 @@ def test_both_processes_run_the_same_prompts_and_workload(tmp_path):
     assert kwargs["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
+def test_the_answer_check_takes_both_engines_json_separators():
+    for text in ('{"items":["ab","c"', '{"items": ["ab", "c"', '{ "items" : [ "'):
+        assert structured.JSON_START.match(text), text
+    for text in ('{"item":["a"', '"items":["a"', '{"items":[1', "{}"):
+        assert not structured.JSON_START.match(text), text
+
+
 def test_compile_schemas_are_distinct_and_percentiles_are_by_rank():
     schemas = structured.compile_schemas(100)
     assert len({json.dumps(s, sort_keys=True) for s in schemas}) == 100
