@@ -14,27 +14,29 @@ import random
 import time
 import uuid
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
+import orjson
 from aiohttp import web
 from pydantic import ValidationError
 from yarl import URL
 
 from kubellm.block_hash import DEFAULT_BLOCK_SIZE
 from kubellm.kv_events import LoadEvent, SnapshotEvent
-from kubellm.openai_errors import APIError, check_json_content_type, model_not_found, route_error
+from kubellm.openai_errors import APIError, check_json_content_type, error_json, model_not_found, route_error
 from kubellm.openai_protocol import ModelCard, ModelList
 from kubellm.prompt import TokenizerInfo
 from kubellm.router.backends import Backend, BackendRegistry, HealthChecker
 from kubellm.router.config import RouterConfig
 from kubellm.router.discovery import make_discovery
 from kubellm.router.engine_load import EngineLoad, combined_load
-from kubellm.router.errors import error_response
+from kubellm.router.http_server import Exchange, HTTPServer, Request
 from kubellm.router.kv_events_client import KVEventSubscriber
-from kubellm.router.metrics import RouterMetrics, render_merged
+from kubellm.router.metrics import RouterMetrics, read_retired, render_merged, write_final
 from kubellm.router.policies import Candidate, RouteRequest, make_policy
 from kubellm.router.prefix_index import PrefixIndex
-from kubellm.router.proxy import UpstreamFailure, forward
+from kubellm.router.proxy import Target, UpstreamFailure, forward
 from kubellm.router.queue import WaitQueue
 from kubellm.router.request_body import RoutedBody, parse_routed_body
 from kubellm.router.tokenization import PromptHasher, PromptKey
@@ -45,6 +47,11 @@ from kubellm.routing import RoutingPolicy
 log = logging.getLogger("kubellm.router")
 
 _ROUTED_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+_JSON = ("Content-Type", "application/json")
+
+
+def _unauthorized() -> APIError:
+    return APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key")
 
 
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
@@ -133,7 +140,16 @@ class Router:
         self.subscribers: dict[int, KVEventSubscriber] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._warming: asyncio.Task[None] | None = None
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._targets: dict[tuple[str, str], Target] = {}
+        self._session_header = config.session_header.lower()
+        auth = f"Authorization: Bearer {config.upstream_api_key}\r\n" if config.upstream_api_key else ""
+        self._head_prefix = f"Content-Type: application/json\r\n{auth}".encode("latin-1")
+        self._get_routes = {
+            "/health": self.handle_health,
+            "/metrics": self.handle_metrics,
+            "/v1/models": self.handle_models,
+            "/openapi.json": self.handle_openapi,
+        }
         self._started = int(time.time())
         self._upstream_headers = (
             {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
@@ -260,45 +276,53 @@ class Router:
                 log.debug("tokenizer_info from %s failed: %s", b.url, e)
         return None
 
-    # --- middleware ------------------------------------------------------------------------------
-    @web.middleware
-    async def route_errors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Unknown routes and wrong methods answer in OpenAI's error shape, as the engine's do."""
-        try:
-            return await handler(request)
-        except web.HTTPException as e:
-            if e.status not in (404, 405):
-                raise
-            return error_response(route_error(e.status, request.method, request.path, e.headers.get("Allow")))
+    # --- dispatch (the lean server calls this for every request) -----------------------------------------
+    async def handle(self, req: Request, ex: Exchange) -> None:
+        path = req.path
+        kind = _ROUTED_PATHS.get(path)
+        if kind is not None:
+            if req.method != "POST":
+                return self._error(ex, route_error(405, req.method, path, "POST"))
+            if self._api_keys and not self._authorized(req):
+                return self._error(ex, _unauthorized())
+            return await self.handle_inference(req, ex, kind)
+        handler = self._get_routes.get(path)
+        if handler is None and path.startswith("/v1/models/") and len(path) > 11:
+            handler = self.handle_model  # names may hold slashes (org/model)
+        if handler is None:
+            return self._error(ex, route_error(404, req.method, path))
+        if req.method not in ("GET", "HEAD"):
+            return self._error(ex, route_error(405, req.method, path, "GET, HEAD"))
+        if self._api_keys and path.startswith("/v1/") and not self._authorized(req):
+            return self._error(ex, _unauthorized())
+        await handler(req, ex)
 
-    @web.middleware
-    async def auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self._api_keys and request.path.startswith("/v1/"):
-            auth = request.headers.get("Authorization", "")
-            token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
-            if not any(hmac.compare_digest(token, k) for k in self._api_keys):
-                return error_response(
-                    APIError(
-                        401, "invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key"
-                    )
-                )
-        return await handler(request)
+    def _authorized(self, req: Request) -> bool:
+        auth = req.headers.get("authorization", "")
+        token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+        return any(hmac.compare_digest(token, k) for k in self._api_keys)
+
+    @staticmethod
+    def _error(ex: Exchange, err: APIError) -> None:
+        ex.respond(err.status, err.json(), [_JSON, *err.headers.items()])
 
     # --- handlers --------------------------------------------------------------------------------
-    async def handle_health(self, request: web.Request) -> web.Response:
+    async def handle_health(self, req: Request, ex: Exchange) -> None:
         if self._warming is not None and not self._warming.done():  # not ready yet: a Service sends elsewhere
-            return web.json_response({"status": "warming up"}, status=503)
+            return ex.respond(503, orjson.dumps({"status": "warming up"}), (_JSON,))
         now = time.monotonic()
         up = sum(1 for b in self.registry.backends.values() if b.takes_requests(now))
-        return web.json_response({"status": "ok", "backends": len(self.registry.backends), "routable": up})
+        body = {"status": "ok", "backends": len(self.registry.backends), "routable": up}
+        ex.respond(200, orjson.dumps(body), (_JSON,))
 
-    async def handle_metrics(self, request: web.Request) -> web.Response:
+    async def handle_metrics(self, req: Request, ex: Exchange) -> None:
         if self.worker is None:
             body = self.metrics.render()
-        else:  # one view of all workers: theirs merged with ours
+        else:  # one view of all workers: theirs merged with ours, and what workers that died had counted
             peers = await asyncio.gather(*(self._peer_snapshot(p) for p in self.worker.peer_socket_paths()))
-            body = render_merged([self.metrics.snapshot(), *(p for p in peers if p is not None)])
-        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+            retired = read_retired(self.worker.metrics_dir)
+            body = render_merged([self.metrics.snapshot(), *(p for p in peers if p is not None), retired])
+        ex.respond(200, body, (("Content-Type", "text/plain; version=0.0.4"),))
 
     async def _peer_snapshot(self, socket_path: str) -> list[dict[str, Any]] | None:
         """Another worker's metric samples over its unix socket; None if it is not up (restarting)."""
@@ -318,75 +342,63 @@ class Router:
     def _card(self, model: str) -> ModelCard:
         return ModelCard(id=model, created=self._started, max_model_len=self.registry.max_model_len(model))
 
-    async def handle_models(self, request: web.Request) -> web.Response:
+    async def handle_models(self, req: Request, ex: Exchange) -> None:
         models = ModelList(data=[self._card(m) for m in self.registry.model_ids()])
-        return web.Response(body=models.model_dump_json(exclude_none=True), content_type="application/json")
+        ex.respond(200, models.model_dump_json(exclude_none=True).encode(), (_JSON,))
 
-    async def handle_model(self, request: web.Request) -> web.Response:
+    async def handle_model(self, req: Request, ex: Exchange) -> None:
         """GET /v1/models/{model}: one card (configured, or served by a live replica), or OpenAI's 404."""
-        name = request.match_info["model"]
+        name = unquote(req.path[len("/v1/models/") :])
         if name not in self.registry.model_ids():
-            return error_response(model_not_found(name))
-        body = self._card(name).model_dump_json(exclude_none=True)
-        return web.Response(body=body, content_type="application/json")
+            return self._error(ex, model_not_found(name))
+        ex.respond(200, self._card(name).model_dump_json(exclude_none=True).encode(), (_JSON,))
 
-    async def handle_openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(OPENAPI)
+    async def handle_openapi(self, req: Request, ex: Exchange) -> None:
+        ex.respond(200, orjson.dumps(OPENAPI), (_JSON,))
 
-    async def handle_inference(self, request: web.Request) -> web.StreamResponse:
+    async def handle_inference(self, req: Request, ex: Exchange, kind: str) -> None:
         started = time.perf_counter()
-        kind = _ROUTED_PATHS[request.path]
         model = "unknown"
         try:
-            raw, body = await self._read_body(request)
+            body = self._read_body(req)
             if not self.registry.knows_model(body.model):  # (its name never becomes a metric label)
                 raise model_not_found(body.model)
             model = body.model
             if self._warming is not None and not self._warming.done():
                 await asyncio.shield(self._warming)
-            return await self._route(request, kind, raw, body, started)
+            await self._route(req, ex, kind, body, started)
         except APIError as e:
             self.metrics.child(self.metrics.requests, model, "", str(e.status)).inc()
-            return error_response(e)
+            self._error(ex, e)
 
-    async def _read_body(self, request: web.Request) -> tuple[bytes, RoutedBody]:
-        check_json_content_type(request.headers.get("Content-Type"))
-        if request.content_length is not None and request.content_length > self.config.max_body_bytes:
-            raise APIError(413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge as e:
-            raise APIError(
-                413, f"request body exceeds {self.config.max_body_bytes} bytes", code="body_too_large"
-            ) from e
-        if not raw:
+    def _read_body(self, req: Request) -> RoutedBody:
+        check_json_content_type(req.headers.get("content-type"))  # (the server enforced max_body_bytes)
+        if not req.body:
             raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
-        return raw, parse_routed_body(raw)
+        return parse_routed_body(req.body)
 
-    async def _route(
-        self, request: web.Request, kind: str, raw: bytes, body: RoutedBody, started: float
-    ) -> web.StreamResponse:
+    async def _route(self, req: Request, ex: Exchange, kind: str, body: RoutedBody, started: float) -> None:
         cfg = self.config
         model = body.model
         key: PromptKey | None = None
         if self.policy.name is RoutingPolicy.PREFIX:
             key = await self.hasher.key(model, kind, body.fields)
-        session_key = request.headers.get(cfg.session_header) or body.user
+        rh = req.headers
+        session_key = rh.get(self._session_header) or body.user
         hashes = key.hashes if key else []
         route = RouteRequest(model, session_key, len(hashes), key.block_tokens if key else DEFAULT_BLOCK_SIZE)
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id, **self._upstream_headers}
-        if "Accept" in request.headers:
-            headers["Accept"] = request.headers["Accept"]
+        request_id = rh.get("x-request-id") or uuid.uuid4().hex
+        accept = rh.get("accept")
+        head = self._upstream_head_accept(accept, request_id) if accept is not None else self._upstream_head(request_id)
         tried: list[int] = []
         last: UpstreamFailure | None = None
         first_byte = [False]
-        if cfg.debug_headers and request.headers.get("X-Kubellm-Route-Only") == "1":
+        if cfg.debug_headers and rh.get("x-kubellm-route-only") == "1":
             # which replica this router would pick now, without sending (bench/router.py measures how often two
             # router replicas agree); counted in no metric, changing nothing but the policy's tie rotation
             backend, reason = await self._pick(route, hashes, tried, allow_wait=False, observe=False)
-            found = {"X-Kubellm-Backend": backend.url, "X-Kubellm-Route": reason} if backend else {}
-            return web.Response(status=204, headers={"X-Request-Id": request_id, **found})
+            found = [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)] if backend else []
+            return ex.respond(204, b"", [("X-Request-Id", request_id), *found])
 
         for attempt in range(cfg.max_retries + 1):
             if attempt:
@@ -396,10 +408,9 @@ class Router:
             if backend is None:
                 break
             tried.append(backend.slot)
-            resp_headers = {"X-Request-Id": request_id}
+            resp_headers = [("X-Request-Id", request_id)]
             if cfg.debug_headers:
-                resp_headers["X-Kubellm-Backend"] = backend.url
-                resp_headers["X-Kubellm-Route"] = reason
+                resp_headers += [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)]
             self.registry.acquire(backend)
             self.index.on_send(backend.slot, hashes)
 
@@ -410,12 +421,12 @@ class Router:
 
             code = "error"
             try:
-                resp, outcome = await forward(
+                outcome = await forward(
                     self.pool,  # type: ignore[arg-type]
-                    self._upstream_url(backend.url, request.path),
-                    raw,
-                    headers,
-                    request,
+                    self._upstream_target(backend.url, req.path),
+                    head,
+                    req.body,
+                    ex,
                     resp_headers,
                     on_first_byte,
                 )
@@ -426,7 +437,7 @@ class Router:
                         self.health.probe_soon()
                 else:
                     self.registry.record_success(backend)
-                return resp
+                return
             except UpstreamFailure as e:
                 last = e
                 code = str(e.status or 502)
@@ -447,18 +458,28 @@ class Router:
                 if first_byte[0] or code != "error":
                     self.metrics.child(self.metrics.duration, model).observe(time.perf_counter() - started)
         if last is not None and last.status is not None:
-            headers_out = {k: v for k, v in last.headers.items() if k in ("Content-Type", "Retry-After")}
-            return web.Response(status=last.status, body=last.body, headers=headers_out)
+            passed = [(k, v) for k, v in last.headers if k in ("Content-Type", "Retry-After")]
+            return ex.respond(last.status, last.body, passed)
         raise APIError(502, f"no replica of model {model!r} could answer: {last}", code="upstream_unavailable")
 
-    def _upstream_url(self, base: str, path: str) -> URL:
+    def _upstream_head(self, request_id: str) -> bytes:
+        """The headers every routed request carries to a replica (after its request line and Host)."""
+        return self._head_prefix + b"X-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
+
+    def _upstream_head_accept(self, accept: str, request_id: str) -> bytes:
+        return self._upstream_head(request_id) + b"Accept: " + accept.encode("latin-1") + b"\r\n"
+
+    def _upstream_target(self, base: str, path: str) -> Target:
         """Parsed once per (backend, path): URL parsing is a visible share of the per-request cost."""
-        url = self._urls.get((base, path))
-        if url is None:
-            if len(self._urls) > 4096:
-                self._urls.clear()
-            url = self._urls[(base, path)] = URL(base + path)
-        return url
+        target = self._targets.get((base, path))
+        if target is None:
+            if len(self._targets) > 4096:
+                self._targets.clear()
+            url = URL(base + path)
+            tls = url.scheme == "https"
+            target = Target(url.host or "", url.port or (443 if tls else 80), url.raw_path_qs, tls)
+            self._targets[(base, path)] = target
+        return target
 
     async def _pick(
         self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool, observe: bool = True
@@ -495,29 +516,6 @@ class Router:
             return picked if picked else (None, "")
         return await self.queue.wait_for(route.model, try_pick)
 
-    # --- app -------------------------------------------------------------------------------------
-    def make_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self.route_errors_middleware, self.auth_middleware], client_max_size=self.config.max_body_bytes
-        )
-        app.router.add_get("/health", self.handle_health)
-        app.router.add_get("/metrics", self.handle_metrics)
-        app.router.add_get("/v1/models", self.handle_models)
-        app.router.add_get("/v1/models/{model:.+}", self.handle_model)  # names may hold slashes (org/model)
-        app.router.add_get("/openapi.json", self.handle_openapi)
-        for path in _ROUTED_PATHS:
-            app.router.add_post(path, self.handle_inference)
-
-        async def on_startup(_: web.Application) -> None:
-            await self.start()
-
-        async def on_cleanup(_: web.Application) -> None:
-            await self.stop()
-
-        app.on_startup.append(on_startup)
-        app.on_cleanup.append(on_cleanup)
-        return app
-
 
 class ListenError(RuntimeError):
     """The router's port cannot be bound (usually: in use); the message names the address and the flag."""
@@ -531,8 +529,9 @@ class RouterServer:
         self.config = config
         self.worker = worker
         self.router = Router(config, worker)
-        self.runner: web.AppRunner | None = None
+        self.http: HTTPServer | None = None
         self.local_runner: web.AppRunner | None = None
+        self.shutdown_timeout = 10.0  # requests in progress at stop get this long to finish
         self.port: int = config.port
 
     @property
@@ -541,33 +540,22 @@ class RouterServer:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(
-            self.router.make_app(),
-            handler_cancellation=True,
-            access_log=None,
-            max_field_size=self.config.max_header_bytes,
-            max_line_size=self.config.max_header_bytes,
-        )
-        await self.runner.setup()
-        site = web.TCPSite(
-            self.runner,
-            self.config.host,
-            self.config.port,
-            backlog=1024,
-            reuse_address=True,
-            reuse_port=self.worker is not None,
+        await self.router.start()
+        cfg = self.config
+        self.http = HTTPServer(
+            self.router.handle,
+            max_body_bytes=cfg.max_body_bytes,
+            max_header_bytes=cfg.max_header_bytes,
+            error_body=lambda status, message, code: error_json(status, message, None, code),
         )
         try:
-            await site.start()
+            self.port = await self.http.listen(cfg.host, cfg.port, reuse_port=self.worker is not None)
         except OSError as e:
-            await self.runner.cleanup()
+            await self.router.stop()
             raise ListenError(
-                f"cannot listen on {self.config.host}:{self.config.port} ({os.strerror(e.errno) if e.errno else e}); "
+                f"cannot listen on {cfg.host}:{cfg.port} ({os.strerror(e.errno) if e.errno else e}); "
                 "choose another port with --port"
             ) from e
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
         if self.worker is not None:
             local = web.Application()
             local.router.add_get("/metrics/local", self.router.handle_local_metrics)
@@ -579,10 +567,13 @@ class RouterServer:
             await web.UnixSite(self.local_runner, path).start()
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop(self.shutdown_timeout)
+        if self.worker is not None:  # what this worker counted outlives it in the merged /metrics
+            write_final(self.worker.metrics_dir, self.router.metrics.snapshot())
         if self.local_runner:
             await self.local_runner.cleanup()
-        if self.runner:
-            await self.runner.cleanup()
+        await self.router.stop()
 
     async def __aenter__(self) -> RouterServer:
         await self.start()

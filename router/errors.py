@@ -3,13 +3,7 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
-from kubellm.openai_errors import APIError, error_json
-
-
-def error_response(err: APIError) -> web.Response:
-    return web.Response(status=err.status, body=err.json(), content_type="application/json", headers=err.headers)
+from kubellm.openai_errors import error_json
 
 
 def sse_error_event(status: int, message: str, code: str | None = None) -> bytes:

@@ -4,10 +4,17 @@ With `--workers N` every worker keeps its own registry; whichever worker answers
 for their samples (`snapshot`) and serves the merge (`render_merged`): counters and histograms add up, each
 gauge merges by its own rule (in-flight and queued requests add up; a backend is healthy if any worker can use
 it; a KV-event seq shows the least advanced worker, -1 if any has no live stream).
+
+A worker that dies takes its registry with it; what it had counted stays in the merged view: the supervisor
+folds the worker's last samples (written by the worker itself when it stops cleanly, else the supervisor's own
+last scrape of it) into `retired.json` in the workers' folder, counters and histograms only (a dead worker has
+nothing in flight), and the merge adds that file in.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -88,28 +95,90 @@ GAUGE_MERGE: dict[str, Callable[[Iterable[float]], float]] = {
 }
 
 
-def merge_snapshots(snapshots: Iterable[list[dict[str, Any]]]) -> list[Metric]:
-    """Families of several workers merged into one view (see the module docstring for the rules)."""
-    families: dict[str, Metric] = {}
+Snapshot = list[dict[str, Any]]
+RETIRED_FILE = "retired.json"
+
+
+def _merge_values(snapshots: Iterable[Snapshot]) -> dict[str, tuple[dict[str, Any], dict[tuple[Any, ...], float]]]:
+    """Per family: its header and each sample merged across the snapshots (see the module docstring)."""
+    families: dict[str, dict[str, Any]] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
     for snap in snapshots:
         for fam in snap:
             if fam["name"] not in families:
-                families[fam["name"]] = Metric(fam["name"], fam["doc"], fam["type"])
+                families[fam["name"]] = fam
                 values[fam["name"]] = {}
             per_sample = values[fam["name"]]
             for name, labels, value in fam["samples"]:
                 per_sample.setdefault((name, tuple(sorted(labels.items()))), []).append(float(value))
+    out = {}
     for fname, fam in families.items():
+        merged: dict[tuple[Any, ...], float] = {}
         for (name, labels), vals in values[fname].items():
-            if fam.type == "gauge":
-                merged = GAUGE_MERGE.get(fname, sum)(vals)
+            if fam["type"] == "gauge":
+                merged[(name, labels)] = GAUGE_MERGE.get(fname, sum)(vals)
             elif name.endswith("_created"):
-                merged = min(vals)
+                merged[(name, labels)] = min(vals)
             else:
-                merged = sum(vals)
-            fam.add_sample(name, dict(labels), merged)
-    return list(families.values())
+                merged[(name, labels)] = sum(vals)
+        out[fname] = (fam, merged)
+    return out
+
+
+def merge_snapshots(snapshots: Iterable[Snapshot]) -> list[Metric]:
+    """Families of several workers merged into one view (see the module docstring for the rules)."""
+    out = []
+    for fam, merged in _merge_values(snapshots).values():
+        metric = Metric(fam["name"], fam["doc"], fam["type"])
+        for (name, labels), value in merged.items():
+            metric.add_sample(name, dict(labels), value)
+        out.append(metric)
+    return out
+
+
+def retired_part(snapshot: Snapshot) -> Snapshot:
+    """What of a dead worker's samples stays counted: counters and histograms (gauges described a live process)."""
+    return [fam for fam in snapshot if fam["type"] != "gauge"]
+
+
+def fold_retired(metrics_dir: str, snapshot: Snapshot) -> None:
+    """Add a dead worker's counters to the folder's retired.json (written whole, then renamed: readers never see
+    half a file)."""
+    merged = _merge_values([read_retired(metrics_dir), retired_part(snapshot)])
+    data = [
+        {"name": fam["name"], "doc": fam["doc"], "type": fam["type"],
+         "samples": [[name, dict(labels), value] for (name, labels), value in samples.items()]}
+        for fam, samples in merged.values()
+    ]  # fmt: skip
+    path = os.path.join(metrics_dir, RETIRED_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_retired(metrics_dir: str) -> Snapshot:
+    try:
+        with open(os.path.join(metrics_dir, RETIRED_FILE)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def final_path(metrics_dir: str, pid: int) -> str:
+    return os.path.join(metrics_dir, f"final-{pid}.json")
+
+
+def write_final(metrics_dir: str, snapshot: Snapshot) -> None:
+    """A stopping worker's last samples, for the supervisor to fold into retired.json once the worker is gone."""
+    path = final_path(metrics_dir, os.getpid())
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(snapshot, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # the folder is gone: the whole router is stopping
 
 
 class _Families:

@@ -4,7 +4,8 @@ Everything that fails before the first byte reaches the client raises `UpstreamF
 retry on another replica). After that the stream is the client's: if the replica dies mid-stream the client
 gets a final SSE error event (openai's client raises APIError on it) instead of a hang. Cancelling the
 handler (client disconnect) closes the upstream connection, so the engine aborts the request and frees its
-KV blocks at once. TCP_NODELAY on both legs (aiohttp's server; router/upstream.py); chunks are written as they arrive.
+KV blocks at once. TCP_NODELAY on both legs (router/http_server.py, router/upstream.py); chunks are written as
+they arrive.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
-from yarl import URL
-
 from kubellm.router.errors import sse_error_event
+from kubellm.router.http_server import Exchange
 from kubellm.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("kubellm.router.proxy")
@@ -33,13 +32,13 @@ class UpstreamFailure(Exception):
         connect_error: bool = False,
         status: int | None = None,
         body: bytes = b"",
-        headers: dict[str, str] | None = None,
+        headers: list[tuple[str, str]] | None = None,
     ):
         super().__init__(message)
         self.connect_error = connect_error
         self.status = status
         self.body = body
-        self.headers = headers or {}
+        self.headers = headers or []
 
     @property
     def retryable(self) -> bool:
@@ -52,26 +51,36 @@ class Outcome:
     died_mid_stream: bool = False
 
 
-def _copy_headers(upstream: UpstreamResponse, extra: dict[str, str]) -> dict[str, str]:
-    h = {k: upstream.headers[k.lower()] for k in _PASS_RESPONSE_HEADERS if k.lower() in upstream.headers}
-    h.update(extra)
-    return h
+class Target:
+    """A replica's address and a routed path, with the request line and Host header rendered once."""
+
+    __slots__ = ("host", "key", "origin", "path", "port", "start", "tls")
+
+    def __init__(self, host: str, port: int, path: str, tls: bool = False):
+        self.host, self.port, self.path, self.tls = host, port, path, tls
+        self.key = (host, port, tls)
+        self.start = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")
+        self.origin = f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def _copy_headers(upstream: UpstreamResponse, extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    h = [(k, upstream.headers[k.lower()]) for k in _PASS_RESPONSE_HEADERS if k.lower() in upstream.headers]
+    names = {k for k, _ in extra}
+    return [*(kv for kv in h if kv[0] not in names), *extra]
 
 
 async def forward(
     pool: UpstreamPool,
-    url: URL,
+    target: Target,
+    head: bytes,
     body: bytes,
-    headers: dict[str, str],
-    request: web.Request,
-    response_headers: dict[str, str],
+    ex: Exchange,
+    response_headers: list[tuple[str, str]],
     on_first_byte: Callable[[], None],
-) -> tuple[web.StreamResponse, Outcome]:
+) -> Outcome:
+    """head: the header lines to send after the request line, Host and Content-Length."""
     try:
-        tls = url.scheme == "https"
-        upstream = await pool.post(
-            url.host or "", url.port or (443 if tls else 80), url.raw_path_qs, headers, body, tls
-        )
+        upstream = await pool.send(target.start, head, body, target.key)
     except UpstreamError as e:
         raise UpstreamFailure(str(e), connect_error=e.connect) from e
     except TimeoutError as e:
@@ -86,7 +95,7 @@ async def forward(
                 f"upstream answered {upstream.status}",
                 status=upstream.status,
                 body=data,
-                headers=_copy_headers(upstream, {}),
+                headers=_copy_headers(upstream, []),
             )
         ctype = upstream.headers.get("content-type", "")
         if not ctype.startswith("text/event-stream"):
@@ -95,20 +104,20 @@ async def forward(
             except (UpstreamError, TimeoutError) as e:
                 raise UpstreamFailure(f"upstream failed while answering: {e!r}") from e
             on_first_byte()
-            resp = web.Response(status=upstream.status, body=data, headers=_copy_headers(upstream, response_headers))
-            return resp, Outcome(upstream.status)
-        return await _stream(upstream, url, request, response_headers, on_first_byte)
+            ex.respond(upstream.status, data, _copy_headers(upstream, response_headers))
+            return Outcome(upstream.status)
+        return await _stream(upstream, target, ex, response_headers, on_first_byte)
     finally:
         upstream.close()  # back to the pool after a full read; else aborted (the replica aborts the request)
 
 
 async def _stream(
     upstream: UpstreamResponse,
-    url: URL,
-    request: web.Request,
-    response_headers: dict[str, str],
+    target: Target,
+    ex: Exchange,
+    response_headers: list[tuple[str, str]],
     on_first_byte: Callable[[], None],
-) -> tuple[web.StreamResponse, Outcome]:
+) -> Outcome:
     # Wait for the replica's first chunk before answering, so a replica that dies first is retried.
     try:
         first = await upstream.readany()
@@ -117,23 +126,21 @@ async def _stream(
     if not first:
         raise UpstreamFailure("upstream closed the stream before the first chunk")
     headers = _copy_headers(upstream, response_headers)
-    headers["Cache-Control"] = "no-cache"
-    resp = web.StreamResponse(status=upstream.status, headers=headers)
-    resp.enable_chunked_encoding()
-    await resp.prepare(request)
-    await resp.write(first)
+    headers.append(("Cache-Control", "no-cache"))
+    ex.start_stream(upstream.status, headers)
+    await ex.write(first)
     on_first_byte()
     while True:
         try:
             chunk = await upstream.readany()
         except (UpstreamError, TimeoutError) as e:
-            log.warning("replica %s died mid-stream: %r", url.origin(), e)
+            log.warning("replica %s died mid-stream: %r", target.origin, e)
             event = sse_error_event(502, "the model replica failed while streaming; retry the request", "upstream_died")
-            await resp.write(event)  # a client that is gone too raises here: the handler treats it as a disconnect
-            await resp.write_eof()
-            return resp, Outcome(upstream.status, died_mid_stream=True)
+            await ex.write(event)  # a client that is gone too raises here: the handler treats it as a disconnect
+            ex.end_stream()
+            return Outcome(upstream.status, died_mid_stream=True)
         if not chunk:
             break
-        await resp.write(chunk)
-    await resp.write_eof()
-    return resp, Outcome(upstream.status)
+        await ex.write(chunk)
+    ex.end_stream()
+    return Outcome(upstream.status)

@@ -278,16 +278,22 @@ class UpstreamPool:
         return conn
 
     async def post(
-        self, host: str, port: int, path: str, headers: dict[str, str], body: bytes, tls: bool = False
+        self, host: str, port: int, path: str, headers: dict[str, str] | bytes, body: bytes, tls: bool = False
     ) -> UpstreamResponse:
-        conn = await self._connect((host, port, tls))
+        """POST body to host:port/path. headers: a dict, or header lines already rendered (b"Name: value\\r\\n"...)."""
+        if not isinstance(headers, bytes):
+            headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
+        start = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")
+        return await self.send(start, headers, body, (host, port, tls))
+
+    async def send(self, start: bytes, headers: bytes, body: bytes, key: tuple[str, int, bool]) -> UpstreamResponse:
+        """The hot path: `start` is the request line and Host header, `headers` further header lines, both
+        rendered by the caller (once per replica and path, and once per request)."""
+        conn = await self._connect(key)
         resp = UpstreamResponse(conn, self.read_timeout)
         conn.response = resp
-        head = [f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"]
-        head += [f"{k}: {v}\r\n" for k, v in headers.items()]
-        head.append("\r\n")
         assert conn.transport is not None
-        conn.transport.write("".join(head).encode("latin-1") + body)
+        conn.transport.write(b"%bContent-Length: %d\r\n%b\r\n%b" % (start, len(body), headers, body))
         try:
             await resp.start()
         except BaseException:

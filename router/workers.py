@@ -3,11 +3,14 @@
 Each worker is a whole router (its own discovery, health probes, KV-event subscriptions and prefix index; the
 index converges from the engines' events, so workers need no shared state) listening with SO_REUSEPORT: the
 kernel spreads connections across them. The parent holds the port bound (not listening) for the whole run, so
-nothing else can take it while a worker restarts, and it restarts a worker that dies.
+nothing else can take it while a worker restarts, and it restarts a worker that dies. It also reads each worker's
+metric samples every `scrape_interval` seconds, so what a worker that dies had counted stays in the merged
+/metrics (router/metrics.py: retired.json).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
@@ -92,16 +95,41 @@ class WorkerSlot:
     process: Any = None  # multiprocessing.Process
     started_at: float = 0.0
     fast_deaths: int = 0
+    last_scrape: Any = None  # the worker's metric samples as last read
+
+
+def scrape_worker(socket_path: str, timeout: float = 1.0) -> list[dict[str, Any]] | None:
+    """GET /metrics/local from a worker over its unix socket (blocking, bounded); None if it does not answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(socket_path)
+            s.sendall(b"GET /metrics/local HTTP/1.0\r\nHost: worker\r\n\r\n")
+            data = bytearray()
+            while piece := s.recv(65536):
+                data += piece
+    except OSError:
+        return None
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+        return None
+    try:
+        snap = json.loads(body)
+    except ValueError:
+        return None
+    return snap if isinstance(snap, list) else None
 
 
 class Supervisor:
     """Starts `n` workers (target(config, index, metrics_dir, ready)), restarts those that die, stops them all
     on SIGTERM/SIGINT."""
 
-    def __init__(self, config: Any, n: int, target: Callable[..., None]):
+    def __init__(self, config: Any, n: int, target: Callable[..., None], scrape_interval: float = 1.0):
         self.config = config
         self.n = n
         self.target = target
+        self.scrape_interval = scrape_interval
+        self._next_scrape = 0.0
         self.metrics_dir = tempfile.mkdtemp(prefix="kubellm-router-")
         self.slots = [WorkerSlot(i) for i in range(n)]
         self._ctx = multiprocessing.get_context("fork")  # no threads or event loop exist yet in the parent
@@ -132,10 +160,13 @@ class Supervisor:
                 on_ready()
             while not self._stopping:
                 wait_sentinels([s.process.sentinel for s in self.slots], timeout=0.2)
+                if time.monotonic() >= self._next_scrape:
+                    self._scrape()
                 for slot in self.slots:
                     if self._stopping or slot.process.exitcode is None:
                         continue
                     code = slot.process.exitcode
+                    self._retire(slot)
                     slot.fast_deaths = slot.fast_deaths + 1 if time.monotonic() - slot.started_at < FAST_DEATH_S else 1
                     if slot.fast_deaths >= RESTART_LIMIT:
                         log.error("router worker %d keeps dying (exit code %s); stopping", slot.index, code)
@@ -150,6 +181,33 @@ class Supervisor:
             for f in Path(self.metrics_dir).glob("*"):
                 f.unlink(missing_ok=True)
             os.rmdir(self.metrics_dir)
+
+    def _scrape(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.exitcode is None:
+                snap = scrape_worker(WorkerPlacement(slot.index, self.metrics_dir).socket_path())
+                if snap is not None:
+                    slot.last_scrape = snap
+        self._next_scrape = time.monotonic() + self.scrape_interval
+
+    def _retire(self, slot: WorkerSlot) -> None:
+        """A worker died: keep what it counted (its own final samples if it stopped cleanly, else our last scrape)."""
+        from kubellm.router.metrics import final_path, fold_retired
+
+        final = final_path(self.metrics_dir, slot.process.pid)
+        snap = slot.last_scrape
+        try:
+            with open(final) as f:
+                snap = json.load(f)
+            os.unlink(final)
+        except (OSError, ValueError):
+            pass
+        if snap:
+            try:
+                fold_retired(self.metrics_dir, snap)
+            except OSError as e:
+                log.warning("could not keep the metrics of router worker %d: %s", slot.index, e)
+        slot.last_scrape = None
 
     def _stop_all(self) -> None:
         procs = [s.process for s in self.slots if s.process is not None]

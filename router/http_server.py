@@ -1,0 +1,448 @@
+"""A lean HTTP/1.1 server for the router: an asyncio.Protocol over httptools (llhttp, Node's parser) on uvloop.
+
+aiohttp's server cost most of a routed request's CPU (a profile of the overhead run: request objects, header
+multidicts, middleware chains, payload writers); the router needs far less of it. What it does:
+- keep-alive (HTTP/1.1 default, HTTP/1.0 `Connection: keep-alive`) and pipelining: requests on one connection are
+  answered one after another in order, reading pauses while more than a few wait;
+- TCP_NODELAY on every accepted connection (no Nagle/delayed-ACK stall between a stream's small writes);
+- plain responses in one write; streamed responses chunked (close-delimited to HTTP/1.0 clients), each piece
+  written as the handler hands it over, waiting while the client's socket buffer is full;
+- limits: headers over `max_header_bytes` -> 431, a body over `max_body_bytes` -> 413 (from Content-Length
+  before reading, else while reading), malformed HTTP -> 400; errors in OpenAI's JSON shape (`error_body`);
+  `Expect: 100-continue` answered;
+- a client that disconnects cancels its handler (the router then aborts its upstream request);
+- idle keep-alive connections close after `keepalive_timeout`, and a connection stuck in the middle of a
+  request's head or body after `request_timeout`;
+- graceful stop: stop accepting, close idle connections, let requests in progress finish (bounded), then abort.
+
+The handler gets a `Request` (lower-case header names) and an `Exchange` to answer on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+
+log = logging.getLogger("kubellm.router.http")
+
+ErrorBody = Callable[[int, str, str], bytes]  # (status, message, code) -> JSON body
+Handler = Callable[["Request", "Exchange"], Awaitable[None]]
+
+_MAX_PIPELINED = 16  # requests waiting on one connection before reading pauses
+_STATUS_LINES: dict[tuple[int, bool], bytes] = {}
+
+
+def _status_line(status: int, http10: bool = False) -> bytes:
+    line = _STATUS_LINES.get((status, http10))
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        line = _STATUS_LINES[(status, http10)] = f"HTTP/1.{0 if http10 else 1} {status} {phrase}\r\n".encode()
+    return line
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def header(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second, cls.value = now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return cls.value
+
+
+def default_error_body(status: int, message: str, code: str) -> bytes:
+    import json
+
+    err = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return json.dumps({"error": err}).encode()
+
+
+class Request:
+    __slots__ = ("body", "headers", "http10", "keep_alive", "method", "path", "query")
+
+    def __init__(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, keep_alive: bool, http10: bool
+    ):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers  # lower-case names; repeated headers joined with ", "
+        self.body = body
+        self.keep_alive = keep_alive
+        self.http10 = http10
+
+
+class Exchange:
+    """The answer to one request: `respond(...)` once, or `start_stream(...)`, `await write(...)`..., `end_stream()`."""
+
+    __slots__ = ("_chunked", "_conn", "_http10", "finished", "head_only", "keep_alive", "started", "status")
+
+    def __init__(self, conn: _Connection, keep_alive: bool, http10: bool, head_only: bool):
+        self._conn = conn
+        self._http10 = http10
+        self.keep_alive = keep_alive
+        self.head_only = head_only
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self._chunked = False
+
+    def _head(self, status: int, headers: Iterable[tuple[str, str]], framing: bytes) -> bytearray:
+        if self._conn.server.closing:
+            self.keep_alive = False
+        out = bytearray(_status_line(status, self._http10))
+        for k, v in headers:
+            out += f"{k}: {v}\r\n".encode("latin-1")
+        out += _Date.header()
+        out += framing
+        if not self.keep_alive:
+            out += b"Connection: close\r\n"
+        elif self._http10:
+            out += b"Connection: keep-alive\r\n"
+        out += b"\r\n"
+        return out
+
+    def respond(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = self.finished = True
+        self.status = status
+        out = self._head(status, headers, b"Content-Length: %d\r\n" % len(body))
+        if not self.head_only:
+            out += body
+        self._conn.write(out)
+
+    def start_stream(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self.status = status
+        if self._http10:  # no chunked encoding in HTTP/1.0: the body ends when the connection does
+            self.keep_alive = False
+            self._conn.write(self._head(status, headers, b""))
+        else:
+            self._chunked = True
+            self._conn.write(self._head(status, headers, b"Transfer-Encoding: chunked\r\n"))
+
+    async def write(self, data: bytes) -> None:
+        """One piece of a streamed body, sent at once; raises ConnectionResetError if the client is gone."""
+        if not data or self.head_only:
+            return
+        conn = self._conn
+        if conn.lost:
+            raise ConnectionResetError("the client closed the connection")
+        conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        if conn.paused:
+            await conn.drain()
+
+    def end_stream(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self._chunked and not self.head_only:
+                self._conn.write(b"0\r\n\r\n")
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: HTTPServer):
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.lost = False
+        self.paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self.queue: deque[Request] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.reading = True
+        self.last_active = 0.0
+        self.in_message = False  # between a request's first byte and its end
+        self.refused = False  # an error answered: read nothing more
+        # the request being parsed
+        self._url = bytearray()
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_len = 0
+
+    # --- transport events ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # (a unix socket)
+        self.last_active = self.loop.time()
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        self.queue.clear()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the client went away: the handler stops (and aborts its upstream request)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("the client closed the connection"))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    async def drain(self) -> None:
+        if self.paused and not self.lost:
+            if self._drain is None:
+                self._drain = self.loop.create_future()
+            await self._drain
+
+    def write(self, data: bytes | bytearray) -> None:
+        if not self.lost and self.transport is not None:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self.last_active = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except _Refused:
+            pass
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "protocol upgrades are not supported", "bad_request")
+        except httptools.HttpParserError as e:
+            self._refuse(400, f"malformed HTTP request: {e}", "bad_request")
+
+    def eof_received(self) -> bool:
+        return False  # a client that half-closes has gone (as aiohttp's server takes it): its handler is cancelled
+
+    # --- parser callbacks ---------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._url = bytearray()
+        self._headers = {}
+        self._header_bytes = 0
+        self._body = []
+        self._body_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self.server.max_header_bytes:
+            self._refuse(431, "request line and headers too large", "headers_too_large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.server.max_header_bytes:
+            self._refuse(431, "request line and headers too large", "headers_too_large")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = self._headers.get(key)
+        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        limit = self.server.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._refuse(413, f"request body exceeds {limit} bytes", "body_too_large")
+        if self._headers.get("expect", "").lower() == "100-continue":
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.server.max_body_bytes:
+            self._refuse(413, f"request body exceeds {self.server.max_body_bytes} bytes", "body_too_large")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        parser = self.parser
+        url = bytes(self._url)
+        path, _, query = url.partition(b"?")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        req = Request(
+            parser.get_method().decode("latin-1"),
+            path.decode("latin-1"),
+            query.decode("latin-1"),
+            self._headers,
+            body,
+            parser.should_keep_alive(),
+            parser.get_http_version() == "1.0",
+        )
+        self.queue.append(req)
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+        elif len(self.queue) > _MAX_PIPELINED and self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    # --- answering ----------------------------------------------------------------------------------
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer an unreadable request with an error (after any answers in progress) and close."""
+        if self.refused:
+            raise _Refused
+        self.refused = True
+        body = self.server.error_body(status, message, code)
+        head = _status_line(
+            status
+        ) + b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        if self.task is None:  # nothing in progress: answer now
+            self.write(head + body)
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self.queue.append(_RefusedRequest(head + body))  # type: ignore[arg-type]
+        raise _Refused
+
+    async def _serve(self) -> None:
+        server = self.server
+        try:
+            while self.queue and not self.lost:
+                req = self.queue.popleft()
+                if isinstance(req, _RefusedRequest):
+                    self.write(req.answer)
+                    self._close()
+                    return
+                if not self.reading and len(self.queue) <= _MAX_PIPELINED // 2 and self.transport is not None:
+                    self.reading = True
+                    self.transport.resume_reading()
+                head_only = req.method == "HEAD"
+                ex = Exchange(self, req.keep_alive and not server.closing, req.http10, head_only)
+                try:
+                    await server.handler(req, ex)
+                except (ConnectionResetError, BrokenPipeError):
+                    self._close()
+                    return
+                except Exception:
+                    log.exception("handler failed on %s %s", req.method, req.path)
+                    if not ex.started:
+                        body = server.error_body(500, "internal server error", "internal_error")
+                        ex.keep_alive = False
+                        ex.respond(500, body, (("Content-Type", "application/json"),))
+                    self._close()
+                    return
+                if not ex.finished:
+                    if not ex.started:
+                        body = server.error_body(500, "the handler gave no answer", "internal_error")
+                        ex.keep_alive = False
+                        ex.respond(500, body, (("Content-Type", "application/json"),))
+                    self._close()
+                    return
+                if not ex.keep_alive:
+                    self._close()
+                    return
+                self.last_active = self.loop.time()
+        finally:
+            self.task = None
+        if server.closing and not self.in_message:
+            self._close()
+
+    def _close(self) -> None:
+        self.queue.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def idle(self) -> bool:
+        return self.task is None and not self.queue and not self.in_message
+
+
+class _Refused(Exception):
+    """Raised inside parser callbacks to stop parsing a refused request."""
+
+
+class _RefusedRequest:
+    __slots__ = ("answer",)
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+
+
+class HTTPServer:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body_bytes: int,
+        max_header_bytes: int,
+        error_body: ErrorBody = default_error_body,
+        keepalive_timeout: float = 75.0,
+        request_timeout: float = 60.0,
+    ):
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.error_body = error_body
+        self.keepalive_timeout = keepalive_timeout
+        self.request_timeout = request_timeout
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.loop = asyncio.get_event_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> int:
+        """Start accepting on host:port (0: any free port); returns the port."""
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: _Connection(self),
+            host or None,
+            port,
+            backlog=backlog,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+        )
+        self._sweeper = self.loop.create_task(self._sweep())
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        """Close keep-alive connections idle too long, and connections stalled in the middle of a request."""
+        period = max(0.05, min(self.keepalive_timeout, self.request_timeout) / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = self.loop.time()
+            for c in list(self.connections):
+                if c.task is not None or c.queue:
+                    continue
+                limit = self.request_timeout if c.in_message else self.keepalive_timeout
+                if now - c.last_active > limit:
+                    c._close()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting; close idle connections; wait (bounded) for requests in progress; abort what is left."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for c in list(self.connections):
+            if c.idle():
+                c._close()
+        deadline = self.loop.time() + timeout
+        while any(not c.idle() for c in self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for c in list(self.connections):
+            if c.task is not None:
+                c.task.cancel()
+            if c.transport is not None:
+                c.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
