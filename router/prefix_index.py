@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+import xxhash
+
 from kubellm.block_hash import from_hex
 from kubellm.kv_events import AllBlocksClearedEvent, BlockRemovedEvent, BlockStoredEvent, SnapshotEvent
 
@@ -80,29 +82,45 @@ class PreciseIndex:
         return len(self.blocks)
 
 
+def _slot_salt(slot: int) -> int:
+    return xxhash.xxh3_128_intdigest(b"kubellm-slot/%d" % slot)
+
+
 class ApproxIndex:
-    """The router's own record of (replica, block) sends, LRU-bounded by `max_entries`."""
+    """The router's own record of (replica, block) sends, LRU-bounded by `max_entries`.
+
+    An entry's key is the block hash XOR a 128-bit salt of the replica (one integer operation per block on the hot
+    path; two entries collide only if two 128-bit hashes differ by exactly two replicas' salts), its value the
+    replica."""
 
     def __init__(self, max_entries: int = DEFAULT_APPROX_SIZE):
         self.max_entries = max(1, max_entries)
-        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._lru: OrderedDict[int, int] = OrderedDict()
         self._per_slot: Counter[int] = Counter()
+        self._salts: dict[int, int] = {}
+
+    def _salt(self, slot: int) -> int:
+        salt = self._salts.get(slot)
+        if salt is None:
+            salt = self._salts[slot] = _slot_salt(slot)
+        return salt
 
     def record(self, slot: int, hashes: Sequence[int]) -> None:
         lru = self._lru
+        salt = self._salt(slot)
         added = 0
         for h in hashes:
-            k = (slot << 128) | h
+            k = h ^ salt
             if k in lru:
                 lru.move_to_end(k)
             else:
-                lru[k] = None
+                lru[k] = slot
                 added += 1
         if added:
             self._per_slot[slot] += added
         while len(lru) > self.max_entries:
-            k, _ = lru.popitem(last=False)
-            self._per_slot[k >> 128] -= 1
+            _, owner = lru.popitem(last=False)
+            self._per_slot[owner] -= 1
 
     def footprint(self, slot: int) -> int:
         """Distinct blocks recorded for `slot`: the share of the fleet's working set the router put there."""
@@ -110,9 +128,10 @@ class ApproxIndex:
 
     def match(self, slot: int, hashes: Sequence[int]) -> int:
         lru = self._lru
+        salt = self._salt(slot)
         n = 0
         for h in hashes:
-            if ((slot << 128) | h) not in lru:
+            if h ^ salt not in lru:
                 break
             n += 1
         return n
@@ -162,7 +181,8 @@ class PrefixIndex:
         if not hashes:
             return
         self.approx.record(slot, hashes)
-        self.pending.setdefault(slot, Counter()).update(hashes)
+        if self.use_events:  # (pending blocks only ever count for replicas with an event stream)
+            self.pending.setdefault(slot, Counter()).update(hashes)
 
     def on_done(self, slot: int, hashes: Sequence[int]) -> None:
         pending = self.pending.get(slot)

@@ -40,13 +40,19 @@ class PromptKey:
 
 
 def text_block_hashes(text: str, extra: str = "", block_chars: int = TEXT_BLOCK_CHARS) -> list[int]:
+    """Chained 128-bit hashes of the text's full `block_chars`-byte blocks: each block's hash is seeded with the
+    low 64 bits of the previous one (one call per block, no concatenation)."""
     h = xxhash.xxh3_128_intdigest(_TEXT_DOMAIN + extra.encode())
     out = []
-    data = text.encode("utf-8", "surrogatepass")
+    data = memoryview(text.encode("utf-8", "surrogatepass"))
+    digest, mask = xxhash.xxh3_128_intdigest, _LOW64
     for start in range(0, len(data) - block_chars + 1, block_chars):
-        h = xxhash.xxh3_128_intdigest(h.to_bytes(16, "big") + data[start : start + block_chars])
+        h = digest(data[start : start + block_chars], h & mask)
         out.append(h)
     return out
+
+
+_LOW64 = (1 << 64) - 1
 
 
 class SegmentCache:
