@@ -2,6 +2,7 @@
 
     python bench/router.py overhead            # added latency at a fixed rate + max requests/s (instant backend)
     python bench/router.py routing             # multi-turn chat + uniform prompts on 4 `kubellm serve --device sim`
+    python bench/router.py tokenize            # the event loop's CPU per 700-word prompt, inline vs offloaded
     python bench/router.py all
 
 Every contender runs as its own process against the same backends: our router (`kubellm router`) under each
@@ -782,6 +783,60 @@ async def closed_loop_count(client: Any, bodies: list[bytes], concurrency: int) 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# tokenize: the event loop's CPU per prompt while the router hashes it, inline vs in a worker thread
+# ---------------------------------------------------------------------------------------------------------------
+def bench_tokenize(args: argparse.Namespace) -> dict[str, Any]:
+    """Hash N distinct chat requests (a shared system prompt and a new `--uniform-words`-word user turn each, the
+    embedded SmolLM2 tokenizer and chat template) through the router's PromptHasher, one after another; the loop
+    thread's CPU (time.thread_time, which a worker thread's CPU does not count) and wall time per prompt, with
+    tokenization inline on the loop (the router before this change) and above the offload threshold in a thread."""
+    from kubellm.builtin_models import builtin_model_path
+    from kubellm.engine.loader.gguf_file import load_gguf
+    from kubellm.router.tokenization import OFFLOAD_ABOVE_CHARS, PromptHasher
+
+    info = load_gguf(Path(builtin_model_path()), None, "m", load_weights=False).tokenizer_info  # type: ignore[arg-type]
+    rng = random.Random(args.seed)
+    system = words(rng, 100)
+    n = 200
+    bodies = [{"model": "m", "messages": [{"role": "system", "content": system},
+                                          {"role": "user", "content": words(rng, args.uniform_words)}]}
+              for _ in range(n)]  # fmt: skip
+    rows: dict[str, Any] = {}
+
+    async def run(offload: int | None) -> dict[str, Any]:
+        async def fetch(_: str) -> Any:
+            return info
+
+        hasher = PromptHasher(fetch, offload_above_chars=offload)
+        await hasher.key("m", "chat", bodies[0])  # load the tokenizer (not measured)
+        cpu, wall, keys = [], [], []
+        for body in bodies[1:]:
+            c0, w0 = time.thread_time(), time.perf_counter()
+            key = await hasher.key("m", "chat", body)
+            cpu.append(time.thread_time() - c0)
+            wall.append(time.perf_counter() - w0)
+            keys.append(key.hashes)
+        hasher.close()
+        return {"loop_cpu_ms_p50": pct(cpu, 50) * 1e3, "loop_cpu_ms_mean": sum(cpu) / len(cpu) * 1e3,
+                "wall_ms_p50": pct(wall, 50) * 1e3, "blocks_mean": sum(map(len, keys)) / len(keys),
+                "keys": keys}  # fmt: skip
+
+    for name, offload in (
+        ("inline (before)", None),
+        (f"offloaded above {OFFLOAD_ABOVE_CHARS} chars", OFFLOAD_ABOVE_CHARS),
+    ):
+        rows[name] = asyncio.run(run(offload))
+        print(name, {k: round(v, 3) for k, v in rows[name].items() if k != "keys"}, flush=True)
+    first, *others = rows.values()
+    same = all(r["keys"] == first["keys"] for r in others)
+    for r in rows.values():
+        del r["keys"]
+    return {"workload": f"{n - 1} chat requests hashed one after another, each a shared {100}-word system prompt and "
+            f"a new {args.uniform_words}-word user turn, SmolLM2's tokenizer and chat template, 16-token blocks",
+            "rows": rows, "same_hashes": same}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def write_results(results: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = datetime.now(UTC).strftime("%Y-%m-%d")
@@ -856,6 +911,13 @@ def write_results(results: dict[str, Any]) -> Path:
                 f"{x['first_to_cache_holder']} | {x['failed_after_ready']} of {x['sent_after_ready']} |"
             )
         md.append("")
+    if "tokenize" in results:
+        t = results["tokenize"]
+        md += ["## Tokenization on the event loop", "", t["workload"], "",
+               "| mode | loop CPU ms/prompt p50 | mean | wall ms/prompt p50 | blocks |", "|---|---|---|---|---|",
+               *(f"| {k} | {r['loop_cpu_ms_p50']:.3f} | {r['loop_cpu_ms_mean']:.3f} | {r['wall_ms_p50']:.3f} | "
+                 f"{r['blocks_mean']:.0f} |" for k, r in t["rows"].items()),
+               "", f"Same block hashes in every mode: {t['same_hashes']}", ""]  # fmt: skip
     if "ratios" in results:
         md += ["## Ratios", "", *(f"- {k}: {v:.3f}" for k, v in results["ratios"].items()), ""]
     path.with_suffix(".md").write_text("\n".join(md))
@@ -884,6 +946,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         r["2 router replicas hit rate / one router's (target within 0.99-1.01)"] = aa["hit_rate"] / one["hit_rate"]
         r["2 router replicas TTFT p90 / one router's (target <= 1.1)"] = aa["ttft_p90_ms"] / one["ttft_p90_ms"]
         r["share of requests both replicas route to the same engine"] = aa["agreement"]
+    tk = list(results.get("tokenize", {}).get("rows", {}).values())
+    if len(tk) == 2:
+        r["loop CPU per 700-word prompt, offloaded / inline"] = tk[1]["loop_cpu_ms_mean"] / tk[0]["loop_cpu_ms_mean"]
     ov = results.get("overhead", {}).get("rows", {})
     us, sg = ov.get("kubellm prefix"), ov.get("sglang-router cache_aware")
     if us:
@@ -905,7 +970,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["overhead", "routing", "restart", "memory", "all", "_instant", "_strip"])
+    p.add_argument(
+        "what", choices=["overhead", "routing", "restart", "memory", "tokenize", "all", "_instant", "_strip"]
+    )
     p.add_argument("--prompts", type=int, default=500_000, help="memory: unique prompts to send")
     p.add_argument("--upstream", default="")
     p.add_argument("--port", type=int, default=0)
@@ -974,6 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
         results["restart"] = bench_restart(args)
     if args.what == "memory":
         results["memory"] = bench_memory(args)
+    if args.what == "tokenize":
+        results["tokenize"] = bench_tokenize(args)
     results["ratios"] = ratios(results)
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.3f}")

@@ -221,6 +221,7 @@ class Router:
         self.subscribers.clear()
         if self.pool:
             self.pool.close()
+        self.hasher.close()
         if self.session:
             await self.session.close()
 

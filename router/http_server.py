@@ -249,11 +249,13 @@ class _Connection(asyncio.Protocol):
         self._header_bytes += len(url)
         if self._header_bytes > self.server.max_header_bytes:
             self._refuse(431, "request line and headers too large", "headers_too_large")
+            raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.server.max_header_bytes:
             self._refuse(431, "request line and headers too large", "headers_too_large")
+            raise _Refused
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         old = self._headers.get(key)
@@ -264,6 +266,7 @@ class _Connection(asyncio.Protocol):
         limit = self.server.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             self._refuse(413, f"request body exceeds {limit} bytes", "body_too_large")
+            raise _Refused
         if self._headers.get("expect", "").lower() == "100-continue":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -271,6 +274,7 @@ class _Connection(asyncio.Protocol):
         self._body_len += len(body)
         if self._body_len > self.server.max_body_bytes:
             self._refuse(413, f"request body exceeds {self.server.max_body_bytes} bytes", "body_too_large")
+            raise _Refused
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -297,9 +301,10 @@ class _Connection(asyncio.Protocol):
 
     # --- answering ----------------------------------------------------------------------------------
     def _refuse(self, status: int, message: str, code: str) -> None:
-        """Answer an unreadable request with an error (after any answers in progress) and close."""
+        """Answer an unreadable request with an error (after any answers in progress) and close. Parser callbacks
+        raise _Refused after it, which stops the parser."""
         if self.refused:
-            raise _Refused
+            return
         self.refused = True
         body = self.server.error_body(status, message, code)
         head = _status_line(
@@ -311,7 +316,6 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
         else:
             self.queue.append(_RefusedRequest(head + body))  # type: ignore[arg-type]
-        raise _Refused
 
     async def _serve(self) -> None:
         server = self.server

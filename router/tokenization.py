@@ -15,6 +15,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,12 @@ TEXT_BLOCK_CHARS = 64
 TEXT_BLOCK_TOKENS = TEXT_BLOCK_CHARS // 4  # what a text block stands for in tokens (~4 characters a token)
 _TEXT_DOMAIN = b"kubellm-text/1|"
 _REFETCH_AFTER = 10.0  # seconds between attempts to fetch a tokenizer that was not available
+# Text to tokenize (what the segment cache does not already hold) longer than this is tokenized in a worker thread:
+# the Rust tokenizer releases the GIL, so the event loop keeps serving meanwhile (bench/router.py tokenize measures
+# the loop's CPU per prompt). Routing stays one step after hashing (pick and record with no await between), so
+# requests whose hashing finishes out of order still see each other's placements: a shared new prefix follows
+# whichever of them was placed first, and no hit is lost.
+OFFLOAD_ABOVE_CHARS = 1024
 
 
 @dataclass
@@ -87,23 +94,78 @@ class SegmentCache:
     def encode(self, text: str) -> list[int]:
         if not self.enabled or self._split is None:
             return self.renderer.encode(text, add_special_tokens=False)
-        out: list[int] = []
-        tok, cache = self.renderer.tokenizer, self._cache
+        parts, misses = self.lookup(text)
+        return self.fill(parts, encode_pieces(self.renderer, misses))
+
+    def lookup(self, text: str) -> tuple[list[str | list[int]], list[str]]:
+        """The text's pieces in order: cached ids where known, else the piece itself (also listed in `misses`, each
+        once) for `fill` once encoded. Only the event loop's thread touches the cache (no lock needed)."""
+        assert self._split is not None
+        parts: list[str | list[int]] = []
+        misses: dict[str, None] = {}
+        cache = self._cache
         for i, piece in enumerate(self._split.split(text)):
             if i % 2:
-                out.append(self._ids[piece])
+                parts.append([self._ids[piece]])
             elif piece:
                 ids = cache.get(piece)
                 if ids is None:
-                    ids = tok.encode(piece, add_special_tokens=False).ids
-                    if len(piece) >= self.MIN_CACHED_CHARS:
-                        cache[piece] = ids
-                        if len(cache) > self.max_entries:
-                            cache.popitem(last=False)
+                    parts.append(piece)
+                    misses[piece] = None
                 else:
                     cache.move_to_end(piece)
+                    parts.append(ids)
+        return parts, list(misses)
+
+    def fill(self, parts: list[str | list[int]], encoded: dict[str, list[int]]) -> list[int]:
+        out: list[int] = []
+        cache = self._cache
+        for part in parts:
+            if isinstance(part, str):
+                ids = encoded[part]
+                if len(part) >= self.MIN_CACHED_CHARS and part not in cache:
+                    cache[part] = ids
+                    if len(cache) > self.max_entries:
+                        cache.popitem(last=False)
                 out.extend(ids)
+            else:
+                out.extend(part)
         return out
+
+
+def encode_pieces(renderer: PromptRenderer, pieces: list[str]) -> dict[str, list[int]]:
+    """Plain encodings of text pieces (no special tokens added); safe in a worker thread (the Rust tokenizer
+    releases the GIL while it encodes)."""
+    tok = renderer.tokenizer
+    return {p: tok.encode(p, add_special_tokens=False).ids for p in pieces}
+
+
+def prompt_source(renderer: PromptRenderer, kind: str, body: dict[str, Any]) -> tuple[str, bool] | list[int] | None:
+    """What the engine will tokenize for this request: (text, add_special_tokens), token ids the request gives
+    itself, or None when it cannot be known. Renders a chat's template (Python, on the caller's thread). Raises
+    what the template raises for a conversation it rejects."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        kwargs = body.get("chat_template_kwargs")
+        tools = body.get("tools")
+        text = renderer.render_chat(
+            messages,
+            bool(body.get("add_generation_prompt", True)),
+            continue_final_message=bool(body.get("continue_final_message", False)),
+            chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
+            tools=tools if isinstance(tools, list) else None,
+        )
+        return text, False  # the template writes the BOS itself where the model wants one
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
+    if isinstance(prompt, str):
+        return prompt, bool(body.get("add_special_tokens", True))
+    if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
+        return prompt  # (ids no vocabulary has are the engine's to refuse; they hash as text here)
+    return None
 
 
 def prompt_token_ids(
@@ -111,28 +173,13 @@ def prompt_token_ids(
 ) -> list[int] | None:
     """The token ids the engine will compute for this request (the core's one prompt path on the request's own
     JSON), or None when it cannot be known. Raises what the template raises for a conversation it rejects."""
-    if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return None
-        kwargs = body.get("chat_template_kwargs")
-        tools = body.get("tools")
-        return renderer.chat_token_ids(
-            messages,
-            bool(body.get("add_generation_prompt", True)),
-            continue_final_message=bool(body.get("continue_final_message", False)),
-            chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
-            tools=tools if isinstance(tools, list) else None,
-            encode=segments.encode if segments is not None else None,
-        )
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt:
-        prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
-    if isinstance(prompt, str):
-        return renderer.encode(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))
-    if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
-        return prompt  # (ids no vocabulary has are the engine's to refuse; they hash as text here)
-    return None
+    src = prompt_source(renderer, kind, body)
+    if src is None or isinstance(src, list):
+        return src
+    text, special = src
+    if kind == "chat" and segments is not None:
+        return segments.encode(text)
+    return renderer.encode(text, add_special_tokens=special)
 
 
 def prompt_text(kind: str, body: dict[str, Any]) -> str:
@@ -147,13 +194,31 @@ def prompt_text(kind: str, body: dict[str, Any]) -> str:
 class PromptHasher:
     """Per model: a renderer built from a replica's tokenizer info, and the block size its KV events use."""
 
-    def __init__(self, fetch_info: Callable[[str], Awaitable[TokenizerInfo | None]]):
+    def __init__(
+        self,
+        fetch_info: Callable[[str], Awaitable[TokenizerInfo | None]],
+        offload_above_chars: int | None = OFFLOAD_ABOVE_CHARS,
+        threads: int = 2,
+    ):
         self._fetch_info = fetch_info
         self._renderers: dict[str, PromptRenderer] = {}
         self._segments: dict[str, SegmentCache] = {}
         self._loading: dict[str, asyncio.Task[PromptRenderer | None]] = {}
         self._failed_at: dict[str, float] = {}
         self.block_sizes: dict[str, int] = {}
+        self.offload_above_chars = offload_above_chars  # None: tokenize everything on the event loop
+        self._threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kubellm-tokenize")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def prefetch(self, model: str) -> None:
         """Start loading a model's tokenizer in the background (when a replica serving it turns healthy)."""
@@ -202,9 +267,30 @@ class PromptHasher:
         if renderer is None:
             return None
         try:
-            if _size_hint(kind, body) > _THREAD_ABOVE_CHARS:  # a long prompt: tokenize off the event loop
-                return await asyncio.to_thread(prompt_token_ids, renderer, kind, body)
-            return prompt_token_ids(renderer, kind, body, self._segments.get(model))
+            limit = self.offload_above_chars
+            if limit is not None and _size_hint(kind, body) > _THREAD_ABOVE_CHARS:  # a huge prompt: all of it
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._executor(), prompt_token_ids, renderer, kind, body
+                )
+            src = prompt_source(renderer, kind, body)  # (rendering a template is Python: here, on the loop)
+            if src is None or isinstance(src, list):
+                return src
+            text, special = src
+            segments = self._segments.get(model) if kind == "chat" else None
+            if segments is not None and segments.enabled:
+                parts, misses = segments.lookup(text)
+                if limit is not None and sum(len(m) for m in misses) > limit:
+                    encoded = await asyncio.get_running_loop().run_in_executor(
+                        self._executor(), encode_pieces, renderer, misses
+                    )
+                else:
+                    encoded = encode_pieces(renderer, misses)
+                return segments.fill(parts, encoded)
+            if limit is not None and len(text) > limit:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._executor(), renderer.encode, text, special
+                )
+            return renderer.encode(text, add_special_tokens=special)
         except Exception as e:
             log.debug("could not render prompt for routing: %s", e)
             return None
@@ -219,7 +305,7 @@ class PromptHasher:
         return PromptKey(text_block_hashes(prompt_text(kind, body), extra), False, TEXT_BLOCK_TOKENS)
 
 
-_THREAD_ABOVE_CHARS = 32_000
+_THREAD_ABOVE_CHARS = 32_000  # rendering too goes to the thread above this
 _MAX_TOKEN_ID = 2**32 - 1  # block hashes pack ids as uint32
 
 

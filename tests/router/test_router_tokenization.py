@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from router_fake_engine import word_tokenizer_info, words
@@ -93,3 +95,31 @@ def test_segment_cache_disables_itself_for_word_tokenizers():
     msgs = [{"role": "user", "content": words(0, 30)}]
     user, assistant = 2, 3  # <|user|>, <|assistant|>
     assert prompt_token_ids(R, "chat", {"messages": msgs}, SegmentCache(R)) == [user, *word_ids(0, 30), assistant]
+
+
+async def test_offloaded_tokenization_equals_inline_and_fills_the_segment_cache():
+    """Long prompts are tokenized in a worker thread (the loop keeps serving); the ids, hashes and the segment cache
+    come out as when everything runs on the loop, concurrent requests included."""
+
+    async def fetch(model):
+        return SPECIAL.info if model == "bpe" else word_tokenizer_info()
+
+    system = "You are a helpful assistant. Answer briefly. " * 40  # ~1.8k characters, cached after its first use
+    bodies = [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {i} " * 200}]}
+        for i in range(6)
+    ]
+    inline, offloaded = PromptHasher(fetch, offload_above_chars=None), PromptHasher(fetch, offload_above_chars=100)
+    try:
+        want = [await inline.key("bpe", "chat", b) for b in bodies]
+        got = await asyncio.gather(*(offloaded.key("bpe", "chat", b) for b in bodies))
+        assert [k.hashes for k in got] == [k.hashes for k in want] and all(k.exact for k in got)
+        for b in bodies:
+            text = SPECIAL.render_chat(b["messages"])
+            assert prompt_token_ids(SPECIAL, "chat", b) == SPECIAL.tokenizer.encode(text).ids
+        assert system in "".join(offloaded._segments["bpe"]._cache)  # filled on the loop from the thread's ids
+        long_completion = {"prompt": words(0, 2000)}  # no segment cache: the whole text in the thread
+        assert (await offloaded.key("w", "completion", long_completion)).hashes == hash_blocks(word_ids(0, 2000), 16)
+    finally:
+        inline.close()
+        offloaded.close()

@@ -1,0 +1,260 @@
+"""The router's lean HTTP/1.1 server (router/http_server.py) over real sockets: framing, keep-alive, pipelining,
+limits, streaming, disconnects, graceful stop; and the router's own routes answered through it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from router_fake_engine import FakeEngine
+
+from kubellm.router.app import RouterServer
+from kubellm.router.config import RouterConfig
+from kubellm.router.http_server import Exchange, HTTPServer, Request
+from kubellm.routing import RoutingPolicy
+
+
+class Echo:
+    """A handler: POST /echo answers the body back; /stream streams three pieces; /block waits for `release`."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.blocked = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.seen: list[str] = []
+
+    async def __call__(self, req: Request, ex: Exchange) -> None:
+        self.seen.append(req.path)
+        if req.path == "/stream":
+            ex.start_stream(200, [("Content-Type", "text/plain")])
+            for piece in (b"one ", b"two ", b"three"):
+                await ex.write(piece)
+            ex.end_stream()
+        elif req.path == "/block":
+            self.blocked.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            ex.respond(200, b"released")
+        elif req.path == "/fail":
+            raise RuntimeError("handler bug")
+        else:
+            for _ in range(3):  # yield to the loop, as a handler awaiting an upstream does
+                await asyncio.sleep(0)
+            info = {"method": req.method, "path": req.path, "query": req.query, "len": len(req.body),
+                    "x": req.headers.get("x-test")}  # fmt: skip
+            ex.respond(200, json.dumps(info).encode() + req.body, [("Content-Type", "application/json")])
+
+
+@pytest.fixture
+async def server():
+    handler = Echo()
+    srv = HTTPServer(handler, max_body_bytes=1000, max_header_bytes=1024)
+    port = await srv.listen("127.0.0.1", 0)
+    srv.test_port = port  # type: ignore[attr-defined]
+    srv.test_handler = handler  # type: ignore[attr-defined]
+    yield srv
+    await srv.stop(timeout=1)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response off the wire: Content-Length, chunked, or (no framing) read to EOF."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += data[:-2]
+    else:
+        body = await asyncio.wait_for(reader.read(), 5)
+    return status, headers, body
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+async def test_pipelined_requests_answered_in_order_on_one_connection(server):
+    reader, writer = await connect(server.test_port)
+    writer.write(post("/echo?a=1", b"first") + b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n" + post("/three", b"3" * 300))
+    got = [await read_response(reader) for _ in range(3)]
+    assert [s for s, _, _ in got] == [200, 200, 200]
+    infos = [json.loads(b[: b.index(b"}") + 1]) for _, _, b in got]
+    assert [(i["method"], i["path"], i["query"], i["len"]) for i in infos] == [
+        ("POST", "/echo", "a=1", 5), ("GET", "/two", "", 0), ("POST", "/three", "", 300)
+    ]  # fmt: skip
+    assert got[0][2].endswith(b"first") and got[2][2].endswith(b"3" * 300)
+    # the connection stays open for more (keep-alive), requests split across writes included
+    req = post("/four", b"abc", "X-Test: yes\r\n")
+    for i in range(len(req)):
+        writer.write(req[i : i + 1])
+        await writer.drain()
+    status, headers, body = await read_response(reader)
+    assert status == 200 and json.loads(body[: body.index(b"}") + 1])["x"] == "yes" and body.endswith(b"abc")
+    assert "connection" not in headers
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "raw, status, code",
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request"),
+        (b"POST /x HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400, "bad_request"),
+        (b"GET /x HTTP/1.1\r\nX-Big: " + b"y" * 2000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n\r\n", 431, "headers_too_large"),
+        (b"POST /x HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", 413, "body_too_large"),
+        (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"z" * 1024 + b"\r\n" * 3, 413,
+         "body_too_large"),
+    ],
+)  # fmt: skip
+async def test_bad_requests_get_json_errors_and_the_connection_closes(server, raw, status, code):
+    reader, writer = await connect(server.test_port)
+    writer.write(raw)
+    got_status, headers, body = await read_response(reader)
+    assert got_status == status
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == code
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+    assert server.test_handler.seen == []
+    writer.close()
+
+
+async def test_error_after_a_good_pipelined_request_comes_after_its_answer(server):
+    reader, writer = await connect(server.test_port)
+    writer.write(post("/ok", b"fine") + b"BROKEN\r\n\r\n")
+    status1, _, body1 = await read_response(reader)
+    status2, _, _ = await read_response(reader)
+    assert (status1, status2) == (200, 400) and body1.endswith(b"fine")
+    writer.close()
+
+
+async def test_chunked_request_body_and_expect_continue(server):
+    reader, writer = await connect(server.test_port)
+    writer.write(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200 and body.endswith(b"abcde")
+    writer.write(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"wxyz")
+    status, _, body = await read_response(reader)
+    assert status == 200 and body.endswith(b"wxyz")
+    writer.close()
+
+
+async def test_streamed_answer_chunked_then_http10_close_delimited(server):
+    reader, writer = await connect(server.test_port)
+    writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["transfer-encoding"] == "chunked" and body == b"one two three"
+    writer.close()
+    reader, writer = await connect(server.test_port)
+    writer.write(b"GET /stream HTTP/1.0\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head and b"Connection: close" in head
+    assert await asyncio.wait_for(reader.read(), 5) == b"one two three"
+    writer.close()
+
+
+async def test_http10_keep_alive_and_head(server):
+    reader, writer = await connect(server.test_port)
+    writer.write(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and headers["connection"] == "keep-alive"
+    writer.write(b"HEAD /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    status, headers, _ = await asyncio.wait_for(read_head_only(reader), 5)
+    assert status == 200 and int(headers["content-length"]) > 0
+    writer.write(b"GET /b HTTP/1.0\r\n\r\n")  # no keep-alive: answered, then closed
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def read_head_only(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    return int(lines[0].split()[1]), headers, b""
+
+
+async def test_handler_error_is_a_500_json(server):
+    reader, writer = await connect(server.test_port)
+    writer.write(b"GET /fail HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    writer.close()
+
+
+async def test_client_disconnect_cancels_the_handler(server):
+    _reader, writer = await connect(server.test_port)
+    writer.write(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(server.test_handler.blocked.wait(), 5)
+    writer.close()
+    await asyncio.wait_for(server.test_handler.cancelled.wait(), 5)
+
+
+async def test_graceful_stop_finishes_requests_in_progress_and_closes_idle_connections(server):
+    idle_reader, idle_writer = await connect(server.test_port)
+    idle_writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(idle_reader)
+    reader, writer = await connect(server.test_port)
+    writer.write(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(server.test_handler.blocked.wait(), 5)
+    stopping = asyncio.create_task(server.stop(timeout=5))
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # the idle keep-alive connection is closed
+    with pytest.raises(OSError):
+        await connect(server.test_port)  # no longer accepting
+    server.test_handler.release.set()
+    status, headers, body = await read_response(reader)
+    assert (status, body, headers["connection"]) == (200, b"released", "close")
+    await asyncio.wait_for(stopping, 5)
+    assert not server.test_handler.cancelled.is_set()
+    writer.close()
+    idle_writer.close()
+
+
+async def test_router_routes_through_the_lean_server():
+    engine = await FakeEngine("e0").start()
+    config = RouterConfig(host="127.0.0.1", port=0, backends=[engine.url], models=["m", "org/model"],
+                          policy=RoutingPolicy.ROUND_ROBIN, health_interval=0.2)  # fmt: skip
+    try:
+        async with RouterServer(config) as r, aiohttp.ClientSession() as http:
+            async with http.get(f"{r.url}/no/such/path") as resp:
+                assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+            async with http.get(f"{r.url}/v1/chat/completions") as resp:
+                assert resp.status == 405 and resp.headers["Allow"] == "POST"
+            async with http.post(f"{r.url}/health") as resp:
+                assert resp.status == 405
+            async with http.get(f"{r.url}/v1/models/org/model") as resp:
+                assert resp.status == 200 and (await resp.json())["id"] == "org/model"
+            async with http.get(f"{r.url}/v1/models/nope") as resp:
+                assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+            async with http.get(f"{r.url}/openapi.json") as resp:
+                assert "/v1/chat/completions" in (await resp.json())["paths"]
+            reader, writer = await connect(r.port)
+            writer.write(b"\x16\x03\x01 tls hello to a plain port\r\n\r\n")
+            status, _, body = await read_response(reader)
+            assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+            writer.close()
+    finally:
+        await engine.kill()
