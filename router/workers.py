@@ -95,7 +95,6 @@ class WorkerSlot:
     process: Any = None  # multiprocessing.Process
     started_at: float = 0.0
     fast_deaths: int = 0
-    last_scrape: Any = None  # the worker's metric samples as last read
 
 
 def scrape_worker(socket_path: str, timeout: float = 1.0) -> list[dict[str, Any]] | None:
@@ -182,32 +181,38 @@ class Supervisor:
                 f.unlink(missing_ok=True)
             os.rmdir(self.metrics_dir)
 
+    def scrape_path(self, index: int) -> str:
+        return os.path.join(self.metrics_dir, f"scrape-{index}.json")
+
     def _scrape(self) -> None:
+        """Each live worker's samples, kept in the folder (scrape-<index>.json) until the next scrape."""
         for slot in self.slots:
             if slot.process is not None and slot.process.exitcode is None:
                 snap = scrape_worker(WorkerPlacement(slot.index, self.metrics_dir).socket_path())
                 if snap is not None:
-                    slot.last_scrape = snap
+                    path = self.scrape_path(slot.index)
+                    with open(path + ".tmp", "w") as f:
+                        json.dump(snap, f)
+                    os.replace(path + ".tmp", path)
         self._next_scrape = time.monotonic() + self.scrape_interval
 
     def _retire(self, slot: WorkerSlot) -> None:
         """A worker died: keep what it counted (its own final samples if it stopped cleanly, else our last scrape)."""
         from kubellm.router.metrics import final_path, fold_retired
 
-        final = final_path(self.metrics_dir, slot.process.pid)
-        snap = slot.last_scrape
-        try:
-            with open(final) as f:
-                snap = json.load(f)
-            os.unlink(final)
-        except (OSError, ValueError):
-            pass
+        snap = None
+        for path in (final_path(self.metrics_dir, slot.process.pid), self.scrape_path(slot.index)):
+            try:
+                with open(path) as f:
+                    snap = snap or json.load(f)
+            except (OSError, ValueError):
+                continue
+            os.unlink(path)
         if snap:
             try:
                 fold_retired(self.metrics_dir, snap)
             except OSError as e:
                 log.warning("could not keep the metrics of router worker %d: %s", slot.index, e)
-        slot.last_scrape = None
 
     def _stop_all(self) -> None:
         procs = [s.process for s in self.slots if s.process is not None]

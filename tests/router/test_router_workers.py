@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import glob
+import json
 import os
 import re
 import signal
@@ -78,6 +80,15 @@ def requests_ok(metrics_text: str) -> float:
     return sum(float(v) for v in re.findall(pat, metrics_text, re.MULTILINE))
 
 
+def snapshot_requests_ok(snapshot: list[dict]) -> float:
+    return sum(
+        value
+        for fam in snapshot
+        for name, labels, value in fam["samples"]
+        if name == mn.ROUTER_REQUESTS + "_total" and labels.get("code") == "200"
+    )
+
+
 async def _post_fresh(url: str, n: int) -> list[int]:
     """n requests, each on a new connection (the kernel picks a worker per connection)."""
     statuses = []
@@ -132,20 +143,45 @@ async def test_two_workers_share_one_port_one_metrics_view_and_a_dead_worker_com
         for _ in range(6):
             assert requests_ok(await _metrics(url)) == 40
 
+        # the supervisor's scrapes of the workers (every second) have caught up with the 40
+        sock = next(c.laddr for w in workers for c in w.net_connections(kind="unix") if c.laddr.endswith(".sock"))
+        folder = os.path.dirname(sock)
+
+        async def scraped() -> bool:
+            total = 0.0
+            for path in glob.glob(os.path.join(folder, "scrape-*.json")):
+                with open(path) as f:
+                    total += snapshot_requests_ok(json.load(f))
+            return total == 40
+
+        await _wait_until(scraped, 10, "the supervisor's scrapes to count the 40 requests")
+
         victim = workers[0]
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(signal.SIGKILL)  # a crash: its counters are the supervisor's last scrape of it
         victim.wait(5)
 
         async def replaced() -> list[psutil.Process]:
-            live = [c for c in parent.children() if c.pid != victim.pid and c.status() != psutil.STATUS_ZOMBIE]
+            live = [c for c in parent.children() if c.pid not in gone and c.status() != psutil.STATUS_ZOMBIE]
             return live if len(live) == 2 else []
 
-        await _wait_until(replaced, 10, "the supervisor to restart the killed worker")
+        gone = {victim.pid}
+        workers = await _wait_until(replaced, 10, "the supervisor to restart the killed worker")
 
-        # the killed worker's share is gone from the view: the kernel had spread connections over both workers
-        assert 0 < requests_ok(await _metrics(url)) < 40
+        async def counted(n: int) -> bool:
+            return all([requests_ok(await _metrics(url)) == n for _ in range(4)])  # whichever worker answers
+
+        # the killed worker's share stays in the view
+        await _wait_until(lambda: counted(40), 10, "the merged view to count all 40 after a worker's crash")
         # requests sent while it restarts and after all succeed (a worker not yet listening gets no connections)
         assert await _post_fresh(url, 30) == [200] * 30
+        await _wait_until(lambda: counted(70), 10, "the merged view to count 70")
+        # a worker stopped cleanly (SIGTERM) leaves its own final count, newer than any scrape
+        survivor = next(w for w in workers if w.pid != victim.pid and w in parent.children())
+        survivor.send_signal(signal.SIGTERM)
+        survivor.wait(15)
+        gone.add(survivor.pid)
+        workers = await _wait_until(replaced, 10, "the supervisor to restart the stopped worker")
+        await _wait_until(lambda: counted(70), 10, "the merged view to count 70 after a clean stop")
         assert proc.returncode is None
     finally:
         if proc.returncode is None:
