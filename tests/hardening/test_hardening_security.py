@@ -150,7 +150,7 @@ def test_api_keys_are_compared_in_constant_time() -> None:
     engine_fns = _functions(REPO / "engine" / "server" / "errors.py")
     assert "hmac.compare_digest" in _calls(engine_fns["keys_match"])
     assert "keys_match" in _calls(_functions(REPO / "engine" / "server" / "api_server.py")["_request_id_and_auth"])
-    router_auth = _functions(REPO / "router" / "app.py")["auth_middleware"]
+    router_auth = _functions(REPO / "router" / "app.py")["_authorized"]
     assert "hmac.compare_digest" in _calls(router_auth)
     for fn in (engine_fns["keys_match"], router_auth):  # no == / != / in against a key anywhere in them
         for cmp in (n for n in ast.walk(fn) if isinstance(n, ast.Compare)):
