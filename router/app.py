@@ -141,6 +141,7 @@ class Router:
         self._warming: asyncio.Task[None] | None = None
         self._targets: dict[tuple[str, str], Target] = {}
         self._session_header = config.session_header.lower()
+        self._policy_name = self.policy.name.value
         self._rid_prefix, self._rid_count = os.urandom(8).hex(), 0
         auth = f"Authorization: Bearer {config.upstream_api_key}\r\n" if config.upstream_api_key else ""
         self._head_prefix = f"Content-Type: application/json\r\n{auth}".encode("latin-1")
@@ -397,7 +398,7 @@ class Router:
         if cfg.debug_headers and rh.get("x-kubellm-route-only") == "1":
             # which replica this router would pick now, without sending (bench/router.py measures how often two
             # router replicas agree); counted in no metric, changing nothing but the policy's tie rotation
-            backend, reason = await self._pick(route, hashes, tried, allow_wait=False, observe=False)
+            backend, reason, _ = await self._pick(route, hashes, tried, allow_wait=False)
             found = [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)] if backend else []
             return ex.respond(204, b"", [("X-Request-Id", request_id), *found])
 
@@ -405,7 +406,7 @@ class Router:
             if attempt:
                 self.metrics.retries.labels(model).inc()
                 await asyncio.sleep(min(cfg.retry_backoff * 2 ** (attempt - 1), 0.5) * (0.5 + random.random()))
-            backend, reason = await self._pick(route, hashes, tried, allow_wait=not tried)
+            backend, reason, matched = await self._pick(route, hashes, tried, allow_wait=not tried)
             if backend is None:
                 break
             tried.append(backend.slot)
@@ -413,7 +414,13 @@ class Router:
             if cfg.debug_headers:
                 resp_headers += [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)]
             self.registry.acquire(backend)
-            self.index.on_send(backend.slot, hashes)
+            sent = [False]
+
+            def on_sent(b: Backend = backend, sent: list[bool] = sent) -> None:
+                """The request is on its way (called before anything else can be routed): its blocks count as sent
+                there from now on. After the write, so the replica starts on it before this bookkeeping."""
+                sent[0] = True
+                self.index.on_send(b.slot, hashes)
 
             def on_first_byte(b: Backend = backend) -> None:
                 first_byte[0] = True
@@ -430,6 +437,7 @@ class Router:
                     ex,
                     resp_headers,
                     on_first_byte,
+                    on_sent,
                 )
                 code = str(outcome.status)
                 if outcome.died_mid_stream:
@@ -454,10 +462,15 @@ class Router:
                 raise
             finally:
                 self.registry.release(backend, answered=first_byte[0])
-                self.index.on_done(backend.slot, hashes)
-                self.metrics.child(self.metrics.requests, model, backend.url, code).inc()
+                if sent[0]:
+                    self.index.on_done(backend.slot, hashes)
+                m = self.metrics
+                m.child(m.requests, model, backend.url, code).inc()
                 if first_byte[0] or code != "error":
-                    self.metrics.child(self.metrics.duration, model).observe(time.perf_counter() - started)
+                    m.child(m.duration, model).observe(time.perf_counter() - started)
+                m.child(m.decisions, self._policy_name, reason).inc()
+                if hashes:
+                    m.child(m.match_ratio).observe(matched / len(hashes))
         if last is not None and last.status is not None:
             passed = [(k, v) for k, v in last.headers if k in ("Content-Type", "Retry-After")]
             return ex.respond(last.status, last.body, passed)
@@ -489,11 +502,12 @@ class Router:
         return target
 
     async def _pick(
-        self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool, observe: bool = True
-    ) -> tuple[Backend | None, str]:
-        """Choose a backend; wait in the bounded queue while none can take the request (first attempt only)."""
+        self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool
+    ) -> tuple[Backend | None, str, int]:
+        """Choose a backend (and say why, and how many leading blocks it holds); wait in the bounded queue while
+        none can take the request (first attempt only). Metrics are the caller's, after the request is sent."""
 
-        def try_pick() -> tuple[Backend, str] | None:
+        def try_pick() -> tuple[Backend, str, int] | None:
             backends, _ = self.registry.routable(route.model, exclude=tried)
             if not backends:
                 return None
@@ -511,18 +525,13 @@ class Router:
                         index.footprint(b.slot),
                     )
                 )
-            decision = self.policy.choose(route, cands)
-            if observe:
-                self.metrics.child(self.metrics.decisions, self.policy.name.value, decision.reason).inc()
-                if hashes:
-                    self.metrics.match_ratio.observe(decision.matched_blocks / len(hashes))
-            if len(backends) == 1:
-                return backends[0], decision.reason
-            return next(b for b in backends if b.url == decision.key), decision.reason
+            d = self.policy.choose(route, cands)
+            picked = backends[0] if len(backends) == 1 else next(b for b in backends if b.url == d.key)
+            return picked, d.reason, d.matched_blocks
 
         if not allow_wait:
             picked = try_pick()
-            return picked if picked else (None, "")
+            return picked if picked else (None, "", 0)
         return await self.queue.wait_for(route.model, try_pick)
 
 

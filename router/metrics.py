@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -27,10 +28,66 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
+class _LazyCounter:
+    """A counter child whose increments are plain arithmetic, added to the prometheus child when scraped."""
+
+    __slots__ = ("child", "n")
+
+    def __init__(self, child: Any):
+        self.child, self.n = child, 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.n += amount
+
+    def flush(self) -> None:
+        if self.n:
+            self.child.inc(self.n)
+            self.n = 0.0
+
+
+class _LazyHistogram:
+    """A histogram child counted per bucket in plain lists (one bisect per observation, no locks), added to the
+    prometheus child's buckets and sum when scraped."""
+
+    __slots__ = ("bounds", "child", "counts", "sum")
+
+    def __init__(self, child: Any):
+        self.child = child
+        self.bounds = list(child._upper_bounds)  # ends with +Inf
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bucket with amount <= its bound
+
+    def flush(self) -> None:
+        for i, c in enumerate(self.counts):
+            if c:
+                self.child._buckets[i].inc(c)
+                self.counts[i] = 0
+        if self.sum:
+            self.child._sum.inc(self.sum)
+            self.sum = 0.0
+
+
+class _Flusher:
+    """Registered first: every read of the registry first folds the lazy children's counts into prometheus."""
+
+    def __init__(self, metrics: RouterMetrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        self.metrics.flush()
+        return iter(())
+
+
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._lazy: list[_LazyCounter | _LazyHistogram] = []
+        r.register(_Flusher(self))  # type: ignore[arg-type]
         self.requests = Counter(mn.ROUTER_REQUESTS, "Requests routed", ["model", "backend", "code"], registry=r)
         self.duration = Histogram(
             mn.ROUTER_REQUEST_DURATION, "Request duration", ["model"], buckets=_LATENCY_BUCKETS, registry=r
@@ -56,13 +113,22 @@ class RouterMetrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """metric.labels(*labels), memoized: prometheus-client's own lookup is a visible share of a request's cost.
-        Only for counters and histograms (their children live as long as the registry)."""
+        """The hot path's handle on metric.labels(*labels) (or a label-less metric itself): memoized (prometheus'
+        lookup was a visible share of a request's cost) and lazy (`inc`/`observe` are plain arithmetic, folded
+        into the metric whenever the registry is read). Only for counters and histograms: their children live as
+        long as the registry."""
         key = (id(metric), labels)
         c = self._children.get(key)
         if c is None:
-            c = self._children[key] = metric.labels(*labels)
+            target = metric.labels(*labels) if labels else metric
+            c = _LazyHistogram(target) if isinstance(metric, Histogram) else _LazyCounter(target)
+            self._children[key] = c
+            self._lazy.append(c)
         return c
+
+    def flush(self) -> None:
+        for c in self._lazy:
+            c.flush()
 
     def forget_backend(self, backend: str) -> None:
         for g in (self.in_flight, self.backend_healthy, self.kv_event_seq):

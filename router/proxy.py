@@ -77,10 +77,12 @@ async def forward(
     ex: Exchange,
     response_headers: list[tuple[str, str]],
     on_first_byte: Callable[[], None],
+    on_sent: Callable[[], None] | None = None,
 ) -> Outcome:
-    """head: the header lines to send after the request line, Host and Content-Length."""
+    """head: the header lines to send after the request line, Host and Content-Length. on_sent: called once the
+    request is written (or about to be, when a new connection must be opened first), before the first await."""
     try:
-        upstream = await pool.send(target.start, head, body, target.key)
+        upstream = await pool.send(target.start, head, body, target.key, on_sent)
     except UpstreamError as e:
         raise UpstreamFailure(str(e), connect_error=e.connect) from e
     except TimeoutError as e:

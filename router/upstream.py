@@ -12,6 +12,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 
 
 class UpstreamError(Exception):
@@ -256,12 +257,15 @@ class UpstreamPool:
         elif conn.transport is not None:
             conn.transport.close()
 
-    async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
+    def _idle_connection(self, key: tuple[str, int, bool]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
+        return None
+
+    async def _open(self, key: tuple[str, int, bool]) -> _Connection:
         loop = asyncio.get_running_loop()
         tls: ssl.SSLContext | None = None
         if key[2]:
@@ -286,14 +290,30 @@ class UpstreamPool:
         start = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")
         return await self.send(start, headers, body, (host, port, tls))
 
-    async def send(self, start: bytes, headers: bytes, body: bytes, key: tuple[str, int, bool]) -> UpstreamResponse:
+    async def send(
+        self,
+        start: bytes,
+        headers: bytes,
+        body: bytes,
+        key: tuple[str, int, bool],
+        on_sent: Callable[[], None] | None = None,
+    ) -> UpstreamResponse:
         """The hot path: `start` is the request line and Host header, `headers` further header lines, both
-        rendered by the caller (once per replica and path, and once per request)."""
-        conn = await self._connect(key)
+        rendered by the caller (once per replica and path, and once per request). `on_sent` runs right after the
+        request is written to a kept-alive connection, or before a new connection is opened: either way before
+        this coroutine first yields to the loop."""
+        conn = self._idle_connection(key)
+        if conn is None:
+            if on_sent is not None:
+                on_sent()
+                on_sent = None
+            conn = await self._open(key)
         resp = UpstreamResponse(conn, self.read_timeout)
         conn.response = resp
         assert conn.transport is not None
         conn.transport.write(b"%bContent-Length: %d\r\n%b\r\n%b" % (start, len(body), headers, body))
+        if on_sent is not None:
+            on_sent()
         try:
             await resp.start()
         except BaseException:

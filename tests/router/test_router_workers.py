@@ -229,3 +229,27 @@ async def test_workers_stop_when_their_supervisor_is_killed():
     assert not alive, f"workers outlived their supervisor: {[p.pid for p in alive]}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # the port is free again
+
+
+def test_lazy_metric_children_render_as_direct_updates_do():
+    """The hot path's counters and histograms count in plain Python and fold into prometheus when read: the text
+    equals that of the same updates made directly (bucket edges included: a value on a bound is in that bucket)."""
+    lazy, direct = RouterMetrics(), RouterMetrics()
+    values = [0.0, 0.001, 0.0010001, 0.003, 0.05, 0.25, 7.0, 400.0]
+    for v in values:
+        lazy.child(lazy.duration, "m").observe(v)
+        direct.duration.labels("m").observe(v)
+        lazy.child(lazy.requests, "m", "http://e", "200").inc()
+        direct.requests.labels("m", "http://e", "200").inc()
+    for r in (0.0, 0.1, 0.55, 1.0):
+        lazy.child(lazy.match_ratio).observe(r)
+        direct.match_ratio.observe(r)
+
+    def text(m: RouterMetrics) -> list[str]:
+        return [ln for ln in m.render().decode().splitlines() if "_created" not in ln]
+
+    assert text(lazy) == text(direct)
+    lazy.child(lazy.requests, "m", "http://e", "200").inc(2)  # after a read: counted on top, read again
+    direct.requests.labels("m", "http://e", "200").inc(2)
+    assert text(lazy) == text(direct)
+    assert any(s["samples"] for s in lazy.snapshot() if s["name"] == mn.ROUTER_REQUESTS)
