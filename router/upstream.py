@@ -65,6 +65,7 @@ class UpstreamResponse:
         self._chunk_left = 0  # bytes left in the current chunk (+2 for its CRLF once started)
         self._until_close = False
         self.done = False  # the whole body arrived
+        self.deadline = 0.0  # (loop time) while waiting for data: when to give up
         self.status = 0
         self.headers: dict[str, str] = {}
         self._keep_alive = True
@@ -179,19 +180,24 @@ class UpstreamResponse:
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
+        pool = self._conn.pool
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        timer = loop.call_later(self._read_timeout, self._timeout, self._waiter)
+        self.deadline = loop.time() + self._read_timeout  # the pool's sweeper enforces it (no timer per wait)
+        pool._waiting.add(self)
+        if pool._sweeper is None:
+            pool._start_sweeper(loop)
         try:
             await self._waiter
         finally:
-            timer.cancel()
+            pool._waiting.discard(self)
             self._waiter = None
         if self._error is not None:
             raise self._error
 
-    def _timeout(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def _timeout(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError(f"no data from the replica for {self._read_timeout:g}s"))
 
     async def start(self) -> None:
@@ -249,6 +255,21 @@ class UpstreamPool:
         self.max_idle = max_idle_per_replica
         self._ssl_context = ssl_context  # for https:// replicas (default: the system's trust store, verified)
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._waiting: set[UpstreamResponse] = set()  # responses waiting for data, each with its deadline
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _start_sweeper(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Fail waits past their read timeout; checked a few times per timeout (at least once a second)."""
+        period = min(1.0, self.read_timeout / 4)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for resp in [r for r in self._waiting if r.deadline <= now]:
+                resp._timeout()
 
     def _release(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, [])
@@ -322,6 +343,9 @@ class UpstreamPool:
         return resp
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conns in self._idle.values():
             for c in conns:
                 if c.transport is not None:

@@ -55,6 +55,9 @@ class PrefixPolicy(Policy):
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
         need = self.min_match_blocks(request)
+        if len(candidates) == 1:  # no choice to make: only the reason (what the general path below would say)
+            m = candidates[0].matched_blocks
+            return Decision(candidates[0].key, "prefix_hit" if m >= need else "short_match" if m else "no_match", m)
 
         def earned(c: Candidate) -> int:
             return c.matched_blocks if c.matched_blocks >= need else 0

@@ -245,3 +245,15 @@ def test_round_robin_is_fair(n, requests):
     p = RoundRobinPolicy()
     counts = Counter(p.choose(REQ, cands(*([0] * n))).key for _ in range(requests))
     assert max(counts.values()) - min(counts.get(f"r{i}", 0) for i in range(n)) <= 1
+
+
+def test_prefix_policy_with_one_replica_names_the_reason_by_the_match_threshold():
+    """One candidate (a one-replica model): no choice, and the reason follows the minimum match (3 of 10 blocks
+    with ratio 0.25 and no token floor): 3+ is a hit, 1-2 a short match, 0 no match; whatever its load."""
+    p = PrefixPolicy(balance_factor=1.5, min_match_ratio=0.25, min_match_tokens=0)
+    req = RouteRequest("m", num_blocks=10)
+    want = {0: "no_match", 1: "short_match", 2: "short_match", 3: "prefix_hit", 10: "prefix_hit"}
+    for matched, reason in want.items():
+        for load in (0, 50):
+            d = p.choose(req, cands(load, matched=(matched,)))
+            assert (d.key, d.reason, d.matched_blocks) == ("r0", reason, matched)
