@@ -305,7 +305,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.max_duration:g}s. "
         f"Router pinned to core {ROUTER_CORE} (taskset), load generator and fake engine on core {HARNESS_CORE}; "
         "kubellm with --kv-events off (the fake has no event stream), prefix policy, text-block hashing "
-        "(the fake serves no tokenizer)",
+        "(the fake serves no tokenizer); one fake engine behind every router (a one-replica pick: routing cost "
+        "grows with replicas). All contenders start first, then the repeats go round-robin over them.",
         "rows": {},
     }
     b = [engine.url]
@@ -323,38 +324,44 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         b, "prefix", ["--kv-events", "off", "--workers", "2"]), latency=False))  # fmt: skip
     if args.only:
         contenders = [c for c in contenders if c.name == "direct" or any(o in c.name for o in args.only)]
+    procs: dict[str, Proc | None] = {}
     try:
+        # every contender up first, then the repeats round-robin over them: a shared machine's load drifts over
+        # minutes, and interleaving spreads that drift over all contenders instead of favouring whoever ran when
+        # it was quiet
         for c in contenders:
-            proc = c.start() if c.start else None
-            if c.start and proc is None:
-                continue
-            url = proc.url if proc else engine.url
-            host, port_s = url.removeprefix("http://").split(":")
-            row: dict[str, Any] = {}
-            try:
-                for rep in range(args.repeats):
-                    if c.latency:
-                        lat = run_load(host, int(port_s), lambda cl: fixed_rate(cl, plain, rate, duration))
-                        st = run_load(host, int(port_s), lambda cl: fixed_rate(cl, streamed, srate, duration))
-                        row.setdefault("p50_ms", []).append(pct([t.total for t in lat], 50) * 1e3)
-                        row.setdefault("p99_ms", []).append(pct([t.total for t in lat], 99) * 1e3)
-                        row.setdefault("n", []).append(len(lat))
-                        row.setdefault("ttfc_p50_ms", []).append(pct([t.first_byte for t in st], 50) * 1e3)
-                        row.setdefault("ttfc_p99_ms", []).append(pct([t.first_byte for t in st], 99) * 1e3)
-                        row.setdefault("stream_total_p50_ms", []).append(pct([t.total for t in st], 50) * 1e3)
-                    cpu0 = cpu_seconds(proc)
-                    rps = run_load(host, int(port_s), lambda cl: closed_loop(cl, plain, 64, args.max_duration))
-                    row.setdefault("max_rps", []).append(rps)
-                    if proc is not None:  # CPU per request: a figure other users of a shared machine disturb less
-                        cpu_ms = (cpu_seconds(proc) - cpu0) * 1e3 / max(1.0, rps * args.max_duration)
-                        row.setdefault("cpu_ms_per_req", []).append(cpu_ms)
-                    print(f"{c.name:40s} rep {rep}: " + "  ".join(f"{k} {v[-1]:.3f}" for k, v in row.items()),
-                          flush=True)  # fmt: skip
-            finally:
-                if proc:
-                    proc.stop()
-            results["rows"][c.name] = row
+            procs[c.name] = c.start() if c.start else None
+            if c.start and procs[c.name] is None:
+                del procs[c.name]  # (sglang-router not installed)
+        for rep in range(args.repeats):
+            for c in contenders:
+                if c.name not in procs:
+                    continue
+                proc = procs[c.name]
+                url = proc.url if proc else engine.url
+                host, port_s = url.removeprefix("http://").split(":")
+                row: dict[str, Any] = results["rows"].setdefault(c.name, {})
+                if c.latency:
+                    lat = run_load(host, int(port_s), lambda cl: fixed_rate(cl, plain, rate, duration))
+                    st = run_load(host, int(port_s), lambda cl: fixed_rate(cl, streamed, srate, duration))
+                    row.setdefault("p50_ms", []).append(pct([t.total for t in lat], 50) * 1e3)
+                    row.setdefault("p99_ms", []).append(pct([t.total for t in lat], 99) * 1e3)
+                    row.setdefault("n", []).append(len(lat))
+                    row.setdefault("ttfc_p50_ms", []).append(pct([t.first_byte for t in st], 50) * 1e3)
+                    row.setdefault("ttfc_p99_ms", []).append(pct([t.first_byte for t in st], 99) * 1e3)
+                    row.setdefault("stream_total_p50_ms", []).append(pct([t.total for t in st], 50) * 1e3)
+                cpu0 = cpu_seconds(proc)
+                rps = run_load(host, int(port_s), lambda cl: closed_loop(cl, plain, 64, args.max_duration))
+                row.setdefault("max_rps", []).append(rps)
+                if proc is not None:  # CPU per request: a figure other users of a shared machine disturb less
+                    cpu_ms = (cpu_seconds(proc) - cpu0) * 1e3 / max(1.0, rps * args.max_duration)
+                    row.setdefault("cpu_ms_per_req", []).append(cpu_ms)
+                print(f"{c.name:40s} rep {rep}: " + "  ".join(f"{k} {v[-1]:.3f}" for k, v in row.items()),
+                      flush=True)  # fmt: skip
     finally:
+        for proc in procs.values():
+            if proc:
+                proc.stop()
         engine.stop()
     summarize_overhead(results)
     return results
