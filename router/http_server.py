@@ -122,6 +122,9 @@ class Exchange:
             raise RuntimeError("response already started")
         self.started = self.finished = True
         self.status = status
+        if status == 204 or status == 304 or status < 200:  # no body, and no Content-Length (RFC 9110 8.6)
+            self._conn.write(self._head(status, headers, b""))
+            return
         out = self._head(status, headers, b"Content-Length: %d\r\n" % len(body))
         if not self.head_only:
             out += body

@@ -40,6 +40,8 @@ class Echo:
                 self.cancelled.set()
                 raise
             ex.respond(200, b"released")
+        elif req.path == "/empty":
+            ex.respond(204, b"", [("X-Test", "empty")])
         elif req.path == "/fail":
             raise RuntimeError("handler bug")
         else:
@@ -112,6 +114,12 @@ async def test_pipelined_requests_answered_in_order_on_one_connection(server):
     status, headers, body = await read_response(reader)
     assert status == 200 and json.loads(body[: body.index(b"}") + 1])["x"] == "yes" and body.endswith(b"abc")
     assert "connection" not in headers
+    # a 204 carries no body and no Content-Length; the next answer on the connection follows it directly
+    writer.write(b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n" + post("/five", b"5"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 204") and b"Content-Length" not in head and b"X-Test: empty" in head
+    status, _, body = await read_response(reader)
+    assert status == 200 and body.endswith(b"5")
     writer.close()
 
 
