@@ -310,7 +310,13 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         "rows": {},
     }
     b = [engine.url]
-    contenders = [Contender("direct", None)]
+
+    def relay() -> Proc:
+        rp = free_port()
+        cmd = pinned([PY, __file__, "_relay", "--port", str(rp), "--upstream", engine.url], ROUTER_CORE)
+        return spawn("relay", cmd, f"http://127.0.0.1:{rp}")
+
+    contenders = [Contender("direct", None), Contender("byte relay (floor: uvloop, no HTTP, no routing)", relay)]
     contenders.append(Contender("kubellm prefix", lambda: our_router(
         b, "prefix", ["--kv-events", "off", "--workers", "1"], core=ROUTER_CORE)))  # fmt: skip
     for spec in args.baseline_python or []:
@@ -962,6 +968,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         r["kubellm added latency p50 ms at 500 req/s (target <= 0.3)"] = us["added_p50_ms"]
         r["kubellm max req/s on one core (target >= 3000)"] = us["max_rps"]
         r["kubellm added stream TTFC p50 ms (target <= 1)"] = us["added_ttfc_p50_ms"]
+    floor = ov.get("byte relay (floor: uvloop, no HTTP, no routing)")
+    if us and floor:
+        r["added p50 of the byte relay (the floor of a Python proxy here) ms"] = floor["added_p50_ms"]
+        r["added p50 kubellm - byte relay ms"] = us["added_p50_ms"] - floor["added_p50_ms"]
     if us and sg:
         r["added p50 kubellm - sglang-router ms (target <= 0)"] = us["added_p50_ms"] - sg["added_p50_ms"]
         r["max req/s kubellm / sglang-router (target >= 1)"] = us["max_rps"] / sg["max_rps"]
@@ -978,7 +988,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "what", choices=["overhead", "routing", "restart", "memory", "tokenize", "all", "_instant", "_strip"]
+        "what", choices=["overhead", "routing", "restart", "memory", "tokenize", "all", "_instant", "_strip", "_relay"]
     )
     p.add_argument("--prompts", type=int, default=500_000, help="memory: unique prompts to send")
     p.add_argument("--upstream", default="")
@@ -1027,6 +1037,11 @@ def main(argv: list[str] | None = None) -> int:
         from router_load import run_instant_engine
 
         run_instant_engine(args.port)
+        return 0
+    if args.what == "_relay":
+        from router_load import run_relay
+
+        run_relay(args.port, args.upstream)
         return 0
     if args.what == "_strip":
         run_strip_shim(args.port, args.upstream)
