@@ -151,7 +151,9 @@ class RouterConfig:
     queue_size: int = option(1024, help="requests that may wait at once")
     max_inflight_per_backend: int = option(0, help="above this a replica counts as saturated (0: unbounded)")
     max_body_bytes: int = option(16 * 1024 * 1024, help="larger request bodies get 413")
-    max_header_bytes: int = option(16 * 1024, help="larger request headers are refused")
+    max_header_bytes: int = option(
+        16 * 1024, help="a longer request line or header field is refused (431); all headers together: 4x (>= 64 KiB)"
+    )
     max_retries: int = option(2, help="retries on another replica before the first byte")
     retry_backoff: float = option(0.02, help="seconds before the first retry (doubling after)")
     connect_timeout: float = option(3.0, help="seconds to connect to a replica")

@@ -7,9 +7,9 @@ multidicts, middleware chains, payload writers); the router needs far less of it
 - TCP_NODELAY on every accepted connection (no Nagle/delayed-ACK stall between a stream's small writes);
 - plain responses in one write; streamed responses chunked (close-delimited to HTTP/1.0 clients), each piece
   written as the handler hands it over, waiting while the client's socket buffer is full;
-- limits: headers over `max_header_bytes` -> 431, a body over `max_body_bytes` -> 413 (from Content-Length
-  before reading, else while reading), malformed HTTP -> 400; errors in OpenAI's JSON shape (`error_body`);
-  `Expect: 100-continue` answered;
+- limits: a request line or header field over `max_header_bytes`, or all headers over 4x that (at least 64 KiB)
+  -> 431; a body over `max_body_bytes` -> 413 (from Content-Length before reading, else while reading); malformed
+  HTTP -> 400; errors in OpenAI's JSON shape (`error_body`); `Expect: 100-continue` answered;
 - a client that disconnects cancels its handler (the router then aborts its upstream request);
 - idle keep-alive connections close after `keepalive_timeout`, and a connection stuck in the middle of a
   request's head or body after `request_timeout`;
@@ -250,19 +250,24 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._header_bytes += len(url)
-        if self._header_bytes > self.server.max_header_bytes:
-            self._refuse(431, "request line and headers too large", "headers_too_large")
-            raise _Refused
+        if len(self._url) > self.server.max_header_bytes:
+            self._headers_too_large(f"the request line exceeds {self.server.max_header_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.server.max_header_bytes:
-            self._refuse(431, "request line and headers too large", "headers_too_large")
-            raise _Refused
+        size = len(name) + len(value)
+        self._header_bytes += size + 4
+        if size > self.server.max_header_bytes:
+            self._headers_too_large(f"a header field exceeds {self.server.max_header_bytes} bytes")
+        if self._header_bytes > self.server.max_head_bytes:
+            self._headers_too_large(f"the request's headers exceed {self.server.max_head_bytes} bytes in all")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         old = self._headers.get(key)
         self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def _headers_too_large(self, message: str) -> None:
+        self._refuse(431, message, "headers_too_large")
+        raise _Refused
 
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
@@ -396,7 +401,8 @@ class HTTPServer:
     ):
         self.handler = handler
         self.max_body_bytes = max_body_bytes
-        self.max_header_bytes = max_header_bytes
+        self.max_header_bytes = max_header_bytes  # the request line, and each header field (name + value)
+        self.max_head_bytes = max(65536, 4 * max_header_bytes)  # all of them together
         self.error_body = error_body
         self.keepalive_timeout = keepalive_timeout
         self.request_timeout = request_timeout

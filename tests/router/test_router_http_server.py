@@ -129,6 +129,8 @@ async def test_pipelined_requests_answered_in_order_on_one_connection(server):
         (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request"),
         (b"POST /x HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400, "bad_request"),
         (b"GET /x HTTP/1.1\r\nX-Big: " + b"y" * 2000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /x HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 900) for i in range(80)) + b"\r\n", 431,
+         "headers_too_large"),
         (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n\r\n", 431, "headers_too_large"),
         (b"POST /x HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", 413, "body_too_large"),
         (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"z" * 1024 + b"\r\n" * 3, 413,
