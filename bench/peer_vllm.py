@@ -32,7 +32,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.fp8_checkpoint import BLOCK_QUANTIZATION_CONFIG
 from bench.gpu_info import gpu_identity
 from bench.kernel_kinds import HostTimer, summarize
 from bench.shapes import shape, write_config_dir
@@ -303,7 +302,7 @@ def kv_bytes_per_token(llm: Any, kv_tokens: int | None) -> float | None:
     seen: set[tuple[int, int]] = set()
     total = 0
     for layer in context.values():
-        caches = getattr(layer, "kv_cache", None) or []
+        caches = getattr(layer, "kv_cache", None)  # a tensor (vLLM 0.26's model runner) or a list of them
         for t in caches if isinstance(caches, list | tuple) else [caches]:
             if isinstance(t, torch.Tensor) and t.numel() and (t.data_ptr(), t.numel()) not in seen:
                 seen.add((t.data_ptr(), t.numel()))
@@ -341,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     quantization = settings.quantization
     if quantization == "fp8-block":  # the checkpoint format, as our engine gets it: vLLM reads it from config.json
         config = json.loads((model_dir / "config.json").read_text())
+        # imported here: it pulls our engine's loader package (gguf), which vLLM's site lacks
+        from bench.fp8_checkpoint import BLOCK_QUANTIZATION_CONFIG
+
         config["quantization_config"] = BLOCK_QUANTIZATION_CONFIG
         (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         quantization = None

@@ -128,6 +128,10 @@ class EngineConfig:
         "KUBELLM_FUSED_KERNELS", env_bool, True,
         help="CUDA: Triton kernels for RMSNorm, rotary and SiLU-and-mul (off: torch ops)",
     )  # fmt: skip
+    rope_cache: bool = env_option(
+        "KUBELLM_ROPE_CACHE", env_bool, True,
+        help="CUDA: the rotary kernel writes K and V straight into the paged cache (off: rotary, then index_copy_)",
+    )  # fmt: skip
     fused_sampler: bool = env_option(
         "KUBELLM_FUSED_SAMPLER", env_bool, True,
         help="CUDA: one Triton kernel for plain temperature sampling (off: torch ops)",

@@ -30,8 +30,8 @@ except ImportError:  # CPU installs: the torch path is used
     tl = None
 
 # "rope_cache": rotary embedding and the KV write in one kernel (rope_cache); off, they run as rope + index_copy_
-# (the gpu tests compare the two paths; KUBELLM_ROPE_CACHE=0 switches the fusion off for a run)
-_state = {"ok": triton is not None, "rope_cache": os.environ.get("KUBELLM_ROPE_CACHE", "1") != "0"}
+# (the gpu tests compare the two paths; the engine's rope_cache setting, KUBELLM_ROPE_CACHE, switches it)
+_state = {"ok": triton is not None, "rope_cache": True}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
 # Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
@@ -41,9 +41,10 @@ SILU_MUL_CONFIG = (1024, 4)
 RMS_NORM_WARPS = 4
 
 
-def configure(on: bool) -> None:
-    """The engine's fused_kernels setting (off: torch ops)."""
+def configure(on: bool, rope_cache: bool = True) -> None:
+    """The engine's fused_kernels setting (off: torch ops) and its rope_cache setting."""
     _state["ok"] = triton is not None and on
+    _state["rope_cache"] = rope_cache
 
 
 def enabled(x: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ def _fused():
     from kubellm.engine.loader import load_model  # noqa: F401 - import order: loader before models
     from kubellm.engine.models import fused
 
+    fused.configure(True, rope_cache=True)  # as an engine with default settings leaves them
     assert fused.enabled(torch.empty(1, device="cuda")), "Triton kernels unavailable on CUDA"
     return fused
 
@@ -80,25 +81,22 @@ def loaded():
     return bf16_rounded_random_model(SMOLLM2_135M, std=0.02, embed_std=0.2)
 
 
-def test_fused_kv_write_gives_the_unfused_models_logits_and_cache(loaded, monkeypatch):
-    fused = _fused()
+def test_fused_kv_write_gives_the_unfused_models_logits_and_cache(loaded):
+    _fused()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, loaded.config.vocab_size, (PROMPTS, POSITIONS), generator=gen).tolist()
 
-    monkeypatch.setitem(fused._state, "rope_cache", True)  # whatever KUBELLM_ROPE_CACHE said
-
-    def run():  # the fusion is chosen as graphs are captured: each runner is built under its setting
-        runner = small_runner(loaded, "cuda", PROMPTS, POSITIONS)
+    def run(rope_cache: bool):  # the engine setting, whatever KUBELLM_ROPE_CACHE says; graphs capture its choice
+        runner = small_runner(loaded, "cuda", PROMPTS, POSITIONS, rope_cache=rope_cache)
         assert runner._graphs, "CUDA graphs were not captured"
         logits = teacher_forced_logits(runner, tokens, PREFILL)
         assert runner.graph_replays == POSITIONS - PREFILL
         caches = torch.stack([c[: runner.num_blocks] for c in runner.kv_caches])  # the dummy block left out
         return logits, caches, runner.attn._rows is None
 
-    fused_logits, fused_cache, no_rows = run()
+    fused_logits, fused_cache, no_rows = run(rope_cache=True)
     assert no_rows, "with the fusion no layer wrote K/V through index_copy_"
-    monkeypatch.setitem(fused._state, "rope_cache", False)
-    plain_logits, plain_cache, no_rows = run()
+    plain_logits, plain_cache, no_rows = run(rope_cache=False)
     assert not no_rows, "without it the backend wrote them"
     assert torch.equal(fused_cache, plain_cache)
     assert torch.equal(fused_logits, plain_logits)
