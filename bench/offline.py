@@ -49,6 +49,7 @@ from bench import bounds, kernel_kinds, report
 from bench.cuda_timing import event_ms, graph_ms
 from bench.gpu_info import gpu_identity
 from bench.peer_vllm import peer_command
+from bench.result_files import git_commit
 from bench.shapes import shape
 from bench.step_profile import describe as describe_profile
 from bench.step_profile import profile_steps
@@ -378,16 +379,6 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
         out["profile"] = profile_steps(engine, steps=1)
         drain()
     return out
-
-
-def git_commit() -> str:
-    """The commit measured: KUBELLM_GIT_COMMIT when set (a copied tree without .git), else git's HEAD."""
-    if os.environ.get("KUBELLM_GIT_COMMIT"):
-        return os.environ["KUBELLM_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_results(r: dict[str, Any], out_dir: Path) -> None:

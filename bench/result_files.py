@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -16,6 +17,16 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    """The commit measured: KUBELLM_GIT_COMMIT when set (a copied tree without .git), else git's HEAD."""
+    if os.environ.get("KUBELLM_GIT_COMMIT"):
+        return os.environ["KUBELLM_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def host_info(script: str, argv: Sequence[str] | None, now: datetime, **versions: str) -> dict[str, Any]:

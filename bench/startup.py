@@ -34,8 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench.gpu_info import gpu_identity
-from bench.offline import git_commit
-from bench.result_files import host_info, record
+from bench.result_files import git_commit, host_info, record
 from bench.shapes import shape
 from kubellm.engine.loader.hf_dir import INDEX_FILE
 from kubellm.engine.model_config import ModelConfig

@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.result_files import git_commit
+
 SCHEMA = {
     "type": "object",
     "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 200}},
@@ -373,15 +375,6 @@ def compile_times(engine, count: int = COMPILE_COUNT) -> dict[str, float]:
         manager.bitmask([manager.new_matcher(spec)])  # llguidance builds its lexer lazily: include the first mask
         times.append(time.perf_counter() - t)
     return percentiles_ms(times)
-
-
-def git_commit() -> str:
-    if os.environ.get("KUBELLM_GIT_COMMIT"):
-        return os.environ["KUBELLM_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
