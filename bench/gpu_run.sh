@@ -53,23 +53,44 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 site=/tmp/site
 WHEELS=${WHEELS:-.gpu/whl}
 VSITE=${VSITE:-/tmp/vsite}
+# Prebuilt flashinfer kernels (.gpu/kcache/*.tgz, and whatever this machine built before) into a flashinfer install's
+# AOT folder, where it loads them without building: ours in $site, vLLM's in $VSITE (its sampler's module alone
+# took ~100 s to build on an H100 at its first start, 2026-12-07).
+restore_kernels() {
+  local aot="$1/flashinfer/data/aot"
+  [ -d "$1/flashinfer" ] || return 0
+  mkdir -p "$aot"
+  for tgz in .gpu/kcache/*.tgz; do [ -f "$tgz" ] && tar -C "$aot" -xzf "$tgz"; done
+  for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
+    [ -f "$so" ] || continue
+    name=$(basename "$(dirname "$so")")
+    mkdir -p "$aot/$name" && cp --update=none "$so" "$aot/$name/"
+  done
+  echo "prebuilt flashinfer kernels in $1: $(ls "$aot" | wc -l)"
+}
+# Kernels built on this machine (JIT) travel back as one small archive of .so files in the AOT layout.
+pack_kernels() {
+  local staging
+  staging=$(mktemp -d)
+  for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
+    [ -f "$so" ] || continue
+    name=$(basename "$(dirname "$so")")
+    mkdir -p "$staging/$name" && cp "$so" "$staging/$name/"
+  done
+  if [ -n "$(ls "$staging")" ]; then tar -C "$staging" -czf "$OUT/kcache-built-here.tgz" . && ls -la "$OUT"; fi
+}
+if ls .gpu/kcache/fi-cache.tgz.* >/dev/null 2>&1; then bash .gpu/kernel-cache.sh unpack .gpu/kcache; fi
 if [ "$mode" = peer ]; then
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
+  restore_kernels "$VSITE"
   PYTHONPATH="$VSITE:$PWD" VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout "${TIME_LIMIT}" python3 -m bench.peer_vllm "$@" 2>&1 \
     | tee "$OUT/peer.log"
-  exit "${PIPESTATUS[0]}"
+  rc=${PIPESTATUS[0]}
+  pack_kernels
+  exit "$rc"
 fi
 source bench/gpu_site.sh
-aot="$site/flashinfer/data/aot"
-mkdir -p "$aot"
-if ls .gpu/kcache/fi-cache.tgz.* >/dev/null 2>&1; then bash .gpu/kernel-cache.sh unpack .gpu/kcache; fi
-for tgz in .gpu/kcache/*.tgz; do [ -f "$tgz" ] && tar -C "$aot" -xzf "$tgz"; done
-for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
-  [ -f "$so" ] || continue
-  name=$(basename "$(dirname "$so")")
-  mkdir -p "$aot/$name" && cp -n "$so" "$aot/$name/"
-done
-echo "prebuilt flashinfer kernels: $(ls "$aot" | wc -l)"
+restore_kernels "$site"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 git status --short 2>/dev/null | head -20
 
@@ -123,12 +144,5 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
   rc=$((rc | PIPESTATUS[0]))
 fi
 
-# Kernels built on this machine (JIT) travel back as one small archive of .so files in the AOT layout.
-staging=$(mktemp -d)
-for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
-  [ -f "$so" ] || continue
-  name=$(basename "$(dirname "$so")")
-  mkdir -p "$staging/$name" && cp "$so" "$staging/$name/"
-done
-if [ -n "$(ls "$staging")" ]; then tar -C "$staging" -czf "$OUT/kcache-built-here.tgz" . && ls -la "$OUT"; fi
+pack_kernels
 exit "$rc"
