@@ -159,6 +159,17 @@ def paged_kv_layout(
     return paged_kv_layout_flat(np.asarray(seq_lens, dtype=np.int64), flat, n_blocks, block_size)
 
 
+def write_kv_rows(flat: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """`flat.index_copy_(0, rows, values)` for a cache of any dtype: `flat` [R, Hkv, D] (a paged cache viewed by
+    row), `values` [T, Hkv, D] of the cache's dtype. Float8 caches are written through uint8 views of both, the
+    same bytes moved: CUDA's index_copy_ has no float8 kernel. Plain tensor ops, so a CUDA graph captures it."""
+    if values.dtype != flat.dtype:
+        raise ValueError(f"KV rows of {values.dtype} cannot be written into a {flat.dtype} cache")
+    if flat.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        flat, values = flat.view(torch.uint8), values.view(torch.uint8)
+    flat.index_copy_(0, rows, values)
+
+
 class AttentionBackend(ABC):
     """Paged attention over the engine's KV cache; one instance serves all layers of one model."""
 

@@ -5,8 +5,8 @@ plans one flashinfer wrapper on the host lists of `AttentionMetadata` — decode
 wrapper, any step holding a prefill chunk takes the prefill wrapper (which handles query-length-1 rows too,
 so a mixed batch is one call per layer) — and every layer reuses that plan. New K/V are written by the model's
 fused rotary kernel straight into the cache (`paged_slots` / `forward_written`, models/fused.py's rope_cache), or
-else with one `index_copy_` each into a flat view of the cache, from rows derived once per step from the slot
-mapping.
+else with one `index_copy_` each (`write_kv_rows`: an FP8 cache through uint8 views) into a flat view of the cache,
+from rows derived once per step from the slot mapping.
 
 CUDA graphs: `init_cuda_graphs` makes one decode wrapper per captured batch size, in flashinfer's CUDA-graph
 mode (fixed indptr/indices/last-page-length buffers, shared by all sizes since one graph runs at a time);
@@ -31,7 +31,7 @@ from kubellm.engine.config import EngineConfig
 from kubellm.engine.loader.quantization import FP8_DTYPE, to_fp8
 from kubellm.engine.transfer import to_device_async, wait_event
 
-from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
+from .base import AttentionBackend, AttentionMetadata, paged_kv_layout, write_kv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -259,11 +259,11 @@ class FlashInferAttention(AttentionBackend):
         k_rows, v_rows = self._kv_rows()
         if self.kv_fp8:  # e4m3 cache: stored as k / k_scale, the kernel multiplies the scales back in
             k_scale, v_scale = self.k_scales[layer_idx], self.v_scales[layer_idx]
-            flat.index_copy_(0, k_rows, to_fp8(k, k_scale))
-            flat.index_copy_(0, v_rows, to_fp8(v, v_scale))
+            write_kv_rows(flat, k_rows, to_fp8(k, k_scale))
+            write_kv_rows(flat, v_rows, to_fp8(v, v_scale))
             return wrapper.run(q, kv_cache, k_scale=k_scale, v_scale=v_scale)
-        flat.index_copy_(0, k_rows, k)
-        flat.index_copy_(0, v_rows, v)
+        write_kv_rows(flat, k_rows, k)
+        write_kv_rows(flat, v_rows, v)
         return wrapper.run(q, kv_cache)
 
 

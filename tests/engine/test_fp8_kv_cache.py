@@ -123,3 +123,47 @@ def test_fp8_kv_refused_for_mla_models(tiny_model_dir):
     loaded = load_model(tiny_model_dir("deepseek-v3"))
     with pytest.raises(ValueError, match="kv-cache-dtype fp8 is not supported for MLA"):
         ModelRunner(loaded, EngineConfig(device="cpu", kv_cache_dtype="fp8"))
+
+
+def _rows_of_slots(slots: list[int], block_size: int) -> tuple[list[int], list[int]]:
+    """Rows of a [blocks, 2, block_size, Hkv, D] cache viewed as [blocks * 2 * block_size, Hkv, D]: slot s of block
+    b = s // block_size at offset o holds its K in row (2b) * block_size + o and its V one block_size later."""
+    k_rows = [2 * (s // block_size) * block_size + s % block_size for s in slots]
+    return k_rows, [r + block_size for r in k_rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_write_kv_rows_puts_each_token_at_its_slot_and_nothing_else(dtype):
+    """The flashinfer backend's KV write (whatever the device; CUDA has no float8 index_copy_, so FP8 caches go
+    through uint8 views): each token's K and V land in the rows of its slot, bit for bit, every other row untouched."""
+    from kubellm.engine.attention.base import kv_cache_shape, write_kv_rows
+    from kubellm.engine.loader.quantization import to_fp8
+
+    g = torch.Generator().manual_seed(3)
+    blocks, bs, hkv, d = 5, 4, 2, 8
+    cache = torch.randn(kv_cache_shape(blocks, bs, hkv, d), generator=g).to(dtype)
+    before = cache.clone()
+    slots = [0, 7, 13, 19, 6]  # blocks 0, 1, 3, 4, 1 (out of order, two in one block)
+    k32, v32 = torch.randn(len(slots), hkv, d, generator=g) * 3, torch.randn(len(slots), hkv, d, generator=g)
+    k, v = (to_fp8(k32, 0.5), to_fp8(v32, 2.0)) if dtype == torch.float8_e4m3fn else (k32.to(dtype), v32.to(dtype))
+    k_rows, v_rows = _rows_of_slots(slots, bs)
+    flat = cache.view(-1, hkv, d)
+    write_kv_rows(flat, torch.tensor(k_rows), k)
+    write_kv_rows(flat, torch.tensor(v_rows), v)
+    as_bytes = (lambda t: t.view(torch.uint8)) if dtype.itemsize == 1 else (lambda t: t.view(torch.int16))
+    for i, s in enumerate(slots):
+        block, offset = divmod(s, bs)
+        assert torch.equal(as_bytes(cache[block, 0, offset]), as_bytes(k[i])), (s, "K")
+        assert torch.equal(as_bytes(cache[block, 1, offset]), as_bytes(v[i])), (s, "V")
+    written = torch.zeros(blocks, 2, bs, dtype=torch.bool)
+    for s in slots:
+        written[s // bs, :, s % bs] = True
+    assert torch.equal(as_bytes(cache[~written]), as_bytes(before[~written]))
+
+
+def test_write_kv_rows_refuses_values_of_another_dtype():
+    from kubellm.engine.attention.base import write_kv_rows
+
+    cache = torch.zeros(8, 2, 4, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"bfloat16.*float8_e4m3fn cache"):
+        write_kv_rows(cache, torch.tensor([1]), torch.ones(1, 2, 4, dtype=torch.bfloat16))

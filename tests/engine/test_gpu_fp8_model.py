@@ -158,6 +158,44 @@ def test_fp8_kv_cache_through_flashinfer(checkpoints):
     assert 0 < vs_bf16 < 0.1
 
 
+def test_fp8_kv_rows_written_on_cuda_and_by_a_cuda_graph_replay():
+    """The FP8 KV write of the flashinfer backend (uint8 views: CUDA's index_copy_ has no float8 kernel), eager and
+    replayed from a CUDA graph on new values and slots, gives the bytes the host writes row by row."""
+    from kubellm.engine.attention.base import write_kv_rows
+    from kubellm.engine.loader.quantization import to_fp8
+
+    g = torch.Generator().manual_seed(5)
+    rows, t, hkv, d = 64, 6, 2, 64
+    cache = torch.zeros(rows, hkv, d, dtype=FP8, device="cuda")
+    x = torch.empty(t, hkv, d, dtype=torch.bfloat16, device="cuda")
+    idx = torch.empty(t, dtype=torch.int64, device="cuda")
+
+    def step():
+        write_kv_rows(cache, idx, to_fp8(x, 0.25))
+
+    def expect(before: torch.Tensor, values: torch.Tensor, at: list[int]) -> torch.Tensor:
+        want = before.clone()
+        for i, r in enumerate(at):
+            want[r] = (values[i].float() / 0.25).clamp(-448, 448).to(FP8)
+        return want.view(torch.uint8)
+
+    graph = torch.cuda.CUDAGraph()
+    for replay in (False, True):
+        values = torch.randn(t, hkv, d, generator=g).to(torch.bfloat16) * 40
+        at = torch.randperm(rows, generator=g)[:t].tolist()
+        before = cache.cpu()
+        x.copy_(values.cuda())
+        idx.copy_(torch.tensor(at).cuda())
+        if replay:
+            graph.replay()
+        else:
+            step()  # eager; then captured (a capture records the kernels without running them)
+            with torch.cuda.graph(graph):
+                step()
+        torch.cuda.synchronize()
+        assert torch.equal(cache.cpu().view(torch.uint8), expect(before, values, at)), f"replay={replay}"
+
+
 @pytest.mark.parametrize("fmt", ["ct-channel", "fp8-block"])
 def test_fp8_checkpoint_at_tp2_matches_tp1(fmt, checkpoints):
     """Each rank holds its FP8 shard (experts included); logits at TP 2 match TP 1's within FP8 activation noise
