@@ -164,6 +164,12 @@ class EngineConfig:
         choices=("fa2", "fa3", "auto"),
         help="flashinfer: paged prefill kernel family (also that of the MLA kernel DeepSeek models attend with)",
     )  # fmt: skip
+    mla_upproject_min_tokens: int = env_option(
+        "KUBELLM_MLA_UPPROJECT_MIN_TOKENS", int, 0,
+        help="MLA (DeepSeek): a prefill chunk of at least N new tokens attends up-projected (its context's latents "
+        "through kv_b_proj to per-head K/V, then ordinary causal attention; flashinfer's ragged prefill on CUDA) "
+        "instead of absorbed; decodes stay absorbed. 0: never (the default until GPU measurements pick N)",
+    )  # fmt: skip
     chat_template: str | None = option(
         None, help="chat template replacing the model's: a file path, or the Jinja template itself"
     )
@@ -186,6 +192,7 @@ class EngineConfig:
             "kv_growth_reserve_tokens": self.kv_growth_reserve_tokens >= 0,
             "long_prefill_token_threshold": self.long_prefill_token_threshold >= 0,
             "num_threads": self.num_threads >= 0,
+            "mla_upproject_min_tokens": self.mla_upproject_min_tokens >= 0,
         }
         for name, ok in checks.items():
             if not ok:

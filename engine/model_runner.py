@@ -169,7 +169,11 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             sliding_window=self._sliding_window(c, config),
-            **({"kv_lora_rank": c.kv_lora_rank} if latent else {}),
+            **(
+                {"kv_lora_rank": c.kv_lora_rank, "qk_nope_head_dim": c.qk_nope_head_dim, "v_head_dim": c.v_head_dim}
+                if latent
+                else {}
+            ),
             **backend_cls.options_from(config),
         )
         self.kv_caches: list[torch.Tensor] = []

@@ -7,6 +7,12 @@ pool (it reads them through their page and token strides), so a token's latent i
 mixed (causal, bottom-right aligned: a chunk's queries see the whole cached context and their own past), and every
 layer reuses that plan, as the dense flashinfer backend does.
 
+Up-projected prefill (`mla_upproject_min_tokens` > 0, engine/attention/mla.py): the step's long chunks attend through
+flashinfer's ragged prefill (`BatchPrefillWithRaggedKVCacheWrapper`, head_dim_qk nope + rope, head_dim_vo v, causal
+bottom-right aligned) over K/V the model up-projects from the gathered context latents; the rest of the step
+(decodes, short chunks) is planned on the MLA wrapper alone. The ragged wrapper has its own workspace, allocated only
+when the setting is on.
+
 CUDA graphs: one CUDA-graph-mode wrapper per captured decode batch size over shared fixed page-table buffers;
 `begin_graph_step_layout` plans the padded batch into them right before replay. The plan's launch shape depends
 only on the heads per query row, which decode fixes, so a graph captured once replays any page table that fits.
@@ -19,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
 from flashinfer.mla import BatchMLAPagedAttentionWrapper
 
 from kubellm.engine.config import EngineConfig
@@ -27,11 +34,14 @@ from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 from .flashinfer_backend import PlanFence, _i32, _i32_on
 from .mla import (
     MLAPageTable,
+    MLASplit,
     check_mla_budget,
     check_mla_work,
     decode_page_table,
     latent_cache_shape,
+    mla_page_table,
     mla_page_table_from_meta,
+    upproject_split,
 )
 
 # Split-k partial outputs of the MLA kernel: 2 x SMs x tile rows x kv_lora_rank, a few tens of MB at most.
@@ -57,6 +67,9 @@ class FlashInferMLAAttention(AttentionBackend):
         mla_backend: str | None = None,
         max_num_batched_tokens: int | None = None,
         max_num_seqs: int | None = None,
+        upproject_min_tokens: int = 0,
+        qk_nope_head_dim: int | None = None,
+        v_head_dim: int | None = None,
     ):
         if num_kv_heads != 1:
             raise ValueError(f"MLA caches one latent per token (num_kv_heads 1), got {num_kv_heads}")
@@ -64,6 +77,10 @@ class FlashInferMLAAttention(AttentionBackend):
             raise ValueError("MLA attention has no sliding window")
         if not 0 < kv_lora_rank < head_dim:
             raise ValueError(f"kv_lora_rank {kv_lora_rank} must be below the latent row width {head_dim}")
+        if upproject_min_tokens < 0:
+            raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {upproject_min_tokens}")
+        if upproject_min_tokens and (qk_nope_head_dim is None or v_head_dim is None):
+            raise ValueError("up-projected MLA prefill needs the model's qk_nope_head_dim and v_head_dim")
         if max_num_batched_tokens is not None:  # the engine's limits: refuse at start what a step could not plan
             check_mla_budget(max_num_batched_tokens, max_num_seqs or max_num_batched_tokens, num_heads)
         super().__init__(num_heads, 1, head_dim, scale, block_size, dtype=dtype, device=device)
@@ -81,6 +98,14 @@ class FlashInferMLAAttention(AttentionBackend):
         self._wrapper = self._eager  # the wrapper this step runs
         self._rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._fence = PlanFence()
+        self.upproject_min_tokens = upproject_min_tokens
+        self.qk_nope_head_dim, self.v_head_dim = qk_nope_head_dim, v_head_dim
+        self._split: MLASplit | None = None
+        self.upprojected_tokens = 0  # query rows attended up-projected so far (a counter for tests and benchmarks)
+        self._ragged: BatchPrefillWithRaggedKVCacheWrapper | None = None
+        if upproject_min_tokens:
+            ragged_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            self._ragged = BatchPrefillWithRaggedKVCacheWrapper(ragged_workspace, "NHD", backend="fa2")
 
     @classmethod
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:
@@ -88,7 +113,12 @@ class FlashInferMLAAttention(AttentionBackend):
             "mla_backend": config.prefill_backend,  # fa2 (default), fa3 or auto: the same families as prefill
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "max_num_seqs": config.max_num_seqs,
+            "upproject_min_tokens": config.mla_upproject_min_tokens,
         }
+
+    @property
+    def mla_split(self) -> MLASplit | None:
+        return self._split
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return latent_cache_shape(num_blocks, self.block_size, self.head_dim)
@@ -112,9 +142,39 @@ class FlashInferMLAAttention(AttentionBackend):
         self._wrapper = wrapper
 
     def begin_step(self, meta: AttentionMetadata) -> None:
-        check_mla_work(meta.query_lens_list, self.num_heads)
-        self._plan(self._eager, mla_page_table_from_meta(meta))
         self.set_slots(meta.slot_mapping)
+        plan = upproject_split(
+            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size, self.upproject_min_tokens
+        )
+        if plan is not None:
+            self.upprojected_tokens += len(plan.up_rows)
+        self._split = None if plan is None else MLASplit.on(plan, self.device)
+        if plan is None:
+            check_mla_work(meta.query_lens_list, self.num_heads)
+            self._plan(self._eager, mla_page_table_from_meta(meta))
+            return
+        if len(plan.absorbed_seqs):  # the MLA kernel attends the absorbed sequences only, packed in batch order
+            seqs = plan.absorbed_seqs.tolist()
+            qlens = [meta.query_lens_list[i] for i in seqs]
+            check_mla_work(qlens, self.num_heads)
+            table = mla_page_table(
+                qlens, [meta.seq_lens_list[i] for i in seqs], [meta.block_tables_list[i] for i in seqs], self.block_size
+            )
+            self._plan(self._eager, table)
+        assert self._ragged is not None and self.qk_nope_head_dim is not None
+        self._fence.plan(
+            self._ragged,
+            _i32(plan.qo_indptr),
+            _i32(plan.kv_indptr),
+            self.num_heads,
+            self.num_heads,
+            self.qk_nope_head_dim + self.rope_dim,
+            head_dim_vo=self.v_head_dim,
+            causal=True,  # bottom-right aligned: a chunk's queries see its cached context and their own past
+            sm_scale=self.scale,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
 
     def set_slots(self, slot_mapping: torch.Tensor) -> None:
         """In the pool viewed as [num_blocks * block_size, width], a token's row is its slot."""
@@ -150,6 +210,7 @@ class FlashInferMLAAttention(AttentionBackend):
         self, batch_size: int, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray
     ) -> None:
         table = decode_page_table(indptr, indices, last_page_len, self.block_size)
+        self._split = None  # decode only: every row absorbed
         self._plan(self._graph_wrappers[batch_size], table)
 
     # ---- per layer ---------------------------------------------------------------------------
@@ -167,9 +228,21 @@ class FlashInferMLAAttention(AttentionBackend):
         k_rope: torch.Tensor,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
+        self.write_latents(latent, k_rope, kv_cache)
+        return self.attend_absorbed(layer_idx, q_latent, q_rope, kv_cache)
+
+    def write_latents(self, latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor) -> None:
         kv_cache.view(-1, self.head_dim).index_copy_(0, self._rows, torch.cat((latent, k_rope), dim=-1))
+
+    def attend_absorbed(
+        self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
         r = self.kv_lora_rank
         return self._wrapper.run(q_latent, q_rope, kv_cache[..., :r], kv_cache[..., r:])
+
+    def attend_upprojected(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        assert self._ragged is not None, "no up-projected rows were planned this step"
+        return self._ragged.run(q, k, v.contiguous())  # v: a column view of kv_b_proj's output
 
 
 __all__ = ["FlashInferMLAAttention"]

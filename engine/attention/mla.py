@@ -6,9 +6,20 @@ There is no separate V: attention runs absorbed (W_UK folded into the query by t
 whole rows and the values are their first `kv_lora_rank` columns. That halves the pool of a K-and-V layout.
 
 The model calls `forward_mla(layer, q_latent, q_rope, latent, k_rope, cache)`; a backend stores the new rows at
-the step's slots and returns the attended latent [T, H, kv_lora_rank]. The page-table arrays below are pure
-numpy, so their construction is tested on CPU; flashinfer's MLA wrapper (engine/attention/flashinfer_mla.py)
-plans from them on CUDA, the torch reference (engine/attention/torch_mla.py) attends over the same pool anywhere.
+the step's slots and returns the attended latent [T, H, kv_lora_rank].
+
+Up-projected prefill (engine setting `mla_upproject_min_tokens`, 0 = never): a prefill chunk of at least that many
+new tokens may instead attend like ordinary multi-head attention. Its context's cached latents (the new tokens'
+included, written first as always) are gathered from the pool and up-projected through kv_b_proj to per-head K_nope
+and V; with the shared rope key appended, the chunk's queries (nope + rope, e.g. 128 + 64) attend causally over the
+whole context with head dims 192 / 128 instead of 576 / 512. That trades the up-projection of the context
+(context x heads x (nope + v) x kv_lora_rank) for about a third of the attention work per query-key pair, so it
+pays for long chunks; decode rows and short chunks stay absorbed. `upproject_split` plans which rows go which way
+(pure numpy); the backend exposes the step's split as `mla_split` (None: every row absorbed, the path above).
+
+The page-table arrays below are pure numpy, so their construction is tested on CPU; flashinfer's MLA wrapper
+(engine/attention/flashinfer_mla.py) plans from them on CUDA, the torch reference (engine/attention/torch_mla.py)
+attends over the same pool anywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .base import AttentionMetadata, paged_kv_layout
+from .base import AttentionMetadata, _to_device, paged_kv_layout
 
 
 def latent_cache_shape(num_blocks: int, block_size: int, latent_width: int) -> tuple[int, int, int]:
@@ -67,6 +78,112 @@ def decode_page_table(
         np.asarray(indptr, dtype=np.int32),
         np.asarray(indices, dtype=np.int32),
         kv_lens,
+    )
+
+
+@dataclass(frozen=True)
+class UpProjectSplit:
+    """One step's rows split between the absorbed and the up-projected path (int numpy arrays)."""
+
+    up_seqs: np.ndarray  # int64 [U]: the up-projected sequences (prefill chunks of >= min tokens), in batch order
+    absorbed_seqs: np.ndarray  # int64 [A]: the rest (decodes, short chunks), in batch order
+    up_rows: np.ndarray  # int64 [Tu]: the step's token rows of the up-projected chunks, packed in order
+    absorbed_rows: np.ndarray  # int64 [Ta]
+    qo_indptr: np.ndarray  # int32 [U+1]: up sequence u's queries are rows [qo_indptr[u], qo_indptr[u+1]) of up_rows
+    kv_indptr: np.ndarray  # int32 [U+1]: its whole context (cached + new) is rows [kv_indptr[u], kv_indptr[u+1])
+    context_slots: np.ndarray  # int64 [S]: the pool slot (block * block_size + offset) of each such context row
+    cached_lens: np.ndarray  # int64 [U]: tokens cached before this chunk (queries are bottom-right aligned)
+
+
+def upproject_split(
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    min_tokens: int,
+) -> UpProjectSplit | None:
+    """Which sequences of a step attend up-projected: the prefill chunks of at least `min_tokens` new tokens (and
+    at least 2: a single new token is a decode row). None when none does (or `min_tokens` is 0): the whole step
+    runs absorbed, as without the setting."""
+    if min_tokens < 0:
+        raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {min_tokens}")
+    if min_tokens == 0:
+        return None
+    qlens = np.asarray(query_lens, dtype=np.int64)
+    up = qlens >= max(min_tokens, 2)
+    if not up.any():
+        return None
+    starts = np.zeros(len(qlens) + 1, dtype=np.int64)
+    np.cumsum(qlens, out=starts[1:])
+    seq_idx = np.repeat(np.arange(len(qlens)), qlens)
+    row_is_up = up[seq_idx]
+    rows = np.arange(int(starts[-1]), dtype=np.int64)
+    up_seqs = np.flatnonzero(up)
+    lens = np.asarray(seq_lens, dtype=np.int64)[up_seqs]
+    qo = np.zeros(len(up_seqs) + 1, dtype=np.int32)
+    np.cumsum(qlens[up_seqs], out=qo[1:])
+    kv = np.zeros(len(up_seqs) + 1, dtype=np.int32)
+    np.cumsum(lens, out=kv[1:])
+    slots = []
+    for i, n in zip(up_seqs, lens, strict=True):
+        pos = np.arange(n, dtype=np.int64)
+        table = np.asarray(block_tables[i][: -(-int(n) // block_size)], dtype=np.int64)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+    return UpProjectSplit(
+        up_seqs=up_seqs,
+        absorbed_seqs=np.flatnonzero(~up),
+        up_rows=rows[row_is_up],
+        absorbed_rows=rows[~row_is_up],
+        qo_indptr=qo,
+        kv_indptr=kv,
+        context_slots=np.concatenate(slots),
+        cached_lens=lens - qlens[up_seqs],
+    )
+
+
+@dataclass(frozen=True)
+class MLASplit:
+    """A step's split on the device, what DeepSeek's attention layer reads from its backend (`attn.mla_split`)."""
+
+    plan: UpProjectSplit
+    up_rows: torch.Tensor  # int64 [Tu]
+    absorbed_rows: torch.Tensor | None  # int64 [Ta]; None: every row of the step is up-projected
+    context_slots: torch.Tensor  # int64 [S]
+
+    @classmethod
+    def on(cls, plan: UpProjectSplit, device: torch.device | str) -> MLASplit:
+        """The split's index arrays in one host-to-device copy."""
+        parts = [plan.up_rows, plan.absorbed_rows, plan.context_slots]
+        buf = _to_device(np.concatenate(parts).astype(np.int64, copy=False), device)
+        a, b = len(plan.up_rows), len(plan.up_rows) + len(plan.absorbed_rows)
+        return cls(
+            plan=plan,
+            up_rows=buf[:a],
+            absorbed_rows=buf[a:b] if b > a else None,
+            context_slots=buf[b:],
+        )
+
+
+def select_sequences(meta: AttentionMetadata, seqs: np.ndarray, rows: torch.Tensor) -> AttentionMetadata:
+    """The metadata of a step's sub-batch: sequences `seqs` (batch order kept) whose token rows are `rows`."""
+    idx = [int(i) for i in seqs]
+    qlens = [meta.query_lens_list[i] for i in idx]
+    qsl = np.zeros(len(idx) + 1, dtype=np.int32)
+    np.cumsum(np.asarray(qlens, dtype=np.int64), out=qsl[1:])
+    device = meta.slot_mapping.device
+    sel = torch.as_tensor(idx, dtype=torch.int64).to(device)
+    return AttentionMetadata(
+        block_size=meta.block_size,
+        query_start_loc=torch.from_numpy(qsl).to(device),
+        seq_lens=meta.seq_lens[sel],
+        context_lens=meta.context_lens[sel],
+        positions=meta.positions[rows],
+        slot_mapping=meta.slot_mapping[rows],
+        block_tables=meta.block_tables[sel],
+        query_lens_list=qlens,
+        seq_lens_list=[meta.seq_lens_list[i] for i in idx],
+        context_lens_list=[meta.context_lens_list[i] for i in idx],
+        block_tables_list=[meta.block_tables_list[i] for i in idx],
     )
 
 
@@ -127,5 +244,28 @@ class LatentAttention(Protocol):
     ) -> torch.Tensor:
         """q_latent [T, H, kv_lora_rank] (the nope query through W_UK), q_rope [T, H, rope]; latent [T, kv_lora_rank]
         and k_rope [T, rope] of the new tokens, stored at the step's slots first. Returns the softmax-weighted
-        latents [T, H, kv_lora_rank] (W_UV is the model's to apply)."""
+        latents [T, H, kv_lora_rank] (W_UV is the model's to apply). Used when `mla_split` is None."""
+        ...
+
+    # ---- up-projected prefill: when the step's `mla_split` is not None, the model calls these instead -------------
+    @property
+    def mla_split(self) -> MLASplit | None:
+        """This step's split (set by begin_step; None: every row absorbed, through forward_mla)."""
+        ...
+
+    def write_latents(self, latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        """Store every new token's latent row at the step's slots."""
+        ...
+
+    def attend_absorbed(
+        self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """forward_mla's attention (latents already written) for the split's absorbed rows only: q_latent
+        [Ta, H, kv_lora_rank], q_rope [Ta, H, rope] -> [Ta, H, kv_lora_rank]."""
+        ...
+
+    def attend_upprojected(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention (each chunk's queries bottom-right aligned on its context) of the split's up rows
+        q [Tu, H, nope + rope] over their contexts' up-projected k [S, H, nope + rope] and v [S, H, v_head_dim]
+        (packed as `mla_split.plan.qo_indptr` / `kv_indptr` say) -> [Tu, H, v_head_dim]."""
         ...

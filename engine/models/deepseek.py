@@ -3,7 +3,8 @@ mixture of experts.
 
 MLA caches one latent per token per layer: the normed compressed KV (kv_lora_rank) and the shared rotary key
 (qk_rope_head_dim), one row of kv_lora_rank + qk_rope_head_dim in a latent-only paged pool (engine/attention/mla.py),
-so prefix caching and block hashes work unchanged. Attention runs absorbed, prefill chunks and decodes alike: W_UK is
+so prefix caching and block hashes work unchanged. Attention runs absorbed (for prefill chunks too unless the engine
+setting mla_upproject_min_tokens sends long chunks up-projected, see engine/attention/mla.py): W_UK is
 folded into the query (each head's nope query mapped into latent space), the backend attends the heads' latent and
 roped queries against the one cached latent row per token (multi-query attention; flashinfer's MLA kernel on CUDA,
 the torch reference elsewhere), and W_UV maps the attended latent back to each head's values.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubellm.engine import symm_all_reduce
-from kubellm.engine.attention.mla import LatentAttention
+from kubellm.engine.attention.mla import LatentAttention, MLASplit
 from kubellm.engine.model_config import ModelConfig, rope_inv_freq_and_scale
 
 from . import fused
@@ -173,6 +174,10 @@ class MLAttention(nn.Module):
             rot = rotate_pairs if c.rope_interleave else rotate_half
             roped = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)[:, 0]
         q_rope, k_rope = roped
+        split = attn.mla_split
+        if split is not None:  # long prefill chunks up-projected (engine/attention/mla.py), the rest absorbed
+            values = self._split_attention(layer_idx, q_nope, q_rope, latent, k_rope, kv_cache, attn, split)
+            return self.o_proj(values.reshape(t, h * c.v_head_dim))
         w_kv = self.kv_b_proj.weight.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : c.qk_nope_head_dim], w_kv[:, c.qk_nope_head_dim :]
         # Batched over heads on strided views (no copies): W_UK absorbed into the query, [t, h, lora] as a view of
@@ -181,6 +186,33 @@ class MLAttention(nn.Module):
         out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope, kv_cache)
         values = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [h, t, v]
         return self.o_proj(values.transpose(0, 1).reshape(t, h * c.v_head_dim))
+
+    def _split_attention(
+        self, layer_idx: int, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+        kv_cache: torch.Tensor, attn: LatentAttention, split: MLASplit,
+    ) -> torch.Tensor:  # fmt: skip
+        """Per-head values [t, h, v] of a step whose split sends some prefill chunks up-projected: every new latent
+        is cached first; absorbed rows attend as forward_mla does; the up rows' contexts (cached + new latents,
+        gathered from the pool) go through kv_b_proj to K_nope and V, the shared rope key is appended to every head,
+        and the chunks' full queries attend over them causally. The up-projected K/V are transient, one layer at a
+        time, context tokens x heads x (2 nope + rope + v) wide: the memory profile at start does not size them."""
+        c, h = self.c, self.num_heads
+        nope, r = c.qk_nope_head_dim, c.kv_lora_rank
+        w_kv = self.kv_b_proj.weight.view(h, nope + c.v_head_dim, r)
+        attn.write_latents(latent, k_rope, kv_cache)
+        values = q_nope.new_empty((q_nope.shape[0], h, c.v_head_dim))
+        if split.absorbed_rows is not None:
+            a = split.absorbed_rows
+            q_latent = torch.bmm(q_nope[a].transpose(0, 1), w_kv[:, :nope]).transpose(0, 1)
+            out = attn.attend_absorbed(layer_idx, q_latent, q_rope[a], kv_cache)
+            values[a] = torch.bmm(out.transpose(0, 1), w_kv[:, nope:].transpose(1, 2)).transpose(0, 1)
+        context = kv_cache.view(-1, kv_cache.shape[-1]).index_select(0, split.context_slots)  # [S, r + rope]
+        kv = self.kv_b_proj(context[:, :r]).view(-1, h, nope + c.v_head_dim)
+        k = torch.cat((kv[..., :nope], context[:, None, r:].expand(-1, h, c.qk_rope_head_dim)), dim=-1)
+        u = split.up_rows
+        q = torch.cat((q_nope[u], q_rope[u]), dim=-1)
+        values[u] = attn.attend_upprojected(layer_idx, q, k, kv[..., nope:])
+        return values
 
 
 class DecoderLayer(nn.Module):

@@ -2,7 +2,9 @@
 transformers' logits through multi-head latent attention over the paged latent cache (between them: q_lora on and
 off, softmax and sigmoid gating with a correction bias, group-limited top-k, shared experts, a dense first layer,
 YaRN with mscale, both rope layouts); greedy generation through LLM.generate equals transformers' with chunked
-prefill over a cached prefix, prefix caching and a preemption; tensor parallelism at 2 equals 1."""
+prefill over a cached prefix, prefix caching and a preemption; tensor parallelism at 2 equals 1. The same with the
+up-projected prefill path (engine setting mla_upproject_min_tokens): whole prefills, chunks over a cached prefix
+and a step mixing up-projected chunks with absorbed short chunks and decodes give transformers' logits."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from tiny_models import DEEPSEEK_KINDS, TINY_VOCAB, full_pass_logits, hf_logits,
 from tp_parity import assert_tp2_decodes_as_tp1, cpu_tp_config
 
 from kubellm.engine import LLM, SamplingParams
+from kubellm.engine.attention import AttentionMetadata
+from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 from kubellm.engine.llm_engine import LLMEngine
 from kubellm.engine.loader import load_model
 from kubellm.engine.model_config import UnsupportedModelError
@@ -25,13 +29,14 @@ _rng = random.Random(7)
 IDS = [_rng.randrange(4, TINY_VOCAB) for _ in range(45)]  # one generator: distinct tokens, so attention matters
 
 
+@pytest.mark.parametrize("upproject", [0, 1], ids=["absorbed", "up-projected"])
 @pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
-def test_teacher_forced_logits_equal_transformers(kind, tiny_model_dir, hf_model):
+def test_teacher_forced_logits_equal_transformers(kind, upproject, tiny_model_dir, hf_model):
     loaded = load_model(tiny_model_dir(kind))
     c = loaded.config
     assert (c.num_key_value_heads, c.head_dim) == (1, 32 + 8), "one latent head of kv_lora_rank + qk_rope_head_dim"
     assert c.rope_type == "yarn" and c.n_group == 4 and c.topk_group == 2
-    runner = make_runner(loaded, num_blocks=8)
+    runner = make_runner(loaded, num_blocks=8, mla_upproject_min_tokens=upproject)
     assert [isinstance(layer.mlp, DeepseekMoE) for layer in runner.model.layers] == [False, True, True]
     # the latent-only pool: one 40-wide row (kv_lora_rank 32 + rope 8) per token and layer, no separate K and V
     assert [tuple(t.shape) for t in runner.kv_caches] == [(8, 16, 40)] * 3
@@ -43,11 +48,65 @@ def test_teacher_forced_logits_equal_transformers(kind, tiny_model_dir, hf_model
         assert c.moe_scoring == "softmax" and c.q_lora_rank == 0
     ref = hf_logits(hf_model(kind), IDS)
     ours = full_pass_logits(runner, IDS)
+    assert (runner.attn.mla_split is not None) == bool(upproject), "the prefill took the other path"
     err = float((ours - ref).norm() / ref.norm())
     assert err < 2e-5, f"{kind}: relative L2 error {err:.2e}"
 
 
-def test_greedy_generate_equals_transformers_with_chunks_prefix_cache_and_preemption(tiny_model_dir, hf_model):
+def _step_logits(runner, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    """Logits of every new row of one step [T, V], through the runner's model and backend."""
+    meta = AttentionMetadata.from_batch(ForwardBatch(seqs), runner.block_size)
+    ids = torch.tensor([t for s in seqs for t in s.token_ids])
+    with torch.inference_mode():
+        runner.attn.begin_step(meta)
+        return runner.model.compute_logits(runner.model(ids, meta.positions, runner.kv_caches, runner.attn))
+
+
+@pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
+def test_upprojected_chunks_over_a_cached_prefix_mixed_with_decodes_equal_transformers(kind, tiny_model_dir, hf_model):
+    """Step 1 prefills three prompts' first chunks (up-projected at min 4); step 2 mixes, in this order, a decode, a
+    chunk over a cached prefix that ends mid-block (up-projected), a 3-token chunk (absorbed: below 4) and a fresh
+    prompt (up-projected). Every row's logits equal transformers' and the all-absorbed engine's."""
+    rng = random.Random(21)
+    a, b, cc, d = ([rng.randrange(4, TINY_VOCAB) for _ in range(n)] for n in (41, 31, 13, 12))
+    tables = {"a": [0, 1, 2], "b": [3, 4], "c": [5], "d": [6]}
+    loaded = load_model(tiny_model_dir(kind))
+    logits = []
+    for min_tokens in (0, 4):
+        runner = make_runner(loaded, num_blocks=8, mla_upproject_min_tokens=min_tokens)
+        first = [
+            ScheduledSeq("a", a[:21], 0, tables["a"], False),
+            ScheduledSeq("b", b[:30], 0, tables["b"], True),
+            ScheduledSeq("c", cc[:10], 0, tables["c"], False),
+        ]
+        _step_logits(runner, first)
+        assert (runner.attn.mla_split is not None) == bool(min_tokens)
+        second = [
+            ScheduledSeq("b", b[30:], 30, tables["b"], True),
+            ScheduledSeq("a", a[21:], 21, tables["a"], True),
+            ScheduledSeq("c", cc[10:], 10, tables["c"], True),
+            ScheduledSeq("d", d, 0, tables["d"], True),
+        ]
+        logits.append(_step_logits(runner, second))
+        if min_tokens:
+            split = runner.attn.mla_split
+            assert split is not None and split.plan.up_seqs.tolist() == [1, 3]
+            assert split.plan.absorbed_rows.tolist() == [0, 21, 22, 23]
+    ref = torch.cat(
+        [hf_logits(hf_model(kind), b)[30:], hf_logits(hf_model(kind), a)[21:], hf_logits(hf_model(kind), cc)[10:],
+         hf_logits(hf_model(kind), d)]
+    )  # fmt: skip
+    for name, ours in zip(("absorbed", "up-projected"), logits, strict=True):
+        err = float((ours - ref).norm() / ref.norm())
+        assert err < 2e-5, f"{kind} {name}: relative L2 error {err:.2e} against transformers"
+    between = float((logits[1] - logits[0]).norm() / logits[0].norm())
+    assert between < 1e-5, f"{kind}: relative L2 {between:.2e} between the paths"
+
+
+@pytest.mark.parametrize("upproject", [0, 2], ids=["absorbed", "up-projected"])
+def test_greedy_generate_equals_transformers_with_chunks_prefix_cache_and_preemption(
+    upproject, tiny_model_dir, hf_model
+):
     kind = "deepseek-v3"
     rng = random.Random(13)
     shared = [rng.randrange(4, TINY_VOCAB) for _ in range(35)]  # two full blocks and more, shared by 3 prompts
@@ -59,12 +118,14 @@ def test_greedy_generate_equals_transformers_with_chunks_prefix_cache_and_preemp
     llm = LLM(
         model=str(tiny_model_dir(kind)), device="cpu", enable_prefix_caching=True, max_num_batched_tokens=16,
         num_gpu_blocks_override=-(-longest // 16) + 4, kv_growth_reserve_tokens=0, generation_config="vllm",
+        mla_upproject_min_tokens=upproject,
     )  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
     first = llm.generate([{"prompt_token_ids": prompts[0]}], params)  # the shared prefix is cached from here on
     rest = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params)
     outs = [list(o.outputs[0].token_ids) for o in first + rest]
     stats = llm.engine.stats()
+    assert (llm.engine.runner.attn.upprojected_tokens > 0) == bool(upproject), "the prefill took the other path"
     assert stats.num_preemptions > 0, "the KV pool was meant to be small enough to preempt"
     assert stats.prefix_hits > 0, "the shared prefix was meant to be served from the cache"
     for i, (ours, (ref, ref_logits)) in enumerate(zip(outs, refs, strict=True)):

@@ -43,3 +43,11 @@ def test_environment_variables_supply_defaults_and_explicit_values_win(monkeypat
     monkeypatch.setenv("KUBELLM_TP_SYMM_MEM", "maybe")
     with pytest.raises(ConfigFileError, match=r"environment variable KUBELLM_TP_SYMM_MEM='maybe': expected 0 or 1"):
         EngineConfig()
+
+
+def test_mla_upproject_min_tokens_from_the_environment_and_refused_below_zero(monkeypatch):
+    assert EngineConfig().mla_upproject_min_tokens == 0, "absorbed everywhere unless asked"
+    monkeypatch.setenv("KUBELLM_MLA_UPPROJECT_MIN_TOKENS", "512")
+    assert EngineConfig().mla_upproject_min_tokens == 512
+    with pytest.raises(ValueError, match=r"^invalid engine argument mla_upproject_min_tokens=-1$"):
+        EngineConfig(mla_upproject_min_tokens=-1)

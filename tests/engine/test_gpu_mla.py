@@ -9,7 +9,11 @@ fails, never skips).
   64 experts, YaRN factor 40) gives, on the GPU path (bf16, flashinfer MLA, Triton MoE, CUDA-graph decode), the
   logits of the CPU reference path (float32), teacher-forced through a two-chunk prefill and decode steps;
 - CUDA-graph decode gives the same greedy tokens as eager decode through the whole engine; the logits test's 6
-  prompts run in the captured batch of 8, so its 2 padding rows must not disturb real latents.
+  prompts run in the captured batch of 8, so its 2 padding rows must not disturb real latents;
+- the up-projected prefill (mla_upproject_min_tokens): one DeepSeek-V2-Lite-shaped attention layer on a mixed step
+  (decodes, chunks over cached prefixes, a short absorbed chunk, a fresh prefill) gives through flashinfer's ragged
+  prefill the torch reference's output (float32, same split) and flashinfer's all-absorbed output; the model's
+  logits with it on equal the CPU reference's; greedy decoding through the engine with it on equals it off.
 
 Run: bench/mla_gpu.sh (these tests, then bench/mla_micro.py); or TESTS=tests/engine/test_gpu_mla.py bench/gpu_run.sh
 test (these tests alone).
@@ -203,6 +207,10 @@ def _runner(loaded, device: str):
     return small_runner(loaded, device, PROMPTS, POSITIONS)
 
 
+def _runner_with(loaded, device: str, **kw):
+    return small_runner(loaded, device, PROMPTS, POSITIONS, **kw)
+
+
 def _teacher_forced(runner, tokens: list[list[int]]) -> torch.Tensor:
     """Logits [steps * prompts, vocab] (float32, CPU): a prefill in two chunks (the second over the cached first,
     mid-block), then one decode per step."""
@@ -254,3 +262,110 @@ def test_cuda_graph_decode_equals_eager(loaded):
         return [c.token_ids for c in outs]
 
     assert greedy(False) == greedy(True)
+
+
+# ---- the up-projected prefill -------------------------------------------------------------------------------------
+def _layer_case(cached: list[int], new: list[int], seed: int):
+    """One DeepSeek-V2-Lite-shaped attention layer (random weights, float32 on the GPU), a pool of random latents in
+    shuffled blocks (page 16), the step's metadata, its hidden states and rotary tables."""
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.models.deepseek import MLAttention
+
+    c = ModelConfig.from_hf_config(V2_LITE_3_LAYERS)
+    gen = torch.Generator().manual_seed(seed)
+    layer = MLAttention(c, torch.float32, torch.device("cuda"))
+    for p in layer.parameters():
+        p.data = (torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5).cuda()
+    batch, pool, _ = _case(cached, new, 16, seed)
+    meta = AttentionMetadata.from_batch(batch, 16, "cuda")
+    x = torch.randn(sum(new), c.hidden_size, generator=gen).cuda()
+    freqs = meta.positions.float()[:, None] * torch.rand(ROPE // 2, generator=gen).cuda()[None, :]
+    return c, layer, pool, meta, x, freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+
+@pytest.mark.parametrize("min_tokens", [1, 16])
+def test_upprojected_prefill_matches_reference_and_absorbed(min_tokens):
+    """A mixed step in this order: a chunk over a 32-token prefix, a decode, a 5-token chunk over 21 (absorbed at
+    min 16), a fresh 100-token prefill, a chunk over 50 ending mid-block, a decode. flashinfer up-projected (bf16)
+    vs the torch reference up-projected (float32), and vs flashinfer all absorbed (bf16)."""
+    import copy
+
+    cached, new = [32, 7, 21, 0, 50, 63], [24, 1, 5, 100, 40, 1]
+    c, layer, pool, meta, x, cos, sin = _layer_case(cached, new, seed=7)
+    bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+    width, scale = RANK + ROPE, c.attention_scale
+    dims = {"qk_nope_head_dim": c.qk_nope_head_dim, "v_head_dim": c.v_head_dim}
+
+    def flashinfer(min_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = _flashinfer_mla_cls()(
+            HEADS, 1, width, scale, 16, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda",
+            upproject_min_tokens=min_tok, **dims,
+        )  # fmt: skip
+        attn.begin_step(meta)
+        assert (attn.mla_split is not None) == bool(min_tok)
+        p = pool.clone()
+        with torch.inference_mode():
+            out = bf16(0, x.bfloat16(), cos.bfloat16(), sin.bfloat16(), p, attn)
+        return out.float(), p
+
+    ref_attn = TorchMLAAttention(HEADS, 1, width, scale, 16, kv_lora_rank=RANK, upproject_min_tokens=min_tokens)
+    ref_attn.begin_step(meta)
+    expected_up = ref_attn.mla_split.plan.up_seqs.tolist()
+    assert expected_up == ([0, 2, 3, 4] if min_tokens == 1 else [0, 3, 4])
+    ref_pool = pool.float()
+    with torch.inference_mode():
+        ref = layer(0, x, cos, sin, ref_pool, ref_attn)
+    up, up_pool = flashinfer(min_tokens)
+    absorbed, absorbed_pool = flashinfer(0)
+    torch.cuda.synchronize()
+    assert torch.equal(up_pool, absorbed_pool), "the new latents went to different slots"
+    for name, got, want in (
+        ("flashinfer up-projected vs the float32 reference", up, ref),
+        ("flashinfer up-projected vs flashinfer absorbed", up, absorbed),
+        ("flashinfer absorbed vs the float32 reference", absorbed, ref),
+    ):
+        rel = ((got - want).norm() / want.norm()).item()
+        print(f"min {min_tokens}, {name}: relative L2 {rel:.2e}")
+        assert rel < 2e-2, f"{name}: relative L2 {rel:.2e}"
+
+
+def test_gpu_logits_with_upprojected_prefill_match_the_cpu_reference(loaded):
+    """The two-chunk prefill of the logits test up-projected (min 8: both chunks) on the GPU, decodes absorbed in
+    CUDA graphs, against the CPU reference path (absorbed)."""
+    tokens = torch.randint(3, VOCAB, (PROMPTS, POSITIONS), generator=torch.Generator().manual_seed(0)).tolist()
+    gpu_runner = _runner_with(loaded, "cuda", mla_upproject_min_tokens=CHUNK)
+    assert gpu_runner.attn.upproject_min_tokens == CHUNK
+    gpu = _teacher_forced(gpu_runner, tokens)
+    assert gpu_runner.graph_replays == POSITIONS - PREFILL, "decode steps did not replay the CUDA graphs"
+    compare_routed_logits(
+        gpu, _teacher_forced(_runner(loaded, "cpu"), tokens), "DeepSeek-V2-Lite shape, GPU up-projected vs CPU"
+    )
+
+
+def test_engine_greedy_with_upprojected_prefill_equals_absorbed(loaded):
+    """Through the engine (chunked prefill: a budget of 48 tokens a step splits the long prompts; prefix caching
+    on), greedy tokens with every chunk of 8+ tokens up-projected equal those of the all-absorbed engine."""
+    from kubellm.engine.llm_engine import LLMEngine
+    from kubellm.engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(2)
+    shared = torch.randint(3, VOCAB, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 30, 90)]
+    prompts += [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (1, 9, 120)]
+
+    def greedy(min_tokens: int) -> list[list[int]]:
+        cfg = EngineConfig(
+            model="random-deepseek", device="cuda", max_num_seqs=8, max_num_batched_tokens=48, max_model_len=256,
+            num_gpu_blocks_override=96, generation_config="vllm", mla_upproject_min_tokens=min_tokens,
+        )  # fmt: skip
+        engine = LLMEngine(cfg, loaded=loaded)
+        outs = run_to_completion(engine, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+        assert (engine.runner.attn.upprojected_tokens > 0) == bool(min_tokens)
+        return [c.token_ids for c in outs]
+
+    absorbed, up = greedy(0), greedy(8)
+    same = sum(a == u for a, u in zip(absorbed, up, strict=True))
+    # bf16: the two paths round differently, so a near-tie may flip a token late in a sequence; the first tokens
+    # (decided by the prefill alone) must agree everywhere
+    assert [a[0] for a in absorbed] == [u[0] for u in up], "first tokens differ"
+    assert same >= len(prompts) - 1, f"only {same} of {len(prompts)} greedy sequences agree"

@@ -19,6 +19,7 @@ from kubellm.engine.attention.mla import (
     decode_page_table,
     mla_page_table,
     mla_work_bound,
+    upproject_split,
 )
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 
@@ -36,6 +37,29 @@ def test_mla_page_table_of_a_mixed_step():
     assert t.kv_indices.tolist() == [7, 3, 4, 9, 2]
     assert t.kv_lens.tolist() == [25, 17, 16]
     assert {a.dtype for a in (t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_lens)} == {np.dtype(np.int32)}
+
+
+def test_upproject_split_of_a_mixed_step():
+    # block size 4; in batch order: a decode at length 6, a 5-token chunk over 3 cached tokens (blocks 8, 2), a
+    # 2-token chunk over 1 cached (short: absorbed at min 3), a fresh 3-token prefill (block 5, its table holding a
+    # second, unused block)
+    qlens, seq_lens = [1, 5, 2, 3], [6, 8, 3, 3]
+    tables = [[0, 1], [8, 2], [6], [5, 7]]
+    s = upproject_split(qlens, seq_lens, tables, 4, 3)
+    assert s is not None
+    assert s.up_seqs.tolist() == [1, 3] and s.absorbed_seqs.tolist() == [0, 2]
+    # rows: decode 0, chunk 1..5, short chunk 6..7, fresh prefill 8..10
+    assert s.up_rows.tolist() == [1, 2, 3, 4, 5, 8, 9, 10]
+    assert s.absorbed_rows.tolist() == [0, 6, 7]
+    assert s.qo_indptr.tolist() == [0, 5, 8] and s.kv_indptr.tolist() == [0, 8, 11]
+    assert s.context_slots.tolist() == [32, 33, 34, 35, 8, 9, 10, 11, 20, 21, 22]
+    assert s.cached_lens.tolist() == [3, 0]
+    assert upproject_split(qlens, seq_lens, tables, 4, 0) is None, "0: never"
+    assert upproject_split(qlens, seq_lens, tables, 4, 6) is None, "no chunk is that long"
+    every = upproject_split(qlens, seq_lens, tables, 4, 1)  # 1: every chunk of 2+ tokens; a decode row never
+    assert every is not None and every.up_seqs.tolist() == [1, 2, 3] and every.absorbed_rows.tolist() == [0]
+    with pytest.raises(ValueError, match="mla_upproject_min_tokens must be >= 0"):
+        upproject_split(qlens, seq_lens, tables, 4, -1)
 
 
 def test_decode_page_table_from_the_runners_graph_layout():
@@ -143,3 +167,80 @@ def test_random_deepseek_model_runs_on_the_latent_pool(kind):
     ids = list(range(3, 23))
     logits = runner.logits(ForwardBatch([ScheduledSeq("r", ids, 0, [0, 1], True)]))
     assert logits.shape == (1, config.vocab_size) and bool(torch.isfinite(logits).all())
+
+
+def _mla_layer_and_step(kind: str, cached: list[int], new: list[int], seed: int):
+    """DeepSeek's attention layer of a tiny config with random weights, a pool holding random cached latents in
+    shuffled blocks, and one step's batch (sequence i: cached[i] tokens in the pool, new[i] computed now)."""
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.models.deepseek import MLAttention
+
+    c = ModelConfig.from_hf_config(tiny_hf_config(kind).to_dict())
+    gen = torch.Generator().manual_seed(seed)
+    layer = MLAttention(c, torch.float32, torch.device("cpu"))
+    for p in layer.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.3
+    width = c.kv_lora_rank + c.qk_rope_head_dim
+    perm = torch.randperm(48, generator=gen).tolist()
+    tables, at = [], 0
+    for k, n in zip(cached, new, strict=True):
+        pages = -(-(k + n) // BLOCK)
+        tables.append(perm[at : at + pages])
+        at += pages
+    pool = torch.randn(48, BLOCK, width, generator=gen)
+    batch = ForwardBatch(
+        [ScheduledSeq(f"s{i}", [0] * n, k, tables[i], True) for i, (k, n) in enumerate(zip(cached, new, strict=True))]
+    )
+    meta = AttentionMetadata.from_batch(batch, BLOCK)
+    t = sum(new)
+    x = torch.randn(t, c.hidden_size, generator=gen)
+    freqs = meta.positions.float()[:, None] * torch.rand(c.qk_rope_head_dim // 2, generator=gen)[None, :]
+    return c, layer, pool, meta, x, freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+
+@pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
+def test_upprojected_prefill_equals_absorbed_in_a_mixed_step(kind):
+    """One step, rows interleaved: a decode, a chunk over a cached prefix ending mid-block, a short chunk (absorbed
+    at min 4), a fresh prefill, another decode. Up-projecting the long chunks gives the absorbed path's output and
+    writes the same latents to the same slots."""
+    cached, new = [9, 6, 5, 0, 17], [1, 7, 2, 11, 1]
+    c, layer, pool, meta, x, cos, sin = _mla_layer_and_step(kind, cached, new, seed=5)
+    scale = c.attention_scale
+    outs, pools = [], []
+    for min_tokens in (0, 4):
+        attn = TorchMLAAttention(
+            layer.num_heads, 1, pool.shape[-1], scale, BLOCK, kv_lora_rank=c.kv_lora_rank,
+            upproject_min_tokens=min_tokens,
+        )  # fmt: skip
+        attn.begin_step(meta)
+        split = attn.mla_split
+        if min_tokens:
+            assert split is not None and split.plan.up_seqs.tolist() == [1, 3]
+            assert split.up_rows.tolist() == [1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+        else:
+            assert split is None
+        p = pool.clone()
+        with torch.inference_mode():
+            outs.append(layer(0, x, cos, sin, p, attn))
+        pools.append(p)
+    assert torch.equal(pools[0], pools[1]), "the new latents went to different slots"
+    err = float((outs[1] - outs[0]).norm() / outs[0].norm())
+    assert err < 1e-5, f"{kind}: relative L2 {err:.2e} between up-projected and absorbed"
+
+
+def test_a_step_of_only_upprojected_chunks_needs_no_absorbed_plan():
+    cached, new = [0, 5], [6, 9]
+    c, layer, pool, meta, x, cos, sin = _mla_layer_and_step("deepseek-v2", cached, new, seed=6)
+    outs = []
+    for min_tokens in (0, 1):
+        attn = TorchMLAAttention(
+            layer.num_heads, 1, pool.shape[-1], c.attention_scale, BLOCK, kv_lora_rank=c.kv_lora_rank,
+            upproject_min_tokens=min_tokens,
+        )  # fmt: skip
+        attn.begin_step(meta)
+        assert (attn.mla_split is None) == (min_tokens == 0)
+        if min_tokens:
+            assert attn.mla_split.absorbed_rows is None
+        with torch.inference_mode():
+            outs.append(layer(0, x, cos, sin, pool.clone(), attn))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

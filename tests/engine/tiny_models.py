@@ -157,8 +157,9 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def make_runner(loaded, num_blocks: int = 64, block_size: int = 16) -> ModelRunner:
-    runner = ModelRunner(loaded, EngineConfig(device="cpu", block_size=block_size))
+def make_runner(loaded, num_blocks: int = 64, block_size: int = 16, **config) -> ModelRunner:
+    """`config`: more EngineConfig settings."""
+    runner = ModelRunner(loaded, EngineConfig(device="cpu", block_size=block_size, **config))
     runner.allocate_kv_cache(num_blocks)
     return runner
 
