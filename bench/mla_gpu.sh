@@ -3,8 +3,9 @@
 # bench/gpu_run.sh (flashinfer wheels from .gpu/whl, prebuilt kernels, kernels built here packed into $OUT):
 #   1. the gpu tests of tests/engine/test_gpu_mla.py (flashinfer MLA vs the torch reference on one paged latent pool,
 #      the fused MLA rope, a DeepSeek-V2-Lite-shaped model GPU vs CPU, CUDA-graph decode == eager): gpu-tests.log;
-#   2. bench/mla_micro.py with what the tests leave (MLA decode vs its floor, fa2 and fa3; absorbed vs up-projected
-#      prefill per length): mla-micro-<date>.json/.md (commit into bench/results/), mla-micro.log.
+#   2. bench/mla_micro.py with what the tests leave (MLA decode vs its floor, fa2 and fa3; absorbed vs the engine's
+#      up-projected prefill per chunk length, over no prefix and a 4096-token one):
+#      mla-micro-<date>.json/.md (commit into bench/results/), mla-micro.log.
 #
 #   OUT=/some/dir bash bench/mla_gpu.sh          (TIME_LIMIT, TEST_TIMEOUT override the budget split)
 set -uo pipefail

@@ -5,11 +5,13 @@
   1/32/128/256 over 1024-token contexts, in a CUDA graph, against the floor of reading each context's latents once
   (batch x ctx x 576 x 2 bytes at the copy bandwidth measured in this run), for the FA2 kernel family the engine
   uses by default and FA3 (--prefill-backend fa3 switches the engine to it);
-- prefill, 16 prompts of L tokens each (L = 256, 1024, 4096), causal, no cached prefix, with each path's projections:
-  absorbed (W_UK on the queries, the MLA kernel over the latent pool, W_UV on its output: what the engine runs) vs
-  up-projected (K_nope and V from the latents through kv_b_proj, then flashinfer's ragged prefill with head_dim_qk
-  192 / head_dim_vo 128). The issue asks which is faster per length: this is the measurement; the engine runs the
-  absorbed path for every length until it says otherwise.
+- prefill chunks of L new tokens (L = 16 ... 4096; as many chunks as make 16384 tokens, at most 16) over a cached
+  prefix of 0 or 4096 tokens, causal, with each path's projections: absorbed (W_UK on the queries, the MLA kernel over
+  the latent pool, W_UV on its output: the engine's default) vs up-projected (the engine's path with
+  --mla-upproject-min-tokens: the context's latents gathered and through kv_b_proj to K_nope and V, then flashinfer's
+  ragged prefill with head_dim_qk 192 / head_dim_vo 128). The issue asks which is faster per length: the smallest L
+  from which up-projection wins at both prefix lengths is what --mla-upproject-min-tokens should be set to (the engine
+  default stays 0, absorbed everywhere, until this says otherwise).
 
     python -m bench.mla_micro --out-dir DIR      (bench/gpu_run.sh mla-micro)
 
@@ -48,12 +50,13 @@ def _batch(lens: list[int], new: int) -> tuple[ForwardBatch, int]:
     return ForwardBatch(seqs), at
 
 
-def _backend(kernel: str = "fa2"):
+def _backend(kernel: str = "fa2", upproject_min_tokens: int = 0):
     from kubellm.engine.attention.flashinfer_mla import FlashInferMLAAttention
 
     return FlashInferMLAAttention(
-        HEADS, 1, WIDTH, SCALE, BLOCK, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel
-    )
+        HEADS, 1, WIDTH, SCALE, BLOCK, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
+        upproject_min_tokens=upproject_min_tokens, qk_nope_head_dim=NOPE, v_head_dim=V,
+    )  # fmt: skip
 
 
 def decode_row(batch: int, ctx: int, kernel: str, ceilings: dict[str, float], gen: torch.Generator) -> dict[str, Any]:
@@ -77,12 +80,26 @@ def decode_row(batch: int, ctx: int, kernel: str, ceilings: dict[str, float], ge
     }
 
 
-def prefill_row(seqs: int, length: int, gen: torch.Generator) -> dict[str, Any]:
-    import flashinfer
+def _layer():
+    """DeepSeek-V2-Lite's attention layer (bf16): what the engine's up-projected path runs through
+    (MLAttention._split_attention: latent write, context gather, kv_b_proj, ragged prefill)."""
+    from bench.shapes import shape
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.models.deepseek import MLAttention
 
+    c = ModelConfig.from_hf_config(shape("deepseek-v2-lite"))
+    assert (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank) == (
+        HEADS, NOPE, ROPE, V, RANK,
+    )  # fmt: skip
+    return MLAttention(c, torch.bfloat16, torch.device("cuda"))
+
+
+def prefill_row(seqs: int, length: int, cached: int, gen: torch.Generator, layer) -> dict[str, Any]:
+    """`seqs` chunks of `length` new tokens, each over `cached` tokens already in the pool."""
     t = seqs * length
     x = dict(device="cuda", dtype=torch.bfloat16)
     w_kv = torch.randn(HEADS * (NOPE + V), RANK, generator=gen, **x) / RANK**0.5  # kv_b_proj
+    layer.kv_b_proj.weight.data = w_kv
     w_uk = w_kv.view(HEADS, NOPE + V, RANK)[:, :NOPE]
     w_uv = w_kv.view(HEADS, NOPE + V, RANK)[:, NOPE:]
     q = torch.randn(t, HEADS, NOPE + ROPE, generator=gen, **x)
@@ -90,32 +107,31 @@ def prefill_row(seqs: int, length: int, gen: torch.Generator) -> dict[str, Any]:
     latent = torch.randn(t, RANK, generator=gen, **x)
     k_rope = torch.randn(t, ROPE, generator=gen, **x)
 
+    fb, blocks = _batch([cached + length] * seqs, length)
+    pool = torch.randn(blocks, BLOCK, WIDTH, generator=gen, **x)  # the cached prefixes' latents
+    meta = AttentionMetadata.from_batch(fb, BLOCK, "cuda")
     attn = _backend()
-    fb, blocks = _batch([length] * seqs, length)
-    pool = torch.zeros(blocks, BLOCK, WIDTH, **x)
-    attn.begin_step(AttentionMetadata.from_batch(fb, BLOCK, "cuda"))
+    attn.begin_step(meta)
+    up_attn = _backend(upproject_min_tokens=1)  # every chunk of 2+ tokens up-projected, as the engine would
+    up_attn.begin_step(meta)
+    assert up_attn.mla_split is not None and up_attn.mla_split.absorbed_rows is None
 
-    def absorbed() -> torch.Tensor:
+    def absorbed() -> torch.Tensor:  # the model's absorbed path (MLAttention.forward without a split)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
         out = attn.forward_mla(0, q_lat, q_rope, latent, k_rope, pool)
         return torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
-    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(attn.workspace, "NHD", backend="fa2")
-    indptr = torch.arange(0, t + 1, length, dtype=torch.int32)
-    ragged.plan(
-        indptr, indptr, HEADS, HEADS, NOPE + ROPE, head_dim_vo=V, causal=True, sm_scale=SCALE,
-        q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-    )  # fmt: skip
-
-    def up_projected() -> torch.Tensor:
-        kv = torch.nn.functional.linear(latent, w_kv).view(t, HEADS, NOPE + V)
-        k = torch.cat((kv[..., :NOPE], k_rope[:, None, :].expand(t, HEADS, ROPE)), dim=-1)
-        return ragged.run(q, k, kv[..., NOPE:].contiguous())
+    def up_projected() -> torch.Tensor:  # the engine's up-projected path
+        return layer._split_attention(0, q_nope, q_rope, latent, k_rope, pool, up_attn, up_attn.mla_split)
 
     a, u = absorbed(), up_projected()  # same math: a wrong wiring shows here, not as a speed-up
     rel = ((a.float() - u.float()).norm() / u.float().norm()).item()
-    row = {"seqs": seqs, "len": length, "absorbed_ms": event_ms(absorbed, REPS), "up_ms": event_ms(up_projected, REPS)}
+    row = {
+        "seqs": seqs, "len": length, "cached": cached,
+        "absorbed_ms": event_ms(absorbed, REPS), "up_ms": event_ms(up_projected, REPS),
+    }  # fmt: skip
     row["faster"] = "absorbed" if row["absorbed_ms"] <= row["up_ms"] else "up-projected"
+    row["up_over_absorbed"] = row["up_ms"] / row["absorbed_ms"]
     row["rel_l2_between_paths"] = rel
     return row
 
@@ -141,13 +157,14 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> None:
             for r in result["decode"]
         ),
         "",
-        "Prefill, causal, no cached prefix, projections included:",
+        "Prefill chunks, causal, over a cached prefix or none, each path's projections included (up-projected: the "
+        "engine's path, MLAttention._split_attention):",
         "",
-        "| prompts x len | absorbed ms | up-projected ms | faster | rel. L2 between the paths |",
-        "|---|---:|---:|---|---:|",
+        "| chunks x new tokens | cached | absorbed ms | up-projected ms | up / absorbed | faster | rel. L2 between |",
+        "|---|---:|---:|---:|---:|---|---:|",
         *(
-            f"| {r['seqs']} x {r['len']} | {r['absorbed_ms']:.3f} | {r['up_ms']:.3f} | {r['faster']} | "
-            f"{r['rel_l2_between_paths']:.1e} |"
+            f"| {r['seqs']} x {r['len']} | {r['cached']} | {r['absorbed_ms']:.3f} | {r['up_ms']:.3f} | "
+            f"{r['up_over_absorbed']:.2f} | {r['faster']} | {r['rel_l2_between_paths']:.1e} |"
             for r in result["prefill"]
         ),
     ]
@@ -162,7 +179,11 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--decode-batches", default="1,32,128,256")
     ap.add_argument("--decode-kernels", default="fa2,fa3", help="flashinfer MLA families to time (--prefill-backend)")
-    ap.add_argument("--prefill-lens", default="256,1024,4096")
+    ap.add_argument("--prefill-lens", default="16,64,256,1024,4096", help="new tokens per chunk")
+    ap.add_argument("--prefill-cached", default="0,4096", help="tokens cached before each chunk")
+    ap.add_argument(
+        "--prefill-tokens", type=int, default=16384, help="chunks per row: this many new tokens, 1 to 16 chunks"
+    )
     ap.add_argument("--deadline-s", type=float, default=300.0)
     args = ap.parse_args()
     deadline = time.monotonic() + args.deadline_s
@@ -177,10 +198,13 @@ def main() -> None:
             if time.monotonic() < deadline:
                 result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen))
                 print(f"decode {row}", flush=True)
-    for n in map(int, args.prefill_lens.split(",")):
-        if time.monotonic() < deadline:
-            result["prefill"].append(row := prefill_row(16, n, gen))
-            print(f"prefill {row}", flush=True)
+    layer = _layer()
+    for cached in map(int, args.prefill_cached.split(",")):
+        for n in map(int, args.prefill_lens.split(",")):
+            seqs = max(1, min(16, args.prefill_tokens // n))  # at most --prefill-tokens new tokens a step
+            if time.monotonic() < deadline:
+                result["prefill"].append(row := prefill_row(seqs, n, cached, gen, layer))
+                print(f"prefill {row}", flush=True)
     write_results(args.out_dir, result)
 
 

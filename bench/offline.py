@@ -522,6 +522,8 @@ def run_engine(
                     r["workloads"]["c_off"] = run_workload(engine, replace(w, key="c_off"))
                     engine.kv.enable_prefix_caching = True
             write_results(r, out_dir)
+        if hasattr(runner.attn, "upprojected_tokens"):  # MLA: query rows that attended up-projected (rank 0)
+            r["mla_upprojected_tokens"] = runner.attn.upprojected_tokens
         r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         free, total = torch.cuda.mem_get_info()
         r["device_used_gib_at_end"] = (total - free) / 2**30
@@ -726,6 +728,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--prefill-backends", default="", help="time flashinfer prefill attention on these backends (e.g. fa2,fa3)"
     )
+    p.add_argument(
+        "--mla-upproject-min-tokens",
+        type=int,
+        default=None,
+        help="our engine, MLA models: prefill chunks of N+ tokens attend up-projected (0: never; unset: the "
+        "engine's default or KUBELLM_MLA_UPPROJECT_MIN_TOKENS); results files get an -mla-upN suffix when N > 0",
+    )
     p.add_argument("--decode-batches", default="1,32,128,256")
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip phases that would not finish by then")
     p.add_argument("--out-dir", default="bench/results")
@@ -747,6 +756,11 @@ def main(argv: list[str] | None = None) -> int:
         quantization=None if args.quantization == "none" else args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
     )
+    if args.mla_upproject_min_tokens is not None:  # through the environment: every rank's engine config reads it
+        if args.mla_upproject_min_tokens < 0:
+            p.error(f"--mla-upproject-min-tokens must be >= 0, got {args.mla_upproject_min_tokens}")
+        os.environ["KUBELLM_MLA_UPPROJECT_MIN_TOKENS"] = str(args.mla_upproject_min_tokens)
+    mla_up = EngineConfig().mla_upproject_min_tokens
     out_dir = Path(args.out_dir)
     peer: dict[str, Any] = {"error": "not run (--peer none)"}
     if args.peer_json:
@@ -775,12 +789,14 @@ def main(argv: list[str] | None = None) -> int:
         "scale": args.scale,
         "settings": settings.as_dict(),
         "sampling": asdict(Sampling()),
+        "mla_upproject_min_tokens": mla_up,
         "workloads": {},
         "decode": {},
         "notes": [],
         "name_suffix": f"-{args.shape}"
         + (f"-{args.quantization}" if args.quantization != "none" else "")
         + ("-kv-fp8" if args.kv_cache_dtype == "fp8" else "")
+        + (f"-mla-up{mla_up}" if mla_up else "")
         + (f"-{args.name}" if args.name else ""),
     }
     attach_peer(r, peer)

@@ -152,12 +152,21 @@ def test_softmax_routing_without_group_limit_runs_as_plain_top_k(tiny_model_dir)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_tp2_equals_tp1_with_heads_and_experts_split_and_the_latent_cache_replicated(tiny_model_dir):
+@pytest.mark.parametrize("upproject", [0, 4], ids=["absorbed", "up-projected"])
+def test_tp2_equals_tp1_with_heads_and_experts_split_and_the_latent_cache_replicated(upproject, tiny_model_dir):
     path = tiny_model_dir("deepseek-v2")  # plain query projection: q_proj, kv_b_proj and o_proj split by head
     rng = random.Random(3)
     prompts = [[rng.randrange(4, TINY_VOCAB) for _ in range(n)] for n in (4, 19, 33)]
+    engines = []
 
-    parity = assert_tp2_decodes_as_tp1(lambda tp: LLMEngine(cpu_tp_config(str(path), tp)), prompts, 10, "deepseek-v2")
+    def engine(tp: int) -> LLMEngine:
+        engines.append(LLMEngine(cpu_tp_config(str(path), tp, mla_upproject_min_tokens=upproject)))
+        return engines[-1]
+
+    parity = assert_tp2_decodes_as_tp1(engine, prompts, 10, "deepseek-v2")
+    for e in engines:  # rank 0's backend: the prompts' chunks went up-projected (each rank its own heads' K/V)
+        attn = getattr(e.runner, "inner", e.runner).attn
+        assert (attn.upprojected_tokens > 0) == bool(upproject)
     full, counts = parity.full_counts, parity.rank_counts
     # two sparse layers of 8 experts x (2 x 16 x 64 + 64 x 16), and the 2 x 16-wide shared experts' 3 x 32 x 64
     assert full["experts"] == 2 * (8 * (2 * 16 * 64 + 64 * 16) + 3 * 32 * 64)
