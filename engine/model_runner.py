@@ -176,6 +176,11 @@ class ModelRunner:
             ),
             **backend_cls.options_from(config),
         )
+        if latent and config.mla_upproject_min_tokens and tp_rank == 0:
+            logger.info(
+                "MLA: prefill chunks of %d+ new tokens attend up-projected (the rest absorbed)",
+                config.mla_upproject_min_tokens,
+            )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
