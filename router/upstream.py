@@ -14,6 +14,11 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 
+# Body bytes a response holds for its reader before the replica's socket stops being read (and resumes below the
+# low mark): a client slower than its replica leaves the rest in the kernel's buffers and TCP's window, not here.
+_BUFFER_HIGH = 1 << 20
+_BUFFER_LOW = 1 << 18
+
 
 class UpstreamError(Exception):
     """The replica could not be reached (connect=True) or the exchange broke."""
@@ -57,6 +62,8 @@ class UpstreamResponse:
         self._read_timeout = read_timeout
         self._buf = bytearray()
         self._chunks: deque[bytes] = deque()
+        self._buffered = 0  # bytes in _chunks
+        self._paused = False  # the replica's socket is not being read (_buffered over _BUFFER_HIGH)
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._head_done = False
@@ -71,6 +78,10 @@ class UpstreamResponse:
         self._keep_alive = True
 
     # --- fed by the protocol -----------------------------------------------------------------------
+    def _push(self, piece: bytes) -> None:
+        self._chunks.append(piece)
+        self._buffered += len(piece)
+
     def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
@@ -79,7 +90,7 @@ class UpstreamResponse:
     def _lost(self, exc: Exception | None) -> None:
         if self._until_close and self._head_done:
             if self._buf:
-                self._chunks.append(bytes(self._buf))
+                self._push(bytes(self._buf))
                 self._buf.clear()
             self.done = True
         elif not self.done:
@@ -92,6 +103,9 @@ class UpstreamResponse:
             if not self._head_done and not self._parse_head():
                 return
             self._parse_body()
+            if self._buffered > _BUFFER_HIGH and not self._paused and self._conn.transport is not None:
+                self._paused = True
+                self._conn.transport.pause_reading()
         except (ValueError, IndexError) as e:
             self._error = UpstreamError(f"malformed response from replica: {e}")
             self._conn.closed = True
@@ -130,7 +144,7 @@ class UpstreamResponse:
         if self._length is not None:
             take = min(self._length, len(buf))
             if take:
-                self._chunks.append(bytes(buf[:take]))
+                self._push(bytes(buf[:take]))
                 del buf[:take]
                 self._length -= take
             if self._length == 0:
@@ -138,7 +152,7 @@ class UpstreamResponse:
             return
         if self._until_close:
             if buf:
-                self._chunks.append(bytes(buf))
+                self._push(bytes(buf))
                 buf.clear()
             return
         while buf:  # chunked
@@ -167,7 +181,7 @@ class UpstreamResponse:
             data_left = self._chunk_left - 2
             if data_left > 0:
                 take = min(data_left, len(buf))
-                self._chunks.append(bytes(buf[:take]))
+                self._push(bytes(buf[:take]))
                 del buf[:take]
                 self._chunk_left -= take
             if self._chunk_left <= 2:
@@ -211,7 +225,17 @@ class UpstreamResponse:
                 self._finish()
                 return b""
             await self._wait()
-        return self._chunks.popleft()
+        piece = self._chunks.popleft()
+        self._buffered -= len(piece)
+        if self._paused and self._buffered <= _BUFFER_LOW:
+            self._resume()
+        return piece
+
+    def _resume(self) -> None:
+        self._paused = False
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     async def read(self) -> bytes:
         out = bytearray()
@@ -222,6 +246,8 @@ class UpstreamResponse:
     def _finish(self) -> None:
         conn = self._conn
         conn.response = None
+        if self._paused:  # (a pooled connection must be read again)
+            self._resume()
         if self._keep_alive and not conn.closed and not self._buf:
             conn.pool._release(conn)
         elif conn.transport is not None:

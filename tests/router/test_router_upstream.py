@@ -171,3 +171,55 @@ async def test_https_replicas_are_reached_over_verified_tls(tmp_path):
         pool.close()
         untrusting.close()
         server.close()
+
+
+async def test_a_reader_slower_than_its_replica_holds_a_bounded_buffer_and_reads_everything_in_the_end():
+    """A replica that sends 8 MiB at once to a reader that reads nothing yet: the response stops reading the socket
+    once about 1 MiB waits (the rest stays in the kernel and TCP's window), reading resumes as the reader catches
+    up, every byte arrives in order, and the connection goes back to the pool readable for the next answer."""
+    total = 8 << 20
+    payload = bytes(i % 251 for i in range(total))
+    second = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (total, payload), second):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(
+                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+                )
+                await reader.readexactly(length)
+                writer.write(answer)
+                await writer.drain()
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5)
+    try:
+        resp = await pool.post("127.0.0.1", port, "/big", {}, b"{}")
+        transport = resp._conn.transport
+        assert transport is not None
+        deadline = asyncio.get_running_loop().time() + 5
+        while transport.is_reading():  # it stops reading on its own once enough waits for the reader
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"still reading with {sum(map(len, resp._chunks))} bytes held"
+            )
+            await asyncio.sleep(0.005)
+        held = sum(len(c) for c in resp._chunks)
+        assert (1 << 20) < held < (1 << 20) + (1 << 19), held  # over the high mark by at most one socket read
+        assert held < total // 4
+        body = await resp.read()
+        assert body == payload
+        resp.close()
+        again = await pool.post("127.0.0.1", port, "/small", {}, b"{}")  # the same kept-alive connection
+        assert again._conn is resp._conn and again._conn.transport.is_reading()
+        assert await again.read() == b"ok"
+        again.close()
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
