@@ -275,7 +275,12 @@ class _Connection(asyncio.Protocol):
         if length is not None and length.isdigit() and int(length) > limit:
             self._refuse(413, f"request body exceeds {limit} bytes", "body_too_large")
             raise _Refused
-        if self._headers.get("expect", "").lower() == "100-continue":
+        if (
+            self._headers.get("expect", "").lower() == "100-continue"
+            and self.task is None  # (with an answer in progress the interim line would land inside it: a client
+            and not self.queue  # that pipelines sends its body without waiting for one)
+            and self.parser.get_http_version() != "1.0"  # (never to HTTP/1.0 clients, RFC 9110 10.1.1)
+        ):
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:

@@ -268,3 +268,36 @@ async def test_router_routes_through_the_lean_server():
             writer.close()
     finally:
         await engine.kill()
+
+
+async def test_expect_continue_is_not_written_into_an_answer_in_progress_nor_to_http10(server):
+    """A pipelined request with Expect: 100-continue arriving while an earlier answer is in progress: the interim
+    100 would land inside (or be taken for part of) that answer, so none is sent; the bytes on the wire are exactly
+    the two final answers in order. An HTTP/1.0 client never gets a 100 either."""
+    reader, writer = await connect(server.test_port)
+    writer.write(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(server.test_handler.blocked.wait(), 5)
+    writer.write(post("/e", b"wxyz", "Expect: 100-continue\r\n"))
+    await asyncio.wait_for(_until(lambda: server.test_handler.seen == ["/block"] and _parsed(server)), 5)
+    server.test_handler.release.set()
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert await reader.readexactly(len(b"released")) == b"released"
+    status, _, body = await read_response(reader)
+    assert status == 200 and body.endswith(b"wxyz")
+    writer.close()
+    reader, writer = await connect(server.test_port)
+    writer.write(b"POST /e HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nab")
+    status, _, body = await read_response(reader)
+    assert status == 200 and body.endswith(b"ab")
+    writer.close()
+
+
+def _parsed(server: HTTPServer) -> bool:
+    """The server has read a second, pipelined request on some connection (it waits behind the first)."""
+    return any(c.queue for c in server.connections)
+
+
+async def _until(check) -> None:
+    while not check():
+        await asyncio.sleep(0.005)
