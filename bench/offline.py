@@ -376,16 +376,29 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
     out: dict[str, Any] = {"tokens": tokens, "prompt_len": prompt_len, "step_ms": min(times), "all_ms": times}
     if profile:
         add(3)
-        out["profile"] = profile_steps(engine, steps=1)
+        try:
+            out["profile"] = profile_steps(engine, steps=1)
+        except Exception as e:  # a profiler problem must not cost the run's figures (as decode_step_times)
+            log.exception("prefill step profile failed")
+            out["profile_error"] = f"{type(e).__name__}: {e}"[:300]
         drain()
     return out
 
 
 def write_results(r: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tp = r.get("tensor_parallel_size", 1)
     stem = out_dir / f"engine-gpu-{r['date']}{r.get('name_suffix', '')}"
     stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    try:
+        md = results_markdown(r)
+    except Exception:  # (a figure missing or malformed must not end a run whose JSON was just written whole)
+        log.exception("the results' markdown failed; %s.json holds them", stem)
+        md = f"(the markdown summary failed; {stem.name}.json holds the results)\n"
+    stem.parent.joinpath(stem.name + ".md").write_text(md)
+
+
+def results_markdown(r: dict[str, Any]) -> str:
+    tp = r.get("tensor_parallel_size", 1)
     st, peer = r["settings"], r.get("peer") or {}
     peer_name = f"vLLM {peer['version']}" if peer.get("version") else "the peer"
     md = [
@@ -448,7 +461,7 @@ def write_results(r: dict[str, Any], out_dir: Path) -> None:
         ]
     if r.get("notes"):
         md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
-    stem.parent.joinpath(stem.name + ".md").write_text("\n".join(md))
+    return "\n".join(md)
 
 
 def run_engine(
@@ -617,7 +630,7 @@ def write_tp_summary(r: dict[str, Any], out_dir: Path) -> None:
     ]
     if r.get("notes"):
         md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
-    stem.parent.joinpath(stem.name + ".md").write_text("\n".join(md))
+    return "\n".join(md)
 
 
 # ---- main ------------------------------------------------------------------------------------------

@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if args.profile:
         result["profile"] = profile_all(llm, args.profile_batches, vocab, sampling, settings)
-        print(f"vllm profile: {json.dumps(result['profile'])}", flush=True)
-        save()
+        save()  # (before printing it: nothing after the probes may cost them)
+        print(f"vllm profile: {json.dumps(result['profile'], default=str)}", flush=True)
     return 0
 
 

@@ -451,17 +451,24 @@ def main(argv: list[str] | None = None) -> int:
         "workload_text": " ".join(__doc__.split("\n\n")[1].split()),
         "rows": [],
         "notes": [],
+        "peer": peer,
+        "table": [],
     }
+
+    def save() -> Path:  # after each phase: what ran so far (and the peer's figures) survive a later failure
+        result["table"] = combine(result, peer)
+        return write_results(result, args.out_dir)
+
     result["compile"] = compile_times(engine, compile_count)
+    save()
     run_batch(engine, spec["warmup_batch"], True, args.output_len, warmup=True)  # graphs, first mask, allocator
     for b in args.batches:
         free = run_batch(engine, b, False, args.output_len)
         constrained = run_batch(engine, b, True, args.output_len)
         result["rows"].append({"batch": b, "unconstrained": free, "constrained": constrained})
         print(f"ours batch {b}: {free['output_tok_s']:,.0f} / {constrained['output_tok_s']:,.0f} tok/s", flush=True)
-    result["peer"] = peer
-    result["table"] = combine(result, peer)
-    path = write_results(result, args.out_dir)
+        save()
+    path = save()
     print(path.read_text(), flush=True)
     return 0
 

@@ -5,6 +5,7 @@ recorded kernel intervals, the peer's --profile flags, and the report's "ours | 
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -262,3 +263,14 @@ def test_a_peer_from_another_run_shows_no_figures_beside_ours():
     md = "\n".join(profiles_side_by_side(_run(peer)))
     assert "| wall ms | 5.90 | - |" in md
     assert "1.00 (1)" not in md
+
+
+def test_results_whose_markdown_fails_are_still_written_whole_and_the_run_goes_on(tmp_path):
+    """write_results runs after every phase of a GPU run: a figure the markdown cannot format (here a prefill probe
+    without its step time) must not end the run; the JSON is written whole and the markdown says where it is."""
+    from bench.offline import write_results
+
+    r = {"date": "2026-12-07", "name_suffix": "-t", "shape": "llama-3.1-8b", "prefill_probe": {"tokens": 8192}}
+    write_results(r, tmp_path)
+    assert json.loads((tmp_path / "engine-gpu-2026-12-07-t.json").read_text()) == r
+    assert "engine-gpu-2026-12-07-t.json holds the results" in (tmp_path / "engine-gpu-2026-12-07-t.md").read_text()
