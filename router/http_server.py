@@ -11,8 +11,8 @@ multidicts, middleware chains, payload writers); the router needs far less of it
   -> 431; a body over `max_body_bytes` -> 413 (from Content-Length before reading, else while reading); malformed
   HTTP -> 400; errors in OpenAI's JSON shape (`error_body`); `Expect: 100-continue` answered;
 - a client that disconnects cancels its handler (the router then aborts its upstream request);
-- idle keep-alive connections close after `keepalive_timeout`, and a connection stuck in the middle of a
-  request's head or body after `request_timeout`;
+- idle keep-alive connections close after `keepalive_timeout`, a connection stuck in the middle of a request's
+  head or body after `request_timeout`, and one whose client takes none of its answer for `request_timeout`;
 - graceful stop: stop accepting, close idle connections, let requests in progress finish (bounded), then abort.
 
 The handler gets a `Request` (lower-case header names) and an `Exchange` to answer on.
@@ -213,10 +213,21 @@ class _Connection(asyncio.Protocol):
         self._drain = None
 
     async def drain(self) -> None:
+        """Wait while the client's socket buffer is full; a client that takes nothing for `request_timeout` is cut
+        off (its handler is cancelled and the router aborts the upstream request) instead of holding both forever."""
         if self.paused and not self.lost:
             if self._drain is None:
                 self._drain = self.loop.create_future()
-            await self._drain
+            stalled = self.loop.call_later(self.server.request_timeout, self._write_stalled)
+            try:
+                await self._drain
+            finally:
+                stalled.cancel()
+
+    def _write_stalled(self) -> None:
+        if self.paused and self.transport is not None:
+            log.info("a client read nothing of its answer for %gs: closing it", self.server.request_timeout)
+            self.transport.abort()
 
     def write(self, data: bytes | bytearray) -> None:
         if not self.lost and self.transport is not None:

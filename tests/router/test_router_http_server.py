@@ -301,3 +301,32 @@ def _parsed(server: HTTPServer) -> bool:
 async def _until(check) -> None:
     while not check():
         await asyncio.sleep(0.005)
+
+
+async def test_a_client_that_stops_reading_a_stream_is_cut_off_after_the_request_timeout():
+    """A client that asks for an endless stream and then reads nothing: once its socket buffers are full the handler
+    waits to write; after request_timeout of that the connection is closed and the handler ends (the router's then
+    aborts its upstream request) instead of both waiting forever."""
+    ended = asyncio.Event()
+    written = [0]
+
+    async def endless(req: Request, ex: Exchange) -> None:
+        ex.start_stream(200, [("Content-Type", "text/plain")])
+        piece = b"x" * 65536
+        try:
+            while True:
+                await ex.write(piece)
+                written[0] += len(piece)
+        finally:
+            ended.set()
+
+    srv = HTTPServer(endless, max_body_bytes=1000, max_header_bytes=1024, request_timeout=0.3)
+    port = await srv.listen("127.0.0.1", 0)
+    try:
+        _reader, writer = await connect(port)
+        writer.write(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(ended.wait(), 10)  # without the cut-off: a hang, ended by this deadline
+        assert written[0] < 256 << 20  # stopped by the full socket, not by memory
+        writer.close()
+    finally:
+        await srv.stop(timeout=1)
