@@ -168,6 +168,12 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> None:
             for r in result["prefill"]
         ),
     ]
+    errors = result.get("prefill_errors", [])
+    if errors:
+        lines += [
+            "",
+            *(f"- {r['seqs']} x {r['len']} over {r['cached']} cached: not measured ({r['error']})" for r in errors),
+        ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md", flush=True)
 
@@ -191,20 +197,27 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-        "ceilings": ceilings, "decode": [], "prefill": [],
+        "ceilings": ceilings, "decode": [], "prefill": [], "prefill_errors": [],
     }  # fmt: skip
     for kernel in args.decode_kernels.split(","):
         for b in map(int, args.decode_batches.split(",")):
             if time.monotonic() < deadline:
                 result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen))
                 print(f"decode {row}", flush=True)
+    write_results(args.out_dir, result)  # the decode rows stand whatever the prefill rows meet
     layer = _layer()
     for cached in map(int, args.prefill_cached.split(",")):
         for n in map(int, args.prefill_lens.split(",")):
             seqs = max(1, min(16, args.prefill_tokens // n))  # at most --prefill-tokens new tokens a step
             if time.monotonic() < deadline:
-                result["prefill"].append(row := prefill_row(seqs, n, cached, gen, layer))
+                try:  # (a kernel build or memory failure costs its row, said in the results, not the run)
+                    result["prefill"].append(row := prefill_row(seqs, n, cached, gen, layer))
+                except Exception as e:
+                    row = {"seqs": seqs, "len": n, "cached": cached, "error": f"{type(e).__name__}: {e}"[:300]}
+                    result["prefill_errors"].append(row)
+                    torch.cuda.empty_cache()
                 print(f"prefill {row}", flush=True)
+                write_results(args.out_dir, result)
     write_results(args.out_dir, result)
 
 

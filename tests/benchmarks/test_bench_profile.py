@@ -274,3 +274,21 @@ def test_results_whose_markdown_fails_are_still_written_whole_and_the_run_goes_o
     write_results(r, tmp_path)
     assert json.loads((tmp_path / "engine-gpu-2026-12-07-t.json").read_text()) == r
     assert "engine-gpu-2026-12-07-t.json holds the results" in (tmp_path / "engine-gpu-2026-12-07-t.md").read_text()
+
+
+def test_mla_micro_results_name_the_prefill_rows_that_failed(tmp_path):
+    """bench/mla_micro.py writes its results after each row; a prefill row that failed (a kernel build, memory) is
+    said in place of its figures and the rows measured stand."""
+    from bench.mla_micro import write_results as write_mla
+
+    result = {
+        "device": "test", "torch": "2", "flashinfer": "0", "ceilings": {"copy_gb_s": 3000.0},
+        "decode": [{"kernel": "fa2", "batch": 1, "ctx": 1024, "ms": 0.01, "floor_ms": 0.005, "ratio_to_floor": 2.0}],
+        "prefill": [], "prefill_errors": [{"seqs": 16, "len": 4096, "cached": 4096, "error": "OutOfMemoryError: x"}],
+    }  # fmt: skip
+    write_mla(tmp_path, result)
+    (md,) = tmp_path.glob("mla-micro-*.md")
+    text = md.read_text()
+    assert "| fa2 | 1 | 1024 | 10.0 | 5.0 | 2.00 |" in text
+    assert "- 16 x 4096 over 4096 cached: not measured (OutOfMemoryError: x)" in text
+    assert json.loads(md.with_suffix(".json").read_text()) == result
