@@ -362,18 +362,10 @@ class _Connection(asyncio.Protocol):
                     return
                 except Exception:
                     log.exception("handler failed on %s %s", req.method, req.path)
-                    if not ex.started:
-                        body = server.error_body(500, "internal server error", "internal_error")
-                        ex.keep_alive = False
-                        ex.respond(500, body, (("Content-Type", "application/json"),))
-                    self._close()
+                    self._fail(ex, "internal server error")
                     return
                 if not ex.finished:
-                    if not ex.started:
-                        body = server.error_body(500, "the handler gave no answer", "internal_error")
-                        ex.keep_alive = False
-                        ex.respond(500, body, (("Content-Type", "application/json"),))
-                    self._close()
+                    self._fail(ex, "the handler gave no answer")
                     return
                 if not ex.keep_alive:
                     self._close()
@@ -383,6 +375,15 @@ class _Connection(asyncio.Protocol):
             self.task = None
         if server.closing and not self.in_message:
             self._close()
+
+    def _fail(self, ex: Exchange, message: str) -> None:
+        """A handler that raised or left its answer unfinished: a 500 if nothing was sent yet, then close (a
+        stream cut short ends without its last chunk, which the client sees as an error)."""
+        if not ex.started:
+            body = self.server.error_body(500, message, "internal_error")
+            ex.keep_alive = False
+            ex.respond(500, body, (("Content-Type", "application/json"),))
+        self._close()
 
     def _close(self) -> None:
         self.queue.clear()

@@ -44,6 +44,8 @@ class Echo:
             ex.respond(204, b"", [("X-Test", "empty")])
         elif req.path == "/fail":
             raise RuntimeError("handler bug")
+        elif req.path == "/silent":
+            return  # a handler bug of another kind: no answer at all
         else:
             for _ in range(3):  # yield to the loop, as a handler awaiting an upstream does
                 await asyncio.sleep(0)
@@ -207,11 +209,13 @@ async def read_head_only(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return int(lines[0].split()[1]), headers, b""
 
 
-async def test_handler_error_is_a_500_json(server):
+@pytest.mark.parametrize("path", ["/fail", "/silent"])
+async def test_handler_error_or_no_answer_is_a_500_json_and_the_connection_closes(server, path):
     reader, writer = await connect(server.test_port)
-    writer.write(b"GET /fail HTTP/1.1\r\nHost: x\r\n\r\n")
-    status, _, body = await read_response(reader)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, headers, body = await read_response(reader)
     assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    assert headers["connection"] == "close" and await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
 
 
