@@ -64,7 +64,8 @@ restore_kernels() {
   for so in "$HOME"/.cache/flashinfer/*/*/cached_ops/*/*.so; do
     [ -f "$so" ] || continue
     name=$(basename "$(dirname "$so")")
-    mkdir -p "$aot/$name" && cp --update=none "$so" "$aot/$name/"
+    mkdir -p "$aot/$name"
+    [ -e "$aot/$name/$(basename "$so")" ] || cp "$so" "$aot/$name/"  # (cp --update=none needs coreutils 9.3+)
   done
   echo "prebuilt flashinfer kernels in $1: $(ls "$aot" | wc -l)"
 }
