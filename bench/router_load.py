@@ -253,6 +253,8 @@ class _ClientProtocol(asyncio.Protocol):
                     self.length = int(v)
                 elif k == "transfer-encoding" and "chunked" in v.lower():
                     self.chunked = True
+            if self.status in (204, 304) or self.status < 200:
+                self.length, self.chunked = 0, False  # no body, whatever the headers say (RFC 9110 6.4.1)
             self.buf = self.buf[end + 4 :]
             self.head_done = True
         if self.buf and not self.first:

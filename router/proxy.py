@@ -80,14 +80,26 @@ async def forward(
     on_sent: Callable[[], None] | None = None,
 ) -> Outcome:
     """head: the header lines to send after the request line, Host and Content-Length. on_sent: called once the
-    request is written (or about to be, when a new connection must be opened first), before the first await."""
+    request is written (or about to be, when a new connection must be opened first), before the first await.
+    A plain answer (not a stream, not a retryable failure) that arrives whole is written to the client from the
+    upstream read callback itself (`deliver`); the rest of this coroutine is bookkeeping after it."""
+
+    def deliver(up: UpstreamResponse) -> bool:
+        if up.status >= 500 or up.status == 429 or up.headers.get("content-type", "").startswith("text/event-stream"):
+            return False
+        ex.respond(up.status, up.take_body(), _copy_headers(up, response_headers))
+        return True
+
     try:
-        upstream = await pool.send(target.start, head, body, target.key, on_sent)
+        upstream = await pool.send(target.start, head, body, target.key, on_sent, deliver)
     except UpstreamError as e:
         raise UpstreamFailure(str(e), connect_error=e.connect) from e
     except TimeoutError as e:
         raise UpstreamFailure(f"upstream failed: {e!r}") from e
     try:
+        if upstream.delivered:
+            on_first_byte()
+            return Outcome(upstream.status)
         if upstream.status >= 500 or upstream.status == 429:
             try:
                 data = await upstream.read()

@@ -9,6 +9,7 @@ events and tokenizer fetches keep using aiohttp.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections import deque
@@ -18,6 +19,8 @@ from collections.abc import Callable
 # low mark): a client slower than its replica leaves the rest in the kernel's buffers and TCP's window, not here.
 _BUFFER_HIGH = 1 << 20
 _BUFFER_LOW = 1 << 18
+
+log = logging.getLogger("kubellm.router.upstream")
 
 
 class UpstreamError(Exception):
@@ -76,6 +79,10 @@ class UpstreamResponse:
         self.status = 0
         self.headers: dict[str, str] = {}
         self._keep_alive = True
+        # called (once) from the read callback when the whole answer is in, before the reader is woken: True if it
+        # took the answer (the router's proxy writes a plain answer to its client right there, one loop hop sooner)
+        self.on_complete: Callable[[UpstreamResponse], bool] | None = None
+        self.delivered = False
 
     # --- fed by the protocol -----------------------------------------------------------------------
     def _push(self, piece: bytes) -> None:
@@ -111,6 +118,13 @@ class UpstreamResponse:
             self._conn.closed = True
             if self._conn.transport is not None:
                 self._conn.transport.abort()
+        else:
+            if self.done and self.on_complete is not None:
+                deliver, self.on_complete = self.on_complete, None
+                try:
+                    self.delivered = deliver(self)
+                except Exception:  # (a bug in the callback: the reader still gets the answer the usual way)
+                    log.exception("on_complete failed")
         self._wake()
 
     def _parse_head(self) -> bool:
@@ -220,6 +234,7 @@ class UpstreamResponse:
 
     async def readany(self) -> bytes:
         """The next piece of the body as it arrived (chunk framing removed); b"" at its end."""
+        self.on_complete = None  # the reader takes the body from here on (on_complete would see only the rest)
         while not self._chunks:
             if self.done:
                 self._finish()
@@ -236,6 +251,14 @@ class UpstreamResponse:
         transport = self._conn.transport
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
+
+    def take_body(self) -> bytes:
+        """The whole body, once `done` (on_complete's callers): what arrived, taken out."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0  # (a paused connection is read again when it goes back to the pool: _finish)
+        return data
 
     async def read(self) -> bytes:
         out = bytearray()
@@ -344,11 +367,12 @@ class UpstreamPool:
         body: bytes,
         key: tuple[str, int, bool],
         on_sent: Callable[[], None] | None = None,
+        on_complete: Callable[[UpstreamResponse], bool] | None = None,
     ) -> UpstreamResponse:
         """The hot path: `start` is the request line and Host header, `headers` further header lines, both
         rendered by the caller (once per replica and path, and once per request). `on_sent` runs right after the
         request is written to a kept-alive connection, or before a new connection is opened: either way before
-        this coroutine first yields to the loop."""
+        this coroutine first yields to the loop. `on_complete`: see UpstreamResponse.on_complete."""
         conn = self._idle_connection(key)
         if conn is None:
             if on_sent is not None:
@@ -356,6 +380,7 @@ class UpstreamPool:
                 on_sent = None
             conn = await self._open(key)
         resp = UpstreamResponse(conn, self.read_timeout)
+        resp.on_complete = on_complete
         conn.response = resp
         assert conn.transport is not None
         conn.transport.write(b"%bContent-Length: %d\r\n%b\r\n%b" % (start, len(body), headers, body))

@@ -54,10 +54,16 @@ class Echo:
             ex.respond(200, json.dumps(info).encode() + req.body, [("Content-Type", "application/json")])
 
 
-@pytest.fixture
-async def server():
+# every path the tests below use: the server runs each test with handlers started as Tasks, then eagerly
+ALL_PATHS = ("/echo", "/two", "/three", "/four", "/five", "/empty", "/ok", "/c", "/e", "/stream", "/a", "/b", "/x",
+             "/fail", "/block")  # fmt: skip
+
+
+@pytest.fixture(params=["task", "eager"])
+async def server(request):
     handler = Echo()
-    srv = HTTPServer(handler, max_body_bytes=1000, max_header_bytes=1024)
+    eager = ALL_PATHS if request.param == "eager" else ()
+    srv = HTTPServer(handler, max_body_bytes=1000, max_header_bytes=1024, eager_paths=eager)
     port = await srv.listen("127.0.0.1", 0)
     srv.test_port = port  # type: ignore[attr-defined]
     srv.test_handler = handler  # type: ignore[attr-defined]
@@ -66,7 +72,8 @@ async def server():
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One response off the wire: Content-Length, chunked, or (no framing) read to EOF."""
+    """One response off the wire: none for 1xx/204/304 (RFC 9110: no body, whatever the headers say), then
+    Content-Length, chunked, or (no framing) read to EOF."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -75,7 +82,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
         if line:
             k, _, v = line.partition(":")
             headers[k.strip().lower()] = v.strip()
-    if "content-length" in headers:
+    if status in (204, 304) or status < 200:
+        body = b""
+    elif "content-length" in headers:
         body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
     elif headers.get("transfer-encoding") == "chunked":
         body = b""
@@ -245,6 +254,40 @@ async def test_graceful_stop_finishes_requests_in_progress_and_closes_idle_conne
     assert not server.test_handler.cancelled.is_set()
     writer.close()
     idle_writer.close()
+
+
+async def test_eager_paths_run_their_handler_in_the_read_callback():
+    """A handler on an eager path runs when its request is read, up to its first await: one that answers without
+    awaiting needs no Task at all; one that awaits carries on in a Task (the yields in /x) and answers the same."""
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro):  # type: ignore[no-untyped-def]
+        created.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop)
+
+    srv = HTTPServer(Echo(), max_body_bytes=1000, max_header_bytes=1024, eager_paths=("/empty", "/x"))
+    port = await srv.listen("127.0.0.1", 0)
+    reader, writer = await connect(port)  # (the stream's own tasks, if any, before counting)
+    loop.set_task_factory(factory)
+    try:
+        for _ in range(3):
+            writer.write(b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = await read_response(reader)
+            assert status == 204
+        assert [c for c in created if "_serve" in c or "_carry_on" in c] == []
+        writer.write(post("/x", b"abc"))
+        status, _, body = await read_response(reader)
+        assert status == 200 and body.endswith(b"abc")
+        assert any("_serve" in c or "_carry_on" in c for c in created)  # it went on in a Task after its first await
+        before = len(created)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")  # not eager: a Task from the start
+        status, _, _ = await read_response(reader)
+        assert status == 200 and any(c.endswith("_serve") for c in created[before:])
+    finally:
+        loop.set_task_factory(None)
+        writer.close()
+        await srv.stop(timeout=1)
 
 
 async def test_router_routes_through_the_lean_server():

@@ -214,9 +214,19 @@ async def test_route_only_names_the_pick_without_sending(pair):
         await until(lambda: len(idx.replica(slot[b.url])) >= 20)
         received = len(a.received) + len(b.received)
         only = {"X-Kubellm-Route-Only": "1"}
-        async with http.post(r.url + "/v1/chat/completions", json=chat(system, "w2"), headers=only) as resp:
-            assert resp.status == 204
-            assert (resp.headers["X-Kubellm-Backend"], resp.headers["X-Kubellm-Route"]) == (b.url, "prefix_hit")
+        # over one kept-alive connection (what bench/router.py's probes use): the 204 has no body and no
+        # Content-Length, and the client reads it as ended, not waiting for a body until the connection closes
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one:
+            for _ in range(3):
+                async with asyncio.timeout(5):
+                    async with one.post(r.url + "/v1/chat/completions", json=chat(system, "w2"), headers=only) as resp:
+                        assert resp.status == 204 and "Content-Length" not in resp.headers
+                        assert await resp.read() == b""
+                        assert (resp.headers["X-Kubellm-Backend"], resp.headers["X-Kubellm-Route"]) == (
+                            b.url,
+                            "prefix_hit",
+                        )
+            assert r.http is not None and len(r.http.connections) == 1
         assert len(a.received) + len(b.received) == received
         assert r.router.registry.backends[b.url].in_flight == 0
     async with RouterServer(cfg(pair, debug_headers=False)) as r, aiohttp.ClientSession() as http:

@@ -223,3 +223,53 @@ async def test_a_reader_slower_than_its_replica_holds_a_bounded_buffer_and_reads
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_on_complete_takes_a_whole_answer_in_the_read_callback_once():
+    """on_complete runs once, when the last byte of a Content-Length or chunked answer is in (never on a partial
+    one); what it takes is gone from the body; refusing leaves the answer to the reader;
+    the connection is reused after either. Once the reader reads, on_complete is off (it would see only the rest)."""
+    body = b'{"ok": true, "pad": "' + b"p" * 500 + b'"}'
+    responses = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked([body[:100], body[100:]]),
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy",
+    ]
+    server = ScriptedServer(list(responses), seed=3)
+    port = await server.start()
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5)
+    calls: list[tuple[int, bytes | None]] = []
+
+    def take(resp) -> bool:  # type: ignore[no-untyped-def]
+        assert resp.done
+        if resp.status >= 500:
+            calls.append((resp.status, None))
+            return False
+        calls.append((resp.status, resp.take_body()))
+        return True
+
+    try:
+        for expect in ((200, body), (200, body), (503, None)):
+            r = await pool.send(b"POST /x HTTP/1.1\r\nHost: h\r\n", b"", b"{}", ("127.0.0.1", port, False), None, take)
+            deadline = asyncio.get_running_loop().time() + 5
+            while not r.done:  # (the body arrives in small pieces after the head)
+                assert asyncio.get_running_loop().time() < deadline, "the answer never completed"
+                await asyncio.sleep(0.005)
+            assert calls[-1] == expect and len(calls) == len(server.requests)
+            assert await r.read() == (b"" if expect[1] is not None else b"busy")
+            assert r.delivered == (expect[1] is not None)
+            r.close()
+        assert server.connections == 1
+    finally:
+        pool.close()
+        await server.stop()
+    server = ScriptedServer([responses[0]], seed=4)
+    port = await server.start()
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5)
+    try:
+        r = await pool.send(b"POST /x HTTP/1.1\r\nHost: h\r\n", b"", b"{}", ("127.0.0.1", port, False), None, take)
+        assert await r.read() == body and not r.delivered and len(calls) == 3
+        r.close()
+    finally:
+        pool.close()
+        await server.stop()
