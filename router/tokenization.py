@@ -48,10 +48,11 @@ class PromptKey:
 
 def text_block_hashes(text: str, extra: str = "", block_chars: int = TEXT_BLOCK_CHARS) -> list[int]:
     """Chained 128-bit hashes of the text's full `block_chars`-byte blocks: each block's hash is seeded with the
-    low 64 bits of the previous one (one call per block, no concatenation)."""
+    low 64 bits of the previous one (one call per block, no concatenation). Blocks are sliced from bytes, not a
+    memoryview: a 64-byte copy costs less than a view's creation (~30% of this function on a 2 kB prompt)."""
     h = xxhash.xxh3_128_intdigest(_TEXT_DOMAIN + extra.encode())
     out = []
-    data = memoryview(text.encode("utf-8", "surrogatepass"))
+    data = text.encode("utf-8", "surrogatepass")
     digest, mask = xxhash.xxh3_128_intdigest, _LOW64
     for start in range(0, len(data) - block_chars + 1, block_chars):
         h = digest(data[start : start + block_chars], h & mask)
