@@ -292,9 +292,12 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("the overhead benchmark pins the router to one core and the harness to another: needs 2")
     os.sched_setaffinity(0, {HARNESS_CORE})  # this process is the load generator
-    port = free_port()
-    engine = spawn("instant", pinned([PY, __file__, "_instant", "--port", str(port)], HARNESS_CORE),
-                   f"http://127.0.0.1:{port}")  # fmt: skip
+    fakes: list[Proc] = []
+    for i in range(args.engines):
+        port = free_port()
+        fakes.append(spawn(f"instant{i}", pinned([PY, __file__, "_instant", "--port", str(port)], HARNESS_CORE),
+                           f"http://127.0.0.1:{port}"))  # fmt: skip
+    engine = fakes[0]  # direct calls and the byte relay go to this one
     plain, streamed = overhead_bodies(1000, False), overhead_bodies(1000, True, seed=1)
     rate, srate, duration = args.rate or 500.0, args.stream_rate, args.duration
     results: dict[str, Any] = {
@@ -305,11 +308,16 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.max_duration:g}s. "
         f"Router pinned to core {ROUTER_CORE} (taskset), load generator and fake engine on core {HARNESS_CORE}; "
         "kubellm with --kv-events off (the fake has no event stream), prefix policy, text-block hashing "
-        "(the fake serves no tokenizer); one fake engine behind every router (a one-replica pick: routing cost "
-        "grows with replicas). All contenders start first, then the repeats go round-robin over them.",
+        "(the fake serves no tokenizer); "
+        + ("one fake engine behind every router (a one-replica pick: routing cost grows with replicas). "
+           if args.engines == 1 else
+           f"{args.engines} fake engines (separate processes) behind every router, so each request is a real pick "
+           "among them; direct calls and the byte relay go to the first. ")
+        + "All contenders start first, then the repeats go round-robin over them.",
+        "engines": args.engines,
         "rows": {},
-    }
-    b = [engine.url]
+    }  # fmt: skip
+    b = [f.url for f in fakes]
 
     def relay() -> Proc:
         rp = free_port()
@@ -368,7 +376,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         for proc in procs.values():
             if proc:
                 proc.stop()
-        engine.stop()
+        for f in fakes:
+            f.stop()
     summarize_overhead(results)
     return results
 
@@ -1007,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
         help="overhead: also run the router of this interpreter's kubellm as 'kubellm prefix (before: LABEL)' "
         "(a venv with an older checkout installed; repeatable)",
     )
+    p.add_argument("--engines", type=int, default=1, help="overhead: instant fake engines behind each router")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tenants", type=int, default=50)
