@@ -348,7 +348,11 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
             if c.start and procs[c.name] is None:
                 del procs[c.name]  # (sglang-router not installed)
         for rep in range(args.repeats):
-            for c in contenders:
+            # direct first; the others in an order rotated each repeat (whoever ran right after direct's
+            # 20k-req/s closed loop ran slower in run 7, whatever its code)
+            rest = contenders[1:]
+            shift = rep % len(rest) if rest else 0
+            for c in [contenders[0], *rest[shift:], *rest[:shift]]:
                 if c.name not in procs:
                     continue
                 proc = procs[c.name]
@@ -984,10 +988,13 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     if us and sg:
         r["added p50 kubellm - sglang-router ms (target <= 0)"] = us["added_p50_ms"] - sg["added_p50_ms"]
         r["max req/s kubellm / sglang-router (target >= 1)"] = us["max_rps"] / sg["max_rps"]
+        if "cpu_ms_per_req" in us and "cpu_ms_per_req" in sg:
+            r["router CPU per request kubellm / sglang-router"] = us["cpu_ms_per_req"] / sg["cpu_ms_per_req"]
     for name, row in ov.items():
         if us and name.startswith("kubellm prefix (before"):
             r[f"router CPU per request, after / {name[16:-1]}"] = us["cpu_ms_per_req"] / row["cpu_ms_per_req"]
             r[f"max req/s, after / {name[16:-1]}"] = us["max_rps"] / row["max_rps"]
+            r[f"added p50 ms, after - {name[16:-1]}"] = us["added_p50_ms"] - row["added_p50_ms"]
     w2 = ov.get("kubellm prefix --workers 2 (unpinned)")
     if us and w2:
         r["max req/s --workers 2 unpinned / 1 worker pinned"] = w2["max_rps"] / us["max_rps"]
