@@ -127,7 +127,7 @@ def upproject_split(
     slots = []
     for i, n in zip(up_seqs, lens, strict=True):
         pos = np.arange(n, dtype=np.int64)
-        table = np.asarray(block_tables[i][: -(-int(n) // block_size)], dtype=np.int64)
+        table = np.asarray(block_tables[int(i)][: -(-int(n) // block_size)], dtype=np.int64)
         slots.append(table[pos // block_size] * block_size + pos % block_size)
     return UpProjectSplit(
         up_seqs=up_seqs,

@@ -74,7 +74,7 @@ class TorchMLAAttention(TorchPagedAttention):
         if plan is not None:
             self.upprojected_tokens += len(plan.up_rows)
         self._split = None if plan is None else MLASplit.on(plan, meta.slot_mapping.device)
-        if self._split is None:
+        if plan is None or self._split is None:
             return
         # the absorbed rows' plans, relative to their own packing (the model gathers their queries)
         self._plans = {None: (None, [])}
