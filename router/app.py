@@ -429,9 +429,12 @@ class Router:
 
             code = "error"
             try:
+                target = self._upstream_target(backend.url, req.path)
+                if req.query:  # (not cached: one Target per distinct query string would grow without bound)
+                    target = target.with_query(req.query)
                 outcome = await forward(
                     self.pool,  # type: ignore[arg-type]
-                    self._upstream_target(backend.url, req.path),
+                    target,
                     head,
                     req.body,
                     ex,

@@ -62,6 +62,10 @@ class Target:
         self.start = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")
         self.origin = f"{'https' if tls else 'http'}://{host}:{port}"
 
+    def with_query(self, query: str) -> Target:
+        """The same replica and path with the client's query string (as it arrived, latin-1 for its raw bytes)."""
+        return Target(self.host, self.port, f"{self.path}{'&' if '?' in self.path else '?'}{query}", self.tls)
+
 
 def _copy_headers(upstream: UpstreamResponse, extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
     h = [(k, upstream.headers[k.lower()]) for k in _PASS_RESPONSE_HEADERS if k.lower() in upstream.headers]

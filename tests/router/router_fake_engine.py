@@ -86,6 +86,7 @@ class FakeEngine:
         self.load_lines = True  # emit `load` lines on the KV-event stream when in_flight changes
         # observations
         self.received: list[dict[str, Any]] = []
+        self.targets: list[str] = []  # path and query string of each generate request, as received
         self.in_flight = 0
         self.max_in_flight = 0
         self.cancelled = 0
@@ -232,6 +233,7 @@ class FakeEngine:
         self._transports.add(request.transport)
         body = await request.json()
         self.received.append(body)
+        self.targets.append(request.raw_path)
         if self.fail_status:
             return web.json_response({"error": {"message": "injected", "type": "x"}}, status=self.fail_status)
         if body.get("model") != self.model:

@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 from router_fake_engine import FakeEngine
+from yarl import URL
 
 from kubellm.router.app import RouterServer
 from kubellm.router.config import RouterConfig
@@ -215,6 +216,23 @@ async def test_retry_on_5xx_and_connect_error_before_first_byte(engines, http):
                 assert resp.status == 200
                 assert (await read_sse(resp))[-1] == "[DONE]"
         assert not r.router.registry.backends[engines[1].url].healthy
+
+
+async def test_the_query_string_reaches_the_replica_with_its_bytes_unchanged(engines, http):
+    """A routed POST is forwarded to its full target: path and query string, percent-escapes as the client sent
+    them, on plain and streamed requests, with and without a query (which must not leak into the next request)."""
+    async with RouterServer(cfg(*engines)) as r:
+        for target, stream in (("/v1/chat/completions?foo=bar", False), ("/v1/completions?a=1&b=%2Fx%20y", True),
+                               ("/v1/chat/completions", False), ("/v1/chat/completions?", False)):  # fmt: skip
+            body = {**CHAT, "stream": stream} if "chat" in target else {"model": "m", "prompt": "x", "stream": stream}
+            async with http.post(URL(f"{r.url}{target}", encoded=True), json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+    seen = [t for e in engines for t in e.targets]
+    assert sorted(seen) == sorted(
+        ["/v1/chat/completions?foo=bar", "/v1/completions?a=1&b=%2Fx%20y", "/v1/chat/completions",
+         "/v1/chat/completions"]
+    )  # fmt: skip
 
 
 async def test_4xx_is_passed_through_without_retry(engines, http):
