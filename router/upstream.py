@@ -83,6 +83,7 @@ class UpstreamResponse:
         # took the answer (the router's proxy writes a plain answer to its client right there, one loop hop sooner)
         self.on_complete: Callable[[UpstreamResponse], bool] | None = None
         self.delivered = False
+        self.received = False  # any byte of the answer arrived
 
     # --- fed by the protocol -----------------------------------------------------------------------
     def _push(self, piece: bytes) -> None:
@@ -105,6 +106,7 @@ class UpstreamResponse:
         self._wake()
 
     def _feed(self, data: bytes) -> None:
+        self.received = True
         self._buf += data
         try:
             if not self._head_done and not self._parse_head():
@@ -289,6 +291,17 @@ class UpstreamResponse:
             self._conn.transport.abort()
 
 
+def stale(resp: UpstreamResponse) -> bool:
+    """A failed exchange that may be sent again on a new connection: the connection ended (closed, reset, or the
+    write failed) before a single byte of the answer arrived. Only meaningful on a REUSED connection, where an
+    end with no answer is what a replica closing its idle keep-alive connection looks like; on a new connection it
+    is a replica failing. A POST is not idempotent in general (RFC 9112 9.3.1), but a completion changes nothing on
+    the replica that outlives its connection (a replica that loses the connection aborts the request), so sending
+    it once more is safe while no answer came back. Never after any byte of the answer: the replica was
+    processing the request, and part of it may already be on its way to the client."""
+    return not resp.received and resp._error is not None
+
+
 class UpstreamPool:
     """Kept-alive connections per (host, port)."""
 
@@ -306,6 +319,7 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._waiting: set[UpstreamResponse] = set()  # responses waiting for data, each with its deadline
         self._sweeper: asyncio.Task[None] | None = None
+        self.stale_retries = 0  # requests resent on a new connection after a pooled one turned out closed
 
     def _start_sweeper(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweeper = loop.create_task(self._sweep())
@@ -373,24 +387,48 @@ class UpstreamPool:
         rendered by the caller (once per replica and path, and once per request). `on_sent` runs right after the
         request is written to a kept-alive connection, or before a new connection is opened: either way before
         this coroutine first yields to the loop. `on_complete`: see UpstreamResponse.on_complete."""
+        request = b"%bContent-Length: %d\r\n%b\r\n%b" % (start, len(body), headers, body)
         conn = self._idle_connection(key)
+        reused = conn is not None
         if conn is None:
             if on_sent is not None:
                 on_sent()
                 on_sent = None
             conn = await self._open(key)
-        resp = UpstreamResponse(conn, self.read_timeout)
-        resp.on_complete = on_complete
-        conn.response = resp
-        assert conn.transport is not None
-        conn.transport.write(b"%bContent-Length: %d\r\n%b\r\n%b" % (start, len(body), headers, body))
+        resp = self._write(conn, request, on_complete)
         if on_sent is not None:
             on_sent()
         try:
             await resp.start()
+        except UpstreamError:
+            resp.close()
+            if not (reused and stale(resp)):
+                raise
+            # The replica closed this kept-alive connection while it sat idle here (its keep-alive timeout, a
+            # restart) and the close crossed our write: nothing of the answer came, so nothing of the request was
+            # processed. Once more on a fresh connection; not the replica's failure (the caller never sees it).
+            self.stale_retries += 1
+            log.debug("a pooled connection to %s:%d was closed by the replica: resending on a new one", *key[:2])
+            resp = self._write(await self._open(key), request, on_complete)
+            try:
+                await resp.start()
+            except BaseException:
+                resp.close()
+                raise
         except BaseException:
             resp.close()
             raise
+        return resp
+
+    @staticmethod
+    def _write(
+        conn: _Connection, request: bytes, on_complete: Callable[[UpstreamResponse], bool] | None
+    ) -> UpstreamResponse:
+        resp = UpstreamResponse(conn, conn.pool.read_timeout)
+        resp.on_complete = on_complete
+        conn.response = resp
+        assert conn.transport is not None
+        conn.transport.write(request)
         return resp
 
     def close(self) -> None:
