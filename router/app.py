@@ -568,6 +568,7 @@ class RouterServer:
             max_body_bytes=cfg.max_body_bytes,
             max_header_bytes=cfg.max_header_bytes,
             error_body=lambda status, message, code: error_json(status, message, None, code),
+            request_timeout=cfg.client_timeout,
             eager_paths=_ROUTED_PATHS,  # the request reaches its replica before the loop turns (http_server.py)
         )
         try:

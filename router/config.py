@@ -62,6 +62,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = 0.0
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
+    return x
+
+
 def _on_off(value: str) -> bool:
     if value.lower() in ("on", "true", "1", "yes"):
         return True
@@ -153,6 +163,12 @@ class RouterConfig:
     max_body_bytes: int = option(16 * 1024 * 1024, help="larger request bodies get 413")
     max_header_bytes: int = option(
         16 * 1024, help="a longer request line or header field is refused (431); all headers together: 4x (>= 64 KiB)"
+    )
+    client_timeout: float = option(
+        60.0,
+        parse=_positive_seconds,
+        help="seconds a client may take to send a whole request from its first byte (a total deadline; then 408), "
+        "and to take any of its answer before it is cut off",
     )
     max_retries: int = option(2, help="retries on another replica before the first byte")
     retry_backoff: float = option(0.02, help="seconds before the first retry (doubling after)")

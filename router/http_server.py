@@ -11,8 +11,9 @@ multidicts, middleware chains, payload writers); the router needs far less of it
   -> 431; a body over `max_body_bytes` -> 413 (from Content-Length before reading, else while reading); malformed
   HTTP -> 400; errors in OpenAI's JSON shape (`error_body`); `Expect: 100-continue` answered;
 - a client that disconnects cancels its handler (the router then aborts its upstream request);
-- idle keep-alive connections close after `keepalive_timeout`, a connection stuck in the middle of a request's
-  head or body after `request_timeout`, and one whose client takes none of its answer for `request_timeout`;
+- idle keep-alive connections close after `keepalive_timeout`; a request's head and body must arrive whole within
+  `request_timeout` of its first byte (a total deadline: a client trickling a byte every few seconds does not
+  extend it), else 408 and close; a client that takes none of its answer for `request_timeout` is cut off;
 - graceful stop: stop accepting, close idle connections, let requests in progress finish (bounded), then abort;
 - eager start for the paths named in `eager_paths` (the router's routed POSTs): the handler runs at once, in the
   read callback that completed the request, up to its first await (for the router: until the request is written to
@@ -225,6 +226,7 @@ class _Connection(asyncio.Protocol):
         self.reading = True
         self.last_active = 0.0
         self.in_message = False  # between a request's first byte and its end
+        self.message_started = 0.0  # (loop time) that first byte: the request must be in by request_timeout after
         self.refused = False  # an error answered: read nothing more
         self.eager_pending = False  # a request to start eagerly once the parser returns
         # the request being parsed
@@ -311,6 +313,7 @@ class _Connection(asyncio.Protocol):
     # --- parser callbacks ---------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.message_started = self.loop.time()
         self._url = bytearray()
         self._headers = {}
         self._header_bytes = 0
@@ -508,17 +511,22 @@ class HTTPServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _sweep(self) -> None:
-        """Close keep-alive connections idle too long, and connections stalled in the middle of a request."""
+        """Close keep-alive connections idle too long; answer 408 to requests not in whole by their deadline."""
         period = max(0.05, min(self.keepalive_timeout, self.request_timeout) / 4)
         while True:
             await asyncio.sleep(period)
-            now = self.loop.time()
-            for c in list(self.connections):
-                if c.task is not None or c.queue:
-                    continue
-                limit = self.request_timeout if c.in_message else self.keepalive_timeout
-                if now - c.last_active > limit:
-                    c._close()
+            self.sweep_once(self.loop.time())
+
+    def sweep_once(self, now: float) -> None:
+        for c in list(self.connections):
+            if c.task is not None or c.queue or c.eager_pending or c.refused:
+                continue  # (a request still being answered: the next one's deadline is checked after it)
+            if c.in_message:
+                if now - c.message_started > self.request_timeout:
+                    message = f"the request was not received in whole within {self.request_timeout:g}s"
+                    c._refuse(408, message, "request_timeout")
+            elif now - c.last_active > self.keepalive_timeout:
+                c._close()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting; close idle connections; wait (bounded) for requests in progress; abort what is left."""

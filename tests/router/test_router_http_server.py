@@ -377,3 +377,83 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off_after_the_request
         writer.close()
     finally:
         await srv.stop(timeout=1)
+
+
+async def _trickle(writer: asyncio.StreamWriter, data: bytes, gap: float, stop: asyncio.Event) -> None:
+    """A byte every `gap` seconds (well under any idle limit) until all is sent, the answer came, or the server
+    closed."""
+    for i in range(len(data)):
+        if stop.is_set():
+            return
+        try:
+            writer.write(data[i : i + 1])
+            await writer.drain()
+        except ConnectionError:
+            return
+        await asyncio.sleep(gap)
+
+
+@pytest.mark.parametrize("phase", ["head", "body"])
+async def test_a_client_trickling_its_request_gets_408_at_the_total_deadline(phase):
+    """A byte every 50 ms never leaves the connection idle, but the whole request (head + body) must be in within
+    request_timeout of its first byte: 408 in OpenAI's error shape, then the connection closes. The request would
+    take 5-10 s at that pace; the answer must come near the 0.5 s deadline (by 4 s on a loaded machine)."""
+    handler = Echo()
+    srv = HTTPServer(handler, max_body_bytes=1000, max_header_bytes=1024, request_timeout=0.5)
+    port = await srv.listen("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await connect(port)
+        request = post("/echo", b"y" * 100)
+        head_len = request.index(b"\r\n\r\n") + 4
+        if phase == "body":  # the head at once: its first byte starts the clock all the same
+            writer.write(request[:head_len])
+            request = request[head_len:]
+        started, stop = loop.time(), asyncio.Event()
+        sender = asyncio.create_task(_trickle(writer, request, 0.05, stop))
+        try:
+            status, headers, body = await asyncio.wait_for(read_response(reader), 4)
+        finally:
+            stop.set()
+            await sender
+        elapsed = loop.time() - started
+        assert status == 408 and headers["connection"] == "close"
+        err = json.loads(body)["error"]
+        assert err["code"] == "request_timeout" and "0.5s" in err["message"]
+        assert 0.5 <= elapsed < 4, elapsed
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+        assert handler.seen == []  # the handler never saw the partial request
+        writer.close()
+    finally:
+        await srv.stop(timeout=1)
+
+
+async def test_the_router_answers_a_trickled_request_408_and_serves_whole_ones():
+    """--client-timeout reaches the router's server: a trickled routed POST gets the router's OpenAI-shaped 408; a
+    request sent whole on a fresh connection is routed as usual."""
+    engine = await FakeEngine("e0").start()
+    config = RouterConfig(host="127.0.0.1", port=0, backends=[engine.url], models=["m"], client_timeout=0.5,
+                          policy=RoutingPolicy.ROUND_ROBIN, health_interval=30)  # fmt: skip
+    try:
+        async with RouterServer(config) as r:
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+            request = post("/v1/chat/completions", body, "Content-Type: application/json\r\n")
+            reader, writer = await connect(r.port)
+            stop = asyncio.Event()
+            sender = asyncio.create_task(_trickle(writer, request, 0.05, stop))
+            try:
+                status, _, answer = await asyncio.wait_for(read_response(reader), 4)
+            finally:
+                stop.set()
+                await sender
+            writer.close()
+            assert status == 408
+            assert set(json.loads(answer)["error"]) == {"message", "type", "param", "code"}
+            assert engine.received == []
+            reader, writer = await connect(r.port)
+            writer.write(request)
+            status, _, answer = await read_response(reader)
+            assert status == 200 and json.loads(answer)["choices"][0]["message"]["content"].startswith("e0")
+            writer.close()
+    finally:
+        await engine.kill()
