@@ -132,6 +132,11 @@ class EngineConfig:
         "KUBELLM_ROPE_CACHE", env_bool, True,
         help="CUDA: the rotary kernel writes K and V straight into the paged cache (off: rotary, then index_copy_)",
     )  # fmt: skip
+    fused_qk_norm: bool = env_option(
+        "KUBELLM_FUSED_QK_NORM", env_bool, True,
+        help="CUDA: Qwen3's per-head q/k RMSNorm inside the rotary kernel (else one Triton kernel per norm); off: "
+        "torch ops",
+    )  # fmt: skip
     fused_sampler: bool = env_option(
         "KUBELLM_FUSED_SAMPLER", env_bool, True,
         help="CUDA: one Triton kernel for plain temperature sampling (off: torch ops)",

@@ -31,7 +31,9 @@ except ImportError:  # CPU installs: the torch path is used
 
 # "rope_cache": rotary embedding and the KV write in one kernel (rope_cache); off, they run as rope + index_copy_
 # (the gpu tests compare the two paths; the engine's rope_cache setting, KUBELLM_ROPE_CACHE, switches it)
-_state = {"ok": triton is not None, "rope_cache": True}
+# "qk_norm": Qwen3's per-head q/k RMSNorm inside the rotary kernels (rope, rope_cache), or on its own through
+# rms_norm's 3-D form; off, it runs as torch ops (the engine's fused_qk_norm setting, KUBELLM_FUSED_QK_NORM)
+_state = {"ok": triton is not None, "rope_cache": True, "qk_norm": True}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
 # Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
@@ -41,10 +43,16 @@ SILU_MUL_CONFIG = (1024, 4)
 RMS_NORM_WARPS = 4
 
 
-def configure(on: bool, rope_cache: bool = True) -> None:
-    """The engine's fused_kernels setting (off: torch ops) and its rope_cache setting."""
+def configure(on: bool, rope_cache: bool = True, qk_norm: bool = True) -> None:
+    """The engine's fused_kernels setting (off: torch ops), its rope_cache and its fused_qk_norm settings."""
     _state["ok"] = triton is not None and on
     _state["rope_cache"] = rope_cache
+    _state["qk_norm"] = qk_norm
+
+
+def qk_norm_enabled(x: torch.Tensor) -> bool:
+    """Whether Qwen3's q/k norms of x's attention take the fused kernels (`enabled` and fused_qk_norm on)."""
+    return enabled(x) and _state["qk_norm"]
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -59,15 +67,32 @@ def _disable(op: str, e: Exception) -> None:
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, n_cols, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(
+        x_ptr, w_ptr, out_ptr, stride_x, stride_xh, stride_o, stride_oh, n_cols, eps, BLOCK: tl.constexpr
+    ):  # fmt: skip
+        # One program: one row (2-D input: axis 1 has one program) or one head of one token (3-D: [T, H, D]).
         row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + head * stride_xh + cols, mask=mask, other=0.0).to(tl.float32)
         var = tl.sum(x * x, axis=0) / n_cols
         y = (x * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * stride_o + head * stride_oh + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _head_norm(x1, x2, w_ptr, i, half, eps, HEAD_DIM: tl.constexpr, like_ptr):
+        # Per-head RMSNorm of heads held as halves x1 = x[:, :half], x2 = x[:, half:] (float32, rows = heads), as
+        # llama.py's RMSNorm computes it: float32 statistics, normalised value rounded to the model dtype (that of
+        # like_ptr), times the weight, rounded again; returned as float32 for the rotary arithmetic that follows.
+        dt = like_ptr.dtype.element_ty
+        r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(w_ptr + i, mask=i < half, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + half + i, mask=i < half, other=0.0).to(tl.float32)[None, :]
+        y1 = (w1 * (x1 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        y2 = (w2 * (x2 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        return y1, y2
 
     @triton.jit
     def _add_rms_norm_kernel(
@@ -89,11 +114,12 @@ if triton is not None:
 
     @triton.jit
     def _rope_kernel(
-        q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, stride_q, stride_k, stride_cs,
-        n_q_heads, n_kv_heads, n_q_blocks, half,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+        q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, stride_q, stride_k, stride_cs,
+        n_q_heads, n_kv_heads, n_q_blocks, half, eps,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, NORM: tl.constexpr,
     ):  # fmt: skip
-        # One program: HEADS heads of one token (q heads in the first n_q_blocks programs of axis 1, then k's).
+        # One program: HEADS heads of one token (q heads in the first n_q_blocks programs of axis 1, then k's);
+        # NORM: each head RMSNormed first (Qwen3's q_norm / k_norm weights qw_ptr / kw_ptr).
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         if hb < n_q_blocks:
@@ -101,11 +127,13 @@ if triton is not None:
             dst_base = q_out_ptr + t * n_q_heads * HEAD_DIM
             h0 = hb * HEADS
             n_heads = n_q_heads
+            w_ptr = qw_ptr
         else:
             src_base = k_ptr + t * stride_k
             dst_base = k_out_ptr + t * n_kv_heads * HEAD_DIM
             h0 = (hb - n_q_blocks) * HEADS
             n_heads = n_kv_heads
+            w_ptr = kw_ptr
         heads = h0 + tl.arange(0, HEADS)
         i = tl.arange(0, BLOCK)
         c = tl.load(cos_ptr + t * stride_cs + i, mask=i < half, other=0.0).to(tl.float32)[None, :]
@@ -114,18 +142,21 @@ if triton is not None:
         offs = heads[:, None] * HEAD_DIM + i[None, :]
         x1 = tl.load(src_base + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src_base + offs + half, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            x1, x2 = _head_norm(x1, x2, w_ptr, i, half, eps, HEAD_DIM, q_out_ptr)
         tl.store(dst_base + offs, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
         tl.store(dst_base + offs + half, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_cache_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
-        stride_q, stride_k, stride_v, stride_cs, stride_row, n_q_heads, n_kv_heads, n_q_blocks, half, block_size,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, cache_ptr, qw_ptr, kw_ptr,
+        stride_q, stride_k, stride_v, stride_cs, stride_row, n_q_heads, n_kv_heads, n_q_blocks, half, block_size, eps,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr, NORM: tl.constexpr,
     ):  # fmt: skip
         # One program: HEADS heads of one token. The first n_q_blocks programs of axis 1 rotate q heads into q_out
         # (as _rope_kernel); the rest rotate k heads and copy the same v heads straight into the token's K and V
         # rows of the paged cache viewed as [num_blocks * 2 * block_size, Hkv, D] (stride_row apart).
+        # NORM: q and k heads are RMSNormed (weights qw_ptr / kw_ptr) before they rotate, as in _rope_kernel.
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         i = tl.arange(0, BLOCK)
@@ -139,6 +170,8 @@ if triton is not None:
             dst = q_out_ptr + t * n_q_heads * HEAD_DIM
             x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(src + offs + half, mask=mask, other=0.0).to(tl.float32)
+            if NORM:
+                x1, x2 = _head_norm(x1, x2, qw_ptr, i, half, eps, HEAD_DIM, q_out_ptr)
             tl.store(dst + offs, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + offs + half, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
         else:
@@ -152,6 +185,8 @@ if triton is not None:
             src = k_ptr + t * stride_k
             x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(src + offs + half, mask=mask, other=0.0).to(tl.float32)
+            if NORM:
+                x1, x2 = _head_norm(x1, x2, kw_ptr, i, half, eps, HEAD_DIM, cache_ptr)
             tl.store(k_dst + offs, (x1 * c - x2 * s).to(cache_ptr.dtype.element_ty), mask=mask)
             tl.store(k_dst + offs + half, (x2 * c + x1 * s).to(cache_ptr.dtype.element_ty), mask=mask)
             v_src = v_ptr + t * stride_v
@@ -288,14 +323,20 @@ def grouped_topk(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm over the last axis of a 2-D row-contiguous x; None when the fused kernel does not apply."""
-    if x.dim() != 2 or x.stride(-1) != 1 or x.shape[0] == 0:
+    """RMSNorm over the last axis of x: 2-D [T, n] rows, or 3-D [T, H, n] heads (Qwen3's q_norm / k_norm on the
+    strided views of the qkv output), any row and head strides with the last axis contiguous; the result is a new
+    contiguous tensor. None when the fused kernel does not apply."""
+    if x.dim() not in (2, 3) or x.stride(-1) != 1 or x.shape[0] == 0 or x.shape[-1] == 0:
+        return None
+    if x.dim() == 3 and not _state["qk_norm"]:  # the per-head form answers to the fused_qk_norm switch
         return None
     try:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        n = x.shape[1]
-        _rms_norm_kernel[(x.shape[0],)](
-            x, weight, out, x.stride(0), out.stride(0), n, eps,
+        n = x.shape[-1]
+        heads = x.shape[1] if x.dim() == 3 else 1
+        head_strides = (x.stride(1), out.stride(1)) if x.dim() == 3 else (0, 0)
+        _rms_norm_kernel[(x.shape[0], heads)](
+            x, weight, out, x.stride(0), head_strides[0], out.stride(0), head_strides[1], n, eps,
             BLOCK=triton.next_power_of_2(n), num_warps=RMS_NORM_WARPS,
         )  # fmt: skip
         return out
@@ -325,14 +366,39 @@ def add_rms_norm(
         return None
 
 
+QkNorm = tuple[torch.Tensor, torch.Tensor, float]
+"""Per-head RMSNorm of q and k before the rotary embedding (Qwen3, Qwen3-MoE): (q_norm weight [D], k_norm weight
+[D], eps), the weights in the model dtype."""
+
+
+def qk_norm_applies(qk_norm: QkNorm | None, q: torch.Tensor, d: int) -> bool:
+    """Whether the rotary kernels can fold in this per-head norm: none asked, or weights of [D] in q's dtype (the
+    torch path's rounding), contiguous, on q's device. Pure logic (no kernel), so the CPU tests check it."""
+    if qk_norm is None:
+        return True
+    qw, kw, _ = qk_norm
+    return all(
+        tuple(w.shape) == (d,) and w.dtype == q.dtype and w.stride(0) == 1 and w.device == q.device for w in (qw, kw)
+    )
+
+
 def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qk_norm: QkNorm | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rotary embedding (HF rotate-half layout) of q [T, Hq, D] and k [T, Hkv, D] in one launch, into new
-    contiguous tensors; cos/sin [T, 1, D] as llama.py builds them (their two halves are equal)."""
+    contiguous tensors; cos/sin [T, 1, D] as llama.py builds them (their two halves are equal). With `qk_norm`
+    each head is RMSNormed first, in the same launch (llama.py's q_norm / k_norm, rounded as they round)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
-    if t == 0 or q.stride(2) != 1 or k.stride(2) != 1 or q.stride(1) != d or k.stride(1) != d or d % 2:
+    if (
+        t == 0
+        or q.stride(2) != 1
+        or k.stride(2) != 1
+        or q.stride(1) != d
+        or k.stride(1) != d
+        or d % 2
+        or not qk_norm_applies(qk_norm, q, d)
+    ):
         return None
     try:
         cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)
@@ -341,9 +407,10 @@ def rope(
         half = d // 2
         heads = ROPE_HEADS_PER_PROGRAM
         n_q_blocks = triton.cdiv(hq, heads)
+        qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)  # weights never read without NORM
         _rope_kernel[(t, n_q_blocks + triton.cdiv(hkv, heads))](
-            q, k, cos2, sin2, q_out, k_out, q.stride(0), k.stride(0), cos2.stride(0), hq, hkv, n_q_blocks, half,
-            HEAD_DIM=d, BLOCK=triton.next_power_of_2(half), HEADS=heads,
+            q, k, cos2, sin2, q_out, k_out, qw, kw, q.stride(0), k.stride(0), cos2.stride(0), hq, hkv, n_q_blocks,
+            half, eps, HEAD_DIM=d, BLOCK=triton.next_power_of_2(half), HEADS=heads, NORM=qk_norm is not None,
         )  # fmt: skip
         return q_out, k_out
     except Exception as e:
@@ -359,13 +426,16 @@ def rope_cache(
     sin: torch.Tensor,
     kv_cache: torch.Tensor,
     slots: torch.Tensor,
+    qk_norm: QkNorm | None = None,
 ) -> torch.Tensor | None:
     """`rope` with the KV write folded in: q [T, Hq, D] rotated into a new contiguous tensor (returned), k [T, Hkv,
     D] rotated and v [T, Hkv, D] copied straight into their rows of the paged cache kv_cache [num_blocks, 2,
     block_size, Hkv, D] (flashinfer's NHD layout, the model dtype) at `slots` [T] (block * block_size + offset,
     int64), in one launch: the rotated k never goes to memory on its own and the two index_copy_ kernels per layer
-    are gone. q and the cache's K rows equal `rope`'s q and k bit for bit (the same float32 arithmetic), V rows v.
-    None where it does not apply (the caller rotates and lets the attention backend write) or when switched off."""
+    are gone. q and the cache's K rows equal `rope`'s q and k bit for bit (the same float32 arithmetic), V rows v;
+    with `qk_norm` too (q and k heads RMSNormed before they rotate, as `rope` does it: norm, rotary and KV write in
+    one kernel). None where it does not apply (the caller rotates and lets the attention backend write) or when
+    switched off."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     if (
@@ -381,6 +451,7 @@ def rope_cache(
         or tuple(slots.shape) != (t,)
         or slots.dtype != torch.int64
         or tuple(cos.shape) != (t, 1, d)
+        or not qk_norm_applies(qk_norm, q, d)
     ):
         return None
     try:
@@ -388,10 +459,11 @@ def rope_cache(
         q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
         heads = ROPE_HEADS_PER_PROGRAM
         n_q_blocks = triton.cdiv(hq, heads)
+        qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)  # weights never read without NORM
         _rope_cache_kernel[(t, n_q_blocks + triton.cdiv(hkv, heads))](
-            q, k, v, cos2, sin2, slots, q_out, kv_cache, q.stride(0), k.stride(0), v.stride(0), cos2.stride(0),
-            hkv * d, hq, hkv, n_q_blocks, d // 2, kv_cache.shape[2],
-            HEAD_DIM=d, BLOCK=triton.next_power_of_2(d // 2), HEADS=heads,
+            q, k, v, cos2, sin2, slots, q_out, kv_cache, qw, kw, q.stride(0), k.stride(0), v.stride(0),
+            cos2.stride(0), hkv * d, hq, hkv, n_q_blocks, d // 2, kv_cache.shape[2], eps,
+            HEAD_DIM=d, BLOCK=triton.next_power_of_2(d // 2), HEADS=heads, NORM=qk_norm is not None,
         )  # fmt: skip
         return q_out
     except Exception as e:

@@ -162,14 +162,21 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        norm: fused.QkNorm | None = None  # Qwen3's per-head q/k norms, when the rotary kernel applies them
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            if fused.qk_norm_enabled(q):  # CUDA: folded into the rotary kernel below (torch: ~8 kernels each)
+                norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
         if fused.enabled(q):  # CUDA: rotary and the KV write in one kernel, where the backend lets the model write
             slots = attn.paged_slots(layer_idx)
-            q_roped = fused.rope_cache(q, k, v, cos, sin, kv_cache, slots) if slots is not None else None
+            q_roped = fused.rope_cache(q, k, v, cos, sin, kv_cache, slots, norm) if slots is not None else None
             if q_roped is not None:
                 return self.o_proj(attn.forward_written(layer_idx, q_roped, kv_cache).reshape(t, self.q_size))
-        roped = fused.rope(q, k, cos, sin) if fused.enabled(q) else None
+        roped = fused.rope(q, k, cos, sin, norm) if fused.enabled(q) else None
+        if roped is None and norm is not None:  # the rotary kernel declined: the norms on their own, then rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+            roped = fused.rope(q, k, cos, sin) if fused.enabled(q) else None
         q, k = roped if roped is not None else (rotate(q, cos, sin), rotate(k, cos, sin))
         out = attn.forward(layer_idx, q, k, v, kv_cache)
         return self.o_proj(out.reshape(t, self.q_size))

@@ -6,10 +6,16 @@ without CUDA).
   SmolLM2's (9 / 3 x 64), q/k/v as the strided views of one qkv projection, prefill-sized and decode-sized batches;
 - the model: a runner with the fusion and one without give bit-equal logits teacher-forced through one prefill and
   48 CUDA-graph decode steps, and bit-equal KV caches; with the fusion no layer wrote through index_copy_.
+- a Qwen3-shaped model (per-head q/k RMSNorm, random norm weights): with the norm folded into the rotary kernels
+  (fused_qk_norm, the default), the rope_cache runner and the rope + index_copy_ runner give bit-equal logits and
+  caches; with fused_qk_norm off (llama.py's torch norms) the logits and caches are those of the fusion within bf16
+  rounding.
 (The CUDA-graph-vs-eager, async and CPU-parity tests of test_gpu_model.py run with the fusion, the default.)
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -100,3 +106,60 @@ def test_fused_kv_write_gives_the_unfused_models_logits_and_cache(loaded):
     assert not no_rows, "without it the backend wrote them"
     assert torch.equal(fused_cache, plain_cache)
     assert torch.equal(fused_logits, plain_logits)
+
+
+def tiny_qwen3_config():
+    from kubellm.engine.random_model import QWEN3_30B_A3B
+
+    return dataclasses.replace(
+        QWEN3_30B_A3B, architecture="Qwen3ForCausalLM", vocab_size=2048, hidden_size=512, intermediate_size=1024,
+        num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_experts=0,
+        num_experts_per_tok=0, moe_intermediate_size=0, max_position_embeddings=512, bos_token_id=1,
+        eos_token_ids=[2],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    import flashinfer  # noqa: F401  (a GPU machine without flashinfer fails here, never skips)
+
+    model = bf16_rounded_random_model(tiny_qwen3_config(), std=0.05, embed_std=0.5)
+    assert model.config.qk_norm
+    gen = torch.Generator().manual_seed(1)
+    for name in list(model.weights):  # the random model's norms are ones: give q/k norms weights that matter
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            w = model.weights[name]
+            model.weights[name] = (1 + 0.5 * torch.randn(w.shape, generator=gen)).to(torch.bfloat16).float()
+    return model
+
+
+def _qwen3_run(loaded, tokens, **settings):
+    runner = small_runner(loaded, "cuda", PROMPTS, POSITIONS, **settings)
+    assert runner._graphs, "CUDA graphs were not captured"
+    logits = teacher_forced_logits(runner, tokens, PREFILL)
+    assert runner.graph_replays == POSITIONS - PREFILL
+    caches = torch.stack([c[: runner.num_blocks] for c in runner.kv_caches])  # the dummy block left out
+    return logits, caches, runner.attn._rows is None
+
+
+def test_qk_norm_in_the_rotary_kernels_gives_the_unfused_models_logits_and_cache(qwen3):
+    _fused()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, qwen3.config.vocab_size, (PROMPTS, POSITIONS), generator=gen).tolist()
+
+    # norm + rotary + KV write in one kernel, against norm + rotary, then the backend's index_copy_
+    one_logits, one_cache, no_rows = _qwen3_run(qwen3, tokens, rope_cache=True, fused_qk_norm=True)
+    assert no_rows, "with the fusion no layer wrote K/V through index_copy_"
+    two_logits, two_cache, no_rows = _qwen3_run(qwen3, tokens, rope_cache=False, fused_qk_norm=True)
+    assert not no_rows
+    assert torch.equal(one_cache, two_cache)
+    assert torch.equal(one_logits, two_logits)
+
+    # against the torch norms (the kill switch): equal within bf16 rounding of the normalised values
+    torch_logits, torch_cache, _ = _qwen3_run(qwen3, tokens, rope_cache=True, fused_qk_norm=False)
+    cache_err = (one_cache.float() - torch_cache.float()).norm() / torch_cache.float().norm()
+    assert cache_err < 1e-2, f"KV cache relative L2 {cache_err:.2e}"
+    rel = (one_logits - torch_logits).norm(dim=-1) / torch_logits.norm(dim=-1)
+    print(f"fused vs torch q/k norm: cache rel L2 {cache_err:.2e}, logits rel L2 max {rel.max():.2e}")
+    assert rel.max() < 3e-2, f"logits relative L2 up to {rel.max():.2e}"
+    assert (one_logits.argmax(-1) == torch_logits.argmax(-1)).float().mean() > 0.9

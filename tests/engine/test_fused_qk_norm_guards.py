@@ -1,0 +1,70 @@
+"""The launch wrappers of the fused per-head q/k norm (models/fused.py) decide on the CPU what the kernels can
+take, before any kernel runs: no Triton is needed, and a refusal never counts as a kernel failure. The kernels
+themselves are checked on a GPU (test_gpu_qk_norm.py, test_gpu_rope_cache.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubellm.engine.config import EngineConfig
+from kubellm.engine.loader import load_model  # noqa: F401 - import order: loader before models
+from kubellm.engine.models import fused
+
+T, HQ, HKV, D = 3, 8, 2, 64
+
+
+@pytest.fixture
+def state():
+    saved = dict(fused._state)
+    yield fused._state
+    fused._state.update(saved)
+
+
+def _qk(dtype=torch.bfloat16):
+    qkv = torch.zeros(T, (HQ + 2 * HKV) * D, dtype=dtype)
+    q, k, v = qkv.split((HQ * D, HKV * D, HKV * D), dim=-1)
+    return q.view(T, HQ, D), k.view(T, HKV, D), v.view(T, HKV, D)
+
+
+def test_qk_norm_applies_only_to_weights_the_kernel_rounds_as_torch_does():
+    q, _, _ = _qk()
+    w = torch.ones(D, dtype=torch.bfloat16)
+    assert fused.qk_norm_applies(None, q, D)
+    assert fused.qk_norm_applies((w, w, 1e-6), q, D)
+    assert not fused.qk_norm_applies((w.float(), w, 1e-6), q, D), "float32 weights: torch's product is float32"
+    assert not fused.qk_norm_applies((w, w[:32], 1e-6), q, D)
+    strided = torch.ones(2 * D, dtype=torch.bfloat16)[::2]
+    assert not fused.qk_norm_applies((w, strided, 1e-6), q, D)
+
+
+def test_wrappers_decline_before_launching(state):
+    state["ok"] = True  # as on CUDA; a launch here (no Triton, CPU tensors) would fail and switch the kernels off
+    q, k, v = _qk()
+    w = torch.ones(D, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(T, 1, D, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 2, 16, HKV, D, dtype=torch.bfloat16)
+    slots = torch.arange(T)
+    assert fused.rope(q, k, cos, sin, (w.float(), w.float(), 1e-6)) is None
+    assert fused.rope_cache(q, k, v, cos, sin, cache, slots, (w, w[:16], 1e-6)) is None
+    state["qk_norm"] = False
+    assert fused.rms_norm(q, w, 1e-6) is None, "the per-head norm answers to the fused_qk_norm switch"
+    assert fused.rms_norm(torch.zeros(0, HQ, D, dtype=torch.bfloat16), w, 1e-6) is None
+    assert fused.rms_norm(torch.zeros(T, HQ, D, D, dtype=torch.bfloat16), w, 1e-6) is None
+    assert state["ok"], "declining is not a failure"
+
+
+def test_qk_norm_enabled_follows_both_switches(state, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # which runs Triton kernels on CPU tensors
+    state["ok"], state["qk_norm"] = True, True
+    x = torch.zeros(1)
+    assert not fused.qk_norm_enabled(x), "a CPU tensor takes the torch path"
+    state["ok"] = False
+    assert not fused.qk_norm_enabled(x)
+
+
+def test_the_engine_setting_and_its_environment_variable(monkeypatch):
+    assert EngineConfig().fused_qk_norm is True
+    monkeypatch.setenv("KUBELLM_FUSED_QK_NORM", "0")
+    assert EngineConfig().fused_qk_norm is False
+    assert EngineConfig(fused_qk_norm=True).fused_qk_norm is True
