@@ -239,22 +239,28 @@ if triton is not None:
 
     @triton.jit
     def _grouped_topk_kernel(
-        logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, scale,
+        logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, n_group, group, scale,
         N_GROUP: tl.constexpr, GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
         SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     ):  # fmt: skip
         # One program per token: scores, group limit, then K rounds of argmax over the experts still in play.
+        # Experts sit in an [N_GROUP, GROUP] grid of powers of two (n_group groups of `group` real experts each,
+        # padded with lanes that are never chosen): lane g * GROUP + j holds expert g * group + j.
         row = tl.program_id(0).to(tl.int64)
-        e = tl.arange(0, N_GROUP * GROUP)
-        x = tl.load(logits_ptr + row * stride_l + e).to(tl.float32)
+        lane = tl.arange(0, N_GROUP * GROUP)
+        gi, ji = lane // GROUP, lane % GROUP
+        real = (gi < n_group) & (ji < group)
+        e = gi * group + ji
+        x = tl.load(logits_ptr + row * stride_l + e, mask=real, other=float("-inf")).to(tl.float32)
         if SIGMOID:
-            s = 1.0 / (1.0 + tl.exp(-x))
+            s = tl.where(real, 1.0 / (1.0 + tl.exp(-x)), 0.0)
         else:
-            p = tl.exp(x - tl.max(x, axis=0))
+            p = tl.exp(x - tl.max(x, axis=0))  # padded lanes: exp(-inf) = 0
             s = p / tl.sum(p, axis=0)
         choice = s
         if HAS_BIAS:
-            choice = s + tl.load(bias_ptr + e).to(tl.float32)
+            choice = s + tl.load(bias_ptr + e, mask=real, other=0.0).to(tl.float32)
+        choice = tl.where(real, choice, float("-inf"))
         if TOPK_GROUP < N_GROUP:
             g = tl.reshape(choice, (N_GROUP, GROUP))
             col = tl.arange(0, GROUP)[None, :]
@@ -266,6 +272,7 @@ if triton is not None:
             else:  # its best expert
                 score = best
             gid = tl.arange(0, N_GROUP)
+            score = tl.where(gid < n_group, score, float("-inf"))  # padding groups are never kept
             keep = gid < 0
             for _ in tl.static_range(TOPK_GROUP):
                 j = tl.argmax(score, axis=0)
@@ -278,9 +285,9 @@ if triton is not None:
         weights = tl.zeros((K_PAD,), dtype=tl.float32)
         for i in tl.static_range(K):
             j = tl.argmax(choice, axis=0)
-            ids = tl.where(slot == i, j, ids)
-            weights = tl.where(slot == i, tl.sum(tl.where(e == j, s, 0.0), axis=0), weights)
-            choice = tl.where(e == j, float("-inf"), choice)
+            ids = tl.where(slot == i, tl.sum(tl.where(lane == j, e, 0), axis=0), ids)
+            weights = tl.where(slot == i, tl.sum(tl.where(lane == j, s, 0.0), axis=0), weights)
+            choice = tl.where(lane == j, float("-inf"), choice)
         if RENORMALIZE:
             weights = weights / (tl.sum(weights, axis=0) + 1e-20)
         tl.store(w_ptr + row * K + slot, weights * scale, mask=slot < K)
@@ -301,25 +308,42 @@ def grouped_topk(
     scores, the experts of the `topk_group` best of `n_group` groups (a group scored by its best expert, or with
     sigmoid by its two best biased scores), the top_k by (biased) score, their unbiased scores optionally
     renormalised, times `scale`. Returns (weights [T, k] float32, ids [T, k] int32), or None where it does not
-    apply (expert and group counts must be powers of two)."""
+    apply (groups that do not split the experts evenly, more than 4096 padded expert lanes, or k beyond the
+    experts). Expert counts need not be powers of two (DeepSeek-V2's 160, Kimi-K2's 384): lanes are padded."""
     t, n_experts = router_logits.shape
-    group = n_experts // max(n_group, 1)
-    if t == 0 or n_experts & (n_experts - 1) or group & (group - 1) or router_logits.stride(1) != 1:
+    n_group = max(n_group, 1)
+    group = n_experts // n_group
+    if not grouped_topk_applies(t, n_experts, n_group, top_k) or router_logits.stride(1) != 1:
         return None
     try:
         weights = torch.empty((t, top_k), dtype=torch.float32, device=router_logits.device)
         ids = torch.empty((t, top_k), dtype=torch.int32, device=router_logits.device)
         bias = correction_bias if correction_bias is not None else weights  # never read without HAS_BIAS
         _grouped_topk_kernel[(t,)](
-            router_logits, bias, weights, ids, router_logits.stride(0), scale,
-            N_GROUP=max(n_group, 1), GROUP=group, TOPK_GROUP=min(max(topk_group, 1), max(n_group, 1)), K=top_k,
-            K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None,
-            RENORMALIZE=renormalize, num_warps=4,
+            router_logits, bias, weights, ids, router_logits.stride(0), n_group, group, scale,
+            N_GROUP=triton.next_power_of_2(n_group), GROUP=triton.next_power_of_2(group),
+            TOPK_GROUP=min(max(topk_group, 1), n_group), K=top_k, K_PAD=triton.next_power_of_2(top_k),
+            SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, num_warps=4,
         )  # fmt: skip
         return weights, ids
     except Exception as e:
         _disable("grouped_topk", e)
         return None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+GROUPED_TOPK_MAX_LANES = 4096  # padded experts one program holds in registers
+
+
+def grouped_topk_applies(tokens: int, n_experts: int, n_group: int, top_k: int) -> bool:
+    """Whether `grouped_topk` takes this routing shape (pure logic, checked on the CPU too): groups split the
+    experts evenly, the padded grid fits one program, 1 <= top_k <= the experts."""
+    if tokens == 0 or n_group < 1 or n_experts % n_group or not 1 <= top_k <= n_experts:
+        return False
+    return _pow2(n_group) * _pow2(n_experts // n_group) <= GROUPED_TOPK_MAX_LANES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

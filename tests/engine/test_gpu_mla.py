@@ -137,12 +137,14 @@ def test_fused_mla_rope_matches_torch(interleave):
 
 @pytest.mark.parametrize(
     ("experts", "k", "n_group", "topk_group", "scoring"),
-    [(256, 8, 8, 4, "sigmoid"), (64, 6, 1, 1, "sigmoid"), (64, 6, 8, 3, "softmax")],
-    ids=["deepseek-v3", "moonlight", "softmax-grouped"],
+    [(256, 8, 8, 4, "sigmoid"), (64, 6, 1, 1, "sigmoid"), (64, 6, 8, 3, "softmax"), (160, 6, 8, 3, "softmax"),
+     (384, 8, 1, 1, "sigmoid"), (96, 4, 3, 2, "sigmoid")],
+    ids=["deepseek-v3", "moonlight", "softmax-grouped", "deepseek-v2", "kimi-k2", "odd-groups"],
 )  # fmt: skip
 def test_fused_grouped_topk_matches_deepseek_topk(experts, k, n_group, topk_group, scoring):
     """DeepSeek's routing in one Triton kernel chooses deepseek_topk's experts with its weights (routing bias,
-    group limit, renormalisation and scaling included)."""
+    group limit, renormalisation and scaling included), expert and group counts that are not powers of two too
+    (DeepSeek-V2's 160 in 8 groups of 20, Kimi-K2's 384, 3 groups of 32)."""
     import dataclasses
 
     import triton  # noqa: F401  (the fused kernels need it: missing, this fails rather than skips)

@@ -1,6 +1,6 @@
-"""The launch wrappers of the fused per-head q/k norm (models/fused.py) decide on the CPU what the kernels can
-take, before any kernel runs: no Triton is needed, and a refusal never counts as a kernel failure. The kernels
-themselves are checked on a GPU (test_gpu_qk_norm.py, test_gpu_rope_cache.py)."""
+"""The launch wrappers of models/fused.py (the per-head q/k norm, DeepSeek's grouped top-k) decide on the CPU what
+the kernels can take, before any kernel runs: no Triton is needed, and a refusal never counts as a kernel failure.
+The kernels themselves are checked on a GPU (test_gpu_qk_norm.py, test_gpu_rope_cache.py, test_gpu_mla.py)."""
 
 from __future__ import annotations
 
@@ -68,3 +68,29 @@ def test_the_engine_setting_and_its_environment_variable(monkeypatch):
     monkeypatch.setenv("KUBELLM_FUSED_QK_NORM", "0")
     assert EngineConfig().fused_qk_norm is False
     assert EngineConfig(fused_qk_norm=True).fused_qk_norm is True
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "groups", "k", "applies"),
+    [
+        (1, 256, 8, 8, True),  # DeepSeek-V3
+        (1, 160, 8, 6, True),  # DeepSeek-V2: 8 groups of 20, padded to 8 x 32 lanes
+        (1, 384, 1, 8, True),  # Kimi-K2: padded to 512
+        (1, 96, 3, 4, True),
+        (0, 256, 8, 8, False),  # nothing to route
+        (1, 100, 8, 6, False),  # groups do not split the experts
+        (1, 8192, 1, 8, False),  # more lanes than one program holds
+        (1, 64, 1, 65, False),
+        (1, 64, 0, 6, False),
+    ],
+)  # fmt: skip
+def test_grouped_topk_applies(tokens, experts, groups, k, applies):
+    assert fused.grouped_topk_applies(tokens, experts, groups, k) is applies
+
+
+def test_grouped_topk_declines_before_launching(state):
+    state["ok"] = True
+    logits = torch.zeros(2, 100)
+    assert fused.grouped_topk(logits, 6, 8, 3, False, None, False, 1.0) is None
+    assert fused.grouped_topk(torch.zeros(0, 64), 6, 8, 3, False, None, False, 1.0) is None
+    assert state["ok"]
