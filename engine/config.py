@@ -130,7 +130,8 @@ class EngineConfig:
     )  # fmt: skip
     rope_cache: bool = env_option(
         "KUBELLM_ROPE_CACHE", env_bool, True,
-        help="CUDA: the rotary kernel writes K and V straight into the paged cache (off: rotary, then index_copy_)",
+        help="CUDA: the rotary kernel writes K and V straight into the paged cache (MLA: the normed latent and rope "
+        "key; off: rotary, then index_copy_)",
     )  # fmt: skip
     fused_qk_norm: bool = env_option(
         "KUBELLM_FUSED_QK_NORM", env_bool, True,

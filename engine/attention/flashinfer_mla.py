@@ -231,6 +231,11 @@ class FlashInferMLAAttention(AttentionBackend):
         self.write_latents(latent, k_rope, kv_cache)
         return self.attend_absorbed(layer_idx, q_latent, q_rope, kv_cache)
 
+    def paged_slots(self, layer_idx: int) -> torch.Tensor | None:
+        """The step's slots, for the fused rotary kernel that writes each new token's latent row itself
+        (mla_rope_cache: it stands in for `write_latents`); the model then calls `attend_absorbed`."""
+        return self._rows
+
     def write_latents(self, latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor) -> None:
         kv_cache.view(-1, self.head_dim).index_copy_(0, self._rows, torch.cat((latent, k_rope), dim=-1))
 

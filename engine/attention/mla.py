@@ -257,6 +257,12 @@ class LatentAttention(Protocol):
         """Store every new token's latent row at the step's slots."""
         ...
 
+    def paged_slots(self, layer_idx: int) -> torch.Tensor | None:
+        """This step's slot of each new token (int64 [T]; its row in the pool viewed as [num_blocks * block_size,
+        width]) when the model may write the latent rows itself (models/fused.py's mla_rope_cache) and then call
+        `attend_absorbed`, as it does for a step without a split; None: `forward_mla` writes them."""
+        ...
+
     def attend_absorbed(
         self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ) -> torch.Tensor:

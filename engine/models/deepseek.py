@@ -168,13 +168,19 @@ class MLAttention(nn.Module):
         q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(t, h, self.qk_head_dim).split((c.qk_nope_head_dim, c.qk_rope_head_dim), dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split((c.kv_lora_rank, c.qk_rope_head_dim), dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        roped = fused.mla_rope(q_rope, k_rope, cos, sin, c.rope_interleave) if fused.enabled(x) else None
-        if roped is None:
-            rot = rotate_pairs if c.rope_interleave else rotate_half
-            roped = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)[:, 0]
-        q_rope, k_rope = roped
         split = attn.mla_split
+        # CUDA, no split: the latent's norm, the rotary embedding and the latent cache write in one kernel
+        slots = attn.paged_slots(layer_idx) if split is None and fused.enabled(x) else None
+        written = self._rope_into_cache(q_rope, k_rope, latent, cos, sin, kv_cache, slots)
+        if written is not None:  # the roped query; the latent rows are in the cache
+            q_rope = written
+        else:
+            latent = self.kv_a_layernorm(latent)
+            roped = fused.mla_rope(q_rope, k_rope, cos, sin, c.rope_interleave) if fused.enabled(x) else None
+            if roped is None:
+                rot = rotate_pairs if c.rope_interleave else rotate_half
+                roped = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)[:, 0]
+            q_rope, k_rope = roped
         if split is not None:  # long prefill chunks up-projected (engine/attention/mla.py), the rest absorbed
             values = self._split_attention(layer_idx, q_nope, q_rope, latent, k_rope, kv_cache, attn, split)
             return self.o_proj(values.reshape(t, h * c.v_head_dim))
@@ -183,9 +189,25 @@ class MLAttention(nn.Module):
         # Batched over heads on strided views (no copies): W_UK absorbed into the query, [t, h, lora] as a view of
         # [h, t, lora] (the kernels take the row and head strides); W_UV after attention, on the output's layout.
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
-        out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope, kv_cache)
+        if written is not None:
+            out = attn.attend_absorbed(layer_idx, q_latent, q_rope, kv_cache)
+        else:
+            out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope, kv_cache)
         values = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [h, t, v]
         return self.o_proj(values.transpose(0, 1).reshape(t, h * c.v_head_dim))
+
+    def _rope_into_cache(
+        self, q_rope: torch.Tensor, k_rope: torch.Tensor, latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        kv_cache: torch.Tensor, slots: torch.Tensor | None,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """The roped query after fused.mla_rope_cache wrote this step's latent rows, or None where it declined
+        (or the backend writes them: no slots)."""
+        if slots is None:
+            return None
+        norm = self.kv_a_layernorm
+        return fused.mla_rope_cache(
+            q_rope, k_rope, latent, norm.weight, norm.eps, cos, sin, self.c.rope_interleave, kv_cache, slots
+        )
 
     def _split_attention(
         self, layer_idx: int, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,

@@ -1,6 +1,7 @@
-"""Fused elementwise kernels for CUDA tensors (Triton): RMSNorm (alone and after the residual add), rotary
-embedding of q and k (alone, or writing k and v into the paged KV cache too; and DeepSeek's rope parts),
-SiLU-and-mul; and DeepSeek's routing (grouped top-k).
+"""Fused elementwise kernels for CUDA tensors (Triton): RMSNorm (alone, after the residual add, and per head on
+3-D views), rotary embedding of q and k (alone, or writing k and v into the paged KV cache too, either with
+Qwen3's per-head q/k norm folded in; and DeepSeek's rope parts, optionally with the latent's norm and its cache
+write), SiLU-and-mul; and DeepSeek's routing (grouped top-k).
 
 Why: a decode step of a small batch is bound by kernel count, not bytes. In plain torch one layer is ~36
 kernels (RMSNorm alone is 7, rotary 10), each ~2.5 us even inside a CUDA graph: ~3 ms of an 8B model's
@@ -29,8 +30,9 @@ except ImportError:  # CPU installs: the torch path is used
     triton = None
     tl = None
 
-# "rope_cache": rotary embedding and the KV write in one kernel (rope_cache); off, they run as rope + index_copy_
-# (the gpu tests compare the two paths; the engine's rope_cache setting, KUBELLM_ROPE_CACHE, switches it)
+# "rope_cache": rotary embedding and the KV write in one kernel (rope_cache; DeepSeek's mla_rope_cache with the
+# latent's norm too); off, they run as rope + index_copy_ (the gpu tests compare the two paths; the engine's
+# rope_cache setting, KUBELLM_ROPE_CACHE, switches it)
 # "qk_norm": Qwen3's per-head q/k RMSNorm inside the rotary kernels (rope, rope_cache), or on its own through
 # rms_norm's 3-D form; off, it runs as torch ops (the engine's fused_qk_norm setting, KUBELLM_FUSED_QK_NORM)
 _state = {"ok": triton is not None, "rope_cache": True, "qk_norm": True}
@@ -223,6 +225,51 @@ if triton is not None:
         x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dst + lo[None, :], (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + hi[None, :], (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _mla_rope_cache_kernel(
+        q_ptr, k_ptr, lat_ptr, lw_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, cache_ptr,
+        stride_qt, stride_qh, stride_kt, stride_lt, stride_cs, n_heads, n_q_blocks, rank, width, eps,
+        HALF: tl.constexpr, HEADS: tl.constexpr, INTERLEAVE: tl.constexpr, RANK_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # _mla_rope_kernel with the latent cache write folded in. One program: HEADS query heads of one token (axis
+        # 1 < n_q_blocks), rotated into q_out as _mla_rope_kernel does; or that token's latent row: the rope key
+        # rotated and the compressed KV RMSNormed (kv_a_layernorm, as _rms_norm_kernel computes it), both stored
+        # straight into the token's row `slot` of the latent pool viewed as [num_blocks * block_size, width]
+        # (columns [0, rank) the normed latent, [rank, width) the rotated key).
+        t = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        i = tl.arange(0, HALF)
+        if INTERLEAVE:  # pairs (x[2j], x[2j+1])
+            lo, hi = 2 * i, 2 * i + 1
+        else:  # halves (x[j], x[j + HALF])
+            lo, hi = i, i + HALF
+        c = tl.load(cos_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        if hb < n_q_blocks:
+            heads = hb * HEADS + tl.arange(0, HEADS)
+            mask = (heads < n_heads)[:, None] & (i < HALF)[None, :]
+            rows = heads[:, None].to(tl.int64)
+            src = q_ptr + t * stride_qt + rows * stride_qh
+            dst = q_out_ptr + (t * n_heads + rows) * (2 * HALF)
+            x1 = tl.load(src + lo[None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst + lo[None, :], (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + hi[None, :], (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+        else:
+            row = cache_ptr + tl.load(slot_ptr + t) * width
+            src = k_ptr + t * stride_kt
+            x1 = tl.load(src + lo).to(tl.float32)[None, :]
+            x2 = tl.load(src + hi).to(tl.float32)[None, :]
+            tl.store(row + rank + lo[None, :], (x1 * c - x2 * s).to(cache_ptr.dtype.element_ty))
+            tl.store(row + rank + hi[None, :], (x2 * c + x1 * s).to(cache_ptr.dtype.element_ty))
+            cols = tl.arange(0, RANK_BLOCK)
+            m = cols < rank
+            x = tl.load(lat_ptr + t * stride_lt + cols, mask=m, other=0.0).to(tl.float32)
+            var = tl.sum(x * x, axis=0) / rank
+            y = (x * tl.rsqrt(var + eps)).to(cache_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(lw_ptr + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(row + cols, (w * y).to(cache_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
@@ -519,6 +566,66 @@ def mla_rope(
         return q_out, k_out
     except Exception as e:
         _disable("mla_rope", e)
+        return None
+
+
+def mla_rope_cache(
+    q_rope: torch.Tensor,
+    k_rope: torch.Tensor,
+    latent: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleave: bool,
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor | None:
+    """`mla_rope` with DeepSeek's latent cache write folded in: q_rope [T, H, R] rotated into a new contiguous
+    tensor (returned); k_rope [T, R] rotated and the compressed KV latent [T, r] RMSNormed (kv_a_layernorm's weight
+    [r] and eps) straight into their token's row of the latent pool kv_cache [num_blocks, block_size, r + R] (the
+    model dtype) at `slots` [T] (int64). Replaces kv_a_layernorm, mla_rope, the backend's torch.cat and its
+    index_copy_: four kernels per layer in one. q and the rope columns equal `mla_rope`'s bit for bit, the latent
+    columns `rms_norm`'s arithmetic. None where it does not apply (the caller takes the unfused path) or when the
+    engine's rope_cache setting is off."""
+    t, h, r = q_rope.shape
+    half = r // 2
+    rank = latent.shape[-1] if latent.dim() == 2 else -1
+    if (
+        not _state["rope_cache"]
+        or t == 0
+        or r % 2
+        or half & (half - 1)
+        or q_rope.stride(2) != 1
+        or tuple(k_rope.shape) != (t, r)
+        or k_rope.stride(1) != 1
+        or tuple(latent.shape) != (t, rank)
+        or latent.stride(1) != 1
+        or tuple(norm_weight.shape) != (rank,)
+        or not norm_weight.is_contiguous()
+        or kv_cache.dim() != 3
+        or kv_cache.shape[2] != rank + r
+        or not kv_cache.is_contiguous()
+        or not q_rope.dtype == k_rope.dtype == latent.dtype == norm_weight.dtype == kv_cache.dtype
+        or tuple(slots.shape) != (t,)
+        or slots.dtype != torch.int64
+        or tuple(cos.shape) != (t, 1, half)
+    ):
+        return None
+    try:
+        cos2, sin2 = cos.reshape(t, half), sin.reshape(t, half)
+        q_out = torch.empty((t, h, r), dtype=q_rope.dtype, device=q_rope.device)
+        heads = ROPE_HEADS_PER_PROGRAM
+        n_q_blocks = triton.cdiv(h, heads)
+        _mla_rope_cache_kernel[(t, n_q_blocks + 1)](
+            q_rope, k_rope, latent, norm_weight, cos2, sin2, slots, q_out, kv_cache, q_rope.stride(0),
+            q_rope.stride(1), k_rope.stride(0), latent.stride(0), cos2.stride(0), h, n_q_blocks, rank, rank + r, eps,
+            HALF=half, HEADS=heads, INTERLEAVE=interleave, RANK_BLOCK=triton.next_power_of_2(rank),
+            num_warps=RMS_NORM_WARPS,
+        )  # fmt: skip
+        return q_out
+    except Exception as e:
+        _disable("mla_rope_cache", e)
         return None
 
 

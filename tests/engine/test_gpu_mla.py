@@ -135,6 +135,49 @@ def test_fused_mla_rope_matches_torch(interleave):
         assert err < 1e-2, f"max error {err:.2e} of the largest magnitude"
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("t", [1, 7, 33, 300])
+def test_fused_mla_rope_cache_equals_the_unfused_kernels(t, interleave):
+    """The latent's norm, rope and latent cache write in one kernel (mla_rope_cache) leave q and the whole pool as
+    kv_a_layernorm's rms_norm, mla_rope, torch.cat and the backend's index_copy_ leave them: q and the rope columns
+    bit for bit (the same arithmetic), the normed latent but for rare last-bit flips of a differently ordered sum.
+    Inputs are the strided views of q_proj's and kv_a's outputs, the slots scattered over the pool."""
+    import triton  # noqa: F401  (the fused kernels need it: missing, this fails rather than skips)
+
+    from kubellm.engine.models import fused
+
+    fused.configure(True, rope_cache=True)
+    gen = torch.Generator().manual_seed(t)
+    dt, block = torch.bfloat16, 16
+    q = torch.randn(t, HEADS, 128 + ROPE, generator=gen).to("cuda", dt)
+    kv = (3 * torch.randn(t, RANK + ROPE, generator=gen)).to("cuda", dt)
+    w = (1 + 0.5 * torch.randn(RANK, generator=gen)).to("cuda", dt)
+    cos, sin = (torch.randn(t, 1, ROPE // 2, generator=gen).to("cuda", dt) for _ in range(2))
+    q_rope, latent, k_rope = q[..., 128:], kv[:, :RANK], kv[:, RANK:]
+    slots = torch.randperm(NUM_BLOCKS * block, generator=gen)[:t].cuda()
+    pool = torch.randn(NUM_BLOCKS, block, WIDTH, generator=gen).to("cuda", dt)
+    want_pool = pool.clone()
+    want_q, want_k = fused.mla_rope(q_rope, k_rope, cos, sin, interleave)
+    normed = fused.rms_norm(latent, w, 1e-6)
+    want_pool.view(-1, WIDTH).index_copy_(0, slots, torch.cat((normed, want_k), dim=-1))
+
+    got_q = fused.mla_rope_cache(q_rope, k_rope, latent, w, 1e-6, cos, sin, interleave, pool, slots)
+    assert got_q is not None and fused.enabled(q), "the kernel refused or failed"
+    assert torch.equal(got_q, want_q)
+    rows, want_rows = pool.view(-1, WIDTH), want_pool.view(-1, WIDTH)
+    others = torch.ones(rows.shape[0], dtype=torch.bool, device="cuda")
+    others[slots] = False
+    assert torch.equal(rows[others], want_rows[others]), "only the new tokens' rows are written"
+    assert torch.equal(rows[slots, RANK:], want_rows[slots, RANK:]), "the rope key as mla_rope rotates it"
+    got_lat, want_lat = rows[slots, :RANK], want_rows[slots, :RANK]
+    assert (got_lat != want_lat).float().mean().item() < 0.01
+    assert (got_lat.float() - want_lat.float()).abs().max() <= 2 * 2**-7 * want_lat.float().abs().max()
+    assert fused.mla_rope_cache(q_rope, k_rope, latent, w, 1e-6, cos, sin, interleave, pool, slots.int()) is None
+    fp8_pool = pool.to(torch.float8_e4m3fn)
+    assert fused.mla_rope_cache(q_rope, k_rope, latent, w, 1e-6, cos, sin, interleave, fp8_pool, slots) is None
+    assert fused.enabled(q), "declining is not a failure"
+
+
 @pytest.mark.parametrize(
     ("experts", "k", "n_group", "topk_group", "scoring"),
     [(256, 8, 8, 4, "sigmoid"), (64, 6, 1, 1, "sigmoid"), (64, 6, 8, 3, "softmax"), (160, 6, 8, 3, "softmax"),
@@ -242,6 +285,43 @@ def test_gpu_logits_match_the_cpu_reference(loaded):
     gpu = _teacher_forced(gpu_runner, tokens)
     assert gpu_runner.graph_replays == POSITIONS - PREFILL, "decode steps did not replay the CUDA graphs"
     compare_routed_logits(gpu, _teacher_forced(_runner(loaded, "cpu"), tokens), "DeepSeek-V2-Lite shape, GPU vs CPU")
+
+
+def test_latent_cache_write_fused_or_not_gives_the_same_logits_and_pool(loaded):
+    """rope_cache on (mla_rope_cache: the latent's norm, rope and cache write in one kernel) and off (rms_norm,
+    mla_rope, then the backend's cat + index_copy_) give the same pools and logits through a chunked prefill and
+    CUDA-graph decode steps: bit-equal but for the latent norm's rare last-bit flips (see the kernel test)."""
+    from kubellm.engine.models import fused
+
+    tokens = torch.randint(3, VOCAB, (PROMPTS, POSITIONS), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def run(rope_cache: bool):
+        calls = []
+        real = fused.mla_rope_cache
+
+        def counted(*args, **kw):
+            out = real(*args, **kw)
+            calls.append(out is not None)
+            return out
+
+        fused.mla_rope_cache = counted
+        try:
+            runner = _runner_with(loaded, "cuda", rope_cache=rope_cache)
+            assert runner._graphs, "CUDA graphs were not captured"
+            logits = _teacher_forced(runner, tokens)
+            assert runner.graph_replays == POSITIONS - PREFILL
+        finally:
+            fused.mla_rope_cache = real
+        return logits, torch.stack([c[: runner.num_blocks] for c in runner.kv_caches]), calls
+
+    fused_logits, fused_pool, calls = run(True)
+    assert calls and all(calls), "every eager layer call wrote its latents through the fused kernel"
+    plain_logits, plain_pool, calls = run(False)
+    assert not any(calls)
+    pool_err = ((fused_pool.float() - plain_pool.float()).norm() / plain_pool.float().norm()).item()
+    rel = ((fused_logits - plain_logits).norm(dim=-1) / plain_logits.norm(dim=-1)).max().item()
+    print(f"latent cache write fused vs not: pool relative L2 {pool_err:.2e}, logits relative L2 max {rel:.2e}")
+    assert pool_err < 1e-2 and rel < 3e-2
 
 
 def test_cuda_graph_decode_equals_eager(loaded):
