@@ -164,7 +164,9 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         norm: fused.QkNorm | None = None  # Qwen3's per-head q/k norms, when the rotary kernel applies them
         if self.q_norm is not None and self.k_norm is not None:
-            if fused.qk_norm_enabled(q):  # CUDA: folded into the rotary kernel below (torch: ~8 kernels each)
+            # CUDA: folded into the rotary kernel below (torch: ~8 kernels each); only this file's RMSNorm (a
+            # subclass's norm, as Gemma's (1 + w) rounded once, computes something else)
+            if fused.qk_norm_enabled(q) and type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm:
                 norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
