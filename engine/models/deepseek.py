@@ -113,8 +113,8 @@ class DeepseekMoE(SparseMoE):
                 )  # fmt: skip
             weights, ids = gated if gated is not None else deepseek_topk(logits, c, self.e_score_correction_bias)
         out = self.routed_experts(experts, x, weights, ids)  # FP8 experts (an FP8 checkpoint on CUDA) with scales
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
+        if self.shared_expert is not None:  # the sum folded into the shared down GEMM where it can be
+            out = self.shared_expert(x, add=out)
         if self.tp_size > 1:  # routed and shared partial sums of this rank's intermediate slices, reduced once
             out = symm_all_reduce.all_reduce(out)
         return out

@@ -203,16 +203,37 @@ class MLP(nn.Module):
         down_tp = tp_size if reduce else 1
         self.down_proj = _out_linear(self.intermediate, config.hidden_size, config.mlp_bias, dtype, device, down_tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of x; plus `add` when given (a MoE block's routed output beside its shared expert): on CUDA the
+        sum is the down GEMM's epilogue (addmm, one kernel fewer) where the down projection is a plain GEMM."""
         gate_up = self.gate_up_proj(x)
         down = self.down_proj
         if isinstance(down, Linear) and down.fp8 is not None:  # FP8 (CUDA): SiLU-and-mul may quantize for the GEMM
-            return fp8_silu_mul_forward(gate_up, down.weight, down.fp8, down.bias)
+            out = fp8_silu_mul_forward(gate_up, down.weight, down.fp8, down.bias)
+            return out if add is None else add + out
         act = fused.silu_mul(gate_up) if fused.enabled(gate_up) else None
         if act is None:
             gate, up = gate_up.split(self.intermediate, dim=-1)
             act = F.silu(gate) * up
-        return self.down_proj(act)
+        if add is None:
+            return down(act)
+        if _addmm_applies(down, act, add):
+            return torch.addmm(add, act, down.weight.t())
+        return add + down(act)
+
+
+def _addmm_applies(down: nn.Module, act: torch.Tensor, add: torch.Tensor) -> bool:
+    """Whether `add + down(act)` may run as one addmm: CUDA, a plain Linear (no bias, no FP8, cuBLAS's GEMM, not
+    the tensor-parallel GEMV or a row-parallel layer), operands of one dtype. Its sum is rounded once, not twice."""
+    return (
+        add.is_cuda
+        and type(down) is Linear
+        and down.fp8 is None
+        and down.bias is None
+        and down.matmul is F.linear
+        and act.dtype == add.dtype == down.weight.dtype
+        and add.shape == (act.shape[0], down.weight.shape[0])
+    )
 
 
 def feed_forward(config: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device, tp_size: int) -> nn.Module:

@@ -178,6 +178,33 @@ def test_fused_mla_rope_cache_equals_the_unfused_kernels(t, interleave):
     assert fused.enabled(q), "declining is not a failure"
 
 
+@pytest.mark.parametrize("t", [1, 7, 33, 300])
+def test_shared_expert_add_folded_into_its_down_gemm(t):
+    """DeepSeek's shared experts add the routed output through addmm (one kernel fewer per layer): the sum equals
+    down-then-add within bf16 rounding (addmm rounds once where the two ops round twice)."""
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.models import llama
+
+    c = ModelConfig.from_hf_config(V2_LITE_3_LAYERS)
+    inter = 2 * 1408  # V2-Lite's two shared experts
+    mlp = llama.MLP(c, torch.bfloat16, torch.device("cuda"), intermediate_size=inter, reduce=False)
+    gen = torch.Generator().manual_seed(t)
+    for p in mlp.parameters():
+        p.data.copy_((0.02 * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype))
+    x = torch.randn(t, c.hidden_size, generator=gen).to("cuda", torch.bfloat16)
+    routed = torch.randn(t, c.hidden_size, generator=gen).to("cuda", torch.bfloat16)
+    act = torch.empty(t, inter, device="cuda", dtype=torch.bfloat16)
+    assert llama._addmm_applies(mlp.down_proj, act, routed), "the fold applies to a plain bf16 down projection"
+    got = mlp(x, add=routed)
+    shared = mlp(x)
+    want = routed + shared
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # the two roundings of down-then-add cost at most a bf16 step (relative 2^-8) of each operand's magnitude
+    bound = 2**-7 * (routed.float().abs() + shared.float().abs()) + 1e-6
+    assert ((got.float() - want.float()).abs() <= bound).all()
+    assert (got.float() - want.float()).norm() < 1e-2 * want.float().norm()
+
+
 @pytest.mark.parametrize(
     ("experts", "k", "n_group", "topk_group", "scoring"),
     [(256, 8, 8, 4, "sigmoid"), (64, 6, 1, 1, "sigmoid"), (64, 6, 8, 3, "softmax"), (160, 6, 8, 3, "softmax"),
