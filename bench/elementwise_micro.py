@@ -1,6 +1,7 @@
 """The fused elementwise kernels (engine/models/fused.py) at a prefill step's size (16384 tokens) and at decode
 batch 1, Llama-3.1-8B shapes, over a sweep of launch shapes: GB/s moved against the copy ceiling measured in the
-same run. Each timing is a CUDA graph of 32 calls (one per layer) replayed 10 times.
+same run; and Qwen3's per-head q/k norm folded into the rotary kernel against the torch norms it replaced (the
+speed ratio printed). Each timing is a CUDA graph of 32 calls (one per layer) replayed 10 times.
 
     python -m bench.elementwise_micro --out-dir DIR
 """
@@ -20,6 +21,7 @@ from kubellm.engine.models import fused
 
 HIDDEN, INTER, HQ, HKV, D = 4096, 14336, 32, 8, 128
 CALLS = 32
+_DEFAULT_SHAPES = (fused.ROPE_HEADS_PER_PROGRAM, fused.RMS_NORM_WARPS)  # the engine's, restored after the sweeps
 
 
 def _graph_ms(fn) -> float:
@@ -60,6 +62,47 @@ def sweep(tokens: int) -> dict:
             fused.SILU_MUL_CONFIG = (block, warps)
             ms = _graph_ms(lambda: fused.silu_mul(gate_up))
             out[f"silu_mul_b{block}_w{warps}"] = {"ms": ms, "gb_s": silu_bytes / ms / 1e6}
+    out.update(qk_norm_rope(tokens))
+    return out
+
+
+def _torch_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # llama.py RMSNorm's torch path
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def qk_norm_rope(tokens: int) -> dict:
+    """Qwen3-30B-A3B's attention heads (32 q / 4 kv x 128): the per-head q/k RMSNorm folded into the rotary kernel
+    against the path it replaced (torch norms on the qkv views, then the rotary kernel) and against the per-head
+    rms_norm kernel then rotary (the fallback), same inputs."""
+    fused.ROPE_HEADS_PER_PROGRAM, fused.RMS_NORM_WARPS = _DEFAULT_SHAPES
+    dev, bf, hq, hkv, d = "cuda", torch.bfloat16, 32, 4, 128
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, device=dev, dtype=bf)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d)
+    qw, kw = torch.randn(d, device=dev, dtype=bf), torch.randn(d, device=dev, dtype=bf)
+    ang = torch.randn(tokens, d // 2, device=dev)
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos()[:, None, :].to(bf), emb.sin()[:, None, :].to(bf)
+    moved = 2 * tokens * (hq + hkv) * d * 2  # read q and k, write them
+
+    def kernel_norms_then_rope():
+        qn, kn = fused.rms_norm(q, qw, 1e-6), fused.rms_norm(k, kw, 1e-6)
+        assert qn is not None and kn is not None, "the per-head rms_norm kernel declined"
+        return fused.rope(qn, kn, cos, sin)
+
+    runs = {
+        "qk_norm_rope_fused": lambda: fused.rope(q, k, cos, sin, (qw, kw, 1e-6)),
+        "qk_norm_kernel_then_rope": kernel_norms_then_rope,
+        "qk_norm_torch_then_rope": lambda: fused.rope(_torch_norm(q, qw), _torch_norm(k, kw), cos, sin),
+    }
+    out = {}
+    for name, fn in runs.items():
+        ms = _graph_ms(fn)
+        out[name] = {"ms": ms, "gb_s": moved / ms / 1e6}
+    base = out["qk_norm_torch_then_rope"]["ms"]
+    for v in out.values():
+        v["speedup_vs_torch_norm"] = base / v["ms"]
     return out
 
 
@@ -74,7 +117,8 @@ def main() -> None:
         results[f"tokens_{tokens}"] = res
         for name, v in res.items():
             frac = v["gb_s"] / ceiling
-            print(f"T {tokens:5d} {name:24s} {v['ms'] * 1e3:9.1f} us  {v['gb_s']:7.0f} GB/s ({frac:.2f})")
+            vs = f"  {v['speedup_vs_torch_norm']:.2f}x the torch q/k norms" if "speedup_vs_torch_norm" in v else ""
+            print(f"T {tokens:5d} {name:24s} {v['ms'] * 1e3:9.1f} us  {v['gb_s']:7.0f} GB/s ({frac:.2f}){vs}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "elementwise-micro.json").write_text(json.dumps(results, indent=1))
 
