@@ -256,13 +256,13 @@ if triton is not None:
             x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(dst + lo[None, :], (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + hi[None, :], (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
-        else:
+        else:  # names of its own: Triton rejects a name bound to different types in the two branches
             row = cache_ptr + tl.load(slot_ptr + t) * width
-            src = k_ptr + t * stride_kt
-            x1 = tl.load(src + lo).to(tl.float32)[None, :]
-            x2 = tl.load(src + hi).to(tl.float32)[None, :]
-            tl.store(row + rank + lo[None, :], (x1 * c - x2 * s).to(cache_ptr.dtype.element_ty))
-            tl.store(row + rank + hi[None, :], (x2 * c + x1 * s).to(cache_ptr.dtype.element_ty))
+            k_src = k_ptr + t * stride_kt
+            k1 = tl.load(k_src + lo).to(tl.float32)[None, :]
+            k2 = tl.load(k_src + hi).to(tl.float32)[None, :]
+            tl.store(row + rank + lo[None, :], (k1 * c - k2 * s).to(cache_ptr.dtype.element_ty))
+            tl.store(row + rank + hi[None, :], (k2 * c + k1 * s).to(cache_ptr.dtype.element_ty))
             cols = tl.arange(0, RANK_BLOCK)
             m = cols < rank
             x = tl.load(lat_ptr + t * stride_lt + cols, mask=m, other=0.0).to(tl.float32)
