@@ -30,6 +30,20 @@ KERNEL_KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("all_reduce", ("nccl", "allreduce", "all_reduce", "allgather", "cross_device_reduce")),
     ("kv_write", ("index_copy", "indexcopy", "reshape_and_cache", "concat_and_cache")),
     (
+        "moe_routing",  # gating top-k and the sort of tokens by expert (ours: engine/models/fused_moe.py, fused.py)
+        (
+            "_topk_softmax_kernel",
+            "grouped_topk",
+            "_align_kernel",
+            "_scatter_kernel",
+            "moe_align",
+            "count_and_sort",
+            "topkgating",
+            "topk_softmax",
+            "moe_sum",
+        ),
+    ),
+    (
         "fused_elementwise",
         (
             "rms_norm",
@@ -74,6 +88,9 @@ KERNEL_KINDS: list[tuple[str, tuple[str, ...]]] = [
             "sm80_",
             "triton_tem",
             "fused_moe",
+            "_gate_up_kernel",  # our fused-MoE expert GEMMs (engine/models/fused_moe.py)
+            "_down_kernel",
+            "_down_sum_kernel",
         ),
     ),
     ("sampling", ("exponential", "argmax", "argmin", "softmax", "distribution", "reduce", "cumsum", "sort", "topk")),

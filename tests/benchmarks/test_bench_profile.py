@@ -29,6 +29,13 @@ OURS = {
     "_rope_cache_kernel": "fused_elementwise",
     "_silu_mul_kernel": "fused_elementwise",
     "_race_kernel": "sampling",
+    "_gate_up_kernel": "gemm",
+    "_down_kernel": "gemm",
+    "_down_sum_kernel": "gemm",
+    "_topk_softmax_kernel": "moe_routing",
+    "_grouped_topk_kernel": "moe_routing",
+    "_align_kernel": "moe_routing",
+    "_mla_rope_cache_kernel": "fused_elementwise",
     "Memcpy HtoD (Pinned -> Device)": "copies",
 }
 VLLM = {
@@ -59,6 +66,12 @@ VLLM = {
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
     "__5x_cublas": "gemm",
     "triton_tem_fused_mm_3": "gemm",
+    "fused_moe_kernel": "gemm",
+    "void vllm::moe::topkGatingSoftmax<4, 128, 4, 16, 32, int, __nv_bfloat16, (vllm::moe::ScoringFunc)0>": (
+        "moe_routing"
+    ),
+    "void vllm::moe::moe_align_block_size_kernel<int>": "moe_routing",
+    "void vllm::moe::count_and_sort_expert_tokens_kernel<int>": "moe_routing",
     "void flashinfer::sampling::TopKTopPSamplingFromProbKernel<1024u, (cub::BlockScanAlgorithm)2, 4u>": "sampling",
     "void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<float, 4, "
     "exponential_kernel<...>>": "sampling",
