@@ -193,7 +193,11 @@ class MLAttention(nn.Module):
             out = attn.attend_absorbed(layer_idx, q_latent, q_rope, kv_cache)
         else:
             out = attn.forward_mla(layer_idx, q_latent, q_rope, latent, k_rope, kv_cache)
-        values = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [h, t, v]
+        if x.is_cuda and t > 1:  # cuBLAS writes [t, h, v] through its strides: no copy before o_proj
+            values = out.new_empty((t, h, c.v_head_dim))
+            torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=values.transpose(0, 1))
+            return self.o_proj(values.view(t, h * c.v_head_dim))
+        values = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [h, t, v]; at t = 1 the reshape is a view
         return self.o_proj(values.transpose(0, 1).reshape(t, h * c.v_head_dim))
 
     def _rope_into_cache(
