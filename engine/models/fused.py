@@ -9,9 +9,11 @@ kernels (RMSNorm alone is 7, rotary 10), each ~2.5 us even inside a CUDA graph: 
 the float32 intermediates' memory traffic. Numerics follow the torch path of `llama.py` (normalise in
 float32, round to the model dtype, then scale); the torch ops stay the reference and the CPU path.
 
-`enabled(x)`: CUDA tensor, Triton importable, the engine's fused_kernels on (--fused-kernels,
-KUBELLM_FUSED_KERNELS), and no kernel has failed yet (a failure logs once and falls back to torch for the rest of
-the process).
+`enabled(x)`: CUDA tensor, Triton importable and the engine's fused_kernels on (--fused-kernels,
+KUBELLM_FUSED_KERNELS). A kernel that fails (to compile or to launch) turns off only its own op: it logs one warning
+naming the op, and that wrapper declines (None: the caller's torch path) for the rest of the process while every
+other fused kernel stays on (`failed_ops()` lists the ops turned off). `python -m kubellm.engine.compile_check`
+compiles every kernel for sm90 without a GPU, so a compile error shows before a GPU run.
 """
 
 from __future__ import annotations
@@ -61,9 +63,24 @@ def enabled(x: torch.Tensor) -> bool:
     return _state["ok"] and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# ops whose kernel failed in this process: their wrappers decline from then on, the others stay on
+_failed: set[str] = set()
+
+
+def failed_ops() -> frozenset[str]:
+    """The fused ops turned off in this process because their kernel failed (empty when all run)."""
+    return frozenset(_failed)
+
+
 def _disable(op: str, e: Exception) -> None:
-    _state["ok"] = False
-    logger.warning("fused %s kernel failed (%s: %s); using torch ops from now on", op, type(e).__name__, e)
+    """Turn off this op only (its wrapper returns None from now on, the caller takes torch ops); warn once."""
+    if op in _failed:
+        return
+    _failed.add(op)
+    logger.warning(
+        "fused %s kernel failed (%s: %s); %s uses torch ops from now on (the other fused kernels stay on)",
+        op, type(e).__name__, e, op,
+    )  # fmt: skip
 
 
 if triton is not None:
@@ -360,7 +377,9 @@ def grouped_topk(
     t, n_experts = router_logits.shape
     n_group = max(n_group, 1)
     group = n_experts // n_group
-    if not grouped_topk_applies(t, n_experts, n_group, top_k) or router_logits.stride(1) != 1:
+    if "grouped_topk" in _failed or not grouped_topk_applies(t, n_experts, n_group, top_k):
+        return None
+    if router_logits.stride(1) != 1:
         return None
     try:
         weights = torch.empty((t, top_k), dtype=torch.float32, device=router_logits.device)
@@ -397,7 +416,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """RMSNorm over the last axis of x: 2-D [T, n] rows, or 3-D [T, H, n] heads (Qwen3's q_norm / k_norm on the
     strided views of the qkv output), any row and head strides with the last axis contiguous; the result is a new
     contiguous tensor. None when the fused kernel does not apply."""
-    if x.dim() not in (2, 3) or x.stride(-1) != 1 or x.shape[0] == 0 or x.shape[-1] == 0:
+    if "rms_norm" in _failed or x.dim() not in (2, 3) or x.stride(-1) != 1 or x.shape[0] == 0 or x.shape[-1] == 0:
         return None
     if x.dim() == 3 and not _state["qk_norm"]:  # the per-head form answers to the fused_qk_norm switch
         return None
@@ -421,6 +440,8 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + x, RMSNorm(residual + x)) in one kernel: the residual add that ends each attention and MLP
     block and the norm that starts the next one. None when the fused kernel does not apply."""
+    if "add_rms_norm" in _failed:
+        return None
     if x.dim() != 2 or x.shape != residual.shape or x.stride(-1) != 1 or residual.stride(-1) != 1 or not len(x):
         return None
     try:
@@ -462,7 +483,8 @@ def rope(
     t, hq, d = q.shape
     hkv = k.shape[1]
     if (
-        t == 0
+        "rope" in _failed
+        or t == 0
         or q.stride(2) != 1
         or k.stride(2) != 1
         or q.stride(1) != d
@@ -511,6 +533,7 @@ def rope_cache(
     hkv = k.shape[1]
     if (
         not _state["rope_cache"]
+        or "rope_cache" in _failed
         or t == 0
         or d % 2
         or v.shape != k.shape
@@ -551,7 +574,7 @@ def mla_rope(
     (rotate_half). Torch's version is ~14 kernels per layer, a decode step's worth of launch time at batch 1."""
     t, h, r = q_rope.shape
     half = r // 2
-    if t == 0 or r % 2 or half & (half - 1) or q_rope.stride(2) != 1 or k_rope.stride(-1) != 1:
+    if "mla_rope" in _failed or t == 0 or r % 2 or half & (half - 1) or q_rope.stride(2) != 1 or k_rope.stride(-1) != 1:
         return None
     try:
         cos2, sin2 = cos.reshape(t, half), sin.reshape(t, half)
@@ -593,6 +616,7 @@ def mla_rope_cache(
     rank = latent.shape[-1] if latent.dim() == 2 else -1
     if (
         not _state["rope_cache"]
+        or "mla_rope_cache" in _failed
         or t == 0
         or r % 2
         or half & (half - 1)
@@ -631,7 +655,7 @@ def mla_rope_cache(
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
     """silu(x[:, :n]) * x[:, n:] for x [T, 2n] (the fused gate_up output)."""
-    if x.dim() != 2 or x.stride(-1) != 1 or x.shape[0] == 0:
+    if "silu_mul" in _failed or x.dim() != 2 or x.stride(-1) != 1 or x.shape[0] == 0:
         return None
     try:
         n = x.shape[1] // 2

@@ -4,21 +4,26 @@ The kernels themselves are checked on a GPU (test_gpu_qk_norm.py, test_gpu_rope_
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.loader import load_model  # noqa: F401 - import order: loader before models
 from kubellm.engine.models import fused
+from kubellm.engine.models.llama import RMSNorm
 
 T, HQ, HKV, D = 3, 8, 2, 64
 
 
 @pytest.fixture
 def state():
-    saved = dict(fused._state)
+    saved, failed = dict(fused._state), set(fused._failed)
     yield fused._state
     fused._state.update(saved)
+    fused._failed.clear()
+    fused._failed.update(failed)
 
 
 def _qk(dtype=torch.bfloat16):
@@ -51,7 +56,7 @@ def test_wrappers_decline_before_launching(state):
     assert fused.rms_norm(q, w, 1e-6) is None, "the per-head norm answers to the fused_qk_norm switch"
     assert fused.rms_norm(torch.zeros(0, HQ, D, dtype=torch.bfloat16), w, 1e-6) is None
     assert fused.rms_norm(torch.zeros(T, HQ, D, D, dtype=torch.bfloat16), w, 1e-6) is None
-    assert state["ok"], "declining is not a failure"
+    assert state["ok"] and not fused.failed_ops(), "declining is not a failure"
 
 
 def test_qk_norm_enabled_follows_both_switches(state, monkeypatch):
@@ -93,4 +98,32 @@ def test_grouped_topk_declines_before_launching(state):
     logits = torch.zeros(2, 100)
     assert fused.grouped_topk(logits, 6, 8, 3, False, None, False, 1.0) is None
     assert fused.grouped_topk(torch.zeros(0, 64), 6, 8, 3, False, None, False, 1.0) is None
-    assert state["ok"]
+    assert state["ok"] and not fused.failed_ops()
+
+
+def test_a_failing_kernel_turns_off_only_its_own_op(state, monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # enabled() lets CPU tensors reach the wrappers, as on CUDA
+    state["ok"] = True
+    if fused.triton is not None:  # a launch on CPU tensors must fail; make it certain where Triton is importable
+        monkeypatch.setattr(fused, "_rms_norm_kernel", None)
+        monkeypatch.setattr(fused, "_silu_mul_kernel", None)
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5], [0.0, 4.0, -1.0, 2.0]])
+    norm = RMSNorm(4, 1e-6, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.0]))
+    # by hand: row 0 mean square (1 + 4 + 9 + 0.25) / 4 = 3.5625, rms 1.8875; row 1 (0 + 16 + 1 + 4) / 4 = 5.25
+    want = torch.tensor([[1 / 1.8875, -4 / 1.8875, 1.5 / 1.8875, 0.5 / 1.8875], [0.0, 8 / 5.25**0.5, -0.5 / 5.25**0.5,
+                         2 / 5.25**0.5]])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        got = norm(x)  # the kernel fails: the torch path answers
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert fused.failed_ops() == {"rms_norm"}
+        assert fused.enabled(x), "one op's failure leaves the fused kernels on"
+        torch.testing.assert_close(norm(x), want, rtol=1e-4, atol=1e-5)  # declined at once, no second warning
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "fused rms_norm kernel failed" in warned[0], warned
+        assert fused.silu_mul(torch.ones(2, 8)) is None  # still tried: it fails on its own account
+        assert fused.failed_ops() == {"rms_norm", "silu_mul"}
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 2 and "fused silu_mul kernel failed" in warned[1], warned
+    assert fused.rms_norm(x, norm.weight, 1e-6) is None, "a failed op declines for the rest of the process"
