@@ -511,25 +511,30 @@ class Router:
         none can take the request (first attempt only). Metrics are the caller's, after the request is sent."""
 
         def try_pick() -> tuple[Backend, str, int] | None:
+            """One pass over the routable replicas (this runs for every replica of every request: no per-replica
+            calls beyond the Candidate itself, and the load combined only where an engine sent a load line)."""
             backends, _ = self.registry.routable(route.model, exclude=tried)
             if not backends:
                 return None
             index = self.index
+            matches = index.match_all([b.slot for b in backends], hashes)
+            footprints = index.footprints()
             cands = []
-            for b in backends:
-                load = combined_load(b.in_flight, b.answering, b.waiting, b.engine_load)
-                cands.append(
-                    Candidate(
-                        b.url,
-                        load.in_flight,
-                        load.answering,
-                        load.waiting,
-                        index.match(b.slot, hashes) if hashes else 0,
-                        index.footprint(b.slot),
-                    )
-                )
+            for b, matched in zip(backends, matches, strict=True):
+                if b.engine_load is None:  # (combined_load's answer without a load line, without the call)
+                    in_flight, answering, waiting = b.in_flight, b.answering, b.waiting
+                else:
+                    load = combined_load(b.in_flight, b.answering, b.waiting, b.engine_load)
+                    in_flight, answering, waiting = load.in_flight, load.answering, load.waiting
+                cands.append(Candidate(b.url, in_flight, answering, waiting, matched, footprints.get(b.slot, 0)))
             d = self.policy.choose(route, cands)
-            picked = backends[0] if len(backends) == 1 else next(b for b in backends if b.url == d.key)
+            picked = backends[0]
+            if len(backends) > 1:
+                key = d.key
+                for b in backends:
+                    if b.url == key:
+                        picked = b
+                        break
             return picked, d.reason, d.matched_blocks
 
         if not allow_wait:

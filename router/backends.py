@@ -163,14 +163,26 @@ class BackendRegistry:
         return min(lens) if lens else None
 
     def routable(self, model: str, exclude: Iterable[int] = ()) -> tuple[list[Backend], bool]:
-        """(backends that may take this request now, whether any serving replica exists but is saturated)."""
+        """(backends that may take this request now, whether any serving replica exists but is saturated).
+
+        Backend.takes_requests and Backend.serves, inlined: this runs for every replica of every request
+        (tests/router/test_router_backends.py checks the two agree over random states)."""
         now = time.monotonic()
-        skip = set(exclude)
+        skip = set(exclude) if exclude else ()
+        configured = self.configured_models
+        max_inflight = self.max_inflight
         out, saturated = [], False
         for b in self.backends.values():
-            if b.slot in skip or not b.takes_requests(now) or not b.serves(model, self.configured_models):
+            if b.removed or not b.ready or b.terminating or not b.healthy:
                 continue
-            if self.max_inflight and b.in_flight >= self.max_inflight:
+            if b.breaker_open_until and (now < b.breaker_open_until or b.half_open_trial):
+                continue
+            models = b.pinned_models if b.pinned_models is not None else b.served_models
+            if (model not in models) if models is not None else (configured and model not in configured):
+                continue
+            if skip and b.slot in skip:
+                continue
+            if max_inflight and b.in_flight >= max_inflight:
                 saturated = True
                 continue
             out.append(b)

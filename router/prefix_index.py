@@ -11,7 +11,7 @@ event stream.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -173,9 +173,38 @@ class PrefixIndex:
             n += 1
         return n
 
+    def match_all(self, slots: Sequence[int], hashes: Sequence[int]) -> list[int]:
+        """[match(slot, hashes) for slot in slots], in one call: the router asks it for every candidate of every
+        request, and the per-replica calls (precise or not, the replica's salt, the walk) were a visible share of
+        a routed request's CPU with 8 replicas."""
+        if not hashes:
+            return [0] * len(slots)
+        out = []
+        approx = self.approx
+        lru, salts = approx._lru, approx._salts
+        precise = self.precise if self.use_events else None
+        for slot in slots:
+            if precise is not None and (idx := precise.get(slot)) is not None and idx.live:
+                out.append(self.match(slot, hashes))
+                continue
+            salt = salts.get(slot)
+            if salt is None:
+                salt = approx._salt(slot)
+            n = 0
+            for h in hashes:
+                if h ^ salt not in lru:
+                    break
+                n += 1
+            out.append(n)
+        return out
+
     def footprint(self, slot: int) -> int:
         """How much of the fleet's working set the router has placed on `slot` (see ApproxIndex.footprint)."""
         return self.approx.footprint(slot)
+
+    def footprints(self) -> Mapping[int, int]:
+        """Every slot's footprint at once (read it, never write it; a slot absent from it has none)."""
+        return self.approx._per_slot
 
     def on_send(self, slot: int, hashes: Sequence[int]) -> None:
         if not hashes:

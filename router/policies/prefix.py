@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kubellm.router.policies.base import Candidate, Decision, Policy, RouteRequest, within_bound
+from kubellm.router.policies.base import Candidate, Decision, Policy, RouteRequest
 from kubellm.routing import (
     DEFAULT_BALANCE_FACTOR,
     DEFAULT_PREFIX_MIN_MATCH_RATIO,
@@ -54,29 +54,56 @@ class PrefixPolicy(Policy):
         return max(1, by_tokens, by_ratio)
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
+        """The rule in the module's docstring, in two passes over the candidates (it runs once per routed request,
+        for every replica: the load bound, the best earned match anywhere and whether any replica holds some of
+        the prompt in the first pass; the preference among the eligible, in rotated order, in the second)."""
         need = self.min_match_blocks(request)
-        if len(candidates) == 1:  # no choice to make: only the reason (what the general path below would say)
+        n = len(candidates)
+        if n == 1:  # no choice to make: only the reason (what the general path below would say)
             m = candidates[0].matched_blocks
             return Decision(candidates[0].key, "prefix_hit" if m >= need else "short_match" if m else "no_match", m)
-
-        def earned(c: Candidate) -> int:
-            return c.matched_blocks if c.matched_blocks >= need else 0
-
-        best_anywhere = max(earned(c) for c in candidates)
-        eligible = within_bound(candidates, self.balance_factor, self.load_floor)
-
-        def preference(c: Candidate) -> tuple[int, int, int]:
-            """Longest earned match first; with none, the smallest footprint; then the least loaded."""
-            m = earned(c)
-            return (-m, 0 if m else c.footprint, c.in_flight + c.waiting)
-
-        pick = min(self._rotated(eligible), key=preference)
-        if earned(pick) < best_anywhere:
+        total = 1
+        best_anywhere = 0
+        held = False  # some replica holds at least one of the prompt's blocks
+        for c in candidates:
+            total += c.in_flight
+            m = c.matched_blocks
+            if m:
+                held = True
+                if m >= need and m > best_anywhere:
+                    best_anywhere = m
+        # within_bound(): a replica may take one more request while it stays within the cap, or while every request
+        # it holds is answering; the least loaded always may
+        cap = max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
+        eligible = [c for c in candidates if c.in_flight < cap or c.answering >= c.in_flight]
+        if not eligible:
+            eligible = [min(candidates, key=_in_flight)]
+        # min(self._rotated(eligible), key=preference): longest earned match first; with none, the smallest
+        # footprint; then the least loaded; ties to the first in the rotated order
+        self._turn += 1
+        k = len(eligible)
+        start = self._turn % k
+        pick = eligible[start]
+        m = pick.matched_blocks
+        pick_m = m if m >= need else 0
+        pick_key = (-pick_m, 0 if pick_m else pick.footprint, pick.in_flight + pick.waiting)
+        for i in range(start + 1, start + k):
+            c = eligible[i - k if i >= k else i]
+            m = c.matched_blocks
+            earned = m if m >= need else 0
+            key = (-earned, 0 if earned else c.footprint, c.in_flight + c.waiting)
+            if key < pick_key:
+                pick, pick_m, pick_key = c, earned, key
+        if pick_m < best_anywhere:
             reason = "load_spill"
-        elif earned(pick):
+        elif pick_m:
             reason = "prefix_hit"
-        elif any(c.matched_blocks for c in candidates):
+        elif held:
             reason = "short_match"  # some replica holds the prompt's head, too little of it to be worth following
         else:
             reason = "no_match"
         return Decision(pick.key, reason, pick.matched_blocks)
+
+
+def _in_flight(c: Candidate) -> int:
+    return c.in_flight

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from kubellm.router.backends import BackendRegistry, EndpointInfo, _metric_value
 from kubellm.router.metrics import RouterMetrics
 
@@ -111,3 +114,44 @@ def test_metric_parsing_sums_label_sets():
     text = 'vllm:num_requests_waiting{model_name="a"} 2.0\nvllm:num_requests_waiting{model_name="b"} 3\nother 9\n'
     assert _metric_value(text, "vllm:num_requests_waiting") == 5.0
     assert _metric_value(text, "missing") is None
+
+
+@given(
+    states=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.booleans(),
+            st.booleans(),
+            st.booleans(),  # removed, ready, terminating, healthy
+            st.sampled_from([0.0, -5.0, 5.0]),
+            st.booleans(),  # breaker open until (now +), half-open trial
+            st.sampled_from([None, frozenset(), frozenset({"m"}), frozenset({"x"})]),  # pinned models
+            st.sampled_from([None, frozenset({"m"}), frozenset({"x", "m"}), frozenset({"x"})]),  # served models
+            st.integers(0, 4),  # in flight
+        ),
+        max_size=10,
+    ),
+    configured=st.sampled_from([frozenset(), frozenset({"m"}), frozenset({"x"})]),
+    model=st.sampled_from(["m", "x"]),
+    max_inflight=st.sampled_from([0, 2]),
+    exclude=st.lists(st.integers(0, 9), max_size=3),
+)
+def test_routable_agrees_with_each_backends_own_rules(states, configured, model, max_inflight, exclude):
+    """routable() inlines takes_requests and serves for speed; it must keep their meaning exactly."""
+    reg = BackendRegistry(configured, RouterMetrics(), max_inflight=max_inflight)
+    reg.set_endpoints([EndpointInfo(f"http://b{i}:1") for i in range(len(states))])
+    now = time.monotonic()
+    for b, (removed, ready, term, healthy, until, half, pinned, served, n) in zip(
+        reg.backends.values(), states, strict=True
+    ):
+        b.removed, b.ready, b.terminating, b.healthy = removed, ready, term, healthy
+        b.breaker_open_until = now + until if until else 0.0
+        b.half_open_trial, b.pinned_models, b.served_models, b.in_flight = half, pinned, served, n
+    got, saturated = reg.routable(model, exclude=exclude)
+    now = time.monotonic()  # (the breakers' times are 5 s away: a few microseconds later decides the same)
+    usable = [
+        b for b in reg.backends.values()
+        if b.slot not in exclude and b.takes_requests(now) and b.serves(model, configured)
+    ]  # fmt: skip
+    assert got == [b for b in usable if not max_inflight or b.in_flight < max_inflight]
+    assert saturated == any(max_inflight and b.in_flight >= max_inflight for b in usable)

@@ -257,3 +257,67 @@ def test_prefix_policy_with_one_replica_names_the_reason_by_the_match_threshold(
         for load in (0, 50):
             d = p.choose(req, cands(load, matched=(matched,)))
             assert (d.key, d.reason, d.matched_blocks) == ("r0", reason, matched)
+
+
+def _reference_prefix_choice(
+    req: RouteRequest, cs: list[Candidate], turn: int, c: float, floor: int, ratio: float, tokens: int
+) -> tuple[str, str, int]:
+    """The prefix rule as docs/router.md states it, written plainly: (replica, reason, matched blocks)."""
+    need = max(1, -(-tokens // req.block_tokens), math.ceil(ratio * req.num_blocks - 1e-9))
+
+    def earned(x: Candidate) -> int:
+        return x.matched_blocks if x.matched_blocks >= need else 0
+
+    if len(cs) == 1:
+        m = cs[0].matched_blocks
+        return cs[0].key, "prefix_hit" if m >= need else "short_match" if m else "no_match", m
+    cap = max(1, floor, math.ceil(c * (sum(x.in_flight for x in cs) + 1) / len(cs)))
+    eligible = [x for x in cs if x.in_flight + 1 <= cap or x.answering >= x.in_flight]
+    if not eligible:
+        eligible = [min(cs, key=lambda x: x.in_flight)]
+    k = turn % len(eligible)
+    rotated = eligible[k:] + eligible[:k]
+    ranked = sorted(
+        range(len(rotated)),
+        key=lambda i: (-earned(rotated[i]), 0 if earned(rotated[i]) else rotated[i].footprint,
+                       rotated[i].in_flight + rotated[i].waiting, i),
+    )  # fmt: skip
+    pick = rotated[ranked[0]]
+    best = max(earned(x) for x in cs)
+    if earned(pick) < best:
+        reason = "load_spill"
+    elif earned(pick):
+        reason = "prefix_hit"
+    else:
+        reason = "short_match" if any(x.matched_blocks for x in cs) else "no_match"
+    return pick.key, reason, pick.matched_blocks
+
+
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(0, 8), st.integers(0, 30), st.integers(0, 500)),
+        min_size=1,
+        max_size=12,
+    ),
+    blocks=st.integers(0, 60),
+    c=st.sampled_from([1.0, 1.25, 2.0]),
+    floor=st.sampled_from([0, 4, 16]),
+    ratio=st.sampled_from([0.0, 0.3, 0.9]),
+    tokens=st.sampled_from([0, 64, 300]),
+    turns=st.integers(0, 30),
+)
+def test_prefix_choice_equals_the_plainly_written_rule(rows, blocks, c, floor, ratio, tokens, turns):
+    """The policy (written for speed: it runs for every replica of every request) decides exactly as the rule does
+    written plainly: same replica, same reason, same matched blocks, ties rotating the same way; with the answering
+    counts and engine queues, footprints and thresholds all varied."""
+    cs = [
+        Candidate(f"r{i}", in_flight=inf, answering=min(ans, inf), waiting=w, matched_blocks=m, footprint=f)
+        for i, (inf, ans, w, m, f) in enumerate(rows)
+    ]
+    req = RouteRequest("m", num_blocks=blocks)
+    p = PrefixPolicy(c, floor, ratio, tokens)
+    p._turn = turns
+    got = p.choose(req, cs)
+    assert (got.key, got.reason, got.matched_blocks) == _reference_prefix_choice(
+        req, cs, turns + 1, c, floor, ratio, tokens
+    )

@@ -140,3 +140,40 @@ def test_pending_blocks_stay_while_any_request_holding_them_runs():
     assert idx.match(0, p) == 3  # q still runs: its blocks are still on their way into the cache
     idx.on_done(0, q)
     assert idx.match(0, p) == 0 and not idx.pending
+
+
+def test_match_all_gives_every_replicas_leading_match_in_one_call():
+    """match_all (one call per request for all candidates) answers, for each replica, the leading blocks it holds:
+    precise replicas (live event stream: cached or pending blocks), approximate ones (what was sent there), a
+    replica never seen, and the empty prompt. Expected values from what this test itself placed where."""
+    import random
+
+    rng = random.Random(5)
+    idx = PrefixIndex(approx_size=100_000, use_events=True)
+    prompts = [prompt(i, n_blocks=12, shared=rng.choice([0, 4, 8])) for i in range(40)]
+    held: dict[int, set[int]] = {s: set() for s in range(6)}
+    for s in (0, 1):  # live streams: a snapshot of some prompts' first blocks, and one request's pending blocks
+        cached = [h for p in prompts[s * 10 : s * 10 + 5] for h in p[: rng.randint(1, 12)]]
+        idx.replica(s).apply(SnapshotEvent(epoch="e", seq=0, block_size=16, hashes=hx(cached)))
+        idx.on_send(s, prompts[s * 10 + 5])
+        held[s].update(cached, prompts[s * 10 + 5])
+    for s in (2, 3, 4):  # no event stream: the router's record of its sends
+        for p in rng.sample(prompts, 8):
+            part = p[: rng.randint(1, 12)]
+            idx.on_send(s, part)
+            held[s].update(part)
+
+    def leading(hs: set[int], p: list[int]) -> int:
+        n = 0
+        while n < len(p) and p[n] in hs:
+            n += 1
+        return n
+
+    slots = [0, 1, 2, 3, 4, 5]  # (5: never seen)
+    matched = 0
+    for p in prompts:
+        expect = [leading(held[s], p) for s in slots]
+        assert idx.match_all(slots, p) == expect
+        matched += sum(expect)
+    assert matched > 100  # (the prompts do meet held blocks)
+    assert idx.match_all(slots, []) == [0] * 6 and idx.match_all([], prompts[0]) == []
