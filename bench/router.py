@@ -3,6 +3,7 @@
     python bench/router.py overhead            # added latency at a fixed rate + max requests/s (instant backend)
     python bench/router.py routing             # multi-turn chat + uniform prompts on 4 `kubellm serve --device sim`
     python bench/router.py tokenize            # the event loop's CPU per 700-word prompt, inline vs offloaded
+    python bench/router.py cpu --engines 8     # router CPU per request, paired rounds against sglang-router
     python bench/router.py all
 
 Every contender runs as its own process against the same backends: our router (`kubellm router`) under each
@@ -384,6 +385,82 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
             f.stop()
     summarize_overhead(results)
     return results
+
+
+def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    """Router CPU per request, paired: every contender pinned to the same core and started first, then short
+    closed-loop rounds rotated over them, so each round of one contender has a neighbour of every other measured
+    under the same background load; the paired ratios (per round, then their median) cancel the shared machine's
+    drift, which the overhead mode's few long repeats cannot."""
+    from router_load import closed_loop
+
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("the cpu benchmark pins the routers to one core and the harness to another: needs 2")
+    os.sched_setaffinity(0, {HARNESS_CORE})
+    fakes = []
+    for i in range(args.engines):
+        port = free_port()
+        fakes.append(spawn(f"cpu-instant{i}", pinned([PY, __file__, "_instant", "--port", str(port)], HARNESS_CORE),
+                           f"http://127.0.0.1:{port}"))  # fmt: skip
+    b = [f.url for f in fakes]
+    plain = overhead_bodies(1000, False)
+    flags = ["--kv-events", "off", "--workers", "1"]
+    starts: dict[str, Any] = {
+        "kubellm prefix": lambda: our_router(b, "prefix", flags, core=ROUTER_CORE),
+        "kubellm round_robin": lambda: our_router(b, "round_robin", flags, core=ROUTER_CORE),
+    }
+    for spec in args.baseline_python or []:
+        label, _, python = spec.rpartition("=")
+        starts[f"kubellm prefix (before{': ' + label if label else ''})"] = lambda py=python: our_router(
+            b, "prefix", flags, core=ROUTER_CORE, python=py
+        )
+    if not args.no_sglang:
+        starts["sglang-router cache_aware"] = lambda: sglang_router(b, core=ROUTER_CORE)
+    procs = {name: p for name, start in starts.items() if (p := start()) is not None}
+    cpu: dict[str, list[float]] = {n: [] for n in procs}
+    rps: dict[str, list[float]] = {n: [] for n in procs}
+    try:
+        for proc in procs.values():  # warm: connections, caches, the index filled
+            host, port_s = proc.url.removeprefix("http://").split(":")
+            run_load(host, int(port_s), lambda cl: closed_loop(cl, plain, 64, 1.0))
+        names = list(procs)
+        for rnd in range(args.rounds):
+            k = rnd % len(names)
+            for name in names[k:] + names[:k]:
+                proc = procs[name]
+                host, port_s = proc.url.removeprefix("http://").split(":")
+                c0 = cpu_seconds(proc)
+                n = run_load(host, int(port_s), lambda cl: closed_loop(cl, plain, 64, args.max_duration))
+                cpu[name].append((cpu_seconds(proc) - c0) * 1e3 / max(1.0, n * args.max_duration))
+                rps[name].append(n)
+            print(f"round {rnd}: " + "  ".join(f"{n} {v[-1]:.3f}" for n, v in cpu.items()), flush=True)
+    finally:
+        for proc in procs.values():
+            proc.stop()
+        for f in fakes:
+            f.stop()
+
+    def med(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    rows = {n: {"cpu_ms_per_req": med(cpu[n]), "cpu_ms_per_req_min": min(cpu[n]), "max_rps": med(rps[n]),
+                "cpu_runs": cpu[n], "rps_runs": rps[n]} for n in procs}  # fmt: skip
+    paired = {}
+    for a in procs:
+        for ref in ("sglang-router cache_aware", *(n for n in procs if n.startswith("kubellm prefix (before"))):
+            if a != ref and ref in procs and a.startswith("kubellm"):
+                ratios = sorted(x / y for x, y in zip(cpu[a], cpu[ref], strict=True))
+                paired[f"{a} / {ref}"] = {"median": med(ratios), "min": ratios[0], "max": ratios[-1]}
+    return {
+        "workload": f"CPU seconds of each router process per request over closed-loop rounds (64 connections, "
+        f"{args.max_duration:g}s each, the overhead mode's 1000 distinct ~2 kB chat bodies), {args.rounds} rounds "
+        f"rotated over the contenders, all started (and warmed for 1s) first; {args.engines} instant fake engines; "
+        f"routers pinned to core {ROUTER_CORE}, load generator and engines on core {HARNESS_CORE}; kubellm with "
+        "--kv-events off and one worker; 'kubellm round_robin' is the same router and code with no prefix work "
+        "(no hashing, no index): what the HTTP path alone costs.",
+        "rows": rows,
+        "paired": paired,
+    }
 
 
 def summarize_overhead(results: dict[str, Any]) -> None:
@@ -920,6 +997,15 @@ def write_results(results: dict[str, Any]) -> Path:
                       f"{r.get('req_s', float('nan')):.2f} | {r['output_tok_s']:.0f} | {r['errors']} | {spills} | "
                       f"{why} |")  # fmt: skip
         md.append("")
+    if "cpu" in results:
+        c = results["cpu"]
+        md += ["## Router CPU per request, paired rounds", "", c["workload"], "",
+               "| contender | CPU ms/req, median of rounds | min | max req/s, median |", "|---|---|---|---|",
+               *(f"| {n} | {r['cpu_ms_per_req']:.3f} | {r['cpu_ms_per_req_min']:.3f} | {r['max_rps']:.0f} |"
+                 for n, r in c["rows"].items()),
+               "", "Paired ratios (one per round, contenders measured next to each other), median [min-max]:", "",
+               *(f"- {k}: {v['median']:.3f} [{v['min']:.3f}-{v['max']:.3f}]" for k, v in c["paired"].items()),
+               ""]  # fmt: skip
     if "memory" in results:
         m = results["memory"]
         md += ["## Memory", "", m["workload"], "", "| prompts | RSS MiB |", "|---|---|",
@@ -1004,7 +1090,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "what", choices=["overhead", "routing", "restart", "memory", "tokenize", "all", "_instant", "_strip", "_relay"]
+        "what",
+        choices=["overhead", "cpu", "routing", "restart", "memory", "tokenize", "all", "_instant", "_strip", "_relay"],
     )
     p.add_argument("--prompts", type=int, default=500_000, help="memory: unique prompts to send")
     p.add_argument("--upstream", default="")
@@ -1023,7 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
         help="overhead: also run the router of this interpreter's kubellm as 'kubellm prefix (before: LABEL)' "
         "(a venv with an older checkout installed; repeatable)",
     )
-    p.add_argument("--engines", type=int, default=1, help="overhead: instant fake engines behind each router")
+    p.add_argument("--engines", type=int, default=1, help="overhead, cpu: instant fake engines behind each router")
+    p.add_argument("--rounds", type=int, default=12, help="cpu: closed-loop rounds per contender")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tenants", type=int, default=50)
@@ -1072,6 +1160,8 @@ def main(argv: list[str] | None = None) -> int:
         results["engine_args"] = args.engine_arg
     if args.what in ("overhead", "all"):
         results["overhead"] = bench_overhead(args)
+    if args.what == "cpu":
+        results["cpu"] = bench_cpu(args)
     if args.what in ("routing", "all"):
         if args.rate is None or args.what == "all":
             args.rate = 20.0
