@@ -1,6 +1,7 @@
 """Compile the elementwise and routing Triton kernels of engine/models/fused.py for Hopper (sm90) on a machine
 without a GPU, every variant the engine launches (the rotary kernels with and without Qwen3's per-head q/k norm,
-the cache-writing ones, DeepSeek's MLA rope with its latent write, grouped top-k for each routing shape).
+the cache-writing ones, DeepSeek's MLA rope with its latent write, grouped top-k for each routing shape, the MoE
+top-k sum folded into the residual-add + norm).
 
 Why: Triton's interpreter runs kernels on CPU but never compiles them, so a name bound to two types in the branches
 of a kernel, a bad reshape or layout only shows on the GPU, where the first failure switches every fused kernel
@@ -58,6 +59,10 @@ def variants() -> Iterator[tuple]:
     norm = {"x_ptr": bf, "w_ptr": bf, "out_ptr": bf}
     for n in (128, 2048, 4096):
         yield fused._rms_norm_kernel, norm, {"BLOCK": n}, fused.RMS_NORM_WARPS, f"n={n}"
+    parts = {"p_ptr": bf, "r_ptr": bf, "w_ptr": bf, "r_out_ptr": bf, "out_ptr": bf}
+    for k, n in ((8, 2048), (2, 4096), (6, 2048)):  # Qwen3-30B-A3B, Mixtral, DeepSeek-V2-Lite's top-k and hidden
+        consts = {"K": k, "BLOCK": n}
+        yield fused._sum_add_rms_norm_kernel, parts, consts, fused.RMS_NORM_WARPS, f"top_k={k} hidden={n}"
     rope = {"q_ptr": bf, "k_ptr": bf, "cos_ptr": bf, "sin_ptr": bf, "q_out_ptr": bf, "k_out_ptr": bf, "qw_ptr": bf,
             "kw_ptr": bf}  # fmt: skip
     cache = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "cos_ptr": bf, "sin_ptr": bf, "slot_ptr": "*i64",

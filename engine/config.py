@@ -138,6 +138,11 @@ class EngineConfig:
         help="CUDA: Qwen3's per-head q/k RMSNorm inside the rotary kernel (else one Triton kernel per norm); off: "
         "torch ops",
     )  # fmt: skip
+    moe_sum_norm: bool = env_option(
+        "KUBELLM_MOE_SUM_NORM", env_bool, True,
+        help="CUDA: a MoE layer's sum over its top-k experts runs in the next residual-add + RMSNorm kernel (off: a "
+        "torch.sum kernel per layer)",
+    )  # fmt: skip
     fused_sampler: bool = env_option(
         "KUBELLM_FUSED_SAMPLER", env_bool, True,
         help="CUDA: one Triton kernel for plain temperature sampling (off: torch ops)",

@@ -111,7 +111,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
             configure_cpu_threads(config.num_threads)
-        fused.configure(config.fused_kernels, config.rope_cache, config.fused_qk_norm)
+        fused.configure(config.fused_kernels, config.rope_cache, config.fused_qk_norm, config.moe_sum_norm)
         gemv.configure(config.gemv_kernel)
         sampling_kernels.configure(config.fused_sampler)
         moe.configure(config.moe_kernel)

@@ -86,6 +86,10 @@ class DeepseekMoE(SparseMoE):
         extra = [self.e_score_correction_bias] if self.e_score_correction_bias is not None else []
         return [*super().replicated_parameters(), *extra]
 
+    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor:
+        """DeepSeek's own routing (and its shared experts' sum): always the reduced output."""
+        return self.forward(x)
+
     @property
     def plain_softmax_routing(self) -> bool:
         """Softmax scores with no group limit in effect (DeepSeek-V2-Lite: one group): DeepSeek's routing is then

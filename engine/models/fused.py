@@ -37,7 +37,9 @@ except ImportError:  # CPU installs: the torch path is used
 # rope_cache setting, KUBELLM_ROPE_CACHE, switches it)
 # "qk_norm": Qwen3's per-head q/k RMSNorm inside the rotary kernels (rope, rope_cache), or on its own through
 # rms_norm's 3-D form; off, it runs as torch ops (the engine's fused_qk_norm setting, KUBELLM_FUSED_QK_NORM)
-_state = {"ok": triton is not None, "rope_cache": True, "qk_norm": True}
+# "moe_sum_norm": a MoE layer's sum over its top-k expert outputs done by the next residual-add + RMSNorm kernel
+# (sum_add_rms_norm); off, a torch.sum kernel per layer (the engine's moe_sum_norm setting, KUBELLM_MOE_SUM_NORM)
+_state = {"ok": triton is not None, "rope_cache": True, "qk_norm": True, "moe_sum_norm": True}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
 # Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
@@ -47,11 +49,18 @@ SILU_MUL_CONFIG = (1024, 4)
 RMS_NORM_WARPS = 4
 
 
-def configure(on: bool, rope_cache: bool = True, qk_norm: bool = True) -> None:
-    """The engine's fused_kernels setting (off: torch ops), its rope_cache and its fused_qk_norm settings."""
+def configure(on: bool, rope_cache: bool = True, qk_norm: bool = True, moe_sum_norm: bool = True) -> None:
+    """The engine's fused_kernels setting (off: torch ops), its rope_cache, fused_qk_norm and moe_sum_norm
+    settings."""
     _state["ok"] = triton is not None and on
     _state["rope_cache"] = rope_cache
     _state["qk_norm"] = qk_norm
+    _state["moe_sum_norm"] = moe_sum_norm
+
+
+def moe_sum_norm_enabled(x: torch.Tensor) -> bool:
+    """Whether a MoE layer on x may leave its top-k sum to the next sum_add_rms_norm (`enabled`, switch on)."""
+    return enabled(x) and _state["moe_sum_norm"]
 
 
 def qk_norm_enabled(x: torch.Tensor) -> bool:
@@ -122,6 +131,29 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(r_out_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
+        tl.store(r_out_ptr + row * stride_ro + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        var = tl.sum(hf * hf, axis=0) / n_cols
+        y = (hf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _sum_add_rms_norm_kernel(
+        p_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, stride_pt, stride_pk, stride_r, stride_ro, stride_o, n_cols, eps,
+        K: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # _add_rms_norm_kernel whose x is the sum of K parts (a MoE layer's weighted expert outputs [T, K, n]):
+        # summed in float32 in order and rounded to the model dtype, as torch.sum over them rounds it.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            acc += tl.load(p_ptr + row * stride_pt + j * stride_pk + cols, mask=mask, other=0.0).to(tl.float32)
+        x = acc.to(r_out_ptr.dtype.element_ty).to(tl.float32)
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         h = (x + r).to(r_out_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
         tl.store(r_out_ptr + row * stride_ro + cols, h, mask=mask)
@@ -471,6 +503,49 @@ def qk_norm_applies(qk_norm: QkNorm | None, q: torch.Tensor, d: int) -> bool:
     qw, kw, _ = qk_norm
     return all(
         tuple(w.shape) == (d,) and w.dtype == q.dtype and w.stride(0) == 1 and w.device == q.device for w in (qw, kw)
+    )
+
+
+def sum_add_rms_norm(
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`add_rms_norm` of x = parts.sum(1): a MoE layer's k weighted expert outputs [T, k, n] (fused_moe's
+    fused_experts(reduce=False)) summed in the same kernel as the residual add and the next block's norm, so the
+    layer's torch.sum kernel is gone. None where it does not apply or the engine's moe_sum_norm setting is off."""
+    if "sum_add_rms_norm" in _failed or not sum_add_rms_norm_applies(parts, residual, weight):
+        return None
+    try:
+        t, k, n = parts.shape
+        res_out = torch.empty((t, n), dtype=residual.dtype, device=residual.device)
+        out = torch.empty((t, n), dtype=residual.dtype, device=residual.device)
+        _sum_add_rms_norm_kernel[(t,)](
+            parts, residual, weight, res_out, out, parts.stride(0), parts.stride(1), residual.stride(0),
+            res_out.stride(0), out.stride(0), n, eps, K=k, BLOCK=triton.next_power_of_2(n), num_warps=RMS_NORM_WARPS,
+        )  # fmt: skip
+        return res_out, out
+    except Exception as e:
+        _disable("sum_add_rms_norm", e)
+        return None
+
+
+SUM_PARTS_MAX = 16  # top-k terms one kernel sums (unrolled)
+
+
+def sum_add_rms_norm_applies(parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Pure shape logic of `sum_add_rms_norm` (checked on the CPU too): the switch on, parts [T, k, n] (k up to
+    SUM_PARTS_MAX) and residual [T, n] of one dtype with contiguous rows, weight [n] contiguous."""
+    if not _state["moe_sum_norm"] or parts.dim() != 3 or residual.dim() != 2:
+        return False
+    t, k, n = parts.shape
+    return (
+        t > 0
+        and 1 <= k <= SUM_PARTS_MAX
+        and tuple(residual.shape) == (t, n)
+        and tuple(weight.shape) == (n,)
+        and parts.dtype == residual.dtype
+        and parts.stride(2) == 1
+        and residual.stride(1) == 1
+        and weight.is_contiguous()
     )
 
 

@@ -527,8 +527,12 @@ def fused_experts(
     a1_scale: torch.Tensor | None = None,
     a2_scale: torch.Tensor | None = None,
     block_size: tuple[int, int] | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """sum_k w_k * (silu(x @ gate_e^T) * (x @ up_e^T)) @ w2_e^T, e = topk_ids[:, k]; gate = w13[e, :I], up = w13[e, I:].
+    `reduce=False`: the k weighted terms unsummed, [T, k, H], where the path computes them apart (top_k > 1 and not
+    the token-major down_sum), for a caller that sums them in a kernel of its own (models/fused.py's
+    sum_add_rms_norm); else [T, H] as always.
 
     x [T, H] bf16/fp16, w13 [E, 2I, H], w2 [E, H, I] (x's dtype, contiguous), topk_weights [T, k] float32,
     topk_ids [T, k] int32 (values in [0, E): not checked, that would sync). Returns [T, H] in x's dtype.
@@ -576,6 +580,8 @@ def fused_experts(
     per_pair = out if k == 1 else torch.empty((al.num_pairs, h), dtype=x.dtype, device=x.device)
     down(down_in, w2, al, topk_weights, cfg.down, per_pair, down_fp8)
     if k > 1:
+        if not reduce:
+            return per_pair.view(t, k, h)
         torch.sum(per_pair.view(t, k, h), dim=1, out=out)
     return out
 

@@ -49,7 +49,13 @@ class RMSNorm(nn.Module):
 
 
 def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual + x, and its norm: one fused kernel on CUDA (two ops fewer per block at small batch)."""
+    """residual + x, and its norm: one fused kernel on CUDA (two ops fewer per block at small batch). x [T, k, H]:
+    a MoE layer's unsummed top-k outputs (SparseMoE.forward_unreduced), summed by the same kernel."""
+    if x.dim() == 3:
+        summed = fused.sum_add_rms_norm(x, residual, norm.weight, norm.eps) if fused.enabled(x) else None
+        if summed is not None:
+            return summed
+        x = x.sum(dim=1)  # the torch.sum the fused MoE kernel would have run
     if fused.enabled(x):
         out = fused.add_rms_norm(x, residual, norm.weight, norm.eps)
         if out is not None:
@@ -75,7 +81,8 @@ def decoder_stack(
         # h: the residual stream; x: its norm, the next block's input
         h, x = add_norm(layer.post_attention_layernorm, layer.self_attn(i, x, cos, sin, kv_caches[i], attn), h)
         next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm
-        h, x = add_norm(next_norm, layer.mlp(x), h)
+        mlp = layer.mlp
+        h, x = add_norm(next_norm, mlp.forward_unreduced(x) if isinstance(mlp, SparseMoE) else mlp(x), h)
     return x
 
 

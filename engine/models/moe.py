@@ -29,7 +29,7 @@ from kubellm.engine import parallel, symm_all_reduce
 from kubellm.engine.loader.fp8_weights import Fp8Tensor, Fp8Weights
 from kubellm.engine.model_config import ModelConfig
 
-from . import fp8_linear
+from . import fp8_linear, fused
 from .causal_lm import CheckpointReader, check_shape, expect_shape, materialize, new_param, new_weight
 from .fp8_gemm import dequantize_weight_fp8, quantize_weight_fp8
 
@@ -172,16 +172,34 @@ class SparseMoE(nn.Module):
         return [self.w13, self.w2, *shared]
 
     def routed_experts(
-        self, experts: Callable, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+        self, experts: Callable, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, **kw: bool
     ) -> torch.Tensor:
         """The routed experts' weighted sum for `x` through `experts` (the fused kernel or the reference), FP8
-        experts with their scales. Models with a router of their own (DeepSeek) call it too."""
+        experts with their scales. Models with a router of their own (DeepSeek) call it too. `kw`: the fused
+        kernel's options (reduce)."""
         if self.w13_scale is not None:
             return experts(
                 x, self.w13, self.w2, weights, ids, w1_scale=self.w13_scale, w2_scale=self.w2_scale,
-                a1_scale=self.a13_scale, a2_scale=self.a2_scale, block_size=self.fp8_block_size,
+                a1_scale=self.a13_scale, a2_scale=self.a2_scale, block_size=self.fp8_block_size, **kw,
             )  # fmt: skip
-        return experts(x, self.w13, self.w2, weights, ids)
+        return experts(x, self.w13, self.w2, weights, ids, **kw)
+
+    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward`, but on CUDA the top-k expert outputs may come back unsummed, [T, k, H], for the decoder
+        stack's next residual-add + norm kernel to sum (models/fused.py's sum_add_rms_norm: the layer's torch.sum
+        kernel gone). Only where nothing else needs the sum first: no shared expert, no tensor-parallel
+        all-reduce, the fused kernels, the moe_sum_norm setting on. Else (and on the down_sum path, which sums
+        in its GEMM) [T, H], as `forward` returns."""
+        topk, experts = _impl(x)
+        if (
+            self.shared_expert is not None
+            or self.tp_size > 1
+            or experts is reference_experts
+            or not fused.moe_sum_norm_enabled(x)
+        ):
+            return self.forward(x)
+        weights, ids = topk(F.linear(x, self.gate), self.top_k, self.renormalize)
+        return self.routed_experts(experts, x, weights, ids, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk, experts = _impl(x)

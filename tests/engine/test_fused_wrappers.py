@@ -127,3 +127,41 @@ def test_a_failing_kernel_turns_off_only_its_own_op(state, monkeypatch, caplog):
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warned) == 2 and "fused silu_mul kernel failed" in warned[1], warned
     assert fused.rms_norm(x, norm.weight, 1e-6) is None, "a failed op declines for the rest of the process"
+
+
+def test_sum_add_rms_norm_applies_to_unsummed_top_k_outputs(state):
+    parts, res, w = (
+        torch.zeros(3, 8, 64, dtype=torch.bfloat16),
+        torch.zeros(3, 64, dtype=torch.bfloat16),
+        torch.ones(64),
+    )
+    state["moe_sum_norm"] = True
+    assert fused.sum_add_rms_norm_applies(parts, res, w)
+    assert not fused.sum_add_rms_norm_applies(parts[:, :, :32], res, w)
+    assert not fused.sum_add_rms_norm_applies(parts.float(), res, w)
+    assert not fused.sum_add_rms_norm_applies(torch.zeros(3, 17, 64, dtype=torch.bfloat16), res, w)  # k > 16
+    assert not fused.sum_add_rms_norm_applies(torch.zeros(0, 8, 64, dtype=torch.bfloat16), res[:0], w)
+    assert not fused.sum_add_rms_norm_applies(parts.transpose(1, 2).contiguous().transpose(1, 2), res, w)
+    state["moe_sum_norm"] = False
+    assert not fused.sum_add_rms_norm_applies(parts, res, w)
+    state["ok"] = True
+    assert fused.sum_add_rms_norm(parts, res, w, 1e-6) is None and not fused.failed_ops(), "declined, no launch"
+
+
+def test_add_norm_sums_unreduced_moe_outputs_on_the_cpu():
+    from kubellm.engine.models.llama import RMSNorm, add_norm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64, 1e-6, torch.float32, torch.device("cpu"))
+    norm.weight.data = torch.randn(64, generator=gen)
+    parts, residual = torch.randn(5, 4, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    h, x = add_norm(norm, parts, residual)
+    want_h = residual + parts.sum(dim=1)
+    assert torch.equal(h, want_h)
+    assert torch.equal(x, norm(want_h))
+
+
+def test_the_moe_sum_norm_setting(monkeypatch):
+    assert EngineConfig().moe_sum_norm is True
+    monkeypatch.setenv("KUBELLM_MOE_SUM_NORM", "0")
+    assert EngineConfig().moe_sum_norm is False
