@@ -1,11 +1,13 @@
-"""Small-batch weight GEMMs of a Llama-3.1-8B layer stack: cuBLAS (F.linear) vs our Triton kernel
-(engine/models/gemv.py), at the shard shapes of tensor parallel 1, 2 and 4, for M = 1..16 decode rows.
+"""Small-batch weight GEMMs of a Llama-3.1-8B layer stack (or, --shape qwen3-30b-a3b, the dense GEMMs of a
+Qwen3-30B-A3B layer: qkv, o, router): cuBLAS (F.linear) vs our Triton kernel (engine/models/gemv.py), at the shard
+shapes of tensor parallel 1, 2 and 4, for M = 1..16 decode rows.
 
-Each measurement is a CUDA graph of LAYERS layers x 4 GEMMs (qkv, o, gate_up, down) over distinct weights (more
+Each measurement is a CUDA graph of LAYERS layers x the shape's GEMMs over distinct weights (more
 than L2 holds), replayed REPS times: what a decode step's graph does. Prints achieved GB/s of weight reads
 against the copy ceiling measured in the same run, and the Triton/cuBLAS speed ratio per shape; writes JSON.
 
     python -m bench.gemv_micro --out-dir DIR
+    python -m bench.gemv_micro --shape qwen3-30b-a3b --tp 1 --rows 1,8 --out-dir DIR
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ CONFIGS = [
 ]
 
 
-def layer_shapes(tp: int) -> dict[str, tuple[int, int]]:
-    """(N, K) of each weight GEMM of one layer on one rank."""
+def layer_shapes(tp: int, shape: str = "llama-3.1-8b") -> dict[str, tuple[int, int]]:
+    """(N, K) of each weight GEMM of one layer on one rank. qwen3-30b-a3b: the dense GEMMs around its experts
+    (hidden 2048, 32 q / 4 kv heads of 128, a 128-expert router), whose matrices are shard-sized at TP 1."""
+    if shape == "qwen3-30b-a3b":
+        hidden, heads, kv_heads, experts = 2048, 32, 4, 128
+        return {
+            "qkv": ((heads + 2 * kv_heads) * HEAD_DIM // tp, hidden),
+            "o": (hidden, heads * HEAD_DIM // tp),
+            "router": (experts, hidden),
+        }
     qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM // tp
     return {
         "qkv": (qkv, HIDDEN),
@@ -62,15 +72,17 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("."))
     ap.add_argument("--tp", default="1,2,4")
     ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=("llama-3.1-8b", "qwen3-30b-a3b"))
     args = ap.parse_args()
     torch.manual_seed(0)
     ceiling = copy_ceiling_gb_s()
     print(f"copy ceiling {ceiling:.0f} GB/s")
-    results = {"copy_gb_s": ceiling, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+    results = {"copy_gb_s": ceiling, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": [],
+               "shape": args.shape}  # fmt: skip
     # the config is chosen on the first TP size at its first row count (run with --tp 2,1,4), then used everywhere
     best_cfg = None
     for tp in [int(t) for t in args.tp.split(",")]:
-        shapes = layer_shapes(tp)
+        shapes = layer_shapes(tp, args.shape)
         weights = {
             name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
             for name, (n, k) in shapes.items()
