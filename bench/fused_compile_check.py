@@ -59,10 +59,12 @@ def variants() -> Iterator[tuple]:
     norm = {"x_ptr": bf, "w_ptr": bf, "out_ptr": bf}
     for n in (128, 2048, 4096):
         yield fused._rms_norm_kernel, norm, {"BLOCK": n}, fused.RMS_NORM_WARPS, f"n={n}"
-    parts = {"p_ptr": bf, "r_ptr": bf, "w_ptr": bf, "r_out_ptr": bf, "out_ptr": bf}
-    for k, n in ((8, 2048), (2, 4096), (6, 2048)):  # Qwen3-30B-A3B, Mixtral, DeepSeek-V2-Lite's top-k and hidden
-        consts = {"K": k, "BLOCK": n}
-        yield fused._sum_add_rms_norm_kernel, parts, consts, fused.RMS_NORM_WARPS, f"top_k={k} hidden={n}"
+    parts = {"p_ptr": bf, "e_ptr": bf, "r_ptr": bf, "w_ptr": bf, "r_out_ptr": bf, "out_ptr": bf}
+    # Qwen3-30B-A3B, Mixtral, DeepSeek-V2-Lite (with its shared experts' output) top-k and hidden
+    for k, n, extra in ((8, 2048, False), (2, 4096, False), (6, 2048, True)):
+        consts = {"K": k, "BLOCK": n, "HAS_EXTRA": extra}
+        label = f"top_k={k} hidden={n} shared={extra}"
+        yield fused._sum_add_rms_norm_kernel, parts, consts, fused.RMS_NORM_WARPS, label
     rope = {"q_ptr": bf, "k_ptr": bf, "cos_ptr": bf, "sin_ptr": bf, "q_out_ptr": bf, "k_out_ptr": bf, "qw_ptr": bf,
             "kw_ptr": bf}  # fmt: skip
     cache = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "cos_ptr": bf, "sin_ptr": bf, "slot_ptr": "*i64",

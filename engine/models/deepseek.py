@@ -12,7 +12,7 @@ the torch reference elsewhere), and W_UV maps the attended latent back to each h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from kubellm.engine.model_config import ModelConfig, rope_inv_freq_and_scale
 from . import fused
 from .causal_lm import CausalLM, CheckpointReader, new_param
 from .llama import MLP, Linear, RMSNorm, _out_linear, decoder_stack
-from .moe import SparseMoE, load_moe_weights
+from .moe import MoeTerms, SparseMoE, load_moe_weights
 from .moe import experts_impl as moe_impl
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -86,9 +86,16 @@ class DeepseekMoE(SparseMoE):
         extra = [self.e_score_correction_bias] if self.e_score_correction_bias is not None else []
         return [*super().replicated_parameters(), *extra]
 
-    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor:
-        """DeepSeek's own routing (and its shared experts' sum): always the reduced output."""
-        return self.forward(x)
+    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor | MoeTerms:
+        """`forward` with the sum left to the next norm kernel where the layer may defer it (SparseMoE's
+        forward_unreduced): the routed experts' k terms and the shared experts' output (its down GEMM alone)."""
+        experts, weights, ids = self._route(x)
+        if not self.can_defer_sum(x, experts):
+            return self._combine(x, self.routed_experts(experts, x, weights, ids))
+        out = self.routed_experts(experts, x, weights, ids, reduce=False)
+        if out.dim() == 2:  # the down_sum path summed them in its GEMM
+            return self._combine(x, out)
+        return MoeTerms(out, self.shared_expert(x) if self.shared_expert is not None else None)
 
     @property
     def plain_softmax_routing(self) -> bool:
@@ -98,6 +105,11 @@ class DeepseekMoE(SparseMoE):
         return c.moe_scoring == "softmax" and (c.n_group <= 1 or c.topk_group >= c.n_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        experts, weights, ids = self._route(x)
+        return self._combine(x, self.routed_experts(experts, x, weights, ids))
+
+    def _route(self, x: torch.Tensor) -> tuple[Callable, torch.Tensor, torch.Tensor]:
+        """(the experts implementation, routing weights [T, k] float32, expert ids [T, k] int32)."""
         # Router logits in float32. The plain softmax top-k and the experts run on the shared layer's kernels
         # (fused_moe's Triton kernels on CUDA, the torch references elsewhere).
         topk, experts = moe_impl(x)
@@ -116,7 +128,10 @@ class DeepseekMoE(SparseMoE):
                     sigmoid and c.norm_topk_prob, c.routed_scaling_factor,
                 )  # fmt: skip
             weights, ids = gated if gated is not None else deepseek_topk(logits, c, self.e_score_correction_bias)
-        out = self.routed_experts(experts, x, weights, ids)  # FP8 experts (an FP8 checkpoint on CUDA) with scales
+        return experts, weights, ids
+
+    def _combine(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum `out` plus the shared experts' output, all-reduced under tensor parallelism."""
         if self.shared_expert is not None:  # the sum folded into the shared down GEMM where it can be
             out = self.shared_expert(x, add=out)
         if self.tp_size > 1:  # routed and shared partial sums of this rank's intermediate slices, reduced once

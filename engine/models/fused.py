@@ -142,11 +142,12 @@ if triton is not None:
 
     @triton.jit
     def _sum_add_rms_norm_kernel(
-        p_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, stride_pt, stride_pk, stride_r, stride_ro, stride_o, n_cols, eps,
-        K: tl.constexpr, BLOCK: tl.constexpr,
+        p_ptr, e_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, stride_pt, stride_pk, stride_e, stride_r, stride_ro, stride_o,
+        n_cols, eps, K: tl.constexpr, BLOCK: tl.constexpr, HAS_EXTRA: tl.constexpr,
     ):  # fmt: skip
         # _add_rms_norm_kernel whose x is the sum of K parts (a MoE layer's weighted expert outputs [T, K, n]):
-        # summed in float32 in order and rounded to the model dtype, as torch.sum over them rounds it.
+        # summed in float32 in order and rounded to the model dtype, as torch.sum over them rounds it; HAS_EXTRA:
+        # plus an extra [T, n] term (the shared experts' output), rounded as torch's add rounds it.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -154,6 +155,9 @@ if triton is not None:
         for j in tl.static_range(K):
             acc += tl.load(p_ptr + row * stride_pt + j * stride_pk + cols, mask=mask, other=0.0).to(tl.float32)
         x = acc.to(r_out_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_EXTRA:
+            extra = tl.load(e_ptr + row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
+            x = (x + extra).to(r_out_ptr.dtype.element_ty).to(tl.float32)
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         h = (x + r).to(r_out_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
         tl.store(r_out_ptr + row * stride_ro + cols, h, mask=mask)
@@ -507,20 +511,27 @@ def qk_norm_applies(qk_norm: QkNorm | None, q: torch.Tensor, d: int) -> bool:
 
 
 def sum_add_rms_norm(
-    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    parts: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`add_rms_norm` of x = parts.sum(1): a MoE layer's k weighted expert outputs [T, k, n] (fused_moe's
-    fused_experts(reduce=False)) summed in the same kernel as the residual add and the next block's norm, so the
-    layer's torch.sum kernel is gone. None where it does not apply or the engine's moe_sum_norm setting is off."""
-    if "sum_add_rms_norm" in _failed or not sum_add_rms_norm_applies(parts, residual, weight):
+    """`add_rms_norm` of x = parts.sum(1) (+ extra): a MoE layer's k weighted expert outputs [T, k, n] (fused_moe's
+    fused_experts(reduce=False)), and its shared experts' output [T, n] where it has them, summed in the same
+    kernel as the residual add and the next block's norm, so the layer's torch.sum (and add) kernels are gone.
+    None where it does not apply or the engine's moe_sum_norm setting is off."""
+    if "sum_add_rms_norm" in _failed or not sum_add_rms_norm_applies(parts, residual, weight, extra):
         return None
     try:
         t, k, n = parts.shape
         res_out = torch.empty((t, n), dtype=residual.dtype, device=residual.device)
         out = torch.empty((t, n), dtype=residual.dtype, device=residual.device)
+        e = extra if extra is not None else residual  # never read without HAS_EXTRA
         _sum_add_rms_norm_kernel[(t,)](
-            parts, residual, weight, res_out, out, parts.stride(0), parts.stride(1), residual.stride(0),
-            res_out.stride(0), out.stride(0), n, eps, K=k, BLOCK=triton.next_power_of_2(n), num_warps=RMS_NORM_WARPS,
+            parts, e, residual, weight, res_out, out, parts.stride(0), parts.stride(1), e.stride(0),
+            residual.stride(0), res_out.stride(0), out.stride(0), n, eps, K=k, BLOCK=triton.next_power_of_2(n),
+            HAS_EXTRA=extra is not None, num_warps=RMS_NORM_WARPS,
         )  # fmt: skip
         return res_out, out
     except Exception as e:
@@ -531,9 +542,11 @@ def sum_add_rms_norm(
 SUM_PARTS_MAX = 16  # top-k terms one kernel sums (unrolled)
 
 
-def sum_add_rms_norm_applies(parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+def sum_add_rms_norm_applies(
+    parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor | None = None
+) -> bool:
     """Pure shape logic of `sum_add_rms_norm` (checked on the CPU too): the switch on, parts [T, k, n] (k up to
-    SUM_PARTS_MAX) and residual [T, n] of one dtype with contiguous rows, weight [n] contiguous."""
+    SUM_PARTS_MAX), residual (and extra) [T, n] of one dtype with contiguous rows, weight [n] contiguous."""
     if not _state["moe_sum_norm"] or parts.dim() != 3 or residual.dim() != 2:
         return False
     t, k, n = parts.shape
@@ -546,6 +559,7 @@ def sum_add_rms_norm_applies(parts: torch.Tensor, residual: torch.Tensor, weight
         and parts.stride(2) == 1
         and residual.stride(1) == 1
         and weight.is_contiguous()
+        and (extra is None or (tuple(extra.shape) == (t, n) and extra.dtype == parts.dtype and extra.stride(1) == 1))
     )
 
 

@@ -25,7 +25,7 @@ from kubellm.engine.model_config import ROPE_FREQ_FACTORS, ModelConfig
 from . import fp8_linear, fused
 from .causal_lm import CausalLM, CheckpointReader, new_param, new_weight
 from .fp8_linear import Fp8Params, fp8_forward, fp8_silu_mul_forward
-from .moe import SparseMoE, load_moe_weights
+from .moe import MoeTerms, SparseMoE, load_moe_weights
 
 # Checkpoint entries that carry no parameters of ours (old HF checkpoints saved rope buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -48,14 +48,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual + x, and its norm: one fused kernel on CUDA (two ops fewer per block at small batch). x [T, k, H]:
-    a MoE layer's unsummed top-k outputs (SparseMoE.forward_unreduced), summed by the same kernel."""
-    if x.dim() == 3:
-        summed = fused.sum_add_rms_norm(x, residual, norm.weight, norm.eps) if fused.enabled(x) else None
+def add_norm(norm: RMSNorm, x: torch.Tensor | MoeTerms, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual + x, and its norm: one fused kernel on CUDA (two ops fewer per block at small batch). x MoeTerms:
+    a MoE layer's unsummed outputs (SparseMoE.forward_unreduced), summed by the same kernel."""
+    if isinstance(x, MoeTerms):
+        p = x.parts
+        summed = fused.sum_add_rms_norm(p, residual, norm.weight, norm.eps, x.extra) if fused.enabled(p) else None
         if summed is not None:
             return summed
-        x = x.sum(dim=1)  # the torch.sum the fused MoE kernel would have run
+        x = x.total()  # the torch.sum (and add) the MoE layer would have run
     if fused.enabled(x):
         out = fused.add_rms_norm(x, residual, norm.weight, norm.eps)
         if out is not None:

@@ -20,6 +20,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,19 @@ logger = logging.getLogger(__name__)
 MOE_KERNELS = ("auto", "torch")
 _kernels: dict[str, ModuleType | None] = {}
 _state = {"kernel": "auto"}
+
+
+class MoeTerms(NamedTuple):
+    """A MoE layer's output left unsummed for the next residual-add + norm kernel (fused.sum_add_rms_norm): the k
+    weighted expert outputs [T, k, H] and the shared experts' output [T, H] (or None). Their sum is the output."""
+
+    parts: torch.Tensor
+    extra: torch.Tensor | None = None
+
+    def total(self) -> torch.Tensor:
+        """The sum, as the layer's reduced forward computes it (torch.sum over k, then + extra)."""
+        summed = self.parts.sum(dim=1)
+        return summed if self.extra is None else summed + self.extra
 
 
 def configure(kernel: str) -> None:
@@ -184,22 +198,22 @@ class SparseMoE(nn.Module):
             )  # fmt: skip
         return experts(x, self.w13, self.w2, weights, ids, **kw)
 
-    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward`, but on CUDA the top-k expert outputs may come back unsummed, [T, k, H], for the decoder
+    def can_defer_sum(self, x: torch.Tensor, experts: Callable) -> bool:
+        """Whether this layer may leave its sum to the next norm kernel: nothing else needs it first (no
+        tensor-parallel all-reduce), the fused kernels, the moe_sum_norm setting on."""
+        return self.tp_size == 1 and experts is not reference_experts and fused.moe_sum_norm_enabled(x)
+
+    def forward_unreduced(self, x: torch.Tensor) -> torch.Tensor | MoeTerms:
+        """`forward`, but on CUDA the top-k expert outputs may come back unsummed (MoeTerms) for the decoder
         stack's next residual-add + norm kernel to sum (models/fused.py's sum_add_rms_norm: the layer's torch.sum
-        kernel gone). Only where nothing else needs the sum first: no shared expert, no tensor-parallel
-        all-reduce, the fused kernels, the moe_sum_norm setting on. Else (and on the down_sum path, which sums
-        in its GEMM) [T, H], as `forward` returns."""
+        kernel gone). Not with a gated shared expert (its gate scales it first), nor where `can_defer_sum` says
+        no, nor on the down_sum path (which sums in its GEMM): then [T, H], as `forward` returns."""
         topk, experts = _impl(x)
-        if (
-            self.shared_expert is not None
-            or self.tp_size > 1
-            or experts is reference_experts
-            or not fused.moe_sum_norm_enabled(x)
-        ):
+        if self.shared_expert is not None or not self.can_defer_sum(x, experts):
             return self.forward(x)
         weights, ids = topk(F.linear(x, self.gate), self.top_k, self.renormalize)
-        return self.routed_experts(experts, x, weights, ids, reduce=False)
+        out = self.routed_experts(experts, x, weights, ids, reduce=False)
+        return MoeTerms(out) if out.dim() == 3 else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk, experts = _impl(x)

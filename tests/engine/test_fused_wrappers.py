@@ -142,6 +142,9 @@ def test_sum_add_rms_norm_applies_to_unsummed_top_k_outputs(state):
     assert not fused.sum_add_rms_norm_applies(torch.zeros(3, 17, 64, dtype=torch.bfloat16), res, w)  # k > 16
     assert not fused.sum_add_rms_norm_applies(torch.zeros(0, 8, 64, dtype=torch.bfloat16), res[:0], w)
     assert not fused.sum_add_rms_norm_applies(parts.transpose(1, 2).contiguous().transpose(1, 2), res, w)
+    assert fused.sum_add_rms_norm_applies(parts, res, w, res.clone())  # the shared experts' output
+    assert not fused.sum_add_rms_norm_applies(parts, res, w, res[:2])
+    assert not fused.sum_add_rms_norm_applies(parts, res, w, res.float())
     state["moe_sum_norm"] = False
     assert not fused.sum_add_rms_norm_applies(parts, res, w)
     state["ok"] = True
@@ -150,15 +153,18 @@ def test_sum_add_rms_norm_applies_to_unsummed_top_k_outputs(state):
 
 def test_add_norm_sums_unreduced_moe_outputs_on_the_cpu():
     from kubellm.engine.models.llama import RMSNorm, add_norm
+    from kubellm.engine.models.moe import MoeTerms
 
     gen = torch.Generator().manual_seed(0)
     norm = RMSNorm(64, 1e-6, torch.float32, torch.device("cpu"))
     norm.weight.data = torch.randn(64, generator=gen)
     parts, residual = torch.randn(5, 4, 64, generator=gen), torch.randn(5, 64, generator=gen)
-    h, x = add_norm(norm, parts, residual)
-    want_h = residual + parts.sum(dim=1)
-    assert torch.equal(h, want_h)
-    assert torch.equal(x, norm(want_h))
+    shared = torch.randn(5, 64, generator=gen)
+    for terms, total in ((MoeTerms(parts), parts.sum(dim=1)), (MoeTerms(parts, shared), parts.sum(dim=1) + shared)):
+        h, x = add_norm(norm, terms, residual)
+        want_h = residual + total
+        assert torch.equal(h, want_h)
+        assert torch.equal(x, norm(want_h))
 
 
 def test_the_moe_sum_norm_setting(monkeypatch):

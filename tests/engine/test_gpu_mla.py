@@ -353,6 +353,43 @@ def test_latent_cache_write_fused_or_not_gives_the_same_logits_and_pool(loaded):
     assert pool_err < 1e-2 and rel < 3e-2
 
 
+def test_moe_sum_in_the_norm_kernel_or_not_gives_the_same_logits(loaded):
+    """moe_sum_norm on (the routed experts' top-6 terms and the shared experts' output summed by the next
+    residual-add + norm kernel) and off (torch.sum, the shared down GEMM's addmm, add_rms_norm) give the same
+    logits within bf16 rounding through a chunked prefill and CUDA-graph decode steps."""
+    from kubellm.engine.models import fused
+
+    tokens = torch.randint(3, VOCAB, (PROMPTS, POSITIONS), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def run(moe_sum_norm: bool):
+        calls = []
+        real = fused.sum_add_rms_norm
+
+        def counted(*args, **kw):
+            out = real(*args, **kw)
+            calls.append(out is not None and kw.get("extra", args[4] if len(args) > 4 else None) is not None)
+            return out
+
+        fused.sum_add_rms_norm = counted
+        try:
+            runner = _runner_with(loaded, "cuda", moe_sum_norm=moe_sum_norm)
+            assert runner._graphs, "CUDA graphs were not captured"
+            logits = _teacher_forced(runner, tokens)
+            assert runner.graph_replays == POSITIONS - PREFILL
+        finally:
+            fused.sum_add_rms_norm = real
+        return logits, calls
+
+    on, calls = run(True)
+    assert calls and all(calls), "every MoE layer's terms and shared output went to the norm kernel"
+    off, calls = run(False)
+    assert not any(calls)
+    rel = (on - off).norm(dim=-1) / off.norm(dim=-1)
+    agree = (on.argmax(-1) == off.argmax(-1)).float().mean().item()
+    print(f"moe_sum_norm on vs off: logits relative L2 median {rel.median():.2e} max {rel.max():.2e}, argmax {agree}")
+    assert rel.median() < 1e-2 and agree > 0.9
+
+
 def test_cuda_graph_decode_equals_eager(loaded):
     from kubellm.engine.llm_engine import LLMEngine
     from kubellm.engine.sampling_params import SamplingParams

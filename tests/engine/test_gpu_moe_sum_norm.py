@@ -4,7 +4,8 @@ setting moe_sum_norm) against the torch.sum + add_rms_norm it replaces (GPU only
 
 - the kernel: the residual stream as torch.sum then torch's add leave it (rounded the same way; rare last-bit flips
   allowed, the float32 sum's order being the kernel's), the norm within the existing norm tests' tolerance, at
-  1/7/33/300 tokens for Qwen3-30B-A3B's top-8 of hidden 2048 and Mixtral's top-2 of 4096;
+  1/7/33/300 tokens for Qwen3-30B-A3B's top-8 of hidden 2048, Mixtral's top-2 of 4096, and DeepSeek-V2-Lite's
+  top-6 plus its shared experts' output;
 - fused_experts(reduce=False) returns the very terms fused_experts sums: their torch.sum is its output bit for bit;
 - a small Qwen3-MoE-shaped model without a shared expert gives the same logits with the setting on and off through
   a prefill and CUDA-graph decode steps (within bf16 rounding), and every MoE layer took the fused sum when on.
@@ -32,16 +33,20 @@ def _fused():
     return fused
 
 
-@pytest.mark.parametrize(("k", "n"), [(8, 2048), (2, 4096)])
+@pytest.mark.parametrize(("k", "n", "shared"), [(8, 2048, False), (2, 4096, False), (6, 2048, True)])
 @pytest.mark.parametrize("t", [1, 7, 33, 300])
-def test_sum_add_rms_norm_equals_torch_sum_then_add_rms_norm(t, k, n):
+def test_sum_add_rms_norm_equals_torch_sum_then_add_rms_norm(t, k, n, shared):
+    """Qwen3-30B-A3B's top-8 and Mixtral's top-2 terms, and DeepSeek-V2-Lite's top-6 with its shared experts'
+    output as the extra term."""
     fused = _fused()
     gen = torch.Generator(device="cuda").manual_seed(t * k)
     parts = (0.3 * torch.randn(t, k, n, generator=gen, device="cuda")).to(DT)
     residual = torch.randn(t, n, generator=gen, device="cuda").to(DT)
     w = (1 + 0.5 * torch.randn(n, generator=gen, device="cuda")).to(DT)
-    want_h, want_x = fused.add_rms_norm(parts.sum(dim=1), residual, w, 1e-6)
-    got = fused.sum_add_rms_norm(parts, residual, w, 1e-6)
+    extra = (0.5 * torch.randn(t, n, generator=gen, device="cuda")).to(DT) if shared else None
+    total = parts.sum(dim=1) if extra is None else parts.sum(dim=1) + extra
+    want_h, want_x = fused.add_rms_norm(total, residual, w, 1e-6)
+    got = fused.sum_add_rms_norm(parts, residual, w, 1e-6, extra)
     assert got is not None and not fused.failed_ops(), "the kernel refused or failed"
     got_h, got_x = got
     assert (got_h != want_h).float().mean().item() < 0.01, "the residual stream differs beyond rare last-bit flips"
