@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := engine,router,operator,test
 
-.PHONY: install up tools test lint unit clean
+.PHONY: install up tools test lint unit clean triton compile-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,25 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Triton for the compile check of the engine's kernels (kubellm.engine.compile_check, tests/engine/
+# test_triton_compile.py), kept OUT of the venv: CPU torch has no Triton and the engine reads "Triton importable" as
+# "its kernels may run". The GPU image's version (compile_check.TRITON_VERSION), ~190 MB from PyPI, ~25 s.
+TRITON_VERSION := 3.6.0
+TRITON_DIR := $(VENV)/triton-$(TRITON_VERSION)
+
+$(TRITON_DIR)/.installed: | $(BIN)/python
+	rm -rf $(TRITON_DIR)
+	$(BIN)/pip install -q --no-deps --target $(TRITON_DIR) triton==$(TRITON_VERSION)
+	touch $@
+
+triton: $(TRITON_DIR)/.installed
+
+# Before a GPU lease: every Triton kernel the engine launches, compiled for sm90 on this machine (no GPU needed);
+# CHECK_ARGS="--scope quick" for the CI subset, "--only REGEX" for some launches.
+CHECK_ARGS ?=
+compile-check: install triton
+	PYTHONPATH=$(TRITON_DIR) $(BIN)/python -m kubellm.engine.compile_check $(CHECK_ARGS)
 
 # `make up PORT=9000` serves on another port (engines take the next ones); UP_ARGS passes more `kubellm up` flags.
 PORT ?= 8000
@@ -36,7 +55,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python .ci/typecheck.py
 
-unit: install
+unit: install triton
 	$(BIN)/pytest -q
 
 test: lint unit

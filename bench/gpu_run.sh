@@ -3,6 +3,9 @@
 # .gpu/whl, restore prebuilt flashinfer kernels, run the gpu-marked tests and/or the offline benchmark, and pack
 # any kernel built here for the next run. Everything it writes lands in $OUT.
 #
+# BEFORE a lease, on this side: `make compile-check` (every Triton kernel the engine launches compiled for sm90 here, no
+# GPU needed, a few minutes): a kernel Triton refuses costs a GPU run otherwise, as mla_rope_cache's did on 2026-12-07.
+#
 #   bench/gpu_run.sh test|bench|all [args for python -m bench.offline]
 #   bench/gpu_run.sh tp [args for python -m bench.offline]     (a 2- or 4-GPU machine)
 #   bench/gpu_run.sh peer [args for python -m bench.peer_vllm] (vLLM, installed in $VSITE by vllm-install.sh)

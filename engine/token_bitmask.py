@@ -55,8 +55,7 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
     if logits.is_cuda and triton is not None and logits.stride(1) == 1:
         rows = to_device_async(mask.rows, torch.int64, logits.device)
         words = to_device_async(mask.words, torch.int32, logits.device)
-        grid = (len(mask.rows), triton.cdiv(vocab, BLOCK))
-        _mask_kernel[grid](logits, logits.stride(0), rows, words, width, vocab, BLOCK=BLOCK)
+        mask_on_device(logits, rows, words)
         return
     if not logits.is_cuda:  # numpy unpacks bits ~50x faster than torch's shift-and-mask on a CPU
         bits = np.unpackbits(np.ascontiguousarray(mask.words).view(np.uint8), axis=1, count=vocab, bitorder="little")
@@ -70,6 +69,13 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
     rows = to_device_async(mask.rows, torch.int64, logits.device)
     words = to_device_async(mask.words, torch.int32, logits.device)
     logits[rows] = logits[rows].masked_fill(~unpack_bitmask(words, vocab), float("-inf"))
+
+
+def mask_on_device(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> None:
+    """The Triton launch: logits [B, V] (rows contiguous), rows int64 [R] and words int32 [R, W] on its device."""
+    vocab = logits.shape[1]
+    grid = (rows.shape[0], triton.cdiv(vocab, BLOCK))
+    _mask_kernel[grid](logits, logits.stride(0), rows, words, words.shape[1], vocab, BLOCK=BLOCK)
 
 
 def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ float32, round to the model dtype, then scale); the torch ops stay the reference
 `enabled(x)`: CUDA tensor, Triton importable and the engine's fused_kernels on (--fused-kernels,
 KUBELLM_FUSED_KERNELS). A kernel that fails (to compile or to launch) turns off only its own op: it logs one warning
 naming the op, and that wrapper declines (None: the caller's torch path) for the rest of the process while every
-other fused kernel stays on (`failed_ops()` lists the ops turned off). `python -m kubellm.engine.compile_check`
-compiles every kernel for sm90 without a GPU, so a compile error shows before a GPU run.
+other fused kernel stays on (`failed_ops()` lists the ops turned off). `make compile-check` (python -m
+kubellm.engine.compile_check) compiles every kernel for sm90 without a GPU, so a compile error shows before a GPU run.
 """
 
 from __future__ import annotations
