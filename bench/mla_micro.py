@@ -50,12 +50,13 @@ def _batch(lens: list[int], new: int) -> tuple[ForwardBatch, int]:
     return ForwardBatch(seqs), at
 
 
-def _backend(kernel: str = "fa2", upproject_min_tokens: int = 0):
+def _backend(kernel: str = "fa2", upproject_min_tokens: int = 0, max_context_tokens: int | None = None):
     from kubellm.engine.attention.flashinfer_mla import FlashInferMLAAttention
 
     return FlashInferMLAAttention(
         HEADS, 1, WIDTH, SCALE, BLOCK, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
-        upproject_min_tokens=upproject_min_tokens, qk_nope_head_dim=NOPE, v_head_dim=V,
+        upproject_min_tokens=upproject_min_tokens, upproject_max_context_tokens=max_context_tokens,
+        qk_nope_head_dim=NOPE, v_head_dim=V,
     )  # fmt: skip
 
 
@@ -112,7 +113,8 @@ def prefill_row(seqs: int, length: int, cached: int, gen: torch.Generator, layer
     meta = AttentionMetadata.from_batch(fb, BLOCK, "cuda")
     attn = _backend()
     attn.begin_step(meta)
-    up_attn = _backend(upproject_min_tokens=1)  # every chunk of 2+ tokens up-projected, as the engine would
+    # every chunk of 2+ tokens up-projected, as the engine would with a context bound holding the whole step
+    up_attn = _backend(upproject_min_tokens=1, max_context_tokens=seqs * (cached + length))
     up_attn.begin_step(meta)
     assert up_attn.mla_split is not None and up_attn.mla_split.absorbed_rows is None
 

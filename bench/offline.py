@@ -537,6 +537,7 @@ def run_engine(
             write_results(r, out_dir)
         if hasattr(runner.attn, "upprojected_tokens"):  # MLA: query rows that attended up-projected (rank 0)
             r["mla_upprojected_tokens"] = runner.attn.upprojected_tokens
+            r["mla_upproject_deferred_tokens"] = runner.attn.upproject_deferred_tokens  # long, but past the bound
         r["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         free, total = torch.cuda.mem_get_info()
         r["device_used_gib_at_end"] = (total - free) / 2**30
@@ -803,6 +804,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings.as_dict(),
         "sampling": asdict(Sampling()),
         "mla_upproject_min_tokens": mla_up,
+        "mla_upproject_max_context_tokens": (
+            EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens).mla_upproject_context_budget
+            if mla_up
+            else None
+        ),
         "workloads": {},
         "decode": {},
         "notes": [],

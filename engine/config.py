@@ -34,6 +34,11 @@ def _non_negative_float(value: str | float) -> float:
     return f
 
 
+def _optional_int(value: str | int) -> int | None:
+    """auto (None), or an integer as _human_int takes it."""
+    return None if str(value).strip().lower() == "auto" else _human_int(value)
+
+
 def _quantization(value: str) -> str | None:
     """--quantization: fp8, or none (vLLM's spelling of unset)."""
     low = str(value).strip().lower()
@@ -181,6 +186,14 @@ class EngineConfig:
         "through kv_b_proj to per-head K/V, then ordinary causal attention; flashinfer's ragged prefill on CUDA) "
         "instead of absorbed; decodes stay absorbed. 0: never (the default until GPU measurements pick N)",
     )  # fmt: skip
+    mla_upproject_max_context_tokens: int | None = env_option(
+        "KUBELLM_MLA_UPPROJECT_MAX_CONTEXT_TOKENS", _optional_int, None,
+        parse=_optional_int,
+        metavar="auto|N",
+        help="MLA up-projected prefill: the most context tokens (cached + new) one step's up-projected chunks hold "
+        "in total; their per-head K/V are per-layer temporaries of that many tokens, which the start-up memory "
+        "profile reserves (logged), and chunks past the bound attend absorbed. auto: 2 x max_num_batched_tokens",
+    )  # fmt: skip
     chat_template: str | None = option(
         None, help="chat template replacing the model's: a file path, or the Jinja template itself"
     )
@@ -204,6 +217,8 @@ class EngineConfig:
             "long_prefill_token_threshold": self.long_prefill_token_threshold >= 0,
             "num_threads": self.num_threads >= 0,
             "mla_upproject_min_tokens": self.mla_upproject_min_tokens >= 0,
+            "mla_upproject_max_context_tokens": self.mla_upproject_max_context_tokens is None
+            or self.mla_upproject_max_context_tokens >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -216,6 +231,14 @@ class EngineConfig:
                 raise ValueError(
                     f"invalid engine argument {f.name}={value!r}{via}; choose from {', '.join(map(str, spec.choices))}"
                 )
+
+    @property
+    def mla_upproject_context_budget(self) -> int:
+        """mla_upproject_max_context_tokens resolved: auto is twice the step's token budget (a step of new chunks
+        whose cached prefixes are as long as themselves, in total)."""
+        if self.mla_upproject_max_context_tokens is not None:
+            return self.mla_upproject_max_context_tokens
+        return 2 * self.max_num_batched_tokens
 
     @property
     def model_name(self) -> str:

@@ -12,8 +12,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from kubellm.engine import sampling_kernels
 from kubellm.engine.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention, select_backend_class
 from kubellm.engine.attention.base import flatten_block_tables, paged_kv_layout_flat
+from kubellm.engine.attention.mla import upproject_temp_bytes
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq, TokenFill
 from kubellm.engine.loader import LoadedModel, parse_dtype
@@ -76,6 +77,20 @@ def configure_cpu_threads(num_threads: int = 0) -> int:
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
     return wanted
+
+
+@contextmanager
+def absorbed_only(attn: AttentionBackend) -> Iterator[None]:
+    """An MLA backend attends every row absorbed inside (its up-projected prefill off); other backends unchanged."""
+    min_tokens = getattr(attn, "upproject_min_tokens", 0)
+    if not min_tokens:
+        yield
+        return
+    attn.upproject_min_tokens = 0  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        attn.upproject_min_tokens = min_tokens  # type: ignore[attr-defined]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,11 +191,22 @@ class ModelRunner:
             ),
             **backend_cls.options_from(config),
         )
-        if latent and config.mla_upproject_min_tokens and tp_rank == 0:
-            logger.info(
-                "MLA: prefill chunks of %d+ new tokens attend up-projected (the rest absorbed)",
-                config.mla_upproject_min_tokens,
-            )
+        # MLA's up-projected prefill: per-layer K/V temporaries for at most the step bound's context tokens, which
+        # the memory profile reserves on top of its (absorbed) forward
+        self.upproject_reserve_bytes = 0
+        if latent and config.mla_upproject_min_tokens:
+            bound = config.mla_upproject_context_budget
+            self.upproject_reserve_bytes = upproject_temp_bytes(
+                bound, self.attn.num_heads, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+                qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
+                elem_bytes=torch.empty((), dtype=self.dtype).element_size(),
+            )  # fmt: skip
+            if tp_rank == 0:
+                logger.info(
+                    "MLA: prefill chunks of %d+ new tokens attend up-projected (the rest absorbed), at most %d "
+                    "context tokens a step: %.1f MiB of per-layer K/V temporaries reserved",
+                    config.mla_upproject_min_tokens, bound, self.upproject_reserve_bytes / 2**20,
+                )  # fmt: skip
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
@@ -278,7 +304,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, cuBLAS, NCCL...
         peak = torch.cuda.max_memory_allocated(self.device)
-        budget = int(total * self.config.gpu_memory_utilization) - used_by_others - peak
+        budget = int(total * self.config.gpu_memory_utilization) - used_by_others - peak - self.upproject_reserve_bytes
         if self.use_cuda_graphs:
             budget -= self.kv_cache_bytes_per_block()  # the dummy block
         gib = 2**30
@@ -288,20 +314,23 @@ class ModelRunner:
             **{f"weights_{dtype}_gib": n / gib for dtype, n in self.weight_bytes.items()},
             "peak_forward_gib": peak / gib,
             "non_torch_gib": used_by_others / gib,
+            "mla_upproject_reserve_gib": self.upproject_reserve_bytes / gib,
             "kv_budget_gib": max(budget, 0) / gib,
         }
         logger.info(
             "memory profile: %.1f GiB total x %.2f; weights %.2f GiB, peak with a %d-token forward %.2f GiB, "
-            "outside torch %.2f GiB -> KV cache budget %.2f GiB",
+            "outside torch %.2f GiB, MLA up-projection reserve %.2f GiB -> KV cache budget %.2f GiB",
             total / gib, self.config.gpu_memory_utilization, weights / gib, self.config.max_num_batched_tokens,
-            peak / gib, used_by_others / gib, max(budget, 0) / gib,
+            peak / gib, used_by_others / gib, self.upproject_reserve_bytes / gib, max(budget, 0) / gib,
         )  # fmt: skip
         return max(budget, 0)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
         """One forward at the token budget (split over up to max_num_seqs sequences, each sampling, plus one
-        softmax-sized temporary for the sampler), so the KV pool is sized from the measured activation peak."""
+        softmax-sized temporary for the sampler), so the KV pool is sized from the measured activation peak. MLA
+        attends absorbed here (its larger per-token temporaries); the up-projected path's context-sized K/V are
+        reserved on top (upproject_reserve_bytes)."""
         c = self.model_config
         bs = self.block_size
         tokens = max(1, min(self.config.max_num_batched_tokens, self.max_model_len))
@@ -316,7 +345,8 @@ class ModelRunner:
         cache = torch.zeros(self.attn.kv_cache_shape(next_block), dtype=self.kv_dtype, device=self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        logits = self._forward(ForwardBatch(seqs), [cache] * c.num_hidden_layers)
+        with absorbed_only(self.attn):
+            logits = self._forward(ForwardBatch(seqs), [cache] * c.num_hidden_layers)
         torch.softmax(logits, dim=-1)
         torch.cuda.synchronize(self.device)
         del cache, logits

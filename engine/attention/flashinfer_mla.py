@@ -37,10 +37,12 @@ from .mla import (
     MLASplit,
     check_mla_budget,
     check_mla_work,
+    check_upproject_bound,
     decode_page_table,
     latent_cache_shape,
     mla_page_table,
     mla_page_table_from_meta,
+    upproject_candidates,
     upproject_split,
 )
 
@@ -68,6 +70,7 @@ class FlashInferMLAAttention(AttentionBackend):
         max_num_batched_tokens: int | None = None,
         max_num_seqs: int | None = None,
         upproject_min_tokens: int = 0,
+        upproject_max_context_tokens: int | None = None,
         qk_nope_head_dim: int | None = None,
         v_head_dim: int | None = None,
     ):
@@ -81,6 +84,7 @@ class FlashInferMLAAttention(AttentionBackend):
             raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {upproject_min_tokens}")
         if upproject_min_tokens and (qk_nope_head_dim is None or v_head_dim is None):
             raise ValueError("up-projected MLA prefill needs the model's qk_nope_head_dim and v_head_dim")
+        check_upproject_bound(upproject_min_tokens, upproject_max_context_tokens)
         if max_num_batched_tokens is not None:  # the engine's limits: refuse at start what a step could not plan
             check_mla_budget(max_num_batched_tokens, max_num_seqs or max_num_batched_tokens, num_heads)
         super().__init__(num_heads, 1, head_dim, scale, block_size, dtype=dtype, device=device)
@@ -99,9 +103,11 @@ class FlashInferMLAAttention(AttentionBackend):
         self._rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._fence = PlanFence()
         self.upproject_min_tokens = upproject_min_tokens
+        self.upproject_max_context_tokens = upproject_max_context_tokens or 0
         self.qk_nope_head_dim, self.v_head_dim = qk_nope_head_dim, v_head_dim
         self._split: MLASplit | None = None
         self.upprojected_tokens = 0  # query rows attended up-projected so far (a counter for tests and benchmarks)
+        self.upproject_deferred_tokens = 0  # rows of chunks long enough that attended absorbed: past the context bound
         self._ragged: BatchPrefillWithRaggedKVCacheWrapper | None = None
         if upproject_min_tokens:
             ragged_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
@@ -114,6 +120,7 @@ class FlashInferMLAAttention(AttentionBackend):
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "max_num_seqs": config.max_num_seqs,
             "upproject_min_tokens": config.mla_upproject_min_tokens,
+            "upproject_max_context_tokens": config.mla_upproject_context_budget,
         }
 
     @property
@@ -144,10 +151,14 @@ class FlashInferMLAAttention(AttentionBackend):
     def begin_step(self, meta: AttentionMetadata) -> None:
         self.set_slots(meta.slot_mapping)
         plan = upproject_split(
-            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size, self.upproject_min_tokens
-        )
-        if plan is not None:
-            self.upprojected_tokens += len(plan.up_rows)
+            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size,
+            self.upproject_min_tokens, self.upproject_max_context_tokens,
+        )  # fmt: skip
+        if self.upproject_min_tokens:
+            qlens = np.asarray(meta.query_lens_list, dtype=np.int64)
+            long_rows = int(qlens[upproject_candidates(qlens, self.upproject_min_tokens)].sum())
+            self.upprojected_tokens += 0 if plan is None else len(plan.up_rows)
+            self.upproject_deferred_tokens += long_rows - (0 if plan is None else len(plan.up_rows))
         self._split = None if plan is None else MLASplit.on(plan, self.device)
         if plan is None:
             check_mla_work(meta.query_lens_list, self.num_heads)

@@ -16,6 +16,9 @@ whole context with head dims 192 / 128 instead of 576 / 512. That trades the up-
 (context x heads x (nope + v) x kv_lora_rank) for about a third of the attention work per query-key pair, so it
 pays for long chunks; decode rows and short chunks stay absorbed. `upproject_split` plans which rows go which way
 (pure numpy); the backend exposes the step's split as `mla_split` (None: every row absorbed, the path above).
+The up-projected K/V are temporaries of context tokens x heads x (2 nope + rope + 2 v) values per layer, so a step's
+up-projected chunks hold at most `mla_upproject_max_context_tokens` context tokens in total (the rest of its chunks
+attend absorbed) and the start-up memory profile reserves `upproject_temp_bytes` of that bound.
 
 The page-table arrays below are pure numpy, so their construction is tested on CPU; flashinfer's MLA wrapper
 (engine/attention/flashinfer_mla.py) plans from them on CUDA, the torch reference (engine/attention/torch_mla.py)
@@ -95,22 +98,44 @@ class UpProjectSplit:
     cached_lens: np.ndarray  # int64 [U]: tokens cached before this chunk (queries are bottom-right aligned)
 
 
+def upproject_candidates(query_lens: Sequence[int] | np.ndarray, min_tokens: int) -> np.ndarray:
+    """bool [B]: the prefill chunks long enough to attend up-projected (at least `min_tokens` new tokens, and at
+    least 2: a single new token is a decode row); none when `min_tokens` is 0."""
+    qlens = np.asarray(query_lens, dtype=np.int64)
+    if min_tokens <= 0:
+        return np.zeros(len(qlens), dtype=bool)
+    return qlens >= max(min_tokens, 2)
+
+
 def upproject_split(
     query_lens: Sequence[int],
     seq_lens: Sequence[int],
     block_tables: Sequence[Sequence[int]],
     block_size: int,
     min_tokens: int,
+    max_context_tokens: int,
 ) -> UpProjectSplit | None:
     """Which sequences of a step attend up-projected: the prefill chunks of at least `min_tokens` new tokens (and
-    at least 2: a single new token is a decode row). None when none does (or `min_tokens` is 0): the whole step
-    runs absorbed, as without the setting."""
+    at least 2: a single new token is a decode row), as long as their contexts (cached + new tokens) hold at most
+    `max_context_tokens` in total. The up-projected K/V are temporaries of context x heads wide, so this bound is
+    what the memory profile reserves for: candidates are taken in batch order, and one whose context would pass
+    the bound attends absorbed instead (the same result, by the other path); a later, shorter one may still fit.
+    None when none is taken (or `min_tokens` is 0): the whole step runs absorbed, as without the setting."""
     if min_tokens < 0:
         raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {min_tokens}")
+    if max_context_tokens < 0:
+        raise ValueError(f"the up-projected context bound must be >= 0, got {max_context_tokens}")
     if min_tokens == 0:
         return None
     qlens = np.asarray(query_lens, dtype=np.int64)
-    up = qlens >= max(min_tokens, 2)
+    all_lens = np.asarray(seq_lens, dtype=np.int64)
+    up = np.zeros(len(qlens), dtype=bool)
+    held = 0
+    for i in np.flatnonzero(upproject_candidates(qlens, min_tokens)).tolist():
+        n = int(all_lens[i])
+        if held + n <= max_context_tokens:
+            up[i] = True
+            held += n
     if not up.any():
         return None
     starts = np.zeros(len(qlens) + 1, dtype=np.int64)
@@ -119,7 +144,7 @@ def upproject_split(
     row_is_up = up[seq_idx]
     rows = np.arange(int(starts[-1]), dtype=np.int64)
     up_seqs = np.flatnonzero(up)
-    lens = np.asarray(seq_lens, dtype=np.int64)[up_seqs]
+    lens = all_lens[up_seqs]
     qo = np.zeros(len(up_seqs) + 1, dtype=np.int32)
     np.cumsum(qlens[up_seqs], out=qo[1:])
     kv = np.zeros(len(up_seqs) + 1, dtype=np.int32)
@@ -139,6 +164,39 @@ def upproject_split(
         context_slots=np.concatenate(slots),
         cached_lens=lens - qlens[up_seqs],
     )
+
+
+def check_upproject_bound(min_tokens: int, max_context_tokens: int | None) -> None:
+    """A backend that may up-project (min_tokens > 0) needs the bound on a step's up-projected context."""
+    if min_tokens and (max_context_tokens is None or max_context_tokens < 1):
+        raise ValueError(
+            "up-projected MLA prefill needs a bound on a step's up-projected context tokens "
+            f"(mla_upproject_max_context_tokens >= 1), got {max_context_tokens}"
+        )
+
+
+def upproject_temp_bytes(
+    context_tokens: int,
+    num_heads: int,
+    *,
+    kv_lora_rank: int,
+    qk_nope_head_dim: int,
+    qk_rope_head_dim: int,
+    v_head_dim: int,
+    elem_bytes: int,
+) -> int:
+    """The most memory the up-projected path holds beyond an absorbed forward of the same tokens, for a step whose
+    up-projected chunks hold `context_tokens` context tokens (one layer at a time: the temporaries die with it).
+    Per context token: the latent row gathered from the pool (kv_lora_rank + rope), room for a contiguous copy of
+    its latent part on the way into kv_b_proj (kv_lora_rank), kv_b_proj's per-head output (nope + v), the keys
+    with the rope part appended (nope + rope) and a contiguous copy of the values (v) for the attention kernel.
+    The per-query-row tensors (queries of nope + rope, outputs of v per head) are smaller than the absorbed path's
+    (kv_lora_rank + rope in, kv_lora_rank out per head), which the profiling forward measures."""
+    if context_tokens < 0 or num_heads < 1:
+        raise ValueError(f"context_tokens must be >= 0 and num_heads >= 1, got {context_tokens}, {num_heads}")
+    nope, rope, v = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+    per_token = (kv_lora_rank + rope) + kv_lora_rank + num_heads * ((nope + v) + (nope + rope) + v)
+    return context_tokens * per_token * elem_bytes
 
 
 @dataclass(frozen=True)

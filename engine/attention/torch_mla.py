@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kubellm.engine.config import EngineConfig
 
 from .base import AttentionMetadata
-from .mla import MLASplit, latent_cache_shape, select_sequences, upproject_split
+from .mla import (
+    MLASplit,
+    check_upproject_bound,
+    latent_cache_shape,
+    select_sequences,
+    upproject_candidates,
+    upproject_split,
+)
 from .torch_paged import TorchPagedAttention, _DecodePlan, _PrefillPlan
 
 
@@ -37,11 +45,13 @@ class TorchMLAAttention(TorchPagedAttention):
         device: torch.device | str | None = None,
         sliding_window: int | Sequence[int | None] | None = None,
         upproject_min_tokens: int = 0,
+        upproject_max_context_tokens: int | None = None,
         qk_nope_head_dim: int | None = None,
         v_head_dim: int | None = None,
     ):
         """`qk_nope_head_dim` / `v_head_dim`: the model's, which flashinfer's MLA backend plans with (the torch
-        reference reads them off the tensors)."""
+        reference reads them off the tensors). `upproject_max_context_tokens`: the bound on a step's up-projected
+        context (mla.upproject_split), needed when `upproject_min_tokens` > 0."""
         if num_kv_heads != 1:
             raise ValueError(f"MLA caches one latent per token (num_kv_heads 1), got {num_kv_heads}")
         if sliding_window is not None:
@@ -50,17 +60,23 @@ class TorchMLAAttention(TorchPagedAttention):
             raise ValueError(f"kv_lora_rank {kv_lora_rank} must be below the latent row width {head_dim}")
         if upproject_min_tokens < 0:
             raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {upproject_min_tokens}")
+        check_upproject_bound(upproject_min_tokens, upproject_max_context_tokens)
         super().__init__(num_heads, 1, head_dim, scale, block_size, dtype=dtype, device=device)
         self.kv_lora_rank = kv_lora_rank
         self.upproject_min_tokens = upproject_min_tokens
+        self.upproject_max_context_tokens = upproject_max_context_tokens or 0
         self._split: MLASplit | None = None
         self.upprojected_tokens = 0  # query rows attended up-projected so far (a counter for tests and benchmarks)
+        self.upproject_deferred_tokens = 0  # rows of chunks long enough that attended absorbed: past the context bound
         self._absorbed_slots = torch.empty(0, dtype=torch.int64)
         self._up_ranges: list[tuple[int, int, int, int, int]] = []  # per up chunk: q start, end, kv start, end, cached
 
     @classmethod
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:
-        return {"upproject_min_tokens": config.mla_upproject_min_tokens}
+        return {
+            "upproject_min_tokens": config.mla_upproject_min_tokens,
+            "upproject_max_context_tokens": config.mla_upproject_context_budget,
+        }
 
     @property
     def mla_split(self) -> MLASplit | None:
@@ -69,10 +85,14 @@ class TorchMLAAttention(TorchPagedAttention):
     def begin_step(self, meta: AttentionMetadata) -> None:
         super().begin_step(meta)  # the writes of every new row, and the absorbed plans of the whole step
         plan = upproject_split(
-            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size, self.upproject_min_tokens
-        )
-        if plan is not None:
-            self.upprojected_tokens += len(plan.up_rows)
+            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size,
+            self.upproject_min_tokens, self.upproject_max_context_tokens,
+        )  # fmt: skip
+        if self.upproject_min_tokens:
+            qlens = np.asarray(meta.query_lens_list, dtype=np.int64)
+            long_rows = int(qlens[upproject_candidates(qlens, self.upproject_min_tokens)].sum())
+            self.upprojected_tokens += 0 if plan is None else len(plan.up_rows)
+            self.upproject_deferred_tokens += long_rows - (0 if plan is None else len(plan.up_rows))
         self._split = None if plan is None else MLASplit.on(plan, meta.slot_mapping.device)
         if plan is None or self._split is None:
             return

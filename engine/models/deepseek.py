@@ -240,17 +240,16 @@ class MLAttention(nn.Module):
         is cached first; absorbed rows attend as forward_mla does; the up rows' contexts (cached + new latents,
         gathered from the pool) go through kv_b_proj to K_nope and V, the shared rope key is appended to every head,
         and the chunks' full queries attend over them causally. The up-projected K/V are transient, one layer at a
-        time, context tokens x heads x (2 nope + rope + v) wide: the memory profile at start does not size them."""
+        time, context tokens x heads x (2 nope + rope + 2 v) at most (mla.upproject_temp_bytes, which the start-up
+        memory profile reserves for the step bound mla_upproject_max_context_tokens); the absorbed rows'
+        temporaries are freed before they are made."""
         c, h = self.c, self.num_heads
         nope, r = c.qk_nope_head_dim, c.kv_lora_rank
-        w_kv = self.kv_b_proj.weight.view(h, nope + c.v_head_dim, r)
         attn.write_latents(latent, k_rope, kv_cache)
         values = q_nope.new_empty((q_nope.shape[0], h, c.v_head_dim))
         if split.absorbed_rows is not None:
             a = split.absorbed_rows
-            q_latent = torch.bmm(q_nope[a].transpose(0, 1), w_kv[:, :nope]).transpose(0, 1)
-            out = attn.attend_absorbed(layer_idx, q_latent, q_rope[a], kv_cache)
-            values[a] = torch.bmm(out.transpose(0, 1), w_kv[:, nope:].transpose(1, 2)).transpose(0, 1)
+            values[a] = self._absorbed_values(layer_idx, q_nope[a], q_rope[a], kv_cache, attn)
         context = kv_cache.view(-1, kv_cache.shape[-1]).index_select(0, split.context_slots)  # [S, r + rope]
         kv = self.kv_b_proj(context[:, :r]).view(-1, h, nope + c.v_head_dim)
         k = torch.cat((kv[..., :nope], context[:, None, r:].expand(-1, h, c.qk_rope_head_dim)), dim=-1)
@@ -258,6 +257,16 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope[u], q_rope[u]), dim=-1)
         values[u] = attn.attend_upprojected(layer_idx, q, k, kv[..., nope:])
         return values
+
+    def _absorbed_values(
+        self, layer_idx: int, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, attn: LatentAttention
+    ) -> torch.Tensor:
+        """Per-head values [t, h, v] of a split's absorbed rows (their latents already written)."""
+        c, h, nope = self.c, self.num_heads, self.c.qk_nope_head_dim
+        w_kv = self.kv_b_proj.weight.view(h, nope + c.v_head_dim, c.kv_lora_rank)
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_kv[:, :nope]).transpose(0, 1)
+        out = attn.attend_absorbed(layer_idx, q_latent, q_rope, kv_cache)
+        return torch.bmm(out.transpose(0, 1), w_kv[:, nope:].transpose(1, 2)).transpose(0, 1)
 
 
 class DecoderLayer(nn.Module):

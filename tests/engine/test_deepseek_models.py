@@ -66,14 +66,19 @@ def _step_logits(runner, seqs: list[ScheduledSeq]) -> torch.Tensor:
 def test_upprojected_chunks_over_a_cached_prefix_mixed_with_decodes_equal_transformers(kind, tiny_model_dir, hf_model):
     """Step 1 prefills three prompts' first chunks (up-projected at min 4); step 2 mixes, in this order, a decode, a
     chunk over a cached prefix that ends mid-block (up-projected), a 3-token chunk (absorbed: below 4) and a fresh
-    prompt (up-projected). Every row's logits equal transformers' and the all-absorbed engine's."""
+    prompt (up-projected). Every row's logits equal transformers' and the all-absorbed engine's. Then again with a
+    bound of 45 context tokens a step (mla_upproject_max_context_tokens): in step 1 the first chunk (21) and the
+    third (21 + 10) go up-projected, the second (30 more) absorbed; in step 2 the chunk over the cached prefix (41)
+    goes up-projected and the fresh prompt (41 + 12) absorbed; the logits do not change."""
     rng = random.Random(21)
     a, b, cc, d = ([rng.randrange(4, TINY_VOCAB) for _ in range(n)] for n in (41, 31, 13, 12))
     tables = {"a": [0, 1, 2], "b": [3, 4], "c": [5], "d": [6]}
     loaded = load_model(tiny_model_dir(kind))
-    logits = []
-    for min_tokens in (0, 4):
-        runner = make_runner(loaded, num_blocks=8, mla_upproject_min_tokens=min_tokens)
+    logits = {}
+    for name, min_tokens, bound in (("absorbed", 0, None), ("up-projected", 4, None), ("bounded", 4, 45)):
+        runner = make_runner(
+            loaded, num_blocks=8, mla_upproject_min_tokens=min_tokens, mla_upproject_max_context_tokens=bound
+        )
         first = [
             ScheduledSeq("a", a[:21], 0, tables["a"], False),
             ScheduledSeq("b", b[:30], 0, tables["b"], True),
@@ -81,26 +86,35 @@ def test_upprojected_chunks_over_a_cached_prefix_mixed_with_decodes_equal_transf
         ]
         _step_logits(runner, first)
         assert (runner.attn.mla_split is not None) == bool(min_tokens)
+        if name == "bounded":
+            assert runner.attn.mla_split.plan.up_seqs.tolist() == [0, 2]
+            assert runner.attn.upproject_deferred_tokens == 30
         second = [
             ScheduledSeq("b", b[30:], 30, tables["b"], True),
             ScheduledSeq("a", a[21:], 21, tables["a"], True),
             ScheduledSeq("c", cc[10:], 10, tables["c"], True),
             ScheduledSeq("d", d, 0, tables["d"], True),
         ]
-        logits.append(_step_logits(runner, second))
-        if min_tokens:
-            split = runner.attn.mla_split
+        logits[name] = _step_logits(runner, second)
+        split = runner.attn.mla_split
+        if name == "up-projected":
             assert split is not None and split.plan.up_seqs.tolist() == [1, 3]
             assert split.plan.absorbed_rows.tolist() == [0, 21, 22, 23]
+            assert runner.attn.upproject_deferred_tokens == 0
+        elif name == "bounded":
+            assert split is not None and split.plan.up_seqs.tolist() == [1]
+            assert split.plan.absorbed_rows.tolist() == [0] + list(range(21, 36))
+            assert runner.attn.upproject_deferred_tokens == 30 + 12
     ref = torch.cat(
         [hf_logits(hf_model(kind), b)[30:], hf_logits(hf_model(kind), a)[21:], hf_logits(hf_model(kind), cc)[10:],
          hf_logits(hf_model(kind), d)]
     )  # fmt: skip
-    for name, ours in zip(("absorbed", "up-projected"), logits, strict=True):
+    for name, ours in logits.items():
         err = float((ours - ref).norm() / ref.norm())
         assert err < 2e-5, f"{kind} {name}: relative L2 error {err:.2e} against transformers"
-    between = float((logits[1] - logits[0]).norm() / logits[0].norm())
-    assert between < 1e-5, f"{kind}: relative L2 {between:.2e} between the paths"
+    for name in ("up-projected", "bounded"):
+        between = float((logits[name] - logits["absorbed"]).norm() / logits["absorbed"].norm())
+        assert between < 1e-5, f"{kind} {name}: relative L2 {between:.2e} against the absorbed path"
 
 
 @pytest.mark.parametrize("upproject", [0, 2], ids=["absorbed", "up-projected"])
@@ -126,6 +140,8 @@ def test_greedy_generate_equals_transformers_with_chunks_prefix_cache_and_preemp
     outs = [list(o.outputs[0].token_ids) for o in first + rest]
     stats = llm.engine.stats()
     assert (llm.engine.runner.attn.upprojected_tokens > 0) == bool(upproject), "the prefill took the other path"
+    # the auto bound, 2 x 16 context tokens a step, sends the chunks over the cached 35-token prefix absorbed
+    assert (llm.engine.runner.attn.upproject_deferred_tokens > 0) == bool(upproject), "the bound was meant to bite"
     assert stats.num_preemptions > 0, "the KV pool was meant to be small enough to preempt"
     assert stats.prefix_hits > 0, "the shared prefix was meant to be served from the cache"
     for i, (ours, (ref, ref_logits)) in enumerate(zip(outs, refs, strict=True)):

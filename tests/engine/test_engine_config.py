@@ -51,3 +51,18 @@ def test_mla_upproject_min_tokens_from_the_environment_and_refused_below_zero(mo
     assert EngineConfig().mla_upproject_min_tokens == 512
     with pytest.raises(ValueError, match=r"^invalid engine argument mla_upproject_min_tokens=-1$"):
         EngineConfig(mla_upproject_min_tokens=-1)
+
+
+def test_mla_upproject_context_bound_from_the_environment_auto_and_refused_below_one(monkeypatch):
+    assert EngineConfig().mla_upproject_max_context_tokens is None
+    assert EngineConfig(max_num_batched_tokens=16384).mla_upproject_context_budget == 32768, "auto: 2 x the budget"
+    monkeypatch.setenv("KUBELLM_MLA_UPPROJECT_MAX_CONTEXT_TOKENS", "64K")
+    assert EngineConfig(max_num_batched_tokens=16384).mla_upproject_context_budget == 65536
+    monkeypatch.setenv("KUBELLM_MLA_UPPROJECT_MAX_CONTEXT_TOKENS", "auto")
+    assert EngineConfig().mla_upproject_context_budget == 2 * 2048
+    assert EngineConfig(mla_upproject_max_context_tokens=5000).mla_upproject_context_budget == 5000
+    with pytest.raises(ValueError, match=r"^invalid engine argument mla_upproject_max_context_tokens=0$"):
+        EngineConfig(mla_upproject_max_context_tokens=0)
+    monkeypatch.setenv("KUBELLM_MLA_UPPROJECT_MAX_CONTEXT_TOKENS", "lots")
+    with pytest.raises(ConfigFileError, match=r"environment variable KUBELLM_MLA_UPPROJECT_MAX_CONTEXT_TOKENS='lots'"):
+        EngineConfig()

@@ -13,7 +13,8 @@ fails, never skips).
 - the up-projected prefill (mla_upproject_min_tokens): one DeepSeek-V2-Lite-shaped attention layer on a mixed step
   (decodes, chunks over cached prefixes, a short absorbed chunk, a fresh prefill) gives through flashinfer's ragged
   prefill the torch reference's output (float32, same split) and flashinfer's all-absorbed output; the model's
-  logits with it on equal the CPU reference's; greedy decoding through the engine with it on equals it off.
+  logits with it on equal the CPU reference's; greedy decoding through the engine with it on equals it off;
+  a step at the up-projected context bound stays within the start-up memory profile's peak plus its reserve.
 
 Run: bench/mla_gpu.sh (these tests, then bench/mla_micro.py); or TESTS=tests/engine/test_gpu_mla.py bench/gpu_run.sh
 test (these tests alone).
@@ -447,7 +448,7 @@ def test_upprojected_prefill_matches_reference_and_absorbed(min_tokens):
     def flashinfer(min_tok: int) -> tuple[torch.Tensor, torch.Tensor]:
         attn = _flashinfer_mla_cls()(
             HEADS, 1, width, scale, 16, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda",
-            upproject_min_tokens=min_tok, **dims,
+            upproject_min_tokens=min_tok, upproject_max_context_tokens=1000, **dims,
         )  # fmt: skip
         attn.begin_step(meta)
         assert (attn.mla_split is not None) == bool(min_tok)
@@ -456,7 +457,10 @@ def test_upprojected_prefill_matches_reference_and_absorbed(min_tokens):
             out = bf16(0, x.bfloat16(), cos.bfloat16(), sin.bfloat16(), p, attn)
         return out.float(), p
 
-    ref_attn = TorchMLAAttention(HEADS, 1, width, scale, 16, kv_lora_rank=RANK, upproject_min_tokens=min_tokens)
+    ref_attn = TorchMLAAttention(
+        HEADS, 1, width, scale, 16, kv_lora_rank=RANK, upproject_min_tokens=min_tokens,
+        upproject_max_context_tokens=1000,
+    )  # fmt: skip
     ref_attn.begin_step(meta)
     expected_up = ref_attn.mla_split.plan.up_seqs.tolist()
     assert expected_up == ([0, 2, 3, 4] if min_tokens == 1 else [0, 3, 4])
@@ -522,3 +526,51 @@ def test_engine_greedy_with_upprojected_prefill_agrees_with_absorbed(loaded):
     equal = sum(a == u for x, y in zip(absorbed, up, strict=True) for a, u in zip(x[:4], y[:4], strict=True))
     print(f"up-projected vs absorbed greedy: {equal} of {4 * len(prompts)} first tokens equal")
     assert equal >= 0.75 * 4 * len(prompts), f"only {equal} of {4 * len(prompts)} first tokens agree"
+
+
+def test_a_step_at_the_upprojected_context_bound_fits_the_memory_profile(loaded):
+    """The start-up profile (an absorbed forward at the token budget) plus the reserve for up-projected K/V
+    (mla.upproject_temp_bytes of mla_upproject_max_context_tokens) covers the worst step: the whole token budget in
+    long chunks over cached prefixes whose contexts fill the bound. Its peak beyond the KV pool stays within the
+    profile's peak plus the reserve, and its excess over the same step run absorbed stays within the reserve."""
+    from kubellm.engine.model_runner import ModelRunner
+
+    budget, bound, seqs = 2048, 8192, 4
+    cfg = EngineConfig(
+        device="cuda", max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=4096, enforce_eager=True,
+        mla_upproject_min_tokens=2, mla_upproject_max_context_tokens=bound,
+    )  # fmt: skip
+    runner = ModelRunner(loaded, cfg)
+    assert runner.upproject_reserve_bytes == bound * (576 + 512 + 16 * (256 + 192 + 128)) * 2  # bf16
+    assert runner.available_kv_cache_bytes() is not None
+    gib = 2**30
+    profiled = runner.memory_profile["peak_forward_gib"] * gib
+    assert runner.memory_profile["mla_upproject_reserve_gib"] * gib == runner.upproject_reserve_bytes
+    new, ctx = budget // seqs, bound // seqs  # 512 new tokens over 1536 cached, each: contexts sum to the bound
+    per = -(-ctx // 16)
+    runner.allocate_kv_cache(seqs * per + 1)
+    pool = sum(t.numel() * t.element_size() for t in runner.kv_caches)
+    batch = ForwardBatch(
+        [ScheduledSeq(f"s{i}", [5] * new, ctx - new, list(range(i * per, (i + 1) * per)), True) for i in range(seqs)]
+    )
+    peaks = {}
+    for name, min_tokens in (("absorbed", 0), ("up-projected", 2)):
+        runner.attn.upproject_min_tokens = min_tokens
+        before = runner.attn.upprojected_tokens
+        runner.logits(batch)  # once to build kernels and plans, then measured
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        runner.logits(batch)
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - pool
+        assert runner.attn.upprojected_tokens - before == (2 * budget if min_tokens else 0)
+    assert runner.attn.upproject_deferred_tokens == 0, "the step was meant to fit the bound exactly"
+    extra = peaks["up-projected"] - peaks["absorbed"]
+    print(
+        f"profile peak {profiled / gib:.3f} GiB, reserve {runner.upproject_reserve_bytes / gib:.3f} GiB; step peaks "
+        f"absorbed {peaks['absorbed'] / gib:.3f} GiB, up-projected {peaks['up-projected'] / gib:.3f} GiB "
+        f"(+{extra / gib:.3f} GiB)"
+    )
+    assert peaks["up-projected"] <= profiled + runner.upproject_reserve_bytes
+    assert extra <= runner.upproject_reserve_bytes

@@ -20,6 +20,7 @@ from kubellm.engine.attention.mla import (
     mla_page_table,
     mla_work_bound,
     upproject_split,
+    upproject_temp_bytes,
 )
 from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 
@@ -45,7 +46,7 @@ def test_upproject_split_of_a_mixed_step():
     # second, unused block)
     qlens, seq_lens = [1, 5, 2, 3], [6, 8, 3, 3]
     tables = [[0, 1], [8, 2], [6], [5, 7]]
-    s = upproject_split(qlens, seq_lens, tables, 4, 3)
+    s = upproject_split(qlens, seq_lens, tables, 4, 3, 11)  # a bound of 11 context tokens: both chunks (8 + 3)
     assert s is not None
     assert s.up_seqs.tolist() == [1, 3] and s.absorbed_seqs.tolist() == [0, 2]
     # rows: decode 0, chunk 1..5, short chunk 6..7, fresh prefill 8..10
@@ -54,12 +55,89 @@ def test_upproject_split_of_a_mixed_step():
     assert s.qo_indptr.tolist() == [0, 5, 8] and s.kv_indptr.tolist() == [0, 8, 11]
     assert s.context_slots.tolist() == [32, 33, 34, 35, 8, 9, 10, 11, 20, 21, 22]
     assert s.cached_lens.tolist() == [3, 0]
-    assert upproject_split(qlens, seq_lens, tables, 4, 0) is None, "0: never"
-    assert upproject_split(qlens, seq_lens, tables, 4, 6) is None, "no chunk is that long"
-    every = upproject_split(qlens, seq_lens, tables, 4, 1)  # 1: every chunk of 2+ tokens; a decode row never
+    assert upproject_split(qlens, seq_lens, tables, 4, 0, 100) is None, "0: never"
+    assert upproject_split(qlens, seq_lens, tables, 4, 6, 100) is None, "no chunk is that long"
+    every = upproject_split(qlens, seq_lens, tables, 4, 1, 100)  # 1: every chunk of 2+ tokens; a decode row never
     assert every is not None and every.up_seqs.tolist() == [1, 2, 3] and every.absorbed_rows.tolist() == [0]
     with pytest.raises(ValueError, match="mla_upproject_min_tokens must be >= 0"):
-        upproject_split(qlens, seq_lens, tables, 4, -1)
+        upproject_split(qlens, seq_lens, tables, 4, -1, 100)
+    with pytest.raises(ValueError, match="the up-projected context bound must be >= 0"):
+        upproject_split(qlens, seq_lens, tables, 4, 3, -1)
+
+
+def test_upproject_split_holds_at_most_the_context_bound():
+    # the step above: candidates at min 2 are the 5-token chunk over 3 (context 8), the 2-token chunk over 1
+    # (context 3) and the fresh 3-token prefill (context 3), in batch order
+    qlens, seq_lens = [1, 5, 2, 3], [6, 8, 3, 3]
+    tables = [[0, 1], [8, 2], [6], [5, 7]]
+    s = upproject_split(qlens, seq_lens, tables, 4, 2, 10)  # 8 fits; 8 + 3 does not; 8 + 3 (the third) does not
+    assert s is not None and s.up_seqs.tolist() == [1] and s.absorbed_seqs.tolist() == [0, 2, 3]
+    assert s.up_rows.tolist() == [1, 2, 3, 4, 5] and s.absorbed_rows.tolist() == [0, 6, 7, 8, 9, 10]
+    assert s.kv_indptr.tolist() == [0, 8] and s.context_slots.tolist() == [32, 33, 34, 35, 8, 9, 10, 11]
+    s = upproject_split(qlens, seq_lens, tables, 4, 2, 6)  # the first is past the bound alone: absorbed, and the
+    assert s is not None and s.up_seqs.tolist() == [2, 3]  # later, shorter ones taken (3 + 3 = 6 fits exactly)
+    assert s.cached_lens.tolist() == [1, 0] and s.context_slots.tolist() == [24, 25, 26, 20, 21, 22]
+    s = upproject_split(qlens, seq_lens, tables, 4, 2, 5)  # 3 fits, 3 + 3 does not
+    assert s is not None and s.up_seqs.tolist() == [2] and s.absorbed_rows.tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 10]
+    assert upproject_split(qlens, seq_lens, tables, 4, 2, 2) is None, "no candidate fits: the whole step absorbed"
+    assert upproject_split(qlens, seq_lens, tables, 4, 2, 0) is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_upproject_split_of_random_steps_respects_the_bound_in_batch_order(seed):
+    """Random steps (decodes, chunks over cached prefixes, fresh prefills) and bounds: the up-projected contexts
+    sum to at most the bound; every candidate left absorbed would have passed the bound at its turn (first fit in
+    batch order); the rows of the two paths partition the step, each in increasing order; each up sequence's
+    slots are its context's, position by position, through its block table."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 24))
+    qlens = [int(rng.choice([1, int(rng.integers(2, 40))])) for _ in range(n)]
+    cached = [int(rng.integers(0, 60)) for _ in range(n)]
+    seq_lens = [c + q for c, q in zip(cached, qlens, strict=True)]
+    block = 4
+    perm = rng.permutation(2000).tolist()
+    tables, at = [], 0
+    for length in seq_lens:
+        pages = -(-length // block) + int(rng.integers(0, 2))  # sometimes a spare block at the end
+        tables.append(perm[at : at + pages])
+        at += pages
+    min_tokens, bound = int(rng.integers(1, 10)), int(rng.integers(0, 200))
+    s = upproject_split(qlens, seq_lens, tables, block, min_tokens, bound)
+    candidates = [i for i in range(n) if qlens[i] >= max(min_tokens, 2)]
+    held, taken = 0, []
+    for i in candidates:  # the rule, written plainly
+        if held + seq_lens[i] <= bound:
+            taken.append(i)
+            held += seq_lens[i]
+    if not taken:
+        assert s is None
+        return
+    assert s is not None and s.up_seqs.tolist() == taken
+    assert s.absorbed_seqs.tolist() == [i for i in range(n) if i not in taken]
+    assert int(s.kv_indptr[-1]) == sum(seq_lens[i] for i in taken) <= bound
+    starts = np.concatenate(([0], np.cumsum(qlens)))
+    up_rows = [r for i in taken for r in range(starts[i], starts[i + 1])]
+    assert s.up_rows.tolist() == up_rows
+    assert s.absorbed_rows.tolist() == [r for r in range(int(starts[-1])) if r not in set(up_rows)]
+    slots = [tables[i][p // block] * block + p % block for i in taken for p in range(seq_lens[i])]
+    assert s.context_slots.tolist() == slots
+    assert s.cached_lens.tolist() == [cached[i] for i in taken]
+    assert s.qo_indptr.tolist() == np.concatenate(([0], np.cumsum([qlens[i] for i in taken]))).tolist()
+
+
+def test_upprojected_temporaries_grow_with_the_bound_and_the_heads():
+    v2_lite = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, elem_bytes=2)
+    # per context token: latent row 576 + a copy of its latent 512 + 16 heads x (kv_b out 256 + keys 192 + v 128)
+    assert upproject_temp_bytes(1, 16, **v2_lite) == (576 + 512 + 16 * 576) * 2 == 20608
+    assert upproject_temp_bytes(32768, 16, **v2_lite) == 32768 * 20608  # the auto bound at a 16384-token budget
+    assert upproject_temp_bytes(0, 16, **v2_lite) == 0
+    # DeepSeek-V3 on one rank: 128 heads of the same widths
+    assert upproject_temp_bytes(16384, 128, **v2_lite) == 16384 * (576 + 512 + 128 * 576) * 2
+    sizes = [upproject_temp_bytes(b, h, **v2_lite) for b in (1024, 4096) for h in (8, 16, 128)]
+    assert sizes[0] < sizes[1] < sizes[2] and sizes[3] < sizes[4] < sizes[5]
+    assert all(small < big for small, big in zip(sizes[:3], sizes[3:], strict=True))
+    with pytest.raises(ValueError, match="context_tokens must be >= 0 and num_heads >= 1"):
+        upproject_temp_bytes(-1, 16, **v2_lite)
 
 
 def test_decode_page_table_from_the_runners_graph_layout():
@@ -210,7 +288,7 @@ def test_upprojected_prefill_equals_absorbed_in_a_mixed_step(kind):
     for min_tokens in (0, 4):
         attn = TorchMLAAttention(
             layer.num_heads, 1, pool.shape[-1], scale, BLOCK, kv_lora_rank=c.kv_lora_rank,
-            upproject_min_tokens=min_tokens,
+            upproject_min_tokens=min_tokens, upproject_max_context_tokens=100,
         )  # fmt: skip
         attn.begin_step(meta)
         split = attn.mla_split
@@ -235,7 +313,7 @@ def test_a_step_of_only_upprojected_chunks_needs_no_absorbed_plan():
     for min_tokens in (0, 1):
         attn = TorchMLAAttention(
             layer.num_heads, 1, pool.shape[-1], c.attention_scale, BLOCK, kv_lora_rank=c.kv_lora_rank,
-            upproject_min_tokens=min_tokens,
+            upproject_min_tokens=min_tokens, upproject_max_context_tokens=100,
         )  # fmt: skip
         attn.begin_step(meta)
         assert (attn.mla_split is None) == (min_tokens == 0)
@@ -244,3 +322,85 @@ def test_a_step_of_only_upprojected_chunks_needs_no_absorbed_plan():
         with torch.inference_mode():
             outs.append(layer(0, x, cos, sin, pool.clone(), attn))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", DEEPSEEK_KINDS)
+def test_chunks_past_the_context_bound_attend_absorbed_with_the_same_result(kind):
+    """Three long chunks (contexts 13, 18 and 11 tokens) and a decode in one step, all chunks candidates at min 2:
+    a bound of 24 takes the first (13) and the third (13 + 11 = 24), the second falls back to absorbed beside the
+    decode; the layer's output equals the all-absorbed and the unbounded up-projected layer's."""
+    cached, new = [6, 10, 0, 20], [7, 8, 11, 1]
+    c, layer, pool, meta, x, cos, sin = _mla_layer_and_step(kind, cached, new, seed=9)
+    outs, pools = {}, []
+    for name, min_tokens, bound in (("absorbed", 0, None), ("bounded", 2, 24), ("unbounded", 2, 1000)):
+        attn = TorchMLAAttention(
+            layer.num_heads, 1, pool.shape[-1], c.attention_scale, BLOCK, kv_lora_rank=c.kv_lora_rank,
+            upproject_min_tokens=min_tokens, upproject_max_context_tokens=bound,
+        )  # fmt: skip
+        attn.begin_step(meta)
+        split = attn.mla_split
+        if name == "bounded":
+            assert split is not None and split.plan.up_seqs.tolist() == [0, 2]
+            assert split.plan.absorbed_seqs.tolist() == [1, 3] and int(split.plan.kv_indptr[-1]) == 24
+            assert split.absorbed_rows.tolist() == list(range(7, 15)) + [26]
+        elif name == "unbounded":
+            assert split is not None and split.plan.up_seqs.tolist() == [0, 1, 2]
+        p = pool.clone()
+        with torch.inference_mode():
+            outs[name] = layer(0, x, cos, sin, p, attn)
+        pools.append(p)
+    assert all(torch.equal(pools[0], p) for p in pools[1:]), "the new latents went to different slots"
+    for name in ("bounded", "unbounded"):
+        err = float((outs[name] - outs["absorbed"]).norm() / outs["absorbed"].norm())
+        assert err < 1e-5, f"{kind} {name}: relative L2 {err:.2e} against absorbed"
+
+
+def test_a_backend_that_may_upproject_needs_a_context_bound():
+    with pytest.raises(ValueError, match="needs a bound on a step's up-projected context tokens"):
+        TorchMLAAttention(HEADS, 1, WIDTH, 1.0, BLOCK, kv_lora_rank=RANK, upproject_min_tokens=4)
+    with pytest.raises(ValueError, match=r"mla_upproject_max_context_tokens >= 1\), got 0"):
+        TorchMLAAttention(
+            HEADS, 1, WIDTH, 1.0, BLOCK, kv_lora_rank=RANK, upproject_min_tokens=4, upproject_max_context_tokens=0
+        )
+    TorchMLAAttention(HEADS, 1, WIDTH, 1.0, BLOCK, kv_lora_rank=RANK)  # never up-projects: no bound needed
+
+
+def test_the_runner_reserves_upprojected_temporaries_growing_with_the_bound_and_the_heads():
+    """The model runner's reserve for up-projected K/V (what the CUDA memory profile takes off the KV budget): the
+    tiny DeepSeek-V2 config's 4 heads, kv_lora_rank 32, rope 8, nope 16, v 12 in float32 are (32 + 8) + 32 + 4 x
+    (28 + 24 + 12) = 328 values, 1312 bytes per context token; 8 heads 584 values; none when never up-projecting."""
+    from kubellm.engine.config import EngineConfig
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.model_runner import ModelRunner
+    from kubellm.engine.random_model import random_loaded_model
+
+    def reserve(heads: int = 4, **settings) -> int:
+        hf = tiny_hf_config("deepseek-v2").to_dict() | {"num_attention_heads": heads, "num_key_value_heads": heads}
+        loaded = random_loaded_model(ModelConfig.from_hf_config(hf), torch.float32, "cpu")
+        return ModelRunner(loaded, EngineConfig(device="cpu", **settings)).upproject_reserve_bytes
+
+    assert reserve(mla_upproject_min_tokens=0) == 0, "never up-projected: nothing reserved"
+    assert reserve(mla_upproject_min_tokens=4, max_num_batched_tokens=64) == 2 * 64 * 1312, "auto: 2 x the budget"
+    assert reserve(mla_upproject_min_tokens=4, mla_upproject_max_context_tokens=1000) == 1000 * 1312
+    assert reserve(8, mla_upproject_min_tokens=4, mla_upproject_max_context_tokens=1000) == 1000 * 584 * 4
+
+
+def test_the_memory_profile_forward_attends_absorbed():
+    """profile_run measures the absorbed path (its per-token temporaries are the larger); the up-projected path's
+    context-sized ones are reserved on top. Inside absorbed_only a backend plans no split; after, it does again."""
+    from kubellm.engine.model_runner import absorbed_only
+
+    cached, new = [0, 5], [6, 9]
+    c, layer, pool, meta, *_ = _mla_layer_and_step("deepseek-v2", cached, new, seed=6)
+    attn = TorchMLAAttention(
+        layer.num_heads, 1, pool.shape[-1], c.attention_scale, BLOCK, kv_lora_rank=c.kv_lora_rank,
+        upproject_min_tokens=2, upproject_max_context_tokens=100,
+    )  # fmt: skip
+    with absorbed_only(attn):
+        attn.begin_step(meta)
+        assert attn.mla_split is None
+    attn.begin_step(meta)
+    assert attn.mla_split is not None and attn.mla_split.plan.up_seqs.tolist() == [0, 1]
+    assert attn.upprojected_tokens == 15 and attn.upproject_deferred_tokens == 0
+    with absorbed_only(TorchMLAAttention(layer.num_heads, 1, pool.shape[-1], 1.0, BLOCK, kv_lora_rank=8)):
+        pass  # a backend that never up-projects is left as it is
