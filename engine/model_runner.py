@@ -343,6 +343,13 @@ class ModelRunner:
             next_block += pages
         # One small cache shared by every layer: the pool itself is what this run sizes.
         cache = torch.zeros(self.attn.kv_cache_shape(next_block), dtype=self.kv_dtype, device=self.device)
+        min_tokens = getattr(self.attn, "upproject_min_tokens", 0)
+        up = min(max(min_tokens, 2), tokens, self.config.mla_upproject_context_budget)
+        if min_tokens and up >= 2:
+            # one up-projected chunk builds that path's kernels (flashinfer's JIT) before serving; before the peak
+            # reset, so what is measured stays the absorbed forward
+            warm = ScheduledSeq("profile-upproject", [0] * up, 0, list(range(-(-up // bs))), True)
+            self._forward(ForwardBatch([warm]), [cache] * c.num_hidden_layers)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         with absorbed_only(self.attn):

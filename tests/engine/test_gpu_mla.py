@@ -543,6 +543,7 @@ def test_a_step_at_the_upprojected_context_bound_fits_the_memory_profile(loaded)
     runner = ModelRunner(loaded, cfg)
     assert runner.upproject_reserve_bytes == bound * (576 + 512 + 16 * (256 + 192 + 128)) * 2  # bf16
     assert runner.available_kv_cache_bytes() is not None
+    assert runner.attn.upprojected_tokens == 2, "the profile was meant to build the up-projected kernels (2 tokens)"
     gib = 2**30
     profiled = runner.memory_profile["peak_forward_gib"] * gib
     assert runner.memory_profile["mla_upproject_reserve_gib"] * gib == runner.upproject_reserve_bytes
