@@ -177,6 +177,14 @@ def cases() -> list[Case]:
                 add(f"fused.add_rms_norm {model} {d} T={t}", lambda t=t, h=hidden, d=dt[d]: _declined(
                     fused.add_rms_norm(e(t, h, dtype=d), e(t, h, dtype=d), e(h, dtype=d), 1e-6),
                     "add_rms_norm"))  # fmt: skip
+    for moe in MOE[:5]:  # a MoE layer's k unsummed expert terms summed into the next residual add + norm
+        extra = moe.name.startswith("deepseek")  # the shared experts' output, a term of its own
+        for d in DTYPES:
+            for t in (1, 64):
+                add(f"fused.sum_add_rms_norm {moe.name} {d} T={t} extra={extra}", lambda t=t, m=moe, d=dt[d], x=extra:
+                    _declined(fused.sum_add_rms_norm(e(t, m.top_k, m.hidden, dtype=d), e(t, m.hidden, dtype=d),
+                              e(m.hidden, dtype=d), 1e-6, e(t, m.hidden, dtype=d) if x else None),
+                              "sum_add_rms_norm"))  # fmt: skip
     for a in ATTN:
         for tp in a.tp:
             hq, hkv = a.heads // tp, max(a.kv_heads // tp, 1)
@@ -784,7 +792,7 @@ def run(arch: int = 90, jobs: int = 0, only: str | None = None, scope: str = "fu
         kernels, _ = kernels_and_helpers(modules)
         from kubellm.engine.models import fused
 
-        fused.configure(True, rope_cache=True, qk_norm=True)
+        fused.configure(True)  # every fused setting on, as an engine's defaults leave them
         case_list = [c for c in cases() if not only or re.search(only, c.name)]
         summary = check(case_list, arch, jobs, scope, None if only else kernels, out)
     summary["seconds"] = round(time.perf_counter() - started, 1)  # with the imports

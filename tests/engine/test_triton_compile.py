@@ -26,6 +26,7 @@ TRITON_DIR = Path(
 KERNELS = {
     "fused._rms_norm_kernel", "fused._add_rms_norm_kernel", "fused._rope_kernel", "fused._rope_cache_kernel",
     "fused._mla_rope_kernel", "fused._mla_rope_cache_kernel", "fused._silu_mul_kernel", "fused._grouped_topk_kernel",
+    "fused._sum_add_rms_norm_kernel",
     "fused_moe._topk_softmax_kernel", "fused_moe._align_kernel", "fused_moe._scatter_kernel",
     "fused_moe._gate_up_kernel", "fused_moe._down_kernel", "fused_moe._down_sum_kernel",
     "fp8_gemm._w8a8_kernel", "fp8_gemm._w8a16_kernel", "fp8_quant._rows_kernel", "fp8_quant._tensor_amax_kernel",
