@@ -83,3 +83,30 @@ def test_without_triton_the_check_says_how_to_install_it(tmp_path):
 def test_the_makefile_installs_the_version_the_check_names():
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert f"TRITON_VERSION := {compile_check.TRITON_VERSION}\n" in makefile
+
+
+class _Kernel:
+    """The few attributes of a Triton JIT function the selection reads (the test runs without Triton)."""
+
+    def __init__(self, name: str, arg_names: list[str], declared: list[int]):
+        self.fn = type("F", (), {"__module__": "kubellm.engine.models.fused", "__name__": name})
+        self.arg_names, self.constexprs, self.src = arg_names, declared, ""
+
+
+def test_the_quick_scope_keeps_every_flag_and_dtype_at_the_smallest_sizes():
+    k = _Kernel("_k", ["x_ptr", "n", "BLOCK", "EVEN"], [2, 3])
+
+    def req(dtype: str, block: int, even: bool, n_is_one: bool = False) -> compile_check.Request:
+        consts = {(2,): block, (3,): even} | ({(1,): 1} if n_is_one else {})
+        sig = {"x_ptr": f"*{dtype}", "n": "constexpr" if n_is_one else "i32", "BLOCK": "constexpr", "EVEN": "constexpr"}
+        return compile_check.Request(k, sig, consts, {}, {"num_warps": 4, "num_stages": 3}, "case")
+
+    requests = [
+        req("bf16", 1024, True),  # 0
+        req("bf16", 128, True),  # 1: the same flags and dtype as 0, smaller
+        req("bf16", 128, False),  # 2: the other flag value
+        req("fp16", 4096, True),  # 3: the only fp16 launch
+        req("bf16", 64, True, n_is_one=True),  # 4: an int specialised to 1 selects no code: smallest of 0, 1, 4
+        req("bf16", 2048, False),  # 5: covered by 2
+    ]
+    assert compile_check.quick_selection(requests) == [2, 3, 4]
