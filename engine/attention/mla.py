@@ -132,10 +132,10 @@ def upproject_split(
     up = np.zeros(len(qlens), dtype=bool)
     held = 0
     for i in np.flatnonzero(upproject_candidates(qlens, min_tokens)).tolist():
-        n = int(all_lens[i])
-        if held + n <= max_context_tokens:
+        context = int(all_lens[i])
+        if held + context <= max_context_tokens:
             up[i] = True
-            held += n
+            held += context
     if not up.any():
         return None
     starts = np.zeros(len(qlens) + 1, dtype=np.int64)
@@ -150,9 +150,9 @@ def upproject_split(
     kv = np.zeros(len(up_seqs) + 1, dtype=np.int32)
     np.cumsum(lens, out=kv[1:])
     slots = []
-    for i, n in zip(up_seqs, lens, strict=True):
+    for seq, n in zip(up_seqs, lens, strict=True):
         pos = np.arange(n, dtype=np.int64)
-        table = np.asarray(block_tables[int(i)][: -(-int(n) // block_size)], dtype=np.int64)
+        table = np.asarray(block_tables[int(seq)][: -(-int(n) // block_size)], dtype=np.int64)
         slots.append(table[pos // block_size] * block_size + pos % block_size)
     return UpProjectSplit(
         up_seqs=up_seqs,
