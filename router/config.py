@@ -167,7 +167,8 @@ class RouterConfig:
     client_timeout: float = option(
         60.0,
         parse=_positive_seconds,
-        help="seconds a client may take to send a whole request from its first byte (a total deadline; then 408), "
+        help="seconds a client may take to send a whole request from its first byte (a total deadline, extended "
+        "by 1 s per 64 KiB of body received so a large upload at a steady pace is not cut; then 408), "
         "and to take any of its answer before it is cut off",
     )
     max_retries: int = option(2, help="retries on another replica before the first byte")

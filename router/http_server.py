@@ -12,8 +12,9 @@ multidicts, middleware chains, payload writers); the router needs far less of it
   HTTP -> 400; errors in OpenAI's JSON shape (`error_body`); `Expect: 100-continue` answered;
 - a client that disconnects cancels its handler (the router then aborts its upstream request);
 - idle keep-alive connections close after `keepalive_timeout`; a request's head and body must arrive whole within
-  `request_timeout` of its first byte (a total deadline: a client trickling a byte every few seconds does not
-  extend it), else 408 and close; a client that takes none of its answer for `request_timeout` is cut off;
+  `request_timeout` of its first byte plus 1/`min_upload_rate` s per body byte received (a total deadline: a client
+  trickling a byte every few seconds does not extend it, a large upload at a steady pace is not cut), else 408 and
+  close; a client that takes none of its answer for `request_timeout` is cut off;
 - graceful stop: stop accepting, close idle connections, let requests in progress finish (bounded), then abort;
 - eager start for the paths named in `eager_paths` (the router's routed POSTs): the handler runs at once, in the
   read callback that completed the request, up to its first await (for the router: until the request is written to
@@ -480,6 +481,7 @@ class HTTPServer:
         error_body: ErrorBody = default_error_body,
         keepalive_timeout: float = 75.0,
         request_timeout: float = 60.0,
+        min_upload_rate: float = 64 * 1024,
         eager_paths: Iterable[str] = (),
     ):
         self.handler = handler
@@ -490,6 +492,12 @@ class HTTPServer:
         self.error_body = error_body
         self.keepalive_timeout = keepalive_timeout
         self.request_timeout = request_timeout
+        # bytes/s: each byte of body received moves the request's deadline on by 1/min_upload_rate s, so a large
+        # upload at a legitimate pace is not cut at request_timeout, while a trickle gains next to nothing (the
+        # longest a request can take stays bounded: request_timeout + max_body_bytes / min_upload_rate)
+        if not min_upload_rate > 0:
+            raise ValueError(f"min_upload_rate must be > 0 bytes/s, got {min_upload_rate!r}")
+        self.min_upload_rate = min_upload_rate
         self.connections: set[_Connection] = set()
         self.closing = False
         self.loop = asyncio.get_event_loop()
@@ -522,7 +530,7 @@ class HTTPServer:
             if c.task is not None or c.queue or c.eager_pending or c.refused:
                 continue  # (a request still being answered: the next one's deadline is checked after it)
             if c.in_message:
-                if now - c.message_started > self.request_timeout:
+                if now - c.message_started > self.request_timeout + c._body_len / self.min_upload_rate:
                     message = f"the request was not received in whole within {self.request_timeout:g}s"
                     c._refuse(408, message, "request_timeout")
             elif now - c.last_active > self.keepalive_timeout:

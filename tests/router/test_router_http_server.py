@@ -428,6 +428,34 @@ async def test_a_client_trickling_its_request_gets_408_at_the_total_deadline(pha
         await srv.stop(timeout=1)
 
 
+async def test_a_large_upload_at_a_steady_rate_is_not_cut_at_the_deadline():
+    """The total deadline grows with the body received (min_upload_rate bytes per second): a large body sent at a
+    steady, legitimate pace that takes longer than request_timeout is served whole, not answered 408. Here 96 KiB
+    at ~64 KiB/s (about 1.5 s) against a 0.5 s deadline and a 16 KiB/s minimum rate."""
+    handler = Echo()
+    srv = HTTPServer(
+        handler, max_body_bytes=1 << 20, max_header_bytes=1024, request_timeout=0.5, min_upload_rate=16 * 1024
+    )
+    port = await srv.listen("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await connect(port)
+        payload = bytes(range(256)) * 384  # 96 KiB
+        request = post("/echo", payload)
+        started = loop.time()
+        for i in range(0, len(request), 4096):
+            writer.write(request[i : i + 4096])
+            await writer.drain()
+            await asyncio.sleep(0.06)
+        status, _headers, body = await asyncio.wait_for(read_response(reader), 10)
+        assert loop.time() - started > 0.5  # the upload outlasted request_timeout
+        assert status == 200, body[:200]
+        assert body.endswith(payload) and handler.seen == ["/echo"]
+        writer.close()
+    finally:
+        await srv.stop(timeout=1)
+
+
 async def test_the_router_answers_a_trickled_request_408_and_serves_whole_ones():
     """--client-timeout reaches the router's server: a trickled routed POST gets the router's OpenAI-shaped 408; a
     request sent whole on a fresh connection is routed as usual."""
