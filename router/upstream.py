@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -311,6 +312,7 @@ class UpstreamPool:
         read_timeout: float,
         max_idle_per_replica: int = 256,
         ssl_context: ssl.SSLContext | None = None,
+        stale_window: float = 1.0,
     ):
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -320,6 +322,10 @@ class UpstreamPool:
         self._waiting: set[UpstreamResponse] = set()  # responses waiting for data, each with its deadline
         self._sweeper: asyncio.Task[None] | None = None
         self.stale_retries = 0  # requests resent on a new connection after a pooled one turned out closed
+        # seconds after the write within which a reused connection's end counts as the replica's idle close crossing
+        # it (that end comes one round trip after the write); a later end with no answer is a replica that took the
+        # request and failed while processing it (a crash, a kill): not resent, it may be what brought it down
+        self.stale_window = stale_window
 
     def _start_sweeper(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweeper = loop.create_task(self._sweep())
@@ -396,13 +402,14 @@ class UpstreamPool:
                 on_sent = None
             conn = await self._open(key)
         resp = self._write(conn, request, on_complete)
+        written = time.monotonic() if reused else 0.0
         if on_sent is not None:
             on_sent()
         try:
             await resp.start()
         except UpstreamError:
             resp.close()
-            if not (reused and stale(resp)):
+            if not (reused and stale(resp) and time.monotonic() - written <= self.stale_window):
                 raise
             # The replica closed this kept-alive connection while it sat idle here (its keep-alive timeout, a
             # restart) and the close crossed our write: nothing of the answer came, so nothing of the request was

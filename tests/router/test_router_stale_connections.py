@@ -37,10 +37,11 @@ def answer(body: bytes, status: int = 200) -> bytes:
 class DroppingReplica:
     """Answers GETs (/health, /v1/models) and POSTs with JSON; the POSTs listed in `drop` ((connection number,
     POST number on that connection), both from 1) end the connection instead of being answered: `how` is
-    "close" (FIN), "reset" (RST) or "partial" (the status line, then FIN: an answer begun, then cut)."""
+    "close" (FIN), "reset" (RST) or "partial" (the status line, then FIN: an answer begun, then cut); `delay`
+    seconds pass first (a replica processing the request before it fails)."""
 
-    def __init__(self, drop: set[tuple[int, int]], how: str = "close"):
-        self.drop, self.how = drop, how
+    def __init__(self, drop: set[tuple[int, int]], how: str = "close", delay: float = 0.0):
+        self.drop, self.how, self.delay = drop, how, delay
         self.post_connections = 0  # connections that carried a POST
         self.posts: list[tuple[int, int, bytes]] = []  # (connection, POST number on it, body), answered or not
         self.server: asyncio.AbstractServer | None = None
@@ -67,6 +68,7 @@ class DroppingReplica:
                 n_posts += 1
                 self.posts.append((conn, n_posts, body))
                 if (conn, n_posts) in self.drop:
+                    await asyncio.sleep(self.delay)
                     if self.how == "reset":
                         sock = writer.get_extra_info("socket")
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -206,6 +208,24 @@ async def test_the_real_race_an_idle_close_the_pool_has_not_seen_yet():
         lsock.close()
         await asyncio.to_thread(thread.join, 5)  # (the loop runs meanwhile: it closes the pooled connection)
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_no_resend_when_the_replica_ended_the_connection_well_after_taking_the_request(how):
+    """A reused connection that ends with no answer long after the write is not an idle close crossing it (that
+    comes one round trip after the write): the replica took the request and failed processing it, and sending it
+    again may process it twice (or bring the replica down twice). Not resent; the caller sees the error."""
+    replica = DroppingReplica({(1, 2)}, how, delay=0.6)
+    port = await replica.start()
+    pool = UpstreamPool(connect_timeout=2, read_timeout=5, stale_window=0.2)
+    try:
+        assert await send(pool, port, b"first") == (200, b'{"conn": 1, "post": 1}')
+        with pytest.raises(UpstreamError):
+            await send(pool, port, b"second")
+        assert [(c, n) for c, n, _ in replica.posts] == [(1, 1), (1, 2)] and pool.stale_retries == 0
+    finally:
+        pool.close()
+        await replica.stop()
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
