@@ -42,7 +42,7 @@ from .mla import (
     latent_cache_shape,
     mla_page_table,
     mla_page_table_from_meta,
-    upproject_candidates,
+    upproject_counts,
     upproject_split,
 )
 
@@ -154,11 +154,9 @@ class FlashInferMLAAttention(AttentionBackend):
             meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size,
             self.upproject_min_tokens, self.upproject_max_context_tokens,
         )  # fmt: skip
-        if self.upproject_min_tokens:
-            qlens = np.asarray(meta.query_lens_list, dtype=np.int64)
-            long_rows = int(qlens[upproject_candidates(qlens, self.upproject_min_tokens)].sum())
-            self.upprojected_tokens += 0 if plan is None else len(plan.up_rows)
-            self.upproject_deferred_tokens += long_rows - (0 if plan is None else len(plan.up_rows))
+        up, deferred = upproject_counts(meta.query_lens_list, self.upproject_min_tokens, plan)
+        self.upprojected_tokens += up
+        self.upproject_deferred_tokens += deferred
         self._split = None if plan is None else MLASplit.on(plan, self.device)
         if plan is None:
             check_mla_work(meta.query_lens_list, self.num_heads)

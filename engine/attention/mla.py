@@ -166,6 +166,19 @@ def upproject_split(
     )
 
 
+def upproject_counts(
+    query_lens: Sequence[int] | np.ndarray, min_tokens: int, plan: UpProjectSplit | None
+) -> tuple[int, int]:
+    """(query rows a step attends up-projected, rows of chunks long enough for it that attend absorbed because the
+    context bound left them out) for the backends' counters; (0, 0) when up-projection is off."""
+    if not min_tokens:
+        return 0, 0
+    qlens = np.asarray(query_lens, dtype=np.int64)
+    long_rows = int(qlens[upproject_candidates(qlens, min_tokens)].sum())
+    up = 0 if plan is None else len(plan.up_rows)
+    return up, long_rows - up
+
+
 def check_upproject_bound(min_tokens: int, max_context_tokens: int | None) -> None:
     """A backend that may up-project (min_tokens > 0) needs the bound on a step's up-projected context."""
     if min_tokens and (max_context_tokens is None or max_context_tokens < 1):

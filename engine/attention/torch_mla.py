@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +22,7 @@ from .mla import (
     check_upproject_bound,
     latent_cache_shape,
     select_sequences,
-    upproject_candidates,
+    upproject_counts,
     upproject_split,
 )
 from .torch_paged import TorchPagedAttention, _DecodePlan, _PrefillPlan
@@ -88,11 +87,9 @@ class TorchMLAAttention(TorchPagedAttention):
             meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size,
             self.upproject_min_tokens, self.upproject_max_context_tokens,
         )  # fmt: skip
-        if self.upproject_min_tokens:
-            qlens = np.asarray(meta.query_lens_list, dtype=np.int64)
-            long_rows = int(qlens[upproject_candidates(qlens, self.upproject_min_tokens)].sum())
-            self.upprojected_tokens += 0 if plan is None else len(plan.up_rows)
-            self.upproject_deferred_tokens += long_rows - (0 if plan is None else len(plan.up_rows))
+        up, deferred = upproject_counts(meta.query_lens_list, self.upproject_min_tokens, plan)
+        self.upprojected_tokens += up
+        self.upproject_deferred_tokens += deferred
         self._split = None if plan is None else MLASplit.on(plan, meta.slot_mapping.device)
         if plan is None or self._split is None:
             return
