@@ -123,6 +123,19 @@ if triton is not None:
         return y1, y2
 
     @triton.jit
+    def _add_norm_store(x, r, w_ptr, r_out_row, out_row, cols, mask, n_cols, eps):
+        # One row's residual add and RMSNorm (x, r: float32 [BLOCK]): the residual stream x + r rounded as torch's
+        # add rounds it, stored at r_out_row; its norm (float32 statistics, the normalised value rounded to the model
+        # dtype, times the weight, rounded again) stored at out_row.
+        h = (x + r).to(r_out_row.dtype.element_ty)
+        tl.store(r_out_row + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        var = tl.sum(hf * hf, axis=0) / n_cols
+        y = (hf * tl.rsqrt(var + eps)).to(out_row.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_row + cols, (w * y).to(out_row.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _add_rms_norm_kernel(
         x_ptr, r_ptr, w_ptr, r_out_ptr, out_ptr, stride_x, stride_r, stride_ro, stride_o, n_cols, eps,
         BLOCK: tl.constexpr,
@@ -132,13 +145,7 @@ if triton is not None:
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(r_out_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
-        tl.store(r_out_ptr + row * stride_ro + cols, h, mask=mask)
-        hf = h.to(tl.float32)
-        var = tl.sum(hf * hf, axis=0) / n_cols
-        y = (hf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+        _add_norm_store(x, r, w_ptr, r_out_ptr + row * stride_ro, out_ptr + row * stride_o, cols, mask, n_cols, eps)
 
     @triton.jit
     def _sum_add_rms_norm_kernel(
@@ -159,13 +166,7 @@ if triton is not None:
             extra = tl.load(e_ptr + row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
             x = (x + extra).to(r_out_ptr.dtype.element_ty).to(tl.float32)
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(r_out_ptr.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
-        tl.store(r_out_ptr + row * stride_ro + cols, h, mask=mask)
-        hf = h.to(tl.float32)
-        var = tl.sum(hf * hf, axis=0) / n_cols
-        y = (hf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+        _add_norm_store(x, r, w_ptr, r_out_ptr + row * stride_ro, out_ptr + row * stride_o, cols, mask, n_cols, eps)
 
     @triton.jit
     def _rope_kernel(
@@ -249,6 +250,27 @@ if triton is not None:
             tl.store(v_dst + offs + half, tl.load(v_src + offs + half, mask=mask), mask=mask)
 
     @triton.jit
+    def _mla_rope_lanes(cos_ptr, sin_ptr, t, stride_cs, HALF: tl.constexpr, INTERLEAVE: tl.constexpr):
+        # DeepSeek's rotary lanes of token t: (lane index i, the pair's two columns lo/hi, cos and sin [1, HALF]).
+        i = tl.arange(0, HALF)
+        if INTERLEAVE:  # pairs (x[2j], x[2j+1])
+            lo, hi = 2 * i, 2 * i + 1
+        else:  # halves (x[j], x[j + HALF])
+            lo, hi = i, i + HALF
+        c = tl.load(cos_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        return i, lo, hi, c, s
+
+    @triton.jit
+    def _rotate_store(src, dst, lo, hi, c, s, mask, like_ptr):
+        # Rows of pointers src/dst [R, 1]: each row's (lo, hi) column pairs rotated by (c, s) in float32, stored
+        # rounded to like_ptr's element type.
+        x1 = tl.load(src + lo[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst + lo[None, :], (x1 * c - x2 * s).to(like_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + hi[None, :], (x2 * c + x1 * s).to(like_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _mla_rope_kernel(
         q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, stride_qt, stride_qh, stride_kt, stride_cs,
         n_heads, n_q_blocks,
@@ -257,13 +279,7 @@ if triton is not None:
         # One program: HEADS query heads of one token (axis 1 < n_q_blocks), or that token's one rope key.
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
-        i = tl.arange(0, HALF)
-        if INTERLEAVE:  # pairs (x[2j], x[2j+1])
-            lo, hi = 2 * i, 2 * i + 1
-        else:  # halves (x[j], x[j + HALF])
-            lo, hi = i, i + HALF
-        c = tl.load(cos_ptr + t * stride_cs + i).to(tl.float32)[None, :]
-        s = tl.load(sin_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        i, lo, hi, c, s = _mla_rope_lanes(cos_ptr, sin_ptr, t, stride_cs, HALF, INTERLEAVE)
         is_q = hb < n_q_blocks
         heads = tl.where(is_q, hb * HEADS, 0) + tl.arange(0, HEADS)
         mask = (heads < tl.where(is_q, n_heads, 1))[:, None] & (i < HALF)[None, :]
@@ -274,10 +290,7 @@ if triton is not None:
         else:
             src = k_ptr + t * stride_kt + rows * 0
             dst = k_out_ptr + t * (2 * HALF) + rows * 0
-        x1 = tl.load(src + lo[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst + lo[None, :], (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + hi[None, :], (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+        _rotate_store(src, dst, lo, hi, c, s, mask, q_out_ptr)
 
     @triton.jit
     def _mla_rope_cache_kernel(
@@ -292,23 +305,14 @@ if triton is not None:
         # (columns [0, rank) the normed latent, [rank, width) the rotated key).
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
-        i = tl.arange(0, HALF)
-        if INTERLEAVE:  # pairs (x[2j], x[2j+1])
-            lo, hi = 2 * i, 2 * i + 1
-        else:  # halves (x[j], x[j + HALF])
-            lo, hi = i, i + HALF
-        c = tl.load(cos_ptr + t * stride_cs + i).to(tl.float32)[None, :]
-        s = tl.load(sin_ptr + t * stride_cs + i).to(tl.float32)[None, :]
+        i, lo, hi, c, s = _mla_rope_lanes(cos_ptr, sin_ptr, t, stride_cs, HALF, INTERLEAVE)
         if hb < n_q_blocks:
             heads = hb * HEADS + tl.arange(0, HEADS)
             mask = (heads < n_heads)[:, None] & (i < HALF)[None, :]
             rows = heads[:, None].to(tl.int64)
             src = q_ptr + t * stride_qt + rows * stride_qh
             dst = q_out_ptr + (t * n_heads + rows) * (2 * HALF)
-            x1 = tl.load(src + lo[None, :], mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst + lo[None, :], (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + hi[None, :], (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty), mask=mask)
+            _rotate_store(src, dst, lo, hi, c, s, mask, q_out_ptr)
         else:  # names of its own: Triton rejects a name bound to different types in the two branches
             row = cache_ptr + tl.load(slot_ptr + t) * width
             k_src = k_ptr + t * stride_kt
