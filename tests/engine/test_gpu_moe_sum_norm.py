@@ -28,7 +28,7 @@ def _fused():
     from kubellm.engine.loader import load_model  # noqa: F401 - import order: loader before models
     from kubellm.engine.models import fused
 
-    fused.configure(True)  # the engine's defaults, whatever an earlier test left
+    fused.configure(True, moe_sum_norm=True)  # every fused setting on, the opt-in moe_sum_norm too
     assert fused.enabled(torch.empty(1, device="cuda")), "Triton kernels unavailable on CUDA"
     return fused
 
