@@ -417,7 +417,7 @@ def grouped_topk(
     t, n_experts = router_logits.shape
     n_group = max(n_group, 1)
     group = n_experts // n_group
-    if "grouped_topk" in _failed or not grouped_topk_applies(t, n_experts, n_group, top_k):
+    if "grouped_topk" in _failed or not grouped_topk_applies(t, n_experts, n_group, top_k, topk_group):
         return None
     if router_logits.stride(1) != 1:
         return None
@@ -444,10 +444,15 @@ def _pow2(n: int) -> int:
 GROUPED_TOPK_MAX_LANES = 4096  # padded experts one program holds in registers
 
 
-def grouped_topk_applies(tokens: int, n_experts: int, n_group: int, top_k: int) -> bool:
+def grouped_topk_applies(tokens: int, n_experts: int, n_group: int, top_k: int, topk_group: int | None = None) -> bool:
     """Whether `grouped_topk` takes this routing shape (pure logic, checked on the CPU too): groups split the
-    experts evenly, the padded grid fits one program, 1 <= top_k <= the experts."""
+    experts evenly, the padded grid fits one program, 1 <= top_k <= the experts of the `topk_group` groups kept
+    (None: all; past them the kernel's argmax would pick the same masked lane again and again, where
+    deepseek_topk takes distinct masked experts)."""
     if tokens == 0 or n_group < 1 or n_experts % n_group or not 1 <= top_k <= n_experts:
+        return False
+    kept = n_group if topk_group is None else min(max(topk_group, 1), n_group)
+    if top_k > kept * (n_experts // n_group):
         return False
     return _pow2(n_group) * _pow2(n_experts // n_group) <= GROUPED_TOPK_MAX_LANES
 

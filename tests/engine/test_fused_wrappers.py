@@ -93,6 +93,16 @@ def test_grouped_topk_applies(tokens, experts, groups, k, applies):
     assert fused.grouped_topk_applies(tokens, experts, groups, k) is applies
 
 
+def test_grouped_topk_declines_more_experts_than_its_kept_groups_hold():
+    """k beyond the experts of the topk_group groups kept: the kernel's k rounds of argmax would take one masked
+    lane again and again (duplicate ids), so the wrapper leaves it to deepseek_topk."""
+    assert fused.grouped_topk_applies(1, 64, 8, 8, topk_group=1)  # 8 groups of 8, one kept: 8 candidates
+    assert not fused.grouped_topk_applies(1, 64, 8, 9, topk_group=1)
+    assert fused.grouped_topk_applies(1, 256, 8, 8, topk_group=4)  # DeepSeek-V3
+    assert not fused.grouped_topk_applies(1, 24, 3, 9, topk_group=1)
+    assert fused.grouped_topk_applies(1, 24, 3, 9, topk_group=5)  # (more groups asked than there are: all kept)
+
+
 def test_grouped_topk_declines_before_launching(state):
     state["ok"] = True
     logits = torch.zeros(2, 100)
