@@ -792,8 +792,8 @@ def run(arch: int = 90, jobs: int = 0, only: str | None = None, scope: str = "fu
         kernels, _ = kernels_and_helpers(modules)
         from kubellm.engine.models import fused
 
-        # every fused setting on, the opt-in ones too (moe_sum_norm is off by default: with the default, its
-        # kernel's cases were declined, nothing compiled, and the check failed)
+        # every fused setting on, whatever the defaults (with moe_sum_norm off, its kernel's cases were declined,
+        # nothing compiled, and the check failed)
         fused.configure(True, rope_cache=True, qk_norm=True, moe_sum_norm=True)
         case_list = [c for c in cases() if not only or re.search(only, c.name)]
         summary = check(case_list, arch, jobs, scope, None if only else kernels, out)

@@ -144,9 +144,9 @@ class EngineConfig:
         "torch ops",
     )  # fmt: skip
     moe_sum_norm: bool = env_option(
-        "KUBELLM_MOE_SUM_NORM", env_bool, False,
-        help="CUDA: a MoE layer's sum over its top-k experts runs in the next residual-add + RMSNorm kernel (off, the "
-        "default until its gpu tests have passed on a GPU: a torch.sum kernel per layer)",
+        "KUBELLM_MOE_SUM_NORM", env_bool, True,
+        help="CUDA, one rank: a MoE layer's sum over its top-k experts runs in the next residual-add + RMSNorm kernel "
+        "(off: a torch.sum kernel per layer)",
     )  # fmt: skip
     fused_sampler: bool = env_option(
         "KUBELLM_FUSED_SAMPLER", env_bool, True,

@@ -39,7 +39,7 @@ except ImportError:  # CPU installs: the torch path is used
 # rms_norm's 3-D form; off, it runs as torch ops (the engine's fused_qk_norm setting, KUBELLM_FUSED_QK_NORM)
 # "moe_sum_norm": a MoE layer's sum over its top-k expert outputs done by the next residual-add + RMSNorm kernel
 # (sum_add_rms_norm); off, a torch.sum kernel per layer (the engine's moe_sum_norm setting, KUBELLM_MOE_SUM_NORM)
-_state = {"ok": triton is not None, "rope_cache": True, "qk_norm": True, "moe_sum_norm": False}
+_state = {"ok": triton is not None, "rope_cache": True, "qk_norm": True, "moe_sum_norm": True}
 # Launch shapes (bench/elementwise_micro.py sweeps them on a GPU): heads of one token per rotary program,
 # (columns per program, warps) of SiLU-and-mul, warps of the norms (one row per program).
 # Measured on 1x H200 at 16384 tokens (bench/results/elementwise-micro-2026-11-29.json): rotary 0.91 of copy
@@ -49,7 +49,7 @@ SILU_MUL_CONFIG = (1024, 4)
 RMS_NORM_WARPS = 4
 
 
-def configure(on: bool, rope_cache: bool = True, qk_norm: bool = True, moe_sum_norm: bool = False) -> None:
+def configure(on: bool, rope_cache: bool = True, qk_norm: bool = True, moe_sum_norm: bool = True) -> None:
     """The engine's fused_kernels setting (off: torch ops), its rope_cache, fused_qk_norm and moe_sum_norm
     settings."""
     _state["ok"] = triton is not None and on
