@@ -77,8 +77,9 @@ log = logging.getLogger("bench.offline")
 
 
 # ---- ceilings and roofline -------------------------------------------------------------------------
-def measure_ceilings(device: torch.device) -> dict[str, float]:
-    """Device copy GB/s (bytes read + written) and bf16 matmul TFLOP/s, each the mean of 10 after warm-up."""
+def measure_ceilings(device: torch.device, fp8: bool = False) -> dict[str, float]:
+    """Device copy GB/s (bytes read + written) and bf16 matmul TFLOP/s, each the mean of 10 after warm-up; with fp8,
+    the FP8 tensor-core rate too (bench/fp8_micro.py's _scaled_mm probe), for the bounds of FP8 runs."""
     src = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -92,7 +93,18 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
         a @ b
     t = _cuda_time(lambda: a @ b, 10)
     torch.cuda.empty_cache()
-    return {"copy_gb_s": copy_gbs, "matmul_tflop_s": 2 * n**3 / t / 1e12}
+    out = {"copy_gb_s": copy_gbs, "matmul_tflop_s": 2 * n**3 / t / 1e12}
+    if fp8:
+        from bench.fp8_micro import fp8_matmul_tflops
+
+        out["fp8_matmul_tflop_s"] = fp8_matmul_tflops()
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_precision(r: dict[str, Any]) -> bounds.Precision:
+    st = r["settings"]
+    return bounds.Precision.of_run(st.get("quantization"), st.get("kv_cache_dtype"))
 
 
 def _cuda_time(fn: Callable[[], Any], iters: int) -> float:
@@ -408,7 +420,10 @@ def results_markdown(r: dict[str, Any]) -> str:
         f"{r['gpu']}{f' x {tp}' if tp > 1 else ''} ({', '.join(g['uuid'] for g in r['gpu_identity'].get('gpus', []))}),"
         f" torch {r['torch']}, flashinfer {r.get('flashinfer', '-')}, git {r['commit']}, {r['started']}.",
         f"Command: `{r['command']}`.",
-        f"Model: {r['shape']} shape (bench/shapes.py), random bf16 weights. Scale: {r['scale']} of the request counts"
+        f"Model: {r['shape']} shape (bench/shapes.py), random bf16 weights"
+        + (f" (both engines: quantization {st['quantization']})" if st.get("quantization") else "")
+        + (f", KV cache {st['kv_cache_dtype']}" if st.get("kv_cache_dtype") not in (None, "auto") else "")
+        + f". Scale: {r['scale']} of the request counts"
         + (" (the counts below are the ones run)." if r["scale"] != 1 else "."),
         f"Both engines: max_num_seqs {st['max_num_seqs']}, max_num_batched_tokens {st['max_num_batched_tokens']}, "
         f"max_model_len {st['max_model_len']}, gpu_memory_utilization {st['gpu_memory_utilization']}, block "
@@ -416,7 +431,19 @@ def results_markdown(r: dict[str, Any]) -> str:
         f"{'off' if st['enforce_eager'] else 'on'}, seed {st['seed']}; every request: {r['sampling']}, all arriving at "
         "once. (c) off = our engine with prefix caching switched off.",
         f"Ceilings measured in this run: copy {r['ceilings']['copy_gb_s']:.0f} GB/s, bf16 matmul "
-        f"{r['ceilings']['matmul_tflop_s']:.0f} TFLOP/s; bounds (bench/bounds.py) are computed from them.",
+        f"{r['ceilings']['matmul_tflop_s']:.0f} TFLOP/s"
+        + (
+            f", FP8 matmul {r['ceilings']['fp8_matmul_tflop_s']:.0f} TFLOP/s"
+            if r["ceilings"].get("fp8_matmul_tflop_s")
+            else ""
+        )
+        + "; bounds (bench/bounds.py) are computed from them"
+        + (
+            f" with the run's precision (layers' weights {run_precision(r).weight_bytes} byte(s), KV "
+            f"{run_precision(r).kv_bytes} byte(s) an element; embeddings and LM head bf16)."
+            if run_precision(r) != bounds.BF16
+            else "."
+        ),
         "",
         report.table(r),
         "",
@@ -503,7 +530,9 @@ def run_engine(
                     r["notes"].append(f"(d) batch {b} skipped: out of time")
                     continue
                 x = decode_step_times(engine, b, PROBE_CTX, 32, profile=args.profile and b in PROFILE_BATCHES)
-                roof = bounds.decode_step_ms(cfg, b, PROBE_CTX + 10, bounds.Ceilings(**r["ceilings"]), tp)
+                roof = bounds.decode_step_ms(
+                    cfg, b, PROBE_CTX + 10, bounds.Ceilings(**r["ceilings"]), tp, run_precision(r)
+                )
                 x.update(
                     roofline_ms=roof["total_ms"],
                     roofline_gemm_ms=roof["gemm_ms"],
@@ -558,7 +587,7 @@ def set_bounds(r: dict[str, Any], cfg: dict[str, Any]) -> None:
     tp = r["settings"]["tensor_parallel_size"]
     kv = (r.get("startup") or {}).get("kv_tokens")
     a, b = (WORKLOADS[k].scaled(r["scale"]) for k in ("a", "b"))
-    r["bounds"] = bounds.workload_bounds(cfg, bounds.Ceilings(**r["ceilings"]), a, b, tp, kv)
+    r["bounds"] = bounds.workload_bounds(cfg, bounds.Ceilings(**r["ceilings"]), a, b, tp, kv, run_precision(r))
     r["bound_notes"] = [
         f"Bounds: (a) every token's matmul FLOPs at the measured rate; (b) {r['bounds']['b_batch']} requests decoding"
         " at once at their mean context, each step at its roofline (prefill not counted); batch-1: one decode step's"
@@ -819,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"-{args.name}" if args.name else ""),
     }
     attach_peer(r, peer)
-    r["ceilings"] = measure_ceilings(device)
+    r["ceilings"] = measure_ceilings(device, fp8=run_precision(r).weight_bytes == 1)
     log.info("ceilings: %s", r["ceilings"])
     set_bounds(r, shape(args.shape))
     if args.decode_micro and args.shape == "llama-3.1-8b":  # both flashinfer decode kernels alone, on these heads

@@ -58,6 +58,28 @@ def test_batch1_bound_is_the_weight_and_kv_read_at_the_measured_bandwidth():
     assert two_gpus["a_total_tok_s"] == pytest.approx(2 * one["a_total_tok_s"])
 
 
+def test_fp8_runs_bound_batch1_by_one_byte_weights_and_a_by_the_fp8_rate():
+    cfg, a, b = SHAPES["llama-3.1-8b"], WORKLOADS["a"], WORKLOADS["b"]
+    fp8 = bounds.Precision.of_run("fp8", "auto")
+    assert fp8 == bounds.Precision.of_run("fp8-block", None) == bounds.Precision(weight_bytes=1, kv_bytes=2)
+    assert bounds.Precision.of_run(None, "auto") == bounds.BF16
+    assert bounds.Precision.of_run(None, "fp8") == bounds.Precision(weight_bytes=2, kv_bytes=1)
+    # the layers' weights (8.03e9 params less the embedding and the LM head) at one byte, the LM head at two,
+    # plus 1152 tokens of bf16 KV
+    layers = 8.03e9 - 2 * 128256 * 4096
+    expected_ms = (layers + 128256 * 4096 * 2 + 1152 * 32 * 2 * 8 * 128 * 2) / 3000e9 * 1e3
+    with_fp8_rate = bounds.Ceilings(3000.0, 790.0, fp8_matmul_tflop_s=1580.0)
+    one = bounds.workload_bounds(cfg, with_fp8_rate, a, b, p=fp8)
+    assert one["batch1_ms"] == pytest.approx(expected_ms, rel=0.02)
+    bf16 = bounds.workload_bounds(cfg, with_fp8_rate, a, b)
+    assert bf16["batch1_ms"] > 1.8 * one["batch1_ms"]
+    # (a): the layers' GEMMs at twice the rate, attention and the LM head at bf16's: faster, but less than 2x
+    assert 1.6 * bf16["a_total_tok_s"] < one["a_total_tok_s"] < 2 * bf16["a_total_tok_s"]
+    unmeasured = bounds.workload_bounds(cfg, H100_LIKE, a, b, p=fp8)  # no FP8 rate measured: bf16's
+    assert unmeasured["a_total_tok_s"] == pytest.approx(bf16["a_total_tok_s"])
+    assert bounds.kv_bytes_per_token(cfg, 1) * 2 == bounds.kv_bytes_per_token(cfg) == 32 * 2 * 8 * 128 * 2
+
+
 def test_a_small_kv_pool_lowers_the_decode_bound_of_b():
     cfg, a, b = SHAPES["llama-3.1-8b"], WORKLOADS["a"], WORKLOADS["b"]
     roomy = bounds.workload_bounds(cfg, H100_LIKE, a, b, kv_tokens=10**7)
