@@ -47,6 +47,7 @@ import torch
 
 from bench import bounds, kernel_kinds, report
 from bench.cuda_timing import event_ms, graph_ms
+from bench.expert_routing import hits_line, moe_shape, watch_routing
 from bench.gpu_info import gpu_identity
 from bench.peer_vllm import peer_command
 from bench.result_files import git_commit
@@ -376,6 +377,8 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
         while engine.has_unfinished_requests():
             engine.step()
 
+    attn = local_runner(engine).attn
+    up_before = getattr(attn, "upprojected_tokens", None)  # MLA: rows that attended up-projected (rank 0)
     times = []
     for round_ in range(3):
         add(round_)
@@ -386,6 +389,8 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
         times.append((time.perf_counter() - t) * 1e3)
         drain()
     out: dict[str, Any] = {"tokens": tokens, "prompt_len": prompt_len, "step_ms": min(times), "all_ms": times}
+    if up_before is not None:  # the timed steps' rows up-projected (--mla-upproject-min-tokens), 0 when absorbed
+        out["mla_upprojected_rows_per_step"] = (attn.upprojected_tokens - up_before) / 3
     if profile:
         add(3)
         try:
@@ -458,6 +463,12 @@ def results_markdown(r: dict[str, Any]) -> str:
             f"{pp['step_ms']:.0f} ms = {tflops:.0f} TFLOP/s on the step's matmul FLOPs (ceiling "
             f"{r['ceilings']['matmul_tflop_s']:.0f}); the rest is attention, elementwise ops and the step's host work."
         )
+        if "mla_upprojected_rows_per_step" in pp:
+            profile.append(
+                f"- MLA attention of that prefill step: {pp['mla_upprojected_rows_per_step']:.0f} of its "
+                f"{pp['tokens']} query rows up-projected (mla_upproject_min_tokens "
+                f"{r.get('mla_upproject_min_tokens', 0)}), the rest absorbed"
+            )
         if pp.get("profile"):
             profile.append(describe_profile(f"that prefill step of {pp['tokens']} tokens", pp["profile"]))
     for b, x in (r.get("decode") or {}).items():
@@ -477,6 +488,7 @@ def results_markdown(r: dict[str, Any]) -> str:
             profile.append(f"- prefill attention alone, {backend}: {x.get('error')}")
     if profile:
         md += ["Where the time goes:", *profile, ""]
+    md += routing_lines(r)
     side = profiles_side_by_side(r)
     if side:
         md += [
@@ -489,6 +501,52 @@ def results_markdown(r: dict[str, Any]) -> str:
     if r.get("notes"):
         md += ["Notes:", *[f"- {n}" for n in r["notes"]], ""]
     return "\n".join(md)
+
+
+def routing_lines(r: dict[str, Any]) -> list[str]:
+    """MoE shapes: the distinct experts each layer hit in one prefill step, ours and the peer's (bench/
+    expert_routing.py), and what the peer's routing weights were re-drawn to; nothing for dense shapes."""
+    peer = r.get("peer") or {}
+    if "experts_hit" not in r and "experts_hit" not in peer:
+        return []
+    name = f"vLLM {peer['version']}" if peer.get("version") else "the peer"
+    lines = [f"- {hits_line('ours', r.get('experts_hit'))}"]
+    if peer and not (peer.get("error") and not peer.get("experts_hit")):
+        lines.append(f"- {hits_line(name, peer.get('experts_hit'))}")
+        reinit = peer.get("routing_reinit")
+        if reinit is None:
+            lines.append(
+                f"- {name}: its dummy routing weights were NOT re-drawn (a run before bench/expert_routing.py)"
+            )
+        elif reinit.get("counts"):
+            lines.append(
+                f"- {name}: after its dummy load, routing weights re-drawn to our random model's distribution "
+                f"(norms 1, embedding N(0, {reinit['embed_std']}), gates N(0, {reinit['std']})): {reinit['counts']}"
+            )
+        else:
+            lines.append(f"- {name}: routing weights not re-drawn ({reinit.get('error') or reinit.get('skipped')})")
+    return ["Routing (vLLM's dummy weights route every DeepSeek token alike: bench/expert_routing.py):", *lines, ""]
+
+
+def experts_hit_ours(engine, moe: tuple[int, int], tokens: int, prompt_len: int = PROBE_CTX) -> dict[str, Any]:
+    """Distinct experts per MoE layer of rank 0 in one prefill step of `tokens` fresh tokens (prefill_probe's
+    prompts, the count bench.peer_vllm takes of vLLM): eager (past the CUDA-graph batch sizes), so SparseMoE's
+    routed_experts is seen."""
+    vocab = engine.model_config.vocab_size
+    prompts = prefill_probe(tokens, prompt_len, 5).prompts(vocab)
+    ids = [f"experts-hit-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    try:
+        with watch_routing(local_runner(engine).model, moe[0]) as watch:
+            for _ in range(8):  # the first step launches the forward; a few more only if it scheduled nothing
+                engine.step()
+                if watch.rows:
+                    break
+            return watch.summary(moe[1])
+    finally:
+        while engine.has_unfinished_requests():
+            engine.step()
 
 
 def run_engine(
@@ -516,6 +574,14 @@ def run_engine(
     }
     log.info("TP %d startup: %s (wall %.1fs)", tp, r["startup"], time.perf_counter() - t)
     set_bounds(r, cfg)
+    moe = moe_shape(cfg)
+    if moe is not None:
+        try:
+            r["experts_hit"] = experts_hit_ours(engine, moe, settings.max_num_batched_tokens)
+        except Exception as e:  # a count that fails costs itself only
+            log.exception("counting the experts hit failed")
+            r["experts_hit"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        log.info(hits_line("ours", r["experts_hit"]))
     write_results(r, out_dir)
     wanted = args.workloads.split(",")
     phase_s = 90 * min(1.0, max(args.scale, 0.25))  # time a workload phase needs left to be started

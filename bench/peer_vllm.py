@@ -16,6 +16,12 @@ through `llm.llm_engine`; a profile that fails is noted and never costs the work
 earlier on the same machine with `--peer-json`. vLLM gets a directory holding only the shape's config.json, dummy
 weights and no tokenizer (prompts are token ids), and the workloads, sampling parameters and engine limits of
 bench/workloads.py: nothing here may differ from what our engine runs.
+
+Mixture-of-experts shapes: vLLM's dummy weights route every token of DeepSeek-V2/V3 to the same few experts (bench/
+expert_routing.py says why, from vLLM 0.26.0's code), so after the dummy load the weights that decide routing are
+re-drawn to our random model's distribution (norms ones, embedding and router gates N(0, 0.02); `routing_reinit` in
+the JSON says what was changed; `--keep-dummy-routing` leaves vLLM's as they were, to reproduce older figures), and
+`experts_hit` counts the distinct experts each MoE layer hits in one prefill step (bench.offline prints ours beside it).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.expert_routing import hits_line, moe_shape, reinit_routing, watch_routing
 from bench.gpu_info import gpu_identity
 from bench.kernel_kinds import HostTimer, summarize
 from bench.shapes import shape, write_config_dir
@@ -231,6 +238,25 @@ def profile_decode(
         _finish(llm, ids)
 
 
+def experts_hit(llm: Any, moe: tuple[int, int], vocab: int, sampling: Sampling, settings: EngineSettings) -> dict:
+    """Distinct experts per MoE layer in one prefill step of max_num_batched_tokens fresh tokens (prefill_probe's
+    prompts; as bench.offline counts ours): past vLLM's CUDA-graph sizes, so its MoE custom op runs eagerly and each
+    FusedMoE router's select_experts is seen (bench/expert_routing.watch_routing)."""
+    prompts = prefill_probe(settings.max_num_batched_tokens, PROBE_CTX, 5).prompts(vocab)
+    ids = [f"experts-hit-{i}" for i in range(len(prompts))]
+    _add(llm, ids, prompts, 1, sampling)
+    model = llm.apply_model(lambda m: m)[0]  # in process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the module itself
+    try:
+        with watch_routing(model, moe[0]) as watch:
+            for _ in range(8):  # the first step launches it; a few more only if vLLM scheduled nothing at first
+                llm.llm_engine.step()
+                if watch.rows:
+                    break
+            return watch.summary(moe[1])
+    finally:
+        _finish(llm, ids)
+
+
 def profile_all(
     llm: Any, batches: list[int], vocab: int, sampling: Sampling, settings: EngineSettings
 ) -> dict[str, Any]:
@@ -277,6 +303,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", required=True)
     p.add_argument("--profile", action="store_true", help="after the workloads: prefill and decode step profiles")
     p.add_argument("--profile-batches", default="1,256", help="the decode batches --profile profiles")
+    p.add_argument(
+        "--keep-dummy-routing", action="store_true",
+        help="MoE shapes: leave vLLM's dummy weights as loaded (every token routed alike: bench/expert_routing.py)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     try:
         args.profile_batches = [int(b) for b in args.profile_batches.split(",") if b.strip()]
@@ -366,6 +396,19 @@ def main(argv: list[str] | None = None) -> int:
         disable_log_stats=False,  # the preemption counter
     )
     result["startup_s"] = time.perf_counter() - t
+    moe = moe_shape(cfg)
+    if moe is not None and not args.keep_dummy_routing:
+        try:  # before any measurement: in place, so the compiled model and its CUDA graphs read the new values
+            result["routing_reinit"] = llm.apply_model(reinit_routing)[0]
+        except Exception as e:
+            result["routing_reinit"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            result["notes"].append(
+                "routing weights NOT re-initialised: vLLM's dummy weights route every token alike, its MoE figures "
+                f"are not comparable ({result['routing_reinit']['error']})"
+            )
+        print(f"vllm routing re-initialisation: {result['routing_reinit']}", flush=True)
+    elif moe is not None:
+        result["routing_reinit"] = {"skipped": "--keep-dummy-routing"}
     cache_config = llm.llm_engine.vllm_config.cache_config
     blocks = cache_config.num_gpu_blocks
     # vLLM may change the block size it was given (some MLA backends need 64): count tokens with the one it uses
@@ -379,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         result["notes"].append("KV bytes per token: vLLM's per-layer kv_cache tensors were not found")
     save()
     vocab = cfg["vocab_size"]
+    if moe is not None:
+        try:
+            result["experts_hit"] = experts_hit(llm, moe, vocab, sampling, settings)
+        except Exception as e:  # an internals mismatch costs this count only
+            result["experts_hit"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(hits_line("vllm", result["experts_hit"]), flush=True)
+        save()
     for key in args.workloads.split(","):
         try:  # one workload failing (memory, a vLLM error) costs its figures only, said in the notes
             if key == "1":
