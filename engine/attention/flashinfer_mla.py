@@ -34,23 +34,20 @@ from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 from .flashinfer_backend import PlanFence, _i32, _i32_on
 from .mla import (
     MLAPageTable,
-    MLASplit,
+    UpProjectPlanning,
     check_mla_budget,
     check_mla_work,
-    check_upproject_bound,
     decode_page_table,
     latent_cache_shape,
     mla_page_table,
     mla_page_table_from_meta,
-    upproject_counts,
-    upproject_split,
 )
 
 # Split-k partial outputs of the MLA kernel: 2 x SMs x tile rows x kv_lora_rank, a few tens of MB at most.
 WORKSPACE_BYTES = 128 * 1024 * 1024
 
 
-class FlashInferMLAAttention(AttentionBackend):
+class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
     name = "flashinfer-mla"
     supports_cuda_graphs = True
 
@@ -80,11 +77,9 @@ class FlashInferMLAAttention(AttentionBackend):
             raise ValueError("MLA attention has no sliding window")
         if not 0 < kv_lora_rank < head_dim:
             raise ValueError(f"kv_lora_rank {kv_lora_rank} must be below the latent row width {head_dim}")
-        if upproject_min_tokens < 0:
-            raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {upproject_min_tokens}")
+        self.init_upproject(upproject_min_tokens, upproject_max_context_tokens)
         if upproject_min_tokens and (qk_nope_head_dim is None or v_head_dim is None):
             raise ValueError("up-projected MLA prefill needs the model's qk_nope_head_dim and v_head_dim")
-        check_upproject_bound(upproject_min_tokens, upproject_max_context_tokens)
         if max_num_batched_tokens is not None:  # the engine's limits: refuse at start what a step could not plan
             check_mla_budget(max_num_batched_tokens, max_num_seqs or max_num_batched_tokens, num_heads)
         super().__init__(num_heads, 1, head_dim, scale, block_size, dtype=dtype, device=device)
@@ -102,12 +97,7 @@ class FlashInferMLAAttention(AttentionBackend):
         self._wrapper = self._eager  # the wrapper this step runs
         self._rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._fence = PlanFence()
-        self.upproject_min_tokens = upproject_min_tokens
-        self.upproject_max_context_tokens = upproject_max_context_tokens or 0
         self.qk_nope_head_dim, self.v_head_dim = qk_nope_head_dim, v_head_dim
-        self._split: MLASplit | None = None
-        self.upprojected_tokens = 0  # query rows attended up-projected so far (a counter for tests and benchmarks)
-        self.upproject_deferred_tokens = 0  # rows of chunks long enough that attended absorbed: past the context bound
         self._ragged: BatchPrefillWithRaggedKVCacheWrapper | None = None
         if upproject_min_tokens:
             ragged_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
@@ -122,10 +112,6 @@ class FlashInferMLAAttention(AttentionBackend):
             "upproject_min_tokens": config.mla_upproject_min_tokens,
             "upproject_max_context_tokens": config.mla_upproject_context_budget,
         }
-
-    @property
-    def mla_split(self) -> MLASplit | None:
-        return self._split
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return latent_cache_shape(num_blocks, self.block_size, self.head_dim)
@@ -150,14 +136,7 @@ class FlashInferMLAAttention(AttentionBackend):
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         self.set_slots(meta.slot_mapping)
-        plan = upproject_split(
-            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size,
-            self.upproject_min_tokens, self.upproject_max_context_tokens,
-        )  # fmt: skip
-        up, deferred = upproject_counts(meta.query_lens_list, self.upproject_min_tokens, plan)
-        self.upprojected_tokens += up
-        self.upproject_deferred_tokens += deferred
-        self._split = None if plan is None else MLASplit.on(plan, self.device)
+        plan = self.plan_upproject(meta, self.device)
         if plan is None:
             check_mla_work(meta.query_lens_list, self.num_heads)
             self._plan(self._eager, mla_page_table_from_meta(meta))

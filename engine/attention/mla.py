@@ -212,6 +212,45 @@ def upproject_temp_bytes(
     return context_tokens * per_token * elem_bytes
 
 
+class UpProjectPlanning:
+    """What both MLA backends share of up-projected prefill (flashinfer_mla.py, torch_mla.py): the setting, the
+    step's split (`mla_split`, planned by `plan_upproject` in begin_step) and the counters tests and benchmarks read."""
+
+    upproject_min_tokens: int
+    upproject_max_context_tokens: int
+    upprojected_tokens: int  # query rows attended up-projected so far
+    upproject_deferred_tokens: int  # rows of chunks long enough that attended absorbed: past the context bound
+    _split: MLASplit | None
+
+    def init_upproject(self, min_tokens: int, max_context_tokens: int | None) -> None:
+        """The setting (refused when negative, or on without a context bound) and zeroed counters."""
+        if min_tokens < 0:
+            raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {min_tokens}")
+        check_upproject_bound(min_tokens, max_context_tokens)
+        self.upproject_min_tokens = min_tokens
+        self.upproject_max_context_tokens = max_context_tokens or 0
+        self.upprojected_tokens = 0
+        self.upproject_deferred_tokens = 0
+        self._split = None
+
+    @property
+    def mla_split(self) -> MLASplit | None:
+        """This step's split (None: every row absorbed)."""
+        return self._split
+
+    def plan_upproject(self, meta: AttentionMetadata, device: torch.device | str) -> UpProjectSplit | None:
+        """Plan the step's split (upproject_split), count its rows, and hold it on `device` as `mla_split`."""
+        plan = upproject_split(
+            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size,
+            self.upproject_min_tokens, self.upproject_max_context_tokens,
+        )  # fmt: skip
+        up, deferred = upproject_counts(meta.query_lens_list, self.upproject_min_tokens, plan)
+        self.upprojected_tokens += up
+        self.upproject_deferred_tokens += deferred
+        self._split = None if plan is None else MLASplit.on(plan, device)
+        return plan
+
+
 @dataclass(frozen=True)
 class MLASplit:
     """A step's split on the device, what DeepSeek's attention layer reads from its backend (`attn.mla_split`)."""

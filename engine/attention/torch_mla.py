@@ -17,18 +17,11 @@ import torch.nn.functional as F
 from kubellm.engine.config import EngineConfig
 
 from .base import AttentionMetadata
-from .mla import (
-    MLASplit,
-    check_upproject_bound,
-    latent_cache_shape,
-    select_sequences,
-    upproject_counts,
-    upproject_split,
-)
+from .mla import UpProjectPlanning, latent_cache_shape, select_sequences
 from .torch_paged import TorchPagedAttention, _DecodePlan, _PrefillPlan
 
 
-class TorchMLAAttention(TorchPagedAttention):
+class TorchMLAAttention(UpProjectPlanning, TorchPagedAttention):
     name = "torch-mla"
 
     def __init__(
@@ -57,16 +50,9 @@ class TorchMLAAttention(TorchPagedAttention):
             raise ValueError("MLA attention has no sliding window")
         if not 0 < kv_lora_rank < head_dim:
             raise ValueError(f"kv_lora_rank {kv_lora_rank} must be below the latent row width {head_dim}")
-        if upproject_min_tokens < 0:
-            raise ValueError(f"mla_upproject_min_tokens must be >= 0, got {upproject_min_tokens}")
-        check_upproject_bound(upproject_min_tokens, upproject_max_context_tokens)
+        self.init_upproject(upproject_min_tokens, upproject_max_context_tokens)
         super().__init__(num_heads, 1, head_dim, scale, block_size, dtype=dtype, device=device)
         self.kv_lora_rank = kv_lora_rank
-        self.upproject_min_tokens = upproject_min_tokens
-        self.upproject_max_context_tokens = upproject_max_context_tokens or 0
-        self._split: MLASplit | None = None
-        self.upprojected_tokens = 0  # query rows attended up-projected so far (a counter for tests and benchmarks)
-        self.upproject_deferred_tokens = 0  # rows of chunks long enough that attended absorbed: past the context bound
         self._absorbed_slots = torch.empty(0, dtype=torch.int64)
         self._up_ranges: list[tuple[int, int, int, int, int]] = []  # per up chunk: q start, end, kv start, end, cached
 
@@ -77,20 +63,9 @@ class TorchMLAAttention(TorchPagedAttention):
             "upproject_max_context_tokens": config.mla_upproject_context_budget,
         }
 
-    @property
-    def mla_split(self) -> MLASplit | None:
-        return self._split
-
     def begin_step(self, meta: AttentionMetadata) -> None:
         super().begin_step(meta)  # the writes of every new row, and the absorbed plans of the whole step
-        plan = upproject_split(
-            meta.query_lens_list, meta.seq_lens_list, meta.block_tables_list, meta.block_size,
-            self.upproject_min_tokens, self.upproject_max_context_tokens,
-        )  # fmt: skip
-        up, deferred = upproject_counts(meta.query_lens_list, self.upproject_min_tokens, plan)
-        self.upprojected_tokens += up
-        self.upproject_deferred_tokens += deferred
-        self._split = None if plan is None else MLASplit.on(plan, meta.slot_mapping.device)
+        plan = self.plan_upproject(meta, meta.slot_mapping.device)
         if plan is None or self._split is None:
             return
         # the absorbed rows' plans, relative to their own packing (the model gathers their queries)
