@@ -234,9 +234,9 @@ def test_offline_counts_our_engines_experts_in_one_prefill_step():
     from kubellm.engine.random_model import QWEN3_30B_A3B, random_loaded_model
 
     tiny = dataclasses.replace(
-        QWEN3_30B_A3B, vocab_size=2304, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-        max_position_embeddings=256, bos_token_id=1, eos_token_ids=[2],
+        QWEN3_30B_A3B, vocab_size=2304, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, max_position_embeddings=256, bos_token_id=1, eos_token_ids=[2],
     )  # fmt: skip
     loaded = random_loaded_model(tiny, torch.float32, "cpu", seed=1, embed_std=0.5, name="random-tiny")
     engine = LLMEngine(EngineConfig(model="random-tiny", device="cpu", generation_config="vllm"), loaded=loaded)
