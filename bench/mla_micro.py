@@ -1,17 +1,20 @@
 """Multi-head latent attention alone on one GPU: one layer of DeepSeek-V2-Lite's shape (16 heads, qk_nope 128, rope
-64, v 128, latent 512, page 16), random bf16 tensors (seed 0).
+64, v 128, latent 512, page 16 unless said), random bf16 tensors (seed 0).
 
 - decode: the engine's flashinfer MLA backend (engine/attention/flashinfer_mla.py: latent write + kernel) at batch
   1/32/128/256 over 1024-token contexts, in a CUDA graph, against the floor of reading each context's latents once
   (batch x ctx x 576 x 2 bytes at the copy bandwidth measured in this run), for the FA2 kernel family the engine
-  uses by default and FA3 (--prefill-backend fa3 switches the engine to it);
+  uses by default and FA3 (KUBELLM_PREFILL_BACKEND=fa3 switches the engine to it), at pages of 16 and 64 tokens
+  (the engine's --block-size; vLLM's FLASH_ATTN_MLA decode ran at 16 beside us on 2026-12-07);
 - prefill chunks of L new tokens (L = 16 ... 4096; as many chunks as make 16384 tokens, at most 16) over a cached
   prefix of 0 or 4096 tokens, causal, with each path's projections: absorbed (W_UK on the queries, the MLA kernel over
   the latent pool, W_UV on its output: the engine's default) vs up-projected (the engine's path with
   --mla-upproject-min-tokens: the context's latents gathered and through kv_b_proj to K_nope and V, then flashinfer's
-  ragged prefill with head_dim_qk 192 / head_dim_vo 128). The issue asks which is faster per length: the smallest L
-  from which up-projection wins at both prefix lengths is what --mla-upproject-min-tokens should be set to (the engine
-  default stays 0, absorbed everywhere, until this says otherwise).
+  ragged prefill with head_dim_qk 192 / head_dim_vo 128), both on the flashinfer family --prefill-kernels names (fa2
+  by default; fa3 as KUBELLM_PREFILL_BACKEND=fa3 runs the engine, its first use builds FA3's 192/128 module).
+  The issue asks which is faster per length: the smallest L from which up-projection wins at both prefix lengths is
+  what --mla-upproject-min-tokens should be set to (the engine default stays 0, absorbed everywhere, until this says
+  otherwise).
 
     python -m bench.mla_micro --out-dir DIR      (bench/gpu_run.sh mla-micro)
 
@@ -40,39 +43,44 @@ SCALE = (NOPE + ROPE) ** -0.5
 REPS = 20
 
 
-def _batch(lens: list[int], new: int) -> tuple[ForwardBatch, int]:
+def _batch(lens: list[int], new: int, block: int = BLOCK) -> tuple[ForwardBatch, int]:
     """Sequences of `lens` tokens (the last `new` of each computed this step) on consecutive blocks."""
     seqs, at = [], 0
     for i, n in enumerate(lens):
-        pages = -(-n // BLOCK)
+        pages = -(-n // block)
         seqs.append(ScheduledSeq(f"s{i}", [0] * new, n - new, list(range(at, at + pages)), True))
         at += pages
     return ForwardBatch(seqs), at
 
 
-def _backend(kernel: str = "fa2", upproject_min_tokens: int = 0, max_context_tokens: int | None = None):
+def _backend(
+    kernel: str = "fa2", upproject_min_tokens: int = 0, max_context_tokens: int | None = None, block: int = BLOCK
+):
     from kubellm.engine.attention.flashinfer_mla import FlashInferMLAAttention
 
     return FlashInferMLAAttention(
-        HEADS, 1, WIDTH, SCALE, BLOCK, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
+        HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
         upproject_min_tokens=upproject_min_tokens, upproject_max_context_tokens=max_context_tokens,
         qk_nope_head_dim=NOPE, v_head_dim=V,
     )  # fmt: skip
 
 
-def decode_row(batch: int, ctx: int, kernel: str, ceilings: dict[str, float], gen: torch.Generator) -> dict[str, Any]:
-    attn = _backend(kernel)
-    fb, blocks = _batch([ctx] * batch, 1)
-    pool = torch.randn(blocks, BLOCK, WIDTH, generator=gen, device="cuda", dtype=torch.bfloat16)
+def decode_row(
+    batch: int, ctx: int, kernel: str, ceilings: dict[str, float], gen: torch.Generator, page: int = BLOCK
+) -> dict[str, Any]:
+    attn = _backend(kernel, block=page)
+    fb, blocks = _batch([ctx] * batch, 1, page)
+    pool = torch.randn(blocks, page, WIDTH, generator=gen, device="cuda", dtype=torch.bfloat16)
     q_lat = torch.randn(batch, HEADS, RANK, generator=gen, device="cuda", dtype=torch.bfloat16)
     q_rope = torch.randn(batch, HEADS, ROPE, generator=gen, device="cuda", dtype=torch.bfloat16)
     latent = torch.randn(batch, RANK, generator=gen, device="cuda", dtype=torch.bfloat16)
     k_rope = torch.randn(batch, ROPE, generator=gen, device="cuda", dtype=torch.bfloat16)
-    attn.begin_step(AttentionMetadata.from_batch(fb, BLOCK, "cuda"))
+    attn.begin_step(AttentionMetadata.from_batch(fb, page, "cuda"))
     ms = graph_ms(lambda: attn.forward_mla(0, q_lat, q_rope, latent, k_rope, pool), REPS)
     floor_ms = batch * ctx * WIDTH * 2 / (ceilings["copy_gb_s"] / 2 * 1e9) * 1e3  # read once (copy = read + write)
     return {
         "kernel": kernel,
+        "page": page,
         "batch": batch,
         "ctx": ctx,
         "ms": ms,
@@ -95,8 +103,11 @@ def _layer():
     return MLAttention(c, torch.bfloat16, torch.device("cuda"))
 
 
-def prefill_row(seqs: int, length: int, cached: int, gen: torch.Generator, layer) -> dict[str, Any]:
-    """`seqs` chunks of `length` new tokens, each over `cached` tokens already in the pool."""
+def prefill_row(
+    seqs: int, length: int, cached: int, gen: torch.Generator, layer, kernel: str = "fa2"
+) -> dict[str, Any]:
+    """`seqs` chunks of `length` new tokens, each over `cached` tokens already in the pool; both paths on flashinfer's
+    `kernel` family (the engine's KUBELLM_PREFILL_BACKEND: the MLA kernel and the up-projected ragged prefill)."""
     t = seqs * length
     x = dict(device="cuda", dtype=torch.bfloat16)
     w_kv = torch.randn(HEADS * (NOPE + V), RANK, generator=gen, **x) / RANK**0.5  # kv_b_proj
@@ -111,10 +122,10 @@ def prefill_row(seqs: int, length: int, cached: int, gen: torch.Generator, layer
     fb, blocks = _batch([cached + length] * seqs, length)
     pool = torch.randn(blocks, BLOCK, WIDTH, generator=gen, **x)  # the cached prefixes' latents
     meta = AttentionMetadata.from_batch(fb, BLOCK, "cuda")
-    attn = _backend()
+    attn = _backend(kernel)
     attn.begin_step(meta)
     # every chunk of 2+ tokens up-projected, as the engine would with a context bound holding the whole step
-    up_attn = _backend(upproject_min_tokens=1, max_context_tokens=seqs * (cached + length))
+    up_attn = _backend(kernel, upproject_min_tokens=1, max_context_tokens=seqs * (cached + length))
     up_attn.begin_step(meta)
     assert up_attn.mla_split is not None and up_attn.mla_split.absorbed_rows is None
 
@@ -129,7 +140,7 @@ def prefill_row(seqs: int, length: int, cached: int, gen: torch.Generator, layer
     a, u = absorbed(), up_projected()  # same math: a wrong wiring shows here, not as a speed-up
     rel = ((a.float() - u.float()).norm() / u.float().norm()).item()
     row = {
-        "seqs": seqs, "len": length, "cached": cached,
+        "kernel": kernel, "seqs": seqs, "len": length, "cached": cached,
         "absorbed_ms": event_ms(absorbed, REPS), "up_ms": event_ms(up_projected, REPS),
     }  # fmt: skip
     row["faster"] = "absorbed" if row["absorbed_ms"] <= row["up_ms"] else "up-projected"
@@ -146,27 +157,28 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> None:
     lines = [
         f"# MLA attention micro-benchmark, {result['device']}",
         "",
-        f"One layer of DeepSeek-V2-Lite's shape (16 heads, latent 512 + rope 64, page 16), bf16, flashinfer "
-        f"{result['flashinfer']}. Copy bandwidth in this run {c['copy_gb_s']:.0f} GB/s (read + write).",
+        f"One layer of DeepSeek-V2-Lite's shape (16 heads, latent 512 + rope 64, page 16 unless said), bf16, "
+        f"flashinfer {result['flashinfer']}. Copy bandwidth in this run {c['copy_gb_s']:.0f} GB/s (read + write).",
         "",
         "Decode (latent write + MLA kernel, CUDA graph):",
         "",
-        "| kernel | batch | ctx | us | floor us (latents read once) | ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| kernel | page | batch | ctx | us | floor us (latents read once) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {r['kernel']} | {r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | {r['floor_ms'] * 1e3:.1f} | "
-            f"{r['ratio_to_floor']:.2f} |"
+            f"| {r['kernel']} | {r.get('page', BLOCK)} | {r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | "
+            f"{r['floor_ms'] * 1e3:.1f} | {r['ratio_to_floor']:.2f} |"
             for r in result["decode"]
         ),
         "",
         "Prefill chunks, causal, over a cached prefix or none, each path's projections included (up-projected: the "
         "engine's path, MLAttention._split_attention):",
         "",
-        "| chunks x new tokens | cached | absorbed ms | up-projected ms | up / absorbed | faster | rel. L2 between |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "| kernel | chunks x new tokens | cached | absorbed ms | up-projected ms | up / absorbed | faster | "
+        "rel. L2 between |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
         *(
-            f"| {r['seqs']} x {r['len']} | {r['cached']} | {r['absorbed_ms']:.3f} | {r['up_ms']:.3f} | "
-            f"{r['up_over_absorbed']:.2f} | {r['faster']} | {r['rel_l2_between_paths']:.1e} |"
+            f"| {r.get('kernel', 'fa2')} | {r['seqs']} x {r['len']} | {r['cached']} | {r['absorbed_ms']:.3f} | "
+            f"{r['up_ms']:.3f} | {r['up_over_absorbed']:.2f} | {r['faster']} | {r['rel_l2_between_paths']:.1e} |"
             for r in result["prefill"]
         ),
     ]
@@ -174,7 +186,11 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> None:
     if errors:
         lines += [
             "",
-            *(f"- {r['seqs']} x {r['len']} over {r['cached']} cached: not measured ({r['error']})" for r in errors),
+            *(
+                f"- {r.get('kernel', 'fa2')} {r['seqs']} x {r['len']} over {r['cached']} cached: not measured "
+                f"({r['error']})"
+                for r in errors
+            ),
         ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md", flush=True)
@@ -187,6 +203,10 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--decode-batches", default="1,32,128,256")
     ap.add_argument("--decode-kernels", default="fa2,fa3", help="flashinfer MLA families to time (--prefill-backend)")
+    ap.add_argument("--decode-pages", default="16,64", help="page sizes (the engine's --block-size) of the decode rows")
+    ap.add_argument(
+        "--prefill-kernels", default="fa2", help="flashinfer families of the prefill rows (fa3: a first-use build)"
+    )
     ap.add_argument("--prefill-lens", default="16,64,256,1024,4096", help="new tokens per chunk")
     ap.add_argument("--prefill-cached", default="0,4096", help="tokens cached before each chunk")
     ap.add_argument(
@@ -202,24 +222,33 @@ def main() -> None:
         "ceilings": ceilings, "decode": [], "prefill": [], "prefill_errors": [],
     }  # fmt: skip
     for kernel in args.decode_kernels.split(","):
-        for b in map(int, args.decode_batches.split(",")):
-            if time.monotonic() < deadline:
-                result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen))
-                print(f"decode {row}", flush=True)
+        for page in map(int, args.decode_pages.split(",")):
+            for b in map(int, args.decode_batches.split(",")):
+                if time.monotonic() < deadline:
+                    result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen, page))
+                    print(f"decode {row}", flush=True)
     write_results(args.out_dir, result)  # the decode rows stand whatever the prefill rows meet
     layer = _layer()
-    for cached in map(int, args.prefill_cached.split(",")):
-        for n in map(int, args.prefill_lens.split(",")):
-            seqs = max(1, min(16, args.prefill_tokens // n))  # at most --prefill-tokens new tokens a step
-            if time.monotonic() < deadline:
-                try:  # (a kernel build or memory failure costs its row, said in the results, not the run)
-                    result["prefill"].append(row := prefill_row(seqs, n, cached, gen, layer))
-                except Exception as e:
-                    row = {"seqs": seqs, "len": n, "cached": cached, "error": f"{type(e).__name__}: {e}"[:300]}
-                    result["prefill_errors"].append(row)
-                    torch.cuda.empty_cache()
-                print(f"prefill {row}", flush=True)
-                write_results(args.out_dir, result)
+    rows = [
+        (kernel, cached, n)
+        for kernel in args.prefill_kernels.split(",")
+        for cached in map(int, args.prefill_cached.split(","))
+        for n in map(int, args.prefill_lens.split(","))
+    ]
+    for kernel, cached, n in rows:
+        seqs = max(1, min(16, args.prefill_tokens // n))  # at most --prefill-tokens new tokens a step
+        if time.monotonic() < deadline:
+            try:  # (a kernel build or memory failure costs its row, said in the results, not the run)
+                result["prefill"].append(row := prefill_row(seqs, n, cached, gen, layer, kernel))
+            except Exception as e:
+                row = {
+                    "kernel": kernel, "seqs": seqs, "len": n, "cached": cached,
+                    "error": f"{type(e).__name__}: {e}"[:300],
+                }  # fmt: skip
+                result["prefill_errors"].append(row)
+                torch.cuda.empty_cache()
+            print(f"prefill {row}", flush=True)
+            write_results(args.out_dir, result)
     write_results(args.out_dir, result)
 
 

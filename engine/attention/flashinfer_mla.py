@@ -8,10 +8,10 @@ mixed (causal, bottom-right aligned: a chunk's queries see the whole cached cont
 layer reuses that plan, as the dense flashinfer backend does.
 
 Up-projected prefill (`mla_upproject_min_tokens` > 0, engine/attention/mla.py): the step's long chunks attend through
-flashinfer's ragged prefill (`BatchPrefillWithRaggedKVCacheWrapper`, head_dim_qk nope + rope, head_dim_vo v, causal
-bottom-right aligned) over K/V the model up-projects from the gathered context latents; the rest of the step
-(decodes, short chunks) is planned on the MLA wrapper alone. The ragged wrapper has its own workspace, allocated only
-when the setting is on.
+flashinfer's ragged prefill (`BatchPrefillWithRaggedKVCacheWrapper` of the MLA kernel's family, head_dim_qk nope +
+rope, head_dim_vo v, causal bottom-right aligned) over K/V the model up-projects from the gathered context latents;
+the rest of the step (decodes, short chunks) is planned on the MLA wrapper alone. The ragged wrapper has its own
+workspace, allocated only when the setting is on.
 
 CUDA graphs: one CUDA-graph-mode wrapper per captured decode batch size over shared fixed page-table buffers;
 `begin_graph_step_layout` plans the padded batch into them right before replay. The plan's launch shape depends
@@ -101,7 +101,9 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
         self._ragged: BatchPrefillWithRaggedKVCacheWrapper | None = None
         if upproject_min_tokens:
             ragged_workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-            self._ragged = BatchPrefillWithRaggedKVCacheWrapper(ragged_workspace, "NHD", backend="fa2")
+            # the MLA kernel's family (fa2 by default; KUBELLM_PREFILL_BACKEND=fa3 takes FA3, whose sm90 build has
+            # the 192 / 128 head dims, for the up-projected chunks too)
+            self._ragged = BatchPrefillWithRaggedKVCacheWrapper(ragged_workspace, "NHD", backend=self.mla_backend)
 
     @classmethod
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:

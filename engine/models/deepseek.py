@@ -188,8 +188,9 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.view(t, h, self.qk_head_dim).split((c.qk_nope_head_dim, c.qk_rope_head_dim), dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split((c.kv_lora_rank, c.qk_rope_head_dim), dim=-1)
         split = attn.mla_split
-        # CUDA, no split: the latent's norm, the rotary embedding and the latent cache write in one kernel
-        slots = attn.paged_slots(layer_idx) if split is None and fused.enabled(x) else None
+        # CUDA: the latent's norm, the rotary embedding and the latent cache write in one kernel (a split step too:
+        # its up-projected rows read their context, the new tokens' rows included, back from the pool)
+        slots = attn.paged_slots(layer_idx) if fused.enabled(x) else None
         written = self._rope_into_cache(q_rope, k_rope, latent, cos, sin, kv_cache, slots)
         if written is not None:  # the roped query; the latent rows are in the cache
             q_rope = written
@@ -201,7 +202,9 @@ class MLAttention(nn.Module):
                 roped = rot(q_rope, cos, sin), rot(k_rope[:, None, :], cos, sin)[:, 0]
             q_rope, k_rope = roped
         if split is not None:  # long prefill chunks up-projected (engine/attention/mla.py), the rest absorbed
-            values = self._split_attention(layer_idx, q_nope, q_rope, latent, k_rope, kv_cache, attn, split)
+            values = self._split_attention(
+                layer_idx, q_nope, q_rope, latent, k_rope, kv_cache, attn, split, written=written is not None
+            )
             return self.o_proj(values.reshape(t, h * c.v_head_dim))
         w_kv = self.kv_b_proj.weight.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : c.qk_nope_head_dim], w_kv[:, c.qk_nope_head_dim :]
@@ -234,18 +237,20 @@ class MLAttention(nn.Module):
 
     def _split_attention(
         self, layer_idx: int, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-        kv_cache: torch.Tensor, attn: LatentAttention, split: MLASplit,
+        kv_cache: torch.Tensor, attn: LatentAttention, split: MLASplit, written: bool = False,
     ) -> torch.Tensor:  # fmt: skip
         """Per-head values [t, h, v] of a step whose split sends some prefill chunks up-projected: every new latent
-        is cached first; absorbed rows attend as forward_mla does; the up rows' contexts (cached + new latents,
-        gathered from the pool) go through kv_b_proj to K_nope and V, the shared rope key is appended to every head,
+        is cached first (here, or already by the fused rope + cache kernel: `written`, latent and k_rope then
+        unused); absorbed rows attend as forward_mla does; the up rows' contexts (cached + new latents, gathered
+        from the pool) go through kv_b_proj to K_nope and V, the shared rope key is appended to every head,
         and the chunks' full queries attend over them causally. The up-projected K/V are transient, one layer at a
         time, context tokens x heads x (2 nope + rope + 2 v) at most (mla.upproject_temp_bytes, which the start-up
         memory profile reserves for the step bound mla_upproject_max_context_tokens); the absorbed rows'
         temporaries are freed before they are made."""
         c, h = self.c, self.num_heads
         nope, r = c.qk_nope_head_dim, c.kv_lora_rank
-        attn.write_latents(latent, k_rope, kv_cache)
+        if not written:
+            attn.write_latents(latent, k_rope, kv_cache)
         values = q_nope.new_empty((q_nope.shape[0], h, c.v_head_dim))
         if split.absorbed_rows is not None:
             a = split.absorbed_rows

@@ -302,6 +302,15 @@ def test_mla_micro_results_name_the_prefill_rows_that_failed(tmp_path):
     write_mla(tmp_path, result)
     (md,) = tmp_path.glob("mla-micro-*.md")
     text = md.read_text()
-    assert "| fa2 | 1 | 1024 | 10.0 | 5.0 | 2.00 |" in text
-    assert "- 16 x 4096 over 4096 cached: not measured (OutOfMemoryError: x)" in text
+    assert "| fa2 | 16 | 1 | 1024 | 10.0 | 5.0 | 2.00 |" in text  # a row of before page sizes were timed: page 16
+    assert "- fa2 16 x 4096 over 4096 cached: not measured (OutOfMemoryError: x)" in text
+    result["decode"].append({**result["decode"][0], "kernel": "fa3", "page": 64, "ms": 0.006, "ratio_to_floor": 1.2})
+    result["prefill"].append({
+        "kernel": "fa3", "seqs": 16, "len": 1024, "cached": 0, "absorbed_ms": 2.0, "up_ms": 0.5,
+        "faster": "up-projected", "up_over_absorbed": 0.25, "rel_l2_between_paths": 3e-3,
+    })  # fmt: skip
+    write_mla(tmp_path, result)
+    text = md.read_text()
+    assert "| fa3 | 64 | 1 | 1024 | 6.0 | 5.0 | 1.20 |" in text
+    assert "| fa3 | 16 x 1024 | 0 | 2.000 | 0.500 | 0.25 | up-projected | 3.0e-03 |" in text
     assert json.loads(md.with_suffix(".json").read_text()) == result

@@ -13,7 +13,8 @@ fails, never skips).
 - the up-projected prefill (mla_upproject_min_tokens): one DeepSeek-V2-Lite-shaped attention layer on a mixed step
   (decodes, chunks over cached prefixes, a short absorbed chunk, a fresh prefill) gives through flashinfer's ragged
   prefill the torch reference's output (float32, same split) and flashinfer's all-absorbed output; the model's
-  logits with it on equal the CPU reference's; greedy decoding through the engine with it on equals it off;
+  logits with it on equal the CPU reference's, and equal themselves with the fused latent write off; greedy
+  decoding through the engine with it on equals it off;
   a step at the up-projected context bound stays within the start-up memory profile's peak plus its reserve.
 
 Run: bench/mla_gpu.sh (these tests, then bench/mla_micro.py); or TESTS=tests/engine/test_gpu_mla.py bench/gpu_run.sh
@@ -492,6 +493,22 @@ def test_gpu_logits_with_upprojected_prefill_match_the_cpu_reference(loaded):
     compare_routed_logits(
         gpu, _teacher_forced(_runner(loaded, "cpu"), tokens), "DeepSeek-V2-Lite shape, GPU up-projected vs CPU"
     )
+
+
+def test_upprojected_steps_with_the_fused_latent_write_equal_them_without(loaded):
+    """A split step writes its new latent rows with the fused rope + cache kernel (mla_rope_cache) and the
+    up-projected rows read them back from the pool; with KUBELLM_ROPE_CACHE off they are written by kv_a_layernorm,
+    mla_rope and write_latents. Both runs up-project both prefill chunks: their logits agree as GPU runs of one
+    model do (compare_routed_logits: bf16 rounding may flip a near-tied expert; a wrong or missing row moves all)."""
+    tokens = torch.randint(3, VOCAB, (PROMPTS, POSITIONS), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = {}
+    for rope_cache in (True, False):  # one runner at a time: the runner configures the fused kernels process-wide
+        runner = _runner_with(loaded, "cuda", mla_upproject_min_tokens=CHUNK, rope_cache=rope_cache)
+        before = runner.attn.upprojected_tokens
+        logits[rope_cache] = _teacher_forced(runner, tokens)
+        assert runner.attn.upprojected_tokens - before == PROMPTS * PREFILL, "both chunks were meant to up-project"
+        del runner
+    compare_routed_logits(logits[True], logits[False], "up-projected steps, fused latent write vs unfused")
 
 
 def test_engine_greedy_with_upprojected_prefill_agrees_with_absorbed(loaded):
