@@ -251,16 +251,18 @@ class MLAttention(nn.Module):
         nope, r = c.qk_nope_head_dim, c.kv_lora_rank
         if not written:
             attn.write_latents(latent, k_rope, kv_cache)
-        values = q_nope.new_empty((q_nope.shape[0], h, c.v_head_dim))
-        if split.absorbed_rows is not None:
-            a = split.absorbed_rows
+        a = split.absorbed_rows
+        values = None
+        if a is not None:
+            values = q_nope.new_empty((q_nope.shape[0], h, c.v_head_dim))
             values[a] = self._absorbed_values(layer_idx, q_nope[a], q_rope[a], kv_cache, attn)
         context = kv_cache.view(-1, kv_cache.shape[-1]).index_select(0, split.context_slots)  # [S, r + rope]
         kv = self.kv_b_proj(context[:, :r]).view(-1, h, nope + c.v_head_dim)
         k = torch.cat((kv[..., :nope], context[:, None, r:].expand(-1, h, c.qk_rope_head_dim)), dim=-1)
+        if values is None:  # every row up-projected, in step order (up_rows is 0..t-1): no gather, no scatter
+            return attn.attend_upprojected(layer_idx, torch.cat((q_nope, q_rope), dim=-1), k, kv[..., nope:])
         u = split.up_rows
-        q = torch.cat((q_nope[u], q_rope[u]), dim=-1)
-        values[u] = attn.attend_upprojected(layer_idx, q, k, kv[..., nope:])
+        values[u] = attn.attend_upprojected(layer_idx, torch.cat((q_nope[u], q_rope[u]), dim=-1), k, kv[..., nope:])
         return values
 
     def _absorbed_values(
