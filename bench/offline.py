@@ -424,7 +424,12 @@ def results_markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['gpu']}{f' x {tp}' if tp > 1 else ''} ({', '.join(g['uuid'] for g in r['gpu_identity'].get('gpus', []))}),"
         f" torch {r['torch']}, flashinfer {r.get('flashinfer', '-')}, git {r['commit']}, {r['started']}.",
-        f"Command: `{r['command']}`.",
+        f"Command: `{r['command']}`"
+        + (
+            f" with KUBELLM_PREFILL_BACKEND={r['prefill_backend']}."
+            if r.get("prefill_backend", "fa2") != "fa2"
+            else "."
+        ),
         f"Model: {r['shape']} shape (bench/shapes.py), random bf16 weights"
         + (f" (both engines: quantization {st['quantization']})" if st.get("quantization") else "")
         + (f", KV cache {st['kv_cache_dtype']}" if st.get("kv_cache_dtype") not in (None, "auto") else "")
@@ -815,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=EngineSettings.max_model_len)
     p.add_argument("--gpu-memory-utilization", type=float, default=EngineSettings.gpu_memory_utilization)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--block-size", type=int, default=EngineSettings.block_size, help="both engines' KV block size")
     p.add_argument(
         "--quantization",
         choices=("none", "fp8", "fp8-block"),
@@ -861,10 +867,13 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        block_size=args.block_size,
         tensor_parallel_size=sizes[0],
         quantization=None if args.quantization == "none" else args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
     )
+    if args.block_size < 1:
+        p.error(f"--block-size must be >= 1, got {args.block_size}")
     if args.mla_upproject_min_tokens is not None:  # through the environment: every rank's engine config reads it
         if args.mla_upproject_min_tokens < 0:
             p.error(f"--mla-upproject-min-tokens must be >= 0, got {args.mla_upproject_min_tokens}")
@@ -899,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings.as_dict(),
         "sampling": asdict(Sampling()),
         "mla_upproject_min_tokens": mla_up,
+        "prefill_backend": EngineConfig().prefill_backend,  # KUBELLM_PREFILL_BACKEND: also the MLA kernel family
         "mla_upproject_max_context_tokens": (
             EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens).mla_upproject_context_budget
             if mla_up

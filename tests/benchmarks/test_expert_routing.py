@@ -244,3 +244,25 @@ def test_offline_counts_our_engines_experts_in_one_prefill_step():
     assert (s["layers"], s["rows"], s["num_experts"]) == (2, 64, 8)
     assert 2 <= s["min"] <= s["max"] <= 8
     assert not engine.has_unfinished_requests()
+
+
+def test_a_committed_deepseek_result_renders_with_the_new_lines():
+    """The H200 side-by-side of 2026-12-07 (before the routing fix) through today's markdown: it says the peer's
+    routing was not re-drawn; with the fields a new run writes, the kernel family, counts and up-projected rows."""
+    import json
+    from pathlib import Path
+
+    from bench.offline import results_markdown
+
+    path = Path(__file__).parents[2] / "bench/results/engine-gpu-2026-12-07-deepseek-v2-lite-h200-side-by-side.json"
+    r = json.loads(path.read_text())
+    assert "Routing" not in results_markdown(r)  # no count in that run: nothing claimed
+    r["experts_hit"] = summarize_hits({"l1": 64}, {"l1": 16384}, 64, 6)
+    r["prefill_backend"] = "fa3"
+    r["prefill_probe"]["mla_upprojected_rows_per_step"] = 16384.0
+    r["mla_upproject_min_tokens"] = 256
+    md = results_markdown(r)
+    assert "with KUBELLM_PREFILL_BACKEND=fa3." in md
+    assert "- ours: experts hit per MoE layer in one step of 16384 tokens: min 64 / median 64 / max 64 of 64" in md
+    assert "its dummy routing weights were NOT re-drawn" in md
+    assert "16384 of its 16384 query rows up-projected (mla_upproject_min_tokens 256)" in md
