@@ -73,11 +73,7 @@ def reinit_routing(
         if kind == "norm":
             p.fill_(1.0)
         else:
-            gen = torch.Generator(device=p.device)
-            gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            s = embed_std if kind == "embed" else std
-            # drawn in float32 and cast: normal_ has no float8 kernels, and bf16 draws are the same numbers rounded
-            p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0.0, s, generator=gen))
+            _draw(p, embed_std if kind == "embed" else std, seed * 1_000_003 + zlib.crc32(name.encode()))
         done.setdefault(kind, []).append(name)
     return {
         "std": std,
@@ -85,6 +81,28 @@ def reinit_routing(
         "counts": {k: len(v) for k, v in sorted(done.items())},
         "examples": {k: v[:2] for k, v in sorted(done.items())},
     }
+
+
+DRAW_ELEMENTS = 1 << 24  # float32 values drawn at a time (64 MiB): the peer holds little memory beyond its KV pool
+
+
+def _draw(p: torch.Tensor, std: float, seed: int) -> None:
+    """p <- N(0, std), drawn in float32 on p's device and cast, in pieces of whole rows of at most DRAW_ELEMENTS
+    values (a 150k x 2048 embedding would otherwise need a 1.2 GB float32 temporary), piece k from seed + k."""
+    if not p.is_contiguous():  # (vLLM's parameters are; drawn whole otherwise)
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(seed)
+        p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0.0, std, generator=gen))
+        return
+    rows = p.shape[0] if p.dim() else 1
+    per_row = max(1, p.numel() // max(rows, 1))
+    step = max(1, DRAW_ELEMENTS // per_row)
+    flat = p.view(rows, per_row) if p.dim() else p.view(1, 1)
+    for k, lo in enumerate(range(0, rows, step)):
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(seed + k)
+        piece = flat[lo : lo + step]
+        piece.copy_(torch.empty(piece.shape, dtype=torch.float32, device=p.device).normal_(0.0, std, generator=gen))
 
 
 def expected_experts_hit(num_experts: int, top_k: int, tokens: int) -> float:

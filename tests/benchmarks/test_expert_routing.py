@@ -266,3 +266,19 @@ def test_a_committed_deepseek_result_renders_with_the_new_lines():
     assert "- ours: experts hit per MoE layer in one step of 16384 tokens: min 64 / median 64 / max 64 of 64" in md
     assert "its dummy routing weights were NOT re-drawn" in md
     assert "16384 of its 16384 query rows up-projected (mla_upproject_min_tokens 256)" in md
+
+
+def test_large_weights_are_drawn_in_pieces_with_the_same_distribution(monkeypatch):
+    import bench.expert_routing as er
+
+    monkeypatch.setattr(er, "DRAW_ELEMENTS", 5000)  # 2 rows of 2048 a piece: 512 pieces for the embedding
+    model = VllmLike()
+    dummy_load(model)
+    reinit_routing(model, embed_std=0.05)
+    emb = model.model.embed_tokens.weight.float()
+    assert abs(emb.std().item() / 0.05 - 1) < 0.05
+    assert not torch.equal(emb[0], emb[2]) and not torch.equal(emb[0], emb[1])  # each piece its own seed
+    again = VllmLike()
+    dummy_load(again)
+    reinit_routing(again, embed_std=0.05)
+    assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
