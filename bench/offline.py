@@ -364,9 +364,25 @@ def decode_step_times(engine, batch: int, ctx: int, steps: int, profile: bool = 
     }
 
 
-def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False) -> dict[str, Any]:
+def prefill_step_ms(
+    engine, tokens: int, prompt_len: int, profile: bool = False, absorbed: bool = False
+) -> dict[str, Any]:
     """Steps prefilling `tokens` tokens of `prompt_len`-token prompts (workload (a)'s shape), synchronised: the
-    best of 3 (the first also pays lazy initialisation), and with `profile` the kernel time of one more by kind."""
+    best of 3 (the first also pays lazy initialisation), and with `profile` the kernel time of one more by kind.
+    `absorbed`: an engine started with MLA up-projection (--mla-upproject-min-tokens) runs these steps with it
+    switched off (rank 0's backend; TP 1), on prompts of their own: the A/B of the two paths in one process."""
+    attn = local_runner(engine).attn
+    if absorbed:
+        saved = attn.upproject_min_tokens
+        attn.upproject_min_tokens = 0
+        try:
+            return {**_prefill_steps(engine, tokens, prompt_len, profile, rounds_from=10), "absorbed": True}
+        finally:
+            attn.upproject_min_tokens = saved
+    return _prefill_steps(engine, tokens, prompt_len, profile, rounds_from=0)
+
+
+def _prefill_steps(engine, tokens: int, prompt_len: int, profile: bool, rounds_from: int) -> dict[str, Any]:
     vocab = engine.model_config.vocab_size
 
     def add(round_: int) -> None:
@@ -380,7 +396,7 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
     attn = local_runner(engine).attn
     up_before = getattr(attn, "upprojected_tokens", None)  # MLA: rows that attended up-projected (rank 0)
     times = []
-    for round_ in range(3):
+    for round_ in range(rounds_from, rounds_from + 3):  # each round its own prompts: no prefix-cache hits
         add(round_)
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -392,7 +408,7 @@ def prefill_step_ms(engine, tokens: int, prompt_len: int, profile: bool = False)
     if up_before is not None:  # the timed steps' rows up-projected (--mla-upproject-min-tokens), 0 when absorbed
         out["mla_upprojected_rows_per_step"] = (attn.upprojected_tokens - up_before) / 3
     if profile:
-        add(3)
+        add(rounds_from + 3)
         try:
             out["profile"] = profile_steps(engine, steps=1)
         except Exception as e:  # a profiler problem must not cost the run's figures (as decode_step_times)
@@ -476,6 +492,15 @@ def results_markdown(r: dict[str, Any]) -> str:
             )
         if pp.get("profile"):
             profile.append(describe_profile(f"that prefill step of {pp['tokens']} tokens", pp["profile"]))
+        ab = r.get("prefill_probe_absorbed")
+        if ab:
+            profile.append(
+                f"- the same prefill step with up-projection switched off in this engine (every row absorbed, prompts "
+                f"of their own): {ab['step_ms']:.0f} ms (best of 3) against {pp['step_ms']:.0f} ms up-projected "
+                f"({ab['step_ms'] / pp['step_ms']:.2f}x)"
+            )
+            if ab.get("profile"):
+                profile.append(describe_profile("that all-absorbed prefill step", ab["profile"]))
     for b, x in (r.get("decode") or {}).items():
         if x.get("profile"):
             profile.append(describe_profile(f"decode step at batch {b}", x["profile"]))
@@ -616,6 +641,11 @@ def run_engine(
                     engine, settings.max_num_batched_tokens, PROBE_CTX, profile=args.profile
                 )
                 log.info("prefill probe: %s", r["prefill_probe"])
+            if r.get("mla_upproject_min_tokens") and tp == 1 and left() > 60:  # the same steps absorbed, for the A/B
+                r["prefill_probe_absorbed"] = prefill_step_ms(
+                    engine, settings.max_num_batched_tokens, PROBE_CTX, profile=args.profile, absorbed=True
+                )
+                log.info("prefill probe, up-projection off: %s", r["prefill_probe_absorbed"])
             write_results(r, out_dir)
         for key in ("a", "b", "c"):
             if key not in wanted:

@@ -266,6 +266,11 @@ def test_a_committed_deepseek_result_renders_with_the_new_lines():
     assert "- ours: experts hit per MoE layer in one step of 16384 tokens: min 64 / median 64 / max 64 of 64" in md
     assert "its dummy routing weights were NOT re-drawn" in md
     assert "16384 of its 16384 query rows up-projected (mla_upproject_min_tokens 256)" in md
+    r["prefill_probe_absorbed"] = {**r["prefill_probe"], "step_ms": 2 * r["prefill_probe"]["step_ms"], "absorbed": True}
+    md = results_markdown(r)
+    assert "the same prefill step with up-projection switched off in this engine" in md
+    assert f"against {r['prefill_probe']['step_ms']:.0f} ms up-projected (2.00x)" in md
+    assert "that all-absorbed prefill step (profiled, 1 steps)" in md
 
 
 def test_large_weights_are_drawn_in_pieces_with_the_same_distribution(monkeypatch):

@@ -404,3 +404,28 @@ def test_the_memory_profile_forward_attends_absorbed():
     assert attn.upprojected_tokens == 15 and attn.upproject_deferred_tokens == 0
     with absorbed_only(TorchMLAAttention(layer.num_heads, 1, pool.shape[-1], 1.0, BLOCK, kv_lora_rank=8)):
         pass  # a backend that never up-projects is left as it is
+
+
+def test_the_offline_prefill_probe_reports_its_upprojected_rows_and_runs_the_absorbed_ab(monkeypatch):
+    """bench.offline's prefill probe on a tiny random DeepSeek-V2 engine started with up-projection (chunks of 4+):
+    every row of its steps up-projected; the A/B probe on the same engine runs them all absorbed, on prompts of its
+    own, and leaves the setting as it was. (CPU: the probe's CUDA synchronisations have nothing to wait for.)"""
+    from bench.offline import prefill_step_ms
+    from kubellm.engine.config import EngineConfig
+    from kubellm.engine.llm_engine import LLMEngine
+    from kubellm.engine.model_config import ModelConfig
+    from kubellm.engine.random_model import random_loaded_model
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    hf = tiny_hf_config("deepseek-v2").to_dict() | {"vocab_size": 2304}  # the probe's prompts avoid ids < 1000
+    loaded = random_loaded_model(ModelConfig.from_hf_config(hf), torch.float32, "cpu", name="random-ds")
+    cfg = EngineConfig(model="random-ds", device="cpu", generation_config="vllm", mla_upproject_min_tokens=4)
+    engine = LLMEngine(cfg, loaded=loaded)
+    up = prefill_step_ms(engine, 64, 32)
+    assert up["mla_upprojected_rows_per_step"] == 64 and up["tokens"] == 64 and len(up["all_ms"]) == 3
+    hits = engine.stats().prefix_hits
+    ab = prefill_step_ms(engine, 64, 32, absorbed=True)
+    assert ab["absorbed"] and ab["mla_upprojected_rows_per_step"] == 0
+    assert engine.stats().prefix_hits == hits, "the A/B's prompts were meant to be its own"
+    assert engine.runner.attn.upproject_min_tokens == 4
+    assert not engine.has_unfinished_requests()
