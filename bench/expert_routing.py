@@ -49,9 +49,9 @@ def routing_kind(name: str, shape: tuple[int, ...]) -> str | None:
         return "norm"
     if name.endswith("embed_tokens.weight") and len(shape) == 2:
         return "embed"
-    if name.endswith("mlp.gate.weight") and len(shape) == 2:
+    if name.endswith(".gate.weight") and ".mlp." in f".{name}" and len(shape) == 2:  # (mlp.gate, or mlp.experts.gate)
         return "gate"
-    if name.endswith("mlp.gate.e_score_correction_bias") and len(shape) == 1:
+    if name.endswith("e_score_correction_bias") and len(shape) == 1:
         return "gate_bias"
     return None
 

@@ -133,7 +133,9 @@ def test_reinit_follows_the_random_model_distribution_and_leaves_the_rest():
 
 def test_routing_kind_names():
     assert routing_kind("model.layers.3.mlp.gate.weight", (64, 2048)) == "gate"
+    assert routing_kind("model.layers.3.mlp.experts.gate.weight", (64, 2048)) == "gate"  # wherever FusedMoE holds it
     assert routing_kind("model.layers.3.mlp.gate_up_proj.weight", (2816, 2048)) is None
+    assert routing_kind("model.layers.3.self_attn.gate.weight", (64, 2048)) is None
     assert routing_kind("model.layers.3.mlp.shared_expert_gate.weight", (1, 2048)) is None
     assert routing_kind("model.layers.3.self_attn.q_norm.weight", (128,)) == "norm"
     assert routing_kind("model.embed_tokens.weight", (102400, 2048)) == "embed"
