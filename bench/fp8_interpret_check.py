@@ -3,7 +3,9 @@
 Why the interpreter is patched: Triton 3.6's interpreter converts floats bit by bit itself and gets two conversions
 these kernels use wrong -- fp32 -> bf16 truncates instead of rounding to nearest even, and fp32 -> e4m3 drops the
 carry when rounding overflows the mantissa (a value rounding up to the next power of two comes out half as large:
-2.4% of a per-token quantization of randn) -- and with numpy >= 2.4 every range() over a runtime int fails.
+2.4% of a per-token quantization of randn) -- its tl.dot of bf16 operands multiplies their uint16 bit patterns as
+integers (seen: the split-K kernel's tensor-core variant 1e9 off), and with numpy >= 2.4 every range() over a
+runtime int fails.
 `faithful_interpreter` makes those conversions torch's (round to nearest even; e4m3 saturating, as the GPU's
 cvt.rn.satfinite), so what is left to see is the kernels' own logic: scale indexing, groups, masks, tiles, routes.
 What it cannot show is the GPU's arithmetic (FP8 tensor-core accumulation, approximate exp): the gpu tests cover that.
@@ -12,7 +14,8 @@ References are written here: activation scales amax / 448 by IEEE division (as t
 tests/engine/fp8_reference.py for why not `amax / 448` on CUDA), products in float64.
 
     pip install triton==3.6.0
-    python -m bench.fp8_interpret_check        # exit 1 on any mismatch; ~2 minutes on 2 cores
+    python -m bench.fp8_interpret_check        # exit 1 on any mismatch; ~2 minutes on 2 cores (+ split-K's)
+    python -m bench.fp8_interpret_check --only splitk [--quick]
 
 Seen 2026-12-07 (triton 3.6.0, numpy 2.4.6, CPU): every quantization bit-equal to torch's; fused_experts with block
 and per-channel FP8 experts 1.6-1.7e-3 from float64 in every route (aligned 16/64, direct, direct + down_sum,
@@ -66,6 +69,22 @@ def faithful_interpreter() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     interpreter._patch_lang_tensor = patch_lang_tensor
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        """Products of float operands in float32 from their real values (the interpreter multiplies bf16's stored
+        uint16 bit patterns as integers), accumulated into d as the GPU's tensor cores do."""
+
+        def values(h):
+            src = _TORCH.get(h.dtype)
+            if src is None:
+                return h.data
+            bits = np.ascontiguousarray(h.data).view(_NP_BITS[_BITS[src]])
+            return torch.from_numpy(bits).view(src).float().numpy()
+
+        out = np.matmul(values(a), values(b)).astype(d.data.dtype) + d.data
+        return interpreter.TensorHandle(out, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 def ieee_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -186,9 +205,88 @@ def check_experts() -> list[str]:
     return failures
 
 
+# The split-K small-M kernel (fp8_gemm.splitk) on Llama-3.1-8B's four layer shapes and Qwen3-30B-A3B's attention
+# ((N, K); its MLPs are experts). --quick (CI): each shape's K in full but N cut to 200 columns (ragged against the
+# 32-column tiles), which is what the split logic and the masks depend on.
+SPLITK_SHAPES = {
+    "llama qkv": (6144, 4096),
+    "llama o": (4096, 4096),
+    "llama gate_up": (28672, 4096),
+    "llama down": (4096, 14336),
+    "qwen3-30b-a3b qkv": (5120, 2048),
+    "qwen3-30b-a3b o": (2048, 4096),
+}
+SPLITK_TOL = 4e-3  # vs float64: the bf16 output rounding (2^-9 relative per element, ~1.1e-3 in L2)
+
+
+def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float32 -> (fp8, scales, dequantized float64), the three scale layouts (blocks 128 x 128, ragged)."""
+    n, k = w.shape
+    if fmt == "tensor":
+        s = w.abs().amax() / 448
+        q = (w / s).clamp(-448, 448).to(FP8)
+        return q, s, q.double() * s
+    if fmt == "channel":
+        s = w.abs().amax(dim=1) / 448
+        q = (w / s[:, None]).clamp(-448, 448).to(FP8)
+        return q, s, q.double() * s[:, None]
+    nb, kb = -(-n // 128), -(-k // 128)
+    wp = F.pad(w, (0, kb * 128 - k, 0, nb * 128 - n)).view(nb, 128, kb, 128)
+    s = (wp.abs().amax(dim=(1, 3)) / 448).clamp_min(1e-12)
+    q = (wp / s[:, None, :, None]).clamp(-448, 448).to(FP8)
+    d = (q.double() * s[:, None, :, None]).view(nb * 128, kb * 128)[:n, :k]
+    return q.view(nb * 128, kb * 128)[:n, :k].contiguous(), s, d
+
+
+# (M, tensor cores, SPLIT_K: None the default) per shape and format; --quick takes the first three, --cases N the
+# first N
+SPLITK_CASES = [(1, False, None), (3, False, 1), (16, True, None), (1, True, 1), (1, False, 1), (3, False, None),
+                (3, True, None), (7, True, None), (7, True, 1), (16, True, 1), (64, True, None)]  # fmt: skip
+
+
+def check_splitk(quick: bool, cases: int | None = None) -> list[str]:
+    from kubellm.engine.models import fp8_gemm
+
+    failures = []
+    gen = torch.Generator().manual_seed(2)
+    shapes = {n: SPLITK_SHAPES[n] for n in ("llama down", "qwen3-30b-a3b qkv")} if quick else SPLITK_SHAPES
+    for name, (n, k) in shapes.items():
+        n = min(n, 72) if quick else n
+        w = torch.randn(n, k, generator=gen) / k**0.5
+        w *= torch.rand(n, 1, generator=gen) * 4 + 0.5  # uneven rows: channel and block scales differ
+        for fmt in ("tensor", "channel", "block"):
+            q, s, d = quantize_weight(w, fmt)
+            block = (128, 128) if fmt == "block" else None
+            for m, dot, split in SPLITK_CASES[: cases or (3 if quick else len(SPLITK_CASES))]:
+                x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+                ref = x.double() @ d.t()
+                cfg = fp8_gemm.splitk_config(m, n, k, fmt, block, 132, split_k=split, use_dot=dot)
+                got = fp8_gemm.splitk(x, q, s, fmt, block, torch.bfloat16, cfg)
+                err = float((got.double() - ref).norm() / ref.norm())
+                ok = err < SPLITK_TOL
+                print(f"splitk {name:18s} [{n},{k}] {fmt:7s} M={m:2d} dot={dot!s:5s} SPLIT_K={cfg.SPLIT_K}: "
+                      f"{err:.2e} vs float64 {'ok' if ok else 'TOO FAR'}", flush=True)  # fmt: skip
+                if not ok:
+                    failures.append(f"splitk {name} {fmt} M={m} dot={dot} split={cfg.SPLIT_K}: {err:.2e}")
+    return failures
+
+
 def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=("quantization", "experts", "splitk"), default=None)
+    ap.add_argument("--quick", action="store_true", help="splitk: two shapes, N cut to 72 columns, 3 cases (CI)")
+    ap.add_argument("--cases", type=int, default=None, help="splitk: the first N of SPLITK_CASES per shape/format")
+    args = ap.parse_args()
     faithful_interpreter()
-    failures = check_quantization() + check_experts()
+    failures = []
+    if args.only in (None, "quantization"):
+        failures += check_quantization()
+    if args.only in (None, "experts"):
+        failures += check_experts()
+    if args.only in (None, "splitk"):
+        failures += check_splitk(args.quick, args.cases)
     print("all checks passed" if not failures else f"{len(failures)} failed: {failures}", flush=True)
     return 1 if failures else 0
 

@@ -5,10 +5,17 @@ at M in {1, 7, 16, 64, 512, 2048, 8192} rows, random weights (seed 0), x ~ N(0, 
 a CUDA graph of LAYERS products with distinct weights (more than L2 holds, as in a model), replayed REPS times;
 the figure is per product. Variants (all through the public functions the model calls):
   bf16            F.linear (cuBLAS), the baseline
-  tensor          fp8_linear, per-tensor weight, dynamic per-tensor input (vLLM's online --quantization fp8)
+  tensor          fp8_linear, per-tensor weight, dynamic input (vLLM's online --quantization fp8), through the
+                  engine's default dispatch (KUBELLM_FP8_GEMM=table: models/fp8_dispatch.py's measured-best route)
+  tensor-fixed    the same under the fixed dispatch (before the table: W8A16 up to 16 rows, else dynamic per-tensor
+                  input + tensor-wise _scaled_mm)
   tensor-token    the same weight, per-token input (quantize + row-wise _scaled_mm): PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT
-  channel         fp8_linear, per-channel weight, per-token input
-  block           fp8_linear, 128x128 blocks, per-token-group input (Triton W8A8, or W8A16 at M <= GEMV_MAX_ROWS)
+  tensor-token-triton  per-token quantization + our Triton W8A8 kernel (the table's triton+token route, quantization
+                  included, unlike tensor-triton)
+  tensor-splitk   the split-K small-M kernel (fp8_gemm.splitk, default tiling; M <= 64), bf16 rows
+  channel         fp8_linear, per-channel weight, per-token input (table dispatch)
+  block           fp8_linear, 128x128 blocks (table dispatch: Triton W8A8 on per-group inputs, or W8A16 / split-K)
+  block-splitk    the split-K kernel with block scales (M <= 64)
   block-gemm      the block GEMM alone on a pre-quantized input (what a fused norm/activation+quant leaves)
   block-w8a8      the Triton W8A8 block path at every M (to place GEMV_MAX_ROWS)
   block-w8a16     the W8A16 kernel at M <= 64 (likewise), tensor-w8a16 the same for per-tensor weights
@@ -111,11 +118,33 @@ def variants(x: torch.Tensor, layers: dict[str, list], m: int) -> dict[str, Call
         out["tensor-w8a16"] = lambda: [
             fp8_gemm.w8a16(x, q, s, "tensor", None, torch.bfloat16) for q, s in layers["tensor"]
         ]  # fmt: skip
+    out["tensor-fixed"] = lambda: _fixed(lambda: [fp8_gemm.fp8_linear(x, q, s) for q, s in layers["tensor"]])
+    out["tensor-token-triton"] = lambda: [
+        fp8_gemm.fp8_gemm(*fp8_quant.quantize(x, fp8_quant.ActQuant("token")), q, s, use_scaled_mm=False)
+        for q, s in layers["tensor"]
+    ]
+    if m <= fp8_gemm.SPLITK_MAX_ROWS:
+        out["tensor-splitk"] = lambda: [
+            fp8_gemm.splitk(x, q, s, "tensor", None, torch.bfloat16) for q, s in layers["tensor"]
+        ]  # fmt: skip
+        out["block-splitk"] = lambda: [
+            fp8_gemm.splitk(x, q, s, "block", blk, torch.bfloat16) for q, s in layers["block"]
+        ]  # fmt: skip
     if m > fp8_gemm.GEMV_MAX_ROWS:
         out["tensor-triton"] = lambda: [
             fp8_gemm.fp8_gemm(*xq_tensor, q, s, use_scaled_mm=False) for q, s in layers["tensor"]
         ]  # fmt: skip
     return out
+
+
+def _fixed(run: Callable[[], object]) -> object:
+    """`run` under the fixed dispatch (the route is picked when the graph is captured, so the capture sees it)."""
+    mode = fp8_gemm.dispatch_mode()
+    fp8_gemm.configure("fixed", True)
+    try:
+        return run()
+    finally:
+        fp8_gemm.configure(mode, True)
 
 
 # Tilings tried per shape (the defaults are fp8_gemm.W8A16_CONFIG and w8a8_config): BLOCK_N, BLOCK_K, warps, stages
@@ -135,6 +164,37 @@ def measure_sweeps(deadline: float) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(2)
     rows = []
     blk = (128, 128)
+    for name in SHAPES:  # the split-K kernel's splits and variants at 1 and 16 rows, every shape
+        if time.monotonic() > deadline:
+            return rows
+        k, n = SHAPES[name]
+        layers = make_layers(k, n, gen)
+        sms = fp8_gemm.sm_count(torch.device("cuda"))
+        for m in (1, 16):
+            x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+            base = fp8_gemm.splitk_config(m, n, k, "tensor", None, sms)
+            tilings = {"default": base}
+            for split in sorted({1, max(1, base.SPLIT_K // 2), base.SPLIT_K * 2, base.SPLIT_K * 4}):
+                tilings[f"split {split}"] = fp8_gemm.splitk_config(m, n, k, "tensor", None, sms, split_k=split,
+                                                                    use_dot=base.use_dot)  # fmt: skip
+            if m == 1:
+                tilings["tensor cores"] = fp8_gemm.splitk_config(m, n, k, "tensor", None, sms, use_dot=True)
+                tilings["BLOCK_K 512"] = fp8_gemm.splitk_config(m, n, k, "tensor", None, sms, block_k=512)
+            tilings["BLOCK_N 64"] = fp8_gemm.splitk_config(m, n, k, "tensor", None, sms, block_n=64)
+            tilings["BLOCK_N 16"] = fp8_gemm.splitk_config(m, n, k, "tensor", None, sms, block_n=16)
+            times = {}
+            for label, cfg in tilings.items():
+
+                def run(cfg=cfg, x=x, layers=layers):
+                    for q, s in layers["tensor"]:
+                        fp8_gemm.splitk(x, q, s, "tensor", None, torch.bfloat16, cfg)
+
+                times[f"{label} {_splitk_label(cfg)}"] = _try_ms(run)
+            times["default"] = times[f"default {_splitk_label(base)}"]
+            rows.append({"kernel": "splitk", "shape": name, "format": "tensor", "M": m, "ms": times})
+            print(f"sweep splitk {name} M={m}: {_fmt_sweep(times)}", flush=True)
+        del layers
+        torch.cuda.empty_cache()
     for name in ("qkv", "down"):
         k, n = SHAPES[name]
         layers = make_layers(k, n, gen)
@@ -175,6 +235,10 @@ def measure_sweeps(deadline: float) -> list[dict]:
         del layers
         torch.cuda.empty_cache()
     return rows
+
+
+def _splitk_label(c: fp8_gemm.SplitKConfig) -> str:
+    return f"({c.BLOCK_N}, {c.BLOCK_K}, split {c.SPLIT_K}, {'dot' if c.use_dot else 'fma'})"
 
 
 def _try_ms(run: Callable[[], None]) -> float | str:
@@ -302,8 +366,9 @@ def write_results(out_dir: Path, result: dict) -> None:
     stem = out_dir / f"fp8-micro-{dt.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     c = result["ceilings"]
-    names = ["bf16", "tensor", "tensor-token", "tensor-w8a16", "channel", "block", "block-gemm", "block-w8a8",
-             "block-w8a16", "tensor-triton", "flashinfer"]  # fmt: skip
+    names = ["bf16", "tensor", "tensor-fixed", "tensor-token", "tensor-w8a16", "tensor-splitk", "channel", "block",
+             "block-gemm", "block-w8a8", "block-w8a16", "block-splitk", "tensor-triton", "tensor-token-triton",
+             "flashinfer"]  # fmt: skip
     fi = {(r["shape"], r["M"]): r["ms"] for r in result["flashinfer"]} if isinstance(result["flashinfer"], list) else {}
     lines = [
         f"# FP8 GEMM micro-benchmark, {result['device']}",
@@ -361,7 +426,7 @@ def main() -> None:
     ap.add_argument("--batches", default=BATCHES)
     ap.add_argument("--deadline-s", type=float, default=240.0, help="for everything but the flashinfer child")
     ap.add_argument("--flashinfer-timeout-s", type=float, default=0.0)
-    ap.add_argument("--sweep-s", type=float, default=40.0, help="of --deadline-s, kept for the tile sweeps")
+    ap.add_argument("--sweep-s", type=float, default=60.0, help="of --deadline-s, for the tile sweeps (split-K first)")
     args = ap.parse_args()
     deadline = time.monotonic() + args.deadline_s
     batches = [int(b) for b in args.batches.split(",")]

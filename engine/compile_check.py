@@ -139,6 +139,10 @@ FP8_LAYERS = {
     "llama-3.1-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
     "deepseek-v3": [(1536, 7168), (24576, 1536), (576, 7168), (7168, 16384), (4096, 7168), (7168, 2048)],
 }
+FP8_SPLITK_LAYERS = {  # (N, K): Llama-3.1-8B's four; Qwen3-30B-A3B's attention (its MLPs are experts)
+    "llama-3.1-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+    "qwen3-30b-a3b": [(5120, 2048), (2048, 4096)],
+}
 TOKENS = (1, 5, 64, 300)  # one token (ints equal to 1 specialise), odd, a multiple of 16, a prefill chunk
 DTYPES = ("bfloat16", "float16")
 
@@ -268,6 +272,18 @@ def cases() -> list[Case]:
                     for d in ("bfloat16",) if kind == "block" else DTYPES:
                         add(f"fp8_gemm.fp8_linear {model} {kind} [{n},{k}] {d} T={t}",
                             lambda t=t, n=n, k=k, q=kind, d=dt[d]: _fp8_linear(fp8_gemm, t, n, k, q, d))  # fmt: skip
+    # the split-K small-M kernel (a --fp8-gemm tune candidate): one pass and partial sums + reduce, CUDA cores (1-4
+    # rows) and tensor cores, each scale layout
+    for model, layers in FP8_SPLITK_LAYERS.items():
+        for kind in ("tensor", "channel", "block"):
+            for n, k in layers:
+                for t in (1, 3, 7, 16, 64):
+                    for dot in (False, True) if t <= 4 else (True,):
+                        for split in (1, None):
+                            for d in ("bfloat16",) if kind == "block" else DTYPES:
+                                add(f"fp8_gemm.splitk {model} {kind} [{n},{k}] {d} T={t} dot={dot} split={split}",
+                                    lambda t=t, n=n, k=k, q=kind, d=dt[d], o=dot, s=split: _fp8_splitk(
+                                        fp8_gemm, t, n, k, q, d, o, s))  # fmt: skip
     for spec_name in ("token", "group", "static"):
         for model, hidden in (("llama-3.1-8b", 4096), ("deepseek-v3", 7168), ("qwen3-30b-a3b", 2048)):
             for d in DTYPES:
@@ -415,6 +431,16 @@ def _fp8_linear(fp8_gemm: Any, t: int, n: int, k: int, kind: str, dtype: Any) ->
     static = torch.ones(1) if kind.endswith("static") else None
     return fp8_gemm.fp8_linear(torch.empty(t, k, dtype=dtype), w, scale, block_size=block, input_scale=static,
                                out_dtype=dtype)  # fmt: skip
+
+
+def _fp8_splitk(fp8_gemm: Any, t: int, n: int, k: int, kind: str, dtype: Any, dot: bool, split: int | None) -> object:
+    import torch
+
+    w = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    block = (128, 128) if kind == "block" else None
+    scale = {"tensor": torch.ones(()), "channel": torch.ones(n), "block": torch.ones(-(-n // 128), -(-k // 128))}[kind]
+    cfg = fp8_gemm.splitk_config(t, n, k, kind, block, 132, split_k=split, use_dot=dot)
+    return fp8_gemm.splitk(torch.empty(t, k, dtype=dtype), w, scale, kind, block, dtype, cfg)
 
 
 def _spec(fp8_quant: Any, name: str) -> Any:

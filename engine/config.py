@@ -156,6 +156,19 @@ class EngineConfig:
         "KUBELLM_GEMV", env_bool, True,
         help="CUDA, tensor parallel: a Triton GEMV for few-row weight products (off: cuBLAS)",
     )  # fmt: skip
+    fp8_gemm: str = env_option(
+        "KUBELLM_FP8_GEMM", str, "table",
+        choices=("fixed", "table", "tune"),
+        help="CUDA, FP8 linear layers: which GEMM route each product takes. table: the measured-best per weight "
+        "format, shape class and batch-size bucket (models/fp8_dispatch.py, from bench/fp8_micro.py); tune: the "
+        "candidates timed on this GPU at start-up (bounded, logged; the table's where not reached); fixed: W8A16 up "
+        "to 16 rows, else the format's W8A8 (the dispatch before the table)",
+    )  # fmt: skip
+    fp8_splitk: bool = env_option(
+        "KUBELLM_FP8_SPLITK", env_bool, True,
+        help="CUDA, FP8 linear layers with --fp8-gemm tune: the split-K small-batch kernel is a candidate (off: never "
+        "used; W8A16 takes its place)",
+    )  # fmt: skip
     tp_cuda_graphs: bool = env_option(
         "KUBELLM_TP_CUDA_GRAPHS", env_bool, True,
         help="decode CUDA graphs under tensor parallelism (off: eager, the fallback)",

@@ -36,7 +36,7 @@ from kubellm.engine.loader.quantization import (
     V_SCALE_DIVISOR,
     resolve_scheme,
 )
-from kubellm.engine.models import build_model, fused, gemv, moe
+from kubellm.engine.models import build_model, fp8_gemm, fp8_tune, fused, gemv, moe
 from kubellm.engine.models.causal_lm import deferred_weights, is_deferred
 from kubellm.engine.step_runner import Sample, StepResult
 from kubellm.engine.transfer import to_device_async
@@ -128,6 +128,7 @@ class ModelRunner:
             configure_cpu_threads(config.num_threads)
         fused.configure(config.fused_kernels, config.rope_cache, config.fused_qk_norm, config.moe_sum_norm)
         gemv.configure(config.gemv_kernel)
+        fp8_gemm.configure(config.fp8_gemm, config.fp8_splitk)
         sampling_kernels.configure(config.fused_sampler)
         moe.configure(config.moe_kernel)
         self.block_size = config.block_size
@@ -155,6 +156,9 @@ class ModelRunner:
         if unloaded:
             raise RuntimeError(f"weights left without storage after loading: {', '.join(unloaded[:4])}")
         self.weight_bytes = self._weight_bytes()
+        self.fp8_tune_seconds = 0.0
+        if self.device.type == "cuda" and config.fp8_gemm == "tune" and self.quantization is not None:
+            self._tune_fp8()
         if tp_rank == 0:
             logger.info(
                 "weights on %s: %s%s", self.device,
@@ -231,6 +235,21 @@ class ModelRunner:
         self.graph_capture_seconds = 0.0
         self.graph_replays = 0
         self.memory_profile: dict[str, float] = {}
+
+    def _tune_fp8(self) -> None:
+        """--fp8-gemm tune: time the FP8 GEMM routes of this model's FP8 linear layers at every batch-size bucket up
+        to the token budget, before the memory profile and graph capture see them (models/fp8_tune.py)."""
+        layers = [
+            fp8_tune.Fp8Layer(m.weight, m.fp8.scale, m.fp8.block_size, m.fp8.input_scale)
+            for m in self.model.modules()
+            if getattr(m, "fp8", None) is not None
+        ]
+        if not layers:
+            return
+        started = time.perf_counter()
+        rows = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        fp8_gemm.set_tuned(fp8_tune.tune(layers, rows, self.dtype, splitk=self.config.fp8_splitk))
+        self.fp8_tune_seconds = time.perf_counter() - started
 
     def _weight_bytes(self) -> dict[str, int]:
         """Bytes of this rank's weights per dtype (FP8 layers next to the rest), counting a tied head once."""

@@ -5,6 +5,10 @@ Why FP8: on Hopper it halves the weight bytes a decode step reads and doubles th
 
 Paths of `fp8_linear` (x [M, K] bf16/fp16):
   - CPU (or no FP8-capable GPU): `fp8_linear_reference`, the weight dequantized and multiplied in float32.
+Which path a product takes is `plan_route`'s choice (the engine's KUBELLM_FP8_GEMM: "fixed" is the list below;
+"table", the default, the measured-best route per weight format, shape class and M bucket of models/fp8_dispatch.py;
+"tune" the routes timed at warm-up by models/fp8_tune.py). Routes: W8A16 or the split-K kernel (bf16 rows), or an
+input quantization (per tensor, per token, per group) then _scaled_mm or the Triton W8A8 kernel.
   - CUDA, M <= GEMV_MAX_ROWS: `_w8a16_kernel`, a weight-streaming kernel that reads FP8 weights, dequantizes
     them in registers and multiplies the unquantized bf16 rows: decode is bound by the weight bytes, so skipping
     the activation quantization saves a launch and keeps bf16 activations.
@@ -30,7 +34,8 @@ from typing import Literal
 
 import torch
 
-from . import fp8_quant, fused
+from . import fp8_dispatch, fp8_quant, fused
+from .fp8_dispatch import W8A16, Route
 from .fp8_quant import FP8_DTYPE, FP8_MAX, ActQuant
 
 try:
@@ -50,6 +55,15 @@ FLASHINFER_BLOCK_MIN_ROWS: int | None = None
 # Dynamic activation scales for per-tensor weights: per tensor as vLLM's `--quantization fp8` does (two launches,
 # not fusable), or per token (one launch, fusable, row-wise _scaled_mm). bench/fp8_micro.py times both.
 PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT = False
+
+# Which path each product takes (the engine's fp8_gemm setting, KUBELLM_FP8_GEMM): "fixed" the rules above (W8A16 up
+# to GEMV_MAX_ROWS, else the format's W8A8); "table" the measured-best route per (format, shape class, M bucket) of
+# models/fp8_dispatch.py; "tune" the routes the engine timed at warm-up (fp8_tune.py), the table's elsewhere.
+# `splitk` (KUBELLM_FP8_SPLITK) lets a tuned route use the split-K kernel (off: W8A16 in its place).
+DISPATCH_MODES = ("fixed", "table", "tune")
+_dispatch: dict = {"mode": "table", "splitk": True}
+_tuned: dict[tuple, Route] = {}  # dispatch_key -> the route warm-up timing chose
+_route_cache: dict[tuple, Route] = {}
 
 
 @dataclass(frozen=True)
@@ -199,6 +213,76 @@ def _require_triton() -> None:
         raise RuntimeError("the FP8 GEMM kernels need Triton (`pip install triton`), which is not installed")
 
 
+def configure(mode: str = "table", splitk: bool = True) -> None:
+    """The engine's fp8_gemm and fp8_splitk settings (see DISPATCH_MODES); tuned routes are kept (set_tuned)."""
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"fp8 GEMM dispatch must be one of {', '.join(DISPATCH_MODES)}, got {mode!r}")
+    _dispatch.update(mode=mode, splitk=bool(splitk))
+    _route_cache.clear()
+
+
+def dispatch_mode() -> str:
+    return _dispatch["mode"]
+
+
+def dispatch_key(kind: ScaleKind, static: bool, n: int, k: int, m: int) -> tuple:
+    """What a tuned route is kept under: weight format, static input scale or not, weight [N, K], M bucket."""
+    return (kind, static, n, k, fp8_dispatch.m_bucket(m))
+
+
+def set_tuned(routes: dict[tuple, Route]) -> None:
+    """Routes chosen by warm-up timing (models/fp8_tune.py), used in the "tune" mode; replaces earlier ones."""
+    _tuned.clear()
+    _tuned.update(routes)
+    _route_cache.clear()
+
+
+def plan_route(kind: ScaleKind, static: bool, n: int, k: int, m: int, out_dtype: torch.dtype, cuda: bool) -> Route:
+    """The route an M-row product takes under the current dispatch, made runnable: bf16-input kernels only up to
+    W8A16_MAX_ROWS rows, the split-K kernel only while allowed, _scaled_mm only on CUDA and where its shape and
+    scale rules allow (else the Triton kernel with the same input quantization)."""
+    key = (kind, static, n, k, fp8_dispatch.m_bucket(m), out_dtype, cuda, m <= W8A16_MAX_ROWS, m <= GEMV_MAX_ROWS)
+    hit = _route_cache.get(key)
+    if hit is not None:
+        return hit
+    mode = _dispatch["mode"]
+    r = _tuned.get(key[:5]) if mode == "tune" else None
+    if r is None:
+        r = fp8_dispatch.fixed_route(kind, m) if mode == "fixed" else fp8_dispatch.table_route(kind, n, k, m)
+    if mode == "fixed" and PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT and r == fp8_dispatch.SCALED_MM_TENSOR:
+        r = fp8_dispatch.SCALED_MM_TOKEN
+    if r.kernel == "splitk" and not _dispatch["splitk"]:
+        r = W8A16
+    if r.act == "bf16" and m > W8A16_MAX_ROWS:
+        r = fp8_dispatch.fixed_route(kind, max(m, GEMV_MAX_ROWS + 1))
+    if kind == "block" and r.act != "bf16":
+        r = fp8_dispatch.TRITON_GROUP  # block weights: the Triton kernel on per-group inputs (or flashinfer's)
+    if r.kernel == "scaled_mm":
+        tensorwise = kind == "tensor" and (r.act == "tensor" or static)
+        if not (cuda and k % 16 == 0 and n % 16 == 0 and (tensorwise or out_dtype == torch.bfloat16)):
+            r = Route("triton", r.act)
+    _route_cache[key] = r
+    return r
+
+
+def act_spec(
+    route: Route, kind: ScaleKind, block_size: tuple[int, int] | None, input_scale: torch.Tensor | None
+) -> ActQuant:
+    """How a W8A8 route quantizes its input: a static scale wins; the fixed dispatch keeps act_quant_for's rule."""
+    if _dispatch["mode"] == "fixed" or input_scale is not None:
+        return act_quant_for(kind, block_size, input_scale)
+    if route.act == "group":
+        return ActQuant("group", group=block_size[1] if block_size is not None else 128)
+    return ActQuant("token" if route.act == "token" else "tensor")
+
+
+def _w8a8_tile(kind: ScaleKind, m: int) -> TileConfig | None:
+    """The table's tile for block weights above 256 rows (fp8_dispatch.BLOCK_W8A8_TILE_ABOVE_256); None: default."""
+    if kind == "block" and m > 256 and _dispatch["mode"] != "fixed":
+        return TileConfig(*fp8_dispatch.BLOCK_W8A8_TILE_ABOVE_256)
+    return None
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -224,15 +308,30 @@ def fp8_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m <= GEMV_MAX_ROWS:
-        out = w8a16(x2, weight, weight_scale, kind, block_size, out_dtype)
-    elif kind == "block" and _use_flashinfer_block(m, x2, weight, input_scale):
-        out = _flashinfer_block(x2, weight, weight_scale, out_dtype)
-    else:
-        xq, xs = fp8_quant.quantize(x2, act_quant_for(kind, block_size, input_scale))
-        out = fp8_gemm(xq, xs, weight, weight_scale, block_size=block_size, out_dtype=out_dtype)
-    return out.reshape(*lead, weight.shape[0])
+    m, n = x2.shape[0], weight.shape[0]
+    if m == 0:
+        return torch.empty((*lead, n), dtype=out_dtype, device=x.device)
+    r = plan_route(kind, input_scale is not None, n, weight.shape[1], m, out_dtype, x2.is_cuda)
+    out = run_route(r, x2, weight, weight_scale, kind, block_size, input_scale, out_dtype)
+    return out.reshape(*lead, n)
+
+
+def run_route(
+    r: Route, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, kind: ScaleKind,
+    block_size: tuple[int, int] | None, input_scale: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """x [M, K] (contiguous rows, M >= 1) through route `r` (plan_route's, or a warm-up candidate: fp8_tune)."""
+    m = x.shape[0]
+    if r.kernel == "splitk":
+        cfg = SplitKConfig(*r.tile) if r.tile is not None else None  # type: ignore[arg-type]
+        return splitk(x, weight, weight_scale, kind, block_size, out_dtype, cfg)
+    if r.kernel == "w8a16":
+        return w8a16(x, weight, weight_scale, kind, block_size, out_dtype)
+    if kind == "block" and _use_flashinfer_block(m, x, weight, input_scale):
+        return _flashinfer_block(x, weight, weight_scale, out_dtype)
+    xq, xs = fp8_quant.quantize(x, act_spec(r, kind, block_size, input_scale))
+    return fp8_gemm(xq, xs, weight, weight_scale, block_size=block_size, out_dtype=out_dtype,
+                    use_scaled_mm=r.kernel == "scaled_mm", config=_w8a8_tile(kind, m))  # fmt: skip
 
 
 def fused_input_spec(
@@ -245,11 +344,14 @@ def fused_input_spec(
 ) -> ActQuant | None:
     """The quantization fp8_linear would give an M-row input of this layer, when the kernel before the layer may
     produce it instead (fp8_quant.rms_norm_quant / silu_mul_quant, then `fp8_gemm`: the same bits, one launch and
-    one bf16 round trip fewer). None: call fp8_linear with the bf16 rows (CPU, M <= GEMV_MAX_ROWS where W8A16
-    reads bf16, flashinfer's block GEMM, or dynamic per-tensor scales, which no row-local kernel can make)."""
-    if not weight.is_cuda or not supported(weight.device) or m <= GEMV_MAX_ROWS:
+    one bf16 round trip fewer). None: call fp8_linear with the bf16 rows (CPU, a route reading bf16 rows: W8A16 or
+    split-K, flashinfer's block GEMM, or dynamic per-tensor scales, which no row-local kernel can make)."""
+    if not weight.is_cuda or not supported(weight.device) or m < 1:
         return None
     kind = scale_kind(weight, weight_scale, block_size)
+    r = plan_route(kind, input_scale is not None, weight.shape[0], weight.shape[1], m, torch.bfloat16, True)
+    if r.act == "bf16":
+        return None
     if (
         kind == "block"
         and input_scale is None
@@ -257,7 +359,7 @@ def fused_input_spec(
         and m >= FLASHINFER_BLOCK_MIN_ROWS
     ):
         return None
-    spec = act_quant_for(kind, block_size, input_scale)
+    spec = act_spec(r, kind, block_size, input_scale)
     return spec if spec.fusable else None
 
 
@@ -277,7 +379,10 @@ def silu_mul_fp8_linear(
     spec = fused_input_spec(m, weight, weight_scale, block_size=block_size, input_scale=input_scale)
     if spec is not None and gate_up.dim() == 2 and gate_up.stride(-1) == 1:
         xq, xs = fp8_quant.silu_mul_quant(gate_up, spec)
-        return fp8_gemm(xq, xs, weight, weight_scale, block_size=block_size, out_dtype=out_dtype)
+        kind = scale_kind(weight, weight_scale, block_size)
+        r = plan_route(kind, input_scale is not None, weight.shape[0], weight.shape[1], m, out_dtype, gate_up.is_cuda)
+        return fp8_gemm(xq, xs, weight, weight_scale, block_size=block_size, out_dtype=out_dtype,
+                        use_scaled_mm=r.kernel == "scaled_mm", config=_w8a8_tile(kind, m))  # fmt: skip
     act = fused.silu_mul(gate_up) if fused.enabled(gate_up) else None
     if act is None:
         act = torch.nn.functional.silu(gate_up[..., :n]) * gate_up[..., n:]
@@ -377,6 +482,120 @@ def w8a16(
         ws.stride(0) if b_mode else 0, ws.stride(1) if b_mode == 2 else 0,
         B_MODE=b_mode, BN=bn, BK=bk, BLOCK_M=block_m, BLOCK_N=block_n, **cfg,
     )  # fmt: skip
+    return out
+
+
+# ---- split-K small-M kernel: every SM streaming weights ----
+
+SPLITK_PROGRAMS_PER_SM = 4  # enough programs that every SM keeps several weight tiles in flight
+SPLITK_MAX_ROWS = W8A16_MAX_ROWS
+SPLITK_DOT_MIN_ROWS = 2  # from this many rows the tiles multiply on tensor cores by default; one row: CUDA-core FMAs
+
+
+@dataclass(frozen=True)
+class SplitKConfig:
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int  # programs along K per BLOCK_N columns; 1: one pass, no partial sums
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def triton_next_pow2(v: int) -> int:
+    """triton.next_power_of_2 without Triton (the config is pure)."""
+    return 1 << max(0, v - 1).bit_length()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 132 (an H100/H200) for CPU tensors (the interpreter and the compile check)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def splitk_config(
+    m: int, n: int, k: int, kind: ScaleKind, block_size: tuple[int, int] | None, sms: int,
+    block_n: int | None = None, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
+    num_stages: int = 3, use_dot: bool | None = None,
+) -> SplitKConfig:  # fmt: skip
+    """A runnable tiling for M rows of weight [N, K]: by default SPLIT_K so that tiles x splits reach
+    SPLITK_PROGRAMS_PER_SM programs per SM, each split a whole number of BLOCK_K steps (and of the block scales'
+    bk, which a K step must not straddle). Pure: the tuner's candidates are this with other arguments."""
+    if not 1 <= m <= SPLITK_MAX_ROWS:
+        raise ValueError(f"splitk: 1 to {SPLITK_MAX_ROWS} rows, got {m}")
+    if use_dot is None:
+        use_dot = m >= SPLITK_DOT_MIN_ROWS
+    if not use_dot and m > 4:
+        raise ValueError(f"splitk: the CUDA-core variant holds at most 4 rows, got {m}")
+    bn = block_n or 32
+    # CUDA cores hold a rows x BLOCK_N x BLOCK_K product in registers: fewer columns per step for more rows
+    bk = block_k or (128 if use_dot else max(64, 256 // triton_next_pow2(m)))
+    if kind == "block":
+        assert block_size is not None
+        bk = min(bk, block_size[1])
+        if block_size[1] % bk:
+            raise ValueError(f"splitk: BLOCK_K {bk} must divide the block's bk {block_size[1]}")
+    step = max(bk, block_size[1]) if kind == "block" and block_size is not None else bk
+    tiles = -(-n // bn)
+    if split_k is None:
+        split_k = -(-SPLITK_PROGRAMS_PER_SM * sms // tiles)
+    split_k = max(1, min(split_k, -(-k // step)))
+    per = _cdiv(_cdiv(k, split_k), step) * step  # K per split, whole steps
+    return SplitKConfig(bn, bk, -(-k // per), num_warps, num_stages, use_dot)
+
+
+def splitk(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, kind: ScaleKind,
+    block_size: tuple[int, int] | None, out_dtype: torch.dtype, config: SplitKConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Few rows (decode): FP8 weights times bf16 rows like `w8a16`, but K split over SPLIT_K programs per BLOCK_N
+    columns so that a layer of few columns still gives every SM weights to stream. SPLIT_K > 1: each program
+    writes float32 partial sums, a second kernel adds them, scales and rounds once (deterministic, no atomics)."""
+    _require_triton()
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    if m > SPLITK_MAX_ROWS:
+        raise ValueError(f"splitk: at most {SPLITK_MAX_ROWS} rows, got {m} (more rows take a W8A8 route)")
+    cfg = config or splitk_config(m, n, k, kind, block_size, sm_count(x.device))
+    if not cfg.use_dot and m > 4:
+        raise ValueError(f"splitk: the CUDA-core variant holds at most 4 rows, got {m}")
+    if kind == "block" and (block_size is None or block_size[1] % cfg.BLOCK_K):
+        raise ValueError(f"splitk: BLOCK_K {cfg.BLOCK_K} must divide the block's bk {block_size}")
+    ws = weight_scale.to(torch.float32)
+    bn, bk = block_size if block_size is not None else (128, 128)
+    b_mode = {"tensor": 0, "channel": 1, "block": 2}[kind]
+    step = max(cfg.BLOCK_K, bk) if b_mode == 2 else cfg.BLOCK_K
+    per = _cdiv(_cdiv(k, cfg.SPLIT_K), step) * step
+    split = -(-k // per)
+    block_m = max(16, triton_next_pow2(m)) if cfg.use_dot else triton_next_pow2(m)
+    partial = split > 1
+    dst = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if partial else out
+    _splitk_kernel[(triton.cdiv(n, cfg.BLOCK_N), split)](
+        x, weight, dst, ws, m, n, k, per, x.stride(0), weight.stride(0),
+        dst.stride(1) if partial else out.stride(0), dst.stride(0) if partial else 0,
+        ws.stride(0) if b_mode else 0, ws.stride(1) if b_mode == 2 else 0,
+        B_MODE=b_mode, BN=bn, BK=bk, BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        USE_DOT=cfg.use_dot, PARTIAL=partial, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if partial:
+        reduce_n = 512
+        _splitk_reduce_kernel[(m, triton.cdiv(n, reduce_n))](
+            dst, out, ws, n, split, dst.stride(0), dst.stride(1), out.stride(0), ws.stride(0) if b_mode else 0,
+            B_MODE=b_mode, BLOCK_N=reduce_n, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -512,3 +731,65 @@ if triton is not None:
             acc *= tl.load(s_ptr + rn_safe * stride_sn)[None, :]
         out = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _splitk_kernel(
+        x_ptr, w_ptr, out_ptr, s_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, stride_om, stride_op,
+        stride_sn, stride_sk,
+        B_MODE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PARTIAL: tl.constexpr,
+    ):  # fmt: skip
+        """Program (n tile, k split): BLOCK_N weight rows over K_PER_SPLIT columns times the M <= BLOCK_M rows of x.
+        USE_DOT: each FP8 tile converted to x's dtype (exact) and multiplied on tensor cores (M padded to BLOCK_M
+        >= 16); else float32 FMAs and a sum over K (few rows: no padding to 16). Block scales scale each K step's
+        product; PARTIAL: float32 sums to out[split] (the reduce kernel scales), else scaled and rounded here."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        n_ok = rn < N
+        m_ok = rm < M
+        rn_safe = tl.where(n_ok, rn, 0).to(tl.int64)
+        k_lo = pid_k * K_PER_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < k_hi
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if USE_DOT:
+                w = tl.load(w_ptr + rn_safe[None, :] * stride_wn + rk[:, None], mask=k_ok[:, None], other=0.0)
+                part = tl.dot(x, w.to(x_ptr.dtype.element_ty))  # e4m3 values are exact in bf16 / fp16
+            else:
+                w = tl.load(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], mask=k_ok[None, :], other=0.0)
+                part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            if B_MODE == 2:  # BLOCK_K divides BK and a split starts on a block edge: one scale per column here
+                part = part * tl.load(s_ptr + (rn_safe // BN) * stride_sn + (k0 // BK) * stride_sk)[None, :]
+            acc += part
+        mask = m_ok[:, None] & n_ok[None, :]
+        if PARTIAL:
+            tl.store(out_ptr + pid_k * stride_op + rm[:, None] * stride_om + rn[None, :], acc, mask=mask)
+        else:
+            if B_MODE == 0:
+                acc = acc * tl.load(s_ptr)
+            if B_MODE == 1:
+                acc = acc * tl.load(s_ptr + rn_safe * stride_sn)[None, :]
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _splitk_reduce_kernel(
+        p_ptr, out_ptr, s_ptr, N, SPLIT, stride_p, stride_pm, stride_om, stride_sn,
+        B_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """out[m, n] = scale * sum over splits of the partial sums p[split, m, n] (program: one row, BLOCK_N cols)."""
+        row = tl.program_id(0)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = rn < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in range(0, SPLIT):
+            acc += tl.load(p_ptr + s * stride_p + row * stride_pm + rn, mask=ok, other=0.0)
+        if B_MODE == 0:
+            acc = acc * tl.load(s_ptr)
+        if B_MODE == 1:
+            acc = acc * tl.load(s_ptr + tl.where(ok, rn, 0) * stride_sn, mask=ok, other=0.0)
+        tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -7,14 +7,20 @@ down 14336->4096) and M in {1, 7, 64, 512, 8192}, with per-tensor, per-channel a
   - the exact one: the same quantization of x done in torch here (IEEE division, round to nearest e4m3), then a
     float32 product. Only the summation order and the bf16 output rounding differ, so the bound is tight
     (EXACT_TOL) and a wrong scale index, a lost K tile or a swapped operand shows at once.
-Decode sizes (M <= fp8_gemm.GEMV_MAX_ROWS) do not quantize x (W8A16): their exact reference is x times the
-dequantized weight. Quantization kernels give torch's scales bit for bit and torch's rounding of every value
-(rarely one e4m3 step off, where the two conversions round a tie differently); the fused SiLU-and-mul equals
-quantizing fused.py's unfused output bit for bit, the fused norm within a rounding step (its sum of squares may be
-ordered differently); CUDA graph replays equal eager runs.
+Which route a product takes (a bf16-input kernel -- W8A16, split-K -- or an input quantization then a W8A8 GEMM)
+is fp8_gemm.plan_route's policy (the table of models/fp8_dispatch.py by default): bf16-input routes' exact reference
+is x times the dequantized weight, the others' x quantized here as the route says. Every route is also checked on
+its own (run_route), on Llama-3.1-8B's and Qwen3-30B-A3B's attention shapes, and the warm-up tuning
+(models/fp8_tune.py) is timed here and must pick a correct route within its budget.
+Quantization kernels give torch's scales bit for bit and torch's rounding of every value (rarely one e4m3 step off,
+where the two conversions round a tie differently); the fused SiLU-and-mul equals quantizing fused.py's unfused output
+bit for bit, the fused norm within a rounding step (its sum of squares may be ordered differently); CUDA graph replays
+equal eager runs.
 On a GPU machine a missing Triton fails these tests (the import below), it does not skip them."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -28,6 +34,7 @@ EXACT_TOL = 1e-2  # relative L2 vs the float32 product of the same quantized ope
 ROW_TOL = 2e-2  # worst single row vs the exact reference
 
 LLAMA_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+QWEN3_30B_A3B = {"qkv": (2048, 5120), "o": (4096, 2048)}  # (K, N); its MLPs are experts (test_gpu_fp8_moe.py)
 BATCHES = (1, 7, 64, 512, 8192)
 FORMATS = ("tensor", "channel", "block")
 
@@ -116,9 +123,33 @@ def assert_same_fp8(q: torch.Tensor, rq: torch.Tensor, what: str, max_fraction: 
 
 
 def act_mode(fp8_gemm, fmt: str, block) -> str:
-    """Which dynamic activation scales fp8_linear picks for this weight format (a policy: per tensor or per token
-    for per-tensor weights, PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT), checked here against torch's quantization."""
+    """Which dynamic activation scales the fixed dispatch picks for this weight format (a policy: per tensor or per
+    token for per-tensor weights, PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT), checked here against torch's quantization."""
     return fp8_gemm.act_quant_for(fmt, block, None).mode
+
+
+def route_input(fp8_gemm, fmt: str, block, m: int, n: int, k: int, dtype=torch.bfloat16) -> str | None:
+    """How the route fp8_linear takes for these operands treats x (a policy, read from plan_route): None for bf16
+    rows, else the quantization mode, which the test then applies itself."""
+    r = fp8_gemm.plan_route(fmt, False, n, k, m, dtype, True)
+    return None if r.act == "bf16" else fp8_gemm.act_spec(r, fmt, block, None).mode
+
+
+def exact_product(x: torch.Tensor, deq: torch.Tensor, mode: str | None) -> torch.Tensor:
+    if mode is None:
+        return x.float() @ deq.t()
+    return dequant_activations(*torch_quantize(x, mode)) @ deq.t()
+
+
+@pytest.fixture(autouse=True)
+def default_dispatch():
+    """Every test starts from the engine's default dispatch (a model runner elsewhere may have changed it)."""
+    fp8_gemm, _, _ = modules()
+    fp8_gemm.configure("table", True)
+    fp8_gemm.set_tuned({})
+    yield
+    fp8_gemm.configure("table", True)
+    fp8_gemm.set_tuned({})
 
 
 # ---- GEMMs ----
@@ -138,11 +169,7 @@ def test_fp8_linear_matches_dequantized_matmul_on_llama_8b_shapes(layer: str, fm
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
         what = f"{layer} {fmt} M={m}"
         assert rel(got, x @ deq_bf16.t()) < FP8_TOL, f"{what}: vs bf16 dequantized matmul {rel(got, x @ deq_bf16.t())}"
-        if m <= fp8_gemm.GEMV_MAX_ROWS:
-            exact = x.float() @ deq.t()
-        else:
-            xq, xs = torch_quantize(x, act_mode(fp8_gemm, fmt, block))
-            exact = dequant_activations(xq, xs) @ deq.t()
+        exact = exact_product(x, deq, route_input(fp8_gemm, fmt, block, m, n, k))
         assert rel(got, exact) < EXACT_TOL and worst_row(got, exact) < ROW_TOL, (
             f"{what}: vs exact {rel(got, exact):.2e}, worst row {worst_row(got, exact):.2e}"
         )
@@ -190,11 +217,7 @@ def test_ragged_block_shapes_and_fp16_output() -> None:
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         got = fp8_gemm.fp8_linear(x, q, s, block_size=block, out_dtype=torch.float16)
         assert got.dtype == torch.float16
-        exact = (
-            x.float() @ deq.t()
-            if m <= fp8_gemm.GEMV_MAX_ROWS
-            else dequant_activations(*torch_quantize(x, "group")) @ deq.t()
-        )
+        exact = exact_product(x, deq, route_input(fp8_gemm, "block", block, m, n, k, torch.float16))
         assert rel(got, exact) < EXACT_TOL, f"M={m}: {rel(got, exact):.2e}"
 
 
@@ -312,8 +335,9 @@ def test_dynamic_per_tensor_scales_are_refused_by_the_fused_kernels() -> None:
 def test_the_fused_input_route_gives_fp8_linears_result(fmt: str) -> None:
     """A model that lets the norm or SiLU-and-mul quantize (fused_input_spec, then fp8_gemm) gets what fp8_linear
     on the bf16 output gives: bit for bit after SiLU-and-mul, within the norm's rounding after RMSNorm; few rows and
-    dynamic per-tensor scales are told to use fp8_linear."""
+    dynamic per-tensor scales are told to use fp8_linear. Under the fixed dispatch, whose routes these name."""
     fp8_gemm, fp8_quant, fused = modules()
+    fp8_gemm.configure("fixed", True)
     h, inter = 4096, 14336
     down_q, down_s, block, _ = make_weight(h, inter, fmt, seed=21)
     qkv_q, qkv_s, _, _ = make_weight(6144, h, fmt, seed=22)
@@ -403,3 +427,106 @@ def test_w8a16_holds_up_to_64_rows_and_refuses_more(fmt: str) -> None:
         assert rel(got, exact) < EXACT_TOL and worst_row(got, exact) < ROW_TOL, f"{fmt} M={m}: {rel(got, exact):.2e}"
     with pytest.raises(ValueError, match="at most 64 rows"):
         fp8_gemm.w8a16(torch.zeros(65, k, device="cuda", dtype=torch.bfloat16), q, s, fmt, block, torch.bfloat16)
+
+
+# ---- routes one by one, the split-K kernel, the warm-up tuning ----
+
+SHAPES_8B_30B = {f"llama {k}": v for k, v in LLAMA_8B.items()} | {f"qwen3 {k}": v for k, v in QWEN3_30B_A3B.items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", list(SHAPES_8B_30B))
+def test_every_route_matches_its_exact_reference(shape: str, fmt: str) -> None:
+    """Each route the dispatch or the tuner may hand out, forced through run_route: bf16-input ones (W8A16, split-K
+    at its default tiling, one pass and on the other core type at M = 1) at decode sizes, W8A8 ones (per-token and
+    per-tensor inputs into _scaled_mm or the Triton kernel; per-group into the Triton kernel for blocks) also at
+    prefill sizes; each against x (quantized here as the route says) times the dequantized weight."""
+    fp8_gemm, _, _ = modules()
+    from kubellm.engine.models import fp8_dispatch as d
+
+    k, n = SHAPES_8B_30B[shape]
+    q, s, block, deq = make_weight(n, k, fmt, seed=n + 3 * k)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    w8a8 = [d.TRITON_GROUP] if fmt == "block" else [d.SCALED_MM_TOKEN, d.TRITON_TOKEN]
+    if fmt == "tensor":
+        w8a8.append(d.SCALED_MM_TENSOR)
+    for m in (1, 3, 7, 16, 64, 512):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+        routes = list(w8a8)
+        if m <= fp8_gemm.SPLITK_MAX_ROWS:
+            base = fp8_gemm.splitk_config(m, n, k, fmt, block, fp8_gemm.sm_count(x.device))
+            tiles = [base, fp8_gemm.splitk_config(m, n, k, fmt, block, 132, split_k=1, use_dot=base.use_dot)]
+            if m == 1:
+                tiles.append(fp8_gemm.splitk_config(m, n, k, fmt, block, 132, use_dot=not base.use_dot))
+            routes += [d.W8A16] + [d.Route("splitk", "bf16", dataclasses.astuple(t)) for t in tiles]
+        for r in routes:
+            got = fp8_gemm.run_route(r, x, q, s, fmt, block, None, torch.bfloat16)
+            mode = None if r.act == "bf16" else fp8_gemm.act_spec(r, fmt, block, None).mode
+            exact = exact_product(x, deq, mode)
+            assert got.shape == (m, n) and got.dtype == torch.bfloat16
+            assert rel(got, exact) < EXACT_TOL and worst_row(got, exact) < ROW_TOL, (
+                f"{shape} {fmt} M={m} {r}: vs exact {rel(got, exact):.2e}, worst row {worst_row(got, exact):.2e}"
+            )
+    del q, deq
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_splitk_in_a_cuda_graph_equals_eager(fmt: str) -> None:
+    """The split-K kernel's partial sums live in a per-call buffer: a captured graph replays on new inputs exactly
+    as eager calls compute them (the reduction order is fixed: no atomics)."""
+    fp8_gemm, _, _ = modules()
+    k, n = 4096, 6144
+    q, s, block, _ = make_weight(n, k, fmt, seed=13)
+    for m in (1, 16):
+        cfg = fp8_gemm.splitk_config(m, n, k, fmt, block, fp8_gemm.sm_count(torch.device("cuda")))
+        assert cfg.SPLIT_K > 1, "qkv's 192 column tiles are split over K"
+        x_buf = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
+        fp8_gemm.splitk(x_buf, q, s, fmt, block, torch.bfloat16, cfg)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_buf = fp8_gemm.splitk(x_buf, q, s, fmt, block, torch.bfloat16, cfg)
+        for step in range(3):
+            x_buf.copy_(torch.randn(m, k, device="cuda") * (step + 1))
+            graph.replay()
+            eager = fp8_gemm.splitk(x_buf, q, s, fmt, block, torch.bfloat16, cfg)
+            assert torch.equal(out_buf, eager), f"{fmt} M={m} step {step}"
+
+
+def test_warm_up_tuning_times_every_bucket_and_keeps_a_correct_route(caplog) -> None:
+    """fp8_tune.tune on two Llama-8B qkv layers (per-tensor weights) up to 64 rows: one choice per bucket (1, 7, 16,
+    64) among that bucket's candidates, logged with the timings, within the budget; the tune dispatch then runs the
+    chosen route (bit for bit what run_route gives) and stays within the exact reference's tolerance."""
+    import logging
+    import time
+
+    fp8_gemm, _, _ = modules()
+    from kubellm.engine.models import fp8_tune
+
+    k, n = LLAMA_8B["qkv"]
+    made = [make_weight(n, k, "tensor", seed=60 + i) for i in range(2)]
+    layers = [fp8_tune.Fp8Layer(q, s, None, None) for q, s, _, _ in made]
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger=fp8_tune.__name__):
+        chosen = fp8_tune.tune(layers, 64, torch.bfloat16, budget_s=120.0)
+    elapsed = time.perf_counter() - started
+    print(f"tuned in {elapsed:.1f} s: " + "; ".join(f"{key}: {r}" for key, r in chosen.items()))
+    assert elapsed < 150.0
+    keys = {fp8_gemm.dispatch_key("tensor", False, n, k, m): m for m in (1, 7, 16, 64)}
+    assert set(chosen) == set(keys)
+    sms = fp8_gemm.sm_count(torch.device("cuda"))
+    for key, m in keys.items():
+        cands = fp8_tune.candidates(fp8_tune.Key("tensor", False, n, k, key[4]), m, True, sms)
+        assert chosen[key] in cands, (key, chosen[key])
+    assert sum("FP8 GEMM tune: tensor [6144, 4096]" in r.getMessage() for r in caplog.records) == 4
+    fp8_gemm.set_tuned(chosen)
+    fp8_gemm.configure("tune", True)
+    q, s, _, deq = made[0]
+    for m in (1, 7, 16, 64):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        r = chosen[fp8_gemm.dispatch_key("tensor", False, n, k, m)]
+        got = fp8_gemm.fp8_linear(x, q, s)
+        assert torch.equal(got, fp8_gemm.run_route(r, x, q, s, "tensor", None, None, torch.bfloat16)), (m, r)
+        mode = None if r.act == "bf16" else fp8_gemm.act_spec(r, "tensor", None, None).mode
+        assert rel(got, exact_product(x, deq, mode)) < EXACT_TOL, (m, r)

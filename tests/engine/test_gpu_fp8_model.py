@@ -57,6 +57,14 @@ def gpu_sized_config(kind: str):
     )  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def fixed_fp8_dispatch(monkeypatch):
+    """The activation-quantization reference (fp8_activation_reference) restates the fixed dispatch's rules (bf16
+    rows up to 16, else the format's quantization); the table's and the tuner's routes, which vary by shape and
+    batch size, are checked product by product in test_gpu_fp8_gemm.py and as a whole model below."""
+    monkeypatch.setenv("KUBELLM_FP8_GEMM", "fixed")
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     import flashinfer  # noqa: F401  (a GPU machine without flashinfer fails here, never skips)
@@ -156,6 +164,31 @@ def test_fp8_checkpoint_stays_fp8_on_cuda_and_matches_the_dequantized_cpu_path(k
     with activations_quantized(cpu.model, checkpoint_specs(path)):
         quantized = teacher_forced_logits(cpu, tokens, PREFILL)
     assert_within_activation_quantization(ours, exact, quantized, f"{kind} {fmt} vs the CPU dequantized path")
+
+
+@pytest.mark.parametrize("dispatch", ["table", "tune"])
+def test_table_and_tuned_fp8_routes_keep_the_model_within_fp8_tolerance(dispatch, checkpoints, monkeypatch):
+    """Online FP8 Llama under the measured-table dispatch and the warm-up tuning (which must time something and
+    choose for every bucket up to the runner's 512 tokens): logits within the FP8 tolerance of the exact CPU path
+    (assert_rows_close: median < 0.05, mean < 0.1, argmax agreement > 0.85), whatever mix of bf16-input and
+    quantized-input routes the dispatch took."""
+    from kubellm.engine.models import fp8_gemm
+
+    monkeypatch.setenv("KUBELLM_FP8_GEMM", dispatch)
+    path = checkpoints("llama")
+    gpu = small_runner(
+        load_model(path, dtype=torch.bfloat16), "cuda", PROMPTS, POSITIONS, quantization="fp8",
+        attention_backend="flashinfer",
+    )  # fmt: skip
+    assert fp8_gemm.dispatch_mode() == dispatch
+    if dispatch == "tune":
+        assert gpu.fp8_tune_seconds > 0
+        shapes = {(m.weight.shape[0], m.weight.shape[1]) for m in gpu.model.modules() if getattr(m, "fp8", None)}
+        assert len(fp8_gemm._tuned) == len(shapes) * 5, "every FP8 shape x buckets 1, 7, 16, 64, 512"
+    cpu = small_runner(load_model(path), "cpu", PROMPTS, POSITIONS, quantization="fp8")
+    tokens = _tokens()
+    ours, exact = teacher_forced_logits(gpu, tokens, PREFILL), teacher_forced_logits(cpu, tokens, PREFILL)
+    assert_rows_close(ours, exact, f"llama online fp8, {dispatch} dispatch, vs the CPU path")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3-moe"])
