@@ -152,6 +152,17 @@ class EngineConfig:
         "KUBELLM_FUSED_SAMPLER", env_bool, True,
         help="CUDA: one Triton kernel for plain temperature sampling (off: torch ops)",
     )  # fmt: skip
+    grammar_prefetch: bool = env_option(
+        "KUBELLM_GRAMMAR_PREFETCH", env_bool, True,
+        help="structured outputs under async scheduling: a worker thread advances the grammars over a step's tokens "
+        "and fills the next step's token masks while the engine thread schedules and queues the next forward (off: "
+        "the engine thread does both before sampling)",
+    )  # fmt: skip
+    grammar_threads: int = env_option(
+        "KUBELLM_GRAMMAR_THREADS", int, 0,
+        help="structured outputs: threads filling token masks in parallel over rows (0: llguidance's default, four "
+        "fifths of the CPUs, at most 32)",
+    )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,
         help="CUDA, tensor parallel: a Triton GEMV for few-row weight products (off: cuBLAS)",
@@ -229,6 +240,7 @@ class EngineConfig:
             "kv_growth_reserve_tokens": self.kv_growth_reserve_tokens >= 0,
             "long_prefill_token_threshold": self.long_prefill_token_threshold >= 0,
             "num_threads": self.num_threads >= 0,
+            "grammar_threads": self.grammar_threads >= 0,
             "mla_upproject_min_tokens": self.mla_upproject_min_tokens >= 0,
             "mla_upproject_max_context_tokens": self.mla_upproject_max_context_tokens is None
             or self.mla_upproject_max_context_tokens >= 1,

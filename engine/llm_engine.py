@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,7 +42,14 @@ from kubellm.engine.sampler import Sampler, SamplingState
 from kubellm.engine.sampling_params import SamplingParams, TokenStop, generation_config_defaults
 from kubellm.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.engine.step_runner import ReadyTokens, StepResult, StepRunner
-from kubellm.engine.structured_output import GrammarMatcher, StructuredOutputManager, llguidance_manager
+from kubellm.engine.structured_output import (
+    GrammarMatcher,
+    GrammarRow,
+    MaskPrefetcher,
+    PrefetchedMasks,
+    StructuredOutputManager,
+    llguidance_manager,
+)
 from kubellm.prompt import PromptRenderer
 
 logger = logging.getLogger(__name__)
@@ -85,6 +94,7 @@ class _StepInFlight:
     requests: list[Request]  # the requests that sample this step, in row order
     sampled: StepResult
     rows: dict[str, int] = field(default_factory=dict)  # request id -> row of its token
+    grammar: Future[PrefetchedMasks] | None = None  # the prefetcher advancing this step's grammars (it owns them)
 
 
 class LLMEngine:
@@ -148,9 +158,16 @@ class LLMEngine:
         )
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
         self.structured_outputs: StructuredOutputManager = llguidance_manager(
-            self.tokenizer_info.tokenizer_json, self.model_config.vocab_size, sorted(self.eos_token_ids)
+            self.tokenizer_info.tokenizer_json,
+            self.model_config.vocab_size,
+            sorted(self.eos_token_ids),
+            num_threads=config.grammar_threads,
         )
         self.async_scheduling = self._resolve_async_scheduling(config)
+        # Under async scheduling, a worker thread feeds each step's tokens to the grammars and fills the next step's
+        # masks while this thread schedules and queues the next forward (KUBELLM_GRAMMAR_PREFETCH=0: this thread).
+        self._prefetcher = MaskPrefetcher(self.structured_outputs) if config.grammar_prefetch else None
+        self._prefetched: PrefetchedMasks | None = None  # the last step read back's, for the sampling after it
         from kubellm.engine import sampling_kernels  # compile the CUDA sampling kernel now, not on a request
 
         sampling_kernels.warm_up(self.runner.device, self.model_config.vocab_size)
@@ -172,7 +189,11 @@ class LLMEngine:
         )  # fmt: skip
 
     def close(self) -> None:
-        """Release what outlives the object otherwise: tensor-parallel worker processes (a no-op at TP 1)."""
+        """Release what outlives the object otherwise: tensor-parallel worker processes (a no-op at TP 1), the
+        grammar prefetcher's thread."""
+        prefetcher = getattr(self, "_prefetcher", None)  # (close() also runs on a failed start, before it exists)
+        if prefetcher is not None:
+            prefetcher.close()  # waits for a step the worker may still be on
         self.runner.close()
 
     # ---- set-up helpers ----------------------------------------------------------------------
@@ -367,7 +388,7 @@ class LLMEngine:
                 parent = self._parents[self._seqs[req.request_id].parent_id]
                 if parent.metrics.first_scheduled_time is None:
                     parent.metrics.first_scheduled_time = now
-            launched = self._launch(sched, touched)
+            launched = self._launch(sched, touched, prefetch=overlap)
         self._read_back(touched)  # the previous step's tokens, while the GPU runs the one just launched
         self._in_flight = launched
         if not overlap:
@@ -381,11 +402,12 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
-    def _launch(self, sched: SchedulerOutput, touched: dict[str, _Parent]) -> _StepInFlight:
+    def _launch(self, sched: SchedulerOutput, touched: dict[str, _Parent], prefetch: bool = False) -> _StepInFlight:
         """Queue the batch's forward and its sampling; every sampling request gets a PLACEHOLDER token. Rows with
         a grammar sample once the previous step's tokens are read back and fed to the grammars (`touched`
         collects their outputs): the runner calls `sample` after queueing the forward, so that read-back
-        overlaps the GPU's forward."""
+        overlaps the GPU's forward. With `prefetch` (async scheduling), the prefetcher then starts on this step's
+        tokens: the next step's sampling finds its grammars advanced and its masks filled."""
         fill = self._token_fill(sched)
         seqs = [self._seqs[s.request_id] for s in sched.batch.seqs if s.needs_logits]  # the logits' rows
         reqs = self.scheduler.update_after_step(sched)  # bookkeeping only: the batch is already built
@@ -398,7 +420,8 @@ class LLMEngine:
                 self._read_back(touched)  # the grammars must have seen every token before this one
                 # A request finished meanwhile samples unmasked (its grammar may be complete); its token is dropped.
                 matchers = [s.grammar if not s.request.status.is_finished else None for s in seqs]
-                bitmask = self.structured_outputs.bitmask(matchers)
+                bitmask = self.structured_outputs.bitmask(matchers, self._prefetched)
+            self._prefetched = None
             return self.sampler.sample(logits, [s.sampling_state for s in seqs], token_bitmask=bitmask)
 
         sampled = self.runner.execute(sched.batch, fill, sample)
@@ -408,7 +431,23 @@ class LLMEngine:
             req.append_placeholder()
             if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 req.awaiting_final = True  # this token ends it: never schedule past it
-        return _StepInFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)})
+        grammar = self._prefetch(reqs, sampled) if prefetch else None
+        return _StepInFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)}, grammar)
+
+    def _prefetch(self, reqs: list[Request], sampled: StepResult) -> Future[PrefetchedMasks] | None:
+        """Start the prefetcher on a launched step whose rows include a grammar (None: off, or no grammar)."""
+        if self._prefetcher is None:
+            return None
+        rows: list[GrammarRow | None] = []
+        for req in reqs:
+            grammar = self._seqs[req.request_id].grammar
+            if grammar is None or req.status.is_finished:
+                rows.append(None)
+            else:
+                rows.append(GrammarRow(req.request_id, grammar, _finished_check(req), req.eos_token_ids))
+        if not any(rows):
+            return None
+        return self._prefetcher.submit(rows, lambda: sampled.result().token_ids)
 
     def _token_fill(self, sched: SchedulerOutput) -> TokenFill | None:
         """Where the batch's PLACEHOLDER tokens come from: the in-flight step's sampled ids on the device."""
@@ -429,13 +468,25 @@ class LLMEngine:
         step, self._in_flight = self._in_flight, None
         if step is None or not step.requests:
             return
+        outcomes = None
+        if step.grammar is not None:  # the prefetcher fed these tokens to the grammars: its outcomes stand
+            assert self._prefetcher is not None
+            self._prefetched = self._prefetcher.take(step.grammar)
+            outcomes = self._prefetched.outcomes
         out = step.sampled.result()
         for req, token, lp in zip(step.requests, out.token_ids, out.logprobs, strict=True):
             if req.status.is_finished:  # aborted, or stopped by the token before this one
                 continue
-            self._append_token(req, token, lp, touched)
+            self._append_token(req, token, lp, touched, outcomes)
 
-    def _append_token(self, req: Request, token: int, lp, touched: dict[str, _Parent]) -> None:
+    def _append_token(
+        self,
+        req: Request,
+        token: int,
+        lp,
+        touched: dict[str, _Parent],
+        grammar_outcomes: dict[str, tuple[bool, bool]] | None = None,
+    ) -> None:
         seq = self._seqs[req.request_id]
         parent = self._parents[seq.parent_id]
         touched[parent.request_id] = parent
@@ -448,8 +499,12 @@ class LLMEngine:
         self.generation_tokens_total += 1
         grammar_done = False
         if seq.grammar is not None and token not in req.eos_token_ids:
-            if seq.grammar.accept_token(token):
-                grammar_done = seq.grammar.is_terminated()
+            outcome = grammar_outcomes.get(req.request_id) if grammar_outcomes is not None else None
+            if outcome is None:  # not prefetched: feed the grammar here
+                accepted = seq.grammar.accept_token(token)
+                outcome = (accepted, not accepted or seq.grammar.is_terminated())
+            if outcome[0]:
+                grammar_done = outcome[1]
             else:  # cannot happen while the mask holds; a matcher in error would mask every token, so stop here
                 logger.error("request %s: token %d rejected by its grammar; stopping it", req.request_id, token)
                 grammar_done = True
@@ -592,3 +647,8 @@ def _finish_reason(status: RequestStatus) -> str | None:
     if status == RequestStatus.FINISHED_ERROR:
         return "abort"
     return status.value if status.is_finished else None
+
+
+def _finished_check(req: Request) -> Callable[[], bool]:
+    """For the prefetcher's thread: whether the engine has finished `req` (it then drops the request's tokens)."""
+    return lambda: req.status.is_finished

@@ -4,7 +4,12 @@ The grammar engine sits behind two small protocols (`GrammarBackend` compiles, `
 sequence); `LLGuidanceBackend` implements them with llguidance (JSON Schema, regex, Lark and GBNF grammars).
 `StructuredOutputManager` is what the engine and the server use: it compiles through a cache keyed by the
 constraint's source (so a schema sent on every request compiles once), bounds the source's size, and fills the
-bitmask of a batch's constrained rows on the host, in parallel, while the GPU runs the step's forward.
+bitmask of a batch's constrained rows on the host, in parallel over rows (llguidance's thread pool).
+
+`MaskPrefetcher` takes that fill off the engine thread's path: once a step's sampling is queued, one worker thread
+waits for its tokens, advances the grammars over them and fills the next step's masks, while the engine thread
+returns its outputs, schedules the next batch and queues its forward. The next step's sampling then finds its masks
+ready (or computes only the rows the worker could not foresee: new requests, resumed ones).
 
 Bitmask layout (llguidance's and vLLM's): int32 words, bit `t % 32` of word `t // 32` set when token t is
 allowed; a row of all ones (-1) allows everything.
@@ -17,8 +22,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,6 +45,8 @@ class GrammarError(ValueError):
 
 class GrammarMatcher(Protocol):
     """Follows one sequence through its grammar."""
+
+    position: int  # tokens accepted so far: a prefetched mask is valid only at the position it was filled for
 
     def accept_token(self, token_id: int) -> bool:
         """Advance over a kept token; False when the grammar does not allow it (the matcher is then in error)."""
@@ -71,8 +79,10 @@ class GrammarBackend(Protocol):
 class _LLGuidanceMatcher:
     def __init__(self, matcher: Any):
         self.matcher = matcher
+        self.position = 0
 
     def accept_token(self, token_id: int) -> bool:
+        self.position += 1
         return bool(self.matcher.consume_token(token_id))
 
     def is_terminated(self) -> bool:
@@ -93,7 +103,8 @@ class LLGuidanceBackend:
     """llguidance over the model's own tokenizer (its tokenizer.json) and vocabulary size (the LM head's rows,
     which may exceed the tokenizer's: those ids are never allowed)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]):
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], num_threads: int = 0):
+        """`num_threads`: the mask fill's thread pool (0: llguidance's default, 80% of the CPUs up to 32)."""
         import llguidance
 
         self._llg = llguidance
@@ -101,7 +112,7 @@ class LLGuidanceBackend:
         self.tokenizer = llguidance.LLTokenizer(
             llguidance_tokenizer_json(tokenizer_json), n_vocab=vocab_size, eos_token=list(eos_token_ids)
         )
-        self._executor = llguidance.LLExecutor()
+        self._executor = llguidance.LLExecutor(num_threads or None)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
 
     def grammar_text(self, spec: StructuredOutputsParams) -> str:
@@ -183,6 +194,41 @@ class CompileStats:
     cache_hits: int = 0
 
 
+@dataclass
+class FillStats:
+    """The token-mask fills so far (benchmarks read the difference over a run)."""
+
+    calls: int = 0
+    rows: int = 0
+    seconds: float = 0.0  # wall time inside the fills, on whichever thread ran them
+    prefetched_rows: int = 0  # rows whose mask a step found filled ahead by the MaskPrefetcher
+    waited_seconds: float = 0.0  # the engine thread's waits for the prefetcher (0 while it keeps ahead)
+
+    def snapshot(self) -> FillStats:
+        return FillStats(self.calls, self.rows, self.seconds, self.prefetched_rows, self.waited_seconds)
+
+
+@dataclass
+class PrefetchedMasks:
+    """What the prefetcher did with one step's tokens: each grammar's outcome (accepted, terminated) under its
+    row's key, and the masks of the grammars still running, valid at the positions they were filled for."""
+
+    outcomes: dict[Any, tuple[bool, bool]]
+    words: np.ndarray  # int32 [len(matchers), words]
+    matchers: list[GrammarMatcher]  # row j of words is matchers[j]'s (kept alive, so their ids stay unique)
+    positions: list[int] = field(default_factory=list)
+    _index: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.positions = [m.position for m in self.matchers]
+        self._index = {id(m): j for j, m in enumerate(self.matchers)}
+
+    def row_of(self, matcher: GrammarMatcher) -> int | None:
+        """The row of words holding `matcher`'s mask at its current position; None: none was filled for it."""
+        j = self._index.get(id(matcher))
+        return j if j is not None and self.positions[j] == matcher.position else None
+
+
 class StructuredOutputManager:
     """Compiles constraints through a cache and builds a step's bitmask. Thread-safe: the server compiles on
     worker threads (so a slow compile never stalls the engine loop) and the engine thread then finds the
@@ -204,6 +250,7 @@ class StructuredOutputManager:
         self.cache_size = cache_size
         self.on_compile = on_compile  # seconds of each compile (a metrics histogram observes it)
         self.stats = CompileStats()
+        self.fill_stats = FillStats()
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._backend_lock = threading.Lock()
@@ -256,20 +303,119 @@ class StructuredOutputManager:
     def new_matcher(self, spec: StructuredOutputsParams) -> GrammarMatcher:
         return self.compile(spec).new_matcher()
 
-    def bitmask(self, matchers: Sequence[GrammarMatcher | None]) -> TokenBitmask | None:
+    def fill(self, matchers: Sequence[GrammarMatcher]) -> np.ndarray:
+        """The masks of `matchers`, row j for matchers[j] (int32 [len, words]); filled by llguidance's thread pool
+        with the GIL released."""
+        backend = self.backend
+        words = np.full((len(matchers), bitmask_words(backend.vocab_size)), -1, dtype=np.int32)
+        self._fill_rows(backend, [(m, j) for j, m in enumerate(matchers)], words)
+        return words
+
+    def bitmask(
+        self, matchers: Sequence[GrammarMatcher | None], prefetched: PrefetchedMasks | None = None
+    ) -> TokenBitmask | None:
         """The bitmask of one step's constrained rows (None when no row has a matcher): rows without one are
-        left out and pay nothing. Filled by llguidance's thread pool with the GIL released."""
+        left out and pay nothing. Rows `prefetched` holds at their matcher's position are copied from it; the rest
+        are filled now."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
         backend = self.backend
         words = np.full((len(rows), bitmask_words(backend.vocab_size)), -1, dtype=np.int32)
-        backend.fill_bitmask([(matchers[r], j) for j, r in enumerate(rows)], words)  # type: ignore[misc]
+        missing: list[tuple[GrammarMatcher, int]] = []
+        dst, src = [], []
+        for j, r in enumerate(rows):
+            matcher = matchers[r]
+            assert matcher is not None
+            hit = prefetched.row_of(matcher) if prefetched is not None else None
+            if hit is None:
+                missing.append((matcher, j))
+            else:
+                dst.append(j)
+                src.append(hit)
+        if dst:
+            assert prefetched is not None
+            words[dst] = prefetched.words[src]
+            self.fill_stats.prefetched_rows += len(dst)
+        self._fill_rows(backend, missing, words)
         return TokenBitmask(rows, words)
+
+    def _fill_rows(
+        self, backend: GrammarBackend, rows: Sequence[tuple[GrammarMatcher, int]], words: np.ndarray
+    ) -> None:
+        if not rows:
+            return
+        start = time.perf_counter()
+        backend.fill_bitmask(rows, words)
+        stats = self.fill_stats
+        stats.calls += 1  # (two threads never fill at once: the engine waits for its prefetcher first)
+        stats.rows += len(rows)
+        stats.seconds += time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class GrammarRow:
+    """One sampled row of a step, as the prefetcher sees it."""
+
+    key: Any  # names the row's sequence in PrefetchedMasks.outcomes (the engine: its request id)
+    matcher: GrammarMatcher
+    dropped: Callable[[], bool]  # true when the engine will drop this row's token (its request finished meanwhile)
+    passthrough: Collection[int]  # tokens the grammar never sees (EOS: the engine ends the request on them)
+
+
+def advance_and_fill(
+    manager: StructuredOutputManager, rows: Sequence[GrammarRow | None], tokens: Callable[[], Sequence[int]]
+) -> PrefetchedMasks:
+    """Wait for a step's sampled tokens (`tokens()`, row order), feed each constrained row's token to its grammar,
+    unless the engine drops it, and fill the masks of the grammars that go on: what the engine thread would do at
+    the start of the next step's sampling, done ahead."""
+    ids = tokens()
+    outcomes: dict[Any, tuple[bool, bool]] = {}
+    live: list[GrammarMatcher] = []
+    for row, token in zip(rows, ids, strict=True):
+        if row is None or row.dropped() or token in row.passthrough:
+            continue
+        accepted = row.matcher.accept_token(token)
+        terminated = not accepted or row.matcher.is_terminated()
+        outcomes[row.key] = (accepted, terminated)
+        if not terminated:
+            live.append(row.matcher)
+    words = manager.fill(live) if live else np.empty((0, bitmask_words(manager.backend.vocab_size)), np.int32)
+    return PrefetchedMasks(outcomes, words, live)
+
+
+class MaskPrefetcher:
+    """One worker thread running `advance_and_fill` for the step just queued. Its caller must not touch the
+    grammars of a submitted step until it has taken the result (Future.result): the worker advances them."""
+
+    def __init__(self, manager: StructuredOutputManager):
+        self.manager = manager
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, rows: Sequence[GrammarRow | None], tokens: Callable[[], Sequence[int]]) -> Future[PrefetchedMasks]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kubellm-grammar")
+        return self._pool.submit(advance_and_fill, self.manager, rows, tokens)
+
+    def take(self, future: Future[PrefetchedMasks]) -> PrefetchedMasks:
+        """The worker's result (its exception, if it raised), counting the time the caller waited for it."""
+        start = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            self.manager.fill_stats.waited_seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def llguidance_manager(
-    tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], **kwargs: Any
+    tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], num_threads: int = 0, **kwargs: Any
 ) -> StructuredOutputManager:
-    """The manager an engine uses: llguidance over the model's tokenizer."""
-    return StructuredOutputManager(lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids), **kwargs)
+    """The manager an engine uses: llguidance over the model's tokenizer (`num_threads`: the fill's pool, 0 its
+    default)."""
+    return StructuredOutputManager(
+        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads), **kwargs
+    )

@@ -12,7 +12,13 @@ from tokenizers import Tokenizer
 
 from kubellm.engine.sampler import Sampler, SamplingState
 from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from kubellm.engine.structured_output import GrammarError, LLGuidanceBackend, llguidance_manager
+from kubellm.engine.structured_output import (
+    GrammarError,
+    GrammarRow,
+    LLGuidanceBackend,
+    MaskPrefetcher,
+    llguidance_manager,
+)
 from kubellm.engine.token_bitmask import TokenBitmask, apply_token_bitmask
 
 VOCAB = 49152
@@ -157,6 +163,59 @@ def test_json_has_no_free_whitespace_unless_a_pattern_allows_it(manager, tokeniz
         assert m.accept_token(tokenizer.encode("{").ids[0])
     assert space not in _allowed(manager, tight)
     assert space in _allowed(manager, loose)
+
+
+def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_position(manager, tokenizer):
+    """What the engine's worker thread does with a step's tokens: each kept token fed to its grammar, outcomes
+    under the row's key, a dropped row and an EOS left alone, and masks equal to those filled afterwards, used only
+    while the grammar stays where it was filled."""
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}}})
+    brace = tokenizer.encode("{").ids[0]
+    live, dropped, ended, done = (manager.new_matcher(spec) for _ in range(4))
+    for t in tokenizer.encode('{"a":').ids:
+        assert done.accept_token(t)
+    rows = [
+        GrammarRow("live", live, lambda: False, {EOS}),
+        None,  # an unconstrained row
+        GrammarRow("dropped", dropped, lambda: True, {EOS}),
+        GrammarRow("ended", ended, lambda: False, {EOS}),
+        GrammarRow("done", done, lambda: False, {EOS}),
+    ]
+    seven_brace = tokenizer.encode("7}").ids
+    tokens = [brace, 5, brace, EOS, seven_brace[0]]
+    prefetcher = MaskPrefetcher(manager)
+    try:
+        result = prefetcher.take(prefetcher.submit(rows, lambda: tokens))
+    finally:
+        prefetcher.close()
+    assert set(result.outcomes) == {"live", "done"}, "dropped rows and EOS never reach a grammar"
+    assert result.outcomes["live"] == (True, False)
+    assert (live.position, dropped.position, ended.position) == (1, 0, 0)
+    expected = manager.bitmask([live, done])
+    stats_before = manager.fill_stats.snapshot()
+    got = manager.bitmask([None, live, done], result)
+    assert got.rows == [1, 2]
+    assert np.array_equal(got.words, expected.words), "prefetched masks equal masks filled now"
+    assert manager.fill_stats.prefetched_rows == stats_before.prefetched_rows + 2
+    assert manager.fill_stats.rows == stats_before.rows, "nothing was filled again"
+    assert live.accept_token(int(expected.allowed(0, VOCAB)[0]))  # it moves on: its prefetched mask is stale
+    assert result.row_of(live) is None and result.row_of(done) is not None
+    assert np.array_equal(manager.bitmask([live], result).words, manager.bitmask([live]).words)
+
+
+def test_a_failing_token_source_surfaces_on_the_engine_thread(manager):
+    def broken() -> list[int]:
+        raise RuntimeError("tensor-parallel step failed")
+
+    m = manager.new_matcher(StructuredOutputsParams(json={"type": "object"}))
+    prefetcher = MaskPrefetcher(manager)
+    try:
+        future = prefetcher.submit([GrammarRow("r", m, lambda: False, {EOS})], broken)
+        with pytest.raises(RuntimeError, match="tensor-parallel step failed"):
+            prefetcher.take(future)
+    finally:
+        prefetcher.close()
+    assert m.position == 0
 
 
 def _random_mask(rows: int, seed: int) -> np.ndarray:
