@@ -11,6 +11,8 @@
 #   bench/gpu_run.sh peer [args for python -m bench.peer_vllm] (vLLM, installed in $VSITE by vllm-install.sh)
 #   bench/gpu_run.sh structured --tokenizer-json bench/smollm2-tokenizer.json [--peer vllm]  (bench/structured.py:
 #                    JSON schema vs unconstrained; --peer vllm runs vLLM from $VSITE first, ~200 s of the 540)
+#   bench/gpu_run.sh structured-host --tokenizer-json bench/smollm2-tokenizer.json --name h200  (bench/structured_host.py:
+#                    the grammar's per-step host work on this machine's CPUs: mask fill 1 thread vs pool, accepts)
 #   bench/gpu_run.sh mla-micro                 (bench/mla_micro.py: DeepSeek's MLA attention alone, one layer)
 #   bench/gpu_run.sh startup [args for python -m bench.startup]  (start-up from a local safetensors directory,
 #                    written once to --dir, default /tmp/llama8b; add --peer vllm once vLLM is in $VSITE)
@@ -129,6 +131,11 @@ fi
 if [ "$mode" = structured ]; then  # bench/structured.py: JSON schema vs unconstrained (needs llguidance in $WHEELS)
   timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.structured --out-dir "$OUT" --vllm-site "$VSITE" \
     --peer-timeout-s "$(((TIME_LIMIT - SECONDS) * 6 / 10))" "$@" 2>&1 | tee "$OUT/structured.log"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+if [ "$mode" = structured-host ]; then  # bench/structured_host.py: the grammar's per-step host work, on this host's CPUs
+  timeout "$((TIME_LIMIT - SECONDS - 30))" python3 -m bench.structured_host --out-dir "$OUT" "$@" 2>&1 \
+    | tee "$OUT/structured-host.log"
   rc=$((rc | PIPESTATUS[0]))
 fi
 if [ "$mode" = mla-micro ]; then  # bench/mla_micro.py: MLA attention alone, decode and absorbed vs up-projected prefill

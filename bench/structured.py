@@ -7,7 +7,11 @@ another's prompt blocks), 256 output tokens each (ignore_eos), greedy, max_num_s
 of a batch arrives at once. Before the timed runs, 8 constrained requests warm up graphs, the grammar backend and the
 first mask. Schema: an object {"items": [string (maxLength 8), ...]} with minItems 200, JSON without free whitespace
 (our default; vLLM: its xgrammar backend, what "auto" picks for this schema, with disable_any_whitespace, which
-keeps the separators ", " and ": "). Compile
+keeps the separators ", " and ": "). A bounded string is llguidance's costly case (its mask walks the whole token trie
+where an unbounded one takes a precomputed slice), so a second constrained run per batch uses a typical agent
+schema: {"calls": [action objects (enum, free string, nested object of integer and number ranges, array of at most
+4 strings, a 2-letter pattern, an optional number), ...]} with minItems 100 (--typical 0 skips it); and the
+benchmark schema once more with KUBELLM_GRAMMAR_PREFETCH flipped (ours only, --prefetch-compare 0 skips it). Compile
 time: 100 distinct schemas (12 typed properties each, names varied so none is cached), each compiled and its first
 token mask filled on one thread, through our manager and through vLLM's own xgrammar backend object.
 
@@ -53,7 +57,41 @@ SCHEMA = {
     "required": ["items"],
     "additionalProperties": False,
 }
+TYPICAL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "calls": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "action": {"enum": ["search", "open_url", "run_code", "reply"]},
+                    "query": {"type": "string"},
+                    "limits": {
+                        "type": "object",
+                        "properties": {
+                            "max_results": {"type": "integer", "minimum": 1, "maximum": 50},
+                            "timeout_s": {"type": "number", "minimum": 0, "maximum": 600},
+                        },
+                        "required": ["max_results"],
+                        "additionalProperties": False,
+                    },
+                    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+                    "lang": {"type": "string", "pattern": "^[a-z]{2}$"},
+                    "confidence": {"type": "number"},
+                },
+                "required": ["action", "query", "limits"],
+                "additionalProperties": False,
+            },
+            "minItems": 100,
+        }
+    },
+    "required": ["calls"],
+    "additionalProperties": False,
+}
 JSON_PREFIX = '{"items":["'  # what every constrained answer of ours starts with (compact JSON)
+TYPICAL_PREFIX = '{"calls":[{"action":"'
+TYPICAL_START = re.compile(r'\{\s*"calls"\s*:\s*\[\s*\{\s*"action"\s*:\s*"')
 # vLLM's xgrammar without free whitespace still writes json.dumps' separators ', ' and ': ' ({"items": ["...)
 JSON_START = re.compile(r'\{\s*"items"\s*:\s*\[\s*"')
 PROMPT_LEN, OUTPUT_LEN, SMOLLM2_VOCAB = 128, 256, 49152
@@ -80,9 +118,12 @@ def hf_config() -> dict[str, Any]:
     return {**shape("llama-3.1-8b"), "vocab_size": SMOLLM2_VOCAB, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
 
 
-def prompts(batch: int, constrained: bool | None) -> list[list[int]]:
-    """The prompt token ids of one run (constrained None: the warm-up), the same in every process."""
+def prompts(batch: int, constrained: bool | None, typical: bool = False) -> list[list[int]]:
+    """The prompt token ids of one run (constrained None: the warm-up; typical: the typical schema's run), the same
+    in every process."""
     seed = 0 if constrained is None else 2 * batch + int(constrained) + 1
+    if typical:
+        seed = 100_003 + batch
     rng = random.Random(seed)
     return [[rng.randrange(100, SMOLLM2_VOCAB) for _ in range(PROMPT_LEN)] for _ in range(batch)]
 
@@ -98,9 +139,10 @@ def compile_schemas(count: int) -> list[dict[str, Any]]:
     return out
 
 
-def workload(batches: list[int], output_len: int, compile_count: int) -> dict[str, Any]:
+def workload(batches: list[int], output_len: int, compile_count: int, typical: bool = True) -> dict[str, Any]:
     """What a run measured, recorded by both engines: a peer whose workload differs gets no ratio."""
     return {
+        "typical_schema": TYPICAL_SCHEMA if typical else None,
         "model": "llama-3.1-8b shape, vocab 49152 (SmolLM2's tokenizer), random bf16",
         "batches": batches,
         "prompt_len": PROMPT_LEN,
@@ -234,8 +276,8 @@ def combine(ours: dict[str, Any], peer: dict[str, Any] | None) -> list[dict[str,
     out = []
     for r in ours.get("rows", []):
         p = peer_rows.get(r["batch"])
-        ou, oc = _tok_s(r, "unconstrained"), _tok_s(r, "constrained")
-        vu, vc = _tok_s(p, "unconstrained"), _tok_s(p, "constrained")
+        ou, oc, ot = _tok_s(r, "unconstrained"), _tok_s(r, "constrained"), _tok_s(r, "typical")
+        vu, vc, vt = _tok_s(p, "unconstrained"), _tok_s(p, "constrained"), _tok_s(p, "typical")
         out.append({
             "batch": r["batch"], "ours_unconstrained": ou, "ours_constrained": oc,
             "vllm_unconstrained": vu, "vllm_constrained": vc,
@@ -243,6 +285,10 @@ def combine(ours: dict[str, Any], peer: dict[str, Any] | None) -> list[dict[str,
             "vllm_constrained_vs_unconstrained": speed_ratio(vc, vu),
             "ours_vs_vllm_constrained": speed_ratio(oc, vc),
             "ours_vs_vllm_unconstrained": speed_ratio(ou, vu),
+            "ours_typical": ot, "vllm_typical": vt,
+            "ours_typical_vs_unconstrained": speed_ratio(ot, ou),
+            "vllm_typical_vs_unconstrained": speed_ratio(vt, vu),
+            "ours_vs_vllm_typical": speed_ratio(ot, vt),
         })  # fmt: skip
     return out
 
@@ -266,6 +312,42 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {fmt(r['vllm_constrained'])} | {fmt_ratio(r['vllm_constrained_vs_unconstrained'])} "
             f"| {fmt_ratio(r['ours_vs_vllm_constrained'])} | {fmt_ratio(r['ours_vs_vllm_unconstrained'])} |"
         )
+
+    if any(r.get("ours_typical") is not None for r in result.get("table", [])):
+        lines += [
+            "",
+            "Typical agent schema (TYPICAL_SCHEMA in bench/structured.py) beside the same batch's unconstrained run:",
+            "",
+            f"| batch | ours typical JSON tok/s | ours typical / unconstrained (target ≥ {TARGET_VS_UNCONSTRAINED}) "
+            f"| {vllm} typical JSON tok/s | {vllm} typical / unconstrained | ours / {vllm} typical JSON |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result.get("table", []):
+            lines.append(
+                f"| {r['batch']} | {fmt(r.get('ours_typical'))} | {fmt_ratio(r.get('ours_typical_vs_unconstrained'))} "
+                f"| {fmt(r.get('vllm_typical'))} | {fmt_ratio(r.get('vllm_typical_vs_unconstrained'))} "
+                f"| {fmt_ratio(r.get('ours_vs_vllm_typical'))} |"
+            )
+    kinds = ("constrained", "constrained_flipped", "typical")
+    host = [(r["batch"], k, r[k]["host"]) for r in result.get("rows", []) for k in kinds
+            if isinstance(r.get(k), dict) and r[k].get("host")]  # fmt: skip
+    if host:
+        lines += [
+            "",
+            "Ours, the host side of the constrained runs (per decode step; fill: llguidance filling the masks, on the "
+            "prefetcher's thread or the engine's; wait: the engine thread waiting for the prefetcher):",
+            "",
+            "| batch | schema | prefetch | JSON tok/s | fill ms/step | fill ms/row | engine wait ms/step "
+            "| masks prefetched / filled | first answer |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for batch, kind, h in host:
+            lines.append(
+                f"| {batch} | {'typical' if kind == 'typical' else 'bench'} | {'on' if h.get('prefetch') else 'off'} "
+                f"| {fmt(h.get('output_tok_s'))} | {h['fill_ms_per_step']:.2f} | {h['fill_ms_per_row']:.3f} "
+                f"| {h['wait_ms_per_step']:.2f} | {h['prefetched_rows']:,} / {h['filled_rows']:,} "
+                f"| `{h['first_answer']}` |"
+            )
 
     def compile_line(name: str, c: dict[str, Any] | None) -> str:
         if not c or c.get("error") or "p50_ms" not in c:
@@ -327,39 +409,71 @@ def build_engine(tokenizer_json: str, max_num_seqs: int, smoke: bool = False):
         tokenizer_json=tokenizer_json, bos_token="<|im_start|>", eos_token="<|im_end|>"
     )  # SmolLM2's ids 1 and 2
     config = EngineConfig(
-        model="llama-3.1-8b-smollm2-vocab", device=device, max_num_seqs=max_num_seqs, generation_config="vllm",
+        model="llama-3.1-8b-smollm2-vocab",
+        device=device,
+        max_num_seqs=max_num_seqs,
+        generation_config="vllm",
+        async_scheduling=True if smoke else None,
         **SETTINGS,
-    )  # fmt: skip
+    )  # fmt: skip  (smoke: async on the CPU too, so the grammar prefetcher runs)
     engine = LLMEngine(config, loaded=loaded)
     engine.output_kind = OutputKind.FINAL_ONLY  # whole outputs of finished requests only
     return engine
 
 
 def run_batch(
-    engine, batch: int, constrained: bool, output_len: int = OUTPUT_LEN, warmup: bool = False
-) -> dict[str, float]:
+    engine,
+    batch: int,
+    constrained: bool,
+    output_len: int = OUTPUT_LEN,
+    warmup: bool = False,
+    typical: bool = False,
+    prefetch: bool | None = None,
+) -> dict[str, Any]:
+    """One timed run; `prefetch` (None: the engine's setting) sets KUBELLM_GRAMMAR_PREFETCH's switch for it."""
     import torch
 
     from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
-    spec = StructuredOutputsParams(json=SCHEMA) if constrained else None
+    schema, prefix = (TYPICAL_SCHEMA, TYPICAL_PREFIX) if typical else (SCHEMA, JSON_PREFIX)
+    spec = StructuredOutputsParams(json=schema) if constrained else None
     params = SamplingParams(
         temperature=0.0, max_tokens=output_len, ignore_eos=True, min_tokens=0, structured_outputs=spec
     )
-    ids = prompts(batch, None if warmup else constrained)
+    ids = prompts(batch, None if warmup else constrained, typical and not warmup)
+    stats = engine.structured_outputs.fill_stats
+    before = stats.snapshot()
+    configured = engine.grammar_prefetch
+    if prefetch is not None:
+        engine.grammar_prefetch = prefetch
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
+    kind = "t" if typical else "c" if constrained else "u"
     for i, p in enumerate(ids):
-        engine.add_request(f"{'w' if warmup else ''}{'c' if constrained else 'u'}{batch}-{i}", p, params)
+        engine.add_request(f"{'w' if warmup else ''}{kind}{batch}-{i}", p, params)
     outs = []
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
     wall = time.perf_counter() - start
+    used, engine.grammar_prefetch = engine.grammar_prefetch, configured
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    row: dict[str, Any] = {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall}
     if constrained:  # the schema held: every answer is a prefix of valid JSON of the schema's shape
-        assert all(o.outputs[0].text.startswith(JSON_PREFIX) for o in outs), outs[0].outputs[0].text[:80]
-    return {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall}
+        assert all(o.outputs[0].text.startswith(prefix) for o in outs), outs[0].outputs[0].text[:80]
+        steps = max(1, max(len(c.token_ids) for o in outs for c in o.outputs))
+        rows = max(1, stats.rows - before.rows)
+        row["host"] = {
+            "prefetch": used and engine.async_scheduling,
+            "output_tok_s": tokens / wall,
+            "fill_ms_per_step": 1e3 * (stats.seconds - before.seconds) / steps,
+            "fill_ms_per_row": 1e3 * (stats.seconds - before.seconds) / rows,
+            "wait_ms_per_step": 1e3 * (stats.waited_seconds - before.waited_seconds) / steps,
+            "prefetched_rows": stats.prefetched_rows - before.prefetched_rows,
+            "filled_rows": stats.rows - before.rows,
+            "first_answer": outs[0].outputs[0].text[:60].replace("|", "/").replace("`", "'"),
+        }
+    return row
 
 
 def compile_times(engine, count: int = COMPILE_COUNT) -> dict[str, float]:
@@ -391,6 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-site", default="/tmp/vsite", help="where shared/gpu/vllm-install.sh put vLLM")
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--peer-timeout-s", type=float, default=330.0, help="vLLM's share of the run (start-up ~150 s)")
+    p.add_argument("--typical", type=int, choices=(0, 1), default=1, help="also run the typical agent schema (1)")
+    p.add_argument("--prefetch-compare", type=int, choices=(0, 1), default=1,
+                   help="1: also run the benchmark schema with KUBELLM_GRAMMAR_PREFETCH flipped")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump_tokenizer:
         return args
@@ -420,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.gpu_info import gpu_identity
 
     compile_count = 10 if args.smoke else COMPILE_COUNT
-    spec = workload(args.batches, args.output_len, compile_count)
+    spec = workload(args.batches, args.output_len, compile_count, bool(args.typical))
     peer: dict[str, Any] | None = None
     if args.peer_json:
         try:
@@ -433,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         json_out = args.out_dir / "structured-peer-vllm.json"
         json_out.unlink(missing_ok=True)
         cmd = peer_command(args.peer_python, model_dir, args.batches, args.output_len, compile_count, json_out)
+        cmd += ["--typical", str(args.typical)]
         peer = run_peer(cmd, args.vllm_site, json_out, args.peer_timeout_s)
     import torch
 
@@ -465,8 +583,16 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batches:
         free = run_batch(engine, b, False, args.output_len)
         constrained = run_batch(engine, b, True, args.output_len)
-        result["rows"].append({"batch": b, "unconstrained": free, "constrained": constrained})
-        print(f"ours batch {b}: {free['output_tok_s']:,.0f} / {constrained['output_tok_s']:,.0f} tok/s", flush=True)
+        row = {"batch": b, "unconstrained": free, "constrained": constrained}
+        if args.typical:
+            row["typical"] = run_batch(engine, b, True, args.output_len, typical=True)
+        if args.prefetch_compare:  # (its own prompts would cost the peer a run: these reuse the constrained run's)
+            flipped = run_batch(engine, b, True, args.output_len, prefetch=not engine.grammar_prefetch)
+            row["constrained_flipped"] = flipped
+        result["rows"].append(row)
+        typical = f" / typical {row['typical']['output_tok_s']:,.0f}" if args.typical else ""
+        print(f"ours batch {b}: {free['output_tok_s']:,.0f} / {constrained['output_tok_s']:,.0f}{typical} tok/s",
+              flush=True)  # fmt: skip
         save()
     path = save()
     print(path.read_text(), flush=True)

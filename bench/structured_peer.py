@@ -29,6 +29,8 @@ from bench.structured import (
     OUTPUT_LEN,
     SCHEMA,
     SETTINGS,
+    TYPICAL_SCHEMA,
+    TYPICAL_START,
     compile_schemas,
     parse_batches,
     percentiles_ms,
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=OUTPUT_LEN)
     p.add_argument("--compile-count", type=int, default=COMPILE_COUNT)
     p.add_argument("--json-out", required=True, type=Path)
+    p.add_argument("--typical", type=int, choices=(0, 1), default=1, help="also run the typical agent schema (1)")
     args = p.parse_args(argv)
     try:
         args.batches = parse_batches(args.batches)
@@ -73,14 +76,17 @@ def llm_kwargs(model_dir: Path, max_num_seqs: int) -> dict[str, Any]:
     }
 
 
-def _generate(llm: Any, batch: int, constrained: bool | None, output_len: int, check: Any) -> dict[str, Any]:
+def _generate(
+    llm: Any, batch: int, constrained: bool | None, output_len: int, check: Any, typical: bool = False
+) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    spec = StructuredOutputsParams(json=SCHEMA) if constrained is not False else None
+    schema = TYPICAL_SCHEMA if typical else SCHEMA
+    spec = StructuredOutputsParams(json=schema) if constrained is not False else None
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
                             structured_outputs=spec)  # fmt: skip
-    inputs = [{"prompt_token_ids": p} for p in prompts(batch, constrained)]
+    inputs = [{"prompt_token_ids": p} for p in prompts(batch, constrained, typical)]
     t = time.perf_counter()
     outs = llm.generate(inputs, params, use_tqdm=False)
     wall = time.perf_counter() - t
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": BACKEND,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu_identity": gpu_identity(),
-        "workload": workload(args.batches, args.output_len, args.compile_count),
+        "workload": workload(args.batches, args.output_len, args.compile_count, bool(args.typical)),
         "rows": [],
         "notes": [],
     }
@@ -159,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     def check(ids: Any) -> bool:
         return JSON_START.match(tokenizer.decode(list(ids))) is not None
 
+    def check_typical(ids: Any) -> bool:
+        return TYPICAL_START.match(tokenizer.decode(list(ids))) is not None
+
     warm = _generate(llm, result["workload"]["warmup_batch"], None, args.output_len, check)
     result["warmup"] = warm
     save()
@@ -170,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batches:
         free = _generate(llm, b, False, args.output_len, check)
         constrained = _generate(llm, b, True, args.output_len, check)
-        result["rows"].append({"batch": b, "unconstrained": free, "constrained": constrained})
+        row = {"batch": b, "unconstrained": free, "constrained": constrained}
+        result["rows"].append(row)
+        if args.typical:
+            row["typical"] = _generate(llm, b, True, args.output_len, check_typical, typical=True)
+            if row["typical"]["json_prefix_ok"] != row["typical"]["requests"]:
+                result["notes"].append(f"batch {b}: typical-schema answers not starting {TYPICAL_START.pattern}")
         if constrained["json_prefix_ok"] != constrained["requests"]:
             result["notes"].append(
                 f"batch {b}: {constrained['requests'] - constrained['json_prefix_ok']} constrained answers do not "

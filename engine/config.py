@@ -153,15 +153,15 @@ class EngineConfig:
         help="CUDA: one Triton kernel for plain temperature sampling (off: torch ops)",
     )  # fmt: skip
     grammar_prefetch: bool = env_option(
-        "KUBELLM_GRAMMAR_PREFETCH", env_bool, True,
+        "KUBELLM_GRAMMAR_PREFETCH", env_bool, False,
         help="structured outputs under async scheduling: a worker thread advances the grammars over a step's tokens "
-        "and fills the next step's token masks while the engine thread schedules and queues the next forward (off: "
-        "the engine thread does both before sampling)",
+        "and fills the next step's token masks while the engine thread schedules and queues the next forward (off, "
+        "the default until measured on a GPU: the engine thread does both before sampling)",
     )  # fmt: skip
     grammar_threads: int = env_option(
         "KUBELLM_GRAMMAR_THREADS", int, 0,
-        help="structured outputs: threads filling token masks in parallel over rows (0: llguidance's default, four "
-        "fifths of the CPUs, at most 32)",
+        help="structured outputs: threads filling token masks in parallel over rows (0: four fifths of the CPUs the "
+        "process may use, at most 32, as llguidance's default)",
     )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,

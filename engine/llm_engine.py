@@ -164,9 +164,11 @@ class LLMEngine:
             num_threads=config.grammar_threads,
         )
         self.async_scheduling = self._resolve_async_scheduling(config)
-        # Under async scheduling, a worker thread feeds each step's tokens to the grammars and fills the next step's
-        # masks while this thread schedules and queues the next forward (KUBELLM_GRAMMAR_PREFETCH=0: this thread).
-        self._prefetcher = MaskPrefetcher(self.structured_outputs) if config.grammar_prefetch else None
+        # KUBELLM_GRAMMAR_PREFETCH: under async scheduling, a worker thread feeds each step's tokens to the grammars
+        # and fills the next step's masks while this thread schedules and queues the next forward (off: this thread
+        # does both before sampling). Read at each step: a benchmark may flip it between runs.
+        self.grammar_prefetch = config.grammar_prefetch
+        self._prefetcher = MaskPrefetcher(self.structured_outputs)  # its thread starts on first use
         self._prefetched: PrefetchedMasks | None = None  # the last step read back's, for the sampling after it
         from kubellm.engine import sampling_kernels  # compile the CUDA sampling kernel now, not on a request
 
@@ -436,7 +438,7 @@ class LLMEngine:
 
     def _prefetch(self, reqs: list[Request], sampled: StepResult) -> Future[PrefetchedMasks] | None:
         """Start the prefetcher on a launched step whose rows include a grammar (None: off, or no grammar)."""
-        if self._prefetcher is None:
+        if not self.grammar_prefetch:
             return None
         rows: list[GrammarRow | None] = []
         for req in reqs:
@@ -470,7 +472,6 @@ class LLMEngine:
             return
         outcomes = None
         if step.grammar is not None:  # the prefetcher fed these tokens to the grammars: its outcomes stand
-            assert self._prefetcher is not None
             self._prefetched = self._prefetcher.take(step.grammar)
             outcomes = self._prefetched.outcomes
         out = step.sampled.result()

@@ -112,7 +112,13 @@ class LLGuidanceBackend:
         self.tokenizer = llguidance.LLTokenizer(
             llguidance_tokenizer_json(tokenizer_json), n_vocab=vocab_size, eos_token=list(eos_token_ids)
         )
-        self._executor = llguidance.LLExecutor(num_threads or None)
+        if not num_threads:  # llguidance's own default (four fifths of the CPUs, at most 32), over the CPUs this
+            from kubellm.engine.model_runner import available_cpus  # process may use (affinity, cgroup quota)
+
+            num_threads = max(1, min(32, available_cpus() * 4 // 5))
+        self.num_threads = num_threads
+        self._executor = llguidance.LLExecutor(num_threads)
+        logger.info("structured outputs: llguidance fills token masks on %d thread(s)", num_threads)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
 
     def grammar_text(self, spec: StructuredOutputsParams) -> str:

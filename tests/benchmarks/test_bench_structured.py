@@ -226,3 +226,7 @@ def test_the_smoke_run_writes_one_results_file_with_the_peer_not_measured(tmp_pa
     text = md.read_text()
     assert "vLLM: not measured (not run (--peer none)): no ratio to it." in text
     assert "| 4 |" in text and "CPU (smoke run)" in text
+    for row in result["rows"]:  # the typical schema and the prefetcher's switch both ways, each answer checked
+        assert row["typical"]["output_tokens"] == 16 * row["batch"]
+        assert {row["constrained"]["host"]["prefetch"], row["constrained_flipped"]["host"]["prefetch"]} == {False, True}
+    assert "Typical agent schema" in text and "| 4 | bench | on |" in text and "| 4 | bench | off |" in text

@@ -1,0 +1,304 @@
+"""Structured outputs' per-step host work on the CPU (no GPU needed), with SmolLM2's tokenizer (vocabulary 49,152).
+
+    .venv/bin/python -m bench.structured_host --tokenizer-json .gpu/smollm2-tokenizer.json [--batches 1,64,256]
+        [--steps 32] [--threads N] [--engine-batch 64] [--engine-tokens 48] [--out-dir bench/results] [--name SUFFIX]
+
+Part 1, the grammar work of one decode step, per schema and batch B: B matchers, each driven through warm-up + steps
+decode steps by a token drawn uniformly (seeded) from its own mask, which is what a random model's greedy pick under
+the mask amounts to (bench/structured.py's model is random). Timed per step: the fill of the B masks through
+llguidance's thread pool (--threads; 0: the engine's default, llguidance's four fifths of the CPUs) and, for the
+pool's speed-up, through a pool of one thread on copies of the same matchers (filled first: llguidance would answer
+a second fill of one matcher from its cache), the B accepts, and the mask applied to float32 logits [B, 49152] on
+the CPU. Schemas: the GPU benchmark's ({"items": [string maxLength 8, ...]} with minItems 200), the same without
+maxLength, and a typical agent schema (nested object, enum, integer and number ranges, a bounded array, a pattern,
+an optional key).
+
+Part 2, the engine before and after the grammar prefetcher: a 1-layer Llama (hidden 64) with SmolLM2's vocabulary
+on the CPU, async scheduling on, torch on one thread (the other core is the grammar's), --engine-batch requests of
+128 random prompt tokens, --engine-tokens output tokens each, greedy, ignore_eos: output tok/s unconstrained, with
+the GPU benchmark's schema and KUBELLM_GRAMMAR_PREFETCH off (before: the engine thread feeds the grammars and fills
+the masks), and on (after: the worker does, while the engine thread schedules and runs the next forward). The CPU
+runs the forward itself, so this shows the overlap only as far as two cores allow; the GPU figure is
+bench/structured.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.result_files import git_commit
+from bench.structured import PROMPT_LEN, SCHEMA, SMOLLM2_VOCAB, parse_batches, read_tokenizer_json
+
+SCHEMA_NO_MAXLENGTH = {
+    **SCHEMA,
+    "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 200}},
+}
+AGENT_SCHEMA = {  # what a tool-using agent typically asks for
+    "type": "object",
+    "properties": {
+        "action": {"enum": ["search", "open_url", "run_code", "reply"]},
+        "query": {"type": "string"},
+        "limits": {
+            "type": "object",
+            "properties": {
+                "max_results": {"type": "integer", "minimum": 1, "maximum": 50},
+                "timeout_s": {"type": "number", "minimum": 0, "maximum": 600},
+            },
+            "required": ["max_results"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+        "lang": {"type": "string", "pattern": "^[a-z]{2}$"},
+        "confidence": {"type": "number"},
+    },
+    "required": ["action", "query", "limits"],
+    "additionalProperties": False,
+}
+SCHEMAS = {
+    "bench (maxLength 8, minItems 200)": SCHEMA,
+    "bench without maxLength": SCHEMA_NO_MAXLENGTH,
+    "typical agent schema": AGENT_SCHEMA,
+}
+EOS_ID = 2
+WARMUP_STEPS = 8
+
+
+def _ms(seconds: list[float]) -> float:
+    return 1e3 * statistics.mean(seconds) if seconds else float("nan")
+
+
+def grammar_step(manager: Any, single: Any, schema: dict[str, Any], batch: int, steps: int, seed: int) -> dict:
+    """Drive `batch` matchers of `schema` for WARMUP_STEPS + `steps` steps; mean ms per step of each part."""
+    import torch
+
+    from kubellm.engine.sampling_params import StructuredOutputsParams
+    from kubellm.engine.token_bitmask import apply_token_bitmask, bitmask_words
+
+    spec = StructuredOutputsParams(json=schema)
+    matchers = [manager.new_matcher(spec) for _ in range(batch)]
+    rng = np.random.default_rng(seed)
+    logits = torch.zeros(batch, SMOLLM2_VOCAB)
+    fill_pool, fill_one, accept, apply, allowed = [], [], [], [], []
+    for step in range(WARMUP_STEPS + steps):
+        # One thread first, on copies of the matchers (a copy filled after the original would find its mask in
+        # llguidance's cache), then the pool on the matchers themselves: both fill the same states.
+        copies = [type(m)(m.matcher.deep_copy()) for m in matchers]
+        words = np.full((batch, bitmask_words(SMOLLM2_VOCAB)), -1, np.int32)
+        t0 = time.perf_counter()
+        single.fill_bitmask([(c, j) for j, c in enumerate(copies)], words)
+        one_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mask = manager.bitmask(matchers)
+        t1 = time.perf_counter()
+        apply_token_bitmask(logits, mask)
+        t2 = time.perf_counter()
+        bits = np.unpackbits(mask.words.view(np.uint8), axis=1, count=SMOLLM2_VOCAB, bitorder="little")
+        tokens = []
+        for j in range(batch):
+            ids = np.flatnonzero(bits[j])
+            tokens.append(int(ids[rng.integers(len(ids))]) if len(ids) else EOS_ID)
+        t3 = time.perf_counter()
+        for m, t in zip(matchers, tokens, strict=True):
+            if t != EOS_ID and not m.is_terminated() and not m.accept_token(t):
+                raise RuntimeError(f"the grammar refused token {t} drawn from its own mask")
+        t4 = time.perf_counter()
+        logits.zero_()
+        if step < WARMUP_STEPS:
+            continue
+        fill_pool.append(t1 - t0)
+        fill_one.append(one_s)
+        apply.append(t2 - t1)
+        accept.append(t4 - t3)
+        allowed.append(float(bits.sum()) / batch)
+    pool, one = _ms(fill_pool), _ms(fill_one)
+    return {
+        "batch": batch,
+        "fill_ms": pool,
+        "fill_ms_per_row": pool / batch,
+        "fill_one_thread_ms": one,
+        "parallel_speedup": one / pool if pool > 0 else None,
+        "accept_ms": _ms(accept),
+        "apply_ms": _ms(apply),
+        "host_ms": pool + _ms(accept) + _ms(apply),
+        "mean_allowed_tokens": statistics.mean(allowed),
+    }
+
+
+def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, Any]]:
+    """Part 2: tok/s of the tiny CPU engine, unconstrained and constrained with the prefetcher off and on."""
+    import dataclasses
+
+    import torch
+
+    from kubellm.engine.config import EngineConfig
+    from kubellm.engine.llm_engine import LLMEngine
+    from kubellm.engine.outputs import OutputKind
+    from kubellm.engine.random_model import SMOLLM2_135M, random_loaded_model
+    from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
+    from kubellm.prompt import TokenizerInfo
+
+    shape = dataclasses.replace(
+        SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+    )  # fmt: skip
+    loaded = random_loaded_model(shape, torch.float32, "cpu", seed=0, name="tiny-smollm2-vocab")
+    loaded.tokenizer_info = TokenizerInfo(
+        tokenizer_json=tokenizer_json, bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    rows = []
+    for label, constrained, prefetch in (
+        ("unconstrained", False, True),
+        ("JSON, prefetch off (before)", True, False),
+        ("JSON, prefetch on (after)", True, True),
+    ):
+        config = EngineConfig(
+            model="tiny-smollm2-vocab", device="cpu", max_num_seqs=batch, generation_config="vllm",
+            async_scheduling=True, grammar_prefetch=prefetch, num_threads=1, max_model_len=1024,
+        )  # fmt: skip
+        engine = LLMEngine(config, loaded=loaded)
+        engine.output_kind = OutputKind.FINAL_ONLY
+        spec = StructuredOutputsParams(json=SCHEMA) if constrained else None
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, structured_outputs=spec)
+        rng = random.Random(batch)
+        for warm in (True, False):
+            n = 4 if warm else batch
+            for i in range(n):
+                prompt = [rng.randrange(100, SMOLLM2_VOCAB) for _ in range(PROMPT_LEN)]
+                engine.add_request(f"{'w' if warm else 'r'}{i}", prompt, params)
+            before = engine.structured_outputs.fill_stats.snapshot()
+            start = time.perf_counter()
+            outs = []
+            while engine.has_unfinished_requests():
+                outs += [o for o in engine.step() if o.finished]
+            wall = time.perf_counter() - start
+        after = engine.structured_outputs.fill_stats
+        engine.close()
+        out_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        if constrained and not all(o.outputs[0].text.startswith('{"items":["') for o in outs):
+            raise RuntimeError(f"a constrained answer broke the schema: {outs[0].outputs[0].text[:80]!r}")
+        steps = max(1, out_tokens // batch)
+        rows.append({
+            "run": label, "output_tok_s": out_tokens / wall, "wall_s": wall, "steps": steps,
+            "fill_ms_per_step": 1e3 * (after.seconds - before.seconds) / steps,
+            "engine_wait_ms_per_step": 1e3 * (after.waited_seconds - before.waited_seconds) / steps,
+            "prefetched_rows": after.prefetched_rows - before.prefetched_rows,
+            "filled_rows": after.rows - before.rows,
+        })  # fmt: skip
+        print(f"engine {label}: {rows[-1]['output_tok_s']:,.0f} tok/s", flush=True)
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Structured outputs: per-step host work on the CPU — {result['started']}",
+        "",
+        f"Hardware: {result['hardware']}. Commit {result['commit']}; command `{result['command']}`.",
+        "",
+        " ".join(__doc__.split("\n\n")[2].split()),
+        "",
+        "| schema | batch | fill ms/step (pool) | fill ms/row | fill, 1 thread ms | pool speed-up | accept ms | "
+        "apply ms | host ms/step | mean allowed tokens | host ms vs same batch without maxLength |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {r["batch"]: r for r in result["grammar"].get("bench without maxLength", [])}
+    for name, rows in result["grammar"].items():
+        for r in rows:
+            ref = base.get(r["batch"])
+            ratio = f"{r['host_ms'] / ref['host_ms']:.1f}x" if ref and ref["host_ms"] > 0 else "-"
+            speedup = f"{r['parallel_speedup']:.2f}x" if r["parallel_speedup"] else "-"
+            lines.append(
+                f"| {name} | {r['batch']} | {r['fill_ms']:.2f} | {r['fill_ms_per_row']:.3f} | "
+                f"{r['fill_one_thread_ms']:.2f} | {speedup} | {r['accept_ms']:.3f} | {r['apply_ms']:.2f} | "
+                f"{r['host_ms']:.2f} | {r['mean_allowed_tokens']:,.0f} | {ratio} |"
+            )
+    engine = result.get("engine") or []
+    if engine:
+        free = engine[0]["output_tok_s"]
+        lines += [
+            "",
+            " ".join(__doc__.split("\n\n")[3].split()),
+            "",
+            f"Batch {result['engine_batch']}, {result['engine_tokens']} output tokens per request.",
+            "",
+            "| run | output tok/s | vs unconstrained | fill ms/step (any thread) | engine thread's wait for the "
+            "prefetcher, ms/step | masks prefetched / filled |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in engine:
+            lines.append(
+                f"| {r['run']} | {r['output_tok_s']:,.0f} | {r['output_tok_s'] / free:.2f}x | "
+                f"{r['fill_ms_per_step']:.2f} | {r['engine_wait_ms_per_step']:.2f} | "
+                f"{r['prefetched_rows']:,} / {r['filled_rows']:,} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer-json", type=Path, required=True, help="SmolLM2's tokenizer.json")
+    p.add_argument("--batches", default="1,64,256")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per schema and batch")
+    p.add_argument("--threads", type=int, default=0, help="part 1's fill pool (0: llguidance's default)")
+    p.add_argument("--engine-batch", type=int, default=64, help="part 2's requests (0: skip part 2)")
+    p.add_argument("--engine-tokens", type=int, default=48, help="part 2's output tokens per request")
+    p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    p.add_argument("--name", default="", help="a suffix of the results files' names")
+    args = p.parse_args(argv)
+    try:
+        batches = parse_batches(args.batches)
+        tokenizer_json = read_tokenizer_json(args.tokenizer_json)
+    except ValueError as e:
+        p.error(str(e))
+    if args.steps < 2 or args.engine_batch < 0 or args.engine_tokens < 1 or args.threads < 0:
+        p.error("--steps must be at least 2, --threads and --engine-batch at least 0, --engine-tokens at least 1")
+
+    from kubellm.engine.model_runner import available_cpus
+    from kubellm.engine.structured_output import LLGuidanceBackend, llguidance_manager
+
+    started = datetime.now(UTC)
+    manager = llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=args.threads)
+    single = LLGuidanceBackend(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=1)
+    cpus = available_cpus()
+    pool = args.threads or max(1, min(32, cpus * 80 // 100))  # llguidance's default, as it counts CPUs
+    result: dict[str, Any] = {
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": f"CPU {platform.processor() or platform.machine()}, {cpus} usable cores (os.cpu_count "
+        f"{os.cpu_count()}), shared with other jobs: figures are noisy; fill pool of {pool} thread(s)",
+        "commit": git_commit(),
+        "command": "python -m bench.structured_host " + " ".join(sys.argv[1:] if argv is None else argv),
+        "steps": args.steps,
+        "grammar": {},
+        "engine_batch": args.engine_batch,
+        "engine_tokens": args.engine_tokens,
+    }
+    for name, schema in SCHEMAS.items():
+        result["grammar"][name] = []
+        for b in batches:
+            row = grammar_step(manager, single, schema, b, args.steps, seed=b)
+            result["grammar"][name].append(row)
+            print(f"{name} B={b}: host {row['host_ms']:.2f} ms/step, fill {row['fill_ms_per_row']:.3f} ms/row",
+                  flush=True)  # fmt: skip
+    if args.engine_batch:
+        result["engine"] = engine_runs(tokenizer_json, args.engine_batch, args.engine_tokens)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"structured-host-{started.strftime('%Y-%m-%d')}{'-' + args.name if args.name else ''}"
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
