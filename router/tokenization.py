@@ -29,7 +29,7 @@ log = logging.getLogger("kubellm.router.tokenization")
 
 TEXT_BLOCK_CHARS = 64
 TEXT_BLOCK_TOKENS = TEXT_BLOCK_CHARS // 4  # what a text block stands for in tokens (~4 characters a token)
-_TEXT_DOMAIN = b"kubellm-text/1|"
+_TEXT_DOMAIN = b"kubellm-text/2|"
 _REFETCH_AFTER = 10.0  # seconds between attempts to fetch a tokenizer that was not available
 # Text to tokenize (what the segment cache does not already hold) longer than this is tokenized in a worker thread:
 # the Rust tokenizer releases the GIL, so the event loop keeps serving meanwhile (bench/router.py tokenize measures
@@ -47,20 +47,24 @@ class PromptKey:
 
 
 def text_block_hashes(text: str, extra: str = "", block_chars: int = TEXT_BLOCK_CHARS) -> list[int]:
-    """Chained 128-bit hashes of the text's full `block_chars`-byte blocks: each block's hash is seeded with the
-    low 64 bits of the previous one (one call per block, no concatenation). Blocks are sliced from bytes, not a
-    memoryview: a 64-byte copy costs less than a view's creation (~30% of this function on a 2 kB prompt)."""
-    h = xxhash.xxh3_128_intdigest(_TEXT_DOMAIN + extra.encode())
+    """Chained 64-bit hashes of the text's full `block_chars`-byte blocks: each block's xxh3_64 is seeded with the
+    previous hash (one call per block, no concatenation). Blocks are sliced from bytes, not a memoryview: a 64-byte
+    copy costs less than a view's creation (~30% of this function on a 2 kB prompt).
+
+    Router-internal: these hashes only ever meet the router's own record of its sends (the approximate index and its
+    pending blocks), never an engine's KV events or another router process, so their definition is this module's to
+    change. 64 bits, not the token blocks' 128 (GUIDE.md §2): a 64-bit digest, its seed and the index keys made from
+    it cost about half as much per block (bench/router.py stages), and a false match among the approximate index's
+    200k entries is a ~1e-9 event that costs one cache miss, not a wrong answer. The domain differs from
+    hash_blocks' root, so a text hash is never taken for a token-block hash."""
+    h = xxhash.xxh3_64_intdigest(_TEXT_DOMAIN + extra.encode())
     out = []
     data = text.encode("utf-8", "surrogatepass")
-    digest, mask = xxhash.xxh3_128_intdigest, _LOW64
+    digest = xxhash.xxh3_64_intdigest
     for start in range(0, len(data) - block_chars + 1, block_chars):
-        h = digest(data[start : start + block_chars], h & mask)
+        h = digest(data[start : start + block_chars], h)
         out.append(h)
     return out
-
-
-_LOW64 = (1 << 64) - 1
 
 
 class SegmentCache:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kubellm.block_hash import hash_blocks, to_hex
 from kubellm.kv_events import AllBlocksClearedEvent, BlockRemovedEvent, BlockStoredEvent, SnapshotEvent
@@ -177,3 +181,41 @@ def test_match_all_gives_every_replicas_leading_match_in_one_call():
         matched += sum(expect)
     assert matched > 100  # (the prompts do meet held blocks)
     assert idx.match_all(slots, []) == [0] * 6 and idx.match_all([], prompts[0]) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 11), st.integers(1, 10)), min_size=1, max_size=60),
+    bound=st.integers(1, 40),
+)
+def test_approx_match_equals_the_walk_over_a_plain_lru_model(ops, bound):
+    """The approximate index under eviction, against a plain model written here: an LRU of (replica, block) pairs,
+    bounded by `bound`, in which recording a prompt's first n blocks touches them deepest first. In the model, what a
+    replica holds of any prompt is a prefix of it (the head is evicted last), and the index's probing match (first
+    block, guess, binary search) must equal the model's block-by-block walk for every replica and prompt, alone and
+    in match_all, with the footprints the model counts. Prompts share heads of 0, 2 or 5 blocks (a family tree)."""
+    prompts = [prompt(i, n_blocks=10, shared=(0, 2, 5)[i % 3]) for i in range(12)]
+    approx = ApproxIndex(bound)
+    idx = PrefixIndex(approx_size=bound, use_events=False)
+    model: OrderedDict[tuple[int, int], None] = OrderedDict()
+    for slot, i, n in ops:
+        part = prompts[i][:n]
+        approx.record(slot, part)
+        idx.on_send(slot, part)
+        for h in reversed(part):
+            model.pop((slot, h), None)
+            model[(slot, h)] = None
+        while len(model) > bound:
+            model.popitem(last=False)
+    slots = [0, 1, 2, 3, 4]
+    for p in prompts:
+        expect = []
+        for s in slots:
+            held = [(s, h) in model for h in p]
+            m = held.index(False) if False in held else len(held)
+            assert not any(held[m:]), "the model itself holds a prompt's block without its prefix"
+            expect.append(m)
+            assert approx.match(s, p) == m
+        assert idx.match_all(slots, p) == expect
+        assert idx.match_all(slots[::-1], p) == expect[::-1]  # (another order: other guesses)
+    assert [approx.footprint(s) for s in slots] == [sum(1 for k in model if k[0] == s) for s in slots]

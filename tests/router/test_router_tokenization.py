@@ -127,15 +127,18 @@ async def test_offloaded_tokenization_equals_inline_and_fills_the_segment_cache(
 
 
 def test_text_block_hashes_follow_their_definition():
-    """Chained xxh3_128 over full 64-byte blocks of the UTF-8 text, each seeded with the low 64 bits of the previous
-    hash, from a root over the text domain and the salt; a partial last block is not hashed. (Written out here from
-    the definition, so a faster implementation must give the same values: router replicas of different versions
-    must agree.)"""
+    """Chained xxh3_64 over full 64-byte blocks of the UTF-8 text, each seeded with the previous hash, from a root over
+    the text domain and the salt; a partial last block is not hashed. (Written out here from the definition, so a
+    faster implementation must give the same values. The definition is router-internal: text hashes meet only the
+    router's own record of its sends, never an engine's events or another router, so changing it, as version 2 did,
+    changes no routing decision.)"""
     text = "é" * 40 + "".join(chr(0x4E00 + i) for i in range(30)) + "x" * 57  # multi-byte characters across blocks
     data = text.encode()
-    h = xxhash.xxh3_128_intdigest(b"kubellm-text/1|salt")
+    h = xxhash.xxh3_64_intdigest(b"kubellm-text/2|salt")
     expect = []
     for i in range(len(data) // 64):
-        h = xxhash.xxh3_128_intdigest(data[64 * i : 64 * i + 64], h & (2**64 - 1))
+        h = xxhash.xxh3_64_intdigest(data[64 * i : 64 * i + 64], h)
         expect.append(h)
     assert len(expect) == 3 and text_block_hashes(text, "salt") == expect
+    assert text_block_hashes(text, "salt") != text_block_hashes(text)  # the salt (cache_salt) keys the chain
+    assert text_block_hashes("x" * 63) == []
