@@ -384,7 +384,7 @@ class Router:
         model = body.model
         key: PromptKey | None = None
         if self.policy.name is RoutingPolicy.PREFIX:
-            key = await self.hasher.key(model, kind, body.fields)
+            key = self.hasher.text_key_now(model, kind, body.fields) or await self.hasher.key(model, kind, body.fields)
         rh = req.headers
         session_key = rh.get(self._session_header) or body.user
         hashes = key.hashes if key else []

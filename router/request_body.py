@@ -49,3 +49,8 @@ def parse_routed_body(raw: bytes) -> RoutedBody:
 def dumps(value: Any) -> str:
     """Compact JSON text (non-ASCII kept as is), the router's one serializer for hashing text."""
     return orjson.dumps(value).decode()
+
+
+def dumps_bytes(value: Any) -> bytes:
+    """dumps(value) encoded as UTF-8 (what orjson writes)."""
+    return orjson.dumps(value)

@@ -23,7 +23,7 @@ import xxhash
 
 from kubellm.block_hash import DEFAULT_BLOCK_SIZE, hash_blocks
 from kubellm.prompt import PromptRenderer, TokenizerInfo
-from kubellm.router.request_body import dumps
+from kubellm.router.request_body import dumps_bytes
 
 log = logging.getLogger("kubellm.router.tokenization")
 
@@ -57,9 +57,14 @@ def text_block_hashes(text: str, extra: str = "", block_chars: int = TEXT_BLOCK_
     it cost about half as much per block (bench/router.py stages), and a false match among the approximate index's
     200k entries is a ~1e-9 event that costs one cache miss, not a wrong answer. The domain differs from
     hash_blocks' root, so a text hash is never taken for a token-block hash."""
+    return bytes_block_hashes(text.encode("utf-8", "surrogatepass"), extra, block_chars)
+
+
+def bytes_block_hashes(data: bytes, extra: str = "", block_chars: int = TEXT_BLOCK_CHARS) -> list[int]:
+    """text_block_hashes of text already encoded as UTF-8 (the router's serializer writes bytes: no decode and
+    re-encode of the prompt on the hot path)."""
     h = xxhash.xxh3_64_intdigest(_TEXT_DOMAIN + extra.encode())
     out = []
-    data = text.encode("utf-8", "surrogatepass")
     digest = xxhash.xxh3_64_intdigest
     for start in range(0, len(data) - block_chars + 1, block_chars):
         h = digest(data[start : start + block_chars], h)
@@ -188,12 +193,18 @@ def prompt_token_ids(
 
 
 def prompt_text(kind: str, body: dict[str, Any]) -> str:
+    return prompt_bytes(kind, body).decode("utf-8", "surrogatepass")
+
+
+def prompt_bytes(kind: str, body: dict[str, Any]) -> bytes:
+    """What the text-block hashes cover, as UTF-8: a chat's messages as compact JSON, a completion's prompt text (the
+    first one of a list), anything else as compact JSON."""
     if kind == "chat":
-        return dumps(body.get("messages"))
+        return dumps_bytes(body.get("messages"))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         prompt = prompt[0]
-    return prompt if isinstance(prompt, str) else dumps(prompt)
+    return prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) else dumps_bytes(prompt)
 
 
 class PromptHasher:
@@ -307,7 +318,20 @@ class PromptHasher:
         if ids is not None:
             bs = self.block_sizes.get(model, DEFAULT_BLOCK_SIZE)
             return PromptKey(hash_blocks(ids, bs, extra), True, bs)
-        return PromptKey(text_block_hashes(prompt_text(kind, body), extra), False, TEXT_BLOCK_TOKENS)
+        return _text_key(kind, body, extra)
+
+    def text_key_now(self, model: str, kind: str, body: dict[str, Any]) -> PromptKey | None:
+        """The key `key` would give, without a coroutine, when it is sure to be text blocks (the model's tokenizer is
+        neither loaded nor loading, and its last fetch failed recently: no fetch to start); else None (await `key`).
+        Against engines that serve no tokenizer this is every request, and the awaits cost a visible share of it."""
+        if model in self._renderers or model in self._loading or not self._recently_failed(model):
+            return None
+        extra = body.get("cache_salt") or ""
+        return _text_key(kind, body, extra if isinstance(extra, str) else "")
+
+
+def _text_key(kind: str, body: dict[str, Any], extra: str) -> PromptKey:
+    return PromptKey(bytes_block_hashes(prompt_bytes(kind, body), extra), False, TEXT_BLOCK_TOKENS)
 
 
 _THREAD_ABOVE_CHARS = 32_000  # rendering too goes to the thread above this

@@ -51,6 +51,30 @@ async def test_hasher_uses_salt_block_size_and_falls_back_to_text():
     assert (await h.key("m", "completion", big)).hashes == hash_blocks(word_ids(0, 8000), 32)
 
 
+async def test_text_key_now_answers_only_when_key_would_hash_text():
+    """The coroutine-free shortcut: for a model whose tokenizer fetch just failed it gives key()'s text-block key (salt
+    included, chat and completion); for a model with a tokenizer, or none tried yet, it declines (None), so the
+    awaited path loads the tokenizer and hashes token blocks as before."""
+    fetched: list[str] = []
+
+    async def fetch(model):
+        fetched.append(model)
+        return word_tokenizer_info() if model == "m" else None
+
+    h = PromptHasher(fetch)
+    chat = {"messages": [{"role": "user", "content": words(0, 40)}], "cache_salt": "t"}
+    completion = {"prompt": words(3, 40)}
+    assert h.text_key_now("other", "chat", chat) is None  # never tried: key() must start the fetch
+    want_chat, want_completion = await h.key("other", "chat", chat), await h.key("other", "completion", completion)
+    assert fetched == ["other"] and not want_chat.exact
+    assert want_chat.hashes == text_block_hashes('[{"role":"user","content":"' + words(0, 40) + '"}]', "t")
+    assert h.text_key_now("other", "chat", chat) == want_chat
+    assert h.text_key_now("other", "completion", completion) == want_completion
+    assert want_completion.hashes == text_block_hashes(words(3, 40))
+    assert (await h.key("m", "completion", completion)).exact
+    assert h.text_key_now("m", "completion", completion) is None  # a tokenizer: token blocks, via key()
+
+
 def _bpe_with_special_tokens() -> PromptRenderer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
