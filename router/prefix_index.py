@@ -213,6 +213,7 @@ class PrefixIndex:
         lru, salts = approx._lru, approx._salts
         precise = self.precise if self.use_events else None
         guess = 0
+        head = hashes[0]
         for slot in slots:
             if precise is not None and (idx := precise.get(slot)) is not None and idx.live:
                 out.append(self.match(slot, hashes))
@@ -220,9 +221,11 @@ class PrefixIndex:
             salt = salts.get(slot)
             if salt is None:
                 salt = approx._salt(slot)
+            if head ^ salt not in lru:  # (leading_held's first probe, inline: most replicas hold none of a prompt)
+                out.append(0)
+                continue
             m = leading_held(lru, salt, hashes, guess)
-            if m:
-                guess = m
+            guess = m
             out.append(m)
         return out
 
