@@ -445,6 +445,11 @@ def results_markdown(r: dict[str, Any]) -> str:
             f" with KUBELLM_PREFILL_BACKEND={r['prefill_backend']}."
             if r.get("prefill_backend", "fa2") != "fa2"
             else "."
+        )
+        + (
+            f" FP8 GEMM routes: KUBELLM_FP8_GEMM={r['fp8_gemm']}, KUBELLM_FP8_SPLITK={int(r.get('fp8_splitk', True))}."
+            if st.get("quantization") and r.get("fp8_gemm")
+            else ""
         ),
         f"Model: {r['shape']} shape (bench/shapes.py), random bf16 weights"
         + (f" (both engines: quantization {st['quantization']})" if st.get("quantization") else "")
@@ -939,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
         "sampling": asdict(Sampling()),
         "mla_upproject_min_tokens": mla_up,
         "prefill_backend": EngineConfig().prefill_backend,  # KUBELLM_PREFILL_BACKEND: also the MLA kernel family
+        "fp8_gemm": EngineConfig().fp8_gemm,  # KUBELLM_FP8_GEMM: fixed / table / tune routes of FP8 linear layers
+        "fp8_splitk": EngineConfig().fp8_splitk,
         "mla_upproject_max_context_tokens": (
             EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens).mla_upproject_context_budget
             if mla_up
