@@ -7,6 +7,12 @@ vary by up to 40% between two samples of the same route, and the split-K kernel 
 shape or tensor-parallel shard may rank the routes differently. Timing here costs start-up seconds, bounded by
 `budget_s` (the routes not reached keep the table's), logged with every choice.
 
+Start-up cost, estimated (not yet measured): Llama-3.1-8B at a 16384-token budget has 28 keys (4 shapes x 7 buckets)
+and 148 candidate timings; their products take ~0.45 s of GPU time (the source table's figures x 26 products each);
+first-use Triton builds of ~21 distinct kernel specialisations (split-K variants, W8A8 tiles, quantization kernels,
+~1-3 s each on the GPU host) dominate: ~20-60 s with a cold Triton cache, a few seconds with a warm one, capped by
+BUDGET_S either way (the small-M keys, timed first, are the ones that matter for decode).
+
 Split: `candidates`, `tune_keys` and `choose` are pure (CPU-tested); `tune` does the timing on CUDA (a gpu test).
 Each timing is a CUDA graph of up to LAYERS products over distinct layers' weights of that shape (so weights stream
 from memory as in the model, not from L2), replayed REPS times, divided per product.
