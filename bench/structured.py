@@ -354,6 +354,10 @@ def markdown(result: dict[str, Any]) -> str:
             return f"- {name}: {NOT_MEASURED}" + (f" ({c['error']})" if c and c.get("error") else "")
         return f"- {name}: p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms over {c.get('count', '?')} schemas"
 
+    if result.get("fill_probe"):
+        from bench.structured_host import probe_line
+
+        lines += ["", probe_line(result["fill_probe"])]
     lines += ["", "Grammar compile + first token mask, one thread:"]
     lines.append(compile_line("ours (llguidance)", result.get("compile")))
     lines.append(compile_line(f"{vllm} ({peer.get('backend', 'xgrammar')})", None if problems else peer.get("compile")))
@@ -578,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         return write_results(result, args.out_dir)
 
     result["compile"] = compile_times(engine, compile_count)
+    from bench.structured_host import fill_probe
+
+    result["fill_probe"] = fill_probe(engine.structured_outputs)  # does the mask fill run in parallel on this host?
     save()
     run_batch(engine, spec["warmup_batch"], True, args.output_len, warmup=True)  # graphs, first mask, allocator
     for b in args.batches:

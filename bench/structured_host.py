@@ -6,7 +6,7 @@
 Part 1, the grammar work of one decode step, per schema and batch B: B matchers, each driven through warm-up + steps
 decode steps by a token drawn uniformly (seeded) from its own mask, which is what a random model's greedy pick under
 the mask amounts to (bench/structured.py's model is random). Timed per step: the fill of the B masks through
-llguidance's thread pool (--threads; 0: the engine's default, llguidance's four fifths of the CPUs) and, for the
+llguidance's thread pool (--threads; 0: the engine's default, one thread per usable CPU) and, for the
 pool's speed-up, through a pool of one thread on copies of the same matchers (filled first: llguidance would answer
 a second fill of one matcher from its cache), the B accepts, and the mask applied to float32 logits [B, 49152] on
 the CPU. Schemas: the GPU benchmark's ({"items": [string maxLength 8, ...]} with minItems 200), the same without
@@ -136,6 +136,57 @@ def grammar_step(manager: Any, single: Any, schema: dict[str, Any], batch: int, 
     }
 
 
+def cpu_facts() -> dict[str, Any]:
+    """What decides how many threads a mask fill gets on this host."""
+    from kubellm.engine.model_runner import available_cpus
+
+    try:
+        quota = Path("/sys/fs/cgroup/cpu.max").read_text().strip()
+    except OSError:
+        quota = "unreadable"
+    return {
+        "os_cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cgroup_cpu_max": quota,
+        "usable_cpus": available_cpus(),
+        "RAYON_NUM_THREADS": os.environ.get("RAYON_NUM_THREADS"),
+    }
+
+
+def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]:
+    """The pool's speed-up on the costliest state of the benchmark schema (a string just opened): `rows` copies of
+    one matcher filled through one thread, then through the manager's pool; best of `repeats`, fresh copies each
+    time (a copy would answer a second fill from its cache)."""
+    import llguidance
+
+    from kubellm.engine.sampling_params import StructuredOutputsParams
+    from kubellm.engine.token_bitmask import bitmask_words
+
+    backend = manager.backend
+    start = manager.new_matcher(StructuredOutputsParams(json=SCHEMA))
+    for t in backend.tokenizer.tokenize_str('{"items":["'):
+        if not start.accept_token(t):
+            raise RuntimeError("the benchmark schema refused its own opening")
+    one = llguidance.LLExecutor(1)
+    words = np.full((rows, bitmask_words(SMOLLM2_VOCAB)), -1, np.int32)
+    times: dict[str, list[float]] = {"one": [], "pool": []}
+    for _ in range(repeats):
+        for name in ("one", "pool"):
+            copies = [start.matcher.deep_copy() for _ in range(rows)]
+            t0 = time.perf_counter()
+            if name == "one":
+                one.unsafe_compute_mask_ptr([(c, j) for j, c in enumerate(copies)], words.ctypes.data,
+                                            words.shape[1] * 4, rows)  # fmt: skip
+            else:
+                backend.fill_bitmask([(type(start)(c), j) for j, c in enumerate(copies)], words)
+            times[name].append(time.perf_counter() - t0)
+    one_ms, pool_ms = 1e3 * min(times["one"]), 1e3 * min(times["pool"])
+    return {
+        "rows": rows, "pool_threads": backend.num_threads, "one_thread_ms": one_ms, "pool_ms": pool_ms,
+        "speedup": one_ms / pool_ms if pool_ms > 0 else None, **cpu_facts(),
+    }  # fmt: skip
+
+
 def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, Any]]:
     """Part 2: tok/s of the tiny CPU engine, unconstrained and constrained with the prefetcher off and on."""
     import dataclasses
@@ -200,6 +251,17 @@ def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, 
     return rows
 
 
+def probe_line(probe: dict[str, Any] | None) -> str:
+    if not probe:
+        return "Fill probe: not run."
+    return (
+        f"Fill probe (the benchmark schema's costliest state, a string just opened, {probe['rows']} rows): one thread "
+        f"{probe['one_thread_ms']:.2f} ms, the pool of {probe['pool_threads']} {probe['pool_ms']:.2f} ms, "
+        f"{probe['speedup']:.2f}x; CPUs: os {probe['os_cpu_count']}, affinity {probe['affinity']}, cgroup cpu.max "
+        f"'{probe['cgroup_cpu_max']}', usable {probe['usable_cpus']}, RAYON_NUM_THREADS {probe['RAYON_NUM_THREADS']}."
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Structured outputs: per-step host work on the CPU — {result['started']}",
@@ -207,6 +269,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Hardware: {result['hardware']}. Commit {result['commit']}; command `{result['command']}`.",
         "",
         " ".join(__doc__.split("\n\n")[2].split()),
+        "",
+        probe_line(result.get("fill_probe")),
         "",
         "| schema | batch | fill ms/step (pool) | fill ms/row | fill, 1 thread ms | pool speed-up | accept ms | "
         "apply ms | host ms/step | mean allowed tokens | host ms vs same batch without maxLength |",
@@ -279,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "command": "python -m bench.structured_host " + " ".join(sys.argv[1:] if argv is None else argv),
         "steps": args.steps,
+        "fill_probe": fill_probe(manager),
         "grammar": {},
         "engine_batch": args.engine_batch,
         "engine_tokens": args.engine_tokens,

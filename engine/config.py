@@ -160,8 +160,8 @@ class EngineConfig:
     )  # fmt: skip
     grammar_threads: int = env_option(
         "KUBELLM_GRAMMAR_THREADS", int, 0,
-        help="structured outputs: threads filling token masks in parallel over rows (0: four fifths of the CPUs the "
-        "process may use, at most 32, as llguidance's default)",
+        help="structured outputs: threads filling token masks in parallel over rows (0: one per CPU the process may "
+        "use, at most 32)",
     )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,

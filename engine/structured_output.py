@@ -104,7 +104,7 @@ class LLGuidanceBackend:
     which may exceed the tokenizer's: those ids are never allowed)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], num_threads: int = 0):
-        """`num_threads`: the mask fill's thread pool (0: llguidance's default, 80% of the CPUs up to 32)."""
+        """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32)."""
         import llguidance
 
         self._llg = llguidance
@@ -112,10 +112,10 @@ class LLGuidanceBackend:
         self.tokenizer = llguidance.LLTokenizer(
             llguidance_tokenizer_json(tokenizer_json), n_vocab=vocab_size, eos_token=list(eos_token_ids)
         )
-        if not num_threads:  # llguidance's own default (four fifths of the CPUs, at most 32), over the CPUs this
-            from kubellm.engine.model_runner import available_cpus  # process may use (affinity, cgroup quota)
+        if not num_threads:  # every CPU this process may use (affinity, cgroup quota), at most 32: the thread that
+            from kubellm.engine.model_runner import available_cpus  # asks for the fill sleeps until it is done
 
-            num_threads = max(1, min(32, available_cpus() * 4 // 5))
+            num_threads = min(32, available_cpus())
         self.num_threads = num_threads
         self._executor = llguidance.LLExecutor(num_threads)
         logger.info("structured outputs: llguidance fills token masks on %d thread(s)", num_threads)

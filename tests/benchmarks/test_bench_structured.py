@@ -229,4 +229,7 @@ def test_the_smoke_run_writes_one_results_file_with_the_peer_not_measured(tmp_pa
     for row in result["rows"]:  # the typical schema and the prefetcher's switch both ways, each answer checked
         assert row["typical"]["output_tokens"] == 16 * row["batch"]
         assert {row["constrained"]["host"]["prefetch"], row["constrained_flipped"]["host"]["prefetch"]} == {False, True}
+    probe = result["fill_probe"]
+    assert probe["rows"] == 64 and probe["one_thread_ms"] > 0 and probe["pool_threads"] >= 1
+    assert "Fill probe (the benchmark schema's costliest state" in text
     assert "Typical agent schema" in text and "| 4 | bench | on |" in text and "| 4 | bench | off |" in text
