@@ -168,12 +168,12 @@ class EngineConfig:
         help="CUDA, tensor parallel: a Triton GEMV for few-row weight products (off: cuBLAS)",
     )  # fmt: skip
     fp8_gemm: str = env_option(
-        "KUBELLM_FP8_GEMM", str, "table",
+        "KUBELLM_FP8_GEMM", str, "fixed",
         choices=("fixed", "table", "tune"),
         help="CUDA, FP8 linear layers: which GEMM route each product takes. table: the measured-best per weight "
         "format, shape class and batch-size bucket (models/fp8_dispatch.py, from bench/fp8_micro.py); tune: the "
         "candidates timed on this GPU at start-up (bounded, logged; the table's where not reached); fixed: W8A16 up "
-        "to 16 rows, else the format's W8A8 (the dispatch before the table)",
+        "to 16 rows, else the format's W8A8 (the default until table's and tune's gpu tests have run on a GPU)",
     )  # fmt: skip
     fp8_splitk: bool = env_option(
         "KUBELLM_FP8_SPLITK", env_bool, True,

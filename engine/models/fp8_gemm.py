@@ -61,7 +61,7 @@ PER_TENSOR_WEIGHTS_PER_TOKEN_INPUT = False
 # models/fp8_dispatch.py; "tune" the routes the engine timed at warm-up (fp8_tune.py), the table's elsewhere.
 # `splitk` (KUBELLM_FP8_SPLITK) lets a tuned route use the split-K kernel (off: W8A16 in its place).
 DISPATCH_MODES = ("fixed", "table", "tune")
-_dispatch: dict = {"mode": "table", "splitk": True}
+_dispatch: dict = {"mode": "fixed", "splitk": True}
 _tuned: dict[tuple, Route] = {}  # dispatch_key -> the route warm-up timing chose
 _route_cache: dict[tuple, Route] = {}
 
@@ -213,7 +213,7 @@ def _require_triton() -> None:
         raise RuntimeError("the FP8 GEMM kernels need Triton (`pip install triton`), which is not installed")
 
 
-def configure(mode: str = "table", splitk: bool = True) -> None:
+def configure(mode: str = "fixed", splitk: bool = True) -> None:
     """The engine's fp8_gemm and fp8_splitk settings (see DISPATCH_MODES); tuned routes are kept (set_tuned)."""
     if mode not in DISPATCH_MODES:
         raise ValueError(f"fp8 GEMM dispatch must be one of {', '.join(DISPATCH_MODES)}, got {mode!r}")

@@ -146,7 +146,7 @@ def test_bf16_input_routes_never_take_more_than_64_rows() -> None:
 
 
 def test_the_engine_setting_and_its_environment_variables(monkeypatch) -> None:
-    assert EngineConfig().fp8_gemm == "table" and EngineConfig().fp8_splitk is True
+    assert EngineConfig().fp8_gemm == "fixed" and EngineConfig().fp8_splitk is True  # until the gpu tests ran
     monkeypatch.setenv("KUBELLM_FP8_GEMM", "tune")
     monkeypatch.setenv("KUBELLM_FP8_SPLITK", "0")
     assert EngineConfig().fp8_gemm == "tune" and EngineConfig().fp8_splitk is False
