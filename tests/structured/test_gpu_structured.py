@@ -99,3 +99,53 @@ def test_engine_on_cuda_keeps_answers_valid_with_async_scheduling_and_graphs():
             free_tokens += c.token_ids
     assert sum(t >= 257 for t in free_tokens) > len(free_tokens) // 2, "free rows range over the whole vocabulary"
     engine.close()
+
+
+def test_grammar_prefetch_on_cuda_changes_no_answer_and_fills_ahead():
+    """KUBELLM_GRAMMAR_PREFETCH on the GPU path (async scheduling, CUDA graphs): the worker thread waits on the
+    sampled ids' copy event, advances the grammars and fills the next masks; every answer equals the engine's with
+    the switch off, and most masks come prefetched."""
+    from kubellm.engine.config import EngineConfig
+    from kubellm.engine.llm_engine import LLMEngine
+    from kubellm.engine.outputs import OutputAssembler
+    from kubellm.engine.random_model import SMOLLM2_135M, random_loaded_model
+    from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+    schema = {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 3}},
+        "required": ["items"],
+        "additionalProperties": False,
+    }
+    answers = {}
+    for prefetch in (False, True):
+        loaded = random_loaded_model(SMOLLM2_135M, torch.bfloat16, "cuda", seed=0, embed_std=0.2, name="random")
+        loaded.tokenizer_info = byte_level_tokenizer_info()
+        config = EngineConfig(
+            model="random", device="cuda", generation_config="vllm", max_model_len=1024, seed=0,
+            grammar_prefetch=prefetch,
+        )  # fmt: skip
+        engine = LLMEngine(config, loaded=loaded)
+        assert engine.async_scheduling and engine.grammar_prefetch is prefetch
+        for i in range(40):
+            params = SamplingParams(
+                temperature=0.0 if i % 3 == 0 else 1.0, seed=i, max_tokens=48, ignore_eos=True,
+                structured_outputs=StructuredOutputsParams(json=schema) if i % 4 else None,
+            )  # fmt: skip
+            engine.add_request(f"r{i}", [(5 * i + j) % 250 + 3 for j in range(24)], params)
+        whole = OutputAssembler()
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o for o in map(whole.add, engine.step()) if o.finished})
+        answers[prefetch] = {k: (o.outputs[0].token_ids, o.outputs[0].text) for k, o in outs.items()}
+        stats = engine.structured_outputs.fill_stats
+        if prefetch:
+            assert stats.prefetched_rows > stats.rows / 2, (stats.prefetched_rows, stats.rows)
+        engine.close()
+    assert answers[True] == answers[False]
+    for i in range(1, 40, 4):
+        text = answers[True][f"r{i}"][1]
+        assert text.startswith('{"items":["'), text  # (complete answers end early; the rest are cut at 48 tokens)
+        if text.endswith("}"):
+            answer = json.loads(text)
+            assert len(answer["items"]) >= 3 and all(len(s) <= 8 for s in answer["items"]), answer
