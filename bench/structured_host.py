@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     manager = llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=args.threads)
     single = LLGuidanceBackend(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=1)
     cpus = available_cpus()
-    pool = args.threads or max(1, min(32, cpus * 80 // 100))  # llguidance's default, as it counts CPUs
+    pool = manager.backend.num_threads
     result: dict[str, Any] = {
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": f"CPU {platform.processor() or platform.machine()}, {cpus} usable cores (os.cpu_count "
