@@ -154,36 +154,41 @@ def cpu_facts() -> dict[str, Any]:
 
 
 def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]:
-    """The pool's speed-up on the costliest state of the benchmark schema (a string just opened): `rows` copies of
-    one matcher filled through one thread, then through the manager's pool; best of `repeats`, fresh copies each
-    time (a copy would answer a second fill from its cache)."""
+    """The pool's speed-up on the costliest state of the benchmark schema (a string just opened): `rows` matchers
+    made as the engine makes them (manager.new_matcher), advanced over the opening, then copied afresh for each fill
+    (a matcher would answer a second fill from its cache): through one thread, then through the manager's pool;
+    best of `repeats`."""
     import llguidance
 
     from kubellm.engine.sampling_params import StructuredOutputsParams
     from kubellm.engine.token_bitmask import bitmask_words
 
     backend = manager.backend
-    start = manager.new_matcher(StructuredOutputsParams(json=SCHEMA))
-    for t in backend.tokenizer.tokenize_str('{"items":["'):
-        if not start.accept_token(t):
-            raise RuntimeError("the benchmark schema refused its own opening")
+    spec = StructuredOutputsParams(json=SCHEMA)
+    opening = backend.tokenizer.tokenize_str('{"items":["')
+    matchers = [manager.new_matcher(spec) for _ in range(rows)]
+    for m in matchers:
+        for t in opening:
+            if not m.accept_token(t):
+                raise RuntimeError("the benchmark schema refused its own opening")
     one = llguidance.LLExecutor(1)
     words = np.full((rows, bitmask_words(SMOLLM2_VOCAB)), -1, np.int32)
     times: dict[str, list[float]] = {"one": [], "pool": []}
     for _ in range(repeats):
         for name in ("one", "pool"):
-            copies = [start.matcher.deep_copy() for _ in range(rows)]
+            copies = [type(m)(m.matcher.deep_copy()) for m in matchers]
             t0 = time.perf_counter()
             if name == "one":
-                one.unsafe_compute_mask_ptr([(c, j) for j, c in enumerate(copies)], words.ctypes.data,
+                one.unsafe_compute_mask_ptr([(c.matcher, j) for j, c in enumerate(copies)], words.ctypes.data,
                                             words.shape[1] * 4, rows)  # fmt: skip
             else:
-                backend.fill_bitmask([(type(start)(c), j) for j, c in enumerate(copies)], words)
+                backend.fill_bitmask([(c, j) for j, c in enumerate(copies)], words)
             times[name].append(time.perf_counter() - t0)
     one_ms, pool_ms = 1e3 * min(times["one"]), 1e3 * min(times["pool"])
     return {
-        "rows": rows, "pool_threads": backend.num_threads, "one_thread_ms": one_ms, "pool_ms": pool_ms,
-        "speedup": one_ms / pool_ms if pool_ms > 0 else None, **cpu_facts(),
+        "rows": rows, "pool_threads": backend.num_threads, "roots": getattr(backend, "num_roots", 1),
+        "one_thread_ms": one_ms, "pool_ms": pool_ms, "speedup": one_ms / pool_ms if pool_ms > 0 else None,
+        **cpu_facts(),
     }  # fmt: skip
 
 
@@ -256,7 +261,8 @@ def probe_line(probe: dict[str, Any] | None) -> str:
         return "Fill probe: not run."
     return (
         f"Fill probe (the benchmark schema's costliest state, a string just opened, {probe['rows']} rows): one thread "
-        f"{probe['one_thread_ms']:.2f} ms, the pool of {probe['pool_threads']} {probe['pool_ms']:.2f} ms, "
+        f"{probe['one_thread_ms']:.2f} ms, the pool of {probe['pool_threads']} over {probe.get('roots', 1)} root "
+        f"matcher(s) {probe['pool_ms']:.2f} ms, "
         f"{probe['speedup']:.2f}x; CPUs: os {probe['os_cpu_count']}, affinity {probe['affinity']}, cgroup cpu.max "
         f"'{probe['cgroup_cpu_max']}', usable {probe['usable_cpus']}, RAYON_NUM_THREADS {probe['RAYON_NUM_THREADS']}."
     )

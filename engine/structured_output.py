@@ -89,14 +89,33 @@ class _LLGuidanceMatcher:
         return bool(self.matcher.is_stopped())
 
 
-@dataclass(frozen=True)
 class _LLGuidanceGrammar:
-    """A compiled grammar: a matcher in its start state that every sequence copies."""
+    """A compiled grammar: matchers in its start state ("roots") that sequences copy, one root per fill thread,
+    taken in turn. Copies of one llguidance matcher compute their masks one at a time (seen with llguidance 1.9.1: two
+    threads filling copies of one root take as long as one thread, copies of two independently built roots halve
+    it), so a batch whose rows all copied one root filled its masks serially whatever the pool's size. Round-robin
+    roots put neighbouring rows, which the pool's threads take in contiguous runs, on different roots. A root costs
+    a grammar build (~0.5-1.5 ms), made when first needed."""
 
-    template: Any
+    def __init__(self, root: Any, build: Callable[[], Any], num_roots: int):
+        self._roots = [root]
+        self._build = build
+        self.num_roots = max(1, num_roots)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def roots_built(self) -> int:
+        return len(self._roots)
 
     def new_matcher(self) -> _LLGuidanceMatcher:
-        return _LLGuidanceMatcher(self.template.deep_copy())
+        with self._lock:
+            i = self._next % self.num_roots
+            self._next += 1
+            if i == len(self._roots):
+                self._roots.append(self._build())
+            root = self._roots[i]
+        return _LLGuidanceMatcher(root.deep_copy())
 
 
 class LLGuidanceBackend:
@@ -117,6 +136,7 @@ class LLGuidanceBackend:
 
             num_threads = min(32, available_cpus())
         self.num_threads = num_threads
+        self.num_roots = num_threads  # independently built start matchers per grammar (see _LLGuidanceGrammar)
         self._executor = llguidance.LLExecutor(num_threads)
         logger.info("structured outputs: llguidance fills token masks on %d thread(s)", num_threads)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
@@ -144,10 +164,15 @@ class LLGuidanceBackend:
             raise GrammarError(f"invalid grammar: {e}") from None
 
     def compile(self, spec: StructuredOutputsParams) -> _LLGuidanceGrammar:
-        matcher = self._llg.LLMatcher(self.tokenizer, self.grammar_text(spec), log_level=0, limits=self._limits)
+        text = self.grammar_text(spec)
+
+        def build() -> Any:
+            return self._llg.LLMatcher(self.tokenizer, text, log_level=0, limits=self._limits)
+
+        matcher = build()
         if matcher.is_error():
             raise GrammarError(f"invalid {_KIND_NAMES[spec.kind]}: {_short(matcher.get_error())}")
-        return _LLGuidanceGrammar(matcher)
+        return _LLGuidanceGrammar(matcher, build, self.num_roots)
 
     def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
         if not matchers:

@@ -203,6 +203,26 @@ def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_positio
     assert np.array_equal(manager.bitmask([live], result).words, manager.bitmask([live]).words)
 
 
+def test_matchers_spread_over_independent_roots_that_agree(smollm2, tokenizer):
+    """Each grammar keeps one independently built start matcher per fill thread (copies of one llguidance matcher
+    fill their masks one at a time); sequences copy them in turn, the roots built only when first needed, and
+    every copy follows the grammar alike."""
+    manager = llguidance_manager(smollm2.tokenizer_info.tokenizer_json, VOCAB, [EOS], num_threads=3)
+    assert manager.backend.num_roots == 3
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
+    grammar = manager.compile(spec)
+    assert grammar.roots_built == 1
+    matchers = [manager.new_matcher(spec) for _ in range(7)]
+    assert grammar.roots_built == 3
+    text = tokenizer.encode('{"a":"xy').ids
+    for m in matchers:
+        for t in text:
+            assert m.accept_token(t)
+    mask = manager.bitmask(matchers)
+    assert all(np.array_equal(mask.words[0], row) for row in mask.words[1:])
+    assert EOS not in set(mask.allowed(0, VOCAB).tolist())
+
+
 def test_a_failing_token_source_surfaces_on_the_engine_thread(manager):
     def broken() -> list[int]:
         raise RuntimeError("tensor-parallel step failed")
