@@ -173,10 +173,13 @@ def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]
                 raise RuntimeError("the benchmark schema refused its own opening")
     one = llguidance.LLExecutor(1)
     words = np.full((rows, bitmask_words(SMOLLM2_VOCAB)), -1, np.int32)
-    times: dict[str, list[float]] = {"one": [], "pool": []}
+    times: dict[str, list[float]] = {"one": [], "pool": [], "pool_one_root": []}
     for _ in range(repeats):
-        for name in ("one", "pool"):
-            copies = [type(m)(m.matcher.deep_copy()) for m in matchers]
+        for name in times:
+            if name == "pool_one_root":  # every row a copy of the first (as before the roots: one lineage)
+                copies = [type(m)(matchers[0].matcher.deep_copy()) for m in matchers]
+            else:
+                copies = [type(m)(m.matcher.deep_copy()) for m in matchers]
             t0 = time.perf_counter()
             if name == "one":
                 one.unsafe_compute_mask_ptr([(c.matcher, j) for j, c in enumerate(copies)], words.ctypes.data,
@@ -184,10 +187,11 @@ def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]
             else:
                 backend.fill_bitmask([(c, j) for j, c in enumerate(copies)], words)
             times[name].append(time.perf_counter() - t0)
-    one_ms, pool_ms = 1e3 * min(times["one"]), 1e3 * min(times["pool"])
+    one_ms, pool_ms, lineage_ms = (1e3 * min(times[k]) for k in ("one", "pool", "pool_one_root"))
     return {
         "rows": rows, "pool_threads": backend.num_threads, "roots": getattr(backend, "num_roots", 1),
         "one_thread_ms": one_ms, "pool_ms": pool_ms, "speedup": one_ms / pool_ms if pool_ms > 0 else None,
+        "pool_one_root_ms": lineage_ms, "speedup_one_root": one_ms / lineage_ms if lineage_ms > 0 else None,
         **cpu_facts(),
     }  # fmt: skip
 
@@ -262,8 +266,9 @@ def probe_line(probe: dict[str, Any] | None) -> str:
     return (
         f"Fill probe (the benchmark schema's costliest state, a string just opened, {probe['rows']} rows): one thread "
         f"{probe['one_thread_ms']:.2f} ms, the pool of {probe['pool_threads']} over {probe.get('roots', 1)} root "
-        f"matcher(s) {probe['pool_ms']:.2f} ms, "
-        f"{probe['speedup']:.2f}x; CPUs: os {probe['os_cpu_count']}, affinity {probe['affinity']}, cgroup cpu.max "
+        f"matcher(s) {probe['pool_ms']:.2f} ms ({probe['speedup']:.2f}x), the pool over copies of one matcher "
+        f"{probe.get('pool_one_root_ms', float('nan')):.2f} ms ({probe.get('speedup_one_root') or float('nan'):.2f}x); "
+        f"CPUs: os {probe['os_cpu_count']}, affinity {probe['affinity']}, cgroup cpu.max "
         f"'{probe['cgroup_cpu_max']}', usable {probe['usable_cpus']}, RAYON_NUM_THREADS {probe['RAYON_NUM_THREADS']}."
     )
 

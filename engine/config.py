@@ -163,6 +163,11 @@ class EngineConfig:
         help="structured outputs: threads filling token masks in parallel over rows (0: one per CPU the process may "
         "use, at most 32)",
     )  # fmt: skip
+    grammar_roots: int = env_option(
+        "KUBELLM_GRAMMAR_ROOTS", int, 0,
+        help="structured outputs: independently built start matchers per grammar that requests copy in turn (copies "
+        "of one llguidance matcher fill their masks one at a time; 0: one per fill thread; 1: a single one)",
+    )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,
         help="CUDA, tensor parallel: a Triton GEMV for few-row weight products (off: cuBLAS)",
@@ -241,6 +246,7 @@ class EngineConfig:
             "long_prefill_token_threshold": self.long_prefill_token_threshold >= 0,
             "num_threads": self.num_threads >= 0,
             "grammar_threads": self.grammar_threads >= 0,
+            "grammar_roots": self.grammar_roots >= 0,
             "mla_upproject_min_tokens": self.mla_upproject_min_tokens >= 0,
             "mla_upproject_max_context_tokens": self.mla_upproject_max_context_tokens is None
             or self.mla_upproject_max_context_tokens >= 1,

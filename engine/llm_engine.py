@@ -162,6 +162,7 @@ class LLMEngine:
             self.model_config.vocab_size,
             sorted(self.eos_token_ids),
             num_threads=config.grammar_threads,
+            num_roots=config.grammar_roots,
         )
         self.async_scheduling = self._resolve_async_scheduling(config)
         # KUBELLM_GRAMMAR_PREFETCH: under async scheduling, a worker thread feeds each step's tokens to the grammars

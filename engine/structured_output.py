@@ -122,8 +122,16 @@ class LLGuidanceBackend:
     """llguidance over the model's own tokenizer (its tokenizer.json) and vocabulary size (the LM head's rows,
     which may exceed the tokenizer's: those ids are never allowed)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], num_threads: int = 0):
-        """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32)."""
+    def __init__(
+        self,
+        tokenizer_json: str,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        num_threads: int = 0,
+        num_roots: int = 0,
+    ):
+        """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32); `num_roots`: start
+        matchers per grammar (0: one per fill thread)."""
         import llguidance
 
         self._llg = llguidance
@@ -136,7 +144,7 @@ class LLGuidanceBackend:
 
             num_threads = min(32, available_cpus())
         self.num_threads = num_threads
-        self.num_roots = num_threads  # independently built start matchers per grammar (see _LLGuidanceGrammar)
+        self.num_roots = num_roots or num_threads  # independently built start matchers per grammar (_LLGuidanceGrammar)
         self._executor = llguidance.LLExecutor(num_threads)
         logger.info("structured outputs: llguidance fills token masks on %d thread(s)", num_threads)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
@@ -443,10 +451,15 @@ class MaskPrefetcher:
 
 
 def llguidance_manager(
-    tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], num_threads: int = 0, **kwargs: Any
+    tokenizer_json: str,
+    vocab_size: int,
+    eos_token_ids: Sequence[int],
+    num_threads: int = 0,
+    num_roots: int = 0,
+    **kwargs: Any,
 ) -> StructuredOutputManager:
-    """The manager an engine uses: llguidance over the model's tokenizer (`num_threads`: the fill's pool, 0 its
-    default)."""
+    """The manager an engine uses: llguidance over the model's tokenizer (`num_threads`: the fill's pool, 0: one per
+    usable CPU; `num_roots`: start matchers per grammar, 0: one per fill thread)."""
     return StructuredOutputManager(
-        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads), **kwargs
+        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads, num_roots), **kwargs
     )
