@@ -91,11 +91,12 @@ class _LLGuidanceMatcher:
 
 class _LLGuidanceGrammar:
     """A compiled grammar: matchers in its start state ("roots") that sequences copy, one root per fill thread,
-    taken in turn. Copies of one llguidance matcher compute their masks one at a time (seen with llguidance 1.9.1: two
-    threads filling copies of one root take as long as one thread, copies of two independently built roots halve
-    it), so a batch whose rows all copied one root filled its masks serially whatever the pool's size. Round-robin
-    roots put neighbouring rows, which the pool's threads take in contiguous runs, on different roots. A root costs
-    a grammar build (~0.5-1.5 ms), made when first needed."""
+    taken in turn. In some runs on a shared 2-core machine (llguidance 1.9.1), copies of one matcher computed their
+    masks one at a time (two threads as slow as one; copies of two independently built roots nearly halved it;
+    later runs there showed no speed-up either way, CPU-starved), which would make a batch whose rows all copy one
+    root fill serially whatever the pool's size. Round-robin roots put neighbouring rows, which the pool's threads
+    take in contiguous runs, on different roots. A root costs a grammar build (~0.5-1.5 ms), made when first
+    needed."""
 
     def __init__(self, root: Any, build: Callable[[], Any], num_roots: int):
         self._roots = [root]
