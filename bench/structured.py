@@ -57,35 +57,30 @@ SCHEMA = {
     "required": ["items"],
     "additionalProperties": False,
 }
-TYPICAL_SCHEMA = {
+AGENT_CALL_SCHEMA = {  # one call of a tool-using agent: what such an agent typically asks for
     "type": "object",
     "properties": {
-        "calls": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "action": {"enum": ["search", "open_url", "run_code", "reply"]},
-                    "query": {"type": "string"},
-                    "limits": {
-                        "type": "object",
-                        "properties": {
-                            "max_results": {"type": "integer", "minimum": 1, "maximum": 50},
-                            "timeout_s": {"type": "number", "minimum": 0, "maximum": 600},
-                        },
-                        "required": ["max_results"],
-                        "additionalProperties": False,
-                    },
-                    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-                    "lang": {"type": "string", "pattern": "^[a-z]{2}$"},
-                    "confidence": {"type": "number"},
-                },
-                "required": ["action", "query", "limits"],
-                "additionalProperties": False,
+        "action": {"enum": ["search", "open_url", "run_code", "reply"]},
+        "query": {"type": "string"},
+        "limits": {
+            "type": "object",
+            "properties": {
+                "max_results": {"type": "integer", "minimum": 1, "maximum": 50},
+                "timeout_s": {"type": "number", "minimum": 0, "maximum": 600},
             },
-            "minItems": 100,
-        }
+            "required": ["max_results"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+        "lang": {"type": "string", "pattern": "^[a-z]{2}$"},
+        "confidence": {"type": "number"},
     },
+    "required": ["action", "query", "limits"],
+    "additionalProperties": False,
+}
+TYPICAL_SCHEMA = {
+    "type": "object",
+    "properties": {"calls": {"type": "array", "items": AGENT_CALL_SCHEMA, "minItems": 100}},
     "required": ["calls"],
     "additionalProperties": False,
 }

@@ -39,33 +39,13 @@ from typing import Any
 import numpy as np
 
 from bench.result_files import git_commit
-from bench.structured import PROMPT_LEN, SCHEMA, SMOLLM2_VOCAB, parse_batches, read_tokenizer_json
+from bench.structured import AGENT_CALL_SCHEMA, PROMPT_LEN, SCHEMA, SMOLLM2_VOCAB, parse_batches, read_tokenizer_json
 
 SCHEMA_NO_MAXLENGTH = {
     **SCHEMA,
     "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 200}},
 }
-AGENT_SCHEMA = {  # what a tool-using agent typically asks for
-    "type": "object",
-    "properties": {
-        "action": {"enum": ["search", "open_url", "run_code", "reply"]},
-        "query": {"type": "string"},
-        "limits": {
-            "type": "object",
-            "properties": {
-                "max_results": {"type": "integer", "minimum": 1, "maximum": 50},
-                "timeout_s": {"type": "number", "minimum": 0, "maximum": 600},
-            },
-            "required": ["max_results"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-        "lang": {"type": "string", "pattern": "^[a-z]{2}$"},
-        "confidence": {"type": "number"},
-    },
-    "required": ["action", "query", "limits"],
-    "additionalProperties": False,
-}
+AGENT_SCHEMA = AGENT_CALL_SCHEMA  # what a tool-using agent typically asks for
 SCHEMAS = {
     "bench (maxLength 8, minItems 200)": SCHEMA,
     "bench without maxLength": SCHEMA_NO_MAXLENGTH,
