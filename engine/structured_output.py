@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 MAX_SOURCE_BYTES = 64 * 1024  # a schema, regex or grammar longer than this is refused (400) before compiling
 CACHE_SIZE = 512  # compiled grammars kept, least recently used dropped first
 MAX_ERROR_CHARS = 600  # llguidance's messages can quote a whole grammar
+# A grammar whose first build took longer than this keeps that one root (see _LLGuidanceGrammar): its extra roots
+# would each be a full build on the engine thread (add_request), after the server compiled it off that thread. Small
+# schemas build in ~0.5-1.5 ms; one of MAX_SOURCE_BYTES in tens of ms, which 31 extra roots would turn into a second
+# or more of engine-thread stalls, one every request, for its first 32 requests.
+ROOT_BUILD_MAX_S = 0.005
 
 
 class GrammarError(ValueError):
@@ -96,7 +101,8 @@ class _LLGuidanceGrammar:
     later runs there showed no speed-up either way, CPU-starved), which would make a batch whose rows all copy one
     root fill serially whatever the pool's size. Round-robin roots put neighbouring rows, which the pool's threads
     take in contiguous runs, on different roots. A root costs a grammar build (~0.5-1.5 ms), made when first
-    needed."""
+    needed, on the thread that asks for a matcher (the engine's): a grammar slower to build than ROOT_BUILD_MAX_S
+    keeps one root."""
 
     def __init__(self, root: Any, build: Callable[[], Any], num_roots: int):
         self._roots = [root]
@@ -130,9 +136,11 @@ class LLGuidanceBackend:
         eos_token_ids: Sequence[int],
         num_threads: int = 0,
         num_roots: int = 0,
+        root_build_max_s: float = ROOT_BUILD_MAX_S,
     ):
         """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32); `num_roots`: start
-        matchers per grammar (0: one per fill thread)."""
+        matchers per grammar (0: one per fill thread); `root_build_max_s`: a grammar whose first build took longer
+        keeps one root (_LLGuidanceGrammar)."""
         import llguidance
 
         self._llg = llguidance
@@ -146,6 +154,7 @@ class LLGuidanceBackend:
             num_threads = min(32, available_cpus())
         self.num_threads = num_threads
         self.num_roots = num_roots or num_threads  # independently built start matchers per grammar (_LLGuidanceGrammar)
+        self.root_build_max_s = root_build_max_s
         self._executor = llguidance.LLExecutor(num_threads)
         logger.info("structured outputs: llguidance fills token masks on %d thread(s)", num_threads)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
@@ -178,10 +187,12 @@ class LLGuidanceBackend:
         def build() -> Any:
             return self._llg.LLMatcher(self.tokenizer, text, log_level=0, limits=self._limits)
 
+        start = time.perf_counter()
         matcher = build()
+        seconds = time.perf_counter() - start
         if matcher.is_error():
             raise GrammarError(f"invalid {_KIND_NAMES[spec.kind]}: {_short(matcher.get_error())}")
-        return _LLGuidanceGrammar(matcher, build, self.num_roots)
+        return _LLGuidanceGrammar(matcher, build, self.num_roots if seconds <= self.root_build_max_s else 1)
 
     def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
         if not matchers:
@@ -457,10 +468,13 @@ def llguidance_manager(
     eos_token_ids: Sequence[int],
     num_threads: int = 0,
     num_roots: int = 0,
+    root_build_max_s: float = ROOT_BUILD_MAX_S,
     **kwargs: Any,
 ) -> StructuredOutputManager:
     """The manager an engine uses: llguidance over the model's tokenizer (`num_threads`: the fill's pool, 0: one per
-    usable CPU; `num_roots`: start matchers per grammar, 0: one per fill thread)."""
+    usable CPU; `num_roots`: start matchers per grammar, 0: one per fill thread; `root_build_max_s`:
+    LLGuidanceBackend's)."""
     return StructuredOutputManager(
-        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads, num_roots), **kwargs
+        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads, num_roots, root_build_max_s),
+        **kwargs,
     )

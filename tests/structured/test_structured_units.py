@@ -4,6 +4,7 @@ the real SmolLM2 tokenizer), and the bitmask applied to logits and in the sample
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from tokenizers import Tokenizer
 from kubellm.engine.sampler import Sampler, SamplingState
 from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from kubellm.engine.structured_output import (
+    MAX_SOURCE_BYTES,
     GrammarError,
     GrammarRow,
     LLGuidanceBackend,
@@ -207,7 +209,9 @@ def test_matchers_spread_over_independent_roots_that_agree(smollm2, tokenizer):
     """Each grammar keeps one independently built start matcher per fill thread (copies of one llguidance matcher
     fill their masks one at a time); sequences copy them in turn, the roots built only when first needed, and
     every copy follows the grammar alike."""
-    manager = llguidance_manager(smollm2.tokenizer_info.tokenizer_json, VOCAB, [EOS], num_threads=3)
+    manager = llguidance_manager(
+        smollm2.tokenizer_info.tokenizer_json, VOCAB, [EOS], num_threads=3, root_build_max_s=math.inf
+    )  # (no bound on a root's build: a loaded machine must not change what this test sees)
     assert manager.backend.num_roots == 3
     spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
     grammar = manager.compile(spec)
@@ -221,6 +225,49 @@ def test_matchers_spread_over_independent_roots_that_agree(smollm2, tokenizer):
     mask = manager.bitmask(matchers)
     assert all(np.array_equal(mask.words[0], row) for row in mask.words[1:])
     assert EOS not in set(mask.allowed(0, VOCAB).tolist())
+
+
+def _max_size_schema() -> dict:
+    """A JSON schema just under MAX_SOURCE_BYTES: 300 required objects of a patterned string and an enum (a build
+    of it takes tens of ms, where a small schema's takes about one)."""
+    props = {
+        f"field_{j}": {
+            "type": "object",
+            "properties": {
+                "x": {"type": "string", "pattern": f"^[a-z]{{{j % 5 + 1},{j % 9 + 20}}}-[0-9]{{{j % 4 + 1},12}}$"},
+                "y": {"enum": [f"v{j}_{i}" for i in range(6)]},
+            },
+            "required": ["x", "y"],
+        }
+        for j in range(300)
+    }
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+def test_a_grammar_slow_to_build_keeps_one_root(smollm2, tokenizer):
+    """Extra roots are built on the engine thread (add_request's new_matcher), one full grammar build each, after the
+    server compiled the grammar off it under its time limit: a grammar whose build took longer than the bound keeps
+    the one root it has (copies of it, as before the roots), so the engine thread never rebuilds a slow grammar."""
+    tj = smollm2.tokenizer_info.tokenizer_json
+    never = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, root_build_max_s=0.0)  # every build is over 0 s
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
+    grammar = never.compile(spec)
+    matchers = [never.new_matcher(spec) for _ in range(5)]
+    assert grammar.roots_built == 1
+    for m in matchers:
+        for t in tokenizer.encode('{"a":"xy').ids:
+            assert m.accept_token(t)
+    mask = never.bitmask(matchers)
+    assert all(np.array_equal(mask.words[0], row) for row in mask.words[1:])
+    assert EOS not in set(mask.allowed(0, VOCAB).tolist())
+
+    default = llguidance_manager(tj, VOCAB, [EOS], num_threads=3)  # the engine's bound
+    big = StructuredOutputsParams(json=_max_size_schema())
+    assert len(big.source.encode()) <= MAX_SOURCE_BYTES
+    slow = default.compile(big)
+    for _ in range(4):
+        default.new_matcher(big)
+    assert slow.roots_built == 1, "a schema of the largest size accepted is not built again on the engine thread"
 
 
 def test_a_failing_token_source_surfaces_on_the_engine_thread(manager):
