@@ -5,8 +5,8 @@ Why FP8: on Hopper it halves the weight bytes a decode step reads and doubles th
 
 Paths of `fp8_linear` (x [M, K] bf16/fp16):
   - CPU (or no FP8-capable GPU): `fp8_linear_reference`, the weight dequantized and multiplied in float32.
-Which path a product takes is `plan_route`'s choice (the engine's KUBELLM_FP8_GEMM: "fixed" is the list below;
-"table", the default, the measured-best route per weight format, shape class and M bucket of models/fp8_dispatch.py;
+Which path a product takes is `plan_route`'s choice (the engine's KUBELLM_FP8_GEMM: "fixed", the default, is the
+list below; "table" the measured-best route per weight format, shape class and M bucket of models/fp8_dispatch.py;
 "tune" the routes timed at warm-up by models/fp8_tune.py). Routes: W8A16 or the split-K kernel (bf16 rows), or an
 input quantization (per tensor, per token, per group) then _scaled_mm or the Triton W8A8 kernel.
   - CUDA, M <= GEMV_MAX_ROWS: `_w8a16_kernel`, a weight-streaming kernel that reads FP8 weights, dequantizes
