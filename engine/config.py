@@ -166,7 +166,8 @@ class EngineConfig:
     grammar_roots: int = env_option(
         "KUBELLM_GRAMMAR_ROOTS", int, 0,
         help="structured outputs: independently built start matchers per grammar that requests copy in turn (copies "
-        "of one llguidance matcher fill their masks one at a time; 0: one per fill thread; 1: a single one)",
+        "of one llguidance matcher fill their masks one at a time; 0: one per fill thread; 1: a single one). A "
+        "grammar whose first build took over 5 ms keeps one (the others would be built on the engine thread)",
     )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,
