@@ -135,7 +135,7 @@ def test_async_scheduling_chunked_prefill_and_preemption_equal_synchronous(smoll
 
 
 def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
-    """Async scheduling with the prefetcher (the default) and without it (KUBELLM_GRAMMAR_PREFETCH=0) give the same
+    """Async scheduling with the prefetcher (KUBELLM_GRAMMAR_PREFETCH=1; off by default) and without it give the same
     tokens; with it, the masks of running constrained rows come filled ahead."""
     spec = StructuredOutputsParams(json=PERSON)
     reqs = []
