@@ -164,10 +164,10 @@ class EngineConfig:
         "use, at most 32)",
     )  # fmt: skip
     grammar_roots: int = env_option(
-        "KUBELLM_GRAMMAR_ROOTS", int, 0,
-        help="structured outputs: independently built start matchers per grammar that requests copy in turn (copies "
-        "of one llguidance matcher fill their masks one at a time; 0: one per fill thread; 1: a single one). A "
-        "grammar whose first build took over 5 ms keeps one (the others would be built on the engine thread)",
+        "KUBELLM_GRAMMAR_ROOTS", int, 1,
+        help="structured outputs: independently built start matchers per grammar that requests copy in turn (1, the "
+        "default: one; 0: one per fill thread, in case copies of one llguidance matcher fill their masks one at a "
+        "time). A grammar whose first build took over 5 ms keeps one (the others would be built on the engine thread)",
     )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,

@@ -102,7 +102,9 @@ class _LLGuidanceGrammar:
     root fill serially whatever the pool's size. Round-robin roots put neighbouring rows, which the pool's threads
     take in contiguous runs, on different roots. A root costs a grammar build (~0.5-1.5 ms), made when first
     needed, on the thread that asks for a matcher (the engine's): a grammar slower to build than ROOT_BUILD_MAX_S
-    keeps one root."""
+    keeps one root. One root by default: the pool's worker threads, timed through the kernel's scheduler statistics
+    on copies of one matcher, waited only for CPU, never asleep on a lock (KUBELLM_GRAMMAR_ROOTS=0 for one per
+    thread; the GPU run's fill probe times both)."""
 
     def __init__(self, root: Any, build: Callable[[], Any], num_roots: int):
         self._roots = [root]
@@ -135,7 +137,7 @@ class LLGuidanceBackend:
         vocab_size: int,
         eos_token_ids: Sequence[int],
         num_threads: int = 0,
-        num_roots: int = 0,
+        num_roots: int = 1,
         root_build_max_s: float = ROOT_BUILD_MAX_S,
     ):
         """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32); `num_roots`: start
@@ -467,7 +469,7 @@ def llguidance_manager(
     vocab_size: int,
     eos_token_ids: Sequence[int],
     num_threads: int = 0,
-    num_roots: int = 0,
+    num_roots: int = 1,
     root_build_max_s: float = ROOT_BUILD_MAX_S,
     **kwargs: Any,
 ) -> StructuredOutputManager:

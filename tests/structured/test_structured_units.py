@@ -206,13 +206,15 @@ def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_positio
 
 
 def test_matchers_spread_over_independent_roots_that_agree(smollm2, tokenizer):
-    """Each grammar keeps one independently built start matcher per fill thread (copies of one llguidance matcher
-    fill their masks one at a time); sequences copy them in turn, the roots built only when first needed, and
-    every copy follows the grammar alike."""
+    """With KUBELLM_GRAMMAR_ROOTS=0 each grammar keeps one independently built start matcher per fill thread;
+    sequences copy them in turn, the roots built only when first needed, and every copy follows the grammar alike.
+    The default keeps one."""
+    tj = smollm2.tokenizer_info.tokenizer_json
+    assert llguidance_manager(tj, VOCAB, [EOS], num_threads=3).backend.num_roots == 1
     manager = llguidance_manager(
-        smollm2.tokenizer_info.tokenizer_json, VOCAB, [EOS], num_threads=3, root_build_max_s=math.inf
+        tj, VOCAB, [EOS], num_threads=3, num_roots=0, root_build_max_s=math.inf
     )  # (no bound on a root's build: a loaded machine must not change what this test sees)
-    assert manager.backend.num_roots == 3
+    assert manager.backend.num_roots == 3, "0: one root per fill thread"
     spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
     grammar = manager.compile(spec)
     assert grammar.roots_built == 1
@@ -249,7 +251,7 @@ def test_a_grammar_slow_to_build_keeps_one_root(smollm2, tokenizer):
     server compiled the grammar off it under its time limit: a grammar whose build took longer than the bound keeps
     the one root it has (copies of it, as before the roots), so the engine thread never rebuilds a slow grammar."""
     tj = smollm2.tokenizer_info.tokenizer_json
-    never = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, root_build_max_s=0.0)  # every build is over 0 s
+    never = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, num_roots=0, root_build_max_s=0.0)  # all over 0 s
     spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
     grammar = never.compile(spec)
     matchers = [never.new_matcher(spec) for _ in range(5)]
@@ -261,7 +263,7 @@ def test_a_grammar_slow_to_build_keeps_one_root(smollm2, tokenizer):
     assert all(np.array_equal(mask.words[0], row) for row in mask.words[1:])
     assert EOS not in set(mask.allowed(0, VOCAB).tolist())
 
-    default = llguidance_manager(tj, VOCAB, [EOS], num_threads=3)  # the engine's bound
+    default = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, num_roots=0)  # the engine's bound
     big = StructuredOutputsParams(json=_max_size_schema())
     assert len(big.source.encode()) <= MAX_SOURCE_BYTES
     slow = default.compile(big)
