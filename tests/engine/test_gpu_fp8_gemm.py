@@ -158,10 +158,12 @@ def table_dispatch():
 # ---- GEMMs ----
 
 
+@pytest.mark.parametrize("dispatch", ["fixed", "table"])  # the engine's default, and the measured-best routes
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layer", list(LLAMA_8B))
-def test_fp8_linear_matches_dequantized_matmul_on_llama_8b_shapes(layer: str, fmt: str) -> None:
+def test_fp8_linear_matches_dequantized_matmul_on_llama_8b_shapes(layer: str, fmt: str, dispatch: str) -> None:
     fp8_gemm, _, _ = modules()
+    fp8_gemm.configure(dispatch, True)  # the autouse fixture restores the mode it found
     k, n = LLAMA_8B[layer]
     q, s, block, deq = make_weight(n, k, fmt, seed=n + k)
     deq_bf16 = deq.to(torch.bfloat16)
@@ -170,7 +172,7 @@ def test_fp8_linear_matches_dequantized_matmul_on_llama_8b_shapes(layer: str, fm
         x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
         got = fp8_gemm.fp8_linear(x, q, s, block_size=block)
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
-        what = f"{layer} {fmt} M={m}"
+        what = f"{layer} {fmt} M={m} ({dispatch})"
         assert rel(got, x @ deq_bf16.t()) < FP8_TOL, f"{what}: vs bf16 dequantized matmul {rel(got, x @ deq_bf16.t())}"
         exact = exact_product(x, deq, route_input(fp8_gemm, fmt, block, m, n, k))
         assert rel(got, exact) < EXACT_TOL and worst_row(got, exact) < ROW_TOL, (
