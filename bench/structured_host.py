@@ -6,9 +6,11 @@
 Part 1, the grammar work of one decode step, per schema and batch B: B matchers, each driven through warm-up + steps
 decode steps by a token drawn uniformly (seeded) from its own mask, which is what a random model's greedy pick under
 the mask amounts to (bench/structured.py's model is random). Timed per step: the fill of the B masks through
-llguidance's thread pool (--threads; 0: the engine's default, one thread per usable CPU) and, for the
-pool's speed-up, through a pool of one thread on copies of the same matchers (filled first: llguidance would answer
-a second fill of one matcher from its cache), the B accepts, and the mask applied to float32 logits [B, 49152] on
+llguidance's thread pool (--threads; 0: the engine's default, one thread per usable CPU) with the rows spread over
+their grammar's lineages (the engine's default), through the same pool with every row on one lineage
+(KUBELLM_GRAMMAR_ROOTS=1, as before: llguidance's copies of one matcher fill one at a time), and, for the pool's
+speed-up, through a pool of one thread on copies of the same matchers (filled first: llguidance would answer a
+second fill of one matcher from its cache), the B accepts, and the mask applied to float32 logits [B, 49152] on
 the CPU. Schemas: the GPU benchmark's ({"items": [string maxLength 8, ...]} with minItems 200), the same without
 maxLength, and a typical agent schema (nested object, enum, integer and number ranges, a bounded array, a pattern,
 an optional key).
@@ -59,8 +61,12 @@ def _ms(seconds: list[float]) -> float:
     return 1e3 * statistics.mean(seconds) if seconds else float("nan")
 
 
-def grammar_step(manager: Any, single: Any, schema: dict[str, Any], batch: int, steps: int, seed: int) -> dict:
-    """Drive `batch` matchers of `schema` for WARMUP_STEPS + `steps` steps; mean ms per step of each part."""
+def grammar_step(
+    manager: Any, before: Any, single: Any, schema: dict[str, Any], batch: int, steps: int, seed: int
+) -> dict:
+    """Drive `batch` matchers of `schema` for WARMUP_STEPS + `steps` steps; mean ms per step of each part. `manager`
+    spreads the rows over lineages (the engine's default), `before` keeps one lineage per grammar
+    (KUBELLM_GRAMMAR_ROOTS=1, as before); both are driven by the same tokens."""
     import torch
 
     from kubellm.engine.sampling_params import StructuredOutputsParams
@@ -68,17 +74,22 @@ def grammar_step(manager: Any, single: Any, schema: dict[str, Any], batch: int, 
 
     spec = StructuredOutputsParams(json=schema)
     matchers = [manager.new_matcher(spec) for _ in range(batch)]
+    lineages = manager.compile(spec).settle(60.0)  # built before the first fill, as a running engine's are
+    same = [before.new_matcher(spec) for _ in range(batch)]
     rng = np.random.default_rng(seed)
     logits = torch.zeros(batch, SMOLLM2_VOCAB)
-    fill_pool, fill_one, accept, apply, allowed = [], [], [], [], []
+    fill_pool, fill_before, fill_one, accept, apply, allowed = [], [], [], [], [], []
     for step in range(WARMUP_STEPS + steps):
         # One thread first, on copies of the matchers (a copy filled after the original would find its mask in
-        # llguidance's cache), then the pool on the matchers themselves: both fill the same states.
-        copies = [type(m)(m.matcher.deep_copy()) for m in matchers]
+        # llguidance's cache), then the pool on the matchers themselves: all fill the same states.
+        copies = [m.copy() for m in matchers]
         words = np.full((batch, bitmask_words(SMOLLM2_VOCAB)), -1, np.int32)
         t0 = time.perf_counter()
         single.fill_bitmask([(c, j) for j, c in enumerate(copies)], words)
         one_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        before.bitmask(same)
+        before_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask = manager.bitmask(matchers)
         t1 = time.perf_counter()
@@ -94,21 +105,28 @@ def grammar_step(manager: Any, single: Any, schema: dict[str, Any], batch: int, 
             if t != EOS_ID and not m.is_terminated() and not m.accept_token(t):
                 raise RuntimeError(f"the grammar refused token {t} drawn from its own mask")
         t4 = time.perf_counter()
+        for m, t in zip(same, tokens, strict=True):
+            if t != EOS_ID and not m.is_terminated() and not m.accept_token(t):
+                raise RuntimeError(f"a one-lineage matcher refused token {t} that its twin accepted")
         logits.zero_()
         if step < WARMUP_STEPS:
             continue
         fill_pool.append(t1 - t0)
+        fill_before.append(before_s)
         fill_one.append(one_s)
         apply.append(t2 - t1)
         accept.append(t4 - t3)
         allowed.append(float(bits.sum()) / batch)
-    pool, one = _ms(fill_pool), _ms(fill_one)
+    pool, one, one_lineage = _ms(fill_pool), _ms(fill_one), _ms(fill_before)
     return {
         "batch": batch,
+        "lineages": lineages,
         "fill_ms": pool,
         "fill_ms_per_row": pool / batch,
         "fill_one_thread_ms": one,
         "parallel_speedup": one / pool if pool > 0 else None,
+        "fill_one_lineage_ms": one_lineage,
+        "one_lineage_speedup": one / one_lineage if one_lineage > 0 else None,
         "accept_ms": _ms(accept),
         "apply_ms": _ms(apply),
         "host_ms": pool + _ms(accept) + _ms(apply),
@@ -147,6 +165,7 @@ def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]
     spec = StructuredOutputsParams(json=SCHEMA)
     opening = backend.tokenizer.tokenize_str('{"items":["')
     matchers = [manager.new_matcher(spec) for _ in range(rows)]
+    manager.compile(spec).settle(60.0)
     for m in matchers:
         for t in opening:
             if not m.accept_token(t):
@@ -156,10 +175,8 @@ def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]
     times: dict[str, list[float]] = {"one": [], "pool": [], "pool_one_root": []}
     for _ in range(repeats):
         for name in times:
-            if name == "pool_one_root":  # every row a copy of the first (as before the roots: one lineage)
-                copies = [type(m)(matchers[0].matcher.deep_copy()) for m in matchers]
-            else:
-                copies = [type(m)(m.matcher.deep_copy()) for m in matchers]
+            # pool_one_root: every row a copy of the first (KUBELLM_GRAMMAR_ROOTS=1: one lineage)
+            copies = [(matchers[0] if name == "pool_one_root" else m).copy() for m in matchers]
             t0 = time.perf_counter()
             if name == "one":
                 one.unsafe_compute_mask_ptr([(c.matcher, j) for j, c in enumerate(copies)], words.ctypes.data,
@@ -170,7 +187,7 @@ def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]
     one_ms, pool_ms, lineage_ms = (1e3 * min(times[k]) for k in ("one", "pool", "pool_one_root"))
     return {
         "rows": rows, "pool_threads": backend.num_threads,
-        "roots": getattr(manager.compile(spec), "roots_built", 1),  # (built: a grammar slow to build keeps one)
+        "roots": len({id(m.lineage) for m in matchers}),  # lineages the rows are spread over
         "one_thread_ms": one_ms, "pool_ms": pool_ms, "speedup": one_ms / pool_ms if pool_ms > 0 else None,
         "pool_one_root_ms": lineage_ms, "speedup_one_root": one_ms / lineage_ms if lineage_ms > 0 else None,
         **cpu_facts(),
@@ -264,9 +281,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         probe_line(result.get("fill_probe")),
         "",
-        "| schema | batch | fill ms/step (pool) | fill ms/row | fill, 1 thread ms | pool speed-up | accept ms | "
-        "apply ms | host ms/step | mean allowed tokens | host ms vs same batch without maxLength |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| schema | batch | lineages | fill ms/step (pool) | fill ms/row | fill, 1 thread ms | pool speed-up | "
+        "fill, pool on one lineage (before) ms | its speed-up | accept ms | apply ms | host ms/step | "
+        "mean allowed tokens | host ms vs same batch without maxLength |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["batch"]: r for r in result["grammar"].get("bench without maxLength", [])}
     for name, rows in result["grammar"].items():
@@ -274,9 +292,11 @@ def markdown(result: dict[str, Any]) -> str:
             ref = base.get(r["batch"])
             ratio = f"{r['host_ms'] / ref['host_ms']:.1f}x" if ref and ref["host_ms"] > 0 else "-"
             speedup = f"{r['parallel_speedup']:.2f}x" if r["parallel_speedup"] else "-"
+            before = f"{r['one_lineage_speedup']:.2f}x" if r.get("one_lineage_speedup") else "-"
             lines.append(
-                f"| {name} | {r['batch']} | {r['fill_ms']:.2f} | {r['fill_ms_per_row']:.3f} | "
-                f"{r['fill_one_thread_ms']:.2f} | {speedup} | {r['accept_ms']:.3f} | {r['apply_ms']:.2f} | "
+                f"| {name} | {r['batch']} | {r.get('lineages', 1)} | {r['fill_ms']:.2f} | {r['fill_ms_per_row']:.3f} | "
+                f"{r['fill_one_thread_ms']:.2f} | {speedup} | {r.get('fill_one_lineage_ms', float('nan')):.2f} | "
+                f"{before} | {r['accept_ms']:.3f} | {r['apply_ms']:.2f} | "
                 f"{r['host_ms']:.2f} | {r['mean_allowed_tokens']:,.0f} | {ratio} |"
             )
     engine = result.get("engine") or []
@@ -325,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.now(UTC)
     manager = llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=args.threads)
+    before = llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=args.threads, num_roots=1)
     single = LLGuidanceBackend(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=1)
     cpus = available_cpus()
     pool = manager.backend.num_threads
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, schema in SCHEMAS.items():
         result["grammar"][name] = []
         for b in batches:
-            row = grammar_step(manager, single, schema, b, args.steps, seed=b)
+            row = grammar_step(manager, before, single, schema, b, args.steps, seed=b)
             result["grammar"][name].append(row)
             print(f"{name} B={b}: host {row['host_ms']:.2f} ms/step, fill {row['fill_ms_per_row']:.3f} ms/row",
                   flush=True)  # fmt: skip

@@ -164,10 +164,10 @@ class EngineConfig:
         "use, at most 32)",
     )  # fmt: skip
     grammar_roots: int = env_option(
-        "KUBELLM_GRAMMAR_ROOTS", int, 1,
-        help="structured outputs: independently built start matchers per grammar that requests copy in turn (1, the "
-        "default: one; 0: one per fill thread, in case copies of one llguidance matcher fill their masks one at a "
-        "time). A grammar whose first build took over 5 ms keeps one (the others would be built on the engine thread)",
+        "KUBELLM_GRAMMAR_ROOTS", int, 0,
+        help="structured outputs: the most independently built start matchers (lineages) per grammar, one per live "
+        "request up to this bound, built off the engine thread (0, the default: 4 per fill thread, at most 128; 1: "
+        "one, as before: llguidance's copies of one matcher share a lock that serialises their mask fills)",
     )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,

@@ -197,6 +197,9 @@ class LLMEngine:
         prefetcher = getattr(self, "_prefetcher", None)  # (close() also runs on a failed start, before it exists)
         if prefetcher is not None:
             prefetcher.close()  # waits for a step the worker may still be on
+        structured = getattr(self, "structured_outputs", None)
+        if structured is not None:
+            structured.close()  # its builder thread may be building a grammar's extra lineage
         self.runner.close()
 
     # ---- set-up helpers ----------------------------------------------------------------------

@@ -37,11 +37,9 @@ logger = logging.getLogger(__name__)
 MAX_SOURCE_BYTES = 64 * 1024  # a schema, regex or grammar longer than this is refused (400) before compiling
 CACHE_SIZE = 512  # compiled grammars kept, least recently used dropped first
 MAX_ERROR_CHARS = 600  # llguidance's messages can quote a whole grammar
-# A grammar whose first build took longer than this keeps that one root (see _LLGuidanceGrammar): its extra roots
-# would each be a full build on the engine thread (add_request), after the server compiled it off that thread. Small
-# schemas build in ~0.5-1.5 ms; one of MAX_SOURCE_BYTES in tens of ms, which 31 extra roots would turn into a second
-# or more of engine-thread stalls, one every request, for its first 32 requests.
-ROOT_BUILD_MAX_S = 0.005
+# Lineages per fill thread when KUBELLM_GRAMMAR_ROOTS is 0 (the default), and their cap (see _LLGuidanceGrammar).
+LINEAGES_PER_THREAD = 4
+MAX_LINEAGES = 128
 
 
 class GrammarError(ValueError):
@@ -77,14 +75,37 @@ class GrammarBackend(Protocol):
         """Write each matcher's allowed tokens into row `index` of `bitmask` (int32 [B, words])."""
         ...
 
+    def close(self) -> None:
+        """Stop background threads (waiting for their work)."""
+        ...
+
 
 # ---- llguidance ------------------------------------------------------------------------------------------
 
 
 class _LLGuidanceMatcher:
-    def __init__(self, matcher: Any):
-        self.matcher = matcher
+    """One sequence's matcher. Made without its llguidance state: that is copied from a lineage of its grammar when
+    first needed (its first fill or token), so a burst of requests that all arrive before their grammar's extra
+    lineages are built still spreads over them once they are."""
+
+    def __init__(self, grammar: _LLGuidanceGrammar, matcher: Any = None, lineage: _Lineage | None = None):
+        self._grammar = grammar
+        self._matcher = matcher
+        self.lineage = lineage  # the start matcher its state was copied from (None: not yet copied)
         self.position = 0
+
+    @property
+    def matcher(self) -> Any:
+        """The llguidance matcher, copied from the least-loaded lineage built when first asked for."""
+        if self._matcher is None:
+            self._matcher, self.lineage = self._grammar.start_state()
+        return self._matcher
+
+    def copy(self) -> _LLGuidanceMatcher:
+        """A matcher in this one's state, of its lineage (benchmarks fill copies to time one state twice)."""
+        state = self.matcher.deep_copy()
+        assert self.lineage is not None
+        return self._grammar.adopt(state, self.lineage)
 
     def accept_token(self, token_id: int) -> bool:
         self.position += 1
@@ -93,38 +114,103 @@ class _LLGuidanceMatcher:
     def is_terminated(self) -> bool:
         return bool(self.matcher.is_stopped())
 
+    def __del__(self) -> None:
+        grammar = getattr(self, "_grammar", None)  # (absent when __init__ failed)
+        if grammar is not None:
+            grammar.release(self.lineage)
+
+
+class _Lineage:
+    """One independently built start matcher ("root") of a grammar and how many live matchers copy it. llguidance's
+    LLMatcher.deep_copy shares the parser's lexer (its lazily built DFA) between a matcher and its copies, behind one
+    mutex that a mask fill holds for its whole token-trie walk: copies of one root fill their masks one at a time,
+    whatever the thread pool's size (measured with llguidance 1.9.1: 64 copies of one root, 2 threads as slow as 1;
+    the same rows over 2 roots, 1.9x). Matchers of different lineages share nothing."""
+
+    __slots__ = ("built_on", "index", "live", "root")
+
+    def __init__(self, root: Any, index: int):
+        self.root = root
+        self.index = index
+        self.live = 0  # matchers copied from it, still alive
+        self.built_on = threading.current_thread().name
+
 
 class _LLGuidanceGrammar:
-    """A compiled grammar: matchers in its start state ("roots") that sequences copy, one root per fill thread,
-    taken in turn. In some runs on a shared 2-core machine (llguidance 1.9.1), copies of one matcher computed their
-    masks one at a time (two threads as slow as one; copies of two independently built roots nearly halved it;
-    later runs there showed no speed-up either way, CPU-starved), which would make a batch whose rows all copy one
-    root fill serially whatever the pool's size. Round-robin roots put neighbouring rows, which the pool's threads
-    take in contiguous runs, on different roots. A root costs a grammar build (~0.5-1.5 ms), made when first
-    needed, on the thread that asks for a matcher (the engine's): a grammar slower to build than ROOT_BUILD_MAX_S
-    keeps one root. One root by default: the pool's worker threads, timed through the kernel's scheduler statistics
-    on copies of one matcher, waited only for CPU, never asleep on a lock (KUBELLM_GRAMMAR_ROOTS=0 for one per
-    thread; the GPU run's fill probe times both)."""
+    """A compiled grammar: up to `max_lineages` lineages (_Lineage) that sequences copy, each the least-loaded one's
+    when it first needs its state; a fill hands llguidance its rows sorted by lineage, so the pool's threads, which
+    take contiguous runs of rows, seldom meet on one lineage's lock. A lineage costs a full grammar build (~0.4-1.1
+    ms for small schemas, tens of ms for the largest accepted): the first is the compile's; the others are built by
+    the backend's builder threads (`spawn`), never by the thread that asks for a matcher (the engine's), and only as
+    many as the grammar has live sequences: a grammar used by one request at a time keeps one."""
 
-    def __init__(self, root: Any, build: Callable[[], Any], num_roots: int):
-        self._roots = [root]
+    def __init__(
+        self, root: Any, build: Callable[[], Any], max_lineages: int, spawn: Callable[[Callable[[], None]], Any]
+    ):
+        self._lock = threading.RLock()  # (re-entrant: a matcher's __del__ may run while this thread holds it)
+        self._lineages = [_Lineage(root, 0)]
         self._build = build
-        self.num_roots = max(1, num_roots)
-        self._next = 0
-        self._lock = threading.Lock()
+        self._spawn = spawn
+        self.max_lineages = max(1, max_lineages)
+        self.demand = 0  # live matchers, with or without their state yet
+        self._pending = 0  # lineage builds queued or running
+        self._settled = threading.Condition(self._lock)
+        self.build_errors = 0
 
     @property
-    def roots_built(self) -> int:
-        return len(self._roots)
+    def lineages(self) -> list[_Lineage]:
+        with self._lock:
+            return list(self._lineages)
+
+    def settle(self, timeout_s: float) -> int:
+        """Wait until no lineage build is queued or running (benchmarks, before timing); the lineages built."""
+        with self._settled:
+            self._settled.wait_for(lambda: self._pending == 0, timeout_s)
+            return len(self._lineages)
 
     def new_matcher(self) -> _LLGuidanceMatcher:
         with self._lock:
-            i = self._next % self.num_roots
-            self._next += 1
-            if i == len(self._roots):
-                self._roots.append(self._build())
-            root = self._roots[i]
-        return _LLGuidanceMatcher(root.deep_copy())
+            self.demand += 1
+            want = min(self.max_lineages, self.demand)
+            while not self.build_errors and len(self._lineages) + self._pending < want:
+                self._pending += 1
+                self._spawn(self._add_lineage)
+            return _LLGuidanceMatcher(self)
+
+    def start_state(self) -> tuple[Any, _Lineage]:
+        """A copy of the least-loaded lineage's start matcher, counted live in that lineage."""
+        with self._lock:
+            lineage = min(self._lineages, key=lambda x: x.live)
+            lineage.live += 1
+            return lineage.root.deep_copy(), lineage
+
+    def adopt(self, state: Any, lineage: _Lineage) -> _LLGuidanceMatcher:
+        with self._lock:
+            self.demand += 1
+            lineage.live += 1
+            return _LLGuidanceMatcher(self, state, lineage)
+
+    def release(self, lineage: _Lineage | None) -> None:
+        with self._lock:
+            self.demand -= 1
+            if lineage is not None:
+                lineage.live -= 1
+
+    def _add_lineage(self) -> None:
+        """On a builder thread: one more lineage (llguidance builds with the GIL released)."""
+        try:
+            root = self._build()
+            ok = not root.is_error()
+        except Exception:  # (a grammar that compiled once builds again; never let a builder thread die on one)
+            logger.exception("structured outputs: building another start matcher failed")
+            ok = False
+        with self._lock:
+            self._pending -= 1
+            if ok:
+                self._lineages.append(_Lineage(root, len(self._lineages)))
+            else:
+                self.build_errors += 1
+            self._settled.notify_all()
 
 
 class LLGuidanceBackend:
@@ -137,12 +223,11 @@ class LLGuidanceBackend:
         vocab_size: int,
         eos_token_ids: Sequence[int],
         num_threads: int = 0,
-        num_roots: int = 1,
-        root_build_max_s: float = ROOT_BUILD_MAX_S,
+        num_roots: int = 0,
     ):
-        """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32); `num_roots`: start
-        matchers per grammar (0: one per fill thread); `root_build_max_s`: a grammar whose first build took longer
-        keeps one root (_LLGuidanceGrammar)."""
+        """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32); `num_roots`: the most
+        lineages (independently built start matchers, _LLGuidanceGrammar) per grammar (0: LINEAGES_PER_THREAD per
+        fill thread, at most MAX_LINEAGES; 1: one, every sequence of a grammar sharing one lexer lock)."""
         import llguidance
 
         self._llg = llguidance
@@ -155,9 +240,11 @@ class LLGuidanceBackend:
 
             num_threads = min(32, available_cpus())
         self.num_threads = num_threads
-        self.num_roots = num_roots or num_threads  # independently built start matchers per grammar (_LLGuidanceGrammar)
-        self.root_build_max_s = root_build_max_s
+        self.num_roots = num_roots or min(MAX_LINEAGES, LINEAGES_PER_THREAD * num_threads)
         self._executor = llguidance.LLExecutor(num_threads)
+        self._builder: ThreadPoolExecutor | None = None  # builds grammars' extra lineages, started on first need
+        self.num_builders = max(1, num_threads // 4)
+        self._builder_lock = threading.Lock()
         logger.info("structured outputs: llguidance fills token masks on %d thread(s)", num_threads)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
 
@@ -189,18 +276,34 @@ class LLGuidanceBackend:
         def build() -> Any:
             return self._llg.LLMatcher(self.tokenizer, text, log_level=0, limits=self._limits)
 
-        start = time.perf_counter()
         matcher = build()
-        seconds = time.perf_counter() - start
         if matcher.is_error():
             raise GrammarError(f"invalid {_KIND_NAMES[spec.kind]}: {_short(matcher.get_error())}")
-        return _LLGuidanceGrammar(matcher, build, self.num_roots if seconds <= self.root_build_max_s else 1)
+        return _LLGuidanceGrammar(matcher, build, self.num_roots, self._spawn)
+
+    def _spawn(self, job: Callable[[], None]) -> None:
+        """Run `job` on a builder thread (a quarter as many as fill threads: a burst of requests wants its grammar's
+        lineages within a step or two; a build never waits on a fill or a fill on a build)."""
+        with self._builder_lock:
+            if self._builder is None:
+                self._builder = ThreadPoolExecutor(self.num_builders, thread_name_prefix="kubellm-grammar-build")
+            self._builder.submit(job)
+
+    def close(self) -> None:
+        with self._builder_lock:
+            builder, self._builder = self._builder, None
+        if builder is not None:
+            builder.shutdown(wait=True)
 
     def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
+        """One call into llguidance's pool, the GIL released throughout. The rows go sorted by lineage: rayon hands
+        each thread a contiguous run, so two threads meet on one lineage's lock only where their runs border."""
         if not matchers:
             return
         assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"] and bitmask.ndim == 2
-        pairs = [(m.matcher, row) for m, row in matchers]  # type: ignore[attr-defined]
+        states = [(m.matcher, row, id(m.lineage)) for m, row in matchers]  # type: ignore[attr-defined]
+        states.sort(key=lambda s: s[2])
+        pairs = [(state, row) for state, row, _ in states]
         self._executor.unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, bitmask.shape[1] * 4, bitmask.shape[0])
 
 
@@ -356,6 +459,11 @@ class StructuredOutputManager:
     def new_matcher(self, spec: StructuredOutputsParams) -> GrammarMatcher:
         return self.compile(spec).new_matcher()
 
+    def close(self) -> None:
+        """Stop the backend's threads, if it was ever built."""
+        if self._backend is not None:
+            self._backend.close()
+
     def fill(self, matchers: Sequence[GrammarMatcher]) -> np.ndarray:
         """The masks of `matchers`, row j for matchers[j] (int32 [len, words]); filled by llguidance's thread pool
         with the GIL released."""
@@ -469,14 +577,12 @@ def llguidance_manager(
     vocab_size: int,
     eos_token_ids: Sequence[int],
     num_threads: int = 0,
-    num_roots: int = 1,
-    root_build_max_s: float = ROOT_BUILD_MAX_S,
+    num_roots: int = 0,
     **kwargs: Any,
 ) -> StructuredOutputManager:
     """The manager an engine uses: llguidance over the model's tokenizer (`num_threads`: the fill's pool, 0: one per
-    usable CPU; `num_roots`: start matchers per grammar, 0: one per fill thread; `root_build_max_s`:
-    LLGuidanceBackend's)."""
+    usable CPU; `num_roots`: the most lineages per grammar, 0: LINEAGES_PER_THREAD per fill thread)."""
     return StructuredOutputManager(
-        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads, num_roots, root_build_max_s),
+        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads, num_roots),
         **kwargs,
     )

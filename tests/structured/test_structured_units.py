@@ -4,7 +4,7 @@ the real SmolLM2 tokenizer), and the bitmask applied to logits and in the sample
 from __future__ import annotations
 
 import json
-import math
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +14,6 @@ from tokenizers import Tokenizer
 from kubellm.engine.sampler import Sampler, SamplingState
 from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from kubellm.engine.structured_output import (
-    MAX_SOURCE_BYTES,
     GrammarError,
     GrammarRow,
     LLGuidanceBackend,
@@ -205,71 +204,74 @@ def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_positio
     assert np.array_equal(manager.bitmask([live], result).words, manager.bitmask([live]).words)
 
 
-def test_matchers_spread_over_independent_roots_that_agree(smollm2, tokenizer):
-    """With KUBELLM_GRAMMAR_ROOTS=0 each grammar keeps one independently built start matcher per fill thread;
-    sequences copy them in turn, the roots built only when first needed, and every copy follows the grammar alike.
-    The default keeps one."""
+def _wait_for(predicate, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_sequences_spread_over_lineages_that_agree(smollm2, tokenizer):
+    """Each live sequence of a grammar gets a lineage (an independently built start matcher) of its own up to the
+    bound (0: 4 per fill thread), built on the builder threads; a sequence takes its state from the least-loaded
+    lineage when it first needs it, and every lineage follows the grammar alike."""
     tj = smollm2.tokenizer_info.tokenizer_json
-    assert llguidance_manager(tj, VOCAB, [EOS], num_threads=3).backend.num_roots == 1
-    manager = llguidance_manager(
-        tj, VOCAB, [EOS], num_threads=3, num_roots=0, root_build_max_s=math.inf
-    )  # (no bound on a root's build: a loaded machine must not change what this test sees)
-    assert manager.backend.num_roots == 3, "0: one root per fill thread"
+    manager = llguidance_manager(tj, VOCAB, [EOS], num_threads=3)
+    assert manager.backend.num_roots == 12, "0 (the default): 4 lineages per fill thread"
     spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
     grammar = manager.compile(spec)
-    assert grammar.roots_built == 1
+    assert len(grammar.lineages) == 1, "a compile builds one"
     matchers = [manager.new_matcher(spec) for _ in range(7)]
-    assert grammar.roots_built == 3
+    _wait_for(lambda: len(grammar.lineages) == 7, "7 lineages for 7 live sequences")
+    assert all(lin.built_on.startswith("kubellm-grammar-build") for lin in grammar.lineages[1:])
     text = tokenizer.encode('{"a":"xy').ids
     for m in matchers:
         for t in text:
             assert m.accept_token(t)
+    assert len({id(m.lineage) for m in matchers}) == 7, "each sequence on a lineage of its own"
     mask = manager.bitmask(matchers)
     assert all(np.array_equal(mask.words[0], row) for row in mask.words[1:])
     assert EOS not in set(mask.allowed(0, VOCAB).tolist())
+    del matchers, m
+    assert grammar.demand == 0 and all(lin.live == 0 for lin in grammar.lineages), "a dropped sequence is released"
+    again = manager.new_matcher(spec)
+    again.accept_token(text[0])
+    assert len(grammar.lineages) == 7, "no build while built lineages are idle"
+
+    one = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, num_roots=1)  # KUBELLM_GRAMMAR_ROOTS=1
+    single = [one.new_matcher(spec) for _ in range(5)]
+    for m in single:
+        m.accept_token(text[0])
+    assert len(one.compile(spec).lineages) == 1 and one.backend._builder is None
+    reference = manager.bitmask([again]).words[0]
+    assert all(np.array_equal(row, reference) for row in one.bitmask(single).words)
 
 
-def _max_size_schema() -> dict:
-    """A JSON schema just under MAX_SOURCE_BYTES: 300 required objects of a patterned string and an enum (a build
-    of it takes tens of ms, where a small schema's takes about one)."""
-    props = {
-        f"field_{j}": {
-            "type": "object",
-            "properties": {
-                "x": {"type": "string", "pattern": f"^[a-z]{{{j % 5 + 1},{j % 9 + 20}}}-[0-9]{{{j % 4 + 1},12}}$"},
-                "y": {"enum": [f"v{j}_{i}" for i in range(6)]},
-            },
-            "required": ["x", "y"],
-        }
-        for j in range(300)
-    }
-    return {"type": "object", "properties": props, "required": list(props)}
-
-
-def test_a_grammar_slow_to_build_keeps_one_root(smollm2, tokenizer):
-    """Extra roots are built on the engine thread (add_request's new_matcher), one full grammar build each, after the
-    server compiled the grammar off it under its time limit: a grammar whose build took longer than the bound keeps
-    the one root it has (copies of it, as before the roots), so the engine thread never rebuilds a slow grammar."""
+def test_masks_of_rows_on_many_lineages_land_in_their_rows(smollm2, tokenizer):
+    """The fill hands llguidance its rows sorted by lineage: each mask must still land in its own row, equal to the
+    mask of the same state on a single lineage."""
     tj = smollm2.tokenizer_info.tokenizer_json
-    never = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, num_roots=0, root_build_max_s=0.0)  # all over 0 s
-    spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}})
-    grammar = never.compile(spec)
-    matchers = [never.new_matcher(spec) for _ in range(5)]
-    assert grammar.roots_built == 1
-    for m in matchers:
-        for t in tokenizer.encode('{"a":"xy').ids:
-            assert m.accept_token(t)
-    mask = never.bitmask(matchers)
-    assert all(np.array_equal(mask.words[0], row) for row in mask.words[1:])
-    assert EOS not in set(mask.allowed(0, VOCAB).tolist())
-
-    default = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, num_roots=0)  # the engine's bound
-    big = StructuredOutputsParams(json=_max_size_schema())
-    assert len(big.source.encode()) <= MAX_SOURCE_BYTES
-    slow = default.compile(big)
-    for _ in range(4):
-        default.new_matcher(big)
-    assert slow.roots_built == 1, "a schema of the largest size accepted is not built again on the engine thread"
+    many = llguidance_manager(tj, VOCAB, [EOS], num_threads=2)
+    one = llguidance_manager(tj, VOCAB, [EOS], num_threads=2, num_roots=1)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "yy"]}}}
+    spec = StructuredOutputsParams(json=schema)
+    prefixes = ['{"a":', "{", '{"a":12,"b":"', '{"a":1', "", '{"b":"y', '{"a":3,']
+    held = [many.new_matcher(spec) for _ in prefixes]
+    _wait_for(lambda: len(many.compile(spec).lineages) == len(prefixes), "a lineage per sequence")
+    rows_many, rows_one = [], []
+    for prefix in prefixes:
+        for manager, rows in ((many, rows_many), (one, rows_one)):
+            m = manager.new_matcher(spec)
+            for t in tokenizer.encode(prefix).ids:
+                assert m.accept_token(t), prefix
+            rows.append(m)
+    assert len({id(m.lineage) for m in rows_many}) > 1
+    got = many.bitmask([None, *rows_many])
+    want = one.bitmask([None, *rows_one])
+    assert got.rows == want.rows == list(range(1, len(prefixes) + 1))
+    assert np.array_equal(got.words, want.words)
+    assert len({row.tobytes() for row in got.words}) > 3, "the states differ, so a misplaced row would show"
+    del held
 
 
 def test_a_failing_token_source_surfaces_on_the_engine_thread(manager):
