@@ -151,7 +151,7 @@ def cpu_facts() -> dict[str, Any]:
     }
 
 
-def fill_probe(manager: Any, rows: int = 64, repeats: int = 3) -> dict[str, Any]:
+def fill_probe(manager: Any, rows: int = 64, repeats: int = 5) -> dict[str, Any]:
     """The pool's speed-up on the costliest state of the benchmark schema (a string just opened): `rows` matchers
     made as the engine makes them (manager.new_matcher), advanced over the opening, then copied afresh for each fill
     (a matcher would answer a second fill from its cache): through one thread, then through the manager's pool;
