@@ -158,6 +158,12 @@ class EngineConfig:
         "and fills the next step's token masks while the engine thread schedules and queues the next forward (off, "
         "the default until measured on a GPU: the engine thread does both before sampling)",
     )  # fmt: skip
+    grammar_pinned_masks: bool = env_option(
+        "KUBELLM_GRAMMAR_PINNED_MASKS", env_bool, False,
+        help="structured outputs on CUDA: fill each step's token masks straight into pinned host memory (two buffers "
+        "in turn), copied to the GPU without a staging copy (off, the default until measured on a GPU: a new array "
+        "each step, pinned by a copy)",
+    )  # fmt: skip
     grammar_threads: int = env_option(
         "KUBELLM_GRAMMAR_THREADS", int, 0,
         help="structured outputs: threads filling token masks in parallel over rows (0: one per CPU the process may "

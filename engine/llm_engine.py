@@ -50,6 +50,7 @@ from kubellm.engine.structured_output import (
     StructuredOutputManager,
     llguidance_manager,
 )
+from kubellm.engine.token_bitmask import PinnedBitmaskBuffers, bitmask_words
 from kubellm.prompt import PromptRenderer
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,11 @@ class LLMEngine:
         self.grammar_prefetch = config.grammar_prefetch
         self._prefetcher = MaskPrefetcher(self.structured_outputs)  # its thread starts on first use
         self._prefetched: PrefetchedMasks | None = None  # the last step read back's, for the sampling after it
+        self._mask_buffers = (  # KUBELLM_GRAMMAR_PINNED_MASKS: masks filled straight into pinned memory (CUDA)
+            PinnedBitmaskBuffers(bitmask_words(self.model_config.vocab_size))
+            if config.grammar_pinned_masks and self.runner.device.type == "cuda"
+            else None
+        )
         from kubellm.engine import sampling_kernels  # compile the CUDA sampling kernel now, not on a request
 
         sampling_kernels.warm_up(self.runner.device, self.model_config.vocab_size)
@@ -426,7 +432,10 @@ class LLMEngine:
                 self._read_back(touched)  # the grammars must have seen every token before this one
                 # A request finished meanwhile samples unmasked (its grammar may be complete); its token is dropped.
                 matchers = [s.grammar if not s.request.status.is_finished else None for s in seqs]
-                bitmask = self.structured_outputs.bitmask(matchers, self._prefetched)
+                buffers = self._mask_buffers
+                bitmask = self.structured_outputs.bitmask(
+                    matchers, self._prefetched, buffers.take if buffers is not None else None
+                )
             self._prefetched = None
             return self.sampler.sample(logits, [s.sampling_state for s in seqs], token_bitmask=bitmask)
 

@@ -473,16 +473,26 @@ class StructuredOutputManager:
         return words
 
     def bitmask(
-        self, matchers: Sequence[GrammarMatcher | None], prefetched: PrefetchedMasks | None = None
+        self,
+        matchers: Sequence[GrammarMatcher | None],
+        prefetched: PrefetchedMasks | None = None,
+        out: Callable[[int], tuple[np.ndarray, Any]] | None = None,
     ) -> TokenBitmask | None:
         """The bitmask of one step's constrained rows (None when no row has a matcher): rows without one are
         left out and pay nothing. Rows `prefetched` holds at their matcher's position are copied from it; the rest
-        are filled now."""
+        are filled now. `out(rows)`: where to write (an int32 [rows, words] array and the pinned tensor of the same
+        memory, PinnedBitmaskBuffers.take); every row is written whole."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
         backend = self.backend
-        words = np.full((len(rows), bitmask_words(backend.vocab_size)), -1, dtype=np.int32)
+        pinned = None
+        if out is None:
+            words = np.full((len(rows), bitmask_words(backend.vocab_size)), -1, dtype=np.int32)
+        else:
+            words, pinned = out(len(rows))
+            if words.shape != (len(rows), bitmask_words(backend.vocab_size)) or words.dtype != np.int32:
+                raise ValueError(f"a bitmask buffer of {words.shape} {words.dtype} for {len(rows)} rows")
         missing: list[tuple[GrammarMatcher, int]] = []
         dst, src = [], []
         for j, r in enumerate(rows):
@@ -499,7 +509,7 @@ class StructuredOutputManager:
             words[dst] = prefetched.words[src]
             self.fill_stats.prefetched_rows += len(dst)
         self._fill_rows(backend, missing, words)
-        return TokenBitmask(rows, words)
+        return TokenBitmask(rows, words, pinned)
 
     def _fill_rows(
         self, backend: GrammarBackend, rows: Sequence[tuple[GrammarMatcher, int]], words: np.ndarray

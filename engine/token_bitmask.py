@@ -35,11 +35,36 @@ class TokenBitmask:
 
     rows: list[int]
     words: np.ndarray  # int32 [len(rows), words]
+    pinned: torch.Tensor | None = None  # `words`' own memory as a pinned tensor (PinnedBitmaskBuffers): copied as is
 
     def allowed(self, j: int, vocab_size: int) -> np.ndarray:
         """Row j's allowed token ids (tests and debugging)."""
         bits = np.unpackbits(self.words[j].view(np.uint8), bitorder="little")[:vocab_size]
         return np.nonzero(bits)[0]
+
+
+class PinnedBitmaskBuffers:
+    """Pinned host memory that a step's bitmask is filled into, so its copy to the GPU needs no staging copy
+    (to_device_async pins pageable memory by copying it). `slots` buffers taken in turn: a buffer is filled again
+    only `slots` bitmasks later, after the step that copied it has sampled and its tokens were read back (the engine
+    reads the previous step's tokens before it builds a bitmask), so its copy is done. Grows to the largest batch."""
+
+    def __init__(self, words: int, slots: int = 2):
+        self.words = words
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._next = 0
+
+    def take(self, rows: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The next buffer's first `rows` rows: a numpy view to fill and the pinned tensor of the same memory."""
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        buf = self._buffers[slot]
+        if buf is None or buf.shape[0] < rows:
+            capacity = max(rows, 2 * buf.shape[0] if buf is not None else 64)
+            buf = torch.empty((capacity, self.words), dtype=torch.int32, pin_memory=True)
+            self._buffers[slot] = buf
+        view = buf[:rows]
+        return view.numpy(), view
 
 
 @torch.inference_mode()  # the model runner's logits are inference tensors
@@ -54,7 +79,7 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
         raise ValueError(f"a bitmask of {width} words cannot cover a vocabulary of {vocab}")
     if logits.is_cuda and triton is not None and logits.stride(1) == 1:
         rows = to_device_async(mask.rows, torch.int64, logits.device)
-        words = to_device_async(mask.words, torch.int32, logits.device)
+        words = to_device_async(mask.pinned if mask.pinned is not None else mask.words, torch.int32, logits.device)
         mask_on_device(logits, rows, words)
         return
     if not logits.is_cuda:  # numpy unpacks bits ~50x faster than torch's shift-and-mask on a CPU

@@ -101,47 +101,56 @@ def test_engine_on_cuda_keeps_answers_valid_with_async_scheduling_and_graphs():
     engine.close()
 
 
-def test_grammar_prefetch_on_cuda_changes_no_answer_and_fills_ahead():
-    """KUBELLM_GRAMMAR_PREFETCH on the GPU path (async scheduling, CUDA graphs): the worker thread waits on the
-    sampled ids' copy event, advances the grammars and fills the next masks; every answer equals the engine's with
-    the switch off, and most masks come prefetched."""
+ITEMS_SCHEMA = {
+    "type": "object",
+    "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 3}},
+    "required": ["items"],
+    "additionalProperties": False,
+}
+
+
+def run_constrained_batch(prefetch: bool, pinned: bool = False) -> tuple[dict, object]:
+    """40 requests, 3 in 4 under ITEMS_SCHEMA, greedy and sampled, on a random SmolLM2-shaped model (async
+    scheduling, CUDA graphs): each answer's (token ids, text), and the engine's fill statistics."""
     from kubellm.engine.config import EngineConfig
     from kubellm.engine.llm_engine import LLMEngine
     from kubellm.engine.outputs import OutputAssembler
     from kubellm.engine.random_model import SMOLLM2_135M, random_loaded_model
     from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
-    schema = {
-        "type": "object",
-        "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 3}},
-        "required": ["items"],
-        "additionalProperties": False,
-    }
+    loaded = random_loaded_model(SMOLLM2_135M, torch.bfloat16, "cuda", seed=0, embed_std=0.2, name="random")
+    loaded.tokenizer_info = byte_level_tokenizer_info()
+    config = EngineConfig(
+        model="random", device="cuda", generation_config="vllm", max_model_len=1024, seed=0,
+        grammar_prefetch=prefetch, grammar_pinned_masks=pinned,
+    )  # fmt: skip
+    engine = LLMEngine(config, loaded=loaded)
+    assert engine.async_scheduling and engine.grammar_prefetch is prefetch
+    assert (engine._mask_buffers is not None) is pinned
+    for i in range(40):
+        params = SamplingParams(
+            temperature=0.0 if i % 3 == 0 else 1.0, seed=i, max_tokens=48, ignore_eos=True,
+            structured_outputs=StructuredOutputsParams(json=ITEMS_SCHEMA) if i % 4 else None,
+        )  # fmt: skip
+        engine.add_request(f"r{i}", [(5 * i + j) % 250 + 3 for j in range(24)], params)
+    whole = OutputAssembler()
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in map(whole.add, engine.step()) if o.finished})
+    stats = engine.structured_outputs.fill_stats.snapshot()
+    engine.close()
+    return {k: (o.outputs[0].token_ids, o.outputs[0].text) for k, o in outs.items()}, stats
+
+
+def test_grammar_prefetch_on_cuda_changes_no_answer_and_fills_ahead():
+    """KUBELLM_GRAMMAR_PREFETCH on the GPU path (async scheduling, CUDA graphs): the worker thread waits on the
+    sampled ids' copy event, advances the grammars and fills the next masks; every answer equals the engine's with
+    the switch off, and most masks come prefetched."""
     answers = {}
     for prefetch in (False, True):
-        loaded = random_loaded_model(SMOLLM2_135M, torch.bfloat16, "cuda", seed=0, embed_std=0.2, name="random")
-        loaded.tokenizer_info = byte_level_tokenizer_info()
-        config = EngineConfig(
-            model="random", device="cuda", generation_config="vllm", max_model_len=1024, seed=0,
-            grammar_prefetch=prefetch,
-        )  # fmt: skip
-        engine = LLMEngine(config, loaded=loaded)
-        assert engine.async_scheduling and engine.grammar_prefetch is prefetch
-        for i in range(40):
-            params = SamplingParams(
-                temperature=0.0 if i % 3 == 0 else 1.0, seed=i, max_tokens=48, ignore_eos=True,
-                structured_outputs=StructuredOutputsParams(json=schema) if i % 4 else None,
-            )  # fmt: skip
-            engine.add_request(f"r{i}", [(5 * i + j) % 250 + 3 for j in range(24)], params)
-        whole = OutputAssembler()
-        outs = {}
-        while engine.has_unfinished_requests():
-            outs.update({o.request_id: o for o in map(whole.add, engine.step()) if o.finished})
-        answers[prefetch] = {k: (o.outputs[0].token_ids, o.outputs[0].text) for k, o in outs.items()}
-        stats = engine.structured_outputs.fill_stats
+        answers[prefetch], stats = run_constrained_batch(prefetch)
         if prefetch:
             assert stats.prefetched_rows > stats.rows / 2, (stats.prefetched_rows, stats.rows)
-        engine.close()
     assert answers[True] == answers[False]
     for i in range(1, 40, 4):
         text = answers[True][f"r{i}"][1]
@@ -149,6 +158,29 @@ def test_grammar_prefetch_on_cuda_changes_no_answer_and_fills_ahead():
         if text.endswith("}"):
             answer = json.loads(text)
             assert len(answer["items"]) >= 3 and all(len(s) <= 8 for s in answer["items"]), answer
+
+
+def test_pinned_mask_buffers_change_no_answer():
+    """KUBELLM_GRAMMAR_PINNED_MASKS: the masks filled straight into two pinned buffers taken in turn (copied to the
+    GPU without a staging copy) give every answer of the default path, with the prefetcher off and on."""
+    reference, _ = run_constrained_batch(prefetch=False)
+    for prefetch in (False, True):
+        assert run_constrained_batch(prefetch, pinned=True)[0] == reference, f"prefetch={prefetch}"
+
+
+def test_pinned_bitmask_buffers_alternate_grow_and_are_pinned():
+    from kubellm.engine.token_bitmask import PinnedBitmaskBuffers
+
+    buffers = PinnedBitmaskBuffers(words=7)
+    a, ta = buffers.take(3)
+    b, tb = buffers.take(3)
+    c, tc = buffers.take(100)  # the first slot again, grown
+    assert ta.is_pinned() and tb.is_pinned() and tc.is_pinned()
+    assert a.shape == (3, 7) and a.dtype == np.int32 and c.shape == (100, 7)
+    assert not np.shares_memory(a, b), "consecutive steps never share a buffer"
+    a[:] = 5
+    assert int(ta.sum()) == 5 * 21, "the array and the tensor are one memory"
+    assert np.shares_memory(buffers.take(2)[0], b), "the second slot comes back after the first"
 
 
 def synthetic_tokenizer_json(n_vocab: int = 49152, seed: int = 0) -> str:

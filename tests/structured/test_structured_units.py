@@ -18,6 +18,7 @@ from kubellm.engine.structured_output import (
     GrammarRow,
     LLGuidanceBackend,
     MaskPrefetcher,
+    advance_and_fill,
     llguidance_manager,
 )
 from kubellm.engine.token_bitmask import TokenBitmask, apply_token_bitmask
@@ -332,3 +333,23 @@ def test_sampler_draws_only_allowed_tokens_and_leaves_other_rows_alone():
         assert out.token_ids[3] == unmasked.token_ids[3] == int(logits[3].argmax())  # unconstrained: unchanged
         assert out.logprobs[0].token_id == out.token_ids[0] and out.logprobs[0].logprob > -1e9
         assert all(t in picks[0] for t, _ in out.logprobs[0].top)
+
+
+def test_a_bitmask_written_into_a_given_buffer_overwrites_every_row(manager, tokenizer):
+    """KUBELLM_GRAMMAR_PINNED_MASKS hands bitmask() a reused buffer (PinnedBitmaskBuffers on CUDA): whatever an earlier
+    step left in it, every constrained row comes out whole, prefetched rows and rows filled now alike."""
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}}})
+    ms = [manager.new_matcher(spec) for _ in range(3)]
+    for t in tokenizer.encode('{"a":').ids:
+        assert ms[1].accept_token(t)
+    prefetched = advance_and_fill(
+        manager, [GrammarRow("k", ms[2], lambda: False, {EOS})], lambda: [tokenizer.encode("{").ids[0]]
+    )
+    expected = manager.bitmask([ms[0], None, ms[1], ms[2]], prefetched)
+    stale = np.full((8, expected.words.shape[1]), 0x55555555, np.int32)
+    marker = object()
+    got = manager.bitmask([ms[0], None, ms[1], ms[2]], prefetched, lambda rows: (stale[:rows], marker))
+    assert got.rows == expected.rows == [0, 2, 3] and got.pinned is marker
+    assert np.shares_memory(got.words, stale) and np.array_equal(got.words, expected.words)
+    with pytest.raises(ValueError, match="bitmask buffer"):
+        manager.bitmask([ms[0]], None, lambda rows: (np.zeros((rows, 3), np.int32), None))
