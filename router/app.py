@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
@@ -398,7 +399,7 @@ class Router:
         if cfg.debug_headers and rh.get("x-kubellm-route-only") == "1":
             # which replica this router would pick now, without sending (bench/router.py measures how often two
             # router replicas agree); counted in no metric, changing nothing but the policy's tie rotation
-            backend, reason, _ = await self._pick(route, hashes, tried, allow_wait=False)
+            backend, reason, _ = self._try_pick(route, hashes, tried) or (None, "", 0)
             found = [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)] if backend else []
             return ex.respond(204, b"", [("X-Request-Id", request_id), *found])
 
@@ -406,9 +407,13 @@ class Router:
             if attempt:
                 self.metrics.retries.labels(model).inc()
                 await asyncio.sleep(min(cfg.retry_backoff * 2 ** (attempt - 1), 0.5) * (0.5 + random.random()))
-            backend, reason, matched = await self._pick(route, hashes, tried, allow_wait=not tried)
-            if backend is None:
-                break
+            # the pick without a coroutine while some replica can take the request (every request but the queued)
+            picked = self._try_pick(route, hashes, tried)
+            if picked is None:
+                if tried:
+                    break
+                picked = await self.queue.wait_for(model, partial(self._try_pick, route, hashes, tried))
+            backend, reason, matched = picked
             tried.append(backend.slot)
             resp_headers = [("X-Request-Id", request_id)]
             if cfg.debug_headers:
@@ -504,43 +509,34 @@ class Router:
             self._targets[(base, path)] = target
         return target
 
-    async def _pick(
-        self, route: RouteRequest, hashes: list[int], tried: list[int], allow_wait: bool
-    ) -> tuple[Backend | None, str, int]:
-        """Choose a backend (and say why, and how many leading blocks it holds); wait in the bounded queue while
-        none can take the request (first attempt only). Metrics are the caller's, after the request is sent."""
-
-        def try_pick() -> tuple[Backend, str, int] | None:
-            """One pass over the routable replicas (this runs for every replica of every request: no per-replica
-            calls beyond the Candidate itself, and the load combined only where an engine sent a load line)."""
-            backends, _ = self.registry.routable(route.model, exclude=tried)
-            if not backends:
-                return None
-            index = self.index
-            matches = index.match_all([b.slot for b in backends], hashes)
-            footprints = index.footprints()
-            cands = []
-            for b, matched in zip(backends, matches, strict=True):
-                if b.engine_load is None:  # (combined_load's answer without a load line, without the call)
-                    in_flight, answering, waiting = b.in_flight, b.answering, b.waiting
-                else:
-                    load = combined_load(b.in_flight, b.answering, b.waiting, b.engine_load)
-                    in_flight, answering, waiting = load.in_flight, load.answering, load.waiting
-                cands.append(Candidate(b.url, in_flight, answering, waiting, matched, footprints.get(b.slot, 0)))
-            d = self.policy.choose(route, cands)
-            picked = backends[0]
-            if len(backends) > 1:
-                key = d.key
-                for b in backends:
-                    if b.url == key:
-                        picked = b
-                        break
-            return picked, d.reason, d.matched_blocks
-
-        if not allow_wait:
-            picked = try_pick()
-            return picked if picked else (None, "", 0)
-        return await self.queue.wait_for(route.model, try_pick)
+    def _try_pick(self, route: RouteRequest, hashes: list[int], tried: list[int]) -> tuple[Backend, str, int] | None:
+        """One pass over the routable replicas: the backend chosen, why, and how many leading blocks it holds; None
+        while none can take the request (the caller waits in the bounded queue, first attempt only). This runs for
+        every replica of every request: no per-replica calls beyond the Candidate itself, and the load combined only
+        where an engine sent a load line. Metrics are the caller's, after the request is sent."""
+        backends, _ = self.registry.routable(route.model, exclude=tried)
+        if not backends:
+            return None
+        index = self.index
+        matches = index.match_all([b.slot for b in backends], hashes)
+        footprints = index.footprints()
+        cands = []
+        for b, matched in zip(backends, matches, strict=True):
+            if b.engine_load is None:  # (combined_load's answer without a load line, without the call)
+                in_flight, answering, waiting = b.in_flight, b.answering, b.waiting
+            else:
+                load = combined_load(b.in_flight, b.answering, b.waiting, b.engine_load)
+                in_flight, answering, waiting = load.in_flight, load.answering, load.waiting
+            cands.append(Candidate(b.url, in_flight, answering, waiting, matched, footprints.get(b.slot, 0)))
+        d = self.policy.choose(route, cands)
+        picked = backends[0]
+        if len(backends) > 1:
+            key = d.key
+            for b in backends:
+                if b.url == key:
+                    picked = b
+                    break
+        return picked, d.reason, d.matched_blocks
 
 
 class ListenError(RuntimeError):

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 
 import httptools
 
@@ -81,34 +82,37 @@ def default_error_body(status: int, message: str, code: str) -> bytes:
     return json.dumps({"error": err}).encode()
 
 
-class _Resume:
-    """Carries on a coroutine that was stepped by hand up to its first suspension (on `waiting`): awaited inside a
-    Task, it hands each awaited future to the Task and passes results, exceptions and cancellation back in."""
+class _Resume(Coroutine[object, None, None]):
+    """Carries on a coroutine that was stepped by hand up to its first suspension (on `waiting`): a Task runs it as
+    its coroutine (no wrapping coroutine frame on every later step): the first step hands the Task that future,
+    later steps, exceptions and cancellation go straight to the coroutine."""
 
     __slots__ = ("coro", "waiting")
 
     def __init__(self, coro: Coroutine[object, None, None], waiting: object):
         self.coro, self.waiting = coro, waiting
 
+    def send(self, value: None) -> object:
+        waiting = self.waiting
+        if waiting is not None:
+            self.waiting = None
+            return waiting
+        return self.coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> object:  # type: ignore[override]
+        self.waiting = None
+        return self.coro.throw(typ if val is None else val)
+
+    def close(self) -> None:
+        self.coro.close()
+
     def __await__(self) -> Generator[object, None, None]:
-        coro, waiting = self.coro, self.waiting
-        while True:
-            try:
-                yield waiting
-            except BaseException as e:  # (the Task throws cancellation in here)
-                try:
-                    waiting = coro.throw(e)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    waiting = coro.send(None)
-                except StopIteration:
-                    return
+        raise TypeError("_Resume runs as a Task's coroutine, never awaited")
 
-
-async def _carry_on(coro: Coroutine[object, None, None], waiting: object) -> None:
-    await _Resume(coro, waiting)
+    def __getattr__(self, name: str) -> Any:
+        if name in ("__name__", "__qualname__"):  # (a Task's repr, task factories: the coroutine carried on)
+            return getattr(self.coro, name)
+        raise AttributeError(name)
 
 
 def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, None]) -> asyncio.Task[None] | None:
@@ -122,7 +126,7 @@ def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, N
         waiting = coro.send(None)
     except StopIteration:
         return None
-    return loop.create_task(_carry_on(coro, waiting))
+    return loop.create_task(_Resume(coro, waiting))
 
 
 class Request:

@@ -232,8 +232,27 @@ class UpstreamResponse:
             waiter.set_exception(TimeoutError(f"no data from the replica for {self._read_timeout:g}s"))
 
     async def start(self) -> None:
+        if self._head_done:
+            return
+        # _wait inline (one frame less on the step that resumes the request when its answer arrives)
+        pool = self._conn.pool
+        loop = asyncio.get_running_loop()
+        waiting = pool._waiting
+        if pool._sweeper is None:
+            pool._start_sweeper(loop)
         while not self._head_done:
-            await self._wait()
+            if self._error is not None:
+                raise self._error
+            self._waiter = waiter = loop.create_future()
+            self.deadline = loop.time() + self._read_timeout
+            waiting.add(self)
+            try:
+                await waiter
+            finally:
+                waiting.discard(self)
+                self._waiter = None
+        if self._error is not None:
+            raise self._error
 
     async def readany(self) -> bytes:
         """The next piece of the body as it arrived (chunk framing removed); b"" at its end."""

@@ -275,11 +275,11 @@ async def test_eager_paths_run_their_handler_in_the_read_callback():
             writer.write(b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n")
             status, _, _ = await read_response(reader)
             assert status == 204
-        assert [c for c in created if "_serve" in c or "_carry_on" in c] == []
+        assert [c for c in created if "_serve" in c] == []
         writer.write(post("/x", b"abc"))
         status, _, body = await read_response(reader)
         assert status == 200 and body.endswith(b"abc")
-        assert any("_serve" in c or "_carry_on" in c for c in created)  # it went on in a Task after its first await
+        assert any("_serve" in c for c in created)  # it went on in a Task after its first await
         before = len(created)
         writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")  # not eager: a Task from the start
         status, _, _ = await read_response(reader)
