@@ -261,6 +261,30 @@ def cpu_seconds(proc: Proc | None) -> float:
         return float("nan")
 
 
+def core_times(core: int) -> list[int] | None:
+    """The core's cumulative time in /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal), in ticks;
+    None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith(f"cpu{core} "):
+                    return [int(x) for x in line.split()[1:9]]
+    except OSError:
+        pass
+    return None
+
+
+def core_split(before: list[int] | None, after: list[int] | None) -> dict[str, float]:
+    """Shares of a core's time between two core_times readings: user (with nice), system, softirq (with irq), idle
+    (with iowait) and steal (taken by the hypervisor for other guests)."""
+    if before is None or after is None:
+        return {}
+    d = [a - b for a, b in zip(after, before, strict=True)]
+    total = sum(d) or 1
+    return {"user": (d[0] + d[1]) / total, "system": d[2] / total, "softirq": (d[5] + d[6]) / total,
+            "idle": (d[3] + d[4]) / total, "steal": d[7] / total}  # fmt: skip
+
+
 def run_load(host: str, port: int, work: Any) -> Any:
     """Run work(client) on a fresh event loop (uvloop when installed) with a fresh connection pool."""
     from router_load import LoadClient
@@ -419,6 +443,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
     procs = {name: p for name, start in starts.items() if (p := start()) is not None}
     cpu: dict[str, list[float]] = {n: [] for n in procs}
     rps: dict[str, list[float]] = {n: [] for n in procs}
+    split: dict[str, list[dict[str, float]]] = {n: [] for n in procs}  # the router core's time, per round
     try:
         for proc in procs.values():  # warm: connections, caches, the index filled
             host, port_s = proc.url.removeprefix("http://").split(":")
@@ -429,9 +454,10 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
             for name in names[k:] + names[:k]:
                 proc = procs[name]
                 host, port_s = proc.url.removeprefix("http://").split(":")
-                c0 = cpu_seconds(proc)
+                c0, t0 = cpu_seconds(proc), core_times(ROUTER_CORE)
                 n = run_load(host, int(port_s), lambda cl: closed_loop(cl, plain, 64, args.max_duration))
                 cpu[name].append((cpu_seconds(proc) - c0) * 1e3 / max(1.0, n * args.max_duration))
+                split[name].append(core_split(t0, core_times(ROUTER_CORE)))
                 rps[name].append(n)
             print(f"round {rnd}: " + "  ".join(f"{n} {v[-1]:.3f}" for n, v in cpu.items()), flush=True)
     finally:
@@ -444,7 +470,9 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         return sorted(xs)[len(xs) // 2]
 
     rows = {n: {"cpu_ms_per_req": med(cpu[n]), "cpu_ms_per_req_min": min(cpu[n]), "max_rps": med(rps[n]),
-                "cpu_runs": cpu[n], "rps_runs": rps[n]} for n in procs}  # fmt: skip
+                "cpu_runs": cpu[n], "rps_runs": rps[n], "core_split_runs": split[n],
+                "core_split": {k: med([r[k] for r in split[n] if r]) for k in (split[n][0] if split[n] else {})}}
+            for n in procs}  # fmt: skip
     paired = {}
     for a in procs:
         for ref in ("sglang-router cache_aware", *(n for n in procs if n.startswith("kubellm prefix (before"))):
@@ -457,7 +485,9 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         f"rotated over the contenders, all started (and warmed for 1s) first; {args.engines} instant fake engines; "
         f"routers pinned to core {ROUTER_CORE}, load generator and engines on core {HARNESS_CORE}; kubellm with "
         "--kv-events off and one worker; 'kubellm round_robin' is the same router and code with no prefix work "
-        "(no hashing, no index): what the HTTP path alone costs.",
+        "(no hashing, no index): what the HTTP path alone costs. The router core's time (/proc/stat, median of the "
+        "rounds): user, system and softirq (the kernel's network processing, most of it for the router's own "
+        "loopback writes), idle, and steal (the hypervisor's other guests).",
         "rows": rows,
         "paired": paired,
     }
@@ -1000,8 +1030,11 @@ def write_results(results: dict[str, Any]) -> Path:
     if "cpu" in results:
         c = results["cpu"]
         md += ["## Router CPU per request, paired rounds", "", c["workload"], "",
-               "| contender | CPU ms/req, median of rounds | min | max req/s, median |", "|---|---|---|---|",
-               *(f"| {n} | {r['cpu_ms_per_req']:.3f} | {r['cpu_ms_per_req_min']:.3f} | {r['max_rps']:.0f} |"
+               "| contender | CPU ms/req, median of rounds | min | max req/s, median "
+               "| router core: user / system / softirq / idle / steal |", "|---|---|---|---|---|",
+               *(f"| {n} | {r['cpu_ms_per_req']:.3f} | {r['cpu_ms_per_req_min']:.3f} | {r['max_rps']:.0f} | "
+                 + (" / ".join(f"{r['core_split'][k]:.2f}" for k in ("user", "system", "softirq", "idle", "steal"))
+                    if r.get("core_split") else "-") + " |"
                  for n, r in c["rows"].items()),
                "", "Paired ratios (one per round, contenders measured next to each other), median [min-max]:", "",
                *(f"- {k}: {v['median']:.3f} [{v['min']:.3f}-{v['max']:.3f}]" for k, v in c["paired"].items()),
