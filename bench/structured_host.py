@@ -271,11 +271,18 @@ def probe_line(probe: dict[str, Any] | None) -> str:
     )
 
 
+def _load(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "not recorded"
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Structured outputs: per-step host work on the CPU — {result['started']}",
         "",
         f"Hardware: {result['hardware']}. Commit {result['commit']}; command `{result['command']}`.",
+        "",
+        f"Load average (1, 5, 15 min) before the run {_load(result.get('load_average_before'))}, after it "
+        f"{_load(result.get('load_average_after'))}: above 0 means other jobs shared these cores.",
         "",
         " ".join(__doc__.split("\n\n")[2].split()),
         "",
@@ -354,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": f"CPU {platform.processor() or platform.machine()}, {cpus} usable cores (os.cpu_count "
         f"{os.cpu_count()}), shared with other jobs: figures are noisy; fill pool of {pool} thread(s)",
         "commit": git_commit(),
+        "load_average_before": list(os.getloadavg()),
         "command": "python -m bench.structured_host " + " ".join(sys.argv[1:] if argv is None else argv),
         "steps": args.steps,
         "fill_probe": fill_probe(manager),
@@ -370,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)  # fmt: skip
     if args.engine_batch:
         result["engine"] = engine_runs(tokenizer_json, args.engine_batch, args.engine_tokens)
+    result["load_average_after"] = list(os.getloadavg())  # (other jobs' use of these cores during the run)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"structured-host-{started.strftime('%Y-%m-%d')}{'-' + args.name if args.name else ''}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
