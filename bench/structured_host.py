@@ -15,13 +15,13 @@ the CPU. Schemas: the GPU benchmark's ({"items": [string maxLength 8, ...]} with
 maxLength, and a typical agent schema (nested object, enum, integer and number ranges, a bounded array, a pattern,
 an optional key).
 
-Part 2, the engine before and after the grammar prefetcher: a 1-layer Llama (hidden 64) with SmolLM2's vocabulary
-on the CPU, async scheduling on, torch on one thread (the other core is the grammar's), --engine-batch requests of
-128 random prompt tokens, --engine-tokens output tokens each, greedy, ignore_eos: output tok/s unconstrained, with
-the GPU benchmark's schema and KUBELLM_GRAMMAR_PREFETCH off (before: the engine thread feeds the grammars and fills
-the masks), and on (after: the worker does, while the engine thread schedules and runs the next forward). The CPU
-runs the forward itself, so this shows the overlap only as far as two cores allow; the GPU figure is
-bench/structured.py's.
+Part 2, the engine: a 1-layer Llama (hidden 64) with SmolLM2's vocabulary on the CPU, async scheduling on, torch on
+one thread (the other core is the grammar's), --engine-batch requests of 128 random prompt tokens, --engine-tokens
+output tokens each, greedy, ignore_eos: output tok/s unconstrained, with the GPU benchmark's schema every request on
+one lineage (KUBELLM_GRAMMAR_ROOTS=1, as before lineages), over lineages with KUBELLM_GRAMMAR_PREFETCH off (the
+default: the engine thread feeds the grammars and fills the masks), and on (a worker does, while the engine thread
+schedules and runs the next forward). The CPU runs the forward itself, so this shows the overlap only as far as
+two cores allow; the GPU figure is bench/structured.py's.
 """
 
 from __future__ import annotations
@@ -216,14 +216,16 @@ def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, 
         tokenizer_json=tokenizer_json, bos_token="<|im_start|>", eos_token="<|im_end|>"
     )
     rows = []
-    for label, constrained, prefetch in (
-        ("unconstrained", False, True),
-        ("JSON, prefetch off (before)", True, False),
-        ("JSON, prefetch on (after)", True, True),
+    for label, constrained, prefetch, roots in (
+        ("unconstrained", False, True, 0),
+        ("JSON, one lineage, prefetch off (before lineages)", True, False, 1),
+        ("JSON, prefetch off (the default)", True, False, 0),
+        ("JSON, prefetch on", True, True, 0),
     ):
         config = EngineConfig(
             model="tiny-smollm2-vocab", device="cpu", max_num_seqs=batch, generation_config="vllm",
             async_scheduling=True, grammar_prefetch=prefetch, num_threads=1, max_model_len=1024,
+            grammar_roots=roots,
         )  # fmt: skip
         engine = LLMEngine(config, loaded=loaded)
         engine.output_kind = OutputKind.FINAL_ONLY
