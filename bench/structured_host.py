@@ -260,6 +260,78 @@ def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, 
     return rows
 
 
+BOUNDED_SLICE = r'[^"\\\x00-\x1F\x7F]{1,%d}'  # llguidance's own JSON-string slices, of other lengths
+SLICE_SETS = {"llguidance's default": (), "+ lengths 1-8": tuple(range(1, 9)), "+ lengths 2, 4, 8": (2, 4, 8)}
+
+
+def slice_probe(tokenizer_json: str, steps: int = 400, repeats: int = 3) -> list[dict[str, Any]]:
+    """Can a bounded string's mask be had faster while enforcing exactly the same constraint? llguidance answers a
+    free JSON string from precomputed token sets ("slices": a slice applies when the lexer's state provably accepts
+    every token in it) and walks the whole token trie otherwise; its default JSON slices are strings of 1-10, 1-30
+    and any length, so inside `maxLength: 8` none applies. Per schema: one seeded trace of tokens drawn from the
+    masks, replayed through tokenizers with the default slices and with extra bounded-length ones (masks checked
+    identical at every step); best of `repeats`, ms per mask on one thread."""
+    import llguidance
+
+    from kubellm.engine.structured_output import llguidance_tokenizer_json
+
+    base = llguidance.LLTokenizer(llguidance_tokenizer_json(tokenizer_json), n_vocab=SMOLLM2_VOCAB, eos_token=[EOS_ID])
+    default = llguidance.LLTokenizer.json_slices()
+    tokenizers = {name: base.with_slices(default + [BOUNDED_SLICE % n for n in extra]) if extra else base
+                  for name, extra in SLICE_SETS.items()}  # fmt: skip
+    width = (SMOLLM2_VOCAB + 31) // 32
+    rows = []
+    for max_length in (8, 32):
+        items = {"type": "array", "items": {"type": "string", "maxLength": max_length}, "minItems": 200}
+        schema = {**SCHEMA, "properties": {"items": items}}
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        rng = np.random.default_rng(max_length)
+        m = llguidance.LLMatcher(base, grammar, log_level=0)
+        trace = []
+        for _ in range(steps):
+            words = np.zeros(width, np.int32)
+            m.unsafe_compute_mask_ptr(words.ctypes.data, width * 4)
+            ids = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:SMOLLM2_VOCAB])
+            if not len(ids) or m.is_stopped():
+                break
+            trace.append(int(ids[rng.integers(len(ids))]))
+            m.consume_token(trace[-1])
+        best: dict[str, float] = {}
+        reference: list[np.ndarray] = []
+        for _ in range(repeats):
+            for name, tok in tokenizers.items():
+                m = llguidance.LLMatcher(tok, grammar, log_level=0)
+                seconds, masks = 0.0, []
+                for t in trace:
+                    words = np.zeros(width, np.int32)
+                    t0 = time.perf_counter()
+                    m.unsafe_compute_mask_ptr(words.ctypes.data, width * 4)
+                    seconds += time.perf_counter() - t0
+                    masks.append(words)
+                    m.consume_token(t)
+                if not reference:
+                    reference = masks
+                elif not all(np.array_equal(a, b) for a, b in zip(reference, masks, strict=True)):
+                    raise RuntimeError(f"slices {name!r} changed a mask: they must not")
+                best[name] = min(best.get(name, np.inf), 1e3 * seconds / len(trace))
+        rows.append({"max_length": max_length, "masks": len(trace), "ms_per_mask": best})
+    return rows
+
+
+def slice_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    names = list(SLICE_SETS)
+    lines = ["", " ".join((slice_probe.__doc__ or "").split()), "",
+             "| string bound | masks | " + " | ".join(f"{n} ms/mask" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]  # fmt: skip
+    for r in rows:
+        ref = r["ms_per_mask"][names[0]]
+        cells = [f"{r['ms_per_mask'][n]:.3f} ({ref / r['ms_per_mask'][n]:.2f}x)" for n in names]
+        lines.append(f"| maxLength {r['max_length']} | {r['masks']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def probe_line(probe: dict[str, Any] | None) -> str:
     if not probe:
         return "Fill probe: not run."
@@ -308,6 +380,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{before} | {r['accept_ms']:.3f} | {r['apply_ms']:.2f} | "
                 f"{r['host_ms']:.2f} | {r['mean_allowed_tokens']:,.0f} | {ratio} |"
             )
+    lines += slice_lines(result.get("slices"))
     engine = result.get("engine") or []
     if engine:
         free = engine[0]["output_tok_s"]
@@ -338,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="part 1's fill pool (0: llguidance's default)")
     p.add_argument("--engine-batch", type=int, default=64, help="part 2's requests (0: skip part 2)")
     p.add_argument("--engine-tokens", type=int, default=48, help="part 2's output tokens per request")
+    p.add_argument("--slices", type=int, choices=(0, 1), default=1, help="time extra token slices (1)")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     p.add_argument("--name", default="", help="a suffix of the results files' names")
     args = p.parse_args(argv)
@@ -367,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.structured_host " + " ".join(sys.argv[1:] if argv is None else argv),
         "steps": args.steps,
         "fill_probe": fill_probe(manager),
+        "slices": slice_probe(tokenizer_json) if args.slices else None,
         "grammar": {},
         "engine_batch": args.engine_batch,
         "engine_tokens": args.engine_tokens,

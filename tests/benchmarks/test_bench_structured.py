@@ -241,7 +241,7 @@ def test_structured_host_runs_and_reports_lineages_beside_one_lineage(tmp_path, 
     from bench import structured_host
 
     argv = ["--tokenizer-json", str(tokenizer_file), "--batches", "1,4", "--steps", "2", "--threads", "2",
-            "--engine-batch", "0", "--out-dir", str(tmp_path)]  # fmt: skip
+            "--engine-batch", "0", "--slices", "0", "--out-dir", str(tmp_path)]  # fmt: skip
     assert structured_host.main(argv) == 0
     (js,) = tmp_path.glob("structured-host-*.json")
     result = json.loads(js.read_text())
