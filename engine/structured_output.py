@@ -293,7 +293,7 @@ class LLGuidanceBackend:
         with self._builder_lock:
             builder, self._builder = self._builder, None
         if builder is not None:
-            builder.shutdown(wait=True)
+            builder.shutdown(wait=True, cancel_futures=True)  # (a build running finishes; queued ones are dropped)
 
     def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
         """One call into llguidance's pool, the GIL released throughout. The rows go sorted by lineage: rayon hands
