@@ -33,10 +33,10 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
@@ -82,43 +82,94 @@ def default_error_body(status: int, message: str, code: str) -> bytes:
     return json.dumps({"error": err}).encode()
 
 
-class _Resume(Coroutine[object, None, None]):
-    """Carries on a coroutine that was stepped by hand up to its first suspension (on `waiting`): a Task runs it as
-    its coroutine (no wrapping coroutine frame on every later step): the first step hands the Task that future,
-    later steps, exceptions and cancellation go straight to the coroutine."""
+class Running(Protocol):
+    """What the server keeps of a handler in progress: a Task, or (3.11, eager paths) a _Driver."""
 
-    __slots__ = ("coro", "waiting")
+    def done(self) -> bool: ...
 
-    def __init__(self, coro: Coroutine[object, None, None], waiting: object):
-        self.coro, self.waiting = coro, waiting
-
-    def send(self, value: None) -> object:
-        waiting = self.waiting
-        if waiting is not None:
-            self.waiting = None
-            return waiting
-        return self.coro.send(value)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> object:  # type: ignore[override]
-        self.waiting = None
-        return self.coro.throw(typ if val is None else val)
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Generator[object, None, None]:
-        raise TypeError("_Resume runs as a Task's coroutine, never awaited")
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("__name__", "__qualname__"):  # (a Task's repr, task factories: the coroutine carried on)
-            return getattr(self.coro, name)
-        raise AttributeError(name)
+    def cancel(self, msg: Any = None) -> bool: ...
 
 
-def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, None]) -> asyncio.Task[None] | None:
-    """Run `coro` now, in the caller's stack, up to its first suspension: None if it finished there, else the Task
-    that carries it on. On 3.11 (no eager tasks) no Task is current until that first suspension: what runs before it
-    must not need one (`asyncio.timeout`, aiohttp's timeouts)."""
+class _Driver:
+    """Carries on a coroutine that was stepped by hand up to its first suspension, without a Task (3.11): each future
+    it awaits wakes it through a done callback, as a Task's step would, minus the Task itself (its creation, its
+    registration in asyncio's task set, its first step on a later turn of the loop). No Task is current inside: what
+    the handler awaits must not need one (`asyncio.timeout`, aiohttp's timeouts; 3.11's wait_for, shield, sleep and
+    executors do not).
+
+    Cancellation as a Task's: the awaited future is cancelled and the coroutine sees CancelledError there; if it was
+    already done, a CancelledError replaces its result."""
+
+    __slots__ = ("_cancel", "_done", "_waiter", "coro", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, None], waiting: object):
+        self.loop, self.coro = loop, coro
+        self._waiter: asyncio.Future[Any] | None = None
+        self._done = False
+        self._cancel = False
+        self._wait_on(waiting)
+
+    def __repr__(self) -> str:
+        return f"<_Driver {getattr(self.coro, '__qualname__', self.coro)!s} {'done' if self._done else 'running'}>"
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self._done:
+            return False
+        self._cancel = True
+        if self._waiter is not None and self._waiter.cancel():
+            self._cancel = False  # (the coroutine gets the future's CancelledError)
+        return True
+
+    def _wait_on(self, result: object) -> None:
+        if result is None:  # a bare yield (asyncio.sleep(0)): carry on at the loop's next turn
+            self.loop.call_soon(self._step, None)
+        elif getattr(result, "_asyncio_future_blocking", None):
+            fut: asyncio.Future[Any] = result  # type: ignore[assignment]
+            fut._asyncio_future_blocking = False
+            self._waiter = fut
+            fut.add_done_callback(self._wakeup)
+            if self._cancel and fut.cancel():
+                self._cancel = False
+        else:
+            self.loop.call_soon(self._step, RuntimeError(f"a coroutine yielded {result!r}, not a future"))
+
+    def _wakeup(self, fut: asyncio.Future[Any]) -> None:
+        self._waiter = None
+        try:
+            fut.result()
+        except BaseException as e:  # (raised into the coroutine where it awaited, as a Task does)
+            self._step(e)
+        else:
+            self._step(None)
+
+    def _step(self, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        if self._cancel and not isinstance(exc, asyncio.CancelledError):
+            exc = asyncio.CancelledError()
+        self._cancel = False
+        try:
+            result = self.coro.send(None) if exc is None else self.coro.throw(exc)
+        except (StopIteration, asyncio.CancelledError):
+            self._done = True
+            return
+        except (KeyboardInterrupt, SystemExit):
+            self._done = True
+            raise
+        except BaseException:  # (the server's _serve answers a handler's errors itself: this is a bug there)
+            self._done = True
+            log.exception("a handler driven without a Task failed")
+            return
+        self._wait_on(result)
+
+
+def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, None]) -> Running | None:
+    """Run `coro` now, in the caller's stack, up to its first suspension: None if it finished there, else what carries
+    it on: a Task (3.12's eager tasks), or on 3.11 a _Driver, with no Task current at any point: what the coroutine
+    awaits must not need one (`asyncio.timeout`, aiohttp's timeouts)."""
     if _NATIVE_EAGER:
         task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
         return None if task.done() else task
@@ -126,7 +177,7 @@ def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, N
         waiting = coro.send(None)
     except StopIteration:
         return None
-    return loop.create_task(_Resume(coro, waiting))
+    return _Driver(loop, coro, waiting)
 
 
 class Request:
@@ -227,7 +278,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self._drain: asyncio.Future[None] | None = None
         self.queue: deque[Request] = deque()
-        self.task: asyncio.Task[None] | None = None
+        self.task: Running | None = None
         self.reading = True
         self.last_active = 0.0
         self.in_message = False  # between a request's first byte and its end

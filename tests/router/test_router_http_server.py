@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import aiohttp
 import pytest
@@ -12,7 +13,7 @@ from router_fake_engine import FakeEngine
 
 from kubellm.router.app import RouterServer
 from kubellm.router.config import RouterConfig
-from kubellm.router.http_server import Exchange, HTTPServer, Request
+from kubellm.router.http_server import Exchange, HTTPServer, Request, start_eager
 from kubellm.routing import RoutingPolicy
 
 
@@ -258,7 +259,8 @@ async def test_graceful_stop_finishes_requests_in_progress_and_closes_idle_conne
 
 async def test_eager_paths_run_their_handler_in_the_read_callback():
     """A handler on an eager path runs when its request is read, up to its first await: one that answers without
-    awaiting needs no Task at all; one that awaits carries on in a Task (the yields in /x) and answers the same."""
+    awaiting needs no Task at all; one that awaits (the yields in /x) carries on and answers the same: in an eager
+    Task on 3.12+, driven by the futures it awaits without any Task on 3.11 (http_server._Driver)."""
     loop = asyncio.get_running_loop()
     created: list[str] = []
 
@@ -279,7 +281,8 @@ async def test_eager_paths_run_their_handler_in_the_read_callback():
         writer.write(post("/x", b"abc"))
         status, _, body = await read_response(reader)
         assert status == 200 and body.endswith(b"abc")
-        assert any("_serve" in c for c in created)  # it went on in a Task after its first await
+        went_on_in_a_task = any("_serve" in c for c in created)
+        assert went_on_in_a_task == (sys.version_info >= (3, 12))
         before = len(created)
         writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")  # not eager: a Task from the start
         status, _, _ = await read_response(reader)
@@ -485,3 +488,57 @@ async def test_the_router_answers_a_trickled_request_408_and_serves_whole_ones()
             writer.close()
     finally:
         await engine.kill()
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12+ carries eager handlers on in native eager Tasks")
+async def test_driver_carries_a_coroutine_on_as_a_task_would():
+    """start_eager's driver on 3.11 (no Task): results and exceptions of awaited futures reach the coroutine where it
+    awaited, a bare yield (sleep(0)) goes on at the next turn, cancel() while it waits cancels the awaited future and
+    the coroutine sees CancelledError there, cancel() after that future completed but before the wake-up replaces the
+    result with CancelledError, and done() says when the coroutine returned."""
+    loop = asyncio.get_running_loop()
+    seen: list[object] = []
+
+    async def body(futs: list[asyncio.Future[int]]) -> None:
+        try:
+            seen.append(await futs[0])
+            await asyncio.sleep(0)
+            seen.append("slept")
+            try:
+                await futs[1]
+            except ValueError as e:
+                seen.append(f"raised {e}")
+            seen.append(await futs[2])
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    futs = [loop.create_future() for _ in range(3)]
+    driver = start_eager(loop, body(futs))
+    assert driver is not None and not driver.done() and seen == []
+    futs[0].set_result(1)
+    futs[1].set_exception(ValueError("boom"))
+    futs[2].set_result(3)
+    await asyncio.wait_for(_until(driver.done), 5)
+    assert seen == [1, "slept", "raised boom", 3]
+
+    seen.clear()
+    futs = [loop.create_future() for _ in range(3)]
+    driver = start_eager(loop, body(futs))
+    assert driver is not None and driver.cancel()
+    await asyncio.wait_for(_until(driver.done), 5)
+    assert seen == ["cancelled"] and futs[0].cancelled() and not driver.cancel()
+
+    seen.clear()
+    futs = [loop.create_future() for _ in range(3)]
+    driver = start_eager(loop, body(futs))
+    assert driver is not None
+    futs[0].set_result(1)  # done, its wake-up not yet run
+    assert driver.cancel()
+    await asyncio.wait_for(_until(driver.done), 5)
+    assert seen == ["cancelled"]
+
+    async def returns_at_once() -> None:
+        return None
+
+    assert start_eager(loop, returns_at_once()) is None
