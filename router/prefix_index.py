@@ -149,9 +149,14 @@ def leading_held(held: Container[int], salt: int, hashes: Sequence[int], guess: 
     """How many leading `hashes` are in `held` (XORed with `salt`), given that what is held of them is a prefix (see
     ApproxIndex). Probes the first block, then `guess` (a length another replica just gave: replicas often hold the
     same shared head), then binary-searches the rest: O(log n) probes, where walking the prefix took m."""
-    n = len(hashes)
-    if not n or hashes[0] ^ salt not in held:
+    if not hashes or hashes[0] ^ salt not in held:
         return 0
+    return _held_after_head(held, salt, hashes, guess)
+
+
+def _held_after_head(held: Container[int], salt: int, hashes: Sequence[int], guess: int) -> int:
+    """leading_held once the first block is known to be held (match_all probes it inline for every replica)."""
+    n = len(hashes)
     lo, hi = 1, n  # the answer m lies in [lo, hi]: blocks < lo are held, blocks >= hi are not (or do not exist)
     if 0 < guess <= n:
         if hashes[guess - 1] ^ salt in held:
@@ -224,7 +229,7 @@ class PrefixIndex:
             if head ^ salt not in lru:  # (leading_held's first probe, inline: most replicas hold none of a prompt)
                 out.append(0)
                 continue
-            m = leading_held(lru, salt, hashes, guess)
+            m = _held_after_head(lru, salt, hashes, guess)
             guess = m
             out.append(m)
         return out

@@ -46,12 +46,20 @@ class PrefixPolicy(Policy):
         self.load_floor = load_floor
         self.min_match_ratio = min_match_ratio
         self.min_match_tokens = min_match_tokens
+        self._need: dict[tuple[int, int], int] = {}  # min_match_blocks by (prompt blocks, tokens per block)
 
     def min_match_blocks(self, request: RouteRequest) -> int:
         """The fewest leading blocks a replica must hold for this prompt to follow it (never less than one)."""
-        by_tokens = -(-self.min_match_tokens // max(1, request.block_tokens))
-        by_ratio = math.ceil(self.min_match_ratio * request.num_blocks - 1e-9)
-        return max(1, by_tokens, by_ratio)
+        key = (request.num_blocks, request.block_tokens)
+        need = self._need.get(key)
+        if need is None:  # (a few distinct prompt lengths and block sizes: computed once each, bounded)
+            by_tokens = -(-self.min_match_tokens // max(1, request.block_tokens))
+            by_ratio = math.ceil(self.min_match_ratio * request.num_blocks - 1e-9)
+            need = max(1, by_tokens, by_ratio)
+            if len(self._need) >= 4096:
+                self._need.clear()
+            self._need[key] = need
+        return need
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
         """The rule in the module's docstring, in two passes over the candidates (it runs once per routed request,
