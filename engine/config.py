@@ -159,10 +159,9 @@ class EngineConfig:
         "the default until measured on a GPU: the engine thread does both before sampling)",
     )  # fmt: skip
     grammar_pinned_masks: bool = env_option(
-        "KUBELLM_GRAMMAR_PINNED_MASKS", env_bool, False,
+        "KUBELLM_GRAMMAR_PINNED_MASKS", env_bool, True,
         help="structured outputs on CUDA: fill each step's token masks straight into pinned host memory (two buffers "
-        "in turn), copied to the GPU without a staging copy (off, the default until measured on a GPU: a new array "
-        "each step, pinned by a copy)",
+        "in turn), copied to the GPU without a staging copy (0: a new array each step, pinned by a copy)",
     )  # fmt: skip
     grammar_threads: int = env_option(
         "KUBELLM_GRAMMAR_THREADS", int, 0,
