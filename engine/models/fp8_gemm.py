@@ -27,8 +27,10 @@ Interface shared with the loader (engine/models, the fp8 checkpoint formats): `f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -235,6 +237,20 @@ def set_tuned(routes: dict[tuple, Route]) -> None:
     _tuned.clear()
     _tuned.update(routes)
     _route_cache.clear()
+
+
+@contextlib.contextmanager
+def dispatch_settings(mode: str, splitk: bool, tuned: dict[tuple, Route]) -> Iterator[None]:
+    """The dispatch set for a block and restored after it: the process-wide setting outlives any one caller (the
+    tests that pin a route use it)."""
+    before = (_dispatch["mode"], _dispatch["splitk"], dict(_tuned))
+    configure(mode, splitk)
+    set_tuned(tuned)
+    try:
+        yield
+    finally:
+        configure(before[0], before[1])
+        set_tuned(before[2])
 
 
 def plan_route(kind: ScaleKind, static: bool, n: int, k: int, m: int, out_dtype: torch.dtype, cuda: bool) -> Route:

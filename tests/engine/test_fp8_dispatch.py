@@ -35,12 +35,8 @@ COLUMNS = ["bf16", "tensor", "tensor-token", "tensor-w8a16", "channel", "block",
 def dispatch_state():
     """Each test starts from the table dispatch with split-K allowed and nothing tuned (the routes these tests
     check; the engine's default is "fixed"), and leaves the dispatch as it found it, for the tests after it."""
-    before = (fp8_gemm.dispatch_mode(), fp8_gemm._dispatch["splitk"], dict(fp8_gemm._tuned))
-    fp8_gemm.configure("table", True)
-    fp8_gemm.set_tuned({})
-    yield
-    fp8_gemm.configure(before[0], before[1])
-    fp8_gemm.set_tuned(before[2])
+    with fp8_gemm.dispatch_settings("table", True, {}):
+        yield
 
 
 def test_the_table_holds_the_figures_of_the_results_file_it_names() -> None:

@@ -147,12 +147,8 @@ def table_dispatch():
     changed it; the engine's default is "fixed", which test_the_fused_input_route_gives_fp8_linears_result and the
     model tests' default runs take), and leaves the dispatch as it found it."""
     fp8_gemm, _, _ = modules()
-    before = (fp8_gemm.dispatch_mode(), fp8_gemm._dispatch["splitk"], dict(fp8_gemm._tuned))
-    fp8_gemm.configure("table", True)
-    fp8_gemm.set_tuned({})
-    yield
-    fp8_gemm.configure(before[0], before[1])
-    fp8_gemm.set_tuned(before[2])
+    with fp8_gemm.dispatch_settings("table", True, {}):
+        yield
 
 
 # ---- GEMMs ----
