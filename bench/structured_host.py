@@ -54,6 +54,7 @@ SCHEMAS = {
     "typical agent schema": AGENT_SCHEMA,
 }
 EOS_ID = 2
+SWITCH_MS, SWITCH_MS_LOW = 0.5, 0.1  # part 2's GIL switch intervals (KUBELLM_GRAMMAR_SWITCH_INTERVAL_MS)
 WARMUP_STEPS = 8
 
 
@@ -216,17 +217,23 @@ def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, 
         tokenizer_json=tokenizer_json, bos_token="<|im_start|>", eos_token="<|im_end|>"
     )
     rows = []
-    for label, constrained, prefetch, roots in (
-        ("unconstrained", False, True, 0),
-        ("JSON, one lineage, prefetch off (before lineages)", True, False, 1),
-        ("JSON, prefetch off (the default)", True, False, 0),
-        ("JSON, prefetch on", True, True, 0),
+    default_interval = sys.getswitchinterval()
+    for label, constrained, prefetch, roots, interval_ms in (
+        ("unconstrained", False, True, 0, 0.0),
+        (f"unconstrained, GIL switch interval {SWITCH_MS} ms", False, True, 0, SWITCH_MS),
+        ("JSON, one lineage, prefetch off (before lineages)", True, False, 1, 0.0),
+        ("JSON, prefetch off (the default)", True, False, 0, 0.0),
+        ("JSON, prefetch on, Python's switch interval (5 ms)", True, True, 0, 5.0),
+        (f"JSON, prefetch on (the default GIL switch interval, {SWITCH_MS} ms)", True, True, 0, SWITCH_MS),
+        (f"JSON, prefetch on, GIL switch interval {SWITCH_MS_LOW} ms", True, True, 0, SWITCH_MS_LOW),
     ):
         config = EngineConfig(
             model="tiny-smollm2-vocab", device="cpu", max_num_seqs=batch, generation_config="vllm",
             async_scheduling=True, grammar_prefetch=prefetch, num_threads=1, max_model_len=1024,
-            grammar_roots=roots,
+            grammar_roots=roots, grammar_switch_interval_ms=interval_ms,
         )  # fmt: skip
+        if not constrained and interval_ms:  # no prefetcher runs to set it: the same interval, set here
+            sys.setswitchinterval(interval_ms / 1e3)
         engine = LLMEngine(config, loaded=loaded)
         engine.output_kind = OutputKind.FINAL_ONLY
         spec = StructuredOutputsParams(json=SCHEMA) if constrained else None
@@ -243,8 +250,10 @@ def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, 
             while engine.has_unfinished_requests():
                 outs += [o for o in engine.step() if o.finished]
             wall = time.perf_counter() - start
-        after = engine.structured_outputs.fill_stats
+        after = engine.structured_outputs.fill_stats.snapshot()
         engine.close()
+        sys.setswitchinterval(default_interval)
+        worker_steps = max(1, after.worker_steps - before.worker_steps)
         out_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
         if constrained and not all(o.outputs[0].text.startswith('{"items":["') for o in outs):
             raise RuntimeError(f"a constrained answer broke the schema: {outs[0].outputs[0].text[:80]!r}")
@@ -255,8 +264,72 @@ def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, 
             "engine_wait_ms_per_step": 1e3 * (after.waited_seconds - before.waited_seconds) / steps,
             "prefetched_rows": after.prefetched_rows - before.prefetched_rows,
             "filled_rows": after.rows - before.rows,
+            "worker_tokens_ms": 1e3 * (after.worker_tokens_seconds - before.worker_tokens_seconds) / worker_steps,
+            "worker_accept_ms": 1e3 * (after.worker_accept_seconds - before.worker_accept_seconds) / worker_steps,
+            "worker_fill_ms": 1e3 * (after.worker_fill_seconds - before.worker_fill_seconds) / worker_steps,
         })  # fmt: skip
         print(f"engine {label}: {rows[-1]['output_tok_s']:,.0f} tok/s", flush=True)
+    return rows
+
+
+GIL_INTERVALS_MS = (5.0, 0.5, 0.1)  # Python's default, then KUBELLM_GRAMMAR_SWITCH_INTERVAL_MS candidates
+
+
+def gil_probe(manager: Any, schema: dict[str, Any], batch: int, steps: int = 24) -> list[dict[str, Any]]:
+    """Part 3, where the prefetcher's thread waits: `batch` matchers advanced by the prefetcher's own step
+    (advance_and_fill on a worker thread: accepts, then llguidance's fill with the GIL released) while the calling
+    thread either waits for it (idle, as the engine thread blocked on the GPU) or runs Python until it is done
+    (busy, as the engine thread scheduling the next batch and holding the GIL), per GIL switch interval. Mean ms per
+    step: the step's wall time seen by the caller and the worker's phases (GIL waits included)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubellm.engine.sampling_params import StructuredOutputsParams
+    from kubellm.engine.structured_output import GrammarRow, advance_and_fill
+
+    spec = StructuredOutputsParams(json=schema)
+    default = sys.getswitchinterval()
+    rows = []
+    pool = ThreadPoolExecutor(1, thread_name_prefix="gil-probe")
+    try:
+        for interval_ms in GIL_INTERVALS_MS:
+            for busy in (False, True):
+                matchers = [manager.new_matcher(spec) for _ in range(batch)]
+                manager.compile(spec).settle(60.0)
+                words = manager.fill(matchers)
+                rng = np.random.default_rng(batch)
+                grammar_rows = [GrammarRow(j, m, lambda: False, (EOS_ID,)) for j, m in enumerate(matchers)]
+                sys.setswitchinterval(interval_ms / 1e3)
+                walls, spins = [], 0
+                before = manager.fill_stats.snapshot()
+                for step in range(WARMUP_STEPS + steps):
+                    bits = np.unpackbits(words.view(np.uint8), axis=1, count=SMOLLM2_VOCAB, bitorder="little")
+                    tokens = [int(rng.choice(np.flatnonzero(b))) for b in bits]
+                    if step == WARMUP_STEPS:
+                        before = manager.fill_stats.snapshot()
+                    t0 = time.perf_counter()
+                    fut = pool.submit(advance_and_fill, manager, grammar_rows, lambda t=tokens: t)
+                    if busy:
+                        while not fut.done():  # pure Python: holds the GIL but for the interpreter's switches
+                            spins += 1
+                    done = fut.result()
+                    walls.append(time.perf_counter() - t0)
+                    words = done.words
+                    if len(done.matchers) != batch:
+                        raise RuntimeError("a probe grammar ended early")
+                sys.setswitchinterval(default)
+                after = manager.fill_stats.snapshot()
+                n = max(1, after.worker_steps - before.worker_steps)
+                rows.append({
+                    "switch_interval_ms": interval_ms, "caller": "busy" if busy else "idle", "batch": batch,
+                    "step_ms": _ms(walls[WARMUP_STEPS:]),
+                    "tokens_ms": 1e3 * (after.worker_tokens_seconds - before.worker_tokens_seconds) / n,
+                    "accept_ms": 1e3 * (after.worker_accept_seconds - before.worker_accept_seconds) / n,
+                    "fill_ms": 1e3 * (after.worker_fill_seconds - before.worker_fill_seconds) / n,
+                })  # fmt: skip
+                print(f"gil probe {rows[-1]}", flush=True)
+    finally:
+        sys.setswitchinterval(default)
+        pool.shutdown()
     return rows
 
 
@@ -381,6 +454,22 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['host_ms']:.2f} | {r['mean_allowed_tokens']:,.0f} | {ratio} |"
             )
     lines += slice_lines(result.get("slices"))
+    gil = result.get("gil") or []
+    if gil:
+        lines += [
+            "",
+            " ".join((gil_probe.__doc__ or "").split()),
+            "",
+            "| schema | rows | GIL switch interval ms | caller | step ms | worker: tokens / accepts / fill ms | "
+            "step outside the phases ms (GIL taken to start and to return) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in gil:
+            phases = r["tokens_ms"] + r["accept_ms"] + r["fill_ms"]
+            lines.append(
+                f"| {r['schema']} | {r['batch']} | {r['switch_interval_ms']} | {r['caller']} | {r['step_ms']:.2f} | "
+                f"{r['tokens_ms']:.2f} / {r['accept_ms']:.2f} / {r['fill_ms']:.2f} | {r['step_ms'] - phases:.2f} |"
+            )
     engine = result.get("engine") or []
     if engine:
         free = engine[0]["output_tok_s"]
@@ -391,14 +480,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"Batch {result['engine_batch']}, {result['engine_tokens']} output tokens per request.",
             "",
             "| run | output tok/s | vs unconstrained | fill ms/step (any thread) | engine thread's wait for the "
-            "prefetcher, ms/step | masks prefetched / filled |",
-            "|---|---|---|---|---|---|",
+            "prefetcher, ms/step | masks prefetched / filled | prefetcher's step, ms: tokens wait / accepts / fill |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in engine:
+            worker = (
+                f"{r['worker_tokens_ms']:.2f} / {r['worker_accept_ms']:.2f} / {r['worker_fill_ms']:.2f}"
+                if r.get("prefetched_rows") and "worker_fill_ms" in r
+                else "-"
+            )
             lines.append(
                 f"| {r['run']} | {r['output_tok_s']:,.0f} | {r['output_tok_s'] / free:.2f}x | "
                 f"{r['fill_ms_per_step']:.2f} | {r['engine_wait_ms_per_step']:.2f} | "
-                f"{r['prefetched_rows']:,} / {r['filled_rows']:,} |"
+                f"{r['prefetched_rows']:,} / {r['filled_rows']:,} | {worker} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -410,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per schema and batch")
     p.add_argument("--threads", type=int, default=0, help="part 1's fill pool (0: llguidance's default)")
     p.add_argument("--engine-batch", type=int, default=64, help="part 2's requests (0: skip part 2)")
+    p.add_argument("--gil-batch", type=int, default=64, help="part 3's rows (0: skip part 3)")
     p.add_argument("--engine-tokens", type=int, default=48, help="part 2's output tokens per request")
     p.add_argument("--slices", type=int, choices=(0, 1), default=1, help="time extra token slices (1)")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
@@ -453,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
             result["grammar"][name].append(row)
             print(f"{name} B={b}: host {row['host_ms']:.2f} ms/step, fill {row['fill_ms_per_row']:.3f} ms/row",
                   flush=True)  # fmt: skip
+    result["gil"] = [r for name in ("bench without maxLength", "bench (maxLength 8, minItems 200)")
+                     for r in [dict(x, schema=name) for x in gil_probe(manager, SCHEMAS[name], args.gil_batch)]
+                     ] if args.gil_batch else []  # fmt: skip
     if args.engine_batch:
         result["engine"] = engine_runs(tokenizer_json, args.engine_batch, args.engine_tokens)
     result["load_average_after"] = list(os.getloadavg())  # (other jobs' use of these cores during the run)

@@ -158,6 +158,12 @@ class EngineConfig:
         "and fills the next step's token masks while the engine thread schedules and queues the next forward (off, "
         "the default until measured on a GPU: the engine thread does both before sampling)",
     )  # fmt: skip
+    grammar_switch_interval_ms: float = env_option(
+        "KUBELLM_GRAMMAR_SWITCH_INTERVAL_MS", float, 0.5,
+        help="structured outputs with KUBELLM_GRAMMAR_PREFETCH=1: the interpreter's GIL switch interval (ms) once the "
+        "prefetcher's thread starts, so it gets the GIL back from the engine thread within this rather than Python's "
+        "5 ms (process-wide, put back when the engine closes; 0: leave Python's)",
+    )  # fmt: skip
     grammar_pinned_masks: bool = env_option(
         "KUBELLM_GRAMMAR_PINNED_MASKS", env_bool, True,
         help="structured outputs on CUDA: fill each step's token masks straight into pinned host memory (two buffers "

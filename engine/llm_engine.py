@@ -170,7 +170,9 @@ class LLMEngine:
         # and fills the next step's masks while this thread schedules and queues the next forward (off: this thread
         # does both before sampling). Read at each step: a benchmark may flip it between runs.
         self.grammar_prefetch = config.grammar_prefetch
-        self._prefetcher = MaskPrefetcher(self.structured_outputs)  # its thread starts on first use
+        self._prefetcher = MaskPrefetcher(  # its thread starts on first use
+            self.structured_outputs, config.grammar_switch_interval_ms / 1e3 or None
+        )
         self._prefetched: PrefetchedMasks | None = None  # the last step read back's, for the sampling after it
         self._mask_buffers = (  # KUBELLM_GRAMMAR_PINNED_MASKS: masks filled straight into pinned memory (CUDA)
             PinnedBitmaskBuffers(bitmask_words(self.model_config.vocab_size))

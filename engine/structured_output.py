@@ -17,8 +17,10 @@ allowed; a row of all ones (-1) allows everything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -359,9 +361,15 @@ class FillStats:
     seconds: float = 0.0  # wall time inside the fills, on whichever thread ran them
     prefetched_rows: int = 0  # rows whose mask a step found filled ahead by the MaskPrefetcher
     waited_seconds: float = 0.0  # the engine thread's waits for the prefetcher (0 while it keeps ahead)
+    # The prefetcher's steps, phase by phase (wall time on its thread, GIL waits included): waiting for the step's
+    # tokens, feeding them to the grammars, filling the masks (the GIL released inside llguidance, then taken back).
+    worker_steps: int = 0
+    worker_tokens_seconds: float = 0.0
+    worker_accept_seconds: float = 0.0
+    worker_fill_seconds: float = 0.0
 
     def snapshot(self) -> FillStats:
-        return FillStats(self.calls, self.rows, self.seconds, self.prefetched_rows, self.waited_seconds)
+        return dataclasses.replace(self)
 
 
 @dataclass
@@ -540,7 +548,9 @@ def advance_and_fill(
     """Wait for a step's sampled tokens (`tokens()`, row order), feed each constrained row's token to its grammar,
     unless the engine drops it, and fill the masks of the grammars that go on: what the engine thread would do at
     the start of the next step's sampling, done ahead."""
+    start = time.perf_counter()
     ids = tokens()
+    got = time.perf_counter()
     outcomes: dict[Any, tuple[bool, bool]] = {}
     live: list[GrammarMatcher] = []
     for row, token in zip(rows, ids, strict=True):
@@ -551,20 +561,35 @@ def advance_and_fill(
         outcomes[row.key] = (accepted, terminated)
         if not terminated:
             live.append(row.matcher)
+    accepted_at = time.perf_counter()
     words = manager.fill(live) if live else np.empty((0, bitmask_words(manager.backend.vocab_size)), np.int32)
+    stats = manager.fill_stats
+    stats.worker_steps += 1
+    stats.worker_tokens_seconds += got - start
+    stats.worker_accept_seconds += accepted_at - got
+    stats.worker_fill_seconds += time.perf_counter() - accepted_at
     return PrefetchedMasks(outcomes, words, live)
 
 
 class MaskPrefetcher:
     """One worker thread running `advance_and_fill` for the step just queued. Its caller must not touch the
-    grammars of a submitted step until it has taken the result (Future.result): the worker advances them."""
+    grammars of a submitted step until it has taken the result (Future.result): the worker advances them.
 
-    def __init__(self, manager: StructuredOutputManager):
+    `switch_interval` (seconds; None: leave it): the interpreter's GIL switch interval while the worker runs, set
+    when its thread starts and put back on close. The worker's Python parts (the accepts, taking the GIL back after
+    llguidance's fill) wait for the engine thread to drop the GIL, up to one interval (5 ms by default) each time."""
+
+    def __init__(self, manager: StructuredOutputManager, switch_interval: float | None = None):
         self.manager = manager
+        self.switch_interval = switch_interval
         self._pool: ThreadPoolExecutor | None = None
+        self._saved_interval: float | None = None
 
     def submit(self, rows: Sequence[GrammarRow | None], tokens: Callable[[], Sequence[int]]) -> Future[PrefetchedMasks]:
         if self._pool is None:
+            if self.switch_interval is not None and self.switch_interval > 0:
+                self._saved_interval = sys.getswitchinterval()
+                sys.setswitchinterval(self.switch_interval)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kubellm-grammar")
         return self._pool.submit(advance_and_fill, self.manager, rows, tokens)
 
@@ -580,6 +605,9 @@ class MaskPrefetcher:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._saved_interval is not None:
+            sys.setswitchinterval(self._saved_interval)
+            self._saved_interval = None
 
 
 def llguidance_manager(

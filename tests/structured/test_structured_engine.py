@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import jsonschema
 import pytest
@@ -146,6 +147,7 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
         )  # fmt: skip
         reqs.append((params, f"Person number {i} as JSON, please."))
     results = {}
+    python_interval = sys.getswitchinterval()
     for prefetch in (True, False):
         eng = make_engine(smollm2, async_scheduling=True, grammar_prefetch=prefetch)
         requests = [(chat_ids(eng, text), params) for params, text in reqs]
@@ -154,9 +156,13 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
         if prefetch:
             # rows counts every fill, the worker's included; only each request's first mask is filled on the spot
             assert stats.prefetched_rows > stats.rows / 2, "most rows' masks came from the prefetcher"
+            assert stats.worker_steps > 0 and stats.worker_fill_seconds > 0
+            # KUBELLM_GRAMMAR_SWITCH_INTERVAL_MS (0.5 by default) while the prefetcher runs, Python's again after
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
         else:
-            assert stats.prefetched_rows == 0
+            assert stats.prefetched_rows == 0 and stats.worker_steps == 0
         eng.close()
+        assert sys.getswitchinterval() == python_interval
     assert results[True] == results[False]
     for (params, _), out in zip(reqs, results[True], strict=True):
         for _tokens, text, reason in out:
