@@ -5,7 +5,9 @@
   1/32/128/256 over 1024-token contexts, in a CUDA graph, against the floor of reading each context's latents once
   (batch x ctx x 576 x 2 bytes at the copy bandwidth measured in this run), for the FA2 kernel family the engine
   uses by default and FA3 (KUBELLM_PREFILL_BACKEND=fa3 switches the engine to it), at pages of 16 and 64 tokens
-  (the engine's --block-size; vLLM's FLASH_ATTN_MLA decode ran at 16 beside us on 2026-12-07);
+  (the engine's --block-size; vLLM's FLASH_ATTN_MLA decode ran at 16 beside us on 2026-12-07); with two or more
+  kernels, each other kernel's time over the first's per page and batch (e.g. fa3 / fa2: below 1 is faster; the
+  engine takes a decode family with KUBELLM_MLA_DECODE_BACKEND). `--skip-prefill` stops after the decode rows;
 - prefill chunks of L new tokens (L = 16 ... 4096; as many chunks as make 16384 tokens, at most 16) over a cached
   prefix of 0 or 4096 tokens, causal, with each path's projections: absorbed (W_UK on the queries, the MLA kernel over
   the latent pool, W_UV on its output: the engine's default) vs up-projected (the engine's path with
@@ -17,6 +19,7 @@
   otherwise).
 
     python -m bench.mla_micro --out-dir DIR      (bench/gpu_run.sh mla-micro)
+    bench/gpu_run.sh mla-micro --decode-batches 1,64,256 --decode-kernels fa2,fa3 --decode-pages 16 --skip-prefill
 
 Results: DIR/mla-micro-<date>.json and .md.
 """
@@ -149,6 +152,24 @@ def prefill_row(
     return row
 
 
+def decode_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each kernel's decode time over the first kernel's, at the same page and batch (both measured)."""
+    base_kernel = rows[0]["kernel"] if rows else None
+    base = {(r["page"], r["batch"], r["ctx"]): r["ms"] for r in rows if r["kernel"] == base_kernel}
+    return [
+        {
+            "kernel": r["kernel"],
+            "over": base_kernel,
+            "page": r["page"],
+            "batch": r["batch"],
+            "ctx": r["ctx"],
+            "ratio": r["ms"] / base[(r["page"], r["batch"], r["ctx"])],
+        }
+        for r in rows
+        if r["kernel"] != base_kernel and (r["page"], r["batch"], r["ctx"]) in base
+    ]
+
+
 def write_results(out_dir: Path, result: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"mla-micro-{dt.date.today().isoformat()}"
@@ -168,6 +189,21 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> None:
             f"| {r['kernel']} | {r.get('page', BLOCK)} | {r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | "
             f"{r['floor_ms'] * 1e3:.1f} | {r['ratio_to_floor']:.2f} |"
             for r in result["decode"]
+        ),
+        *(
+            [
+                "",
+                "Decode, time over the first kernel's (below 1: faster):",
+                "",
+                "| kernel / first | page | batch | ctx | ratio |",
+                "|---|---:|---:|---:|---:|",
+                *(
+                    f"| {r['kernel']} / {r['over']} | {r['page']} | {r['batch']} | {r['ctx']} | {r['ratio']:.2f} |"
+                    for r in result["decode_ratios"]
+                ),
+            ]
+            if result.get("decode_ratios")
+            else []
         ),
         "",
         "Prefill chunks, causal, over a cached prefix or none, each path's projections included (up-projected: the "
@@ -212,6 +248,7 @@ def main() -> None:
     ap.add_argument(
         "--prefill-tokens", type=int, default=16384, help="chunks per row: this many new tokens, 1 to 16 chunks"
     )
+    ap.add_argument("--skip-prefill", action="store_true", help="the decode rows only")
     ap.add_argument("--deadline-s", type=float, default=300.0)
     args = ap.parse_args()
     deadline = time.monotonic() + args.deadline_s
@@ -227,7 +264,12 @@ def main() -> None:
                 if time.monotonic() < deadline:
                     result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen, page))
                     print(f"decode {row}", flush=True)
+    result["decode_ratios"] = decode_ratios(result["decode"])
+    for r in result["decode_ratios"]:
+        print(f"decode {r['kernel']} / {r['over']}: page {r['page']} batch {r['batch']}: {r['ratio']:.3f}", flush=True)
     write_results(args.out_dir, result)  # the decode rows stand whatever the prefill rows meet
+    if args.skip_prefill:
+        return
     layer = _layer()
     rows = [
         (kernel, cached, n)

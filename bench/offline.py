@@ -447,6 +447,11 @@ def results_markdown(r: dict[str, Any]) -> str:
             else "."
         )
         + (
+            f" KUBELLM_MLA_DECODE_BACKEND={r['mla_decode_backend']}."
+            if r.get("mla_decode_backend", "prefill") != "prefill"
+            else ""
+        )
+        + (
             f" FP8 GEMM routes: KUBELLM_FP8_GEMM={r['fp8_gemm']}, KUBELLM_FP8_SPLITK={int(r.get('fp8_splitk', True))}."
             if st.get("quantization") and r.get("fp8_gemm")
             else ""
@@ -944,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling": asdict(Sampling()),
         "mla_upproject_min_tokens": mla_up,
         "prefill_backend": EngineConfig().prefill_backend,  # KUBELLM_PREFILL_BACKEND: also the MLA kernel family
+        "mla_decode_backend": EngineConfig().mla_decode_backend,  # KUBELLM_MLA_DECODE_BACKEND: decode-only MLA steps
         "fp8_gemm": EngineConfig().fp8_gemm,  # KUBELLM_FP8_GEMM: fixed / table / tune routes of FP8 linear layers
         "fp8_splitk": EngineConfig().fp8_splitk,
         "mla_upproject_max_context_tokens": (

@@ -219,7 +219,14 @@ class EngineConfig:
     prefill_backend: str = env_option(
         "KUBELLM_PREFILL_BACKEND", str, "fa2",
         choices=("fa2", "fa3", "auto"),
-        help="flashinfer: paged prefill kernel family (also that of the MLA kernel DeepSeek models attend with)",
+        help="flashinfer: paged prefill kernel family (also that of the MLA kernel DeepSeek models attend with in "
+        "steps with prefill rows, and of their up-projected ragged prefill)",
+    )  # fmt: skip
+    mla_decode_backend: str = env_option(
+        "KUBELLM_MLA_DECODE_BACKEND", str, "prefill",
+        choices=("prefill", "fa2", "fa3", "auto"),
+        help="flashinfer: MLA kernel family of decode-only steps (DeepSeek; eager and CUDA-graph). prefill: the "
+        "KUBELLM_PREFILL_BACKEND family; fa3: the sm90 kernel (a first-use build unless prebuilt); auto: fa3 on sm90a",
     )  # fmt: skip
     mla_upproject_min_tokens: int = env_option(
         "KUBELLM_MLA_UPPROJECT_MIN_TOKENS", int, 0,
@@ -274,6 +281,11 @@ class EngineConfig:
                 raise ValueError(
                     f"invalid engine argument {f.name}={value!r}{via}; choose from {', '.join(map(str, spec.choices))}"
                 )
+
+    @property
+    def mla_decode_kernel(self) -> str:
+        """mla_decode_backend resolved: `prefill` is the prefill family (KUBELLM_PREFILL_BACKEND)."""
+        return self.prefill_backend if self.mla_decode_backend == "prefill" else self.mla_decode_backend
 
     @property
     def mla_upproject_context_budget(self) -> int:

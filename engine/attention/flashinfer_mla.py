@@ -5,7 +5,9 @@ The kernel takes the compressed-KV and rope parts of the cache as two tensors; b
 pool (it reads them through their page and token strides), so a token's latent is stored once, by one
 `index_copy_` of its row. One wrapper plans every eager step, prefill chunks over a cached prefix and decodes
 mixed (causal, bottom-right aligned: a chunk's queries see the whole cached context and their own past), and every
-layer reuses that plan, as the dense flashinfer backend does.
+layer reuses that plan, as the dense flashinfer backend does. Decode-only steps (eager, and every CUDA-graph step)
+run the `mla_decode_backend` family (KUBELLM_MLA_DECODE_BACKEND; by default the same as `mla_backend`, the prefill
+family, and then the same wrapper); steps with prefill rows keep `mla_backend`.
 
 Up-projected prefill (`mla_upproject_min_tokens` > 0, engine/attention/mla.py): the step's long chunks attend through
 flashinfer's ragged prefill (`BatchPrefillWithRaggedKVCacheWrapper` of the MLA kernel's family, head_dim_qk nope +
@@ -64,6 +66,7 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
         device: torch.device | str | None = None,
         sliding_window: int | Sequence[int | None] | None = None,
         mla_backend: str | None = None,
+        mla_decode_backend: str | None = None,
         max_num_batched_tokens: int | None = None,
         max_num_seqs: int | None = None,
         upproject_min_tokens: int = 0,
@@ -89,9 +92,17 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
         self.device = torch.device(device or "cuda")
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = head_dim - kv_lora_rank
-        self.mla_backend = mla_backend or "fa2"
+        self.mla_backend = mla_backend or "fa2"  # steps with prefill rows (and the up-projected ragged prefill)
+        self.mla_decode_backend = mla_decode_backend or self.mla_backend  # decode-only steps, eager and graphs
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._eager = BatchMLAPagedAttentionWrapper(self.workspace, backend=self.mla_backend)
+        # one wrapper when the families agree (the default); else decode-only steps plan their own (one step runs
+        # one of them, so they share the float workspace as the graph wrappers do)
+        self._eager_decode = (
+            self._eager
+            if self.mla_decode_backend == self.mla_backend
+            else BatchMLAPagedAttentionWrapper(self.workspace, backend=self.mla_decode_backend)
+        )
         self._graph_wrappers: dict[int, BatchMLAPagedAttentionWrapper] = {}
         self._graph_pages = 0
         self._wrapper = self._eager  # the wrapper this step runs
@@ -109,6 +120,7 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
     def options_from(cls, config: EngineConfig) -> dict[str, Any]:
         return {
             "mla_backend": config.prefill_backend,  # fa2 (default), fa3 or auto: the same families as prefill
+            "mla_decode_backend": config.mla_decode_kernel,  # KUBELLM_MLA_DECODE_BACKEND (default: the above)
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "max_num_seqs": config.max_num_seqs,
             "upproject_min_tokens": config.mla_upproject_min_tokens,
@@ -141,7 +153,8 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
         plan = self.plan_upproject(meta, self.device)
         if plan is None:
             check_mla_work(meta.query_lens_list, self.num_heads)
-            self._plan(self._eager, mla_page_table_from_meta(meta))
+            wrapper = self._eager_decode if meta.is_decode_only else self._eager
+            self._plan(wrapper, mla_page_table_from_meta(meta))
             return
         if len(plan.absorbed_seqs):  # the MLA kernel attends the absorbed sequences only, packed in batch order
             seqs = plan.absorbed_seqs.tolist()
@@ -186,7 +199,7 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
                 kv_indptr=kv_indptr[: b + 1],
                 kv_indices=indices,
                 kv_len_arr=kv_lens[:b],
-                backend=self.mla_backend,
+                backend=self.mla_decode_backend,
             )
 
     def graph_fits(self, seq_lens: Sequence[int] | np.ndarray) -> bool:

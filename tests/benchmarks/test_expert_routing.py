@@ -264,7 +264,9 @@ def test_a_committed_deepseek_result_renders_with_the_new_lines():
     r["prefill_probe"]["mla_upprojected_rows_per_step"] = 16384.0
     r["mla_upproject_min_tokens"] = 256
     md = results_markdown(r)
-    assert "with KUBELLM_PREFILL_BACKEND=fa3." in md
+    assert "with KUBELLM_PREFILL_BACKEND=fa3." in md and "KUBELLM_MLA_DECODE_BACKEND" not in md
+    r["mla_decode_backend"] = "fa3"
+    assert "with KUBELLM_PREFILL_BACKEND=fa3. KUBELLM_MLA_DECODE_BACKEND=fa3." in results_markdown(r)
     assert "- ours: experts hit per MoE layer in one step of 16384 tokens: min 64 / median 64 / max 64 of 64" in md
     assert "its dummy routing weights were NOT re-drawn" in md
     assert "16384 of its 16384 query rows up-projected (mla_upproject_min_tokens 256)" in md

@@ -20,6 +20,11 @@ from kubellm.engine.config import EngineConfig
         ("generation_config", "hf", "generation_config='hf'; choose from auto, vllm"),
         ("chat_template_content_format", "xml", "chat_template_content_format='xml'; choose from auto, string, openai"),
         ("prefill_backend", "fa4", "prefill_backend='fa4' (KUBELLM_PREFILL_BACKEND); choose from fa2, fa3, auto"),
+        (
+            "mla_decode_backend",
+            "flashmla",
+            "mla_decode_backend='flashmla' (KUBELLM_MLA_DECODE_BACKEND); choose from prefill, fa2, fa3, auto",
+        ),
     ],
 )
 def test_a_value_outside_the_choices_is_refused_by_name(field, bad, message):
@@ -66,3 +71,15 @@ def test_mla_upproject_context_bound_from_the_environment_auto_and_refused_below
     monkeypatch.setenv("KUBELLM_MLA_UPPROJECT_MAX_CONTEXT_TOKENS", "lots")
     with pytest.raises(ConfigFileError, match=r"environment variable KUBELLM_MLA_UPPROJECT_MAX_CONTEXT_TOKENS='lots'"):
         EngineConfig()
+
+
+def test_mla_decode_backend_defaults_to_the_prefill_family_and_is_its_own_knob(monkeypatch):
+    config = EngineConfig()
+    assert (config.mla_decode_backend, config.mla_decode_kernel) == ("prefill", "fa2"), "today's behaviour"
+    monkeypatch.setenv("KUBELLM_PREFILL_BACKEND", "fa3")
+    assert EngineConfig().mla_decode_kernel == "fa3", "unset: it follows the prefill family"
+    monkeypatch.setenv("KUBELLM_PREFILL_BACKEND", "fa2")
+    monkeypatch.setenv("KUBELLM_MLA_DECODE_BACKEND", "fa3")
+    config = EngineConfig()
+    assert (config.prefill_backend, config.mla_decode_kernel) == ("fa2", "fa3")
+    assert EngineConfig(mla_decode_backend="auto").mla_decode_kernel == "auto", "an explicit value wins"

@@ -4,7 +4,9 @@ fails, never skips).
 - the fused DeepSeek kernels (rope of the rope parts, grouped top-k routing) against their torch references;
 - flashinfer's MLA kernel against the torch reference on the same paged latent pool (DeepSeek-V2-Lite's 16 heads,
   latent 512 + rope 64), for prefill, chunked prefill over a cached prefix mixed with decodes, and decode at page
-  sizes 16 and 64; the reference runs in float32 over a float32 copy of the bf16 pool;
+  sizes 16 and 64; the reference runs in float32 over a float32 copy of the bf16 pool; decode-only steps on their
+  own family (mla_decode_backend, KUBELLM_MLA_DECODE_BACKEND: fa3 beside an fa2 prefill family), eagerly and as a
+  CUDA graph captured once and replayed on two steps' page tables, while a mixed step keeps the prefill family;
 - a small random DeepSeek-V2-Lite-shaped model (the real per-layer shapes, 3 layers: a dense first layer and two of
   64 experts, YaRN factor 40) gives, on the GPU path (bf16, flashinfer MLA, Triton MoE, CUDA-graph decode), the
   logits of the CPU reference path (float32), teacher-forced through a two-chunk prefill and decode steps;
@@ -72,16 +74,24 @@ def _case(cached: list[int], new: list[int], block: int, seed: int):
     return batch, pool, [x.to("cuda", torch.bfloat16) for x in tensors]
 
 
-def _compare(cached: list[int], new: list[int], block: int = 16, seed: int = 0, kernel: str = "fa2") -> None:
+def _compare(
+    cached: list[int], new: list[int], block: int = 16, seed: int = 0, kernel: str = "fa2", decode: str | None = None
+) -> None:
+    """`kernel`: the prefill family (mla_backend); `decode`: the decode-only steps' (mla_decode_backend; None: the
+    same)."""
     batch, pool, (q_lat, q_rope, latent, k_rope) = _case(cached, new, block, seed)
     meta = AttentionMetadata.from_batch(batch, block, "cuda")
     fi = _flashinfer_mla_cls()(
-        HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel
-    )
+        HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
+        mla_decode_backend=decode,
+    )  # fmt: skip
     ref = TorchMLAAttention(HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK)
     assert fi.kv_cache_shape(NUM_BLOCKS) == ref.kv_cache_shape(NUM_BLOCKS) == tuple(pool.shape)
     fi_pool, ref_pool = pool.clone(), pool.float()
     fi.begin_step(meta)
+    want = fi._eager_decode if meta.is_decode_only else fi._eager
+    family = (decode or kernel) if meta.is_decode_only else kernel
+    assert fi._wrapper is want and (family == "auto" or want._backend == family)
     out = fi.forward_mla(0, q_lat, q_rope, latent, k_rope, fi_pool)
     ref.begin_step(meta)
     expected = ref.forward_mla(0, q_lat.float(), q_rope.float(), latent.float(), k_rope.float(), ref_pool)
@@ -90,7 +100,10 @@ def _compare(cached: list[int], new: list[int], block: int = 16, seed: int = 0, 
     assert out.shape == expected.shape == (sum(new), HEADS, RANK)
     err = (out.float() - expected).abs().max().item()
     rel = ((out.float() - expected).norm() / expected.norm()).item()
-    print(f"MLA {kernel} cached={cached} new={new} page={block}: max abs error {err:.3e}, relative L2 {rel:.2e}")
+    print(
+        f"MLA {kernel} (decode {decode or kernel}) cached={cached} new={new} page={block}: max abs error {err:.3e}, "
+        f"relative L2 {rel:.2e}"
+    )
     assert err < 2e-2 and rel < 1e-2, f"max abs error {err:.3e}, relative L2 {rel:.2e} against the float32 reference"
 
 
@@ -108,6 +121,63 @@ def test_chunked_prefill_over_cached_prefix_with_decodes(kernel):
 @pytest.mark.parametrize("block", [16, 64])
 def test_decode_matches_reference(block, kernel):
     _compare(cached=[1, 15, 16, 17, 200, 63], new=[1] * 6, block=block, seed=2, kernel=kernel)
+
+
+@pytest.mark.parametrize("decode", ["fa3", "auto"])
+@pytest.mark.parametrize("block", [16, 64])
+def test_decode_family_of_its_own_matches_reference(block, decode):
+    """KUBELLM_MLA_DECODE_BACKEND=fa3 (or auto: fa3 on sm90a) beside the default fa2 prefill family: a decode-only
+    step runs the decode wrapper, a mixed step the prefill family's, both as the reference."""
+    _compare(cached=[1, 15, 16, 17, 200, 63], new=[1] * 6, block=block, seed=2, decode=decode)
+    _compare(cached=[32, 21, 50, 7], new=[24, 40, 1, 1], block=block, seed=1, decode=decode)
+
+
+@pytest.mark.parametrize("decode", ["fa2", "fa3"])
+def test_graph_decode_replays_new_page_tables_as_the_reference(decode):
+    """The CUDA-graph decode wrapper of the decode family (prefill family fa2), captured once and replayed on two
+    steps (other contexts, page tables and slots, planned into its fixed buffers), gives the float32 reference's
+    output each time and writes the latents where the reference does."""
+    b, block = 6, 16
+    fi = _flashinfer_mla_cls()(
+        HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend="fa2",
+        mla_decode_backend=decode,
+    )  # fmt: skip
+    fi.init_cuda_graphs([b], max_pages_per_seq=NUM_BLOCKS // b)
+    assert fi._graph_wrappers[b]._backend == decode
+    ref = TorchMLAAttention(HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK)
+    graph = static = rows = out = None
+    for step, cached in enumerate(([1, 15, 16, 17, 200, 63], [40, 3, 90, 31, 5, 120])):
+        batch, pool, inputs = _case(cached, [1] * b, block, seed=10 + step)
+        meta = AttentionMetadata.from_batch(batch, block, "cuda")
+        assert fi.graph_fits(meta.seq_lens_list)
+        if graph is None:  # capture on the first step's tensors; later steps copy theirs in
+            static, rows = [x.clone() for x in (*inputs, pool)], meta.slot_mapping.clone()
+            fi.set_slots(rows)
+            fi.begin_graph_step(b, meta.seq_lens_list, meta.block_tables_list)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture
+                fi.forward_mla(0, *static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fi.forward_mla(0, *static)
+        assert static is not None and rows is not None and out is not None
+        for dst, src in zip(static, (*inputs, pool), strict=True):
+            dst.copy_(src)
+        rows.copy_(meta.slot_mapping)
+        fi.begin_graph_step(b, meta.seq_lens_list, meta.block_tables_list)
+        graph.replay()
+        q_lat, q_rope, latent, k_rope = (x.float() for x in inputs)
+        ref_pool = pool.float()
+        ref.begin_step(meta)
+        expected = ref.forward_mla(0, q_lat, q_rope, latent, k_rope, ref_pool)
+        torch.cuda.synchronize()
+        assert torch.equal(static[-1].float(), ref_pool), "latents written to different slots"
+        err = (out.float() - expected).abs().max().item()
+        rel = ((out.float() - expected).norm() / expected.norm()).item()
+        print(f"MLA graph decode {decode} step {step} cached={cached}: max abs error {err:.3e}, relative L2 {rel:.2e}")
+        assert err < 2e-2 and rel < 1e-2, f"step {step}: max abs error {err:.3e}, relative L2 {rel:.2e}"
 
 
 @pytest.mark.parametrize("interleave", [True, False])
@@ -392,7 +462,8 @@ def test_moe_sum_in_the_norm_kernel_or_not_gives_the_same_logits(loaded):
     assert rel.median() < 1e-2 and agree > 0.9
 
 
-def test_cuda_graph_decode_equals_eager(loaded):
+@pytest.mark.parametrize("decode", ["prefill", "fa3"])  # mla_decode_backend: the default, and FA3 beside FA2 prefill
+def test_cuda_graph_decode_equals_eager(loaded, decode):
     from kubellm.engine.llm_engine import LLMEngine
     from kubellm.engine.sampling_params import SamplingParams
 
@@ -405,8 +476,10 @@ def test_cuda_graph_decode_equals_eager(loaded):
         cfg = EngineConfig(
             model="random-deepseek", device="cuda", max_num_seqs=8, max_num_batched_tokens=256, max_model_len=256,
             num_gpu_blocks_override=64, enforce_eager=enforce_eager, generation_config="vllm",
+            mla_decode_backend=decode,
         )  # fmt: skip
         engine = LLMEngine(cfg, loaded=loaded)
+        assert engine.runner.attn.mla_decode_backend == cfg.mla_decode_kernel
         outs = run_to_completion(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
         assert (engine.runner.graph_replays > 0) is not enforce_eager
         return [c.token_ids for c in outs]
