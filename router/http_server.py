@@ -46,6 +46,11 @@ ErrorBody = Callable[[int, str, str], bytes]  # (status, message, code) -> JSON 
 Handler = Callable[["Request", "Exchange"], Awaitable[None]]
 
 _MAX_PIPELINED = 16  # requests waiting on one connection before reading pauses
+# After an error answer that closes a connection while the client may still be sending (408, 413, 431, 400), the
+# server half-closes and reads and drops what comes for up to this long before closing (as nginx's lingering_close):
+# a socket closed with unread bytes, or one that bytes still reach, answers with a RST, and the client's stack then
+# drops the answer it has not read yet (the client sees ECONNRESET instead of the 408).
+_LINGER_S = 2.0
 _NATIVE_EAGER = sys.version_info >= (3, 12)
 _STATUS_LINES: dict[tuple[int, bool], bytes] = {}
 
@@ -457,8 +462,7 @@ class _Connection(asyncio.Protocol):
         ) + b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
         if self.task is None and not self.eager_pending:  # nothing in progress: answer now
             self.write(head + body)
-            if self.transport is not None:
-                self.transport.close()
+            self._linger_close()
         else:
             self.queue.append(_RefusedRequest(head + body))  # type: ignore[arg-type]
 
@@ -469,7 +473,7 @@ class _Connection(asyncio.Protocol):
                 req = self.queue.popleft()
                 if isinstance(req, _RefusedRequest):
                     self.write(req.answer)
-                    self._close()
+                    self._linger_close()
                     return
                 if not self.reading and len(self.queue) <= _MAX_PIPELINED // 2 and self.transport is not None:
                     self.reading = True
@@ -511,7 +515,25 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def _linger_close(self) -> None:
+        """Close after a refusal's answer without a RST (_LINGER_S): FIN after the answer, then what the client still
+        sends is read and dropped (data_received, refused) until it closes its side or _LINGER_S pass."""
+        self.queue.clear()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        if not self.reading:
+            self.reading = True
+            transport.resume_reading()
+        transport.write_eof()
+        self.loop.call_later(_LINGER_S, self._close)
+
     def idle(self) -> bool:
+        if self.refused and self.task is None and not self.queue:
+            return True  # (a refused request's answer is out: only its lingering close is left)
         return self.task is None and not self.queue and not self.in_message and not self.eager_pending
 
 

@@ -396,6 +396,30 @@ async def _trickle(writer: asyncio.StreamWriter, data: bytes, gap: float, stop: 
         await asyncio.sleep(gap)
 
 
+async def test_a_refused_client_that_goes_on_sending_still_reads_its_answer():
+    """A refusal (here 413 on the head) closes the connection while the client may still be sending: the server
+    half-closes, then reads and drops what comes (a lingering close). Closed at once, the bytes that arrive after
+    would be answered with a RST, and the client's stack drops the answer it had not read (ECONNRESET, no 413)."""
+    srv = HTTPServer(Echo(), max_body_bytes=10, max_header_bytes=1024, request_timeout=5)
+    port = await srv.listen("127.0.0.1", 0)
+    try:
+        reader, writer = await connect(port)
+        writer.write(post("/echo", b"y" * 100)[:-100])
+        await asyncio.sleep(0.2)  # the 413 is out and (before the fix) the server's socket closed
+        for _ in range(5):
+            writer.write(b"y" * 20)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        status, headers, body = await read_response(reader)
+        assert status == 413 and headers["connection"] == "close"
+        assert json.loads(body)["error"]["code"] == "body_too_large"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server's FIN
+        writer.close()
+        await asyncio.wait_for(_until(lambda: not srv.connections), 5)  # gone once the client closed its side
+    finally:
+        await srv.stop()
+
+
 @pytest.mark.parametrize("phase", ["head", "body"])
 async def test_a_client_trickling_its_request_gets_408_at_the_total_deadline(phase):
     """A byte every 50 ms never leaves the connection idle, but the whole request (head + body) must be in within
