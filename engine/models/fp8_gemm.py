@@ -244,9 +244,9 @@ def dispatch_settings(mode: str, splitk: bool, tuned: dict[tuple, Route]) -> Ite
     """The dispatch set for a block and restored after it: the process-wide setting outlives any one caller (the
     tests that pin a route use it)."""
     before = (_dispatch["mode"], _dispatch["splitk"], dict(_tuned))
-    configure(mode, splitk)
-    set_tuned(tuned)
     try:
+        configure(mode, splitk)
+        set_tuned(tuned)
         yield
     finally:
         configure(before[0], before[1])
