@@ -147,7 +147,11 @@ class _LLGuidanceGrammar:
     many as the grammar has live sequences: a grammar used by one request at a time keeps one."""
 
     def __init__(
-        self, root: Any, build: Callable[[], Any], max_lineages: int, spawn: Callable[[Callable[[], None]], Any]
+        self,
+        root: Any,
+        build: Callable[[], Any],
+        max_lineages: int,
+        spawn: Callable[[Callable[[], None]], Future[None]],
     ):
         self._lock = threading.RLock()  # (re-entrant: a matcher's __del__ may run while this thread holds it)
         self._lineages = [_Lineage(root, 0)]
@@ -175,8 +179,14 @@ class _LLGuidanceGrammar:
             self.demand += 1
             want = min(self.max_lineages, self.demand)
             while not self.build_errors and len(self._lineages) + self._pending < want:
+                try:
+                    build = self._spawn(self._add_lineage)
+                except RuntimeError:  # no builder (the backend closed, or no thread could start): serve on those built
+                    logger.warning("structured outputs: no builder thread for another start matcher", exc_info=True)
+                    self.build_errors += 1
+                    break
                 self._pending += 1
-                self._spawn(self._add_lineage)
+                build.add_done_callback(self._dropped_build)
             return _LLGuidanceMatcher(self)
 
     def start_state(self) -> tuple[Any, _Lineage]:
@@ -197,6 +207,13 @@ class _LLGuidanceGrammar:
             self.demand -= 1
             if lineage is not None:
                 lineage.live -= 1
+
+    def _dropped_build(self, build: Future[None]) -> None:
+        """A queued build the builder dropped unrun (the backend closed): no longer pending."""
+        if build.cancelled():
+            with self._lock:
+                self._pending -= 1
+                self._settled.notify_all()
 
     def _add_lineage(self) -> None:
         """On a builder thread: one more lineage (llguidance builds with the GIL released)."""
@@ -247,6 +264,7 @@ class LLGuidanceBackend:
         self._builder: ThreadPoolExecutor | None = None  # builds grammars' extra lineages, started on first need
         self.num_builders = max(1, num_threads // 4)
         self._builder_lock = threading.Lock()
+        self._closed = False  # close() ran: no builder is started again
         logger.info("structured outputs: llguidance fills token masks on %d thread(s)", num_threads)
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
 
@@ -283,16 +301,20 @@ class LLGuidanceBackend:
             raise GrammarError(f"invalid {_KIND_NAMES[spec.kind]}: {_short(matcher.get_error())}")
         return _LLGuidanceGrammar(matcher, build, self.num_roots, self._spawn)
 
-    def _spawn(self, job: Callable[[], None]) -> None:
+    def _spawn(self, job: Callable[[], None]) -> Future[None]:
         """Run `job` on a builder thread (a quarter as many as fill threads: a burst of requests wants its grammar's
-        lineages within a step or two; a build never waits on a fill or a fill on a build)."""
+        lineages within a step or two; a build never waits on a fill or a fill on a build). RuntimeError once
+        closed."""
         with self._builder_lock:
+            if self._closed:
+                raise RuntimeError("the structured-outputs backend is closed")
             if self._builder is None:
                 self._builder = ThreadPoolExecutor(self.num_builders, thread_name_prefix="kubellm-grammar-build")
-            self._builder.submit(job)
+            return self._builder.submit(job)
 
     def close(self) -> None:
         with self._builder_lock:
+            self._closed = True
             builder, self._builder = self._builder, None
         if builder is not None:
             builder.shutdown(wait=True, cancel_futures=True)  # (a build running finishes; queued ones are dropped)

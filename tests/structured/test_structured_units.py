@@ -4,6 +4,7 @@ the real SmolLM2 tokenizer), and the bitmask applied to logits and in the sample
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -246,6 +247,37 @@ def test_sequences_spread_over_lineages_that_agree(smollm2, tokenizer):
     assert len(one.compile(spec).lineages) == 1 and one.backend._builder is None
     reference = manager.bitmask([again]).words[0]
     assert all(np.array_equal(row, reference) for row in one.bitmask(single).words)
+
+
+def test_closing_the_backend_drops_queued_builds_and_starts_no_more(smollm2, tokenizer):
+    """close() drops the lineage builds still queued: they stop counting as pending (settle() returns at once), the
+    build running finishes, and a sequence that arrives afterwards is served on the lineages built, with no builder
+    started again."""
+    manager = llguidance_manager(smollm2.tokenizer_info.tokenizer_json, VOCAB, [EOS], num_threads=3)  # one builder
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"b": {"type": "integer"}}})
+    grammar = manager.compile(spec)
+    started, release = threading.Event(), threading.Event()
+    build = grammar._build
+
+    def held_build():
+        started.set()
+        assert release.wait(30), "the test never released the build"
+        return build()
+
+    grammar._build = held_build
+    matchers = [manager.new_matcher(spec) for _ in range(4)]  # 3 builds wanted: 1 runs, 2 wait in the queue
+    assert started.wait(30)
+    closer = threading.Thread(target=manager.backend.close)
+    closer.start()
+    _wait_for(lambda: grammar._pending == 1, "the two queued builds dropped")
+    release.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert grammar.settle(0.0) == 2, "the root and the build that was running"
+    late = manager.new_matcher(spec)
+    assert late.accept_token(tokenizer.encode('{"b":').ids[0])
+    assert manager.backend._builder is None and grammar._pending == 0
+    del matchers
 
 
 def test_masks_of_rows_on_many_lineages_land_in_their_rows(smollm2, tokenizer):
