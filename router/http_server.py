@@ -28,6 +28,7 @@ The handler gets a `Request` (lower-case header names) and an `Exchange` to answ
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import sys
@@ -103,12 +104,19 @@ class _Driver:
     executors do not).
 
     Cancellation as a Task's: the awaited future is cancelled and the coroutine sees CancelledError there; if it was
-    already done, a CancelledError replaces its result."""
+    already done, a CancelledError replaces its result. Every step runs in `context`, the coroutine's own copy (as a
+    Task's): what the handler sets in a ContextVar stays in it."""
 
-    __slots__ = ("_cancel", "_done", "_waiter", "coro", "loop")
+    __slots__ = ("_cancel", "_done", "_waiter", "context", "coro", "loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, None], waiting: object):
-        self.loop, self.coro = loop, coro
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[object, None, None],
+        waiting: object,
+        context: contextvars.Context,
+    ):
+        self.loop, self.coro, self.context = loop, coro, context
         self._waiter: asyncio.Future[Any] | None = None
         self._done = False
         self._cancel = False
@@ -130,16 +138,17 @@ class _Driver:
 
     def _wait_on(self, result: object) -> None:
         if result is None:  # a bare yield (asyncio.sleep(0)): carry on at the loop's next turn
-            self.loop.call_soon(self._step, None)
+            self.loop.call_soon(self._step, None, context=self.context)
         elif getattr(result, "_asyncio_future_blocking", None):
             fut: asyncio.Future[Any] = result  # type: ignore[assignment]
             fut._asyncio_future_blocking = False
             self._waiter = fut
-            fut.add_done_callback(self._wakeup)
+            fut.add_done_callback(self._wakeup, context=self.context)
             if self._cancel and fut.cancel():
                 self._cancel = False
         else:
-            self.loop.call_soon(self._step, RuntimeError(f"a coroutine yielded {result!r}, not a future"))
+            error = RuntimeError(f"a coroutine yielded {result!r}, not a future")
+            self.loop.call_soon(self._step, error, context=self.context)
 
     def _wakeup(self, fut: asyncio.Future[Any]) -> None:
         self._waiter = None
@@ -178,11 +187,14 @@ def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, None, N
     if _NATIVE_EAGER:
         task = asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
         return None if task.done() else task
+    # Its first step in a copy of the caller's context, as a Task's: the read callback's context is the connection's,
+    # reused for every read, so a ContextVar the handler set there would reach the next request on the connection.
+    context = contextvars.copy_context()
     try:
-        waiting = coro.send(None)
+        waiting = context.run(coro.send, None)
     except StopIteration:
         return None
-    return _Driver(loop, coro, waiting)
+    return _Driver(loop, coro, waiting, context)
 
 
 class Request:

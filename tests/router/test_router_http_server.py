@@ -4,6 +4,7 @@ limits, streaming, disconnects, graceful stop; and the router's own routes answe
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import sys
 
@@ -566,3 +567,35 @@ async def test_driver_carries_a_coroutine_on_as_a_task_would():
         return None
 
     assert start_eager(loop, returns_at_once()) is None
+
+
+_REQUEST_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("request_var", default="unset")
+
+
+@pytest.mark.parametrize("mode", ["task", "eager"])
+async def test_a_context_variable_a_handler_sets_does_not_reach_the_next_request(mode):
+    """Each handler runs in a context of its own, as a Task's: a ContextVar it sets (before its first await, or after
+    it) is not seen by the next request on the same kept-alive connection. An eager handler's first step runs in the
+    connection's read callback, whose context the loop reuses for every read of that connection (on 3.11, without a
+    Task, the value set there stayed for the next request)."""
+
+    async def handler(req: Request, ex: Exchange) -> None:
+        seen = _REQUEST_VAR.get()
+        _REQUEST_VAR.set(f"{req.path} set it before awaiting")
+        await asyncio.sleep(0)
+        if req.path == "/late":
+            _REQUEST_VAR.set("/late set it after awaiting")
+        ex.respond(200, seen.encode())
+
+    paths = ("/early", "/late")
+    srv = HTTPServer(handler, max_body_bytes=1000, max_header_bytes=1024, eager_paths=paths if mode == "eager" else ())
+    port = await srv.listen("127.0.0.1", 0)
+    reader, writer = await connect(port)
+    try:
+        for path in ("/early", "/early", "/late", "/late", "/early"):
+            writer.write(post(path, b"{}"))
+            status, _, body = await read_response(reader)
+            assert (status, body) == (200, b"unset"), path
+    finally:
+        writer.close()
+        await srv.stop(timeout=1)
