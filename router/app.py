@@ -34,7 +34,7 @@ from kubellm.router.engine_load import EngineLoad, combined_load
 from kubellm.router.http_server import Exchange, HTTPServer, Request
 from kubellm.router.kv_events_client import KVEventSubscriber
 from kubellm.router.metrics import RouterMetrics, read_retired, render_merged, write_final
-from kubellm.router.policies import Candidate, RouteRequest, make_policy
+from kubellm.router.policies import RouteRequest, make_policy
 from kubellm.router.prefix_index import PrefixIndex
 from kubellm.router.proxy import Target, UpstreamFailure, forward
 from kubellm.router.queue import WaitQueue
@@ -520,23 +520,16 @@ class Router:
         index = self.index
         matches = index.match_all([b.slot for b in backends], hashes)
         footprints = index.footprints()
-        cands = []
+        rows = []
         for b, matched in zip(backends, matches, strict=True):
             if b.engine_load is None:  # (combined_load's answer without a load line, without the call)
-                in_flight, answering, waiting = b.in_flight, b.answering, b.waiting
+                rows.append((b.url, b.in_flight, b.answering, b.waiting, matched, footprints.get(b.slot, 0), b))
             else:
                 load = combined_load(b.in_flight, b.answering, b.waiting, b.engine_load)
-                in_flight, answering, waiting = load.in_flight, load.answering, load.waiting
-            cands.append(Candidate(b.url, in_flight, answering, waiting, matched, footprints.get(b.slot, 0)))
-        d = self.policy.choose(route, cands)
-        picked = backends[0]
-        if len(backends) > 1:
-            key = d.key
-            for b in backends:
-                if b.url == key:
-                    picked = b
-                    break
-        return picked, d.reason, d.matched_blocks
+                fp = footprints.get(b.slot, 0)
+                rows.append((b.url, load.in_flight, load.answering, load.waiting, matched, fp, b))
+        row, reason, matched = self.policy.choose_row(route, rows)
+        return row[6], reason, matched
 
 
 class ListenError(RuntimeError):

@@ -72,6 +72,79 @@ def bytes_block_hashes(data: bytes, extra: str = "", block_chars: int = TEXT_BLO
     return out
 
 
+class TextBlockHasher:
+    """bytes_block_hashes with the chat history's blocks cached: a conversation sends its earlier messages again with
+    every turn (and a tenant's system prompt heads all its conversations), so the blocks that lie wholly before the
+    last message are looked up in chunks of CHUNK_BLOCKS blocks, one digest of the chunk's bytes (seeded with the
+    chain's hash before it) instead of a digest per block. The last message, new with every turn, is hashed block by
+    block and never cached. The hashes are bytes_block_hashes' own, bit for bit (a chunk's entry is the chain it
+    computed from that hash): only the cost changes. Bounded: `max_chunks` entries, least recently used dropped."""
+
+    CHUNK_BLOCKS = 8
+
+    def __init__(self, max_chunks: int = 2048, block_chars: int = TEXT_BLOCK_CHARS):
+        self.max_chunks = max_chunks
+        self.block_chars = block_chars
+        self._chunks: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._roots: dict[str, int] = {}  # extra (cache_salt) -> the chain's first seed
+
+    def _root(self, extra: str) -> int:
+        h = self._roots.get(extra)
+        if h is None:
+            h = xxhash.xxh3_64_intdigest(_TEXT_DOMAIN + extra.encode())
+            if len(self._roots) >= 1024:  # (cache salts are per tenant: a few; never unbounded)
+                self._roots.clear()
+            self._roots[extra] = h
+        return h
+
+    def hashes(self, data: bytes, extra: str = "", history: int = 0) -> list[int]:
+        """bytes_block_hashes(data, extra), the blocks within data[:history] (the earlier messages) from the cache."""
+        bc = self.block_chars
+        h = self._root(extra)
+        out: list[int] = []
+        digest = xxhash.xxh3_64_intdigest
+        start = 0
+        step = bc * self.CHUNK_BLOCKS
+        if history >= step:
+            chunks = self._chunks
+            chunk_key = xxhash.xxh3_128_intdigest
+            while start + step <= history:
+                chunk = data[start : start + step]
+                key = chunk_key(chunk, h)
+                got = chunks.get(key)
+                if got is None:
+                    blocks = []
+                    for i in range(0, step, bc):
+                        h = digest(chunk[i : i + bc], h)
+                        blocks.append(h)
+                    chunks[key] = tuple(blocks)
+                    while len(chunks) > self.max_chunks:
+                        chunks.popitem(last=False)
+                    out += blocks
+                else:
+                    chunks.move_to_end(key)
+                    out += got
+                    h = got[-1]
+                start += step
+        for i in range(start, len(data) - bc + 1, bc):
+            h = digest(data[i : i + bc], h)
+            out.append(h)
+        return out
+
+    def key(self, kind: str, body: dict[str, Any], extra: str) -> PromptKey:
+        """The text-block key of a request (its prompt_bytes hashed), the chat history's blocks from the cache."""
+        if kind == "chat":
+            messages = body.get("messages")
+            data = dumps_bytes(messages)
+            # where the last message starts: its compact JSON is the same bytes standalone as inside the list
+            history = len(data) - 1 - len(dumps_bytes(messages[-1])) if isinstance(messages, list) and messages else 0
+            return PromptKey(self.hashes(data, extra, history), False, TEXT_BLOCK_TOKENS)
+        return PromptKey(self.hashes(prompt_bytes(kind, body), extra), False, TEXT_BLOCK_TOKENS)
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+
 class SegmentCache:
     """Tokenizes text piecewise between special added tokens, caching the pieces.
 
@@ -225,6 +298,7 @@ class PromptHasher:
         self.offload_above_chars = offload_above_chars  # None: tokenize everything on the event loop
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
+        self.text = TextBlockHasher()
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -318,7 +392,7 @@ class PromptHasher:
         if ids is not None:
             bs = self.block_sizes.get(model, DEFAULT_BLOCK_SIZE)
             return PromptKey(hash_blocks(ids, bs, extra), True, bs)
-        return _text_key(kind, body, extra)
+        return self.text.key(kind, body, extra)
 
     def text_key_now(self, model: str, kind: str, body: dict[str, Any]) -> PromptKey | None:
         """The key `key` would give, without a coroutine, when it is sure to be text blocks (the model's tokenizer is
@@ -327,11 +401,7 @@ class PromptHasher:
         if model in self._renderers or model in self._loading or not self._recently_failed(model):
             return None
         extra = body.get("cache_salt") or ""
-        return _text_key(kind, body, extra if isinstance(extra, str) else "")
-
-
-def _text_key(kind: str, body: dict[str, Any], extra: str) -> PromptKey:
-    return PromptKey(bytes_block_hashes(prompt_bytes(kind, body), extra), False, TEXT_BLOCK_TOKENS)
+        return self.text.key(kind, body, extra if isinstance(extra, str) else "")
 
 
 _THREAD_ABOVE_CHARS = 32_000  # rendering too goes to the thread above this

@@ -6,6 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kubellm.block_hash import DEFAULT_BLOCK_SIZE
 from kubellm.routing import RoutingPolicy
@@ -21,6 +22,12 @@ class Candidate:
     waiting: int = 0  # the engine's own queue (vllm:num_requests_waiting), from the last probe
     matched_blocks: int = 0  # leading prompt blocks this replica holds (prefix policy only)
     footprint: int = 0  # distinct blocks the router has placed on it: its share of the working set (prefix only)
+
+
+# A candidate as a plain tuple, what the router's hot path builds instead of a Candidate (a tuple costs a fraction of a
+# dataclass's construction, once per replica per request): (key, in_flight, answering, waiting, matched_blocks,
+# footprint, payload), the fields in Candidate's order, then whatever the caller wants back with the pick.
+Row = tuple[str, int, int, int, int, int, Any]
 
 
 @dataclass(slots=True)
@@ -66,6 +73,15 @@ class Policy(ABC):
     @abstractmethod
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
         """Pick one of `candidates` (non-empty)."""
+
+    def choose_row(self, request: RouteRequest, rows: Sequence[Row]) -> tuple[Row, str, int]:
+        """`choose` over candidates given as Rows (non-empty, distinct keys): the row picked, the reason, the matched
+        blocks. A policy whose choice is on the hot path implements it natively; this one goes through `choose`."""
+        d = self.choose(request, [Candidate(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows])
+        for r in rows:
+            if r[0] == d.key:
+                return r, d.reason, d.matched_blocks
+        raise ValueError(f"{type(self).__name__} chose {d.key!r}, not a candidate")
 
     def _rotated(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         self._turn += 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kubellm.router.policies.base import Candidate, Decision, Policy, RouteRequest
+from kubellm.router.policies.base import Candidate, Decision, Policy, RouteRequest, Row
 from kubellm.routing import (
     DEFAULT_BALANCE_FACTOR,
     DEFAULT_PREFIX_MIN_MATCH_RATIO,
@@ -62,20 +62,30 @@ class PrefixPolicy(Policy):
         return need
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
+        rows = [(c.key, c.in_flight, c.answering, c.waiting, c.matched_blocks, c.footprint, None) for c in candidates]
+        row, reason, matched = self.choose_row(request, rows)
+        return Decision(row[0], reason, matched)
+
+    def choose_row(self, request: RouteRequest, rows: Sequence[Row]) -> tuple[Row, str, int]:
         """The rule in the module's docstring, in two passes over the candidates (it runs once per routed request,
         for every replica: the load bound, the best earned match anywhere and whether any replica holds some of
-        the prompt in the first pass; the preference among the eligible, in rotated order, in the second)."""
-        need = self.min_match_blocks(request)
-        n = len(candidates)
+        the prompt in the first pass; the preference among the eligible, in rotated order, in the second). Rows,
+        not Candidates: the router builds one per replica per request (policies/base.py)."""
+        key = (request.num_blocks, request.block_tokens)
+        need = self._need.get(key)
+        if need is None:
+            need = self.min_match_blocks(request)
+        n = len(rows)
         if n == 1:  # no choice to make: only the reason (what the general path below would say)
-            m = candidates[0].matched_blocks
-            return Decision(candidates[0].key, "prefix_hit" if m >= need else "short_match" if m else "no_match", m)
+            r = rows[0]
+            m = r[4]
+            return r, "prefix_hit" if m >= need else "short_match" if m else "no_match", m
         total = 1
         best_anywhere = 0
         held = False  # some replica holds at least one of the prompt's blocks
-        for c in candidates:
-            total += c.in_flight
-            m = c.matched_blocks
+        for r in rows:
+            total += r[1]
+            m = r[4]
             if m:
                 held = True
                 if m >= need and m > best_anywhere:
@@ -83,25 +93,32 @@ class PrefixPolicy(Policy):
         # within_bound(): a replica may take one more request while it stays within the cap, or while every request
         # it holds is answering; the least loaded always may
         cap = max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
-        eligible = [c for c in candidates if c.in_flight < cap or c.answering >= c.in_flight]
+        eligible = [r for r in rows if r[1] < cap or r[2] >= r[1]]
         if not eligible:
-            eligible = [min(candidates, key=_in_flight)]
+            eligible = [min(rows, key=_row_in_flight)]
         # min(self._rotated(eligible), key=preference): longest earned match first; with none, the smallest
         # footprint; then the least loaded; ties to the first in the rotated order
         self._turn += 1
         k = len(eligible)
         start = self._turn % k
+        # (the preference (-earned, footprint if nothing earned, load) compared field by field: no tuple per row)
         pick = eligible[start]
-        m = pick.matched_blocks
+        m = pick[4]
         pick_m = m if m >= need else 0
-        pick_key = (-pick_m, 0 if pick_m else pick.footprint, pick.in_flight + pick.waiting)
+        pick_fp = 0 if pick_m else pick[5]
+        pick_load = pick[1] + pick[3]
         for i in range(start + 1, start + k):
-            c = eligible[i - k if i >= k else i]
-            m = c.matched_blocks
+            r = eligible[i - k if i >= k else i]
+            m = r[4]
             earned = m if m >= need else 0
-            key = (-earned, 0 if earned else c.footprint, c.in_flight + c.waiting)
-            if key < pick_key:
-                pick, pick_m, pick_key = c, earned, key
+            if earned < pick_m:
+                continue
+            load = r[1] + r[3]
+            if earned == pick_m:
+                fp = 0 if earned else r[5]
+                if fp > pick_fp or (fp == pick_fp and load >= pick_load):
+                    continue
+            pick, pick_m, pick_fp, pick_load = r, earned, 0 if earned else r[5], load
         if pick_m < best_anywhere:
             reason = "load_spill"
         elif pick_m:
@@ -110,8 +127,8 @@ class PrefixPolicy(Policy):
             reason = "short_match"  # some replica holds the prompt's head, too little of it to be worth following
         else:
             reason = "no_match"
-        return Decision(pick.key, reason, pick.matched_blocks)
+        return pick, reason, pick[4]
 
 
-def _in_flight(c: Candidate) -> int:
-    return c.in_flight
+def _row_in_flight(r: Row) -> int:
+    return r[1]

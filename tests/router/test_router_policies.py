@@ -321,3 +321,16 @@ def test_prefix_choice_equals_the_plainly_written_rule(rows, blocks, c, floor, r
     assert (got.key, got.reason, got.matched_blocks) == _reference_prefix_choice(
         req, cs, turns + 1, c, floor, ratio, tokens
     )
+
+
+def test_choose_row_returns_the_row_choose_picks_with_its_payload():
+    """The router's hot path hands candidates over as rows (plain tuples carrying its backend): every policy answers
+    with the row of the replica `choose` would pick, its reason and matched blocks, for the same state."""
+    state = [("r0", 3, 1, 0, 0, 40), ("r1", 1, 0, 2, 6, 10), ("r2", 0, 0, 0, 2, 0)]
+    req = RouteRequest("m", session_key="user-7", num_blocks=8, block_tokens=16)
+    for name in ("round_robin", "least_load", "session", "prefix"):
+        by_choose, by_row = make_policy(name, 1.5, 0, 0.5, 0), make_policy(name, 1.5, 0, 0.5, 0)
+        for _ in range(4):
+            d = by_choose.choose(req, [Candidate(*s) for s in state])
+            row, reason, matched = by_row.choose_row(req, [(*s, f"payload of {s[0]}") for s in state])
+            assert (row[0], row[6], reason, matched) == (d.key, f"payload of {d.key}", d.reason, d.matched_blocks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import xxhash
 from hypothesis import given, settings
@@ -166,3 +167,72 @@ def test_text_block_hashes_follow_their_definition():
     assert len(expect) == 3 and text_block_hashes(text, "salt") == expect
     assert text_block_hashes(text, "salt") != text_block_hashes(text)  # the salt (cache_salt) keys the chain
     assert text_block_hashes("x" * 63) == []
+
+
+def _chained(data: bytes, extra: str = "") -> list[int]:
+    """The text-block definition written out (as in the test above)."""
+    h = xxhash.xxh3_64_intdigest(b"kubellm-text/2|" + extra.encode())
+    out = []
+    for i in range(len(data) // 64):
+        h = xxhash.xxh3_64_intdigest(data[64 * i : 64 * i + 64], h)
+        out.append(h)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    turns=st.lists(st.tuples(st.integers(0, 1999), st.integers(0, 260)), min_size=1, max_size=5),
+    salt=st.sampled_from(["", "t1", "é"]),
+    repeat=st.integers(1, 3),
+)
+def test_text_keys_with_the_history_cache_are_the_defined_hashes(turns, salt, repeat):
+    """The text key of a chat, its history's blocks from TextBlockHasher's chunk cache, equals the definition over the
+    messages' compact JSON (non-ASCII and escapes included), whether the chunks were cached or not; the cache holds
+    only chunks that lie wholly before the last message, never more than its bound."""
+    hasher = PromptHasher(_no_info)
+    hasher.text.max_chunks = 6
+    roles = ("system", "user")
+    messages = [{"role": roles[i % 2], "content": words(s, n) + ' "é\n'} for i, (s, n) in enumerate(turns)]
+    body = {"model": "m", "messages": messages, "cache_salt": salt}
+    data = ("[" + ",".join(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in messages) + "]").encode()
+    history = len(data) - 1 - len(json.dumps(messages[-1], ensure_ascii=False, separators=(",", ":")).encode())
+    for _ in range(repeat):
+        key = hasher.text.key("chat", body, salt)
+        assert key.hashes == _chained(data, salt) and not key.exact
+    assert len(hasher.text) == min(6, history // (64 * hasher.text.CHUNK_BLOCKS))
+
+
+def test_the_history_cache_serves_a_growing_conversation_and_stays_bounded(monkeypatch):
+    """Turn after turn a conversation resends its history: its chunks come from the cache (counted: only the blocks
+    after the last whole chunk of the history are digested one by one again), and the entries stay within the bound."""
+    hasher = PromptHasher(_no_info).text
+    digests = [0]
+    plain = xxhash.xxh3_64_intdigest
+
+    def counting(data, seed=0):  # type: ignore[no-untyped-def]
+        digests[0] += 1
+        return plain(data, seed)
+
+    messages = [{"role": "system", "content": words(0, 400)}]
+    chunk = 64 * hasher.CHUNK_BLOCKS
+    for turn in range(6):
+        messages.append({"role": "user", "content": words(100 * turn, 120)})
+        data = json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode()
+        hasher.key("chat", {"messages": messages}, "")  # the new chunks of this turn's history go in
+        last = json.dumps(messages[-1], ensure_ascii=False, separators=(",", ":")).encode()
+        cached_blocks = (len(data) - 1 - len(last)) // chunk * hasher.CHUNK_BLOCKS
+        with monkeypatch.context() as m:
+            m.setattr(xxhash, "xxh3_64_intdigest", counting)
+            digests[0] = 0
+            hashes = hasher.key("chat", {"messages": messages}, "").hashes
+        assert hashes == _chained(data) and cached_blocks >= 8 * turn
+        assert digests[0] == len(hashes) - cached_blocks  # (the root's digest is cached too)
+    assert 0 < len(hasher) <= hasher.max_chunks
+    hasher.max_chunks = 3
+    for i in range(10):
+        hasher.key("chat", {"messages": [{"role": "system", "content": words(7 * i, 300)}, messages[-1]]}, "")
+    assert len(hasher) == 3
+
+
+async def _no_info(model: str):  # type: ignore[no-untyped-def]
+    return None
