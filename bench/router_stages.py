@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STAGES = [
     ("kubellm.router.app", "", "parse_routed_body", "parse body (orjson, routed fields)"),
     ("kubellm.router.tokenization", "PromptHasher", "text_key_now", "prompt key (all of it)"),
-    ("kubellm.router.tokenization", "", "prompt_bytes", "  prompt bytes (messages as JSON)"),
-    ("kubellm.router.tokenization", "", "bytes_block_hashes", "  text-block hashes"),
+    ("kubellm.router.tokenization", "", "dumps_bytes", "  prompt bytes (messages as JSON, and the last one's)"),
+    ("kubellm.router.tokenization", "TextBlockHasher", "hashes", "  text-block hashes (history from the cache)"),
     ("kubellm.router.backends", "BackendRegistry", "routable", "routable replicas"),
     ("kubellm.router.prefix_index", "PrefixIndex", "match_all", "index match, every replica"),
-    ("kubellm.router.policies.prefix", "PrefixPolicy", "choose", "policy choice"),
+    ("kubellm.router.policies.prefix", "PrefixPolicy", "choose_row", "policy choice"),
     ("kubellm.router.prefix_index", "PrefixIndex", "on_send", "record the send (LRU)"),
 ]
 
