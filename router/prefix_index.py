@@ -139,32 +139,36 @@ class ApproxIndex:
         return self._per_slot.get(slot, 0)
 
     def match(self, slot: int, hashes: Sequence[int]) -> int:
-        return leading_held(self._lru, self._salt(slot), hashes, 0)
+        return leading_held(self._lru, self._salt(slot), hashes)
 
     def __len__(self) -> int:
         return len(self._lru)
 
 
-def leading_held(held: Container[int], salt: int, hashes: Sequence[int], guess: int) -> int:
+def leading_held(held: Container[int], salt: int, hashes: Sequence[int], guesses: Sequence[int] = ()) -> int:
     """How many leading `hashes` are in `held` (XORed with `salt`), given that what is held of them is a prefix (see
-    ApproxIndex). Probes the first block, then `guess` (a length another replica just gave: replicas often hold the
-    same shared head), then binary-searches the rest: O(log n) probes, where walking the prefix took m."""
+    ApproxIndex). Probes the first block, then each of `guesses` (lengths other replicas just gave: replicas often hold
+    the same shared head), then binary-searches what is left: O(log n) probes, where walking the prefix took m."""
     if not hashes or hashes[0] ^ salt not in held:
         return 0
-    return _held_after_head(held, salt, hashes, guess)
+    return _held_after_head(held, salt, hashes, guesses)
 
 
-def _held_after_head(held: Container[int], salt: int, hashes: Sequence[int], guess: int) -> int:
+def _held_after_head(held: Container[int], salt: int, hashes: Sequence[int], guesses: Sequence[int]) -> int:
     """leading_held once the first block is known to be held (match_all probes it inline for every replica)."""
     n = len(hashes)
     lo, hi = 1, n  # the answer m lies in [lo, hi]: blocks < lo are held, blocks >= hi are not (or do not exist)
-    if 0 < guess <= n:
-        if hashes[guess - 1] ^ salt in held:
-            if guess == n or hashes[guess] ^ salt not in held:
-                return guess
-            lo = guess + 1
-        else:
-            hi = guess - 1
+    for g in guesses:  # is the answer g? each probe narrows [lo, hi] whatever it finds
+        if g < lo or g > hi:
+            continue
+        if g > lo:
+            if hashes[g - 1] ^ salt not in held:
+                hi = g - 1
+                continue
+            lo = g
+        if g == hi or hashes[g] ^ salt not in held:
+            return g
+        lo = g + 1
     while lo < hi:
         mid = (lo + hi) >> 1  # is block `mid` held? then m > mid
         if hashes[mid] ^ salt in held:
@@ -217,7 +221,7 @@ class PrefixIndex:
         approx = self.approx
         lru, salts = approx._lru, approx._salts
         precise = self.precise if self.use_events else None
-        guess = 0
+        guesses: list[int] = []  # the distinct lengths found so far, in the order found (the first is most common)
         head = hashes[0]
         for slot in slots:
             if precise is not None and (idx := precise.get(slot)) is not None and idx.live:
@@ -229,8 +233,9 @@ class PrefixIndex:
             if head ^ salt not in lru:  # (leading_held's first probe, inline: most replicas hold none of a prompt)
                 out.append(0)
                 continue
-            m = _held_after_head(lru, salt, hashes, guess)
-            guess = m
+            m = _held_after_head(lru, salt, hashes, guesses)
+            if m not in guesses and len(guesses) < 4:
+                guesses.append(m)
             out.append(m)
         return out
 

@@ -21,6 +21,7 @@ from kubellm.router.upstream import UpstreamError, UpstreamPool, UpstreamRespons
 log = logging.getLogger("kubellm.router.proxy")
 
 _PASS_RESPONSE_HEADERS = ("Content-Type", "X-Request-Id", "Retry-After", "Content-Encoding")
+_PASS_LOWER = tuple((k.lower(), k) for k in _PASS_RESPONSE_HEADERS)  # (as the upstream's headers name them, as sent)
 
 
 class UpstreamFailure(Exception):
@@ -68,9 +69,13 @@ class Target:
 
 
 def _copy_headers(upstream: UpstreamResponse, extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    h = [(k, upstream.headers[k.lower()]) for k in _PASS_RESPONSE_HEADERS if k.lower() in upstream.headers]
-    names = {k for k, _ in extra}
-    return [*(kv for kv in h if kv[0] not in names), *extra]
+    """The replica's headers a client gets (those `extra` does not name), then `extra`. Once per request: no
+    per-call lower-casing, no generator."""
+    got = upstream.headers
+    names = [k for k, _ in extra]
+    out = [(k, got[low]) for low, k in _PASS_LOWER if low in got and k not in names]
+    out += extra
+    return out
 
 
 async def forward(

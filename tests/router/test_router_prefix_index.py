@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict
 
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubellm.block_hash import hash_blocks, to_hex
 from kubellm.kv_events import AllBlocksClearedEvent, BlockRemovedEvent, BlockStoredEvent, SnapshotEvent
-from kubellm.router.prefix_index import ApplyResult, ApproxIndex, PreciseIndex, PrefixIndex
+from kubellm.router.prefix_index import ApplyResult, ApproxIndex, PreciseIndex, PrefixIndex, leading_held
 
 
 def hx(hashes):
@@ -219,3 +220,19 @@ def test_approx_match_equals_the_walk_over_a_plain_lru_model(ops, bound):
         assert idx.match_all(slots, p) == expect
         assert idx.match_all(slots[::-1], p) == expect[::-1]  # (another order: other guesses)
     assert [approx.footprint(s) for s in slots] == [sum(1 for k in model if k[0] == s) for s in slots]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    m=st.integers(0, 40),
+    guesses=st.lists(st.integers(0, 45), max_size=5),
+    salt=st.integers(0, 2**64 - 1),
+)
+def test_leading_held_finds_the_held_prefix_whatever_it_guesses(n, m, guesses, salt):
+    """Whatever lengths match_all passes on as guesses (right, wrong, out of range, repeated, in any order), the probe
+    answers the length of the held prefix, as walking the blocks one by one does."""
+    hashes = [xxhash.xxh3_64_intdigest(b"%d" % i) for i in range(n)]
+    m = min(m, n)
+    held = {h ^ salt for h in hashes[:m]}
+    assert leading_held(held, salt, hashes, guesses) == m
