@@ -144,7 +144,9 @@ class _LLGuidanceGrammar:
     take contiguous runs of rows, seldom meet on one lineage's lock. A lineage costs a full grammar build (~0.4-1.1
     ms for small schemas, tens of ms for the largest accepted): the first is the compile's; the others are built by
     the backend's builder threads (`spawn`), never by the thread that asks for a matcher (the engine's), and only as
-    many as the grammar has live sequences: a grammar used by one request at a time keeps one."""
+    many as the grammar has live sequences: a grammar used by one request at a time keeps one. Idle lineages are
+    freed as its sequences end (`release`), so the cache's memory is bounded by the lineages live sequences use
+    (twice as many at most), plus one per cached grammar."""
 
     def __init__(
         self,
@@ -155,6 +157,7 @@ class _LLGuidanceGrammar:
     ):
         self._lock = threading.RLock()  # (re-entrant: a matcher's __del__ may run while this thread holds it)
         self._lineages = [_Lineage(root, 0)]
+        self._built = 1  # lineages ever built (each one's index)
         self._build = build
         self._spawn = spawn
         self.max_lineages = max(1, max_lineages)
@@ -162,6 +165,7 @@ class _LLGuidanceGrammar:
         self._pending = 0  # lineage builds queued or running
         self._settled = threading.Condition(self._lock)
         self.build_errors = 0
+        self.lineages_freed = 0  # idle lineages dropped (release) or builds no longer wanted when done
 
     @property
     def lineages(self) -> list[_Lineage]:
@@ -203,10 +207,21 @@ class _LLGuidanceGrammar:
             return _LLGuidanceMatcher(self, state, lineage)
 
     def release(self, lineage: _Lineage | None) -> None:
+        """A matcher is gone. While the grammar then holds more than twice as many lineages as live sequences, its
+        idle lineages are freed down to that (at least one stays): a grammar that stays cached after a burst holds
+        one lineage, not the burst's, and a demand that moves by a few sequences neither frees nor rebuilds any."""
         with self._lock:
             self.demand -= 1
             if lineage is not None:
                 lineage.live -= 1
+            excess = len(self._lineages) - max(1, 2 * self.demand)
+            if excess > 0:
+                idle = [x for x in self._lineages if x.live == 0][:excess]
+                if len(idle) == len(self._lineages):  # (never all: one stays to start sequences from)
+                    idle.pop()
+                for x in idle:
+                    self._lineages.remove(x)
+                self.lineages_freed += len(idle)
 
     def _dropped_build(self, build: Future[None]) -> None:
         """A queued build the builder dropped unrun (the backend closed): no longer pending."""
@@ -225,10 +240,13 @@ class _LLGuidanceGrammar:
             ok = False
         with self._lock:
             self._pending -= 1
-            if ok:
-                self._lineages.append(_Lineage(root, len(self._lineages)))
-            else:
+            if not ok:
                 self.build_errors += 1
+            elif len(self._lineages) < min(self.max_lineages, max(1, self.demand)):
+                self._lineages.append(_Lineage(root, self._built))
+                self._built += 1
+            else:  # the sequences that wanted it are gone
+                self.lineages_freed += 1
             self._settled.notify_all()
 
 

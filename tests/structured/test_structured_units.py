@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from kubellm.engine.structured_output import (
     GrammarRow,
     LLGuidanceBackend,
     MaskPrefetcher,
+    _LLGuidanceGrammar,
     advance_and_fill,
     llguidance_manager,
 )
@@ -236,9 +238,10 @@ def test_sequences_spread_over_lineages_that_agree(smollm2, tokenizer):
     assert EOS not in set(mask.allowed(0, VOCAB).tolist())
     del matchers, m
     assert grammar.demand == 0 and all(lin.live == 0 for lin in grammar.lineages), "a dropped sequence is released"
+    assert len(grammar.lineages) == 1 and grammar.lineages_freed == 6, "an idle grammar keeps one lineage"
     again = manager.new_matcher(spec)
     again.accept_token(text[0])
-    assert len(grammar.lineages) == 7, "no build while built lineages are idle"
+    assert len(grammar.lineages) == 1 and grammar._pending == 0, "one sequence wants no second lineage"
 
     one = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, num_roots=1)  # KUBELLM_GRAMMAR_ROOTS=1
     single = [one.new_matcher(spec) for _ in range(5)]
@@ -247,6 +250,69 @@ def test_sequences_spread_over_lineages_that_agree(smollm2, tokenizer):
     assert len(one.compile(spec).lineages) == 1 and one.backend._builder is None
     reference = manager.bitmask([again]).words[0]
     assert all(np.array_equal(row, reference) for row in one.bitmask(single).words)
+
+
+class _FakeRoot:
+    """A start matcher as _LLGuidanceGrammar sees one (the lineage bookkeeping needs no real grammar)."""
+
+    def deep_copy(self) -> _FakeRoot:
+        return _FakeRoot()
+
+    def is_error(self) -> bool:
+        return False
+
+
+def _fake_grammar(max_lineages: int) -> tuple[_LLGuidanceGrammar, list]:
+    """A grammar whose lineage builds wait in `queued` until the test runs them."""
+    queued: list = []
+
+    def spawn(job):
+        future: Future[None] = Future()
+        queued.append((job, future))
+        return future
+
+    return _LLGuidanceGrammar(_FakeRoot(), _FakeRoot, max_lineages, spawn), queued
+
+
+def _run_builds(queued: list) -> None:
+    while queued:
+        job, future = queued.pop(0)
+        job()
+        future.set_result(None)
+
+
+def test_idle_lineages_are_freed_down_to_twice_the_live_sequences_and_one_per_idle_grammar():
+    """A burst builds a lineage per sequence (up to the bound); as sequences end, idle lineages are freed while the
+    grammar holds more than twice as many as it has live sequences, down to one when none is live; a build that
+    finishes after the sequences that wanted it ended is dropped, not kept."""
+    grammar, queued = _fake_grammar(max_lineages=8)
+    burst = [grammar.new_matcher() for _ in range(10)]
+    assert len(queued) == 7, "8 lineages wanted: the compile's and 7 builds"
+    _run_builds(queued)
+    assert all(m.matcher is not None for m in burst)  # each takes its state from the least-loaded lineage
+    assert len(grammar.lineages) == 8 and sorted(lin.live for lin in grammar.lineages) == [1] * 6 + [2] * 2
+    burst.sort(key=lambda m: m.lineage.live)  # the 6 sequences alone on their lineage first
+    for live in range(9, 3, -1):
+        burst.pop(0)
+        assert grammar.demand == live
+        assert len(grammar.lineages) == 8, f"8 lineages for {live} sequences: within twice, none freed"
+    burst.pop()  # 3 live: 2 lineages too many, and 6 idle
+    assert len(grammar.lineages) == 6 and grammar.lineages_freed == 2
+    assert sum(lin.live for lin in grammar.lineages) == 3
+    burst.pop()
+    assert len(grammar.lineages) == 4
+    burst.clear()
+    assert grammar.demand == 0 and len(grammar.lineages) == 1, "an idle grammar keeps one lineage"
+    assert grammar.lineages_freed == 7 and not queued
+    again = grammar.new_matcher()
+    assert again.matcher is not None and not queued, "it still serves, one sequence on its one lineage"
+
+    late, queued = _fake_grammar(max_lineages=8)
+    wanted = [late.new_matcher() for _ in range(4)]
+    assert len(queued) == 3
+    del wanted  # they end before their lineages are built
+    _run_builds(queued)
+    assert len(late.lineages) == 1 and late.lineages_freed == 3 and late.settle(0.0) == 1
 
 
 def test_closing_the_backend_drops_queued_builds_and_starts_no_more(smollm2, tokenizer):
