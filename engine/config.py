@@ -164,6 +164,12 @@ class EngineConfig:
         "prefetcher's thread starts, so it gets the GIL back from the engine thread within this rather than Python's "
         "5 ms (process-wide, put back when the engine closes; 0: leave Python's)",
     )  # fmt: skip
+    grammar_batch_accept: bool = env_option(
+        "KUBELLM_GRAMMAR_BATCH_ACCEPT", env_bool, False,
+        help="structured outputs: advance a step's grammars over their tokens in one llguidance call that releases "
+        "the GIL and runs on the mask fill's threads (off, the default until measured on a GPU: one call per row, "
+        "holding the GIL), on the prefetcher's thread or the engine's",
+    )  # fmt: skip
     grammar_pinned_masks: bool = env_option(
         "KUBELLM_GRAMMAR_PINNED_MASKS", env_bool, True,
         help="structured outputs on CUDA: fill each step's token masks straight into pinned host memory (two buffers "

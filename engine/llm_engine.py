@@ -170,8 +170,10 @@ class LLMEngine:
         # and fills the next step's masks while this thread schedules and queues the next forward (off: this thread
         # does both before sampling). Read at each step: a benchmark may flip it between runs.
         self.grammar_prefetch = config.grammar_prefetch
+        # KUBELLM_GRAMMAR_BATCH_ACCEPT: a step's grammars advance in one llguidance call that releases the GIL.
+        self.grammar_batch_accept = config.grammar_batch_accept
         self._prefetcher = MaskPrefetcher(  # its thread starts on first use
-            self.structured_outputs, config.grammar_switch_interval_ms / 1e3 or None
+            self.structured_outputs, config.grammar_switch_interval_ms / 1e3 or None, config.grammar_batch_accept
         )
         self._prefetched: PrefetchedMasks | None = None  # the last step read back's, for the sampling after it
         self._mask_buffers = (  # KUBELLM_GRAMMAR_PINNED_MASKS: masks filled straight into pinned memory (CUDA)
@@ -490,10 +492,28 @@ class LLMEngine:
             self._prefetched = self._prefetcher.take(step.grammar)
             outcomes = self._prefetched.outcomes
         out = step.sampled.result()
+        if outcomes is None and self.grammar_batch_accept:
+            outcomes = self._advance_grammars(step.requests, out.token_ids)
         for req, token, lp in zip(step.requests, out.token_ids, out.logprobs, strict=True):
             if req.status.is_finished:  # aborted, or stopped by the token before this one
                 continue
             self._append_token(req, token, lp, touched, outcomes)
+
+    def _advance_grammars(self, reqs: list[Request], tokens: list[int]) -> dict[str, tuple[bool, bool]] | None:
+        """KUBELLM_GRAMMAR_BATCH_ACCEPT without the prefetcher: the step's kept tokens fed to their grammars in one
+        call, before the rows are applied (each row's outcome is what _append_token would have had from its own
+        accept: a row's token is dropped only when its request finished before this step's tokens were read)."""
+        pairs, keys = [], []
+        for req, token in zip(reqs, tokens, strict=True):
+            if req.status.is_finished or token in req.eos_token_ids:  # (a finished request may have left _seqs)
+                continue
+            grammar = self._seqs[req.request_id].grammar
+            if grammar is not None:
+                pairs.append((grammar, token))
+                keys.append(req.request_id)
+        if not pairs:
+            return None
+        return dict(zip(keys, self.structured_outputs.advance(pairs, batched=True), strict=True))
 
     def _append_token(
         self,

@@ -137,7 +137,8 @@ def test_async_scheduling_chunked_prefill_and_preemption_equal_synchronous(smoll
 
 def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
     """Async scheduling with the prefetcher (KUBELLM_GRAMMAR_PREFETCH=1; off by default) and without it give the same
-    tokens; with it, the masks of running constrained rows come filled ahead."""
+    tokens, with the grammars advanced one row at a time or in one call (KUBELLM_GRAMMAR_BATCH_ACCEPT=1); with the
+    prefetcher, the masks of running constrained rows come filled ahead."""
     spec = StructuredOutputsParams(json=PERSON)
     reqs = []
     for i in range(5):
@@ -148,11 +149,13 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
         reqs.append((params, f"Person number {i} as JSON, please."))
     results = {}
     python_interval = sys.getswitchinterval()
-    for prefetch in (True, False):
-        eng = make_engine(smollm2, async_scheduling=True, grammar_prefetch=prefetch)
+    # (prefetch, KUBELLM_GRAMMAR_BATCH_ACCEPT): the accepts one row at a time or in one call, on either thread
+    for prefetch, batched in ((True, False), (False, False), (True, True), (False, True)):
+        eng = make_engine(smollm2, async_scheduling=True, grammar_prefetch=prefetch, grammar_batch_accept=batched)
         requests = [(chat_ids(eng, text), params) for params, text in reqs]
-        results[prefetch] = summary(run(eng, requests))
+        results[prefetch, batched] = summary(run(eng, requests))
         stats = eng.structured_outputs.fill_stats
+        assert (stats.batched_accepts > 0) is batched
         if prefetch:
             # rows counts every fill, the worker's included; only each request's first mask is filled on the spot
             assert stats.prefetched_rows > stats.rows / 2, "most rows' masks came from the prefetcher"
@@ -163,8 +166,8 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
             assert stats.prefetched_rows == 0 and stats.worker_steps == 0
         eng.close()
         assert sys.getswitchinterval() == python_interval
-    assert results[True] == results[False]
-    for (params, _), out in zip(reqs, results[True], strict=True):
+    assert results[True, False] == results[False, False] == results[True, True] == results[False, True]
+    for (params, _), out in zip(reqs, results[True, False], strict=True):
         for _tokens, text, reason in out:
             if params.structured_outputs is not None and reason == "stop":
                 jsonschema.validate(json.loads(text), PERSON)

@@ -170,13 +170,15 @@ def test_json_has_no_free_whitespace_unless_a_pattern_allows_it(manager, tokeniz
     assert space in _allowed(manager, loose)
 
 
-def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_position(manager, tokenizer):
+@pytest.mark.parametrize("batched", [False, True], ids=["row-by-row", "batched"])
+def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_position(manager, tokenizer, batched):
     """What the engine's worker thread does with a step's tokens: each kept token fed to its grammar, outcomes
-    under the row's key, a dropped row and an EOS left alone, and masks equal to those filled afterwards, used only
-    while the grammar stays where it was filled."""
+    under the row's key, a dropped row and an EOS left alone, a refused token reported, and masks equal to those
+    filled afterwards, used only while the grammar stays where it was filled; the same with the accepts in one call
+    (KUBELLM_GRAMMAR_BATCH_ACCEPT)."""
     spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}}})
     brace = tokenizer.encode("{").ids[0]
-    live, dropped, ended, done = (manager.new_matcher(spec) for _ in range(4))
+    live, dropped, ended, done, refused = (manager.new_matcher(spec) for _ in range(5))
     for t in tokenizer.encode('{"a":').ids:
         assert done.accept_token(t)
     rows = [
@@ -185,16 +187,20 @@ def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_positio
         GrammarRow("dropped", dropped, lambda: True, {EOS}),
         GrammarRow("ended", ended, lambda: False, {EOS}),
         GrammarRow("done", done, lambda: False, {EOS}),
+        GrammarRow("refused", refused, lambda: False, {EOS}),
     ]
     seven_brace = tokenizer.encode("7}").ids
-    tokens = [brace, 5, brace, EOS, seven_brace[0]]
-    prefetcher = MaskPrefetcher(manager)
+    tokens = [brace, 5, brace, EOS, seven_brace[0], tokenizer.encode("x").ids[0]]
+    accepts_before = manager.fill_stats.batched_accepts
+    prefetcher = MaskPrefetcher(manager, batched_accept=batched)
     try:
         result = prefetcher.take(prefetcher.submit(rows, lambda: tokens))
     finally:
         prefetcher.close()
-    assert set(result.outcomes) == {"live", "done"}, "dropped rows and EOS never reach a grammar"
-    assert result.outcomes["live"] == (True, False)
+    assert set(result.outcomes) == {"live", "done", "refused"}, "dropped rows and EOS never reach a grammar"
+    assert result.outcomes["live"] == (True, False) and result.outcomes["done"] == (True, False)
+    assert result.outcomes["refused"] == (False, True), "an object cannot start with x"
+    assert manager.fill_stats.batched_accepts - accepts_before == (3 if batched else 0)
     assert (live.position, dropped.position, ended.position) == (1, 0, 0)
     expected = manager.bitmask([live, done])
     stats_before = manager.fill_stats.snapshot()
