@@ -53,6 +53,7 @@ SCHEMAS = {
     "bench without maxLength": SCHEMA_NO_MAXLENGTH,
     "typical agent schema": AGENT_SCHEMA,
 }
+ENGINE_SCHEMAS = {"bench": SCHEMA, "nomax": SCHEMA_NO_MAXLENGTH}
 EOS_ID = 2
 SWITCH_MS, SWITCH_MS_LOW = 0.5, 0.1  # part 2's GIL switch intervals (KUBELLM_GRAMMAR_SWITCH_INTERVAL_MS)
 WARMUP_STEPS = 8
@@ -195,7 +196,7 @@ def fill_probe(manager: Any, rows: int = 64, repeats: int = 5) -> dict[str, Any]
     }  # fmt: skip
 
 
-def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, Any]]:
+def engine_runs(tokenizer_json: str, batch: int, tokens: int, schema: dict[str, Any] = SCHEMA) -> list[dict[str, Any]]:
     """Part 2: tok/s of the tiny CPU engine, unconstrained and constrained with the prefetcher off and on."""
     import dataclasses
 
@@ -218,25 +219,27 @@ def engine_runs(tokenizer_json: str, batch: int, tokens: int) -> list[dict[str, 
     )
     rows = []
     default_interval = sys.getswitchinterval()
-    for label, constrained, prefetch, roots, interval_ms in (
-        ("unconstrained", False, True, 0, 0.0),
-        (f"unconstrained, GIL switch interval {SWITCH_MS} ms", False, True, 0, SWITCH_MS),
-        ("JSON, one lineage, prefetch off (before lineages)", True, False, 1, 0.0),
-        ("JSON, prefetch off (the default)", True, False, 0, 0.0),
-        ("JSON, prefetch on, Python's switch interval (5 ms)", True, True, 0, 5.0),
-        (f"JSON, prefetch on (the default GIL switch interval, {SWITCH_MS} ms)", True, True, 0, SWITCH_MS),
-        (f"JSON, prefetch on, GIL switch interval {SWITCH_MS_LOW} ms", True, True, 0, SWITCH_MS_LOW),
+    for label, constrained, prefetch, roots, interval_ms, batched in (
+        ("unconstrained", False, True, 0, 0.0, False),
+        (f"unconstrained, GIL switch interval {SWITCH_MS} ms", False, True, 0, SWITCH_MS, False),
+        ("JSON, one lineage, prefetch off (before lineages)", True, False, 1, 0.0, False),
+        ("JSON, prefetch off (the default)", True, False, 0, 0.0, False),
+        ("JSON, prefetch off, batched accepts", True, False, 0, 0.0, True),
+        ("JSON, prefetch on, Python's switch interval (5 ms)", True, True, 0, 5.0, False),
+        (f"JSON, prefetch on (the default GIL switch interval, {SWITCH_MS} ms)", True, True, 0, SWITCH_MS, False),
+        (f"JSON, prefetch on, GIL switch interval {SWITCH_MS_LOW} ms", True, True, 0, SWITCH_MS_LOW, False),
+        (f"JSON, prefetch on, {SWITCH_MS} ms, batched accepts", True, True, 0, SWITCH_MS, True),
     ):
         config = EngineConfig(
             model="tiny-smollm2-vocab", device="cpu", max_num_seqs=batch, generation_config="vllm",
             async_scheduling=True, grammar_prefetch=prefetch, num_threads=1, max_model_len=1024,
-            grammar_roots=roots, grammar_switch_interval_ms=interval_ms,
+            grammar_roots=roots, grammar_switch_interval_ms=interval_ms, grammar_batch_accept=batched,
         )  # fmt: skip
         if not constrained and interval_ms:  # no prefetcher runs to set it: the same interval, set here
             sys.setswitchinterval(interval_ms / 1e3)
         engine = LLMEngine(config, loaded=loaded)
         engine.output_kind = OutputKind.FINAL_ONLY
-        spec = StructuredOutputsParams(json=SCHEMA) if constrained else None
+        spec = StructuredOutputsParams(json=schema) if constrained else None
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, structured_outputs=spec)
         rng = random.Random(batch)
         for warm in (True, False):
@@ -331,6 +334,137 @@ def gil_probe(manager: Any, schema: dict[str, Any], batch: int, steps: int = 24)
         sys.setswitchinterval(default)
         pool.shutdown()
     return rows
+
+
+def _python_work(units: int) -> int:
+    """Pure Python standing in for the engine thread's own work of a step (scheduling, queueing the forward,
+    applying the tokens): holds the GIL but for the interpreter's switches."""
+    acc = 0
+    for i in range(units):
+        acc = (acc + i * 7) % 1000003
+    return acc
+
+
+def _units_for(ms: float) -> int:
+    """How many _python_work units take `ms` on this thread alone (best of 5)."""
+    probe = 200_000
+    best = min(_timed(_python_work, probe) for _ in range(5))
+    return max(1, int(probe * ms / 1e3 / best))
+
+
+def _timed(fn: Any, *args: Any) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+CRITICAL_MODES = (  # (label, prefetch, batched accepts, GIL switch interval ms)
+    ("prefetch off, accepts row by row (the default)", False, False, 5.0),
+    ("prefetch off, batched accepts", False, True, 5.0),
+    ("prefetch on, accepts row by row, 5 ms", True, False, 5.0),
+    ("prefetch on, accepts row by row, 0.5 ms (the session-9 state)", True, False, 0.5),
+    ("prefetch on, batched accepts, 5 ms", True, True, 5.0),
+    ("prefetch on, batched accepts, 0.5 ms", True, True, 0.5),
+)
+
+
+def critical_path_probe(
+    tokenizer_json: str, schema: dict[str, Any], batch: int, work_ms: float, steps: int = 40
+) -> list[dict[str, Any]]:
+    """Part 4, the engine thread's critical path in a host-bound step: per step the engine thread runs `work_ms` of
+    Python (its own scheduling and bookkeeping, calibrated alone first) and then needs the next masks of `batch`
+    rows; the step's tokens are known at its start (host-bound: the GPU finished long ago). Prefetch off: the Python
+    work, then the accepts and the fill on the engine thread. Prefetch on: the MaskPrefetcher's worker advances the
+    grammars and fills while the engine thread runs its Python, then the engine takes the result. Batched accepts:
+    KUBELLM_GRAMMAR_BATCH_ACCEPT. The fill pool has one thread, so the engine thread keeps a core of its own, as on
+    a 16-core GPU host. The modes take their steps in turn (each its own matchers), so the host's noise falls on all
+    alike; the "none" mode is the Python work alone. Per step (median ms): the step's wall time, its excess over
+    "none" (what the grammar adds to the critical path), the Python work's own wall time (its excess: the GIL taken
+    by the worker), and the engine thread's wait for the prefetcher."""
+    from kubellm.engine.sampling_params import StructuredOutputsParams
+    from kubellm.engine.structured_output import GrammarRow, MaskPrefetcher, llguidance_manager
+
+    manager = llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=1)
+    spec = StructuredOutputsParams(json=schema)
+    units = _units_for(work_ms)
+    default = sys.getswitchinterval()
+    modes: list[dict[str, Any]] = [{"label": "none (the Python work alone)", "interval": 5.0, "grammar": False}]
+    for label, prefetch, batched, interval_ms in CRITICAL_MODES:
+        matchers = [manager.new_matcher(spec) for _ in range(batch)]
+        modes.append({
+            "label": label, "interval": interval_ms, "grammar": True, "prefetch": prefetch, "batched": batched,
+            "matchers": matchers, "rows": [GrammarRow(j, m, lambda: False, (EOS_ID,)) for j, m in enumerate(matchers)],
+            "prefetcher": MaskPrefetcher(manager, None, batched_accept=batched),
+            "rng": np.random.default_rng(batch), "walls": [], "works": [], "waits": [],
+        })  # fmt: skip
+    modes[0].update(walls=[], works=[], waits=[])
+    manager.compile(spec).settle(60.0)
+    for mode in modes[1:]:
+        mode["words"] = manager.fill(mode["matchers"])
+    try:
+        for step in range(WARMUP_STEPS + steps):
+            for mode in modes:
+                sys.setswitchinterval(mode["interval"] / 1e3)
+                tokens: list[int] = []
+                if mode["grammar"]:
+                    bits = np.unpackbits(mode["words"].view(np.uint8), axis=1, count=SMOLLM2_VOCAB, bitorder="little")
+                    tokens = [int(mode["rng"].choice(np.flatnonzero(b))) for b in bits]
+                t0 = time.perf_counter()
+                if not mode["grammar"]:
+                    _python_work(units)
+                    t1 = t2 = time.perf_counter()
+                elif mode["prefetch"]:
+                    future = mode["prefetcher"].submit(mode["rows"], lambda t=tokens: t)
+                    _python_work(units)
+                    t1 = time.perf_counter()
+                    result = mode["prefetcher"].take(future)
+                    t2 = time.perf_counter()
+                    if len(result.matchers) != batch:
+                        raise RuntimeError("a probe grammar ended early")
+                    mode["words"] = result.words
+                else:
+                    _python_work(units)
+                    t1 = t2 = time.perf_counter()
+                    pairs = list(zip(mode["matchers"], tokens, strict=True))
+                    if not all(ok and not ended for ok, ended in manager.advance(pairs, mode["batched"])):
+                        raise RuntimeError("a probe grammar refused its token or ended early")
+                    mode["words"] = manager.fill(mode["matchers"])
+                end = time.perf_counter()
+                if step >= WARMUP_STEPS:
+                    mode["walls"].append(end - t0)
+                    mode["works"].append(t1 - t0)
+                    mode["waits"].append(t2 - t1)
+    finally:
+        sys.setswitchinterval(default)
+        for mode in modes[1:]:
+            mode["prefetcher"].close()
+        manager.close()
+    base = 1e3 * statistics.median(modes[0]["walls"])
+    rows = []
+    for mode in modes:
+        step_ms = 1e3 * statistics.median(mode["walls"])
+        rows.append({
+            "mode": mode["label"], "batch": batch, "switch_interval_ms": mode["interval"], "work_alone_ms": base,
+            "step_ms": step_ms, "excess_ms": step_ms - base, "work_ms": 1e3 * statistics.median(mode["works"]),
+            "wait_ms": 1e3 * statistics.median(mode["waits"]),
+        })  # fmt: skip
+        print(f"critical path {rows[-1]}", flush=True)
+    return rows
+
+
+def critical_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", " ".join((critical_path_probe.__doc__ or "").split()), "",
+             "| schema | rows | mode | step of the Python work alone ms | step ms | step's excess ms (grammar on "
+             "the critical path) | Python work's wall ms (GIL taken by the worker) | wait for the prefetcher ms |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['schema']} | {r['batch']} | {r['mode']} | {r['work_alone_ms']:.2f} | {r['step_ms']:.2f} | "
+            f"{r['excess_ms']:.2f} | {r['work_ms']:.2f} | {r['wait_ms']:.2f} |"
+        )
+    return lines
 
 
 BOUNDED_SLICE = r'[^"\\\x00-\x1F\x7F]{1,%d}'  # llguidance's own JSON-string slices, of other lengths
@@ -470,6 +604,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['schema']} | {r['batch']} | {r['switch_interval_ms']} | {r['caller']} | {r['step_ms']:.2f} | "
                 f"{r['tokens_ms']:.2f} / {r['accept_ms']:.2f} / {r['fill_ms']:.2f} | {r['step_ms'] - phases:.2f} |"
             )
+    lines += critical_lines(result.get("critical"))
     engine = result.get("engine") or []
     if engine:
         free = engine[0]["output_tok_s"]
@@ -477,7 +612,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             " ".join(__doc__.split("\n\n")[3].split()),
             "",
-            f"Batch {result['engine_batch']}, {result['engine_tokens']} output tokens per request.",
+            f"Batch {result['engine_batch']}, {result['engine_tokens']} output tokens per request, schema "
+            f"{result.get('engine_schema', 'bench')} (bench: the GPU benchmark's, maxLength 8; nomax: without it).",
             "",
             "| run | output tok/s | vs unconstrained | fill ms/step (any thread) | engine thread's wait for the "
             "prefetcher, ms/step | masks prefetched / filled | prefetcher's step, ms: tokens wait / accepts / fill |",
@@ -506,6 +642,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-batch", type=int, default=64, help="part 2's requests (0: skip part 2)")
     p.add_argument("--gil-batch", type=int, default=64, help="part 3's rows (0: skip part 3)")
     p.add_argument("--engine-tokens", type=int, default=48, help="part 2's output tokens per request")
+    p.add_argument(
+        "--engine-schema",
+        choices=sorted(ENGINE_SCHEMAS),
+        default="bench",
+        help="part 2's schema (bench: maxLength 8, the GPU benchmark's; nomax: the same without maxLength)",
+    )
+    p.add_argument("--critical-batch", type=int, default=256, help="part 4's rows (0: skip part 4)")
+    p.add_argument("--critical-work-ms", type=float, default=8.0, help="part 4's Python work per step")
+    p.add_argument(
+        "--parts", default="1,2,3,4", help="which parts to run (1: grammar step, 2: engine, 3: GIL, 4: critical path)"
+    )
     p.add_argument("--slices", type=int, choices=(0, 1), default=1, help="time extra token slices (1)")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     p.add_argument("--name", default="", help="a suffix of the results files' names")
@@ -517,6 +664,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.steps < 2 or args.engine_batch < 0 or args.engine_tokens < 1 or args.threads < 0:
         p.error("--steps must be at least 2, --threads and --engine-batch at least 0, --engine-tokens at least 1")
+    if args.critical_batch < 0 or args.critical_work_ms <= 0:
+        p.error("--critical-batch must be at least 0 and --critical-work-ms positive")
+    try:
+        parts = {int(x) for x in args.parts.split(",") if x.strip()}
+    except ValueError:
+        parts = set()
+    if not parts or not parts <= {1, 2, 3, 4}:
+        p.error(f"--parts takes numbers among 1,2,3,4, not {args.parts!r}")
 
     from kubellm.engine.model_runner import available_cpus
     from kubellm.engine.structured_output import LLGuidanceBackend, llguidance_manager
@@ -535,13 +690,13 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": list(os.getloadavg()),
         "command": "python -m bench.structured_host " + " ".join(sys.argv[1:] if argv is None else argv),
         "steps": args.steps,
-        "fill_probe": fill_probe(manager),
-        "slices": slice_probe(tokenizer_json) if args.slices else None,
+        "fill_probe": fill_probe(manager) if 1 in parts else None,
+        "slices": slice_probe(tokenizer_json) if args.slices and 1 in parts else None,
         "grammar": {},
         "engine_batch": args.engine_batch,
         "engine_tokens": args.engine_tokens,
     }
-    for name, schema in SCHEMAS.items():
+    for name, schema in SCHEMAS.items() if 1 in parts else ():
         result["grammar"][name] = []
         for b in batches:
             row = grammar_step(manager, before, single, schema, b, args.steps, seed=b)
@@ -550,9 +705,18 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)  # fmt: skip
     result["gil"] = [r for name in ("bench without maxLength", "bench (maxLength 8, minItems 200)")
                      for r in [dict(x, schema=name) for x in gil_probe(manager, SCHEMAS[name], args.gil_batch)]
-                     ] if args.gil_batch else []  # fmt: skip
-    if args.engine_batch:
-        result["engine"] = engine_runs(tokenizer_json, args.engine_batch, args.engine_tokens)
+                     ] if args.gil_batch and 3 in parts else []  # fmt: skip
+    if args.critical_batch and 4 in parts:
+        result["critical"] = [
+            dict(r, schema=name)
+            for name in ("bench without maxLength", "bench (maxLength 8, minItems 200)")
+            for r in critical_path_probe(tokenizer_json, SCHEMAS[name], args.critical_batch, args.critical_work_ms)
+        ]
+    if args.engine_batch and 2 in parts:
+        result["engine_schema"] = args.engine_schema
+        result["engine"] = engine_runs(
+            tokenizer_json, args.engine_batch, args.engine_tokens, ENGINE_SCHEMAS[args.engine_schema]
+        )
     result["load_average_after"] = list(os.getloadavg())  # (other jobs' use of these cores during the run)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"structured-host-{started.strftime('%Y-%m-%d')}{'-' + args.name if args.name else ''}"

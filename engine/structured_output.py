@@ -546,7 +546,7 @@ class StructuredOutputManager:
         """The masks of `matchers`, row j for matchers[j] (int32 [len, words]); filled by llguidance's thread pool
         with the GIL released."""
         backend = self.backend
-        words = np.full((len(matchers), bitmask_words(backend.vocab_size)), -1, dtype=np.int32)
+        words = np.empty((len(matchers), bitmask_words(backend.vocab_size)), dtype=np.int32)  # every row is written
         self._fill_rows(backend, [(m, j) for j, m in enumerate(matchers)], words)
         return words
 

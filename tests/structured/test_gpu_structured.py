@@ -109,7 +109,7 @@ ITEMS_SCHEMA = {
 }
 
 
-def run_constrained_batch(prefetch: bool, pinned: bool = False) -> tuple[dict, object]:
+def run_constrained_batch(prefetch: bool, pinned: bool = False, batched: bool = False) -> tuple[dict, object]:
     """40 requests, 3 in 4 under ITEMS_SCHEMA, greedy and sampled, on a random SmolLM2-shaped model (async
     scheduling, CUDA graphs): each answer's (token ids, text), and the engine's fill statistics."""
     from kubellm.engine.config import EngineConfig
@@ -122,10 +122,10 @@ def run_constrained_batch(prefetch: bool, pinned: bool = False) -> tuple[dict, o
     loaded.tokenizer_info = byte_level_tokenizer_info()
     config = EngineConfig(
         model="random", device="cuda", generation_config="vllm", max_model_len=1024, seed=0,
-        grammar_prefetch=prefetch, grammar_pinned_masks=pinned,
+        grammar_prefetch=prefetch, grammar_pinned_masks=pinned, grammar_batch_accept=batched,
     )  # fmt: skip
     engine = LLMEngine(config, loaded=loaded)
-    assert engine.async_scheduling and engine.grammar_prefetch is prefetch
+    assert engine.async_scheduling and engine.grammar_prefetch is prefetch and engine.grammar_batch_accept is batched
     assert (engine._mask_buffers is not None) is pinned
     for i in range(40):
         params = SamplingParams(
@@ -166,6 +166,17 @@ def test_pinned_mask_buffers_change_no_answer():
     reference, _ = run_constrained_batch(prefetch=False)
     for prefetch in (False, True):
         assert run_constrained_batch(prefetch, pinned=True)[0] == reference, f"prefetch={prefetch}"
+
+
+def test_batched_accepts_on_cuda_change_no_answer():
+    """KUBELLM_GRAMMAR_BATCH_ACCEPT: the grammars advanced in one llguidance call per step (on the prefetcher's
+    thread, or the engine's with it off) give every answer of the row-by-row default, the batched call
+    having run."""
+    reference, _ = run_constrained_batch(prefetch=False, pinned=True)
+    for prefetch in (False, True):
+        answers, stats = run_constrained_batch(prefetch, pinned=True, batched=True)
+        assert answers == reference, f"prefetch={prefetch}"
+        assert stats.batched_accepts > 0
 
 
 def test_pinned_bitmask_buffers_alternate_grow_and_are_pinned():
