@@ -11,7 +11,8 @@ keeps the separators ", " and ": "). A bounded string is llguidance's costly cas
 where an unbounded one takes a precomputed slice), so a second constrained run per batch uses a typical agent
 schema: {"calls": [action objects (enum, free string, nested object of integer and number ranges, array of at most
 4 strings, a 2-letter pattern, an optional number), ...]} with minItems 100 (--typical 0 skips it); and the
-benchmark schema once more with KUBELLM_GRAMMAR_PREFETCH flipped (ours only, --prefetch-compare 0 skips it). Compile
+benchmark schema once more with KUBELLM_GRAMMAR_PREFETCH flipped (ours only, --prefetch-compare 0 skips it), and
+with --batch-accept-compare 1 once more with KUBELLM_GRAMMAR_BATCH_ACCEPT flipped. Compile
 time: 100 distinct schemas (12 typed properties each, names varied so none is cached), each compiled and its first
 token mask filled on one thread, through our manager and through vLLM's own xgrammar backend object.
 
@@ -323,7 +324,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {fmt(r.get('vllm_typical'))} | {fmt_ratio(r.get('vllm_typical_vs_unconstrained'))} "
                 f"| {fmt_ratio(r.get('ours_vs_vllm_typical'))} |"
             )
-    kinds = ("constrained", "constrained_flipped", "typical")
+    kinds = ("constrained", "constrained_flipped", "constrained_batch_flipped", "typical")
     host = [(r["batch"], k, r[k]["host"]) for r in result.get("rows", []) for k in kinds
             if isinstance(r.get(k), dict) and r[k].get("host")]  # fmt: skip
     if host:
@@ -332,15 +333,16 @@ def markdown(result: dict[str, Any]) -> str:
             "Ours, the host side of the constrained runs (per decode step; fill: llguidance filling the masks, on the "
             "prefetcher's thread or the engine's; wait: the engine thread waiting for the prefetcher):",
             "",
-            "| batch | schema | prefetch | JSON tok/s | fill ms/step | fill ms/row | engine wait ms/step "
-            "| masks prefetched / filled | first answer |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| batch | schema | prefetch | batched accepts | JSON tok/s | fill ms/step | fill ms/row "
+            "| engine wait ms/step | masks prefetched / filled | first answer |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for batch, kind, h in host:
             lines.append(
                 f"| {batch} | {'typical' if kind == 'typical' else 'bench'} | {'on' if h.get('prefetch') else 'off'} "
-                f"| {fmt(h.get('output_tok_s'))} | {h['fill_ms_per_step']:.2f} | {h['fill_ms_per_row']:.3f} "
-                f"| {h['wait_ms_per_step']:.2f} | {h['prefetched_rows']:,} / {h['filled_rows']:,} "
+                f"| {'on' if h.get('batch_accept') else 'off'} | {fmt(h.get('output_tok_s'))} "
+                f"| {h['fill_ms_per_step']:.2f} | {h['fill_ms_per_row']:.3f} | {h['wait_ms_per_step']:.2f} "
+                f"| {h['prefetched_rows']:,} / {h['filled_rows']:,} "
                 f"| `{h['first_answer']}` |"
             )
 
@@ -428,8 +430,10 @@ def run_batch(
     warmup: bool = False,
     typical: bool = False,
     prefetch: bool | None = None,
+    batch_accept: bool | None = None,
 ) -> dict[str, Any]:
-    """One timed run; `prefetch` (None: the engine's setting) sets KUBELLM_GRAMMAR_PREFETCH's switch for it."""
+    """One timed run; `prefetch` and `batch_accept` (None: the engine's setting) set KUBELLM_GRAMMAR_PREFETCH's and
+    KUBELLM_GRAMMAR_BATCH_ACCEPT's switches for it."""
     import torch
 
     from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
@@ -443,8 +447,11 @@ def run_batch(
     stats = engine.structured_outputs.fill_stats
     before = stats.snapshot()
     configured = engine.grammar_prefetch
+    configured_batch = engine.grammar_batch_accept
     if prefetch is not None:
         engine.grammar_prefetch = prefetch
+    if batch_accept is not None:
+        engine.grammar_batch_accept = engine._prefetcher.batched_accept = batch_accept
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -456,6 +463,8 @@ def run_batch(
         outs += [o for o in engine.step() if o.finished]
     wall = time.perf_counter() - start
     used, engine.grammar_prefetch = engine.grammar_prefetch, configured
+    used_batch = engine.grammar_batch_accept
+    engine.grammar_batch_accept = engine._prefetcher.batched_accept = configured_batch
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     row: dict[str, Any] = {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall}
     if constrained:  # the schema held: every answer is a prefix of valid JSON of the schema's shape
@@ -464,6 +473,7 @@ def run_batch(
         rows = max(1, stats.rows - before.rows)
         row["host"] = {
             "prefetch": used and engine.async_scheduling,
+            "batch_accept": used_batch,
             "output_tok_s": tokens / wall,
             "fill_ms_per_step": 1e3 * (stats.seconds - before.seconds) / steps,
             "fill_ms_per_row": 1e3 * (stats.seconds - before.seconds) / rows,
@@ -507,6 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--typical", type=int, choices=(0, 1), default=1, help="also run the typical agent schema (1)")
     p.add_argument("--prefetch-compare", type=int, choices=(0, 1), default=1,
                    help="1: also run the benchmark schema with KUBELLM_GRAMMAR_PREFETCH flipped")  # fmt: skip
+    p.add_argument("--batch-accept-compare", type=int, choices=(0, 1), default=0,
+                   help="1: also run the benchmark schema with KUBELLM_GRAMMAR_BATCH_ACCEPT flipped")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump_tokenizer:
         return args
@@ -591,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.prefetch_compare:  # (its own prompts would cost the peer a run: these reuse the constrained run's)
             flipped = run_batch(engine, b, True, args.output_len, prefetch=not engine.grammar_prefetch)
             row["constrained_flipped"] = flipped
+        if args.batch_accept_compare:  # the prefetcher as configured, KUBELLM_GRAMMAR_BATCH_ACCEPT flipped
+            row["constrained_batch_flipped"] = run_batch(
+                engine, b, True, args.output_len, batch_accept=not engine.grammar_batch_accept
+            )
         result["rows"].append(row)
         typical = f" / typical {row['typical']['output_tok_s']:,.0f}" if args.typical else ""
         print(f"ours batch {b}: {free['output_tok_s']:,.0f} / {constrained['output_tok_s']:,.0f}{typical} tok/s",

@@ -216,7 +216,9 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys, tokenizer_file):
 def test_the_smoke_run_writes_one_results_file_with_the_peer_not_measured(tmp_path, tokenizer_file):
     """Our engine end to end on the CPU (SmolLM2's shape, batches 1 and 4, 16 tokens): the answers hold the schema
     (run_batch checks them) and the results name what was and was not measured."""
-    assert structured.main(["--smoke", "--tokenizer-json", str(tokenizer_file), "--out-dir", str(tmp_path)]) == 0
+    argv = ["--smoke", "--tokenizer-json", str(tokenizer_file), "--out-dir", str(tmp_path),
+            "--batch-accept-compare", "1"]  # fmt: skip
+    assert structured.main(argv) == 0
     (md,) = tmp_path.glob("structured-*.md")
     (js,) = tmp_path.glob("structured-*.json")
     result = json.loads(js.read_text())
@@ -229,6 +231,9 @@ def test_the_smoke_run_writes_one_results_file_with_the_peer_not_measured(tmp_pa
     for row in result["rows"]:  # the typical schema and the prefetcher's switch both ways, each answer checked
         assert row["typical"]["output_tokens"] == 16 * row["batch"]
         assert {row["constrained"]["host"]["prefetch"], row["constrained_flipped"]["host"]["prefetch"]} == {False, True}
+        flipped = row["constrained_batch_flipped"]["host"]  # KUBELLM_GRAMMAR_BATCH_ACCEPT flipped, prefetch as set
+        assert (flipped["batch_accept"], row["constrained"]["host"]["batch_accept"]) == (True, False)
+        assert flipped["prefetch"] == row["constrained"]["host"]["prefetch"]
     probe = result["fill_probe"]
     assert probe["rows"] == 64 and probe["one_thread_ms"] > 0 and probe["pool_threads"] >= 1
     assert "Fill probe (the benchmark schema's costliest state" in text
@@ -241,7 +246,8 @@ def test_structured_host_runs_and_reports_lineages_beside_one_lineage(tmp_path, 
     from bench import structured_host
 
     argv = ["--tokenizer-json", str(tokenizer_file), "--batches", "1,4", "--steps", "2", "--threads", "2",
-            "--engine-batch", "0", "--slices", "0", "--out-dir", str(tmp_path)]  # fmt: skip
+            "--engine-batch", "0", "--slices", "0", "--critical-batch", "4", "--critical-work-ms", "1",
+            "--out-dir", str(tmp_path)]  # fmt: skip
     assert structured_host.main(argv) == 0
     (js,) = tmp_path.glob("structured-host-*.json")
     result = json.loads(js.read_text())
@@ -254,3 +260,6 @@ def test_structured_host_runs_and_reports_lineages_beside_one_lineage(tmp_path, 
     assert (
         "Load average (1, 5, 15 min) before the run" in text and "| bench (maxLength 8, minItems 200) | 4 | 4 |" in text
     )
+    critical = {(r["schema"], r["mode"]): r for r in result["critical"]}  # part 4: every mode of both schemas
+    assert len(critical) == 2 * 7 and all(r["batch"] == 4 and r["step_ms"] > 0 for r in critical.values())
+    assert "| bench without maxLength | 4 | prefetch on, batched accepts, 0.5 ms |" in text
