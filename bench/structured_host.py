@@ -22,6 +22,9 @@ one lineage (KUBELLM_GRAMMAR_ROOTS=1, as before lineages), over lineages with KU
 default: the engine thread feeds the grammars and fills the masks), and on (a worker does, while the engine thread
 schedules and runs the next forward). The CPU runs the forward itself, so this shows the overlap only as far as
 two cores allow; the GPU figure is bench/structured.py's.
+
+Part 3 (gil_probe): where the prefetcher's thread waits for the GIL. Part 4 (critical_path_probe): what the grammar
+adds to the engine thread's critical path in a host-bound step, per mode (prefetch, batched accepts, switch interval).
 """
 
 from __future__ import annotations
@@ -358,13 +361,16 @@ def _timed(fn: Any, *args: Any) -> float:
     return time.perf_counter() - t0
 
 
-CRITICAL_MODES = (  # (label, prefetch, batched accepts, GIL switch interval ms)
+CRITICAL_MODES: tuple[tuple[str, bool | str, bool, float], ...] = (  # (label, prefetch, batched, GIL interval ms)
     ("prefetch off, accepts row by row (the default)", False, False, 5.0),
     ("prefetch off, batched accepts", False, True, 5.0),
     ("prefetch on, accepts row by row, 5 ms", True, False, 5.0),
     ("prefetch on, accepts row by row, 0.5 ms (the session-9 state)", True, False, 0.5),
     ("prefetch on, batched accepts, 5 ms", True, True, 5.0),
     ("prefetch on, batched accepts, 0.5 ms", True, True, 0.5),
+    # Not an engine mode (yet): the engine thread advances the grammars (batched) when the tokens arrive, a worker
+    # only fills (one llguidance call: the GIL taken twice, to start and to return), overlapping the Python work.
+    ("split: engine thread accepts (batched), worker only fills, 0.5 ms", "split", True, 0.5),
 )
 
 
@@ -376,11 +382,16 @@ def critical_path_probe(
     rows; the step's tokens are known at its start (host-bound: the GPU finished long ago). Prefetch off: the Python
     work, then the accepts and the fill on the engine thread. Prefetch on: the MaskPrefetcher's worker advances the
     grammars and fills while the engine thread runs its Python, then the engine takes the result. Batched accepts:
-    KUBELLM_GRAMMAR_BATCH_ACCEPT. The fill pool has one thread, so the engine thread keeps a core of its own, as on
-    a 16-core GPU host. The modes take their steps in turn (each its own matchers), so the host's noise falls on all
-    alike; the "none" mode is the Python work alone. Per step (median ms): the step's wall time, its excess over
-    "none" (what the grammar adds to the critical path), the Python work's own wall time (its excess: the GIL taken
-    by the worker), and the engine thread's wait for the prefetcher."""
+    KUBELLM_GRAMMAR_BATCH_ACCEPT. Split (no engine mode yet): the engine thread advances the grammars (batched) and
+    a worker only fills, overlapping the Python work (that design's best case: in the engine the tokens are read back
+    after the next forward is queued, so less of the step would overlap). The fill pool has one thread, so the
+    engine thread keeps a core of its own, as on a 16-core GPU host. The modes take their steps in turn (each its
+    own matchers), so the host's noise falls on all alike; the "none" mode is the Python work alone. Per step
+    (median ms): the step's wall time, its excess over "none" (what the grammar adds to the critical path), the
+    Python work's own wall time (its excess: the GIL taken by the worker), and the engine thread's wait for the
+    prefetcher (or the fill)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from kubellm.engine.sampling_params import StructuredOutputsParams
     from kubellm.engine.structured_output import GrammarRow, MaskPrefetcher, llguidance_manager
 
@@ -395,6 +406,7 @@ def critical_path_probe(
             "label": label, "interval": interval_ms, "grammar": True, "prefetch": prefetch, "batched": batched,
             "matchers": matchers, "rows": [GrammarRow(j, m, lambda: False, (EOS_ID,)) for j, m in enumerate(matchers)],
             "prefetcher": MaskPrefetcher(manager, None, batched_accept=batched),
+            "pool": ThreadPoolExecutor(1, thread_name_prefix="probe-fill"),
             "rng": np.random.default_rng(batch), "walls": [], "works": [], "waits": [],
         })  # fmt: skip
     modes[0].update(walls=[], works=[], waits=[])
@@ -413,6 +425,15 @@ def critical_path_probe(
                 if not mode["grammar"]:
                     _python_work(units)
                     t1 = t2 = time.perf_counter()
+                elif mode["prefetch"] == "split":
+                    pairs = list(zip(mode["matchers"], tokens, strict=True))
+                    if not all(ok and not ended for ok, ended in manager.advance(pairs, True)):
+                        raise RuntimeError("a probe grammar refused its token or ended early")
+                    future = mode["pool"].submit(manager.fill, mode["matchers"])
+                    _python_work(units)
+                    t1 = time.perf_counter()
+                    mode["words"] = future.result()
+                    t2 = time.perf_counter()
                 elif mode["prefetch"]:
                     future = mode["prefetcher"].submit(mode["rows"], lambda t=tokens: t)
                     _python_work(units)
@@ -438,6 +459,7 @@ def critical_path_probe(
         sys.setswitchinterval(default)
         for mode in modes[1:]:
             mode["prefetcher"].close()
+            mode["pool"].shutdown()
         manager.close()
     base = 1e3 * statistics.median(modes[0]["walls"])
     rows = []
