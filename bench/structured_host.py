@@ -375,7 +375,7 @@ CRITICAL_MODES: tuple[tuple[str, bool | str, bool, float], ...] = (  # (label, p
 
 
 def critical_path_probe(
-    tokenizer_json: str, schema: dict[str, Any], batch: int, work_ms: float, steps: int = 40
+    tokenizer_json: str, schema: dict[str, Any], batch: int, work_ms: float, steps: int = 40, threads: int = 1
 ) -> list[dict[str, Any]]:
     """Part 4, the engine thread's critical path in a host-bound step: per step the engine thread runs `work_ms` of
     Python (its own scheduling and bookkeeping, calibrated alone first) and then needs the next masks of `batch`
@@ -384,8 +384,9 @@ def critical_path_probe(
     grammars and fills while the engine thread runs its Python, then the engine takes the result. Batched accepts:
     KUBELLM_GRAMMAR_BATCH_ACCEPT. Split (no engine mode yet): the engine thread advances the grammars (batched) and
     a worker only fills, overlapping the Python work (that design's best case: in the engine the tokens are read back
-    after the next forward is queued, so less of the step would overlap). The fill pool has one thread, so the
-    engine thread keeps a core of its own, as on a 16-core GPU host. The modes take their steps in turn (each its
+    after the next forward is queued, so less of the step would overlap). The fill pool has `threads` threads (1 by
+    default: the engine thread keeps a core of its own; the CPU count: it competes for one, as with the engine's
+    default pool of one thread per CPU). The modes take their steps in turn (each its
     own matchers), so the host's noise falls on all alike; the "none" mode is the Python work alone. Per step
     (median ms): the step's wall time, its excess over "none" (what the grammar adds to the critical path), the
     Python work's own wall time (its excess: the GIL taken by the worker), and the engine thread's wait for the
@@ -395,7 +396,7 @@ def critical_path_probe(
     from kubellm.engine.sampling_params import StructuredOutputsParams
     from kubellm.engine.structured_output import GrammarRow, MaskPrefetcher, llguidance_manager
 
-    manager = llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=1)
+    manager = llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=threads)
     spec = StructuredOutputsParams(json=schema)
     units = _units_for(work_ms)
     default = sys.getswitchinterval()
@@ -467,6 +468,7 @@ def critical_path_probe(
         step_ms = 1e3 * statistics.median(mode["walls"])
         rows.append({
             "mode": mode["label"], "batch": batch, "switch_interval_ms": mode["interval"], "work_alone_ms": base,
+            "fill_threads": threads,
             "step_ms": step_ms, "excess_ms": step_ms - base, "work_ms": 1e3 * statistics.median(mode["works"]),
             "wait_ms": 1e3 * statistics.median(mode["waits"]),
         })  # fmt: skip
@@ -478,13 +480,14 @@ def critical_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     if not rows:
         return []
     lines = ["", " ".join((critical_path_probe.__doc__ or "").split()), "",
-             "| schema | rows | mode | step of the Python work alone ms | step ms | step's excess ms (grammar on "
-             "the critical path) | Python work's wall ms (GIL taken by the worker) | wait for the prefetcher ms |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| schema | rows | fill threads | mode | step of the Python work alone ms | step ms | step's excess ms "
+             "(grammar on the critical path) | Python work's wall ms (GIL taken by the worker) | wait for the "
+             "prefetcher ms |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(
-            f"| {r['schema']} | {r['batch']} | {r['mode']} | {r['work_alone_ms']:.2f} | {r['step_ms']:.2f} | "
-            f"{r['excess_ms']:.2f} | {r['work_ms']:.2f} | {r['wait_ms']:.2f} |"
+            f"| {r['schema']} | {r['batch']} | {r.get('fill_threads', 1)} | {r['mode']} | {r['work_alone_ms']:.2f} "
+            f"| {r['step_ms']:.2f} | {r['excess_ms']:.2f} | {r['work_ms']:.2f} | {r['wait_ms']:.2f} |"
         )
     return lines
 
@@ -671,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         help="part 2's schema (bench: maxLength 8, the GPU benchmark's; nomax: the same without maxLength)",
     )
     p.add_argument("--critical-batch", type=int, default=256, help="part 4's rows (0: skip part 4)")
+    p.add_argument(
+        "--critical-threads",
+        type=int,
+        default=1,
+        help="part 4's fill pool (1: the engine thread keeps a core; the CPU count: it competes for one)",
+    )
     p.add_argument("--critical-work-ms", type=float, default=8.0, help="part 4's Python work per step")
     p.add_argument(
         "--parts", default="1,2,3,4", help="which parts to run (1: grammar step, 2: engine, 3: GIL, 4: critical path)"
@@ -686,8 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.steps < 2 or args.engine_batch < 0 or args.engine_tokens < 1 or args.threads < 0:
         p.error("--steps must be at least 2, --threads and --engine-batch at least 0, --engine-tokens at least 1")
-    if args.critical_batch < 0 or args.critical_work_ms <= 0:
-        p.error("--critical-batch must be at least 0 and --critical-work-ms positive")
+    if args.critical_batch < 0 or args.critical_work_ms <= 0 or args.critical_threads < 1:
+        p.error("--critical-batch must be at least 0, --critical-work-ms positive and --critical-threads at least 1")
     try:
         parts = {int(x) for x in args.parts.split(",") if x.strip()}
     except ValueError:
@@ -732,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
         result["critical"] = [
             dict(r, schema=name)
             for name in ("bench without maxLength", "bench (maxLength 8, minItems 200)")
-            for r in critical_path_probe(tokenizer_json, SCHEMAS[name], args.critical_batch, args.critical_work_ms)
+            for r in critical_path_probe(
+                tokenizer_json, SCHEMAS[name], args.critical_batch, args.critical_work_ms, threads=args.critical_threads
+            )
         ]
     if args.engine_batch and 2 in parts:
         result["engine_schema"] = args.engine_schema

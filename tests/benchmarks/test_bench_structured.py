@@ -262,4 +262,4 @@ def test_structured_host_runs_and_reports_lineages_beside_one_lineage(tmp_path, 
     )
     critical = {(r["schema"], r["mode"]): r for r in result["critical"]}  # part 4: every mode of both schemas
     assert len(critical) == 2 * 8 and all(r["batch"] == 4 and r["step_ms"] > 0 for r in critical.values())
-    assert "| bench without maxLength | 4 | prefetch on, batched accepts, 0.5 ms |" in text
+    assert "| bench without maxLength | 4 | 1 | prefetch on, batched accepts, 0.5 ms |" in text
