@@ -457,3 +457,25 @@ def test_a_bitmask_written_into_a_given_buffer_overwrites_every_row(manager, tok
     assert np.shares_memory(got.words, stale) and np.array_equal(got.words, expected.words)
     with pytest.raises(ValueError, match="bitmask buffer"):
         manager.bitmask([ms[0]], None, lambda rows: (np.zeros((rows, 3), np.int32), None))
+
+
+def test_prefetched_rows_land_in_their_rows_in_any_order(manager, tokenizer):
+    """bitmask() copies prefetched masks as one slice when they form one run in order, row by row otherwise: either
+    way each row's mask is its own matcher's, equal to the mask filled now."""
+    spec = StructuredOutputsParams(
+        json={"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x"]}}}
+    )
+    a, b, c, fresh = (manager.new_matcher(spec) for _ in range(4))
+    for m, text in ((a, '{"a":'), (b, '{"b":'), (c, "")):
+        for t in tokenizer.encode(text).ids:
+            assert m.accept_token(t)
+    # the prefetcher's step: each advanced by one more token, masks in the order c, a, b
+    rows = [GrammarRow(k, m, lambda: False, {EOS}) for k, m in (("c", c), ("a", a), ("b", b))]
+    step = [tokenizer.encode(s).ids[0] for s in ("{", "1", '"')]
+    prefetched = advance_and_fill(manager, rows, lambda: step)
+    assert all(outcome == (True, False) for outcome in prefetched.outcomes.values())
+    for batch in ([a, b, c], [None, c, a], [fresh, a, b], [b, None, c, a]):
+        got = manager.bitmask(batch, prefetched)
+        want = manager.bitmask(batch)
+        assert got.rows == want.rows and np.array_equal(got.words, want.words), batch
+    assert len({r.tobytes() for r in manager.bitmask([a, b, c]).words}) == 3, "the states differ: a misplaced row shows"
