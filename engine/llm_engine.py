@@ -96,6 +96,7 @@ class _StepInFlight:
     sampled: StepResult
     rows: dict[str, int] = field(default_factory=dict)  # request id -> row of its token
     grammar: Future[PrefetchedMasks] | None = None  # the prefetcher advancing this step's grammars (it owns them)
+    constrained: bool = False  # some row has a grammar (a step without one never looks at grammars when read back)
 
 
 class LLMEngine:
@@ -426,13 +427,14 @@ class LLMEngine:
         tokens: the next step's sampling finds its grammars advanced and its masks filled."""
         fill = self._token_fill(sched)
         seqs = [self._seqs[s.request_id] for s in sched.batch.seqs if s.needs_logits]  # the logits' rows
+        constrained = any(s.grammar is not None for s in seqs)
         reqs = self.scheduler.update_after_step(sched)  # bookkeeping only: the batch is already built
 
         def sample(logits) -> StepResult:
             if not seqs:
                 return ReadyTokens([])
             bitmask = None
-            if any(s.grammar is not None for s in seqs):
+            if constrained:
                 self._read_back(touched)  # the grammars must have seen every token before this one
                 # A request finished meanwhile samples unmasked (its grammar may be complete); its token is dropped.
                 matchers = [s.grammar if not s.request.status.is_finished else None for s in seqs]
@@ -451,7 +453,7 @@ class LLMEngine:
             if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 req.awaiting_final = True  # this token ends it: never schedule past it
         grammar = self._prefetch(reqs, sampled) if prefetch else None
-        return _StepInFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)}, grammar)
+        return _StepInFlight(reqs, sampled, {r.request_id: i for i, r in enumerate(reqs)}, grammar, constrained)
 
     def _prefetch(self, reqs: list[Request], sampled: StepResult) -> Future[PrefetchedMasks] | None:
         """Start the prefetcher on a launched step whose rows include a grammar (None: off, or no grammar)."""
@@ -492,7 +494,7 @@ class LLMEngine:
             self._prefetched = self._prefetcher.take(step.grammar)
             outcomes = self._prefetched.outcomes
         out = step.sampled.result()
-        if outcomes is None and self.grammar_batch_accept:
+        if outcomes is None and self.grammar_batch_accept and step.constrained:
             outcomes = self._advance_grammars(step.requests, out.token_ids)
         for req, token, lp in zip(step.requests, out.token_ids, out.logprobs, strict=True):
             if req.status.is_finished:  # aborted, or stopped by the token before this one
