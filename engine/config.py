@@ -186,6 +186,12 @@ class EngineConfig:
         "request up to this bound, built off the engine thread (0, the default: 4 per fill thread, at most 128; 1: "
         "one, as before: llguidance's copies of one matcher share a lock that serialises their mask fills)",
     )  # fmt: skip
+    grammar_lineage_idle_s: float = env_option(
+        "KUBELLM_GRAMMAR_LINEAGE_IDLE_S", float, 60.0,
+        help="structured outputs: seconds a grammar's idle lineage (KUBELLM_GRAMMAR_ROOTS) is kept before it is freed, "
+        "down to twice the grammar's live requests and at least one (0: kept for as long as the grammar is cached, "
+        "as before: up to 512 grammars x 128 start matchers)",
+    )  # fmt: skip
     gemv_kernel: bool = env_option(
         "KUBELLM_GEMV", env_bool, True,
         help="CUDA, tensor parallel: a Triton GEMV for few-row weight products (off: cuBLAS)",
@@ -272,6 +278,7 @@ class EngineConfig:
             "num_threads": self.num_threads >= 0,
             "grammar_threads": self.grammar_threads >= 0,
             "grammar_roots": self.grammar_roots >= 0,
+            "grammar_lineage_idle_s": self.grammar_lineage_idle_s >= 0,
             "mla_upproject_min_tokens": self.mla_upproject_min_tokens >= 0,
             "mla_upproject_max_context_tokens": self.mla_upproject_max_context_tokens is None
             or self.mla_upproject_max_context_tokens >= 1,

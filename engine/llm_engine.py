@@ -165,6 +165,7 @@ class LLMEngine:
             sorted(self.eos_token_ids),
             num_threads=config.grammar_threads,
             num_roots=config.grammar_roots,
+            lineage_idle_s=config.grammar_lineage_idle_s,
         )
         self.async_scheduling = self._resolve_async_scheduling(config)
         # KUBELLM_GRAMMAR_PREFETCH: under async scheduling, a worker thread feeds each step's tokens to the grammars

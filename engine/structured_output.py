@@ -42,6 +42,10 @@ MAX_ERROR_CHARS = 600  # llguidance's messages can quote a whole grammar
 # Lineages per fill thread when KUBELLM_GRAMMAR_ROOTS is 0 (the default), and their cap (see _LLGuidanceGrammar).
 LINEAGES_PER_THREAD = 4
 MAX_LINEAGES = 128
+# An idle lineage is freed once idle this long (KUBELLM_GRAMMAR_LINEAGE_IDLE_S): a schema's next burst within it
+# finds its lineages built (a burst's sequences take their state at their first fill, from the lineages built by then).
+LINEAGE_IDLE_S = 60.0
+SWEEP_INTERVAL_S = 1.0  # the manager trims its cached grammars' idle lineages at most this often (on a compile)
 
 
 class GrammarError(ValueError):
@@ -134,12 +138,13 @@ class _Lineage:
     whatever the thread pool's size (measured with llguidance 1.9.1: 64 copies of one root, 2 threads as slow as 1;
     the same rows over 2 roots, 1.9x). Matchers of different lineages share nothing."""
 
-    __slots__ = ("built_on", "index", "live", "root")
+    __slots__ = ("built_on", "idle_since", "index", "live", "root")
 
-    def __init__(self, root: Any, index: int):
+    def __init__(self, root: Any, index: int, now: float):
         self.root = root
         self.index = index
         self.live = 0  # matchers copied from it, still alive
+        self.idle_since: float | None = now  # when live last fell to 0 (None: in use)
         self.built_on = threading.current_thread().name
 
 
@@ -149,9 +154,10 @@ class _LLGuidanceGrammar:
     take contiguous runs of rows, seldom meet on one lineage's lock. A lineage costs a full grammar build (~0.4-1.1
     ms for small schemas, tens of ms for the largest accepted): the first is the compile's; the others are built by
     the backend's builder threads (`spawn`), never by the thread that asks for a matcher (the engine's), and only as
-    many as the grammar has live sequences: a grammar used by one request at a time keeps one. Idle lineages are
-    freed as its sequences end (`release`), so the cache's memory is bounded by the lineages live sequences use
-    (twice as many at most), plus one per cached grammar."""
+    many as the grammar has live sequences: a grammar used by one request at a time keeps one. A lineage idle for
+    `keep_idle_s` is freed while the grammar holds more than twice as many lineages as live sequences (`trim`: on a
+    release, and from the manager's periodic sweep), so an idle cached grammar comes down to one and the cache's
+    memory is bounded by the lineages live sequences use (twice as many at most), plus one per cached grammar."""
 
     def __init__(
         self,
@@ -159,9 +165,14 @@ class _LLGuidanceGrammar:
         build: Callable[[], Any],
         max_lineages: int,
         spawn: Callable[[Callable[[], None]], Future[None]],
+        keep_idle_s: float | None = LINEAGE_IDLE_S,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """`keep_idle_s`: how long an idle lineage is kept (None: for as long as the grammar is cached)."""
         self._lock = threading.RLock()  # (re-entrant: a matcher's __del__ may run while this thread holds it)
-        self._lineages = [_Lineage(root, 0)]
+        self._clock = clock
+        self.keep_idle_s = keep_idle_s
+        self._lineages = [_Lineage(root, 0, clock())]
         self._built = 1  # lineages ever built (each one's index)
         self._build = build
         self._spawn = spawn
@@ -170,7 +181,7 @@ class _LLGuidanceGrammar:
         self._pending = 0  # lineage builds queued or running
         self._settled = threading.Condition(self._lock)
         self.build_errors = 0
-        self.lineages_freed = 0  # idle lineages dropped (release) or builds no longer wanted when done
+        self.lineages_freed = 0  # idle lineages dropped (trim) or builds no longer wanted when done
 
     @property
     def lineages(self) -> list[_Lineage]:
@@ -203,30 +214,46 @@ class _LLGuidanceGrammar:
         with self._lock:
             lineage = min(self._lineages, key=lambda x: x.live)
             lineage.live += 1
+            lineage.idle_since = None
             return lineage.root.deep_copy(), lineage
 
     def adopt(self, state: Any, lineage: _Lineage) -> _LLGuidanceMatcher:
         with self._lock:
             self.demand += 1
             lineage.live += 1
+            lineage.idle_since = None
             return _LLGuidanceMatcher(self, state, lineage)
 
     def release(self, lineage: _Lineage | None) -> None:
-        """A matcher is gone. While the grammar then holds more than twice as many lineages as live sequences, its
-        idle lineages are freed down to that (at least one stays): a grammar that stays cached after a burst holds
-        one lineage, not the burst's, and a demand that moves by a few sequences neither frees nor rebuilds any."""
+        """A matcher is gone (its lineage idle from now if it was its last), then `trim`."""
         with self._lock:
             self.demand -= 1
+            now = self._clock()
             if lineage is not None:
                 lineage.live -= 1
-            excess = len(self._lineages) - max(1, 2 * self.demand)
-            if excess > 0:
-                idle = [x for x in self._lineages if x.live == 0][:excess]
-                if len(idle) == len(self._lineages):  # (never all: one stays to start sequences from)
-                    idle.pop()
-                for x in idle:
-                    self._lineages.remove(x)
-                self.lineages_freed += len(idle)
+                if lineage.live == 0:
+                    lineage.idle_since = now
+            self._trim(now)
+
+    def trim(self) -> int:
+        """Free lineages idle for keep_idle_s while the grammar holds more than twice as many lineages as live
+        sequences (never the last one): a demand that moves by a few sequences neither frees nor rebuilds any, and a
+        burst that comes back within keep_idle_s finds its lineages. The lineages freed."""
+        with self._lock:
+            return self._trim(self._clock())
+
+    def _trim(self, now: float) -> int:
+        excess = len(self._lineages) - max(1, 2 * self.demand)
+        if excess <= 0 or self.keep_idle_s is None:
+            return 0
+        keep = self.keep_idle_s
+        idle = [x for x in self._lineages if x.idle_since is not None and now - x.idle_since >= keep][:excess]
+        if len(idle) == len(self._lineages):  # (never all: one stays to start sequences from)
+            idle.pop()
+        for x in idle:
+            self._lineages.remove(x)
+        self.lineages_freed += len(idle)
+        return len(idle)
 
     def _dropped_build(self, build: Future[None]) -> None:
         """A queued build the builder dropped unrun (the backend closed): no longer pending."""
@@ -248,7 +275,7 @@ class _LLGuidanceGrammar:
             if not ok:
                 self.build_errors += 1
             elif len(self._lineages) < min(self.max_lineages, max(1, self.demand)):
-                self._lineages.append(_Lineage(root, self._built))
+                self._lineages.append(_Lineage(root, self._built, self._clock()))
                 self._built += 1
             else:  # the sequences that wanted it are gone
                 self.lineages_freed += 1
@@ -266,10 +293,12 @@ class LLGuidanceBackend:
         eos_token_ids: Sequence[int],
         num_threads: int = 0,
         num_roots: int = 0,
+        lineage_idle_s: float = LINEAGE_IDLE_S,
     ):
         """`num_threads`: the mask fill's thread pool (0: one per usable CPU, at most 32); `num_roots`: the most
         lineages (independently built start matchers, _LLGuidanceGrammar) per grammar (0: LINEAGES_PER_THREAD per
-        fill thread, at most MAX_LINEAGES; 1: one, every sequence of a grammar sharing one lexer lock)."""
+        fill thread, at most MAX_LINEAGES; 1: one, every sequence of a grammar sharing one lexer lock);
+        `lineage_idle_s`: how long an idle lineage is kept (0: for as long as its grammar is cached)."""
         import llguidance
 
         self._llg = llguidance
@@ -283,6 +312,7 @@ class LLGuidanceBackend:
             num_threads = min(32, available_cpus())
         self.num_threads = num_threads
         self.num_roots = num_roots or min(MAX_LINEAGES, LINEAGES_PER_THREAD * num_threads)
+        self.lineage_idle_s: float | None = lineage_idle_s if lineage_idle_s > 0 else None
         self._executor = llguidance.LLExecutor(num_threads)
         self._builder: ThreadPoolExecutor | None = None  # builds grammars' extra lineages, started on first need
         self.num_builders = max(1, num_threads // 4)
@@ -322,7 +352,7 @@ class LLGuidanceBackend:
         matcher = build()
         if matcher.is_error():
             raise GrammarError(f"invalid {_KIND_NAMES[spec.kind]}: {_short(matcher.get_error())}")
-        return _LLGuidanceGrammar(matcher, build, self.num_roots, self._spawn)
+        return _LLGuidanceGrammar(matcher, build, self.num_roots, self._spawn, self.lineage_idle_s)
 
     def _spawn(self, job: Callable[[], None]) -> Future[None]:
         """Run `job` on a builder thread (a quarter as many as fill threads: a burst of requests wants its grammar's
@@ -477,6 +507,8 @@ class StructuredOutputManager:
         self._cache: OrderedDict[tuple, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._backend_lock = threading.Lock()
+        self.sweep_interval_s = SWEEP_INTERVAL_S
+        self._next_sweep = 0.0
 
     @property
     def backend(self) -> GrammarBackend:
@@ -503,6 +535,7 @@ class StructuredOutputManager:
     def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         """The compiled grammar of `spec`, from the cache when it was compiled before; GrammarError otherwise."""
         key = spec.key
+        self._sweep()
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -525,6 +558,21 @@ class StructuredOutputManager:
 
     def new_matcher(self, spec: StructuredOutputsParams) -> GrammarMatcher:
         return self.compile(spec).new_matcher()
+
+    def _sweep(self) -> None:
+        """Trim the cached grammars' idle lineages (_LLGuidanceGrammar.trim), at most every sweep_interval_s: a
+        grammar no request uses any more has no release left to trim it. Runs on whichever thread compiles (the
+        server's request threads, a cache hit included), never on a schedule of its own."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.sweep_interval_s
+        with self._lock:
+            grammars = list(self._cache.values())
+        for grammar in grammars:
+            trim = getattr(grammar, "trim", None)
+            if trim is not None:
+                trim()
 
     def close(self) -> None:
         """Stop the backend's threads, if it was ever built."""
@@ -701,11 +749,13 @@ def llguidance_manager(
     eos_token_ids: Sequence[int],
     num_threads: int = 0,
     num_roots: int = 0,
+    lineage_idle_s: float = LINEAGE_IDLE_S,
     **kwargs: Any,
 ) -> StructuredOutputManager:
     """The manager an engine uses: llguidance over the model's tokenizer (`num_threads`: the fill's pool, 0: one per
-    usable CPU; `num_roots`: the most lineages per grammar, 0: LINEAGES_PER_THREAD per fill thread)."""
+    usable CPU; `num_roots`: the most lineages per grammar, 0: LINEAGES_PER_THREAD per fill thread;
+    `lineage_idle_s`: how long an idle lineage is kept, 0: as long as its grammar is cached)."""
     return StructuredOutputManager(
-        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads, num_roots),
+        lambda: LLGuidanceBackend(tokenizer_json, vocab_size, eos_token_ids, num_threads, num_roots, lineage_idle_s),
         **kwargs,
     )

@@ -241,8 +241,8 @@ def test_the_smoke_run_writes_one_results_file_with_the_peer_not_measured(tmp_pa
 
 
 def test_structured_host_runs_and_reports_lineages_beside_one_lineage(tmp_path, tokenizer_file):
-    """bench/structured_host part 1 at a small size: each schema's row names its grammar's lineages (one per live
-    row, up to 8 on a pool of 2) and the one-lineage fill beside it; the markdown records the load average."""
+    """bench/structured_host part 1 at a small size: each schema's row names its grammar's lineages (a pool of 2:
+    up to 8) and the one-lineage fill beside it; the markdown records the load average."""
     from bench import structured_host
 
     argv = ["--tokenizer-json", str(tokenizer_file), "--batches", "1,4", "--steps", "2", "--threads", "2",
@@ -253,12 +253,12 @@ def test_structured_host_runs_and_reports_lineages_beside_one_lineage(tmp_path, 
     result = json.loads(js.read_text())
     rows = result["grammar"]["bench (maxLength 8, minItems 200)"]
     assert [r["batch"] for r in rows] == [1, 4]
-    assert rows[1]["lineages"] == 4, "one per live row (the fill probe's 8 were freed when its rows ended)"
+    assert rows[1]["lineages"] == 8, "built by the fill probe's 64 rows: 4 per fill thread (kept while idle a minute)"
     assert all(r["fill_one_lineage_ms"] > 0 and r["fill_ms"] > 0 for r in rows)
     assert result["fill_probe"]["roots"] == 8, "64 rows over a pool of 2: 8 lineages"
     text = (tmp_path / js.name.replace(".json", ".md")).read_text()
     assert (
-        "Load average (1, 5, 15 min) before the run" in text and "| bench (maxLength 8, minItems 200) | 4 | 4 |" in text
+        "Load average (1, 5, 15 min) before the run" in text and "| bench (maxLength 8, minItems 200) | 4 | 8 |" in text
     )
     critical = {(r["schema"], r["mode"]): r for r in result["critical"]}  # part 4: every mode of both schemas
     assert len(critical) == 2 * 8 and all(r["batch"] == 4 and r["step_ms"] > 0 for r in critical.values())

@@ -244,10 +244,9 @@ def test_sequences_spread_over_lineages_that_agree(smollm2, tokenizer):
     assert EOS not in set(mask.allowed(0, VOCAB).tolist())
     del matchers, m
     assert grammar.demand == 0 and all(lin.live == 0 for lin in grammar.lineages), "a dropped sequence is released"
-    assert len(grammar.lineages) == 1 and grammar.lineages_freed == 6, "an idle grammar keeps one lineage"
     again = manager.new_matcher(spec)
     again.accept_token(text[0])
-    assert len(grammar.lineages) == 1 and grammar._pending == 0, "one sequence wants no second lineage"
+    assert len(grammar.lineages) == 7, "no build while built lineages are idle (kept for a minute by default)"
 
     one = llguidance_manager(tj, VOCAB, [EOS], num_threads=3, num_roots=1)  # KUBELLM_GRAMMAR_ROOTS=1
     single = [one.new_matcher(spec) for _ in range(5)]
@@ -268,7 +267,7 @@ class _FakeRoot:
         return False
 
 
-def _fake_grammar(max_lineages: int) -> tuple[_LLGuidanceGrammar, list]:
+def _fake_grammar(max_lineages: int, keep_idle_s: float | None, clock) -> tuple[_LLGuidanceGrammar, list]:
     """A grammar whose lineage builds wait in `queued` until the test runs them."""
     queued: list = []
 
@@ -277,7 +276,7 @@ def _fake_grammar(max_lineages: int) -> tuple[_LLGuidanceGrammar, list]:
         queued.append((job, future))
         return future
 
-    return _LLGuidanceGrammar(_FakeRoot(), _FakeRoot, max_lineages, spawn), queued
+    return _LLGuidanceGrammar(_FakeRoot(), _FakeRoot, max_lineages, spawn, keep_idle_s, clock), queued
 
 
 def _run_builds(queued: list) -> None:
@@ -287,38 +286,70 @@ def _run_builds(queued: list) -> None:
         future.set_result(None)
 
 
-def test_idle_lineages_are_freed_down_to_twice_the_live_sequences_and_one_per_idle_grammar():
-    """A burst builds a lineage per sequence (up to the bound); as sequences end, idle lineages are freed while the
-    grammar holds more than twice as many as it has live sequences, down to one when none is live; a build that
-    finishes after the sequences that wanted it ended is dropped, not kept."""
-    grammar, queued = _fake_grammar(max_lineages=8)
+def test_idle_lineages_are_freed_after_their_keep_down_to_twice_the_live_sequences_and_one():
+    """A burst builds a lineage per sequence (up to the bound); a lineage idle for keep_idle_s is freed while the
+    grammar holds more than twice as many as it has live sequences, down to one when none is live; one used again
+    is not idle; a build that finishes after the sequences that wanted it ended is dropped; with no keep (0 in
+    KUBELLM_GRAMMAR_LINEAGE_IDLE_S) none is freed."""
+    now = [0.0]
+    grammar, queued = _fake_grammar(8, 10.0, lambda: now[0])
     burst = [grammar.new_matcher() for _ in range(10)]
     assert len(queued) == 7, "8 lineages wanted: the compile's and 7 builds"
     _run_builds(queued)
     assert all(m.matcher is not None for m in burst)  # each takes its state from the least-loaded lineage
     assert len(grammar.lineages) == 8 and sorted(lin.live for lin in grammar.lineages) == [1] * 6 + [2] * 2
     burst.sort(key=lambda m: m.lineage.live)  # the 6 sequences alone on their lineage first
-    for live in range(9, 3, -1):
-        burst.pop(0)
-        assert grammar.demand == live
-        assert len(grammar.lineages) == 8, f"8 lineages for {live} sequences: within twice, none freed"
-    burst.pop()  # 3 live: 2 lineages too many, and 6 idle
-    assert len(grammar.lineages) == 6 and grammar.lineages_freed == 2
+    del burst[:7]  # 3 live: 6 lineages idle, 2 too many
+    assert grammar.demand == 3 and len(grammar.lineages) == 8, "idle for less than keep_idle_s: kept"
+    now[0] = 9.9
+    assert grammar.trim() == 0 and len(grammar.lineages) == 8
+    now[0] = 10.0
+    assert grammar.trim() == 2 and len(grammar.lineages) == 6, "twice the 3 live sequences"
     assert sum(lin.live for lin in grammar.lineages) == 3
-    burst.pop()
-    assert len(grammar.lineages) == 4
-    burst.clear()
-    assert grammar.demand == 0 and len(grammar.lineages) == 1, "an idle grammar keeps one lineage"
+    reused = grammar.new_matcher()
+    assert reused.matcher is not None and reused.lineage.live == 1, "an idle lineage taken again"
+    now[0] = 30.0
+    burst.clear()  # 1 live (reused): its lineage stays, the others idle since 0 or 30
+    assert len(grammar.lineages) == 3 and reused.lineage in grammar.lineages
+    now[0] = 40.0
+    del reused  # none live
+    assert len(grammar.lineages) == 1, "an idle grammar keeps one lineage"
     assert grammar.lineages_freed == 7 and not queued
     again = grammar.new_matcher()
     assert again.matcher is not None and not queued, "it still serves, one sequence on its one lineage"
 
-    late, queued = _fake_grammar(max_lineages=8)
+    late, queued = _fake_grammar(8, 10.0, lambda: now[0])
     wanted = [late.new_matcher() for _ in range(4)]
     assert len(queued) == 3
     del wanted  # they end before their lineages are built
     _run_builds(queued)
     assert len(late.lineages) == 1 and late.lineages_freed == 3 and late.settle(0.0) == 1
+
+    kept, queued = _fake_grammar(8, None, lambda: now[0])
+    burst = [kept.new_matcher() for _ in range(4)]
+    _run_builds(queued)
+    assert all(m.matcher is not None for m in burst)
+    burst.clear()
+    now[0] = 1e9
+    assert kept.trim() == 0 and len(kept.lineages) == 4, "no keep: kept while cached"
+
+
+def test_the_manager_frees_the_idle_lineages_of_a_grammar_no_request_uses(smollm2):
+    """A grammar whose requests all ended has no release left to trim it: any later compile (of any constraint)
+    sweeps the cache's grammars and frees lineages idle past KUBELLM_GRAMMAR_LINEAGE_IDLE_S."""
+    manager = llguidance_manager(
+        smollm2.tokenizer_info.tokenizer_json, VOCAB, [EOS], num_threads=2, lineage_idle_s=0.05
+    )
+    manager.sweep_interval_s = 0.0
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"c": {"type": "boolean"}}})
+    grammar = manager.compile(spec)
+    held = [manager.new_matcher(spec) for _ in range(4)]
+    assert grammar.settle(30.0) == 4
+    assert all(m.matcher is not None for m in held)
+    del held
+    other = StructuredOutputsParams(regex="[0-9]+")
+    _wait_for(lambda: manager.compile(other) is not None and len(grammar.lineages) == 1, "the idle lineages freed")
+    assert grammar.lineages_freed == 3
 
 
 def test_closing_the_backend_drops_queued_builds_and_starts_no_more(smollm2, tokenizer):
