@@ -7,7 +7,9 @@
   uses by default and FA3 (KUBELLM_PREFILL_BACKEND=fa3 switches the engine to it), at pages of 16 and 64 tokens
   (the engine's --block-size; vLLM's FLASH_ATTN_MLA decode ran at 16 beside us on 2026-12-07); with two or more
   kernels, each other kernel's time over the first's per page and batch (e.g. fa3 / fa2: below 1 is faster; the
-  engine takes a decode family with KUBELLM_MLA_DECODE_BACKEND). `--skip-prefill` stops after the decode rows;
+  engine takes a decode family with KUBELLM_MLA_DECODE_BACKEND). `triton` in --decode-kernels times our own split-KV
+  decode kernel (engine/attention/triton_mla_decode.py, KUBELLM_MLA_DECODE_BACKEND=triton; its rows name the KV
+  splits a row it ran with). `--skip-prefill` stops after the decode rows;
 - prefill chunks of L new tokens (L = 16 ... 4096; as many chunks as make 16384 tokens, at most 16) over a cached
   prefix of 0 or 4096 tokens, causal, with each path's projections: absorbed (W_UK on the queries, the MLA kernel over
   the latent pool, W_UV on its output: the engine's default) vs up-projected (the engine's path with
@@ -19,7 +21,8 @@
   otherwise).
 
     python -m bench.mla_micro --out-dir DIR      (bench/gpu_run.sh mla-micro)
-    bench/gpu_run.sh mla-micro --decode-batches 1,64,256 --decode-kernels fa2,fa3 --decode-pages 16 --skip-prefill
+    bench/gpu_run.sh mla-micro --decode-batches 1,64,256 --decode-kernels fa2,fa3,triton --decode-pages 16,64 \
+        --skip-prefill
 
 Results: DIR/mla-micro-<date>.json and .md.
 """
@@ -59,12 +62,16 @@ def _batch(lens: list[int], new: int, block: int = BLOCK) -> tuple[ForwardBatch,
 def _backend(
     kernel: str = "fa2", upproject_min_tokens: int = 0, max_context_tokens: int | None = None, block: int = BLOCK
 ):
+    """`kernel`: a flashinfer family (prefill and decode), or `triton`: fa2 prefill, our Triton decode kernel."""
     from kubellm.engine.attention.flashinfer_mla import FlashInferMLAAttention
 
+    decode = kernel
+    if kernel == "triton":
+        kernel = "fa2"
     return FlashInferMLAAttention(
         HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
-        upproject_min_tokens=upproject_min_tokens, upproject_max_context_tokens=max_context_tokens,
-        qk_nope_head_dim=NOPE, v_head_dim=V,
+        mla_decode_backend=decode, upproject_min_tokens=upproject_min_tokens,
+        upproject_max_context_tokens=max_context_tokens, qk_nope_head_dim=NOPE, v_head_dim=V,
     )  # fmt: skip
 
 
@@ -81,8 +88,10 @@ def decode_row(
     attn.begin_step(AttentionMetadata.from_batch(fb, page, "cuda"))
     ms = graph_ms(lambda: attn.forward_mla(0, q_lat, q_rope, latent, k_rope, pool), REPS)
     floor_ms = batch * ctx * WIDTH * 2 / (ceilings["copy_gb_s"] / 2 * 1e9) * 1e3  # read once (copy = read + write)
+    splits = attn._eager_decode.splits(batch) if kernel == "triton" else None  # type: ignore[union-attr]
     return {
         "kernel": kernel,
+        "splits": splits,
         "page": page,
         "batch": batch,
         "ctx": ctx,
@@ -238,7 +247,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--decode-batches", default="1,32,128,256")
-    ap.add_argument("--decode-kernels", default="fa2,fa3", help="flashinfer MLA families to time (--prefill-backend)")
+    ap.add_argument(
+        "--decode-kernels", default="fa2,fa3", help="flashinfer MLA families to time (--prefill-backend), or triton"
+    )
     ap.add_argument("--decode-pages", default="16,64", help="page sizes (the engine's --block-size) of the decode rows")
     ap.add_argument(
         "--prefill-kernels", default="fa2", help="flashinfer families of the prefill rows (fa3: a first-use build)"

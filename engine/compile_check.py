@@ -161,6 +161,7 @@ def cases() -> list[Case]:
     import torch
 
     from kubellm.engine import sampling_kernels, token_bitmask
+    from kubellm.engine.attention import triton_mla_decode
     from kubellm.engine.models import fp8_gemm, fp8_quant, fused, fused_moe, gemv
 
     out: list[Case] = []
@@ -226,6 +227,16 @@ def cases() -> list[Case]:
                         add(f"fused.rms_norm q_a_layernorm {m.name} {d} T={t}", lambda t=t, m=m, d=dt[d]: _declined(
                             fused.rms_norm(e(t, m.q_lora, dtype=d), e(m.q_lora, dtype=d), 1e-6),
                             "rms_norm"))  # fmt: skip
+    # attention/triton_mla_decode.py (KUBELLM_MLA_DECODE_BACKEND=triton): decode batches whose split counts on 132
+    # SMs cover many splits (32), a few (5 or 2) and one (the direct path, no merge)
+    for m in MLA:
+        for tp in m.tp:
+            h = m.heads // tp
+            for d in DTYPES:
+                for page in (16, 64):
+                    for b in (1, 64, 256, 512):
+                        add(f"triton_mla_decode {m.name} tp{tp} {d} page={page} B={b}",
+                            functools.partial(_mla_decode, triton_mla_decode, b, h, m, dt[d], page))  # fmt: skip
     for model, inter in DENSE_INTER.items():
         for d in (*DTYPES, "float32"):
             for t in (1, 300):
@@ -358,6 +369,21 @@ def _mla(fused: Any, t: int, h: int, m: Mla, dtype: Any, interleave: bool, page:
     slots = torch.zeros(t, dtype=torch.int64)
     return _declined(fused.mla_rope_cache(q_rope, k_rope, latent, torch.empty(m.kv_lora, dtype=dtype), 1e-6, cos, sin,
                                           interleave, kv_cache, slots), "mla_rope_cache")  # fmt: skip
+
+
+def _mla_decode(tmd: Any, b: int, h: int, m: Mla, dtype: Any, page: int) -> object:
+    """The absorbed query as deepseek.py makes it (bmm over heads, transposed back), q_rope a view of q_proj's
+    output, the pool's two column views, a page table of one page per row."""
+    import torch
+
+    q_latent = torch.empty(h, b, m.kv_lora, dtype=dtype).transpose(0, 1)
+    q_rope = torch.empty(b, h, m.nope + m.rope, dtype=dtype)[..., m.nope :]
+    pool = torch.empty(4, page, m.kv_lora + m.rope, dtype=dtype)
+    indptr = torch.arange(b + 1, dtype=torch.int32)
+    indices, lens = torch.zeros(b, dtype=torch.int32), torch.ones(b, dtype=torch.int32)
+    splits = tmd.decode_splits(b, h, LIMITS[90].multiprocessor_count)
+    return tmd.mla_decode(q_latent, q_rope, pool[..., : m.kv_lora], pool[..., m.kv_lora :], indptr, indices, lens,
+                          0.1, splits)  # fmt: skip
 
 
 def _declined(result: object, op: str) -> object:

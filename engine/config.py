@@ -236,9 +236,10 @@ class EngineConfig:
     )  # fmt: skip
     mla_decode_backend: str = env_option(
         "KUBELLM_MLA_DECODE_BACKEND", str, "prefill",
-        choices=("prefill", "fa2", "fa3", "auto"),
+        choices=("prefill", "fa2", "fa3", "auto", "triton"),
         help="flashinfer: MLA kernel family of decode-only steps (DeepSeek; eager and CUDA-graph). prefill: the "
-        "KUBELLM_PREFILL_BACKEND family; fa3: the sm90 kernel (a first-use build unless prebuilt); auto: fa3 on sm90a",
+        "KUBELLM_PREFILL_BACKEND family; fa3: the sm90 kernel (a first-use build unless prebuilt); auto: fa3 on sm90a; "
+        "triton: our own split-KV Triton decode kernel (opt-in until measured)",
     )  # fmt: skip
     mla_upproject_min_tokens: int = env_option(
         "KUBELLM_MLA_UPPROJECT_MIN_TOKENS", int, 0,

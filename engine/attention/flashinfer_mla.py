@@ -7,7 +7,8 @@ pool (it reads them through their page and token strides), so a token's latent i
 mixed (causal, bottom-right aligned: a chunk's queries see the whole cached context and their own past), and every
 layer reuses that plan, as the dense flashinfer backend does. Decode-only steps (eager, and every CUDA-graph step)
 run the `mla_decode_backend` family (KUBELLM_MLA_DECODE_BACKEND; by default the same as `mla_backend`, the prefill
-family, and then the same wrapper); steps with prefill rows keep `mla_backend`.
+family, and then the same wrapper); steps with prefill rows keep `mla_backend`. `triton` takes our own split-KV
+decode kernel instead (engine/attention/triton_mla_decode.py), with the same plan-then-run calls.
 
 Up-projected prefill (`mla_upproject_min_tokens` > 0, engine/attention/mla.py): the step's long chunks attend through
 flashinfer's ragged prefill (`BatchPrefillWithRaggedKVCacheWrapper` of the MLA kernel's family, head_dim_qk nope +
@@ -44,6 +45,9 @@ from .mla import (
     mla_page_table,
     mla_page_table_from_meta,
 )
+from .triton_mla_decode import PageTableBuffers, TritonMLADecode
+
+DecodeWrapper = BatchMLAPagedAttentionWrapper | TritonMLADecode
 
 # Split-k partial outputs of the MLA kernel: 2 x SMs x tile rows x kv_lora_rank, a few tens of MB at most.
 WORKSPACE_BYTES = 128 * 1024 * 1024
@@ -98,14 +102,17 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
         self._eager = BatchMLAPagedAttentionWrapper(self.workspace, backend=self.mla_backend)
         # one wrapper when the families agree (the default); else decode-only steps plan their own (one step runs
         # one of them, so they share the float workspace as the graph wrappers do)
-        self._eager_decode = (
-            self._eager
-            if self.mla_decode_backend == self.mla_backend
-            else BatchMLAPagedAttentionWrapper(self.workspace, backend=self.mla_decode_backend)
-        )
-        self._graph_wrappers: dict[int, BatchMLAPagedAttentionWrapper] = {}
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._eager_decode: DecodeWrapper
+        if self.mla_decode_backend == "triton":  # our split-KV kernel (triton_mla_decode.py)
+            self._eager_decode = TritonMLADecode(num_heads, scale, self.device, num_sms=self._num_sms)
+        elif self.mla_decode_backend == self.mla_backend:
+            self._eager_decode = self._eager
+        else:
+            self._eager_decode = BatchMLAPagedAttentionWrapper(self.workspace, backend=self.mla_decode_backend)
+        self._graph_wrappers: dict[int, DecodeWrapper] = {}
         self._graph_pages = 0
-        self._wrapper = self._eager  # the wrapper this step runs
+        self._wrapper: DecodeWrapper = self._eager  # the wrapper this step runs
         self._rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self._fence = PlanFence()
         self.qk_nope_head_dim, self.v_head_dim = qk_nope_head_dim, v_head_dim
@@ -130,7 +137,11 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return latent_cache_shape(num_blocks, self.block_size, self.head_dim)
 
-    def _plan(self, wrapper: BatchMLAPagedAttentionWrapper, table: MLAPageTable) -> None:
+    def _plan(self, wrapper: DecodeWrapper, table: MLAPageTable) -> None:
+        if isinstance(wrapper, TritonMLADecode):  # its plan copies the table in stream order: no fence needed
+            wrapper.plan(table)
+            self._wrapper = wrapper
+            return
         self._fence.plan(
             wrapper,
             _i32(table.qo_indptr),
@@ -191,6 +202,13 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
         indices = torch.zeros(max_bs * max_pages_per_seq, dtype=torch.int32, device=self.device)
         kv_lens = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
         self._graph_pages = indices.numel()
+        if self.mla_decode_backend == "triton":
+            buffers = PageTableBuffers(kv_indptr, indices, kv_lens)
+            for b in batch_sizes:
+                self._graph_wrappers[b] = TritonMLADecode(
+                    self.num_heads, self.scale, self.device, num_sms=self._num_sms, buffers=buffers
+                )
+            return
         for b in batch_sizes:
             self._graph_wrappers[b] = BatchMLAPagedAttentionWrapper(
                 self.workspace,

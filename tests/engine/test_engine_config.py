@@ -23,7 +23,7 @@ from kubellm.engine.config import EngineConfig
         (
             "mla_decode_backend",
             "flashmla",
-            "mla_decode_backend='flashmla' (KUBELLM_MLA_DECODE_BACKEND); choose from prefill, fa2, fa3, auto",
+            "mla_decode_backend='flashmla' (KUBELLM_MLA_DECODE_BACKEND); choose from prefill, fa2, fa3, auto, triton",
         ),
     ],
 )
@@ -83,3 +83,5 @@ def test_mla_decode_backend_defaults_to_the_prefill_family_and_is_its_own_knob(m
     config = EngineConfig()
     assert (config.prefill_backend, config.mla_decode_kernel) == ("fa2", "fa3")
     assert EngineConfig(mla_decode_backend="auto").mla_decode_kernel == "auto", "an explicit value wins"
+    monkeypatch.setenv("KUBELLM_MLA_DECODE_BACKEND", "triton")
+    assert EngineConfig().mla_decode_kernel == "triton", "our own Triton decode kernel"

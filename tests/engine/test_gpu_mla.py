@@ -7,6 +7,8 @@ fails, never skips).
   sizes 16 and 64; the reference runs in float32 over a float32 copy of the bf16 pool; decode-only steps on their
   own family (mla_decode_backend, KUBELLM_MLA_DECODE_BACKEND: fa3 beside an fa2 prefill family), eagerly and as a
   CUDA graph captured once and replayed on two steps' page tables, while a mixed step keeps the prefill family;
+  the same for our own Triton split-KV decode kernel (KUBELLM_MLA_DECODE_BACKEND=triton), plus batches of 40 rows
+  of contexts up to 1,100 tokens (a few KV splits a row) and 300 rows (one split: the kernel's direct path);
 - a small random DeepSeek-V2-Lite-shaped model (the real per-layer shapes, 3 layers: a dense first layer and two of
   64 experts, YaRN factor 40) gives, on the GPU path (bf16, flashinfer MLA, Triton MoE, CUDA-graph decode), the
   logits of the CPU reference path (float32), teacher-forced through a two-chunk prefill and decode steps;
@@ -55,16 +57,16 @@ def _flashinfer_mla_cls():
     return FlashInferMLAAttention
 
 
-def _case(cached: list[int], new: list[int], block: int, seed: int):
+def _case(cached: list[int], new: list[int], block: int, seed: int, blocks: int = NUM_BLOCKS):
     """A bf16 pool holding random latents, shuffled disjoint block tables, and queries/new latents for `new` tokens."""
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
+    perm = torch.randperm(blocks, generator=gen).tolist()
     tables, at = [], 0
     for c, n in zip(cached, new, strict=True):
         k = -(-(c + n) // block)
         tables.append(perm[at : at + k])
         at += k
-    pool = torch.randn(NUM_BLOCKS, block, WIDTH, generator=gen).to("cuda", torch.bfloat16)
+    pool = torch.randn(blocks, block, WIDTH, generator=gen).to("cuda", torch.bfloat16)
     batch = ForwardBatch(
         [ScheduledSeq(f"s{i}", [0] * n, c, tables[i], True) for i, (c, n) in enumerate(zip(cached, new, strict=True))]
     )
@@ -75,18 +77,24 @@ def _case(cached: list[int], new: list[int], block: int, seed: int):
 
 
 def _compare(
-    cached: list[int], new: list[int], block: int = 16, seed: int = 0, kernel: str = "fa2", decode: str | None = None
+    cached: list[int],
+    new: list[int],
+    block: int = 16,
+    seed: int = 0,
+    kernel: str = "fa2",
+    decode: str | None = None,
+    blocks: int = NUM_BLOCKS,
 ) -> None:
     """`kernel`: the prefill family (mla_backend); `decode`: the decode-only steps' (mla_decode_backend; None: the
     same)."""
-    batch, pool, (q_lat, q_rope, latent, k_rope) = _case(cached, new, block, seed)
+    batch, pool, (q_lat, q_rope, latent, k_rope) = _case(cached, new, block, seed, blocks)
     meta = AttentionMetadata.from_batch(batch, block, "cuda")
     fi = _flashinfer_mla_cls()(
         HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
         mla_decode_backend=decode,
     )  # fmt: skip
     ref = TorchMLAAttention(HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK)
-    assert fi.kv_cache_shape(NUM_BLOCKS) == ref.kv_cache_shape(NUM_BLOCKS) == tuple(pool.shape)
+    assert fi.kv_cache_shape(blocks) == ref.kv_cache_shape(blocks) == tuple(pool.shape)
     fi_pool, ref_pool = pool.clone(), pool.float()
     fi.begin_step(meta)
     want = fi._eager_decode if meta.is_decode_only else fi._eager
@@ -123,7 +131,7 @@ def test_decode_matches_reference(block, kernel):
     _compare(cached=[1, 15, 16, 17, 200, 63], new=[1] * 6, block=block, seed=2, kernel=kernel)
 
 
-@pytest.mark.parametrize("decode", ["fa3", "auto"])
+@pytest.mark.parametrize("decode", ["fa3", "auto", "triton"])
 @pytest.mark.parametrize("block", [16, 64])
 def test_decode_family_of_its_own_matches_reference(block, decode):
     """KUBELLM_MLA_DECODE_BACKEND=fa3 (or auto: fa3 on sm90a) beside the default fa2 prefill family: a decode-only
@@ -132,7 +140,19 @@ def test_decode_family_of_its_own_matches_reference(block, decode):
     _compare(cached=[32, 21, 50, 7], new=[24, 40, 1, 1], block=block, seed=1, decode=decode)
 
 
-@pytest.mark.parametrize("decode", ["fa2", "fa3"])
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("rows", [40, 300])
+def test_triton_decode_at_larger_batches_matches_reference(rows, block):
+    """KUBELLM_MLA_DECODE_BACKEND=triton on 40 rows of contexts up to 1,100 tokens (several KV splits a row, merged)
+    and 300 rows (one split on an H100/H200: the kernel writes the output itself)."""
+    gen = torch.Generator().manual_seed(20 + rows)
+    cached = torch.randint(0, 1100 if rows == 40 else 200, (rows,), generator=gen).tolist()
+    cached[0] = 0  # a row of context 1
+    blocks = sum(-(-(c + 1) // block) for c in cached) + 4
+    _compare(cached=cached, new=[1] * rows, block=block, seed=rows, decode="triton", blocks=blocks)
+
+
+@pytest.mark.parametrize("decode", ["fa2", "fa3", "triton"])
 def test_graph_decode_replays_new_page_tables_as_the_reference(decode):
     """The CUDA-graph decode wrapper of the decode family (prefill family fa2), captured once and replayed on two
     steps (other contexts, page tables and slots, planned into its fixed buffers), gives the float32 reference's
@@ -462,7 +482,7 @@ def test_moe_sum_in_the_norm_kernel_or_not_gives_the_same_logits(loaded):
     assert rel.median() < 1e-2 and agree > 0.9
 
 
-@pytest.mark.parametrize("decode", ["prefill", "fa3"])  # mla_decode_backend: the default, and FA3 beside FA2 prefill
+@pytest.mark.parametrize("decode", ["prefill", "fa3", "triton"])  # mla_decode_backend: the default, FA3, our Triton
 def test_cuda_graph_decode_equals_eager(loaded, decode):
     from kubellm.engine.llm_engine import LLMEngine
     from kubellm.engine.sampling_params import SamplingParams

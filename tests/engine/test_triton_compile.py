@@ -34,6 +34,7 @@ KERNELS = {
     "fp8_quant._groups_kernel", "fp8_quant._rms_norm_quant_kernel", "fp8_quant._silu_mul_quant_groups_kernel",
     "fp8_quant._silu_mul_quant_rows_kernel", "gemv._gemv_kernel", "sampling_kernels._race_kernel",
     "token_bitmask._mask_kernel",
+    "triton_mla_decode._mla_decode_split_kernel", "triton_mla_decode._mla_decode_merge_kernel",
 }  # fmt: skip
 
 
