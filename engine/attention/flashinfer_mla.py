@@ -33,6 +33,7 @@ from flashinfer.mla import BatchMLAPagedAttentionWrapper
 
 from kubellm.engine.config import EngineConfig
 
+from . import triton_mla_decode
 from .base import AttentionBackend, AttentionMetadata, paged_kv_layout
 from .flashinfer_backend import PlanFence, _i32, _i32_on
 from .mla import (
@@ -105,6 +106,8 @@ class FlashInferMLAAttention(UpProjectPlanning, AttentionBackend):
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._eager_decode: DecodeWrapper
         if self.mla_decode_backend == "triton":  # our split-KV kernel (triton_mla_decode.py)
+            if triton_mla_decode.triton is None:
+                raise ValueError("KUBELLM_MLA_DECODE_BACKEND=triton needs Triton, which is not importable here")
             self._eager_decode = TritonMLADecode(num_heads, scale, self.device, num_sms=self._num_sms)
         elif self.mla_decode_backend == self.mla_backend:
             self._eager_decode = self._eager
