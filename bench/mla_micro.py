@@ -9,7 +9,10 @@
   kernels, each other kernel's time over the first's per page and batch (e.g. fa3 / fa2: below 1 is faster; the
   engine takes a decode family with KUBELLM_MLA_DECODE_BACKEND). `triton` in --decode-kernels times our own split-KV
   decode kernel (engine/attention/triton_mla_decode.py, KUBELLM_MLA_DECODE_BACKEND=triton; its rows name the KV
-  splits a row it ran with). `--skip-prefill` stops after the decode rows;
+  splits a row it ran with); `triton-N-W-S-P` the same with another launch shape, to sweep it in one run: BLOCK_N
+  tokens a tile, W warps, S pipeline stages, P programs per SM (the split count's target; the engine's: 32-4-2-2).
+  A decode row that fails (e.g. a launch shape past shared memory) is recorded in decode_errors, not fatal.
+  `--skip-prefill` stops after the decode rows;
 - prefill chunks of L new tokens (L = 16 ... 4096; as many chunks as make 16384 tokens, at most 16) over a cached
   prefix of 0 or 4096 tokens, causal, with each path's projections: absorbed (W_UK on the queries, the MLA kernel over
   the latent pool, W_UV on its output: the engine's default) vs up-projected (the engine's path with
@@ -66,8 +69,8 @@ def _backend(
     from kubellm.engine.attention.flashinfer_mla import FlashInferMLAAttention
 
     decode = kernel
-    if kernel == "triton":
-        kernel = "fa2"
+    if kernel.startswith("triton"):
+        kernel, decode = "fa2", "triton"
     return FlashInferMLAAttention(
         HEADS, 1, WIDTH, SCALE, block, kv_lora_rank=RANK, dtype=torch.bfloat16, device="cuda", mla_backend=kernel,
         mla_decode_backend=decode, upproject_min_tokens=upproject_min_tokens,
@@ -75,10 +78,25 @@ def _backend(
     )  # fmt: skip
 
 
+def triton_config(kernel: str):
+    """`triton`: the engine's launch shape; `triton-N-W-S-P`: BLOCK_N, warps, stages, programs per SM."""
+    from kubellm.engine.attention.triton_mla_decode import DEFAULT, DecodeConfig
+
+    if kernel == "triton":
+        return DEFAULT
+    n, w, s, p = map(int, kernel.split("-")[1:])
+    return DecodeConfig(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
+
+
 def decode_row(
     batch: int, ctx: int, kernel: str, ceilings: dict[str, float], gen: torch.Generator, page: int = BLOCK
 ) -> dict[str, Any]:
     attn = _backend(kernel, block=page)
+    splits = None
+    if kernel.startswith("triton"):
+        wrapper = attn._eager_decode
+        wrapper.config = triton_config(kernel)  # type: ignore[union-attr]
+        splits = wrapper.splits(batch)  # type: ignore[union-attr]
     fb, blocks = _batch([ctx] * batch, 1, page)
     pool = torch.randn(blocks, page, WIDTH, generator=gen, device="cuda", dtype=torch.bfloat16)
     q_lat = torch.randn(batch, HEADS, RANK, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -88,7 +106,6 @@ def decode_row(
     attn.begin_step(AttentionMetadata.from_batch(fb, page, "cuda"))
     ms = graph_ms(lambda: attn.forward_mla(0, q_lat, q_rope, latent, k_rope, pool), REPS)
     floor_ms = batch * ctx * WIDTH * 2 / (ceilings["copy_gb_s"] / 2 * 1e9) * 1e3  # read once (copy = read + write)
-    splits = attn._eager_decode.splits(batch) if kernel == "triton" else None  # type: ignore[union-attr]
     return {
         "kernel": kernel,
         "splits": splits,
@@ -179,6 +196,10 @@ def decode_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _splits(row: dict[str, Any]) -> str:
+    return f" ({row['splits']} splits)" if row.get("splits") else ""
+
+
 def write_results(out_dir: Path, result: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"mla-micro-{dt.date.today().isoformat()}"
@@ -195,9 +216,14 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> None:
         "| kernel | page | batch | ctx | us | floor us (latents read once) | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {r['kernel']} | {r.get('page', BLOCK)} | {r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | "
+            f"| {r['kernel']}{_splits(r)} | {r.get('page', BLOCK)} | "
+            f"{r['batch']} | {r['ctx']} | {r['ms'] * 1e3:.1f} | "
             f"{r['floor_ms'] * 1e3:.1f} | {r['ratio_to_floor']:.2f} |"
             for r in result["decode"]
+        ),
+        *(
+            f"- decode {r['kernel']} page {r['page']} batch {r['batch']} failed: {r['error']}"
+            for r in result.get("decode_errors", [])
         ),
         *(
             [
@@ -267,13 +293,18 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-        "ceilings": ceilings, "decode": [], "prefill": [], "prefill_errors": [],
+        "ceilings": ceilings, "decode": [], "decode_errors": [], "prefill": [], "prefill_errors": [],
     }  # fmt: skip
     for kernel in args.decode_kernels.split(","):
         for page in map(int, args.decode_pages.split(",")):
             for b in map(int, args.decode_batches.split(",")):
                 if time.monotonic() < deadline:
-                    result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen, page))
+                    try:
+                        result["decode"].append(row := decode_row(b, 1024, kernel, ceilings, gen, page))
+                    except Exception as e:
+                        row = {"kernel": kernel, "page": page, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]}
+                        result["decode_errors"].append(row)
+                        torch.cuda.empty_cache()
                     print(f"decode {row}", flush=True)
     result["decode_ratios"] = decode_ratios(result["decode"])
     for r in result["decode_ratios"]:

@@ -314,3 +314,11 @@ def test_mla_micro_results_name_the_prefill_rows_that_failed(tmp_path):
     assert "| fa3 | 64 | 1 | 1024 | 6.0 | 5.0 | 1.20 |" in text
     assert "| fa3 | 16 x 1024 | 0 | 2.000 | 0.500 | 0.25 | up-projected | 3.0e-03 |" in text
     assert json.loads(md.with_suffix(".json").read_text()) == result
+    # our Triton decode kernel's rows name their KV splits; a decode row that failed is said, the others stand
+    result["decode"].append({**result["decode"][0], "kernel": "triton", "page": 64, "splits": 5, "ms": 0.0055,
+                             "ratio_to_floor": 1.1})  # fmt: skip
+    result["decode_errors"] = [{"kernel": "triton-64-8-4-2", "page": 16, "batch": 1, "error": "OutOfResources: smem"}]
+    write_mla(tmp_path, result)
+    text = md.read_text()
+    assert "| triton (5 splits) | 64 | 1 | 1024 | 5.5 | 5.0 | 1.10 |" in text
+    assert "- decode triton-64-8-4-2 page 16 batch 1 failed: OutOfResources: smem" in text
