@@ -29,19 +29,23 @@ from kubellm.engine.forward_batch import ForwardBatch, ScheduledSeq
 RANK, ROPE = 512, 64
 WIDTH = RANK + ROPE
 SCALE = (128 + 64) ** -0.5
-# (heads, page, dtype, contexts after the step, splits): splits None = decode_splits' choice on 132 SMs
+SHORT = tmd.DecodeConfig(block_n=16, min_split_tokens=16)  # splits of 48 tokens below: boundaries inside pages
+# (heads, page, dtype, contexts after the step, splits, launch shape): splits None = decode_splits' choice on 132 SMs
 CASES = [
     (16, 16, torch.float32, [1, 15, 16, 17, 150, 63], 3),
     (16, 16, torch.float32, [1, 40, 97], 1),
-    (16, 64, torch.float32, [1, 64, 65, 130], 4),
-    (16, 64, torch.bfloat16, [1, 15, 16, 17, 150, 63], None),
+    (16, 64, torch.float32, [1, 64, 65, 130], 3, SHORT),
+    (16, 16, torch.float32, [1, 64, 65, 130], 3, SHORT),
+    (16, 64, torch.bfloat16, [1, 17, 150], None),
     (128, 16, torch.bfloat16, [1, 70, 33], 2),
-    (128, 64, torch.float32, [1, 100], 5),
+    (128, 64, torch.float32, [1, 100], 3),
 ]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative L2 against the float32 reference
 
 
-def check(heads: int, page: int, dtype: torch.dtype, lens: list[int], splits: int | None, seed: int) -> str | None:
+def check(
+    heads: int, page: int, dtype: torch.dtype, lens: list[int], splits: int | None, config=tmd.DEFAULT, *, seed: int
+) -> str | None:
     gen = torch.Generator().manual_seed(seed)
     blocks = sum(-(-n // page) for n in lens) + 3
     perm = torch.randperm(blocks, generator=gen).tolist()
@@ -68,12 +72,16 @@ def check(heads: int, page: int, dtype: torch.dtype, lens: list[int], splits: in
     wrapper.plan(mla_page_table_from_meta(meta))
     n_splits = splits if splits is not None else wrapper.splits(b)
     indptr, indices, kv_lens = wrapper._table or ()
-    out = tmd.mla_decode(q_lat, q_rope, pool[..., :RANK], pool[..., RANK:], indptr, indices, kv_lens, SCALE, n_splits)
+    ckv, kpe = pool[..., :RANK], pool[..., RANK:]
+    out = tmd.mla_decode(q_lat, q_rope, ckv, kpe, indptr, indices, kv_lens, SCALE, n_splits, config)
     assert out.dtype == dtype and out.shape == expected.shape
     rel = ((out.float() - expected).norm() / expected.norm()).item()
     worst = ((out.float() - expected).norm(dim=-1) / expected.norm(dim=-1)).max().item()
     ok = rel < TOL[dtype] and worst < 2 * TOL[dtype]
-    tag = f"heads={heads} page={page} {str(dtype).removeprefix('torch.')} lens={lens} splits={n_splits}"
+    tag = (
+        f"heads={heads} page={page} {str(dtype).removeprefix('torch.')} lens={lens} splits={n_splits} "
+        f"block_n={config.block_n} min_split={config.min_split_tokens}"
+    )
     print(f"mla_decode {tag}: relative L2 {rel:.2e} (worst row-head {worst:.2e}) {'ok' if ok else 'FAIL'}", flush=True)
     return None if ok else tag
 

@@ -9,8 +9,9 @@
   kernels, each other kernel's time over the first's per page and batch (e.g. fa3 / fa2: below 1 is faster; the
   engine takes a decode family with KUBELLM_MLA_DECODE_BACKEND). `triton` in --decode-kernels times our own split-KV
   decode kernel (engine/attention/triton_mla_decode.py, KUBELLM_MLA_DECODE_BACKEND=triton; its rows name the KV
-  splits a row it ran with); `triton-N-W-S-P` the same with another launch shape, to sweep it in one run: BLOCK_N
-  tokens a tile, W warps, S pipeline stages, P programs per SM (the split count's target; the engine's: 32-4-2-2).
+  splits a row it ran with); `triton-N-W-S-P[-M]` the same with another launch shape, to sweep it in one run: BLOCK_N
+  tokens a tile, W warps, S pipeline stages, P programs per SM (the split count's target), M tokens a split at least
+  (the engine's: 32-4-2-2-64).
   A decode row that fails (e.g. a launch shape past shared memory) is recorded in decode_errors, not fatal.
   `--skip-prefill` stops after the decode rows;
 - prefill chunks of L new tokens (L = 16 ... 4096; as many chunks as make 16384 tokens, at most 16) over a cached
@@ -79,13 +80,16 @@ def _backend(
 
 
 def triton_config(kernel: str):
-    """`triton`: the engine's launch shape; `triton-N-W-S-P`: BLOCK_N, warps, stages, programs per SM."""
+    """`triton`: the engine's launch shape; `triton-N-W-S-P[-M]`: BLOCK_N, warps, stages, programs per SM, min
+    tokens a split."""
     from kubellm.engine.attention.triton_mla_decode import DEFAULT, DecodeConfig
 
     if kernel == "triton":
         return DEFAULT
-    n, w, s, p = map(int, kernel.split("-")[1:])
-    return DecodeConfig(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
+    n, w, s, p, *m = map(int, kernel.split("-")[1:])
+    return DecodeConfig(
+        block_n=n, num_warps=w, num_stages=s, programs_per_sm=p, min_split_tokens=m[0] if m else DEFAULT.min_split_tokens
+    )
 
 
 def decode_row(

@@ -228,7 +228,7 @@ def cases() -> list[Case]:
                             fused.rms_norm(e(t, m.q_lora, dtype=d), e(m.q_lora, dtype=d), 1e-6),
                             "rms_norm"))  # fmt: skip
     # attention/triton_mla_decode.py (KUBELLM_MLA_DECODE_BACKEND=triton): decode batches whose split counts on 132
-    # SMs cover many splits (32), a few (5 or 2) and one (the direct path, no merge)
+    # SMs cover many splits (64), a few (5 or 2) and one (the direct path, no merge)
     for m in MLA:
         for tp in m.tp:
             h = m.heads // tp

@@ -13,10 +13,11 @@ The pool is the latent-only paged pool of engine/attention/mla.py, read through 
 kv_indices / kv_lens) and passed as its two column views (latent, rope), as flashinfer takes it.
 
 Work split: a grid of (row, head group, KV split). Each split takes a contiguous run of the row's context (the
-context divided by the split count, rounded up to BLOCK_N), keeps an online softmax (base 2) and writes its partial
-output and log-sum-exp; a second kernel merges a row's splits. The split count is a function of the batch size and
-the SM count only (`decode_splits`), never of the contexts, so a CUDA graph captured for a batch size replays one
-fixed grid for any page table: splits past a short context find nothing to read and write an empty partial.
+context divided by the split count, at least min_split_tokens, rounded up to BLOCK_N), keeps an online softmax
+(base 2) and writes its partial output and log-sum-exp; a second kernel merges a row's splits. The split count is a
+function of the batch size and the SM count only (`decode_splits`), never of the contexts, so a CUDA graph captured
+for a batch size replays one fixed grid for any page table: splits past a short context find nothing to read and
+write only their -inf log-sum-exp, which the merge weighs 0 without reading their output.
 With one split the first kernel writes the normalized output itself and no merge runs.
 """
 
@@ -39,7 +40,7 @@ except ImportError:  # CPU installs: the flashinfer MLA backend (which uses this
     tl = None
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 32  # a batch-1 row of ~1k tokens still gets ~32-token runs; more would only grow the merge
+MAX_SPLITS = 64  # long contexts at small batches; short ones use fewer (min_split_tokens), the rest exit at once
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     programs_per_sm: int = 2  # the split count aims at this many programs per SM
+    # a split reads at least this many tokens: its partial output (heads x 512 floats, written then merged) would
+    # otherwise cost about as much traffic as the latents it read
+    min_split_tokens: int = 64
 
 
 DEFAULT = DecodeConfig()
@@ -69,7 +73,7 @@ if triton is not None:
     def _mla_decode_split_kernel(
         q_lat_ptr, q_pe_ptr, ckv_ptr, kpe_ptr, kv_indptr_ptr, kv_indices_ptr, kv_lens_ptr,
         part_acc_ptr, part_lse_ptr, out_ptr,
-        scale_log2, num_heads, num_splits,
+        scale_log2, num_heads, num_splits, min_run,
         stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
         stride_c_page, stride_c_tok, stride_p_page, stride_p_tok,
         stride_o_t, stride_o_h,
@@ -85,7 +89,7 @@ if triton is not None:
         offs_p = tl.arange(0, ROPE)
 
         kv_len = tl.load(kv_lens_ptr + row)
-        run = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+        run = tl.cdiv(tl.maximum(tl.cdiv(kv_len, num_splits), min_run), BLOCK_N) * BLOCK_N
         lo = split * run
         hi = tl.minimum(lo + run, kv_len)
         first_page = tl.load(kv_indptr_ptr + row)
@@ -133,7 +137,9 @@ if triton is not None:
         else:
             lse = tl.where(denom > 0.0, m + tl.log2(safe), float("-inf"))
             part = (row * num_heads + heads) * num_splits + split  # [BLOCK_H]
-            tl.store(part_acc_ptr + part[:, None].to(tl.int64) * RANK + offs_r[None, :], acc, mask=h_ok[:, None])
+            # an empty split writes its -inf only: the merge never reads its output
+            keep = heads[:, None] < tl.where(hi > lo, num_heads, 0)
+            tl.store(part_acc_ptr + part[:, None].to(tl.int64) * RANK + offs_r[None, :], acc, mask=keep)
             tl.store(part_lse_ptr + part, lse, mask=h_ok)
 
     @triton.jit
@@ -149,10 +155,13 @@ if triton is not None:
         m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (no context): output 0
         offs_r = tl.arange(0, RANK)
         total = tl.exp2(tl.load(part_lse_ptr + base) - m)
-        acc = total * tl.load(part_acc_ptr + base.to(tl.int64) * RANK + offs_r)
+        # (masks as comparisons with a bound: all lanes or none, as the weight is 0 or not)
+        read = offs_r < tl.where(total > 0.0, RANK, 0)
+        acc = total * tl.load(part_acc_ptr + base.to(tl.int64) * RANK + offs_r, mask=read, other=0.0)
         for s in range(1, num_splits):
-            w = tl.exp2(tl.load(part_lse_ptr + base + s) - m)
-            acc += w * tl.load(part_acc_ptr + (base + s).to(tl.int64) * RANK + offs_r)
+            w = tl.exp2(tl.load(part_lse_ptr + base + s) - m)  # 0 for an empty split, whose output is not read
+            read = offs_r < tl.where(w > 0.0, RANK, 0)
+            acc += w * tl.load(part_acc_ptr + (base + s).to(tl.int64) * RANK + offs_r, mask=read, other=0.0)
             total += w
         acc = acc / tl.where(total > 0.0, total, 1.0)
         tl.store(out_ptr + row * stride_o_t + head * stride_o_h + offs_r, acc.to(out_ptr.dtype.element_ty))
@@ -197,7 +206,7 @@ def mla_decode(
     grid = (b, triton.cdiv(h, config.block_h), num_splits)
     _mla_decode_split_kernel[grid](
         q_latent, q_rope, ckv, kpe, kv_indptr, kv_indices, kv_lens, part_acc, part_lse, out,
-        scale * LOG2E, h, num_splits,
+        scale * LOG2E, h, num_splits, config.min_split_tokens,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         ckv.stride(0), ckv.stride(1), kpe.stride(0), kpe.stride(1), out.stride(0), out.stride(1),
         RANK=r, ROPE=p, PAGE=page, BLOCK_H=config.block_h, BLOCK_N=config.block_n, DIRECT=direct,
