@@ -87,9 +87,8 @@ def triton_config(kernel: str):
     if kernel == "triton":
         return DEFAULT
     n, w, s, p, *m = map(int, kernel.split("-")[1:])
-    return DecodeConfig(
-        block_n=n, num_warps=w, num_stages=s, programs_per_sm=p, min_split_tokens=m[0] if m else DEFAULT.min_split_tokens
-    )
+    least = m[0] if m else DEFAULT.min_split_tokens
+    return DecodeConfig(block_n=n, num_warps=w, num_stages=s, programs_per_sm=p, min_split_tokens=least)
 
 
 def decode_row(
