@@ -45,7 +45,10 @@ MAX_SPLITS = 64  # long contexts at small batches; short ones use fewer (min_spl
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch shape: BLOCK_H heads share one read of each latent tile of BLOCK_N tokens."""
+    """Launch shape: BLOCK_H heads share one read of each latent tile of BLOCK_N tokens. The default's sm90 build
+    (Triton 3.6, ptxas -v, 2026-12-08): 212 registers a thread, no spills, 55 KiB of shared memory, so two programs
+    fit an SM (registers bound it), each with a 36 KiB tile in flight: hence two programs per SM as the split target.
+    Unmeasured on a GPU so far: bench/mla_micro.py sweeps other shapes (triton-N-W-S-P[-M])."""
 
     block_h: int = 16
     block_n: int = 32
