@@ -48,7 +48,10 @@ class DecodeConfig:
     """Launch shape: BLOCK_H heads share one read of each latent tile of BLOCK_N tokens. The default's sm90 build
     (Triton 3.6, ptxas -v, 2026-12-08): 212 registers a thread, no spills, 55 KiB of shared memory, so two programs
     fit an SM (registers bound it), each with a 36 KiB tile in flight: hence two programs per SM as the split target.
-    Unmeasured on a GPU so far: bench/mla_micro.py sweeps other shapes (triton-N-W-S-P[-M])."""
+    Triton's pipeliner gives the tile one shared buffer at any num_stages (2 to 4 seen in the ttgir: the next tile's
+    copy is issued after this one's dots), so latency is hidden across programs, not within one. Other shapes seen:
+    BLOCK_N 32 / 8 warps 113-124 registers; 16 / 4 warps 158 registers, 37 KiB (three a SM); 64 / 4 warps spills.
+    Unmeasured on a GPU so far: bench/mla_micro.py sweeps shapes (triton-N-W-S-P[-M])."""
 
     block_h: int = 16
     block_n: int = 32
