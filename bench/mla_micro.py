@@ -11,7 +11,7 @@
   decode kernel (engine/attention/triton_mla_decode.py, KUBELLM_MLA_DECODE_BACKEND=triton; its rows name the KV
   splits a row it ran with); `triton-N-W-S-P[-M]` the same with another launch shape, to sweep it in one run: BLOCK_N
   tokens a tile, W warps, S pipeline stages, P programs per SM (the split count's target), M tokens a split at least
-  (the engine's: 32-4-2-2-64).
+  (the engine's: 32-4-3-2-64).
   A decode row that fails (e.g. a launch shape past shared memory) is recorded in decode_errors, not fatal.
   `--skip-prefill` stops after the decode rows;
 - prefill chunks of L new tokens (L = 16 ... 4096; as many chunks as make 16384 tokens, at most 16) over a cached

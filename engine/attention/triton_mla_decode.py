@@ -46,17 +46,17 @@ MAX_SPLITS = 64  # long contexts at small batches; short ones use fewer (min_spl
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch shape: BLOCK_H heads share one read of each latent tile of BLOCK_N tokens. The default's sm90 build
-    (Triton 3.6, ptxas -v, 2026-12-08): 212 registers a thread, no spills, 55 KiB of shared memory, so two programs
-    fit an SM (registers bound it), each with a 36 KiB tile in flight: hence two programs per SM as the split target.
-    Triton's pipeliner gives the tile one shared buffer at any num_stages (2 to 4 seen in the ttgir: the next tile's
-    copy is issued after this one's dots), so latency is hidden across programs, not within one. Other shapes seen:
-    BLOCK_N 32 / 8 warps 113-124 registers; 16 / 4 warps 158 registers, 37 KiB (three a SM); 64 / 4 warps spills.
+    (Triton 3.6, ptxas -v and the ttgir, 2026-12-08): 202 registers a thread, no spills, 91 KiB of shared memory (two
+    tile buffers), so two programs fit an SM (registers bound it), each with up to two 36 KiB tiles in flight: hence
+    two programs per SM as the split target. Reading each tile's page ids one iteration ahead is what lets Triton's
+    pipeliner double-buffer the tile (read in the same iteration, it kept one buffer at any num_stages). Other
+    shapes seen: BLOCK_N 32 / 8 warps / 3 stages 112 registers; 16 / 4 / 3 142 registers and 55 KiB (three a SM).
     Unmeasured on a GPU so far: bench/mla_micro.py sweeps shapes (triton-N-W-S-P[-M])."""
 
     block_h: int = 16
     block_n: int = 32
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3  # two shared buffers: the next tile's copy in flight during this one's dots
     programs_per_sm: int = 2  # the split count aims at this many programs per SM
     # a split reads at least this many tokens: its partial output (heads x 512 floats, written then merged) would
     # otherwise cost about as much traffic as the latents it read
@@ -111,10 +111,13 @@ if triton is not None:
         m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_H, RANK), dtype=tl.float32)
+        # each tile's page ids are read one iteration ahead: the latent loads then depend on a loop-carried value
+        # only, not on a load of their own iteration
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        page = tl.load(kv_indices_ptr + first_page + offs_n // PAGE, mask=offs_n < hi, other=0).to(tl.int64)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi
-            page = tl.load(kv_indices_ptr + first_page + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
             tok = offs_n % PAGE
             c = tl.load(
                 ckv_ptr + page[:, None] * stride_c_page + tok[:, None] * stride_c_tok + offs_r[None, :],
@@ -134,6 +137,8 @@ if triton is not None:
             denom = denom * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
             m = m_new
+            ahead = offs_n + BLOCK_N
+            page = tl.load(kv_indices_ptr + first_page + ahead // PAGE, mask=ahead < hi, other=0).to(tl.int64)
 
         safe = tl.where(denom > 0.0, denom, 1.0)  # an empty split: output 0, log-sum-exp -inf
         acc = acc / safe[:, None]
