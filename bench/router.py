@@ -352,6 +352,9 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     contenders = [Contender("direct", None), Contender("byte relay (floor: uvloop, no HTTP, no routing)", relay)]
     contenders.append(Contender("kubellm prefix", lambda: our_router(
         b, "prefix", ["--kv-events", "off", "--workers", "1"], core=ROUTER_CORE)))  # fmt: skip
+    for extra in args.router_arg or []:  # variants of our prefix router, e.g. "--text-block-chars 64"
+        contenders.append(Contender(f"kubellm prefix {extra}", lambda x=extra: our_router(
+            b, "prefix", ["--kv-events", "off", "--workers", "1", *x.split()], core=ROUTER_CORE)))  # fmt: skip
     for spec in args.baseline_python or []:
         label, _, python = spec.rpartition("=")
         name = f"kubellm prefix (before{': ' + label if label else ''})"
@@ -433,6 +436,8 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "kubellm prefix": lambda: our_router(b, "prefix", flags, core=ROUTER_CORE),
         "kubellm round_robin": lambda: our_router(b, "round_robin", flags, core=ROUTER_CORE),
     }
+    for extra in args.router_arg or []:  # variants of our prefix router, e.g. "--text-block-chars 64"
+        starts[f"kubellm prefix {extra}"] = lambda x=extra: our_router(b, "prefix", flags + x.split(), core=ROUTER_CORE)
     for spec in args.baseline_python or []:
         label, _, python = spec.rpartition("=")
         starts[f"kubellm prefix (before{': ' + label if label else ''})"] = lambda py=python: our_router(
@@ -1156,7 +1161,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform-words", type=int, default=700)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", action="append", help="run only contenders whose name contains this (repeatable)")
-    p.add_argument("--router-arg", action="append", help="extra prefix-precise variant with these router flags")
+    p.add_argument(
+        "--router-arg",
+        action="append",
+        help="extra variant of our prefix router with these flags (routing, overhead, cpu)",
+    )
     p.add_argument("--skip-uniform", action="store_true")
     p.add_argument("--skip-multiturn", action="store_true", help="run only the uniform workload (needs --rate)")
     p.add_argument("--out-suffix", default="", help="results file suffix, e.g. -kvpressure")

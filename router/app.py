@@ -132,7 +132,9 @@ class Router:
             config.prefix_min_match_tokens,
         )
         self.index = PrefixIndex(config.approx_index_size, use_events=config.kv_events)
-        self.hasher = PromptHasher(self._fetch_tokenizer_info)
+        self.hasher = PromptHasher(
+            self._fetch_tokenizer_info, text_block_chars=config.text_block_chars, tokenizer=config.tokenizer
+        )
         self.queue = WaitQueue(self.registry, self.metrics, config.queue_size, config.queue_timeout)
         self.session: aiohttp.ClientSession | None = None  # probes, KV events, tokenizer info
         self.pool: UpstreamPool | None = None  # the routed requests themselves

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from kubellm.config_flags import option
 from kubellm.router.prefix_index import DEFAULT_APPROX_SIZE
+from kubellm.router.tokenization import TEXT_BLOCK_CHARS
 from kubellm.router.workers import default_workers
 from kubellm.routing import (
     DEFAULT_BALANCE_FACTOR,
@@ -185,6 +186,19 @@ class RouterConfig:
     )
     approx_index_size: int = option(
         DEFAULT_APPROX_SIZE, help="bound of the approximate prefix index in (replica, block) entries"
+    )
+    text_block_chars: int = option(
+        TEXT_BLOCK_CHARS,
+        parse=_positive_int,
+        help="bytes of prompt text per block of the router's own approximate key, used until a replica's tokenizer "
+        "is known (or with --tokenizer off); smaller finds shared heads more finely, at more CPU per request",
+    )
+    tokenizer: bool = option(
+        True,
+        parse=_on_off,
+        metavar="on|off",
+        help="fetch the replicas' tokenizer (GET /v1/tokenizer_info) and route on the engine's token-block hashes; "
+        "off: route on text blocks only",
     )
     session_header: str = option("x-session-id", help="header carrying the session key (session policy)")
     debug_headers: bool = option(False, help="add X-Kubellm-Backend / X-Kubellm-Route to responses")

@@ -27,8 +27,14 @@ from kubellm.router.request_body import dumps_bytes
 
 log = logging.getLogger("kubellm.router.tokenization")
 
-TEXT_BLOCK_CHARS = 64
-TEXT_BLOCK_TOKENS = TEXT_BLOCK_CHARS // 4  # what a text block stands for in tokens (~4 characters a token)
+# The approximate key's block, in UTF-8 bytes of the prompt (~4 a token: 256 stand for ~64 tokens). Router-internal:
+# only the router's own record of its sends is keyed by it (GUIDE.md §2's token blocks are what engines and KV events
+# use), so its size trades nothing but the key's resolution against its cost. Every block costs a digest and an LRU
+# touch per request (~0.5 us live, in Python); 64 gave a 2 kB chat ~33 of them, ~36 us of a routed request's CPU
+# (docs/router.md, seventh round); 256 gives 8, and a shared head is still found to within ~64 tokens, finer than the
+# prefix policy's own floor (--prefix-min-match-tokens 64). `kubellm router --text-block-chars` sets it.
+TEXT_BLOCK_CHARS = 256
+CHARS_PER_TOKEN = 4  # what a text block stands for in tokens, for the policy's minimum match in tokens
 _TEXT_DOMAIN = b"kubellm-text/2|"
 _REFETCH_AFTER = 10.0  # seconds between attempts to fetch a tokenizer that was not available
 # Text to tokenize (what the segment cache does not already hold) longer than this is tokenized in a worker thread:
@@ -75,17 +81,21 @@ def bytes_block_hashes(data: bytes, extra: str = "", block_chars: int = TEXT_BLO
 class TextBlockHasher:
     """bytes_block_hashes with the chat history's blocks cached: a conversation sends its earlier messages again with
     every turn (and a tenant's system prompt heads all its conversations), so the blocks that lie wholly before the
-    last message are looked up in chunks of CHUNK_BLOCKS (1 kB), one digest of the chunk's bytes (seeded with the
-    chain's hash before it) instead of a digest per block. The last message, new with every turn, is hashed block by
-    block and never cached (a chat of 12 turns, ~11 kB: 43 -> 19 us hot). The hashes are bytes_block_hashes' own, bit
-    for bit (a chunk's entry is the chain it computed from that hash): only the cost changes. Bounded: `max_chunks`
-    entries (~0.7 kB each), least recently used dropped."""
+    last message are looked up in chunks of `chunk_blocks` blocks (~CHUNK_CHARS bytes), one digest of the chunk's
+    bytes (seeded with the chain's hash before it) instead of a digest per block. The last message, new with every
+    turn, is hashed block by block and never cached (a chat of 12 turns, ~11 kB, at 64-byte blocks: 43 -> 19 us hot).
+    The hashes are bytes_block_hashes' own, bit for bit (a chunk's entry is the chain it computed from that hash):
+    only the cost changes. Bounded: `max_chunks` entries, least recently used dropped."""
 
-    CHUNK_BLOCKS = 16
+    CHUNK_CHARS = 1024
 
     def __init__(self, max_chunks: int = 1024, block_chars: int = TEXT_BLOCK_CHARS):
+        if block_chars < 1:
+            raise ValueError(f"text blocks need at least 1 byte, got {block_chars}")
         self.max_chunks = max_chunks
         self.block_chars = block_chars
+        self.chunk_blocks = max(1, self.CHUNK_CHARS // block_chars)
+        self.block_tokens = max(1, block_chars // CHARS_PER_TOKEN)
         self._chunks: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._roots: dict[str, int] = {}  # extra (cache_salt) -> the chain's first seed
 
@@ -105,7 +115,7 @@ class TextBlockHasher:
         out: list[int] = []
         digest = xxhash.xxh3_64_intdigest
         start = 0
-        step = bc * self.CHUNK_BLOCKS
+        step = bc * self.chunk_blocks
         if history >= step:
             chunks = self._chunks
             chunk_key = xxhash.xxh3_128_intdigest
@@ -139,8 +149,8 @@ class TextBlockHasher:
             data = dumps_bytes(messages)
             # where the last message starts: its compact JSON is the same bytes standalone as inside the list
             history = len(data) - 1 - len(dumps_bytes(messages[-1])) if isinstance(messages, list) and messages else 0
-            return PromptKey(self.hashes(data, extra, history), False, TEXT_BLOCK_TOKENS)
-        return PromptKey(self.hashes(prompt_bytes(kind, body), extra), False, TEXT_BLOCK_TOKENS)
+            return PromptKey(self.hashes(data, extra, history), False, self.block_tokens)
+        return PromptKey(self.hashes(prompt_bytes(kind, body), extra), False, self.block_tokens)
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -282,15 +292,20 @@ def prompt_bytes(kind: str, body: dict[str, Any]) -> bytes:
 
 
 class PromptHasher:
-    """Per model: a renderer built from a replica's tokenizer info, and the block size its KV events use."""
+    """Per model: a renderer built from a replica's tokenizer info, and the block size its KV events use. With
+    `tokenizer=False` it never fetches one: every key is text blocks (the approximate index alone; bench/router.py
+    routing measures that mode's hit rate with `--router-arg "--tokenizer off"`)."""
 
     def __init__(
         self,
         fetch_info: Callable[[str], Awaitable[TokenizerInfo | None]],
         offload_above_chars: int | None = OFFLOAD_ABOVE_CHARS,
         threads: int = 2,
+        text_block_chars: int = TEXT_BLOCK_CHARS,
+        tokenizer: bool = True,
     ):
         self._fetch_info = fetch_info
+        self.use_tokenizer = tokenizer
         self._renderers: dict[str, PromptRenderer] = {}
         self._segments: dict[str, SegmentCache] = {}
         self._loading: dict[str, asyncio.Task[PromptRenderer | None]] = {}
@@ -299,7 +314,7 @@ class PromptHasher:
         self.offload_above_chars = offload_above_chars  # None: tokenize everything on the event loop
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
-        self.text = TextBlockHasher()
+        self.text = TextBlockHasher(block_chars=text_block_chars)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -313,7 +328,12 @@ class PromptHasher:
 
     def prefetch(self, model: str) -> None:
         """Start loading a model's tokenizer in the background (when a replica serving it turns healthy)."""
-        if model not in self._renderers and model not in self._loading and not self._recently_failed(model):
+        if (
+            self.use_tokenizer
+            and model not in self._renderers
+            and model not in self._loading
+            and not self._recently_failed(model)
+        ):
             self._loading[model] = asyncio.get_running_loop().create_task(self._load(model))
 
     def settled(self, model: str) -> bool:
@@ -399,7 +419,9 @@ class PromptHasher:
         """The key `key` would give, without a coroutine, when it is sure to be text blocks (the model's tokenizer is
         neither loaded nor loading, and its last fetch failed recently: no fetch to start); else None (await `key`).
         Against engines that serve no tokenizer this is every request, and the awaits cost a visible share of it."""
-        if model in self._renderers or model in self._loading or not self._recently_failed(model):
+        if self.use_tokenizer and (
+            model in self._renderers or model in self._loading or not self._recently_failed(model)
+        ):
             return None
         extra = body.get("cache_salt") or ""
         return self.text.key(kind, body, extra if isinstance(extra, str) else "")

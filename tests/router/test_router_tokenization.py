@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +13,13 @@ from router_fake_engine import word_tokenizer_info, words
 
 from kubellm.block_hash import hash_blocks
 from kubellm.prompt import PromptRenderer
-from kubellm.router.tokenization import PromptHasher, SegmentCache, prompt_token_ids, text_block_hashes
+from kubellm.router.tokenization import (
+    TEXT_BLOCK_CHARS,
+    PromptHasher,
+    SegmentCache,
+    prompt_token_ids,
+    text_block_hashes,
+)
 
 R = PromptRenderer(word_tokenizer_info())
 
@@ -74,6 +81,25 @@ async def test_text_key_now_answers_only_when_key_would_hash_text():
     assert want_completion.hashes == text_block_hashes(words(3, 40))
     assert (await h.key("m", "completion", completion)).exact
     assert h.text_key_now("m", "completion", completion) is None  # a tokenizer: token blocks, via key()
+
+
+async def test_tokenizer_off_keys_every_request_by_text_blocks():
+    """--tokenizer off: no tokenizer is ever fetched, every key is the text-block key at once (no await needed), at
+    the configured block size."""
+    fetched: list[str] = []
+
+    async def fetch(model):
+        fetched.append(model)
+        return word_tokenizer_info()
+
+    h = PromptHasher(fetch, text_block_chars=128, tokenizer=False)
+    body = {"prompt": words(0, 200), "cache_salt": "s"}
+    now = h.text_key_now("m", "completion", body)
+    h.prefetch("m")
+    key = await h.key("m", "completion", body)
+    assert now == key and not key.exact and key.block_tokens == 32
+    assert key.hashes == text_block_hashes(words(0, 200), "s", 128) and len(key.hashes) >= 4
+    assert fetched == [] and h.settled("m")
 
 
 def _bpe_with_special_tokens() -> PromptRenderer:
@@ -151,30 +177,33 @@ async def test_offloaded_tokenization_equals_inline_and_fills_the_segment_cache(
         offloaded.close()
 
 
-def test_text_block_hashes_follow_their_definition():
-    """Chained xxh3_64 over full 64-byte blocks of the UTF-8 text, each seeded with the previous hash, from a root over
-    the text domain and the salt; a partial last block is not hashed. (Written out here from the definition, so a
+@pytest.mark.parametrize("bc", [64, TEXT_BLOCK_CHARS])
+def test_text_block_hashes_follow_their_definition(bc):
+    """Chained xxh3_64 over full `bc`-byte blocks of the UTF-8 text, each seeded with the previous hash, from a root
+    over the text domain and the salt; a partial last block is not hashed. (Written out here from the definition, so a
     faster implementation must give the same values. The definition is router-internal: text hashes meet only the
     router's own record of its sends, never an engine's events or another router, so changing it, as version 2 did,
-    changes no routing decision.)"""
-    text = "é" * 40 + "".join(chr(0x4E00 + i) for i in range(30)) + "x" * 57  # multi-byte characters across blocks
+    or its block size, changes no agreement between processes.)"""
+    text = ("é" * 40 + "".join(chr(0x4E00 + i) for i in range(30)) + "x" * 57) * (bc // 64)  # multi-byte characters
     data = text.encode()
     h = xxhash.xxh3_64_intdigest(b"kubellm-text/2|salt")
     expect = []
-    for i in range(len(data) // 64):
-        h = xxhash.xxh3_64_intdigest(data[64 * i : 64 * i + 64], h)
+    for i in range(len(data) // bc):
+        h = xxhash.xxh3_64_intdigest(data[bc * i : bc * i + bc], h)
         expect.append(h)
-    assert len(expect) == 3 and text_block_hashes(text, "salt") == expect
-    assert text_block_hashes(text, "salt") != text_block_hashes(text)  # the salt (cache_salt) keys the chain
-    assert text_block_hashes("x" * 63) == []
+    assert len(expect) == 3 and text_block_hashes(text, "salt", bc) == expect
+    assert text_block_hashes(text, "salt", bc) != text_block_hashes(
+        text, "", bc
+    )  # the salt (cache_salt) keys the chain
+    assert text_block_hashes("x" * (bc - 1), "", bc) == []
 
 
-def _chained(data: bytes, extra: str = "") -> list[int]:
+def _chained(data: bytes, extra: str = "", bc: int = TEXT_BLOCK_CHARS) -> list[int]:
     """The text-block definition written out (as in the test above)."""
     h = xxhash.xxh3_64_intdigest(b"kubellm-text/2|" + extra.encode())
     out = []
-    for i in range(len(data) // 64):
-        h = xxhash.xxh3_64_intdigest(data[64 * i : 64 * i + 64], h)
+    for i in range(len(data) // bc):
+        h = xxhash.xxh3_64_intdigest(data[bc * i : bc * i + bc], h)
         out.append(h)
     return out
 
@@ -184,12 +213,13 @@ def _chained(data: bytes, extra: str = "") -> list[int]:
     turns=st.lists(st.tuples(st.integers(0, 1999), st.integers(0, 260)), min_size=1, max_size=5),
     salt=st.sampled_from(["", "t1", "é"]),
     repeat=st.integers(1, 3),
+    bc=st.sampled_from([64, 100, TEXT_BLOCK_CHARS, 512]),
 )
-def test_text_keys_with_the_history_cache_are_the_defined_hashes(turns, salt, repeat):
+def test_text_keys_with_the_history_cache_are_the_defined_hashes(turns, salt, repeat, bc):
     """The text key of a chat, its history's blocks from TextBlockHasher's chunk cache, equals the definition over the
     messages' compact JSON (non-ASCII and escapes included), whether the chunks were cached or not; the cache holds
     only chunks that lie wholly before the last message, never more than its bound."""
-    hasher = PromptHasher(_no_info)
+    hasher = PromptHasher(_no_info, text_block_chars=bc)
     hasher.text.max_chunks = 6
     roles = ("system", "user")
     messages = [{"role": roles[i % 2], "content": words(s, n) + ' "é\n'} for i, (s, n) in enumerate(turns)]
@@ -198,14 +228,16 @@ def test_text_keys_with_the_history_cache_are_the_defined_hashes(turns, salt, re
     history = len(data) - 1 - len(json.dumps(messages[-1], ensure_ascii=False, separators=(",", ":")).encode())
     for _ in range(repeat):
         key = hasher.text.key("chat", body, salt)
-        assert key.hashes == _chained(data, salt) and not key.exact
-    assert len(hasher.text) == min(6, history // (64 * hasher.text.CHUNK_BLOCKS))
+        assert key.hashes == _chained(data, salt, bc) and not key.exact
+        assert key.block_tokens == bc // 4  # (~4 bytes a token: the policy's minimum match in tokens)
+    assert len(hasher.text) == min(6, history // (bc * hasher.text.chunk_blocks))
 
 
-def test_the_history_cache_serves_a_growing_conversation_and_stays_bounded(monkeypatch):
+@pytest.mark.parametrize("bc", [64, TEXT_BLOCK_CHARS])
+def test_the_history_cache_serves_a_growing_conversation_and_stays_bounded(monkeypatch, bc):
     """Turn after turn a conversation resends its history: its chunks come from the cache (counted: only the blocks
     after the last whole chunk of the history are digested one by one again), and the entries stay within the bound."""
-    hasher = PromptHasher(_no_info).text
+    hasher = PromptHasher(_no_info, text_block_chars=bc).text
     digests = [0]
     plain = xxhash.xxh3_64_intdigest
 
@@ -214,18 +246,18 @@ def test_the_history_cache_serves_a_growing_conversation_and_stays_bounded(monke
         return plain(data, seed)
 
     messages = [{"role": "system", "content": words(0, 400)}]
-    chunk = 64 * hasher.CHUNK_BLOCKS
+    chunk = bc * hasher.chunk_blocks
     for turn in range(6):
         messages.append({"role": "user", "content": words(100 * turn, 120)})
         data = json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode()
         hasher.key("chat", {"messages": messages}, "")  # the new chunks of this turn's history go in
         last = json.dumps(messages[-1], ensure_ascii=False, separators=(",", ":")).encode()
-        cached_blocks = (len(data) - 1 - len(last)) // chunk * hasher.CHUNK_BLOCKS
+        cached_blocks = (len(data) - 1 - len(last)) // chunk * hasher.chunk_blocks
         with monkeypatch.context() as m:
             m.setattr(xxhash, "xxh3_64_intdigest", counting)
             digests[0] = 0
             hashes = hasher.key("chat", {"messages": messages}, "").hashes
-        assert hashes == _chained(data) and cached_blocks >= 8 * turn
+        assert hashes == _chained(data, "", bc) and cached_blocks * bc >= 512 * turn
         assert digests[0] == len(hashes) - cached_blocks  # (the root's digest is cached too)
     assert 0 < len(hasher) <= hasher.max_chunks
     hasher.max_chunks = 3
