@@ -95,6 +95,9 @@ class TextBlockHasher:
         self.max_chunks = max_chunks
         self.block_chars = block_chars
         self.chunk_blocks = max(1, self.CHUNK_CHARS // block_chars)
+        # a history shorter than two chunks is hashed block by block: one chunk's lookup saves a few digests at best,
+        # less than finding where the last message starts costs (a 2 kB chat: 5.2 -> 4.2 us hot)
+        self.min_history = 2 * block_chars * self.chunk_blocks
         self.block_tokens = max(1, block_chars // CHARS_PER_TOKEN)
         self._chunks: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._roots: dict[str, int] = {}  # extra (cache_salt) -> the chain's first seed
@@ -116,7 +119,7 @@ class TextBlockHasher:
         digest = xxhash.xxh3_64_intdigest
         start = 0
         step = bc * self.chunk_blocks
-        if history >= step:
+        if history >= self.min_history:
             chunks = self._chunks
             chunk_key = xxhash.xxh3_128_intdigest
             while start + step <= history:
@@ -147,8 +150,14 @@ class TextBlockHasher:
         if kind == "chat":
             messages = body.get("messages")
             data = dumps_bytes(messages)
-            # where the last message starts: its compact JSON is the same bytes standalone as inside the list
-            history = len(data) - 1 - len(dumps_bytes(messages[-1])) if isinstance(messages, list) and messages else 0
+            history = 0
+            if len(data) >= self.min_history and isinstance(messages, list) and messages:
+                last = messages[-1]
+                content = last.get("content") if isinstance(last, dict) else None
+                # (the history is at most the bytes before the last message's text: skip what cannot reach the bound)
+                if not isinstance(content, str) or len(data) - len(content) >= self.min_history:
+                    # where the last message starts: its compact JSON is the same bytes standalone as inside the list
+                    history = len(data) - 1 - len(dumps_bytes(last))
             return PromptKey(self.hashes(data, extra, history), False, self.block_tokens)
         return PromptKey(self.hashes(prompt_bytes(kind, body), extra), False, self.block_tokens)
 

@@ -230,7 +230,8 @@ def test_text_keys_with_the_history_cache_are_the_defined_hashes(turns, salt, re
         key = hasher.text.key("chat", body, salt)
         assert key.hashes == _chained(data, salt, bc) and not key.exact
         assert key.block_tokens == bc // 4  # (~4 bytes a token: the policy's minimum match in tokens)
-    assert len(hasher.text) == min(6, history // (bc * hasher.text.chunk_blocks))
+    chunks = history // (bc * hasher.text.chunk_blocks) if history >= hasher.text.min_history else 0
+    assert len(hasher.text) == min(6, chunks)
 
 
 @pytest.mark.parametrize("bc", [64, TEXT_BLOCK_CHARS])
@@ -252,7 +253,8 @@ def test_the_history_cache_serves_a_growing_conversation_and_stays_bounded(monke
         data = json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode()
         hasher.key("chat", {"messages": messages}, "")  # the new chunks of this turn's history go in
         last = json.dumps(messages[-1], ensure_ascii=False, separators=(",", ":")).encode()
-        cached_blocks = (len(data) - 1 - len(last)) // chunk * hasher.chunk_blocks
+        history = len(data) - 1 - len(last)
+        cached_blocks = history // chunk * hasher.chunk_blocks if history >= hasher.min_history else 0
         with monkeypatch.context() as m:
             m.setattr(xxhash, "xxh3_64_intdigest", counting)
             digests[0] = 0
@@ -262,7 +264,7 @@ def test_the_history_cache_serves_a_growing_conversation_and_stays_bounded(monke
     assert 0 < len(hasher) <= hasher.max_chunks
     hasher.max_chunks = 3
     for i in range(10):
-        hasher.key("chat", {"messages": [{"role": "system", "content": words(7 * i, 300)}, messages[-1]]}, "")
+        hasher.key("chat", {"messages": [{"role": "system", "content": words(7 * i, 600)}, messages[-1]]}, "")
     assert len(hasher) == 3
 
 
