@@ -82,17 +82,27 @@ class PrefixPolicy(Policy):
             return r, "prefix_hit" if m >= need else "short_match" if m else "no_match", m
         total = 1
         best_anywhere = 0
+        best_row = rows[0]
+        best_count = 0  # replicas holding the best earned match
         held = False  # some replica holds at least one of the prompt's blocks
         for r in rows:
             total += r[1]
             m = r[4]
             if m:
                 held = True
-                if m >= need and m > best_anywhere:
-                    best_anywhere = m
+                if m >= need:
+                    if m > best_anywhere:
+                        best_anywhere, best_row, best_count = m, r, 1
+                    elif m == best_anywhere:
+                        best_count += 1
         # within_bound(): a replica may take one more request while it stays within the cap, or while every request
         # it holds is answering; the least loaded always may
         cap = max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
+        if best_count == 1 and (best_row[1] < cap or best_row[2] >= best_row[1]):
+            # one replica holds the longest earned match and may take the request: the preference below ranks it
+            # first whatever the rotation (the common case of a routed request: its prompt's holder; no second pass)
+            self._turn += 1
+            return best_row, "prefix_hit", best_anywhere
         eligible = [r for r in rows if r[1] < cap or r[2] >= r[1]]
         if not eligible:
             eligible = [min(rows, key=_row_in_flight)]
