@@ -18,16 +18,11 @@
 #                    written once to --dir, default /tmp/llama8b; add --peer vllm once vLLM is in $VSITE)
 #
 # The peer side by side (vLLM 0.26.0 on the same machine; each transfer carries at most 64 MiB, and the machine stays
-# warm for 30 s between calls, so the calls follow each other at once). Here: shared/gpu/wheels.sh .gpu/whl,
-# bench/gpu_wheels.sh .gpu/whl (our own dependencies the GPU image lacks: pydantic, gguf, orjson, llguidance) and
-# shared/gpu/vllm-carry.sh .gpu/vllm. Then one device call per piece, each moving what it carried out of the tree:
-#   1-2. carry .gpu/vllm/pieces/vllm-site.tar.gz.part-00 (then -01):  mkdir -p /tmp/pieces; mv .gpu/vllm/pieces/* /tmp/pieces/
-#   3.   carry vllm-site.tar.gz.part-02 and .gpu/whl's cudnn-frontend and tvm-ffi wheels (move the wheels to /tmp/whl)
-#   4.   carry vllm-deps.tar.part-00
-#   5.   carry vllm-deps.tar.part-01, SHA256SUMS, vllm-install.sh and the flashinfer wheel; then
-#        bash /tmp/pieces/vllm-install.sh /tmp/pieces /tmp/whl
-#   6.   WHEELS=/tmp/whl bench/gpu_run.sh peer --shape llama-3.1-8b --scale 0.5 --json-out /tmp/peer.json
-#   7.   WHEELS=/tmp/whl bench/gpu_run.sh bench --shape llama-3.1-8b --scale 0.5 --peer-json /tmp/peer.json
+# warm for 30 s between calls, so the calls follow each other at once). Here, in a fresh checkout: `bash
+# bench/gpu_prepare.sh` (.gpu/whl, the tokenizer, vLLM's five transfer folders .gpu/v0 .. .gpu/v4). Then:
+#   1-5. one call per folder, carrying only it: `bash bench/gpu_transfer.sh` (the fifth installs vLLM into /tmp/vsite)
+#   6.   WHEELS=.gpu/whl bench/gpu_run.sh peer --shape llama-3.1-8b --scale 0.5 --json-out /tmp/peer.json
+#   7.   WHEELS=.gpu/whl bench/gpu_run.sh bench --shape llama-3.1-8b --scale 0.5 --peer-json /tmp/peer.json
 # (or 6+7 as one: bench --peer vllm ..., when one command's 10 minutes hold both engines' start-up and workloads).
 # --profile (bench mode) profiles one prefill step and decode steps at batch 1 and 256 of ours, and with --peer vllm
 # passes itself on to bench.peer_vllm, which profiles vLLM's the same way: the report prints them side by side
