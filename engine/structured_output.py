@@ -274,7 +274,9 @@ class _LLGuidanceGrammar:
             self._pending -= 1
             if not ok:
                 self.build_errors += 1
-            elif len(self._lineages) < min(self.max_lineages, max(1, self.demand)):
+            elif self.keep_idle_s is None or len(self._lineages) < min(self.max_lineages, max(1, self.demand)):
+                # (no keep, KUBELLM_GRAMMAR_LINEAGE_IDLE_S=0: kept as before lineages were freed; new_matcher never
+                # queues past max_lineages)
                 self._lineages.append(_Lineage(root, self._built, self._clock()))
                 self._built += 1
             else:  # the sequences that wanted it are gone

@@ -334,6 +334,19 @@ def test_idle_lineages_are_freed_after_their_keep_down_to_twice_the_live_sequenc
     assert kept.trim() == 0 and len(kept.lineages) == 4, "no keep: kept while cached"
 
 
+def test_with_no_keep_a_build_that_finishes_late_is_kept_as_before():
+    """KUBELLM_GRAMMAR_LINEAGE_IDLE_S=0 is the kill switch of lineage freeing ("kept for as long as the grammar is
+    cached, as before"): a lineage build that finishes after the sequences that wanted it ended is kept too, as it
+    was before lineages were freed, so a burst that comes back finds it."""
+    grammar, queued = _fake_grammar(8, None, lambda: 0.0)
+    wanted = [grammar.new_matcher() for _ in range(4)]
+    assert len(queued) == 3
+    del wanted  # they end before their lineages are built
+    _run_builds(queued)
+    assert len(grammar.lineages) == 4 and grammar.lineages_freed == 0
+    assert sorted(lin.index for lin in grammar.lineages) == [0, 1, 2, 3]
+
+
 def test_the_manager_frees_the_idle_lineages_of_a_grammar_no_request_uses(smollm2):
     """A grammar whose requests all ended has no release left to trim it: any later compile (of any constraint)
     sweeps the cache's grammars and frees lineages idle past KUBELLM_GRAMMAR_LINEAGE_IDLE_S."""
