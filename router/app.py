@@ -35,6 +35,7 @@ from kubellm.router.http_server import Exchange, HTTPServer, Request
 from kubellm.router.kv_events_client import KVEventSubscriber
 from kubellm.router.metrics import RouterMetrics, read_retired, render_merged, write_final
 from kubellm.router.policies import RouteRequest, make_policy
+from kubellm.router.policies.prefix import PrefixPolicy
 from kubellm.router.prefix_index import PrefixIndex
 from kubellm.router.proxy import Target, UpstreamFailure, forward
 from kubellm.router.queue import WaitQueue
@@ -131,6 +132,8 @@ class Router:
             config.prefix_min_match_ratio,
             config.prefix_min_match_tokens,
         )
+        # the prefix policy's pick without rows when one replica holds the longest earned match (_try_pick)
+        self._sole_holder = self.policy if isinstance(self.policy, PrefixPolicy) else None
         self.index = PrefixIndex(config.approx_index_size, use_events=config.kv_events)
         self.hasher = PromptHasher(
             self._fetch_tokenizer_info, text_block_chars=config.text_block_chars, tokenizer=config.tokenizer
@@ -521,6 +524,20 @@ class Router:
             return None
         index = self.index
         matches = index.match_all([b.slot for b in backends], hashes)
+        sole = self._sole_holder
+        if sole is not None and hashes and (i := sole.sole_holder(route, matches)) >= 0:
+            # one replica holds the longest earned match: when it may take the request, that is the pick, told without
+            # a row per replica or the footprints (the benchmark's and a chat's usual case; engine load lines change
+            # the loads the bound sees, so their replicas go the general way)
+            total = 1
+            for x in backends:
+                if x.engine_load is not None:
+                    break
+                total += x.in_flight
+            else:
+                b = backends[i]
+                if sole.takes_sole_holder(len(backends), total, b.in_flight, b.answering):
+                    return b, "prefix_hit", matches[i]
         footprints = index.footprints()
         rows = []
         for b, matched in zip(backends, matches, strict=True):

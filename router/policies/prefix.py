@@ -61,6 +61,32 @@ class PrefixPolicy(Policy):
             self._need[key] = need
         return need
 
+    def sole_holder(self, request: RouteRequest, matches: Sequence[int]) -> int:
+        """The index of the one replica (of two or more) holding the longest earned match, else -1: choose_row's
+        one-pass case told from the matches alone (max, count and index run in C), before any row is built."""
+        if len(matches) < 2:
+            return -1
+        best = max(matches)
+        if not best:
+            return -1
+        need = self._need.get((request.num_blocks, request.block_tokens))
+        if need is None:
+            need = self.min_match_blocks(request)
+        if best < need or matches.count(best) != 1:
+            return -1
+        return matches.index(best)
+
+    def takes_sole_holder(self, n: int, total: int, in_flight: int, answering: int) -> bool:
+        """Whether choose_row would pick the sole holder (see sole_holder) straight away: it may take the request
+        under the load bound, given the replicas' count `n` and their in-flight sum plus one, `total`. When it says
+        so, the pick is made (the tie rotation advances as choose_row's does): the caller routes to the holder with
+        reason prefix_hit and its match, without rows (tests pin the two paths to the same answers)."""
+        cap = max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
+        if in_flight < cap or answering >= in_flight:
+            self._turn += 1
+            return True
+        return False
+
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
         rows = [(c.key, c.in_flight, c.answering, c.waiting, c.matched_blocks, c.footprint, None) for c in candidates]
         row, reason, matched = self.choose_row(request, rows)

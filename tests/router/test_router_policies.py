@@ -334,3 +334,54 @@ def test_choose_row_returns_the_row_choose_picks_with_its_payload():
             d = by_choose.choose(req, [Candidate(*s) for s in state])
             row, reason, matched = by_row.choose_row(req, [(*s, f"payload of {s[0]}") for s in state])
             assert (row[0], row[6], reason, matched) == (d.key, f"payload of {d.key}", d.reason, d.matched_blocks)
+
+
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 4), st.integers(0, 12), st.integers(0, 50)),
+        min_size=1,
+        max_size=10,
+    ),
+    blocks=st.integers(0, 14),
+    c=st.sampled_from([1.0, 1.25, 2.0]),
+    floor=st.sampled_from([0, 4]),
+    ratio=st.sampled_from([0.0, 0.3, 0.9]),
+    turns=st.integers(0, 30),
+)
+def test_sole_holder_shortcut_picks_what_choose_row_picks(rows, blocks, c, floor, ratio, turns):
+    """The router's pick without rows (sole_holder, then takes_sole_holder) answers only where choose_row would pick
+    that same replica for prefix_hit with its match, and leaves the tie rotation where choose_row leaves it; where it
+    declines, nothing changed (the router then builds the rows)."""
+    state = [(f"r{i}", inf, min(ans, inf), w, m, f, i) for i, (inf, ans, w, m, f) in enumerate(rows)]
+    req = RouteRequest("m", num_blocks=blocks, block_tokens=16)
+    full, short = PrefixPolicy(c, floor, ratio, 0), PrefixPolicy(c, floor, ratio, 0)
+    full._turn = short._turn = turns
+    row, reason, matched = full.choose_row(req, state)
+    matches = [r[4] for r in state]
+    i = short.sole_holder(req, matches)
+    if i >= 0:
+        best = max(matches)  # the one replica holding the longest match, which is earned
+        assert matches.count(best) == 1 and matches[i] == best and len(state) > 1
+        total = 1 + sum(r[1] for r in state)
+        if short.takes_sole_holder(len(state), total, state[i][1], state[i][2]):
+            assert (row, reason, matched) == (state[i], "prefix_hit", matches[i])
+            assert short._turn == full._turn
+            return
+    assert short._turn == turns
+
+
+def test_sole_holder_declines_ties_short_matches_and_a_lone_replica():
+    req = RouteRequest("m", num_blocks=10, block_tokens=16)
+    p = PrefixPolicy(1.25, 0, 0.3, 0)  # need: 3 of 10 blocks
+    assert p.sole_holder(req, [0, 7, 3, 2]) == 1
+    assert p.sole_holder(req, [0, 7, 7, 2]) == -1  # a tie: the rotation decides
+    assert p.sole_holder(req, [0, 2, 1, 0]) == -1  # the longest match is too short to earn affinity
+    assert p.sole_holder(req, [0, 0, 0]) == -1
+    assert p.sole_holder(req, [9]) == -1  # one replica: choose_row's own path (it does not rotate)
+    assert p._turn == 0
+    # cap ceil(1.25 * 17 / 4) = 6: the holder may take one more while it holds fewer than 6 (within_bound's rule)
+    assert not p.takes_sole_holder(4, 1 + 16, 6, 5)
+    assert not p.takes_sole_holder(4, 1 + 16, 8, 0)
+    assert p._turn == 0
+    assert p.takes_sole_holder(4, 1 + 16, 5, 0) and p._turn == 1
+    assert p.takes_sole_holder(4, 1 + 16, 8, 8) and p._turn == 2  # every request it holds is answering
