@@ -223,6 +223,7 @@ class PrefixIndex:
         precise = self.precise if self.use_events else None
         guesses: list[int] = []  # the distinct lengths found so far, in the order found (the first is most common)
         head = hashes[0]
+        n = len(hashes)
         for slot in slots:
             if precise is not None and (idx := precise.get(slot)) is not None and idx.live:
                 out.append(self.match(slot, hashes))
@@ -233,6 +234,11 @@ class PrefixIndex:
             if head ^ salt not in lru:  # (leading_held's first probe, inline: most replicas hold none of a prompt)
                 out.append(0)
                 continue
+            if guesses:  # the first guess, inline (_held_after_head's first step): replicas share a head's length
+                g = guesses[0]
+                if (g == 1 or hashes[g - 1] ^ salt in lru) and (g == n or hashes[g] ^ salt not in lru):
+                    out.append(g)
+                    continue
             m = _held_after_head(lru, salt, hashes, guesses)
             if m not in guesses and len(guesses) < 4:
                 guesses.append(m)
