@@ -451,7 +451,7 @@ def run_batch(
     if prefetch is not None:
         engine.grammar_prefetch = prefetch
     if batch_accept is not None:
-        engine.grammar_batch_accept = engine._prefetcher.batched_accept = batch_accept
+        engine.grammar_batch_accept = batch_accept
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -464,7 +464,7 @@ def run_batch(
     wall = time.perf_counter() - start
     used, engine.grammar_prefetch = engine.grammar_prefetch, configured
     used_batch = engine.grammar_batch_accept
-    engine.grammar_batch_accept = engine._prefetcher.batched_accept = configured_batch
+    engine.grammar_batch_accept = configured_batch
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     row: dict[str, Any] = {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall}
     if constrained:  # the schema held: every answer is a prefix of valid JSON of the schema's shape

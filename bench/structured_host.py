@@ -406,7 +406,7 @@ def critical_path_probe(
         modes.append({
             "label": label, "interval": interval_ms, "grammar": True, "prefetch": prefetch, "batched": batched,
             "matchers": matchers, "rows": [GrammarRow(j, m, lambda: False, (EOS_ID,)) for j, m in enumerate(matchers)],
-            "prefetcher": MaskPrefetcher(manager, None, batched_accept=batched),
+            "prefetcher": MaskPrefetcher(manager, None),
             "pool": ThreadPoolExecutor(1, thread_name_prefix="probe-fill"),
             "rng": np.random.default_rng(batch), "walls": [], "works": [], "waits": [],
         })  # fmt: skip
@@ -436,7 +436,7 @@ def critical_path_probe(
                     mode["words"] = future.result()
                     t2 = time.perf_counter()
                 elif mode["prefetch"]:
-                    future = mode["prefetcher"].submit(mode["rows"], lambda t=tokens: t)
+                    future = mode["prefetcher"].submit(mode["rows"], lambda t=tokens: t, mode["batched"])
                     _python_work(units)
                     t1 = time.perf_counter()
                     result = mode["prefetcher"].take(future)

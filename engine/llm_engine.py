@@ -172,10 +172,11 @@ class LLMEngine:
         # and fills the next step's masks while this thread schedules and queues the next forward (off: this thread
         # does both before sampling). Read at each step: a benchmark may flip it between runs.
         self.grammar_prefetch = config.grammar_prefetch
-        # KUBELLM_GRAMMAR_BATCH_ACCEPT: a step's grammars advance in one llguidance call that releases the GIL.
+        # KUBELLM_GRAMMAR_BATCH_ACCEPT: a step's grammars advance in one llguidance call that releases the GIL (on the
+        # prefetcher's thread or this one). Read at each step, as grammar_prefetch is.
         self.grammar_batch_accept = config.grammar_batch_accept
         self._prefetcher = MaskPrefetcher(  # its thread starts on first use
-            self.structured_outputs, config.grammar_switch_interval_ms / 1e3 or None, config.grammar_batch_accept
+            self.structured_outputs, config.grammar_switch_interval_ms / 1e3 or None
         )
         self._prefetched: PrefetchedMasks | None = None  # the last step read back's, for the sampling after it
         self._mask_buffers = (  # KUBELLM_GRAMMAR_PINNED_MASKS: masks filled straight into pinned memory (CUDA)
@@ -469,7 +470,7 @@ class LLMEngine:
                 rows.append(GrammarRow(req.request_id, grammar, _finished_check(req), req.eos_token_ids))
         if not any(rows):
             return None
-        return self._prefetcher.submit(rows, lambda: sampled.result().token_ids)
+        return self._prefetcher.submit(rows, lambda: sampled.result().token_ids, self.grammar_batch_accept)
 
     def _token_fill(self, sched: SchedulerOutput) -> TokenFill | None:
         """Where the batch's PLACEHOLDER tokens come from: the in-flight step's sampled ids on the device."""

@@ -709,24 +709,23 @@ class MaskPrefetcher:
     when its thread starts and put back on close. The worker's Python parts (the accepts, taking the GIL back after
     llguidance's fill) wait for the engine thread to drop the GIL, up to one interval (5 ms by default) each time."""
 
-    def __init__(
-        self, manager: StructuredOutputManager, switch_interval: float | None = None, batched_accept: bool = False
-    ):
-        """`batched_accept` (KUBELLM_GRAMMAR_BATCH_ACCEPT): the worker advances a step's grammars in one call that
-        releases the GIL, so its only Python per step is short bookkeeping between llguidance's calls."""
+    def __init__(self, manager: StructuredOutputManager, switch_interval: float | None = None):
         self.manager = manager
         self.switch_interval = switch_interval
-        self.batched_accept = batched_accept
         self._pool: ThreadPoolExecutor | None = None
         self._saved_interval: float | None = None
 
-    def submit(self, rows: Sequence[GrammarRow | None], tokens: Callable[[], Sequence[int]]) -> Future[PrefetchedMasks]:
+    def submit(
+        self, rows: Sequence[GrammarRow | None], tokens: Callable[[], Sequence[int]], batched: bool = False
+    ) -> Future[PrefetchedMasks]:
+        """Start `advance_and_fill` on the worker. `batched` (KUBELLM_GRAMMAR_BATCH_ACCEPT): the step's grammars
+        advance in one call that releases the GIL, so the worker's only Python is short bookkeeping between calls."""
         if self._pool is None:
             if self.switch_interval is not None and self.switch_interval > 0:
                 self._saved_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.switch_interval)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kubellm-grammar")
-        return self._pool.submit(advance_and_fill, self.manager, rows, tokens, self.batched_accept)
+        return self._pool.submit(advance_and_fill, self.manager, rows, tokens, batched)
 
     def take(self, future: Future[PrefetchedMasks]) -> PrefetchedMasks:
         """The worker's result (its exception, if it raised), counting the time the caller waited for it."""

@@ -192,9 +192,9 @@ def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_positio
     seven_brace = tokenizer.encode("7}").ids
     tokens = [brace, 5, brace, EOS, seven_brace[0], tokenizer.encode("x").ids[0]]
     accepts_before = manager.fill_stats.batched_accepts
-    prefetcher = MaskPrefetcher(manager, batched_accept=batched)
+    prefetcher = MaskPrefetcher(manager)
     try:
-        result = prefetcher.take(prefetcher.submit(rows, lambda: tokens))
+        result = prefetcher.take(prefetcher.submit(rows, lambda: tokens, batched))
     finally:
         prefetcher.close()
     assert set(result.outcomes) == {"live", "done", "refused"}, "dropped rows and EOS never reach a grammar"
