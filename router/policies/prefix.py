@@ -61,6 +61,10 @@ class PrefixPolicy(Policy):
             self._need[key] = need
         return need
 
+    def _cap(self, total: int, n: int) -> int:
+        """The load bound: in-flight requests a replica may hold (with `total` the replicas' in-flight sum plus one)."""
+        return max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
+
     def sole_holder(self, request: RouteRequest, matches: Sequence[int]) -> int:
         """The index of the one replica (of two or more) holding the longest earned match, else -1: choose_row's
         one-pass case told from the matches alone (max, count and index run in C), before any row is built."""
@@ -81,7 +85,7 @@ class PrefixPolicy(Policy):
         under the load bound, given the replicas' count `n` and their in-flight sum plus one, `total`. When it says
         so, the pick is made (the tie rotation advances as choose_row's does): the caller routes to the holder with
         reason prefix_hit and its match, without rows (tests pin the two paths to the same answers)."""
-        cap = max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
+        cap = self._cap(total, n)
         if in_flight < cap or answering >= in_flight:
             self._turn += 1
             return True
@@ -123,7 +127,7 @@ class PrefixPolicy(Policy):
                         best_count += 1
         # within_bound(): a replica may take one more request while it stays within the cap, or while every request
         # it holds is answering; the least loaded always may
-        cap = max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
+        cap = self._cap(total, n)
         if best_count == 1 and (best_row[1] < cap or best_row[2] >= best_row[1]):
             # one replica holds the longest earned match and may take the request: the preference below ranks it
             # first whatever the rotation (the common case of a routed request: its prompt's holder; no second pass)
