@@ -32,7 +32,7 @@ STAGES = [
     ("kubellm.router.tokenization", "TextBlockHasher", "hashes", "  text-block hashes (history from the cache)"),
     ("kubellm.router.backends", "BackendRegistry", "routable", "routable replicas"),
     ("kubellm.router.prefix_index", "PrefixIndex", "match_all", "index match, every replica"),
-    ("kubellm.router.policies.prefix", "PrefixPolicy", "choose_row", "policy choice"),
+    ("kubellm.router.policies.prefix", "PrefixPolicy", "choose_index", "policy choice"),
     ("kubellm.router.prefix_index", "PrefixIndex", "on_send", "record the send (LRU)"),
 ]
 
@@ -115,20 +115,22 @@ def main() -> int:
     Path(out).unlink()
     n = max(1, acc[STAGES[0][3]][1])  # requests hooked (warm-up included): one body parse each
     rows = {label: acc[label][0] / 1e3 / n for *_, label in STAGES if label in acc}
+    calls = {label: acc[label][1] / n for *_, label in STAGES if label in acc}  # (choose_row: not every request)
     lines = [
         f"{args.engines} instant engines, {args.seconds:g}s closed loop after 1s warm-up: {rps:.0f} req/s, router CPU "
         f"{cpu_us:.1f} µs/request (hooks included)",
         "",
-        "| stage | µs/request (thread CPU) | share of the router's CPU/request |",
-        "|---|---|---|",
-        *(f"| {label} | {us:.1f} | {us / cpu_us:.2f} |" for label, us in rows.items()),
+        "| stage | µs/request (thread CPU) | share of the router's CPU/request | calls/request |",
+        "|---|---|---|---|",
+        *(f"| {label} | {us:.1f} | {us / cpu_us:.2f} | {calls[label]:.2f} |" for label, us in rows.items()),
     ]
     print("\n".join(lines))
     date = time.strftime("%Y-%m-%d", time.gmtime())
     base = rb.RESULTS / f"router-stages-{date}{args.out_suffix}"
     meta = {"hardware": rb.hardware(), "commit": rb.git_commit(), "command": " ".join(sys.argv),
             "engines": args.engines, "seconds": args.seconds, "rps": rps, "router_cpu_us_per_req": cpu_us,
-            "stages_us_per_req": rows}  # fmt: skip
+            "stages_us_per_req": rows,
+            "stage_calls_per_req": calls}  # fmt: skip
     base.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     md = [f"# Router stages, {date}", "", f"Hardware: {meta['hardware']}", "",
           f"Command: `{meta['command']}` at commit {meta['commit']}", "",

@@ -132,8 +132,9 @@ class Router:
             config.prefix_min_match_ratio,
             config.prefix_min_match_tokens,
         )
-        # the prefix policy's pick without rows when one replica holds the longest earned match (_try_pick)
-        self._sole_holder = self.policy if isinstance(self.policy, PrefixPolicy) else None
+        # the prefix policy's pick without rows (_try_pick), while no replica sends engine load lines (_load_lines)
+        self._prefix = self.policy if isinstance(self.policy, PrefixPolicy) else None
+        self._load_lines: set[int] = set()  # slots of backends whose engine_load is set
         self.index = PrefixIndex(config.approx_index_size, use_events=config.kv_events)
         self.hasher = PromptHasher(
             self._fetch_tokenizer_info, text_block_chars=config.text_block_chars, tokenizer=config.tokenizer
@@ -263,9 +264,14 @@ class Router:
         if sub is not None:
             asyncio.get_running_loop().create_task(sub.stop())
         self.index.drop_replica(b.slot)
+        self._load_lines.discard(b.slot)
 
     def _on_load(self, b: Backend, ev: LoadEvent | None) -> None:
         b.engine_load = EngineLoad.of(ev, b.in_flight) if ev is not None else None
+        if ev is not None:
+            self._load_lines.add(b.slot)
+        else:
+            self._load_lines.discard(b.slot)
 
     def _on_snapshot(self, b: Backend, ev: SnapshotEvent) -> None:
         for m in b.models() or self.registry.configured_models:
@@ -515,29 +521,24 @@ class Router:
         return target
 
     def _try_pick(self, route: RouteRequest, hashes: list[int], tried: list[int]) -> tuple[Backend, str, int] | None:
-        """One pass over the routable replicas: the backend chosen, why, and how many leading blocks it holds; None
-        while none can take the request (the caller waits in the bounded queue, first attempt only). This runs for
-        every replica of every request: no per-replica calls beyond the Candidate itself, and the load combined only
-        where an engine sent a load line. Metrics are the caller's, after the request is sent."""
+        """The backend chosen among the routable replicas, why, and how many leading blocks it holds; None while none
+        can take the request (the caller waits in the bounded queue, first attempt only). This runs for every replica
+        of every request: the prefix policy reads the backends in place (choose_index); rows, with the load combined
+        where an engine sent a load line, only for the other policies or such engines. Metrics are the caller's,
+        after the request is sent."""
         backends, _ = self.registry.routable(route.model, exclude=tried)
         if not backends:
             return None
         index = self.index
-        matches = index.match_all([b.slot for b in backends], hashes)
-        sole = self._sole_holder
-        if sole is not None and hashes and (i := sole.sole_holder(route, matches)) >= 0:
-            # one replica holds the longest earned match: when it may take the request, that is the pick, told without
-            # a row per replica or the footprints (the benchmark's and a chat's usual case; engine load lines change
-            # the loads the bound sees, so their replicas go the general way)
-            total = 1
-            for x in backends:
-                if x.engine_load is not None:
-                    break
-                total += x.in_flight
-            else:
-                b = backends[i]
-                if sole.takes_sole_holder(len(backends), total, b.in_flight, b.answering):
-                    return b, "prefix_hit", matches[i]
+        slots = [b.slot for b in backends]
+        matches = index.match_all(slots, hashes)
+        fast = self._prefix
+        if fast is not None and not self._load_lines:
+            # the prefix rule over the backends as they are: no row per replica, footprints read only where the rule
+            # does (no earned match); replicas with an engine load line take the general path below
+            fps = index.footprints()
+            i, reason = fast.choose_index(route, backends, matches, lambda j: fps.get(slots[j], 0))
+            return backends[i], reason, matches[i]
         footprints = index.footprints()
         rows = []
         for b, matched in zip(backends, matches, strict=True):

@@ -20,7 +20,8 @@ tenants will ask for again (sglang-router's cache_aware does the same with its s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from kubellm.router.policies.base import Candidate, Decision, Policy, RouteRequest, Row
 from kubellm.routing import (
@@ -29,6 +30,14 @@ from kubellm.routing import (
     DEFAULT_PREFIX_MIN_MATCH_TOKENS,
     RoutingPolicy,
 )
+
+
+class Loaded(Protocol):
+    """What choose_index reads of a replica (a router Backend, a Candidate)."""
+
+    in_flight: int
+    answering: int
+    waiting: int
 
 
 class PrefixPolicy(Policy):
@@ -65,31 +74,83 @@ class PrefixPolicy(Policy):
         """The load bound: in-flight requests a replica may hold (with `total` the replicas' in-flight sum plus one)."""
         return max(1, self.load_floor, math.ceil(self.balance_factor * total / n))
 
-    def sole_holder(self, request: RouteRequest, matches: Sequence[int]) -> int:
-        """The index of the one replica (of two or more) holding the longest earned match, else -1: choose_row's
-        one-pass case told from the matches alone (max, count and index run in C), before any row is built."""
-        if len(matches) < 2:
-            return -1
-        best = max(matches)
-        if not best:
-            return -1
+    def choose_index(
+        self,
+        request: RouteRequest,
+        loads: Sequence[Loaded],
+        matches: Sequence[int],
+        footprint: Callable[[int], int],
+    ) -> tuple[int, str]:
+        """choose_row's pick, as an index into `loads`/`matches`, without a row per replica: the router's hot path
+        (every replica of every request) hands over its backends as they are (their in_flight, answering and waiting
+        are read in place), the matches as `match_all` gave them, and footprints as a lookup by index, called only
+        where the rule reads one (no replica holds an earned match). For replicas without an engine load line (the
+        router takes the general row path otherwise); tests pin it to choose_row's pick, reason and tie rotation."""
+        n = len(matches)
         need = self._need.get((request.num_blocks, request.block_tokens))
         if need is None:
             need = self.min_match_blocks(request)
-        if best < need or matches.count(best) != 1:
-            return -1
-        return matches.index(best)
-
-    def takes_sole_holder(self, n: int, total: int, in_flight: int, answering: int) -> bool:
-        """Whether choose_row would pick the sole holder (see sole_holder) straight away: it may take the request
-        under the load bound, given the replicas' count `n` and their in-flight sum plus one, `total`. When it says
-        so, the pick is made (the tie rotation advances as choose_row's does): the caller routes to the holder with
-        reason prefix_hit and its match, without rows (tests pin the two paths to the same answers)."""
+        best = max(matches)
+        if n == 1:
+            return 0, "prefix_hit" if best >= need else "short_match" if best else "no_match"
+        total = 1
+        for x in loads:
+            total += x.in_flight
         cap = self._cap(total, n)
-        if in_flight < cap or answering >= in_flight:
-            self._turn += 1
-            return True
-        return False
+        best_earned = best if best >= need else 0
+        if best_earned and matches.count(best) == 1:
+            # one replica holds the longest earned match: when it may take the request it is the pick whatever the
+            # rotation (the usual case of a routed request while loads are even)
+            i = matches.index(best)
+            x = loads[i]
+            if x.in_flight < cap or x.answering >= x.in_flight:
+                self._turn += 1
+                return i, "prefix_hit"
+        # within the load bound (the least loaded, first of them, when none is)
+        eligible = [i for i, x in enumerate(loads) if x.in_flight < cap or x.answering >= x.in_flight]
+        if not eligible:
+            low = min(x.in_flight for x in loads)
+            eligible = [next(i for i, x in enumerate(loads) if x.in_flight == low)]
+        self._turn += 1
+        k = len(eligible)
+        start = self._turn % k
+        # the preference (-earned, footprint if nothing earned, load), first in the rotated order on ties
+        p = eligible[start]
+        m = matches[p]
+        pick_m = m if m >= need else 0
+        pick_fp = -1  # (read only where compared: no earned match on either side)
+        x = loads[p]
+        pick_load = x.in_flight + x.waiting
+        for j in range(start + 1, start + k):
+            i = eligible[j - k if j >= k else j]
+            m = matches[i]
+            earned = m if m >= need else 0
+            if earned < pick_m:
+                continue
+            x = loads[i]
+            load = x.in_flight + x.waiting
+            if earned == pick_m:
+                if not earned:
+                    if pick_fp < 0:
+                        pick_fp = footprint(p)
+                    fp = footprint(i)
+                    if fp > pick_fp or (fp == pick_fp and load >= pick_load):
+                        continue
+                    p, pick_fp, pick_load = i, fp, load
+                    continue
+                if load >= pick_load:
+                    continue
+            p, pick_m, pick_load = i, earned, load
+            pick_fp = -1
+        if pick_m < best_earned:
+            reason = "load_spill"
+        elif pick_m:
+            reason = "prefix_hit"
+        elif best:
+            reason = "short_match"  # some replica holds the prompt's head, too little of it to be worth following
+        else:
+            reason = "no_match"
+        return p, reason
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Decision:
         rows = [(c.key, c.in_flight, c.answering, c.waiting, c.matched_blocks, c.footprint, None) for c in candidates]

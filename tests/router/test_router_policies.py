@@ -346,42 +346,43 @@ def test_choose_row_returns_the_row_choose_picks_with_its_payload():
     c=st.sampled_from([1.0, 1.25, 2.0]),
     floor=st.sampled_from([0, 4]),
     ratio=st.sampled_from([0.0, 0.3, 0.9]),
+    tokens=st.sampled_from([0, 64]),
     turns=st.integers(0, 30),
 )
-def test_sole_holder_shortcut_picks_what_choose_row_picks(rows, blocks, c, floor, ratio, turns):
-    """The router's pick without rows (sole_holder, then takes_sole_holder) answers only where choose_row would pick
-    that same replica for prefix_hit with its match, and leaves the tie rotation where choose_row leaves it; where it
-    declines, nothing changed (the router then builds the rows)."""
+def test_choose_index_picks_what_choose_row_picks(rows, blocks, c, floor, ratio, tokens, turns):
+    """The router's pick without rows (choose_index over its backends, the matches and a footprint lookup) picks the
+    replica choose_row picks, with its reason and match, and leaves the tie rotation where choose_row leaves it; it
+    reads a footprint only where no replica it compares holds an earned match (as the rule does)."""
     state = [(f"r{i}", inf, min(ans, inf), w, m, f, i) for i, (inf, ans, w, m, f) in enumerate(rows)]
     req = RouteRequest("m", num_blocks=blocks, block_tokens=16)
-    full, short = PrefixPolicy(c, floor, ratio, 0), PrefixPolicy(c, floor, ratio, 0)
-    full._turn = short._turn = turns
+    full, fast = PrefixPolicy(c, floor, ratio, tokens), PrefixPolicy(c, floor, ratio, tokens)
+    full._turn = fast._turn = turns
     row, reason, matched = full.choose_row(req, state)
+    loads = [Candidate(r[0], r[1], r[2], r[3]) for r in state]  # (no match or footprint on them: passed apart)
     matches = [r[4] for r in state]
-    i = short.sole_holder(req, matches)
-    if i >= 0:
-        best = max(matches)  # the one replica holding the longest match, which is earned
-        assert matches.count(best) == 1 and matches[i] == best and len(state) > 1
-        total = 1 + sum(r[1] for r in state)
-        if short.takes_sole_holder(len(state), total, state[i][1], state[i][2]):
-            assert (row, reason, matched) == (state[i], "prefix_hit", matches[i])
-            assert short._turn == full._turn
-            return
-    assert short._turn == turns
+    read: list[int] = []
+
+    def footprint(i: int) -> int:
+        read.append(i)
+        return state[i][5]
+
+    i, why = fast.choose_index(req, loads, matches, footprint)
+    assert (state[i], why, matches[i]) == (row, reason, matched)
+    assert fast._turn == full._turn
+    need = fast.min_match_blocks(req)
+    assert all(matches[j] < need for j in read)  # footprints only decide among replicas with no earned match
 
 
-def test_sole_holder_declines_ties_short_matches_and_a_lone_replica():
-    req = RouteRequest("m", num_blocks=10, block_tokens=16)
-    p = PrefixPolicy(1.25, 0, 0.3, 0)  # need: 3 of 10 blocks
-    assert p.sole_holder(req, [0, 7, 3, 2]) == 1
-    assert p.sole_holder(req, [0, 7, 7, 2]) == -1  # a tie: the rotation decides
-    assert p.sole_holder(req, [0, 2, 1, 0]) == -1  # the longest match is too short to earn affinity
-    assert p.sole_holder(req, [0, 0, 0]) == -1
-    assert p.sole_holder(req, [9]) == -1  # one replica: choose_row's own path (it does not rotate)
-    assert p._turn == 0
-    # cap ceil(1.25 * 17 / 4) = 6: the holder may take one more while it holds fewer than 6 (within_bound's rule)
-    assert not p.takes_sole_holder(4, 1 + 16, 6, 5)
-    assert not p.takes_sole_holder(4, 1 + 16, 8, 0)
-    assert p._turn == 0
-    assert p.takes_sole_holder(4, 1 + 16, 5, 0) and p._turn == 1
-    assert p.takes_sole_holder(4, 1 + 16, 8, 8) and p._turn == 2  # every request it holds is answering
+def test_choose_index_cases():
+    """The sole holder within the bound, a tie rotated, the holder over the bound spilled, and a lone replica."""
+    p = PrefixPolicy(1.25, 0, 0.5, 0)
+    req = RouteRequest("m", num_blocks=8, block_tokens=16)
+    idle = [Candidate(f"r{i}") for i in range(4)]
+    assert p.choose_index(req, idle, [0, 7, 3, 2], lambda i: 0) == (1, "prefix_hit") and p._turn == 1
+    assert p.choose_index(req, idle, [0, 7, 7, 2], lambda i: 0) == (2, "prefix_hit")  # a tie: the rotation decides
+    assert p.choose_index(req, idle, [0, 7, 7, 2], lambda i: 0) == (1, "prefix_hit")
+    assert p.choose_index(req, idle, [0, 2, 1, 0], lambda i: [5, 1, 0, 9][i]) == (2, "short_match")  # too short
+    busy = [Candidate("r0", 0), Candidate("r1", 8), Candidate("r2", 0), Candidate("r3", 0)]
+    assert p.choose_index(req, busy, [0, 7, 5, 0], lambda i: 0) == (2, "load_spill")
+    turn = p._turn
+    assert p.choose_index(req, [Candidate("r0", 50)], [9], lambda i: 0) == (0, "prefix_hit") and p._turn == turn
