@@ -94,18 +94,39 @@ class PrefixPolicy(Policy):
         if n == 1:
             return 0, "prefix_hit" if best >= need else "short_match" if best else "no_match"
         total = 1
+        most = 0  # the largest in-flight count
         for x in loads:
-            total += x.in_flight
+            f = x.in_flight
+            total += f
+            if f > most:
+                most = f
         cap = self._cap(total, n)
         best_earned = best if best >= need else 0
-        if best_earned and matches.count(best) == 1:
-            # one replica holds the longest earned match: when it may take the request it is the pick whatever the
-            # rotation (the usual case of a routed request while loads are even)
-            i = matches.index(best)
-            x = loads[i]
-            if x.in_flight < cap or x.answering >= x.in_flight:
+        if best_earned:
+            holders = matches.count(best)
+            if holders == 1:
+                # one replica holds the longest earned match: when it may take the request it is the pick whatever
+                # the rotation (the usual case of a routed request while loads are even)
+                i = matches.index(best)
+                x = loads[i]
+                if x.in_flight < cap or x.answering >= x.in_flight:
+                    self._turn += 1
+                    return i, "prefix_hit"
+            elif most < cap:
+                # every replica may take it and several hold the longest earned match: the least loaded of those,
+                # first in the rotated order; the holders found with list.index (C), no pass over the others
                 self._turn += 1
-                return i, "prefix_hit"
+                start = self._turn % n
+                pick = pick_load = pick_rank = -1
+                i = -1
+                for _ in range(holders):
+                    i = matches.index(best, i + 1)
+                    x = loads[i]
+                    load = x.in_flight + x.waiting
+                    rank = i - start if i >= start else i - start + n
+                    if pick < 0 or load < pick_load or (load == pick_load and rank < pick_rank):
+                        pick, pick_load, pick_rank = i, load, rank
+                return pick, "prefix_hit"
         # within the load bound (the least loaded, first of them, when none is)
         eligible = [i for i, x in enumerate(loads) if x.in_flight < cap or x.answering >= x.in_flight]
         if not eligible:

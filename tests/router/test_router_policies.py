@@ -386,3 +386,7 @@ def test_choose_index_cases():
     assert p.choose_index(req, busy, [0, 7, 5, 0], lambda i: 0) == (2, "load_spill")
     turn = p._turn
     assert p.choose_index(req, [Candidate("r0", 50)], [9], lambda i: 0) == (0, "prefix_hit") and p._turn == turn
+    # two holders, the less loaded one exactly at the cap (ceil(5/3) = 2) and not answering: it may not take it
+    tight = PrefixPolicy(1.0, 0, 0.5, 0)
+    at_cap = [Candidate("r0", 2), Candidate("r1", 1, waiting=5), Candidate("r2", 0)]
+    assert tight.choose_index(req, at_cap, [8, 8, 0], lambda i: 0) == (1, "prefix_hit")
