@@ -526,11 +526,14 @@ class Router:
         of every request: the prefix policy reads the backends in place (choose_index); rows, with the load combined
         where an engine sent a load line, only for the other policies or such engines. Metrics are the caller's,
         after the request is sent."""
-        backends, _ = self.registry.routable(route.model, exclude=tried)
+        if tried:
+            backends, _ = self.registry.routable(route.model, exclude=tried)
+            slots = [b.slot for b in backends]
+        else:  # (a first attempt: the list kept between changes of the backends' state)
+            backends, slots = self.registry.routable_slots(route.model)
         if not backends:
             return None
         index = self.index
-        slots = [b.slot for b in backends]
         matches = index.match_all(slots, hashes)
         fast = self._prefix
         if fast is not None and not self._load_lines:

@@ -14,6 +14,8 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
 
 import aiohttp
 
@@ -74,6 +76,38 @@ class Backend:
         return now >= self.breaker_open_until and not self.half_open_trial  # half-open: one trial at a time
 
 
+# Every assignment to a field `BackendRegistry.routable` reads (besides in_flight) counts here, so the registry can
+# keep each model's routable list between changes instead of scanning every backend for every request. Fields are
+# read through a C-level getter (attrgetter in a property): no Python frame on the hot path's reads.
+_changes = [0]
+_WATCHED = (
+    "ready",
+    "terminating",
+    "healthy",
+    "removed",
+    "pinned_models",
+    "served_models",
+    "breaker_open_until",
+    "half_open_trial",
+)
+
+
+def _watch(cls: type, names: Iterable[str]) -> None:
+    """Turn the dataclass fields `names` into properties whose setters count a change in `_changes` (the
+    dataclass's __init__ assigns through them too)."""
+    for name in names:
+        private = "_w_" + name
+
+        def setter(self: Any, value: Any, private: str = private) -> None:
+            self.__dict__[private] = value
+            _changes[0] += 1
+
+        setattr(cls, name, property(attrgetter(private), setter))
+
+
+_watch(Backend, _WATCHED)
+
+
 def _metric_value(text: str, name: str) -> float | None:
     """Sum of a metric family's samples in Prometheus text (all label sets)."""
     total, seen = 0.0, False
@@ -106,6 +140,9 @@ class BackendRegistry:
         self._waiters = 0
         self.on_added: list[Callable[[Backend], None]] = []
         self.on_removed: list[Callable[[Backend], None]] = []
+        # model -> (_changes[0] when computed, routable backends, their slots): valid while nothing routable reads
+        # changed; kept only where the answer depends on no clock or count (no open breaker, no max_inflight)
+        self._routable: dict[str, tuple[int, list[Backend], list[int]]] = {}
 
     # --- discovery -------------------------------------------------------------------------------
     def set_endpoints(self, endpoints: Iterable[EndpointInfo]) -> None:
@@ -120,6 +157,7 @@ class BackendRegistry:
                 b = Backend(url=url, slot=next(self._slots), pinned_models=info.models)
                 b.ready, b.terminating = info.ready, info.terminating
                 self.backends[url] = b
+                _changes[0] += 1
                 self.metrics.in_flight.labels(url).set_function(b.in_flight_now)  # read when scraped
                 self.metrics.discovery_events.labels("added").inc()
                 for cb in self.on_added:
@@ -133,6 +171,7 @@ class BackendRegistry:
         self.notify()
 
     def _remove(self, url: str) -> None:
+        _changes[0] += 1
         b = self.backends.pop(url)
         b.removed = True
         self.metrics.discovery_events.labels("removed").inc()
@@ -161,6 +200,21 @@ class BackendRegistry:
             if b.healthy and b.ready and not b.removed and model in b.max_model_lens
         ]
         return min(lens) if lens else None
+
+    def routable_slots(self, model: str) -> tuple[list[Backend], list[int]]:
+        """routable(model)'s backends and their slots, from the cache while nothing it reads changed (every request's
+        first attempt; the lists are shared: read them, never change them)."""
+        hit = self._routable.get(model)
+        if hit is not None and hit[0] == _changes[0]:
+            return hit[1], hit[2]
+        at = _changes[0]
+        backends, _ = self.routable(model)
+        slots = [b.slot for b in backends]
+        if not self.max_inflight and not any(b.breaker_open_until for b in self.backends.values()):
+            if len(self._routable) >= 256:  # (models: a few; never unbounded)
+                self._routable.clear()
+            self._routable[model] = (at, backends, slots)
+        return backends, slots
 
     def routable(self, model: str, exclude: Iterable[int] = ()) -> tuple[list[Backend], bool]:
         """(backends that may take this request now, whether any serving replica exists but is saturated).
@@ -202,7 +256,8 @@ class BackendRegistry:
         b.in_flight -= 1
         if answered:
             b.answering -= 1
-        b.half_open_trial = False  # the trial's outcome (if any) was recorded; a cancelled one allows another
+        if b.half_open_trial:  # the trial's outcome (if any) was recorded; a cancelled one allows another
+            b.half_open_trial = False
         if self._waiters:
             self.notify()
 

@@ -155,3 +155,77 @@ def test_routable_agrees_with_each_backends_own_rules(states, configured, model,
     ]  # fmt: skip
     assert got == [b for b in usable if not max_inflight or b.in_flight < max_inflight]
     assert saturated == any(max_inflight and b.in_flight >= max_inflight for b in usable)
+
+
+_FIELD_VALUES = {
+    "removed": [False, True],
+    "ready": [True, False],
+    "terminating": [False, True],
+    "healthy": [True, False],
+    "pinned_models": [None, frozenset({"m"}), frozenset({"x"})],
+    "served_models": [None, frozenset({"m"}), frozenset({"x"})],
+    "breaker_open_until": ["closed", "open", "expired"],
+    "half_open_trial": [False, True],
+}
+
+
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("set"), st.integers(0, 5), st.sampled_from(sorted(_FIELD_VALUES)), st.integers(0, 2)),
+            st.tuples(st.just("endpoints"), st.sets(st.integers(0, 5), max_size=6), st.booleans(), st.just(0)),
+            st.tuples(st.just("route"), st.integers(0, 5), st.booleans(), st.just(0)),  # acquire, maybe fail, release
+        ),
+        max_size=25,
+    ),
+    model=st.sampled_from(["m", "x"]),
+)
+def test_routable_slots_kept_between_changes_equals_routable(steps, model):
+    """routable_slots keeps each model's list between changes: after any sequence of field assignments (as the health
+    checker, discovery, breakers and tests make them), endpoint changes and routed requests, it answers what
+    routable() computes from scratch, slots included."""
+    reg = registry()
+    reg.set_endpoints([EndpointInfo(f"http://b{i}:1") for i in range(4)])
+    for kind, i, arg, value in steps:
+        backends = list(reg.backends.values())
+        if kind == "set" and backends:
+            b = backends[i % len(backends)]
+            v = _FIELD_VALUES[arg][value % len(_FIELD_VALUES[arg])]
+            if arg == "breaker_open_until":
+                v = {"closed": 0.0, "open": time.monotonic() + 60, "expired": time.monotonic() - 1}[v]
+            setattr(b, arg, v)
+        elif kind == "endpoints":
+            reg.set_endpoints([EndpointInfo(f"http://b{j}:1", ready=arg) for j in sorted(i)])
+        elif kind == "route" and backends:
+            b = backends[i % len(backends)]
+            reg.acquire(b)
+            if arg:
+                reg.record_failure(b)
+            else:
+                reg.record_success(b)
+            reg.release(b)
+        got, slots = reg.routable_slots(model)
+        want, _ = reg.routable(model)
+        assert got == want and slots == [b.slot for b in want]
+
+
+def test_routable_slots_follows_a_breaker_that_expires(monkeypatch):
+    """A list that depends on the clock (an open breaker half-opens when its time is up) is never kept."""
+    import kubellm.router.backends as backends_module
+
+    now = [100.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+    monkeypatch.setattr(backends_module, "time", Clock)
+    reg = registry()
+    reg.set_endpoints([EndpointInfo("http://a:1"), EndpointInfo("http://b:1")])
+    a, b = reg.backends.values()
+    a.breaker_open_until = 110.0
+    assert reg.routable_slots("m") == ([b], [b.slot])
+    assert reg.routable_slots("m") == ([b], [b.slot])
+    now[0] = 111.0  # the breaker half-opens: one trial request may go to a
+    assert reg.routable_slots("m") == ([a, b], [a.slot, b.slot])
