@@ -40,7 +40,7 @@ class APIError(Exception):
 def check_json_content_type(header: str | None) -> None:
     """A body sent as anything but JSON is refused before it is read, as OpenAI does (`curl -d` without
     `-H 'Content-Type: application/json'` sends a form). No header at all is taken as JSON."""
-    if header is None:
+    if header is None or header == "application/json":  # (what nearly every client sends: no parsing)
         return
     media_type = header.split(";", 1)[0].strip().lower()
     if media_type != "application/json":

@@ -61,30 +61,38 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """One response: `status` and `headers` (lower-case names) once `start` returns, then the body."""
 
-    def __init__(self, conn: _Connection, read_timeout: float):
+    # Immutable starting values live on the class (one response per routed request: each attribute set in __init__
+    # was a visible share of its construction); an instance gets its own once one changes.
+    _buffered = 0  # bytes in _chunks
+    _paused = False  # the replica's socket is not being read (_buffered over _BUFFER_HIGH)
+    _waiter: asyncio.Future[None] | None = None
+    _error: BaseException | None = None
+    _head_done = False
+    _length: int | None = None  # bytes of body left (Content-Length framing)
+    _chunked = False
+    _chunk_left = 0  # bytes left in the current chunk (+2 for its CRLF once started)
+    _until_close = False
+    done = False  # the whole body arrived
+    deadline = 0.0  # (loop time) while waiting for data: when to give up
+    status = 0
+    _keep_alive = True
+    delivered = False
+    received = False  # any byte of the answer arrived
+
+    def __init__(
+        self,
+        conn: _Connection,
+        read_timeout: float,
+        on_complete: Callable[[UpstreamResponse], bool] | None = None,
+    ):
         self._conn = conn
         self._read_timeout = read_timeout
         self._buf = bytearray()
         self._chunks: deque[bytes] = deque()
-        self._buffered = 0  # bytes in _chunks
-        self._paused = False  # the replica's socket is not being read (_buffered over _BUFFER_HIGH)
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self._head_done = False
-        self._length: int | None = None  # bytes of body left (Content-Length framing)
-        self._chunked = False
-        self._chunk_left = 0  # bytes left in the current chunk (+2 for its CRLF once started)
-        self._until_close = False
-        self.done = False  # the whole body arrived
-        self.deadline = 0.0  # (loop time) while waiting for data: when to give up
-        self.status = 0
         self.headers: dict[str, str] = {}
-        self._keep_alive = True
         # called (once) from the read callback when the whole answer is in, before the reader is woken: True if it
         # took the answer (the router's proxy writes a plain answer to its client right there, one loop hop sooner)
-        self.on_complete: Callable[[UpstreamResponse], bool] | None = None
-        self.delivered = False
-        self.received = False  # any byte of the answer arrived
+        self.on_complete = on_complete
 
     # --- fed by the protocol -----------------------------------------------------------------------
     def _push(self, piece: bytes) -> None:
@@ -136,19 +144,26 @@ class UpstreamResponse:
             if len(self._buf) > 65536:
                 raise ValueError("response headers too long")
             return False
-        lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        lines = self._buf[:end].decode("latin-1").split("\r\n")
         del self._buf[: end + 4]
-        version, status = lines[0].split(" ", 2)[:2]
-        self.status = int(status)
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        conn = self.headers.get("connection", "").lower()
-        self._keep_alive = "close" not in conn and (version != "HTTP/1.0" or "keep-alive" in conn)
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+        version, _, rest = lines[0].partition(" ")
+        self.status = int(rest.partition(" ")[0])
+        headers = self.headers
+        for i in range(1, len(lines)):
+            name, _, value = lines[i].partition(":")
+            headers[name.strip().lower()] = value.strip()
+        conn = headers.get("connection")
+        if conn is None:
+            self._keep_alive = version != "HTTP/1.0"
+        else:
+            conn = conn.lower()
+            self._keep_alive = "close" not in conn and (version != "HTTP/1.0" or "keep-alive" in conn)
+        te = headers.get("transfer-encoding")
+        length = headers.get("content-length")
+        if te is not None and "chunked" in te.lower():
             self._chunked = True
-        elif "content-length" in self.headers:
-            self._length = int(self.headers["content-length"])
+        elif length is not None:
+            self._length = int(length)
         elif self.status in (204, 304) or 100 <= self.status < 200:
             self._length = 0
         else:
@@ -450,8 +465,7 @@ class UpstreamPool:
     def _write(
         conn: _Connection, request: bytes, on_complete: Callable[[UpstreamResponse], bool] | None
     ) -> UpstreamResponse:
-        resp = UpstreamResponse(conn, conn.pool.read_timeout)
-        resp.on_complete = on_complete
+        resp = UpstreamResponse(conn, conn.pool.read_timeout, on_complete)
         conn.response = resp
         assert conn.transport is not None
         conn.transport.write(request)
