@@ -54,6 +54,9 @@ _MAX_PIPELINED = 16  # requests waiting on one connection before reading pauses
 _LINGER_S = 2.0
 _NATIVE_EAGER = sys.version_info >= (3, 12)
 _STATUS_LINES: dict[tuple[int, bool], bytes] = {}
+# header names and methods as the handler sees them, decoded (and lower-cased) once each instead of per request
+_HEADER_NAMES: dict[bytes, str] = {}
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 
 def _status_line(status: int, http10: bool = False) -> bytes:
@@ -303,7 +306,7 @@ class _Connection(asyncio.Protocol):
         self.refused = False  # an error answered: read nothing more
         self.eager_pending = False  # a request to start eagerly once the parser returns
         # the request being parsed
-        self._url = bytearray()
+        self._url: bytes | bytearray = b""
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
         self._body: list[bytes] = []
@@ -387,14 +390,19 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_message = True
         self.message_started = self.loop.time()
-        self._url = bytearray()
+        self._url = b""
         self._headers = {}
         self._header_bytes = 0
         self._body = []
         self._body_len = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if not self._url:
+            self._url = url  # (the usual case: the whole request line in one piece, kept as it came)
+        else:  # (a line in pieces: a bytearray, so a trickling client cannot make the concatenation quadratic)
+            if type(self._url) is bytes:
+                self._url = bytearray(self._url)
+            self._url += url
         self._header_bytes += len(url)
         if len(self._url) > self.server.max_header_bytes:
             self._headers_too_large(f"the request line exceeds {self.server.max_header_bytes} bytes")
@@ -406,7 +414,11 @@ class _Connection(asyncio.Protocol):
             self._headers_too_large(f"a header field exceeds {self.server.max_header_bytes} bytes")
         if self._header_bytes > self.server.max_head_bytes:
             self._headers_too_large(f"the request's headers exceed {self.server.max_head_bytes} bytes in all")
-        key = name.decode("latin-1").lower()
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_HEADER_NAMES) < 512:  # (the names clients send: a few dozen; never unbounded)
+                _HEADER_NAMES[name] = key
         text = value.decode("latin-1")
         old = self._headers.get(key)
         self._headers[key] = text if old is None else f"{old}, {text}"
@@ -439,13 +451,13 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_message = False
         parser = self.parser
-        url = bytes(self._url)
-        path, _, query = url.partition(b"?")
+        path, _, query = self._url.partition(b"?")
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        method = parser.get_method()
         req = Request(
-            parser.get_method().decode("latin-1"),
+            _METHODS.get(method) or method.decode("latin-1"),
             path.decode("latin-1"),
-            query.decode("latin-1"),
+            query.decode("latin-1") if query else "",
             self._headers,
             body,
             parser.should_keep_alive(),

@@ -120,12 +120,14 @@ async def test_pipelined_requests_answered_in_order_on_one_connection(server):
     ]  # fmt: skip
     assert got[0][2].endswith(b"first") and got[2][2].endswith(b"3" * 300)
     # the connection stays open for more (keep-alive), requests split across writes included
-    req = post("/four", b"abc", "X-Test: yes\r\n")
+    req = post("/four/long?q=2", b"abc", "X-Test: yes\r\n")
     for i in range(len(req)):
         writer.write(req[i : i + 1])
         await writer.drain()
     status, headers, body = await read_response(reader)
-    assert status == 200 and json.loads(body[: body.index(b"}") + 1])["x"] == "yes" and body.endswith(b"abc")
+    info = json.loads(body[: body.index(b"}") + 1])
+    assert status == 200 and info["x"] == "yes" and body.endswith(b"abc")
+    assert (info["path"], info["query"]) == ("/four/long", "q=2")  # (the request line arrived in pieces)
     assert "connection" not in headers
     # a 204 carries no body and no Content-Length; the next answer on the connection follows it directly
     writer.write(b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n" + post("/five", b"5"))
