@@ -30,7 +30,7 @@ STAGES = [
     ("kubellm.router.tokenization", "PromptHasher", "text_key_now", "prompt key (all of it)"),
     ("kubellm.router.tokenization", "", "dumps_bytes", "  prompt bytes (messages as JSON, and the last one's)"),
     ("kubellm.router.tokenization", "TextBlockHasher", "hashes", "  text-block hashes (history from the cache)"),
-    ("kubellm.router.backends", "BackendRegistry", "routable", "routable replicas"),
+    ("kubellm.router.backends", "BackendRegistry", "routable_slots", "routable replicas (kept between changes)"),
     ("kubellm.router.prefix_index", "PrefixIndex", "match_all", "index match, every replica"),
     ("kubellm.router.policies.prefix", "PrefixPolicy", "choose_index", "policy choice"),
     ("kubellm.router.prefix_index", "PrefixIndex", "on_send", "record the send (LRU)"),
@@ -115,7 +115,7 @@ def main() -> int:
     Path(out).unlink()
     n = max(1, acc[STAGES[0][3]][1])  # requests hooked (warm-up included): one body parse each
     rows = {label: acc[label][0] / 1e3 / n for *_, label in STAGES if label in acc}
-    calls = {label: acc[label][1] / n for *_, label in STAGES if label in acc}  # (choose_row: not every request)
+    calls = {label: acc[label][1] / n for *_, label in STAGES if label in acc}  # (a stage may skip some)
     lines = [
         f"{args.engines} instant engines, {args.seconds:g}s closed loop after 1s warm-up: {rps:.0f} req/s, router CPU "
         f"{cpu_us:.1f} µs/request (hooks included)",
