@@ -476,6 +476,200 @@ def critical_path_probe(
     return rows
 
 
+def baseline_module(ref: str) -> Any:
+    """engine/structured_output.py as it is at git `ref`, loaded beside this checkout's as its own module (its
+    imports resolve to this checkout's modules), so part 5 runs both in one process, step by step in turn."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{ref}:engine/structured_output.py"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ValueError(f"cannot read engine/structured_output.py at {ref!r}: {e}") from None
+    path = Path(tempfile.mkdtemp(prefix="kubellm-baseline-")) / "structured_output.py"
+    path.write_text(source)
+    name = "kubellm.engine._baseline_structured_output"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (dataclasses look their module up while the class is built)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _HostBuffers:
+    """PinnedBitmaskBuffers' turn-taking without CUDA: two numpy buffers; the "pinned tensor" handed back is the
+    view itself (on a GPU host it is the pinned tensor of the same memory, copied to the device as is)."""
+
+    def __init__(self, words: int):
+        self.words = words
+        self._buffers = [np.empty((0, words), np.int32)] * 2
+        self._next = 0
+
+    def take(self, rows: int) -> tuple[np.ndarray, Any]:
+        slot, self._next = self._next, 1 - self._next
+        if self._buffers[slot].shape[0] < rows:
+            self._buffers[slot] = np.empty((rows, self.words), np.int32)
+        view = self._buffers[slot][:rows]
+        return view, view
+
+
+def _grammar_rows(mod: Any, matchers: list[Any], reqs: list[Any]) -> list[Any]:
+    """The prefetcher's rows as LLMEngine._prefetch makes them (the finished check reads the request's status)."""
+    return [mod.GrammarRow(j, m, (lambda r=r: r.status.is_finished), frozenset((EOS_ID,)))
+            for j, (m, r) in enumerate(zip(matchers, reqs, strict=True))]  # fmt: skip
+
+
+# Part 5's modes: (label, implementation: "ref" or "this", batched accepts, engine path, step reuse, direct masks).
+# All prefetch on at a 0.5 ms GIL switch interval. "worker only" is part 4's mode; the engine path adds the engine
+# thread's own grammar work of a step as LLMEngine does it: the prefetcher's rows, submit, take, the step's bitmask
+# (into the two host buffers, as into the pinned ones on a GPU).
+COMPARE_MODES: tuple[tuple[str, str, bool, bool, bool, bool], ...] = (
+    ("worker only, batched accepts", "ref", True, False, False, False),
+    ("worker only, batched accepts, step reuse off", "this", True, False, False, False),
+    ("worker only, batched accepts, step reuse (default)", "this", True, False, True, False),
+    ("engine path, batched accepts", "ref", True, True, False, False),
+    ("engine path, batched accepts, step reuse off", "this", True, True, False, False),
+    ("engine path, batched accepts, step reuse (default)", "this", True, True, True, False),
+    ("engine path, batched accepts, step reuse + direct masks", "this", True, True, True, True),
+    ("engine path, accepts row by row", "ref", False, True, False, False),
+    ("engine path, accepts row by row, step reuse (default)", "this", False, True, True, False),
+)
+
+
+def compare_probe(
+    tokenizer_json: str, schema: dict[str, Any], batch: int, work_ms: float, ref: str, steps: int = 40,
+    threads: int = 1, interval_ms: float = 0.5,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Part 5, part 4 paired against git `ref`'s engine/structured_output.py in the same process: the grammar's
+    share of a host-bound step under the prefetcher (batched accepts or row by row, a 0.5 ms GIL switch interval),
+    for `ref`'s code and this checkout's, the modes taking their steps in turn (each its own matchers, all drawn by
+    the same seeded tokens), so the host's noise falls on all alike. Worker only: part 4's measure (the worker's
+    accepts and fill beside the engine thread's Python work). Engine path: plus the engine thread's own grammar
+    work of a step, as LLMEngine does it (the prefetcher's rows, submit, take, the step's bitmask). Per step
+    (median ms): its excess over the Python work alone (what the grammar adds to the critical path)."""
+    from kubellm.engine import structured_output as this
+    from kubellm.engine.request import RequestStatus
+    from kubellm.engine.sampling_params import StructuredOutputsParams
+    from kubellm.engine.token_bitmask import bitmask_words
+
+    class _Req:  # what the engine's rows check per step: whether the request finished meanwhile
+        status = RequestStatus.RUNNING
+
+    impls = {"ref": baseline_module(ref), "this": this}
+    managers = {k: m.llguidance_manager(tokenizer_json, SMOLLM2_VOCAB, [EOS_ID], num_threads=threads)
+                for k, m in impls.items()}  # fmt: skip
+    spec = StructuredOutputsParams(json=schema)
+    units = _units_for(work_ms)
+    width = bitmask_words(SMOLLM2_VOCAB)
+    default = sys.getswitchinterval()
+    none: dict[str, Any] = {"label": "none (the Python work alone)", "impl": "-", "walls": [], "cpu": [], "runq": []}
+    modes: list[dict[str, Any]] = [none]
+    for label, impl, batched, engine_path, reuse, direct in COMPARE_MODES:
+        mod, manager = impls[impl], managers[impl]
+        matchers = [manager.new_matcher(spec) for _ in range(batch)]
+        reqs = [_Req() for _ in range(batch)]
+        modes.append({
+            "label": label, "impl": impl, "mod": mod, "manager": manager, "batched": batched,
+            "engine_path": engine_path, "reuse": reuse, "direct": direct, "matchers": matchers, "reqs": reqs,
+            "rows": _grammar_rows(mod, matchers, reqs),
+            "prefetcher": mod.MaskPrefetcher(manager, None), "buffers": _HostBuffers(width), "previous": None,
+            "walls": [], "cpu": [], "runq": [],
+        })  # fmt: skip
+    for manager in managers.values():
+        manager.compile(spec).settle(60.0)
+    for mode in modes[1:]:
+        mode["words"] = mode["manager"].fill(mode["matchers"])
+    try:
+        for step in range(WARMUP_STEPS + steps):
+            picks = np.random.default_rng(step).random(batch)  # (one draw per row, the same for every mode)
+            for mode in modes:
+                sys.setswitchinterval((interval_ms if mode is not none else 5.0) / 1e3)
+                tokens: list[int] = []
+                if mode is not none:
+                    bits = np.unpackbits(mode["words"].view(np.uint8), axis=1, count=SMOLLM2_VOCAB, bitorder="little")
+                    for j in range(batch):
+                        ids = np.flatnonzero(bits[j])
+                        tokens.append(int(ids[int(picks[j] * len(ids))]))
+                run0, cpu0 = _runqueue_s(), time.thread_time()
+                t0 = time.perf_counter()
+                if mode is none:
+                    _python_work(units)
+                else:
+                    mod, prefetcher = mode["mod"], mode["prefetcher"]
+                    if mode["engine_path"] and not mode["reuse"]:  # LLMEngine._prefetch before step reuse
+                        rows = _grammar_rows(mod, mode["matchers"], mode["reqs"])
+                    else:
+                        rows = mode["rows"]
+                    extra: dict[str, Any] = {}
+                    if mode["reuse"]:
+                        extra = {"reuse": True, "previous": mode["previous"],
+                                 "out": mode["buffers"].take if mode["direct"] else None}  # fmt: skip
+                    future = prefetcher.submit(rows, lambda t=tokens: t, mode["batched"], **extra)
+                    _python_work(units)
+                    result = prefetcher.take(future)
+                    if len(result.matchers) != batch:
+                        raise RuntimeError("a probe grammar ended early")
+                    if mode["engine_path"]:
+                        mask = mode["manager"].bitmask(mode["matchers"], result, mode["buffers"].take)
+                        mode["previous"] = result if mode["reuse"] else None
+                        mode["words"] = mask.words
+                    else:
+                        mode["words"] = result.words
+                if step >= WARMUP_STEPS:
+                    mode["walls"].append(time.perf_counter() - t0)
+                    mode["cpu"].append(time.thread_time() - cpu0)
+                    mode["runq"].append(_runqueue_s() - run0)
+    finally:
+        sys.setswitchinterval(default)
+        for mode in modes[1:]:
+            mode["prefetcher"].close()
+        for manager in managers.values():
+            manager.close()
+    base = 1e3 * statistics.median(none["walls"])
+    rows_out = []
+    for mode in modes:
+        step_ms = 1e3 * statistics.median(mode["walls"])
+        cpu_ms, runq_ms = 1e3 * statistics.mean(mode["cpu"]), 1e3 * statistics.mean(mode["runq"])
+        rows_out.append({"mode": mode["label"], "code": ref if mode["impl"] == "ref" else mode["impl"],
+                         "batch": batch, "fill_threads": threads, "work_alone_ms": base, "step_ms": step_ms,
+                         "excess_ms": step_ms - base, "mean_step_ms": 1e3 * statistics.mean(mode["walls"]),
+                         "cpu_ms": cpu_ms, "runqueue_ms": runq_ms})  # fmt: skip
+        print(f"compare {rows_out[-1]}", flush=True)
+    return rows_out
+
+
+def _runqueue_s() -> float:
+    """Seconds this thread has waited, runnable, for a CPU (Linux schedstat; 0 elsewhere): the step's wall time less
+    its CPU time and this is time spent asleep, here waiting for the GIL."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def compare_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", " ".join((compare_probe.__doc__ or "").split()), "",
+             "| schema | rows | fill threads | code | mode | step of the Python work alone ms | step ms | "
+             "step's excess ms (grammar on the critical path) | engine thread per step (means), ms: wall / on CPU / "
+             "runnable, waiting for a CPU / asleep (the GIL) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        wall, cpu, runq = r["mean_step_ms"], r["cpu_ms"], r["runqueue_ms"]
+        lines.append(
+            f"| {r['schema']} | {r['batch']} | {r['fill_threads']} | {r['code']} | {r['mode']} | "
+            f"{r['work_alone_ms']:.2f} | {r['step_ms']:.2f} | {r['excess_ms']:.2f} | "
+            f"{wall:.2f} / {cpu:.2f} / {runq:.2f} / {wall - cpu - runq:.2f} |"
+        )
+    return lines
+
+
 def critical_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     if not rows:
         return []
@@ -630,6 +824,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['tokens_ms']:.2f} / {r['accept_ms']:.2f} / {r['fill_ms']:.2f} | {r['step_ms'] - phases:.2f} |"
             )
     lines += critical_lines(result.get("critical"))
+    lines += compare_lines(result.get("compare"))
     engine = result.get("engine") or []
     if engine:
         free = engine[0]["output_tok_s"]
@@ -682,7 +877,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--critical-work-ms", type=float, default=8.0, help="part 4's Python work per step")
     p.add_argument(
-        "--parts", default="1,2,3,4", help="which parts to run (1: grammar step, 2: engine, 3: GIL, 4: critical path)"
+        "--parts",
+        default="1,2,3,4",
+        help="which parts to run (1: grammar step, 2: engine, 3: GIL, 4: critical path, 5: part 4 paired against "
+        "--compare-ref)",
+    )
+    p.add_argument("--compare-steps", type=int, default=80, help="part 5's timed steps per mode")
+    p.add_argument(
+        "--compare-ref", default="main", help="part 5: the git ref whose engine/structured_output.py runs beside this"
     )
     p.add_argument("--slices", type=int, choices=(0, 1), default=1, help="time extra token slices (1)")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
@@ -701,8 +903,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = {int(x) for x in args.parts.split(",") if x.strip()}
     except ValueError:
         parts = set()
-    if not parts or not parts <= {1, 2, 3, 4}:
-        p.error(f"--parts takes numbers among 1,2,3,4, not {args.parts!r}")
+    if not parts or not parts <= {1, 2, 3, 4, 5}:
+        p.error(f"--parts takes numbers among 1,2,3,4,5, not {args.parts!r}")
 
     from kubellm.engine.model_runner import available_cpus
     from kubellm.engine.structured_output import LLGuidanceBackend, llguidance_manager
@@ -743,6 +945,19 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("bench without maxLength", "bench (maxLength 8, minItems 200)")
             for r in critical_path_probe(
                 tokenizer_json, SCHEMAS[name], args.critical_batch, args.critical_work_ms, threads=args.critical_threads
+            )
+        ]
+    if args.critical_batch and 5 in parts:
+        result["compare_ref"] = args.compare_ref
+        result["compare"] = [
+            dict(r, schema="bench without maxLength")
+            for r in compare_probe(
+                tokenizer_json,
+                SCHEMA_NO_MAXLENGTH,
+                args.critical_batch,
+                args.critical_work_ms,
+                args.compare_ref,
+                threads=args.critical_threads,
             )
         ]
     if args.engine_batch and 2 in parts:

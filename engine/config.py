@@ -170,6 +170,18 @@ class EngineConfig:
         "the GIL and runs on the mask fill's threads (off, the default until measured on a GPU: one call per row, "
         "holding the GIL), on the prefetcher's thread or the engine's",
     )  # fmt: skip
+    grammar_step_reuse: bool = env_option(
+        "KUBELLM_GRAMMAR_STEP_REUSE", env_bool, True,
+        help="structured outputs with KUBELLM_GRAMMAR_PREFETCH=1: a step whose constrained rows are the previous "
+        "step's, in order, reuses its bookkeeping (each request's prefetch row, the fill's row order) and takes the "
+        "prefetched masks whole instead of row by row (0: rebuilt every step, as before)",
+    )  # fmt: skip
+    grammar_direct_masks: bool = env_option(
+        "KUBELLM_GRAMMAR_DIRECT_MASKS", env_bool, False,
+        help="structured outputs on CUDA with KUBELLM_GRAMMAR_PREFETCH=1 and KUBELLM_GRAMMAR_STEP_REUSE: the "
+        "prefetcher fills the next step's masks straight into the pinned buffer that step copies to the GPU (off, "
+        "the default until run on a GPU: the engine thread copies them there)",
+    )  # fmt: skip
     grammar_pinned_masks: bool = env_option(
         "KUBELLM_GRAMMAR_PINNED_MASKS", env_bool, True,
         help="structured outputs on CUDA: fill each step's token masks straight into pinned host memory (two buffers "

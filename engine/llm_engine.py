@@ -71,6 +71,7 @@ class _Sequence:
     cumulative_logprob: float = 0.0
     untexted: list[int] = field(default_factory=list)  # tokens for the detokenizer, fed at the end (final-only)
     grammar: GrammarMatcher | None = None  # structured outputs: advanced over every token the engine keeps
+    grammar_row: GrammarRow | None = None  # the prefetcher's view of it, made once (KUBELLM_GRAMMAR_STEP_REUSE)
     # delta outputs: how much of the request's tokens and logprobs earlier outputs carried, and the text since
     sent_tokens: int = 0
     sent_logprobs: int = 0
@@ -175,6 +176,11 @@ class LLMEngine:
         # KUBELLM_GRAMMAR_BATCH_ACCEPT: a step's grammars advance in one llguidance call that releases the GIL (on the
         # prefetcher's thread or this one). Read at each step, as grammar_prefetch is.
         self.grammar_batch_accept = config.grammar_batch_accept
+        # KUBELLM_GRAMMAR_STEP_REUSE / KUBELLM_GRAMMAR_DIRECT_MASKS (with the prefetcher): see EngineConfig. Read at
+        # each step, as grammar_prefetch is.
+        self.grammar_step_reuse = config.grammar_step_reuse
+        self.grammar_direct_masks = config.grammar_direct_masks
+        self._previous_masks: PrefetchedMasks | None = None  # the masks the last sampling took (their fill plan)
         self._prefetcher = MaskPrefetcher(  # its thread starts on first use
             self.structured_outputs, config.grammar_switch_interval_ms / 1e3 or None
         )
@@ -444,7 +450,7 @@ class LLMEngine:
                 bitmask = self.structured_outputs.bitmask(
                     matchers, self._prefetched, buffers.take if buffers is not None else None
                 )
-            self._prefetched = None
+            self._previous_masks, self._prefetched = self._prefetched, None
             return self.sampler.sample(logits, [s.sampling_state for s in seqs], token_bitmask=bitmask)
 
         sampled = self.runner.execute(sched.batch, fill, sample)
@@ -459,18 +465,34 @@ class LLMEngine:
 
     def _prefetch(self, reqs: list[Request], sampled: StepResult) -> Future[PrefetchedMasks] | None:
         """Start the prefetcher on a launched step whose rows include a grammar (None: off, or no grammar)."""
+        previous, self._previous_masks = self._previous_masks, None
         if not self.grammar_prefetch:
             return None
+        reuse = self.grammar_step_reuse
         rows: list[GrammarRow | None] = []
         for req in reqs:
-            grammar = self._seqs[req.request_id].grammar
-            if grammar is None or req.status.is_finished:
+            seq = self._seqs[req.request_id]
+            if seq.grammar is None or req.status.is_finished:
                 rows.append(None)
+            elif reuse and seq.grammar_row is not None:
+                rows.append(seq.grammar_row)
             else:
-                rows.append(GrammarRow(req.request_id, grammar, _finished_check(req), req.eos_token_ids))
+                row = GrammarRow(req.request_id, seq.grammar, _finished_check(req), req.eos_token_ids)
+                if reuse:
+                    seq.grammar_row = row
+                rows.append(row)
         if not any(rows):
             return None
-        return self._prefetcher.submit(rows, lambda: sampled.result().token_ids, self.grammar_batch_accept)
+        buffers = self._mask_buffers
+        direct = reuse and self.grammar_direct_masks and buffers is not None
+        return self._prefetcher.submit(
+            rows,
+            lambda: sampled.result().token_ids,
+            self.grammar_batch_accept,
+            reuse=reuse,
+            previous=previous if reuse else None,
+            out=buffers.take if direct else None,  # type: ignore[union-attr]
+        )
 
     def _token_fill(self, sched: SchedulerOutput) -> TokenFill | None:
         """Where the batch's PLACEHOLDER tokens come from: the in-flight step's sampled ids on the device."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import operator
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -84,6 +85,19 @@ class GrammarBackend(Protocol):
     def consume_tokens(self, pairs: Sequence[tuple[GrammarMatcher, int]]) -> list[bool]:
         """Advance each matcher over its token in one call (the GIL released, in parallel over rows); per pair,
         whether the grammar allowed it (see GrammarMatcher.accept_token)."""
+        ...
+
+    def terminated(self, matchers: Sequence[GrammarMatcher]) -> list[bool]:
+        """Per matcher, GrammarMatcher.is_terminated (one call for a step's rows)."""
+        ...
+
+    def fill_plan(self, matchers: Sequence[GrammarMatcher]) -> Any:
+        """What fill_planned needs to write matchers[j]'s mask into row j: built once for a set of rows, so a step
+        whose rows are the previous step's, in the same order, reuses it (MaskPrefetcher)."""
+        ...
+
+    def fill_planned(self, plan: Any, bitmask: np.ndarray) -> None:
+        """fill_bitmask over the rows of a fill_plan: row j of `bitmask` gets the plan's matchers[j]'s mask."""
         ...
 
     def close(self) -> None:
@@ -380,23 +394,50 @@ class LLGuidanceBackend:
         measured on the 2-core CI host): the engine thread runs Python meanwhile instead of waiting for it."""
         if not pairs:
             return []
-        states = [(m.matcher, t) for m, t in pairs]  # type: ignore[attr-defined]
+        states = [(_raw(m), t) for m, t in pairs]
         for m, _ in pairs:
             m.position += 1
         if len(states) == 1:  # (llguidance's own single-row case, without the pool)
             return [bool(states[0][0].consume_token(states[0][1]))]
         return [bool(ok) for ok in self._executor.consume_token_par(states)]
 
+    def terminated(self, matchers: Sequence[GrammarMatcher]) -> list[bool]:
+        """is_stopped straight on llguidance's matchers: a fifth of the GIL-held time of is_terminated per row."""
+        return [_raw(m).is_stopped() for m in matchers]
+
     def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
         """One call into llguidance's pool, the GIL released throughout. The rows go sorted by lineage: rayon hands
         each thread a contiguous run, so two threads meet on one lineage's lock only where their runs border."""
         if not matchers:
             return
+        states = [(_raw(m), row, id(m.lineage)) for m, row in matchers]  # type: ignore[attr-defined]
+        states.sort(key=_LINEAGE_OF_STATE)
+        self._fill_pairs([(state, row) for state, row, _ in states], bitmask)
+
+    def fill_plan(self, matchers: Sequence[GrammarMatcher]) -> list[tuple[Any, int]]:
+        """(llguidance matcher, row) pairs in fill_bitmask's order (by lineage)."""
+        return [(state, row) for state, row, _ in sorted(
+            [(_raw(m), j, id(m.lineage)) for j, m in enumerate(matchers)],  # type: ignore[attr-defined]
+            key=_LINEAGE_OF_STATE,
+        )]  # fmt: skip
+
+    def fill_planned(self, plan: list[tuple[Any, int]], bitmask: np.ndarray) -> None:
+        if plan:
+            self._fill_pairs(plan, bitmask)
+
+    def _fill_pairs(self, pairs: list[tuple[Any, int]], bitmask: np.ndarray) -> None:
         assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"] and bitmask.ndim == 2
-        states = [(m.matcher, row, id(m.lineage)) for m, row in matchers]  # type: ignore[attr-defined]
-        states.sort(key=lambda s: s[2])
-        pairs = [(state, row) for state, row, _ in states]
         self._executor.unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, bitmask.shape[1] * 4, bitmask.shape[0])
+
+
+_LINEAGE_OF_STATE = operator.itemgetter(2)
+
+
+def _raw(m: Any) -> Any:
+    """An _LLGuidanceMatcher's llguidance matcher, without the property call once it exists (the per-row calls of a
+    step hold the GIL)."""
+    state = m._matcher
+    return state if state is not None else m.matcher
 
 
 def llguidance_tokenizer_json(tokenizer_json: str) -> str:
@@ -452,6 +493,8 @@ class FillStats:
     prefetched_rows: int = 0  # rows whose mask a step found filled ahead by the MaskPrefetcher
     waited_seconds: float = 0.0  # the engine thread's waits for the prefetcher (0 while it keeps ahead)
     batched_accepts: int = 0  # rows advanced through one call per step (KUBELLM_GRAMMAR_BATCH_ACCEPT)
+    whole_steps: int = 0  # steps that took the prefetched masks whole (KUBELLM_GRAMMAR_STEP_REUSE)
+    reused_plans: int = 0  # prefetcher steps that filled through the previous step's plan (the same rows)
     # The prefetcher's steps, phase by phase (wall time on its thread, GIL waits included): waiting for the step's
     # tokens, feeding them to the grammars, filling the masks (the GIL released inside llguidance, then taken back).
     worker_steps: int = 0
@@ -472,16 +515,32 @@ class PrefetchedMasks:
     words: np.ndarray  # int32 [len(matchers), words]
     matchers: list[GrammarMatcher]  # row j of words is matchers[j]'s (kept alive, so their ids stay unique)
     positions: list[int] = field(default_factory=list)
-    _index: dict[int, int] = field(default_factory=dict)
+    # KUBELLM_GRAMMAR_STEP_REUSE: the backend's fill plan of `matchers` (the next step reuses it when its rows are
+    # these, in order) and, with KUBELLM_GRAMMAR_DIRECT_MASKS, the pinned tensor of `words`' memory (a
+    # PinnedBitmaskBuffers buffer the step's sampling copies as is). None: the step took the plain path.
+    plan: Any = None
+    pinned: Any = None
+    _index: dict[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.positions = [m.position for m in self.matchers]
-        self._index = {id(m): j for j, m in enumerate(self.matchers)}
 
     def row_of(self, matcher: GrammarMatcher) -> int | None:
         """The row of words holding `matcher`'s mask at its current position; None: none was filled for it."""
+        if self._index is None:  # (built on first need: the steady state asks `holds` instead)
+            self._index = {id(m): j for j, m in enumerate(self.matchers)}
         j = self._index.get(id(matcher))
         return j if j is not None and self.positions[j] == matcher.position else None
+
+    def holds_rows(self, matchers: Sequence[GrammarMatcher]) -> bool:
+        """Whether matchers[j] is the matcher of row j of words, for every j (and there is no other row)."""
+        mine = self.matchers
+        return len(matchers) == len(mine) and all(map(operator.is_, matchers, mine))
+
+    def holds(self, matchers: Sequence[GrammarMatcher]) -> bool:
+        """Whether row j of words is matchers[j]'s mask at its current position, for every j (and no other row):
+        a step whose constrained rows are the ones the prefetcher filled, in order (the steady state)."""
+        return self.holds_rows(matchers) and [m.position for m in matchers] == self.positions
 
 
 class StructuredOutputManager:
@@ -585,12 +644,16 @@ class StructuredOutputManager:
         """Feed each matcher its kept token; per pair (accepted, terminated). `batched`
         (KUBELLM_GRAMMAR_BATCH_ACCEPT): one backend call for all rows, the GIL released (GrammarBackend.consume_tokens);
         otherwise one accept_token call per row."""
+        if not pairs:
+            return []
+        backend = self.backend
         if batched:
-            oks = self.backend.consume_tokens(pairs) if pairs else []
+            oks = backend.consume_tokens(pairs)
             self.fill_stats.batched_accepts += len(pairs)
         else:
             oks = [m.accept_token(t) for m, t in pairs]
-        return [(ok, not ok or m.is_terminated()) for (m, _), ok in zip(pairs, oks, strict=True)]
+        ended = backend.terminated([m for m, _ in pairs])  # (a matcher in error ends too, whatever it says)
+        return [(ok, not ok or end) for ok, end in zip(oks, ended, strict=True)]
 
     def fill(self, matchers: Sequence[GrammarMatcher]) -> np.ndarray:
         """The masks of `matchers`, row j for matchers[j] (int32 [len, words]); filled by llguidance's thread pool
@@ -599,6 +662,33 @@ class StructuredOutputManager:
         words = np.empty((len(matchers), bitmask_words(backend.vocab_size)), dtype=np.int32)  # every row is written
         self._fill_rows(backend, [(m, j) for j, m in enumerate(matchers)], words)
         return words
+
+    def fill_ahead(
+        self,
+        matchers: Sequence[GrammarMatcher],
+        plan: Any = None,
+        out: Callable[[int], tuple[np.ndarray, Any]] | None = None,
+    ) -> tuple[np.ndarray, Any, Any]:
+        """The prefetcher's fill under KUBELLM_GRAMMAR_STEP_REUSE: `matchers`' masks through `plan` (the backend's
+        fill_plan of exactly these matchers in this order, reused from the previous step; None: made now) into a
+        new array, or into `out(rows)` (KUBELLM_GRAMMAR_DIRECT_MASKS: the next step's pinned buffer). Returns
+        (words, the pinned tensor of their memory or None, the plan)."""
+        backend = self.backend
+        width = bitmask_words(backend.vocab_size)
+        if not matchers:
+            return np.empty((0, width), np.int32), None, []
+        pinned = None
+        if out is None:
+            words = np.empty((len(matchers), width), dtype=np.int32)  # every row is written
+        else:
+            words, pinned = out(len(matchers))
+            _check_buffer(words, len(matchers), width)
+        if plan is None:
+            plan = backend.fill_plan(matchers)
+        start = time.perf_counter()
+        backend.fill_planned(plan, words)
+        self._count_fill(len(matchers), time.perf_counter() - start)
+        return words, pinned, plan
 
     def bitmask(
         self,
@@ -614,13 +704,26 @@ class StructuredOutputManager:
         if not rows:
             return None
         backend = self.backend
+        width = bitmask_words(backend.vocab_size)
+        if prefetched is not None and prefetched.plan is not None:  # KUBELLM_GRAMMAR_STEP_REUSE
+            live = cast(  # (every entry a matcher)
+                "Sequence[GrammarMatcher]", matchers if len(rows) == len(matchers) else [matchers[i] for i in rows]
+            )
+            if prefetched.holds(live):  # the steady state: every row prefetched, in order
+                self.fill_stats.prefetched_rows += len(rows)
+                self.fill_stats.whole_steps += 1
+                if out is None or prefetched.pinned is not None:  # a new array, or the pinned buffer it was filled
+                    return TokenBitmask(rows, prefetched.words, prefetched.pinned)  # in: handed over as is
+                words, pinned = out(len(rows))
+                _check_buffer(words, len(rows), width)
+                words[:] = prefetched.words
+                return TokenBitmask(rows, words, pinned)
         pinned = None
         if out is None:
-            words = np.full((len(rows), bitmask_words(backend.vocab_size)), -1, dtype=np.int32)
+            words = np.full((len(rows), width), -1, dtype=np.int32)
         else:
             words, pinned = out(len(rows))
-            if words.shape != (len(rows), bitmask_words(backend.vocab_size)) or words.dtype != np.int32:
-                raise ValueError(f"a bitmask buffer of {words.shape} {words.dtype} for {len(rows)} rows")
+            _check_buffer(words, len(rows), width)
         missing: list[tuple[GrammarMatcher, int]] = []
         dst, src = [], []
         for j, r in enumerate(rows):
@@ -650,10 +753,18 @@ class StructuredOutputManager:
             return
         start = time.perf_counter()
         backend.fill_bitmask(rows, words)
+        self._count_fill(len(rows), time.perf_counter() - start)
+
+    def _count_fill(self, rows: int, seconds: float) -> None:
         stats = self.fill_stats
         stats.calls += 1  # (two threads never fill at once: the engine waits for its prefetcher first)
-        stats.rows += len(rows)
-        stats.seconds += time.perf_counter() - start
+        stats.rows += rows
+        stats.seconds += seconds
+
+
+def _check_buffer(words: np.ndarray, rows: int, width: int) -> None:
+    if words.shape != (rows, width) or words.dtype != np.int32:
+        raise ValueError(f"a bitmask buffer of {words.shape} {words.dtype} for {rows} rows")
 
 
 @dataclass(slots=True)
@@ -671,11 +782,18 @@ def advance_and_fill(
     rows: Sequence[GrammarRow | None],
     tokens: Callable[[], Sequence[int]],
     batched: bool = False,
+    *,
+    reuse: bool = False,
+    previous: PrefetchedMasks | None = None,
+    out: Callable[[int], tuple[np.ndarray, Any]] | None = None,
 ) -> PrefetchedMasks:
     """Wait for a step's sampled tokens (`tokens()`, row order), feed each constrained row's token to its grammar,
     unless the engine drops it, and fill the masks of the grammars that go on: what the engine thread would do at
     the start of the next step's sampling, done ahead. `batched`: the accepts in one call that releases the GIL
-    (StructuredOutputManager.advance)."""
+    (StructuredOutputManager.advance). `reuse` (KUBELLM_GRAMMAR_STEP_REUSE): the fill goes through a plan, the
+    `previous` step's when its rows are this step's (StructuredOutputManager.fill_ahead), into `out(rows)` when
+    given (KUBELLM_GRAMMAR_DIRECT_MASKS); the result then carries its plan, which lets the next step's bitmask take
+    the masks whole (StructuredOutputManager.bitmask)."""
     start = time.perf_counter()
     ids = tokens()
     got = time.perf_counter()
@@ -685,20 +803,22 @@ def advance_and_fill(
         if row is not None and not row.dropped() and token not in row.passthrough
     ]
     results = manager.advance([(row.matcher, token) for row, token in kept], batched)
-    outcomes: dict[Any, tuple[bool, bool]] = {}
-    live: list[GrammarMatcher] = []
-    for (row, _), outcome in zip(kept, results, strict=True):
-        outcomes[row.key] = outcome
-        if not outcome[1]:
-            live.append(row.matcher)
+    outcomes = {row.key: outcome for (row, _), outcome in zip(kept, results, strict=True)}
+    live = [row.matcher for (row, _), (_, ended) in zip(kept, results, strict=True) if not ended]
     accepted_at = time.perf_counter()
-    words = manager.fill(live) if live else np.empty((0, bitmask_words(manager.backend.vocab_size)), np.int32)
+    plan = pinned = None
+    if reuse:
+        same = previous is not None and previous.plan is not None and previous.holds_rows(live)
+        manager.fill_stats.reused_plans += same
+        words, pinned, plan = manager.fill_ahead(live, previous.plan if same else None, out)  # type: ignore[union-attr]
+    else:
+        words = manager.fill(live) if live else np.empty((0, bitmask_words(manager.backend.vocab_size)), np.int32)
     stats = manager.fill_stats
     stats.worker_steps += 1
     stats.worker_tokens_seconds += got - start
     stats.worker_accept_seconds += accepted_at - got
     stats.worker_fill_seconds += time.perf_counter() - accepted_at
-    return PrefetchedMasks(outcomes, words, live)
+    return PrefetchedMasks(outcomes, words, live, plan=plan, pinned=pinned)
 
 
 class MaskPrefetcher:
@@ -716,16 +836,27 @@ class MaskPrefetcher:
         self._saved_interval: float | None = None
 
     def submit(
-        self, rows: Sequence[GrammarRow | None], tokens: Callable[[], Sequence[int]], batched: bool = False
+        self,
+        rows: Sequence[GrammarRow | None],
+        tokens: Callable[[], Sequence[int]],
+        batched: bool = False,
+        *,
+        reuse: bool = False,
+        previous: PrefetchedMasks | None = None,
+        out: Callable[[int], tuple[np.ndarray, Any]] | None = None,
     ) -> Future[PrefetchedMasks]:
         """Start `advance_and_fill` on the worker. `batched` (KUBELLM_GRAMMAR_BATCH_ACCEPT): the step's grammars
-        advance in one call that releases the GIL, so the worker's only Python is short bookkeeping between calls."""
+        advance in one call that releases the GIL, so the worker's only Python is short bookkeeping between calls.
+        `reuse`, `previous`, `out`: KUBELLM_GRAMMAR_STEP_REUSE and KUBELLM_GRAMMAR_DIRECT_MASKS (advance_and_fill);
+        `out` is called on the worker, so the caller takes no buffer from it until it has taken this result."""
         if self._pool is None:
             if self.switch_interval is not None and self.switch_interval > 0:
                 self._saved_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.switch_interval)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kubellm-grammar")
-        return self._pool.submit(advance_and_fill, self.manager, rows, tokens, batched)
+        return self._pool.submit(
+            advance_and_fill, self.manager, rows, tokens, batched, reuse=reuse, previous=previous, out=out
+        )
 
     def take(self, future: Future[PrefetchedMasks]) -> PrefetchedMasks:
         """The worker's result (its exception, if it raised), counting the time the caller waited for it."""

@@ -263,3 +263,23 @@ def test_structured_host_runs_and_reports_lineages_beside_one_lineage(tmp_path, 
     critical = {(r["schema"], r["mode"]): r for r in result["critical"]}  # part 4: every mode of both schemas
     assert len(critical) == 2 * 8 and all(r["batch"] == 4 and r["step_ms"] > 0 for r in critical.values())
     assert "| bench without maxLength | 4 | 1 | prefetch on, batched accepts, 0.5 ms |" in text
+
+
+def test_structured_host_part_5_pairs_a_git_refs_grammar_code_with_this_checkouts(tmp_path, tokenizer_file):
+    """bench/structured_host part 5 at a small size: git HEAD's engine/structured_output.py loaded beside this
+    checkout's, every mode of both measured in the same run, the table naming whose code each row ran."""
+    from bench import structured_host
+
+    argv = ["--tokenizer-json", str(tokenizer_file), "--parts", "5", "--critical-batch", "4", "--critical-work-ms",
+            "1", "--compare-steps", "2", "--compare-ref", "HEAD", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert structured_host.main(argv) == 0
+    (js,) = tmp_path.glob("structured-host-*.json")
+    rows = json.loads(js.read_text())["compare"]
+    assert [(r["code"], r["mode"]) for r in rows[1:]] == [
+        ("HEAD" if code == "ref" else code, label) for label, code, *_ in structured_host.COMPARE_MODES
+    ]
+    assert rows[0]["mode"].startswith("none") and all(r["step_ms"] > 0 and r["batch"] == 4 for r in rows)
+    text = (tmp_path / js.name.replace(".json", ".md")).read_text()
+    assert "| bench without maxLength | 4 | 1 | HEAD | engine path, batched accepts |" in text
+    with pytest.raises(ValueError, match="cannot read"):
+        structured_host.baseline_module("no-such-ref-anywhere")

@@ -109,7 +109,9 @@ ITEMS_SCHEMA = {
 }
 
 
-def run_constrained_batch(prefetch: bool, pinned: bool = False, batched: bool = False) -> tuple[dict, object]:
+def run_constrained_batch(
+    prefetch: bool, pinned: bool = False, batched: bool = False, reuse: bool = True, direct: bool = False
+) -> tuple[dict, object]:
     """40 requests, 3 in 4 under ITEMS_SCHEMA, greedy and sampled, on a random SmolLM2-shaped model (async
     scheduling, CUDA graphs): each answer's (token ids, text), and the engine's fill statistics."""
     from kubellm.engine.config import EngineConfig
@@ -123,6 +125,7 @@ def run_constrained_batch(prefetch: bool, pinned: bool = False, batched: bool = 
     config = EngineConfig(
         model="random", device="cuda", generation_config="vllm", max_model_len=1024, seed=0,
         grammar_prefetch=prefetch, grammar_pinned_masks=pinned, grammar_batch_accept=batched,
+        grammar_step_reuse=reuse, grammar_direct_masks=direct,
     )  # fmt: skip
     engine = LLMEngine(config, loaded=loaded)
     assert engine.async_scheduling and engine.grammar_prefetch is prefetch and engine.grammar_batch_accept is batched
@@ -177,6 +180,17 @@ def test_batched_accepts_on_cuda_change_no_answer():
         answers, stats = run_constrained_batch(prefetch, pinned=True, batched=True)
         assert answers == reference, f"prefetch={prefetch}"
         assert stats.batched_accepts > 0
+
+
+def test_step_reuse_and_direct_masks_on_cuda_change_no_answer():
+    """KUBELLM_GRAMMAR_STEP_REUSE (on by default) and KUBELLM_GRAMMAR_DIRECT_MASKS (opt-in: the prefetcher fills the
+    next step's pinned buffer, copied to the GPU as is) with the prefetcher and batched accepts give every answer of
+    the engine thread's own fill, and steps take their masks whole."""
+    reference, _ = run_constrained_batch(prefetch=False, pinned=True)
+    for reuse, direct in ((False, False), (True, False), (True, True)):
+        answers, stats = run_constrained_batch(True, pinned=True, batched=True, reuse=reuse, direct=direct)
+        assert answers == reference, f"reuse={reuse} direct={direct}"
+        assert (stats.whole_steps > 0) is reuse
 
 
 def test_pinned_bitmask_buffers_alternate_grow_and_are_pinned():

@@ -149,13 +149,21 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
         reqs.append((params, f"Person number {i} as JSON, please."))
     results = {}
     python_interval = sys.getswitchinterval()
-    # (prefetch, KUBELLM_GRAMMAR_BATCH_ACCEPT): the accepts one row at a time or in one call, on either thread
-    for prefetch, batched in ((True, False), (False, False), (True, True), (False, True)):
-        eng = make_engine(smollm2, async_scheduling=True, grammar_prefetch=prefetch, grammar_batch_accept=batched)
+    # (prefetch, KUBELLM_GRAMMAR_BATCH_ACCEPT, KUBELLM_GRAMMAR_STEP_REUSE): the accepts one row at a time or in one
+    # call, on either thread; with the prefetcher, a step whose rows are the last one's reusing its plan and taking
+    # its masks whole, or (off) every step rebuilding its rows and copying its masks row by row, as before
+    for prefetch, batched, reuse in (
+        (True, False, True), (False, False, True), (True, True, True), (False, True, True), (True, True, False),
+    ):  # fmt: skip
+        eng = make_engine(
+            smollm2, async_scheduling=True, grammar_prefetch=prefetch, grammar_batch_accept=batched,
+            grammar_step_reuse=reuse,
+        )  # fmt: skip
         requests = [(chat_ids(eng, text), params) for params, text in reqs]
-        results[prefetch, batched] = summary(run(eng, requests))
+        results[prefetch, batched, reuse] = summary(run(eng, requests))
         stats = eng.structured_outputs.fill_stats
         assert (stats.batched_accepts > 0) is batched
+        assert (stats.whole_steps > 0 and stats.reused_plans > 0) is (prefetch and reuse)
         if prefetch:
             # rows counts every fill, the worker's included; only each request's first mask is filled on the spot
             assert stats.prefetched_rows > stats.rows / 2, "most rows' masks came from the prefetcher"
@@ -166,8 +174,9 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
             assert stats.prefetched_rows == 0 and stats.worker_steps == 0
         eng.close()
         assert sys.getswitchinterval() == python_interval
-    assert results[True, False] == results[False, False] == results[True, True] == results[False, True]
-    for (params, _), out in zip(reqs, results[True, False], strict=True):
+    for mode, result in results.items():  # the same tokens, texts and endings in every mode
+        assert result == results[False, False, True], mode
+    for (params, _), out in zip(reqs, results[True, False, True], strict=True):
         for _tokens, text, reason in out:
             if params.structured_outputs is not None and reason == "stop":
                 jsonschema.validate(json.loads(text), PERSON)

@@ -214,6 +214,63 @@ def test_prefetcher_advances_the_grammars_and_its_masks_serve_only_their_positio
     assert np.array_equal(manager.bitmask([live], result).words, manager.bitmask([live]).words)
 
 
+def test_step_reuse_hands_masks_over_whole_only_for_the_same_rows_at_their_positions(manager, tokenizer):
+    """KUBELLM_GRAMMAR_STEP_REUSE: the prefetcher fills through a plan that the next step reuses when its rows are
+    the same matchers in the same order (into the given buffer with KUBELLM_GRAMMAR_DIRECT_MASKS), and bitmask()
+    takes the masks whole only when the step's constrained rows are exactly those, at the positions they were
+    filled for; any other batch gets, row by row, the masks filled now."""
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}}})
+    a, b, c = (manager.new_matcher(spec) for _ in range(3))
+    for m, text in ((a, '{"a":'), (b, "{")):
+        for t in tokenizer.encode(text).ids:
+            assert m.accept_token(t)
+    rows = [GrammarRow(k, m, lambda: False, {EOS}) for k, m in (("a", a), ("b", b), ("c", c))]
+
+    def ids(*texts: str) -> list[int]:
+        return [tokenizer.encode(t).ids[0] for t in texts]
+
+    first = advance_and_fill(manager, rows, lambda: ids("1", '"', "{"), batched=True, reuse=True)
+    assert first.plan is not None and first.pinned is None
+    fresh = manager.bitmask([a, b, c])
+    assert len({r.tobytes() for r in fresh.words}) == 3, "three states: a misplaced row shows"
+    before = manager.fill_stats.snapshot()
+    whole = manager.bitmask([a, b, c], first)
+    assert whole.words is first.words and np.array_equal(whole.words, fresh.words), "handed over, no copy"
+    assert manager.fill_stats.whole_steps == before.whole_steps + 1 and manager.fill_stats.rows == before.rows
+    buffer = np.full((4, fresh.words.shape[1]), 0x55555555, np.int32)
+    copied = manager.bitmask([a, b, c], first, lambda n: (buffer[:n], None))  # pinned masks, filled by the engine
+    assert np.shares_memory(copied.words, buffer) and np.array_equal(copied.words, fresh.words)
+    for batch in ([c, b, a], [a, b], [a, None, b, c]):  # other rows or order: row by row; an unconstrained row
+        got, want = manager.bitmask(batch, first), manager.bitmask(batch)  # between them: whole again
+        assert got.rows == want.rows and np.array_equal(got.words, want.words), batch
+    assert manager.fill_stats.whole_steps == before.whole_steps + 3
+
+    marker = object()  # the pinned tensor of `buffer`'s memory, on a GPU host
+    second = advance_and_fill(
+        manager, rows, lambda: ids("2", "a", '"'), batched=True, reuse=True, previous=first,
+        out=lambda n: (buffer[:n], marker),
+    )  # fmt: skip
+    assert second.plan is first.plan and manager.fill_stats.reused_plans == before.reused_plans + 1
+    assert np.shares_memory(second.words, buffer) and second.pinned is marker
+    fresh = manager.bitmask([a, b, c])
+    direct = manager.bitmask([a, b, c], second, lambda n: (np.zeros((n, 9), np.int32), None))
+    assert direct.words is second.words and direct.pinned is marker, "the buffer it was filled in, as is"
+    assert np.array_equal(direct.words, fresh.words)
+    assert a.accept_token(ids("3")[0])  # a moves on: its mask is stale, the step is no longer whole
+    stale = manager.fill_stats.snapshot()
+    got = manager.bitmask([a, b, c], second)
+    after = manager.fill_stats
+    assert (after.whole_steps, after.rows, after.prefetched_rows) == (
+        stale.whole_steps, stale.rows + 1, stale.prefetched_rows + 2
+    ), "a filled now, b and c from the prefetcher"  # fmt: skip
+    assert np.array_equal(got.words, manager.bitmask([a, b, c]).words)
+
+    rows[1] = GrammarRow("b", b, lambda: True, {EOS})  # b's request finished: other rows, a new plan
+    third = advance_and_fill(manager, rows, lambda: ids("4", '"', "a"), reuse=True, previous=second)
+    assert third.matchers == [a, c] and third.plan is not second.plan
+    assert np.array_equal(manager.bitmask([a, c], third).words, manager.bitmask([a, c]).words)
+
+
 def _wait_for(predicate, what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
