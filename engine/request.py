@@ -26,12 +26,11 @@ class RequestStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
 
-    @property
-    def is_finished(self) -> bool:
-        return self in _FINISHED
+    is_finished: bool  # a FINISHED_* status: a plain attribute of each member (set below), read per row each step
 
 
-_FINISHED = frozenset(s for s in RequestStatus if s.name.startswith("FINISHED"))
+for _status in RequestStatus:  # (a property would cost two Python calls a read: its own and Enum.__hash__)
+    _status.is_finished = _status.name.startswith("FINISHED")
 
 
 @dataclass(eq=False)
