@@ -607,16 +607,16 @@ def compare_probe(
                     extra: dict[str, Any] = {}
                     if mode["reuse"]:
                         extra = {"reuse": True, "previous": mode["previous"],
-                                 "out": mode["buffers"].take if mode["direct"] else None}  # fmt: skip
+                                 "out": mode["buffers"].take if mode["direct"] else None,
+                                 "finished": lambda q=mode["reqs"]: [r.status.is_finished for r in q]}  # fmt: skip
                     future = prefetcher.submit(rows, lambda t=tokens: t, mode["batched"], **extra)
                     _python_work(units)
                     result = prefetcher.take(future)
                     if len(result.matchers) != batch:
                         raise RuntimeError("a probe grammar ended early")
+                    mode["previous"] = result if mode["reuse"] else None
                     if mode["engine_path"]:
-                        mask = mode["manager"].bitmask(mode["matchers"], result, mode["buffers"].take)
-                        mode["previous"] = result if mode["reuse"] else None
-                        mode["words"] = mask.words
+                        mode["words"] = mode["manager"].bitmask(mode["matchers"], result, mode["buffers"].take).words
                     else:
                         mode["words"] = result.words
                 if step >= WARMUP_STEPS:

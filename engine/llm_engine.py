@@ -492,6 +492,7 @@ class LLMEngine:
             reuse=reuse,
             previous=previous if reuse else None,
             out=buffers.take if direct else None,  # type: ignore[union-attr]
+            finished=(lambda: [r.status.is_finished for r in reqs]) if reuse else None,  # (each row's `dropped`)
         )
 
     def _token_fill(self, sched: SchedulerOutput) -> TokenFill | None:

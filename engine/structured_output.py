@@ -495,6 +495,7 @@ class FillStats:
     batched_accepts: int = 0  # rows advanced through one call per step (KUBELLM_GRAMMAR_BATCH_ACCEPT)
     whole_steps: int = 0  # steps that took the prefetched masks whole (KUBELLM_GRAMMAR_STEP_REUSE)
     reused_plans: int = 0  # prefetcher steps that filled through the previous step's plan (the same rows)
+    steady_steps: int = 0  # prefetcher steps that fed the previous step's rows without looking at each row
     # The prefetcher's steps, phase by phase (wall time on its thread, GIL waits included): waiting for the step's
     # tokens, feeding them to the grammars, filling the masks (the GIL released inside llguidance, then taken back).
     worker_steps: int = 0
@@ -520,6 +521,7 @@ class PrefetchedMasks:
     # PinnedBitmaskBuffers buffer the step's sampling copies as is). None: the step took the plain path.
     plan: Any = None
     pinned: Any = None
+    layout: StepRows | None = None  # the step's rows as laid out (KUBELLM_GRAMMAR_STEP_REUSE), for the next step
     _index: dict[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -777,6 +779,30 @@ class GrammarRow:
     passthrough: Collection[int]  # tokens the grammar never sees (EOS: the engine ends the request on them)
 
 
+@dataclass
+class StepRows:
+    """A step's rows as the prefetcher lays them out once for every following step with the same rows (the same
+    GrammarRow objects in the same order: KUBELLM_GRAMMAR_STEP_REUSE makes each sequence's once)."""
+
+    rows: list[GrammarRow | None]  # a copy (kept alive, so the identity check below means what it says)
+    index: list[int] | None  # where the constrained rows are in `rows` (None: every row is)
+    keys: list[Any]
+    matchers: list[GrammarMatcher]
+    passthrough: Collection[int] | None  # the constrained rows' common passthrough (None: theirs differ)
+
+    @classmethod
+    def of(cls, rows: Sequence[GrammarRow | None]) -> StepRows:
+        constrained = [row for row in rows if row is not None]
+        index = None if len(constrained) == len(rows) else [i for i, row in enumerate(rows) if row is not None]
+        common = constrained[0].passthrough if constrained else None
+        same = all(row.passthrough is common or row.passthrough == common for row in constrained)
+        keys, matchers = [r.key for r in constrained], [r.matcher for r in constrained]
+        return cls(list(rows), index, keys, matchers, common if same else None)
+
+    def same(self, rows: Sequence[GrammarRow | None]) -> bool:
+        return len(rows) == len(self.rows) and all(map(operator.is_, rows, self.rows))
+
+
 def advance_and_fill(
     manager: StructuredOutputManager,
     rows: Sequence[GrammarRow | None],
@@ -786,39 +812,89 @@ def advance_and_fill(
     reuse: bool = False,
     previous: PrefetchedMasks | None = None,
     out: Callable[[int], tuple[np.ndarray, Any]] | None = None,
+    finished: Callable[[], Sequence[bool]] | None = None,
 ) -> PrefetchedMasks:
     """Wait for a step's sampled tokens (`tokens()`, row order), feed each constrained row's token to its grammar,
     unless the engine drops it, and fill the masks of the grammars that go on: what the engine thread would do at
     the start of the next step's sampling, done ahead. `batched`: the accepts in one call that releases the GIL
-    (StructuredOutputManager.advance). `reuse` (KUBELLM_GRAMMAR_STEP_REUSE): the fill goes through a plan, the
-    `previous` step's when its rows are this step's (StructuredOutputManager.fill_ahead), into `out(rows)` when
-    given (KUBELLM_GRAMMAR_DIRECT_MASKS); the result then carries its plan, which lets the next step's bitmask take
-    the masks whole (StructuredOutputManager.bitmask)."""
+    (StructuredOutputManager.advance). `finished`: per row of `rows`, whether the engine drops its token, in one
+    call (None: each row's `dropped`). `reuse` (KUBELLM_GRAMMAR_STEP_REUSE): the rows laid out once (StepRows) and
+    the fill through a plan, both the `previous` step's when its rows are this step's (the steady state: no row
+    dropped, no token passed through, then no per-row Python but the accepts' own), the masks filled into
+    `out(rows)` when given (KUBELLM_GRAMMAR_DIRECT_MASKS); the result then carries its plan, which lets the next
+    step's bitmask take the masks whole (StructuredOutputManager.bitmask)."""
     start = time.perf_counter()
     ids = tokens()
+    flags = finished() if finished is not None else None
     got = time.perf_counter()
-    kept = [
-        (row, token)
-        for row, token in zip(rows, ids, strict=True)
-        if row is not None and not row.dropped() and token not in row.passthrough
-    ]
+    layout = None
+    if reuse:
+        same = previous is not None and previous.layout is not None and previous.layout.same(rows)
+        layout = previous.layout if same else StepRows.of(rows)  # type: ignore[union-attr]
+    if layout is not None and layout.passthrough is not None and flags is not None:
+        index = layout.index
+        step_ids = ids if index is None else [ids[i] for i in index]
+        dropped = any(flags) if index is None else any([flags[i] for i in index])
+        if not dropped and not any(map(layout.passthrough.__contains__, step_ids)):
+            results = manager.advance(list(zip(layout.matchers, step_ids, strict=True)), batched)
+            manager.fill_stats.steady_steps += 1
+            return _fill_ahead(manager, start, got, layout, layout.keys, layout.matchers, results, previous, out)
+    if flags is None:
+        kept = [
+            (row, token)
+            for row, token in zip(rows, ids, strict=True)
+            if row is not None and not row.dropped() and token not in row.passthrough
+        ]
+    else:
+        kept = [
+            (row, token)
+            for row, token, drop in zip(rows, ids, flags, strict=True)
+            if row is not None and not drop and token not in row.passthrough
+        ]
     results = manager.advance([(row.matcher, token) for row, token in kept], batched)
+    if layout is not None:
+        keys, matchers = [row.key for row, _ in kept], [row.matcher for row, _ in kept]
+        return _fill_ahead(manager, start, got, layout, keys, matchers, results, previous, out)
     outcomes = {row.key: outcome for (row, _), outcome in zip(kept, results, strict=True)}
     live = [row.matcher for (row, _), (_, ended) in zip(kept, results, strict=True) if not ended]
     accepted_at = time.perf_counter()
-    plan = pinned = None
-    if reuse:
-        same = previous is not None and previous.plan is not None and previous.holds_rows(live)
-        manager.fill_stats.reused_plans += same
-        words, pinned, plan = manager.fill_ahead(live, previous.plan if same else None, out)  # type: ignore[union-attr]
+    words = manager.fill(live) if live else np.empty((0, bitmask_words(manager.backend.vocab_size)), np.int32)
+    _count_worker(manager, start, got, accepted_at)
+    return PrefetchedMasks(outcomes, words, live)
+
+
+def _fill_ahead(
+    manager: StructuredOutputManager,
+    start: float,
+    got: float,
+    layout: StepRows,
+    keys: list[Any],
+    matchers: list[GrammarMatcher],
+    results: list[tuple[bool, bool]],
+    previous: PrefetchedMasks | None,
+    out: Callable[[int], tuple[np.ndarray, Any]] | None,
+) -> PrefetchedMasks:
+    """advance_and_fill's end under KUBELLM_GRAMMAR_STEP_REUSE: the outcomes, then the masks of the grammars that go
+    on, through the previous step's plan when they are its rows."""
+    outcomes = dict(zip(keys, results, strict=True))
+    if any([ended for _, ended in results]):
+        live = [m for m, (_, ended) in zip(matchers, results, strict=True) if not ended]
     else:
-        words = manager.fill(live) if live else np.empty((0, bitmask_words(manager.backend.vocab_size)), np.int32)
+        live = matchers
+    accepted_at = time.perf_counter()
+    same = previous is not None and previous.plan is not None and previous.holds_rows(live)
+    manager.fill_stats.reused_plans += same
+    words, pinned, plan = manager.fill_ahead(live, previous.plan if same else None, out)  # type: ignore[union-attr]
+    _count_worker(manager, start, got, accepted_at)
+    return PrefetchedMasks(outcomes, words, live, plan=plan, pinned=pinned, layout=layout)
+
+
+def _count_worker(manager: StructuredOutputManager, start: float, got: float, accepted_at: float) -> None:
     stats = manager.fill_stats
     stats.worker_steps += 1
     stats.worker_tokens_seconds += got - start
     stats.worker_accept_seconds += accepted_at - got
     stats.worker_fill_seconds += time.perf_counter() - accepted_at
-    return PrefetchedMasks(outcomes, words, live, plan=plan, pinned=pinned)
 
 
 class MaskPrefetcher:
@@ -844,10 +920,12 @@ class MaskPrefetcher:
         reuse: bool = False,
         previous: PrefetchedMasks | None = None,
         out: Callable[[int], tuple[np.ndarray, Any]] | None = None,
+        finished: Callable[[], Sequence[bool]] | None = None,
     ) -> Future[PrefetchedMasks]:
         """Start `advance_and_fill` on the worker. `batched` (KUBELLM_GRAMMAR_BATCH_ACCEPT): the step's grammars
         advance in one call that releases the GIL, so the worker's only Python is short bookkeeping between calls.
-        `reuse`, `previous`, `out`: KUBELLM_GRAMMAR_STEP_REUSE and KUBELLM_GRAMMAR_DIRECT_MASKS (advance_and_fill);
+        `reuse`, `previous`, `out`, `finished`: see advance_and_fill (KUBELLM_GRAMMAR_STEP_REUSE and
+        KUBELLM_GRAMMAR_DIRECT_MASKS);
         `out` is called on the worker, so the caller takes no buffer from it until it has taken this result."""
         if self._pool is None:
             if self.switch_interval is not None and self.switch_interval > 0:
@@ -855,7 +933,15 @@ class MaskPrefetcher:
                 sys.setswitchinterval(self.switch_interval)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kubellm-grammar")
         return self._pool.submit(
-            advance_and_fill, self.manager, rows, tokens, batched, reuse=reuse, previous=previous, out=out
+            advance_and_fill,
+            self.manager,
+            rows,
+            tokens,
+            batched,
+            reuse=reuse,
+            previous=previous,
+            out=out,
+            finished=finished,
         )
 
     def take(self, future: Future[PrefetchedMasks]) -> PrefetchedMasks:

@@ -163,7 +163,7 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
         results[prefetch, batched, reuse] = summary(run(eng, requests))
         stats = eng.structured_outputs.fill_stats
         assert (stats.batched_accepts > 0) is batched
-        assert (stats.whole_steps > 0 and stats.reused_plans > 0) is (prefetch and reuse)
+        assert (stats.whole_steps > 0 and stats.reused_plans > 0 and stats.steady_steps > 0) is (prefetch and reuse)
         if prefetch:
             # rows counts every fill, the worker's included; only each request's first mask is filled on the spot
             assert stats.prefetched_rows > stats.rows / 2, "most rows' masks came from the prefetcher"

@@ -265,10 +265,35 @@ def test_step_reuse_hands_masks_over_whole_only_for_the_same_rows_at_their_posit
     ), "a filled now, b and c from the prefetcher"  # fmt: skip
     assert np.array_equal(got.words, manager.bitmask([a, b, c]).words)
 
-    rows[1] = GrammarRow("b", b, lambda: True, {EOS})  # b's request finished: other rows, a new plan
-    third = advance_and_fill(manager, rows, lambda: ids("4", '"', "a"), reuse=True, previous=second)
-    assert third.matchers == [a, c] and third.plan is not second.plan
-    assert np.array_equal(manager.bitmask([a, c], third).words, manager.bitmask([a, c]).words)
+    # the steady state: the same rows, none dropped (`finished`, one call), no EOS: fed without a look at each row
+    steady = manager.fill_stats.steady_steps
+    third = advance_and_fill(
+        manager, rows, lambda: ids("4", '"', "a"), reuse=True, previous=second, finished=lambda: [False] * 3
+    )
+    assert manager.fill_stats.steady_steps == steady + 1 and third.layout is second.layout
+    assert third.outcomes == {"a": (True, False), "b": (True, False), "c": (True, False)}
+    assert np.array_equal(manager.bitmask([a, b, c], third).words, manager.bitmask([a, b, c]).words)
+    # an EOS or a dropped row leaves the steady state: that row's grammar is not fed
+    for tokens, finished, fed in (
+        (ids("5", ":") + [EOS], [False] * 3, "ab"),
+        (ids("6", "1", '"'), [True, False, False], "bc"),
+    ):
+        before = (a.position, b.position, c.position)
+        step = advance_and_fill(
+            manager, rows, lambda t=tokens: t, reuse=True, previous=third, finished=lambda f=finished: f
+        )
+        assert manager.fill_stats.steady_steps == steady + 1 and set(step.outcomes) == set(fed)
+        assert all(outcome == (True, False) for outcome in step.outcomes.values())
+        assert [p - q for p, q in zip((a.position, b.position, c.position), before, strict=True)] == [
+            int(k in fed) for k in "abc"
+        ]
+        assert np.array_equal(manager.bitmask(step.matchers, step).words, manager.bitmask(step.matchers).words)
+        third = step
+
+    rows[1] = GrammarRow("b", b, lambda: True, {EOS})  # b's request finished: other rows, a new plan (c: '{"a"')
+    last = advance_and_fill(manager, rows, lambda: ids("7", '"', ":"), reuse=True, previous=third)
+    assert last.matchers == [a, c] and last.plan is not third.plan and last.layout is not third.layout
+    assert np.array_equal(manager.bitmask([a, c], last).words, manager.bitmask([a, c]).words)
 
 
 def _wait_for(predicate, what: str, timeout_s: float = 30.0) -> None:
