@@ -550,7 +550,9 @@ def compare_probe(
     the same seeded tokens), so the host's noise falls on all alike. Worker only: part 4's measure (the worker's
     accepts and fill beside the engine thread's Python work). Engine path: plus the engine thread's own grammar
     work of a step, as LLMEngine does it (the prefetcher's rows, submit, take, the step's bitmask). Per step
-    (median ms): its excess over the Python work alone (what the grammar adds to the critical path)."""
+    (median ms): its excess over the Python work alone (what the grammar adds to the critical path), as the
+    difference of the medians and as the median of each step's difference from the Python work alone's step taken
+    just before it (paired: steadier when other jobs share the cores)."""
     from kubellm.engine import structured_output as this
     from kubellm.engine.request import RequestStatus
     from kubellm.engine.sampling_params import StructuredOutputsParams
@@ -637,6 +639,8 @@ def compare_probe(
         rows_out.append({"mode": mode["label"], "code": ref if mode["impl"] == "ref" else mode["impl"],
                          "batch": batch, "fill_threads": threads, "work_alone_ms": base, "step_ms": step_ms,
                          "excess_ms": step_ms - base, "mean_step_ms": 1e3 * statistics.mean(mode["walls"]),
+                         "paired_excess_ms": 1e3 * statistics.median(
+                             [w - n for w, n in zip(mode["walls"], none["walls"], strict=True)]),
                          "cpu_ms": cpu_ms, "runqueue_ms": runq_ms})  # fmt: skip
         print(f"compare {rows_out[-1]}", flush=True)
     return rows_out
@@ -657,14 +661,14 @@ def compare_lines(rows: list[dict[str, Any]] | None) -> list[str]:
         return []
     lines = ["", " ".join((compare_probe.__doc__ or "").split()), "",
              "| schema | rows | fill threads | code | mode | step of the Python work alone ms | step ms | "
-             "step's excess ms (grammar on the critical path) | engine thread per step (means), ms: wall / on CPU / "
-             "runnable, waiting for a CPU / asleep (the GIL) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "step's excess ms (grammar on the critical path) | paired excess ms | engine thread per step (means), "
+             "ms: wall / on CPU / runnable, waiting for a CPU / asleep (the GIL) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         wall, cpu, runq = r["mean_step_ms"], r["cpu_ms"], r["runqueue_ms"]
         lines.append(
             f"| {r['schema']} | {r['batch']} | {r['fill_threads']} | {r['code']} | {r['mode']} | "
-            f"{r['work_alone_ms']:.2f} | {r['step_ms']:.2f} | {r['excess_ms']:.2f} | "
+            f"{r['work_alone_ms']:.2f} | {r['step_ms']:.2f} | {r['excess_ms']:.2f} | {r['paired_excess_ms']:.2f} | "
             f"{wall:.2f} / {cpu:.2f} / {runq:.2f} / {wall - cpu - runq:.2f} |"
         )
     return lines
