@@ -12,7 +12,8 @@ where an unbounded one takes a precomputed slice), so a second constrained run p
 schema: {"calls": [action objects (enum, free string, nested object of integer and number ranges, array of at most
 4 strings, a 2-letter pattern, an optional number), ...]} with minItems 100 (--typical 0 skips it); and the
 benchmark schema once more with KUBELLM_GRAMMAR_PREFETCH flipped (ours only, --prefetch-compare 0 skips it), and
-with --batch-accept-compare 1 once more with KUBELLM_GRAMMAR_BATCH_ACCEPT flipped. Compile
+with --batch-accept-compare 1 once more with KUBELLM_GRAMMAR_BATCH_ACCEPT flipped (--reuse-compare 1: twice more,
+with KUBELLM_GRAMMAR_STEP_REUSE flipped, then KUBELLM_GRAMMAR_DIRECT_MASKS flipped). Compile
 time: 100 distinct schemas (12 typed properties each, names varied so none is cached), each compiled and its first
 token mask filled on one thread, through our manager and through vLLM's own xgrammar backend object.
 
@@ -324,7 +325,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {fmt(r.get('vllm_typical'))} | {fmt_ratio(r.get('vllm_typical_vs_unconstrained'))} "
                 f"| {fmt_ratio(r.get('ours_vs_vllm_typical'))} |"
             )
-    kinds = ("constrained", "constrained_flipped", "constrained_batch_flipped", "typical")
+    kinds = ("constrained", "constrained_flipped", "constrained_batch_flipped", "constrained_reuse_flipped",
+             "constrained_direct_flipped", "typical")  # fmt: skip
     host = [(r["batch"], k, r[k]["host"]) for r in result.get("rows", []) for k in kinds
             if isinstance(r.get(k), dict) and r[k].get("host")]  # fmt: skip
     if host:
@@ -333,14 +335,15 @@ def markdown(result: dict[str, Any]) -> str:
             "Ours, the host side of the constrained runs (per decode step; fill: llguidance filling the masks, on the "
             "prefetcher's thread or the engine's; wait: the engine thread waiting for the prefetcher):",
             "",
-            "| batch | schema | prefetch | batched accepts | JSON tok/s | fill ms/step | fill ms/row "
-            "| engine wait ms/step | masks prefetched / filled | first answer |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| batch | schema | prefetch | batched accepts | step reuse | direct masks | JSON tok/s | fill ms/step "
+            "| fill ms/row | engine wait ms/step | masks prefetched / filled | first answer |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for batch, kind, h in host:
             lines.append(
                 f"| {batch} | {'typical' if kind == 'typical' else 'bench'} | {'on' if h.get('prefetch') else 'off'} "
-                f"| {'on' if h.get('batch_accept') else 'off'} | {fmt(h.get('output_tok_s'))} "
+                f"| {'on' if h.get('batch_accept') else 'off'} | {'on' if h.get('step_reuse') else 'off'} "
+                f"| {'on' if h.get('direct_masks') else 'off'} | {fmt(h.get('output_tok_s'))} "
                 f"| {h['fill_ms_per_step']:.2f} | {h['fill_ms_per_row']:.3f} | {h['wait_ms_per_step']:.2f} "
                 f"| {h['prefetched_rows']:,} / {h['filled_rows']:,} "
                 f"| `{h['first_answer']}` |"
@@ -431,9 +434,11 @@ def run_batch(
     typical: bool = False,
     prefetch: bool | None = None,
     batch_accept: bool | None = None,
+    overrides: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """One timed run; `prefetch` and `batch_accept` (None: the engine's setting) set KUBELLM_GRAMMAR_PREFETCH's and
-    KUBELLM_GRAMMAR_BATCH_ACCEPT's switches for it."""
+    KUBELLM_GRAMMAR_BATCH_ACCEPT's switches for it, `overrides` other engine switches read at each step
+    (grammar_step_reuse, grammar_direct_masks)."""
     import torch
 
     from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
@@ -452,6 +457,9 @@ def run_batch(
         engine.grammar_prefetch = prefetch
     if batch_accept is not None:
         engine.grammar_batch_accept = batch_accept
+    saved = {name: getattr(engine, name) for name in overrides or {}}
+    for name, value in (overrides or {}).items():
+        setattr(engine, name, value)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -465,6 +473,9 @@ def run_batch(
     used, engine.grammar_prefetch = engine.grammar_prefetch, configured
     used_batch = engine.grammar_batch_accept
     engine.grammar_batch_accept = configured_batch
+    used_reuse, used_direct = engine.grammar_step_reuse, engine.grammar_direct_masks
+    for name, value in saved.items():
+        setattr(engine, name, value)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     row: dict[str, Any] = {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall}
     if constrained:  # the schema held: every answer is a prefix of valid JSON of the schema's shape
@@ -474,6 +485,8 @@ def run_batch(
         row["host"] = {
             "prefetch": used and engine.async_scheduling,
             "batch_accept": used_batch,
+            "step_reuse": used_reuse,
+            "direct_masks": used_direct and engine._mask_buffers is not None,  # (CUDA with pinned masks only)
             "output_tok_s": tokens / wall,
             "fill_ms_per_step": 1e3 * (stats.seconds - before.seconds) / steps,
             "fill_ms_per_row": 1e3 * (stats.seconds - before.seconds) / rows,
@@ -517,6 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--typical", type=int, choices=(0, 1), default=1, help="also run the typical agent schema (1)")
     p.add_argument("--prefetch-compare", type=int, choices=(0, 1), default=1,
                    help="1: also run the benchmark schema with KUBELLM_GRAMMAR_PREFETCH flipped")  # fmt: skip
+    p.add_argument("--reuse-compare", type=int, choices=(0, 1), default=0,
+                   help="1: also run the benchmark schema with KUBELLM_GRAMMAR_STEP_REUSE flipped, and with "
+                   "KUBELLM_GRAMMAR_DIRECT_MASKS flipped")  # fmt: skip
     p.add_argument("--batch-accept-compare", type=int, choices=(0, 1), default=0,
                    help="1: also run the benchmark schema with KUBELLM_GRAMMAR_BATCH_ACCEPT flipped")  # fmt: skip
     args = p.parse_args(argv)
@@ -607,6 +623,11 @@ def main(argv: list[str] | None = None) -> int:
             row["constrained_batch_flipped"] = run_batch(
                 engine, b, True, args.output_len, batch_accept=not engine.grammar_batch_accept
             )
+        if args.reuse_compare:  # KUBELLM_GRAMMAR_STEP_REUSE flipped, then KUBELLM_GRAMMAR_DIRECT_MASKS flipped
+            for kind, name in (("reuse", "grammar_step_reuse"), ("direct", "grammar_direct_masks")):
+                row[f"constrained_{kind}_flipped"] = run_batch(
+                    engine, b, True, args.output_len, overrides={name: not getattr(engine, name)}
+                )
         result["rows"].append(row)
         typical = f" / typical {row['typical']['output_tok_s']:,.0f}" if args.typical else ""
         print(f"ours batch {b}: {free['output_tok_s']:,.0f} / {constrained['output_tok_s']:,.0f}{typical} tok/s",

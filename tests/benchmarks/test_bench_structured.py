@@ -217,7 +217,7 @@ def test_the_smoke_run_writes_one_results_file_with_the_peer_not_measured(tmp_pa
     """Our engine end to end on the CPU (SmolLM2's shape, batches 1 and 4, 16 tokens): the answers hold the schema
     (run_batch checks them) and the results name what was and was not measured."""
     argv = ["--smoke", "--tokenizer-json", str(tokenizer_file), "--out-dir", str(tmp_path),
-            "--batch-accept-compare", "1"]  # fmt: skip
+            "--batch-accept-compare", "1", "--reuse-compare", "1"]  # fmt: skip
     assert structured.main(argv) == 0
     (md,) = tmp_path.glob("structured-*.md")
     (js,) = tmp_path.glob("structured-*.json")
@@ -234,6 +234,10 @@ def test_the_smoke_run_writes_one_results_file_with_the_peer_not_measured(tmp_pa
         flipped = row["constrained_batch_flipped"]["host"]  # KUBELLM_GRAMMAR_BATCH_ACCEPT flipped, prefetch as set
         assert (flipped["batch_accept"], row["constrained"]["host"]["batch_accept"]) == (True, False)
         assert flipped["prefetch"] == row["constrained"]["host"]["prefetch"]
+        runs = [row[k] for k in ("constrained", "constrained_reuse_flipped", "constrained_direct_flipped")]
+        assert [r["host"]["step_reuse"] for r in runs] == [True, False, True], "KUBELLM_GRAMMAR_STEP_REUSE flipped"
+        assert not runs[2]["host"]["direct_masks"], "the CPU has no pinned buffers: nothing to fill directly"
+        assert all(r["output_tokens"] == 16 * row["batch"] for r in runs)
     probe = result["fill_probe"]
     assert probe["rows"] == 64 and probe["one_thread_ms"] > 0 and probe["pool_threads"] >= 1
     assert "Fill probe (the benchmark schema's costliest state" in text
