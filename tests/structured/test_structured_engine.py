@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 
 import jsonschema
+import numpy as np
 import pytest
 
 from kubellm.engine.config import EngineConfig
 from kubellm.engine.llm_engine import LLMEngine
 from kubellm.engine.outputs import OutputAssembler
 from kubellm.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from kubellm.engine.token_bitmask import bitmask_words
 
 PERSON = {
     "type": "object",
@@ -47,6 +50,25 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]):
                 final[out.request_id] = out
     assert engine.kv.num_used_blocks == 0
     return [final[i] for i in ids]
+
+
+class _HostBuffers:
+    """PinnedBitmaskBuffers' two buffers taken in turn, in host memory (the CPU has no pinned tensors); the "pinned
+    tensor" handed back is the array itself. Records which threads took a buffer."""
+
+    def __init__(self, unused, words: int):
+        assert unused is None, "the CPU engine makes no pinned buffers"
+        self._buffers = [np.zeros((0, words), np.int32), np.zeros((0, words), np.int32)]
+        self._next, self.words, self.takers = 0, words, set()
+
+    def take(self, rows: int):
+        self.takers.add(threading.current_thread().name.split("_")[0])
+        slot, self._next = self._next, 1 - self._next
+        if self._buffers[slot].shape[0] < rows:
+            self._buffers[slot] = np.zeros((rows, self.words), np.int32)
+        view = self._buffers[slot][:rows]
+        view[:] = 0x5A5A5A5A  # whatever a step before left: every row must be written whole
+        return view, view
 
 
 def summary(outs):
@@ -152,16 +174,22 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
     # (prefetch, KUBELLM_GRAMMAR_BATCH_ACCEPT, KUBELLM_GRAMMAR_STEP_REUSE): the accepts one row at a time or in one
     # call, on either thread; with the prefetcher, a step whose rows are the last one's reusing its plan and taking
     # its masks whole, or (off) every step rebuilding its rows and copying its masks row by row, as before
-    for prefetch, batched, reuse in (
-        (True, False, True), (False, False, True), (True, True, True), (False, True, True), (True, True, False),
+    # The last mode adds KUBELLM_GRAMMAR_DIRECT_MASKS over host buffers taken in turn as the pinned ones are on CUDA.
+    for prefetch, batched, reuse, direct in (
+        (True, False, True, False), (False, False, True, False), (True, True, True, False),
+        (False, True, True, False), (True, True, False, False), (True, True, True, True),
     ):  # fmt: skip
         eng = make_engine(
             smollm2, async_scheduling=True, grammar_prefetch=prefetch, grammar_batch_accept=batched,
-            grammar_step_reuse=reuse,
+            grammar_step_reuse=reuse, grammar_direct_masks=direct,
         )  # fmt: skip
+        buffers = _HostBuffers(eng._mask_buffers, bitmask_words(eng.model_config.vocab_size)) if direct else None
+        eng._mask_buffers = buffers
         requests = [(chat_ids(eng, text), params) for params, text in reqs]
-        results[prefetch, batched, reuse] = summary(run(eng, requests))
+        results[prefetch, batched, reuse, direct] = summary(run(eng, requests))
         stats = eng.structured_outputs.fill_stats
+        if buffers is not None:  # the worker filled them: the steps that took its masks whole copied nothing
+            assert "kubellm-grammar" in buffers.takers and stats.whole_steps > 0
         assert (stats.batched_accepts > 0) is batched
         assert (stats.whole_steps > 0 and stats.reused_plans > 0 and stats.steady_steps > 0) is (prefetch and reuse)
         if prefetch:
@@ -175,8 +203,8 @@ def test_grammar_prefetch_fills_the_masks_ahead_and_changes_no_answer(smollm2):
         eng.close()
         assert sys.getswitchinterval() == python_interval
     for mode, result in results.items():  # the same tokens, texts and endings in every mode
-        assert result == results[False, False, True], mode
-    for (params, _), out in zip(reqs, results[True, False, True], strict=True):
+        assert result == results[False, False, True, False], mode
+    for (params, _), out in zip(reqs, results[True, False, True, False], strict=True):
         for _tokens, text, reason in out:
             if params.structured_outputs is not None and reason == "stop":
                 jsonschema.validate(json.loads(text), PERSON)
