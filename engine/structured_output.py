@@ -91,6 +91,17 @@ class GrammarBackend(Protocol):
         """Per matcher, GrammarMatcher.is_terminated (one call for a step's rows)."""
         ...
 
+    def prepare(self, matchers: Sequence[GrammarMatcher]) -> Any:
+        """What consume_prepared needs of these matchers, made once for the steps that feed the same rows."""
+        ...
+
+    def consume_prepared(
+        self, prepared: Any, matchers: Sequence[GrammarMatcher], tokens: Sequence[int]
+    ) -> list[tuple[bool, bool]]:
+        """consume_tokens over matchers[j] and tokens[j] (`prepared`: prepare(matchers)); per row (accepted,
+        terminated), as StructuredOutputManager.advance answers."""
+        ...
+
     def fill_plan(self, matchers: Sequence[GrammarMatcher]) -> Any:
         """What fill_planned needs to write matchers[j]'s mask into row j: built once for a set of rows, so a step
         whose rows are the previous step's, in the same order, reuses it (MaskPrefetcher)."""
@@ -404,6 +415,22 @@ class LLGuidanceBackend:
     def terminated(self, matchers: Sequence[GrammarMatcher]) -> list[bool]:
         """is_stopped straight on llguidance's matchers: a fifth of the GIL-held time of is_terminated per row."""
         return [_raw(m).is_stopped() for m in matchers]
+
+    def prepare(self, matchers: Sequence[GrammarMatcher]) -> list[Any]:
+        """The llguidance matchers themselves (a wrapper's never changes once made)."""
+        return [_raw(m) for m in matchers]
+
+    def consume_prepared(
+        self, prepared: list[Any], matchers: Sequence[GrammarMatcher], tokens: Sequence[int]
+    ) -> list[tuple[bool, bool]]:
+        """consume_tokens and terminated without a Python call per row to reach each llguidance matcher."""
+        for m in matchers:
+            m.position += 1
+        if len(prepared) == 1:
+            oks = [bool(prepared[0].consume_token(tokens[0]))]
+        else:
+            oks = self._executor.consume_token_par(list(zip(prepared, tokens, strict=True)))
+        return [(bool(ok), not ok or state.is_stopped()) for ok, state in zip(oks, prepared, strict=True)]
 
     def fill_bitmask(self, matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: np.ndarray) -> None:
         """One call into llguidance's pool, the GIL released throughout. The rows go sorted by lineage: rayon hands
@@ -789,6 +816,7 @@ class StepRows:
     keys: list[Any]
     matchers: list[GrammarMatcher]
     passthrough: Collection[int] | None  # the constrained rows' common passthrough (None: theirs differ)
+    prepared: Any = None  # the backend's prepare(matchers), made at the first batched steady step
 
     @classmethod
     def of(cls, rows: Sequence[GrammarRow | None]) -> StepRows:
@@ -836,7 +864,14 @@ def advance_and_fill(
         step_ids = ids if index is None else [ids[i] for i in index]
         dropped = any(flags) if index is None else any([flags[i] for i in index])
         if not dropped and not any(map(layout.passthrough.__contains__, step_ids)):
-            results = manager.advance(list(zip(layout.matchers, step_ids, strict=True)), batched)
+            if batched:  # (StructuredOutputManager.advance's batched call, without its per-row lists)
+                backend = manager.backend
+                if layout.prepared is None:
+                    layout.prepared = backend.prepare(layout.matchers)
+                results = backend.consume_prepared(layout.prepared, layout.matchers, step_ids)
+                manager.fill_stats.batched_accepts += len(step_ids)
+            else:
+                results = manager.advance(list(zip(layout.matchers, step_ids, strict=True)), batched)
             manager.fill_stats.steady_steps += 1
             return _fill_ahead(manager, start, got, layout, layout.keys, layout.matchers, results, previous, out)
     if flags is None:

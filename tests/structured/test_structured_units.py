@@ -267,10 +267,13 @@ def test_step_reuse_hands_masks_over_whole_only_for_the_same_rows_at_their_posit
 
     # the steady state: the same rows, none dropped (`finished`, one call), no EOS: fed without a look at each row
     steady = manager.fill_stats.steady_steps
+    batched, positions = manager.fill_stats.batched_accepts, [m.position for m in (a, b, c)]
     third = advance_and_fill(
-        manager, rows, lambda: ids("4", '"', "a"), reuse=True, previous=second, finished=lambda: [False] * 3
+        manager, rows, lambda: ids("4", '"', "a"), True, reuse=True, previous=second, finished=lambda: [False] * 3
     )
     assert manager.fill_stats.steady_steps == steady + 1 and third.layout is second.layout
+    assert manager.fill_stats.batched_accepts == batched + 3
+    assert [m.position for m in (a, b, c)] == [p + 1 for p in positions], "each fed once (the batched call)"
     assert third.outcomes == {"a": (True, False), "b": (True, False), "c": (True, False)}
     assert np.array_equal(manager.bitmask([a, b, c], third).words, manager.bitmask([a, b, c]).words)
     # an EOS or a dropped row leaves the steady state: that row's grammar is not fed
