@@ -270,6 +270,8 @@ class Router:
         self._load_lines.discard(b.slot)
 
     def _on_load(self, b: Backend, ev: LoadEvent | None) -> None:
+        if b.removed:  # (a line read after the removal, before its stream's stop ran: it would stay in _load_lines)
+            return
         b.engine_load = EngineLoad.of(ev, b.in_flight) if ev is not None else None
         if ev is not None:
             self._load_lines.add(b.slot)

@@ -10,8 +10,10 @@ from router_fake_engine import FakeEngine, word_tokenizer_info, words
 
 from kubellm.kv_events import LoadEvent
 from kubellm.router.app import RouterServer
+from kubellm.router.backends import EndpointInfo
 from kubellm.router.config import RouterConfig
 from kubellm.router.engine_load import EngineLoad, combined_load
+from kubellm.router.policies.base import RouteRequest
 
 TOK = word_tokenizer_info()
 
@@ -125,3 +127,23 @@ async def test_without_load_lines_the_router_only_sees_its_own_share():
 
 def test_load_event_is_not_part_of_the_seq_numbering():
     assert "seq" not in LoadEvent.model_fields
+
+
+async def test_a_load_line_that_arrives_after_its_replica_left_is_ignored():
+    """A replica's event stream is stopped by a task scheduled when discovery removes it, so one more load line can
+    be delivered after the removal. It must leave no trace: the prefix rule keeps reading the live backends in place
+    (choose_index) instead of building a row per replica for every request from then on."""
+    r = RouterServer(cfg([])).router
+    reg = r.registry
+    reg.set_endpoints([EndpointInfo("http://a:1"), EndpointInfo("http://b:1")])
+    gone = reg.backends["http://b:1"]
+    reg.set_endpoints([EndpointInfo("http://a:1")])
+    assert gone.removed
+    r._on_load(gone, LoadEvent(running=3, waiting=1, free_blocks=10))  # (the late line, as the subscriber hands it)
+
+    def rows_path(*args: object) -> None:
+        raise AssertionError("the row path was taken though no live replica sends load lines")
+
+    r.policy.choose_row = rows_path  # type: ignore[method-assign]
+    picked = r._try_pick(RouteRequest("m", num_blocks=0, block_tokens=16), [], [])
+    assert picked is not None and picked[0] is reg.backends["http://a:1"]
