@@ -338,10 +338,17 @@ def test_choose_row_returns_the_row_choose_picks_with_its_payload():
 
 @given(
     rows=st.lists(
-        st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 4), st.integers(0, 12), st.integers(0, 50)),
+        st.tuples(
+            st.integers(0, 12),
+            st.integers(0, 12),
+            st.integers(0, 4),
+            st.integers(0, 12) | st.sampled_from([0, 12]),  # (ties on the longest match, earned or not)
+            st.integers(0, 50) | st.integers(0, 2),  # (ties on the footprint)
+        ),
         min_size=1,
         max_size=10,
     ),
+    spread=st.sampled_from([1, 12]),  # 1: even loads, every replica within the bound (choose_index's tie path)
     blocks=st.integers(0, 14),
     c=st.sampled_from([1.0, 1.25, 2.0]),
     floor=st.sampled_from([0, 4]),
@@ -349,10 +356,12 @@ def test_choose_row_returns_the_row_choose_picks_with_its_payload():
     tokens=st.sampled_from([0, 64]),
     turns=st.integers(0, 30),
 )
-def test_choose_index_picks_what_choose_row_picks(rows, blocks, c, floor, ratio, tokens, turns):
+def test_choose_index_picks_what_choose_row_picks(rows, spread, blocks, c, floor, ratio, tokens, turns):
     """The router's pick without rows (choose_index over its backends, the matches and a footprint lookup) picks the
     replica choose_row picks, with its reason and match, and leaves the tie rotation where choose_row leaves it; it
-    reads a footprint only where no replica it compares holds an earned match (as the rule does)."""
+    reads a footprint only where no replica it compares holds an earned match (as the rule does). The draws make
+    ties (longest match, footprint, load) and all-within-the-bound states common, not rare."""
+    rows = [(min(inf, spread), *rest) for inf, *rest in rows]
     state = [(f"r{i}", inf, min(ans, inf), w, m, f, i) for i, (inf, ans, w, m, f) in enumerate(rows)]
     req = RouteRequest("m", num_blocks=blocks, block_tokens=16)
     full, fast = PrefixPolicy(c, floor, ratio, tokens), PrefixPolicy(c, floor, ratio, tokens)
