@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from kubellm.openai_errors import APIError, error_json
+import pytest
+
+from kubellm.openai_errors import APIError, check_json_content_type, error_json
 
 
 def test_error_body_is_openais_shape_with_the_type_given_by_status():
@@ -50,3 +52,18 @@ def test_headers_default_to_empty_and_are_not_shared_with_the_caller():
     given["X"] = "y"
     assert err.headers == {"Retry-After": "1"}
     assert APIError(400, "bad").headers == {}
+
+
+_JSON = [None, "application/json", "application/json; charset=utf-8", "Application/JSON", " application/json ;q=1"]
+
+
+@pytest.mark.parametrize("header", _JSON)
+def test_json_content_types_pass_with_or_without_parameters_and_in_any_case(header):
+    check_json_content_type(header)  # (the exact 'application/json' skips parsing: the others must pass too)
+
+
+@pytest.mark.parametrize("header", ["text/plain", "application/jsonl", "application/x-www-form-urlencoded"])
+def test_other_content_types_are_415(header):
+    with pytest.raises(APIError) as e:
+        check_json_content_type(header)
+    assert (e.value.status, e.value.code) == (415, "unsupported_content_type")
