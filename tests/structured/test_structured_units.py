@@ -608,3 +608,33 @@ def test_prefetched_rows_land_in_their_rows_in_any_order(manager, tokenizer):
         want = manager.bitmask(batch)
         assert got.rows == want.rows and np.array_equal(got.words, want.words), batch
     assert len({r.tobytes() for r in manager.bitmask([a, b, c]).words}) == 3, "the states differ: a misplaced row shows"
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_steady_state_a_rejected_token_ends_its_row_and_the_others_go_on(manager, tokenizer, batched):
+    """KUBELLM_GRAMMAR_STEP_REUSE's steady path (the same rows, none dropped, no EOS) with a token one grammar rejects
+    (a raw newline inside a JSON key): that row's outcome is (rejected, ended), so the engine stops its request, and
+    its mask is not among the filled ones; the next step, without it, leaves the steady layout and fills the rest
+    as a fill from scratch does."""
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}}})
+    a, b, c = (manager.new_matcher(spec) for _ in range(3))
+    rows = [GrammarRow(k, m, lambda: False, {EOS}) for k, m in (("a", a), ("b", b), ("c", c))]
+
+    def step(texts, previous=None, step_rows=rows):
+        ids = [tokenizer.encode(t).ids[0] for t in texts]
+        none = [False] * len(ids)
+        return advance_and_fill(
+            manager, step_rows, lambda: ids, batched, reuse=True, previous=previous, finished=lambda: none
+        )
+
+    first = step(["{", "{", "{"])
+    second = step(['"', '"', '"'], first)
+    steady = manager.fill_stats.steady_steps
+    third = step(["a", "\n", "a"], second)
+    assert manager.fill_stats.steady_steps == steady + 1 and third.layout is second.layout
+    assert third.outcomes == {"a": (True, False), "b": (False, True), "c": (True, False)}
+    assert third.matchers == [a, c]
+    assert np.array_equal(manager.bitmask([a, c], third).words, manager.bitmask([a, c]).words)
+    fourth = step(['"', "x", '"'], third, [rows[0], None, rows[2]])  # b's request stopped: its row is gone
+    assert fourth.outcomes == {"a": (True, False), "c": (True, False)} and fourth.layout is not third.layout
+    assert np.array_equal(manager.bitmask([a, None, c], fourth).words, manager.bitmask([a, None, c]).words)
