@@ -285,6 +285,17 @@ def core_split(before: list[int] | None, after: list[int] | None) -> dict[str, f
             "idle": (d[3] + d[4]) / total, "steal": d[7] / total}  # fmt: skip
 
 
+def tcp_segments() -> int | None:
+    """The host's TCP segments sent so far (/proc/net/snmp OutSegs: data and pure ACKs, every leg on lo alike);
+    None where there is no /proc/net/snmp."""
+    try:
+        with open("/proc/net/snmp") as f:
+            rows = [line.split() for line in f if line.startswith("Tcp:")]
+        return int(rows[1][rows[0].index("OutSegs")])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_load(host: str, port: int, work: Any) -> Any:
     """Run work(client) on a fresh event loop (uvloop when installed) with a fresh connection pool."""
     from router_load import LoadClient
@@ -397,8 +408,24 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                     row.setdefault("ttfc_p99_ms", []).append(pct([t.first_byte for t in st], 99) * 1e3)
                     row.setdefault("stream_total_p50_ms", []).append(pct([t.total for t in st], 50) * 1e3)
                 cpu0 = cpu_seconds(proc)
+                cores0, segs0 = (core_times(ROUTER_CORE), core_times(HARNESS_CORE)), tcp_segments()
                 rps = run_load(host, int(port_s), lambda cl: closed_loop(cl, plain, 64, args.max_duration))
+                cores1, segs1 = (core_times(ROUTER_CORE), core_times(HARNESS_CORE)), tcp_segments()
                 row.setdefault("max_rps", []).append(rps)
+                # What the closed loop is bound by: the router core's busy time per request (user, system AND the
+                # softirq that its sends cost there, which the process's CPU times leave out), and how idle the
+                # harness core was (a harness that kept the router waiting shows here); both cores alike for
+                # every contender, so nothing here favours one
+                split, harness = core_split(cores0[0], cores1[0]), core_split(cores0[1], cores1[1])
+                n = max(1.0, rps * args.max_duration)
+                if split and proc is not None:
+                    busy = 1.0 - split["idle"] - split["steal"]
+                    row.setdefault("core_us_per_req", []).append(busy * args.max_duration * 1e6 / n)
+                    row.setdefault("core_softirq_share", []).append(split["softirq"])
+                if harness:
+                    row.setdefault("harness_idle", []).append(harness["idle"])
+                if segs0 is not None and segs1 is not None:
+                    row.setdefault("tcp_segs_per_req", []).append((segs1 - segs0) / n)
                 if proc is not None:  # CPU per request: a figure other users of a shared machine disturb less
                     cpu_ms = (cpu_seconds(proc) - cpu0) * 1e3 / max(1.0, rps * args.max_duration)
                     row.setdefault("cpu_ms_per_req", []).append(cpu_ms)
@@ -1011,6 +1038,15 @@ def write_results(results: dict[str, Any]) -> Path:
                       f"{cell(r, 'added_p99_ms')} | {cell(r, 'ttfc_p50_ms')} | {cell(r, 'added_ttfc_p50_ms')} | "
                       f"{cell(r, 'max_rps', '.0f')} | {cell(r, 'cpu_ms_per_req')} |")  # fmt: skip
         md.append("")
+        if any("core_us_per_req" in r for r in o["rows"].values()):
+            md += ["What bounds the closed loop (max req/s phase): the router core's busy time per request (user, "
+                   "system and softirq, the last left out of the process's CPU above), its softirq share, the "
+                   "harness core's idle share, TCP segments sent per request (all legs):", "",
+                   "| contender | router core µs/req | router core softirq | harness core idle | TCP segments/req |",
+                   "|---|---|---|---|---|",
+                   *(f"| {name} | {cell(r, 'core_us_per_req', '.1f')} | {cell(r, 'core_softirq_share', '.2f')} | "
+                     f"{cell(r, 'harness_idle', '.2f')} | {cell(r, 'tcp_segs_per_req', '.2f')} |"
+                     for name, r in o["rows"].items() if "core_us_per_req" in r), ""]  # fmt: skip
     for kind in ("multiturn", "uniform"):
         if kind not in results.get("routing", {}):
             continue

@@ -33,8 +33,11 @@ class UpstreamError(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool]):
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool], loop: asyncio.AbstractEventLoop):
         self.pool, self.key = pool, key
+        # the loop that serves this connection, kept: on 3.11 every asyncio.get_running_loop() is a getpid()
+        # system call (its fork check), once per routed request on the wait below
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.response: UpstreamResponse | None = None
@@ -227,7 +230,7 @@ class UpstreamResponse:
         if self._error is not None:
             raise self._error
         pool = self._conn.pool
-        loop = asyncio.get_running_loop()
+        loop = self._conn.loop
         self._waiter = loop.create_future()
         self.deadline = loop.time() + self._read_timeout  # the pool's sweeper enforces it (no timer per wait)
         pool._waiting.add(self)
@@ -251,7 +254,7 @@ class UpstreamResponse:
             return
         # _wait inline (one frame less on the step that resumes the request when its answer arrives)
         pool = self._conn.pool
-        loop = asyncio.get_running_loop()
+        loop = self._conn.loop
         waiting = pool._waiting
         if pool._sweeper is None:
             pool._start_sweeper(loop)
@@ -398,7 +401,7 @@ class UpstreamPool:
             tls = self._ssl_context
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, key), key[0], key[1], ssl=tls),
+                loop.create_connection(lambda: _Connection(self, key, loop), key[0], key[1], ssl=tls),
                 self.connect_timeout,
             )
         except (OSError, TimeoutError) as e:  # (ssl.SSLError is an OSError: a certificate refused)
