@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 from urllib.parse import unquote
@@ -296,7 +297,16 @@ class Router:
         return None
 
     # --- dispatch (the lean server calls this for every request) -----------------------------------------
-    async def handle(self, req: Request, ex: Exchange) -> None:
+    def handle(self, req: Request, ex: Exchange) -> Awaitable[None]:
+        """A routed POST's coroutine is handed to the server as it is: no frame of this method stays between the
+        server and handle_inference (each level costs every request its creation and a step on each resume)."""
+        kind = _ROUTED_PATHS.get(req.path)
+        if kind is not None and req.method == "POST" and (not self._api_keys or self._authorized(req)):
+            return self.handle_inference(req, ex, kind)
+        return self._dispatch(req, ex)
+
+    async def _dispatch(self, req: Request, ex: Exchange) -> None:
+        """Everything but an authorized routed POST: errors, and the GET routes."""
         path = req.path
         kind = _ROUTED_PATHS.get(path)
         if kind is not None:
@@ -376,6 +386,8 @@ class Router:
         ex.respond(200, orjson.dumps(OPENAPI), (_JSON,))
 
     async def handle_inference(self, req: Request, ex: Exchange, kind: str) -> None:
+        """A routed request, from its body to its answer, in one coroutine (the routing once lived in a second one
+        this awaited: a frame less to create and to step through when the replica's answer resumes it)."""
         started = time.perf_counter()
         model = "unknown"
         try:
@@ -385,7 +397,111 @@ class Router:
             model = body.model
             if self._warming is not None and not self._warming.done():
                 await asyncio.shield(self._warming)
-            await self._route(req, ex, kind, body, started)
+            cfg = self.config
+            key: PromptKey | None = None
+            if self.policy.name is RoutingPolicy.PREFIX:
+                fields = body.fields
+                key = self.hasher.text_key_now(model, kind, fields) or await self.hasher.key(model, kind, fields)
+            rh = req.headers
+            session_key = rh.get(self._session_header) or body.user
+            hashes = key.hashes if key else []
+            route = RouteRequest(model, session_key, len(hashes), key.block_tokens if key else DEFAULT_BLOCK_SIZE)
+            request_id = rh.get("x-request-id") or self._request_id()
+            accept = rh.get("accept")
+            if accept is not None:
+                head = self._upstream_head_accept(accept, request_id)
+            else:
+                head = self._upstream_head(request_id)
+            tried: list[int] = []
+            last: UpstreamFailure | None = None
+            first_byte = [False]
+            if cfg.debug_headers and rh.get("x-kubellm-route-only") == "1":
+                # which replica this router would pick now, without sending (bench/router.py measures how often two
+                # router replicas agree); counted in no metric, changing nothing but the policy's tie rotation
+                backend, reason, _ = self._try_pick(route, hashes, tried) or (None, "", 0)
+                found = [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)] if backend else []
+                return ex.respond(204, b"", [("X-Request-Id", request_id), *found])
+
+            for attempt in range(cfg.max_retries + 1):
+                if attempt:
+                    self.metrics.retries.labels(model).inc()
+                    await asyncio.sleep(min(cfg.retry_backoff * 2 ** (attempt - 1), 0.5) * (0.5 + random.random()))
+                # the pick without a coroutine while some replica can take the request (every request but the queued)
+                picked = self._try_pick(route, hashes, tried)
+                if picked is None:
+                    if tried:
+                        break
+                    picked = await self.queue.wait_for(model, partial(self._try_pick, route, hashes, tried))
+                backend, reason, matched = picked
+                tried.append(backend.slot)
+                resp_headers = [("X-Request-Id", request_id)]
+                if cfg.debug_headers:
+                    resp_headers += [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)]
+                self.registry.acquire(backend)
+                sent = [False]
+
+                def on_sent(b: Backend = backend, sent: list[bool] = sent) -> None:
+                    """The request is on its way (called before anything else can be routed): its blocks count as sent
+                    there from now on. After the write, so the replica starts on it before this bookkeeping."""
+                    sent[0] = True
+                    self.index.on_send(b.slot, hashes)
+
+                def on_first_byte(b: Backend = backend) -> None:
+                    first_byte[0] = True
+                    self._ttfb(model).observe(time.perf_counter() - started)
+                    self.registry.answered(b)
+
+                code = "error"
+                try:
+                    target = self._upstream_target(backend.url, req.path)
+                    if req.query:  # (not cached: one Target per distinct query string would grow without bound)
+                        target = target.with_query(req.query)
+                    outcome = await forward(
+                        self.pool,  # type: ignore[arg-type]
+                        target,
+                        head,
+                        req.body,
+                        ex,
+                        resp_headers,
+                        on_first_byte,
+                        on_sent,
+                    )
+                    code = str(outcome.status)
+                    if outcome.died_mid_stream:
+                        self.registry.record_failure(backend)
+                        if self.health:
+                            self.health.probe_soon()
+                    else:
+                        self.registry.record_success(backend)
+                    return
+                except UpstreamFailure as e:
+                    last = e
+                    code = str(e.status or 502)
+                    if not e.retryable:
+                        break
+                    if e.status != 429:
+                        self.registry.record_failure(backend, connect_error=e.connect_error)
+                        if self.health:
+                            self.health.probe_soon()
+                    log.info("attempt %d on %s failed: %s", attempt + 1, backend.url, e)
+                except (asyncio.CancelledError, ConnectionResetError):
+                    code = "499"  # the client went away; closing the upstream connection aborted the request
+                    raise
+                finally:
+                    self.registry.release(backend, answered=first_byte[0])
+                    if sent[0]:
+                        self.index.on_done(backend.slot, hashes)
+                    counted = self._outcome_metrics(model, backend.url, code, reason)
+                    counted[0].inc()
+                    if first_byte[0] or code != "error":
+                        counted[1].observe(time.perf_counter() - started)
+                    counted[2].inc()
+                    if hashes:
+                        self._match_ratio.observe(matched / len(hashes))
+            if last is not None and last.status is not None:
+                passed = [(k, v) for k, v in last.headers if k in ("Content-Type", "Retry-After")]
+                return ex.respond(last.status, last.body, passed)
+            raise APIError(502, f"no replica of model {model!r} could answer: {last}", code="upstream_unavailable")
         except APIError as e:
             self.metrics.child(self.metrics.requests, model, "", str(e.status)).inc()
             self._error(ex, e)
@@ -395,110 +511,6 @@ class Router:
         if not req.body:
             raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
         return parse_routed_body(req.body)
-
-    async def _route(self, req: Request, ex: Exchange, kind: str, body: RoutedBody, started: float) -> None:
-        cfg = self.config
-        model = body.model
-        key: PromptKey | None = None
-        if self.policy.name is RoutingPolicy.PREFIX:
-            key = self.hasher.text_key_now(model, kind, body.fields) or await self.hasher.key(model, kind, body.fields)
-        rh = req.headers
-        session_key = rh.get(self._session_header) or body.user
-        hashes = key.hashes if key else []
-        route = RouteRequest(model, session_key, len(hashes), key.block_tokens if key else DEFAULT_BLOCK_SIZE)
-        request_id = rh.get("x-request-id") or self._request_id()
-        accept = rh.get("accept")
-        head = self._upstream_head_accept(accept, request_id) if accept is not None else self._upstream_head(request_id)
-        tried: list[int] = []
-        last: UpstreamFailure | None = None
-        first_byte = [False]
-        if cfg.debug_headers and rh.get("x-kubellm-route-only") == "1":
-            # which replica this router would pick now, without sending (bench/router.py measures how often two
-            # router replicas agree); counted in no metric, changing nothing but the policy's tie rotation
-            backend, reason, _ = self._try_pick(route, hashes, tried) or (None, "", 0)
-            found = [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)] if backend else []
-            return ex.respond(204, b"", [("X-Request-Id", request_id), *found])
-
-        for attempt in range(cfg.max_retries + 1):
-            if attempt:
-                self.metrics.retries.labels(model).inc()
-                await asyncio.sleep(min(cfg.retry_backoff * 2 ** (attempt - 1), 0.5) * (0.5 + random.random()))
-            # the pick without a coroutine while some replica can take the request (every request but the queued)
-            picked = self._try_pick(route, hashes, tried)
-            if picked is None:
-                if tried:
-                    break
-                picked = await self.queue.wait_for(model, partial(self._try_pick, route, hashes, tried))
-            backend, reason, matched = picked
-            tried.append(backend.slot)
-            resp_headers = [("X-Request-Id", request_id)]
-            if cfg.debug_headers:
-                resp_headers += [("X-Kubellm-Backend", backend.url), ("X-Kubellm-Route", reason)]
-            self.registry.acquire(backend)
-            sent = [False]
-
-            def on_sent(b: Backend = backend, sent: list[bool] = sent) -> None:
-                """The request is on its way (called before anything else can be routed): its blocks count as sent
-                there from now on. After the write, so the replica starts on it before this bookkeeping."""
-                sent[0] = True
-                self.index.on_send(b.slot, hashes)
-
-            def on_first_byte(b: Backend = backend) -> None:
-                first_byte[0] = True
-                self._ttfb(model).observe(time.perf_counter() - started)
-                self.registry.answered(b)
-
-            code = "error"
-            try:
-                target = self._upstream_target(backend.url, req.path)
-                if req.query:  # (not cached: one Target per distinct query string would grow without bound)
-                    target = target.with_query(req.query)
-                outcome = await forward(
-                    self.pool,  # type: ignore[arg-type]
-                    target,
-                    head,
-                    req.body,
-                    ex,
-                    resp_headers,
-                    on_first_byte,
-                    on_sent,
-                )
-                code = str(outcome.status)
-                if outcome.died_mid_stream:
-                    self.registry.record_failure(backend)
-                    if self.health:
-                        self.health.probe_soon()
-                else:
-                    self.registry.record_success(backend)
-                return
-            except UpstreamFailure as e:
-                last = e
-                code = str(e.status or 502)
-                if not e.retryable:
-                    break
-                if e.status != 429:
-                    self.registry.record_failure(backend, connect_error=e.connect_error)
-                    if self.health:
-                        self.health.probe_soon()
-                log.info("attempt %d on %s failed: %s", attempt + 1, backend.url, e)
-            except (asyncio.CancelledError, ConnectionResetError):
-                code = "499"  # the client went away; closing the upstream connection aborted the request
-                raise
-            finally:
-                self.registry.release(backend, answered=first_byte[0])
-                if sent[0]:
-                    self.index.on_done(backend.slot, hashes)
-                counted = self._outcome_metrics(model, backend.url, code, reason)
-                counted[0].inc()
-                if first_byte[0] or code != "error":
-                    counted[1].observe(time.perf_counter() - started)
-                counted[2].inc()
-                if hashes:
-                    self._match_ratio.observe(matched / len(hashes))
-        if last is not None and last.status is not None:
-            passed = [(k, v) for k, v in last.headers if k in ("Content-Type", "Retry-After")]
-            return ex.respond(last.status, last.body, passed)
-        raise APIError(502, f"no replica of model {model!r} could answer: {last}", code="upstream_unavailable")
 
     def _outcome_metrics(self, model: str, url: str, code: str, reason: str) -> tuple[Any, Any, Any]:
         """The children a finished attempt counts in (requests by backend and code, duration, decisions by reason),
