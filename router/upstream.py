@@ -249,29 +249,6 @@ class UpstreamResponse:
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError(f"no data from the replica for {self._read_timeout:g}s"))
 
-    async def start(self) -> None:
-        if self._head_done:
-            return
-        # _wait inline (one frame less on the step that resumes the request when its answer arrives)
-        pool = self._conn.pool
-        loop = self._conn.loop
-        waiting = pool._waiting
-        if pool._sweeper is None:
-            pool._start_sweeper(loop)
-        while not self._head_done:
-            if self._error is not None:
-                raise self._error
-            self._waiter = waiter = loop.create_future()
-            self.deadline = loop.time() + self._read_timeout
-            waiting.add(self)
-            try:
-                await waiter
-            finally:
-                waiting.discard(self)
-                self._waiter = None
-        if self._error is not None:
-            raise self._error
-
     async def readany(self) -> bytes:
         """The next piece of the body as it arrived (chunk framing removed); b"" at its end."""
         self.on_complete = None  # the reader takes the body from here on (on_complete would see only the rest)
@@ -442,27 +419,45 @@ class UpstreamPool:
         written = time.monotonic() if reused else 0.0
         if on_sent is not None:
             on_sent()
-        try:
-            await resp.start()
-        except UpstreamError:
-            resp.close()
-            if not (reused and stale(resp) and time.monotonic() - written <= self.stale_window):
-                raise
-            # The replica closed this kept-alive connection while it sat idle here (its keep-alive timeout, a
-            # restart) and the close crossed our write: nothing of the answer came, so nothing of the request was
-            # processed. Once more on a fresh connection; not the replica's failure (the caller never sees it).
-            self.stale_retries += 1
-            log.debug("a pooled connection to %s:%d was closed by the replica: resending on a new one", *key[:2])
-            resp = self._write(await self._open(key), request, on_complete)
+        loop = conn.loop
+        if self._sweeper is None:
+            self._start_sweeper(loop)
+        waiting = self._waiting
+        resent = False
+        while True:
             try:
-                await resp.start()
+                # the wait for the answer's head, here rather than in a coroutine of the response's: one frame less
+                # on the step that resumes the request when its answer arrives
+                while not resp._head_done:
+                    if resp._error is not None:
+                        raise resp._error
+                    resp._waiter = waiter = loop.create_future()
+                    resp.deadline = loop.time() + resp._read_timeout  # the sweeper enforces it (no timer per wait)
+                    waiting.add(resp)
+                    try:
+                        await waiter
+                    finally:
+                        waiting.discard(resp)
+                        resp._waiter = None
+                if resp._error is not None:
+                    raise resp._error
+                return resp
+            except UpstreamError:
+                resp.close()
+                if resent or not (reused and stale(resp) and time.monotonic() - written <= self.stale_window):
+                    raise
+                # The replica closed this kept-alive connection while it sat idle here (its keep-alive timeout, a
+                # restart) and the close crossed our write: nothing of the answer came, so nothing of the request
+                # was processed. Once more on a fresh connection; not the replica's failure (the caller never sees
+                # it).
+                self.stale_retries += 1
+                log.debug("a pooled connection to %s:%d was closed by the replica: resending on a new one", *key[:2])
+                resent = True
+                conn = await self._open(key)
+                resp = self._write(conn, request, on_complete)
             except BaseException:
                 resp.close()
                 raise
-        except BaseException:
-            resp.close()
-            raise
-        return resp
 
     @staticmethod
     def _write(
